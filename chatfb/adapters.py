@@ -1,0 +1,196 @@
+"""LoRA adapter versions: routing new chats, hot-loading into vLLM, promote and rollback.
+
+Every adapter version has a new name (chatfb-v0001, ...) because vLLM refuses to load a name it
+already has. Promotion loads the new version into every configured server, routes new chats to
+it, and unloads the previous one only after its in-flight requests finished, so no request
+fails during a swap. The store remembers which version is live, so a restart loads it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from chatfb.model_client import ModelClient, ModelError
+from chatfb.store import Store
+
+log = logging.getLogger(__name__)
+
+ADAPTER_PREFIX = "chatfb-v"
+
+
+class AdapterError(RuntimeError):
+    """An adapter operation that cannot be done; str(e) is safe for the admin view."""
+
+
+def adapter_name(number: int) -> str:
+    return f"{ADAPTER_PREFIX}{number:04d}"
+
+
+def next_adapter_name(store: Store) -> str:
+    numbers = [int(a["name"][len(ADAPTER_PREFIX):]) for a in store.adapters()
+               if a["name"].startswith(ADAPTER_PREFIX) and a["name"][len(ADAPTER_PREFIX):].isdigit()]
+    return adapter_name(max(numbers, default=0) + 1)
+
+
+def confined_path(data_dir: Path, relative: str | Path, under: str = "adapters") -> Path:
+    """Resolve a user- or DB-supplied path inside <data_dir>/<under>; refuse anything outside it."""
+    rel = Path(relative)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise AdapterError("paths must be relative and stay inside the data folder")
+    root = (Path(data_dir) / under).resolve()
+    full = (root / rel).resolve()
+    if full != root and root not in full.parents:
+        raise AdapterError("paths must stay inside the data folder")
+    return full
+
+
+class AdapterRouter:
+    """Which model name new requests use, and how many requests are in flight per name."""
+
+    def __init__(self, base_name: str):
+        self.base_name = base_name
+        self.current = base_name
+        self._inflight: Counter = Counter()
+        self._cond = threading.Condition()
+
+    def acquire(self) -> str:
+        with self._cond:
+            self._inflight[self.current] += 1
+            return self.current
+
+    def release(self, name: str) -> None:
+        with self._cond:
+            self._inflight[name] -= 1
+            self._cond.notify_all()
+
+    def inflight(self, name: str) -> int:
+        with self._cond:
+            return self._inflight[name]
+
+    def switch(self, name: str) -> str:
+        with self._cond:
+            previous, self.current = self.current, name
+            return previous
+
+    def wait_idle(self, name: str, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._inflight[name] > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+
+class AdapterRegistry:
+    """Adapter versions in the store, loaded into one or more vLLM servers."""
+
+    def __init__(self, store: Store, clients: list[ModelClient], router: AdapterRouter, data_dir: Path,
+                 drain_timeout_s: float = 120.0):
+        self.store = store
+        self.clients = clients
+        self.router = router
+        self.data_dir = Path(data_dir)
+        self.drain_timeout_s = drain_timeout_s
+        self._lock = threading.Lock()
+        self.last_swap_ms: float | None = None
+
+    def path_of(self, name: str) -> Path:
+        a = self.store.adapter(name)
+        if a is None or not a["path"]:
+            raise AdapterError(f"no adapter named {name!r}")
+        path = confined_path(self.data_dir, a["path"])
+        if not (path / "adapter_config.json").exists():
+            raise AdapterError(f"adapter {name} has no files on disk")
+        return path
+
+    def _load_everywhere(self, name: str) -> None:
+        path = self.path_of(name)
+        loaded = []
+        for client in self.clients:
+            try:
+                if name not in client.models():
+                    client.load_adapter(name, str(path))
+                    loaded.append(client)
+            except ModelError as e:
+                for c in loaded:  # leave no server half-promoted
+                    _quietly_unload(c, name)
+                raise AdapterError(f"vLLM refused adapter {name}: {e}") from None
+
+    def load_candidate(self, name: str) -> None:
+        """Load a candidate for evaluation without routing chats to it."""
+        with self._lock:
+            self._load_everywhere(name)
+
+    def unload(self, name: str) -> None:
+        for client in self.clients:
+            _quietly_unload(client, name)
+
+    def activate(self, name: str | None, background_unload: bool = True) -> str:
+        """Serve `name` (None = the base model) for new chats and mark it live."""
+        with self._lock:
+            t0 = time.perf_counter()
+            if name is not None:
+                self._load_everywhere(name)
+            previous = self.router.switch(name or self.router.base_name)
+            self.store.set_live(name)
+            self.last_swap_ms = (time.perf_counter() - t0) * 1000
+            log.info("now serving %s (was %s); swap took %.0f ms", name or "base model", previous, self.last_swap_ms)
+        if previous not in (self.router.base_name, name):
+            if background_unload:
+                threading.Thread(target=self._drain_and_unload, args=(previous,), daemon=True).start()
+            else:
+                self._drain_and_unload(previous)
+        return previous
+
+    def _drain_and_unload(self, name: str) -> None:
+        if not self.router.wait_idle(name, self.drain_timeout_s):
+            log.warning("%s still had requests after %.0fs; unloading anyway", name, self.drain_timeout_s)
+        if self.router.current != name:
+            self.unload(name)
+
+    def promote(self, name: str) -> None:
+        a = self.store.adapter(name)
+        if a is None:
+            raise AdapterError(f"no adapter named {name!r}")
+        if a["status"] in ("failed", "training"):
+            raise AdapterError(f"adapter {name} is {a['status']} and cannot be promoted")
+        self.activate(name)
+
+    def rollback(self) -> str | None:
+        """Serve the version that was live before the current one (or the base model)."""
+        live = self.store.live_adapter()
+        if live is None:
+            raise AdapterError("nothing to roll back: the base model is serving")
+        earlier = [a for a in self.store.adapters() if a["promoted_at"] is not None and a["name"] != live["name"]
+                   and a["promoted_at"] <= live["promoted_at"] and a["status"] == "retired"]
+        target = max(earlier, key=lambda a: a["promoted_at"])["name"] if earlier else None
+        self.activate(target)
+        self.store.update_adapter(live["name"], status="rolled_back")
+        return target
+
+    def restore(self) -> str | None:
+        """After a (re)start: load the live adapter again and route chats to it."""
+        live = self.store.live_adapter()
+        if live is None:
+            self.router.switch(self.router.base_name)
+            return None
+        try:
+            self.activate(live["name"])
+        except AdapterError as e:
+            log.error("could not restore live adapter %s: %s; serving the base model", live["name"], e)
+            self.router.switch(self.router.base_name)
+            return None
+        return live["name"]
+
+
+def _quietly_unload(client: ModelClient, name: str) -> None:
+    try:
+        client.unload_adapter(name)
+    except ModelError as e:
+        log.warning("unloading %s failed: %s", name, e)

@@ -1,0 +1,173 @@
+"""The admin tab: adapter versions and their gate metrics, training progress, train now,
+promote / rollback, and a compare view (same prompt, base vs previous vs current adapter).
+
+Everything is behind `check_admin` (a password from CHATFB_ADMIN_PASSWORD, or a Hugging Face
+login on the CHATFB_ADMIN_HF_USERS allowlist). With neither configured the tab stays locked.
+The unlocked flag lives in server-side session state, so a browser cannot forge it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import gradio as gr
+import pandas as pd
+
+from chatfb.adapters import AdapterError
+from chatfb.model_client import ModelError
+from chatfb.runtime import Runtime
+
+PROGRESS = re.compile(r"step (\d+)/(\d+).*?loss ([\d.]+).*?eta ([\dms. ]+)", re.I)
+
+
+def adapters_frame(rt: Runtime) -> pd.DataFrame:
+    rows = []
+    for a in rt.store.adapters():
+        m = a["metrics"] or {}
+        rows.append({"name": a["name"], "status": a["status"], "parent": a["parent"] or "base",
+                     "created": str(a["created_at"])[:19], "rougeL": m.get("candidate_rougeL"),
+                     "bleu": m.get("candidate_bleu"), "control": m.get("control_agreement"),
+                     "examples": (a["data_counts"] or {}).get("train_examples"), "note": a["error"] or m.get("decision", "")})
+    return pd.DataFrame(rows, columns=["name", "status", "parent", "created", "rougeL", "bleu", "control", "examples", "note"])
+
+
+def metrics_frame(rt: Runtime) -> pd.DataFrame:
+    rows = []
+    for a in rt.store.adapters():
+        m = a["metrics"] or {}
+        for key, label in (("candidate_rougeL", "ROUGE-L"), ("candidate_bleu", "BLEU/100"), ("control_agreement", "control")):
+            if m.get(key) is not None:
+                value = m[key] / 100 if key == "candidate_bleu" else m[key]
+                rows.append({"adapter": a["name"], "metric": label, "value": float(value)})
+    return pd.DataFrame(rows, columns=["adapter", "metric", "value"])
+
+
+def feedback_frame(rt: Runtime) -> pd.DataFrame:
+    return pd.DataFrame([{"day": str(d), "kind": k, "count": n} for d, k, n in rt.store.feedback_per_day()],
+                        columns=["day", "kind", "count"])
+
+
+def training_progress(rt: Runtime) -> tuple[str, str]:
+    try:
+        lines = rt.training_log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "No learning cycle has run yet.", ""
+    state = "running" if rt.training_running() else "finished"
+    bar = ""
+    for line in reversed(lines):
+        m = PROGRESS.search(line)
+        if m:
+            step, total = int(m[1]), int(m[2])
+            filled = int(20 * step / max(total, 1))
+            bar = f"`[{'#' * filled}{'.' * (20 - filled)}]` step {step}/{total}, loss {m[3]}, ETA {m[4].strip()}"
+            break
+    return f"Learning cycle {state}. {bar}", "\n".join(lines[-25:])
+
+
+def build(rt: Runtime) -> None:
+    s = rt.settings
+    with gr.Tab("Admin"):
+        unlocked = gr.State(False)
+        if not s.admin_enabled:
+            gr.Markdown("Admin actions are **off**: set `CHATFB_ADMIN_PASSWORD` (or `CHATFB_ADMIN_HF_USERS` on a Space).")
+            return
+        with gr.Row() as login_row:
+            password = gr.Textbox(label="Admin password", type="password", elem_id="admin-password")
+            unlock = gr.Button("Unlock", elem_id="admin-unlock")
+            if s.admin_hf_user_list:
+                gr.LoginButton()
+        login_msg = gr.Markdown("")
+        with gr.Column(visible=False) as panel:
+            with gr.Row():
+                train = gr.Button("Train now", variant="primary", elem_id="train-now")
+                refresh = gr.Button("Refresh")
+                rollback = gr.Button("Roll back")
+                name = gr.Textbox(label="Adapter to promote", placeholder="chatfb-v0001", scale=1)
+                promote = gr.Button("Promote")
+            action_msg = gr.Markdown("", elem_id="admin-msg")
+            progress = gr.Markdown("", elem_id="train-progress")
+            train_log = gr.Textbox(label="Learning cycle log", lines=8, max_lines=8, interactive=False)
+            table = gr.Dataframe(label="Adapter versions", interactive=False)
+            plot = gr.LinePlot(x="adapter", y="value", color="metric", title="Gate metrics per adapter version")
+            per_day = gr.BarPlot(x="day", y="count", color="kind", title="Feedback per day")
+            with gr.Accordion("Compare", open=True):
+                prompt = gr.Textbox(label="Prompt", elem_id="compare-prompt")
+                compare = gr.Button("Compare base / previous / current")
+                with gr.Row():
+                    out_base = gr.Textbox(label="Base model", lines=6)
+                    out_prev = gr.Textbox(label="Previous adapter", lines=6)
+                    out_cur = gr.Textbox(label="Current adapter", lines=6)
+
+        def views(ok):
+            if not ok:
+                return [gr.update()] * 6
+            p, logtext = training_progress(rt)
+            return adapters_frame(rt), metrics_frame(rt), feedback_frame(rt), p, logtext, ""
+
+        view_outputs = [table, plot, per_day, progress, train_log, action_msg]
+
+        def on_unlock(pw, request: gr.Request, profile: gr.OAuthProfile | None = None):
+            from chatfb.ui import check_admin
+
+            if not check_admin(rt, pw, profile):
+                return False, "⚠️ Wrong password (or your account is not on the admin list).", gr.update(visible=False), ""
+            return True, "Unlocked.", gr.update(visible=True), ""
+
+        def guarded(fn):
+            def run(ok, *args):
+                if not ok:
+                    return "⚠️ Unlock the admin tab first."
+                try:
+                    return fn(*args)
+                except (AdapterError, ModelError) as e:
+                    return f"⚠️ {e}"
+            return run
+
+        def on_train():
+            return "Learning cycle started." if rt.start_training() else "A learning cycle is already running."
+
+        def on_promote(adapter):
+            rt.registry.promote((adapter or "").strip())
+            return f"Now serving {adapter}."
+
+        def on_rollback():
+            target = rt.registry.rollback()
+            return f"Rolled back; now serving {target or 'the base model'}."
+
+        def on_compare(ok, text):
+            if not ok:
+                return "⚠️ Unlock first.", "", ""
+            return compare_replies(rt, text)
+
+        unlock.click(on_unlock, [password], [unlocked, login_msg, panel, password]).then(views, [unlocked], view_outputs)
+        refresh.click(views, [unlocked], view_outputs)
+        train.click(guarded(on_train), [unlocked], [action_msg])
+        promote.click(guarded(on_promote), [unlocked, name], [action_msg]).then(views, [unlocked], view_outputs[:-1])
+        rollback.click(guarded(on_rollback), [unlocked], [action_msg]).then(views, [unlocked], view_outputs[:-1])
+        compare.click(on_compare, [unlocked, prompt], [out_base, out_prev, out_cur])
+        timer = gr.Timer(3.0)
+        timer.tick(lambda ok: training_progress(rt) if ok else (gr.update(), gr.update()), [unlocked],
+                   [progress, train_log], show_progress="hidden")
+
+
+def compare_replies(rt: Runtime, prompt: str) -> tuple[str, str, str]:
+    """Greedy replies to one prompt from the base model, the previous and the current adapter."""
+    prompt = (prompt or "").strip()[: rt.settings.max_message_chars]
+    if not prompt:
+        return "Type a prompt first.", "", ""
+    messages = [{"role": "system", "content": rt.settings.system_prompt}, {"role": "user", "content": prompt}]
+    promoted = sorted((a for a in rt.store.adapters() if a["promoted_at"]), key=lambda a: a["promoted_at"])
+    live = rt.store.live_adapter()
+    previous = next((a["name"] for a in reversed(promoted) if live is None or a["name"] != live["name"]), None)
+    outs = []
+    for name in (None, previous, live["name"] if live else None):
+        if name is None and outs:
+            outs.append("(none)")
+            continue
+        try:
+            if name:
+                rt.registry.load_candidate(name)
+            outs.append(rt.client.complete(messages, name or rt.router.base_name, rt.settings.max_tokens)[0])
+        except (AdapterError, ModelError) as e:
+            outs.append(f"⚠️ {e}")
+    return tuple(outs)

@@ -1,0 +1,52 @@
+"""Start the whole app: settings -> runtime (store, model server, control API) -> Gradio UI.
+
+On a Hugging Face Space (SPACE_ID set) data goes to the persistent /data volume when the Space
+has one; otherwise the UI warns that storage is ephemeral.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+from chatfb.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def space_settings(settings: Settings, env=os.environ, persistent=Path("/data")) -> Settings:
+    """Adjust settings for a Hugging Face Space: persistent storage and a daily cycle by default."""
+    if not env.get("SPACE_ID"):
+        return settings
+    changes = {}
+    if "CHATFB_DATA_DIR" not in env:
+        if persistent.is_dir() and os.access(persistent, os.W_OK):
+            changes["data_dir"] = persistent / "chatfb"
+        else:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            (settings.data_dir / ".ephemeral").touch()
+    if "CHATFB_NIGHTLY_AT" not in env and settings.nightly_at is None:
+        changes["nightly_at"] = "03:00"
+    return settings.with_(**changes) if changes else settings
+
+
+def serve(settings: Settings, block: bool = True):
+    from chatfb.runtime import Runtime
+    from chatfb.ui import build_ui
+
+    settings = space_settings(settings)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    rt = Runtime.start(settings)
+    demo = build_ui(rt)
+    demo.queue(default_concurrency_limit=settings.chat_concurrency)
+    signal.signal(signal.SIGTERM, lambda *_: (rt.close(), os._exit(0)))
+    server_name = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
+    try:
+        demo.launch(server_name=server_name, show_error=False, prevent_thread_lock=not block,
+                    footer_links=["api", "gradio"])
+    finally:
+        if block:
+            rt.close()
+    return rt, demo

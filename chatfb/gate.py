@@ -1,0 +1,72 @@
+"""The evaluation gate: is a candidate adapter better than what serves now, without forgetting?
+
+- Held-out feedback: greedy replies to held-out prompts, compared with the corrected (or refined)
+  reply: ROUGE-L F1 and corpus BLEU (sacrebleu), as in the seeds.
+- Control prompts: a small fixed set of general questions; agreement = mean ROUGE-L between the
+  candidate's answer and the base model's answer. It must stay above `min_control_agreement`.
+
+A candidate is promoted only if its held-out ROUGE-L beats the incumbent's by `min_gain` and the
+control agreement holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chatfb.model_client import ModelClient
+from chatfb.refine import rouge_l
+
+CONTROL_PROMPTS = (
+    "What is the capital of France?",
+    "How many days are in a week?",
+    "Name three primary colors.",
+    "What is 12 plus 7?",
+    "What do bees make?",
+    "Which planet is known as the Red Planet?",
+    "What is the boiling point of water in Celsius?",
+    "Translate 'thank you' into Spanish.",
+)
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    min_gain: float = 0.02
+    min_control_agreement: float = 0.5
+
+
+def generate(client: ModelClient, model: str, prompts: list[list[dict]], max_tokens: int = 128) -> list[str]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:  # vLLM batches concurrent requests
+        return list(pool.map(lambda p: client.complete(p, model, max_tokens=max_tokens, temperature=0.0)[0], prompts))
+
+
+def closeness(replies: list[str], targets: list[str]) -> dict:
+    import sacrebleu
+
+    if not targets:
+        return {"rougeL": None, "bleu": None, "n": 0}
+    rouge = sum(rouge_l(t, r) for r, t in zip(replies, targets)) / len(targets)
+    bleu = sacrebleu.corpus_bleu(replies, [targets]).score
+    return {"rougeL": round(rouge, 4), "bleu": round(bleu, 2), "n": len(targets)}
+
+
+def control_messages(system_prompt: str) -> list[list[dict]]:
+    return [[{"role": "system", "content": system_prompt}, {"role": "user", "content": q}] for q in CONTROL_PROMPTS]
+
+
+def agreement(replies: list[str], base_replies: list[str]) -> float:
+    return round(sum(rouge_l(b, r) for r, b in zip(replies, base_replies)) / max(len(base_replies), 1), 4)
+
+
+def decide(candidate: dict, incumbent: dict, policy: GatePolicy) -> tuple[bool, str]:
+    """(promote?, reason). `candidate`/`incumbent` hold rougeL on held-out; candidate holds control."""
+    c, i = candidate.get("rougeL"), incumbent.get("rougeL")
+    if c is None:
+        return False, "no held-out feedback to judge the candidate on"
+    if candidate["control_agreement"] < policy.min_control_agreement:
+        return False, (f"control answers drifted: agreement {candidate['control_agreement']:.2f} "
+                       f"< {policy.min_control_agreement:.2f}")
+    if i is not None and c < i + policy.min_gain:
+        return False, f"not better on held-out feedback: ROUGE-L {c:.3f} vs {i:.3f} (needs +{policy.min_gain})"
+    return True, f"better on held-out feedback: ROUGE-L {c:.3f} vs {i if i is None else round(i, 3)}"

@@ -1,0 +1,78 @@
+"""Append-only, named schema migrations for the chatfb DuckDB store.
+
+Each migration runs once, in order, inside one transaction, and is recorded in `_migrations`.
+Never edit or reorder a released migration: add `m00N_...` at the end instead.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[tuple[str, list[str]]] = []
+
+
+def migration(fn):
+    MIGRATIONS.append((fn.__name__, fn()))
+    return fn
+
+
+@migration
+def m001_initial():
+    return [
+        """CREATE TABLE conversations (
+            id VARCHAR PRIMARY KEY,
+            session_id VARCHAR NOT NULL,
+            user_name VARCHAR,
+            system_prompt VARCHAR NOT NULL DEFAULT '',
+            source VARCHAR NOT NULL DEFAULT 'chat',   -- chat | import
+            created_at TIMESTAMP NOT NULL
+        )""",
+        """CREATE TABLE messages (
+            id VARCHAR PRIMARY KEY,
+            conversation_id VARCHAR NOT NULL,
+            seq INTEGER NOT NULL,
+            role VARCHAR NOT NULL,                    -- user | assistant
+            content VARCHAR NOT NULL,
+            status VARCHAR NOT NULL DEFAULT 'ok',     -- ok | pending | failed | stopped
+            error VARCHAR,
+            model VARCHAR,
+            adapter VARCHAR,
+            replaces VARCHAR,                         -- assistant message this one regenerated
+            replaced BOOLEAN NOT NULL DEFAULT FALSE,
+            created_at TIMESTAMP NOT NULL,
+            ttft_ms DOUBLE,
+            latency_ms DOUBLE,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER
+        )""",
+        "CREATE INDEX messages_conversation ON messages(conversation_id)",
+        """CREATE TABLE feedback (
+            id VARCHAR PRIMARY KEY,
+            message_id VARCHAR NOT NULL,
+            kind VARCHAR NOT NULL,                    -- rating | critique | correction | implicit
+            rating INTEGER,
+            text VARCHAR,
+            user_name VARCHAR,
+            session_id VARCHAR,
+            created_at TIMESTAMP NOT NULL,
+            superseded_at TIMESTAMP                   -- set when the same author revises it
+        )""",
+        "CREATE INDEX feedback_message ON feedback(message_id)",
+    ]
+
+
+@migration
+def m002_adapters():
+    return [
+        """CREATE TABLE adapters (
+            name VARCHAR PRIMARY KEY,                 -- versioned, never reused: chatfb-v0001 ...
+            parent VARCHAR,
+            status VARCHAR NOT NULL,                  -- training | candidate | rejected | live | retired | failed
+            path VARCHAR,                             -- relative to the data dir
+            created_at TIMESTAMP NOT NULL,
+            promoted_at TIMESTAMP,
+            metrics JSON,
+            data_counts JSON,
+            timings JSON,
+            recipe JSON,
+            error VARCHAR
+        )""",
+    ]

@@ -1,0 +1,194 @@
+"""One learning cycle: snapshot -> training data (with ILF) -> LoRA training -> gate -> promote.
+
+`python -m chatfb nightly` runs it now; the app runs the same command on its schedule and from
+the admin tab's "Train now". With the app running, the cycle reads a snapshot the app writes and
+asks the app to record and promote adapters (chatfb.control); the model server it generates with
+is the app's. Without the app, it opens the store itself and, in managed mode, starts a
+temporary vLLM server for refinement and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chatfb import gate, training_data
+from chatfb.config import Settings
+from chatfb.control import open_backend, running_app
+from chatfb.feedback_io import write_rows
+from chatfb.model_client import ModelClient
+from chatfb.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CycleResult:
+    ok: bool
+    adapter: str | None = None
+    promoted: bool = False
+    reason: str = ""
+    counts: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return json.dumps({"ok": self.ok, "adapter": self.adapter, "promoted": self.promoted, "reason": self.reason,
+                           "counts": self.counts, "metrics": self.metrics, "timings": self.timings}, indent=2, default=str)
+
+
+def model_server(settings: Settings):
+    """(client, base model dir, stop function) for the server this cycle generates with."""
+    from chatfb.model_files import resolve_model
+
+    base = resolve_model(settings.model, settings.data_dir)
+    info = running_app(settings.data_dir)
+    if info is not None or not settings.managed:
+        url = info["vllm_url"] if info else settings.base_url
+        return ModelClient(url, settings.api_key, settings.request_timeout_s), base, lambda: None
+    from chatfb.vllm_server import ManagedVLLM
+
+    server = ManagedVLLM(base, settings.served_model_name, settings.vllm_port + 1, settings.data_dir,
+                         settings.max_lora_rank, settings.max_model_len, settings.vllm_kvcache_gib,
+                         settings.vllm_startup_timeout_s)
+    server.log_path = settings.data_dir / "logs" / "vllm-nightly.log"
+    server.start(wait=True)
+    client = ModelClient(server.url, timeout_s=settings.request_timeout_s)
+    return client, base, lambda: (client.close(), server.stop())
+
+
+def train_adapter(settings: Settings, base: Path, data_dir: Path, out: Path, dpo: bool) -> int:
+    cmd = [sys.executable, "-m", "chatfb.train", "--data", str(data_dir), "--base", str(base), "--out", str(out),
+           "--rank", str(settings.lora_rank), "--epochs", str(settings.train_epochs), "--lr", str(settings.learning_rate),
+           "--seed", str(settings.seed), "--dpo-epochs", "1" if dpo else "0"]
+    log.info("training: %s", " ".join(cmd))
+    return subprocess.call(cmd)
+
+
+def run_cycle(settings: Settings, promote: bool = True, dpo: bool = True) -> CycleResult:
+    t_start = time.perf_counter()
+    timings: dict = {}
+    backend = open_backend(settings.data_dir)
+    client, base, stop_server = None, None, lambda: None
+    name = None
+    try:
+        t = time.perf_counter()
+        snap = Path(backend.snapshot())
+        with Store(snap, read_only=True) as s:
+            records = s.feedback_records()
+        timings["snapshot_s"] = round(time.perf_counter() - t, 2)
+        if not records:
+            return CycleResult(False, reason="no feedback yet")
+        data = training_data.build(records, settings.train_mode, settings.holdout_fraction, settings.seed,
+                                   settings.max_feedback_chars, settings.scrub_pii)
+
+        t = time.perf_counter()
+        client, base, stop_server = model_server(settings)
+        base_name = settings.served_model_name
+        if data.pending_critiques:
+            from chatfb.refine import refine
+
+            refiner = ModelClient(settings.refiner_url, settings.api_key) if settings.refiner_url else client
+            refined = [(r, refine(r, refiner, settings.refiner_model or base_name, seed=settings.seed))
+                       for r in data.pending_critiques]
+            training_data.add_refinements(data, refined, settings.holdout_fraction, settings.seed)
+        counts = training_data.finalize_counts(data)
+        timings["refine_s"] = round(time.perf_counter() - t, 2)
+        if not data.train:
+            return CycleResult(False, reason="no usable training examples", counts=counts, timings=timings)
+
+        live = backend.live_adapter()
+        incumbent = live["name"] if live else None
+        name = backend.next_adapter_name()
+        rel = Path(name)
+        out = settings.data_dir / "adapters" / rel
+        backend.add_adapter(name, incumbent, "training", str(rel),
+                            {"mode": settings.train_mode, "rank": settings.lora_rank, "epochs": settings.train_epochs,
+                             "lr": settings.learning_rate, "dpo": dpo, "seed": settings.seed})
+        work = settings.data_dir / "work" / name
+        # Retention: the base model's own answers to general prompts ride along (self-distillation).
+        replay = replay_examples(client, base_name, settings.system_prompt)
+        write_rows([pc_row(e.prompt, e.target) for e in data.train] + replay, work / "sft.jsonl")
+        write_rows(data.dpo_rows(), work / "dpo.jsonl")
+        counts["replay_examples"] = len(replay)
+
+        t = time.perf_counter()
+        code = train_adapter(settings, base, work, out, dpo=dpo and bool(data.dpo_rows()))
+        timings["train_s"] = round(time.perf_counter() - t, 2)
+        if code != 0 or not (out / "adapter_config.json").exists():
+            shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
+            backend.update_adapter(name, status="failed", error=f"training exited with code {code}", timings=timings,
+                                   data_counts=counts)
+            return CycleResult(False, name, reason=f"training failed (exit {code})", counts=counts, timings=timings)
+
+        t = time.perf_counter()
+        metrics = evaluate(client, settings, data.heldout, name, incumbent, base_name, out)
+        timings["eval_s"] = round(time.perf_counter() - t, 2)
+        ok, reason = gate.decide({"rougeL": metrics["candidate_rougeL"], "control_agreement": metrics["control_agreement"]},
+                                 {"rougeL": metrics["incumbent_rougeL"]}, gate.GatePolicy())
+        metrics["decision"] = reason
+        backend.update_adapter(name, status="candidate" if ok else "rejected", metrics=metrics, data_counts=counts,
+                               timings=timings)
+        promoted = False
+        if ok and promote:
+            t = time.perf_counter()
+            backend.promote(name)
+            timings["swap_s"] = round(time.perf_counter() - t, 3)
+            promoted = True
+        elif not ok:
+            backend.unload_adapter(name)
+        timings["total_s"] = round(time.perf_counter() - t_start, 2)
+        backend.update_adapter(name, timings=timings)
+        log.info("cycle done: %s %s (%s)", name, "promoted" if promoted else "not promoted", reason)
+        return CycleResult(True, name, promoted, reason, counts, metrics, timings)
+    except BaseException as e:
+        if name is not None:
+            try:
+                a = {x["name"]: x for x in backend.adapters()}.get(name)
+                if a and a["status"] == "training":
+                    backend.update_adapter(name, status="failed", error=f"cycle aborted: {type(e).__name__}")
+            except Exception:  # noqa: BLE001 - the original error matters more
+                log.exception("could not mark %s failed", name)
+        raise
+    finally:
+        stop_server()
+        backend.close()
+
+
+def pc_row(prompt: list[dict], target: str) -> dict:
+    return {"prompt": prompt, "completion": [{"role": "assistant", "content": target}]}
+
+
+REPLAY_PROMPTS = (
+    "Give me a tip for staying focused.", "What is photosynthesis?", "Write a haiku about rain.",
+    "How do I boil an egg?", "What is the largest ocean?", "Explain what a noun is.",
+    "Suggest a name for a cat.", "Why is the sky blue?",
+)
+
+
+def replay_examples(client: ModelClient, model: str, system_prompt: str) -> list[dict]:
+    prompts = [[{"role": "system", "content": system_prompt}, {"role": "user", "content": q}] for q in REPLAY_PROMPTS]
+    answers = gate.generate(client, model, prompts, max_tokens=96)
+    return [pc_row(p, a) for p, a in zip(prompts, answers) if a.strip()]
+
+
+def evaluate(client: ModelClient, settings: Settings, heldout, candidate: str, incumbent: str | None,
+             base_name: str, candidate_path: Path) -> dict:
+    if candidate not in client.models():
+        client.load_adapter(candidate, str(candidate_path.resolve()))
+    prompts = [e.prompt for e in heldout]
+    targets = [e.target for e in heldout]
+    control = gate.control_messages(settings.system_prompt)
+    cand = gate.closeness(gate.generate(client, candidate, prompts), targets)
+    inc = gate.closeness(gate.generate(client, incumbent or base_name, prompts), targets)
+    base_control = gate.generate(client, base_name, control)
+    cand_control = gate.generate(client, candidate, control)
+    return {"candidate_rougeL": cand["rougeL"], "candidate_bleu": cand["bleu"], "incumbent": incumbent or "base",
+            "incumbent_rougeL": inc["rougeL"], "incumbent_bleu": inc["bleu"], "heldout_n": cand["n"],
+            "control_agreement": gate.agreement(cand_control, base_control)}

@@ -1,0 +1,122 @@
+"""The running app's parts, wired once: store, model server (managed or external), adapter
+registry, chat service, control API and the optional nightly schedule.
+
+`Runtime.start(settings)` returns at once; the model server comes up in the background and
+`runtime.status` says how far it got (the UI shows it).
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from chatfb.adapters import AdapterRegistry, AdapterRouter
+from chatfb.chat import ChatService
+from chatfb.config import Settings
+from chatfb.control import ControlServer, LocalBackend
+from chatfb.model_client import ModelClient
+from chatfb.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = Store(settings.db_path)
+        if settings.retention_days:
+            removed = self.store.apply_retention(settings.retention_days)
+            log.info("retention: removed %d conversations older than %d days", removed, settings.retention_days)
+        self.router = AdapterRouter(settings.served_model_name)
+        self.client = ModelClient(settings.base_url, settings.api_key, settings.request_timeout_s)
+        self.registry = AdapterRegistry(self.store, [self.client], self.router, settings.data_dir)
+        self.chat = ChatService(settings, self.store, self.client, self.router)
+        self.control = ControlServer(LocalBackend(self.store, settings.data_dir, self.registry), settings.data_dir)
+        self.server = None
+        self.status = "Preparing the model…"
+        self.ready = threading.Event()
+        self.training: subprocess.Popen | None = None
+        self._stop = threading.Event()
+
+    @classmethod
+    def start(cls, settings: Settings) -> "Runtime":
+        rt = cls(settings)
+        rt.control.start({"vllm_url": settings.base_url, "served_model_name": settings.served_model_name})
+        threading.Thread(target=rt._bring_up_model, name="model-startup", daemon=True).start()
+        if settings.nightly_at:
+            threading.Thread(target=rt._nightly_loop, name="nightly", daemon=True).start()
+        return rt
+
+    def _bring_up_model(self) -> None:
+        s = self.settings
+        t0 = time.perf_counter()
+        try:
+            if s.managed:
+                from chatfb.model_files import resolve_model
+                from chatfb.vllm_server import ManagedVLLM
+
+                self.status = "Preparing the model files (first start converts the embedded model, ~1 min)…"
+                path = resolve_model(s.model, s.data_dir)
+                self.status = "Starting the model server (about a minute on a CPU)…"
+                self.server = ManagedVLLM(path, s.served_model_name, s.vllm_port, s.data_dir, s.max_lora_rank,
+                                          s.max_model_len, s.vllm_kvcache_gib, s.vllm_startup_timeout_s)
+                self.server.on_restart = self.registry.restore
+                self.server.start(wait=True)
+            else:
+                self.status = "Connecting to the model server…"
+                while not self.client.healthy():
+                    if self._stop.wait(2.0):
+                        return
+            live = self.registry.restore()
+            self.status = f"Model ready ({live or s.served_model_name})."
+            self.ready.set()
+            log.info("model ready in %.1fs", time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - shown in the UI, details in the log
+            log.exception("model startup failed")
+            self.status = f"The model server could not start: {type(e).__name__}. See the app log."
+
+    # -- learning cycles --------------------------------------------------------------------
+    def start_training(self) -> bool:
+        """Run one learning cycle in a child process (it talks back through the control API)."""
+        if self.training is not None and self.training.poll() is None:
+            return False
+        log_path = self.training_log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "wb") as fh:
+            self.training = subprocess.Popen(
+                [sys.executable, "-m", "chatfb", "nightly", "--data-dir", str(self.settings.data_dir)],
+                stdout=fh, stderr=subprocess.STDOUT)
+        return True
+
+    @property
+    def training_log_path(self) -> Path:
+        return self.settings.data_dir / "logs" / "nightly.log"
+
+    def training_running(self) -> bool:
+        return self.training is not None and self.training.poll() is None
+
+    def _nightly_loop(self) -> None:
+        hh, mm = (int(x) for x in self.settings.nightly_at.split(":"))
+        while True:
+            now = datetime.now()
+            nxt = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+            if nxt <= now:
+                nxt += timedelta(days=1)
+            if self._stop.wait((nxt - now).total_seconds()):
+                return
+            if self.ready.is_set():
+                log.info("scheduled learning cycle starting")
+                self.start_training()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.control.stop()
+        if self.server is not None:
+            self.server.stop()
+        self.client.close()
+        self.store.close()

@@ -1,0 +1,363 @@
+"""The chatfb log store: conversations, messages, feedback and adapter versions in one DuckDB file.
+
+All SQL lives here, always parameterised. One `Store` owns the file read-write (DuckDB allows one
+writer process and no readers beside it); within the process every call goes through one lock,
+so concurrent chat sessions never interleave a transaction. Other processes get consistent
+copies through `snapshot()` (see chatfb.control).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import duckdb
+
+from chatfb.migrations import MIGRATIONS
+
+FEEDBACK_KINDS = ("rating", "critique", "correction", "implicit")
+
+
+class StoreError(Exception):
+    """A request the store refuses; the message is safe to show a user."""
+
+
+class StoreLocked(StoreError):
+    """Another process (normally the running app) holds the DuckDB file."""
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    """One active piece of feedback with everything training and export need."""
+
+    feedback_id: str
+    message_id: str
+    kind: str
+    rating: int | None
+    text: str | None
+    user_name: str | None
+    created_at: datetime
+    prompt: list[dict]  # chat messages before the reply, system prompt first when set
+    reply: str
+
+
+class Store:
+    def __init__(self, path: Path | str, read_only: bool = False):
+        self.path = Path(path)
+        self.read_only = read_only
+        self._lock = threading.RLock()
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as e:
+            if "lock" in str(e).lower():
+                raise StoreLocked(f"{self.path} is in use by another process (is the app running?)") from None
+            raise StoreError(f"cannot open {self.path}: {e}") from None
+        if not read_only:
+            self._migrate()
+
+    # -- plumbing -------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _q(self, sql: str, params=()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def _tx(self, statements: list[tuple[str, tuple]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN TRANSACTION")
+            try:
+                for sql, params in statements:
+                    self._db.execute(sql, params)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _migrate(self) -> None:
+        with self._lock:
+            self._db.execute("CREATE TABLE IF NOT EXISTS _migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMP)")
+            done = {r[0] for r in self._db.execute("SELECT name FROM _migrations").fetchall()}
+            for name, statements in MIGRATIONS:
+                if name in done:
+                    continue
+                self._tx([(s, ()) for s in statements] + [("INSERT INTO _migrations VALUES (?, ?)", (name, utcnow()))])
+
+    def applied_migrations(self) -> list[str]:
+        return [r[0] for r in self._q("SELECT name FROM _migrations ORDER BY name")]
+
+    def snapshot(self, dest: Path) -> Path:
+        """Write a consistent copy of the whole store to `dest` atomically (temp file + rename)."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        with self._lock:
+            try:
+                self._db.execute(f"ATTACH '{_sql_path(tmp)}' AS snap")
+                try:
+                    self._db.execute(_copy_sql(self._db))
+                finally:
+                    self._db.execute("DETACH snap")
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, dest)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                Path(str(tmp) + ".wal").unlink(missing_ok=True)
+                raise
+        return dest
+
+    # -- conversations and messages ---------------------------------------------------------
+    def create_conversation(self, session_id: str, user_name: str | None = None, system_prompt: str = "",
+                            source: str = "chat") -> str:
+        cid = new_id()
+        self._tx([("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?)",
+                   (cid, session_id, user_name, system_prompt or "", source, utcnow()))])
+        return cid
+
+    def conversation(self, conversation_id: str) -> dict | None:
+        rows = self._q("SELECT id, session_id, user_name, system_prompt, source, created_at FROM conversations WHERE id = ?",
+                       (conversation_id,))
+        if not rows:
+            return None
+        return dict(zip(("id", "session_id", "user_name", "system_prompt", "source", "created_at"), rows[0]))
+
+    def set_system_prompt(self, conversation_id: str, system_prompt: str) -> None:
+        self._tx([("UPDATE conversations SET system_prompt = ? WHERE id = ?", (system_prompt, conversation_id))])
+
+    def add_message(self, conversation_id: str, role: str, content: str, status: str = "ok",
+                    model: str | None = None, adapter: str | None = None, replaces: str | None = None) -> str:
+        if role not in ("user", "assistant"):
+            raise StoreError(f"unknown role {role!r}")
+        mid = new_id()
+        with self._lock:
+            seq = self._db.execute("SELECT coalesce(max(seq), 0) + 1 FROM messages WHERE conversation_id = ?",
+                                   (conversation_id,)).fetchone()[0]
+            stmts = [("INSERT INTO messages (id, conversation_id, seq, role, content, status, model, adapter, replaces, created_at)"
+                      " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (mid, conversation_id, seq, role, content, status, model, adapter, replaces, utcnow()))]
+            if replaces:
+                stmts.append(("UPDATE messages SET replaced = TRUE WHERE id = ?", (replaces,)))
+            self._tx(stmts)
+        return mid
+
+    def finish_message(self, message_id: str, content: str, status: str, error: str | None = None,
+                       ttft_ms: float | None = None, latency_ms: float | None = None,
+                       prompt_tokens: int | None = None, completion_tokens: int | None = None) -> None:
+        self._tx([("UPDATE messages SET content = ?, status = ?, error = ?, ttft_ms = ?, latency_ms = ?,"
+                   " prompt_tokens = ?, completion_tokens = ? WHERE id = ?",
+                   (content, status, error, ttft_ms, latency_ms, prompt_tokens, completion_tokens, message_id))])
+
+    def message(self, message_id: str) -> dict | None:
+        rows = self._q(f"SELECT {_MSG_COLS} FROM messages WHERE id = ?", (message_id,))
+        return _msg(rows[0]) if rows else None
+
+    def messages(self, conversation_id: str, include_replaced: bool = False) -> list[dict]:
+        where = "" if include_replaced else " AND NOT replaced"
+        rows = self._q(f"SELECT {_MSG_COLS} FROM messages WHERE conversation_id = ?{where} ORDER BY seq", (conversation_id,))
+        return [_msg(r) for r in rows]
+
+    def history_before(self, message_id: str) -> list[dict]:
+        """The chat messages a reply was generated from: system prompt + earlier ok, non-replaced turns."""
+        m = self.message(message_id)
+        if m is None:
+            raise StoreError("unknown message")
+        conv = self.conversation(m["conversation_id"])
+        out = [{"role": "system", "content": conv["system_prompt"]}] if conv["system_prompt"] else []
+        for r in self.messages(m["conversation_id"]):
+            if r["seq"] >= m["seq"]:
+                break
+            if r["status"] == "ok":
+                out.append({"role": r["role"], "content": r["content"]})
+        return out
+
+    # -- feedback ---------------------------------------------------------------------------
+    def log_feedback(self, message_id: str, kind: str, rating: int | None = None, text: str | None = None,
+                     user_name: str | None = None, session_id: str | None = None) -> str:
+        """Store feedback on an assistant message; a second one of the same kind by the same
+        session revises (supersedes) the first. `session_id`, when given, must own the message."""
+        if kind not in FEEDBACK_KINDS:
+            raise StoreError(f"unknown feedback kind {kind!r}")
+        if kind == "rating" and rating not in (1, -1):
+            raise StoreError("a rating is +1 or -1")
+        if kind in ("critique", "correction") and not (text or "").strip():
+            raise StoreError(f"a {kind} needs text")
+        fid = new_id()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT m.role, c.session_id FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.id = ?",
+                (message_id,)).fetchall()
+            if not rows or (session_id is not None and rows[0][1] != session_id):
+                raise StoreError("feedback refused: unknown message")
+            if rows[0][0] != "assistant":
+                raise StoreError("feedback refused: only replies can get feedback")
+            now = utcnow()
+            stmts = []
+            if session_id is not None and kind != "implicit":
+                stmts.append(("UPDATE feedback SET superseded_at = ? WHERE message_id = ? AND kind = ? AND session_id = ?"
+                              " AND superseded_at IS NULL", (now, message_id, kind, session_id)))
+            stmts.append(("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                          (fid, message_id, kind, rating, text, user_name, session_id, now)))
+            self._tx(stmts)
+        return fid
+
+    def feedback_for(self, message_id: str, active_only: bool = True) -> list[dict]:
+        where = " AND superseded_at IS NULL" if active_only else ""
+        rows = self._q("SELECT id, kind, rating, text, user_name, session_id, created_at, superseded_at FROM feedback"
+                       f" WHERE message_id = ?{where} ORDER BY created_at", (message_id,))
+        keys = ("id", "kind", "rating", "text", "user_name", "session_id", "created_at", "superseded_at")
+        return [dict(zip(keys, r)) for r in rows]
+
+    def feedback_records(self, since: datetime | None = None) -> list[FeedbackRecord]:
+        """Every active feedback row with its prompt history and original reply, oldest first."""
+        params: tuple = ()
+        where = "f.superseded_at IS NULL"
+        if since is not None:
+            where += " AND f.created_at >= ?"
+            params = (since,)
+        rows = self._q(
+            "SELECT f.id, f.message_id, f.kind, f.rating, f.text, f.user_name, f.created_at, m.content"
+            f" FROM feedback f JOIN messages m ON m.id = f.message_id WHERE {where} ORDER BY f.created_at, f.id", params)
+        histories: dict[str, list[dict]] = {}
+        out = []
+        for fid, mid, kind, rating, text, user, created, reply in rows:
+            if mid not in histories:
+                histories[mid] = self.history_before(mid)
+            out.append(FeedbackRecord(fid, mid, kind, rating, text, user, created, histories[mid], reply))
+        return out
+
+    def import_feedback(self, records: list[dict], session_id: str = "import") -> int:
+        """Insert parsed import records (see chatfb.feedback_io) all-or-nothing; returns the count."""
+        stmts = []
+        now = utcnow()
+        for r in records:
+            cid, ts = new_id(), r.get("ts") or now
+            system = "".join(m["content"] for m in r["prompt"] if m["role"] == "system")
+            stmts.append(("INSERT INTO conversations VALUES (?, ?, ?, ?, 'import', ?)", (cid, session_id, r.get("user"), system, ts)))
+            turns = [m for m in r["prompt"] if m["role"] != "system"] + [{"role": "assistant", "content": r["reply"]}]
+            mid = None
+            for seq, m in enumerate(turns, 1):
+                mid = new_id()
+                stmts.append(("INSERT INTO messages (id, conversation_id, seq, role, content, status, model, created_at)"
+                              " VALUES (?, ?, ?, ?, ?, 'ok', 'import', ?)", (mid, cid, seq, m["role"], m["content"], ts)))
+            stmts.append(("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                          (new_id(), mid, r["kind"], r.get("rating"), r.get("text"), r.get("user"), session_id, ts)))
+        self._tx(stmts)
+        return len(records)
+
+    # -- adapters ---------------------------------------------------------------------------
+    def add_adapter(self, name: str, parent: str | None, status: str, path: str | None, recipe: dict | None = None) -> None:
+        self._tx([("INSERT INTO adapters (name, parent, status, path, created_at, recipe) VALUES (?, ?, ?, ?, ?, ?)",
+                   (name, parent, status, path, utcnow(), json.dumps(recipe or {})))])
+
+    def update_adapter(self, name: str, **fields_) -> None:
+        allowed = {"status", "path", "metrics", "data_counts", "timings", "error", "promoted_at", "parent"}
+        bad = set(fields_) - allowed
+        if bad:
+            raise StoreError(f"cannot update adapter fields {sorted(bad)}")
+        sets, params = [], []
+        for k, v in fields_.items():
+            sets.append(f"{k} = ?")
+            params.append(json.dumps(v) if k in ("metrics", "data_counts", "timings") else v)
+        self._tx([(f"UPDATE adapters SET {', '.join(sets)} WHERE name = ?", (*params, name))])
+
+    def adapters(self) -> list[dict]:
+        rows = self._q("SELECT name, parent, status, path, created_at, promoted_at, metrics, data_counts, timings, recipe, error"
+                       " FROM adapters ORDER BY created_at, name")
+        keys = ("name", "parent", "status", "path", "created_at", "promoted_at", "metrics", "data_counts", "timings", "recipe", "error")
+        out = []
+        for r in rows:
+            d = dict(zip(keys, r))
+            for k in ("metrics", "data_counts", "timings", "recipe"):
+                d[k] = json.loads(d[k]) if d[k] else {}
+            out.append(d)
+        return out
+
+    def adapter(self, name: str) -> dict | None:
+        return next((a for a in self.adapters() if a["name"] == name), None)
+
+    def live_adapter(self) -> dict | None:
+        return next((a for a in self.adapters() if a["status"] == "live"), None)
+
+    def set_live(self, name: str | None) -> None:
+        """Make `name` the one live adapter (None = serve the base model); the old one is retired."""
+        stmts = [("UPDATE adapters SET status = 'retired' WHERE status = 'live'", ())]
+        if name is not None:
+            stmts.append(("UPDATE adapters SET status = 'live', promoted_at = ? WHERE name = ?", (utcnow(), name)))
+        self._tx(stmts)
+
+    # -- counts, privacy --------------------------------------------------------------------
+    def counts(self) -> dict:
+        out = {t: self._q(f"SELECT count(*) FROM {t}")[0][0] for t in ("conversations", "messages", "feedback", "adapters")}
+        for kind, n in self._q("SELECT kind, count(*) FROM feedback WHERE superseded_at IS NULL GROUP BY kind"):
+            out[f"feedback_{kind}"] = n
+        return out
+
+    def feedback_per_day(self) -> list[tuple]:
+        return self._q("SELECT CAST(created_at AS DATE) AS day, kind, count(*) FROM feedback WHERE superseded_at IS NULL"
+                       " GROUP BY day, kind ORDER BY day, kind")
+
+    def delete_user(self, user_name: str) -> int:
+        """Remove every conversation, message and feedback row of one user. Returns conversations removed."""
+        cids = [r[0] for r in self._q("SELECT id FROM conversations WHERE user_name = ?", (user_name,))]
+        self._delete_conversations(cids)
+        self._tx([("DELETE FROM feedback WHERE user_name = ?", (user_name,))])
+        return len(cids)
+
+    def apply_retention(self, days: int) -> int:
+        cutoff = utcnow() - timedelta(days=days)
+        cids = [r[0] for r in self._q("SELECT id FROM conversations WHERE created_at < ?", (cutoff,))]
+        self._delete_conversations(cids)
+        return len(cids)
+
+    def _delete_conversations(self, cids: list[str]) -> None:
+        stmts = []
+        for cid in cids:
+            stmts += [
+                ("DELETE FROM feedback WHERE message_id IN (SELECT id FROM messages WHERE conversation_id = ?)", (cid,)),
+                ("DELETE FROM messages WHERE conversation_id = ?", (cid,)),
+                ("DELETE FROM conversations WHERE id = ?", (cid,)),
+            ]
+        if stmts:
+            self._tx(stmts)
+
+
+_MSG_COLS = ("id, conversation_id, seq, role, content, status, error, model, adapter, replaces, replaced, created_at,"
+             " ttft_ms, latency_ms, prompt_tokens, completion_tokens")
+
+
+def _msg(row) -> dict:
+    return dict(zip([c.strip() for c in _MSG_COLS.split(",")], row))
+
+
+def _sql_path(p: Path) -> str:
+    # ATTACH takes no bound parameters; the path is ours (inside the data dir), quotes doubled anyway.
+    return str(p).replace("'", "''")
+
+
+def _copy_sql(db) -> str:
+    name = db.execute("SELECT current_database()").fetchone()[0]
+    return f'COPY FROM DATABASE "{name}" TO snap'
