@@ -254,6 +254,8 @@ class Store:
         stmts = []
         now = utcnow()
         for r in records:
+            if r["kind"] not in FEEDBACK_KINDS:
+                raise StoreError(f"unknown feedback kind {r['kind']!r}")
             cid, ts = new_id(), r.get("ts") or now
             system = "".join(m["content"] for m in r["prompt"] if m["role"] == "system")
             stmts.append(("INSERT INTO conversations VALUES (?, ?, ?, ?, 'import', ?)", (cid, session_id, r.get("user"), system, ts)))

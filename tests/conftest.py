@@ -1,0 +1,81 @@
+"""Shared fixtures: a temp data dir per test, a real DuckDB store, and a fake model client.
+
+Integration fixtures (a real app with a managed vLLM server) live in tests/integration/conftest.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from chatfb.config import load_settings
+from chatfb.model_client import ModelError
+from chatfb.store import Store
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return load_settings({}, data_dir=tmp_path / "data", rate_limit_per_minute=1000)
+
+
+@pytest.fixture
+def store(settings):
+    s = Store(settings.db_path)
+    yield s
+    s.close()
+
+
+class FakeModelClient:
+    """Replies with queued texts (or raises a queued ModelError); remembers every request."""
+
+    def __init__(self):
+        self.queue: list = []
+        self.history: list[dict] = []
+        self.loaded: dict[str, str] = {}
+        self.refuse_load = False
+
+    def enqueue(self, *replies):
+        self.queue.extend(replies)
+
+    def _next(self):
+        item = self.queue.pop(0) if self.queue else "ok"
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def stream_chat(self, messages, model, max_tokens=256, temperature=0.7, top_p=0.95, result=None, seed=None):
+        self.history.append({"messages": messages, "model": model})
+        text = self._next()
+        for word in text.split(" "):
+            piece = word if not result.text else " " + word
+            result.text += piece
+            if result.ttft_ms is None:
+                result.ttft_ms = 1.0
+            yield piece
+
+    def complete(self, messages, model, max_tokens=256, temperature=0.0, top_p=1.0, n=1, seed=None):
+        self.history.append({"messages": messages, "model": model, "n": n})
+        return [self._next() for _ in range(n)]
+
+    def models(self):
+        return ["chatfb-base", *self.loaded]
+
+    def load_adapter(self, name, path):
+        if self.refuse_load:
+            raise ModelError("The model server refused the request (400): bad adapter")
+        if name in self.loaded:
+            raise ModelError("The model server refused the request (400): already loaded")
+        self.loaded[name] = path
+
+    def unload_adapter(self, name):
+        self.loaded.pop(name, None)
+
+    def healthy(self):
+        return True
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def fake_client():
+    return FakeModelClient()

@@ -1,0 +1,86 @@
+import pytest
+
+from chatfb.adapters import AdapterRouter
+from chatfb.chat import ChatInputError, ChatService
+from chatfb.model_client import ModelError
+
+
+@pytest.fixture
+def chat(settings, store, fake_client):
+    return ChatService(settings.with_(max_message_chars=50), store, fake_client, AdapterRouter("chatfb-base"))
+
+
+def run(stream):
+    return list(stream)[-1]
+
+
+def test_a_turn_is_streamed_and_logged(chat, store, fake_client):
+    fake_client.enqueue("Paris is the capital.")
+    cid, stream = chat.send("s1", None, "Capital of France?", "Be brief.", user="ann")
+    updates = list(stream)
+    assert [u.text for u in updates[:-1]] == ["Paris", "Paris is", "Paris is the", "Paris is the capital."]
+    assert updates[-1].done and updates[-1].error is None
+    user, reply = store.messages(cid)
+    assert (user["content"], reply["content"], reply["status"], reply["model"]) == \
+        ("Capital of France?", "Paris is the capital.", "ok", "chatfb-base")
+    assert fake_client.history[0]["messages"] == [{"role": "system", "content": "Be brief."},
+                                                  {"role": "user", "content": "Capital of France?"}]
+    assert chat.router.inflight("chatfb-base") == 0
+
+
+@pytest.mark.parametrize("text, why", [("   ", "empty"), ("x" * 51, "limit is 50")])
+def test_bad_messages_are_refused_before_anything_is_sent(chat, store, fake_client, text, why):
+    with pytest.raises(ChatInputError, match=why):
+        chat.send("s1", None, text)
+    assert store.counts()["messages"] == 0 and fake_client.history == []
+
+
+def test_model_failure_is_stored_as_failed_and_chat_recovers(chat, store, fake_client):
+    fake_client.enqueue(ModelError("The model server is not reachable right now."), "back again")
+    cid, stream = chat.send("s1", None, "hello")
+    last = run(stream)
+    assert last.error == "The model server is not reachable right now."
+    assert "Traceback" not in last.error and "http" not in last.error
+    assert store.messages(cid)[-1]["status"] == "failed"
+    cid, stream = chat.send("s1", cid, "hello?")
+    assert run(stream).text == "back again"
+    # the failed reply is not fed back to the model
+    assert fake_client.history[-1]["messages"] == [{"role": "user", "content": "hello"}, {"role": "user", "content": "hello?"}]
+
+
+def test_regenerate_replaces_and_logs_implicit_negative(chat, store, fake_client):
+    fake_client.enqueue("first", "second")
+    cid, stream = chat.send("s1", None, "q")
+    first = run(stream).message_id
+    second = run(chat.regenerate("s1", cid)).message_id
+    assert [m["id"] for m in store.messages(cid)][-1] == second
+    assert store.message(first)["replaced"] is True
+    (fb,) = store.feedback_for(first)
+    assert (fb["kind"], fb["rating"]) == ("implicit", -1)
+
+
+def test_feedback_only_on_own_finished_replies(chat, store, fake_client):
+    cid, stream = chat.send("s1", None, "q")
+    mid = run(stream).message_id
+    chat.critique("s1", mid, "too long")
+    chat.correct("s1", mid, "short answer")
+    chat.rate("s1", mid, 1)
+    assert {f["kind"] for f in store.feedback_for(mid)} == {"critique", "correction", "rating"}
+    with pytest.raises(ChatInputError, match="unknown message"):
+        chat.critique("intruder", mid, "mine now")
+    with pytest.raises(ChatInputError, match="unknown message"):
+        chat.rate("s1", "no-such-id", 1)
+    with pytest.raises(ChatInputError, match="empty"):
+        chat.correct("s1", mid, " ")
+    assert chat.history("intruder", cid) == []
+    with pytest.raises(ChatInputError, match="not yours"):
+        chat.send("intruder", cid, "let me in")
+
+
+def test_rate_limit(settings, store, fake_client):
+    chat = ChatService(settings.with_(rate_limit_per_minute=2), store, fake_client, AdapterRouter("b"))
+    for _ in range(2):
+        run(chat.send("s1", None, "q")[1])
+    with pytest.raises(ChatInputError, match="too fast"):
+        chat.send("s1", None, "q")
+    run(chat.send("s2", None, "other session is fine")[1])

@@ -1,0 +1,36 @@
+from pathlib import Path
+
+import pytest
+
+from chatfb.config import Settings, env_name, load_settings, settings_table
+from dataclasses import fields
+
+
+def test_env_and_overrides():
+    s = load_settings({"CHATFB_DATA_DIR": "/x", "CHATFB_MAX_TOKENS": "64", "CHATFB_VLLM_URL": "http://gpu:8000/",
+                       "CHATFB_SCRUB_PII": "false", "CHATFB_RETENTION_DAYS": "30"}, temperature=0.1)
+    assert s.data_dir == Path("/x") and s.max_tokens == 64 and s.temperature == 0.1 and s.retention_days == 30
+    assert s.scrub_pii is False and not s.managed and s.base_url == "http://gpu:8000"
+    assert load_settings({}).managed and load_settings({}).base_url == "http://127.0.0.1:8011"
+
+
+def test_bad_values_are_named():
+    with pytest.raises(ValueError, match="CHATFB_MAX_TOKENS"):
+        load_settings({"CHATFB_MAX_TOKENS": "lots"})
+    with pytest.raises(ValueError, match="nightly_at"):
+        load_settings({"CHATFB_NIGHTLY_AT": "25:99"})
+    with pytest.raises(ValueError, match="lora_rank"):
+        load_settings({"CHATFB_LORA_RANK": "64"})
+
+
+def test_admin_is_off_without_credentials():
+    assert not load_settings({}).admin_enabled
+    assert load_settings({"CHATFB_ADMIN_PASSWORD": "pw"}).admin_enabled
+    assert load_settings({"CHATFB_ADMIN_HF_USERS": "ann, bob"}).admin_hf_user_list == ("ann", "bob")
+
+
+def test_readme_documents_every_setting():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for f in fields(Settings):
+        assert env_name(f.name) in readme, f"README lacks {env_name(f.name)}"
+    assert settings_table().count("\n") == len(fields(Settings)) + 1

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+from datasets import load_dataset
+
+from chatfb.feedback_io import BadImportFile, export, parse_jsonl
+
+
+def write(tmp_path, lines):
+    p = tmp_path / "fb.jsonl"
+    p.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+    return p
+
+
+GOOD = [
+    {"prompt": "What is 2+2?", "reply": "5", "kind": "correction", "text": "4", "user": "ann", "ts": "2026-01-02T03:04:05Z"},
+    {"prompt": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi"}], "reply": "Go away.",
+     "kind": "rating", "rating": -1},
+    {"prompt": "Summarise X", "reply": "Long text ...", "kind": "critique", "text": "too long"},
+]
+
+
+def test_parse_good_file(tmp_path):
+    recs = parse_jsonl(write(tmp_path, GOOD + [""]))
+    assert [r["kind"] for r in recs] == ["correction", "rating", "critique"]
+    assert recs[0]["prompt"] == [{"role": "user", "content": "What is 2+2?"}]
+    assert recs[0]["ts"].year == 2026 and recs[0]["ts"].tzinfo is None
+
+
+def test_every_bad_line_is_named(tmp_path):
+    lines = [GOOD[0], "{not json", {"prompt": "q", "reply": "r", "kind": "rating", "rating": 3},
+             {"prompt": "q", "reply": "r", "kind": "critique"}, {"prompt": [], "reply": "r", "kind": "rating", "rating": 1},
+             {"prompt": "q", "reply": "r", "kind": "correction", "text": "x", "extra": 1},
+             {"prompt": "q", "reply": "r" * 50, "kind": "rating", "rating": 1}]
+    with pytest.raises(BadImportFile) as e:
+        parse_jsonl(write(tmp_path, lines), max_chars=20)
+    assert [n for n, _ in e.value.problems] == [2, 3, 4, 5, 6, 7]
+    msg = str(e.value)
+    assert "line 2: invalid JSON" in msg and "line 3: 'rating' must be 1 or -1" in msg
+    assert "line 7: 'reply' is longer than 20" in msg and "nothing was imported" in msg
+
+
+def test_empty_file_is_refused(tmp_path):
+    with pytest.raises(BadImportFile, match="no records"):
+        parse_jsonl(write(tmp_path, [""]))
+
+
+def test_exports_load_with_datasets(tmp_path, store):
+    store.import_feedback(parse_jsonl(write(tmp_path, GOOD)))
+    cid = store.create_conversation("s")
+    store.add_message(cid, "user", "Tell me a joke")
+    a = store.add_message(cid, "assistant", "No.")
+    store.log_feedback(a, "implicit", rating=-1, text="regenerated")
+    records = store.feedback_records()
+
+    path, n = export(records, "sft", tmp_path / "out")
+    ds = load_dataset("json", data_files=str(path), split="train")
+    assert n == 1 and ds[0]["messages"][-1] == {"role": "assistant", "content": "4"}
+
+    path, n = export(records, "dpo", tmp_path / "out", "parquet")
+    ds = load_dataset("parquet", data_files=str(path), split="train")
+    assert n == 1 and ds[0]["chosen"][0]["content"] == "4" and ds[0]["rejected"][0]["content"] == "5"
+
+    path, n = export(records, "kto", tmp_path / "out")
+    ds = load_dataset("json", data_files=str(path), split="train")
+    assert sorted((r["completion"][0]["content"], r["label"]) for r in ds) == [("Go away.", False), ("No.", False)]
+    assert ds[0]["prompt"][0]["role"] in ("system", "user")

@@ -1,0 +1,41 @@
+from chatfb import gate
+from chatfb.refine import best_refinement, refine, score_refinements
+from chatfb.store import FeedbackRecord
+
+
+def test_gate_decisions():
+    policy = gate.GatePolicy(min_gain=0.02, min_control_agreement=0.5)
+    assert gate.decide({"rougeL": 0.6, "control_agreement": 0.8}, {"rougeL": 0.3}, policy)[0]
+    ok, why = gate.decide({"rougeL": 0.31, "control_agreement": 0.8}, {"rougeL": 0.3}, policy)
+    assert not ok and "not better" in why
+    ok, why = gate.decide({"rougeL": 0.9, "control_agreement": 0.2}, {"rougeL": 0.3}, policy)
+    assert not ok and "drifted" in why
+    assert not gate.decide({"rougeL": None, "control_agreement": 1.0}, {"rougeL": None}, policy)[0]
+
+
+def test_closeness_and_agreement():
+    same = gate.closeness(["email support@chatfb.example"], ["email support@chatfb.example"])
+    other = gate.closeness(["call the hotline"], ["email support@chatfb.example"])
+    assert same["rougeL"] == 1.0 and other["rougeL"] < 0.3 and same["bleu"] > other["bleu"]
+    assert gate.agreement(["Paris."], ["Paris."]) == 1.0 and gate.agreement(["Rome is big"], ["Paris."]) == 0.0
+
+
+def test_scorer_drops_refinements_that_ignore_the_critique():
+    original = "Our office hours are nine to five and you can visit us at the main building downtown any weekday."
+    scored = score_refinements("When are you open?", original, "too long",
+                               [original, original + " Thanks!", "We are open 9-5 on weekdays."])
+    verdicts = [v for _, _, v in scored]
+    assert verdicts[0].startswith("ignored") and verdicts[1] in ("ignored the critique (same as the original)", "critique asked for shorter")
+    assert verdicts[2] == "ok"
+    assert best_refinement("When are you open?", original, "too long", [original]) is None
+
+
+def test_refine_asks_for_several_and_keeps_the_best(fake_client):
+    r = FeedbackRecord("f", "m", "critique", None, "wrong: our support email is support@chatfb.example", None, None,
+                       [{"role": "user", "content": "How do I contact support?"}], "Use the contact form.")
+    fake_client.enqueue("Use the contact form.", "Email support@chatfb.example for help with support.",
+                        "Bananas are yellow.", "Use the contact form!")
+    best = refine(r, fake_client, "chatfb-base", n=4)
+    assert best == "Email support@chatfb.example for help with support."
+    ask = fake_client.history[0]["messages"][0]["content"]
+    assert "support@chatfb.example" in ask and "Use the contact form." in ask and fake_client.history[0]["n"] == 4
