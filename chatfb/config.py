@@ -48,7 +48,7 @@ class Settings:
     nightly_at: str | None = _f(None, "Run the learning cycle daily at this local time (HH:MM) inside the app; unset = off.")
     retention_days: int | None = _f(None, "Delete conversations older than this many days at startup and nightly; unset = keep.")
     lora_rank: int = _f(8, "Rank of trained LoRA adapters (must be <= max_lora_rank).")
-    train_epochs: float = _f(4.0, "Training epochs per learning cycle.")
+    train_epochs: float = _f(3.0, "Training epochs per learning cycle.")
     learning_rate: float = _f(1e-3, "LoRA learning rate.")
     train_mode: str = _f(
         "semi",

@@ -2,8 +2,9 @@
 
 - Held-out feedback: greedy replies to held-out prompts, compared with the corrected (or refined)
   reply: ROUGE-L F1 and corpus BLEU (sacrebleu), as in the seeds.
-- Control prompts: a small fixed set of general questions; agreement = mean ROUGE-L between the
-  candidate's answer and the base model's answer. It must stay above `min_control_agreement`.
+- Control prompts: a small fixed set of general questions; agreement = mean sentence-embedding
+  cosine between the candidate's answer and the base model's answer (ROUGE-L is reported too).
+  It must stay above `min_control_agreement`.
 
 A candidate is promoted only if its held-out ROUGE-L beats the incumbent's by `min_gain` and the
 control agreement holds.
@@ -14,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chatfb.model_client import ModelClient
-from chatfb.refine import rouge_l
+from chatfb.similarity import paired_cosines, rouge_l
 
 CONTROL_PROMPTS = (
     "What is the capital of France?",
@@ -31,7 +32,7 @@ CONTROL_PROMPTS = (
 @dataclass(frozen=True)
 class GatePolicy:
     min_gain: float = 0.02
-    min_control_agreement: float = 0.5
+    min_control_agreement: float = 0.6
 
 
 def generate(client: ModelClient, model: str, prompts: list[list[dict]], max_tokens: int = 128) -> list[str]:
@@ -56,6 +57,14 @@ def control_messages(system_prompt: str) -> list[list[dict]]:
 
 
 def agreement(replies: list[str], base_replies: list[str]) -> float:
+    """Mean sentence-embedding cosine between each answer and the base model's answer. Embeddings,
+    not ROUGE: a candidate that answers the same thing more briefly has not forgotten it."""
+    if not base_replies:
+        return 1.0
+    return round(sum(paired_cosines(replies, base_replies)) / len(base_replies), 4)
+
+
+def control_rouge(replies: list[str], base_replies: list[str]) -> float:
     return round(sum(rouge_l(b, r) for r, b in zip(replies, base_replies)) / max(len(base_replies), 1), 4)
 
 

@@ -168,7 +168,10 @@ def pc_row(prompt: list[dict], target: str) -> dict:
 REPLAY_PROMPTS = (
     "Give me a tip for staying focused.", "What is photosynthesis?", "Write a haiku about rain.",
     "How do I boil an egg?", "What is the largest ocean?", "Explain what a noun is.",
-    "Suggest a name for a cat.", "Why is the sky blue?",
+    "Suggest a name for a cat.", "Why is the sky blue?", "Translate 'good morning' into French.",
+    "What is 9 times 6?", "Name a famous painter.", "How many legs does a spider have?",
+    "What is the opposite of hot?", "Give me a synonym for happy.", "What language is spoken in Brazil?",
+    "What is the freezing point of water in Fahrenheit?",
 )
 
 
@@ -191,4 +194,7 @@ def evaluate(client: ModelClient, settings: Settings, heldout, candidate: str, i
     cand_control = gate.generate(client, candidate, control)
     return {"candidate_rougeL": cand["rougeL"], "candidate_bleu": cand["bleu"], "incumbent": incumbent or "base",
             "incumbent_rougeL": inc["rougeL"], "incumbent_bleu": inc["bleu"], "heldout_n": cand["n"],
-            "control_agreement": gate.agreement(cand_control, base_control)}
+            "control_agreement": gate.agreement(cand_control, base_control),
+            "control_rougeL": gate.control_rouge(cand_control, base_control),
+            "control_samples": [{"prompt": q, "base": b[:200], "candidate": c[:200]}
+                                for q, b, c in zip(gate.CONTROL_PROMPTS[:3], base_control, cand_control)]}

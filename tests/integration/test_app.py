@@ -1,0 +1,82 @@
+"""The chat app end to end: real vLLM CPU server, real DuckDB file, gradio_client, CLI."""
+
+import json
+import time
+
+import pytest
+from datasets import load_dataset
+from gradio_client import Client
+
+from chatfb.model_client import ModelClient, StreamResult
+
+pytestmark = pytest.mark.integration
+
+
+def test_streaming_through_the_apps_client(vllm_url):
+    client = ModelClient(vllm_url)
+    result = StreamResult()
+    deltas = list(client.stream_chat([{"role": "user", "content": "Count from one to five."}], "chatfb-base",
+                                     max_tokens=32, temperature=0.0, result=result))
+    assert len(deltas) > 3 and "".join(deltas) == result.text and result.text.strip()
+    assert result.ttft_ms is not None and result.ttft_ms < result.latency_ms
+    assert 0 < result.completion_tokens <= 32 and result.prompt_tokens > 0
+    assert client.models() == ["chatfb-base"]
+
+
+def test_chat_and_feedback_through_gradio_client(app):
+    c = Client(app.url, verbose=False)
+    shown, target, box = c.predict("What is the capital of France?", "You are a helpful assistant.", api_name="/send")
+    assert box == "" and shown[0]["role"] == "user" and shown[-1]["role"] == "assistant"
+    reply = shown[-1]["content"][0]["text"]
+    assert "chatfb-base" in reply and len(reply) > len("*— chatfb-base*")
+    assert c.predict("Too long, answer in one word.", api_name="/critique")[0].startswith("✅")
+    assert c.predict("Paris.", api_name="/correct")[0].startswith("✅")
+    assert c.predict(api_name="/thumbs_down").startswith("✅")
+    # empty message: refused, nothing stored
+    before = app.snapshot_store()
+    n_before = before.counts()["messages"]
+    before.close()
+    c.predict("   ", "", api_name="/send")
+    with app.snapshot_store() as s:
+        assert s.counts()["messages"] == n_before
+        fb = {f.kind: f for f in s.feedback_records()}
+        assert fb["critique"].text == "Too long, answer in one word." and fb["correction"].text == "Paris."
+        assert fb["correction"].prompt[-1] == {"role": "user", "content": "What is the capital of France?"}
+        assert fb["rating"].rating == -1
+        msgs = s._q("SELECT role, status, model, ttft_ms, completion_tokens FROM messages ORDER BY created_at")
+        assert ("assistant", "ok", "chatfb-base") == msgs[-1][:3] and msgs[-1][3] > 0 and msgs[-1][4] > 0
+
+
+def test_cli_export_and_import_while_the_app_runs(app, tmp_path):
+    src = tmp_path / "fb.jsonl"
+    src.write_text(json.dumps({"prompt": "Say hi", "reply": "Hello there, how are you today?", "kind": "correction",
+                               "text": "Hi!"}) + "\n" + json.dumps({"prompt": "q", "reply": "r", "kind": "rating", "rating": 1}) + "\n")
+    out = app.cli("import-feedback", str(src))
+    assert "imported 2" in out.stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "reply": "r", "kind": "rating", "rating": 7}\nnot json\n')
+    out = app.cli("import-feedback", str(bad), check=False)
+    assert out.returncode == 2 and "line 1" in out.stderr and "line 2" in out.stderr and "Traceback" not in out.stderr
+    for fmt in ("sft", "dpo", "kto"):
+        app.cli("export", "--format", fmt, "--out", str(tmp_path / "out"))
+    sft = load_dataset("json", data_files=str(tmp_path / "out" / "sft.jsonl"), split="train")
+    assert {"role": "assistant", "content": "Hi!"} in [m["messages"][-1] for m in sft]
+    dpo = load_dataset("json", data_files=str(tmp_path / "out" / "dpo.jsonl"), split="train")
+    assert any(r["chosen"][0]["content"] == "Hi!" and r["rejected"][0]["content"].startswith("Hello there") for r in dpo)
+    kto = load_dataset("json", data_files=str(tmp_path / "out" / "kto.jsonl"), split="train")
+    assert True in kto["label"]
+
+
+def test_managed_vllm_listens_on_loopback_only(app, vllm_url):
+    assert vllm_url.startswith("http://127.0.0.1:")
+    import subprocess
+    out = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout if _has("ss") else ""
+    port = vllm_url.rsplit(":", 1)[1]
+    for line in out.splitlines():
+        if f":{port} " in line:
+            assert "127.0.0.1:" in line, line
+
+
+def _has(cmd):
+    import shutil
+    return shutil.which(cmd) is not None

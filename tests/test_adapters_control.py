@@ -1,0 +1,110 @@
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from chatfb.adapters import AdapterError, AdapterRegistry, AdapterRouter, confined_path, next_adapter_name
+from chatfb.cli import main as cli
+from chatfb.control import ControlServer, LocalBackend, RemoteBackend, open_backend, running_app
+
+
+def make_adapter(store, data_dir, name, status="candidate"):
+    path = Path(data_dir) / "adapters" / name
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text("{}")
+    store.add_adapter(name, None, status, name)
+
+
+@pytest.fixture
+def registry(store, settings, fake_client):
+    return AdapterRegistry(store, [fake_client], AdapterRouter("chatfb-base"), settings.data_dir, drain_timeout_s=5)
+
+
+def test_paths_are_confined_to_the_data_dir(tmp_path):
+    assert confined_path(tmp_path, "chatfb-v0001") == (tmp_path / "adapters" / "chatfb-v0001").resolve()
+    for bad in ("../etc", "/etc/passwd", "a/../../b"):
+        with pytest.raises(AdapterError):
+            confined_path(tmp_path, bad)
+
+
+def test_versions_get_new_names(store, settings):
+    assert next_adapter_name(store) == "chatfb-v0001"
+    make_adapter(store, settings.data_dir, "chatfb-v0001")
+    assert next_adapter_name(store) == "chatfb-v0002"
+
+
+def test_promote_swaps_after_inflight_requests_finish(registry, store, settings, fake_client):
+    make_adapter(store, settings.data_dir, "chatfb-v0001")
+    make_adapter(store, settings.data_dir, "chatfb-v0002")
+    registry.promote("chatfb-v0001")
+    assert registry.router.current == "chatfb-v0001" and "chatfb-v0001" in fake_client.loaded
+    held = registry.router.acquire()  # a reply still streaming from v0001
+    registry.promote("chatfb-v0002")
+    assert registry.router.current == "chatfb-v0002"
+    assert "chatfb-v0001" in fake_client.loaded  # not unloaded under a running request
+    done = threading.Event()
+    threading.Thread(target=lambda: (registry.router.wait_idle("chatfb-v0001", 5), done.set())).start()
+    registry.router.release(held)
+    assert done.wait(5)
+    for _ in range(50):
+        if "chatfb-v0001" not in fake_client.loaded:
+            break
+        threading.Event().wait(0.05)
+    assert "chatfb-v0001" not in fake_client.loaded
+    assert store.live_adapter()["name"] == "chatfb-v0002"
+
+
+def test_refused_adapter_leaves_the_current_one_serving(registry, store, settings, fake_client):
+    make_adapter(store, settings.data_dir, "chatfb-v0001")
+    make_adapter(store, settings.data_dir, "chatfb-v0002")
+    registry.promote("chatfb-v0001")
+    fake_client.refuse_load = True
+    with pytest.raises(AdapterError, match="refused adapter chatfb-v0002"):
+        registry.promote("chatfb-v0002")
+    assert registry.router.current == "chatfb-v0001" and store.live_adapter()["name"] == "chatfb-v0001"
+
+
+def test_rollback_and_restore(registry, store, settings, fake_client):
+    for n in ("chatfb-v0001", "chatfb-v0002"):
+        make_adapter(store, settings.data_dir, n)
+        registry.activate(n, background_unload=False)
+    assert registry.rollback() == "chatfb-v0001"
+    assert registry.router.current == "chatfb-v0001" and store.adapter("chatfb-v0002")["status"] == "rolled_back"
+    assert registry.rollback() is None and registry.router.current == "chatfb-base"
+    with pytest.raises(AdapterError, match="nothing to roll back"):
+        registry.rollback()
+    registry.promote("chatfb-v0002")
+    fake_client.loaded.clear()  # the server restarted and lost its adapters
+    registry.router.switch("chatfb-base")
+    assert registry.restore() == "chatfb-v0002"
+    assert "chatfb-v0002" in fake_client.loaded and registry.router.current == "chatfb-v0002"
+
+
+def test_cli_goes_through_the_running_app(store, settings, tmp_path, capsys, monkeypatch):
+    """While the 'app' (a ControlServer over the store) owns the DuckDB file, the CLI still works."""
+    server = ControlServer(LocalBackend(store, settings.data_dir), settings.data_dir)
+    server.start({"vllm_url": "http://127.0.0.1:1"})
+    monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
+    try:
+        assert running_app(settings.data_dir)["vllm_url"] == "http://127.0.0.1:1"
+        assert oct(server.file.stat().st_mode)[-3:] == "600"
+        src = tmp_path / "fb.jsonl"
+        src.write_text(json.dumps({"prompt": "q", "reply": "r", "kind": "correction", "text": "better r"}) + "\n")
+        assert cli(["import-feedback", str(src)]) == 0
+        assert store.counts()["feedback"] == 1  # written by the app's own connection
+        assert cli(["export", "--format", "sft", "--out", str(tmp_path / "out")]) == 0
+        assert json.loads((tmp_path / "out" / "sft.jsonl").read_text())["messages"][-1]["content"] == "better r"
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"prompt": "q"}\n')
+        assert cli(["import-feedback", str(bad)]) == 2
+        assert "line 1" in capsys.readouterr().err and store.counts()["feedback"] == 1
+        backend = open_backend(settings.data_dir)
+        assert isinstance(backend, RemoteBackend)
+        wrong = RemoteBackend(json.loads(server.file.read_text())["port"], "wrong-token")
+        with pytest.raises(Exception, match="bad control token"):
+            wrong.counts()
+        backend.close()
+    finally:
+        server.stop()
+    assert not server.file.exists()
