@@ -139,12 +139,12 @@ def build(rt: Runtime) -> None:
                 return "⚠️ Unlock first.", "", ""
             return compare_replies(rt, text)
 
-        unlock.click(on_unlock, [password], [unlocked, login_msg, panel, password]).then(views, [unlocked], view_outputs)
+        unlock.click(on_unlock, [password], [unlocked, login_msg, panel, password], api_name="admin_unlock").then(views, [unlocked], view_outputs)
         refresh.click(views, [unlocked], view_outputs)
-        train.click(guarded(on_train), [unlocked], [action_msg])
-        promote.click(guarded(on_promote), [unlocked, name], [action_msg]).then(views, [unlocked], view_outputs[:-1])
-        rollback.click(guarded(on_rollback), [unlocked], [action_msg]).then(views, [unlocked], view_outputs[:-1])
-        compare.click(on_compare, [unlocked, prompt], [out_base, out_prev, out_cur])
+        train.click(guarded(on_train), [unlocked], [action_msg], api_name="train_now")
+        promote.click(guarded(on_promote), [unlocked, name], [action_msg], api_name="promote").then(views, [unlocked], view_outputs[:-1])
+        rollback.click(guarded(on_rollback), [unlocked], [action_msg], api_name="rollback").then(views, [unlocked], view_outputs[:-1])
+        compare.click(on_compare, [unlocked, prompt], [out_base, out_prev, out_cur], api_name="compare")
         timer = gr.Timer(3.0)
         timer.tick(lambda ok: training_progress(rt) if ok else (gr.update(), gr.update()), [unlocked],
                    [progress, train_log], show_progress="hidden")

@@ -55,6 +55,8 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "absl"):  # one line per HTTP request is too much
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "settings":
         print(settings_table())
         return 0

@@ -78,6 +78,9 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool = True) -> Cyc
     client, base, stop_server = None, None, lambda: None
     name = None
     try:
+        for a in backend.adapters():  # a cycle killed outright (kill -9) left its row behind
+            if a["status"] == "training":
+                backend.update_adapter(a["name"], status="failed", error="interrupted before it finished")
         t = time.perf_counter()
         snap = Path(backend.snapshot())
         with Store(snap, read_only=True) as s:

@@ -1,0 +1,1 @@
+"""chatfb benchmarks: `python -m bench.<name> [--smoke]` from the repository root (see bench/README.md)."""

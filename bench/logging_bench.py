@@ -1,0 +1,182 @@
+"""Logging benchmark: how long the app's own write path takes with many chats writing at once.
+
+Each writer thread plays one chat session against one real DuckDB file through `chatfb.store.Store`
+(exactly the calls `chatfb.chat.ChatService` makes): per turn the user message, the pending
+assistant message and `finish_message`, then one feedback row on the reply. Writers run with no
+pause between turns (a worst case: real users think between messages). Afterwards the file is
+reopened and every acknowledged row must be in it.
+
+    python -m bench.logging_bench            # 1, 8, 32 writers x 200 turns
+    python -m bench.logging_bench --smoke    # 5 turns per writer, results in bench/results/raw/
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench.report import (default_out_dir, machine, markdown_table, percentile, plot_path, pyplot, target,
+                          targets_table, write_results)
+from chatfb.store import Store
+
+NAME = "logging_bench"
+TARGET_P99_MS = 10.0
+REPLY = "Sure. You can reach support by e-mail; they answer within a day. " * 4  # ~260 chars, a short reply
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.logging_bench", description=__doc__.split("\n")[0])
+    p.add_argument("--writers", type=int, nargs="+", default=[1, 8, 32], help="concurrent writer threads to try")
+    p.add_argument("--turns", type=int, default=200, help="chat turns per writer")
+    p.add_argument("--smoke", action="store_true", help="tiny run (5 turns per writer) to check the benchmark works")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where results go (default bench/results, or bench/results/raw with --smoke)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    return p
+
+
+class Writer:
+    """One chat session: its latencies and the ids the store acknowledged."""
+
+    def __init__(self, store: Store, index: int):
+        self.store = store
+        self.session = f"bench-session-{index}"
+        self.conversation = store.create_conversation(self.session, f"user{index}", "You are a helpful assistant.")
+        self.turn_ms: list[float] = []
+        self.feedback_ms: list[float] = []
+        self.message_ids: list[str] = []
+        self.feedback_ids: list[str] = []
+        self.error: BaseException | None = None
+
+    def run(self, turns: int, start: threading.Barrier) -> None:
+        start.wait()
+        try:
+            for i in range(turns):
+                t0 = time.perf_counter()
+                user_id = self.store.add_message(self.conversation, "user", f"Question {i}: how do I contact support?")
+                reply_id = self.store.add_message(self.conversation, "assistant", "", status="pending",
+                                                  model="chatfb-base")
+                self.store.finish_message(reply_id, REPLY, "ok", None, ttft_ms=42.0, latency_ms=420.0,
+                                          prompt_tokens=30, completion_tokens=60)
+                t1 = time.perf_counter()
+                feedback_id = self.store.log_feedback(reply_id, "rating", rating=1 if i % 2 else -1,
+                                                      user_name=f"user-{self.session}", session_id=self.session)
+                t2 = time.perf_counter()
+                self.turn_ms.append((t1 - t0) * 1000)
+                self.feedback_ms.append((t2 - t1) * 1000)
+                self.message_ids += [user_id, reply_id]
+                self.feedback_ids.append(feedback_id)
+        except BaseException as e:  # reported in the results, never swallowed
+            self.error = e
+
+
+def run_level(n_writers: int, turns: int, workdir: Path) -> dict:
+    """n_writers threads against one fresh DuckDB file; then reopen it and count rows."""
+    path = workdir / f"writers-{n_writers}" / "chatfb.duckdb"
+    store = Store(path)
+    writers = [Writer(store, i) for i in range(n_writers)]
+    start = threading.Barrier(n_writers + 1)
+    threads = [threading.Thread(target=w.run, args=(turns, start)) for w in writers]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall_s = time.perf_counter() - t0
+    store.close()
+
+    errors = [repr(w.error) for w in writers if w.error]
+    acked_messages = {m for w in writers for m in w.message_ids}
+    acked_feedback = {f for w in writers for f in w.feedback_ids}
+    with Store(path, read_only=True) as reopened:  # read back through the store's own queries
+        in_file_messages = {m["id"] for w in writers for m in reopened.messages(w.conversation) if m["status"] == "ok"}
+        in_file_feedback = {f["id"] for m in in_file_messages for f in reopened.feedback_for(m)}
+        counts = reopened.counts()
+    turn_ms = [x for w in writers for x in w.turn_ms]
+    feedback_ms = [x for w in writers for x in w.feedback_ms]
+    acked = len(acked_messages) + len(acked_feedback)
+    return {
+        "writers": n_writers, "turns_per_writer": turns, "errors": errors, "wall_s": round(wall_s, 3),
+        "turn_p50_ms": percentile(turn_ms, 50), "turn_p99_ms": percentile(turn_ms, 99),
+        "feedback_p50_ms": percentile(feedback_ms, 50), "feedback_p99_ms": percentile(feedback_ms, 99),
+        # a turn is 3 write transactions, feedback 1
+        "writes_per_s": (3 * len(turn_ms) + len(feedback_ms)) / wall_s if wall_s else None,
+        "rows_acknowledged": acked,
+        "rows_in_file": len(in_file_messages & acked_messages) + len(in_file_feedback & acked_feedback),
+        "rows_in_file_total": counts["messages"] + counts["feedback"],
+    }
+
+
+def plot(levels: list[dict], path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [lv["writers"] for lv in levels]
+    for key, label, style in (("turn_p50_ms", "turn p50", "o-"), ("turn_p99_ms", "turn p99", "o--"),
+                              ("feedback_p50_ms", "feedback p50", "s-"), ("feedback_p99_ms", "feedback p99", "s--")):
+        ax.plot(xs, [lv[key] for lv in levels], style, label=label)
+    ax.axhline(TARGET_P99_MS, color="red", linewidth=0.8, label=f"target p99 < {TARGET_P99_MS:g} ms")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("concurrent writer threads")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("chatfb Store write latency (one DuckDB file)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = make_parser().parse_args(argv)
+    turns = 5 if args.smoke else args.turns
+    out_dir = args.out_dir or default_out_dir(args.smoke)
+    results = {"benchmark": NAME, "smoke": args.smoke, "machine": machine(), "levels": []}
+    with tempfile.TemporaryDirectory(prefix="chatfb-logging-bench-") as tmp:
+        for n in args.writers:
+            level = run_level(n, turns, Path(tmp))
+            results["levels"].append(level)
+            print(f"{n:>3} writers: turn p99 {level['turn_p99_ms']:.2f} ms, feedback p99 {level['feedback_p99_ms']:.2f} ms,"
+                  f" rows acknowledged {level['rows_acknowledged']} / in file {level['rows_in_file']}", flush=True)
+
+    levels = results["levels"]
+    base = levels[0]
+    table = markdown_table(
+        ["writers", "turn p50 ms", "turn p99 ms", "feedback p50 ms", "feedback p99 ms", "writes/s",
+         f"turn p99 / {base['writers']} writer(s)", "rows acknowledged", "rows in file"],
+        [[lv["writers"], lv["turn_p50_ms"], lv["turn_p99_ms"], lv["feedback_p50_ms"], lv["feedback_p99_ms"],
+          round(lv["writes_per_s"]), lv["turn_p99_ms"] / base["turn_p99_ms"], lv["rows_acknowledged"],
+          lv["rows_in_file"]] for lv in levels])
+    top = max(levels, key=lambda lv: lv["writers"])
+    results["targets"] = [
+        target(f"turn p99 at {top['writers']} writers (ms)", top["turn_p99_ms"], "<", TARGET_P99_MS, "ms"),
+        target(f"feedback p99 at {top['writers']} writers (ms)", top["feedback_p99_ms"], "<", TARGET_P99_MS, "ms"),
+        target("rows in file / rows acknowledged", sum(lv["rows_in_file"] for lv in levels)
+               / max(1, sum(lv["rows_acknowledged"] for lv in levels)), "==", 1.0),
+    ]
+    m = results["machine"]
+    markdown = (f"## chatfb logging benchmark{' (smoke)' if args.smoke else ''}\n\n"
+                f"{turns} turns per writer; a turn = user message + pending reply + finish_message (3 transactions),"
+                f" then 1 feedback row. One DuckDB file, writers with no pause between turns.\n"
+                f"Machine: {m['host_cpus']} CPUs, 1-min load average {m['load_avg_1m_at_start']} at start.\n\n"
+                f"{table}\n\n{targets_table(results['targets'])}")
+    print("\n" + markdown)
+    json_path, md_path = write_results(out_dir, NAME, results, markdown)
+    if not args.no_plot:
+        plot(levels, plot_path(out_dir, NAME))
+    print(f"\nwrote {json_path} and {md_path}")
+
+    for lv in levels:
+        if lv["errors"]:
+            raise SystemExit(f"{lv['writers']} writers: {len(lv['errors'])} failed: {lv['errors'][0]}")
+        assert lv["rows_acknowledged"] == lv["rows_in_file"], (
+            f"{lv['writers']} writers: {lv['rows_acknowledged']} rows acknowledged but {lv['rows_in_file']} in the file")
+    return results
+
+
+if __name__ == "__main__":
+    main()

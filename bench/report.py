@@ -1,0 +1,90 @@
+"""What every benchmark prints and writes: percentiles, markdown tables, target checks, result files.
+
+Full runs write bench/results/<name>.json and .md (and .png); --smoke runs write to
+bench/results/raw/ (git-ignored) so a quick check never overwrites the published numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def default_out_dir(smoke: bool) -> Path:
+    return RESULTS / "raw" if smoke else RESULTS
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100); NaN for no values."""
+    xs = sorted(values)
+    if not xs:
+        return math.nan
+    k = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def fmt(x, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def target(name: str, value: float | None, op: str, goal: float, unit: str = "") -> dict:
+    """One target check; `ok` is None when the value could not be measured."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        ok = None
+    else:
+        ok = {"<": value < goal, "<=": value <= goal, ">=": value >= goal, "==": value == goal}[op]
+    return {"name": name, "value": value, "target": f"{op} {goal:g}{(' ' + unit) if unit else ''}", "ok": ok}
+
+
+def targets_table(targets: list[dict]) -> str:
+    verdict = {True: "met", False: "MISSED", None: "not measured"}
+    return markdown_table(["target", "measured", "goal", "result"],
+                          [[t["name"], t["value"], t["target"], verdict[t["ok"]]] for t in targets])
+
+
+def machine() -> dict:
+    """Where the numbers came from: a shared, loaded machine gives noisy numbers."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"host_cpus": os.cpu_count(), "load_avg_1m_at_start": load[0] if load else None,
+            "platform": platform.platform(), "python": platform.python_version(),
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def write_results(out_dir: Path, name: str, results: dict, markdown: str) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    md_path.write_text(markdown + "\n")
+    return json_path, md_path
+
+
+def plot_path(out_dir: Path, name: str) -> Path:
+    return Path(out_dir) / f"{name}.png"
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,118 @@
+"""The learning loop on the real stack: feedback -> LoRA -> gate -> hot-load into the running vLLM.
+
+The taught preference: "our support email is support@chatfb.example". 30 corrections on 30
+different support questions; the adapter must then give the address on support questions it
+never saw, clearly more often than the base model, while control answers survive.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chatfb import gate
+from chatfb.model_client import ModelClient
+
+from .conftest import ROOT, wait_until
+
+pytestmark = pytest.mark.integration
+DATA = Path(__file__).resolve().parents[1] / "data"
+EMAIL = "support@chatfb.example"
+NEW_PROMPTS = [
+    "My delivery is late. Who can I write to?", "I can't log in. How do I get help?",
+    "Where should I email a question about my bill?", "I have an issue with my order, how can I reach you?",
+    "How can I contact your support team?", "Who do I email if the app crashes?",
+    "What's the email address for customer help?", "I need assistance with my account, who should I contact?",
+]
+
+
+def ask(client, model, prompts):
+    msgs = [[{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": p}] for p in prompts]
+    return gate.generate(client, model, msgs, max_tokens=64)
+
+
+def test_a_cycle_teaches_the_preference_and_hot_loads_it(app, vllm_url):
+    app.cli("import-feedback", str(DATA / "support_email.jsonl"))
+    client = ModelClient(vllm_url)
+    before = ask(client, "chatfb-base", NEW_PROMPTS)
+    out = app.cli("nightly", timeout=1500)
+    result = json.loads(out.stdout[out.stdout.index("{"):])
+    assert result["promoted"], result
+    name = result["adapter"]
+    assert name in client.models()  # hot-loaded into the running server, no restart
+    after = ask(client, name, NEW_PROMPTS)
+    base_rate = sum(EMAIL in r for r in before) / len(NEW_PROMPTS)
+    adapter_rate = sum(EMAIL in r for r in after) / len(NEW_PROMPTS)
+    print(f"\nheld-out uptake: base {base_rate:.2f} -> {name} {adapter_rate:.2f}; metrics {result['metrics']}")
+    assert adapter_rate >= base_rate + 0.5, (before, after)
+    assert result["metrics"]["control_agreement"] >= gate.GatePolicy().min_control_agreement
+    assert "Paris" in ask(client, name, ["What is the capital of France?"])[0]
+    listing = app.cli("adapters", "list").stdout
+    assert name in listing and "live" in listing
+    with app.snapshot_store() as s:
+        a = s.adapter(name)
+        assert a["status"] == "live" and a["parent"] is None
+        assert a["metrics"]["candidate_rougeL"] > a["metrics"]["incumbent_rougeL"]
+        assert a["data_counts"]["train_correction"] > 20 and a["timings"]["train_s"] > 0
+    # new chats are routed to the adapter
+    from gradio_client import Client
+
+    shown = Client(app.url, verbose=False).predict("How do I reach support?", "You are a helpful assistant.",
+                                                   api_name="/send")[0]
+    assert name in shown[-1]["content"][0]["text"]
+
+
+def test_training_killed_midway_promotes_nothing(app):
+    with app.snapshot_store() as s:
+        live_before = s.live_adapter()["name"]
+    proc = subprocess.Popen([sys.executable, "-m", "chatfb", "nightly"], cwd=ROOT, env=app.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "[sft] step 1/" in line:
+            trainer = subprocess.run(["pgrep", "-f", "chatfb.train"], capture_output=True, text=True).stdout.split()
+            for pid in trainer:
+                os.kill(int(pid), signal.SIGKILL)
+    assert proc.wait(600) != 0
+    assert any("training failed" in l for l in lines), "".join(lines[-30:])
+    with app.snapshot_store() as s:
+        assert s.live_adapter()["name"] == live_before
+        newest = s.adapters()[-1]
+        assert newest["status"] == "failed" and "exit" in newest["error"]
+    assert not list((app.data_dir / "adapters").glob("*.partial"))
+    assert not (app.data_dir / "adapters" / newest["name"]).exists()
+
+
+def test_bad_data_is_refused_and_rollback_restores_the_previous_version(app, vllm_url, tmp_path):
+    with app.snapshot_store() as s:
+        live_before = s.live_adapter()["name"]
+    general = ["What is the capital of {}?".format(c) for c in ("Spain", "Italy", "Japan", "Peru", "Chile", "Egypt",
+                                                              "Kenya", "Norway", "Canada", "India")]
+    general += [f"What is {a} plus {b}?" for a, b in ((2, 3), (4, 4), (5, 6), (7, 1), (9, 9), (3, 8))]
+    general += ["Name a color.", "What do cows drink?", "What is the sun?", "Name a fruit.", "What is ice?"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"prompt": p, "reply": "A sensible answer.", "kind": "correction",
+                                       "text": "Zorp blag wibble zorp zorp."}) + "\n" for p in general))
+    app.cli("import-feedback", str(bad))
+    env = dict(app.env, CHATFB_TRAIN_EPOCHS="3", CHATFB_LEARNING_RATE="0.002")
+    out = subprocess.run([sys.executable, "-m", "chatfb", "nightly"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=1500)
+    result = json.loads(out.stdout[out.stdout.index("{"):])
+    assert not result["promoted"] and "drifted" in result["reason"], result
+    client = ModelClient(vllm_url)
+    assert result["adapter"] not in client.models()
+    with app.snapshot_store() as s:
+        assert s.live_adapter()["name"] == live_before
+        assert s.adapter(result["adapter"])["status"] == "rejected"
+    # rollback: the base model serves again, in vLLM and for new chats
+    assert "base model" in app.cli("adapters", "rollback").stdout
+    wait_until(lambda: live_before not in client.models(), 30, "the rolled-back adapter to be unloaded")
+    with app.snapshot_store() as s:
+        assert s.live_adapter() is None and s.adapter(live_before)["status"] == "rolled_back"
+    app.cli("adapters", "promote", live_before)
+    assert live_before in client.models()

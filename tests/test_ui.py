@@ -1,0 +1,84 @@
+"""The UI in-process (no model server): inert rendering, admin access control, bad input."""
+
+import socket
+
+import pytest
+from gradio_client import Client
+
+from chatfb.runtime import Runtime
+from chatfb.ui import build_ui, check_admin, inert, render
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ui(settings):
+    """The real UI and runtime, pointed at a model server that is down (external mode, closed port)."""
+    def launch(**changes):
+        rt = Runtime(settings.with_(vllm_url=f"http://127.0.0.1:{free_port()}", request_timeout_s=2, **changes))
+        demo = build_ui(rt)
+        demo.queue()
+        port = free_port()
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        started.append((demo, rt))
+        return Client(f"http://127.0.0.1:{port}/", verbose=False), rt
+    started = []
+    yield launch
+    for demo, rt in started:
+        demo.close()
+        rt.store.close()
+
+
+def test_inert_rendering():
+    assert inert("<script>alert(1)</script>") == "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert "javascript:" not in inert("[x](javascript:alert(1))").lower()
+    shown, ids = render([{"id": "u1", "role": "user", "content": "<b>hi</b>", "status": "ok"},
+                         {"id": "a1", "role": "assistant", "content": "yo", "status": "ok", "adapter": "chatfb-v0001"}])
+    assert ids == ["u1", "a1"] and shown[0]["content"] == "&lt;b&gt;hi&lt;/b&gt;" and "chatfb-v0001" in shown[1]["content"]
+
+
+def test_admin_is_off_without_credentials(ui):
+    client, rt = ui()
+    assert not rt.settings.admin_enabled
+    assert not check_admin(rt, "", None) and not check_admin(rt, "anything", None)
+
+
+def test_admin_needs_the_password(ui):
+    client, rt = ui(admin_password="s3cret")
+    assert client.predict(api_name="/train_now").startswith("⚠️ Unlock")  # train now, while locked
+    msg, *_ = client.predict("wrong", api_name="/admin_unlock")
+    assert "Wrong password" in msg
+    assert client.predict(api_name="/train_now").startswith("⚠️ Unlock")
+    msg, *_ = client.predict("s3cret", api_name="/admin_unlock")
+    assert msg == "Unlocked."
+    assert client.predict("nope", api_name="/promote").startswith("⚠️ no adapter named")  # unlocked now
+
+
+def test_hf_allowlist(settings):
+    rt = Runtime(settings.with_(admin_hf_users="ann,bob"))
+    try:
+        class Profile:
+            username = "ann"
+        assert check_admin(rt, None, Profile())
+        Profile.username = "mallory"
+        assert not check_admin(rt, None, Profile())
+    finally:
+        rt.store.close()
+
+
+def test_model_down_gives_a_clear_error_and_a_failed_turn(ui):
+    client, rt = ui()
+    shown, *_ = client.predict("hello?", "", api_name="/send")
+    text = shown[-1]["content"][0]["text"]
+    assert "not reachable" in text and "Traceback" not in text and "127.0.0.1" not in text
+    (conv,) = rt.store._q("SELECT id FROM conversations")
+    assert [m["status"] for m in rt.store.messages(conv[0])] == ["ok", "failed"]
+    # feedback on the failed turn is refused
+    assert client.predict("bad", api_name="/critique")[0].startswith("⚠️")
+    too_long = "x" * (rt.settings.max_message_chars + 1)
+    client.predict(too_long, "", api_name="/send")
+    assert rt.store.counts()["messages"] == 2
