@@ -62,7 +62,7 @@ def targets_table(targets: list[dict]) -> str:
 def machine() -> dict:
     """Where the numbers came from: a shared, loaded machine gives noisy numbers."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"host_cpus": os.cpu_count(), "load_avg_1m_at_start": load[0] if load else None,
+    return {"host_cpus": os.cpu_count(), "load_avg_1m_at_start": round(load[0], 2) if load else None,
             "platform": platform.platform(), "python": platform.python_version(),
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, unreadable file, ...: the message, not a trace
+        print(f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}", file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - named errors from our modules
         from chatfb.control import ControlError
         from chatfb.store import StoreError

@@ -68,7 +68,8 @@ def train_adapter(settings: Settings, base: Path, data_dir: Path, out: Path, dpo
            "--rank", str(settings.lora_rank), "--epochs", str(settings.train_epochs), "--lr", str(settings.learning_rate),
            "--seed", str(settings.seed), "--dpo-epochs", "1" if dpo else "0"]
     log.info("training: %s", " ".join(cmd))
-    return subprocess.call(cmd)
+    # The trainer's chatter goes to stderr: stdout carries only the cycle's JSON summary.
+    return subprocess.call(cmd, stdout=sys.stderr)
 
 
 def run_cycle(settings: Settings, promote: bool = True, dpo: bool = True) -> CycleResult:

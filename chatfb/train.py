@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, set_seed
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     set_seed(args.seed)
@@ -94,6 +94,7 @@ def main(args: argparse.Namespace) -> int:
                      train_dataset=Dataset.from_list(sft_rows),
                      args=SFTConfig(num_train_epochs=args.epochs, max_length=args.max_length, **common),
                      callbacks=[progress_callback("sft")])
+    sft.remove_callback(PrinterCallback)  # our progress lines replace its raw dicts
     sft_result = sft.train()
     model = sft.model
     stats = {"sft_examples": len(sft_rows), "sft_steps": sft_result.global_step, "sft_loss": round(sft_result.training_loss, 4)}
@@ -102,6 +103,7 @@ def main(args: argparse.Namespace) -> int:
                          args=DPOConfig(num_train_epochs=args.dpo_epochs, beta=args.dpo_beta, max_length=args.max_length,
                                         **dict(common, learning_rate=args.lr / 5)),
                          callbacks=[progress_callback("dpo")])
+        dpo.remove_callback(PrinterCallback)
         dpo_result = dpo.train()
         model = dpo.model
         stats.update(dpo_pairs=len(dpo_rows), dpo_steps=dpo_result.global_step, dpo_loss=round(dpo_result.training_loss, 4))

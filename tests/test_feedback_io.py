@@ -65,3 +65,22 @@ def test_exports_load_with_datasets(tmp_path, store):
     ds = load_dataset("json", data_files=str(path), split="train")
     assert sorted((r["completion"][0]["content"], r["label"]) for r in ds) == [("Go away.", False), ("No.", False)]
     assert ds[0]["prompt"][0]["role"] in ("system", "user")
+
+
+def test_interrupted_export_keeps_the_previous_file(tmp_path, monkeypatch):
+    from chatfb import feedback_io
+
+    path = feedback_io.write_rows([{"a": 1}], tmp_path / "sft.jsonl")
+    calls = {"n": 0}
+    real = feedback_io.json.dumps
+
+    def disk_full_on_second_row(obj, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(obj, **kw)
+
+    monkeypatch.setattr(feedback_io.json, "dumps", disk_full_on_second_row)
+    with pytest.raises(OSError, match="No space"):
+        feedback_io.write_rows([{"a": 2}, {"a": 3}], path)
+    assert path.read_text() == '{"a": 1}\n' and not list(tmp_path.glob(".*tmp"))

@@ -71,19 +71,14 @@ def embedded_model(tmp_path_factory) -> Path:
     return resolve_model("embedded", cache)
 
 
-@pytest.fixture(scope="session")
-def app(tmp_path_factory, embedded_model):
-    data_dir = tmp_path_factory.mktemp("app") / "data"
-    data_dir.mkdir()
-    # reuse the converted model: the app finds it where it would have converted it
-    (data_dir / "models").mkdir()
-    os.symlink(embedded_model, data_dir / "models" / embedded_model.name)
+def launch_app(data_dir: Path, **extra_env) -> RunningApp:
+    """Start `python app.py` on data_dir and wait until its model is ready."""
     port = free_port()
     env = dict(os.environ, CHATFB_DATA_DIR=str(data_dir), GRADIO_SERVER_PORT=str(port),
                CHATFB_VLLM_PORT=str(free_port()), CHATFB_ADMIN_PASSWORD=ADMIN_PASSWORD,
                CHATFB_RATE_LIMIT_PER_MINUTE="1000", CHATFB_MAX_TOKENS="64", CHATFB_REQUEST_TIMEOUT_S="60",
-               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    log = data_dir.parent / "app.log"
+               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra_env)
+    log = data_dir.parent / f"app-{port}.log"
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=open(log, "wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -91,17 +86,35 @@ def app(tmp_path_factory, embedded_model):
     try:
         wait_until(lambda: proc.poll() is None and b"model ready" in log.read_bytes(), 600, "the app's model")
     except AssertionError:
-        proc.kill()
+        stop_app(running)
         raise AssertionError("app did not start:\n" + log.read_text()[-5000:])
     running.startup_s = time.perf_counter() - t0
-    yield running
-    os.killpg(proc.pid, signal.SIGTERM)
+    return running
+
+
+def stop_app(running: RunningApp, sig=signal.SIGTERM) -> None:
     try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    # the managed vLLM runs in its own session: make sure it is gone too
-    subprocess.run(["pkill", "-f", f"--port {env['CHATFB_VLLM_PORT']}"], check=False)
+        os.killpg(running.proc.pid, sig)
+        running.proc.wait(30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(running.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    # a managed vLLM runs in its own session: make sure it is gone too
+    subprocess.run(["pkill", "-f", f"--port {running.env['CHATFB_VLLM_PORT']}"], check=False)
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory, embedded_model):
+    data_dir = tmp_path_factory.mktemp("app") / "data"
+    data_dir.mkdir()
+    # reuse the converted model: the app finds it where it would have converted it
+    (data_dir / "models").mkdir()
+    os.symlink(embedded_model, data_dir / "models" / embedded_model.name)
+    running = launch_app(data_dir)
+    yield running
+    stop_app(running)
 
 
 @pytest.fixture(scope="session")

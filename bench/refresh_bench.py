@@ -1,0 +1,360 @@
+"""Refresh benchmark: how fast a new adapter answers chats, and what a swap costs the chats running meanwhile.
+
+While a steady chat load runs (a few threads sending requests back to back through
+`chatfb.model_client.ModelClient`, routed by an `AdapterRouter` like the app's chats), a new
+adapter version is saved and `chatfb.adapters.AdapterRegistry.activate` hot-loads it. Measured per
+swap: time from "adapter saved" to the first token and the first full reply from it, failed
+requests, and replies the previous version finished after the switch (drained, not dropped).
+For comparison the same load runs while the vLLM server is restarted (stop + start until healthy),
+the other way to pick up a new model.
+
+The adapter is a random-initialised PEFT LoRA (rank 8, q/k/v/o/gate/up/down projections, PEFT's
+default init), saved with `get_peft_model(...).save_pretrained`; no training needed. Each swap
+copies it to a new folder (temp name + rename, like the trainer) and activates it under a new name.
+
+    python -m bench.refresh_bench                               # own vLLM: hot swaps, then a restart
+    python -m bench.refresh_bench --vllm-url URL --model-dir DIR  # hot swaps on that server; no restart
+    python -m bench.refresh_bench --vllm-url URL --model-dir DIR --restart-own-server
+    python -m bench.refresh_bench --smoke ...                   # 1 swap, 2 load threads, 8 tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.report import (default_out_dir, fmt, machine, markdown_table, plot_path, pyplot, target, targets_table,
+                          write_results)
+from bench.server import SERVED_NAME, add_server_flags, managed_vllm, vllm_server
+
+NAME = "refresh_bench"
+TARGET_SWAP_S = 1.0
+PROMPTS = ["Hi! What can you help me with?", "Give me one tip for sleeping better.",
+           "What is the capital of France?", "Name three colours of the rainbow."]
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.refresh_bench", description=__doc__.split("\n")[0])
+    add_server_flags(p)
+    p.add_argument("--swaps", type=int, default=3, help="adapter versions to hot-load one after another")
+    p.add_argument("--load-threads", type=int, default=4, help="chat threads sending requests during the swaps")
+    p.add_argument("--max-tokens", type=int, default=16, help="max new tokens per load request")
+    p.add_argument("--settle-s", type=float, default=2.0, help="steady load before and between swaps (seconds)")
+    p.add_argument("--restart-own-server", action="store_true",
+                   help="with --vllm-url: measure the restart on a vLLM server of our own (never restarts yours)")
+    p.add_argument("--skip-restart", action="store_true", help="leave out the restart comparison")
+    p.add_argument("--smoke", action="store_true", help="tiny run: 1 swap, 2 load threads, 8 tokens")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where results go (default bench/results, or bench/results/raw with --smoke)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    return p
+
+
+def make_adapter(model_dir: Path, dest: Path, rank: int = 8) -> Path:
+    """A random-initialised LoRA adapter for `model_dir`, saved as PEFT files in `dest`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from chatfb.train import TARGET_MODULES
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
+    get_peft_model(base, lora).save_pretrained(str(dest))
+    return dest
+
+
+# -- the chat load --------------------------------------------------------------------------------
+@dataclass
+class Request:
+    start: float
+    first_token: float | None
+    end: float
+    model: str
+    error: str | None
+
+
+class ChatLoad:
+    """`threads` chats sending requests back to back; after a failure a chat waits `retry_s` and
+    sends again (a user pressing Retry), so a dead server is counted, not spun on."""
+
+    def __init__(self, url: str, api_key: str | None, router, threads: int, max_tokens: int, retry_s: float = 0.1):
+        from chatfb.model_client import ModelClient
+
+        self.client = ModelClient(url, api_key, timeout_s=120.0)
+        self.router, self.threads, self.max_tokens, self.retry_s = router, threads, max_tokens, retry_s
+        self.requests: list[Request] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> "ChatLoad":
+        self._threads = [threading.Thread(target=self._chat, args=(i,), daemon=True) for i in range(self.threads)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=180)
+        self.client.close()
+
+    def _chat(self, index: int) -> None:
+        from chatfb.model_client import ModelError, StreamResult
+
+        n = index
+        while not self._stop.is_set():
+            messages = [{"role": "user", "content": PROMPTS[n % len(PROMPTS)]}]
+            n += 1
+            model = self.router.acquire()
+            result, error = StreamResult(), None
+            try:
+                for _ in self.client.stream_chat(messages, model, self.max_tokens, 0.0, 1.0, result):
+                    pass
+            except ModelError as e:
+                error = str(e)
+            except Exception as e:  # anything else is a failed request too, not a silently dead chat
+                error = f"{type(e).__name__}: {e}"
+            finally:
+                self.router.release(model)
+            end = time.perf_counter()
+            first = None if result.ttft_ms is None else result.started + result.ttft_ms / 1000
+            with self._lock:
+                self.requests.append(Request(result.started, first, end, model, error))
+            if error:
+                self._stop.wait(self.retry_s)
+
+    def first_reply(self, model: str, started_after: float, timeout_s: float) -> Request | None:
+        """The first successful request to `model` sent after `started_after` (waits for it)."""
+        deadline = time.perf_counter() + timeout_s
+        while time.perf_counter() < deadline:
+            with self._lock:
+                done = [r for r in self.requests if r.model == model and r.error is None and r.start >= started_after]
+            if done:
+                return min(done, key=lambda r: r.end)
+            time.sleep(0.01)
+        return None
+
+    def finished_after(self, model: str, t: float) -> int:
+        """Successful replies from `model` that finished after `t`."""
+        with self._lock:
+            return sum(1 for r in self.requests if r.model == model and r.error is None and r.end > t)
+
+    def failed_between(self, t0: float, t1: float) -> list[Request]:
+        with self._lock:
+            return [r for r in self.requests if r.error and r.end >= t0 and r.start <= t1]
+
+
+def wait_unloaded(client, name: str, timeout_s: float) -> float | None:
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        if name not in client.models():
+            return time.perf_counter()
+        time.sleep(0.05)
+    return None
+
+
+def ms(t: float | None, since: float) -> float | None:
+    return None if t is None else (t - since) * 1000
+
+
+# -- hot swaps ------------------------------------------------------------------------------------
+def measure_swaps(url: str, api_key: str | None, model_dir: Path, args, workdir: Path) -> dict:
+    from chatfb.adapters import AdapterRegistry, AdapterRouter
+    from chatfb.model_client import ModelClient, ModelError
+    from chatfb.store import Store
+
+    data_dir = workdir / "data"
+    template = make_adapter(model_dir, workdir / "adapter-template")
+    store = Store(data_dir / "chatfb.duckdb")
+    admin = ModelClient(url, api_key, timeout_s=120.0)
+    router = AdapterRouter(SERVED_NAME)
+    registry = AdapterRegistry(store, [admin], router, data_dir)
+    names = [f"bench-{os.getpid()}-v{i:02d}" for i in range(1, args.swaps + 1)]
+    load = ChatLoad(url, api_key, router, args.load_threads, args.max_tokens).start()
+    t_load = time.perf_counter()
+    swaps = []
+    try:
+        time.sleep(args.settle_s)
+        for name in names:
+            partial = data_dir / "adapters" / f"{name}.partial"
+            shutil.copytree(template, partial)
+            partial.rename(data_dir / "adapters" / name)
+            saved = time.perf_counter()  # the adapter folder is complete on disk
+            previous = router.current
+            store.add_adapter(name, None if previous == SERVED_NAME else previous, "candidate", name)
+            registry.activate(name)  # load into vLLM, route new chats, drain + unload the previous one
+            active = time.perf_counter()
+            first = load.first_reply(name, saved, timeout_s=120)
+            # the swap is over once the new version answered and the previous one is unloaded
+            unloaded = wait_unloaded(admin, previous, timeout_s=180) if previous != SERVED_NAME else None
+            failed = load.failed_between(saved, time.perf_counter())
+            drained = load.finished_after(previous, active)
+            swaps.append({
+                "adapter": name, "previous": previous, "saved_at_s": saved - t_load,
+                "activate_ms": registry.last_swap_ms, "saved_to_active_ms": ms(active, saved),
+                "saved_to_first_token_ms": ms(first.first_token if first else None, saved),
+                "saved_to_first_reply_ms": ms(first.end if first else None, saved),
+                "previous_unloaded_ms": ms(unloaded, saved),
+                "failed_requests": len(failed),
+                "aborted_in_flight": sum(1 for r in failed if r.start < saved),
+                "previous_replies_finished_after_switch": drained,
+            })
+            s = swaps[-1]
+            print(f"swap to {name}: activate {fmt(s['activate_ms'])} ms, first token {fmt(s['saved_to_first_token_ms'])} ms,"
+                  f" first reply {fmt(s['saved_to_first_reply_ms'])} ms after save, failed {s['failed_requests']}", flush=True)
+            time.sleep(args.settle_s)
+    finally:
+        load.stop()
+        try:  # leave the server as we found it: base model only
+            registry.activate(None, background_unload=False)
+            for name in names:
+                if wait_unloaded(admin, name, timeout_s=60) is None:
+                    registry.unload(name)
+        except ModelError as e:
+            print(f"cleanup: could not unload the benchmark's adapters: {e}", flush=True)
+        admin.close()
+        store.close()
+    return {"swaps": swaps, "load_requests": len(load.requests),
+            "load_failures": sum(1 for r in load.requests if r.error),
+            "errors": sorted({r.error for r in load.requests if r.error})[:5],
+            "timeline": [[r.start - t_load, r.end - t_load, r.model, r.error is None] for r in load.requests]}
+
+
+# -- restart --------------------------------------------------------------------------------------
+def measure_restart(server, api_key: str | None, args) -> dict:
+    """Stop the managed vLLM and start a fresh one on the same port while the load runs."""
+    from chatfb.adapters import AdapterRouter
+
+    load = ChatLoad(server.url, api_key, AdapterRouter(SERVED_NAME), args.load_threads, args.max_tokens).start()
+    t_load = time.perf_counter()
+    try:
+        time.sleep(args.settle_s)
+        stop_at = time.perf_counter()
+        server.managed.stop()
+        server.managed = server.relaunch()  # returns once /health answers
+        healthy = time.perf_counter()
+        first = load.first_reply(SERVED_NAME, stop_at, timeout_s=120)
+        time.sleep(args.settle_s)
+    finally:
+        load.stop()
+    failed = load.failed_between(stop_at, time.perf_counter())
+    return {
+        "stop_to_healthy_ms": ms(healthy, stop_at),
+        "stop_to_first_token_ms": ms(first.first_token if first else None, stop_at),
+        "stop_to_first_reply_ms": ms(first.end if first else None, stop_at),
+        "failed_requests": len(failed),
+        "aborted_in_flight": sum(1 for r in failed if r.start < stop_at),
+        "retry_interval_s": load.retry_s,
+        "load_requests": len(load.requests),
+        "stopped_at_s": stop_at - t_load,
+        "timeline": [[r.start - t_load, r.end - t_load, r.model, r.error is None] for r in load.requests],
+    }
+
+
+# -- the run --------------------------------------------------------------------------------------
+def plot(results: dict, path: Path) -> None:
+    plt = pyplot()
+    parts = [("hot swap (AdapterRegistry.activate)", results["swap"], [s["saved_at_s"] for s in results["swap"]["swaps"]])]
+    if "stop_to_healthy_ms" in results.get("restart", {}):
+        parts.append(("vLLM restart", results["restart"], [results["restart"]["stopped_at_s"]]))
+    fig, axes = plt.subplots(len(parts), 1, figsize=(9, 3.2 * len(parts)), squeeze=False)
+    for ax, (title, part, marks) in zip(axes[:, 0], parts):
+        models = sorted({m for _, _, m, _ in part["timeline"]})
+        for m in models:
+            done = [(s, e) for s, e, mm, ok in part["timeline"] if mm == m and ok]
+            ax.plot([e for _, e in done], [(e - s) * 1000 for s, e in done], ".", label=m)
+        bad = [(s, e) for s, e, _, ok in part["timeline"] if not ok]
+        if bad:
+            ax.plot([e for _, e in bad], [(e - s) * 1000 for s, e in bad], "rx", label="failed")
+        for x in marks:
+            ax.axvline(x, color="gray", linewidth=0.8)
+        ax.set(title=title, xlabel="seconds since the load started", ylabel="request latency (ms)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = make_parser().parse_args(argv)
+    if args.smoke:
+        args.swaps, args.load_threads, args.max_tokens, args.settle_s = 1, 2, 8, 1.0
+    out_dir = args.out_dir or default_out_dir(args.smoke)
+    results = {"benchmark": NAME, "smoke": args.smoke, "machine": machine(), "load_threads": args.load_threads,
+               "max_tokens": args.max_tokens}
+
+    with vllm_server(args) as server, tempfile.TemporaryDirectory(prefix="chatfb-refresh-bench-") as tmp:
+        if server.model_dir is None:
+            raise SystemExit("the server's model folder is unknown here; pass --model-dir")
+        results["vllm_url"], results["model_dir"] = server.url, str(server.model_dir)
+        results["swap"] = measure_swaps(server.url, args.api_key, server.model_dir, args, Path(tmp))
+        if args.skip_restart:
+            results["restart"] = {"skipped": "--skip-restart"}
+        elif server.managed is not None:
+            results["restart"] = measure_restart(server, args.api_key, args)
+        elif args.restart_own_server:
+            with managed_vllm(server.model_dir, args) as own:
+                results["restart"] = measure_restart(own, None, args)
+        else:
+            results["restart"] = {"skipped": "external server; pass --restart-own-server to restart one of our own"}
+
+    swaps, restart = results["swap"]["swaps"], results["restart"]
+
+    def median(key: str) -> float | None:
+        xs = [s[key] for s in swaps if s[key] is not None]
+        return statistics.median(xs) if len(xs) == len(swaps) and xs else None
+
+    worst_first_token = max((s["saved_to_first_token_ms"] or float("inf")) for s in swaps) if swaps else None
+    swap_failed = sum(s["failed_requests"] for s in swaps)
+    rows = [["hot swap, median of " + str(len(swaps)), median("saved_to_active_ms"), median("saved_to_first_token_ms"),
+             median("saved_to_first_reply_ms"), swap_failed, sum(s["aborted_in_flight"] for s in swaps)]]
+    if "stop_to_healthy_ms" in restart:
+        rows.append(["vLLM restart", restart["stop_to_healthy_ms"], restart["stop_to_first_token_ms"],
+                     restart["stop_to_first_reply_ms"], restart["failed_requests"], restart["aborted_in_flight"]])
+        first_swap = median("saved_to_first_token_ms")
+        results["restart_over_swap_first_token"] = (
+            restart["stop_to_first_token_ms"] / first_swap if first_swap and restart["stop_to_first_token_ms"] else None)
+        rows.append(["restart / hot swap", None, results["restart_over_swap_first_token"], None, None, None])
+    table = markdown_table(["way", "until serving ms", "first token ms", "first full reply ms", "failed requests",
+                            "aborted in flight"], rows)
+    swap_table = markdown_table(
+        ["adapter", "activate ms", "first token ms", "first reply ms", "previous unloaded ms", "failed",
+         "previous replies finished after switch"],
+        [[s["adapter"], s["activate_ms"], s["saved_to_first_token_ms"], s["saved_to_first_reply_ms"],
+          s["previous_unloaded_ms"], s["failed_requests"], s["previous_replies_finished_after_switch"]] for s in swaps])
+    results["targets"] = [
+        target("saved -> first token from the new adapter, worst swap (s)",
+               None if worst_first_token in (None, float("inf")) else worst_first_token / 1000, "<", TARGET_SWAP_S, "s"),
+        target("failed requests during hot swaps", swap_failed, "==", 0),
+        target("failed requests during the whole load", results["swap"]["load_failures"], "==", 0),
+    ]
+    restart_note = ("" if "stop_to_healthy_ms" in restart else f"\nRestart: skipped: {restart['skipped']}.\n") + (
+        f"\nRestart: failed requests are counted with each chat retrying every {restart['retry_interval_s']} s while"
+        " the server is down." if "retry_interval_s" in restart else "")
+    m = results["machine"]
+    markdown = (f"## chatfb adapter refresh benchmark{' (smoke)' if args.smoke else ''}\n\n"
+                f"{args.load_threads} chat threads sending requests back to back (max_tokens {args.max_tokens});"
+                f" times from the adapter folder being complete on disk (hot swap) or from the stop call (restart)."
+                f" Server: {results['vllm_url']}.\nMachine: {m['host_cpus']} CPUs, 1-min load average"
+                f" {m['load_avg_1m_at_start']} at start.\n\n{table}\n{restart_note}\n\n{swap_table}\n\n"
+                f"{targets_table(results['targets'])}")
+    print("\n" + markdown)
+    json_path, md_path = write_results(out_dir, NAME, results, markdown)
+    if not args.no_plot:
+        plot(results, plot_path(out_dir, NAME))
+    print(f"\nwrote {json_path} and {md_path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

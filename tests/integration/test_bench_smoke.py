@@ -1,0 +1,73 @@
+"""The serving and refresh benchmarks' smoke modes, run as a user runs them, against the session's real vLLM.
+
+The refresh benchmark hot-swaps adapters on the shared server (under its own names, removed again)
+and measures a restart only on a vLLM server of its own (--restart-own-server).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from chatfb.model_client import ModelClient
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def run_bench(name: str, *args: str, timeout: int) -> str:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    out = subprocess.run([sys.executable, "-m", f"bench.{name}", "--smoke", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"bench.{name} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    return out.stdout
+
+
+def test_serving_bench_smoke_measures_all_three_ways(vllm_url, embedded_model, tmp_path):
+    stdout = run_bench("serving_bench", "--vllm-url", vllm_url, "--model-dir", str(embedded_model),
+                       "--out-dir", str(tmp_path), timeout=900)
+
+    r = json.loads((tmp_path / "serving_bench.json").read_text())
+    assert {(lv["way"], lv["concurrency"]) for lv in r["levels"]} == {
+        (way, c) for way in ("chatfb", "direct") for c in (1, 2)}
+    for lv in r["levels"]:
+        assert lv["failures"] == 0, lv["errors"]
+        assert lv["requests"] == lv["concurrency"]
+        assert lv["tokens"] > 0 and lv["tokens_per_s"] > 0
+        assert 0 < lv["ttft_p50_ms"] <= lv["latency_p50_ms"]
+    hf = r["transformers"]
+    assert hf["tokens"] > 0 and hf["tokens_per_s"] > 0 and hf["ttft_p50_ms"] > 0
+    assert r["ratios"]["reference_concurrency"] == 2
+    assert r["ratios"]["chatfb_over_direct_tokens_per_s"] > 0
+    assert r["ratios"]["chatfb_over_transformers_tokens_per_s"] > 0
+    assert "chatfb / direct" in stdout
+    assert "| chats | chatfb tok/s | direct tok/s |" in (tmp_path / "serving_bench.md").read_text()
+    assert (tmp_path / "serving_bench.png").stat().st_size > 0
+
+
+def test_refresh_bench_smoke_hot_swap_and_restart(vllm_url, embedded_model, tmp_path):
+    run_bench("refresh_bench", "--vllm-url", vllm_url, "--model-dir", str(embedded_model), "--restart-own-server",
+              "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"), timeout=1800)
+
+    r = json.loads((tmp_path / "out" / "refresh_bench.json").read_text())
+    swap = r["swap"]
+    assert len(swap["swaps"]) == 1 and swap["load_requests"] > 0
+    s = swap["swaps"][0]
+    assert s["activate_ms"] > 0
+    assert 0 < s["saved_to_first_token_ms"] <= s["saved_to_first_reply_ms"]
+    assert s["failed_requests"] == 0 and swap["load_failures"] == 0, swap["errors"]
+    # the shared server is left serving the base model only
+    client = ModelClient(vllm_url)
+    try:
+        assert not [m for m in client.models() if m.startswith("bench-")]
+    finally:
+        client.close()
+
+    restart = r["restart"]
+    assert restart["stop_to_healthy_ms"] > 0
+    assert 0 < restart["stop_to_first_token_ms"] <= restart["stop_to_first_reply_ms"]
+    assert restart["load_requests"] > 0
+    assert (tmp_path / "out" / "refresh_bench.png").stat().st_size > 0

@@ -1,0 +1,90 @@
+"""Faults of the real vLLM CPU server behind the running app: killed mid-stream, refused adapters."""
+
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+from gradio_client import Client
+
+from chatfb.model_client import ModelClient
+
+from .conftest import ADMIN_PASSWORD, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def live_name(app):
+    with app.snapshot_store() as s:
+        live = s.live_adapter()
+    return live["name"] if live else None
+
+
+def register(app, name, path_maker):
+    """Put an adapter folder under the app's data dir and record it through the control API."""
+    from chatfb.control import open_backend
+
+    folder = app.data_dir / "adapters" / name
+    path_maker(folder)
+    backend = open_backend(app.data_dir)
+    try:
+        backend.add_adapter(name, None, "candidate", name)
+    finally:
+        backend.close()
+
+
+def peft_adapter(base, rank, folder):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=rank, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")).save_pretrained(folder)
+
+
+def test_refused_adapters_leave_the_current_one_serving(app, vllm_url, embedded_model):
+    before = live_name(app)
+    client = ModelClient(vllm_url)
+    register(app, "chatfb-v0901", lambda f: peft_adapter(embedded_model, 32, f))  # rank > --max-lora-rank 16
+
+    def corrupt(folder):
+        peft_adapter(embedded_model, 4, folder)
+        (folder / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 100)
+
+    register(app, "chatfb-v0902", corrupt)
+    for name in ("chatfb-v0901", "chatfb-v0902"):
+        out = app.cli("adapters", "promote", name, check=False)
+        assert out.returncode == 2 and "refused adapter" in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert live_name(app) == before and name not in client.models()
+    # the same refusal in the admin view, as a clear message
+    admin = Client(app.url, verbose=False)
+    admin.predict(ADMIN_PASSWORD, api_name="/admin_unlock")
+    assert admin.predict("chatfb-v0901", api_name="/promote").startswith("⚠️ vLLM refused adapter chatfb-v0901")
+    # path tricks are refused too
+    assert admin.predict("../../etc", api_name="/promote").startswith("⚠️")
+    # chats are unaffected
+    shown = Client(app.url, verbose=False).predict("Hello!", "", api_name="/send")[0]
+    assert (before or "chatfb-base") in shown[-1]["content"][0]["text"]
+
+
+def test_vllm_killed_mid_stream_then_restarted_by_the_app(app, vllm_url):
+    live = live_name(app)
+    port = vllm_url.rsplit(":", 1)[1]
+    pid = int(subprocess.run(["pgrep", "-f", f"api_server.*--port {port}"], capture_output=True, text=True).stdout.split()[0])
+    c = Client(app.url, verbose=False)
+    job = c.submit("Write a long story about a dragon who learns to cook.", "", api_name="/send")
+    wait_until(lambda: len(job.outputs()) >= 3, 120, "the reply to start streaming", 0.05)
+    os.killpg(pid, signal.SIGKILL)
+    shown = job.result(timeout=120)[0]
+    text = shown[-1]["content"][0]["text"]
+    assert "⚠️" in text and "Traceback" not in text and "127.0.0.1" not in text
+    with app.snapshot_store() as s:
+        status = s._q("SELECT status FROM messages WHERE role = 'assistant' ORDER BY created_at DESC LIMIT 1")[0][0]
+    assert status == "failed"
+    client = ModelClient(vllm_url)
+    wait_until(lambda: client.healthy(), 300, "the app to restart vLLM")
+    if live:
+        wait_until(lambda: live in client.models(), 60, "the live adapter to be loaded again")
+    shown = Client(app.url, verbose=False).predict("Are you back?", "", api_name="/send")[0]
+    assert "⚠️" not in shown[-1]["content"][0]["text"] and (live or "chatfb-base") in shown[-1]["content"][0]["text"]
