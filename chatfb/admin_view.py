@@ -47,6 +47,20 @@ def feedback_frame(rt: Runtime) -> pd.DataFrame:
                         columns=["day", "kind", "count"])
 
 
+STOPWORDS = set("""a an the and or but is are was were be been it its this that to of in on for with as at by
+from too not no so very you your i me my we our it's do does did can should would could just more less than
+then there here about what which who how why when reply answer please""".split())
+
+
+def topics_frame(rt: Runtime, top: int = 10) -> pd.DataFrame:
+    """Most-critiqued topics: the commonest content words in active critiques."""
+    from collections import Counter
+
+    words = Counter(w for text in rt.store.critique_texts() for w in set(re.findall(r"[a-z][a-z'-]{2,}", text.lower()))
+                    if w not in STOPWORDS)
+    return pd.DataFrame([{"topic": w, "critiques": n} for w, n in words.most_common(top)], columns=["topic", "critiques"])
+
+
 def training_progress(rt: Runtime) -> tuple[str, str]:
     try:
         lines = rt.training_log_path.read_text(errors="replace").splitlines()
@@ -89,7 +103,9 @@ def build(rt: Runtime) -> None:
             train_log = gr.Textbox(label="Learning cycle log", lines=8, max_lines=8, interactive=False)
             table = gr.Dataframe(label="Adapter versions", interactive=False)
             plot = gr.LinePlot(x="adapter", y="value", color="metric", title="Gate metrics per adapter version")
-            per_day = gr.BarPlot(x="day", y="count", color="kind", title="Feedback per day")
+            with gr.Row():
+                per_day = gr.BarPlot(x="day", y="count", color="kind", title="Feedback per day")
+                topics = gr.BarPlot(x="topic", y="critiques", title="Most-critiqued topics")
             with gr.Accordion("Compare", open=True):
                 prompt = gr.Textbox(label="Prompt", elem_id="compare-prompt")
                 compare = gr.Button("Compare base / previous / current")
@@ -100,11 +116,11 @@ def build(rt: Runtime) -> None:
 
         def views(ok):
             if not ok:
-                return [gr.update()] * 6
+                return [gr.update()] * 7
             p, logtext = training_progress(rt)
-            return adapters_frame(rt), metrics_frame(rt), feedback_frame(rt), p, logtext, ""
+            return adapters_frame(rt), metrics_frame(rt), feedback_frame(rt), topics_frame(rt), p, logtext, ""
 
-        view_outputs = [table, plot, per_day, progress, train_log, action_msg]
+        view_outputs = [table, plot, per_day, topics, progress, train_log, action_msg]
 
         def on_unlock(pw, request: gr.Request, profile: gr.OAuthProfile | None = None):
             from chatfb.ui import check_admin
@@ -142,8 +158,10 @@ def build(rt: Runtime) -> None:
         unlock.click(on_unlock, [password], [unlocked, login_msg, panel, password], api_name="admin_unlock").then(views, [unlocked], view_outputs)
         refresh.click(views, [unlocked], view_outputs)
         train.click(guarded(on_train), [unlocked], [action_msg], api_name="train_now")
-        promote.click(guarded(on_promote), [unlocked, name], [action_msg], api_name="promote").then(views, [unlocked], view_outputs[:-1])
-        rollback.click(guarded(on_rollback), [unlocked], [action_msg], api_name="rollback").then(views, [unlocked], view_outputs[:-1])
+        promote.click(guarded(on_promote), [unlocked, name], [action_msg], api_name="promote").then(
+            lambda ok: views(ok)[:-1], [unlocked], view_outputs[:-1])
+        rollback.click(guarded(on_rollback), [unlocked], [action_msg], api_name="rollback").then(
+            lambda ok: views(ok)[:-1], [unlocked], view_outputs[:-1])
         compare.click(on_compare, [unlocked, prompt], [out_base, out_prev, out_cur], api_name="compare")
         timer = gr.Timer(3.0)
         timer.tick(lambda ok: training_progress(rt) if ok else (gr.update(), gr.update()), [unlocked],

@@ -1,4 +1,4 @@
-"""`python -m chatfb COMMAND`: serve, import-feedback, export, nightly, adapters, delete-user, settings.
+"""`python -m chatfb COMMAND`: serve, import-feedback, export, nightly, adapters, push-adapter, delete-user, settings.
 
 Every command that touches data works whether or not the app is running: with the app up it is
 carried out by the app (see chatfb.control), otherwise on the DuckDB file directly.
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from chatfb.config import add_settings_flags, settings_from_args, settings_table
@@ -29,10 +31,13 @@ def make_parser() -> argparse.ArgumentParser:
     imp.add_argument("file", type=Path)
     add_settings_flags(imp)
 
-    exp = sub.add_parser("export", help="export TRL-ready training files")
-    exp.add_argument("--format", required=True, choices=("sft", "dpo", "kto"))
-    exp.add_argument("--out", required=True, type=Path, help="output folder")
+    exp = sub.add_parser("export", help="export TRL-ready training files, or publish them to the Hugging Face Hub")
+    exp.add_argument("--format", choices=("sft", "dpo", "kto"))
+    exp.add_argument("--out", type=Path, help="output folder")
     exp.add_argument("--file-format", default="jsonl", choices=("jsonl", "parquet"))
+    exp.add_argument("--push-to-hub", metavar="REPO", help="publish every format and a dataset card to this dataset repo")
+    exp.add_argument("--license", default="cc-by-4.0", help="license of the published dataset")
+    add_hub_flags(exp)
     add_settings_flags(exp)
 
     nightly = sub.add_parser("nightly", help="run one learning cycle now")
@@ -44,12 +49,25 @@ def make_parser() -> argparse.ArgumentParser:
     ad.add_argument("name", nargs="?")
     add_settings_flags(ad)
 
+    pa = sub.add_parser("push-adapter", help="publish an adapter version and its model card to the Hugging Face Hub")
+    pa.add_argument("name")
+    pa.add_argument("repo", help="model repo id, owner/name")
+    add_hub_flags(pa)
+    add_settings_flags(pa)
+
     du = sub.add_parser("delete-user", help="delete every conversation and feedback row of one user")
     du.add_argument("user")
     add_settings_flags(du)
 
     sub.add_parser("settings", help="print the settings table (env vars, flags, defaults)")
     return p
+
+
+def add_hub_flags(parser: argparse.ArgumentParser) -> None:
+    vis = parser.add_mutually_exclusive_group()
+    vis.add_argument("--private", dest="private", action="store_true", default=True,
+                     help="create the Hub repo private (default; an existing repo keeps its visibility)")
+    vis.add_argument("--public", dest="private", action="store_false", help="create the Hub repo public")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - named errors from our modules
+        from chatfb.adapters import AdapterError
         from chatfb.control import ControlError
+        from chatfb.hub import HubError
         from chatfb.store import StoreError
 
-        if isinstance(e, (ControlError, StoreError)):
+        if isinstance(e, (AdapterError, ControlError, HubError, StoreError)):
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise
@@ -117,10 +137,29 @@ def snapshot_records(settings):
 
 def cmd_export(settings, args) -> int:
     from chatfb.feedback_io import export
+    from chatfb.hub import dataset_files
 
-    path, n = export(snapshot_records(settings), args.format, args.out, args.file_format)
-    print(f"wrote {n} {args.format} rows to {path}")
+    if (args.format is None) != (args.out is None) or not (args.format or args.push_to_hub):
+        raise CommandError("export needs --format and --out, or --push-to-hub REPO (or all three)")
+    records = snapshot_records(settings)
+    if args.format:
+        path, n = export(records, args.format, args.out, args.file_format)
+        print(f"wrote {n} {args.format} rows to {path}")
+    if args.push_to_hub:
+        push_built(settings, args.push_to_hub, "dataset", args.private,
+                   lambda d: dataset_files(records, d, license=args.license, max_chars=settings.max_feedback_chars))
     return 0
+
+
+def push_built(settings, repo: str, repo_type: str, private: bool, build) -> None:
+    """Build the files into a temp folder under the data dir with `build(folder)`, then upload it."""
+    from chatfb.hub import push_folder
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="hub-", dir=settings.data_dir) as folder:
+        files = build(Path(folder))
+        url = push_folder(Path(folder), repo, repo_type, token=os.environ.get("HF_TOKEN") or None, private=private)
+    print(f"pushed {len(files)} files to {repo_type} repo {repo} {url}".rstrip())
 
 
 def cmd_nightly(settings, args) -> int:
@@ -154,6 +193,25 @@ def cmd_adapters(settings, args) -> int:
     return 0
 
 
+def cmd_push_adapter(settings, args) -> int:
+    from chatfb.adapters import confined_path
+    from chatfb.control import open_backend
+    from chatfb.hub import adapter_files
+    from chatfb.model_files import EMBEDDED_HUB_ID
+
+    backend = open_backend(settings.data_dir)
+    try:
+        row = next((a for a in backend.adapters() if a["name"] == args.name), None)
+    finally:
+        backend.close()
+    if row is None or not row["path"]:
+        raise CommandError(f"no adapter {args.name!r} with files (see: python -m chatfb adapters list)")
+    base = EMBEDDED_HUB_ID if settings.model == "embedded" else settings.model
+    push_built(settings, args.repo, "model", args.private,
+               lambda d: adapter_files(confined_path(settings.data_dir, row["path"]), row, base, d))
+    return 0
+
+
 def cmd_delete_user(settings, args) -> int:
     from chatfb.control import open_backend
 
@@ -167,4 +225,4 @@ def cmd_delete_user(settings, args) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "import-feedback": cmd_import, "export": cmd_export, "nightly": cmd_nightly,
-            "adapters": cmd_adapters, "delete-user": cmd_delete_user}
+            "adapters": cmd_adapters, "push-adapter": cmd_push_adapter, "delete-user": cmd_delete_user}

