@@ -91,8 +91,8 @@ def build_ui(rt: Runtime) -> gr.Blocks:
                 target = gr.Markdown("*Feedback goes to the latest reply; click a reply to pick another.*",
                                      elem_id="fb-target")
                 with gr.Row():
-                    up = gr.Button("👍", elem_id="thumbs-up")
-                    down = gr.Button("👎", elem_id="thumbs-down")
+                    up = gr.Button("👍 Good", elem_id="thumbs-up")
+                    down = gr.Button("👎 Bad", elem_id="thumbs-down")
                 critique = gr.Textbox(label="Critique (what was wrong, in plain words)", elem_id="critique")
                 send_critique = gr.Button("Send critique", elem_id="send-critique")
                 correction = gr.Textbox(label="Correction (the reply it should have given)", lines=3,
