@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.report import (default_out_dir, machine, markdown_table, percentile, plot_path, pyplot, target,
+from bench.report import (save_figure, default_out_dir, machine, markdown_table, percentile, plot_path, pyplot, target,
                           targets_table, write_results)
 from chatfb.store import Store
 
@@ -126,9 +126,7 @@ def plot(levels: list[dict], path: Path) -> None:
     ax.set_ylabel("latency (ms)")
     ax.set_title("chatfb Store write latency (one DuckDB file)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

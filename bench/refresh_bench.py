@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.report import (default_out_dir, fmt, machine, markdown_table, plot_path, pyplot, target, targets_table,
+from bench.report import (save_figure, default_out_dir, fmt, machine, markdown_table, plot_path, pyplot, target, targets_table,
                           write_results)
 from bench.server import SERVED_NAME, add_server_flags, managed_vllm, vllm_server
 
@@ -280,9 +280,7 @@ def plot(results: dict, path: Path) -> None:
             ax.axvline(x, color="gray", linewidth=0.8)
         ax.set(title=title, xlabel="seconds since the load started", ylabel="request latency (ms)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

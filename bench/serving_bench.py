@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bench.report import (default_out_dir, machine, markdown_table, percentile, plot_path, pyplot, target,
+from bench.report import (save_figure, default_out_dir, machine, markdown_table, percentile, plot_path, pyplot, target,
                           targets_table, write_results)
 from bench.server import SERVED_NAME, add_server_flags, vllm_server
 
@@ -233,9 +233,7 @@ def plot(levels: list[dict], hf: dict | None, path: Path) -> None:
     right.set(xlabel="concurrent chats", ylabel="median TTFT (ms)", title="time to first token")
     for ax in (left, right):
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -108,3 +108,20 @@ def test_cli_goes_through_the_running_app(store, settings, tmp_path, capsys, mon
     finally:
         server.stop()
     assert not server.file.exists()
+
+
+def test_cli_delete_user_without_the_app(settings, capsys, monkeypatch):
+    from chatfb.store import Store
+
+    with Store(settings.db_path) as s:
+        for user in ("ann", "bob"):
+            cid = s.create_conversation("s-" + user, user)
+            s.add_message(cid, "user", "q")
+            a = s.add_message(cid, "assistant", "r")
+            s.log_feedback(a, "critique", text="meh", user_name=user)
+    monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
+    assert cli(["delete-user", "ann"]) == 0
+    assert "deleted 1 conversations of 'ann'" in capsys.readouterr().out
+    with Store(settings.db_path) as s:
+        assert [r[0] for r in s._q("SELECT user_name FROM conversations")] == ["bob"]
+        assert [r[0] for r in s._q("SELECT user_name FROM feedback")] == ["bob"]
