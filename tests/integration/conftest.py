@@ -77,7 +77,8 @@ def launch_app(data_dir: Path, **extra_env) -> RunningApp:
     env = dict(os.environ, CHATFB_DATA_DIR=str(data_dir), GRADIO_SERVER_PORT=str(port),
                CHATFB_VLLM_PORT=str(free_port()), CHATFB_ADMIN_PASSWORD=ADMIN_PASSWORD,
                CHATFB_RATE_LIMIT_PER_MINUTE="1000", CHATFB_MAX_TOKENS="64", CHATFB_REQUEST_TIMEOUT_S="60",
-               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra_env)
+               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.update(extra_env)
     log = data_dir.parent / f"app-{port}.log"
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=open(log, "wb"),
@@ -85,11 +86,19 @@ def launch_app(data_dir: Path, **extra_env) -> RunningApp:
     running = RunningApp(data_dir, env, proc, f"http://127.0.0.1:{port}", log)
     try:
         wait_until(lambda: proc.poll() is None and b"model ready" in log.read_bytes(), 600, "the app's model")
+        wait_until(lambda: _answers(running.url), 60, "the app's web server", 0.2)
     except AssertionError:
         stop_app(running)
         raise AssertionError("app did not start:\n" + log.read_text()[-5000:])
     running.startup_s = time.perf_counter() - t0
     return running
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def stop_app(running: RunningApp, sig=signal.SIGTERM) -> None:
@@ -102,7 +111,7 @@ def stop_app(running: RunningApp, sig=signal.SIGTERM) -> None:
         except ProcessLookupError:
             pass
     # a managed vLLM runs in its own session: make sure it is gone too
-    subprocess.run(["pkill", "-f", f"--port {running.env['CHATFB_VLLM_PORT']}"], check=False)
+    subprocess.run(["pkill", "-f", f"api_server.*--port {running.env['CHATFB_VLLM_PORT']}"], check=False)
 
 
 @pytest.fixture(scope="session")
