@@ -95,6 +95,7 @@ def build(rt: Runtime) -> None:
             with gr.Row():
                 train = gr.Button("Train now", variant="primary", elem_id="train-now")
                 refresh = gr.Button("Refresh")
+                export = gr.Button("Export data")
                 rollback = gr.Button("Roll back")
                 name = gr.Textbox(label="Adapter to promote", placeholder="chatfb-v0001", scale=1)
                 promote = gr.Button("Promote")
@@ -150,6 +151,10 @@ def build(rt: Runtime) -> None:
             target = rt.registry.rollback()
             return f"Rolled back; now serving {target or 'the base model'}."
 
+        def on_export():
+            out = export_all(rt)
+            return f"Exported to `{out.relative_to(rt.settings.data_dir)}` (sft / dpo / kto JSONL)."
+
         def on_compare(ok, text):
             if not ok:
                 return "⚠️ Unlock first.", "", ""
@@ -162,10 +167,24 @@ def build(rt: Runtime) -> None:
             lambda ok: views(ok)[:-1], [unlocked], view_outputs[:-1])
         rollback.click(guarded(on_rollback), [unlocked], [action_msg], api_name="rollback").then(
             lambda ok: views(ok)[:-1], [unlocked], view_outputs[:-1])
+        export.click(guarded(on_export), [unlocked], [action_msg], api_name="export")
         compare.click(on_compare, [unlocked, prompt], [out_base, out_prev, out_cur], api_name="compare")
         timer = gr.Timer(3.0)
         timer.tick(lambda ok: training_progress(rt) if ok else (gr.update(), gr.update()), [unlocked],
                    [progress, train_log], show_progress="hidden")
+
+
+def export_all(rt: Runtime):
+    """Write all three TRL formats under <data_dir>/exports/<UTC time>/ (never a path from the browser)."""
+    from datetime import datetime, timezone
+
+    from chatfb.feedback_io import EXPORT_FORMATS, export
+
+    out = rt.settings.data_dir / "exports" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    records = rt.store.feedback_records()
+    for fmt in EXPORT_FORMATS:
+        export(records, fmt, out)
+    return out
 
 
 def compare_replies(rt: Runtime, prompt: str) -> tuple[str, str, str]:

@@ -50,12 +50,17 @@ def test_admin_is_off_without_credentials(ui):
 def test_admin_needs_the_password(ui):
     client, rt = ui(admin_password="s3cret")
     assert client.predict(api_name="/train_now").startswith("⚠️ Unlock")  # train now, while locked
+    assert client.predict(api_name="/export").startswith("⚠️ Unlock")
     msg, *_ = client.predict("wrong", api_name="/admin_unlock")
     assert "Wrong password" in msg
     assert client.predict(api_name="/train_now").startswith("⚠️ Unlock")
     msg, *_ = client.predict("s3cret", api_name="/admin_unlock")
     assert msg == "Unlocked."
     assert client.predict("nope", api_name="/promote").startswith("⚠️ no adapter named")  # unlocked now
+    msg = client.predict(api_name="/export")
+    assert msg.startswith("Exported to `exports/")
+    folder = rt.settings.data_dir / msg.split("`")[1]
+    assert sorted(p.name for p in folder.iterdir()) == ["dpo.jsonl", "kto.jsonl", "sft.jsonl"]
 
 
 def test_hf_allowlist(settings):
