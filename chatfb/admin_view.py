@@ -9,6 +9,7 @@ The unlocked flag lives in server-side session state, so a browser cannot forge 
 from __future__ import annotations
 
 import re
+import secrets
 
 import gradio as gr
 import pandas as pd
@@ -18,6 +19,14 @@ from chatfb.model_client import ModelError
 from chatfb.runtime import Runtime
 
 PROGRESS = re.compile(r"step (\d+)/(\d+).*?loss ([\d.]+).*?eta ([\dms. ]+)", re.I)
+
+
+def check_admin(rt: Runtime, password: str | None, profile) -> bool:
+    s = rt.settings
+    if s.admin_password and password and secrets.compare_digest(password.encode(), s.admin_password.encode()):
+        return True
+    username = getattr(profile, "username", None)
+    return bool(username and username in s.admin_hf_user_list)
 
 
 def adapters_frame(rt: Runtime) -> pd.DataFrame:
@@ -124,8 +133,6 @@ def build(rt: Runtime) -> None:
         view_outputs = [table, plot, per_day, topics, progress, train_log, action_msg]
 
         def on_unlock(pw, request: gr.Request, profile: gr.OAuthProfile | None = None):
-            from chatfb.ui import check_admin
-
             if not check_admin(rt, pw, profile):
                 return False, "⚠️ Wrong password (or your account is not on the admin list).", gr.update(visible=False), ""
             return True, "Unlocked.", gr.update(visible=True), ""

@@ -9,10 +9,10 @@ from __future__ import annotations
 import html
 import logging
 import re
-import secrets
 
 import gradio as gr
 
+from chatfb.admin_view import build as build_admin_tab
 from chatfb.chat import ChatInputError
 from chatfb.runtime import Runtime
 
@@ -200,17 +200,3 @@ def build_ui(rt: Runtime) -> gr.Blocks:
 
         build_admin_tab(rt)
     return demo
-
-
-def build_admin_tab(rt: Runtime) -> None:
-    from chatfb.admin_view import build
-
-    build(rt)
-
-
-def check_admin(rt: Runtime, password: str | None, profile) -> bool:
-    s = rt.settings
-    if s.admin_password and password and secrets.compare_digest(password.encode(), s.admin_password.encode()):
-        return True
-    username = getattr(profile, "username", None)
-    return bool(username and username in s.admin_hf_user_list)

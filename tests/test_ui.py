@@ -6,7 +6,8 @@ import pytest
 from gradio_client import Client
 
 from chatfb.runtime import Runtime
-from chatfb.ui import build_ui, check_admin, inert, render
+from chatfb.admin_view import check_admin
+from chatfb.ui import build_ui, inert, render
 
 
 def free_port():
