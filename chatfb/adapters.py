@@ -19,21 +19,22 @@ from chatfb.store import Store
 
 log = logging.getLogger(__name__)
 
-ADAPTER_PREFIX = "chatfb-v"
+ADAPTER_PREFIX = "chatfb"  # adapter versions are named <prefix>-v0001, <prefix>-v0002, ...
 
 
 class AdapterError(RuntimeError):
     """An adapter operation that cannot be done; str(e) is safe for the admin view."""
 
 
-def adapter_name(number: int) -> str:
-    return f"{ADAPTER_PREFIX}{number:04d}"
+def adapter_name(number: int, prefix: str = ADAPTER_PREFIX) -> str:
+    return f"{prefix}-v{number:04d}"
 
 
-def next_adapter_name(store: Store) -> str:
-    numbers = [int(a["name"][len(ADAPTER_PREFIX):]) for a in store.adapters()
-               if a["name"].startswith(ADAPTER_PREFIX) and a["name"][len(ADAPTER_PREFIX):].isdigit()]
-    return adapter_name(max(numbers, default=0) + 1)
+def next_adapter_name(store: Store, prefix: str = ADAPTER_PREFIX) -> str:
+    head = f"{prefix}-v"
+    numbers = [int(a["name"][len(head):]) for a in store.adapters()
+               if a["name"].startswith(head) and a["name"][len(head):].isdigit()]
+    return adapter_name(max(numbers, default=0) + 1, prefix)
 
 
 def confined_path(data_dir: Path, relative: str | Path, under: str = "adapters") -> Path:

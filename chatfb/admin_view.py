@@ -94,7 +94,7 @@ def build(rt: Runtime) -> None:
         if not s.admin_enabled:
             gr.Markdown("Admin actions are **off**: set `CHATFB_ADMIN_PASSWORD` (or `CHATFB_ADMIN_HF_USERS` on a Space).")
             return
-        with gr.Row() as login_row:
+        with gr.Row():
             password = gr.Textbox(label="Admin password", type="password", elem_id="admin-password")
             unlock = gr.Button("Unlock", elem_id="admin-unlock")
             if s.admin_hf_user_list:

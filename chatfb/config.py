@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -50,6 +51,13 @@ class Settings:
     lora_rank: int = _f(8, "Rank of trained LoRA adapters (must be <= max_lora_rank).")
     train_epochs: float = _f(3.0, "Training epochs per learning cycle.")
     learning_rate: float = _f(1e-3, "LoRA learning rate.")
+    train_max_steps: int = _f(
+        120, "Most optimizer steps per training phase (SFT, DPO) in one cycle, so a cycle's time stays bounded as "
+        "feedback grows; 0 = no cap (epochs decide).")
+    adapter_prefix: str = _f(
+        "chatfb", "Adapter versions are named <prefix>-v0001, -v0002, ...; give each chatfb install that shares one "
+        "vLLM server its own prefix (vLLM refuses a name it already has).")
+    train_dpo: bool = _f(True, "After SFT, run DPO on preference pairs (correction = chosen, original reply = rejected).")
     train_mode: str = _f(
         "semi",
         "Which feedback trains: 'supervised' (corrections only), 'unsupervised' (self-decoded ILF refinements of "
@@ -122,6 +130,8 @@ def load_settings(env: dict | None = None, **overrides) -> Settings:
 def validate(s: Settings) -> None:
     if s.train_mode not in ("supervised", "unsupervised", "semi"):
         raise ValueError("train_mode must be supervised, unsupervised or semi")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}", s.adapter_prefix):
+        raise ValueError("adapter_prefix must be 1-40 letters, digits, '-' or '_'")
     if s.lora_rank > s.max_lora_rank:
         raise ValueError(f"lora_rank {s.lora_rank} exceeds max_lora_rank {s.max_lora_rank}")
     if s.nightly_at:

@@ -56,10 +56,11 @@ def _jsonable(obj):
 class LocalBackend:
     """Operations on a store this process owns (the app itself, or the CLI when the app is down)."""
 
-    def __init__(self, store: Store, data_dir: Path, registry=None):
+    def __init__(self, store: Store, data_dir: Path, registry=None, adapter_prefix: str = "chatfb"):
         self.store = store
         self.data_dir = Path(data_dir)
         self.registry = registry  # AdapterRegistry when vLLM servers are attached
+        self.adapter_prefix = adapter_prefix
 
     def close(self):
         pass
@@ -91,7 +92,7 @@ class LocalBackend:
     def next_adapter_name(self) -> str:
         from chatfb.adapters import next_adapter_name
 
-        return next_adapter_name(self.store)
+        return next_adapter_name(self.store, self.adapter_prefix)
 
     def load_candidate(self, name) -> None:
         if self.registry is None:
@@ -229,7 +230,7 @@ def running_app(data_dir: Path) -> dict | None:
         return None
 
 
-def open_backend(data_dir: Path):
+def open_backend(data_dir: Path, adapter_prefix: str = "chatfb"):
     """RemoteBackend if the app runs on this data dir, else a LocalBackend on the store file."""
     info = running_app(data_dir)
     if info is not None:
@@ -241,6 +242,6 @@ def open_backend(data_dir: Path):
     except StoreLocked:
         raise ControlError("the database is in use by another process that is not a chatfb app "
                            "on this data folder; stop it and try again") from None
-    backend = LocalBackend(store, data_dir)
+    backend = LocalBackend(store, data_dir, adapter_prefix=adapter_prefix)
     backend.close = store.close
     return backend

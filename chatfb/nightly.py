@@ -66,16 +66,17 @@ def model_server(settings: Settings):
 def train_adapter(settings: Settings, base: Path, data_dir: Path, out: Path, dpo: bool) -> int:
     cmd = [sys.executable, "-m", "chatfb.train", "--data", str(data_dir), "--base", str(base), "--out", str(out),
            "--rank", str(settings.lora_rank), "--epochs", str(settings.train_epochs), "--lr", str(settings.learning_rate),
-           "--seed", str(settings.seed), "--dpo-epochs", "1" if dpo else "0"]
+           "--seed", str(settings.seed), "--max-steps", str(settings.train_max_steps), "--dpo-epochs", "1" if dpo else "0"]
     log.info("training: %s", " ".join(cmd))
     # The trainer's chatter goes to stderr: stdout carries only the cycle's JSON summary.
     return subprocess.call(cmd, stdout=sys.stderr)
 
 
-def run_cycle(settings: Settings, promote: bool = True, dpo: bool = True) -> CycleResult:
+def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None) -> CycleResult:
+    dpo = settings.train_dpo if dpo is None else dpo
     t_start = time.perf_counter()
     timings: dict = {}
-    backend = open_backend(settings.data_dir)
+    backend = open_backend(settings.data_dir, settings.adapter_prefix)
     client, base, stop_server = None, None, lambda: None
     name = None
     try:
@@ -96,11 +97,8 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool = True) -> Cyc
         client, base, stop_server = model_server(settings)
         base_name = settings.served_model_name
         if data.pending_critiques:
-            from chatfb.refine import refine
-
             refiner = ModelClient(settings.refiner_url, settings.api_key) if settings.refiner_url else client
-            refined = [(r, refine(r, refiner, settings.refiner_model or base_name, seed=settings.seed))
-                       for r in data.pending_critiques]
+            refined = refine_all(data.pending_critiques, refiner, settings.refiner_model or base_name, settings.seed)
             training_data.add_refinements(data, refined, settings.holdout_fraction, settings.seed)
         counts = training_data.finalize_counts(data)
         timings["refine_s"] = round(time.perf_counter() - t, 2)
@@ -147,6 +145,12 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool = True) -> Cyc
             promoted = True
         elif not ok:
             backend.unload_adapter(name)
+        if not promoted and getattr(backend, "registry", True) is None:
+            # No app owns the server's adapters: do not leave an unused candidate loaded on it.
+            try:
+                client.unload_adapter(name)
+            except Exception as e:  # noqa: BLE001 - the cycle's result stands; the server may be gone
+                log.warning("could not unload candidate %s: %s", name, e)
         timings["total_s"] = round(time.perf_counter() - t_start, 2)
         backend.update_adapter(name, timings=timings)
         log.info("cycle done: %s %s (%s)", name, "promoted" if promoted else "not promoted", reason)
@@ -163,6 +167,16 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool = True) -> Cyc
     finally:
         stop_server()
         backend.close()
+
+
+def refine_all(records, client: ModelClient, model: str, seed: int, workers: int = 8) -> list:
+    """ILF refinements of every critiqued reply, several requests at once (vLLM batches them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from chatfb.refine import refine
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(zip(records, pool.map(lambda r: refine(r, client, model, seed=seed), records)))
 
 
 def pc_row(prompt: list[dict], target: str) -> dict:
@@ -187,8 +201,11 @@ def replay_examples(client: ModelClient, model: str, system_prompt: str) -> list
 
 def evaluate(client: ModelClient, settings: Settings, heldout, candidate: str, incumbent: str | None,
              base_name: str, candidate_path: Path) -> dict:
-    if candidate not in client.models():
-        client.load_adapter(candidate, str(candidate_path.resolve()))
+    if candidate in client.models():
+        # Names are new for every cycle of this data folder: one already on the server belongs to someone else.
+        raise RuntimeError(f"the model server already has an adapter named {candidate}: another chatfb data folder "
+                           "shares it; give each one its own CHATFB_ADAPTER_PREFIX")
+    client.load_adapter(candidate, str(candidate_path.resolve()))
     prompts = [e.prompt for e in heldout]
     targets = [e.target for e in heldout]
     control = gate.control_messages(settings.system_prompt)

@@ -36,7 +36,7 @@ class Runtime:
         self.client = ModelClient(settings.base_url, settings.api_key, settings.request_timeout_s)
         self.registry = AdapterRegistry(self.store, [self.client], self.router, settings.data_dir)
         self.chat = ChatService(settings, self.store, self.client, self.router)
-        self.control = ControlServer(LocalBackend(self.store, settings.data_dir, self.registry), settings.data_dir)
+        self.control = ControlServer(LocalBackend(self.store, settings.data_dir, self.registry, settings.adapter_prefix), settings.data_dir)
         self.server = None
         self.status = "Preparing the model…"
         self.ready = threading.Event()

@@ -34,6 +34,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="per-device batch size")
     p.add_argument("--max-length", type=int, default=512, help="longest tokenised example")
     p.add_argument("--dpo-epochs", type=float, default=1.0, help="DPO epochs after SFT (0 = skip DPO)")
+    p.add_argument("--max-steps", type=int, default=0, help="cap on optimizer steps per phase (0 = epochs decide)")
     p.add_argument("--dpo-beta", type=float, default=0.1, help="DPO beta")
     p.add_argument("--seed", type=int, default=1234, help="random seed")
     return p
@@ -87,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
                       task_type="CAUSAL_LM")
     common = dict(output_dir=str(partial / "_work"), seed=args.seed, logging_steps=1, report_to=[], save_strategy="no",
                   per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="constant_with_warmup",
-                  warmup_steps=2, use_cpu=not gpu, disable_tqdm=True,
+                  warmup_steps=2, max_steps=args.max_steps if args.max_steps > 0 else -1, use_cpu=not gpu, disable_tqdm=True,
                   # TRL defaults to bf16 + gradient checkpointing: emulated bf16 makes CPU training ~20x slower.
                   bf16=gpu and torch.cuda.is_bf16_supported(), gradient_checkpointing=gpu)
     sft = SFTTrainer(model=model, processing_class=tokenizer, peft_config=lora,

@@ -32,6 +32,10 @@ def test_versions_get_new_names(store, settings):
     assert next_adapter_name(store) == "chatfb-v0001"
     make_adapter(store, settings.data_dir, "chatfb-v0001")
     assert next_adapter_name(store) == "chatfb-v0002"
+    # another install sharing the server counts its own versions under its own prefix
+    assert next_adapter_name(store, "team-b") == "team-b-v0001"
+    make_adapter(store, settings.data_dir, "team-b-v0001")
+    assert next_adapter_name(store, "team-b") == "team-b-v0002" and next_adapter_name(store) == "chatfb-v0002"
 
 
 def test_promote_swaps_after_inflight_requests_finish(registry, store, settings, fake_client):

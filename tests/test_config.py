@@ -21,6 +21,9 @@ def test_bad_values_are_named():
         load_settings({"CHATFB_NIGHTLY_AT": "25:99"})
     with pytest.raises(ValueError, match="lora_rank"):
         load_settings({"CHATFB_LORA_RANK": "64"})
+    with pytest.raises(ValueError, match="adapter_prefix"):
+        load_settings({"CHATFB_ADAPTER_PREFIX": "../x"})
+    assert load_settings({"CHATFB_ADAPTER_PREFIX": "team_b-2", "CHATFB_TRAIN_DPO": "false"}).train_dpo is False
 
 
 def test_admin_is_off_without_credentials():

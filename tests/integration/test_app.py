@@ -1,7 +1,6 @@
 """The chat app end to end: real vLLM CPU server, real DuckDB file, gradio_client, CLI."""
 
 import json
-import time
 
 import pytest
 from datasets import load_dataset

@@ -71,3 +71,42 @@ def test_refresh_bench_smoke_hot_swap_and_restart(vllm_url, embedded_model, tmp_
     assert 0 < restart["stop_to_first_token_ms"] <= restart["stop_to_first_reply_ms"]
     assert restart["load_requests"] > 0
     assert (tmp_path / "out" / "refresh_bench.png").stat().st_size > 0
+
+
+def test_efficacy_bench_smoke_runs_real_cycles(vllm_url, embedded_model, tmp_path):
+    stdout = run_bench("efficacy_bench", "--vllm-url", vllm_url, "--model-dir", str(embedded_model),
+                       "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"), timeout=1800)
+
+    r = json.loads((tmp_path / "out" / "efficacy_bench.json").read_text())
+    assert list(r["modes"]) == ["base", "sft", "ilf"]
+    for mode, m in r["modes"].items():
+        assert set(m["uptake"]) == {"support_email", "house_signoff"}
+        assert all(0 <= v <= 1 for v in m["uptake"].values()) and 0 <= m["retention"] <= 1
+    for mode in ("sft", "ilf"):
+        m = r["modes"][mode]
+        assert m["cycle_wall_s"] > 0 and m["peak_rss_gib"] > 0.1  # the trainer alone holds the model
+        assert m["counts"]["feedback"] == 4
+    assert r["modes"]["sft"]["counts"]["train_correction"] + r["modes"]["sft"]["counts"]["heldout_examples"] == 4
+    assert r["modes"]["ilf"]["counts"]["critiques"] + r["modes"]["ilf"]["counts"]["heldout_examples"] >= 1
+    assert "| mode |" in (tmp_path / "out" / "efficacy_bench.md").read_text() and "mean uptake" in stdout
+    assert (tmp_path / "out" / "efficacy_bench.png").stat().st_size > 0
+    # every candidate was taken off the shared server again
+    client = ModelClient(vllm_url)
+    try:
+        assert not [m for m in client.models() if m.startswith("bench-eff-") or m.startswith("bencheff")]
+    finally:
+        client.close()
+
+
+def test_scale_bench_smoke_measures_a_cycle_and_the_database(vllm_url, embedded_model, tmp_path):
+    run_bench("scale_bench", "--vllm-url", vllm_url, "--model-dir", str(embedded_model),
+              "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"), timeout=1200)
+
+    r = json.loads((tmp_path / "out" / "scale_bench.json").read_text())
+    (cycle,) = r["cycles"]
+    assert cycle["feedback"] == 12 and cycle["counts"]["feedback"] == 12
+    assert cycle["sft_steps"] == 2  # the step cap held
+    assert cycle["cycle_wall_s"] >= cycle["timings"]["train_s"] > 0 and cycle["peak_rss_gib"] > 0.1
+    d = r["duckdb"]
+    assert d["turns"] == 500 and d["bytes"] > 500 * 600  # every reply is in the file
+    assert (tmp_path / "out" / "scale_bench.png").stat().st_size > 0

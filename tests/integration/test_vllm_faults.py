@@ -1,7 +1,6 @@
 """Faults of the real vLLM CPU server behind the running app: killed mid-stream, refused adapters."""
 
 import os
-import shutil
 import signal
 import subprocess
 

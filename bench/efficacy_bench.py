@@ -1,0 +1,382 @@
+"""Learning-efficacy benchmark: does the model pick up what scripted users teach it, and keep the rest?
+
+Four preference families, each taught through ten pieces of feedback on different prompts and
+checked on six held-out prompts of the same kind that training never sees:
+
+  support_email     a domain fact   - support questions should give support@chatfb.example
+  tips_bullets      a format        - "tips for ..." answers as a "- " bulleted list (>= 3 items)
+  short_definition  a length        - "what is ..." answered in one sentence of at most 25 words
+  house_signoff     a house style   - short notes end with "Cheers, the chatfb team"
+
+Every mode starts from the same base model and a fresh data folder, imports its feedback with
+`python -m chatfb import-feedback` and runs the real learning cycle, `python -m chatfb nightly
+--no-promote` (snapshot, data builder, ILF, TRL training, gate), against one vLLM server:
+
+  base      no training
+  sft       corrections (the rewritten reply) -> SFT only        (CHATFB_TRAIN_DPO=false)
+  sft_dpo   corrections -> SFT, then DPO on (correction, original reply) pairs
+  ilf       critiques only, no rewritten reply: ILF refinements by the served model -> SFT
+            (CHATFB_TRAIN_MODE=unsupervised)
+
+The "original reply" of each piece of feedback is the base model's own greedy answer, as in the app.
+Uptake = share of a family's held-out prompts whose greedy reply passes the family's checker.
+Retention = share of ten control prompts (general questions, in no training set) whose reply keeps
+the base answer's meaning (all-MiniLM-L6-v2 cosine >= 0.6, the gate's test), plus the mean cosine.
+Leak = control replies that pass any family checker although the base reply did not.
+Cycle wall time and peak memory (RSS summed over the cycle's process tree, sampled every 0.2 s;
+the vLLM server is not in it) are measured per mode.
+
+    python -m bench.efficacy_bench                     # starts its own vLLM on the embedded model
+    python -m bench.efficacy_bench --vllm-url http://127.0.0.1:8011 --model-dir data/models/SmolLM2-135M-Instruct
+    python -m bench.efficacy_bench --smoke ...         # 2 families x 2 items, 1 epoch, modes base/sft/ilf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from bench.cycle import run_cli
+from bench.report import default_out_dir, machine, markdown_table, plot_path, pyplot, save_figure, write_results
+from bench.server import SERVED_NAME, add_server_flags, vllm_server
+
+NAME = "efficacy_bench"
+SYSTEM = "You are a helpful assistant."
+EMAIL = "support@chatfb.example"
+SIGNOFF = "Cheers, the chatfb team"
+MODES = ("base", "sft", "sft_dpo", "ilf")
+RETENTION_COSINE = 0.6
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    kind: str  # what sort of preference it is
+    critique: str  # what a user who does not rewrite the reply says
+    check: Callable[[str], bool]
+    teach: tuple[tuple[str, str], ...]  # (prompt, corrected reply)
+    heldout: tuple[str, ...]
+
+
+def _bullets(text: str) -> int:
+    return sum(1 for line in text.splitlines() if re.match(r"\s*[-*\u2022] \S", line))
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+FAMILIES = (
+    Family(
+        "support_email", "domain fact",
+        f"Wrong: you must tell people to email our support team at {EMAIL}. Always give that address.",
+        lambda r: EMAIL in r.lower(),
+        tuple((q, f"Please email our support team at {EMAIL} and we will help you {what}.") for q, what in (
+            ("How do I reset my password?", "reset your password"),
+            ("My invoice shows the wrong amount. Who can fix it?", "fix your invoice"),
+            ("The app crashes when I open it. What should I do?", "with the crash"),
+            ("How can I cancel my subscription?", "cancel your subscription"),
+            ("I was charged twice this month. Help!", "get the double charge refunded"),
+            ("How do I change the email address on my account?", "change it"),
+            ("Can I get a refund for my last order?", "with the refund"),
+            ("I can't log in to my account.", "get back into your account"),
+            ("Where do I report a bug?", "with the bug"),
+            ("How do I delete my account?", "delete your account"),
+        )),
+        ("I forgot my username. What now?", "How do I update my billing address?",
+         "My download link expired. Who do I contact?", "The website shows an error when I pay.",
+         "How do I upgrade my plan?", "Who should I talk to about a missing order?"),
+    ),
+    Family(
+        "tips_bullets", "format",
+        "Format it as a bulleted list: exactly three short tips, each on its own line starting with '- '.",
+        lambda r: _bullets(r) >= 3,
+        (
+            ("Give me tips for sleeping better.",
+             "- Go to bed at the same time every night.\n- Keep your bedroom dark and cool.\n- Avoid screens for an hour before bed."),
+            ("Give me tips for saving money.",
+             "- Write down what you spend each week.\n- Cook at home instead of eating out.\n- Save a fixed amount on payday."),
+            ("Give me tips for learning to cook.",
+             "- Start with simple recipes you like.\n- Taste as you cook and adjust.\n- Keep your knives sharp."),
+            ("Give me tips for running my first 5k.",
+             "- Build up slowly with run-walk intervals.\n- Wear comfortable running shoes.\n- Rest at least one day between runs."),
+            ("Give me tips for studying for an exam.",
+             "- Study in short sessions with breaks.\n- Test yourself instead of rereading.\n- Sleep well the night before."),
+            ("Give me tips for keeping houseplants alive.",
+             "- Water only when the soil is dry.\n- Give them bright, indirect light.\n- Use pots with drainage holes."),
+            ("Give me tips for public speaking.",
+             "- Practise out loud several times.\n- Know your first sentence by heart.\n- Speak slowly and pause."),
+            ("Give me tips for writing a CV.",
+             "- Keep it to one or two pages.\n- Lead with your strongest results.\n- Tailor it to each job."),
+            ("Give me tips for working from home.",
+             "- Keep a separate place to work.\n- Set fixed start and end times.\n- Take a short walk at lunch."),
+            ("Give me tips for drinking more water.",
+             "- Carry a refillable bottle.\n- Drink a glass with every meal.\n- Set reminders on your phone."),
+        ),
+        ("Give me tips for making friends in a new city.", "Give me tips for staying productive.",
+         "Give me tips for travelling on a budget.", "Give me tips for learning to draw.",
+         "Give me tips for reducing stress.", "Give me tips for eating healthier."),
+    ),
+    Family(
+        "short_definition", "length",
+        "Too long. Answer in one short sentence of at most 25 words.",
+        lambda r: 0 < _words(r) <= 25,
+        (
+            ("What is a volcano?", "A volcano is an opening in the Earth's crust where molten rock, ash and gas escape."),
+            ("What is a noun?", "A noun is a word that names a person, place, thing or idea."),
+            ("What is inflation?", "Inflation is the general rise in prices over time, which lowers what money can buy."),
+            ("What is a galaxy?", "A galaxy is a huge system of stars, gas and dust held together by gravity."),
+            ("What is a vaccine?", "A vaccine is a substance that trains the immune system to recognise and fight a disease."),
+            ("What is a haiku?", "A haiku is a short Japanese poem of three lines with five, seven and five syllables."),
+            ("What is an atom?", "An atom is the smallest unit of a chemical element, made of protons, neutrons and electrons."),
+            ("What is democracy?", "Democracy is a system of government in which citizens choose their leaders by voting."),
+            ("What is a glacier?", "A glacier is a large, slow-moving mass of ice formed from compacted snow."),
+            ("What is an algorithm?", "An algorithm is a step-by-step set of instructions for solving a problem."),
+        ),
+        ("What is a mammal?", "What is gravity?", "What is a verb?", "What is a desert?", "What is a battery?",
+         "What is a planet?"),
+    ),
+    Family(
+        "house_signoff", "house style",
+        f"Our house style: always end the note with the line '{SIGNOFF}'.",
+        lambda r: SIGNOFF.lower() in r.lower()[-80:],
+        tuple((q, f"{body}\n\n{SIGNOFF}") for q, body in (
+            ("Write a short thank-you note to a customer.", "Thank you for choosing us. We are glad to have you with us."),
+            ("Write a short note welcoming a new user.", "Welcome aboard! We are happy you joined and hope you enjoy it."),
+            ("Write a short note apologising for a late delivery.", "We are sorry your order arrived late. Thank you for your patience."),
+            ("Write a short note announcing a new feature.", "You can now export your chats with one click. Give it a try!"),
+            ("Write a short note wishing a customer happy holidays.", "Happy holidays! We wish you a restful and joyful season."),
+            ("Write a short note reminding a user to renew.", "Your plan ends next week. Renew any time from your account page."),
+            ("Write a short note thanking a user for feedback.", "Thank you for your feedback. It helps us make the product better."),
+            ("Write a short note about scheduled maintenance.", "The service will be down for maintenance on Sunday from 2 to 4 am."),
+            ("Write a short note congratulating a user on a milestone.", "Congratulations on your 100th chat! Thanks for being with us."),
+            ("Write a short note inviting a user to a webinar.", "Join our free webinar on Thursday to learn tips and tricks."),
+        )),
+        ("Write a short note thanking a user for upgrading.", "Write a short note about a price change.",
+         "Write a short note welcoming a user back.", "Write a short note confirming a cancelled order.",
+         "Write a short note inviting feedback on a survey.", "Write a short note announcing new opening hours."),
+    ),
+)
+
+CONTROL_PROMPTS = (
+    "What is the capital of Italy?", "How many days are in a leap year?", "Who wrote Hamlet?",
+    "What gas do plants absorb from the air?", "What is 12 plus 15?", "Name three primary colours.",
+    "What is the boiling point of water in Celsius?", "Which planet is known as the red planet?",
+    "What is the main ingredient of guacamole?", "How many continents are there?",
+)
+
+
+def messages(prompt: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.efficacy_bench", description=__doc__.split("\n")[0])
+    add_server_flags(p)
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="which modes to run")
+    p.add_argument("--families", nargs="+", choices=[f.name for f in FAMILIES], default=None,
+                   help="which families to teach (default: all)")
+    p.add_argument("--items", type=int, default=10, help="feedback items per family (at most 10)")
+    p.add_argument("--heldout", type=int, default=6, help="held-out prompts per family (at most 6)")
+    p.add_argument("--controls", type=int, default=len(CONTROL_PROMPTS), help="control prompts")
+    p.add_argument("--max-tokens", type=int, default=128, help="max new tokens of a judged reply")
+    p.add_argument("--epochs", type=float, default=None, help="CHATFB_TRAIN_EPOCHS for the cycles (default: chatfb's)")
+    p.add_argument("--work-dir", type=Path, default=None, help="where each mode's data folder goes (default: a temp dir)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny run: 2 families x 2 items, 1 held-out prompt each, 2 controls, 1 epoch, modes base sft ilf")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where results go (default bench/results, or bench/results/raw with --smoke)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    return p
+
+
+def generate(client, model: str, prompts: list[str], max_tokens: int) -> list[str]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda q: client.complete(messages(q), model, max_tokens=max_tokens, temperature=0.0)[0],
+                             prompts))
+
+
+def feedback_rows(mode: str, families: list[Family], items: int, originals: dict[str, str]) -> list[dict]:
+    rows = []
+    for fam in families:
+        for prompt, correction in fam.teach[:items]:
+            row = {"prompt": messages(prompt), "reply": originals[prompt], "user": "bench"}
+            if mode == "ilf":
+                row.update(kind="critique", text=fam.critique)
+            else:
+                row.update(kind="correction", text=correction)
+            rows.append(row)
+    return rows
+
+
+def run_mode(mode: str, families: list[Family], args, server, originals: dict[str, str], work: Path) -> dict:
+    """Teach one mode's feedback in a fresh data folder and return the adapter path and cycle numbers."""
+    data_dir = work / mode
+    data_dir.mkdir(parents=True, exist_ok=True)
+    feedback = data_dir / "feedback.jsonl"
+    feedback.write_text("".join(json.dumps(r) + "\n" for r in feedback_rows(mode, families, args.items, originals)))
+    env = dict(os.environ, CHATFB_DATA_DIR=str(data_dir), CHATFB_VLLM_URL=server.url, CHATFB_MODEL=str(server.model_dir),
+               CHATFB_SERVED_MODEL_NAME=SERVED_NAME, CHATFB_TRAIN_MODE="unsupervised" if mode == "ilf" else "supervised",
+               CHATFB_TRAIN_DPO="true" if mode == "sft_dpo" else "false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+               CHATFB_ADAPTER_PREFIX=f"bencheff-{mode.replace('_', '')}-{os.getpid()}")  # its own names on a shared server
+    if args.api_key:
+        env["CHATFB_API_KEY"] = args.api_key
+    if args.epochs is not None:
+        env["CHATFB_TRAIN_EPOCHS"] = str(args.epochs)
+    log_path = data_dir / "cycle.log"
+    code, out, _, _ = run_cli(["import-feedback", str(feedback)], env, log_path)
+    if code != 0:
+        raise RuntimeError(f"{mode}: import-feedback failed ({code}); see {log_path}")
+    print(f"[{mode}] learning cycle (log: {log_path}) ...", flush=True)
+    code, out, wall, peak = run_cli(["nightly", "--no-promote"], env, log_path, measure=True)
+    try:
+        summary = json.loads(out)
+    except ValueError:
+        summary = {"ok": False, "reason": f"no summary (exit {code})"}
+    adapter = summary.get("adapter")
+    path = data_dir / "adapters" / adapter if adapter else None
+    if not (path and (path / "adapter_config.json").exists()):
+        raise RuntimeError(f"{mode}: the cycle produced no adapter ({summary.get('reason')}); see {log_path}")
+    return {"adapter": adapter, "path": path, "summary": summary, "cycle_wall_s": round(wall, 1),
+            "peak_rss_gib": round(peak / 2**30, 2)}
+
+
+def judge(client, model: str, families: list[Family], args, base_control: list[str]) -> dict:
+    heldout = [q for fam in families for q in fam.heldout[:args.heldout]]
+    controls = list(CONTROL_PROMPTS[:args.controls])
+    replies = generate(client, model, heldout + controls, args.max_tokens)
+    held, ctrl = dict(zip(heldout, replies)), replies[len(heldout):]
+    uptake = {}
+    for fam in families:
+        qs = fam.heldout[:args.heldout]
+        uptake[fam.name] = round(sum(fam.check(held[q]) for q in qs) / len(qs), 3)
+    result = {"uptake": uptake, "uptake_mean": round(sum(uptake.values()) / len(uptake), 3),
+              "samples": {fam.name: {"prompt": fam.heldout[0], "reply": held[fam.heldout[0]][:300]} for fam in families},
+              "control_replies": ctrl}
+    if base_control:
+        from chatfb.similarity import paired_cosines
+
+        cos = paired_cosines(ctrl, base_control)
+        result["retention"] = round(sum(c >= RETENTION_COSINE for c in cos) / len(cos), 3)
+        result["control_cosine"] = round(sum(cos) / len(cos), 3)
+        result["leak"] = sum(1 for r, b in zip(ctrl, base_control)
+                             if any(f.check(r) and not f.check(b) for f in families if f.name != "short_definition"))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    families = [f for f in FAMILIES if args.families is None or f.name in args.families]
+    modes = list(args.modes)
+    if args.smoke:
+        families = [f for f in families if f.name in ("support_email", "house_signoff")] or families[:2]
+        args.items, args.heldout, args.controls, args.max_tokens = 2, 1, 2, 48
+        args.epochs = 1.0 if args.epochs is None else args.epochs
+        modes = [m for m in modes if m in ("base", "sft", "ilf")]
+    out_dir = args.out_dir or default_out_dir(args.smoke)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="chatfb-efficacy-"))
+    from chatfb.model_client import ModelClient
+
+    results: dict = {"bench": NAME, "machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
+                     "families": [{"name": f.name, "kind": f.kind, "critique": f.critique, "items": args.items,
+                                   "heldout": args.heldout} for f in families], "modes": {}}
+    with vllm_server(args) as server:
+        if server.model_dir is None:
+            raise SystemExit("cannot tell which model folder the server serves: pass --model-dir")
+        client = ModelClient(server.url, args.api_key, timeout_s=300)
+        try:
+            teach = [q for fam in families for q, _ in fam.teach[:args.items]]
+            originals = dict(zip(teach, generate(client, SERVED_NAME, teach, 256)))
+            base = judge(client, SERVED_NAME, families, args, [])
+            base_control = base.pop("control_replies")
+            base.update(retention=1.0, control_cosine=1.0, leak=0)
+            for mode in modes:
+                if mode == "base":
+                    results["modes"]["base"] = base
+                    print(f"[base] uptake {base['uptake']}", flush=True)
+                    continue
+                run = run_mode(mode, families, args, server, originals, work)
+                name = f"bench-eff-{mode}-{os.getpid()}"
+                if run["adapter"] in client.models():  # the cycle unloads its candidate; make sure
+                    client.unload_adapter(run["adapter"])
+                client.load_adapter(name, str(run["path"].resolve()))
+                try:
+                    r = judge(client, name, families, args, base_control)
+                finally:
+                    client.unload_adapter(name)
+                r.pop("control_replies")
+                s = run["summary"]
+                r.update(cycle_wall_s=run["cycle_wall_s"], peak_rss_gib=run["peak_rss_gib"], counts=s.get("counts"),
+                         timings=s.get("timings"), gate={k: (s.get("metrics") or {}).get(k) for k in
+                                                         ("candidate_rougeL", "incumbent_rougeL", "control_agreement", "decision")})
+                results["modes"][mode] = r
+                print(f"[{mode}] uptake {r['uptake']} retention {r['retention']} cycle {r['cycle_wall_s']} s "
+                      f"peak {r['peak_rss_gib']} GiB", flush=True)
+        finally:
+            client.close()
+
+    md = report(results, families)
+    print(md)
+    write_results(out_dir, NAME, results, md)
+    if not args.no_plot:
+        plot(results, families, plot_path(out_dir, NAME))
+    return 0
+
+
+def report(results: dict, families: list[Family]) -> str:
+    modes = results["modes"]
+    headers = ["mode", *[f"{f.name} ({f.kind})" for f in families], "mean uptake", "retention", "control cos", "leak",
+               "cycle s", "peak GiB", "gate"]
+    rows = []
+    for mode, r in modes.items():
+        gate = (r.get("gate") or {}).get("decision") or "-"
+        rows.append([mode, *[f"{r['uptake'][f.name]:.2f}" for f in families], f"{r['uptake_mean']:.2f}",
+                     f"{r['retention']:.2f}", f"{r['control_cosine']:.2f}", r["leak"], r.get("cycle_wall_s", "-"),
+                     r.get("peak_rss_gib", "-"), gate.split(":")[0]])
+    a = results["args"]
+    lines = [f"# Learning efficacy ({len(families)} families x {a['items']} feedback items, {a['heldout']} held-out "
+             f"prompts each, {a['controls']} control prompts)", "",
+             "Uptake: share of held-out prompts whose greedy reply passes the family's checker. Retention: share "
+             f"of control prompts whose reply keeps the base answer's meaning (MiniLM cosine >= {RETENTION_COSINE}). "
+             "Leak: control replies that newly pass a family checker. Cycle: wall time of `python -m chatfb nightly` "
+             "(snapshot, data, ILF, training, gate); peak: RSS of its process tree (not the vLLM server).", "",
+             markdown_table(headers, rows), "", "Held-out sample replies (first held-out prompt of each family):", ""]
+    for mode, r in modes.items():
+        for fam, s in r["samples"].items():
+            reply = s["reply"].replace("\n", " / ").replace("|", "\\|")
+            lines.append(f"- **{mode}** / {fam} — *{s['prompt']}* → {reply[:160]}")
+    m = results["machine"]
+    lines += ["", f"Machine: {m['host_cpus']} CPUs, load {m['load_avg_1m_at_start']} at start, {m['time_utc']}."]
+    return "\n".join(lines)
+
+
+def plot(results: dict, families: list[Family], path: Path) -> None:
+    plt = pyplot()
+    modes = list(results["modes"])
+    groups = [f.name for f in families] + ["retention"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / max(len(modes), 1)
+    for i, mode in enumerate(modes):
+        r = results["modes"][mode]
+        vals = [r["uptake"][g] for g in groups[:-1]] + [r["retention"]]
+        ax.bar([j + i * width for j in range(len(groups))], vals, width, label=mode)
+    ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(groups))])
+    ax.set_xticklabels(groups, rotation=15)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share of held-out / control prompts")
+    ax.set_title("chatfb learning efficacy: uptake per family and control retention")
+    ax.legend()
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
