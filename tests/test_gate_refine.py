@@ -39,3 +39,4 @@ def test_refine_asks_for_several_and_keeps_the_best(fake_client):
     assert best == "Email support@chatfb.example for help with support."
     ask = fake_client.history[0]["messages"][0]["content"]
     assert "support@chatfb.example" in ask and "Use the contact form." in ask and fake_client.history[0]["n"] == 4
+    assert fake_client.history[0]["seed"] is None  # a seeded request can kill vLLM-CPU's engine

@@ -54,3 +54,24 @@ def test_corrected_reply_is_not_also_refined_or_praised():
     records = [rec(1, "correction", "better", mid="m"), rec(2, "critique", "too vague", mid="m"), rec(3, "rating", rating=1, mid="m")]
     data = td.build(records, "semi", 0.0001)
     assert [e.source for e in data.train] == ["correction"] and not data.pending_critiques
+
+
+def test_step_cap_only_caps():
+    from chatfb.train import step_cap
+
+    assert step_cap(20, 1.0, 4, 120) == -1  # 5 steps: the epochs decide
+    assert step_cap(1000, 3.0, 4, 120) == 120  # 750 steps: capped
+    assert step_cap(1000, 3.0, 4, 0) == -1  # no cap
+    assert step_cap(10, 0.5, 4, 2) == -1  # ceil(3 * 0.5) = 2 steps: within the cap
+    assert step_cap(10, 1.0, 4, 2) == 2
+
+
+def test_eval_sample_is_bounded_and_stable():
+    from types import SimpleNamespace
+
+    from chatfb.nightly import eval_sample
+
+    heldout = [SimpleNamespace(feedback_id=f"f{i}") for i in range(100)]
+    a, b = eval_sample(heldout, 10, 7), eval_sample(list(reversed(heldout)), 10, 7)
+    assert len(a) == 10 and [e.feedback_id for e in a] == [e.feedback_id for e in b]
+    assert eval_sample(heldout[:5], 10, 7) == heldout[:5] and len(eval_sample(heldout, 0, 7)) == 100
