@@ -51,3 +51,30 @@ def run_cli(args: list[str], env: dict, log_path: Path, measure: bool = False) -
         out, _ = proc.communicate()
     peak = mem.stop() if mem else 0
     return proc.returncode, out.decode(), time.perf_counter() - t0, peak
+
+
+def learning_cycle(label: str, data_dir: Path, rows: list[dict], server, api_key: str | None, **env_extra: str) -> dict:
+    """Import `rows` into a fresh chatfb data folder and run `python -m chatfb nightly --no-promote` there
+    against the benchmark's server (external mode). Returns the cycle's JSON summary (or a failure reason),
+    the import and cycle wall times, the cycle's peak RSS and the log path."""
+    import json
+    import os
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    feedback = data_dir / "feedback.jsonl"
+    feedback.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = dict(os.environ, CHATFB_DATA_DIR=str(data_dir), CHATFB_VLLM_URL=server.url, CHATFB_MODEL=str(server.model_dir),
+               CHATFB_SERVED_MODEL_NAME="chatfb-base", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **env_extra)
+    if api_key:
+        env["CHATFB_API_KEY"] = api_key
+    log_path = data_dir / "cycle.log"
+    code, _, import_s, _ = run_cli(["import-feedback", str(feedback)], env, log_path)
+    if code != 0:
+        raise RuntimeError(f"{label}: import-feedback failed ({code}); see {log_path}")
+    print(f"[{label}] learning cycle (log: {log_path}) ...", flush=True)
+    code, out, wall, peak = run_cli(["nightly", "--no-promote"], env, log_path, measure=True)
+    try:
+        summary = json.loads(out)
+    except ValueError:
+        summary = {"ok": False, "reason": f"no summary (exit {code})"}
+    return {"summary": summary, "import_s": import_s, "wall_s": wall, "peak_bytes": peak, "log_path": log_path}

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bench.cycle import run_cli
+from bench.cycle import learning_cycle
 from bench.report import default_out_dir, machine, markdown_table, plot_path, pyplot, save_figure, write_results
 from bench.server import SERVED_NAME, add_server_flags, vllm_server
 
@@ -221,27 +221,13 @@ def feedback_rows(mode: str, families: list[Family], items: int, originals: dict
 def run_mode(mode: str, families: list[Family], args, server, originals: dict[str, str], work: Path) -> dict:
     """Teach one mode's feedback in a fresh data folder and return the adapter path and cycle numbers."""
     data_dir = work / mode
-    data_dir.mkdir(parents=True, exist_ok=True)
-    feedback = data_dir / "feedback.jsonl"
-    feedback.write_text("".join(json.dumps(r) + "\n" for r in feedback_rows(mode, families, args.items, originals)))
-    env = dict(os.environ, CHATFB_DATA_DIR=str(data_dir), CHATFB_VLLM_URL=server.url, CHATFB_MODEL=str(server.model_dir),
-               CHATFB_SERVED_MODEL_NAME=SERVED_NAME, CHATFB_TRAIN_MODE="unsupervised" if mode == "ilf" else "supervised",
-               CHATFB_TRAIN_DPO="true" if mode == "sft_dpo" else "false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               CHATFB_ADAPTER_PREFIX=f"bencheff-{mode.replace('_', '')}-{os.getpid()}")  # its own names on a shared server
-    if args.api_key:
-        env["CHATFB_API_KEY"] = args.api_key
+    env = {"CHATFB_TRAIN_MODE": "unsupervised" if mode == "ilf" else "supervised",
+           "CHATFB_TRAIN_DPO": "true" if mode == "sft_dpo" else "false",
+           "CHATFB_ADAPTER_PREFIX": f"bencheff-{mode.replace('_', '')}-{os.getpid()}"}  # own names on a shared server
     if args.epochs is not None:
         env["CHATFB_TRAIN_EPOCHS"] = str(args.epochs)
-    log_path = data_dir / "cycle.log"
-    code, out, _, _ = run_cli(["import-feedback", str(feedback)], env, log_path)
-    if code != 0:
-        raise RuntimeError(f"{mode}: import-feedback failed ({code}); see {log_path}")
-    print(f"[{mode}] learning cycle (log: {log_path}) ...", flush=True)
-    code, out, wall, peak = run_cli(["nightly", "--no-promote"], env, log_path, measure=True)
-    try:
-        summary = json.loads(out)
-    except ValueError:
-        summary = {"ok": False, "reason": f"no summary (exit {code})"}
+    c = learning_cycle(mode, data_dir, feedback_rows(mode, families, args.items, originals), server, args.api_key, **env)
+    summary, wall, peak, log_path = c["summary"], c["wall_s"], c["peak_bytes"], c["log_path"]
     adapter = summary.get("adapter")
     path = data_dir / "adapters" / adapter if adapter else None
     if not (path and (path / "adapter_config.json").exists()):

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.cycle import run_cli
+from bench.cycle import learning_cycle
 from bench.report import default_out_dir, machine, markdown_table, plot_path, pyplot, save_figure, write_results
 from bench.server import SERVED_NAME, add_server_flags, vllm_server
 
@@ -99,30 +99,14 @@ def feedback_rows(n: int) -> list[dict]:
 
 
 def run_size(n: int, args, server, work: Path) -> dict:
-    data_dir = work / f"n{n}"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    feedback = data_dir / "feedback.jsonl"
-    rows = feedback_rows(n)
-    feedback.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    env = dict(os.environ, CHATFB_DATA_DIR=str(data_dir), CHATFB_VLLM_URL=server.url, CHATFB_MODEL=str(server.model_dir),
-               CHATFB_SERVED_MODEL_NAME=SERVED_NAME, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               CHATFB_ADAPTER_PREFIX=f"benchscale-n{n}-{os.getpid()}")  # its own names on a shared server
-    if args.api_key:
-        env["CHATFB_API_KEY"] = args.api_key
+    env = {"CHATFB_ADAPTER_PREFIX": f"benchscale-n{n}-{os.getpid()}"}  # its own names on a shared server
     if args.max_steps is not None:
         env["CHATFB_TRAIN_MAX_STEPS"] = str(args.max_steps)
-    log_path = data_dir / "cycle.log"
-    code, _, import_s, _ = run_cli(["import-feedback", str(feedback)], env, log_path)
-    if code != 0:
-        raise RuntimeError(f"n={n}: import-feedback failed ({code}); see {log_path}")
-    print(f"[n={n}] learning cycle (log: {log_path}) ...", flush=True)
-    code, out, wall, peak = run_cli(["nightly", "--no-promote"], env, log_path, measure=True)
-    try:
-        summary = json.loads(out)
-    except ValueError:
-        summary = {}
+    c = learning_cycle(f"n={n}", work / f"n{n}", feedback_rows(n), server, args.api_key, **env)
+    summary, import_s, wall, peak, log_path = c["summary"], c["import_s"], c["wall_s"], c["peak_bytes"], c["log_path"]
+    data_dir = work / f"n{n}"
     if not summary.get("ok"):
-        raise RuntimeError(f"n={n}: the cycle failed ({summary.get('reason') or f'exit {code}'}); see {log_path}")
+        raise RuntimeError(f"n={n}: the cycle failed ({summary.get('reason')}); see {log_path}")
     train = {}
     adapter_dir = data_dir / "adapters" / summary["adapter"]
     if (adapter_dir / "chatfb_train.json").exists():
