@@ -52,8 +52,8 @@ class Settings:
     train_epochs: float = _f(3.0, "Training epochs per learning cycle.")
     learning_rate: float = _f(1e-3, "LoRA learning rate.")
     train_max_steps: int = _f(
-        120, "Most optimizer steps per training phase (SFT, DPO) in one cycle, so a cycle's time stays bounded as "
-        "feedback grows; 0 = no cap (epochs decide).")
+        64, "Most optimizer steps per training phase (SFT, DPO) in one cycle, so a cycle's time stays bounded as "
+        "feedback grows (64 steps of batch 4 take ~4 min for SFT on 2 CPU cores); 0 = no cap (epochs decide).")
     adapter_prefix: str = _f(
         "chatfb", "Adapter versions are named <prefix>-v0001, -v0002, ...; give each chatfb install that shares one "
         "vLLM server its own prefix (vLLM refuses a name it already has).")
