@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Callable
 
 from bench.cycle import learning_cycle
-from bench.report import default_out_dir, machine, markdown_table, plot_path, pyplot, save_figure, write_results
+from bench.report import (add_output_flags, default_out_dir, machine, markdown_table, plot_path, pyplot, save_figure,
+                          write_results)
 from bench.server import SERVED_NAME, add_server_flags, vllm_server
 
 NAME = "efficacy_bench"
@@ -189,11 +190,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=128, help="max new tokens of a judged reply")
     p.add_argument("--epochs", type=float, default=None, help="CHATFB_TRAIN_EPOCHS for the cycles (default: chatfb's)")
     p.add_argument("--work-dir", type=Path, default=None, help="where each mode's data folder goes (default: a temp dir)")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny run: 2 families x 2 items, 1 held-out prompt each, 2 controls, 1 epoch, modes base sft ilf")
-    p.add_argument("--out-dir", type=Path, default=None,
-                   help="where results go (default bench/results, or bench/results/raw with --smoke)")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    add_output_flags(p, smoke_help="tiny run: 2 families x 2 items, 1 held-out prompt each, 2 controls, 1 epoch, modes base sft ilf")
     return p
 
 

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.report import (save_figure, default_out_dir, machine, markdown_table, percentile, plot_path, pyplot, target,
+from bench.report import (add_output_flags, save_figure, default_out_dir, machine, markdown_table, percentile, plot_path, pyplot, target,
                           targets_table, write_results)
 from chatfb.store import Store
 
@@ -31,10 +31,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.logging_bench", description=__doc__.split("\n")[0])
     p.add_argument("--writers", type=int, nargs="+", default=[1, 8, 32], help="concurrent writer threads to try")
     p.add_argument("--turns", type=int, default=200, help="chat turns per writer")
-    p.add_argument("--smoke", action="store_true", help="tiny run (5 turns per writer) to check the benchmark works")
-    p.add_argument("--out-dir", type=Path, default=None,
-                   help="where results go (default bench/results, or bench/results/raw with --smoke)")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    add_output_flags(p, smoke_help="tiny run (5 turns per writer) to check the benchmark works")
     return p
 
 

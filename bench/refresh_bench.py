@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.report import (save_figure, default_out_dir, fmt, machine, markdown_table, plot_path, pyplot, target, targets_table,
+from bench.report import (add_output_flags, save_figure, default_out_dir, fmt, machine, markdown_table, plot_path, pyplot, target, targets_table,
                           write_results)
 from bench.server import SERVED_NAME, add_server_flags, managed_vllm, vllm_server
 
@@ -50,10 +50,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart-own-server", action="store_true",
                    help="with --vllm-url: measure the restart on a vLLM server of our own (never restarts yours)")
     p.add_argument("--skip-restart", action="store_true", help="leave out the restart comparison")
-    p.add_argument("--smoke", action="store_true", help="tiny run: 1 swap, 2 load threads, 8 tokens")
-    p.add_argument("--out-dir", type=Path, default=None,
-                   help="where results go (default bench/results, or bench/results/raw with --smoke)")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    add_output_flags(p, smoke_help="tiny run: 1 swap, 2 load threads, 8 tokens")
     return p
 
 

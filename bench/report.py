@@ -16,6 +16,14 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def add_output_flags(p, smoke_help: str) -> None:
+    """--smoke, --out-dir and --no-plot, the same for every benchmark."""
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where results go (default bench/results, or bench/results/raw with --smoke)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+
+
 def default_out_dir(smoke: bool) -> Path:
     return RESULTS / "raw" if smoke else RESULTS
 

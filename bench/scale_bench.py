@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 from bench.cycle import learning_cycle
-from bench.report import default_out_dir, machine, markdown_table, plot_path, pyplot, save_figure, write_results
+from bench.report import (add_output_flags, default_out_dir, machine, markdown_table, plot_path, pyplot, save_figure,
+                          write_results)
 from bench.server import SERVED_NAME, add_server_flags, vllm_server
 
 NAME = "scale_bench"
@@ -67,10 +68,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--turns", type=int, default=10_000, help="chat turns for the DuckDB size measurement")
     p.add_argument("--max-steps", type=int, default=None, help="CHATFB_TRAIN_MAX_STEPS for the cycles (default: chatfb's)")
     p.add_argument("--work-dir", type=Path, default=None, help="where the data folders go (default: a temp dir)")
-    p.add_argument("--smoke", action="store_true", help="tiny run: 12 feedback items, 2 training steps, 500 turns")
-    p.add_argument("--out-dir", type=Path, default=None,
-                   help="where results go (default bench/results, or bench/results/raw with --smoke)")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    add_output_flags(p, smoke_help="tiny run: 12 feedback items, 2 training steps, 500 turns")
     return p
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bench.report import (save_figure, default_out_dir, machine, markdown_table, percentile, plot_path, pyplot, target,
+from bench.report import (add_output_flags, save_figure, default_out_dir, machine, markdown_table, percentile, plot_path, pyplot, target,
                           targets_table, write_results)
 from bench.server import SERVED_NAME, add_server_flags, vllm_server
 
@@ -56,11 +56,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of chatfb and direct runs")
     p.add_argument("--transformers-prompts", type=int, default=4, help="prompts for the transformers single stream")
     p.add_argument("--skip-transformers", action="store_true", help="leave out the transformers comparison")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny run: concurrency 1 and 2, 8 tokens, 1 round; transformers on 1 prompt, 4 tokens")
-    p.add_argument("--out-dir", type=Path, default=None,
-                   help="where results go (default bench/results, or bench/results/raw with --smoke)")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    add_output_flags(p, smoke_help="tiny run: concurrency 1 and 2, 8 tokens, 1 round; transformers on 1 prompt, 4 tokens")
     return p
 
 
