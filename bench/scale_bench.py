@@ -167,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("cannot tell which model folder the server serves: pass --model-dir")
         for n in sizes:
             results["cycles"].append(run_size(n, args, server, work))
-    md = report(results)
+            md = report(results)  # written after every size: a long run that is stopped keeps what it measured
+            write_results(out_dir, NAME, results, md)
+            if not args.no_plot:
+                plot(results, plot_path(out_dir, NAME))
     print(md)
-    write_results(out_dir, NAME, results, md)
-    if not args.no_plot:
-        plot(results, plot_path(out_dir, NAME))
     return 0
 
 
