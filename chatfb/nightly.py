@@ -43,6 +43,12 @@ class CycleResult:
                            "counts": self.counts, "metrics": self.metrics, "timings": self.timings}, indent=2, default=str)
 
 
+def batch_timeout(settings: Settings) -> float:
+    """Per-request timeout for the cycle's own generation (refinement, replay, evaluation). It is batch
+    work beside live chats on a possibly busy machine: a chat's short timeout would abort the night's cycle."""
+    return max(settings.request_timeout_s, 600.0)
+
+
 def model_server(settings: Settings):
     """(client, base model dir, stop function) for the server this cycle generates with."""
     from chatfb.model_files import resolve_model
@@ -51,7 +57,7 @@ def model_server(settings: Settings):
     info = running_app(settings.data_dir)
     if info is not None or not settings.managed:
         url = info["vllm_url"] if info else settings.base_url
-        return ModelClient(url, settings.api_key, settings.request_timeout_s), base, lambda: None
+        return ModelClient(url, settings.api_key, batch_timeout(settings)), base, lambda: None
     from chatfb.vllm_server import ManagedVLLM
 
     server = ManagedVLLM(base, settings.served_model_name, settings.vllm_port + 1, settings.data_dir,
@@ -59,7 +65,7 @@ def model_server(settings: Settings):
                          settings.vllm_startup_timeout_s)
     server.log_path = settings.data_dir / "logs" / "vllm-nightly.log"
     server.start(wait=True)
-    client = ModelClient(server.url, timeout_s=settings.request_timeout_s)
+    client = ModelClient(server.url, timeout_s=batch_timeout(settings))
     return client, base, lambda: (client.close(), server.stop())
 
 
@@ -98,7 +104,8 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
         base_name = settings.served_model_name
         newest_pending = list(data.pending_critiques)
         if data.pending_critiques:
-            refiner = ModelClient(settings.refiner_url, settings.api_key) if settings.refiner_url else client
+            refiner = (ModelClient(settings.refiner_url, settings.api_key, batch_timeout(settings)) if settings.refiner_url
+                       else client)
             newest = sorted(data.pending_critiques, key=lambda r: r.created_at, reverse=True)
             todo = newest[:max(settings.refine_max_critiques, 0)]
             refined = refine_all(todo, refiner, settings.refiner_model or base_name)
