@@ -99,7 +99,9 @@ def test_bad_data_is_refused_and_rollback_restores_the_previous_version(app, vll
     bad.write_text("".join(json.dumps({"prompt": p, "reply": "A sensible answer.", "kind": "correction",
                                        "text": "Zorp blag wibble zorp zorp."}) + "\n" for p in general))
     app.cli("import-feedback", str(bad))
-    env = dict(app.env, CHATFB_TRAIN_EPOCHS="3", CHATFB_LEARNING_RATE="0.002")
+    # Unmistakably bad: enough training on nonsense that general answers drift (3 epochs at 2e-3 left
+    # control agreement anywhere between 0.39 and 0.66 depending on the held-out split, too near the 0.6 gate).
+    env = dict(app.env, CHATFB_TRAIN_EPOCHS="5", CHATFB_LEARNING_RATE="0.003", CHATFB_TRAIN_MAX_STEPS="0")
     out = subprocess.run([sys.executable, "-m", "chatfb", "nightly"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=1500)
     result = json.loads(out.stdout[out.stdout.index("{"):])
