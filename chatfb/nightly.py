@@ -102,17 +102,18 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
         t = time.perf_counter()
         client, base, stop_server = model_server(settings)
         base_name = settings.served_model_name
-        newest_pending = list(data.pending_critiques)
+        skipped = 0
         if data.pending_critiques:
             refiner = (ModelClient(settings.refiner_url, settings.api_key, batch_timeout(settings)) if settings.refiner_url
                        else client)
             newest = sorted(data.pending_critiques, key=lambda r: r.created_at, reverse=True)
             todo = newest[:max(settings.refine_max_critiques, 0)]
+            skipped = len(newest) - len(todo)
             refined = refine_all(todo, refiner, settings.refiner_model or base_name)
             training_data.add_refinements(data, refined, settings.holdout_fraction, settings.seed)
         counts = training_data.finalize_counts(data)
-        if len(newest_pending) > settings.refine_max_critiques:
-            counts["critiques_not_refined"] = len(newest_pending) - settings.refine_max_critiques
+        if skipped:
+            counts["critiques_not_refined"] = skipped
         timings["refine_s"] = round(time.perf_counter() - t, 2)
         if not data.train:
             return CycleResult(False, reason="no usable training examples", counts=counts, timings=timings)
