@@ -1,8 +1,9 @@
 """The chatfb log store: conversations, messages, feedback and adapter versions in one DuckDB file.
 
 All SQL lives here, always parameterised. One `Store` owns the file read-write (DuckDB allows one
-writer process and no readers beside it); within the process every call goes through one lock,
-so concurrent chat sessions never interleave a transaction. Other processes get consistent
+writer process and no readers beside it); within the process every statement goes through one
+connection lock, so concurrent chat sessions never interleave a transaction, and writes are
+group-committed (see `Store._tx`). Other processes get consistent
 copies through `snapshot()` (see chatfb.control).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import threading
 import uuid
@@ -60,8 +62,11 @@ class Store:
         self.path = Path(path)
         self.read_only = read_only
         self._lock = threading.RLock()  # one connection: every statement runs under it
-        self._queue_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())  # guards the group-commit queue
         self._queue: list[_Write] = []
+        self._committing = False
+        self._seq: dict[str, int] = {}  # conversation id -> last message seq (see _next_seq)
+        self._seq_lock = threading.Lock()
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -91,17 +96,32 @@ class Store:
     def _tx(self, statements: list[tuple[str, tuple]]) -> None:
         """Run statements as one transaction, committed before returning.
 
-        Group commit: writers queue their transaction; whoever holds the lock commits every queued
-        one together, so 32 concurrent writers pay for one commit, not 32. If a batch fails, each
-        queued transaction is retried alone, so one bad write never takes others down with it."""
+        Group commit: a writer queues its transaction; if no commit is under way it becomes the
+        leader, takes every queued transaction and commits them together (same-shaped writes merged,
+        see _coalesce); writers that arrive meanwhile wait on a condition, not on the connection, and
+        the next of them leads the next group. So 32 concurrent writers pay for a few statements and
+        one commit, not 32 of each. If a group fails, each transaction is retried alone, so one bad
+        write never takes others down with it."""
         job = _Write(statements)
-        with self._queue_lock:
+        with self._cond:
             self._queue.append(job)
-        with self._lock:
-            if not job.done:
-                with self._queue_lock:
-                    batch, self._queue = self._queue, []
+            while self._committing and not job.done and not self._lock._is_owned():
+                self._cond.wait()
+            if job.done:
+                return self._raise(job)
+            batch, self._queue = self._queue, []
+            self._committing = True
+        try:
+            with self._lock:
                 self._commit(batch)
+        finally:
+            with self._cond:
+                self._committing = False
+                self._cond.notify_all()
+        self._raise(job)
+
+    @staticmethod
+    def _raise(job: "_Write") -> None:
         if job.error is not None:
             raise job.error
 
@@ -124,9 +144,8 @@ class Store:
     def _run(self, batch: list["_Write"]) -> None:
         self._db.execute("BEGIN TRANSACTION")
         try:
-            for job in batch:
-                for sql, params in job.statements:
-                    self._db.execute(sql, params)
+            for sql, params in _coalesce(batch):
+                self._db.execute(sql, params)
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -172,6 +191,8 @@ class Store:
         cid = new_id()
         self._tx([("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?)",
                    (cid, session_id, user_name, system_prompt or "", source, utcnow()))])
+        with self._seq_lock:
+            self._seq.setdefault(cid, 0)
         return cid
 
     def conversation(self, conversation_id: str) -> dict | None:
@@ -189,16 +210,30 @@ class Store:
         if role not in ("user", "assistant"):
             raise StoreError(f"unknown role {role!r}")
         mid = new_id()
-        with self._lock:
-            seq = self._db.execute("SELECT coalesce(max(seq), 0) + 1 FROM messages WHERE conversation_id = ?",
-                                   (conversation_id,)).fetchone()[0]
-            stmts = [("INSERT INTO messages (id, conversation_id, seq, role, content, status, model, adapter, replaces, created_at)"
-                      " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                      (mid, conversation_id, seq, role, content, status, model, adapter, replaces, utcnow()))]
-            if replaces:
-                stmts.append(("UPDATE messages SET replaced = TRUE WHERE id = ?", (replaces,)))
-            self._tx(stmts)
+        seq = self._next_seq(conversation_id)
+        stmts = [("INSERT INTO messages (id, conversation_id, seq, role, content, status, model, adapter, replaces, created_at)"
+                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  (mid, conversation_id, seq, role, content, status, model, adapter, replaces, utcnow()))]
+        if replaces:
+            stmts.append(("UPDATE messages SET replaced = TRUE WHERE id = ?", (replaces,)))
+        self._tx(stmts)
         return mid
+
+    def _next_seq(self, conversation_id: str) -> int:
+        """The next message number of a conversation. This process is the file's only writer, so the
+        counter lives in memory (seeded by create_conversation, or read once for a conversation of an
+        earlier run): numbering a message neither queries nor waits for the connection lock, so its
+        insert joins the group commit under way. A failed insert leaves a gap; seq only orders."""
+        with self._seq_lock:
+            if conversation_id in self._seq:
+                self._seq[conversation_id] += 1
+                return self._seq[conversation_id]
+        with self._lock:
+            last = self._db.execute("SELECT coalesce(max(seq), 0) FROM messages WHERE conversation_id = ?",
+                                    (conversation_id,)).fetchone()[0]
+        with self._seq_lock:
+            self._seq[conversation_id] = max(self._seq.get(conversation_id, 0), last) + 1
+            return self._seq[conversation_id]
 
     def finish_message(self, message_id: str, content: str, status: str, error: str | None = None,
                        ttft_ms: float | None = None, latency_ms: float | None = None,
@@ -250,14 +285,14 @@ class Store:
                 raise StoreError("feedback refused: unknown message")
             if rows[0][0] != "assistant":
                 raise StoreError("feedback refused: only replies can get feedback")
-            now = utcnow()
-            stmts = []
-            if session_id is not None and kind != "implicit":
-                stmts.append(("UPDATE feedback SET superseded_at = ? WHERE message_id = ? AND kind = ? AND session_id = ?"
-                              " AND superseded_at IS NULL", (now, message_id, kind, session_id)))
-            stmts.append(("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-                          (fid, message_id, kind, rating, text, user_name, session_id, now)))
-            self._tx(stmts)
+        now = utcnow()
+        stmts = []
+        if session_id is not None and kind != "implicit":
+            stmts.append(("UPDATE feedback SET superseded_at = ? WHERE message_id = ? AND kind = ? AND session_id = ?"
+                          " AND superseded_at IS NULL", (now, message_id, kind, session_id)))
+        stmts.append(("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                      (fid, message_id, kind, rating, text, user_name, session_id, now)))
+        self._tx(stmts)  # outside the lock: it joins the group commit under way
         return fid
 
     def feedback_for(self, message_id: str, active_only: bool = True) -> list[dict]:
@@ -385,6 +420,9 @@ class Store:
             ]
         if stmts:
             self._tx(stmts)
+        with self._seq_lock:
+            for cid in cids:
+                self._seq.pop(cid, None)
 
 
 class _Write:
@@ -394,6 +432,57 @@ class _Write:
 
     def __init__(self, statements):
         self.statements, self.done, self.error = statements, False, None
+
+
+# Statements that coalesce: a single-row INSERT ... VALUES (...), and an UPDATE that sets columns to
+# parameters by primary key ("id" or "name").
+_INSERT = re.compile(r"(INSERT INTO \w+(?: \([\w, ]+\))? VALUES )(\([^()]*\))", re.S)
+_UPDATE = re.compile(r"UPDATE (\w+) SET ((?:\w+ = \?, )*\w+ = \?) WHERE (id|name) = \?", re.S)
+
+
+def _coalesce(batch: list[_Write]) -> list[tuple[str, tuple]]:
+    """The statements of a group-commit batch, with same-shaped single-statement writes merged.
+
+    DuckDB spends about a millisecond on each statement however small, so 32 writers' one-row
+    INSERTs cost 32 ms one by one and a few ms as one multi-row INSERT; likewise UPDATEs by key
+    become one UPDATE ... FROM (VALUES ...). Only transactions of one statement are merged: they
+    touch rows no other write of the batch touches (fresh ids; a reply that its own writer finished
+    after inserting it in an earlier batch), so running them together at the first one's place
+    changes nothing. Transactions of several statements keep their order, statement by statement."""
+    out: list[list] = []  # [sql, [params, ...], {keys}]
+    groups: dict[str, list] = {}
+    for job in batch:
+        if len(job.statements) != 1:
+            out.extend([sql, [params], set()] for sql, params in job.statements)
+            continue
+        sql, params = job.statements[0]
+        update = _UPDATE.fullmatch(sql)
+        group = groups.get(sql)
+        mergeable = group is not None and (update or _INSERT.fullmatch(sql))
+        if mergeable and not (update and params[-1] in group[2]):  # the same key twice: keep both, in order
+            group[1].append(params)
+            group[2].add(params[-1])
+            continue
+        group = groups[sql] = [sql, [params], {params[-1]} if update else set()]
+        out.append(group)
+    return [_merged(sql, rows) for sql, rows, _keys in out]
+
+
+def _merged(sql: str, rows: list[tuple]) -> tuple[str, tuple]:
+    if len(rows) == 1:
+        return sql, tuple(rows[0])
+    flat = tuple(p for row in rows for p in row)
+    m = _INSERT.fullmatch(sql)
+    if m:
+        return m.group(1) + ", ".join([m.group(2)] * len(rows)), flat
+    m = _UPDATE.fullmatch(sql)
+    table, key = m.group(1), m.group(3)
+    cols = [c.split(" = ")[0] for c in m.group(2).split(", ")]
+    names = [f"c{i}" for i in range(len(cols))]
+    row_sql = "(" + ", ".join(["?"] * (len(cols) + 1)) + ")"
+    return (f"UPDATE {table} SET " + ", ".join(f"{c} = _v.{n}" for c, n in zip(cols, names))
+            + f" FROM (VALUES {', '.join([row_sql] * len(rows))}) AS _v({', '.join(names)}, _k)"
+            + f" WHERE {table}.{key} = _v._k", flat)
 
 
 _MSG_COLS = ("id, conversation_id, seq, role, content, status, error, model, adapter, replaces, replaced, created_at,"

@@ -135,3 +135,86 @@ def test_delete_user_and_retention(store):
     store._q("UPDATE conversations SET created_at = ?", (utcnow() - timedelta(days=40),))
     assert store.apply_retention(30) == 1
     assert store.counts()["messages"] == 0
+
+
+def test_concurrent_writers_group_commit_keeps_every_row_exact(settings):
+    """32 threads write turns at once: same-shaped writes of one group commit are merged into one
+    multi-row INSERT / UPDATE ... FROM VALUES; each row must still get exactly its own values, NULLs
+    included, and every conversation's messages must keep their order."""
+    import threading
+
+    def writer(w, out):
+        cid = store.create_conversation(f"s{w}", f"user{w}")
+        for t in range(15):
+            store.add_message(cid, "user", f"q{w}-{t}")
+            mid = store.add_message(cid, "assistant", "", status="pending", model="m")
+            done = t % 3 != 0
+            store.finish_message(mid, f"a{w}-{t}" if done else "", "ok" if done else "error",
+                                 error=None if done else "boom", ttft_ms=float(t) if done else None,
+                                 latency_ms=t + 0.5, prompt_tokens=t if done else None, completion_tokens=w)
+            if done:
+                store.log_feedback(mid, "rating", rating=1 if t % 2 else -1, session_id=f"s{w}")
+        out[w] = cid
+
+    cids = {}
+    with Store(settings.db_path) as store:
+        threads = [threading.Thread(target=writer, args=(w, cids)) for w in range(32)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    with Store(settings.db_path) as store:  # what is in the file after closing
+        assert store.counts()["messages"] == 32 * 30 and store.counts()["feedback"] == 32 * 10
+        for w, cid in cids.items():
+            msgs = store.messages(cid)
+            assert [m["seq"] for m in msgs] == list(range(1, 31))
+            for t in range(15):
+                q, a = msgs[2 * t], msgs[2 * t + 1]
+                done = t % 3 != 0
+                assert (q["role"], q["content"]) == ("user", f"q{w}-{t}")
+                assert (a["content"], a["status"], a["error"]) == ((f"a{w}-{t}", "ok", None) if done else ("", "error", "boom"))
+                assert (a["ttft_ms"], a["latency_ms"], a["prompt_tokens"], a["completion_tokens"]) == \
+                    ((float(t), t + 0.5, t, w) if done else (None, t + 0.5, None, w))
+                ratings = [f["rating"] for f in store.feedback_for(a["id"])]
+                assert ratings == ([1 if t % 2 else -1] if done else [])
+
+
+def test_coalesce_merges_only_independent_single_writes():
+    from chatfb.store import _Write, _coalesce
+
+    ins = "INSERT INTO t (id, v) VALUES (?, ?)"
+    upd = "UPDATE t SET v = ?, w = ? WHERE id = ?"
+    batch = [_Write([(ins, ("a", 1))]), _Write([(upd, (1, 2, "x"))]), _Write([(ins, ("b", 2))]),
+             _Write([("UPDATE t SET v = 0 WHERE id = ?", ("z",)), (ins, ("c", 3))]),  # two statements: as they are
+             _Write([(upd, (3, 4, "y"))]), _Write([(upd, (5, 6, "x"))])]  # key x again: not merged, stays after
+    out = _coalesce(batch)
+    assert out[0] == ("INSERT INTO t (id, v) VALUES (?, ?), (?, ?)", ("a", 1, "b", 2))
+    assert out[1][0].startswith("UPDATE t SET v = _v.c0, w = _v.c1 FROM (VALUES (?, ?, ?), (?, ?, ?)) AS _v(c0, c1, _k)")
+    assert out[1][1] == (1, 2, "x", 3, 4, "y")
+    assert out[2:] == [("UPDATE t SET v = 0 WHERE id = ?", ("z",)), (ins, ("c", 3)), (upd, (5, 6, "x"))]
+
+
+def test_a_bad_write_in_a_merged_batch_fails_alone(store):
+    """A merged statement that fails is retried write by write: the bad one gets the error, the
+    others land."""
+    from chatfb.store import _Write
+
+    cid = store.create_conversation("s1")
+    mid = store.add_message(cid, "user", "hi")
+    sql = "INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)"
+    good = [_Write([(sql, (f"f{i}", mid, "rating", 1, None, None, None, utcnow()))]) for i in range(3)]
+    bad = _Write([(sql, ("f1", mid, "rating", 1, None, None, None, utcnow()))])  # same primary key as good[1]
+    with store._lock:
+        store._commit(good + [bad])
+    assert [j.error for j in good] == [None, None, None] and bad.error is not None
+    assert store._q("SELECT count(*) FROM feedback")[0][0] == 3
+
+
+def test_message_numbers_continue_after_reopening(settings):
+    with Store(settings.db_path) as s:
+        cid = s.create_conversation("s1")
+        for i in range(3):
+            s.add_message(cid, "user", f"m{i}")
+    with Store(settings.db_path) as s:
+        s.add_message(cid, "user", "later")
+        assert [m["seq"] for m in s.messages(cid)] == [1, 2, 3, 4]
