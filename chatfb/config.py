@@ -61,6 +61,9 @@ class Settings:
         32, "Most critiques refined through ILF in one cycle (the newest); bounds the cycle's generation time.")
     eval_max_examples: int = _f(
         48, "Most held-out examples the gate generates replies for (a fixed sample); bounds evaluation time.")
+    replay_examples: int = _f(
+        32, "How many of the base model's own answers to general questions train beside the feedback (replay, "
+        "so the adapter keeps what feedback does not touch); 0 = none, at most 32.")
     train_dpo: bool = _f(True, "After SFT, run DPO on preference pairs (correction = chosen, original reply = rejected).")
     train_mode: str = _f(
         "semi",
@@ -138,6 +141,8 @@ def validate(s: Settings) -> None:
         raise ValueError("adapter_prefix must be 1-40 letters, digits, '-' or '_'")
     if s.lora_rank > s.max_lora_rank:
         raise ValueError(f"lora_rank {s.lora_rank} exceeds max_lora_rank {s.max_lora_rank}")
+    if not 0 <= s.replay_examples <= 32:
+        raise ValueError("replay_examples must be between 0 and 32")
     if s.nightly_at:
         hh, _, mm = s.nightly_at.partition(":")
         if not (hh.isdigit() and mm.isdigit() and int(hh) < 24 and int(mm) < 60):

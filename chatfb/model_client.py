@@ -100,6 +100,13 @@ class ModelClient:
         r = self._call("POST", "/v1/chat/completions", json=body)
         return [c["message"]["content"] or "" for c in r.json()["choices"]]
 
+    def complete_finished(self, messages: list[dict], model: str, max_tokens: int = 256) -> str | None:
+        """Greedy reply, or None when max_tokens cut it off (finish_reason "length")."""
+        r = self._call("POST", "/v1/chat/completions", json={"model": model, "messages": messages,
+                                                               "max_tokens": max_tokens, "temperature": 0.0})
+        choice = r.json()["choices"][0]
+        return None if choice.get("finish_reason") == "length" else (choice["message"]["content"] or "")
+
     # -- LoRA adapters --------------------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> None:
         self._call("POST", "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})

@@ -128,7 +128,7 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
                              "lr": settings.learning_rate, "dpo": dpo, "seed": settings.seed})
         work = settings.data_dir / "work" / name
         # Retention: the base model's own answers to general prompts ride along (self-distillation).
-        replay = replay_examples(client, base_name, settings.system_prompt)
+        replay = replay_examples(client, base_name, settings.system_prompt, settings.replay_examples)
         write_rows([pc_row(e.prompt, e.target) for e in data.train] + replay, work / "sft.jsonl")
         write_rows(data.dpo_rows(), work / "dpo.jsonl")
         counts["replay_examples"] = len(replay)
@@ -196,20 +196,35 @@ def pc_row(prompt: list[dict], target: str) -> dict:
     return {"prompt": prompt, "completion": [{"role": "assistant", "content": target}]}
 
 
+# General questions, none of them in the gate's or the benchmarks' control sets.
 REPLAY_PROMPTS = (
     "Give me a tip for staying focused.", "What is photosynthesis?", "Write a haiku about rain.",
     "How do I boil an egg?", "What is the largest ocean?", "Explain what a noun is.",
     "Suggest a name for a cat.", "Why is the sky blue?", "Translate 'good morning' into French.",
     "What is 9 times 6?", "Name a famous painter.", "How many legs does a spider have?",
     "What is the opposite of hot?", "Give me a synonym for happy.", "What language is spoken in Brazil?",
-    "What is the freezing point of water in Fahrenheit?",
+    "What is the freezing point of water in Fahrenheit?", "How many minutes are in an hour?", "Who painted the Mona Lisa?",
+    "How many hours are in a day?", "What is the chemical symbol for gold?", "Name a mammal that can fly.",
+    "What is the tallest mountain in the world?", "What does a thermometer measure?", "Spell the word 'necessary'.",
+    "What is the square root of 81?", "Which animal is known as the king of the jungle?",
+    "What colour do you get by mixing blue and yellow?", "How many sides does a hexagon have?",
+    "What is the capital of Japan?", "What do caterpillars turn into?", "Name a musical instrument with strings.",
+    "What is the past tense of 'run'?",
 )
 
 
-def replay_examples(client: ModelClient, model: str, system_prompt: str) -> list[dict]:
-    prompts = [[{"role": "system", "content": system_prompt}, {"role": "user", "content": q}] for q in REPLAY_PROMPTS]
-    answers = gate.generate(client, model, prompts, max_tokens=96)
-    return [pc_row(p, a) for p, a in zip(prompts, answers) if a.strip()]
+def replay_examples(client: ModelClient, model: str, system_prompt: str, count: int = len(REPLAY_PROMPTS),
+                    max_tokens: int = 192) -> list[dict]:
+    """The base model's own answers to general questions (self-distillation replay), trained beside the
+    feedback so the adapter keeps its behaviour where feedback says nothing. An answer that max_tokens
+    cut off is left out: trained with an end of turn after it, it would teach the model to stop mid-sentence."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [[{"role": "system", "content": system_prompt}, {"role": "user", "content": q}]
+               for q in REPLAY_PROMPTS[:max(count, 0)]]
+    with ThreadPoolExecutor(8) as pool:  # vLLM batches concurrent requests
+        answers = list(pool.map(lambda p: client.complete_finished(p, model, max_tokens), prompts))
+    return [pc_row(p, a) for p, a in zip(prompts, answers) if a and a.strip()]
 
 
 def eval_sample(heldout: list, limit: int, seed: int) -> list:

@@ -34,8 +34,10 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         words = [f"word{i}" for i in range(self.words)]
-        if not body.get("stream"):
-            return self._json(200, {"choices": [{"message": {"content": " ".join(words)}}] * body.get("n", 1)})
+        if not body.get("stream"):  # one word per token; max_tokens cuts the reply like vLLM ("length")
+            cut = words[:body.get("max_tokens", len(words))]
+            choice = {"message": {"content": " ".join(cut)}, "finish_reason": "length" if len(cut) < len(words) else "stop"}
+            return self._json(200, {"choices": [choice] * body.get("n", 1)})
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Connection", "close")

@@ -23,6 +23,8 @@ def test_bad_values_are_named():
         load_settings({"CHATFB_LORA_RANK": "64"})
     with pytest.raises(ValueError, match="adapter_prefix"):
         load_settings({"CHATFB_ADAPTER_PREFIX": "../x"})
+    with pytest.raises(ValueError, match="replay_examples"):
+        load_settings({"CHATFB_REPLAY_EXAMPLES": "33"})
     assert load_settings({"CHATFB_ADAPTER_PREFIX": "team_b-2", "CHATFB_TRAIN_DPO": "false"}).train_dpo is False
 
 
