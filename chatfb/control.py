@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from chatfb.adapters import ADAPTER_PREFIX
 from chatfb.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,12 @@ def _jsonable(obj):
 class LocalBackend:
     """Operations on a store this process owns (the app itself, or the CLI when the app is down)."""
 
-    def __init__(self, store: Store, data_dir: Path, registry=None, adapter_prefix: str = "chatfb"):
+    def __init__(self, store: Store, data_dir: Path, registry=None, adapter_prefix: str = ADAPTER_PREFIX):
         self.store = store
         self.data_dir = Path(data_dir)
         self.registry = registry  # AdapterRegistry when vLLM servers are attached
         self.adapter_prefix = adapter_prefix
+        self.server = None  # without a registry: the model server a CLI cycle uses (see attach_server)
 
     def close(self):
         pass
@@ -99,9 +101,18 @@ class LocalBackend:
             raise ControlError("no model server is attached")
         self.registry.load_candidate(name)
 
+    def attach_server(self, client) -> None:
+        """The model server a learning cycle evaluates on. Without an app (no registry) nobody else
+        manages that server's adapters, so unload_adapter takes them off it directly."""
+        if self.registry is None:
+            self.server = client
+
     def unload_adapter(self, name) -> None:
-        if self.registry is not None and name != self.registry.router.current:
-            self.registry.unload(name)
+        if self.registry is not None:
+            if name != self.registry.router.current:
+                self.registry.unload(name)
+        elif self.server is not None:
+            self.server.unload_adapter(name)
 
     def promote(self, name) -> None:
         if self.registry is not None:
@@ -137,6 +148,9 @@ class RemoteBackend:
 
     def close(self):
         self._http.close()
+
+    def attach_server(self, client) -> None:
+        """Nothing to do: the running app manages its model server's adapters."""
 
     def call(self, op: str, **kwargs):
         try:
@@ -230,7 +244,7 @@ def running_app(data_dir: Path) -> dict | None:
         return None
 
 
-def open_backend(data_dir: Path, adapter_prefix: str = "chatfb"):
+def open_backend(data_dir: Path, adapter_prefix: str = ADAPTER_PREFIX):
     """RemoteBackend if the app runs on this data dir, else a LocalBackend on the store file."""
     info = running_app(data_dir)
     if info is not None:

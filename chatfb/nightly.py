@@ -101,6 +101,7 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
 
         t = time.perf_counter()
         client, base, stop_server = model_server(settings)
+        backend.attach_server(client)
         base_name = settings.served_model_name
         skipped = 0
         if data.pending_critiques:
@@ -156,12 +157,9 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
             backend.promote(name)
             timings["swap_s"] = round(time.perf_counter() - t, 3)
             promoted = True
-        elif not ok:
-            backend.unload_adapter(name)
-        if not promoted and getattr(backend, "registry", True) is None:
-            # No app owns the server's adapters: do not leave an unused candidate loaded on it.
+        else:  # rejected, or kept for a later promote: either way it must not hold a LoRA slot meanwhile
             try:
-                client.unload_adapter(name)
+                backend.unload_adapter(name)
             except Exception as e:  # noqa: BLE001 - the cycle's result stands; the server may be gone
                 log.warning("could not unload candidate %s: %s", name, e)
         timings["total_s"] = round(time.perf_counter() - t_start, 2)

@@ -129,3 +129,26 @@ def test_cli_delete_user_without_the_app(settings, capsys, monkeypatch):
     with Store(settings.db_path) as s:
         assert [r[0] for r in s._q("SELECT user_name FROM conversations")] == ["bob"]
         assert [r[0] for r in s._q("SELECT user_name FROM feedback")] == ["bob"]
+
+
+def test_unused_candidates_leave_the_server_with_or_without_an_app(store, settings, fake_client, registry):
+    """A cycle unloads a candidate it does not promote. Without an app the CLI cycle's own server
+    connection does it; with one, the app's registry does (never the adapter that is serving)."""
+    bare = LocalBackend(store, settings.data_dir)
+    fake_client.load_adapter("chatfb-v0007", "/x")
+    bare.unload_adapter("chatfb-v0007")  # no server attached: nothing it could do
+    assert "chatfb-v0007" in fake_client.models()
+    bare.attach_server(fake_client)
+    bare.unload_adapter("chatfb-v0007")
+    assert "chatfb-v0007" not in fake_client.models()
+
+    app = LocalBackend(store, settings.data_dir, registry=registry)
+    app.attach_server(object())  # ignored: the registry manages the app's servers
+    assert app.server is None
+    make_adapter(store, settings.data_dir, "chatfb-v0008")
+    registry.activate("chatfb-v0008", background_unload=False)
+    app.unload_adapter("chatfb-v0008")  # serving: stays
+    assert "chatfb-v0008" in fake_client.models()
+    fake_client.load_adapter("chatfb-v0009", "/y")
+    app.unload_adapter("chatfb-v0009")
+    assert "chatfb-v0009" not in fake_client.models()
