@@ -95,12 +95,18 @@ def test_bad_data_is_refused_and_rollback_restores_the_previous_version(app, vll
                                                               "Kenya", "Norway", "Canada", "India")]
     general += [f"What is {a} plus {b}?" for a, b in ((2, 3), (4, 4), (5, 6), (7, 1), (9, 9), (3, 8))]
     general += ["Name a color.", "What do cows drink?", "What is the sun?", "Name a fruit.", "What is ice?"]
+    general += ["How many days are in a month?", "What colour is grass?", "Which planet is closest to the sun?",
+                "What is the boiling point of milk?", "Translate 'hello' into Spanish.", "What do bees eat?",
+                "How many weeks are in a year?", "Name three animals.", "What is 20 plus 22?", "What is 6 plus 13?",
+                "Which planet has rings?", "Translate 'cat' into French.", "What do birds build?",
+                "How many hours are in a week?", "Name two metals.", "What is 15 plus 4?"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps({"prompt": p, "reply": "A sensible answer.", "kind": "correction",
                                        "text": "Zorp blag wibble zorp zorp."}) + "\n" for p in general))
     app.cli("import-feedback", str(bad))
-    # Unmistakably bad: enough training on nonsense that general answers drift (3 epochs at 2e-3 left
-    # control agreement anywhere between 0.39 and 0.66 depending on the held-out split, too near the 0.6 gate).
+    # Unmistakably bad: 37 general questions answered with nonsense, trained hard enough that general answers
+    # drift (21 of them at 3 epochs and 2e-3 left control agreement anywhere between 0.39 and 0.66 depending on
+    # the held-out split, too near the 0.6 gate). The default recipe otherwise: SFT with replay, no DPO.
     env = dict(app.env, CHATFB_TRAIN_EPOCHS="5", CHATFB_LEARNING_RATE="0.003", CHATFB_TRAIN_MAX_STEPS="0")
     out = subprocess.run([sys.executable, "-m", "chatfb", "nightly"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=1500)
