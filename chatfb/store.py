@@ -67,6 +67,7 @@ class Store:
         self._committing = False
         self._seq: dict[str, int] = {}  # conversation id -> last message seq (see _next_seq)
         self._seq_lock = threading.Lock()
+        self._stripes = [threading.Lock() for _ in range(64)]  # see log_feedback
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -277,22 +278,28 @@ class Store:
         if kind in ("critique", "correction") and not (text or "").strip():
             raise StoreError(f"a {kind} needs text")
         fid = new_id()
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT m.role, c.session_id FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.id = ?",
-                (message_id,)).fetchall()
+        revises = session_id is not None and kind != "implicit"
+        # Feedback with the same (message, kind, session) is written one at a time (a striped lock), so a
+        # revision always sees the one it supersedes; all other feedback joins the group commit freely.
+        with self._stripes[hash((message_id, kind, session_id)) % len(self._stripes)]:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT m.role, c.session_id, EXISTS (SELECT 1 FROM feedback f WHERE f.message_id = m.id AND"
+                    " f.kind = ? AND f.session_id = ? AND f.superseded_at IS NULL)"
+                    " FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.id = ?",
+                    (kind, session_id, message_id)).fetchall()
             if not rows or (session_id is not None and rows[0][1] != session_id):
                 raise StoreError("feedback refused: unknown message")
             if rows[0][0] != "assistant":
                 raise StoreError("feedback refused: only replies can get feedback")
-        now = utcnow()
-        stmts = []
-        if session_id is not None and kind != "implicit":
-            stmts.append(("UPDATE feedback SET superseded_at = ? WHERE message_id = ? AND kind = ? AND session_id = ?"
-                          " AND superseded_at IS NULL", (now, message_id, kind, session_id)))
-        stmts.append(("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-                      (fid, message_id, kind, rating, text, user_name, session_id, now)))
-        self._tx(stmts)  # outside the lock: it joins the group commit under way
+            now = utcnow()
+            stmts = []
+            if revises and rows[0][2]:
+                stmts.append(("UPDATE feedback SET superseded_at = ? WHERE message_id = ? AND kind = ? AND session_id = ?"
+                              " AND superseded_at IS NULL", (now, message_id, kind, session_id)))
+            stmts.append(("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                          (fid, message_id, kind, rating, text, user_name, session_id, now)))
+            self._tx(stmts)  # outside the connection lock: it joins the group commit under way
         return fid
 
     def feedback_for(self, message_id: str, active_only: bool = True) -> list[dict]:

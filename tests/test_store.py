@@ -218,3 +218,24 @@ def test_message_numbers_continue_after_reopening(settings):
     with Store(settings.db_path) as s:
         s.add_message(cid, "user", "later")
         assert [m["seq"] for m in s.messages(cid)] == [1, 2, 3, 4]
+
+
+def test_concurrent_revisions_of_one_rating_leave_exactly_one_active(store):
+    """A double click sends two ratings of one reply at once: one must supersede the other."""
+    import threading
+
+    cid = store.create_conversation("s1")
+    store.add_message(cid, "user", "hi")
+    mid = store.add_message(cid, "assistant", "hello")
+    go = threading.Barrier(8)
+
+    def rate(i):
+        go.wait()
+        store.log_feedback(mid, "rating", rating=1 if i % 2 else -1, session_id="s1")
+
+    threads = [threading.Thread(target=rate, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(store.feedback_for(mid)) == 1 and len(store.feedback_for(mid, active_only=False)) == 8
