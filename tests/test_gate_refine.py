@@ -11,6 +11,9 @@ def test_gate_decisions():
     ok, why = gate.decide({"rougeL": 0.9, "control_agreement": 0.2}, {"rougeL": 0.3}, policy)
     assert not ok and "drifted" in why
     assert not gate.decide({"rougeL": None, "control_agreement": 1.0}, {"rougeL": None}, policy)[0]
+    # the default: the worst real candidate seen (0.75) passes, the best nonsense-trained one (0.66) does not
+    assert gate.decide({"rougeL": 1.0, "control_agreement": 0.75}, {"rougeL": 0.4}, gate.GatePolicy())[0]
+    assert "drifted" in gate.decide({"rougeL": 1.0, "control_agreement": 0.66}, {"rougeL": 0.4}, gate.GatePolicy())[1]
 
 
 def test_closeness_and_agreement():
