@@ -176,17 +176,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(results: dict) -> str:
-    headers = ["feedback", "train ex.", "held out", "DPO pairs", "SFT steps", "DPO steps", "refine s", "train s",
-               "eval s", "cycle wall s", "peak RSS GiB"]
-    rows = [[c["feedback"], c["train_examples"], c["heldout_examples"], c["dpo_pairs"], c["sft_steps"], c["dpo_steps"],
-             c["timings"].get("refine_s"), c["timings"].get("train_s"), c["timings"].get("eval_s"), c["cycle_wall_s"],
-             c["peak_rss_gib"]] for c in results["cycles"]]
+    headers = ["feedback", "train ex.", "replay ex.", "held out", "DPO pairs", "SFT steps", "DPO steps", "refine s",
+               "train s", "eval s", "cycle wall s", "peak RSS GiB", "gate"]
+    rows = [[c["feedback"], c["train_examples"], c["counts"].get("replay_examples"), c["heldout_examples"], c["dpo_pairs"],
+             c["sft_steps"], c["dpo_steps"], c["timings"].get("refine_s"), c["timings"].get("train_s"),
+             c["timings"].get("eval_s"), c["cycle_wall_s"], c["peak_rss_gib"], c.get("gate")] for c in results["cycles"]]
     d, m = results["duckdb"], results["machine"]
     return "\n".join([
         "# Scale: one learning cycle (`python -m chatfb nightly`, default recipe) by feedback volume", "",
         markdown_table(headers, rows), "",
-        "Train examples include the 16 replay examples (the base model's own answers to general prompts). "
-        "Peak RSS: the cycle's process tree (CLI + trainer), not the vLLM server.", "",
+        "Train ex.: feedback examples; replay ex. (the base model's own answers to general questions) train beside "
+        "them. DPO pairs are built but not trained unless CHATFB_TRAIN_DPO=true (DPO steps '-'). The feedback is "
+        "synthetic and templated (one correction pattern for every topic), so the gate may refuse the candidate: "
+        "these runs are about time and memory. Peak RSS: the cycle's process tree (CLI + trainer), not the vLLM server.", "",
         "# DuckDB size", "",
         markdown_table(["turns", "file MiB", "MiB per 10k turns", "write s"],
                        [[d["turns"], d["mib"], d["mib_per_10k_turns"], d["write_s"]]]), "",
