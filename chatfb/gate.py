@@ -2,12 +2,14 @@
 
 - Held-out feedback: greedy replies to held-out prompts, compared with the corrected (or refined)
   reply: ROUGE-L F1 and corpus BLEU (sacrebleu), as in the seeds.
-- Control prompts: a small fixed set of general questions; agreement = mean sentence-embedding
-  cosine between the candidate's answer and the base model's answer (ROUGE-L is reported too).
-  It must stay above `min_control_agreement`.
+- Control prompts: a fixed set of general questions; agreement = mean sentence-embedding cosine
+  between the candidate's answer and the base model's answer (ROUGE-L is reported too). It must
+  stay above `min_control_agreement`, and no control answer may have *collapsed*: a cosine under
+  `collapse_cosine` means the answer is about something else entirely (nonsense, or a taught reply
+  given to an unrelated question), which a mean over many answers can hide.
 
 A candidate is promoted only if its held-out ROUGE-L beats the incumbent's by `min_gain` and the
-control agreement holds.
+control answers hold.
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ CONTROL_PROMPTS = (
     "Which planet is known as the Red Planet?",
     "What is the boiling point of water in Celsius?",
     "Translate 'thank you' into Spanish.",
+    "What is the largest planet in our solar system?",
+    "How many legs does a dog have?",
+    "What is the opposite of 'up'?",
+    "What do you call a baby cat?",
+    "How many months are in a year?",
+    "What is 5 times 4?",
+    "What is the chemical symbol for water?",
+    "Name a fruit that is yellow.",
 )
 
 
@@ -36,12 +46,18 @@ class GatePolicy:
     # benchmark); ones trained hard on nonsense corrections fell to 0.39-0.66, answering general questions
     # with wrong facts and loops that a mean cosine still finds on topic (0.6 let one of them through).
     min_control_agreement: float = 0.7
+    # Collapsed control answers allowed, and the cosine under which one counts as collapsed. Wrong, short
+    # or reworded answers on the same topic score 0.33-0.92 against the base answer; nonsense or an
+    # e-mail address given to "What is 12 plus 7?" scores under 0.1. A nonsense-trained candidate
+    # whose mean stayed at 0.75 had two of eight such answers.
+    max_control_collapsed: int = 0
+    collapse_cosine: float = 0.2
 
 
 def generate(client: ModelClient, model: str, prompts: list[list[dict]], max_tokens: int = 128) -> list[str]:
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(8) as pool:  # vLLM batches concurrent requests
+    with ThreadPoolExecutor(16) as pool:  # vLLM batches concurrent requests
         return list(pool.map(lambda p: client.complete(p, model, max_tokens=max_tokens, temperature=0.0)[0], prompts))
 
 
@@ -62,9 +78,15 @@ def control_messages(system_prompt: str) -> list[list[dict]]:
 def agreement(replies: list[str], base_replies: list[str]) -> float:
     """Mean sentence-embedding cosine between each answer and the base model's answer. Embeddings,
     not ROUGE: a candidate that answers the same thing more briefly has not forgotten it."""
-    if not base_replies:
-        return 1.0
-    return round(sum(paired_cosines(replies, base_replies)) / len(base_replies), 4)
+    return control_report(replies, base_replies)["control_agreement"]
+
+
+def control_report(replies: list[str], base_replies: list[str], policy: GatePolicy | None = None) -> dict:
+    """Agreement (mean cosine), the cosine of each answer, and how many answers collapsed."""
+    policy = policy or GatePolicy()
+    cos = [round(c, 4) for c in paired_cosines(replies, base_replies)] if base_replies else []
+    return {"control_agreement": round(sum(cos) / len(cos), 4) if cos else 1.0, "control_cosines": cos,
+            "control_collapsed": sum(c < policy.collapse_cosine for c in cos)}
 
 
 def control_rouge(replies: list[str], base_replies: list[str]) -> float:
@@ -72,10 +94,16 @@ def control_rouge(replies: list[str], base_replies: list[str]) -> float:
 
 
 def decide(candidate: dict, incumbent: dict, policy: GatePolicy) -> tuple[bool, str]:
-    """(promote?, reason). `candidate`/`incumbent` hold rougeL on held-out; candidate holds control."""
+    """(promote?, reason). `candidate`/`incumbent` hold rougeL on held-out; candidate holds control
+    (control_agreement, and control_collapsed where it was counted)."""
     c, i = candidate.get("rougeL"), incumbent.get("rougeL")
     if c is None:
         return False, "no held-out feedback to judge the candidate on"
+    collapsed = candidate.get("control_collapsed", 0)
+    if collapsed > policy.max_control_collapsed:
+        return False, (f"control answers drifted: {collapsed} answer(s) to general questions lost their meaning "
+                       f"(cosine < {policy.collapse_cosine:.2f} to the base answer; at most "
+                       f"{policy.max_control_collapsed} allowed)")
     if candidate["control_agreement"] < policy.min_control_agreement:
         return False, (f"control answers drifted: agreement {candidate['control_agreement']:.2f} "
                        f"< {policy.min_control_agreement:.2f}")

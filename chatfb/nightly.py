@@ -146,7 +146,8 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
         t = time.perf_counter()
         metrics = evaluate(client, settings, data.heldout, name, incumbent, base_name, out)
         timings["eval_s"] = round(time.perf_counter() - t, 2)
-        ok, reason = gate.decide({"rougeL": metrics["candidate_rougeL"], "control_agreement": metrics["control_agreement"]},
+        ok, reason = gate.decide({"rougeL": metrics["candidate_rougeL"], "control_agreement": metrics["control_agreement"],
+                                  "control_collapsed": metrics["control_collapsed"]},
                                  {"rougeL": metrics["incumbent_rougeL"]}, gate.GatePolicy())
         metrics["decision"] = reason
         backend.update_adapter(name, status="candidate" if ok else "rejected", metrics=metrics, data_counts=counts,
@@ -250,9 +251,12 @@ def evaluate(client: ModelClient, settings: Settings, heldout, candidate: str, i
     inc = gate.closeness(gate.generate(client, incumbent or base_name, prompts), targets)
     base_control = gate.generate(client, base_name, control)
     cand_control = gate.generate(client, candidate, control)
+    report = gate.control_report(cand_control, base_control)
     return {"candidate_rougeL": cand["rougeL"], "candidate_bleu": cand["bleu"], "incumbent": incumbent or "base",
             "incumbent_rougeL": inc["rougeL"], "incumbent_bleu": inc["bleu"], "heldout_n": cand["n"],
-            "control_agreement": gate.agreement(cand_control, base_control),
+            **report,
             "control_rougeL": gate.control_rouge(cand_control, base_control),
-            "control_samples": [{"prompt": q, "base": b[:200], "candidate": c[:200]}
-                                for q, b, c in zip(gate.CONTROL_PROMPTS[:3], base_control, cand_control)]}
+            # the three answers furthest from the base model's, so a reviewer sees what drifted
+            "control_samples": [{"prompt": q, "cosine": round(c, 4), "base": b[:200], "candidate": a[:200]}
+                                for c, q, b, a in sorted(zip(report["control_cosines"],
+                                                             gate.CONTROL_PROMPTS, base_control, cand_control))[:3]]}

@@ -14,6 +14,22 @@ def test_gate_decisions():
     # the default: the worst real candidate seen (0.75) passes, the best nonsense-trained one (0.66) does not
     assert gate.decide({"rougeL": 1.0, "control_agreement": 0.75}, {"rougeL": 0.4}, gate.GatePolicy())[0]
     assert "drifted" in gate.decide({"rougeL": 1.0, "control_agreement": 0.66}, {"rougeL": 0.4}, gate.GatePolicy())[1]
+    # a good mean does not hide an answer that lost its meaning
+    ok, why = gate.decide({"rougeL": 1.0, "control_agreement": 0.8, "control_collapsed": 1}, {"rougeL": 0.4},
+                          gate.GatePolicy())
+    assert not ok and "drifted" in why and "1 answer" in why
+
+
+def test_control_report_counts_collapsed_answers_not_reworded_ones():
+    base = ["The capital of France is Paris.", "There are 7 days in a week.", "12 plus 7 equals 19.",
+            "Bees make honey.", "Water boils at 100 degrees Celsius.", "Mars is known as the Red Planet."]
+    reworded = ["Paris is the capital.", "A week has seven days.", "19", "Honey!", "It boils at 90 degrees.", "Jupiter."]
+    assert gate.control_report(reworded, base)["control_collapsed"] == 0
+    broken = reworded[:4] + ["Zorp blag wibble zorp zorp.", "Please email support@chatfb.example for help."]
+    report = gate.control_report(broken, base)
+    assert report["control_collapsed"] == 2 and report["control_cosines"][4] < 0.2
+    assert report["control_agreement"] == round(sum(report["control_cosines"]) / 6, 4)
+    assert not gate.decide({"rougeL": 1.0, **report}, {"rougeL": 0.4}, gate.GatePolicy(min_control_agreement=0.0))[0]
 
 
 def test_closeness_and_agreement():
