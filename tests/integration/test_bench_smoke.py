@@ -58,6 +58,9 @@ def test_refresh_bench_smoke_hot_swap_and_restart(vllm_url, embedded_model, tmp_
     s = swap["swaps"][0]
     assert s["activate_ms"] > 0
     assert 0 < s["saved_to_first_token_ms"] <= s["saved_to_first_reply_ms"]
+    assert s["probe_model"] == s["adapter"] and s["probe_error"] is None  # a new chat goes to the new version
+    assert s["saved_to_active_ms"] < s["new_chat_first_token_ms"] < s["new_chat_reply_ms"]
+    assert s["load_ttft_before_ms"] > 0
     assert s["failed_requests"] == 0 and swap["load_failures"] == 0, swap["errors"]
     # the shared server is left serving the base model only
     client = ModelClient(vllm_url)
