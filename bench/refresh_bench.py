@@ -191,13 +191,13 @@ def measure_swaps(url: str, api_key: str | None, model_dir: Path, args, workdir:
     router = AdapterRouter(SERVED_NAME)
     registry = AdapterRegistry(store, [admin], router, data_dir)
     names = [f"bench-{os.getpid()}-v{i:02d}" for i in range(1, args.swaps + 1)]
+    since = time.perf_counter()  # TTFT under load: requests sent since the load started or the last swap
     load = ChatLoad(url, api_key, router, args.load_threads, args.max_tokens).start()
     t_load = time.perf_counter()
     swaps = []
     try:
         time.sleep(args.settle_s)
         for i, name in enumerate(names):
-            settled = time.perf_counter()
             partial = data_dir / "adapters" / f"{name}.partial"
             shutil.copytree(template, partial)
             partial.rename(data_dir / "adapters" / name)
@@ -213,7 +213,7 @@ def measure_swaps(url: str, api_key: str | None, model_dir: Path, args, workdir:
             failed = load.failed_between(saved, time.perf_counter())
             drained = load.finished_after(previous, active)
             # TTFT under the same load just before the swap (those requests have finished by now)
-            load_ttft = load.ttft_between(settled - args.settle_s, saved)
+            load_ttft = load.ttft_between(since, saved)
             swaps.append({
                 "adapter": name, "previous": previous, "saved_at_s": saved - t_load,
                 "activate_ms": registry.last_swap_ms, "saved_to_active_ms": ms(active, saved),
@@ -232,6 +232,7 @@ def measure_swaps(url: str, api_key: str | None, model_dir: Path, args, workdir:
             print(f"swap to {name}: activate {fmt(s['activate_ms'])} ms; after save, a new chat's first token"
                   f" {fmt(s['new_chat_first_token_ms'])} ms (TTFT under this load {fmt(load_ttft)} ms), the load's"
                   f" first token {fmt(s['saved_to_first_token_ms'])} ms; failed {s['failed_requests']}", flush=True)
+            since = time.perf_counter()
             time.sleep(args.settle_s)
     finally:
         load.stop()
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f" times from the adapter folder being complete on disk (hot swap) or from the stop call (restart)."
                 f" New chat: a request sent the moment the swap returned. Running chats: the load's own threads, each"
                 f" first finishing the request it had in flight. TTFT under load: median first token of the load's"
-                f" requests in the {args.settle_s:g} s before the swap."
+                f" requests sent between the previous swap (or the load's start) and the save."
                 f" Server: {results['vllm_url']}.\nMachine: {m['host_cpus']} CPUs, 1-min load average"
                 f" {m['load_avg_1m_at_start']} at start.\n\n{table}\n{restart_note}\n\n{swap_table}\n\n"
                 f"{targets_table(results['targets'])}")
