@@ -75,14 +75,10 @@ def control_messages(system_prompt: str) -> list[list[dict]]:
     return [[{"role": "system", "content": system_prompt}, {"role": "user", "content": q}] for q in CONTROL_PROMPTS]
 
 
-def agreement(replies: list[str], base_replies: list[str]) -> float:
-    """Mean sentence-embedding cosine between each answer and the base model's answer. Embeddings,
-    not ROUGE: a candidate that answers the same thing more briefly has not forgotten it."""
-    return control_report(replies, base_replies)["control_agreement"]
-
-
 def control_report(replies: list[str], base_replies: list[str], policy: GatePolicy | None = None) -> dict:
-    """Agreement (mean cosine), the cosine of each answer, and how many answers collapsed."""
+    """Agreement (mean sentence-embedding cosine of each answer to the base model's answer), the
+    cosine of each answer, and how many answers collapsed. Embeddings, not ROUGE: a candidate that
+    answers the same thing more briefly has not forgotten it."""
     policy = policy or GatePolicy()
     cos = [round(c, 4) for c in paired_cosines(replies, base_replies)] if base_replies else []
     return {"control_agreement": round(sum(cos) / len(cos), 4) if cos else 1.0, "control_cosines": cos,

@@ -36,7 +36,8 @@ def test_closeness_and_agreement():
     same = gate.closeness(["email support@chatfb.example"], ["email support@chatfb.example"])
     other = gate.closeness(["call the hotline"], ["email support@chatfb.example"])
     assert same["rougeL"] == 1.0 and other["rougeL"] < 0.3 and same["bleu"] > other["bleu"]
-    assert gate.agreement(["Paris."], ["Paris."]) == 1.0 and gate.agreement(["Bananas are yellow fruit."], ["Paris is the capital of France."]) < 0.5
+    agreement = lambda a, b: gate.control_report(a, b)["control_agreement"]  # noqa: E731
+    assert agreement(["Paris."], ["Paris."]) == 1.0 and agreement(["Bananas are yellow fruit."], ["Paris is the capital of France."]) < 0.5
 
 
 def test_scorer_drops_refinements_that_ignore_the_critique():
