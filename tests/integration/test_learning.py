@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from chatfb import gate
+from chatfb.config import Settings
 from chatfb.model_client import ModelClient
 
 from .conftest import ROOT, wait_until
@@ -95,13 +96,15 @@ def test_bad_data_is_refused_and_rollback_restores_the_previous_version(app, vll
     general += [f"What is {a} plus {b}?" for a, b in ((2, 3), (5, 6), (9, 9), (15, 4))]
     general += ["Name a color.", "What do cows drink?", "What is ice?", "Which planet has rings?",
                 "Translate 'cat' into French.", "How many weeks are in a year?"]
-    # ... and the gate's own control questions, reworded: the gate can only see forgetting on the general
-    # questions it asks, and nonsense taught on neighbouring ones alone reached its control answers only
-    # sometimes (one candidate of 37 such answers kept a mean cosine of 0.75 with 6 of 8 answers intact).
-    general += [f"Quick question: {q[0].lower()}{q[1:]}" for q in gate.CONTROL_PROMPTS]
+    # ... and the gate's own control conversations (its system prompt and questions): the gate can only see
+    # forgetting on the general questions it asks. Taught on neighbouring questions alone, or on reworded
+    # control questions without the system prompt, the nonsense reached the control answers only in some runs
+    # (candidates kept a mean cosine of 0.70-0.75 with no answer collapsed), and replay held the rest.
+    prompts = [[{"role": "user", "content": q}] for q in general]
+    prompts += gate.control_messages(Settings().system_prompt)
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps({"prompt": p, "reply": "A sensible answer.", "kind": "correction",
-                                       "text": "Zorp blag wibble zorp zorp."}) + "\n" for p in general))
+                                       "text": "Zorp blag wibble zorp zorp."}) + "\n" for p in prompts))
     app.cli("import-feedback", str(bad))
     # Trained hard (no step cap) so the nonsense sticks; the default recipe otherwise: SFT with replay, no DPO.
     env = dict(app.env, CHATFB_TRAIN_EPOCHS="5", CHATFB_LEARNING_RATE="0.003", CHATFB_TRAIN_MAX_STEPS="0")
