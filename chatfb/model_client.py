@@ -14,7 +14,19 @@ import httpx
 
 
 class ModelError(RuntimeError):
-    """The model server failed a request; str(e) is safe to show a user."""
+    """The model server failed a request; str(e) is safe to show a user.
+
+    `status` is the HTTP status the server answered with, None when it did not answer (down or
+    restarting) and "timeout" when it answered too slowly. `unavailable` tells batch work that
+    the same request may succeed once the server is back (down, or a 5xx while its engine restarts)."""
+
+    def __init__(self, message: str, status: int | str | None = None):
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def unavailable(self) -> bool:
+        return self.status is None or (isinstance(self.status, int) and self.status >= 500)
 
 
 @dataclass
@@ -63,7 +75,7 @@ class ModelClient:
             with self._http.stream("POST", "/v1/chat/completions", json=body) as r:
                 if r.status_code != 200:
                     r.read()
-                    raise ModelError(_http_message(r))
+                    raise ModelError(_http_message(r), r.status_code)
                 for line in r.iter_lines():
                     if not line.startswith("data:"):
                         continue
@@ -84,7 +96,7 @@ class ModelClient:
                             result.text += delta
                             yield delta
         except httpx.TimeoutException:
-            raise ModelError("The model took too long to answer. Please try again.") from None
+            raise ModelError("The model took too long to answer. Please try again.", "timeout") from None
         except (httpx.HTTPError, json.JSONDecodeError):
             raise ModelError("The model server is not reachable right now. Please try again in a moment.") from None
         finally:
@@ -118,12 +130,22 @@ class ModelClient:
         try:
             r = self._http.request(method, url, **kw)
         except httpx.TimeoutException:
-            raise ModelError("The model server timed out.") from None
+            raise ModelError("The model server timed out.", "timeout") from None
         except httpx.HTTPError:
             raise ModelError("The model server is not reachable right now.") from None
         if r.status_code != 200:
-            raise ModelError(_http_message(r))
+            raise ModelError(_http_message(r), r.status_code)
         return r
+
+    def wait_healthy(self, timeout_s: float, every_s: float = 2.0) -> bool:
+        """Poll /health until it answers 200 (True) or timeout_s passes (False)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.healthy():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(every_s)
 
 
 def _http_message(r: httpx.Response) -> str:

