@@ -37,10 +37,18 @@ SHORTER = re.compile(r"\b(too long|shorter|brief|concise|less verbose|one senten
 LONGER = re.compile(r"\b(too short|longer|more detail|elaborate|expand)\b", re.I)
 PREAMBLE = re.compile(r"^\s*(?:(?:sure|okay|ok|certainly)[,!.]?\s*)?here(?:'s| is) (?:the |an |my |a )?"
                       r"(?:improved|revised|updated|better|new|rewritten)\b[^:\n]*:\s*", re.I)
-TO_THE_CRITIC = re.compile(r"^\W*(?:you'?re (?:absolutely |completely )?right|you are (?:absolutely )?right|"
-                           r"thank(?:s| you) for (?:the|your) feedback|good (?:point|catch)|"
-                           r"(?:i apologi[sz]e|(?:i'?m |i am )?(?:so |very )?sorry) (?:for|about) (?:the|my) "
-                           r"(?:mistake|error|previous|earlier|last|confusion))\b", re.I)
+# A rewrite that talks about the feedback or the rewriting instead of answering the user. The
+# efficacy benchmark's ILF adapters learnt exactly these from the 135M self-refiner: "You're right,
+# I'm sorry ...", "Your feedback is appreciated.", "Here's a revised version of the note:".
+TO_THE_CRITIC = re.compile(
+    r"\b(?:you'?re|you are) (?:absolutely |completely )?right\b"
+    r"|\bthank(?:s| you) for (?:the|your) (?:feedback|critique|correction)\b"
+    r"|\b(?:your|the|this) (?:feedback|critique)\b"
+    r"|\bgood (?:point|catch)\b"
+    r"|\b(?:revised|improved|updated|rewritten|corrected) (?:version|reply|response|answer|note)\b"
+    r"|\b(?:original|previous|earlier) (?:reply|response|answer)\b"
+    r"|\b(?:apologi[sz]e|sorry) (?:for|about) (?:the|my|any) (?:mistakes?|errors?|confusion)\b"
+    r"|\bmistakes? in (?:the|my|this) (?:conversation|reply|response|answer)\b", re.I)
 
 
 def clean_refinement(text: str) -> str:

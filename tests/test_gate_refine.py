@@ -108,3 +108,14 @@ def test_scorer_cuts_preambles_and_drops_replies_to_the_critic():
     (_, _, v0), (_, _, v1), (_, c2, v2), (_, _, v3) = scored
     assert v0 == v1 == "answers the critic, not the user"
     assert c2 == good and v2 == "ok" and v3 == "ok"
+    # what the benchmark's ILF adapters learnt from the 135M self-refiner
+    meta = ["I'm sorry for any mistake in the conversation. Email support@chatfb.example.",
+            "Your feedback is appreciated. Here's a revised version of the note: email support@chatfb.example.",
+            "Thanks! Unlike my previous reply, this one is right: support@chatfb.example."]
+    assert {v for _, _, v in score_refinements("How do I contact support?", original, critique, meta)} == {
+        "answers the critic, not the user"}
+    # ordinary replies to a user are not mistaken for talk about the feedback
+    tips = ["- Join a club.\n- Keep the conversation going.\n- Say yes to invitations.",
+            "Sorry for the wait! Here are some tips:\n- Join a club.\n- Say yes to invitations."]
+    assert [v for _, _, v in score_refinements("Tips for making friends?", "Be nice.", "use a bulleted list", tips)] == [
+        "ok", "ok"]
