@@ -1,8 +1,8 @@
 """Logging benchmark: how long the app's own write path takes with many chats writing at once.
 
 Each writer thread plays one chat session against one real DuckDB file through `chatfb.store.Store`
-(exactly the calls `chatfb.chat.ChatService` makes): per turn the user message, the pending
-assistant message and `finish_message`, then one feedback row on the reply. Writers run with no
+(exactly the calls `chatfb.chat.ChatService` makes): per turn the user message with the pending
+assistant message (`add_turn`, one transaction) and `finish_message`, then one feedback row on the reply. Writers run with no
 pause between turns (a worst case), then again paced like chats: each writer waits about
 `--pause-s` between turns (a reply takes a second or more to generate here), jittered so the
 writers do not march in step. Afterwards each file is reopened and every acknowledged row must be in it.
@@ -60,9 +60,8 @@ class Writer:
                 if pause_s:
                     time.sleep(pause_s * jitter.uniform(0.5, 1.5))
                 t0 = time.perf_counter()
-                user_id = self.store.add_message(self.conversation, "user", f"Question {i}: how do I contact support?")
-                reply_id = self.store.add_message(self.conversation, "assistant", "", status="pending",
-                                                  model="chatfb-base")
+                user_id, reply_id = self.store.add_turn(self.conversation, f"Question {i}: how do I contact support?",
+                                                        model="chatfb-base")
                 self.store.finish_message(reply_id, REPLY, "ok", None, ttft_ms=42.0, latency_ms=420.0,
                                           prompt_tokens=30, completion_tokens=60)
                 t1 = time.perf_counter()
@@ -107,8 +106,8 @@ def run_level(n_writers: int, turns: int, workdir: Path, pause_s: float = 0.0) -
         "writers": n_writers, "turns_per_writer": turns, "pause_s": pause_s, "errors": errors, "wall_s": round(wall_s, 3),
         "turn_p50_ms": percentile(turn_ms, 50), "turn_p99_ms": percentile(turn_ms, 99),
         "feedback_p50_ms": percentile(feedback_ms, 50), "feedback_p99_ms": percentile(feedback_ms, 99),
-        # a turn is 3 write transactions, feedback 1
-        "writes_per_s": (3 * len(turn_ms) + len(feedback_ms)) / wall_s if wall_s else None,
+        # committed transactions per second: a turn is 2 (it was 3 before Store.add_turn), feedback 1
+        "writes_per_s": (2 * len(turn_ms) + len(feedback_ms)) / wall_s if wall_s else None,
         "rows_acknowledged": acked,
         "rows_in_file": len(in_file_messages & acked_messages) + len(in_file_feedback & acked_feedback),
         "rows_in_file_total": counts["messages"] + counts["feedback"],
@@ -140,7 +139,7 @@ def plot(levels: list[dict], paced: list[dict], path: Path) -> None:
 def level_table(levels: list[dict]) -> str:
     base = levels[0]
     return markdown_table(
-        ["writers", "turn p50 ms", "turn p99 ms", "feedback p50 ms", "feedback p99 ms", "writes/s",
+        ["writers", "turn p50 ms", "turn p99 ms", "feedback p50 ms", "feedback p99 ms", "transactions/s",
          f"turn p99 / {base['writers']} writer(s)", "rows acknowledged", "rows in file"],
         [[lv["writers"], lv["turn_p50_ms"], lv["turn_p99_ms"], lv["feedback_p50_ms"], lv["feedback_p99_ms"],
           round(lv["writes_per_s"]), lv["turn_p99_ms"] / base["turn_p99_ms"], lv["rows_acknowledged"],
@@ -185,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     paced_md = (f"\n\nPaced like chats: {paced_turns} turns per writer, {pause_s:g} s mean pause (0.5-1.5x) before"
                 f" each turn.\n\n{level_table(paced)}" if paced else "")
     markdown = (f"## chatfb logging benchmark{' (smoke)' if args.smoke else ''}\n\n"
-                f"A turn = user message + pending reply + finish_message (3 transactions), then 1 feedback row,"
+                f"A turn = user message and pending reply (1 transaction), then finish_message (1), then 1 feedback row,"
                 f" each acknowledged only once committed. One DuckDB file per level.\n"
                 f"Machine: {m['host_cpus']} CPUs, 1-min load average {m['load_avg_1m_at_start']} at start.\n\n"
                 f"No pause between turns (worst case): {turns} turns per writer.\n\n{level_table(levels)}{paced_md}\n\n"

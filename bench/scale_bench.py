@@ -133,8 +133,8 @@ def duckdb_size(turns: int, work: Path) -> dict:
         for i in range(turns):
             if i % 10 == 0:  # ten turns per conversation
                 conv = store.create_conversation(f"session-{i // 10}", f"user{i % 50}", SYSTEM)
-            store.add_message(conv, "user", f"Question {i}: how do I change my notification settings, please?")
-            reply_id = store.add_message(conv, "assistant", "", status="pending", model=SERVED_NAME)
+            _, reply_id = store.add_turn(conv, f"Question {i}: how do I change my notification settings, please?",
+                                         model=SERVED_NAME)
             store.finish_message(reply_id, reply, "ok", None, ttft_ms=120.0, latency_ms=2400.0, prompt_tokens=40,
                                  completion_tokens=130)
             if i % 10 == 0:

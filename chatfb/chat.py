@@ -103,8 +103,7 @@ class ChatService:
             raise ChatInputError(f"The system prompt is longer than {self.settings.max_message_chars} characters.")
         self.limiter.check(session_id)
         cid = self._own_conversation(session_id, conversation_id, system_prompt or "", user)
-        self.store.add_message(cid, "user", text)
-        return cid, self._reply(cid)
+        return cid, self._reply(cid, user_text=text)
 
     def regenerate(self, session_id: str, conversation_id: str | None, system_prompt: str = "",
                    user: str | None = None) -> Iterator[ReplyUpdate]:
@@ -125,13 +124,18 @@ class ChatService:
                                         session_id=session_id)
         return self._reply(cid, replaces=replaces)
 
-    def _reply(self, cid: str, replaces: str | None = None) -> Iterator[ReplyUpdate]:
+    def _reply(self, cid: str, replaces: str | None = None, user_text: str | None = None) -> Iterator[ReplyUpdate]:
+        """Log the pending reply (with the user's message before it, in one transaction, when
+        `user_text` is given) and return the stream that generates it."""
         # Counted as in flight from here, so a swap never unloads the adapter this reply will use.
         model = self.router.acquire()
         try:
             adapter = None if model == self.router.base_name else model
-            mid = self.store.add_message(cid, "assistant", "", status="pending", model=self.router.base_name,
-                                         adapter=adapter, replaces=replaces)
+            if user_text is not None:
+                _, mid = self.store.add_turn(cid, user_text, model=self.router.base_name, adapter=adapter)
+            else:
+                mid = self.store.add_message(cid, "assistant", "", status="pending", model=self.router.base_name,
+                                             adapter=adapter, replaces=replaces)
         except BaseException:
             self.router.release(model)
             raise

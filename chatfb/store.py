@@ -68,6 +68,10 @@ class Store:
         self._seq: dict[str, int] = {}  # conversation id -> last message seq (see _next_seq)
         self._seq_lock = threading.Lock()
         self._stripes = [threading.Lock() for _ in range(64)]  # see log_feedback
+        self._readers: list = []  # idle reader cursors, see _q
+        self._all_readers: list = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -76,12 +80,18 @@ class Store:
             if "lock" in str(e).lower():
                 raise StoreLocked(f"{self.path} is in use by another process (is the app running?)") from None
             raise StoreError(f"cannot open {self.path}: {e}") from None
+        self._spawner = self._db.cursor()  # makes reader cursors (see _q)
         if not read_only:
             self._migrate()
 
     # -- plumbing -------------------------------------------------------------------------
     def close(self) -> None:
         with self._lock:
+            with self._readers_lock:
+                self._closed = True
+                readers, self._all_readers, self._readers = self._all_readers, [], []
+            for cur in readers + [self._spawner]:
+                cur.close()
             self._db.close()
 
     def __enter__(self):
@@ -91,8 +101,24 @@ class Store:
         self.close()
 
     def _q(self, sql: str, params=()) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, params).fetchall()
+        """Run a read on a reader cursor (a second connection to the same database), not on the
+        writer's connection: a read neither waits for the group commit under way nor holds the next
+        one up, and it sees every transaction committed before it started. Cursors are pooled (one
+        per read running at once), so threads that come and go do not leave connections behind."""
+        with self._readers_lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            cur = self._readers.pop() if self._readers else None
+        if cur is None:
+            with self._readers_lock:  # made by a connection of their own, so never behind the writer
+                cur = self._spawner.cursor()
+                self._all_readers.append(cur)
+        try:
+            return cur.execute(sql, params).fetchall()
+        finally:
+            with self._readers_lock:
+                if not self._closed:
+                    self._readers.append(cur)
 
     def _tx(self, statements: list[tuple[str, tuple]]) -> None:
         """Run statements as one transaction, committed before returning.
@@ -212,13 +238,23 @@ class Store:
             raise StoreError(f"unknown role {role!r}")
         mid = new_id()
         seq = self._next_seq(conversation_id)
-        stmts = [("INSERT INTO messages (id, conversation_id, seq, role, content, status, model, adapter, replaces, created_at)"
-                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                  (mid, conversation_id, seq, role, content, status, model, adapter, replaces, utcnow()))]
+        stmts = [(_INSERT_MESSAGE, (mid, conversation_id, seq, role, content, status, model, adapter, replaces, utcnow()))]
         if replaces:
             stmts.append(("UPDATE messages SET replaced = TRUE WHERE id = ?", (replaces,)))
         self._tx(stmts)
         return mid
+
+    def add_turn(self, conversation_id: str, user_text: str, model: str | None = None,
+                 adapter: str | None = None) -> tuple[str, str]:
+        """Log a user message and the pending reply to it as one transaction (one commit, not two,
+        before the model is asked). Returns (user message id, reply id)."""
+        now = utcnow()
+        ids = new_id(), new_id()
+        self._tx([(_INSERT_MESSAGE, (ids[0], conversation_id, self._next_seq(conversation_id), "user", user_text, "ok",
+                                     None, None, None, now)),
+                  (_INSERT_MESSAGE, (ids[1], conversation_id, self._next_seq(conversation_id), "assistant", "", "pending",
+                                     model, adapter, None, now))])
+        return ids
 
     def _next_seq(self, conversation_id: str) -> int:
         """The next message number of a conversation. This process is the file's only writer, so the
@@ -229,9 +265,7 @@ class Store:
             if conversation_id in self._seq:
                 self._seq[conversation_id] += 1
                 return self._seq[conversation_id]
-        with self._lock:
-            last = self._db.execute("SELECT coalesce(max(seq), 0) FROM messages WHERE conversation_id = ?",
-                                    (conversation_id,)).fetchone()[0]
+        last = self._q("SELECT coalesce(max(seq), 0) FROM messages WHERE conversation_id = ?", (conversation_id,))[0][0]
         with self._seq_lock:
             self._seq[conversation_id] = max(self._seq.get(conversation_id, 0), last) + 1
             return self._seq[conversation_id]
@@ -282,12 +316,11 @@ class Store:
         # Feedback with the same (message, kind, session) is written one at a time (a striped lock), so a
         # revision always sees the one it supersedes; all other feedback joins the group commit freely.
         with self._stripes[hash((message_id, kind, session_id)) % len(self._stripes)]:
-            with self._lock:
-                rows = self._db.execute(
-                    "SELECT m.role, c.session_id, EXISTS (SELECT 1 FROM feedback f WHERE f.message_id = m.id AND"
-                    " f.kind = ? AND f.session_id = ? AND f.superseded_at IS NULL)"
-                    " FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.id = ?",
-                    (kind, session_id, message_id)).fetchall()
+            rows = self._q(
+                "SELECT m.role, c.session_id, EXISTS (SELECT 1 FROM feedback f WHERE f.message_id = m.id AND"
+                " f.kind = ? AND f.session_id = ? AND f.superseded_at IS NULL)"
+                " FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.id = ?",
+                (kind, session_id, message_id))
             if not rows or (session_id is not None and rows[0][1] != session_id):
                 raise StoreError("feedback refused: unknown message")
             if rows[0][0] != "assistant":
@@ -445,6 +478,9 @@ class _Write:
 # parameters by primary key ("id" or "name").
 _INSERT = re.compile(r"(INSERT INTO \w+(?: \([\w, ]+\))? VALUES )(\([^()]*\))", re.S)
 _UPDATE = re.compile(r"UPDATE (\w+) SET ((?:\w+ = \?, )*\w+ = \?) WHERE (id|name) = \?", re.S)
+_INSERT_MESSAGE = ("INSERT INTO messages (id, conversation_id, seq, role, content, status, model, adapter, replaces, created_at)"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_MERGE_MAX_STATEMENTS = 4  # a transaction of up to this many single-row INSERTs (a turn) merges too
 
 
 def _coalesce(batch: list[_Write]) -> list[tuple[str, tuple]]:
@@ -452,13 +488,23 @@ def _coalesce(batch: list[_Write]) -> list[tuple[str, tuple]]:
 
     DuckDB spends about a millisecond on each statement however small, so 32 writers' one-row
     INSERTs cost 32 ms one by one and a few ms as one multi-row INSERT; likewise UPDATEs by key
-    become one UPDATE ... FROM (VALUES ...). Only transactions of one statement are merged: they
-    touch rows no other write of the batch touches (fresh ids; a reply that its own writer finished
-    after inserting it in an earlier batch), so running them together at the first one's place
-    changes nothing. Transactions of several statements keep their order, statement by statement."""
+    become one UPDATE ... FROM (VALUES ...). Merged are transactions of one statement, and small
+    transactions of single-row INSERTs only (a turn: user message + pending reply): they touch rows
+    no other write of the batch touches (fresh ids; a reply that its own writer finished after
+    inserting it in an earlier batch), so running them together at the first one's place changes
+    nothing. Other transactions of several statements keep their order, statement by statement."""
     out: list[list] = []  # [sql, [params, ...], {keys}]
     groups: dict[str, list] = {}
     for job in batch:
+        if 1 < len(job.statements) <= _MERGE_MAX_STATEMENTS and all(_INSERT.fullmatch(sql) for sql, _ in job.statements):
+            for sql, params in job.statements:  # fresh rows only: no other write of the batch can touch them
+                group = groups.get(sql)
+                if group is not None:
+                    group[1].append(params)
+                else:
+                    group = groups[sql] = [sql, [params], set()]
+                    out.append(group)
+            continue
         if len(job.statements) != 1:
             out.extend([sql, [params], set()] for sql, params in job.statements)
             continue

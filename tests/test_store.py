@@ -194,6 +194,37 @@ def test_coalesce_merges_only_independent_single_writes():
     assert out[2:] == [("UPDATE t SET v = 0 WHERE id = ?", ("z",)), (ins, ("c", 3)), (upd, (5, 6, "x"))]
 
 
+def test_coalesce_merges_turns_of_inserts_only():
+    """A transaction of a few single-row INSERTs (a turn) joins the batch's multi-row INSERTs; one with
+    an UPDATE in it, or a long one (an import), keeps its statements as they are."""
+    from chatfb.store import _Write, _coalesce
+
+    ins, other = "INSERT INTO t (id, v) VALUES (?, ?)", "INSERT INTO u VALUES (?)"
+    batch = [_Write([(ins, ("a", 1))]), _Write([(ins, ("b", 2)), (ins, ("c", 3)), (other, ("o",))]),
+             _Write([("UPDATE t SET v = 0 WHERE id = ?", ("z",)), (ins, ("d", 4))]), _Write([(other, ("p",))]),
+             _Write([(ins, (f"i{n}", n)) for n in range(5)])]
+    assert _coalesce(batch) == [
+        ("INSERT INTO t (id, v) VALUES (?, ?), (?, ?), (?, ?)", ("a", 1, "b", 2, "c", 3)),
+        ("INSERT INTO u VALUES (?), (?)", ("o", "p")),
+        ("UPDATE t SET v = 0 WHERE id = ?", ("z",)), (ins, ("d", 4)),
+        *[(ins, (f"i{n}", n)) for n in range(5)]]
+
+
+def test_add_turn_logs_message_and_pending_reply_in_one_commit(store):
+    cid = store.create_conversation("s1", "ann")
+    before = store.add_message(cid, "user", "first")
+    commits = []
+    run = store._run
+    store._run = lambda batch: (commits.append(len(batch)), run(batch))
+    user_id, reply_id = store.add_turn(cid, "how do I reset it?", model="m", adapter="chatfb-v0001")
+    assert commits == [1]
+    assert [(m["id"], m["role"], m["status"], m["seq"]) for m in store.messages(cid)] == [
+        (before, "user", "ok", 1), (user_id, "user", "ok", 2), (reply_id, "assistant", "pending", 3)]
+    reply = store.message(reply_id)
+    assert (reply["model"], reply["adapter"], reply["content"]) == ("m", "chatfb-v0001", "")
+    assert store.history_before(reply_id)[-1] == {"role": "user", "content": "how do I reset it?"}
+
+
 def test_a_bad_write_in_a_merged_batch_fails_alone(store):
     """A merged statement that fails is retried write by write: the bad one gets the error, the
     others land."""
@@ -239,3 +270,52 @@ def test_concurrent_revisions_of_one_rating_leave_exactly_one_active(store):
     for t in threads:
         t.join()
     assert len(store.feedback_for(mid)) == 1 and len(store.feedback_for(mid, active_only=False)) == 8
+
+
+def test_reads_do_not_wait_for_a_commit_under_way(store):
+    """Reads run on pooled reader cursors, not on the writer's connection: while a group commit holds
+    the writer (simulated by holding its lock), a reply's history and feedback checks still answer."""
+    import threading
+
+    cid = store.create_conversation("s1", "ann", "Be brief.")
+    store.add_message(cid, "user", "hi")
+    a = store.add_message(cid, "assistant", "", status="pending")
+    store.finish_message(a, "hello", "ok")
+    holding, release = threading.Event(), threading.Event()
+
+    def commit_under_way():
+        with store._lock:
+            holding.set()
+            release.wait(10)
+
+    t = threading.Thread(target=commit_under_way)
+    t.start()
+    try:
+        assert holding.wait(5)
+        answers = []
+        reader = threading.Thread(target=lambda: answers.append(
+            (store.history_before(a), store.message(a)["content"], store.counts()["messages"])))
+        reader.start()
+        reader.join(5)
+        assert not reader.is_alive(), "a read waited for the writer's connection"
+        assert answers == [([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}], "hello", 2)]
+    finally:
+        release.set()
+        t.join()
+
+
+def test_reader_cursors_are_pooled_and_closed(settings):
+    import threading
+
+    s = Store(settings.db_path)
+    cid = s.create_conversation("s1")
+    for _ in range(20):  # threads that come and go, one at a time, reuse one cursor
+        t = threading.Thread(target=lambda: s.messages(cid))
+        t.start()
+        t.join()
+    assert len(s._all_readers) == 1
+    s.close()
+    with pytest.raises(StoreError, match="closed"):
+        s.messages(cid)
+    with Store(settings.db_path) as again:  # every connection closed: the file opens read-write again
+        assert again.conversation(cid)["id"] == cid
