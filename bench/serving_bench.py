@@ -6,17 +6,20 @@ Three ways to answer the same fixed prompts (temperature 0), measured in one run
   (b) direct  - the same requests straight to vLLM's /v1/chat/completions, streamed with httpx;
   (c) transformers - `generate` on the same model folder, one stream at a time.
 (a) and (b) run at each concurrency, interleaved round by round (alternating which goes first) so
-a noisy machine hurts both alike. Throughput = completion tokens / wall time; TTFT = time from the
+a noisy machine hurts both alike. With --compare-dtype a second managed server serves the same model
+in that dtype and (d) "direct, <dtype>" joins the rounds (what the default dtype buys). Throughput = completion tokens / wall time; TTFT = time from the
 call to the first text of the reply (for chatfb it includes logging the turn).
 
     python -m bench.serving_bench                               # starts its own vLLM on the embedded model
     python -m bench.serving_bench --vllm-url http://127.0.0.1:8011 --model-dir data/models/SmolLM2-135M-Instruct
+    python -m bench.serving_bench --compare-dtype float32       # also the same server in float32, side by side
     python -m bench.serving_bench --smoke --vllm-url ...        # 8 tokens, concurrency 1 and 2
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import threading
@@ -28,7 +31,7 @@ from typing import Callable
 
 from bench.report import (add_output_flags, save_figure, default_out_dir, machine, markdown_table, percentile, plot_path, pyplot, target,
                           targets_table, write_results)
-from bench.server import SERVED_NAME, add_server_flags, vllm_server
+from bench.server import SERVED_NAME, add_server_flags, managed_vllm, vllm_server
 
 NAME = "serving_bench"
 SYSTEM = "You are a helpful assistant."
@@ -56,6 +59,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of chatfb and direct runs")
     p.add_argument("--transformers-prompts", type=int, default=4, help="prompts for the transformers single stream")
     p.add_argument("--skip-transformers", action="store_true", help="leave out the transformers comparison")
+    p.add_argument("--compare-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="also start a managed server in this dtype and run it direct in the same rounds")
     add_output_flags(p, smoke_help="tiny run: concurrency 1 and 2, 8 tokens, 1 round; transformers on 1 prompt, 4 tokens")
     return p
 
@@ -168,7 +173,7 @@ def summarise(samples: list[Sample], wall_s: float) -> dict:
 
 
 # -- (c) plain transformers, one stream ---------------------------------------------------------
-def transformers_single_stream(model_dir: Path, prompts: list[str], max_tokens: int) -> dict:
+def transformers_single_stream(model_dir: Path, prompts: list[str], max_tokens: int, cpu_dtype: str = "float32") -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.generation.streamers import BaseStreamer
@@ -188,8 +193,8 @@ def transformers_single_stream(model_dir: Path, prompts: list[str], max_tokens: 
             pass
 
     gpu = torch.cuda.is_available()
-    # float32 on CPU like the managed vLLM server (--dtype float32); half precision on a GPU like vLLM's "auto"
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if gpu else torch.float32
+    # on a CPU the dtype the vLLM server uses (like for like); half precision on a GPU like vLLM's "auto"
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if gpu else getattr(torch, cpu_dtype)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to("cuda" if gpu else "cpu").eval()
 
@@ -243,18 +248,30 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"benchmark": NAME, "smoke": args.smoke, "machine": machine(), "max_tokens": args.max_tokens,
                "rounds": args.rounds, "requests_per_worker": args.requests_per_worker}
 
-    with vllm_server(args) as server, tempfile.TemporaryDirectory(prefix="chatfb-serving-bench-") as tmp:
+    from chatfb.vllm_server import serving_dtype
+
+    if args.compare_dtype and args.vllm_url:
+        raise SystemExit("--compare-dtype starts its own servers: leave out --vllm-url")
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(vllm_server(args))
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="chatfb-serving-bench-"))
         results["vllm_url"], results["model_dir"] = server.url, str(server.model_dir)
+        results["dtype"] = serving_dtype(args.dtype) if server.managed else "the server's own"
         service = chatfb_service(server.url, args.api_key, Path(tmp) / "data", args.max_tokens)
         http = direct_client(server.url, args.api_key)
         ways = {"chatfb": lambda p: chatfb_request(service, p),
                 "direct": lambda p: direct_request(http, p, args.max_tokens)}
+        other_http = None
+        if args.compare_dtype:
+            other = stack.enter_context(managed_vllm(server.model_dir, argparse.Namespace(**{**vars(args), "dtype": args.compare_dtype})))
+            other_http = direct_client(other.url, None)
+            ways[f"direct {args.compare_dtype}"] = lambda p: direct_request(other_http, p, args.max_tokens)
         for way in ways.values():  # warm-up: compile graphs, open connections, create tables
             way(PROMPTS[0])
         raw = {(w, c): ([], 0.0) for w in ways for c in args.concurrency}
         for r in range(args.rounds):
             for i, c in enumerate(args.concurrency):
-                order = ["chatfb", "direct"] if (r + i) % 2 == 0 else ["direct", "chatfb"]
+                order = list(ways) if (r + i) % 2 == 0 else list(ways)[::-1]
                 for way in order:
                     samples, wall = run_level(ways[way], c, args.requests_per_worker)
                     prev_samples, prev_wall = raw[(way, c)]
@@ -263,6 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"round {r + 1}/{args.rounds} {way:>6} x{c:<3} {s['tokens_per_s']:8.1f} tok/s"
                           f"  ttft p50 {s['ttft_p50_ms']:7.1f} ms  failures {s['failures']}", flush=True)
         http.close()
+        if other_http is not None:
+            other_http.close()
         service.client.close()
         service.store.close()
         results["levels"] = [{"way": w, "concurrency": c, **summarise(*raw[(w, c)])} for w in ways for c in args.concurrency]
@@ -273,8 +292,11 @@ def main(argv: list[str] | None = None) -> dict:
         elif server.model_dir is None:
             results["transformers"] = {"skipped": "the server's model folder is unknown; pass --model-dir"}
         else:
-            print(f"transformers single stream on {server.model_dir} ...", flush=True)
-            hf = results["transformers"] = transformers_single_stream(server.model_dir, hf_prompts, hf_tokens)
+            like = results["dtype"] if results["dtype"] in ("float32", "bfloat16") else "float32"
+            print(f"transformers single stream on {server.model_dir} ({like}) ...", flush=True)
+            hf = results["transformers"] = transformers_single_stream(server.model_dir, hf_prompts, hf_tokens, like)
+            if like != "float32" and hf["device"] == "cpu":  # also transformers' own default on a CPU
+                results["transformers_float32"] = transformers_single_stream(server.model_dir, hf_prompts, hf_tokens)
 
     level = {(lv["way"], lv["concurrency"]): lv for lv in results["levels"]}
     ref = 8 if 8 in args.concurrency else max(args.concurrency)
@@ -302,13 +324,29 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{a['failures']} / {b['failures']}"])
     table = markdown_table(["chats", "chatfb tok/s", "direct tok/s", "chatfb / direct", "chatfb TTFT p50 ms",
                             "direct TTFT p50 ms", "TTFT overhead ms", "failures chatfb / direct"], rows)
+    if args.compare_dtype:
+        alt = f"direct {args.compare_dtype}"
+        alt_rows = [[c, level[("direct", c)]["tokens_per_s"], level[(alt, c)]["tokens_per_s"],
+                     level[("direct", c)]["tokens_per_s"] / level[(alt, c)]["tokens_per_s"] if level[(alt, c)]["tokens_per_s"] else None,
+                     level[("direct", c)]["ttft_p50_ms"], level[(alt, c)]["ttft_p50_ms"], level[(alt, c)]["failures"]]
+                    for c in args.concurrency]
+        results["dtype_ratio_at_reference"] = alt_rows[args.concurrency.index(ref)][3]
+        table += (f"\n\nThe same model served in {results['dtype']} (above) and in {args.compare_dtype}, direct, in the same rounds:\n\n"
+                  + markdown_table(["chats", f"{results['dtype']} tok/s", f"{args.compare_dtype} tok/s",
+                                    f"{results['dtype']} / {args.compare_dtype}", f"{results['dtype']} TTFT p50 ms",
+                                    f"{args.compare_dtype} TTFT p50 ms", f"failures {args.compare_dtype}"], alt_rows))
+    a_ref = level[("chatfb", ref)]
     hf_line = (f"transformers `generate`, 1 stream ({hf['device']}, {hf['dtype']}, {len(hf_prompts)} prompts x {hf_tokens}"
                f" tokens): {hf['tokens_per_s']:.1f} tok/s, TTFT p50 {hf['ttft_p50_ms']:.1f} ms"
                if hf else f"transformers: skipped: {results['transformers']['skipped']}")
+    if results.get("transformers_float32"):
+        f32 = results["transformers_float32"]
+        hf_line += (f"; in float32 (its default on a CPU): {f32['tokens_per_s']:.1f} tok/s, TTFT p50 {f32['ttft_p50_ms']:.1f} ms"
+                    f" (chatfb at {ref} chats / that: {a_ref['tokens_per_s'] / f32['tokens_per_s']:.2f})")
     m = results["machine"]
     markdown = (f"## chatfb serving benchmark{' (smoke)' if args.smoke else ''}\n\n"
                 f"{args.rounds} interleaved rounds x {args.requests_per_worker} requests per chat, max_tokens"
-                f" {args.max_tokens}, temperature 0, fixed prompts. Server: {results['vllm_url']}.\n"
+                f" {args.max_tokens}, temperature 0, fixed prompts. Server: {results['vllm_url']}, dtype {results['dtype']}.\n"
                 f"Machine: {m['host_cpus']} CPUs, 1-min load average {m['load_avg_1m_at_start']} at start.\n\n"
                 f"{table}\n\n{hf_line}\n\n{targets_table(results['targets'])}")
     print("\n" + markdown)

@@ -35,6 +35,10 @@ class Settings:
     vllm_kvcache_gib: int = _f(1, "KV-cache size for vLLM on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE).")
     max_model_len: int = _f(2048, "Context length the managed vLLM server is started with.")
     max_lora_rank: int = _f(16, "Largest LoRA rank the managed vLLM server accepts (--max-lora-rank).")
+    vllm_dtype: str = _f(
+        "auto", "Weights dtype of the managed vLLM server: 'auto' = vLLM's choice on a GPU; on a CPU bfloat16 where it "
+        "has bf16 instructions (AVX512-BF16 or AMX; faster than float32 there, see the serving benchmark), "
+        "else float32. Or float32 / bfloat16 / float16.")
     system_prompt: str = _f("You are a helpful assistant.", "Default system prompt (users can edit theirs in the UI).")
     max_message_chars: int = _f(4000, "Longest chat message accepted, in characters.")
     max_feedback_chars: int = _f(8000, "Longest critique or correction accepted, in characters.")
@@ -143,6 +147,8 @@ def validate(s: Settings) -> None:
         raise ValueError("adapter_prefix must be 1-40 letters, digits, '-' or '_'")
     if s.lora_rank > s.max_lora_rank:
         raise ValueError(f"lora_rank {s.lora_rank} exceeds max_lora_rank {s.max_lora_rank}")
+    if s.vllm_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError("vllm_dtype must be auto, float32, bfloat16 or float16")
     if not 0 <= s.replay_examples <= 32:
         raise ValueError("replay_examples must be between 0 and 32")
     if s.nightly_at:

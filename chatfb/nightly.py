@@ -62,7 +62,7 @@ def model_server(settings: Settings):
 
     server = ManagedVLLM(base, settings.served_model_name, settings.vllm_port + 1, settings.data_dir,
                          settings.max_lora_rank, settings.max_model_len, settings.vllm_kvcache_gib,
-                         settings.vllm_startup_timeout_s)
+                         settings.vllm_startup_timeout_s, settings.vllm_dtype)
     server.log_path = settings.data_dir / "logs" / "vllm-nightly.log"
     server.start(wait=True)
     client = ModelClient(server.url, timeout_s=batch_timeout(settings))

@@ -64,7 +64,7 @@ class Runtime:
                 path = resolve_model(s.model, s.data_dir)
                 self.status = "Starting the model server (about a minute on a CPU)…"
                 self.server = ManagedVLLM(path, s.served_model_name, s.vllm_port, s.data_dir, s.max_lora_rank,
-                                          s.max_model_len, s.vllm_kvcache_gib, s.vllm_startup_timeout_s)
+                                          s.max_model_len, s.vllm_kvcache_gib, s.vllm_startup_timeout_s, s.vllm_dtype)
                 self.server.on_restart = self.registry.restore
                 self.server.start(wait=True)
             else:

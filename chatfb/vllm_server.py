@@ -26,7 +26,8 @@ class ServerStartError(RuntimeError):
     """The managed vLLM server did not come up; the message names the log file to read."""
 
 
-def vllm_command(model_path: Path, served_name: str, port: int, max_lora_rank: int, max_model_len: int) -> list[str]:
+def vllm_command(model_path: Path, served_name: str, port: int, max_lora_rank: int, max_model_len: int,
+                 dtype: str = "auto") -> list[str]:
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_path),
@@ -37,9 +38,34 @@ def vllm_command(model_path: Path, served_name: str, port: int, max_lora_rank: i
         "--max-lora-rank", str(max_lora_rank),
         "--max-loras", "4",
         "--max-model-len", str(max_model_len),
-        "--dtype", "float32" if _cpu_build() else "auto",
+        "--dtype", serving_dtype(dtype),
         "--disable-uvicorn-access-log",
     ]
+
+
+def serving_dtype(setting: str = "auto") -> str:
+    """The --dtype for vLLM: the setting itself unless it is "auto"; "auto" is vLLM's own choice on
+    a GPU, and on a CPU bfloat16 where the CPU computes in bf16 natively, else float32 (bf16
+    emulated without those instructions is slower than float32, and half precision is unsupported)."""
+    if setting != "auto":
+        return setting
+    if not _cpu_build():
+        return "auto"
+    return "bfloat16" if cpu_has_bf16() else "float32"
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU flags (Linux /proc/cpuinfo) include AVX512-BF16 or AMX-BF16."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False
 
 
 def _cpu_build() -> bool:
@@ -53,8 +79,8 @@ def _cpu_build() -> bool:
 
 class ManagedVLLM:
     def __init__(self, model_path: Path, served_name: str, port: int, data_dir: Path, max_lora_rank: int = 16,
-                 max_model_len: int = 2048, kvcache_gib: int = 1, startup_timeout_s: float = 600.0):
-        self.cmd = vllm_command(model_path, served_name, port, max_lora_rank, max_model_len)
+                 max_model_len: int = 2048, kvcache_gib: int = 1, startup_timeout_s: float = 600.0, dtype: str = "auto"):
+        self.cmd = vllm_command(model_path, served_name, port, max_lora_rank, max_model_len, dtype)
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = Path(data_dir) / "logs" / "vllm.log"
         self.kvcache_gib = kvcache_gib

@@ -1,0 +1,38 @@
+from pathlib import Path
+
+import pytest
+
+import chatfb.vllm_server as vs
+from chatfb.config import load_settings
+
+ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+OLD_XEON = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n"
+SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n"
+
+
+def test_cpu_bf16_detection_reads_the_flags_line():
+    assert vs.cpu_has_bf16(ZEN4) and vs.cpu_has_bf16(SAPPHIRE)
+    assert not vs.cpu_has_bf16(OLD_XEON)
+    assert not vs.cpu_has_bf16("model name\t: avx512_bf16 in a name, not a flag\n")
+
+
+@pytest.mark.parametrize("cpuinfo, expected", [(ZEN4, "bfloat16"), (OLD_XEON, "float32")])
+def test_auto_dtype_on_a_cpu_follows_its_instructions(monkeypatch, cpuinfo, expected):
+    monkeypatch.setattr(vs, "_cpu_build", lambda: True)
+    real = vs.cpu_has_bf16
+    monkeypatch.setattr(vs, "cpu_has_bf16", lambda: real(cpuinfo))
+    cmd = vs.vllm_command(Path("/m"), "chatfb-base", 8011, 16, 2048)
+    assert cmd[cmd.index("--dtype") + 1] == expected
+    cmd = vs.vllm_command(Path("/m"), "chatfb-base", 8011, 16, 2048, dtype="float32")  # a setting wins
+    assert cmd[cmd.index("--dtype") + 1] == "float32"
+
+
+def test_auto_dtype_on_a_gpu_is_vllms_own(monkeypatch):
+    monkeypatch.setattr(vs, "_cpu_build", lambda: False)
+    assert vs.serving_dtype("auto") == "auto" and vs.serving_dtype("float16") == "float16"
+
+
+def test_dtype_setting_is_checked():
+    assert load_settings({"CHATFB_VLLM_DTYPE": "bfloat16"}).vllm_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="vllm_dtype"):
+        load_settings({"CHATFB_VLLM_DTYPE": "int4"})
