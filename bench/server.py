@@ -16,6 +16,8 @@ from typing import Callable, Iterator
 
 import httpx
 
+from chatfb.config import VLLM_DTYPES
+
 SERVED_NAME = "chatfb-base"
 
 
@@ -35,7 +37,7 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="API key for --vllm-url")
     p.add_argument("--max-lora-rank", type=int, default=16, help="managed server: --max-lora-rank")
     p.add_argument("--kvcache-gib", type=int, default=1, help="managed server on CPU: KV-cache GiB")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", default="auto", choices=VLLM_DTYPES,
                    help="managed server: weights dtype, as CHATFB_VLLM_DTYPE (auto: bfloat16 on a CPU with bf16 instructions)")
     p.add_argument("--startup-timeout-s", type=float, default=900.0, help="managed server: how long to wait for /health")
 
@@ -69,7 +71,7 @@ def managed_vllm(model_dir: Path, args: argparse.Namespace) -> Iterator[Server]:
     def launch() -> ManagedVLLM:
         server = ManagedVLLM(model_dir, SERVED_NAME, port, args.data_dir, max_lora_rank=args.max_lora_rank,
                              kvcache_gib=args.kvcache_gib, startup_timeout_s=args.startup_timeout_s,
-                             dtype=getattr(args, "dtype", "auto"))
+                             dtype=args.dtype)
         server.log_path = Path(args.data_dir) / "logs" / "vllm-bench.log"
         print(f"starting vLLM on port {port} with {model_dir} (log: {server.log_path}) ...", flush=True)
         server.start()

@@ -32,6 +32,7 @@ from typing import Callable
 from bench.report import (add_output_flags, save_figure, default_out_dir, machine, markdown_table, percentile, plot_path, pyplot, target,
                           targets_table, write_results)
 from bench.server import SERVED_NAME, add_server_flags, managed_vllm, vllm_server
+from chatfb.config import VLLM_DTYPES
 
 NAME = "serving_bench"
 SYSTEM = "You are a helpful assistant."
@@ -59,7 +60,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of chatfb and direct runs")
     p.add_argument("--transformers-prompts", type=int, default=4, help="prompts for the transformers single stream")
     p.add_argument("--skip-transformers", action="store_true", help="leave out the transformers comparison")
-    p.add_argument("--compare-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+    p.add_argument("--compare-dtype", default=None, choices=[d for d in VLLM_DTYPES if d != "auto"],
                    help="also start a managed server in this dtype and run it direct in the same rounds")
     add_output_flags(p, smoke_help="tiny run: concurrency 1 and 2, 8 tokens, 1 round; transformers on 1 prompt, 4 tokens")
     return p

@@ -141,6 +141,9 @@ def load_settings(env: dict | None = None, **overrides) -> Settings:
     return s
 
 
+VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")  # what CHATFB_VLLM_DTYPE accepts
+
+
 def validate(s: Settings) -> None:
     if s.train_mode not in ("supervised", "unsupervised", "semi"):
         raise ValueError("train_mode must be supervised, unsupervised or semi")
@@ -148,8 +151,8 @@ def validate(s: Settings) -> None:
         raise ValueError("adapter_prefix must be 1-40 letters, digits, '-' or '_'")
     if s.lora_rank > s.max_lora_rank:
         raise ValueError(f"lora_rank {s.lora_rank} exceeds max_lora_rank {s.max_lora_rank}")
-    if s.vllm_dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError("vllm_dtype must be auto, float32, bfloat16 or float16")
+    if s.vllm_dtype not in VLLM_DTYPES:
+        raise ValueError(f"vllm_dtype must be one of {', '.join(VLLM_DTYPES)}")
     if not 0 <= s.replay_examples <= 32:
         raise ValueError("replay_examples must be between 0 and 32")
     if s.nightly_at:

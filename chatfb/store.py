@@ -108,9 +108,9 @@ class Store:
         with self._readers_lock:
             if self._closed:
                 raise StoreError("the store is closed")
-            cur = self._readers.pop() if self._readers else None
-        if cur is None:
-            with self._readers_lock:  # made by a connection of their own, so never behind the writer
+            if self._readers:
+                cur = self._readers.pop()
+            else:  # made by a connection of its own, so never behind the writer
                 cur = self._spawner.cursor()
                 self._all_readers.append(cur)
         try:
@@ -496,28 +496,21 @@ def _coalesce(batch: list[_Write]) -> list[tuple[str, tuple]]:
     out: list[list] = []  # [sql, [params, ...], {keys}]
     groups: dict[str, list] = {}
     for job in batch:
-        if 1 < len(job.statements) <= _MERGE_MAX_STATEMENTS and all(_INSERT.fullmatch(sql) for sql, _ in job.statements):
-            for sql, params in job.statements:  # fresh rows only: no other write of the batch can touch them
-                group = groups.get(sql)
-                if group is not None:
-                    group[1].append(params)
-                else:
-                    group = groups[sql] = [sql, [params], set()]
-                    out.append(group)
+        stmts = job.statements
+        inserts_only = len(stmts) <= _MERGE_MAX_STATEMENTS and all(_INSERT.fullmatch(sql) for sql, _ in stmts)
+        if len(stmts) != 1 and not inserts_only:
+            out.extend([sql, [params], set()] for sql, params in stmts)
             continue
-        if len(job.statements) != 1:
-            out.extend([sql, [params], set()] for sql, params in job.statements)
-            continue
-        sql, params = job.statements[0]
-        update = _UPDATE.fullmatch(sql)
-        group = groups.get(sql)
-        mergeable = group is not None and (update or _INSERT.fullmatch(sql))
-        if mergeable and not (update and params[-1] in group[2]):  # the same key twice: keep both, in order
-            group[1].append(params)
-            group[2].add(params[-1])
-            continue
-        group = groups[sql] = [sql, [params], {params[-1]} if update else set()]
-        out.append(group)
+        for sql, params in stmts:  # one statement, or a turn of fresh-row INSERTs
+            update = _UPDATE.fullmatch(sql)
+            group = groups.get(sql)
+            mergeable = group is not None and (update or _INSERT.fullmatch(sql))
+            if mergeable and not (update and params[-1] in group[2]):  # the same key twice: keep both, in order
+                group[1].append(params)
+                group[2].add(params[-1])
+                continue
+            group = groups[sql] = [sql, [params], {params[-1]} if update else set()]
+            out.append(group)
     return [_merged(sql, rows) for sql, rows, _keys in out]
 
 
