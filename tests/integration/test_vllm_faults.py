@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 from gradio_client import Client
@@ -67,20 +68,36 @@ def test_refused_adapters_leave_the_current_one_serving(app, vllm_url, embedded_
     assert (before or "chatfb-base") in shown[-1]["content"][0]["text"]
 
 
+def last_reply_status(app) -> str:
+    with app.snapshot_store() as s:
+        return s._q("SELECT status FROM messages WHERE role = 'assistant' ORDER BY created_at DESC LIMIT 1")[0][0]
+
+
 def test_vllm_killed_mid_stream_then_restarted_by_the_app(app, vllm_url):
     live = live_name(app)
     port = vllm_url.rsplit(":", 1)[1]
     pid = int(subprocess.run(["pgrep", "-f", f"api_server.*--port {port}"], capture_output=True, text=True).stdout.split()[0])
-    c = Client(app.url, verbose=False)
-    job = c.submit("Write a long story about a dragon who learns to cook.", "", api_name="/send")
-    wait_until(lambda: len(job.outputs()) >= 3, 120, "the reply to start streaming", 0.05)
+    # A 64-token reply can finish on the server before the app's stream reaches this client, so
+    # the server is frozen (SIGSTOP) at the first streamed output, and killed only once the reply
+    # is known to be unfinished (still pending while nothing can finish it). If the whole reply
+    # was already out, the server is thawed and the turn tried again with a new prompt.
+    for attempt in range(3):
+        job = Client(app.url, verbose=False).submit(f"Write a long story about a dragon who learns to cook ({attempt}).",
+                                                    "", api_name="/send")
+        wait_until(lambda: len(job.outputs()) >= 2, 120, "the reply to start streaming", 0.01)
+        os.killpg(pid, signal.SIGSTOP)
+        time.sleep(1.0)
+        if last_reply_status(app) == "pending":
+            break
+        os.killpg(pid, signal.SIGCONT)
+        job.result(timeout=60)
+    else:
+        pytest.fail("every reply finished before vLLM could be frozen mid-stream")
     os.killpg(pid, signal.SIGKILL)
     shown = job.result(timeout=120)[0]
     text = shown[-1]["content"][0]["text"]
-    assert "⚠️" in text and "Traceback" not in text and "127.0.0.1" not in text
-    with app.snapshot_store() as s:
-        status = s._q("SELECT status FROM messages WHERE role = 'assistant' ORDER BY created_at DESC LIMIT 1")[0][0]
-    assert status == "failed"
+    assert "⚠️" in text and "Traceback" not in text and "127.0.0.1" not in text, text
+    assert last_reply_status(app) == "failed"
     client = ModelClient(vllm_url)
     wait_until(lambda: client.healthy(), 300, "the app to restart vLLM")
     if live:
