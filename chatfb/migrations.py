@@ -76,3 +76,41 @@ def m002_adapters():
             error VARCHAR
         )""",
     ]
+
+
+@migration
+def m003_inloop_feedback():
+    """In-loop language feedback: candidate replies made from a critique (offered to the user, or
+    selected by the nightly recipe, each with its score and verdict), provenance of corrections that
+    came from an accepted revision, and standing preferences (guidelines)."""
+    return [
+        # the critique an accepted revision (stored as a correction) was made from
+        "ALTER TABLE feedback ADD COLUMN derived_from VARCHAR",
+        """CREATE TABLE candidates (
+            id VARCHAR PRIMARY KEY,
+            feedback_id VARCHAR NOT NULL,             -- the critique (or guideline) it answers
+            message_id VARCHAR,                       -- the critiqued reply
+            origin VARCHAR NOT NULL,                  -- inloop | nightly
+            text VARCHAR NOT NULL,
+            score DOUBLE,                             -- the selection score (see chatfb.candidates)
+            verdict VARCHAR NOT NULL,                 -- 'ok' or why it was dropped
+            status VARCHAR NOT NULL,                  -- offered | accepted | rejected | kept | dropped
+            session_id VARCHAR,
+            cycle VARCHAR,                            -- the adapter version a nightly selection was for
+            details JSON,
+            created_at TIMESTAMP NOT NULL
+        )""",
+        "CREATE INDEX candidates_feedback ON candidates(feedback_id)",
+        """CREATE TABLE guidelines (
+            id VARCHAR PRIMARY KEY,
+            text VARCHAR NOT NULL,
+            scope VARCHAR NOT NULL,                   -- user | global
+            status VARCHAR NOT NULL,                  -- active | pending | retired (pending: global, awaiting an admin)
+            session_id VARCHAR,                       -- owner (anonymous users)
+            user_name VARCHAR,                        -- owner (logged-in users)
+            source_feedback_id VARCHAR,               -- the critique it was kept from
+            created_at TIMESTAMP NOT NULL,
+            approved_at TIMESTAMP,
+            retired_at TIMESTAMP
+        )""",
+    ]

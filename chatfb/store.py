@@ -24,6 +24,8 @@ import duckdb
 from chatfb.migrations import MIGRATIONS
 
 FEEDBACK_KINDS = ("rating", "critique", "correction", "implicit")
+CANDIDATE_STATUSES = ("offered", "accepted", "rejected", "kept", "dropped")
+GUIDELINE_STATUSES = ("active", "pending", "retired")
 
 
 class StoreError(Exception):
@@ -55,6 +57,7 @@ class FeedbackRecord:
     created_at: datetime
     prompt: list[dict]  # chat messages before the reply, system prompt first when set
     reply: str
+    derived_from: str | None = None  # a correction made by accepting a revision: the critique it came from
 
 
 class Store:
@@ -302,7 +305,8 @@ class Store:
 
     # -- feedback ---------------------------------------------------------------------------
     def log_feedback(self, message_id: str, kind: str, rating: int | None = None, text: str | None = None,
-                     user_name: str | None = None, session_id: str | None = None) -> str:
+                     user_name: str | None = None, session_id: str | None = None,
+                     derived_from: str | None = None) -> str:
         """Store feedback on an assistant message; a second one of the same kind by the same
         session revises (supersedes) the first. `session_id`, when given, must own the message."""
         if kind not in FEEDBACK_KINDS:
@@ -330,8 +334,7 @@ class Store:
             if revises and rows[0][2]:
                 stmts.append(("UPDATE feedback SET superseded_at = ? WHERE message_id = ? AND kind = ? AND session_id = ?"
                               " AND superseded_at IS NULL", (now, message_id, kind, session_id)))
-            stmts.append(("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-                          (fid, message_id, kind, rating, text, user_name, session_id, now)))
+            stmts.append((_INSERT_FEEDBACK, (fid, message_id, kind, rating, text, user_name, session_id, now, derived_from)))
             self._tx(stmts)  # outside the connection lock: it joins the group commit under way
         return fid
 
@@ -350,14 +353,14 @@ class Store:
             where += " AND f.created_at >= ?"
             params = (since,)
         rows = self._q(
-            "SELECT f.id, f.message_id, f.kind, f.rating, f.text, f.user_name, f.created_at, m.content"
+            "SELECT f.id, f.message_id, f.kind, f.rating, f.text, f.user_name, f.created_at, m.content, f.derived_from"
             f" FROM feedback f JOIN messages m ON m.id = f.message_id WHERE {where} ORDER BY f.created_at, f.id", params)
         histories: dict[str, list[dict]] = {}
         out = []
-        for fid, mid, kind, rating, text, user, created, reply in rows:
+        for fid, mid, kind, rating, text, user, created, reply, derived_from in rows:
             if mid not in histories:
                 histories[mid] = self.history_before(mid)
-            out.append(FeedbackRecord(fid, mid, kind, rating, text, user, created, histories[mid], reply))
+            out.append(FeedbackRecord(fid, mid, kind, rating, text, user, created, histories[mid], reply, derived_from))
         return out
 
     def import_feedback(self, records: list[dict], session_id: str = "import") -> int:
@@ -376,10 +379,101 @@ class Store:
                 mid = new_id()
                 stmts.append(("INSERT INTO messages (id, conversation_id, seq, role, content, status, model, created_at)"
                               " VALUES (?, ?, ?, ?, ?, 'ok', 'import', ?)", (mid, cid, seq, m["role"], m["content"], ts)))
-            stmts.append(("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-                          (new_id(), mid, r["kind"], r.get("rating"), r.get("text"), r.get("user"), session_id, ts)))
+            stmts.append((_INSERT_FEEDBACK, (new_id(), mid, r["kind"], r.get("rating"), r.get("text"), r.get("user"),
+                                             session_id, ts, None)))
         self._tx(stmts)
         return len(records)
+
+    # -- candidates (replies made from a critique) and guidelines -----------------------------
+    def add_candidates(self, rows: list[dict]) -> list[str]:
+        """Store candidate replies made from a critique (keys: feedback_id, message_id, origin, text,
+        score, verdict, status; optional session_id, cycle, details). Returns their ids, in order."""
+        ids, stmts, now = [], [], utcnow()
+        for r in rows:
+            cid = r.get("id") or new_id()
+            ids.append(cid)
+            stmts.append(("INSERT INTO candidates (id, feedback_id, message_id, origin, text, score, verdict, status,"
+                          " session_id, cycle, details, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                          (cid, r["feedback_id"], r.get("message_id"), r["origin"], r["text"], r.get("score"),
+                           r["verdict"], r["status"], r.get("session_id"), r.get("cycle"),
+                           json.dumps(r.get("details") or {}), now)))
+        if stmts:
+            self._tx(stmts)
+        return ids
+
+    def set_candidate_status(self, candidate_id: str, status: str) -> None:
+        if status not in CANDIDATE_STATUSES:
+            raise StoreError(f"unknown candidate status {status!r}")
+        self._tx([("UPDATE candidates SET status = ? WHERE id = ?", (status, candidate_id))])
+
+    def candidate(self, candidate_id: str) -> dict | None:
+        rows = self.candidates(where="id = ?", params=(candidate_id,))
+        return rows[0] if rows else None
+
+    def candidates(self, where: str = "TRUE", params: tuple = (), limit: int = 100000) -> list[dict]:
+        """Candidate rows, newest first. `where` is a fixed SQL condition written by callers in this
+        package (never user text); values go in `params`."""
+        rows = self._q(f"SELECT {_CAND_COLS} FROM candidates WHERE {where} ORDER BY created_at DESC, id LIMIT ?",
+                       (*params, limit))
+        out = []
+        for r in rows:
+            d = dict(zip([c.strip() for c in _CAND_COLS.split(",")], r))
+            d["details"] = json.loads(d["details"]) if d["details"] else {}
+            out.append(d)
+        return out
+
+    def rejected_candidates(self) -> dict[str, list[str]]:
+        """Message id -> texts of candidates a user dismissed (DPO/KTO negatives)."""
+        out: dict[str, list[str]] = {}
+        for mid, text in self._q("SELECT message_id, text FROM candidates WHERE status = 'rejected' AND message_id IS NOT NULL"
+                                 " ORDER BY created_at, id"):
+            out.setdefault(mid, []).append(text)
+        return out
+
+    def add_guideline(self, text: str, scope: str, status: str, session_id: str | None = None,
+                      user_name: str | None = None, source_feedback_id: str | None = None) -> str:
+        if scope not in ("user", "global") or status not in GUIDELINE_STATUSES:
+            raise StoreError("a guideline's scope is user or global; its status active, pending or retired")
+        gid = new_id()
+        now = utcnow()
+        self._tx([("INSERT INTO guidelines (id, text, scope, status, session_id, user_name, source_feedback_id, created_at,"
+                   " approved_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (gid, text, scope, status, session_id, user_name, source_feedback_id, now,
+                    now if scope == "global" and status == "active" else None))])
+        return gid
+
+    def guideline(self, guideline_id: str) -> dict | None:
+        rows = self.guidelines(where="id = ?", params=(guideline_id,))
+        return rows[0] if rows else None
+
+    def guidelines(self, where: str = "TRUE", params: tuple = ()) -> list[dict]:
+        """Guideline rows, oldest first; `where` as in `candidates`."""
+        rows = self._q(f"SELECT {_GUIDE_COLS} FROM guidelines WHERE {where} ORDER BY created_at, id", params)
+        return [dict(zip([c.strip() for c in _GUIDE_COLS.split(",")], r)) for r in rows]
+
+    def guidelines_for(self, session_id: str | None, user_name: str | None) -> list[dict]:
+        """What applies to one user's requests: their own active guidelines and every approved global one."""
+        return self.guidelines("status = 'active' AND (scope = 'global' OR (scope = 'user' AND"
+                               " ((user_name IS NOT NULL AND user_name = ?) OR (user_name IS NULL AND session_id = ?))))",
+                               (user_name, session_id))
+
+    def update_guideline(self, guideline_id: str, text: str | None = None, status: str | None = None) -> None:
+        if status is not None and status not in GUIDELINE_STATUSES:
+            raise StoreError(f"unknown guideline status {status!r}")
+        if self.guideline(guideline_id) is None:
+            raise StoreError(f"no guideline with id {guideline_id!r}")
+        now = utcnow()
+        stmts = []
+        if text is not None:
+            stmts.append(("UPDATE guidelines SET text = ? WHERE id = ?", (text, guideline_id)))
+        if status == "active":
+            stmts.append(("UPDATE guidelines SET status = 'active', approved_at = ? WHERE id = ?", (now, guideline_id)))
+        elif status == "retired":
+            stmts.append(("UPDATE guidelines SET status = 'retired', retired_at = ? WHERE id = ?", (now, guideline_id)))
+        elif status is not None:
+            stmts.append(("UPDATE guidelines SET status = ? WHERE id = ?", (status, guideline_id)))
+        if stmts:
+            self._tx(stmts)
 
     # -- adapters ---------------------------------------------------------------------------
     def add_adapter(self, name: str, parent: str | None, status: str, path: str | None, recipe: dict | None = None) -> None:
@@ -441,7 +535,8 @@ class Store:
         """Remove every conversation, message and feedback row of one user. Returns conversations removed."""
         cids = [r[0] for r in self._q("SELECT id FROM conversations WHERE user_name = ?", (user_name,))]
         self._delete_conversations(cids)
-        self._tx([("DELETE FROM feedback WHERE user_name = ?", (user_name,))])
+        self._tx([("DELETE FROM feedback WHERE user_name = ?", (user_name,)),
+                  ("DELETE FROM guidelines WHERE user_name = ?", (user_name,))])
         return len(cids)
 
     def apply_retention(self, days: int) -> int:
@@ -454,6 +549,7 @@ class Store:
         stmts = []
         for cid in cids:
             stmts += [
+                ("DELETE FROM candidates WHERE message_id IN (SELECT id FROM messages WHERE conversation_id = ?)", (cid,)),
                 ("DELETE FROM feedback WHERE message_id IN (SELECT id FROM messages WHERE conversation_id = ?)", (cid,)),
                 ("DELETE FROM messages WHERE conversation_id = ?", (cid,)),
                 ("DELETE FROM conversations WHERE id = ?", (cid,)),
@@ -480,6 +576,8 @@ _INSERT = re.compile(r"(INSERT INTO \w+(?: \([\w, ]+\))? VALUES )(\([^()]*\))", 
 _UPDATE = re.compile(r"UPDATE (\w+) SET ((?:\w+ = \?, )*\w+ = \?) WHERE (id|name) = \?", re.S)
 _INSERT_MESSAGE = ("INSERT INTO messages (id, conversation_id, seq, role, content, status, model, adapter, replaces, created_at)"
                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_FEEDBACK = ("INSERT INTO feedback (id, message_id, kind, rating, text, user_name, session_id, created_at, derived_from)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _MERGE_MAX_STATEMENTS = 4  # a transaction of up to this many single-row INSERTs (a turn) merges too
 
 
@@ -533,6 +631,10 @@ def _merged(sql: str, rows: list[tuple]) -> tuple[str, tuple]:
 
 _MSG_COLS = ("id, conversation_id, seq, role, content, status, error, model, adapter, replaces, replaced, created_at,"
              " ttft_ms, latency_ms, prompt_tokens, completion_tokens")
+
+
+_CAND_COLS = ("id, feedback_id, message_id, origin, text, score, verdict, status, session_id, cycle, details, created_at")
+_GUIDE_COLS = ("id, text, scope, status, session_id, user_name, source_feedback_id, created_at, approved_at, retired_at")
 
 
 def _msg(row) -> dict:
