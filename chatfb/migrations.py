@@ -86,6 +86,8 @@ def m003_inloop_feedback():
     return [
         # the critique an accepted revision (stored as a correction) was made from
         "ALTER TABLE feedback ADD COLUMN derived_from VARCHAR",
+        # ids of the guidelines a reply was generated under
+        "ALTER TABLE messages ADD COLUMN guidelines JSON",
         """CREATE TABLE candidates (
             id VARCHAR PRIMARY KEY,
             feedback_id VARCHAR NOT NULL,             -- the critique (or guideline) it answers

@@ -236,27 +236,30 @@ class Store:
         self._tx([("UPDATE conversations SET system_prompt = ? WHERE id = ?", (system_prompt, conversation_id))])
 
     def add_message(self, conversation_id: str, role: str, content: str, status: str = "ok",
-                    model: str | None = None, adapter: str | None = None, replaces: str | None = None) -> str:
+                    model: str | None = None, adapter: str | None = None, replaces: str | None = None,
+                    guidelines: list[str] | None = None) -> str:
+        """`guidelines`: ids of the guidelines a reply is generated under (kept with it, for audit)."""
         if role not in ("user", "assistant"):
             raise StoreError(f"unknown role {role!r}")
         mid = new_id()
         seq = self._next_seq(conversation_id)
-        stmts = [(_INSERT_MESSAGE, (mid, conversation_id, seq, role, content, status, model, adapter, replaces, utcnow()))]
+        stmts = [(_INSERT_MESSAGE, (mid, conversation_id, seq, role, content, status, model, adapter, replaces, utcnow(),
+                                    json.dumps(guidelines) if guidelines else None))]
         if replaces:
             stmts.append(("UPDATE messages SET replaced = TRUE WHERE id = ?", (replaces,)))
         self._tx(stmts)
         return mid
 
     def add_turn(self, conversation_id: str, user_text: str, model: str | None = None,
-                 adapter: str | None = None) -> tuple[str, str]:
+                 adapter: str | None = None, guidelines: list[str] | None = None) -> tuple[str, str]:
         """Log a user message and the pending reply to it as one transaction (one commit, not two,
         before the model is asked). Returns (user message id, reply id)."""
         now = utcnow()
         ids = new_id(), new_id()
         self._tx([(_INSERT_MESSAGE, (ids[0], conversation_id, self._next_seq(conversation_id), "user", user_text, "ok",
-                                     None, None, None, now)),
+                                     None, None, None, now, None)),
                   (_INSERT_MESSAGE, (ids[1], conversation_id, self._next_seq(conversation_id), "assistant", "", "pending",
-                                     model, adapter, None, now))])
+                                     model, adapter, None, now, json.dumps(guidelines) if guidelines else None))])
         return ids
 
     def _next_seq(self, conversation_id: str) -> int:
@@ -574,8 +577,8 @@ class _Write:
 # parameters by primary key ("id" or "name").
 _INSERT = re.compile(r"(INSERT INTO \w+(?: \([\w, ]+\))? VALUES )(\([^()]*\))", re.S)
 _UPDATE = re.compile(r"UPDATE (\w+) SET ((?:\w+ = \?, )*\w+ = \?) WHERE (id|name) = \?", re.S)
-_INSERT_MESSAGE = ("INSERT INTO messages (id, conversation_id, seq, role, content, status, model, adapter, replaces, created_at)"
-                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_MESSAGE = ("INSERT INTO messages (id, conversation_id, seq, role, content, status, model, adapter, replaces, created_at,"
+                   " guidelines) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _INSERT_FEEDBACK = ("INSERT INTO feedback (id, message_id, kind, rating, text, user_name, session_id, created_at, derived_from)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _MERGE_MAX_STATEMENTS = 4  # a transaction of up to this many single-row INSERTs (a turn) merges too
@@ -630,7 +633,7 @@ def _merged(sql: str, rows: list[tuple]) -> tuple[str, tuple]:
 
 
 _MSG_COLS = ("id, conversation_id, seq, role, content, status, error, model, adapter, replaces, replaced, created_at,"
-             " ttft_ms, latency_ms, prompt_tokens, completion_tokens")
+             " ttft_ms, latency_ms, prompt_tokens, completion_tokens, guidelines")
 
 
 _CAND_COLS = ("id, feedback_id, message_id, origin, text, score, verdict, status, session_id, cycle, details, created_at")
@@ -638,7 +641,9 @@ _GUIDE_COLS = ("id, text, scope, status, session_id, user_name, source_feedback_
 
 
 def _msg(row) -> dict:
-    return dict(zip([c.strip() for c in _MSG_COLS.split(",")], row))
+    d = dict(zip([c.strip() for c in _MSG_COLS.split(",")], row))
+    d["guidelines"] = json.loads(d["guidelines"]) if d["guidelines"] else []
+    return d
 
 
 def _sql_path(p: Path) -> str:

@@ -228,13 +228,13 @@ def test_add_turn_logs_message_and_pending_reply_in_one_commit(store):
 def test_a_bad_write_in_a_merged_batch_fails_alone(store):
     """A merged statement that fails is retried write by write: the bad one gets the error, the
     others land."""
-    from chatfb.store import _Write
+    from chatfb.store import _INSERT_FEEDBACK, _Write
 
     cid = store.create_conversation("s1")
     mid = store.add_message(cid, "user", "hi")
-    sql = "INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)"
-    good = [_Write([(sql, (f"f{i}", mid, "rating", 1, None, None, None, utcnow()))]) for i in range(3)]
-    bad = _Write([(sql, ("f1", mid, "rating", 1, None, None, None, utcnow()))])  # same primary key as good[1]
+    sql = _INSERT_FEEDBACK
+    good = [_Write([(sql, (f"f{i}", mid, "rating", 1, None, None, None, utcnow(), None))]) for i in range(3)]
+    bad = _Write([(sql, ("f1", mid, "rating", 1, None, None, None, utcnow(), None))])  # same primary key as good[1]
     with store._lock:
         store._commit(good + [bad])
     assert [j.error for j in good] == [None, None, None] and bad.error is not None

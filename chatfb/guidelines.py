@@ -1,0 +1,44 @@
+"""Standing preferences ("guidelines"): critiques a user keeps as a lasting rule.
+
+A user's own guidelines apply to their next replies at once; a guideline for everyone applies only
+after an admin approved it. Guideline text is user data: it reaches the model quoted, inside one
+fixed instruction appended to the system prompt of the requests it applies to, and never as a
+system prompt of its own. The nightly cycle distils approved guidelines into the adapter
+(replies made with the guideline in context, trained without it), so prompts need not grow forever.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREAMBLE = "The user asked you to follow these preferences in every answer (quoted as they wrote them):"
+# What reads like a lasting rule rather than a remark on one reply: suggest "apply from now on".
+RULE = re.compile(
+    r"\b(?:always|never|every time|from now on|in future|in the future|each time|whenever|by default|"
+    r"(?:our|my|the company'?s?) [\w -]{0,30}\b(?:is|are)\b|house style|don'?t ever|do not ever|please use|"
+    r"use (?:british|american|metric|imperial|bullet|bullets)|no emojis?|without emojis?)\b", re.I)
+
+
+def looks_like_rule(text: str) -> bool:
+    """True when a critique reads like a standing preference ("always end with ...", "our support
+    email is ...", "never use emoji"), so the UI suggests keeping it as a guideline."""
+    return bool(RULE.search(text or ""))
+
+
+def quote(text: str) -> str:
+    """Guideline text as one quoted line: no line breaks (a guideline cannot start a fake new
+    instruction line) and double quotes turned into single ones (it cannot close its own quote)."""
+    return '"' + " ".join((text or "").split()).replace('"', "'") + '"'
+
+
+def apply(messages: list[dict], texts: list[str]) -> list[dict]:
+    """The chat messages with the guidelines appended to the system prompt (one is added when the
+    conversation has none). Unchanged when there are no guidelines."""
+    texts = [t for t in texts if (t or "").strip()]
+    if not texts:
+        return messages
+    block = PREAMBLE + "\n" + "\n".join(f"- {quote(t)}" for t in texts)
+    if messages and messages[0]["role"] == "system":
+        system = messages[0]["content"].rstrip()
+        return [{"role": "system", "content": f"{system}\n\n{block}" if system else block}, *messages[1:]]
+    return [{"role": "system", "content": block}, *messages]
