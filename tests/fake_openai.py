@@ -1,6 +1,7 @@
 """A tiny OpenAI-compatible chat server for fault tests that need a model process to kill or
-flood, not a real model: `python tests/fake_openai.py PORT [WORDS_PER_REPLY] [DELAY_S]`.
-Streams "word0 word1 ..." as SSE; /health and /v1/models answer like vLLM's."""
+flood, not a real model: `python tests/fake_openai.py PORT [WORDS_PER_REPLY] [DELAY_S] [MODEL_ROOT]`.
+Streams "word0 word1 ..." as SSE; /health and /v1/models answer like vLLM's (MODEL_ROOT is the
+`root` it reports, vLLM's model folder)."""
 
 import json
 import sys
@@ -12,6 +13,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     words = 5
     delay = 0.0
+    root = "/fake/model"
 
     def log_message(self, *a):
         pass
@@ -28,7 +30,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/health":
             return self._json(200, {})
         if self.path == "/v1/models":
-            return self._json(200, {"data": [{"id": "chatfb-base"}]})
+            return self._json(200, {"data": [{"id": "chatfb-base", "root": self.root}]})
         self._json(404, {})
 
     def do_POST(self):
@@ -56,6 +58,7 @@ class Handler(BaseHTTPRequestHandler):
 if __name__ == "__main__":
     Handler.words = int(sys.argv[2]) if len(sys.argv) > 2 else 5
     Handler.delay = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+    Handler.root = sys.argv[4] if len(sys.argv) > 4 else Handler.root
     server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
     server.daemon_threads = True
     server.serve_forever()
