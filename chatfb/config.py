@@ -62,7 +62,18 @@ class Settings:
         "chatfb", "Adapter versions are named <prefix>-v0001, -v0002, ...; give each chatfb install that shares one "
         "vLLM server its own prefix (vLLM refuses a name it already has).")
     refine_max_critiques: int = _f(
-        32, "Most critiques refined through ILF in one cycle (the newest); bounds the cycle's generation time.")
+        32, "Most critiques turned into training candidates in one cycle (the newest); bounds the cycle's generation time.")
+    critique_recipe: str = _f(
+        "instruct", "How the nightly cycle learns from critiques: 'instruct' = answer the conversation again with the "
+        "critique as an instruction (critique_samples samples), keep the best that passes selection, train it without "
+        "the critique; 'ilf' = the older 'rewrite this reply given this feedback' prompt (mean uptake 0.17 in the "
+        "learning-efficacy benchmark), kept for comparison.")
+    critique_samples: int = _f(4, "Candidates sampled per critique, guideline or distillation prompt (one vLLM request with n).")
+    distill_prompts: int = _f(
+        4, "Context distillation: for each critique that states a lasting preference and each approved global guideline, "
+        "this many other similar prompts (other users' feedback; at most half replay questions) answered with it as "
+        "the instruction and trained without it; 0 = only the critiqued prompts.")
+    distill_max_examples: int = _f(64, "Most distillation prompts (critiques' and guidelines') in one cycle.")
     eval_max_examples: int = _f(
         48, "Most held-out examples the gate generates replies for (a fixed sample); bounds evaluation time.")
     replay_examples: int = _f(
@@ -74,10 +85,10 @@ class Settings:
         "at no better retention, for twice the time and memory.")
     train_mode: str = _f(
         "semi",
-        "Which feedback trains: 'supervised' (corrections only), 'unsupervised' (self-decoded ILF refinements of "
-        "critiques only), 'semi' (both, plus rating filters).",
+        "Which feedback trains: 'supervised' (corrections only), 'unsupervised' (critiques only, see critique_recipe), "
+        "'semi' (both, plus rating filters). Approved global guidelines are distilled in every mode.",
     )
-    refiner_url: str | None = _f(None, "OpenAI-compatible endpoint used to refine critiqued replies (default: the served model).")
+    refiner_url: str | None = _f(None, "OpenAI-compatible endpoint that writes the candidates for critiques (default: the served model); the served model still scores them.")
     refiner_model: str | None = _f(None, "Model name at refiner_url.")
     scrub_pii: bool = _f(True, "Mask e-mail addresses and phone numbers of users in training data (not in corrections' domain facts).")
     holdout_fraction: float = _f(0.2, "Share of feedback held out to evaluate candidates.")
@@ -142,11 +153,14 @@ def load_settings(env: dict | None = None, **overrides) -> Settings:
 
 
 VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")  # what CHATFB_VLLM_DTYPE accepts
+CRITIQUE_RECIPES = ("instruct", "ilf")  # what CHATFB_CRITIQUE_RECIPE accepts
 
 
 def validate(s: Settings) -> None:
     if s.train_mode not in ("supervised", "unsupervised", "semi"):
         raise ValueError("train_mode must be supervised, unsupervised or semi")
+    if s.critique_recipe not in CRITIQUE_RECIPES:
+        raise ValueError(f"critique_recipe must be one of {', '.join(CRITIQUE_RECIPES)}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}", s.adapter_prefix):
         raise ValueError("adapter_prefix must be 1-40 letters, digits, '-' or '_'")
     if s.lora_rank > s.max_lora_rank:

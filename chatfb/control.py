@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # Operations the control API accepts; each is a method of both backends.
 OPS = ("import_feedback", "snapshot", "counts", "adapters", "add_adapter", "update_adapter", "next_adapter_name",
-       "load_candidate", "unload_adapter", "promote", "rollback", "delete_user", "live_adapter")
+       "load_candidate", "unload_adapter", "promote", "rollback", "delete_user", "live_adapter", "record_candidates")
 
 
 class ControlError(RuntimeError):
@@ -138,6 +138,10 @@ class LocalBackend:
     def delete_user(self, user_name) -> int:
         return self.store.delete_user(user_name)
 
+    def record_candidates(self, rows: list[dict]) -> int:
+        """Store a learning cycle's candidates (store.add_candidates rows); returns how many."""
+        return len(self.store.add_candidates(rows))
+
 
 class RemoteBackend:
     """The same operations, carried out by the running app."""
@@ -171,7 +175,7 @@ class RemoteBackend:
 def _positional(op: str, args: tuple) -> dict:
     names = {"import_feedback": ("records",), "add_adapter": ("name", "parent", "status", "path", "recipe"),
              "update_adapter": ("name",), "load_candidate": ("name",), "unload_adapter": ("name",),
-             "promote": ("name",), "delete_user": ("user_name",)}.get(op, ())
+             "promote": ("name",), "delete_user": ("user_name",), "record_candidates": ("rows",)}.get(op, ())
     return dict(zip(names, args))
 
 

@@ -1,15 +1,22 @@
 """The evaluation gate: is a candidate adapter better than what serves now, without forgetting?
 
-- Held-out feedback: greedy replies to held-out prompts, compared with the corrected (or refined)
+- Held-out corrections (and ratings): greedy replies to held-out prompts, compared with the corrected
   reply: ROUGE-L F1 and corpus BLEU (sacrebleu), as in the seeds.
+- Held-out critiques (held out whole: nothing was generated from them): does the greedy reply to the
+  critiqued prompt pass the same selection the cycle's training candidates passed (chatfb.candidates.score
+  with that critique, verdict ok)? Never ROUGE against targets the same recipe made. The pass rate of the
+  candidate is compared with the incumbent's.
+- Approved guidelines: how often the candidate's reply, with no guideline in the prompt, passes the same
+  selection for the guideline (`guideline_follow`, reported, not gating).
 - Control prompts: a fixed set of general questions; agreement = mean sentence-embedding cosine
   between the candidate's answer and the base model's answer (ROUGE-L is reported too). It must
   stay above `min_control_agreement`, and no control answer may have *collapsed*: a cosine under
   `collapse_cosine` means the answer is about something else entirely (nonsense, or a taught reply
   given to an unrelated question), which a mean over many answers can hide.
 
-A candidate is promoted only if its held-out ROUGE-L beats the incumbent's by `min_gain` and the
-control answers hold.
+A candidate is promoted only if the control answers hold, it beats the incumbent by `min_gain` on at
+least one held-out measure (ROUGE-L on corrections, pass rate on critiques) and is not worse by more
+than `min_gain` on the other.
 """
 
 from __future__ import annotations
@@ -89,11 +96,40 @@ def control_rouge(replies: list[str], base_replies: list[str]) -> float:
     return round(sum(rouge_l(b, r) for r, b in zip(replies, base_replies)) / max(len(base_replies), 1), 4)
 
 
+def passes_selection(client: ModelClient, scorer_model: str, prompt: list[dict], instruction: str, answer: str,
+                     original: str | None = None) -> bool:
+    """Would the nightly selection keep `answer` for this prompt and critique (or guideline)?"""
+    from chatfb import candidates
+
+    (scored,) = candidates.score(client, scorer_model, prompt, instruction, [candidates.Candidate(answer)],
+                                 original=original)
+    return scored.ok
+
+
+def selection_pass_rate(client: ModelClient, scorer_model: str, items: list[tuple[list[dict], str, str | None]],
+                        answers: list[str], passes=None) -> float | None:
+    """Share of `answers` that pass the selection; items are (prompt without the instruction, instruction,
+    original reply or None), one per answer. None when there is nothing to judge."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not items:
+        return None
+    passes = passes or passes_selection
+    with ThreadPoolExecutor(8) as pool:
+        ok = list(pool.map(lambda ia: passes(client, scorer_model, ia[0][0], ia[0][1], ia[1], original=ia[0][2]),
+                           zip(items, answers)))
+    return round(sum(ok) / len(ok), 4)
+
+
+HELDOUT_MEASURES = (("rougeL", "ROUGE-L"), ("critique_pass", "critique pass rate"))
+
+
 def decide(candidate: dict, incumbent: dict, policy: GatePolicy) -> tuple[bool, str]:
-    """(promote?, reason). `candidate`/`incumbent` hold rougeL on held-out; candidate holds control
+    """(promote?, reason). `candidate`/`incumbent` hold the held-out measures that were taken (rougeL on
+    corrections, critique_pass on critiques; None = nothing of that kind held out); candidate holds control
     (control_agreement, and control_collapsed where it was counted)."""
-    c, i = candidate.get("rougeL"), incumbent.get("rougeL")
-    if c is None:
+    measured = [(k, label) for k, label in HELDOUT_MEASURES if candidate.get(k) is not None]
+    if not measured:
         return False, "no held-out feedback to judge the candidate on"
     collapsed = candidate.get("control_collapsed", 0)
     if collapsed > policy.max_control_collapsed:
@@ -103,6 +139,12 @@ def decide(candidate: dict, incumbent: dict, policy: GatePolicy) -> tuple[bool, 
     if candidate["control_agreement"] < policy.min_control_agreement:
         return False, (f"control answers drifted: agreement {candidate['control_agreement']:.2f} "
                        f"< {policy.min_control_agreement:.2f}")
-    if i is not None and c < i + policy.min_gain:
-        return False, f"not better on held-out feedback: ROUGE-L {c:.3f} vs {i:.3f} (needs +{policy.min_gain})"
-    return True, f"better on held-out feedback: ROUGE-L {c:.3f} vs {i if i is None else round(i, 3)}"
+    said = "; ".join(f"{label} {candidate[k]:.3f} vs {'-' if incumbent.get(k) is None else round(incumbent[k], 3)}"
+                     for k, label in measured)
+    worse = [label for k, label in measured
+             if incumbent.get(k) is not None and candidate[k] < incumbent[k] - policy.min_gain]
+    if worse:
+        return False, f"worse on held-out feedback ({', '.join(worse)}): {said}"
+    if not any(incumbent.get(k) is None or candidate[k] >= incumbent[k] + policy.min_gain for k, _ in measured):
+        return False, f"not better on held-out feedback: {said} (needs +{policy.min_gain})"
+    return True, f"better on held-out feedback: {said}"

@@ -1,4 +1,9 @@
-"""One learning cycle: snapshot -> training data (with ILF) -> LoRA training -> gate -> promote.
+"""One learning cycle: snapshot -> training data -> critique candidates -> LoRA training -> gate -> promote.
+
+Critiques (and approved global guidelines) become training examples through chatfb.candidates: the
+conversation answered again with the critique as an instruction, several samples, the best that passes
+selection kept and trained WITHOUT the critique; every candidate's score and verdict is recorded (the
+admin tab's audit table). Critiques held out whole are judged at the gate by the same selection.
 
 `python -m chatfb nightly` runs it now; the app runs the same command on its schedule and from
 the admin tab's "Train now". With the app running, the cycle reads a snapshot the app writes and
@@ -93,6 +98,7 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
         snap = Path(backend.snapshot())
         with Store(snap, read_only=True) as s:
             records = s.feedback_records()
+            guidelines = s.guidelines(where="scope = 'global' AND status = 'active'")
         timings["snapshot_s"] = round(time.perf_counter() - t, 2)
         if not records:
             return CycleResult(False, reason="no feedback yet")
@@ -103,40 +109,48 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
         client, base, stop_server = model_server(settings)
         backend.attach_server(client)
         base_name = settings.served_model_name
-        skipped = 0
-        if data.pending_critiques:
-            refiner = (ModelClient(settings.refiner_url, settings.api_key, batch_timeout(settings)) if settings.refiner_url
-                       else client)
-            newest = sorted(data.pending_critiques, key=lambda r: r.created_at, reverse=True)
-            todo = newest[:max(settings.refine_max_critiques, 0)]
-            skipped = len(newest) - len(todo)
-            refined, refine_errors = refine_all(todo, refiner, settings.refiner_model or base_name)
-            training_data.add_refinements(data, refined, settings.holdout_fraction, settings.seed)
-        else:
-            refine_errors = []
+        tasks = training_data.critique_tasks(data, settings.holdout_fraction, settings.seed, settings.refine_max_critiques)
+        general = replay_prompts(settings.system_prompt)
+        # The ILF recipe rewrites a critiqued reply: it has nothing to say about other prompts.
+        extra = training_data.distillation_tasks(
+            data, tasks if settings.critique_recipe == "instruct" else [], guidelines, data.records, general,
+            settings.distill_prompts, settings.distill_max_examples, settings.holdout_fraction, settings.seed)
+        generator = ModelClient(settings.refiner_url, settings.api_key, batch_timeout(settings)) if settings.refiner_url else None
+        selected, select_errors = select_all(tasks + extra, client, base_name, settings, generator, settings.refiner_model)
+        training_data.add_selections(data, [(task, best.text if best else None) for task, _, best in selected])
         counts = training_data.finalize_counts(data)
-        if skipped:
-            counts["critiques_not_refined"] = skipped
-        if refine_errors:
-            counts["refine_errors"] = len(refine_errors)
+        if select_errors:
+            counts["refine_errors"] = len(select_errors)
+        counts["candidates_kept"] = sum(best is not None for _, _, best in selected)
+        counts["candidates_dropped"] = sum(len(cands or []) for _, cands, _ in selected) - counts["candidates_kept"]
         timings["refine_s"] = round(time.perf_counter() - t, 2)
-        if not data.train:
-            reason = "no usable training examples"
-            if refine_errors:
-                reason += f" ({len(refine_errors)} refinement(s) failed: {refine_errors[0]})"
-            return CycleResult(False, reason=reason, counts=counts, timings=timings)
 
         live = backend.live_adapter()
         incumbent = live["name"] if live else None
         name = backend.next_adapter_name()
         rel = Path(name)
         out = settings.data_dir / "adapters" / rel
-        backend.add_adapter(name, incumbent, "training", str(rel),
-                            {"mode": settings.train_mode, "rank": settings.lora_rank, "epochs": settings.train_epochs,
-                             "lr": settings.learning_rate, "dpo": dpo, "seed": settings.seed})
+        rows = candidate_rows(selected, name, settings.critique_recipe)
+        if data.train or rows:  # an adapter row also when nothing trains, so the audit rows name their cycle
+            backend.add_adapter(name, incumbent, "training", str(rel),
+                                {"mode": settings.train_mode, "rank": settings.lora_rank, "epochs": settings.train_epochs,
+                                 "lr": settings.learning_rate, "dpo": dpo, "seed": settings.seed,
+                                 "critique_recipe": settings.critique_recipe})
+        if rows:
+            backend.record_candidates(rows)
+        if not data.train:
+            reason = "no usable training examples"
+            if select_errors:
+                reason += f" ({len(select_errors)} candidate request(s) failed: {select_errors[0]})"
+            if rows:
+                backend.update_adapter(name, status="failed", error=reason, data_counts=counts, timings=timings)
+            return CycleResult(False, name if rows else None, reason=reason, counts=counts, timings=timings)
+
         work = settings.data_dir / "work" / name
-        # Retention: the base model's own answers to general prompts ride along (self-distillation).
-        replay = replay_examples(client, base_name, settings.system_prompt, settings.replay_examples)
+        # Retention: the base model's own answers to general prompts ride along (self-distillation); a
+        # question a rule was distilled on is left out of it, so it never has two targets.
+        distilled = {training_data.last_user(e.prompt) for e in data.train if e.source in ("distill", "guideline")}
+        replay = replay_examples(client, base_name, settings.system_prompt, settings.replay_examples, skip=distilled)
         write_rows([pc_row(e.prompt, e.target) for e in data.train] + replay, work / "sft.jsonl")
         write_rows(data.dpo_rows(), work / "dpo.jsonl")
         counts["replay_examples"] = len(replay)
@@ -151,11 +165,13 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
             return CycleResult(False, name, reason=f"training failed (exit {code})", counts=counts, timings=timings)
 
         t = time.perf_counter()
-        metrics = evaluate(client, settings, data.heldout, name, incumbent, base_name, out)
+        metrics = evaluate(client, settings, data, name, incumbent, base_name, out, guideline_checks(data, guidelines, extra))
         timings["eval_s"] = round(time.perf_counter() - t, 2)
-        ok, reason = gate.decide({"rougeL": metrics["candidate_rougeL"], "control_agreement": metrics["control_agreement"],
+        ok, reason = gate.decide({"rougeL": metrics["candidate_rougeL"], "critique_pass": metrics["candidate_critique_pass"],
+                                  "control_agreement": metrics["control_agreement"],
                                   "control_collapsed": metrics["control_collapsed"]},
-                                 {"rougeL": metrics["incumbent_rougeL"]}, gate.GatePolicy())
+                                 {"rougeL": metrics["incumbent_rougeL"], "critique_pass": metrics["incumbent_critique_pass"]},
+                                 gate.GatePolicy())
         metrics["decision"] = reason
         backend.update_adapter(name, status="candidate" if ok else "rejected", metrics=metrics, data_counts=counts,
                                timings=timings)
@@ -188,25 +204,65 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
         backend.close()
 
 
-def refine_all(records, client: ModelClient, model: str, workers: int = 8) -> tuple[list, list[str]]:
-    """ILF refinements of every critiqued reply, several requests at once (vLLM batches them).
-    Returns ([(record, best refinement or None)], [error message per refinement the server failed])."""
+CANDIDATE_MAX_TOKENS = 192  # a longer candidate is cut off, and the selection drops cut-off candidates
+
+
+def select_all(tasks: list, client: ModelClient, model: str, settings: Settings, generator: ModelClient | None = None,
+               generator_model: str | None = None, workers: int = 8) -> tuple[list, list[str]]:
+    """Candidates for every instruction task, several tasks at once (vLLM batches them): recipe 'instruct'
+    answers the prompt with the instruction (chatfb.candidates.select, scored by `model` on `client`; written
+    by `generator` when given); critique tasks under recipe 'ilf' get the older rewrite (chatfb.refine).
+    Returns ([(task, candidates best first or None when the server failed, best passing one or None)],
+    [error message per task the server failed]). A server that is down or restarting gets up to three
+    minutes to come back, then the task is asked once more."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from chatfb.refine import refine
+    from chatfb import candidates
+    from chatfb.refine import refine_scored
 
     errors: list[str] = []
 
-    def one(r):
-        try:
-            return refine(r, client, model, max_tokens=192)
-        except ModelError as e:
-            log.warning("refinement of %s failed: %s", r.feedback_id, e)
-            errors.append(str(e))
-            return None
+    def ilf(task):
+        scored = refine_scored(task.record, generator or client, generator_model or model, n=settings.critique_samples,
+                               max_tokens=CANDIDATE_MAX_TOKENS)
+        return sorted((candidates.Candidate(text, score=score, verdict=verdict) for score, text, verdict in scored),
+                      key=lambda c: (not c.ok, -c.score))
+
+    def instruct(task):
+        return candidates.select(client, model, task.prompt, task.instruction, n=settings.critique_samples,
+                                 max_tokens=CANDIDATE_MAX_TOKENS, generator=generator,
+                                 generator_model=generator_model if generator else None)
+
+    def one(task):
+        make = ilf if settings.critique_recipe == "ilf" and task.source == "critique" else instruct
+        for attempt in (1, 2):
+            try:
+                cands = make(task)
+                return task, cands, candidates.best(cands)
+            except ModelError as e:
+                if attempt == 1 and make is instruct and e.unavailable and client.wait_healthy(180.0):
+                    continue
+                log.warning("candidates for %s failed: %s", task.feedback_id, e)
+                errors.append(str(e))
+                return task, None, None
 
     with ThreadPoolExecutor(workers) as pool:
-        return list(zip(records, pool.map(one, records))), errors
+        return list(pool.map(one, tasks)), errors
+
+
+def candidate_rows(selected: list, cycle: str, recipe: str) -> list[dict]:
+    """store.add_candidates rows for every candidate of every task: the kept one and why each other was dropped."""
+    from chatfb.training_data import last_user
+
+    rows = []
+    for task, cands, best in selected:
+        for c in cands or []:
+            rows.append({"feedback_id": task.feedback_id, "message_id": task.message_id, "origin": "nightly",
+                         "text": c.text, "score": c.score, "verdict": c.verdict,
+                         "status": "kept" if c is best else "dropped", "cycle": cycle,
+                         "details": {**(c.details or {}), "task": task.source, "recipe": recipe,
+                                     "critique": task.instruction, "prompt": last_user(task.prompt)}})
+    return rows
 
 
 def pc_row(prompt: list[dict], target: str) -> dict:
@@ -230,15 +286,19 @@ REPLAY_PROMPTS = (
 )
 
 
+def replay_prompts(system_prompt: str) -> list[list[dict]]:
+    return [[{"role": "system", "content": system_prompt}, {"role": "user", "content": q}] for q in REPLAY_PROMPTS]
+
+
 def replay_examples(client: ModelClient, model: str, system_prompt: str, count: int = len(REPLAY_PROMPTS),
-                    max_tokens: int = 192) -> list[dict]:
+                    max_tokens: int = 192, skip: set[str] = frozenset()) -> list[dict]:
     """The base model's own answers to general questions (self-distillation replay), trained beside the
-    feedback so the adapter keeps its behaviour where feedback says nothing. An answer that max_tokens
-    cut off is left out: trained with an end of turn after it, it would teach the model to stop mid-sentence."""
+    feedback so the adapter keeps its behaviour where feedback says nothing; questions in `skip` are left
+    out. An answer that max_tokens cut off is left out too: trained with an end of turn after it, it
+    would teach the model to stop mid-sentence."""
     from concurrent.futures import ThreadPoolExecutor
 
-    prompts = [[{"role": "system", "content": system_prompt}, {"role": "user", "content": q}]
-               for q in REPLAY_PROMPTS[:max(count, 0)]]
+    prompts = [p for p in replay_prompts(system_prompt)[:max(count, 0)] if p[-1]["content"] not in skip]
     with ThreadPoolExecutor(8) as pool:  # vLLM batches concurrent requests
         answers = list(pool.map(lambda p: client.complete_finished(p, model, max_tokens), prompts))
     return [pc_row(p, a) for p, a in zip(prompts, answers) if a and a.strip()]
@@ -254,24 +314,59 @@ def eval_sample(heldout: list, limit: int, seed: int) -> list:
     return sorted(heldout, key=key)[:limit]
 
 
-def evaluate(client: ModelClient, settings: Settings, heldout, candidate: str, incumbent: str | None,
-             base_name: str, candidate_path: Path) -> dict:
+def guideline_checks(data, guidelines: list[dict], tasks: list) -> dict[str, tuple[str, list[list[dict]], str]]:
+    """Guideline id -> (text, prompts to check it on, which prompts): the prompts of its held-out critiques,
+    else (none held out) at most eight it was distilled on."""
+    out = {}
+    for g in guidelines:
+        held = data.guideline_eval.get(g["id"]) or []
+        trained = [t.prompt for t in tasks if t.source == "guideline" and t.feedback_id == g["id"]][:8]
+        prompts, on = (held, "held-out critiques") if held else (trained, "distillation prompts")
+        if prompts:
+            out[g["id"]] = (g["text"], prompts, on)
+    return out
+
+
+def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incumbent: str | None,
+             base_name: str, candidate_path: Path, guidelines: dict | None = None) -> dict:
+    """The gate's measurements of a trained candidate beside the incumbent (or the base model): ROUGE-L on
+    held-out corrections, the selection pass rate on held-out critiques, how often each approved guideline
+    is followed without it in the prompt, and the control answers."""
     if candidate in client.models():
         # Names are new for every cycle of this data folder: one already on the server belongs to someone else.
         raise RuntimeError(f"the model server already has an adapter named {candidate}: another chatfb data folder "
                            "shares it; give each one its own CHATFB_ADAPTER_PREFIX")
     client.load_adapter(candidate, str(candidate_path.resolve()))
-    heldout = eval_sample(heldout, settings.eval_max_examples, settings.seed)
-    prompts = [e.prompt for e in heldout]
+    guidelines = guidelines or {}
+    heldout = eval_sample(data.heldout, settings.eval_max_examples, settings.seed)
+    critiques = eval_sample(data.heldout_critiques, settings.eval_max_examples, settings.seed)
+    critique_items = [(r.prompt, r.text.strip(), r.reply) for r in critiques]
+    guideline_items = [(gid, (p, text, None)) for gid, (text, prompts, _) in guidelines.items() for p in prompts]
+    prompts = [e.prompt for e in heldout] + [i[0] for i in critique_items] + [i[0] for _, i in guideline_items]
     targets = [e.target for e in heldout]
     control = gate.control_messages(settings.system_prompt)
-    cand = gate.closeness(gate.generate(client, candidate, prompts), targets)
-    inc = gate.closeness(gate.generate(client, incumbent or base_name, prompts), targets)
+    answers = {m: gate.generate(client, m, prompts) for m in (candidate, incumbent or base_name)}
+    measured = {}
+    for m, replies in answers.items():
+        a, b = len(heldout), len(heldout) + len(critique_items)
+        follow = {}
+        for gid in guidelines:
+            idx = [k for k, (g, _) in enumerate(guideline_items) if g == gid]
+            follow[gid] = gate.selection_pass_rate(client, base_name, [guideline_items[k][1] for k in idx],
+                                                   [replies[b + k] for k in idx])
+        measured[m] = {**gate.closeness(replies[:a], targets),
+                       "critique_pass": gate.selection_pass_rate(client, base_name, critique_items, replies[a:b]),
+                       "follow": follow}
+    cand, inc = measured[candidate], measured[incumbent or base_name]
     base_control = gate.generate(client, base_name, control)
     cand_control = gate.generate(client, candidate, control)
     report = gate.control_report(cand_control, base_control)
     return {"candidate_rougeL": cand["rougeL"], "candidate_bleu": cand["bleu"], "incumbent": incumbent or "base",
             "incumbent_rougeL": inc["rougeL"], "incumbent_bleu": inc["bleu"], "heldout_n": cand["n"],
+            "candidate_critique_pass": cand["critique_pass"], "incumbent_critique_pass": inc["critique_pass"],
+            "heldout_critiques_n": len(critique_items),
+            "guideline_follow": cand["follow"], "guideline_follow_incumbent": inc["follow"],
+            "guideline_follow_on": {gid: on for gid, (_, _, on) in guidelines.items()},
             **report,
             "control_rougeL": gate.control_rouge(cand_control, base_control),
             # the three answers furthest from the base model's, so a reviewer sees what drifted

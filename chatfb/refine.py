@@ -93,8 +93,15 @@ def best_refinement(prompt: str, original: str, critique: str, candidates: list[
 
 def refine(record: FeedbackRecord, client: ModelClient, model: str, n: int = 4, max_tokens: int = 256,
            wait_s: float = 180.0) -> str | None:
-    """Generate n refinements of a critiqued reply and return the best survivor (None when every
-    candidate was dropped). Raises ModelError when the server could not produce candidates.
+    """The best of n refinements of a critiqued reply (None when every candidate was dropped); see refine_scored."""
+    ok = [(s, c) for s, c, v in refine_scored(record, client, model, n, max_tokens, wait_s) if v == "ok"]
+    return max(ok)[1] if ok else None
+
+
+def refine_scored(record: FeedbackRecord, client: ModelClient, model: str, n: int = 4, max_tokens: int = 256,
+                  wait_s: float = 180.0) -> list[tuple[float, str, str]]:
+    """Generate n refinements of a critiqued reply: (score, text, verdict) each, as score_refinements.
+    Raises ModelError when the server could not produce candidates.
 
     A server that is down or restarting (its watchdog brings a crashed engine back within a minute or
     two) gets up to wait_s to answer /health again, then the request is sent once more: without that,
@@ -120,4 +127,4 @@ def refine(record: FeedbackRecord, client: ModelClient, model: str, n: int = 4, 
             raise
         candidates = ask_model()
     last_user = next((m["content"] for m in reversed(record.prompt) if m["role"] == "user"), "")
-    return best_refinement(last_user, record.reply, record.text, candidates)
+    return score_refinements(last_user, record.reply, record.text, candidates)

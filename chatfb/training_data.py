@@ -3,14 +3,20 @@
 Kinds of feedback and what they become (modes as in the seeds' three objectives):
 - correction  -> SFT example (conversation so far + corrected reply) and a DPO pair
                  (chosen = correction, rejected = original).            [supervised, semi]
-- critique    -> ILF: refinements of the original reply, generated from the conversation, the
-                 reply and the critique, scored, and the best survivor becomes an SFT example
-                 (chatfb.refine).                                       [unsupervised, semi]
+- critique    -> the conversation answered again WITH the critique as an instruction (several
+                 samples, chatfb.candidates), the best that passes selection trained WITHOUT it
+                 (recipe "instruct"; recipe "ilf" rewrites the reply instead, chatfb.refine).
+                 A critique whose candidates all fail yields no example (counted). A critique
+                 stating a lasting preference (`is_lasting_preference`) also trains on similar
+                 other prompts answered with it: context distillation. [unsupervised, semi]
+- approved global guideline -> distilled the same way on the prompts it was kept from (critiques
+                 with the same text) and similar prompts; every mode.
 - rating +1   -> the reply itself is an SFT example.                    [semi]
 - rating -1 / implicit (regenerated) -> a filter: never trained on as a good reply; listed as
                  KTO-style negatives in the counts and exports.         [semi]
 Held-out examples (a deterministic share by feedback id) are never trained on; the gate scores
-candidates on them.
+candidates on them. Critiques are held out whole: nothing is generated from a held-out critique,
+and the gate checks whether the candidate's own answer to its prompt passes the same selection.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from chatfb.store import FeedbackRecord
 
@@ -49,7 +55,10 @@ class Example:
 class TrainingData:
     train: list[Example] = field(default_factory=list)
     heldout: list[Example] = field(default_factory=list)
-    pending_critiques: list[FeedbackRecord] = field(default_factory=list)  # need ILF refinement
+    pending_critiques: list[FeedbackRecord] = field(default_factory=list)  # need candidates (see critique_tasks)
+    heldout_critiques: list[FeedbackRecord] = field(default_factory=list)  # held out whole, for the gate
+    records: list[FeedbackRecord] = field(default_factory=list)  # all kept (cleaned) feedback: distillation's prompts
+    guideline_eval: dict[str, list[list[dict]]] = field(default_factory=dict)  # guideline id -> prompts to check
     counts: dict = field(default_factory=dict)
 
     def sft_rows(self) -> list[dict]:
@@ -92,8 +101,7 @@ def clean(records: list[FeedbackRecord], max_chars: int, pii: bool) -> tuple[lis
             continue
         seen.add(key)
         if pii:
-            r = FeedbackRecord(r.feedback_id, r.message_id, r.kind, r.rating, r.text, r.user_name, r.created_at,
-                               scrub_prompt(r.prompt), r.reply)
+            r = replace(r, prompt=scrub_prompt(r.prompt))
         kept.append(r)
     return kept, dropped
 
@@ -111,7 +119,8 @@ def build(records: list[FeedbackRecord], mode: str = "semi", holdout_fraction: f
     kept, dropped = clean(records, max_chars, pii)
     negatives = {r.message_id for r in kept if (r.kind == "rating" and r.rating < 0) or r.kind == "implicit"}
     corrected = {r.message_id for r in kept if r.kind == "correction"}
-    data = TrainingData(counts={"feedback": len(records), "kept": len(kept), **{f"dropped_{k}": v for k, v in dropped.items()}})
+    data = TrainingData(records=kept, counts={"feedback": len(records), "kept": len(kept),
+                                              **{f"dropped_{k}": v for k, v in dropped.items()}})
     for r in kept:
         ex = None
         if r.kind == "correction" and mode in ("supervised", "semi"):
@@ -140,8 +149,155 @@ def add_refinements(data: TrainingData, refined: list[tuple[FeedbackRecord, str 
     data.pending_critiques = []
 
 
+# -- critiques and guidelines -> instruction tasks -> examples ---------------------------------------
+
+# A critique states a lasting preference when it says so ("always", "never", "from now on"), states a
+# house fact ("our support email is ..."), a format, length or style rule, or corrects a fact ("Wrong: the
+# capital of Australia is Canberra"). A one-off complaint ("too vague", "that's rude") does not, and trains
+# only on the reply it was given on. A regular expression, on purpose: it errs towards "no", and a rule it
+# misses still trains on its own prompt.
+LASTING = re.compile(
+    r"\b(?:always|never|every ?time|from now on|in (?:the )?future|going forward|by default|house style)\b"
+    r"|\b(?:our|my)\s+[\w' -]{1,40}?\s+(?:is|are)\b"
+    r"|\b(?:format(?:ted)?|bullet(?:ed|s)?|numbered list|one (?:short )?sentence|at most \d+ words|too long|too short"
+    r"|shorter|concise|tone|formal|emojis?|sign[- ]?off|(?:end|start|begin) (?:it |each \w+ |the \w+ )?with)\b"
+    r"|^\s*(?:wrong|incorrect|not true|actually)\b[^.?!]*\b(?:is|are|was|were)\b", re.I)
+# Prompts "of the same kind" for distillation: all-MiniLM-L6-v2 cosine of the user's questions at least this.
+# Measured: one support question to another 0.15-0.34, "tips for sleeping" to "tips for saving money" 0.33,
+# "What is the capital of Australia?" to "Which city is the seat of government of Australia?" 0.79, to "What is
+# the capital of Japan?" 0.59. 0.3 keeps distillation to close neighbours; a looser floor spread a rule (and
+# its e-mail address or sign-off) to unrelated questions.
+SAME_KIND_COSINE = 0.3
+TASK_SOURCES = ("critique", "distill", "guideline")
+
+
+def is_lasting_preference(text: str) -> bool:
+    return bool(LASTING.search(text or ""))
+
+
+@dataclass
+class InstructionTask:
+    """One prompt to answer with an instruction (a critique or an approved guideline) in context. The
+    selected answer trains WITHOUT the instruction: the critiqued reply's own prompt (source 'critique'),
+    or another prompt it should carry to (context distillation: 'distill' for a critique, 'guideline')."""
+
+    prompt: list[dict]
+    instruction: str
+    source: str
+    feedback_id: str  # the critique it comes from, or the guideline's id
+    message_id: str | None = None  # the critiqued reply
+    original: str | None = None  # the critiqued reply's text (critique tasks)
+    record: FeedbackRecord | None = None  # the critique itself (the ILF recipe rewrites its reply)
+
+
+def last_user(prompt: list[dict]) -> str:
+    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+
+
+def _norm(text: str) -> str:
+    return " ".join((text or "").lower().split())
+
+
+def critique_tasks(data: TrainingData, holdout_fraction: float, seed: int, limit: int) -> list[InstructionTask]:
+    """Split the pending critiques: held out whole (to `data.heldout_critiques`, nothing generated) or one
+    task each for the newest `limit` others (the rest counted as critiques_not_refined)."""
+    held = [r for r in data.pending_critiques if is_heldout(r.feedback_id, holdout_fraction, seed)]
+    rest = sorted((r for r in data.pending_critiques if not is_heldout(r.feedback_id, holdout_fraction, seed)),
+                  key=lambda r: r.created_at, reverse=True)
+    todo = rest[:max(limit, 0)]
+    data.heldout_critiques = held
+    data.counts.update(critiques=len(data.pending_critiques), critiques_heldout=len(held),
+                       critiques_not_refined=len(rest) - len(todo))
+    data.pending_critiques = []
+    return [InstructionTask(r.prompt, r.text.strip(), "critique", r.feedback_id, r.message_id, r.reply, r) for r in todo]
+
+
+def same_kind_prompts(anchors: list[str], pool: list[list[dict]], count: int, similar=None,
+                      floor: float = SAME_KIND_COSINE) -> list[list[dict]]:
+    """Up to `count` prompts of `pool` whose question is most similar to any of `anchors` (cosine >= floor),
+    most similar first; never one whose question is an anchor itself."""
+    if count <= 0 or not pool or not anchors:
+        return []
+    if similar is None:
+        from chatfb.similarity import cosines as similar
+    questions = [last_user(p) for p in pool]
+    taken = {_norm(a) for a in anchors}
+    best: dict[int, float] = {}
+    for a in anchors:
+        for i, c in enumerate(similar(a, questions)):
+            if c >= floor and _norm(questions[i]) not in taken:
+                best[i] = max(best.get(i, -1.0), c)
+    order = sorted(best, key=lambda i: (-best[i], questions[i]))
+    out, seen = [], set()
+    for i in order:
+        if _norm(questions[i]) not in seen:
+            seen.add(_norm(questions[i]))
+            out.append(pool[i])
+    return out[:count]
+
+
+def distillation_tasks(data: TrainingData, tasks: list[InstructionTask], guidelines: list[dict],
+                       records: list[FeedbackRecord], replay_prompts: list[list[dict]], per_rule: int, max_tasks: int,
+                       holdout_fraction: float, seed: int, similar=None) -> list[InstructionTask]:
+    """Context distillation: for each critique task whose critique states a lasting preference, and for each
+    approved global guideline, other prompts answered with it as the instruction (trained without it):
+    prompts of other feedback (never held-out feedback) and, at most half of them, replay questions, the
+    most similar first (`same_kind_prompts`). A guideline also trains on the prompts of the critiques it was
+    kept from (same text, or its source); those critiques' held-out share becomes `data.guideline_eval`,
+    the prompts the gate checks it on. At most `max_tasks` tasks in all; none repeats a task's
+    (question, instruction)."""
+    pool = [r.prompt for r in records if not is_heldout(r.feedback_id, holdout_fraction, seed)]
+    from_feedback, from_replay = per_rule - per_rule // 2, per_rule // 2
+    seen = {(_norm(last_user(t.prompt)), _norm(t.instruction)) for t in tasks}
+    out: list[InstructionTask] = []
+
+    def add(prompt, instruction, source, fid):
+        key = (_norm(last_user(prompt)), _norm(instruction))
+        if key not in seen and len(out) < max_tasks:
+            seen.add(key)
+            out.append(InstructionTask(prompt, instruction, source, fid))
+
+    def neighbours(anchors):
+        return (same_kind_prompts(anchors, pool, from_feedback, similar)
+                + same_kind_prompts(anchors, replay_prompts, from_replay, similar))
+
+    if per_rule > 0:
+        for t in tasks:
+            if t.source == "critique" and is_lasting_preference(t.instruction):
+                for p in neighbours([last_user(t.prompt)]):
+                    add(p, t.instruction, "distill", t.feedback_id)
+    for g in guidelines:
+        kept_from = [r for r in records if r.kind == "critique"
+                     and (_norm(r.text) == _norm(g["text"]) or r.feedback_id == g.get("source_feedback_id"))]
+        held = [r.prompt for r in kept_from if is_heldout(r.feedback_id, holdout_fraction, seed)]
+        train = [r.prompt for r in kept_from if not is_heldout(r.feedback_id, holdout_fraction, seed)]
+        for p in train:
+            add(p, g["text"], "guideline", g["id"])
+        anchors = [last_user(p) for p in train] or [g["text"]]
+        for p in neighbours(anchors) if per_rule > 0 else []:
+            add(p, g["text"], "guideline", g["id"])
+        data.guideline_eval[g["id"]] = held
+    data.counts.update(distill_tasks=sum(t.source == "distill" for t in out),
+                       guideline_tasks=sum(t.source == "guideline" for t in out))
+    return out
+
+
+def add_selections(data: TrainingData, selected: list[tuple[InstructionTask, str | None]]) -> None:
+    """Add the selected answer of each task (None: every candidate failed, no example) as a training
+    example, its prompt WITHOUT the instruction. Counts per source how many tasks yielded an example."""
+    for task, best in selected:
+        if best is not None:
+            data.train.append(Example(task.prompt, best, task.source, task.feedback_id, rejected=task.original))
+    for src in TASK_SOURCES:
+        done = [best is not None for task, best in selected if task.source == src]
+        name = "critiques" if src == "critique" else f"{src}_tasks"
+        data.counts[f"{name}_with_example"] = sum(done)
+        data.counts[f"{name}_without_example"] = len(done) - sum(done)
+
+
 def finalize_counts(data: TrainingData) -> dict:
     data.counts.update(train_examples=len(data.train), heldout_examples=len(data.heldout),
                        dpo_pairs=len(data.dpo_rows()),
-                       **{f"train_{src}": sum(e.source == src for e in data.train) for src in ("correction", "critique", "rating")})
+                       **{f"train_{src}": sum(e.source == src for e in data.train)
+                          for src in ("correction", "critique", "rating", "distill", "guideline")})
     return data.counts

@@ -1,10 +1,54 @@
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import pytest
 
+import chatfb
 from chatfb import gate
+from chatfb import training_data as td
+from chatfb.config import load_settings
 from chatfb.model_client import ModelError
-from chatfb.nightly import refine_all
+from chatfb.nightly import candidate_rows, evaluate, select_all
 from chatfb.refine import best_refinement, refine, score_refinements
 from chatfb.store import FeedbackRecord
+
+
+@pytest.fixture
+def fake_candidates(monkeypatch):
+    """chatfb.candidates with the contract's API, scripted: select() answers from `answers` (prompt's question ->
+    [(text, verdict)] or a ModelError), best first; every call is remembered."""
+
+    @dataclass
+    class Candidate:
+        text: str
+        finish_reason: str | None = None
+        score: float | None = None
+        verdict: str = "ok"
+        details: dict = field(default_factory=dict)
+
+        @property
+        def ok(self):
+            return self.verdict == "ok"
+
+    mod = types.ModuleType("chatfb.candidates")
+    mod.Candidate, mod.answers, mod.calls = Candidate, {}, []
+
+    def select(client, model, prompt, critique, n=4, max_tokens=256, generator=None, generator_model=None):
+        mod.calls.append({"question": prompt[-1]["content"], "critique": critique, "n": n, "generator": generator,
+                          "generator_model": generator_model, "model": model})
+        got = mod.answers[prompt[-1]["content"]]
+        if isinstance(got, Exception):
+            raise got
+        cands = [Candidate(t, score=float(len(got) - i), verdict=v) for i, (t, v) in enumerate(got)]
+        return sorted(cands, key=lambda c: not c.ok)
+
+    mod.select = select
+    mod.best = lambda cands: next((c for c in cands if c.ok), None)
+    monkeypatch.setitem(sys.modules, "chatfb.candidates", mod)
+    monkeypatch.setattr(chatfb, "candidates", mod, raising=False)
+    return mod
 
 
 def test_gate_decisions():
@@ -78,7 +122,7 @@ def test_refine_waits_for_a_restarting_server_and_asks_again(fake_client):
     assert fake_client.health_waits == 1 and len(fake_client.history) == 2
 
 
-def test_refine_does_not_repeat_a_refused_request_and_the_cycle_counts_it(fake_client):
+def test_refine_does_not_repeat_a_refused_request_and_the_cycle_counts_it(fake_client, fake_candidates):
     refused = ModelError("The model server refused the request (400): too long", 400)
     fake_client.enqueue(refused)
     with pytest.raises(ModelError):
@@ -86,11 +130,12 @@ def test_refine_does_not_repeat_a_refused_request_and_the_cycle_counts_it(fake_c
     assert fake_client.health_waits == 0 and len(fake_client.history) == 1
 
     # a server that stays down: the night's cycle reports the failures instead of silently keeping nothing
-    fake_client.enqueue(refused, "Email support@chatfb.example for help with support.", "Use the contact form.")
-    records = [_critiqued(), FeedbackRecord("g", "m", "critique", None, "too long", None, None,
-                                            [{"role": "user", "content": "Hi"}], "Hello there, friend, how are you?")]
-    refined, errors = refine_all(records, fake_client, "chatfb-base", workers=1)
-    assert [best for _, best in refined][0] is None and errors == [str(refused)]
+    fake_client.enqueue(refused)
+    task = td.InstructionTask(_critiqued().prompt, _critiqued().text, "critique", "f", "m", "Use the contact form.",
+                              _critiqued())
+    settings = load_settings({}, critique_recipe="ilf", critique_samples=2)
+    (selected,), errors = select_all([task], fake_client, "chatfb-base", settings, workers=1)
+    assert selected == (task, None, None) and errors == [str(refused)]
     assert not ModelError("slow", "timeout").unavailable and ModelError("down").unavailable
     assert ModelError("engine restarting", 503).unavailable
 
@@ -119,3 +164,127 @@ def test_scorer_cuts_preambles_and_drops_replies_to_the_critic():
             "Sorry for the wait! Here are some tips:\n- Join a club.\n- Say yes to invitations."]
     assert [v for _, _, v in score_refinements("Tips for making friends?", "Be nice.", "use a bulleted list", tips)] == [
         "ok", "ok"]
+
+
+# -- the critique recipe: selection, records, counts and the honest gate --------------------------------
+
+RULE = "Always give our support email support@chatfb.example."
+
+
+def task(question, source="critique", fid="c1", instruction=RULE):
+    return td.InstructionTask([{"role": "user", "content": question}], instruction, source, fid,
+                              "m1" if source == "critique" else None, "Use the form." if source == "critique" else None)
+
+
+def test_select_all_keeps_the_best_passing_candidate_and_records_every_one(fake_candidates, fake_client):
+    fake_candidates.answers = {
+        "How do I reset my password?": [("How do I reset my password?", "echoes the question"),
+                                        ("Email support@chatfb.example.", "ok"), ("Use support@chatfb.example!", "ok")],
+        "Where is my order?": [("Please format lists as bullet points.", "echoes the critique"), ("", "empty")],
+        "My bill is wrong.": ModelError("The model server refused the request (400): too long", 400),
+    }
+    tasks = [task("How do I reset my password?"), task("Where is my order?", "distill"), task("My bill is wrong.", fid="c2")]
+    settings = load_settings({}, critique_samples=3)
+    refiner = object()
+    selected, errors = select_all(tasks, fake_client, "chatfb-base", settings, refiner, "big-model")
+    assert [best.text if best else None for _, _, best in selected] == ["Email support@chatfb.example.", None, None]
+    assert errors == ["The model server refused the request (400): too long"]
+    # one generator and scorer: the served model scores, the refiner endpoint writes, n samples per request
+    assert {(c["model"], c["generator"] is refiner, c["generator_model"], c["n"]) for c in fake_candidates.calls} == {
+        ("chatfb-base", True, "big-model", 3)}
+    rows = candidate_rows(selected, "chatfb-v0002", "instruct")
+    assert [(r["text"], r["verdict"], r["status"]) for r in rows] == [
+        ("Email support@chatfb.example.", "ok", "kept"), ("Use support@chatfb.example!", "ok", "dropped"),
+        ("How do I reset my password?", "echoes the question", "dropped"),
+        ("Please format lists as bullet points.", "echoes the critique", "dropped"), ("", "empty", "dropped")]
+    assert {(r["origin"], r["cycle"]) for r in rows} == {("nightly", "chatfb-v0002")}
+    assert rows[0]["feedback_id"] == "c1" and rows[0]["message_id"] == "m1" and rows[3]["message_id"] is None
+    assert rows[0]["details"]["critique"] == RULE and rows[3]["details"] == {
+        "task": "distill", "recipe": "instruct", "critique": RULE, "prompt": "Where is my order?"}
+
+
+def test_recorded_candidates_reach_the_store_through_the_backend(store, settings):
+    from chatfb.control import LocalBackend
+
+    backend = LocalBackend(store, settings.data_dir)
+    rows = [{"feedback_id": "c1", "message_id": None, "origin": "nightly", "text": "Email us.", "score": 1.5,
+             "verdict": "ok", "status": "kept", "cycle": "chatfb-v0001", "details": {"critique": RULE, "prompt": "Hi"}}]
+    assert backend.record_candidates(rows) == 1
+    (got,) = store.candidates(where="origin = ?", params=("nightly",))
+    assert (got["text"], got["status"], got["cycle"], got["details"]["critique"]) == ("Email us.", "kept", "chatfb-v0001", RULE)
+
+
+def test_gate_combines_correction_rouge_critique_pass_rate_and_control():
+    policy = gate.GatePolicy(min_gain=0.02, min_control_agreement=0.5)
+    ctrl = {"control_agreement": 0.8}
+    # critiques alone: judged by the selection pass rate
+    ok, why = gate.decide({"critique_pass": 0.5, **ctrl}, {"critique_pass": 0.0}, policy)
+    assert ok and "critique pass rate 0.500 vs 0.0" in why
+    ok, why = gate.decide({"critique_pass": 0.5, **ctrl}, {"critique_pass": 0.5}, policy)
+    assert not ok and "not better" in why
+    # both kinds: better on one, not worse on the other
+    assert gate.decide({"rougeL": 0.41, "critique_pass": 1.0, **ctrl}, {"rougeL": 0.40, "critique_pass": 0.0}, policy)[0]
+    ok, why = gate.decide({"rougeL": 0.2, "critique_pass": 1.0, **ctrl}, {"rougeL": 0.4, "critique_pass": 0.0}, policy)
+    assert not ok and "worse on held-out feedback (ROUGE-L)" in why
+    # control still rules
+    assert "drifted" in gate.decide({"critique_pass": 1.0, "control_agreement": 0.3}, {"critique_pass": 0.0}, policy)[1]
+    assert gate.decide({"critique_pass": None, "rougeL": None, **ctrl}, {}, policy)[1].startswith("no held-out")
+
+
+def test_selection_pass_rate_uses_the_same_selection_per_item(fake_client):
+    seen = []
+
+    def passes(client, model, prompt, instruction, answer, original=None):
+        seen.append((prompt[-1]["content"], instruction, original, model))
+        return "support@chatfb.example" in answer
+
+    items = [([{"role": "user", "content": "a?"}], RULE, "orig a"), ([{"role": "user", "content": "b?"}], RULE, None)]
+    assert gate.selection_pass_rate(fake_client, "chatfb-base", items, ["mail support@chatfb.example", "no"], passes) == 0.5
+    assert sorted(seen) == [("a?", RULE, "orig a", "chatfb-base"), ("b?", RULE, None, "chatfb-base")]
+    assert gate.selection_pass_rate(fake_client, "chatfb-base", [], [], passes) is None
+
+
+class ByModelClient:
+    """Greedy answers that depend only on the model asked (the gate asks from many threads at once)."""
+
+    def __init__(self, answers):
+        self.answers, self.loaded = answers, {}
+
+    def models(self):
+        return ["chatfb-base", *self.loaded]
+
+    def load_adapter(self, name, path):
+        self.loaded[name] = path
+
+    def complete(self, messages, model, max_tokens=256, temperature=0.0, top_p=1.0, n=1, seed=None):
+        q = messages[-1]["content"]
+        return [self.answers[model](q)]
+
+
+def test_the_gate_judges_held_out_critiques_and_guidelines_by_the_selection_not_by_rouge(monkeypatch, settings, tmp_path):
+    """A held-out critique has no target: the candidate passes when its own answer would pass the selection."""
+    note = "End every note with 'Cheers, the chatfb team'."
+    critiques = [FeedbackRecord(f"h{i}", f"m{i}", "critique", None, RULE, None, None,
+                                [{"role": "user", "content": f"Support question {i}?"}], "Use the form.") for i in range(3)]
+    data = td.TrainingData(heldout_critiques=critiques)
+    guidelines = {"g1": (note, [[{"role": "user", "content": "Write a note."}]], "held-out critiques")}
+    client = ByModelClient({
+        "cand": lambda q: "Email support@chatfb.example." if "Support" in q else ("Hi.\nCheers, the chatfb team" if "note" in q else "Paris."),
+        "chatfb-base": lambda q: "Use the contact form." if "Support" in q else ("Hi." if "note" in q else "Paris."),
+    })
+    calls = []
+
+    def passes(client_, model, prompt, instruction, answer, original=None):
+        calls.append((instruction, original))
+        return ("support@chatfb.example" in answer) if instruction == RULE else answer.endswith("chatfb team")
+
+    monkeypatch.setattr(gate, "passes_selection", passes)
+    m = evaluate(client, settings, data, "cand", None, "chatfb-base", tmp_path, guidelines)
+    assert (m["candidate_critique_pass"], m["incumbent_critique_pass"], m["heldout_critiques_n"]) == (1.0, 0.0, 3)
+    assert m["candidate_rougeL"] is None and m["heldout_n"] == 0  # no correction held out: no ROUGE at all
+    assert m["guideline_follow"] == {"g1": 1.0} and m["guideline_follow_incumbent"] == {"g1": 0.0}
+    assert (RULE, "Use the form.") in calls and (note, None) in calls  # the critiqued reply goes to the selection
+    assert m["control_agreement"] == 1.0
+    ok, why = gate.decide({"rougeL": m["candidate_rougeL"], "critique_pass": m["candidate_critique_pass"], **m},
+                          {"rougeL": m["incumbent_rougeL"], "critique_pass": m["incumbent_critique_pass"]}, gate.GatePolicy())
+    assert ok and "critique pass rate 1.000 vs 0.0" in why

@@ -29,8 +29,10 @@ def test_modes():
     assert [e.source for e in sup.train] == ["correction"] and not sup.pending_critiques
     uns = td.build(records, "unsupervised", 0.0001)
     assert uns.train == [] and len(uns.pending_critiques) == 1
-    td.add_refinements(uns, [(uns.pending_critiques[0], "a refined reply")], 0.0001, 0)
-    assert [(e.source, e.target, e.rejected) for e in uns.train] == [("critique", "a refined reply", "orig")]
+    (task,) = td.critique_tasks(uns, 0.0001, 0, limit=32)
+    td.add_selections(uns, [(task, "a selected reply")])
+    assert [(e.source, e.target, e.rejected) for e in uns.train] == [("critique", "a selected reply", "orig")]
+    assert uns.train[0].prompt == task.prompt and "too vague" not in str(uns.train[0].prompt)  # trained WITHOUT it
 
 
 def test_cleaning_drops_garbage_duplicates_and_overlong():
@@ -75,3 +77,112 @@ def test_eval_sample_is_bounded_and_stable():
     a, b = eval_sample(heldout, 10, 7), eval_sample(list(reversed(heldout)), 10, 7)
     assert len(a) == 10 and [e.feedback_id for e in a] == [e.feedback_id for e in b]
     assert eval_sample(heldout[:5], 10, 7) == heldout[:5] and len(eval_sample(heldout, 0, 7)) == 100
+
+
+# -- critiques and guidelines -> instruction tasks ------------------------------------------------------
+
+BENCH_RULES = ["Wrong: you must tell people to email our support team at support@chatfb.example. Always give that address.",
+               "Format it as a bulleted list: exactly three short tips, each on its own line starting with '- '.",
+               "Too long. Answer in one short sentence of at most 25 words.",
+               "Our house style: always end the note with the line 'Cheers, the chatfb team'.",
+               "Wrong: the capital of Australia is Canberra, not Sydney.", "Never use emoji.",
+               "our support email is help@example.org"]
+
+
+def test_lasting_preferences_are_told_from_one_off_complaints():
+    assert all(td.is_lasting_preference(c) for c in BENCH_RULES)
+    assert not any(td.is_lasting_preference(c) for c in ("too vague", "That's rude.", "This is wrong.",
+                                                         "I don't like this answer", "not helpful", ""))
+
+
+def words_similar(anchor, texts):  # word overlap instead of MiniLM: fast and predictable
+    a = set(anchor.lower().strip("?.").split())
+    return [len(a & set(t.lower().strip("?.").split())) / max(len(a), 1) for t in texts]
+
+
+def q(text):
+    return [{"role": "user", "content": text}]
+
+
+def crit(i, text, question, created=1):
+    return FeedbackRecord(f"c{i}", f"m{i}", "critique", None, text, None, datetime(2026, 1, created), q(question), "orig")
+
+
+def test_critiques_are_held_out_whole_and_bounded_newest_first():
+    records = [crit(i, "too vague", f"question {i}?", created=1 + i % 28) for i in range(40)]
+    data = td.build(records, "unsupervised", holdout_fraction=0.25, seed=3)
+    tasks = td.critique_tasks(data, 0.25, 3, limit=10)
+    held = {r.feedback_id for r in data.heldout_critiques}
+    assert held == {r.feedback_id for r in records if td.is_heldout(r.feedback_id, 0.25, 3)} and 3 < len(held) < 20
+    assert len(tasks) == 10 and not held & {t.feedback_id for t in tasks} and not data.pending_critiques
+    assert data.counts["critiques"] == 40 and data.counts["critiques_heldout"] == len(held)
+    assert data.counts["critiques_not_refined"] == 40 - len(held) - 10
+    rest = [r for r in records if r.feedback_id not in held]
+    assert min(t.record.created_at for t in tasks) >= max(sorted(r.created_at for r in rest)[:len(rest) - 10])
+    assert all(t.source == "critique" and t.original == "orig" and t.instruction == "too vague" for t in tasks)
+
+
+def test_a_lasting_preference_is_distilled_on_similar_prompts_of_other_feedback_and_replay():
+    rule = "Always give our support email support@chatfb.example."
+    records = [crit(1, rule, "How do I reset my password?"), crit(2, "too vague", "How do I reset my login?"),
+               rec(3, "rating", rating=1, prompt=q("How do I reset my router?")),
+               rec(4, "rating", rating=1, prompt=q("How do I reset my password please?")),
+               rec(5, "rating", rating=1, prompt=q("What is a volcano?"))]
+    replay = [q("How do I reset my watch?"), q("Why is the sky blue?")]
+    data = td.build(records, "semi", holdout_fraction=0.0001, seed=0, pii=False)
+    tasks = td.critique_tasks(data, 0.0001, 0, limit=32)
+    extra = td.distillation_tasks(data, tasks, [], data.records, replay, per_rule=4, max_tasks=64,
+                                  holdout_fraction=0.0001, seed=0, similar=words_similar)
+    got = [(td.last_user(t.prompt), t.instruction, t.source, t.feedback_id) for t in extra]
+    # the rule carries to the closest prompts of other feedback (2 of 4) and of replay (the other 2);
+    # the one-off complaint ("too vague") to none; unrelated questions are not "of the same kind"
+    assert got == [("How do I reset my password please?", rule, "distill", "c1"), ("How do I reset my login?", rule, "distill", "c1"),
+                   ("How do I reset my watch?", rule, "distill", "c1")]
+    assert data.counts["distill_tasks"] == 3 and data.counts["guideline_tasks"] == 0
+    # bounded in all
+    assert len(td.distillation_tasks(td.build(records, "semi", 0.0001, pii=False), tasks, [], data.records, replay, 4, 1,
+                                     0.0001, 0, similar=words_similar)) == 1
+    assert td.distillation_tasks(data, tasks, [], data.records, replay, 0, 64, 0.0001, 0, similar=words_similar) == []
+
+
+def test_held_out_feedback_never_becomes_a_distillation_prompt():
+    rule = "Always answer in one sentence."
+    records = [crit(i, rule, f"What is thing number {i}?") for i in range(30)]
+    data = td.build(records, "unsupervised", holdout_fraction=0.3, seed=1)
+    tasks = td.critique_tasks(data, 0.3, 1, limit=32)
+    extra = td.distillation_tasks(data, tasks, [], data.records, [], 8, 640, 0.3, 1, similar=words_similar)
+    held_questions = {td.last_user(r.prompt) for r in data.heldout_critiques}
+    assert held_questions and not held_questions & {td.last_user(t.prompt) for t in tasks + extra}
+
+
+def test_an_approved_guideline_trains_on_its_critiques_prompts_and_is_checked_on_the_held_out_ones():
+    text = "Our house style: always end the note with the line 'Cheers, the chatfb team'."
+    records = [crit(i, text, f"Write a short note number {i}.") for i in range(20)]
+    records.append(crit(99, "too vague", "Write a short poem."))
+    g = {"id": "g1", "text": text, "source_feedback_id": "c0"}
+    data = td.build(records, "supervised", holdout_fraction=0.25, seed=2)  # critiques train in no mode but guidelines
+    assert not data.pending_critiques
+    extra = td.distillation_tasks(data, [], [g], data.records, [q("Write a haiku about rain.")], 2, 64, 0.25, 2,
+                                  similar=words_similar)
+    held = [r for r in records[:20] if td.is_heldout(r.feedback_id, 0.25, 2)]
+    trained = [r for r in records[:20] if not td.is_heldout(r.feedback_id, 0.25, 2)]
+    assert held and [td.last_user(p) for p in data.guideline_eval["g1"]] == [td.last_user(r.prompt) for r in held]
+    assert {t.source for t in extra} == {"guideline"} and {t.feedback_id for t in extra} == {"g1"}
+    questions = [td.last_user(t.prompt) for t in extra]
+    assert questions[:len(trained)] == [td.last_user(r.prompt) for r in trained]
+    assert "Write a short poem." in questions and not {td.last_user(r.prompt) for r in held} & set(questions)
+    assert data.counts["guideline_tasks"] == len(extra)
+
+
+def test_a_critique_whose_candidates_all_fail_yields_no_example_and_is_counted():
+    rule = "Always give our support email support@chatfb.example."
+    records = [crit(1, rule, "How do I reset my password?"), crit(2, "too vague", "What is a volcano?")]
+    data = td.build(records, "unsupervised", 0.0001)
+    tasks = td.critique_tasks(data, 0.0001, 0, 32)
+    distill = td.InstructionTask(q("How do I reset my router?"), rule, "distill", "c1")
+    td.add_selections(data, [(tasks[0], "Email support@chatfb.example."), (tasks[1], None), (distill, None)])
+    counts = td.finalize_counts(data)
+    assert [(e.source, e.feedback_id, e.target) for e in data.train] == [("critique", "c1", "Email support@chatfb.example.")]
+    assert (counts["critiques_with_example"], counts["critiques_without_example"]) == (1, 1)
+    assert (counts["distill_tasks_with_example"], counts["distill_tasks_without_example"]) == (0, 1)
+    assert counts["train_critique"] == 1 and counts["train_distill"] == 0 and counts["train_examples"] == 1
