@@ -3,11 +3,13 @@ promote / rollback, and a compare view (same prompt, base vs previous vs current
 
 Everything is behind `check_admin` (a password from CHATFB_ADMIN_PASSWORD, or a Hugging Face
 login on the CHATFB_ADMIN_HF_USERS allowlist). With neither configured the tab stays locked.
-The unlocked flag lives in server-side session state, so a browser cannot forge it.
+The unlocked flag lives in server-side session state, so a browser cannot forge it. Wrong
+passwords are throttled per client address and overall (`unlock_admin`, chatfb.throttle).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 
@@ -17,7 +19,9 @@ import pandas as pd
 from chatfb.adapters import AdapterError
 from chatfb.model_client import ModelError
 from chatfb.runtime import Runtime
+from chatfb.throttle import GuessThrottle
 
+log = logging.getLogger(__name__)
 PROGRESS = re.compile(r"step (\d+)/(\d+).*?loss ([\d.]+).*?eta ([\dms. ]+)", re.I)
 
 
@@ -27,6 +31,30 @@ def check_admin(rt: Runtime, password: str | None, profile) -> bool:
         return True
     username = getattr(profile, "username", None)
     return bool(username and username in s.admin_hf_user_list)
+
+
+WRONG_PASSWORD = "⚠️ Wrong password (or your account is not on the admin list)."
+
+
+def unlock_admin(rt: Runtime, throttle: GuessThrottle, password: str | None, profile, client: str) -> tuple[bool, str]:
+    """(unlocked, message) for one unlock attempt. An allowlisted Hugging Face login needs no password;
+    a password is not even compared while `client` (or everyone) must wait after wrong guesses."""
+    username = getattr(profile, "username", None)
+    if username and username in rt.settings.admin_hf_user_list:
+        return True, "Unlocked."
+    if not password:
+        return False, WRONG_PASSWORD
+    wait = throttle.wait_s(client)
+    if wait > 0:
+        log.warning("admin unlock from %s refused unchecked: throttled for %.0f s", client, wait)
+        return False, f"⚠️ Too many wrong passwords. Try again in {int(wait) + 1} s."
+    if check_admin(rt, password, None):
+        throttle.succeeded(client)
+        log.info("admin unlocked from %s", client)
+        return True, "Unlocked."
+    n = throttle.failed(client)  # never log the guess itself: it may be a mistyped real password
+    log.warning("admin unlock failed from %s (%d wrong since its last success or a quiet hour)", client, n)
+    return False, WRONG_PASSWORD
 
 
 def adapters_frame(rt: Runtime) -> pd.DataFrame:
@@ -132,10 +160,12 @@ def build(rt: Runtime) -> None:
 
         view_outputs = [table, plot, per_day, topics, progress, train_log, action_msg]
 
+        throttle = GuessThrottle()
+
         def on_unlock(pw, request: gr.Request, profile: gr.OAuthProfile | None = None):
-            if not check_admin(rt, pw, profile):
-                return False, "⚠️ Wrong password (or your account is not on the admin list).", gr.update(visible=False), ""
-            return True, "Unlocked.", gr.update(visible=True), ""
+            client = request.client.host if request and request.client else getattr(request, "session_hash", "?")
+            ok, msg = unlock_admin(rt, throttle, pw, profile, client)
+            return ok, msg, gr.update(visible=ok), ""
 
         def guarded(fn):
             def run(ok, *args):
