@@ -84,6 +84,19 @@ def feedback_frame(rt: Runtime) -> pd.DataFrame:
                         columns=["day", "kind", "count"])
 
 
+CANDIDATE_COLUMNS = ["cycle", "critique", "prompt", "candidate", "score", "verdict", "status"]
+
+
+def candidates_frame(rt: Runtime, limit: int = 200) -> pd.DataFrame:
+    """What the learning cycles would train on and what they dropped (newest first): every candidate
+    answer made from a critique or guideline, its score and verdict, kept or dropped."""
+    rows = [{"cycle": c["cycle"], "critique": c["details"].get("critique", ""), "prompt": c["details"].get("prompt", ""),
+             "candidate": c["text"], "score": None if c["score"] is None else round(c["score"], 3),
+             "verdict": c["verdict"], "status": c["status"]}
+            for c in rt.store.candidates(where="origin = ?", params=("nightly",), limit=limit)]
+    return pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
+
+
 STOPWORDS = set("""a an the and or but is are was were be been it its this that to of in on for with as at by
 from too not no so very you your i me my we our it's do does did can should would could just more less than
 then there here about what which who how why when reply answer please""".split())
@@ -96,6 +109,41 @@ def topics_frame(rt: Runtime, top: int = 10) -> pd.DataFrame:
     words = Counter(w for text in rt.store.critique_texts() for w in set(re.findall(r"[a-z][a-z'-]{2,}", text.lower()))
                     if w not in STOPWORDS)
     return pd.DataFrame([{"topic": w, "critiques": n} for w, n in words.most_common(top)], columns=["topic", "critiques"])
+
+
+RETIRE_FROM_PROMPT_AT = 0.9  # the live adapter follows a guideline this often without it: the prompt may drop it
+
+
+def guidelines_frame(rt: Runtime) -> pd.DataFrame:
+    """Guidelines for everyone (suggested or approved), with how often the live adapter follows each
+    without it in the prompt (the gate's `guideline_follow`), and whether to retire it from the prompt."""
+    live = rt.store.live_adapter()
+    follow = ((live or {}).get("metrics") or {}).get("guideline_follow") or {}
+    rows = []
+    for g in rt.store.guidelines("scope = 'global'"):
+        rate = follow.get(g["id"])
+        advice = ""
+        if g["status"] == "pending":
+            advice = "awaiting approval"
+        elif g["status"] == "active" and rate is not None and rate >= RETIRE_FROM_PROMPT_AT:
+            advice = f"the live adapter follows it {rate:.0%} of the time: retire it from the prompt"
+        rows.append({"id": g["id"], "text": g["text"], "status": g["status"], "suggested by": g["user_name"] or "-",
+                     "live adapter follows": None if rate is None else round(rate, 2), "advice": advice})
+    return pd.DataFrame(rows, columns=["id", "text", "status", "suggested by", "live adapter follows", "advice"])
+
+
+def set_guideline(rt: Runtime, guideline_id: str, action: str, text: str = "") -> str:
+    g = rt.store.guideline((guideline_id or "").strip())
+    if g is None or g["scope"] != "global":
+        return "⚠️ No guideline for everyone with that id."
+    if action == "edit":
+        text = " ".join((text or "").split())
+        if not text or len(text) > rt.settings.max_guideline_chars:
+            return f"⚠️ A guideline needs 1-{rt.settings.max_guideline_chars} characters."
+        rt.store.update_guideline(g["id"], text=text)
+        return "Guideline edited."
+    rt.store.update_guideline(g["id"], status="active" if action == "approve" else "retired")
+    return "Guideline approved: it applies to all new replies." if action == "approve" else "Guideline retired."
 
 
 def training_progress(rt: Runtime) -> tuple[str, str]:
@@ -144,6 +192,18 @@ def build(rt: Runtime) -> None:
             with gr.Row():
                 per_day = gr.BarPlot(x="day", y="count", color="kind", title="Feedback per day")
                 topics = gr.BarPlot(x="topic", y="critiques", title="Most-critiqued topics")
+            with gr.Accordion("Guidelines for everyone", open=True):
+                guide_table = gr.Dataframe(label="Suggested and approved guidelines", interactive=False,
+                                           elem_id="admin-guidelines")
+                with gr.Row():
+                    guide_id = gr.Textbox(label="Guideline id", scale=2, elem_id="admin-guideline-id")
+                    guide_text = gr.Textbox(label="New text (Edit)", scale=3)
+                    approve_g = gr.Button("Approve", elem_id="admin-approve-guideline")
+                    edit_g = gr.Button("Edit")
+                    retire_g = gr.Button("Retire")
+            with gr.Accordion("Training candidates from critiques (audit)", open=False):
+                cand_table = gr.Dataframe(label="Kept ones train in the cycle named; dropped ones say why", interactive=False,
+                                          wrap=True, elem_id="admin-candidates")
             with gr.Accordion("Compare", open=True):
                 prompt = gr.Textbox(label="Prompt", elem_id="compare-prompt")
                 compare = gr.Button("Compare base / previous / current")
@@ -197,18 +257,29 @@ def build(rt: Runtime) -> None:
                 return "⚠️ Unlock first.", "", ""
             return compare_replies(rt, text)
 
-        unlock.click(on_unlock, [password], [unlocked, login_msg, panel, password], api_name="admin_unlock").then(views, [unlocked], view_outputs)
-        refresh.click(views, [unlocked], view_outputs)
+        unlock.click(on_unlock, [password], [unlocked, login_msg, panel, password], api_name="admin_unlock").then(
+            views, [unlocked], view_outputs, api_visibility="private").then(
+            lambda ok: guidelines_frame(rt) if ok else gr.update(), [unlocked], [guide_table], api_visibility="private")
+        refresh.click(views, [unlocked], view_outputs, api_visibility="private")
         train.click(guarded(on_train), [unlocked], [action_msg], api_name="train_now")
         promote.click(guarded(on_promote), [unlocked, name], [action_msg], api_name="promote").then(
-            lambda ok: views(ok)[:-1], [unlocked], view_outputs[:-1])
+            lambda ok: views(ok)[:-1], [unlocked], view_outputs[:-1], api_visibility="private")
         rollback.click(guarded(on_rollback), [unlocked], [action_msg], api_name="rollback").then(
-            lambda ok: views(ok)[:-1], [unlocked], view_outputs[:-1])
+            lambda ok: views(ok)[:-1], [unlocked], view_outputs[:-1], api_visibility="private")
         export.click(guarded(on_export), [unlocked], [action_msg], api_name="export")
         compare.click(on_compare, [unlocked, prompt], [out_base, out_prev, out_cur], api_name="compare")
+        for event in (unlocked.change, refresh.click):
+            event(lambda ok: candidates_frame(rt) if ok else gr.update(), [unlocked], [cand_table], api_visibility="private")
+        for button, action in ((approve_g, "approve"), (edit_g, "edit"), (retire_g, "retire")):
+            button.click(guarded(lambda gid, text, action=action: set_guideline(rt, gid, action, text)),
+                         [unlocked, guide_id, guide_text], [action_msg], api_name=f"{action}_guideline").then(
+                lambda ok: guidelines_frame(rt) if ok else gr.update(), [unlocked], [guide_table],
+                api_visibility="private")
+        refresh.click(lambda ok: guidelines_frame(rt) if ok else gr.update(), [unlocked], [guide_table],
+                      api_visibility="private")
         timer = gr.Timer(3.0)
         timer.tick(lambda ok: training_progress(rt) if ok else (gr.update(), gr.update()), [unlocked],
-                   [progress, train_log], show_progress="hidden")
+                   [progress, train_log], show_progress="hidden", api_visibility="private")
 
 
 def export_all(rt: Runtime):
@@ -218,9 +289,9 @@ def export_all(rt: Runtime):
     from chatfb.feedback_io import EXPORT_FORMATS, export
 
     out = rt.settings.data_dir / "exports" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    records = rt.store.feedback_records()
+    records, dismissed = rt.store.feedback_records(), rt.store.rejected_candidates()
     for fmt in EXPORT_FORMATS:
-        export(records, fmt, out)
+        export(records, fmt, out, dismissed=dismissed)
     return out
 
 

@@ -14,6 +14,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Iterator
 
+from chatfb import candidates, guidelines
 from chatfb.adapters import AdapterRouter
 from chatfb.config import Settings
 from chatfb.model_client import ModelClient, ModelError, StreamResult
@@ -35,6 +36,23 @@ class ReplyUpdate:
     model: str
     done: bool = False
     error: str | None = None
+
+
+@dataclass
+class RevisionUpdate:
+    """One streamed step of a proposed revision. While `done` is False, `text` is a draft being
+    written; when done, it is the best candidate (`candidate_id`), or `error` says why none is offered."""
+
+    critique_id: str
+    text: str
+    done: bool = False
+    candidate_id: str | None = None
+    error: str | None = None
+
+
+REVISION_FAILED = "The revision could not be made right now (the model is busy or down). Your critique is saved."
+NO_GOOD_REVISION = ("None of the drafts followed your critique well enough to offer. Your critique is saved: "
+                    "try again, or correct the reply yourself.")
 
 
 class RateLimiter:
@@ -63,6 +81,7 @@ class ChatService:
         self.client = client
         self.router = router
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
+        self._live: dict[str, StreamResult] = {}  # reply id -> its stream's text so far (see stop)
 
     # -- conversations ----------------------------------------------------------------------
     def _own_conversation(self, session_id: str, conversation_id: str | None, system_prompt: str,
@@ -93,6 +112,17 @@ class ChatService:
             raise ChatInputError(f"Your {what} is {len(text)} characters long; the limit is {limit}.")
         return text
 
+    def feedback_state(self, session_id: str, messages: list[dict]) -> dict[str, dict]:
+        """This session's active rating and correction of each reply: {message id: {"rating", "correction"}}."""
+        out: dict[str, dict] = {}
+        for m in messages:
+            if m["role"] != "assistant":
+                continue
+            for f in self.store.feedback_for(m["id"]):
+                if f["session_id"] == session_id and f["kind"] in ("rating", "correction"):
+                    out.setdefault(m["id"], {})[f["kind"]] = f["rating"] if f["kind"] == "rating" else f["text"]
+        return out
+
     # -- sending ----------------------------------------------------------------------------
     def send(self, session_id: str, conversation_id: str | None, text: str, system_prompt: str = "",
              user: str | None = None) -> tuple[str, Iterator[ReplyUpdate]]:
@@ -103,7 +133,7 @@ class ChatService:
             raise ChatInputError(f"The system prompt is longer than {self.settings.max_message_chars} characters.")
         self.limiter.check(session_id)
         cid = self._own_conversation(session_id, conversation_id, system_prompt or "", user)
-        return cid, self._reply(cid, user_text=text)
+        return cid, self._reply(cid, session_id, user, user_text=text)
 
     def regenerate(self, session_id: str, conversation_id: str | None, system_prompt: str = "",
                    user: str | None = None) -> Iterator[ReplyUpdate]:
@@ -122,31 +152,35 @@ class ChatService:
             if last["status"] == "ok":
                 self.store.log_feedback(last["id"], "implicit", rating=-1, text="regenerated", user_name=user,
                                         session_id=session_id)
-        return self._reply(cid, replaces=replaces)
+        return self._reply(cid, session_id, user, replaces=replaces)
 
-    def _reply(self, cid: str, replaces: str | None = None, user_text: str | None = None) -> Iterator[ReplyUpdate]:
+    def _reply(self, cid: str, session_id: str, user: str | None, replaces: str | None = None,
+               user_text: str | None = None) -> Iterator[ReplyUpdate]:
         """Log the pending reply (with the user's message before it, in one transaction, when
         `user_text` is given) and return the stream that generates it."""
+        rules = self.store.guidelines_for(session_id, user)
         # Counted as in flight from here, so a swap never unloads the adapter this reply will use.
         model = self.router.acquire()
         try:
             adapter = None if model == self.router.base_name else model
+            ids = [g["id"] for g in rules]
             if user_text is not None:
-                _, mid = self.store.add_turn(cid, user_text, model=self.router.base_name, adapter=adapter)
+                _, mid = self.store.add_turn(cid, user_text, model=self.router.base_name, adapter=adapter, guidelines=ids)
             else:
                 mid = self.store.add_message(cid, "assistant", "", status="pending", model=self.router.base_name,
-                                             adapter=adapter, replaces=replaces)
+                                             adapter=adapter, replaces=replaces, guidelines=ids)
         except BaseException:
             self.router.release(model)
             raise
-        return self._stream(mid, model)
+        return self._stream(mid, model, [g["text"] for g in rules])
 
-    def _stream(self, mid: str, model: str) -> Iterator[ReplyUpdate]:
+    def _stream(self, mid: str, model: str, rules: list[str]) -> Iterator[ReplyUpdate]:
         s = self.settings
         result = StreamResult()
         status, error = "stopped", None
+        self._live[mid] = result
         try:
-            messages = self.store.history_before(mid)
+            messages = guidelines.apply(self.store.history_before(mid), rules)
             for _ in self.client.stream_chat(messages, model, s.max_tokens, s.temperature, s.top_p, result):
                 yield ReplyUpdate(mid, result.text, model)
             status = "ok"
@@ -154,6 +188,7 @@ class ChatService:
             status, error = "failed", str(e)
             log.warning("reply %s failed: %s", mid, e)
         finally:
+            self._live.pop(mid, None)
             self.router.release(model)
             if status == "ok" and not result.text.strip():
                 status, error = "failed", "The model returned an empty reply."
@@ -162,6 +197,17 @@ class ChatService:
             log.info("reply %s %s model=%s ttft_ms=%s tokens=%s", mid, status, model,
                      None if result.ttft_ms is None else round(result.ttft_ms), result.completion_tokens)
         yield ReplyUpdate(mid, result.text, model, done=True, error=error if status == "failed" else None)
+
+    def stop(self, session_id: str, conversation_id: str | None) -> None:
+        """The user pressed Stop: store what each of the conversation's pending replies has said so
+        far, marked stopped, now. The UI stops reading the stream at once, but the stream's own
+        cleanup (which writes the same) runs only when its generator is closed, later."""
+        for m in self.history(session_id, conversation_id):
+            result = self._live.get(m["id"]) if m["status"] == "pending" else None
+            if result is not None:
+                self.store.finish_message(m["id"], result.text, "stopped", None, result.ttft_ms,
+                                          (time.perf_counter() - result.started) * 1000, result.prompt_tokens,
+                                          result.completion_tokens)
 
     # -- feedback ---------------------------------------------------------------------------
     def rate(self, session_id: str, message_id: str, rating: int, user: str | None = None) -> str:
@@ -189,3 +235,113 @@ class ChatService:
                                            session_id=session_id)
         except StoreError as e:
             raise ChatInputError(str(e).capitalize() + ".") from None
+
+    # -- in-loop revision -------------------------------------------------------------------
+    def revise(self, session_id: str, message_id: str, critique: str,
+               user: str | None = None) -> tuple[str, Iterator[RevisionUpdate]]:
+        """Save a critique and return (critique id, stream of a proposed revision): the same conversation
+        answered again with the critique as an instruction, several candidates in one request, the best
+        by the shared scorer (chatfb.candidates). Bad input raises ChatInputError before anything is
+        stored or generated; a failed generation still leaves the critique saved."""
+        critique = self._check_text(critique, "critique", self.settings.max_feedback_chars)
+        fid = self.critique(session_id, message_id, critique, user)
+        return fid, self._revision(session_id, user, message_id, fid, critique)
+
+    def revise_again(self, session_id: str, critique_id: str, user: str | None = None) -> Iterator[RevisionUpdate]:
+        """Another set of candidates for a critique this session gave ("Try again")."""
+        fb = self.store.feedback(critique_id)
+        if fb is None or fb["kind"] != "critique" or fb["session_id"] != session_id or fb["superseded_at"] is not None:
+            raise ChatInputError("That critique is not yours, or it was revised since. Send a critique first.")
+        self.limiter.check(session_id)
+        return self._revision(session_id, user, fb["message_id"], critique_id, fb["text"])
+
+    def _revision(self, session_id: str, user: str | None, message_id: str, critique_id: str,
+                  critique: str) -> Iterator[RevisionUpdate]:
+        s = self.settings
+        rules = [g["text"] for g in self.store.guidelines_for(session_id, user)]
+        prompt = guidelines.apply(self.store.history_before(message_id), rules)
+        original = self.store.message(message_id)["content"]
+        model = self.router.acquire()
+        t0 = time.perf_counter()
+        ttft = None
+        try:
+            drafts: dict[int, str] = {}
+            finish: dict[int, str | None] = {}
+            for index, delta in self.client.stream_choices(candidates.instruction_messages(prompt, critique), model,
+                                                           n=s.revision_candidates, max_tokens=s.max_tokens,
+                                                           temperature=0.8, top_p=0.95, finish_reasons=finish):
+                drafts[index] = drafts.get(index, "") + delta
+                if index == 0 and delta:
+                    ttft = ttft or time.perf_counter() - t0
+                    yield RevisionUpdate(critique_id, drafts[0])
+            cands = [candidates.Candidate(drafts.get(i, ""), finish.get(i)) for i in range(s.revision_candidates)]
+            ranked = candidates.score(self.client, model, prompt, critique, cands, original)
+        except ModelError as e:
+            log.warning("revision for critique %s failed: %s", critique_id, e)
+            yield RevisionUpdate(critique_id, "", done=True, error=REVISION_FAILED)
+            return
+        finally:
+            self.router.release(model)
+        best = candidates.best(ranked)
+        rows = [{"feedback_id": critique_id, "message_id": message_id, "origin": "inloop", "text": c.text,
+                 "score": c.score, "verdict": c.verdict, "status": "offered" if c is best else "dropped",
+                 "session_id": session_id, "details": {**c.details, "model": model}} for c in ranked]
+        ids = self.store.add_candidates(rows)
+        log.info("revision for critique %s: %d candidates, %s ok, ttft_s=%s", critique_id, len(ranked),
+                 sum(c.ok for c in ranked), None if ttft is None else round(ttft, 3))
+        if best is None:
+            yield RevisionUpdate(critique_id, "", done=True, error=NO_GOOD_REVISION)
+            return
+        yield RevisionUpdate(critique_id, best.text, done=True, candidate_id=ids[ranked.index(best)])
+
+    def _own_candidate(self, session_id: str, candidate_id: str) -> dict:
+        cand = self.store.candidate(candidate_id) if candidate_id else None
+        if cand is None or cand["origin"] != "inloop" or cand["session_id"] != session_id:
+            raise ChatInputError("That revision is not yours.")
+        if cand["status"] != "offered":
+            raise ChatInputError("That revision was already accepted or dismissed.")
+        return cand
+
+    def accept_revision(self, session_id: str, candidate_id: str, text: str | None = None,
+                        user: str | None = None) -> str:
+        """Store an offered revision (or the user's edit of it) as a correction of the critiqued reply,
+        recording the critique it came from. Returns the correction's feedback id."""
+        cand = self._own_candidate(session_id, candidate_id)
+        text = self._check_text(text if text is not None else cand["text"], "revision", self.settings.max_feedback_chars)
+        self.limiter.check(session_id)
+        try:
+            fid = self.store.log_feedback(cand["message_id"], "correction", text=text, user_name=user,
+                                          session_id=session_id, derived_from=cand["feedback_id"])
+        except StoreError as e:
+            raise ChatInputError(str(e).capitalize() + ".") from None
+        self.store.set_candidate_status(candidate_id, "accepted")
+        return fid
+
+    def reject_revision(self, session_id: str, candidate_id: str, status: str = "rejected") -> None:
+        """Dismiss an offered revision: kept as a negative (DPO rejected / KTO undesirable). "Try again"
+        passes status "dropped": the user asked for another, which says less than a dismissal."""
+        self._own_candidate(session_id, candidate_id)
+        self.store.set_candidate_status(candidate_id, status)
+
+    # -- guidelines -------------------------------------------------------------------------
+    def save_guideline(self, session_id: str, text: str, user: str | None = None, for_everyone: bool = False,
+                       source_feedback_id: str | None = None) -> str:
+        """Keep a standing preference: it applies to this user's next replies at once; with
+        `for_everyone` a copy also waits for an admin's approval before it applies to all chats."""
+        text = self._check_text(text, "guideline", self.settings.max_guideline_chars)
+        self.limiter.check(session_id)
+        if len(self.my_guidelines(session_id, user)) >= self.settings.max_guidelines_per_user:
+            raise ChatInputError(f"You already keep {self.settings.max_guidelines_per_user} guidelines; "
+                                 "remove one first.")
+        gid = self.store.add_guideline(text, "user", "active", session_id, user, source_feedback_id)
+        if for_everyone:
+            self.store.add_guideline(text, "global", "pending", session_id, user, source_feedback_id)
+        return gid
+
+    def my_guidelines(self, session_id: str, user: str | None = None) -> list[dict]:
+        return [g for g in self.store.guidelines_for(session_id, user) if g["scope"] == "user"]
+
+    def remove_guideline(self, session_id: str, guideline_id: str, user: str | None = None) -> None:
+        if guideline_id not in {g["id"] for g in self.my_guidelines(session_id, user)}:
+            raise ChatInputError("That guideline is not yours.")
+        self.store.update_guideline(guideline_id, status="retired")

@@ -59,6 +59,11 @@ def make_parser() -> argparse.ArgumentParser:
     du.add_argument("user")
     add_settings_flags(du)
 
+    gl = sub.add_parser("guidelines", help="list, add, approve or retire guidelines (standing preferences)")
+    gl.add_argument("action", choices=("list", "add", "approve", "retire"))
+    gl.add_argument("value", nargs="?", help="the guideline's text (add) or its id (approve, retire)")
+    add_settings_flags(gl)
+
     sub.add_parser("settings", help="print the settings table (env vars, flags, defaults)")
     return p
 
@@ -122,7 +127,8 @@ def cmd_import(settings, args) -> int:
 
 
 def snapshot_records(settings):
-    """Feedback records read from a fresh, consistent snapshot (the app writes it when running)."""
+    """(feedback records, dismissed revisions by message id) read from a fresh, consistent snapshot
+    (the app writes it when running)."""
     from chatfb.control import open_backend
     from chatfb.store import Store
 
@@ -132,7 +138,7 @@ def snapshot_records(settings):
     finally:
         backend.close()
     with Store(path, read_only=True) as snap:
-        return snap.feedback_records()
+        return snap.feedback_records(), snap.rejected_candidates()
 
 
 def cmd_export(settings, args) -> int:
@@ -141,9 +147,9 @@ def cmd_export(settings, args) -> int:
 
     if (args.format is None) != (args.out is None) or not (args.format or args.push_to_hub):
         raise CommandError("export needs --format and --out, or --push-to-hub REPO (or all three)")
-    records = snapshot_records(settings)
+    records, dismissed = snapshot_records(settings)
     if args.format:
-        path, n = export(records, args.format, args.out, args.file_format)
+        path, n = export(records, args.format, args.out, args.file_format, dismissed)
         print(f"wrote {n} {args.format} rows to {path}")
     if args.push_to_hub:
         push_built(settings, args.push_to_hub, "dataset", args.private,
@@ -224,5 +230,30 @@ def cmd_delete_user(settings, args) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "import-feedback": cmd_import, "export": cmd_export, "nightly": cmd_nightly,
+def cmd_guidelines(settings, args) -> int:
+    """Guidelines for everyone: `add` makes an approved one at once (the operator is the admin);
+    `approve` approves a user's suggestion; `retire` takes any guideline out of the prompts."""
+    from chatfb.control import open_backend
+
+    if args.action != "list" and not (args.value or "").strip():
+        raise CommandError(f"guidelines {args.action} needs " + ("TEXT" if args.action == "add" else "an ID"))
+    backend = open_backend(settings.data_dir)
+    try:
+        if args.action == "list":
+            for g in backend.guidelines():
+                print(f"{g['id']}  {g['scope']:<6} {g['status']:<8} {g['user_name'] or '-':<12} {g['text']}")
+        elif args.action == "add":
+            text = args.value.strip()
+            if len(text) > settings.max_guideline_chars:
+                raise CommandError(f"the guideline is {len(text)} characters long; the limit is {settings.max_guideline_chars}")
+            print(f"added guideline {backend.add_guideline(text)} for everyone")
+        else:
+            backend.set_guideline_status(args.value.strip(), "active" if args.action == "approve" else "retired")
+            print(f"{args.action}d guideline {args.value.strip()}")
+    finally:
+        backend.close()
+    return 0
+
+
+COMMANDS = {"guidelines": cmd_guidelines, "serve": cmd_serve, "import-feedback": cmd_import, "export": cmd_export, "nightly": cmd_nightly,
             "adapters": cmd_adapters, "push-adapter": cmd_push_adapter, "delete-user": cmd_delete_user}

@@ -43,6 +43,11 @@ class Settings:
     max_message_chars: int = _f(4000, "Longest chat message accepted, in characters.")
     max_feedback_chars: int = _f(8000, "Longest critique or correction accepted, in characters.")
     max_tokens: int = _f(256, "Maximum new tokens per reply.")
+    revision_candidates: int = _f(
+        4, "Candidate revisions generated in one request (vLLM n) after a critique; the best by the shared scorer "
+        "is offered to the user.")
+    max_guideline_chars: int = _f(300, "Longest guideline (standing preference) accepted, in characters.")
+    max_guidelines_per_user: int = _f(10, "Most active guidelines one user may keep.")
     temperature: float = _f(0.7, "Sampling temperature for chat replies.")
     top_p: float = _f(0.95, "Nucleus sampling top-p for chat replies.")
     request_timeout_s: float = _f(120.0, "Timeout for one model request; a slower reply is stored as failed.")

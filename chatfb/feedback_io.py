@@ -10,9 +10,13 @@ Import schema (one JSON object per line):
     ts      ISO-8601 time (optional)
 
 Exports (TRL conversational formats, loadable with `datasets.load_dataset("json" | "parquet", ...)`):
-    sft.jsonl  {"messages": [..., {"role": "assistant", "content": <correction>}]}
-    dpo.jsonl  {"prompt": [...], "chosen": [assistant correction], "rejected": [assistant original]}
-    kto.jsonl  {"prompt": [...], "completion": [assistant reply], "label": bool}   (ratings, implicit negatives)
+    sft.jsonl  {"messages": [..., {"role": "assistant", "content": <correction>}], "source", "critique_id"}
+    dpo.jsonl  {"prompt": [...], "chosen": [assistant correction], "rejected": [assistant original, or a
+               revision the user dismissed], "source", "critique_id"}
+    kto.jsonl  {"prompt": [...], "completion": [assistant reply], "label": bool}   (ratings, implicit negatives,
+               dismissed revisions)
+"source" is "correction" (written by the user) or "revision" (a proposed revision they accepted, made
+from the critique "critique_id"); TRL's trainers ignore both fields.
 """
 
 from __future__ import annotations
@@ -115,12 +119,27 @@ def _assistant(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
-def export_rows(records: list[FeedbackRecord], fmt: str) -> list[dict]:
+def _provenance(r: FeedbackRecord) -> dict:
+    """Where a corrected reply came from, in plain string fields that TRL's trainers ignore: written
+    by the user ("correction"), or a revision they accepted ("revision", with the critique's id)."""
+    return {"source": "revision" if r.derived_from else "correction", "critique_id": r.derived_from or ""}
+
+
+def export_rows(records: list[FeedbackRecord], fmt: str, dismissed: dict[str, list[str]] | None = None) -> list[dict]:
+    """Rows of one TRL format. `dismissed` (message id -> revisions the user dismissed) adds DPO
+    pairs: the corrected reply is chosen over each dismissed revision of the same reply."""
     if fmt == "sft":
-        return [{"messages": r.prompt + _assistant(r.text)} for r in records if r.kind == "correction"]
+        return [{"messages": r.prompt + _assistant(r.text), **_provenance(r)} for r in records if r.kind == "correction"]
     if fmt == "dpo":
-        return [{"prompt": r.prompt, "chosen": _assistant(r.text), "rejected": _assistant(r.reply)}
-                for r in records if r.kind == "correction" and r.text.strip() != r.reply.strip()]
+        rows = []
+        for r in records:
+            if r.kind != "correction":
+                continue
+            for rejected in dict.fromkeys([r.reply, *(dismissed or {}).get(r.message_id, [])]):
+                if r.text.strip() != rejected.strip():
+                    rows.append({"prompt": r.prompt, "chosen": _assistant(r.text), "rejected": _assistant(rejected),
+                                 **_provenance(r)})
+        return rows
     if fmt == "kto":
         rows = []
         for r in records:
@@ -128,6 +147,10 @@ def export_rows(records: list[FeedbackRecord], fmt: str) -> list[dict]:
                 rows.append({"prompt": r.prompt, "completion": _assistant(r.reply), "label": r.rating > 0})
             elif r.kind == "implicit":
                 rows.append({"prompt": r.prompt, "completion": _assistant(r.reply), "label": False})
+        prompts = {r.message_id: r.prompt for r in records}
+        for mid, texts in (dismissed or {}).items():
+            if mid in prompts:  # a dismissed revision is an undesirable completion of the same prompt
+                rows += [{"prompt": prompts[mid], "completion": _assistant(t), "label": False} for t in texts]
         return rows
     raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
 
@@ -156,6 +179,7 @@ def write_rows(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def export(records: list[FeedbackRecord], fmt: str, out_dir: Path, file_format: str = "jsonl") -> tuple[Path, int]:
-    rows = export_rows(records, fmt)
+def export(records: list[FeedbackRecord], fmt: str, out_dir: Path, file_format: str = "jsonl",
+           dismissed: dict[str, list[str]] | None = None) -> tuple[Path, int]:
+    rows = export_rows(records, fmt, dismissed)
     return write_rows(rows, Path(out_dir) / f"{fmt}.{file_format}"), len(rows)

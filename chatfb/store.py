@@ -232,6 +232,13 @@ class Store:
             return None
         return dict(zip(("id", "session_id", "user_name", "system_prompt", "source", "created_at"), rows[0]))
 
+    def latest_conversation(self, session_id: str) -> str | None:
+        """The session's newest conversation that has messages (to show it again after a page reload)."""
+        rows = self._q("SELECT c.id FROM conversations c WHERE c.session_id = ? AND EXISTS"
+                       " (SELECT 1 FROM messages m WHERE m.conversation_id = c.id) ORDER BY c.created_at DESC LIMIT 1",
+                       (session_id,))
+        return rows[0][0] if rows else None
+
     def set_system_prompt(self, conversation_id: str, system_prompt: str) -> None:
         self._tx([("UPDATE conversations SET system_prompt = ? WHERE id = ?", (system_prompt, conversation_id))])
 
@@ -340,6 +347,13 @@ class Store:
             stmts.append((_INSERT_FEEDBACK, (fid, message_id, kind, rating, text, user_name, session_id, now, derived_from)))
             self._tx(stmts)  # outside the connection lock: it joins the group commit under way
         return fid
+
+    def feedback(self, feedback_id: str) -> dict | None:
+        rows = self._q("SELECT id, message_id, kind, rating, text, user_name, session_id, created_at, superseded_at,"
+                       " derived_from FROM feedback WHERE id = ?", (feedback_id,))
+        keys = ("id", "message_id", "kind", "rating", "text", "user_name", "session_id", "created_at", "superseded_at",
+                "derived_from")
+        return dict(zip(keys, rows[0])) if rows else None
 
     def feedback_for(self, message_id: str, active_only: bool = True) -> list[dict]:
         where = " AND superseded_at IS NULL" if active_only else ""

@@ -9,11 +9,15 @@ from __future__ import annotations
 import html
 import logging
 import re
+import secrets
+import threading
+from collections import OrderedDict
 
 import gradio as gr
 
 from chatfb.admin_view import build as build_admin_tab
 from chatfb.chat import ChatInputError
+from chatfb.guidelines import looks_like_rule
 from chatfb.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -29,22 +33,34 @@ def inert(text: str) -> str:
     return re.sub(r"(?i)\b(javascript|vbscript|data)\s*:", r"\1&#58;", text)
 
 
-def render(messages: list[dict]) -> tuple[list[dict], list[str | None]]:
-    """Chatbot value + the message id behind each displayed item."""
+def render(messages: list[dict], feedback: dict | None = None) -> tuple[list[dict], list[str | None]]:
+    """Chatbot value + the message id behind each displayed item. A reply the user corrected shows
+    the correction (what they made it say), marked as theirs."""
+    feedback = feedback or {}
     shown, ids = [], []
     for m in messages:
         if m["role"] == "user":
             shown.append({"role": "user", "content": inert(m["content"])})
         else:
-            shown.append({"role": "assistant", "content": reply_text(m["content"], m["status"], m.get("error"),
-                                                                     m.get("adapter") or m.get("model"))})
+            fb = feedback.get(m["id"], {})
+            if fb.get("correction"):
+                content = inert(fb["correction"]) + "\n\n*— corrected by you*"
+            else:
+                content = reply_text(m["content"], m["status"], m.get("error"), m.get("adapter") or m.get("model"))
+            shown.append({"role": "assistant", "content": content})
         ids.append(m["id"])
     return shown, ids
 
 
-def with_placeholder(messages: list[dict]) -> tuple[list[dict], list[str | None]]:
+def feedback_values(messages: list[dict], feedback: dict) -> list[str | None]:
+    """The Chatbot's per-reply like/dislike state, one entry per assistant message, from the store."""
+    values = {1: "Like", -1: "Dislike"}
+    return [values.get(feedback.get(m["id"], {}).get("rating")) for m in messages if m["role"] == "assistant"]
+
+
+def with_placeholder(messages: list[dict], feedback: dict | None = None) -> tuple[list[dict], list[str | None]]:
     """Render a conversation whose newest reply is still pending, with a "…" in its place."""
-    shown, ids = render([m for m in messages if m["status"] != "pending"])
+    shown, ids = render([m for m in messages if m["status"] != "pending"], feedback)
     return shown + [{"role": "assistant", "content": "…"}], ids + [None]
 
 
@@ -53,30 +69,73 @@ def reply_text(text: str, status: str, error: str | None, label: str | None) -> 
     if status == "failed":
         body = (body + "\n\n" if body else "") + f"⚠️ {inert(error or 'The reply failed.')}"
     elif status == "stopped":
-        body += " *(stopped)*"
+        body = (body + " " if body else "") + "*(stopped)*"
     return f"{body}\n\n*— {inert(label or '')}*" if label and status != "pending" else body
 
 
-def _session(request: gr.Request) -> tuple[str, str | None]:
-    return request.session_hash, getattr(request, "username", None)
+def guidelines_markdown(rules: list[dict]) -> str:
+    if not rules:
+        return "*No guidelines yet. Tick “apply from now on” when you send a critique, or add one here.*"
+    return "\n".join(f"{i}. {inert(g['text'])}" for i, g in enumerate(rules, 1))
+
+
+class Sessions:
+    """Which chat session a browser tab belongs to. Gradio's session hash changes with every page
+    load; a random key kept in the browser's localStorage (gr.BrowserState) survives reloads, so a tab
+    finds its conversation, ratings and guidelines again. Clients without one (the API) keep the hash."""
+
+    KEY = re.compile(r"[A-Za-z0-9_-]{22,64}")
+
+    def __init__(self, cap: int = 100_000):
+        self._keys: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+        self.cap = cap
+
+    def bind(self, session_hash: str, key: str | None) -> str:
+        """Tie a page load to the browser's key (a new one when it has none, or a malformed one)."""
+        if not (isinstance(key, str) and self.KEY.fullmatch(key)):
+            key = secrets.token_urlsafe(24)
+        with self._lock:
+            self._keys[session_hash] = key
+            self._keys.move_to_end(session_hash)
+            while len(self._keys) > self.cap:
+                self._keys.popitem(last=False)
+        return key
+
+    def __call__(self, request: gr.Request) -> tuple[str, str | None]:
+        with self._lock:
+            key = self._keys.get(request.session_hash, request.session_hash)
+        return key, getattr(request, "username", None)
+
+
+NO_TARGET = "*No reply selected yet.*"
+REVISION_READY = "**Revised following your feedback** — Accept · Edit · Try again · Dismiss"
 
 
 def build_ui(rt: Runtime) -> gr.Blocks:
     s = rt.settings
     chat = rt.chat
+    private = {"api_visibility": "private"}
+    _session = Sessions()
 
     with gr.Blocks(title="chatfb") as demo:
-        gr.Markdown("# chatfb\nA chat model that learns from your feedback: rate, critique or correct any reply.")
+        gr.Markdown("# chatfb\nA chat model that learns from your feedback: like, critique or correct any reply.")
         gr.Markdown(CONSENT, elem_id="consent")
         if (s.data_dir / ".ephemeral").exists():
             gr.Markdown("⚠️ This Space has no persistent storage: logged chats are lost when it restarts.")
         status = gr.Markdown(rt.status, elem_id="model-status")
+        browser_key = gr.BrowserState(None, storage_key="chatfb-session")
         conv_id = gr.State(None)
         ids = gr.State([])
         selected = gr.State(None)
+        critique_id = gr.State(None)  # the critique the offered revision answers
+        candidate_id = gr.State(None)  # the offered revision
 
         with gr.Tab("Chat"):
-            chatbot = gr.Chatbot(elem_id="chatbot", height=420, feedback_options=("Like", "Dislike"))
+            chatbot = gr.Chatbot(elem_id="chatbot", height=420, feedback_options=("Like", "Dislike", "Critique"),
+                                 editable="all")
+            gr.Markdown("*On any reply: 👍/👎, the flag menu's **Critique**, or ✏️ edit the reply to correct it.*",
+                        elem_id="chat-help")
             with gr.Row():
                 msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
                                  elem_id="msg", max_lines=8)
@@ -87,25 +146,60 @@ def build_ui(rt: Runtime) -> gr.Blocks:
                 new = gr.Button("New conversation", elem_id="new")
             with gr.Accordion("System prompt", open=False):
                 system = gr.Textbox(value=s.system_prompt, show_label=False, lines=2, elem_id="system")
-            with gr.Group():
+            with gr.Group(elem_id="critique-panel"):
                 target = gr.Markdown("*Feedback goes to the latest reply; click a reply to pick another.*",
                                      elem_id="fb-target")
+                critique = gr.Textbox(label="Critique (what was wrong, in plain words)", elem_id="critique")
+                with gr.Row():
+                    keep = gr.Checkbox(label="Apply from now on (keep as my guideline)", elem_id="keep-guideline")
+                    everyone = gr.Checkbox(label="Suggest it for everyone (an admin approves it)",
+                                           elem_id="guideline-everyone")
+                send_critique = gr.Button("Send critique and propose a revision", variant="primary",
+                                          elem_id="send-critique")
+                fb_status = gr.Markdown("", elem_id="fb-status")
+            with gr.Group(visible=False, elem_id="revision-panel") as revision_panel:
+                revision_note = gr.Markdown("", elem_id="revision-status")
+                revision = gr.Textbox(show_label=False, lines=4, interactive=False, elem_id="revision")
+                with gr.Row():
+                    accept = gr.Button("Accept", variant="primary", elem_id="accept-revision")
+                    edit = gr.Button("Edit", elem_id="edit-revision")
+                    again = gr.Button("Try again", elem_id="retry-revision")
+                    dismiss = gr.Button("Dismiss", elem_id="dismiss-revision")
+            with gr.Accordion("Your guidelines", open=False, elem_id="guidelines-panel"):
+                rules_view = gr.Markdown(guidelines_markdown([]), elem_id="guidelines-list")
+                with gr.Row():
+                    rule_text = gr.Textbox(label="New guideline", placeholder="e.g. Always answer in British English",
+                                           scale=4, elem_id="guideline-text")
+                    add_rule = gr.Button("Add", scale=1, elem_id="add-guideline")
+                with gr.Row():
+                    rule_pick = gr.Dropdown(label="Remove a guideline", choices=[], scale=4, elem_id="guideline-pick")
+                    remove_rule = gr.Button("Remove", scale=1, elem_id="remove-guideline")
+            with gr.Accordion("More feedback", open=False):
                 with gr.Row():
                     up = gr.Button("👍 Good", elem_id="thumbs-up")
                     down = gr.Button("👎 Bad", elem_id="thumbs-down")
-                critique = gr.Textbox(label="Critique (what was wrong, in plain words)", elem_id="critique")
-                send_critique = gr.Button("Send critique", elem_id="send-critique")
+                save_critique = gr.Button("Save the critique without a revision", elem_id="save-critique")
                 correction = gr.Textbox(label="Correction (the reply it should have given)", lines=3,
                                         elem_id="correction")
                 send_correction = gr.Button("Send correction", elem_id="send-correction")
-                fb_status = gr.Markdown("", elem_id="fb-status")
 
         def target_text(mid):
             m = rt.store.message(mid) if mid else None
             if m is None:
-                return "*No reply selected yet.*"
+                return NO_TARGET
             snippet = inert(m["content"][:80]) + ("…" if len(m["content"]) > 80 else "")
             return f"Feedback on: *{snippet}*"
+
+        def chat_view(session, cid):
+            messages = chat.history(session, cid)
+            fb = chat.feedback_state(session, messages)
+            shown, id_list = render(messages, fb)
+            return gr.Chatbot(value=shown, feedback_value=feedback_values(messages, fb)), id_list
+
+        def rules_outputs(session, user):
+            rules = chat.my_guidelines(session, user)
+            choices = [(g["text"][:80], g["id"]) for g in rules]
+            return guidelines_markdown(rules), gr.Dropdown(choices=choices, value=None)
 
         def stream_reply(stream, shown, id_list, cid):
             for upd in stream:
@@ -121,7 +215,7 @@ def build_ui(rt: Runtime) -> gr.Blocks:
                 cid, stream = chat.send(session, cid, text, system_prompt, user)
             except ChatInputError as e:
                 gr.Warning(str(e))
-                shown, id_list = render(chat.history(session, cid))
+                shown, id_list = chat_view(session, cid)
                 yield shown, cid, id_list, gr.update(), gr.update(), text
                 return
             shown, id_list = with_placeholder(chat.history(session, cid))
@@ -134,25 +228,28 @@ def build_ui(rt: Runtime) -> gr.Blocks:
                 stream = chat.regenerate(session, cid, system_prompt, user)
             except ChatInputError as e:
                 gr.Warning(str(e))
-                shown, id_list = render(chat.history(session, cid))
+                shown, id_list = chat_view(session, cid)
                 yield shown, cid, id_list, gr.update(), gr.update()
                 return
             shown, id_list = with_placeholder(chat.history(session, cid))
             yield from stream_reply(stream, shown, id_list, cid)
 
         def on_stop(cid, request: gr.Request):
-            shown, id_list = render(chat.history(request.session_hash, cid))
-            return shown, id_list
+            session, _ = _session(request)
+            chat.stop(session, cid)  # the partial reply, stored and shown as stopped
+            return chat_view(session, cid)
 
         def on_new():
-            return [], None, [], None, "*No reply selected yet.*", ""
+            return [], None, [], None, NO_TARGET, "", gr.Group(visible=False)
+
+        def pick(id_list, index):
+            mid = id_list[index] if isinstance(index, int) and 0 <= index < len(id_list) else None
+            m = rt.store.message(mid) if mid else None
+            return mid if m is not None and m["role"] == "assistant" else None
 
         def on_select(id_list, evt: gr.SelectData):
-            mid = id_list[evt.index] if isinstance(evt.index, int) and evt.index < len(id_list) else None
-            m = rt.store.message(mid) if mid else None
-            if m is None or m["role"] != "assistant":
-                return gr.update(), gr.update()
-            return mid, target_text(mid)
+            mid = pick(id_list, evt.index)
+            return (mid, target_text(mid)) if mid else (gr.update(), gr.update())
 
         def feedback(action, mid, value, request: gr.Request):
             session, user = _session(request)
@@ -162,21 +259,131 @@ def build_ui(rt: Runtime) -> gr.Blocks:
                 return f"⚠️ {e}", gr.update()
             return "✅ Thanks — feedback saved (send again to revise it).", ""
 
-        def on_like(id_list, evt: gr.LikeData, request: gr.Request):
-            mid = id_list[evt.index] if isinstance(evt.index, int) and evt.index < len(id_list) else None
-            return feedback(chat.rate, mid, 1 if evt.liked else -1, request)[0], mid
+        def on_like(id_list, cid, evt: gr.LikeData, request: gr.Request):
+            mid = pick(id_list, evt.index)
+            if evt.liked == "Critique":  # the message's own critique action: aim the critique box at it
+                return ("Write your critique of this reply below; a revision is proposed right away.", mid,
+                        target_text(mid), gr.update(), gr.update())
+            if evt.liked not in (True, False):
+                return gr.update(), gr.update(), gr.update(), gr.update(), gr.update()
+            note = feedback(chat.rate, mid, 1 if evt.liked else -1, request)[0]
+            shown, id_list = chat_view(_session(request)[0], cid)
+            return note, mid, target_text(mid), shown, id_list
 
+        def on_edit(id_list, cid, evt: gr.EditData, request: gr.Request):
+            """Editing a reply in place is its correction; the edited text is stored as feedback."""
+            session, _ = _session(request)
+            mid = pick(id_list, evt.index)
+            text = evt.value if isinstance(evt.value, str) else (evt.value or {}).get("text", "")
+            if mid is None:
+                note = "⚠️ Only replies can be corrected; send a new message instead of editing yours."
+            else:
+                note = feedback(chat.correct, mid, text, request)[0]
+                if note.startswith("✅"):
+                    note = "✅ Correction saved: the reply now reads as you wrote it."
+            shown, id_list = chat_view(session, cid)
+            return note, shown, id_list
+
+        def on_revise(mid, text, keep_rule, for_everyone, request: gr.Request):
+            session, user = _session(request)
+            hidden = gr.Group(visible=False)
+            try:
+                fid, stream = chat.revise(session, mid, text, user)
+            except ChatInputError as e:
+                yield f"⚠️ {e}", gr.update(), hidden, "", "", None, None, gr.update(), gr.update()
+                return
+            note = "✅ Critique saved."
+            rules = (gr.update(), gr.update())
+            if keep_rule:
+                try:
+                    chat.save_guideline(session, text, user, bool(for_everyone), fid)
+                    note += " Kept as your guideline" + (" (suggested for everyone)." if for_everyone else ".")
+                    rules = rules_outputs(session, user)
+                except ChatInputError as e:
+                    note += f" ⚠️ {e}"
+            elif looks_like_rule(text):
+                note += " This reads like a lasting preference: tick “apply from now on” to keep it."
+            yield from revision_steps(stream, fid, note, rules)
+
+        def revision_steps(stream, fid, note, rules=(gr.update(), gr.update())):
+            shown = gr.Group(visible=True)
+            for upd in stream:
+                if not upd.done:
+                    yield note, "", shown, "*Drafting a revision…*", upd.text, fid, None, *rules
+                elif upd.error:
+                    yield note, "", shown, f"⚠️ {inert(upd.error)}", "", fid, None, *rules
+                else:
+                    yield note, "", shown, REVISION_READY, upd.text, fid, upd.candidate_id, *rules
+
+        def on_again(fid, cand, request: gr.Request):
+            session, user = _session(request)
+            try:
+                if cand:
+                    chat.reject_revision(session, cand, status="dropped")
+                stream = chat.revise_again(session, fid, user)
+            except ChatInputError as e:
+                yield f"⚠️ {e}", gr.update(), gr.update(), gr.update(), gr.update(), fid, cand
+                return
+            for out in revision_steps(stream, fid, "Trying again…"):
+                yield out[:7]
+
+        def on_accept(cand, text, cid, request: gr.Request):
+            session, user = _session(request)
+            try:
+                chat.accept_revision(session, cand, text, user)
+            except ChatInputError as e:
+                return f"⚠️ {e}", gr.update(), gr.update(), cand, gr.update(), gr.update()
+            shown, id_list = chat_view(session, cid)
+            return "✅ Revision accepted: saved as the corrected reply.", gr.Group(visible=False), "", None, shown, id_list
+
+        def on_dismiss(cand, request: gr.Request):
+            session, _ = _session(request)
+            try:
+                chat.reject_revision(session, cand)
+            except ChatInputError as e:
+                return f"⚠️ {e}", gr.update(), cand
+            return "Revision dismissed (noted, so the model learns what not to say).", gr.Group(visible=False), None
+
+        def on_save_guideline(text, request: gr.Request):
+            session, user = _session(request)
+            try:
+                chat.save_guideline(session, text, user)
+            except ChatInputError as e:
+                return f"⚠️ {e}", text, gr.update(), gr.update()
+            return "✅ Guideline saved: it applies to your next replies.", "", *rules_outputs(session, user)
+
+        def on_remove_guideline(gid, request: gr.Request):
+            session, user = _session(request)
+            try:
+                chat.remove_guideline(session, gid, user)
+            except ChatInputError as e:
+                return f"⚠️ {e}", gr.update(), gr.update()
+            return "Guideline removed.", *rules_outputs(session, user)
+
+        def on_load(key, request: gr.Request):
+            key = _session.bind(request.session_hash, key)
+            user = getattr(request, "username", None)
+            cid = rt.store.latest_conversation(key)
+            shown, id_list = chat_view(key, cid)
+            last = next((pick(id_list, i) for i in reversed(range(len(id_list))) if pick(id_list, i)), None)
+            return key, shown, cid, id_list, last, target_text(last), *rules_outputs(key, user)
+
+        demo.load(on_load, [browser_key], [browser_key, chatbot, conv_id, ids, selected, target, rules_view, rule_pick],
+                  **private)
         chat_outputs = [chatbot, conv_id, ids, selected, target]
         send_event = msg.submit(on_send, [msg, system, conv_id], chat_outputs + [msg],
                                 concurrency_limit=s.chat_concurrency, concurrency_id=CHAT_CONCURRENCY_ID, api_name="send")
         click_event = send.click(on_send, [msg, system, conv_id], chat_outputs + [msg],
-                                 concurrency_id=CHAT_CONCURRENCY_ID, api_visibility="private")
+                                 concurrency_id=CHAT_CONCURRENCY_ID, **private)
         retry_event = retry.click(on_retry, [system, conv_id], chat_outputs, concurrency_id=CHAT_CONCURRENCY_ID,
                                    api_name="retry")
-        stop.click(None, cancels=[send_event, click_event, retry_event]).then(on_stop, [conv_id], [chatbot, ids])
-        new.click(on_new, None, chat_outputs + [fb_status])
-        chatbot.select(on_select, [ids], [selected, target])
-        chatbot.like(on_like, [ids], [fb_status, selected])
+        stop.click(None, cancels=[send_event, click_event, retry_event], **private).then(
+            on_stop, [conv_id], [chatbot, ids], **private)
+        new.click(on_new, None, chat_outputs + [fb_status, revision_panel], **private)
+        chatbot.select(on_select, [ids], [selected, target], **private)
+        chatbot.like(on_like, [ids, conv_id], [fb_status, selected, target, chatbot, ids], **private)
+        chatbot.edit(on_edit, [ids, conv_id], [fb_status, chatbot, ids], **private)
+
         def on_up(mid, request: gr.Request):
             return feedback(chat.rate, mid, 1, request)[0]
 
@@ -189,14 +396,28 @@ def build_ui(rt: Runtime) -> gr.Blocks:
         def on_correct(mid, text, request: gr.Request):
             return feedback(chat.correct, mid, text, request)
 
+        revision_outputs = [fb_status, critique, revision_panel, revision_note, revision, critique_id, candidate_id,
+                            rules_view, rule_pick]
+        send_critique.click(on_revise, [selected, critique, keep, everyone], revision_outputs,
+                            concurrency_id=CHAT_CONCURRENCY_ID, api_name="revise")
+        again.click(on_again, [critique_id, candidate_id], revision_outputs[:7], concurrency_id=CHAT_CONCURRENCY_ID,
+                    api_name="retry_revision")
+        accept.click(on_accept, [candidate_id, revision, conv_id], [fb_status, revision_panel, revision_note,
+                                                                    candidate_id, chatbot, ids],
+                     api_name="accept_revision")
+        dismiss.click(on_dismiss, [candidate_id], [fb_status, revision_panel, candidate_id], api_name="reject_revision")
+        edit.click(lambda: gr.Textbox(interactive=True), None, [revision], **private)
+        add_rule.click(on_save_guideline, [rule_text], [fb_status, rule_text, rules_view, rule_pick],
+                       api_name="save_guideline")
+        remove_rule.click(on_remove_guideline, [rule_pick], [fb_status, rules_view, rule_pick], api_name="remove_guideline")
         up.click(on_up, [selected], [fb_status], api_name="thumbs_up")
         down.click(on_down, [selected], [fb_status], api_name="thumbs_down")
-        send_critique.click(on_critique, [selected, critique], [fb_status, critique], api_name="critique")
+        save_critique.click(on_critique, [selected, critique], [fb_status, critique], api_name="critique")
         send_correction.click(on_correct, [selected, correction], [fb_status, correction], api_name="correct")
 
         timer = gr.Timer(2.0)
         timer.tick(lambda: (rt.status, gr.Timer(active=not rt.ready.is_set())), None, [status, timer],
-                   show_progress="hidden")
+                   show_progress="hidden", **private)
 
         build_admin_tab(rt)
     return demo

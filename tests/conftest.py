@@ -33,6 +33,7 @@ class FakeModelClient:
         self.loaded: dict[str, str] = {}
         self.refuse_load = False
         self.health_waits = 0
+        self.follows: tuple = ()
 
     def enqueue(self, *replies):
         self.queue.extend(replies)
@@ -56,6 +57,26 @@ class FakeModelClient:
     def complete(self, messages, model, max_tokens=256, temperature=0.0, top_p=1.0, n=1, seed=None):
         self.history.append({"messages": messages, "model": model, "n": n, "seed": seed})
         return [self._next() for _ in range(n)]
+
+    def stream_choices(self, messages, model, n=1, max_tokens=256, temperature=0.8, top_p=0.95, finish_reasons=None):
+        """n queued replies, streamed word by word, interleaved like vLLM's choices."""
+        self.history.append({"messages": messages, "model": model, "n": n})
+        texts = [self._next() for _ in range(n)]
+        words = [t.split(" ") for t in texts]
+        for step in range(max(len(w) for w in words)):
+            for i, w in enumerate(words):
+                if step < len(w):
+                    yield i, (" " if step else "") + w[step]
+        for i in range(n):
+            if finish_reasons is not None:
+                finish_reasons[i] = "stop"
+
+    def completion_logprobs(self, messages, completion, model):
+        """Canned judge: a reply is likelier with the critique in the prompt when it contains one of
+        `self.follows` (words the critique asked for); otherwise the critique changes nothing."""
+        instructed = "Follow this instruction" in messages[-1]["content"]
+        follows = any(w in completion for w in self.follows)
+        return [-1.0 if instructed and follows else -2.0]
 
     def models(self):
         return ["chatfb-base", *self.loaded]
