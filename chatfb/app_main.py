@@ -1,7 +1,8 @@
 """Start the whole app: settings -> runtime (store, model server, control API) -> Gradio UI.
 
 On a Hugging Face Space (SPACE_ID set) data goes to the persistent /data volume when the Space
-has one; otherwise the UI warns that storage is ephemeral.
+has one; otherwise the UI warns that storage is ephemeral. SIGTERM and Ctrl-C (SIGINT) both run
+`Runtime.close()` and exit, so the model server and a learning cycle stop with the app.
 """
 
 from __future__ import annotations
@@ -32,6 +33,23 @@ def space_settings(settings: Settings, env=os.environ, persistent=Path("/data"))
     return settings.with_(**changes) if changes else settings
 
 
+def install_shutdown_handlers(rt) -> None:
+    """On SIGTERM or SIGINT: close the runtime (it ends its child process groups), then exit at once;
+    Gradio's server threads need no goodbye, and a second signal must not interrupt the close."""
+    def shutdown(signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        log.info("%s: stopping the model server and any learning cycle", signal.Signals(signum).name)
+        try:
+            rt.close()
+        finally:
+            logging.shutdown()
+            os._exit(0 if signum == signal.SIGTERM else 128 + signum)
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+
+
 def serve(settings: Settings, block: bool = True):
     from chatfb.runtime import Runtime
     from chatfb.ui import build_ui
@@ -39,9 +57,9 @@ def serve(settings: Settings, block: bool = True):
     settings = space_settings(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     rt = Runtime.start(settings)
+    install_shutdown_handlers(rt)
     demo = build_ui(rt)
     demo.queue(default_concurrency_limit=settings.chat_concurrency)
-    signal.signal(signal.SIGTERM, lambda *_: (rt.close(), os._exit(0)))
     server_name = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
     try:
         demo.launch(server_name=server_name, show_error=False, prevent_thread_lock=not block,

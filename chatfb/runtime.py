@@ -2,7 +2,9 @@
 registry, chat service, control API and the optional nightly schedule.
 
 `Runtime.start(settings)` returns at once; the model server comes up in the background and
-`runtime.status` says how far it got (the UI shows it).
+`runtime.status` says how far it got (the UI shows it). `Runtime.close()` leaves no child behind:
+the managed vLLM server and a running learning cycle (with its trainer) are each a process group
+it ends within seconds, whether the server was starting or serving.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from chatfb.adapters import AdapterRegistry, AdapterRouter
 from chatfb.chat import ChatService
 from chatfb.config import Settings
 from chatfb.control import ControlServer, LocalBackend
+from chatfb.judge import judge_for
 from chatfb.model_client import ModelClient
+from chatfb.process_group import stop_groups
 from chatfb.store import Store
 from chatfb.vllm_server import ServerStartError
 
@@ -36,13 +40,20 @@ class Runtime:
         self.router = AdapterRouter(settings.served_model_name)
         self.client = ModelClient(settings.base_url, settings.api_key, settings.request_timeout_s)
         self.registry = AdapterRegistry(self.store, [self.client], self.router, settings.data_dir)
-        self.chat = ChatService(settings, self.store, self.client, self.router)
+        self.chat = ChatService(settings, self.store, self.client, self.router,
+                                judge_for(settings.scorer, self.client, self._model_dir))
         self.control = ControlServer(LocalBackend(self.store, settings.data_dir, self.registry, settings.adapter_prefix), settings.data_dir)
         self.server = None
         self.status = "Preparing the model…"
         self.ready = threading.Event()
         self.training: subprocess.Popen | None = None
         self._stop = threading.Event()
+        self._children_lock = threading.Lock()  # close() and starting a child never interleave
+
+    def _model_dir(self) -> Path:
+        from chatfb.model_files import resolve_model
+
+        return resolve_model(self.settings.model, self.settings.data_dir)
 
     @classmethod
     def start(cls, settings: Settings) -> "Runtime":
@@ -64,10 +75,13 @@ class Runtime:
                 self.status = "Preparing the model files (first start converts the embedded model, ~1 min)…"
                 path = resolve_model(s.model, s.data_dir)
                 self.status = "Starting the model server (about a minute on a CPU)…"
-                self.server = ManagedVLLM(path, s.served_model_name, s.vllm_port, s.data_dir, s.max_lora_rank,
-                                          s.max_model_len, s.vllm_kvcache_gib, s.vllm_startup_timeout_s, s.vllm_dtype)
+                with self._children_lock:
+                    if self._stop.is_set():
+                        return
+                    self.server = ManagedVLLM(path, s.served_model_name, s.vllm_port, s.data_dir, s.max_lora_rank,
+                                              s.max_model_len, s.vllm_kvcache_gib, s.vllm_startup_timeout_s, s.vllm_dtype)
                 self.server.on_restart = self.registry.restore
-                self.server.start(wait=True)
+                self.server.start(wait=True)  # refuses to launch once close() has stopped it
             else:
                 self.status = "Connecting to the model server…"
                 while not self.client.healthy():
@@ -91,11 +105,16 @@ class Runtime:
             return False
         log_path = self.training_log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "wb") as fh:
-            self.training = subprocess.Popen(
-                [sys.executable, "-m", "chatfb", "nightly", "--data-dir", str(self.settings.data_dir)],
-                stdout=fh, stderr=subprocess.STDOUT)
+        with self._children_lock, open(log_path, "wb") as fh:
+            if self._stop.is_set():
+                return False
+            # Its own process group (the cycle and its trainer), which close() ends as one.
+            self.training = subprocess.Popen(self.training_command(), stdout=fh, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
         return True
+
+    def training_command(self) -> list[str]:
+        return [sys.executable, "-m", "chatfb", "nightly", "--data-dir", str(self.settings.data_dir)]
 
     @property
     def training_log_path(self) -> Path:
@@ -117,10 +136,20 @@ class Runtime:
                 log.info("scheduled learning cycle starting")
                 self.start_training()
 
-    def close(self) -> None:
-        self._stop.set()
+    def close(self, grace_s: float = 4.0) -> None:
+        """Stop everything; the model server's and the learning cycle's process groups are ended
+        together (SIGTERM, SIGKILL after `grace_s`), so no vLLM or trainer outlives the app."""
+        with self._children_lock:
+            self._stop.set()
+            server, training = self.server, self.training
+        stopping = []
+        if server is not None:
+            stopping.append(threading.Thread(target=server.stop, args=(grace_s,), name="vllm-stop"))
+            stopping[-1].start()
+        if training is not None:
+            stop_groups([training], grace_s)
+        for t in stopping:
+            t.join()
         self.control.stop()
-        if self.server is not None:
-            self.server.stop()
         self.client.close()
         self.store.close()

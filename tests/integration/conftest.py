@@ -71,8 +71,8 @@ def embedded_model(tmp_path_factory) -> Path:
     return resolve_model("embedded", cache)
 
 
-def launch_app(data_dir: Path, **extra_env) -> RunningApp:
-    """Start `python app.py` on data_dir and wait until its model is ready."""
+def launch_app(data_dir: Path, wait_ready: bool = True, **extra_env) -> RunningApp:
+    """Start `python app.py` on data_dir and (unless not `wait_ready`) wait until its model is ready."""
     port = free_port()
     env = dict(os.environ, CHATFB_DATA_DIR=str(data_dir), GRADIO_SERVER_PORT=str(port),
                CHATFB_VLLM_PORT=str(free_port()), CHATFB_ADMIN_PASSWORD=ADMIN_PASSWORD,
@@ -84,6 +84,8 @@ def launch_app(data_dir: Path, **extra_env) -> RunningApp:
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=open(log, "wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     running = RunningApp(data_dir, env, proc, f"http://127.0.0.1:{port}", log)
+    if not wait_ready:
+        return running
     try:
         wait_until(lambda: proc.poll() is None and b"model ready" in log.read_bytes(), 600, "the app's model")
         wait_until(lambda: _answers(running.url), 60, "the app's web server", 0.2)
