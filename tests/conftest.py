@@ -74,7 +74,10 @@ class FakeModelClient:
     def completion_logprobs(self, messages, completion, model):
         """Canned judge: a reply is likelier with the critique in the prompt when it contains one of
         `self.follows` (words the critique asked for); otherwise the critique changes nothing."""
-        instructed = "Follow this instruction" in messages[-1]["content"]
+        from chatfb.candidates import INSTRUCTION
+
+        marker = INSTRUCTION.split("{question}")[1].split("{critique}")[0].strip(' \n"')
+        instructed = marker in messages[-1]["content"]
         follows = any(w in completion for w in self.follows)
         return [-1.0 if instructed and follows else -2.0]
 

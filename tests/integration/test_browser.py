@@ -90,3 +90,114 @@ def test_markup_is_inert_and_sessions_are_private(browser, app):
     assert "secret-of-session-a" not in b.content()
     ctx_a.close()
     ctx_b.close()
+
+
+def last_bot_done(page, timeout=120_000):
+    page.wait_for_function("[...document.querySelectorAll(\"#chatbot [data-testid='bot']\")].pop()?.innerText"
+                           ".includes('chatfb-base')", timeout=timeout)
+
+
+def feedback_rows(app, mid_sql: str, params=()):
+    with app.snapshot_store() as s:
+        return s._q(mid_sql, params)
+
+
+def test_feedback_on_the_message_itself_and_a_revision_accepted(browser, app):
+    ctx, page = open_chat(browser, app)
+    question = "Give me tips for keeping a desk tidy."
+    send(page, question)
+    last_bot_done(page)
+    # the message's own like button, stored against our message id, and shown again after a reload
+    page.locator("#chatbot button[aria-label='Like']").last.click()
+    page.wait_for_selector("#fb-status:has-text('feedback saved')")
+    page.reload()
+    page.wait_for_selector("#chatbot [data-testid='bot']", timeout=30_000)
+    assert question in page.locator("#chatbot [data-testid='user']").last.inner_text()
+    page.wait_for_selector("#chatbot button[aria-label='Liked']", timeout=10_000)  # the stored like, shown again
+    # critique opened from the message, revision proposed, edited, accepted
+    page.locator("#chatbot button[aria-label='Feedback']").last.click()
+    page.locator("#chatbot .extra-feedback-option", has_text="Critique").click()
+    page.wait_for_selector("#fb-status:has-text('Write your critique')")
+    critique = "Format it as a bulleted list: exactly three short tips, each on its own line starting with '- '."
+    page.locator("#critique textarea").fill(critique)
+    page.locator("#send-critique").click()
+    page.wait_for_selector("#revision-panel")
+    for _ in range(3):
+        page.wait_for_function("['Revised following', 'None of the drafts', 'could not be made'].some(t => "
+                               "document.querySelector('#revision-status').innerText.includes(t))", timeout=120_000)
+        note = page.locator("#revision-status").inner_text()
+        if "Revised following" in note:
+            break
+        assert "could not be made" not in note
+        page.locator("#retry-revision").click()
+        page.wait_for_function("!document.querySelector('#revision-status').innerText.includes('None of the drafts')")
+    assert "Revised following" in page.locator("#revision-status").inner_text()
+    page.locator("#edit-revision").click()
+    box = page.locator("#revision textarea")
+    edited = box.input_value().strip() + "\n- Put things back where they belong."
+    box.fill(edited)
+    page.locator("#accept-revision").click()
+    page.wait_for_selector("#fb-status:has-text('Revision accepted')")
+    assert "corrected by you" in page.locator("#chatbot [data-testid='bot']").last.inner_text()
+    rows = feedback_rows(app, "SELECT f.kind, f.rating, f.text, f.derived_from, c.text FROM feedback f JOIN messages m"
+                         " ON m.id = f.message_id LEFT JOIN feedback c ON c.id = f.derived_from"
+                         " WHERE m.conversation_id = (SELECT conversation_id FROM messages WHERE content = ? LIMIT 1)"
+                         " AND f.superseded_at IS NULL", (question,))
+    kinds = {r[0]: r for r in rows}
+    assert kinds["rating"][1] == 1 and kinds["critique"][2] == critique
+    assert kinds["correction"][2] == edited.strip() and kinds["correction"][4] == critique
+    ctx.close()
+
+
+def test_edit_in_place_is_the_correction(browser, app):
+    ctx, page = open_chat(browser, app)
+    send(page, "What is a volcano?")
+    last_bot_done(page)
+    page.locator("#chatbot button[aria-label='Edit']").last.click()
+    fixed = "A volcano is an opening in the Earth's crust where lava & ash escape <quickly>."
+    page.locator("#chatbot textarea").fill(fixed)
+    page.locator("#chatbot button[aria-label='Submit']").click()
+    page.wait_for_selector("#fb-status:has-text('Correction saved')")
+    assert fixed in page.locator("#chatbot [data-testid='bot']").last.inner_text()
+    rows = feedback_rows(app, "SELECT f.text FROM feedback f WHERE f.kind = 'correction' AND f.text = ?", (fixed,))
+    assert rows == [(fixed,)]
+    ctx.close()
+
+
+def test_guidelines_panel_saves_shows_inert_and_removes(browser, app):
+    ctx, page = open_chat(browser, app)
+    page.locator("#guidelines-panel").click()
+    rule = "Always sign off with <b>Ciao</b> at the end."
+    page.locator("#guideline-text textarea").fill(rule)
+    page.locator("#add-guideline").click()
+    page.wait_for_selector("#fb-status:has-text('Guideline saved')")
+    assert rule in page.locator("#guidelines-list").inner_text()
+    assert page.locator("#guidelines-list b").count() == 0  # shown as text, not markup
+    send(page, "Say hello.")
+    last_bot_done(page)
+    rows = feedback_rows(app, "SELECT r.guidelines FROM messages u JOIN messages r ON r.conversation_id = u.conversation_id"
+                         " AND r.seq = u.seq + 1 WHERE u.content = 'Say hello.'")
+    assert any(g and len(g) > 2 for (g,) in rows)  # the reply was generated under the guideline
+    page.locator("#guideline-pick").click()
+    page.get_by_role("option").first.click()
+    page.locator("#remove-guideline").click()
+    page.wait_for_selector("#fb-status:has-text('Guideline removed')")
+    assert rule not in page.locator("#guidelines-list").inner_text()
+    ctx.close()
+
+
+def test_stop_keeps_the_partial_reply(browser, app):
+    ctx, page = open_chat(browser, app)
+    send(page, "Write a long story about a dragon who learns to bake bread.")
+    page.wait_for_function("(() => { const b = [...document.querySelectorAll(\"#chatbot [data-testid='bot']\")].pop();"
+                           " return b && b.innerText.trim().length > 20 && !b.innerText.includes('chatfb-base'); })()",
+                           timeout=120_000)
+    page.locator("#stop").click()
+    page.wait_for_function("[...document.querySelectorAll(\"#chatbot [data-testid='bot']\")].pop()?.innerText"
+                           ".includes('(stopped)')", timeout=30_000)
+    shown = page.locator("#chatbot [data-testid='bot']").last.inner_text()
+    rows = feedback_rows(app, "SELECT r.status, r.content FROM messages u JOIN messages r ON r.conversation_id = "
+                         "u.conversation_id AND r.seq = u.seq + 1 WHERE u.content LIKE 'Write a long story about a dragon%'")
+    [(status, content)] = rows
+    assert status == "stopped" and len(content) > 10 and content.split()[0] in shown
+    ctx.close()

