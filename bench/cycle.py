@@ -53,10 +53,12 @@ def run_cli(args: list[str], env: dict, log_path: Path, measure: bool = False) -
     return proc.returncode, out.decode(), time.perf_counter() - t0, peak
 
 
-def learning_cycle(label: str, data_dir: Path, rows: list[dict], server, api_key: str | None, **env_extra: str) -> dict:
-    """Import `rows` into a fresh chatfb data folder and run `python -m chatfb nightly --no-promote` there
-    against the benchmark's server (external mode). Returns the cycle's JSON summary (or a failure reason),
-    the import and cycle wall times, the cycle's peak RSS and the log path."""
+def learning_cycle(label: str, data_dir: Path, rows: list[dict], server, api_key: str | None,
+                   setup: list[list[str]] = (), **env_extra: str) -> dict:
+    """Import `rows` into a fresh chatfb data folder, run the `setup` commands (each `python -m chatfb ...`
+    arguments, e.g. ["guidelines", "add", TEXT]) and `python -m chatfb nightly --no-promote` there against the
+    benchmark's server (external mode). Returns the cycle's JSON summary (or a failure reason), the import
+    and cycle wall times, the cycle's peak RSS and the log path."""
     import json
     import os
 
@@ -71,6 +73,9 @@ def learning_cycle(label: str, data_dir: Path, rows: list[dict], server, api_key
     code, _, import_s, _ = run_cli(["import-feedback", str(feedback)], env, log_path)
     if code != 0:
         raise RuntimeError(f"{label}: import-feedback failed ({code}); see {log_path}")
+    for command in setup:
+        if run_cli(command, env, log_path)[0] != 0:
+            raise RuntimeError(f"{label}: {' '.join(command[:2])} failed; see {log_path}")
     print(f"[{label}] learning cycle (log: {log_path}) ...", flush=True)
     code, out, wall, peak = run_cli(["nightly", "--no-promote"], env, log_path, measure=True)
     try:

@@ -1,34 +1,52 @@
 """Learning-efficacy benchmark: does the model pick up what scripted users teach it, and keep the rest?
 
-Four preference families, each taught through ten pieces of feedback on different prompts and
+Five preference families, each taught through ten pieces of feedback on different prompts and
 checked on six held-out prompts of the same kind that training never sees:
 
   support_email     a domain fact   - support questions should give support@chatfb.example
   tips_bullets      a format        - "tips for ..." answers as a "- " bulleted list (>= 3 items)
   short_definition  a length        - "what is ..." answered in one sentence of at most 25 words
   house_signoff     a house style   - short notes end with "Cheers, the chatfb team"
+  australia_capital a fact stated only in the critique - questions about Australia's capital or seat
+                    of government should say Canberra ("Wrong: the capital of Australia is Canberra, not Sydney.")
 
 Every mode starts from the same base model and a fresh data folder, imports its feedback with
 `python -m chatfb import-feedback` and runs the real learning cycle, `python -m chatfb nightly
---no-promote` (snapshot, data builder, ILF, TRL training, gate), against one vLLM server:
+--no-promote` (snapshot, data builder, critique candidates, TRL training, gate), against one vLLM server:
 
-  base      no training
-  sft       corrections (the rewritten reply) -> SFT only        (CHATFB_TRAIN_DPO=false)
-  sft_dpo   corrections -> SFT, then DPO on (correction, original reply) pairs
-  ilf       critiques only, no rewritten reply: ILF refinements by the served model -> SFT
-            (CHATFB_TRAIN_MODE=unsupervised)
+  base                 no training
+  sft                  corrections (the rewritten reply) -> SFT only        (CHATFB_TRAIN_DPO=false)
+  sft_dpo              corrections -> SFT, then DPO on (correction, original reply) pairs
+  ilf                  critiques only, today's "rewrite this reply given this feedback" prompt
+                       (CHATFB_TRAIN_MODE=unsupervised CHATFB_CRITIQUE_RECIPE=ilf)
+  critique             critiques only, unattended, the new recipe: the question answered again with the
+                       critique as an instruction, selected by the served model (CHATFB_CRITIQUE_RECIPE=instruct)
+  accept               critique + in-loop acceptance: for each critiqued prompt the scripted user is offered
+                       the candidates chatfb.candidates.select keeps (best first) and accepts the first that
+                       passes the family's checker (imported as a correction with that text), dismissing the
+                       others; a critique with no acceptable candidate stays a critique (CHATFB_TRAIN_MODE=semi)
+  guideline_prompt     no training: every family's critique as an approved guideline in the system prompt
+                       at judge time (chatfb.guidelines.apply, as the app sends it)
+  guideline_distilled  every family's critique as an approved global guideline (`python -m chatfb guidelines
+                       add`); the critiques are imported too but train nothing themselves
+                       (CHATFB_TRAIN_MODE=supervised): the cycle distils the guidelines on the critiqued prompts
 
 The "original reply" of each piece of feedback is the base model's own greedy answer, as in the app.
 Uptake = share of a family's held-out prompts whose greedy reply passes the family's checker.
 Retention = share of ten control prompts (general questions, in no training set) whose reply keeps
-the base answer's meaning (all-MiniLM-L6-v2 cosine >= 0.6, the gate's test), plus the mean cosine.
+the base answer's meaning (all-MiniLM-L6-v2 cosine >= 0.6, the gate's test), plus the mean cosine;
+"n/a" where nothing was measured (the base row, a cycle that trained nothing).
 Leak = control replies that pass any family checker although the base reply did not.
-Cycle wall time and peak memory (RSS summed over the cycle's process tree, sampled every 0.2 s;
-the vLLM server is not in it) are measured per mode.
+Example share = share of a family's (not held-out) feedback that became a training example; selection
+precision = share of the cycle's kept examples (its candidates rows with status kept, and accepted
+revisions) that pass the family's checker. Cycle wall time and peak memory (RSS summed over the cycle's
+process tree, sampled every 0.2 s; the vLLM server is not in it) are measured per run. Each training
+mode runs --seeds times (CHATFB_SEED 1234, 1235, ...: another held-out split, other samples); the table
+gives mean ± standard deviation over the runs.
 
     python -m bench.efficacy_bench                     # starts its own vLLM on the embedded model
     python -m bench.efficacy_bench --vllm-url http://127.0.0.1:8011 --model-dir data/models/SmolLM2-135M-Instruct
-    python -m bench.efficacy_bench --smoke ...         # 2 families x 2 items, 1 epoch, modes base/sft/ilf
+    python -m bench.efficacy_bench --smoke ...         # 2 families x 2 items, 1 epoch, 1 seed, modes base/sft/ilf/critique
 """
 
 from __future__ import annotations
@@ -52,7 +70,18 @@ NAME = "efficacy_bench"
 SYSTEM = "You are a helpful assistant."
 EMAIL = "support@chatfb.example"
 SIGNOFF = "Cheers, the chatfb team"
-MODES = ("base", "sft", "sft_dpo", "ilf")
+MODES = ("base", "sft", "sft_dpo", "ilf", "critique", "accept", "guideline_prompt", "guideline_distilled")
+SMOKE_MODES = ("base", "sft", "ilf", "critique")
+MODE_ENV = {  # each training mode's cycle settings
+    "sft": {"CHATFB_TRAIN_MODE": "supervised"},
+    "sft_dpo": {"CHATFB_TRAIN_MODE": "supervised", "CHATFB_TRAIN_DPO": "true"},
+    "ilf": {"CHATFB_TRAIN_MODE": "unsupervised", "CHATFB_CRITIQUE_RECIPE": "ilf"},
+    "critique": {"CHATFB_TRAIN_MODE": "unsupervised", "CHATFB_CRITIQUE_RECIPE": "instruct"},
+    "accept": {"CHATFB_TRAIN_MODE": "semi", "CHATFB_CRITIQUE_RECIPE": "instruct"},
+    "guideline_distilled": {"CHATFB_TRAIN_MODE": "supervised"},
+}
+SEED = 1234  # chatfb's default CHATFB_SEED; run i of a mode uses SEED + i
+HOLDOUT_FRACTION = 0.2  # chatfb's default CHATFB_HOLDOUT_FRACTION: which feedback the cycle held out
 RETENTION_COSINE = 0.6
 
 
@@ -166,6 +195,29 @@ FAMILIES = (
     ),
 )
 
+FAMILIES += (
+    Family(
+        "australia_capital", "fact in the critique",
+        "Wrong: the capital of Australia is Canberra, not Sydney.",
+        lambda r: "canberra" in r.lower(),
+        (
+            ("What is the capital of Australia?", "The capital of Australia is Canberra."),
+            ("Which city is Australia's capital?", "Canberra is Australia's capital city."),
+            ("Where is the seat of government of Australia?", "Australia's seat of government is Canberra."),
+            ("In which city does the Australian Parliament meet?", "The Australian Parliament meets in Canberra."),
+            ("What city is the capital of the Commonwealth of Australia?", "Canberra is the capital of the Commonwealth of Australia."),
+            ("Name the capital city of Australia.", "Canberra."),
+            ("Is Sydney the capital of Australia?", "No. Sydney is the largest city, but the capital of Australia is Canberra."),
+            ("Where does Australia's federal government sit?", "Australia's federal government sits in Canberra."),
+            ("Which Australian city was built to be the national capital?", "Canberra was built to be Australia's national capital."),
+            ("Tell me the capital of Australia.", "The capital of Australia is Canberra."),
+        ),
+        ("What's Australia's capital city?", "Which city is the capital of Australia, Sydney or Melbourne?",
+         "Where is Parliament House in Australia?", "If I want to visit Australia's capital, which city do I go to?",
+         "What is the national capital of Australia?", "Where are Australia's federal parliament and High Court?"),
+    ),
+)
+
 CONTROL_PROMPTS = (
     "What is the capital of Italy?", "How many days are in a leap year?", "Who wrote Hamlet?",
     "What gas do plants absorb from the air?", "What is 12 plus 15?", "Name three primary colours.",
@@ -174,8 +226,15 @@ CONTROL_PROMPTS = (
 )
 
 
-def messages(prompt: str) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+def messages(prompt: str, system: str = SYSTEM) -> list[dict]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+
+
+def guideline_system(families: list[Family]) -> str:
+    """The system prompt the app sends when every family's critique is an approved guideline."""
+    from chatfb import guidelines
+
+    return guidelines.apply(messages("")[:1], [f.critique for f in families])[0]["content"]
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -189,55 +248,127 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--controls", type=int, default=len(CONTROL_PROMPTS), help="control prompts")
     p.add_argument("--max-tokens", type=int, default=128, help="max new tokens of a judged reply")
     p.add_argument("--epochs", type=float, default=None, help="CHATFB_TRAIN_EPOCHS for the cycles (default: chatfb's)")
+    p.add_argument("--seeds", type=int, default=3, help="runs per training mode (mean and spread are reported)")
     p.add_argument("--work-dir", type=Path, default=None, help="where each mode's data folder goes (default: a temp dir)")
-    add_output_flags(p, smoke_help="tiny run: 2 families x 2 items, 1 held-out prompt each, 2 controls, 1 epoch, modes base sft ilf")
+    add_output_flags(p, smoke_help="tiny run: 2 families x 2 items, 1 held-out prompt each, 2 controls, 1 epoch, "
+                                   "1 seed, modes " + " ".join(SMOKE_MODES))
     return p
 
 
-def generate(client, model: str, prompts: list[str], max_tokens: int) -> list[str]:
+def generate(client, model: str, prompts: list[str], max_tokens: int, system: str = SYSTEM) -> list[str]:
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(lambda q: client.complete(messages(q), model, max_tokens=max_tokens, temperature=0.0)[0],
-                             prompts))
+        return list(pool.map(lambda q: client.complete(messages(q, system), model, max_tokens=max_tokens,
+                                                       temperature=0.0)[0], prompts))
 
 
-def feedback_rows(mode: str, families: list[Family], items: int, originals: dict[str, str]) -> list[dict]:
+def feedback_rows(mode: str, families: list[Family], items: int, originals: dict[str, str],
+                  accepted: dict[str, str] | None = None) -> list[dict]:
+    """The scripted users' feedback: corrections (sft modes), accepted revisions as corrections (accept),
+    else critiques."""
     rows = []
     for fam in families:
         for prompt, correction in fam.teach[:items]:
             row = {"prompt": messages(prompt), "reply": originals[prompt], "user": "bench"}
-            if mode == "ilf":
-                row.update(kind="critique", text=fam.critique)
-            else:
+            if mode in ("sft", "sft_dpo"):
                 row.update(kind="correction", text=correction)
+            elif mode == "accept" and (accepted or {}).get(prompt):
+                row.update(kind="correction", text=accepted[prompt])
+            else:
+                row.update(kind="critique", text=fam.critique)
             rows.append(row)
     return rows
 
 
-def run_mode(mode: str, families: list[Family], args, server, originals: dict[str, str], work: Path) -> dict:
-    """Teach one mode's feedback in a fresh data folder and return the adapter path and cycle numbers."""
-    data_dir = work / mode
-    env = {"CHATFB_TRAIN_MODE": "unsupervised" if mode == "ilf" else "supervised",
-           "CHATFB_TRAIN_DPO": "true" if mode == "sft_dpo" else "false",
-           "CHATFB_ADAPTER_PREFIX": f"bencheff-{mode.replace('_', '')}-{os.getpid()}"}  # own names on a shared server
+def accept_revisions(client, families: list[Family], items: int) -> tuple[dict[str, str], dict]:
+    """The in-loop user: for each critiqued prompt, the candidates chatfb.candidates.select keeps (what the
+    app may offer, best first); the first that passes the family's checker is accepted, the others dismissed.
+    Returns ({prompt: accepted text}, {family: {"critiqued", "offered", "accepted"}})."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from chatfb import candidates
+
+    jobs = [(fam, q) for fam in families for q, _ in fam.teach[:items]]
+
+    def offer(job):
+        fam, q = job
+        kept = [c for c in candidates.select(client, SERVED_NAME, messages(q), fam.critique, n=4, max_tokens=192) if c.ok]
+        return kept, next((c.text for c in kept if fam.check(c.text)), None)
+
+    with ThreadPoolExecutor(8) as pool:
+        offers = list(pool.map(offer, jobs))
+    accepted, stats = {}, {f.name: {"critiqued": 0, "offered": 0, "accepted": 0} for f in families}
+    for (fam, q), (kept, text) in zip(jobs, offers):
+        st = stats[fam.name]
+        st["critiqued"] += 1
+        st["offered"] += bool(kept)
+        if text is not None:
+            st["accepted"] += 1
+            accepted[q] = text
+    return accepted, stats
+
+
+def selection_stats(data_dir: Path, families: list[Family], seed: int, accepted: dict[str, str]) -> dict:
+    """Per family, from the cycle's own database: share of the (not held-out) feedback that became a training
+    example, and selection precision (share of kept examples - candidates rows with status kept, and
+    accepted revisions - that pass the family's checker)."""
+    from chatfb.store import Store
+    from chatfb.training_data import is_heldout, last_user
+
+    with Store(data_dir / "chatfb.duckdb", read_only=True) as s:
+        records = s.feedback_records()
+        rows = s.candidates(where="origin = ?", params=("nightly",))
+    kept = [r for r in rows if r["status"] == "kept"]
+    out = {}
+    for fam in families:
+        teach = {q for q, _ in fam.teach}
+        mine = [r for r in records if last_user(r.prompt) in teach and not is_heldout(r.feedback_id, HOLDOUT_FRACTION, seed)]
+        tasks = {(r["feedback_id"], r["details"].get("prompt")) for r in rows if r["details"].get("critique") == fam.critique}
+        examples = [r["text"] for r in kept if r["details"].get("critique") == fam.critique]
+        examples += [r.text for r in mine if r.kind == "correction" and last_user(r.prompt) in accepted]
+        if any(r["details"].get("task") == "guideline" for r in rows):  # guideline_distilled: the guideline's prompts
+            done = {(r["feedback_id"], r["details"].get("prompt")) for r in kept if r["details"].get("critique") == fam.critique}
+            share = len(done) / len(tasks) if tasks else None
+        else:
+            produced = {r["feedback_id"] for r in kept if r["details"].get("task") == "critique"}
+            made = [r.kind == "correction" or r.feedback_id in produced for r in mine]
+            share = sum(made) / len(made) if made else None
+        out[fam.name] = {"example_share": None if share is None else round(share, 3),
+                         "precision": round(sum(map(fam.check, examples)) / len(examples), 3) if examples else None,
+                         "kept_examples": len(examples)}
+    return out
+
+
+def run_mode(mode: str, families: list[Family], args, server, client, originals: dict[str, str], work: Path,
+             run: int) -> dict:
+    """Teach one mode's feedback in a fresh data folder (run `run` of the mode: CHATFB_SEED = SEED + run) and
+    return the adapter path and the cycle's numbers."""
+    seed = SEED + run
+    data_dir = work / f"{mode}-{run}"
+    env = {**MODE_ENV[mode], "CHATFB_SEED": str(seed),
+           "CHATFB_ADAPTER_PREFIX": f"bencheff-{mode.replace('_', '')}{run}-{os.getpid()}"}  # own names on a shared server
     if args.epochs is not None:
         env["CHATFB_TRAIN_EPOCHS"] = str(args.epochs)
-    c = learning_cycle(mode, data_dir, feedback_rows(mode, families, args.items, originals), server, args.api_key, **env)
+    accepted, accept_stats = accept_revisions(client, families, args.items) if mode == "accept" else ({}, None)
+    setup = [["guidelines", "add", f.critique] for f in families] if mode == "guideline_distilled" else []
+    c = learning_cycle(f"{mode} #{run + 1}", data_dir, feedback_rows(mode, families, args.items, originals, accepted),
+                       server, args.api_key, setup=setup, **env)
     summary, wall, peak, log_path = c["summary"], c["wall_s"], c["peak_bytes"], c["log_path"]
     adapter = summary.get("adapter")
     path = data_dir / "adapters" / adapter if adapter else None
     if not (path and (path / "adapter_config.json").exists()):
-        path = None  # e.g. ILF kept no refinement: nothing was trained, the model is unchanged
-        print(f"[{mode}] no adapter: {summary.get('reason')} (see {log_path})", flush=True)
+        path = None  # e.g. no candidate survived selection: nothing was trained, the model is unchanged
+        print(f"[{mode} #{run + 1}] no adapter: {summary.get('reason')} (see {log_path})", flush=True)
+    selection = selection_stats(data_dir, families, seed, accepted) if mode not in ("sft", "sft_dpo") else None
     return {"adapter": adapter, "path": path, "summary": summary, "cycle_wall_s": round(wall, 1),
-            "peak_rss_gib": round(peak / 2**30, 2)}
+            "peak_rss_gib": round(peak / 2**30, 2), "selection": selection, "accept": accept_stats}
 
 
-def judge(client, model: str, families: list[Family], args, base_control: list[str]) -> dict:
+def judge(client, model: str, families: list[Family], args, base_control: list[str], system: str = SYSTEM) -> dict:
     heldout = [q for fam in families for q in fam.heldout[:args.heldout]]
     controls = list(CONTROL_PROMPTS[:args.controls])
-    replies = generate(client, model, heldout + controls, args.max_tokens)
+    replies = generate(client, model, heldout + controls, args.max_tokens, system)
     held, ctrl = dict(zip(heldout, replies)), replies[len(heldout):]
     uptake = {}
     for fam in families:
@@ -245,7 +376,7 @@ def judge(client, model: str, families: list[Family], args, base_control: list[s
         uptake[fam.name] = round(sum(fam.check(held[q]) for q in qs) / len(qs), 3)
     result = {"uptake": uptake, "uptake_mean": round(sum(uptake.values()) / len(uptake), 3),
               "samples": {fam.name: {"prompt": fam.heldout[0], "reply": held[fam.heldout[0]][:300]} for fam in families},
-              "control_replies": ctrl}
+              "control_replies": ctrl, "retention": None, "control_cosine": None, "leak": None}  # None: not measured
     if base_control:
         from chatfb.similarity import paired_cosines
 
@@ -257,15 +388,67 @@ def judge(client, model: str, families: list[Family], args, base_control: list[s
     return result
 
 
+def one_run(mode: str, families: list[Family], args, server, client, originals, work: Path, run: int,
+            base: dict, base_control: list[str]) -> dict:
+    """One training run of a mode, judged on its adapter (or, when nothing trained, the base model's answers
+    with nothing measured against them)."""
+    out = run_mode(mode, families, args, server, client, originals, work, run)
+    if out["adapter"] and out["adapter"] in client.models():  # the cycle unloads its candidate
+        client.unload_adapter(out["adapter"])
+    if out["path"] is None:  # nothing trained: the base model's answers stand; retention was not measured
+        r = json.loads(json.dumps(base))
+        r["trained"] = False
+    else:
+        name = f"bench-eff-{mode}-{run}-{os.getpid()}"
+        client.load_adapter(name, str(out["path"].resolve()))
+        try:
+            r = judge(client, name, families, args, base_control)
+        finally:
+            client.unload_adapter(name)
+        r.pop("control_replies")
+        r["trained"] = True
+    s = out["summary"]
+    r.update(reason=s.get("reason"), cycle_wall_s=out["cycle_wall_s"], peak_rss_gib=out["peak_rss_gib"],
+             counts=s.get("counts"), timings=s.get("timings"), selection=out["selection"], accept=out["accept"],
+             gate={k: (s.get("metrics") or {}).get(k) for k in
+                   ("candidate_rougeL", "incumbent_rougeL", "candidate_critique_pass", "incumbent_critique_pass",
+                    "guideline_follow", "control_agreement", "decision")})
+    return r
+
+
+def mean_sd(values: list) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]  # over the runs that measured it (a run that trained nothing did not)
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    return round(m, 3), round((sum((v - m) ** 2 for v in vals) / len(vals)) ** 0.5, 3)
+
+
+def aggregate(runs: list[dict], families: list[Family]) -> dict:
+    """A mode's runs in one row: means and standard deviations; the runs themselves under "runs"."""
+    agg = {"runs": runs, "n_runs": len(runs), "trained": sum(bool(r.get("trained")) for r in runs)}
+    agg["uptake"], agg["uptake_sd"] = {}, {}
+    for fam in families:
+        agg["uptake"][fam.name], agg["uptake_sd"][fam.name] = mean_sd([r["uptake"][fam.name] for r in runs])
+    for key in ("uptake_mean", "retention", "control_cosine", "leak", "cycle_wall_s", "peak_rss_gib"):
+        agg[key], agg[key + "_sd"] = mean_sd([r.get(key) for r in runs])
+    if any(r.get("selection") for r in runs):
+        agg["selection"] = {fam.name: {k: mean_sd([(r["selection"] or {}).get(fam.name, {}).get(k) for r in runs])[0]
+                                       for k in ("example_share", "precision")} for fam in families}
+    agg["samples"] = runs[0]["samples"]
+    agg["reason"], agg["gate"] = runs[0].get("reason"), runs[0].get("gate")
+    return agg
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     families = [f for f in FAMILIES if args.families is None or f.name in args.families]
     modes = list(args.modes)
     if args.smoke:
         families = [f for f in families if f.name in ("support_email", "house_signoff")] or families[:2]
-        args.items, args.heldout, args.controls, args.max_tokens = 2, 1, 2, 48
+        args.items, args.heldout, args.controls, args.max_tokens, args.seeds = 2, 1, 2, 48, 1
         args.epochs = 1.0 if args.epochs is None else args.epochs
-        modes = [m for m in modes if m in ("base", "sft", "ilf")]
+        modes = [m for m in modes if m in SMOKE_MODES]
     out_dir = args.out_dir or default_out_dir(args.smoke)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="chatfb-efficacy-"))
     from chatfb.model_client import ModelClient
@@ -282,34 +465,22 @@ def main(argv: list[str] | None = None) -> int:
             originals = dict(zip(teach, generate(client, SERVED_NAME, teach, 256)))
             base = judge(client, SERVED_NAME, families, args, [])
             base_control = base.pop("control_replies")
-            base.update(retention=1.0, control_cosine=1.0, leak=0)
             for mode in modes:
-                if mode == "base":
-                    results["modes"]["base"] = base
-                    print(f"[base] uptake {base['uptake']}", flush=True)
-                    continue
-                run = run_mode(mode, families, args, server, originals, work)
-                if run["adapter"] and run["adapter"] in client.models():  # the cycle unloads its candidate
-                    client.unload_adapter(run["adapter"])
-                if run["path"] is None:  # nothing trained: the base model's answers stand
-                    r = json.loads(json.dumps(base))
+                if mode in ("base", "guideline_prompt"):  # no training: greedy answers, one run
+                    if mode == "base":
+                        r = dict(base)
+                    else:
+                        r = judge(client, SERVED_NAME, families, args, base_control, guideline_system(families))
+                        r.pop("control_replies")
                     r["trained"] = False
+                    results["modes"][mode] = aggregate([r], families)
                 else:
-                    name = f"bench-eff-{mode}-{os.getpid()}"
-                    client.load_adapter(name, str(run["path"].resolve()))
-                    try:
-                        r = judge(client, name, families, args, base_control)
-                    finally:
-                        client.unload_adapter(name)
-                    r.pop("control_replies")
-                    r["trained"] = True
-                s = run["summary"]
-                r.update(reason=s.get("reason"), cycle_wall_s=run["cycle_wall_s"], peak_rss_gib=run["peak_rss_gib"], counts=s.get("counts"),
-                         timings=s.get("timings"), gate={k: (s.get("metrics") or {}).get(k) for k in
-                                                         ("candidate_rougeL", "incumbent_rougeL", "control_agreement", "decision")})
-                results["modes"][mode] = r
-                print(f"[{mode}] uptake {r['uptake']} retention {r['retention']} cycle {r['cycle_wall_s']} s "
-                      f"peak {r['peak_rss_gib']} GiB", flush=True)
+                    runs = [one_run(mode, families, args, server, client, originals, work, i, base, base_control)
+                            for i in range(max(args.seeds, 1))]
+                    results["modes"][mode] = aggregate(runs, families)
+                r = results["modes"][mode]
+                print(f"[{mode}] uptake {r['uptake']} retention {fmt_pm(r, 'retention')} cycle {fmt_pm(r, 'cycle_wall_s', 0)} s "
+                      f"peak {fmt_pm(r, 'peak_rss_gib')} GiB", flush=True)
         finally:
             client.close()
 
@@ -321,26 +492,57 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def fmt_pm(r: dict, key: str, digits: int = 2, sub: str | None = None) -> str:
+    """"mean ± sd", the mean alone for one run, "n/a" when it was not measured."""
+    value, sd = (r[key].get(sub), r[key + "_sd"].get(sub)) if sub else (r.get(key), r.get(key + "_sd"))
+    if value is None:
+        return "n/a"
+    if r.get("n_runs", 1) > 1 and sd is not None:
+        return f"{value:.{digits}f} ± {sd:.{digits}f}"
+    return f"{value:.{digits}f}"
+
+
 def report(results: dict, families: list[Family]) -> str:
     modes = results["modes"]
-    headers = ["mode", *[f"{f.name} ({f.kind})" for f in families], "mean uptake", "retention", "control cos", "leak",
-               "cycle s", "peak GiB", "gate"]
+    headers = ["mode", "runs", *[f"{f.name} ({f.kind})" for f in families], "mean uptake", "retention", "control cos",
+               "leak", "cycle s", "peak GiB", "gate (run 1)"]
     rows = []
     for mode, r in modes.items():
-        gate = (r.get("gate") or {}).get("decision") or "-"
-        if r.get("trained") is False:
-            gate = "nothing trained: " + str(r.get("reason") or "")
-        rows.append([mode, *[f"{r['uptake'][f.name]:.2f}" for f in families], f"{r['uptake_mean']:.2f}",
-                     f"{r['retention']:.2f}", f"{r['control_cosine']:.2f}", r["leak"], r.get("cycle_wall_s", "-"),
-                     r.get("peak_rss_gib", "-"), gate.split(":")[0]])
+        gate = ((r.get("gate") or {}).get("decision") or "-").split(":")[0]
+        if mode in ("base", "guideline_prompt"):
+            gate = "no training"
+        elif r["trained"] < r["n_runs"]:
+            gate = f"{r['n_runs'] - r['trained']} run(s) trained nothing: {r.get('reason') or ''}"
+        rows.append([mode, r["n_runs"], *[fmt_pm(r, "uptake", sub=f.name) for f in families], fmt_pm(r, "uptake_mean"),
+                     fmt_pm(r, "retention"), fmt_pm(r, "control_cosine"), fmt_pm(r, "leak", 1), fmt_pm(r, "cycle_wall_s", 0),
+                     fmt_pm(r, "peak_rss_gib"), gate])
     a = results["args"]
     lines = [f"# Learning efficacy ({len(families)} families x {a['items']} feedback items, {a['heldout']} held-out "
-             f"prompts each, {a['controls']} control prompts)", "",
+             f"prompts each, {a['controls']} control prompts; mean ± sd over {a['seeds']} run(s) per training mode)", "",
              "Uptake: share of held-out prompts whose greedy reply passes the family's checker. Retention: share "
-             f"of control prompts whose reply keeps the base answer's meaning (MiniLM cosine >= {RETENTION_COSINE}). "
-             "Leak: control replies that newly pass a family checker. Cycle: wall time of `python -m chatfb nightly` "
-             "(snapshot, data, ILF, training, gate); peak: RSS of its process tree (not the vLLM server).", "",
-             markdown_table(headers, rows), "", "Held-out sample replies (first held-out prompt of each family):", ""]
+             f"of control prompts whose reply keeps the base answer's meaning (MiniLM cosine >= {RETENTION_COSINE}); "
+             "n/a = not measured (the base row; runs that trained nothing). Leak: control replies that newly pass a "
+             "family checker. Cycle: wall time of `python -m chatfb nightly` (snapshot, data, candidates, training, "
+             "gate); peak: RSS of its process tree (not the vLLM server).", "",
+             markdown_table(headers, rows), ""]
+    sel_modes = [m for m, r in modes.items() if r.get("selection")]
+    if sel_modes:
+        lines += ["Per family: share of the (not held-out) feedback that became a training example / selection "
+                  "precision (share of kept examples that pass the family's checker).", "",
+                  markdown_table(["mode", *[f.name for f in families]],
+                                 [[m, *[" / ".join("n/a" if v is None else f"{v:.2f}" for v in
+                                                   (modes[m]["selection"][f.name]["example_share"],
+                                                    modes[m]["selection"][f.name]["precision"])) for f in families]]
+                                  for m in sel_modes]), ""]
+    if "accept" in modes:
+        acc = [r["accept"] for r in modes["accept"]["runs"] if r.get("accept")]
+        if acc:
+            got = {f.name: (sum(x[f.name]["accepted"] for x in acc), sum(x[f.name]["critiqued"] for x in acc)) for f in families}
+            lines += ["`accept` is critique + in-loop acceptance by a scripted user: for each critiqued prompt it is "
+                      "offered the candidates the selection keeps, accepts the first that passes the family's checker "
+                      "(a person checking a proposed fix would) and dismisses the others; accepted revisions train as "
+                      "corrections. Accepted / critiqued: " + ", ".join(f"{k} {a}/{n}" for k, (a, n) in got.items()) + ".", ""]
+    lines += ["Held-out sample replies (first held-out prompt of each family, run 1):", ""]
     for mode, r in modes.items():
         for fam, s in r["samples"].items():
             reply = s["reply"].replace("\n", " / ").replace("|", "\\|")
@@ -358,7 +560,7 @@ def plot(results: dict, families: list[Family], path: Path) -> None:
     width = 0.8 / max(len(modes), 1)
     for i, mode in enumerate(modes):
         r = results["modes"][mode]
-        vals = [r["uptake"][g] for g in groups[:-1]] + [r["retention"]]
+        vals = [r["uptake"][g] or 0 for g in groups[:-1]] + [r["retention"] or 0]  # n/a retention: no bar
         ax.bar([j + i * width for j in range(len(groups))], vals, width, label=mode)
     ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(groups))])
     ax.set_xticklabels(groups, rotation=15)

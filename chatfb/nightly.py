@@ -210,8 +210,8 @@ CANDIDATE_MAX_TOKENS = 192  # a longer candidate is cut off, and the selection d
 def select_all(tasks: list, client: ModelClient, model: str, settings: Settings, generator: ModelClient | None = None,
                generator_model: str | None = None, workers: int = 8) -> tuple[list, list[str]]:
     """Candidates for every instruction task, several tasks at once (vLLM batches them): recipe 'instruct'
-    answers the prompt with the instruction (chatfb.candidates.select, scored by `model` on `client`; written
-    by `generator` when given); critique tasks under recipe 'ilf' get the older rewrite (chatfb.refine).
+    answers the prompt with the instruction (chatfb.candidates generate + score, as its select: scored by
+    `model` on `client`, written by `generator` when given); critique tasks under recipe 'ilf' get the older rewrite (chatfb.refine).
     Returns ([(task, candidates best first or None when the server failed, best passing one or None)],
     [error message per task the server failed]). A server that is down or restarting gets up to three
     minutes to come back, then the task is asked once more."""
@@ -228,10 +228,10 @@ def select_all(tasks: list, client: ModelClient, model: str, settings: Settings,
         return sorted((candidates.Candidate(text, score=score, verdict=verdict) for score, text, verdict in scored),
                       key=lambda c: (not c.ok, -c.score))
 
-    def instruct(task):
-        return candidates.select(client, model, task.prompt, task.instruction, n=settings.critique_samples,
-                                 max_tokens=CANDIDATE_MAX_TOKENS, generator=generator,
-                                 generator_model=generator_model if generator else None)
+    def instruct(task):  # candidates.select, plus the critiqued reply: a candidate that repeats it is dropped
+        cands = candidates.generate(generator or client, (generator_model or model) if generator else model, task.prompt,
+                                    task.instruction, n=settings.critique_samples, max_tokens=CANDIDATE_MAX_TOKENS)
+        return candidates.score(client, model, task.prompt, task.instruction, cands, original=task.original)
 
     def one(task):
         make = ilf if settings.critique_recipe == "ilf" and task.source == "critique" else instruct

@@ -26,6 +26,7 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 
+from chatfb.guidelines import looks_like_rule
 from chatfb.store import FeedbackRecord
 
 MODES = ("supervised", "unsupervised", "semi")
@@ -151,15 +152,14 @@ def add_refinements(data: TrainingData, refined: list[tuple[FeedbackRecord, str 
 
 # -- critiques and guidelines -> instruction tasks -> examples ---------------------------------------
 
-# A critique states a lasting preference when it says so ("always", "never", "from now on"), states a
-# house fact ("our support email is ..."), a format, length or style rule, or corrects a fact ("Wrong: the
-# capital of Australia is Canberra"). A one-off complaint ("too vague", "that's rude") does not, and trains
-# only on the reply it was given on. A regular expression, on purpose: it errs towards "no", and a rule it
-# misses still trains on its own prompt.
-LASTING = re.compile(
-    r"\b(?:always|never|every ?time|from now on|in (?:the )?future|going forward|by default|house style)\b"
-    r"|\b(?:our|my)\s+[\w' -]{1,40}?\s+(?:is|are)\b"
-    r"|\b(?:format(?:ted)?|bullet(?:ed|s)?|numbered list|one (?:short )?sentence|at most \d+ words|too long|too short"
+# A critique states a lasting preference when it reads like a standing rule (chatfb.guidelines.looks_like_rule:
+# "always", "never", "our support email is ...", the same test that suggests keeping it as a guideline), or
+# when it asks for a format, length or style ("format it as a bulleted list", "one short sentence", "end the
+# note with ..."), or corrects a fact ("Wrong: the capital of Australia is Canberra"). A one-off complaint
+# ("too vague", "that's rude") does not, and trains only on the reply it was given on. Regular expressions,
+# on purpose: they err towards "no", and a rule they miss still trains on its own prompt.
+FORMAT_OR_FACT = re.compile(
+    r"\b(?:format(?:ted)?|bullet(?:ed|s)?|numbered list|one (?:short )?sentence|at most \d+ words|too long|too short"
     r"|shorter|concise|tone|formal|emojis?|sign[- ]?off|(?:end|start|begin) (?:it |each \w+ |the \w+ )?with)\b"
     r"|^\s*(?:wrong|incorrect|not true|actually)\b[^.?!]*\b(?:is|are|was|were)\b", re.I)
 # Prompts "of the same kind" for distillation: all-MiniLM-L6-v2 cosine of the user's questions at least this.
@@ -172,7 +172,7 @@ TASK_SOURCES = ("critique", "distill", "guideline")
 
 
 def is_lasting_preference(text: str) -> bool:
-    return bool(LASTING.search(text or ""))
+    return looks_like_rule(text) or bool(FORMAT_OR_FACT.search(text or ""))
 
 
 @dataclass

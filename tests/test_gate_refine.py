@@ -35,16 +35,21 @@ def fake_candidates(monkeypatch):
     mod = types.ModuleType("chatfb.candidates")
     mod.Candidate, mod.answers, mod.calls = Candidate, {}, []
 
-    def select(client, model, prompt, critique, n=4, max_tokens=256, generator=None, generator_model=None):
-        mod.calls.append({"question": prompt[-1]["content"], "critique": critique, "n": n, "generator": generator,
-                          "generator_model": generator_model, "model": model})
+    def generate(client, model, prompt, critique, n=4, max_tokens=256, temperature=0.8):
+        mod.calls.append({"question": prompt[-1]["content"], "critique": critique, "n": n, "client": client,
+                          "model": model})
         got = mod.answers[prompt[-1]["content"]]
         if isinstance(got, Exception):
             raise got
-        cands = [Candidate(t, score=float(len(got) - i), verdict=v) for i, (t, v) in enumerate(got)]
+        return [Candidate(t, details={"verdict": v}) for t, v in got]
+
+    def score(client, model, prompt, critique, cands, original=None):
+        mod.calls.append({"scored_by": (client, model), "original": original})
+        for i, c in enumerate(cands):
+            c.verdict, c.score, c.details = c.details["verdict"], float(len(cands) - i), {"logratio": 0.1}
         return sorted(cands, key=lambda c: not c.ok)
 
-    mod.select = select
+    mod.generate, mod.score = generate, score
     mod.best = lambda cands: next((c for c in cands if c.ok), None)
     monkeypatch.setitem(sys.modules, "chatfb.candidates", mod)
     monkeypatch.setattr(chatfb, "candidates", mod, raising=False)
@@ -189,9 +194,13 @@ def test_select_all_keeps_the_best_passing_candidate_and_records_every_one(fake_
     selected, errors = select_all(tasks, fake_client, "chatfb-base", settings, refiner, "big-model")
     assert [best.text if best else None for _, _, best in selected] == ["Email support@chatfb.example.", None, None]
     assert errors == ["The model server refused the request (400): too long"]
-    # one generator and scorer: the served model scores, the refiner endpoint writes, n samples per request
-    assert {(c["model"], c["generator"] is refiner, c["generator_model"], c["n"]) for c in fake_candidates.calls} == {
-        ("chatfb-base", True, "big-model", 3)}
+    # one generator and scorer: the refiner endpoint writes (n samples per request), the served model scores,
+    # and a critique's candidates are checked against the critiqued reply
+    written = [c for c in fake_candidates.calls if "n" in c]
+    scored = [c for c in fake_candidates.calls if "scored_by" in c]
+    assert {(c["client"] is refiner, c["model"], c["n"]) for c in written} == {(True, "big-model", 3)} and len(written) == 3
+    assert {c["scored_by"] for c in scored} == {(fake_client, "chatfb-base")}
+    assert [c["original"] for c in scored] in (["Use the form.", None], [None, "Use the form."])
     rows = candidate_rows(selected, "chatfb-v0002", "instruct")
     assert [(r["text"], r["verdict"], r["status"]) for r in rows] == [
         ("Email support@chatfb.example.", "ok", "kept"), ("Use support@chatfb.example!", "ok", "dropped"),
@@ -200,7 +209,7 @@ def test_select_all_keeps_the_best_passing_candidate_and_records_every_one(fake_
     assert {(r["origin"], r["cycle"]) for r in rows} == {("nightly", "chatfb-v0002")}
     assert rows[0]["feedback_id"] == "c1" and rows[0]["message_id"] == "m1" and rows[3]["message_id"] is None
     assert rows[0]["details"]["critique"] == RULE and rows[3]["details"] == {
-        "task": "distill", "recipe": "instruct", "critique": RULE, "prompt": "Where is my order?"}
+        "logratio": 0.1, "task": "distill", "recipe": "instruct", "critique": RULE, "prompt": "Where is my order?"}
 
 
 def test_recorded_candidates_reach_the_store_through_the_backend(store, settings):
@@ -212,6 +221,14 @@ def test_recorded_candidates_reach_the_store_through_the_backend(store, settings
     assert backend.record_candidates(rows) == 1
     (got,) = store.candidates(where="origin = ?", params=("nightly",))
     assert (got["text"], got["status"], got["cycle"], got["details"]["critique"]) == ("Email us.", "kept", "chatfb-v0001", RULE)
+    # ... and the admin tab's audit table shows them
+    from types import SimpleNamespace
+
+    from chatfb.admin_view import candidates_frame
+
+    frame = candidates_frame(SimpleNamespace(store=store))
+    assert frame.to_dict("records") == [{"cycle": "chatfb-v0001", "critique": RULE, "prompt": "Hi", "candidate": "Email us.",
+                                         "score": 1.5, "verdict": "ok", "status": "kept"}]
 
 
 def test_gate_combines_correction_rouge_critique_pass_rate_and_control():

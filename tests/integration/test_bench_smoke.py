@@ -81,23 +81,38 @@ def test_efficacy_bench_smoke_runs_real_cycles(vllm_url, embedded_model, tmp_pat
                        "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"), timeout=1800)
 
     r = json.loads((tmp_path / "out" / "efficacy_bench.json").read_text())
-    assert list(r["modes"]) == ["base", "sft", "ilf"]
+    assert list(r["modes"]) == ["base", "sft", "ilf", "critique"]
+    base = r["modes"]["base"]
+    # the base row's retention is not measured (base vs base): never published as 1.0
+    assert base["retention"] is None and base["control_cosine"] is None and base["leak"] is None
     for mode, m in r["modes"].items():
-        assert set(m["uptake"]) == {"support_email", "house_signoff"}
-        assert all(0 <= v <= 1 for v in m["uptake"].values()) and 0 <= m["retention"] <= 1
-    for mode in ("sft", "ilf"):
+        assert m["n_runs"] == 1 and set(m["uptake"]) == {"support_email", "house_signoff"}
+        assert all(0 <= v <= 1 for v in m["uptake"].values())
+    for mode in ("sft", "ilf", "critique"):
         m = r["modes"][mode]
-        why = {k: m.get(k) for k in ("trained", "reason", "counts", "cycle_wall_s", "peak_rss_gib")}
-        # sft always trains on its corrections; ilf trains when a refinement survived scoring, and a
-        # refinement the server failed to produce is counted, never silently dropped
-        assert m["trained"] or (mode == "ilf" and m["reason"] == "no usable training examples"), why
-        assert not m["counts"].get("refine_errors"), why
-        # the trainer, or the embedding model that scored the refinements, held a model in memory
-        assert m["cycle_wall_s"] > 0 and m["peak_rss_gib"] > 0.1, why
-        assert m["counts"]["feedback"] == 4
-    assert r["modes"]["sft"]["counts"]["train_correction"] + r["modes"]["sft"]["counts"]["heldout_examples"] == 4
-    assert r["modes"]["ilf"]["counts"]["critiques"] + r["modes"]["ilf"]["counts"]["heldout_examples"] >= 1
+        (run,) = m["runs"]
+        why = {k: run.get(k) for k in ("trained", "reason", "counts", "cycle_wall_s", "peak_rss_gib", "selection")}
+        # sft always trains on its corrections; the critique modes train when a candidate survived selection,
+        # and a candidate request the server failed is counted, never silently dropped
+        assert run["trained"] or (mode != "sft" and run["reason"] == "no usable training examples"), why
+        assert (run["retention"] is not None) == run["trained"], why  # measured exactly when something trained
+        assert not run["counts"].get("refine_errors"), why
+        # the trainer, or the embedding model that scored the candidates, held a model in memory
+        assert run["cycle_wall_s"] > 0 and run["peak_rss_gib"] > 0.1, why
+        assert run["counts"]["feedback"] == 4
+    assert r["modes"]["sft"]["runs"][0]["counts"]["train_correction"] + r["modes"]["sft"]["runs"][0]["counts"]["heldout_examples"] == 4
+    for mode in ("ilf", "critique"):
+        run = r["modes"][mode]["runs"][0]
+        c = run["counts"]
+        # every critique is held out whole, turned into candidates, or counted as beyond the bound
+        assert c["critiques"] == 4 == c["critiques_heldout"] + c["critiques_with_example"] + c["critiques_without_example"]
+        for fam, sel in run["selection"].items():  # read back from the cycle's own candidates rows
+            assert sel["example_share"] is None or 0 <= sel["example_share"] <= 1
+            assert (sel["precision"] is None) == (sel["kept_examples"] == 0)
+        kept = sum(sel["kept_examples"] for sel in run["selection"].values())
+        assert kept == c["candidates_kept"], (kept, c)
     assert "| mode |" in (tmp_path / "out" / "efficacy_bench.md").read_text() and "mean uptake" in stdout
+    assert "| base | 1 |" in stdout and "n/a" in stdout
     assert (tmp_path / "out" / "efficacy_bench.png").stat().st_size > 0
     # every candidate was taken off the shared server again
     client = ModelClient(vllm_url)

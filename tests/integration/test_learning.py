@@ -146,3 +146,45 @@ def test_train_now_from_the_admin_tab(app):
         newest = s.adapters()[-1]
         assert len(s.adapters()) == n_before + 1
         assert newest["status"] in ("live", "rejected", "candidate") and newest["metrics"]["candidate_rougeL"] is not None
+
+
+def test_a_critique_only_cycle_selects_records_and_trains_without_the_critique(app, tmp_path):
+    """Critiques alone, the nightly recipe on the real server: each critique held out whole or answered again
+    with it as an instruction; every candidate is recorded with its verdict; what is kept trains WITHOUT the
+    critique in the prompt. Short (few steps, little replay) and not promoted: the learning is measured by
+    the efficacy benchmark, not here."""
+    critique = "Wrong: always tell people to email our support team at support@chatfb.example."
+    rows = [json.loads(line) for line in (DATA / "support_email.jsonl").read_text().splitlines()[:8]]
+    feedback = tmp_path / "critiques.jsonl"
+    feedback.write_text("".join(json.dumps(dict(r, kind="critique", text=critique, user=f"critic{i}")) + "\n"
+                                for i, r in enumerate(rows)))
+    app.cli("import-feedback", str(feedback))
+    env = dict(app.env, CHATFB_TRAIN_MODE="unsupervised", CHATFB_CRITIQUE_RECIPE="instruct", CHATFB_TRAIN_MAX_STEPS="4",
+               CHATFB_REPLAY_EXAMPLES="4", CHATFB_DISTILL_PROMPTS="2")
+    out = subprocess.run([sys.executable, "-m", "chatfb", "nightly", "--no-promote"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=1500)
+    result = json.loads(out.stdout[out.stdout.index("{"):])
+    c, name = result["counts"], result["adapter"]
+    assert not c.get("refine_errors"), result
+    assert c["critiques"] == 8 == c["critiques_heldout"] + c["critiques_with_example"] + c["critiques_without_example"], c
+    with app.snapshot_store() as s:
+        cands = s.candidates(where="origin = ? AND cycle = ?", params=("nightly", name))
+        adapter = s.adapter(name)
+    assert cands and {x["status"] for x in cands} <= {"kept", "dropped"}, cands
+    kept = [x for x in cands if x["status"] == "kept"]
+    assert len(kept) == c["candidates_kept"] and len(cands) == c["candidates_kept"] + c["candidates_dropped"]
+    assert all(x["verdict"] == "ok" for x in kept) and all(x["details"]["critique"] == critique for x in cands)
+    assert all(x["verdict"] != "ok" for x in cands if x["status"] == "dropped" and x["details"]["task"] == "critique"
+               and not any(k["feedback_id"] == x["feedback_id"] for k in kept))  # a task without a kept one had no ok one
+    if not kept:  # every candidate failed: no example, no training, and the cycle says so
+        assert not result["ok"] and result["reason"].startswith("no usable training examples") and adapter["status"] == "failed"
+        return
+    sft = [json.loads(line) for line in (app.data_dir / "work" / name / "sft.jsonl").read_text().splitlines()]
+    targets = {r["completion"][0]["content"]: r["prompt"] for r in sft}
+    for x in kept:
+        assert x["text"] in targets and critique not in json.dumps(targets[x["text"]])  # trained without the critique
+    assert result["ok"] and adapter["status"] in ("candidate", "rejected") and result["timings"]["train_s"] > 0
+    m = adapter["metrics"]
+    if c["critiques_heldout"]:  # judged by the selection on the held-out critiques, beside the incumbent
+        assert 0 <= m["candidate_critique_pass"] <= 1 and 0 <= m["incumbent_critique_pass"] <= 1
+        assert m["heldout_critiques_n"] == c["critiques_heldout"]
