@@ -281,7 +281,7 @@ def feedback_rows(mode: str, families: list[Family], items: int, originals: dict
     return rows
 
 
-def accept_revisions(client, families: list[Family], items: int) -> tuple[dict[str, str], dict]:
+def accept_revisions(client, judge, families: list[Family], items: int) -> tuple[dict[str, str], dict]:
     """The in-loop user: for each critiqued prompt, the candidates chatfb.candidates.select keeps (what the
     app may offer, best first); the first that passes the family's checker is accepted, the others dismissed.
     Returns ({prompt: accepted text}, {family: {"critiqued", "offered", "accepted"}})."""
@@ -293,7 +293,8 @@ def accept_revisions(client, families: list[Family], items: int) -> tuple[dict[s
 
     def offer(job):
         fam, q = job
-        kept = [c for c in candidates.select(client, SERVED_NAME, messages(q), fam.critique, n=4, max_tokens=192) if c.ok]
+        kept = [c for c in candidates.select(judge, SERVED_NAME, messages(q), fam.critique, n=4, max_tokens=192,
+                                             generator=client, generator_model=SERVED_NAME) if c.ok]
         return kept, next((c.text for c in kept if fam.check(c.text)), None)
 
     with ThreadPoolExecutor(8) as pool:
@@ -350,7 +351,11 @@ def run_mode(mode: str, families: list[Family], args, server, client, originals:
            "CHATFB_ADAPTER_PREFIX": f"bencheff-{mode.replace('_', '')}{run}-{os.getpid()}"}  # own names on a shared server
     if args.epochs is not None:
         env["CHATFB_TRAIN_EPOCHS"] = str(args.epochs)
-    accepted, accept_stats = accept_revisions(client, families, args.items) if mode == "accept" else ({}, None)
+    accepted, accept_stats = ({}, None)
+    if mode == "accept":  # scored as the app scores revisions (chatfb.judge: locally on a CPU)
+        from chatfb.judge import judge_for
+
+        accepted, accept_stats = accept_revisions(client, judge_for("auto", client, server.model_dir), families, args.items)
     setup = [["guidelines", "add", f.critique] for f in families] if mode == "guideline_distilled" else []
     c = learning_cycle(f"{mode} #{run + 1}", data_dir, feedback_rows(mode, families, args.items, originals, accepted),
                        server, args.api_key, setup=setup, **env)

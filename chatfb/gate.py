@@ -96,17 +96,18 @@ def control_rouge(replies: list[str], base_replies: list[str]) -> float:
     return round(sum(rouge_l(b, r) for r, b in zip(replies, base_replies)) / max(len(base_replies), 1), 4)
 
 
-def passes_selection(client: ModelClient, scorer_model: str, prompt: list[dict], instruction: str, answer: str,
+def passes_selection(judge, scorer_model: str, prompt: list[dict], instruction: str, answer: str,
                      original: str | None = None) -> bool:
-    """Would the nightly selection keep `answer` for this prompt and critique (or guideline)?"""
+    """Would the nightly selection keep `answer` for this prompt and critique (or guideline)? `judge` scores
+    as in chatfb.candidates.score (chatfb.judge: the server or the base model in this process)."""
     from chatfb import candidates
 
-    (scored,) = candidates.score(client, scorer_model, prompt, instruction, [candidates.Candidate(answer)],
+    (scored,) = candidates.score(judge, scorer_model, prompt, instruction, [candidates.Candidate(answer)],
                                  original=original)
     return scored.ok
 
 
-def selection_pass_rate(client: ModelClient, scorer_model: str, items: list[tuple[list[dict], str, str | None]],
+def selection_pass_rate(judge, scorer_model: str, items: list[tuple[list[dict], str, str | None]],
                         answers: list[str], passes=None) -> float | None:
     """Share of `answers` that pass the selection; items are (prompt without the instruction, instruction,
     original reply or None), one per answer. None when there is nothing to judge."""
@@ -116,7 +117,7 @@ def selection_pass_rate(client: ModelClient, scorer_model: str, items: list[tupl
         return None
     passes = passes or passes_selection
     with ThreadPoolExecutor(8) as pool:
-        ok = list(pool.map(lambda ia: passes(client, scorer_model, ia[0][0], ia[0][1], ia[1], original=ia[0][2]),
+        ok = list(pool.map(lambda ia: passes(judge, scorer_model, ia[0][0], ia[0][1], ia[1], original=ia[0][2]),
                            zip(items, answers)))
     return round(sum(ok) / len(ok), 4)
 

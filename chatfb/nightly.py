@@ -109,6 +109,9 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
         client, base, stop_server = model_server(settings)
         backend.attach_server(client)
         base_name = settings.served_model_name
+        from chatfb.judge import judge_for
+
+        judge = judge_for(settings.scorer, client, base)  # what scores candidates (and held-out answers at the gate)
         tasks = training_data.critique_tasks(data, settings.holdout_fraction, settings.seed, settings.refine_max_critiques)
         general = replay_prompts(settings.system_prompt)
         # The ILF recipe rewrites a critiqued reply: it has nothing to say about other prompts.
@@ -116,7 +119,8 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
             data, tasks if settings.critique_recipe == "instruct" else [], guidelines, data.records, general,
             settings.distill_prompts, settings.distill_max_examples, settings.holdout_fraction, settings.seed)
         generator = ModelClient(settings.refiner_url, settings.api_key, batch_timeout(settings)) if settings.refiner_url else None
-        selected, select_errors = select_all(tasks + extra, client, base_name, settings, generator, settings.refiner_model)
+        selected, select_errors = select_all(tasks + extra, client, base_name, settings, generator, settings.refiner_model,
+                                             judge=judge)
         training_data.add_selections(data, [(task, best.text if best else None) for task, _, best in selected])
         counts = training_data.finalize_counts(data)
         if select_errors:
@@ -165,7 +169,8 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
             return CycleResult(False, name, reason=f"training failed (exit {code})", counts=counts, timings=timings)
 
         t = time.perf_counter()
-        metrics = evaluate(client, settings, data, name, incumbent, base_name, out, guideline_checks(data, guidelines, extra))
+        metrics = evaluate(client, settings, data, name, incumbent, base_name, out, guideline_checks(data, guidelines, extra),
+                           judge)
         timings["eval_s"] = round(time.perf_counter() - t, 2)
         ok, reason = gate.decide({"rougeL": metrics["candidate_rougeL"], "critique_pass": metrics["candidate_critique_pass"],
                                   "control_agreement": metrics["control_agreement"],
@@ -208,10 +213,10 @@ CANDIDATE_MAX_TOKENS = 192  # a longer candidate is cut off, and the selection d
 
 
 def select_all(tasks: list, client: ModelClient, model: str, settings: Settings, generator: ModelClient | None = None,
-               generator_model: str | None = None, workers: int = 8) -> tuple[list, list[str]]:
+               generator_model: str | None = None, workers: int = 8, judge=None) -> tuple[list, list[str]]:
     """Candidates for every instruction task, several tasks at once (vLLM batches them): recipe 'instruct'
-    answers the prompt with the instruction (chatfb.candidates generate + score, as its select: scored by
-    `model` on `client`, written by `generator` when given); critique tasks under recipe 'ilf' get the older rewrite (chatfb.refine).
+    answers the prompt with the instruction (chatfb.candidates generate + score, as its select: written by
+    `generator` when given, else `model` on `client`; scored by `judge`, chatfb.judge, default the server); critique tasks under recipe 'ilf' get the older rewrite (chatfb.refine).
     Returns ([(task, candidates best first or None when the server failed, best passing one or None)],
     [error message per task the server failed]). A server that is down or restarting gets up to three
     minutes to come back, then the task is asked once more."""
@@ -231,7 +236,7 @@ def select_all(tasks: list, client: ModelClient, model: str, settings: Settings,
     def instruct(task):  # candidates.select, plus the critiqued reply: a candidate that repeats it is dropped
         cands = candidates.generate(generator or client, (generator_model or model) if generator else model, task.prompt,
                                     task.instruction, n=settings.critique_samples, max_tokens=CANDIDATE_MAX_TOKENS)
-        return candidates.score(client, model, task.prompt, task.instruction, cands, original=task.original)
+        return candidates.score(judge or client, model, task.prompt, task.instruction, cands, original=task.original)
 
     def one(task):
         make = ilf if settings.critique_recipe == "ilf" and task.source == "critique" else instruct
@@ -328,7 +333,7 @@ def guideline_checks(data, guidelines: list[dict], tasks: list) -> dict[str, tup
 
 
 def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incumbent: str | None,
-             base_name: str, candidate_path: Path, guidelines: dict | None = None) -> dict:
+             base_name: str, candidate_path: Path, guidelines: dict | None = None, judge=None) -> dict:
     """The gate's measurements of a trained candidate beside the incumbent (or the base model): ROUGE-L on
     held-out corrections, the selection pass rate on held-out critiques, how often each approved guideline
     is followed without it in the prompt, and the control answers."""
@@ -352,10 +357,10 @@ def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incu
         follow = {}
         for gid in guidelines:
             idx = [k for k, (g, _) in enumerate(guideline_items) if g == gid]
-            follow[gid] = gate.selection_pass_rate(client, base_name, [guideline_items[k][1] for k in idx],
+            follow[gid] = gate.selection_pass_rate(judge or client, base_name, [guideline_items[k][1] for k in idx],
                                                    [replies[b + k] for k in idx])
         measured[m] = {**gate.closeness(replies[:a], targets),
-                       "critique_pass": gate.selection_pass_rate(client, base_name, critique_items, replies[a:b]),
+                       "critique_pass": gate.selection_pass_rate(judge or client, base_name, critique_items, replies[a:b]),
                        "follow": follow}
     cand, inc = measured[candidate], measured[incumbent or base_name]
     base_control = gate.generate(client, base_name, control)
