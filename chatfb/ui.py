@@ -390,6 +390,7 @@ def build_ui(rt: Runtime) -> gr.Blocks:
         stop.click(None, cancels=[send_event, click_event, retry_event], **private).then(
             on_stop, [conv_id], [chatbot, ids], **private)
         new.click(on_new, None, chat_outputs + [fb_status, revision_panel], **private)
+        chatbot.clear(on_new, None, chat_outputs + [fb_status, revision_panel], **private)  # its trash icon
         chatbot.select(on_select, [ids], [selected, target], **private)
         chatbot.like(on_like, [ids, conv_id], [fb_status, selected, target, chatbot, ids], **private)
         chatbot.edit(on_edit, [ids, conv_id], [fb_status, chatbot, ids], **private)

@@ -122,13 +122,13 @@ def test_feedback_on_the_message_itself_and_a_revision_accepted(browser, app):
     page.locator("#critique textarea").fill(critique)
     page.locator("#send-critique").click()
     page.wait_for_selector("#revision-panel")
-    for _ in range(3):
+    for attempt in range(4):  # a 135M model: a few tries may be needed for a draft the scorer keeps
         page.wait_for_function("['Revised following', 'None of the drafts', 'could not be made'].some(t => "
-                               "document.querySelector('#revision-status').innerText.includes(t))", timeout=120_000)
+                               "document.querySelector('#revision-status').innerText.includes(t))", timeout=180_000)
         note = page.locator("#revision-status").inner_text()
-        if "Revised following" in note:
+        assert "could not be made" not in note  # the server is up: a failed generation is a bug
+        if "Revised following" in note or attempt == 3:
             break
-        assert "could not be made" not in note
         page.locator("#retry-revision").click()
         page.wait_for_function("!document.querySelector('#revision-status').innerText.includes('None of the drafts')")
     assert "Revised following" in page.locator("#revision-status").inner_text()
@@ -141,7 +141,8 @@ def test_feedback_on_the_message_itself_and_a_revision_accepted(browser, app):
     assert "corrected by you" in page.locator("#chatbot [data-testid='bot']").last.inner_text()
     rows = feedback_rows(app, "SELECT f.kind, f.rating, f.text, f.derived_from, c.text FROM feedback f JOIN messages m"
                          " ON m.id = f.message_id LEFT JOIN feedback c ON c.id = f.derived_from"
-                         " WHERE m.conversation_id = (SELECT conversation_id FROM messages WHERE content = ? LIMIT 1)"
+                         " WHERE m.conversation_id = (SELECT conversation_id FROM messages WHERE content = ? ORDER BY created_at DESC"
+                         " LIMIT 1)"
                          " AND f.superseded_at IS NULL", (question,))
     kinds = {r[0]: r for r in rows}
     assert kinds["rating"][1] == 1 and kinds["critique"][2] == critique
@@ -178,8 +179,8 @@ def test_guidelines_panel_saves_shows_inert_and_removes(browser, app):
     rows = feedback_rows(app, "SELECT r.guidelines FROM messages u JOIN messages r ON r.conversation_id = u.conversation_id"
                          " AND r.seq = u.seq + 1 WHERE u.content = 'Say hello.'")
     assert any(g and len(g) > 2 for (g,) in rows)  # the reply was generated under the guideline
-    page.locator("#guideline-pick").click()
-    page.get_by_role("option").first.click()
+    page.locator("#guideline-pick input").click()
+    page.locator("#guideline-pick [data-testid='dropdown-option']").first.click()
     page.locator("#remove-guideline").click()
     page.wait_for_selector("#fb-status:has-text('Guideline removed')")
     assert rule not in page.locator("#guidelines-list").inner_text()

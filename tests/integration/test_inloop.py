@@ -30,17 +30,18 @@ def test_critique_revision_accept_and_export(app, tmp_path):
     status = c.predict(revision, api_name="/accept_revision")[0]
     assert _ok(status), status
     with app.snapshot_store() as s:
-        [crit] = [f for f in s.feedback_records() if f.kind == "critique" and f.text == critique]
-        [corr] = [f for f in s.feedback_records() if f.kind == "correction" and f.derived_from == crit.feedback_id]
-        assert corr.text == revision and corr.message_id == crit.message_id
+        records = s.feedback_records()
+        [corr] = [f for f in records if f.kind == "correction" and f.text == revision.strip() and f.derived_from]
+        [crit] = [f for f in records if f.feedback_id == corr.derived_from]
+        assert crit.kind == "critique" and crit.text == critique and corr.message_id == crit.message_id
         cands = s.candidates("feedback_id = ?", (crit.feedback_id,))
         assert "accepted" in {c["status"] for c in cands} and all(c["verdict"] for c in cands)
     app.cli("export", "--format", "sft", "--out", str(tmp_path / "out"))
     app.cli("export", "--format", "dpo", "--out", str(tmp_path / "out"))
     sft = load_dataset("json", data_files=str(tmp_path / "out" / "sft.jsonl"), split="train")
-    assert any(r["messages"][-1]["content"] == revision and r["critique_id"] == crit.feedback_id for r in sft)
+    assert any(r["messages"][-1]["content"] == corr.text and r["critique_id"] == crit.feedback_id for r in sft)
     dpo = load_dataset("json", data_files=str(tmp_path / "out" / "dpo.jsonl"), split="train")
-    assert any(r["chosen"][0]["content"] == revision and r["source"] == "revision" for r in dpo)
+    assert any(r["chosen"][0]["content"] == corr.text and r["source"] == "revision" for r in dpo)
 
 
 def test_empty_critique_is_refused_and_nothing_is_generated(app):
