@@ -109,7 +109,24 @@ def hard_verdict(text: str, question: str, critique: str, finish_reason: str | N
         return "writes a dialogue, not an answer"
     if _repeats_lines(text):
         return "repeats itself"
+    missing = [f for f in literal_facts(critique) if f.lower() not in text.lower()]
+    if missing:
+        return f"leaves out {missing[0]!r} from the critique"
     return "ok"
+
+
+# What a critique states literally and a reply that follows it must contain: an e-mail address, a URL,
+# or a short quoted string ("end with 'Cheers, the chatfb team'", "start lines with '- '").
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_URL = re.compile(r"https?://[^\s'\"<>]+")
+_QUOTED = re.compile(r"(?<![\w])[\"'‘“]([^\"'’”\n]{1,40})[\"'’”](?![\w])")
+
+
+def literal_facts(critique: str) -> list[str]:
+    """The literal strings a critique asks for (e-mail addresses, URLs, short quoted strings)."""
+    facts = _EMAIL.findall(critique) + [u.rstrip(".,;:!?)") for u in _URL.findall(critique)]
+    facts += [q.strip() if q.strip() else q for q in _QUOTED.findall(critique)]
+    return [f for f in dict.fromkeys(facts) if f.strip() or f == " "]
 
 
 def generate(client, model: str, prompt: list[dict], critique: str, n: int = 4, max_tokens: int = 256,

@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 
-from chatfb.candidates import Candidate, best, generate, hard_verdict, instruction_messages, score, select
+from chatfb.candidates import Candidate, best, generate, hard_verdict, instruction_messages, literal_facts, score, select
 from chatfb.model_client import ModelClient, ModelError
 
 # The efficacy benchmark's critiques (bench/efficacy_bench.py FAMILIES).
@@ -50,8 +50,8 @@ GOOD_ANSWERS = [
     ("What is a noun?", "A noun is a word that names a person, place, thing or idea.", SHORT),
     ("Write a short thank-you note to a customer.", "Thank you for choosing us. We are glad to have you with us."
      "\n\nCheers, the chatfb team", SIGNOFF),
-    ("Give me tips for learning to cook.", "1. Pick a simple recipe.\n2. Follow the instructions step by step.\n"
-     "3. Taste as you go.", BULLETS),
+    ("Give me tips for learning to cook.", "- Pick a simple recipe.\n- Follow the instructions step by step.\n"
+     "- Taste as you go.", BULLETS),
 ]
 
 
@@ -216,3 +216,19 @@ def test_completion_logprobs_takes_the_reply_tokens_and_the_end_of_turn():
     assert client_for(handler).completion_logprobs([{"role": "user", "content": "Ok?"}], "Yes.", "m") == \
         [-4.0, -5.0, -6.0]
 
+
+
+@pytest.mark.parametrize("critique, good, bad", [
+    ("Wrong: you must tell people to email our support team at support@chatfb.example. Always give that address.",
+     "Please email support@chatfb.example and we will reset it.", "Visit the settings page and click reset."),
+    ("Our house style: always end the note with the line 'Cheers, the chatfb team'.",
+     "Thank you for your order!\n\nCheers, the chatfb team", "Thank you for your order!"),
+])
+def test_a_reply_must_keep_what_the_critique_states_literally(critique, good, bad):
+    assert hard_verdict(good, "How do I reset my password?", critique) == "ok"
+    assert hard_verdict(bad, "How do I reset my password?", critique).startswith("leaves out")
+
+
+def test_literal_facts_ignore_apostrophes():
+    assert literal_facts("don't say that, it's wrong") == []
+    assert literal_facts("see https://chatfb.example/help, or write to a@b.co") == ["a@b.co", "https://chatfb.example/help"]

@@ -126,7 +126,7 @@ def test_a_critique_gets_the_best_revision_streamed_and_stored(chat, store, fake
     cid, mid = reply(chat, "A", "Give me tips for sleeping.")
     fake_client.follows = ("- ",)
     fake_client.enqueue("Sleep more and relax.", "- Go to bed early.\n- Keep it dark.\n- No screens.")
-    fid, stream = chat.revise("A", mid, "Use a bulleted list with '- '.")
+    fid, stream = chat.revise("A", mid, "Use a bulleted list.")
     updates = list(stream)
     assert [u.done for u in updates].count(True) == 1 and not updates[0].done
     final = updates[-1]
