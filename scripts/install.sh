@@ -36,10 +36,10 @@ fi
 
 if [ "$want_test" = 1 ]; then
   $PY -m pip install -q -r requirements-test.txt
-  if [ ! -x /usr/bin/chromium ]; then
+  if [ ! -x /usr/bin/chromium ] || [ ! -e /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -q
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium fonts-noto-color-emoji
   fi
 fi
 $PY -c "import transformers, vllm, gradio, duckdb, peft, trl" 2>/dev/null \
