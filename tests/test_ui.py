@@ -110,3 +110,13 @@ def test_admin_views_show_versions_topics_and_feedback(settings):
         assert sorted(metrics_frame(rt)["metric"]) == ["BLEU/100", "ROUGE-L", "control"]
     finally:
         rt.store.close()
+
+
+def test_the_api_page_lists_the_named_actions_only(ui):
+    client, rt = ui(admin_password="s3cret")
+    api = client.view_api(return_format="dict", print_info=False)
+    assert api["unnamed_endpoints"] == {}
+    names = set(api["named_endpoints"])
+    assert {"/send", "/retry", "/critique", "/correct", "/thumbs_up", "/thumbs_down", "/revise", "/accept_revision",
+            "/reject_revision", "/save_guideline"} <= names
+    assert not any("lambda" in n or n.startswith("/views") or n.startswith("/on_") for n in names), names
