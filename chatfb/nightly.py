@@ -216,7 +216,8 @@ def select_all(tasks: list, client: ModelClient, model: str, settings: Settings,
                generator_model: str | None = None, workers: int = 8, judge=None) -> tuple[list, list[str]]:
     """Candidates for every instruction task, several tasks at once (vLLM batches them): recipe 'instruct'
     answers the prompt with the instruction (chatfb.candidates generate + score, as its select: written by
-    `generator` when given, else `model` on `client`; scored by `judge`, chatfb.judge, default the server); critique tasks under recipe 'ilf' get the older rewrite (chatfb.refine).
+    `generator` when given, else `model` on `client`; scored by `judge`, chatfb.judge, default the server);
+    critique tasks under recipe 'ilf' get the older rewrite (chatfb.refine).
     Returns ([(task, candidates best first or None when the server failed, best passing one or None)],
     [error message per task the server failed]). A server that is down or restarting gets up to three
     minutes to come back, then the task is asked once more."""
