@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 # Operations the control API accepts; each is a method of both backends.
 OPS = ("import_feedback", "snapshot", "counts", "adapters", "add_adapter", "update_adapter", "next_adapter_name",
-       "load_candidate", "unload_adapter", "promote", "rollback", "delete_user", "live_adapter", "record_candidates")
+       "load_candidate", "unload_adapter", "promote", "rollback", "delete_user", "live_adapter", "record_candidates",
+       "guidelines", "add_guideline", "set_guideline_status")
 
 
 class ControlError(RuntimeError):
@@ -138,6 +139,21 @@ class LocalBackend:
     def delete_user(self, user_name) -> int:
         return self.store.delete_user(user_name)
 
+    def guidelines(self) -> list[dict]:
+        return self.store.guidelines()
+
+    def add_guideline(self, text) -> str:
+        """A guideline for everyone, approved at once (the operator is the admin)."""
+        return self.store.add_guideline(text, "global", "active")
+
+    def set_guideline_status(self, guideline_id, status) -> None:
+        g = self.store.guideline(guideline_id)
+        if g is None:
+            raise ControlError(f"no guideline with id {guideline_id!r} (see: python -m chatfb guidelines list)")
+        if status == "active" and g["scope"] != "global":
+            raise ControlError("only guidelines suggested for everyone need approval")
+        self.store.update_guideline(guideline_id, status=status)
+
     def record_candidates(self, rows: list[dict]) -> int:
         """Store a learning cycle's candidates (store.add_candidates rows); returns how many."""
         return len(self.store.add_candidates(rows))
@@ -175,7 +191,8 @@ class RemoteBackend:
 def _positional(op: str, args: tuple) -> dict:
     names = {"import_feedback": ("records",), "add_adapter": ("name", "parent", "status", "path", "recipe"),
              "update_adapter": ("name",), "load_candidate": ("name",), "unload_adapter": ("name",),
-             "promote": ("name",), "delete_user": ("user_name",), "record_candidates": ("rows",)}.get(op, ())
+             "promote": ("name",), "delete_user": ("user_name",), "record_candidates": ("rows",),
+             "add_guideline": ("text",), "set_guideline_status": ("guideline_id", "status")}.get(op, ())
     return dict(zip(names, args))
 
 

@@ -152,3 +152,33 @@ def test_unused_candidates_leave_the_server_with_or_without_an_app(store, settin
     fake_client.load_adapter("chatfb-v0009", "/y")
     app.unload_adapter("chatfb-v0009")
     assert "chatfb-v0009" not in fake_client.models()
+
+
+@pytest.mark.parametrize("with_app", [True, False])
+def test_cli_guidelines_with_and_without_the_app(settings, capsys, monkeypatch, with_app):
+    from chatfb.store import Store
+
+    monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
+    store = Store(settings.db_path)
+    suggested = store.add_guideline("Never use emoji.", "global", "pending", "s1", "ann")
+    server = None
+    if with_app:
+        server = ControlServer(LocalBackend(store, settings.data_dir), settings.data_dir)
+        server.start({"vllm_url": "http://127.0.0.1:1"})
+    else:
+        store.close()
+    try:
+        assert cli(["guidelines", "add", "Always answer in British English."]) == 0
+        assert cli(["guidelines", "approve", suggested]) == 0
+        assert cli(["guidelines", "approve", "no-such-id"]) == 2
+        assert "no guideline with id" in capsys.readouterr().err
+        assert cli(["guidelines", "list"]) == 0
+        listing = capsys.readouterr().out
+        assert "British English" in listing and "Never use emoji." in listing
+    finally:
+        if server is not None:
+            server.stop()
+            store.close()
+    with Store(settings.db_path) as s:
+        active = {g["text"] for g in s.guidelines_for("someone-else", None)}
+    assert active == {"Always answer in British English.", "Never use emoji."}
