@@ -120,7 +120,7 @@ def guidelines_frame(rt: Runtime) -> pd.DataFrame:
     live = rt.store.live_adapter()
     follow = ((live or {}).get("metrics") or {}).get("guideline_follow") or {}
     rows = []
-    for g in rt.store.guidelines("scope = 'global'"):
+    for g in rt.store.global_guidelines():
         rate = follow.get(g["id"])
         advice = ""
         if g["status"] == "pending":

@@ -84,6 +84,7 @@ class ChatService:
         self.router = router
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
         self._live: dict[str, StreamResult] = {}  # reply id -> its stream's text so far (see stop)
+        self._decide = threading.Lock()  # accepting / dismissing a revision: one decision at a time
 
     # -- conversations ----------------------------------------------------------------------
     def _own_conversation(self, session_id: str, conversation_id: str | None, system_prompt: str,
@@ -117,12 +118,11 @@ class ChatService:
     def feedback_state(self, session_id: str, messages: list[dict]) -> dict[str, dict]:
         """This session's active rating and correction of each reply: {message id: {"rating", "correction"}}."""
         out: dict[str, dict] = {}
-        for m in messages:
-            if m["role"] != "assistant":
-                continue
-            for f in self.store.feedback_for(m["id"]):
-                if f["session_id"] == session_id and f["kind"] in ("rating", "correction"):
-                    out.setdefault(m["id"], {})[f["kind"]] = f["rating"] if f["kind"] == "rating" else f["text"]
+        if not messages:
+            return out
+        for f in self.store.conversation_feedback(messages[0]["conversation_id"]):
+            if f["session_id"] == session_id and f["kind"] in ("rating", "correction"):
+                out.setdefault(f["message_id"], {})[f["kind"]] = f["rating"] if f["kind"] == "rating" else f["text"]
         return out
 
     # -- sending ----------------------------------------------------------------------------
@@ -209,7 +209,7 @@ class ChatService:
             if result is not None:
                 self.store.finish_message(m["id"], result.text, "stopped", None, result.ttft_ms,
                                           (time.perf_counter() - result.started) * 1000, result.prompt_tokens,
-                                          result.completion_tokens)
+                                          result.completion_tokens, only_if_pending=True)
 
     # -- feedback ---------------------------------------------------------------------------
     def rate(self, session_id: str, message_id: str, rating: int, user: str | None = None) -> str:
@@ -275,11 +275,15 @@ class ChatService:
                 drafts[index] = drafts.get(index, "") + delta
                 if index == 0 and delta:
                     ttft = ttft or time.perf_counter() - t0
-                    yield RevisionUpdate(critique_id, drafts[0])
+                    yield RevisionUpdate(critique_id, self._showable(drafts[0], critique))
             cands = [candidates.Candidate(drafts.get(i, ""), finish.get(i)) for i in range(s.revision_candidates)]
             ranked = candidates.score(self.judge, model, prompt, critique, cands, original)
         except ModelError as e:
             log.warning("revision for critique %s failed: %s", critique_id, e)
+            yield RevisionUpdate(critique_id, "", done=True, error=REVISION_FAILED)
+            return
+        except Exception:  # noqa: BLE001 - the judge or the embedder failed: the user gets a message, the log the trace
+            log.exception("scoring the revision for critique %s failed", critique_id)
             yield RevisionUpdate(critique_id, "", done=True, error=REVISION_FAILED)
             return
         finally:
@@ -296,8 +300,17 @@ class ChatService:
             return
         yield RevisionUpdate(critique_id, best.text, done=True, candidate_id=ids[ranked.index(best)])
 
+    @staticmethod
+    def _showable(draft: str, critique: str) -> str:
+        """The draft being written, or nothing while it echoes the critique or talks about the feedback
+        (it would never be offered; a user should not watch it be written either)."""
+        verdict = candidates.hard_verdict(draft, "", critique)
+        return "" if verdict in ("repeats the critique", "talks about the feedback, not an answer") else draft
+
     def _own_candidate(self, session_id: str, candidate_id: str) -> dict:
-        cand = self.store.candidate(candidate_id) if candidate_id else None
+        if not candidate_id:
+            raise ChatInputError("There is no proposed revision to accept or dismiss.")
+        cand = self.store.candidate(candidate_id)
         if cand is None or cand["origin"] != "inloop" or cand["session_id"] != session_id:
             raise ChatInputError("That revision is not yours.")
         if cand["status"] != "offered":
@@ -308,22 +321,25 @@ class ChatService:
                         user: str | None = None) -> str:
         """Store an offered revision (or the user's edit of it) as a correction of the critiqued reply,
         recording the critique it came from. Returns the correction's feedback id."""
-        cand = self._own_candidate(session_id, candidate_id)
-        text = self._check_text(text if text is not None else cand["text"], "revision", self.settings.max_feedback_chars)
-        self.limiter.check(session_id)
-        try:
-            fid = self.store.log_feedback(cand["message_id"], "correction", text=text, user_name=user,
-                                          session_id=session_id, derived_from=cand["feedback_id"])
-        except StoreError as e:
-            raise ChatInputError(str(e).capitalize() + ".") from None
-        self.store.set_candidate_status(candidate_id, "accepted")
+        with self._decide:  # a double click must not store two corrections
+            cand = self._own_candidate(session_id, candidate_id)
+            text = self._check_text(text if text is not None else cand["text"], "revision",
+                                    self.settings.max_feedback_chars)
+            self.limiter.check(session_id)
+            try:
+                fid = self.store.log_feedback(cand["message_id"], "correction", text=text, user_name=user,
+                                              session_id=session_id, derived_from=cand["feedback_id"])
+            except StoreError as e:
+                raise ChatInputError(str(e).capitalize() + ".") from None
+            self.store.set_candidate_status(candidate_id, "accepted")
         return fid
 
     def reject_revision(self, session_id: str, candidate_id: str, status: str = "rejected") -> None:
         """Dismiss an offered revision: kept as a negative (DPO rejected / KTO undesirable). "Try again"
         passes status "dropped": the user asked for another, which says less than a dismissal."""
-        self._own_candidate(session_id, candidate_id)
-        self.store.set_candidate_status(candidate_id, status)
+        with self._decide:
+            self._own_candidate(session_id, candidate_id)
+            self.store.set_candidate_status(candidate_id, status)
 
     # -- guidelines -------------------------------------------------------------------------
     def save_guideline(self, session_id: str, text: str, user: str | None = None, for_everyone: bool = False,
@@ -332,7 +348,7 @@ class ChatService:
         `for_everyone` a copy also waits for an admin's approval before it applies to all chats."""
         text = self._check_text(text, "guideline", self.settings.max_guideline_chars)
         self.limiter.check(session_id)
-        if len(self.my_guidelines(session_id, user)) >= self.settings.max_guidelines_per_user:
+        if len(self.store.owned_guidelines(session_id, user)) >= self.settings.max_guidelines_per_user:
             raise ChatInputError(f"You already keep {self.settings.max_guidelines_per_user} guidelines; "
                                  "remove one first.")
         gid = self.store.add_guideline(text, "user", "active", session_id, user, source_feedback_id)

@@ -34,7 +34,7 @@ def quote(text: str) -> str:
 def apply(messages: list[dict], texts: list[str]) -> list[dict]:
     """The chat messages with the guidelines appended to the system prompt (one is added when the
     conversation has none). Unchanged when there are no guidelines."""
-    texts = [t for t in texts if (t or "").strip()]
+    texts = list(dict.fromkeys(t for t in texts if (t or "").strip()))  # a suggester's own copy and the approved one
     if not texts:
         return messages
     block = PREAMBLE + "\n" + "\n".join(f"- {quote(t)}" for t in texts)

@@ -285,9 +285,13 @@ class Store:
 
     def finish_message(self, message_id: str, content: str, status: str, error: str | None = None,
                        ttft_ms: float | None = None, latency_ms: float | None = None,
-                       prompt_tokens: int | None = None, completion_tokens: int | None = None) -> None:
+                       prompt_tokens: int | None = None, completion_tokens: int | None = None,
+                       only_if_pending: bool = False) -> None:
+        """Write a reply's outcome. `only_if_pending`: leave a reply that finished meanwhile as it is (Stop
+        racing the stream's own end); the stream's write stays a plain keyed UPDATE, which group commit merges."""
+        where = " AND status = 'pending'" if only_if_pending else ""
         self._tx([("UPDATE messages SET content = ?, status = ?, error = ?, ttft_ms = ?, latency_ms = ?,"
-                   " prompt_tokens = ?, completion_tokens = ? WHERE id = ?",
+                   f" prompt_tokens = ?, completion_tokens = ? WHERE id = ?{where}",
                    (content, status, error, ttft_ms, latency_ms, prompt_tokens, completion_tokens, message_id))])
 
     def message(self, message_id: str) -> dict | None:
@@ -354,6 +358,13 @@ class Store:
         keys = ("id", "message_id", "kind", "rating", "text", "user_name", "session_id", "created_at", "superseded_at",
                 "derived_from")
         return dict(zip(keys, rows[0])) if rows else None
+
+    def conversation_feedback(self, conversation_id: str) -> list[dict]:
+        """Every active feedback row on a conversation's messages, oldest first (one query)."""
+        rows = self._q("SELECT f.id, f.message_id, f.kind, f.rating, f.text, f.session_id FROM feedback f JOIN messages m"
+                       " ON m.id = f.message_id WHERE m.conversation_id = ? AND f.superseded_at IS NULL"
+                       " ORDER BY f.created_at, f.id", (conversation_id,))
+        return [dict(zip(("id", "message_id", "kind", "rating", "text", "session_id"), r)) for r in rows]
 
     def feedback_for(self, message_id: str, active_only: bool = True) -> list[dict]:
         where = " AND superseded_at IS NULL" if active_only else ""
@@ -468,6 +479,15 @@ class Store:
         rows = self._q(f"SELECT {_GUIDE_COLS} FROM guidelines WHERE {where} ORDER BY created_at, id", params)
         return [dict(zip([c.strip() for c in _GUIDE_COLS.split(",")], r)) for r in rows]
 
+    def global_guidelines(self) -> list[dict]:
+        """Guidelines for everyone: suggested (pending), approved (active) and retired."""
+        return self.guidelines("scope = 'global'")
+
+    def owned_guidelines(self, session_id: str | None, user_name: str | None) -> list[dict]:
+        """Every guideline one user keeps or suggested, retired ones excepted (what their cap counts)."""
+        return self.guidelines("status != 'retired' AND ((user_name IS NOT NULL AND user_name = ?) OR"
+                               " (user_name IS NULL AND session_id = ?))", (user_name, session_id))
+
     def guidelines_for(self, session_id: str | None, user_name: str | None) -> list[dict]:
         """What applies to one user's requests: their own active guidelines and every approved global one."""
         return self.guidelines("status = 'active' AND (scope = 'global' OR (scope = 'user' AND"
@@ -552,14 +572,19 @@ class Store:
         """Remove every conversation, message and feedback row of one user. Returns conversations removed."""
         cids = [r[0] for r in self._q("SELECT id FROM conversations WHERE user_name = ?", (user_name,))]
         self._delete_conversations(cids)
+        # Their own guidelines go; ones approved for everyone stay (retired: everyone's prompt must not change
+        # unannounced), with the user's name removed.
         self._tx([("DELETE FROM feedback WHERE user_name = ?", (user_name,)),
-                  ("DELETE FROM guidelines WHERE user_name = ?", (user_name,))])
+                  ("DELETE FROM guidelines WHERE user_name = ? AND (scope = 'user' OR status = 'pending')", (user_name,)),
+                  ("UPDATE guidelines SET user_name = NULL, session_id = NULL WHERE user_name = ?", (user_name,))])
         return len(cids)
 
     def apply_retention(self, days: int) -> int:
+        """Delete conversations (and users' own guidelines) older than `days`. Returns conversations removed."""
         cutoff = utcnow() - timedelta(days=days)
         cids = [r[0] for r in self._q("SELECT id FROM conversations WHERE created_at < ?", (cutoff,))]
         self._delete_conversations(cids)
+        self._tx([("DELETE FROM guidelines WHERE scope = 'user' AND created_at < ?", (cutoff,))])
         return len(cids)
 
     def _delete_conversations(self, cids: list[str]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import logging
+import os
 import re
 import secrets
 import threading
@@ -92,7 +93,8 @@ def guidelines_markdown(rules: list[dict]) -> str:
 class Sessions:
     """Which chat session a browser tab belongs to. Gradio's session hash changes with every page
     load; a random key kept in the browser's localStorage (gr.BrowserState) survives reloads, so a tab
-    finds its conversation, ratings and guidelines again. Clients without one (the API) keep the hash."""
+    finds its conversation, ratings and guidelines again. Clients without one (the API) keep the hash.
+    The two kinds of id are prefixed apart, so a browser cannot claim an API client's session."""
 
     KEY = re.compile(r"[A-Za-z0-9_-]{22,64}")
 
@@ -102,20 +104,42 @@ class Sessions:
         self.cap = cap
 
     def bind(self, session_hash: str, key: str | None) -> str:
-        """Tie a page load to the browser's key (a new one when it has none, or a malformed one)."""
+        """Tie a page load to the browser's key (a new one when it has none, or a malformed one). The
+        first binding of a page load stays: a later call cannot move a live tab to another key."""
         if not (isinstance(key, str) and self.KEY.fullmatch(key)):
             key = secrets.token_urlsafe(24)
         with self._lock:
-            self._keys[session_hash] = key
+            key = self._keys.setdefault(session_hash, key)
             self._keys.move_to_end(session_hash)
             while len(self._keys) > self.cap:
                 self._keys.popitem(last=False)
         return key
 
+    def forget(self, session_hash: str) -> None:
+        with self._lock:
+            self._keys.pop(session_hash, None)
+
     def __call__(self, request: gr.Request) -> tuple[str, str | None]:
         with self._lock:
-            key = self._keys.get(request.session_hash, request.session_hash)
-        return key, getattr(request, "username", None)
+            key = self._keys.get(request.session_hash)
+        session = f"k:{key}" if key else f"h:{request.session_hash}"
+        return session, getattr(request, "username", None)
+
+
+def browser_secret(data_dir) -> str:
+    """The key that encrypts the browser's stored session key: kept in the data folder, so a restarted
+    app still reads what browsers stored (a new one per process would lose every tab's conversation)."""
+    from pathlib import Path
+
+    path = Path(data_dir) / "run" / "browser-state.secret"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32))
+        return path.read_text().strip()
 
 
 NO_TARGET = "*No reply selected yet.*"
@@ -134,7 +158,7 @@ def build_ui(rt: Runtime) -> gr.Blocks:
         if (s.data_dir / ".ephemeral").exists():
             gr.Markdown("⚠️ This Space has no persistent storage: logged chats are lost when it restarts.")
         status = gr.Markdown(rt.status, elem_id="model-status")
-        browser_key = gr.BrowserState(None, storage_key="chatfb-session")
+        browser_key = gr.BrowserState(None, storage_key="chatfb-session", secret=browser_secret(s.data_dir))
         conv_id = gr.State(None)
         ids = gr.State([])
         selected = gr.State(None)
@@ -300,7 +324,7 @@ def build_ui(rt: Runtime) -> gr.Blocks:
             try:
                 fid, stream = chat.revise(session, mid, text, user)
             except ChatInputError as e:
-                yield f"⚠️ {e}", gr.update(), hidden, "", "", None, None, gr.update(), gr.update()
+                yield f"⚠️ {e}", gr.update(), hidden, "", "", None, None, gr.update(), gr.update(), gr.update(), gr.update()
                 return
             note = "✅ Critique saved."
             rules = (gr.update(), gr.update())
@@ -313,7 +337,8 @@ def build_ui(rt: Runtime) -> gr.Blocks:
                     note += f" ⚠️ {e}"
             elif looks_like_rule(text):
                 note += " This reads like a lasting preference: tick “apply from now on” to keep it."
-            yield from revision_steps(stream, fid, note, rules)
+            for out in revision_steps(stream, fid, note, rules):
+                yield *out, False, False  # the ticks were for this critique only
 
         def revision_steps(stream, fid, note, rules=(gr.update(), gr.update())):
             shown = gr.Group(visible=True)
@@ -328,9 +353,9 @@ def build_ui(rt: Runtime) -> gr.Blocks:
         def on_again(fid, cand, request: gr.Request):
             session, user = _session(request)
             try:
+                stream = chat.revise_again(session, fid, user)  # refused (not yours, too fast): keep the offer
                 if cand:
                     chat.reject_revision(session, cand, status="dropped")
-                stream = chat.revise_again(session, fid, user)
             except ChatInputError as e:
                 yield f"⚠️ {e}", gr.update(), gr.update(), gr.update(), gr.update(), fid, cand
                 return
@@ -372,11 +397,16 @@ def build_ui(rt: Runtime) -> gr.Blocks:
 
         def on_load(key, request: gr.Request):
             key = _session.bind(request.session_hash, key)
-            user = getattr(request, "username", None)
-            cid = rt.store.latest_conversation(key)
-            shown, id_list = chat_view(key, cid)
+            session, user = _session(request)
+            cid = rt.store.latest_conversation(session)
+            shown, id_list = chat_view(session, cid)
             last = next((pick(id_list, i) for i in reversed(range(len(id_list))) if pick(id_list, i)), None)
-            return key, shown, cid, id_list, last, target_text(last), *rules_outputs(key, user)
+            return key, shown, cid, id_list, last, target_text(last), *rules_outputs(session, user)
+
+        def on_unload(request: gr.Request):
+            _session.forget(request.session_hash)
+
+        demo.unload(on_unload)
 
         demo.load(on_load, [browser_key], [browser_key, chatbot, conv_id, ids, selected, target, rules_view, rule_pick],
                   **private)
@@ -408,7 +438,7 @@ def build_ui(rt: Runtime) -> gr.Blocks:
             return feedback(chat.correct, mid, text, request)
 
         revision_outputs = [fb_status, critique, revision_panel, revision_note, revision, critique_id, candidate_id,
-                            rules_view, rule_pick]
+                            rules_view, rule_pick, keep, everyone]
         send_critique.click(on_revise, [selected, critique, keep, everyone], revision_outputs,
                             concurrency_id=CHAT_CONCURRENCY_ID, api_name="revise")
         again.click(on_again, [critique_id, candidate_id], revision_outputs[:7], concurrency_id=CHAT_CONCURRENCY_ID,

@@ -120,3 +120,23 @@ def test_the_api_page_lists_the_named_actions_only(ui):
     assert {"/send", "/retry", "/critique", "/correct", "/thumbs_up", "/thumbs_down", "/revise", "/accept_revision",
             "/reject_revision", "/save_guideline"} <= names
     assert not any("lambda" in n or n.startswith("/views") or n.startswith("/on_") for n in names), names
+
+
+def test_sessions_keep_the_first_key_of_a_page_load_and_separate_api_clients(tmp_path):
+    from types import SimpleNamespace
+
+    from chatfb.ui import Sessions, browser_secret
+
+    sessions = Sessions(cap=2)
+    key = sessions.bind("hash-1", "k" * 30)
+    assert key == "k" * 30 and sessions(SimpleNamespace(session_hash="hash-1"))[0] == "k:" + key
+    assert sessions.bind("hash-1", "x" * 30) == key  # a second call cannot move the tab to another key
+    assert sessions.bind("hash-2", "<script>") != "<script>"  # malformed: a fresh random key instead
+    api = sessions(SimpleNamespace(session_hash="k" * 30))[0]
+    assert api == "h:" + "k" * 30 and api != "k:" + key  # an API client named like a key is not that browser
+    sessions.bind("hash-3", None)
+    assert sessions(SimpleNamespace(session_hash="hash-1"))[0] == "h:hash-1"  # capped: the oldest went
+    sessions.forget("hash-3")
+    assert sessions(SimpleNamespace(session_hash="hash-3"))[0] == "h:hash-3"
+    assert browser_secret(tmp_path) == browser_secret(tmp_path)  # the same after a restart
+    assert oct((tmp_path / "run" / "browser-state.secret").stat().st_mode)[-3:] == "600"
