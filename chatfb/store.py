@@ -572,8 +572,8 @@ class Store:
         """Remove every conversation, message and feedback row of one user. Returns conversations removed."""
         cids = [r[0] for r in self._q("SELECT id FROM conversations WHERE user_name = ?", (user_name,))]
         self._delete_conversations(cids)
-        # Their own guidelines go; ones approved for everyone stay (retired: everyone's prompt must not change
-        # unannounced), with the user's name removed.
+        # Their own guidelines and suggestions go; ones an admin approved for everyone stay, with the user's
+        # name removed: everyone's prompt must not change unannounced (an admin retires them if need be).
         self._tx([("DELETE FROM feedback WHERE user_name = ?", (user_name,)),
                   ("DELETE FROM guidelines WHERE user_name = ? AND (scope = 'user' OR status = 'pending')", (user_name,)),
                   ("UPDATE guidelines SET user_name = NULL, session_id = NULL WHERE user_name = ?", (user_name,))])
