@@ -1,6 +1,7 @@
 """A real browser (Debian chromium driven by Playwright, headless) against the running app."""
 
 import shutil
+import uuid
 
 import pytest
 
@@ -54,17 +55,20 @@ def test_stream_critique_and_correct_in_a_browser(browser, app):
     assert any("chatfb-base" in t for t in seen), seen
     partial = [t for t in seen if t.strip() and "chatfb-base" not in t and t.strip() != "…"]
     assert partial, "the reply appeared all at once instead of streaming"
-    page.locator("#critique textarea").fill("Too long; keep it to two sentences.")
-    page.locator("#send-critique").click()
+    # the secondary form: a critique saved without a revision, and a written correction
+    page.get_by_text("More feedback").click()
+    tag = uuid.uuid4().hex[:6]
+    critique, correction = f"Too long; keep it to two sentences ({tag}).", f"Beep the robot fixed the lighthouse ({tag})."
+    page.locator("#critique textarea").fill(critique)
+    page.locator("#save-critique").click()
     page.wait_for_selector("#fb-status:has-text('feedback saved')")
-    page.locator("#correction textarea").fill("Beep the robot fixed the lighthouse and everyone cheered.")
+    page.locator("#correction textarea").fill(correction)
     page.locator("#send-correction").click()
     page.wait_for_function("document.querySelector('#correction textarea').value === ''")
     page.wait_for_selector("#fb-status:has-text('feedback saved')")
     with app.snapshot_store() as s:
         rows = s._q("SELECT f.kind, f.text, m.role FROM feedback f JOIN messages m ON m.id = f.message_id"
-                    " WHERE f.text IN (?, ?)", ("Too long; keep it to two sentences.",
-                                                  "Beep the robot fixed the lighthouse and everyone cheered."))
+                    " WHERE f.text IN (?, ?)", (critique, correction))
     assert sorted(r[0] for r in rows) == ["correction", "critique"] and {r[2] for r in rows} == {"assistant"}
     ctx.close()
 
@@ -109,7 +113,7 @@ def test_feedback_on_the_message_itself_and_a_revision_accepted(browser, app):
     last_bot_done(page)
     # the message's own like button, stored against our message id, and shown again after a reload
     page.locator("#chatbot button[aria-label='Like']").last.click()
-    page.wait_for_selector("#fb-status:has-text('feedback saved')")
+    page.wait_for_selector("#fb-status:has-text('feedback saved')", timeout=60_000)
     page.reload()
     page.wait_for_selector("#chatbot [data-testid='bot']", timeout=30_000)
     assert question in page.locator("#chatbot [data-testid='user']").last.inner_text()
@@ -155,7 +159,7 @@ def test_edit_in_place_is_the_correction(browser, app):
     send(page, "What is a volcano?")
     last_bot_done(page)
     page.locator("#chatbot button[aria-label='Edit']").last.click()
-    fixed = "A volcano is an opening in the Earth's crust where lava & ash escape <quickly>."
+    fixed = f"A volcano is an opening in the Earth's crust where lava & ash escape <quickly> ({uuid.uuid4().hex[:6]})."
     page.locator("#chatbot textarea").fill(fixed)
     page.locator("#chatbot button[aria-label='Submit']").click()
     page.wait_for_selector("#fb-status:has-text('Correction saved')")
@@ -189,7 +193,8 @@ def test_guidelines_panel_saves_shows_inert_and_removes(browser, app):
 
 def test_stop_keeps_the_partial_reply(browser, app):
     ctx, page = open_chat(browser, app)
-    send(page, "Write a long story about a dragon who learns to bake bread.")
+    tag = uuid.uuid4().hex[:6]
+    send(page, f"Write a long story about a dragon called {tag} who learns to bake bread.")
     page.wait_for_function("(() => { const b = [...document.querySelectorAll(\"#chatbot [data-testid='bot']\")].pop();"
                            " return b && b.innerText.trim().length > 20 && !b.innerText.includes('chatfb-base'); })()",
                            timeout=120_000)
@@ -198,7 +203,7 @@ def test_stop_keeps_the_partial_reply(browser, app):
                            ".includes('(stopped)')", timeout=30_000)
     shown = page.locator("#chatbot [data-testid='bot']").last.inner_text()
     rows = feedback_rows(app, "SELECT r.status, r.content FROM messages u JOIN messages r ON r.conversation_id = "
-                         "u.conversation_id AND r.seq = u.seq + 1 WHERE u.content LIKE 'Write a long story about a dragon%'")
+                         "u.conversation_id AND r.seq = u.seq + 1 WHERE u.content LIKE ?", (f"%dragon called {tag}%",))
     [(status, content)] = rows
     assert status == "stopped" and len(content) > 10 and content.split()[0] in shown
     ctx.close()

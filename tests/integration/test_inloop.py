@@ -2,6 +2,8 @@
 accepting it lands a correction with its provenance in DuckDB and in the exports, and a saved
 guideline reaches its owner's next request and nobody else's."""
 
+import uuid
+
 import pytest
 from datasets import load_dataset
 from gradio_client import Client
@@ -57,16 +59,17 @@ def test_empty_critique_is_refused_and_nothing_is_generated(app):
 
 def test_a_guideline_reaches_its_owners_requests_only(app):
     a, b = Client(app.url, verbose=False), Client(app.url, verbose=False)
-    rule = "Always end your answer with the words 'Have a nice day'."
+    rule = f"Always end your answer with the words 'Have a nice day' ({uuid.uuid4().hex[:6]})."
     assert _ok(a.predict(rule, api_name="/save_guideline")[0])
-    a.predict("What is a cat?", "You are a helpful assistant.", api_name="/send")
-    b.predict("What is a dog?", "You are a helpful assistant.", api_name="/send")
+    cat, dog = f"What is a cat? ({rule[-8:-2]})", f"What is a dog? ({rule[-8:-2]})"
+    a.predict(cat, "You are a helpful assistant.", api_name="/send")
+    b.predict(dog, "You are a helpful assistant.", api_name="/send")
     with app.snapshot_store() as s:
         [g] = s.guidelines("text = ?", (rule,))
         rows = s._q("SELECT u.content, r.guidelines FROM messages u JOIN messages r ON r.conversation_id = u.conversation_id"
-                    " AND r.seq = u.seq + 1 WHERE u.content IN ('What is a cat?', 'What is a dog?')")
+                    " AND r.seq = u.seq + 1 WHERE u.content IN (?, ?)", (cat, dog))
     applied = {q: json_list(ids) for q, ids in rows}
-    assert applied == {"What is a cat?": [g["id"]], "What is a dog?": []}
+    assert applied == {cat: [g["id"]], dog: []}
 
 
 def json_list(raw):
