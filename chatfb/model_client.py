@@ -72,33 +72,19 @@ class ModelClient:
         if seed is not None:
             body["seed"] = seed
         try:
-            with self._http.stream("POST", "/v1/chat/completions", json=body) as r:
-                if r.status_code != 200:
-                    r.read()
-                    raise ModelError(_http_message(r), r.status_code)
-                for line in r.iter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if chunk.get("usage"):
-                        result.prompt_tokens = chunk["usage"].get("prompt_tokens")
-                        result.completion_tokens = chunk["usage"].get("completion_tokens")
-                    for choice in chunk.get("choices", []):
-                        delta = (choice.get("delta") or {}).get("content") or ""
-                        if choice.get("finish_reason"):
-                            result.finish_reason = choice["finish_reason"]
-                        if delta:
-                            if result.ttft_ms is None:
-                                result.ttft_ms = (time.perf_counter() - result.started) * 1000
-                            result.text += delta
-                            yield delta
-        except httpx.TimeoutException:
-            raise ModelError("The model took too long to answer. Please try again.", "timeout") from None
-        except (httpx.HTTPError, json.JSONDecodeError):
-            raise ModelError("The model server is not reachable right now. Please try again in a moment.") from None
+            for chunk in self._chunks(body):
+                if chunk.get("usage"):
+                    result.prompt_tokens = chunk["usage"].get("prompt_tokens")
+                    result.completion_tokens = chunk["usage"].get("completion_tokens")
+                for choice in chunk.get("choices", []):
+                    delta = (choice.get("delta") or {}).get("content") or ""
+                    if choice.get("finish_reason"):
+                        result.finish_reason = choice["finish_reason"]
+                    if delta:
+                        if result.ttft_ms is None:
+                            result.ttft_ms = (time.perf_counter() - result.started) * 1000
+                        result.text += delta
+                        yield delta
         finally:
             result.latency_ms = (time.perf_counter() - result.started) * 1000
 
@@ -135,6 +121,16 @@ class ModelClient:
         `finish_reasons`, when given, receives each choice's finish reason ("stop", "length")."""
         body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
                 "top_p": top_p, "n": n, "stream": True}
+        for chunk in self._chunks(body):
+            for choice in chunk.get("choices", []):
+                delta = (choice.get("delta") or {}).get("content") or ""
+                if choice.get("finish_reason") and finish_reasons is not None:
+                    finish_reasons[choice.get("index", 0)] = choice["finish_reason"]
+                if delta:
+                    yield choice.get("index", 0), delta
+
+    def _chunks(self, body: dict) -> Iterator[dict]:
+        """The JSON chunks of a streamed chat completion; failures as ModelError."""
         try:
             with self._http.stream("POST", "/v1/chat/completions", json=body) as r:
                 if r.status_code != 200:
@@ -149,12 +145,7 @@ class ModelClient:
                     chunk = json.loads(data)
                     if "error" in chunk:  # vLLM reports a failure inside the stream after the 200
                         raise ModelError("The model server failed while answering. Please try again.")
-                    for choice in chunk.get("choices", []):
-                        delta = (choice.get("delta") or {}).get("content") or ""
-                        if choice.get("finish_reason") and finish_reasons is not None:
-                            finish_reasons[choice.get("index", 0)] = choice["finish_reason"]
-                        if delta:
-                            yield choice.get("index", 0), delta
+                    yield chunk
         except httpx.TimeoutException:
             raise ModelError("The model took too long to answer. Please try again.", "timeout") from None
         except (httpx.HTTPError, json.JSONDecodeError):
