@@ -319,7 +319,7 @@ def selection_stats(data_dir: Path, families: list[Family], seed: int, accepted:
 
     with Store(data_dir / "chatfb.duckdb", read_only=True) as s:
         records = s.feedback_records()
-        rows = s.candidates(where="origin = ?", params=("nightly",))
+        rows = s.nightly_candidates()
     kept = [r for r in rows if r["status"] == "kept"]
     out = {}
     for fam in families:

@@ -93,7 +93,7 @@ def candidates_frame(rt: Runtime, limit: int = 200) -> pd.DataFrame:
     rows = [{"cycle": c["cycle"], "critique": c["details"].get("critique", ""), "prompt": c["details"].get("prompt", ""),
              "candidate": c["text"], "score": None if c["score"] is None else round(c["score"], 3),
              "verdict": c["verdict"], "status": c["status"]}
-            for c in rt.store.candidates(where="origin = ?", params=("nightly",), limit=limit)]
+            for c in rt.store.nightly_candidates(limit)]
     return pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
 
 

@@ -98,7 +98,7 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
         snap = Path(backend.snapshot())
         with Store(snap, read_only=True) as s:
             records = s.feedback_records()
-            guidelines = s.guidelines(where="scope = 'global' AND status = 'active'")
+            guidelines = s.approved_guidelines()
         timings["snapshot_s"] = round(time.perf_counter() - t, 2)
         if not records:
             return CycleResult(False, reason="no feedback yet")

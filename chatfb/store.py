@@ -479,6 +479,14 @@ class Store:
         rows = self._q(f"SELECT {_GUIDE_COLS} FROM guidelines WHERE {where} ORDER BY created_at, id", params)
         return [dict(zip([c.strip() for c in _GUIDE_COLS.split(",")], r)) for r in rows]
 
+    def approved_guidelines(self) -> list[dict]:
+        """Guidelines an admin approved for everyone (what applies to all chats and the cycle distils)."""
+        return self.guidelines("scope = 'global' AND status = 'active'")
+
+    def nightly_candidates(self, limit: int = 100000) -> list[dict]:
+        """The learning cycles' candidates (kept and dropped), newest first: the admin's audit view."""
+        return self.candidates("origin = 'nightly'", limit=limit)
+
     def global_guidelines(self) -> list[dict]:
         """Guidelines for everyone: suggested (pending), approved (active) and retired."""
         return self.guidelines("scope = 'global'")
