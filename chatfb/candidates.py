@@ -101,10 +101,9 @@ def hard_verdict(text: str, question: str, critique: str, finish_reason: str | N
         return "cut off at the token limit"
     if _repeats_question(text, question):
         return "repeats the question"
-    if _repeats_critique(text, critique):
-        return "repeats the critique"
-    if TO_THE_CRITIC.search(text) or ABOUT_THE_FEEDBACK.search(text):
-        return "talks about the feedback, not an answer"
+    about = about_the_critique(text, critique)
+    if about:
+        return about
     if DIALOGUE_LABEL.search(text):
         return "writes a dialogue, not an answer"
     if _repeats_lines(text):
@@ -127,6 +126,16 @@ def literal_facts(critique: str) -> list[str]:
     facts = _EMAIL.findall(critique) + [u.rstrip(".,;:!?)") for u in _URL.findall(critique)]
     facts += [q.strip() if q.strip() else q for q in _QUOTED.findall(critique)]
     return [f for f in dict.fromkeys(facts) if f.strip() or f == " "]
+
+
+def about_the_critique(text: str, critique: str) -> str | None:
+    """Why `text` is about the critique rather than an answer (it repeats the critique, or talks about
+    the feedback or the rewriting), or None. Also checked on a draft while it streams (chatfb.chat)."""
+    if _repeats_critique(text, critique):
+        return "repeats the critique"
+    if TO_THE_CRITIC.search(text) or ABOUT_THE_FEEDBACK.search(text):
+        return "talks about the feedback, not an answer"
+    return None
 
 
 def generate(client, model: str, prompt: list[dict], critique: str, n: int = 4, max_tokens: int = 256,

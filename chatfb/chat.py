@@ -304,8 +304,7 @@ class ChatService:
     def _showable(draft: str, critique: str) -> str:
         """The draft being written, or nothing while it echoes the critique or talks about the feedback
         (it would never be offered; a user should not watch it be written either)."""
-        verdict = candidates.hard_verdict(draft, "", critique)
-        return "" if verdict in ("repeats the critique", "talks about the feedback, not an answer") else draft
+        return "" if candidates.about_the_critique(draft, critique) else draft
 
     def _own_candidate(self, session_id: str, candidate_id: str) -> dict:
         if not candidate_id:

@@ -178,3 +178,11 @@ def test_stop_stores_the_partial_reply_at_once(chat, store, fake_client):
     reply_row = store.messages(cid)[-1]
     assert (reply_row["status"], reply_row["content"]) == ("stopped", "one two")
     chat.stop("B", cid)  # another session's Stop touches nothing
+
+
+def test_a_draft_about_the_feedback_is_not_shown_while_it_streams(chat, store, fake_client):
+    cid, mid = reply(chat, "A", "What is a cat?")
+    fake_client.enqueue("Sure, I'd be happy to help you improve the response.", "A cat is a small pet.")
+    fid, stream = chat.revise("A", mid, "Too long.")
+    drafts = [u.text for u in stream if not u.done]
+    assert drafts[-1] == ""  # blanked once it reads as talk about the feedback (not before the words are there)
