@@ -24,7 +24,7 @@ Every mode starts from the same base model and a fresh data folder, imports its 
   accept               critique + in-loop acceptance: for each critiqued prompt the scripted user is offered
                        the candidates chatfb.candidates.select keeps (best first) and accepts the first that
                        passes the family's checker (imported as a correction with that text), dismissing the
-                       others; a critique with no acceptable candidate stays a critique (CHATFB_TRAIN_MODE=semi)
+                       others, pressing "Try again" once when none passes; a critique with no acceptable candidate stays a critique (CHATFB_TRAIN_MODE=semi)
   guideline_prompt     no training: every family's critique as an approved guideline in the system prompt
                        at judge time (chatfb.guidelines.apply, as the app sends it)
   guideline_distilled  every family's critique as an approved global guideline (`python -m chatfb guidelines
@@ -268,8 +268,12 @@ def feedback_rows(mode: str, families: list[Family], items: int, originals: dict
     """The scripted users' feedback: corrections (sft modes), accepted revisions as corrections (accept),
     else critiques."""
     rows = []
-    for fam in families:
-        for prompt, correction in fam.teach[:items]:
+    # Interleaved, as feedback arrives from many users: the cycle takes the newest refine_max_critiques.
+    for i in range(items):
+        for fam in families:
+            if i >= len(fam.teach):
+                continue
+            prompt, correction = fam.teach[i]
             row = {"prompt": messages(prompt), "reply": originals[prompt], "user": "bench"}
             if mode in ("sft", "sft_dpo"):
                 row.update(kind="correction", text=correction)
@@ -283,7 +287,8 @@ def feedback_rows(mode: str, families: list[Family], items: int, originals: dict
 
 def accept_revisions(client, judge, families: list[Family], items: int) -> tuple[dict[str, str], dict]:
     """The in-loop user: for each critiqued prompt, the candidates chatfb.candidates.select keeps (what the
-    app may offer, best first); the first that passes the family's checker is accepted, the others dismissed.
+    app may offer, best first); the first that passes the family's checker is accepted, the others dismissed;
+    when none does, the user presses "Try again" once (4 more).
     Returns ({prompt: accepted text}, {family: {"critiqued", "offered", "accepted"}})."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -291,11 +296,17 @@ def accept_revisions(client, judge, families: list[Family], items: int) -> tuple
 
     jobs = [(fam, q) for fam in families for q, _ in fam.teach[:items]]
 
-    def offer(job):
+    def offer(job):  # the first offer, then "Try again" once when nothing offered is right
         fam, q = job
-        kept = [c for c in candidates.select(judge, SERVED_NAME, messages(q), fam.critique, n=4, max_tokens=192,
-                                             generator=client, generator_model=SERVED_NAME) if c.ok]
-        return kept, next((c.text for c in kept if fam.check(c.text)), None)
+        offered = []
+        for _ in range(2):
+            kept = [c for c in candidates.select(judge, SERVED_NAME, messages(q), fam.critique, n=4, max_tokens=192,
+                                                 generator=client, generator_model=SERVED_NAME) if c.ok]
+            offered += kept
+            right = next((c.text for c in kept if fam.check(c.text)), None)
+            if right is not None:
+                return offered, right
+        return offered, None
 
     with ThreadPoolExecutor(8) as pool:
         offers = list(pool.map(offer, jobs))
@@ -545,7 +556,8 @@ def report(results: dict, families: list[Family]) -> str:
             got = {f.name: (sum(x[f.name]["accepted"] for x in acc), sum(x[f.name]["critiqued"] for x in acc)) for f in families}
             lines += ["`accept` is critique + in-loop acceptance by a scripted user: for each critiqued prompt it is "
                       "offered the candidates the selection keeps, accepts the first that passes the family's checker "
-                      "(a person checking a proposed fix would) and dismisses the others; accepted revisions train as "
+                      "(a person checking a proposed fix would) and dismisses the others, pressing Try again once when none "
+                      "passes; accepted revisions train as "
                       "corrections. Accepted / critiqued: " + ", ".join(f"{k} {a}/{n}" for k, (a, n) in got.items()) + ".", ""]
     lines += ["Held-out sample replies (first held-out prompt of each family, run 1):", ""]
     for mode, r in modes.items():

@@ -121,10 +121,21 @@ _URL = re.compile(r"https?://[^\s'\"<>]+")
 _QUOTED = re.compile(r"(?<![\w])[\"'‘“]([^\"'’”\n]{1,40})[\"'’”](?![\w])")
 
 
+# A critique that corrects a fact ("Wrong: the capital of Australia is Canberra, not Sydney.") states the
+# right value after the verb: a name or a number. Only that shape, on purpose: a 135M model kept "The capital
+# of Australia is Sydney" and "Auckland, not Sydney" as answers to that critique (issue 14's benchmark rows).
+_CORRECTS_A_FACT = re.compile(r"^\s*(?:wrong|incorrect|not true|false|no|actually)\b|\b(?:correct|right) answer is\b", re.I)
+_NAME_OR_NUMBER = r"(?:[A-Z][\w'’-]*|\d[\w.,:/%-]*)"
+_STATED_VALUE = re.compile(rf"\b(?:is|are|was|were)\s+(?:actually\s+|really\s+)?(?:(?:at|in|on)\s+)?({_NAME_OR_NUMBER}(?:\s+{_NAME_OR_NUMBER})*)")
+
+
 def literal_facts(critique: str) -> list[str]:
-    """The literal strings a critique asks for (e-mail addresses, URLs, short quoted strings)."""
+    """The literal strings a critique asks for: e-mail addresses, URLs, short quoted strings, and the
+    name or number a fact-correcting critique states ("... is Canberra, not Sydney" -> "Canberra")."""
     facts = _EMAIL.findall(critique) + [u.rstrip(".,;:!?)") for u in _URL.findall(critique)]
     facts += [q.strip() if q.strip() else q for q in _QUOTED.findall(critique)]
+    if _CORRECTS_A_FACT.search(critique):
+        facts += [v.rstrip(".,;:!?") for v in _STATED_VALUE.findall(critique) if not _EMAIL.fullmatch(v)]
     return [f for f in dict.fromkeys(facts) if f.strip() or f == " "]
 
 
@@ -175,6 +186,21 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
             elif logratio <= 0:
                 c.verdict = "no more likely with the critique"
     return sorted(candidates, key=lambda c: (c.ok, c.score is not None, c.score or 0.0), reverse=True)
+
+
+def select_rounds(judge, model: str, prompt: list[dict], critique: str, n: int = 4, max_tokens: int = 256,
+                  rounds: int = 2, generator=None, generator_model: str | None = None,
+                  original: str | None = None) -> list[Candidate]:
+    """Like `select`, but when no candidate of a round survives, sample n more (up to `rounds` rounds) and
+    score only the new ones; all candidates of all rounds, best first. The extra round costs time only
+    where the first found nothing (on the efficacy families about one critique in three)."""
+    out: list[Candidate] = []
+    for _ in range(max(rounds, 1)):
+        fresh = generate(generator or judge, generator_model or model, prompt, critique, n=n, max_tokens=max_tokens)
+        out += score(judge, model, prompt, critique, fresh, original=original)
+        if best(out) is not None:
+            break
+    return sorted(out, key=lambda c: (c.ok, c.score is not None, c.score or 0.0), reverse=True)
 
 
 def best(candidates: list[Candidate]) -> Candidate | None:

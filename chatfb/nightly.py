@@ -210,6 +210,7 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
 
 
 CANDIDATE_MAX_TOKENS = 192  # a longer candidate is cut off, and the selection drops cut-off candidates
+CANDIDATE_ROUNDS = 2  # a task whose first critique_samples candidates all fail gets one more round
 
 
 def select_all(tasks: list, client: ModelClient, model: str, settings: Settings, generator: ModelClient | None = None,
@@ -234,10 +235,12 @@ def select_all(tasks: list, client: ModelClient, model: str, settings: Settings,
         return sorted((candidates.Candidate(text, score=score, verdict=verdict) for score, text, verdict in scored),
                       key=lambda c: (not c.ok, -c.score))
 
-    def instruct(task):  # candidates.select, plus the critiqued reply: a candidate that repeats it is dropped
-        cands = candidates.generate(generator or client, (generator_model or model) if generator else model, task.prompt,
-                                    task.instruction, n=settings.critique_samples, max_tokens=CANDIDATE_MAX_TOKENS)
-        return candidates.score(judge or client, model, task.prompt, task.instruction, cands, original=task.original)
+    def instruct(task):  # candidates.select_rounds, plus the critiqued reply: a candidate that repeats it is dropped
+        return candidates.select_rounds(judge or client, model, task.prompt, task.instruction, n=settings.critique_samples,
+                                        max_tokens=CANDIDATE_MAX_TOKENS, rounds=CANDIDATE_ROUNDS,
+                                        generator=generator or client,
+                                        generator_model=(generator_model or model) if generator else model,
+                                        original=task.original)
 
     def one(task):
         make = ilf if settings.critique_recipe == "ilf" and task.source == "critique" else instruct

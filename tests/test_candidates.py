@@ -9,7 +9,8 @@ import json
 import httpx
 import pytest
 
-from chatfb.candidates import Candidate, best, generate, hard_verdict, instruction_messages, literal_facts, score, select
+from chatfb.candidates import (Candidate, best, generate, hard_verdict, instruction_messages, literal_facts, score, select,
+                               select_rounds)
 from chatfb.model_client import ModelClient, ModelError
 
 # The efficacy benchmark's critiques (bench/efficacy_bench.py FAMILIES).
@@ -223,12 +224,53 @@ def test_completion_logprobs_takes_the_reply_tokens_and_the_end_of_turn():
      "Please email support@chatfb.example and we will reset it.", "Visit the settings page and click reset."),
     ("Our house style: always end the note with the line 'Cheers, the chatfb team'.",
      "Thank you for your order!\n\nCheers, the chatfb team", "Thank you for your order!"),
+    # kept as training targets by the recipe before this check (efficacy benchmark, australia_capital)
+    ("Wrong: the capital of Australia is Canberra, not Sydney.",
+     "No. Sydney is the largest city, but the capital of Australia is Canberra.",
+     "The correct answer is \"Sydney,\" because the capital of Australia is also Sydney."),
+    ("Wrong: the capital of Australia is Canberra, not Sydney.",
+     "Australia's seat of government is Canberra.", 'The answer is indeed: "Auckland, not Sydney."'),
 ])
 def test_a_reply_must_keep_what_the_critique_states_literally(critique, good, bad):
     assert hard_verdict(good, "How do I reset my password?", critique) == "ok"
     assert hard_verdict(bad, "How do I reset my password?", critique).startswith("leaves out")
 
 
+@pytest.mark.parametrize("critique, facts", [
+    ("Wrong: the capital of Australia is Canberra, not Sydney.", ["Canberra"]),
+    ("Actually the meeting is at 3pm on Friday.", ["3pm"]),
+    ("No, the answer is 42.", ["42"]),
+    ("Wrong: the tallest mountain is Mount Everest.", ["Mount Everest"]),
+    # not a correction, or no name/number after the verb: nothing required
+    ("The answer is Paris, I think you are right.", []),
+    ("Wrong: it is too long and too vague.", []),
+    ("Too long. Answer in one short sentence of at most 25 words.", []),
+])
+def test_a_fact_correcting_critique_states_the_value_a_reply_must_keep(critique, facts):
+    assert literal_facts(critique) == facts
+
+
 def test_literal_facts_ignore_apostrophes():
     assert literal_facts("don't say that, it's wrong") == []
     assert literal_facts("see https://chatfb.example/help, or write to a@b.co") == ["a@b.co", "https://chatfb.example/help"]
+
+
+def test_select_rounds_samples_again_only_when_nothing_survived():
+    class Generator:
+        def __init__(self, rounds):
+            self.rounds, self.requests = list(rounds), 0
+
+        def complete_choices(self, messages, model, max_tokens, temperature, top_p, n):
+            self.requests += 1
+            return self.rounds.pop(0)
+
+    judge = CannedLogprobs({(FOLLOWS, True): [-0.2], (FOLLOWS, False): [-1.0]})
+    prompt = [{"role": "user", "content": "What is a noun?"}]
+    gen = Generator([[("", "stop"), (IGNORES, "length")], [(FOLLOWS, "stop")], [(FOLLOWS, "stop")]])
+    ranked = select_rounds(judge, "m", prompt, SHORT, n=2, rounds=3, generator=gen)
+    assert gen.requests == 2  # the second round found one: no third
+    assert [c.text for c in ranked][0] == FOLLOWS and best(ranked).text == FOLLOWS and len(ranked) == 3
+
+    gen = Generator([[(FOLLOWS, "stop")], [(FOLLOWS, "stop")]])
+    assert best(select_rounds(judge, "m", prompt, SHORT, n=1, rounds=2, generator=gen)).text == FOLLOWS
+    assert gen.requests == 1
