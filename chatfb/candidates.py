@@ -55,7 +55,8 @@ ABOUT_THE_FEEDBACK = re.compile(
     r"|\bfollow (?:this|your|that) (?:instruction|feedback|format|guideline)s?\b"
     r"|\bfollow the (?:feedback|format|guideline)s?\b"  # not "follow the instructions" of a recipe
     r"|\b(?:note|reply|answer|response) (?:ends|should end|must end) with\b"
-    r"|\bthis instruction\b"
+    r"|\bthis instruction\b|\bas per your instructions?\b|\bto your liking\b|\bthe correct way to (?:answer|respond|reply)\b"
+    r"|\b(?:note|list|answer|reply|response|text) (?:rewritten|revised)\b|\baforementioned\b"
     r"|\bat most \d+ words\b|\b(?:in )?one short sentence\b"
     r"|\bI(?:'ll| will) do my best\b|\bthe above (?:text|note|message|reply|response|answer)\b"
     r"|['\"]-\s?['\"]",  # the bullet marker quoted from the critique, not used
@@ -108,10 +109,21 @@ def hard_verdict(text: str, question: str, critique: str, finish_reason: str | N
         return "writes a dialogue, not an answer"
     if _repeats_lines(text):
         return "repeats itself"
-    missing = [f for f in literal_facts(critique) if f.lower() not in text.lower()]
+    facts = literal_facts(critique)
+    missing = [f for f in facts if not _has_literal(text, f)]
     if missing:
         return f"leaves out {missing[0]!r} from the critique"
+    negated = [f for f in facts if re.search(rf"\b(?:not|isn't|is not|never)\s+(?:in\s+|at\s+)?{re.escape(f)}", text, re.I)]
+    if negated:
+        return f"contradicts {negated[0]!r} from the critique"
     return "ok"
+
+
+def _has_literal(text: str, fact: str) -> bool:
+    """`fact` is in `text`; a list marker quoted from the critique ("start lines with '- '") must start a line."""
+    if re.fullmatch(r"[-*•+>#]{1,2}", fact):
+        return re.search(rf"^\s*{re.escape(fact)}\s", text, re.M) is not None
+    return fact.lower() in text.lower()
 
 
 # What a critique states literally and a reply that follows it must contain: an e-mail address, a URL,
@@ -129,12 +141,17 @@ _NAME_OR_NUMBER = r"(?:[A-Z][\w'’-]*|\d[\w.,:/%-]*)"
 _STATED_VALUE = re.compile(rf"\b(?:is|are|was|were)\s+(?:actually\s+|really\s+)?(?:(?:at|in|on)\s+)?({_NAME_OR_NUMBER}(?:\s+{_NAME_OR_NUMBER})*)")
 
 
+def corrects_a_fact(critique: str) -> bool:
+    """The critique corrects a fact ("Wrong: ... is Canberra"): it holds for questions about that subject only."""
+    return bool(_CORRECTS_A_FACT.search(critique or ""))
+
+
 def literal_facts(critique: str) -> list[str]:
     """The literal strings a critique asks for: e-mail addresses, URLs, short quoted strings, and the
     name or number a fact-correcting critique states ("... is Canberra, not Sydney" -> "Canberra")."""
     facts = _EMAIL.findall(critique) + [u.rstrip(".,;:!?)") for u in _URL.findall(critique)]
     facts += [q.strip() if q.strip() else q for q in _QUOTED.findall(critique)]
-    if _CORRECTS_A_FACT.search(critique):
+    if corrects_a_fact(critique):
         facts += [v.rstrip(".,;:!?") for v in _STATED_VALUE.findall(critique) if not _EMAIL.fullmatch(v)]
     return [f for f in dict.fromkeys(facts) if f.strip() or f == " "]
 

@@ -246,7 +246,14 @@ def distillation_tasks(data: TrainingData, tasks: list[InstructionTask], guideli
     kept from (same text, or its source); those critiques' held-out share becomes `data.guideline_eval`,
     the prompts the gate checks it on. At most `max_tasks` tasks in all; none repeats a task's
     (question, instruction)."""
-    pool = [r.prompt for r in records if not is_heldout(r.feedback_id, holdout_fraction, seed)]
+    from chatfb.candidates import corrects_a_fact
+
+    # A question that has an instruction of its own (another critique) never gets a second one: two rules
+    # on one prompt gave notes with bullet lists and "the capital of Australia" under Japan (efficacy run).
+    own = {_norm(last_user(t.prompt)) for t in tasks}
+    pool = [r.prompt for r in records if not is_heldout(r.feedback_id, holdout_fraction, seed)
+            and _norm(last_user(r.prompt)) not in own]
+    replay_prompts = [p for p in replay_prompts if _norm(last_user(p)) not in own]
     from_feedback, from_replay = per_rule - per_rule // 2, per_rule // 2
     seen = {(_norm(last_user(t.prompt)), _norm(t.instruction)) for t in tasks}
     out: list[InstructionTask] = []
@@ -257,14 +264,14 @@ def distillation_tasks(data: TrainingData, tasks: list[InstructionTask], guideli
             seen.add(key)
             out.append(InstructionTask(prompt, instruction, source, fid))
 
-    def neighbours(anchors):
-        return (same_kind_prompts(anchors, pool, from_feedback, similar)
-                + same_kind_prompts(anchors, replay_prompts, from_replay, similar))
+    def neighbours(anchors, instruction):  # a corrected fact is about its subject: users' questions only
+        replay = [] if corrects_a_fact(instruction) else same_kind_prompts(anchors, replay_prompts, from_replay, similar)
+        return same_kind_prompts(anchors, pool, from_feedback, similar) + replay
 
     if per_rule > 0:
         for t in tasks:
             if t.source == "critique" and is_lasting_preference(t.instruction):
-                for p in neighbours([last_user(t.prompt)]):
+                for p in neighbours([last_user(t.prompt)], t.instruction):
                     add(p, t.instruction, "distill", t.feedback_id)
     for g in guidelines:
         kept_from = [r for r in records if r.kind == "critique"
@@ -274,7 +281,7 @@ def distillation_tasks(data: TrainingData, tasks: list[InstructionTask], guideli
         for p in train:
             add(p, g["text"], "guideline", g["id"])
         anchors = [last_user(p) for p in train] or [g["text"]]
-        for p in neighbours(anchors) if per_rule > 0 else []:
+        for p in neighbours(anchors, g["text"]) if per_rule > 0 else []:
             add(p, g["text"], "guideline", g["id"])
         data.guideline_eval[g["id"]] = held
     data.counts.update(distill_tasks=sum(t.source == "distill" for t in out),

@@ -230,6 +230,8 @@ def test_completion_logprobs_takes_the_reply_tokens_and_the_end_of_turn():
      "The correct answer is \"Sydney,\" because the capital of Australia is also Sydney."),
     ("Wrong: the capital of Australia is Canberra, not Sydney.",
      "Australia's seat of government is Canberra.", 'The answer is indeed: "Auckland, not Sydney."'),
+    ("Format it as a bulleted list: exactly three short tips, each on its own line starting with '- '.",
+     "- Rest.\n- Drink water.\n- Walk daily.", "1. **Adapt to Work-from-Home Culture**\n2. **Clear Communication**"),
 ])
 def test_a_reply_must_keep_what_the_critique_states_literally(critique, good, bad):
     assert hard_verdict(good, "How do I reset my password?", critique) == "ok"
@@ -248,6 +250,23 @@ def test_a_reply_must_keep_what_the_critique_states_literally(critique, good, ba
 ])
 def test_a_fact_correcting_critique_states_the_value_a_reply_must_keep(critique, facts):
     assert literal_facts(critique) == facts
+
+
+def test_a_reply_that_negates_the_stated_value_is_dropped():
+    critique = "Wrong: the capital of Australia is Canberra, not Sydney."
+    kept_before = "The correct answer is: The capital of Australia is Sydney, not Canberra."
+    assert hard_verdict(kept_before, "Name the capital city of Australia.", critique) == "contradicts 'Canberra' from the critique"
+
+
+@pytest.mark.parametrize("text", [
+    "Here is the correct way to answer: \"you must email support@chatfb.example only.\"",
+    "Here's a bulleted list to your liking:\n\n1. Stay focused",
+    "You can cancel it by writing to support@chatfb.example, as per your instructions.",
+    "How to make the aforementioned note: Add the sign-off to the end.",
+])
+def test_more_talk_about_the_feedback_is_dropped(text):  # kept as targets by the recipe before (efficacy run)
+    assert hard_verdict(text, "How do I cancel?", "Always give support@chatfb.example.") == \
+        "talks about the feedback, not an answer"
 
 
 def test_literal_facts_ignore_apostrophes():

@@ -135,14 +135,27 @@ def test_a_lasting_preference_is_distilled_on_similar_prompts_of_other_feedback_
                                   holdout_fraction=0.0001, seed=0, similar=words_similar)
     got = [(td.last_user(t.prompt), t.instruction, t.source, t.feedback_id) for t in extra]
     # the rule carries to the closest prompts of other feedback (2 of 4) and of replay (the other 2);
-    # the one-off complaint ("too vague") to none; unrelated questions are not "of the same kind"
-    assert got == [("How do I reset my password please?", rule, "distill", "c1"), ("How do I reset my login?", rule, "distill", "c1"),
+    # the one-off complaint ("too vague") to none, and its prompt, which has its own critique, gets no
+    # second instruction; unrelated questions are not "of the same kind"
+    assert got == [("How do I reset my password please?", rule, "distill", "c1"), ("How do I reset my router?", rule, "distill", "c1"),
                    ("How do I reset my watch?", rule, "distill", "c1")]
     assert data.counts["distill_tasks"] == 3 and data.counts["guideline_tasks"] == 0
     # bounded in all
     assert len(td.distillation_tasks(td.build(records, "semi", 0.0001, pii=False), tasks, [], data.records, replay, 4, 1,
                                      0.0001, 0, similar=words_similar)) == 1
     assert td.distillation_tasks(data, tasks, [], data.records, replay, 0, 64, 0.0001, 0, similar=words_similar) == []
+
+
+def test_a_corrected_fact_is_distilled_on_users_questions_only_never_on_replay():
+    fact = "Wrong: the capital of Australia is Canberra, not Sydney."
+    records = [crit(1, fact, "What is the capital of Australia?"),
+               rec(2, "rating", rating=1, prompt=q("What is the capital city of Australia?"))]
+    replay = [q("What is the capital of Japan?")]
+    data = td.build(records, "semi", holdout_fraction=0.0001, seed=0, pii=False)
+    tasks = td.critique_tasks(data, 0.0001, 0, limit=32)
+    extra = td.distillation_tasks(data, tasks, [], data.records, replay, per_rule=4, max_tasks=64,
+                                  holdout_fraction=0.0001, seed=0, similar=words_similar)
+    assert [td.last_user(t.prompt) for t in extra] == ["What is the capital city of Australia?"]
 
 
 def test_held_out_feedback_never_becomes_a_distillation_prompt():
