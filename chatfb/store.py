@@ -187,8 +187,11 @@ class Store:
         db.execute("BEGIN TRANSACTION")
         try:
             for sql, rows in _batch_statements(batch):
+                as_lists = _AS_LISTS.get(sql)
                 if len(rows) == 1:
                     db.execute(sql, rows[0])
+                elif as_lists and (not sql.startswith("UPDATE") or len({r[-1] for r in rows}) == len(rows)):
+                    db.execute(as_lists, [list(column) for column in zip(*rows)])
                 else:
                     db.executemany(sql, rows)
             db.execute("COMMIT")
@@ -318,8 +321,7 @@ class Store:
         """Write a reply's outcome. `only_if_pending`: leave a reply that finished meanwhile as it is (Stop
         racing the stream's own end)."""
         where = " AND status = 'pending'" if only_if_pending else ""
-        self._tx([("UPDATE messages SET content = ?, status = ?, error = ?, ttft_ms = ?, latency_ms = ?,"
-                   f" prompt_tokens = ?, completion_tokens = ? WHERE id = ?{where}",
+        self._tx([(_FINISH_MESSAGE + where,
                    (content, status, error, ttft_ms, latency_ms, prompt_tokens, completion_tokens, message_id))])
 
     def message(self, message_id: str) -> dict | None:
@@ -654,6 +656,30 @@ _INSERT_MESSAGE = ("INSERT INTO messages (id, conversation_id, seq, role, conten
                    " guidelines) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _INSERT_FEEDBACK = ("INSERT INTO feedback (id, message_id, kind, rating, text, user_name, session_id, created_at, derived_from)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+_FINISH_MESSAGE = ("UPDATE messages SET content = ?, status = ?, error = ?, ttft_ms = ?, latency_ms = ?, prompt_tokens = ?,"
+                   " completion_tokens = ? WHERE id = ?")
+
+# The statements every chat turn makes, each also written once over lists of values (one list per
+# column): DuckDB runs an executemany one row at a time, ~0.2 ms per INSERT and ~0.7 ms per UPDATE
+# here (20 ms for 32 replies' UPDATEs), while one statement over lists costs about one row's time.
+# An UPDATE whose key repeats in a batch runs as executemany instead, so the last write wins.
+_AS_LISTS = {
+    _INSERT_MESSAGE: "INSERT INTO messages (id, conversation_id, seq, role, content, status, model, adapter, replaces,"
+                     " created_at, guidelines) SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::INTEGER[]),"
+                     " unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]),"
+                     " unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::TIMESTAMP[]), unnest(?::VARCHAR[])",
+    _INSERT_FEEDBACK: "INSERT INTO feedback (id, message_id, kind, rating, text, user_name, session_id, created_at,"
+                      " derived_from) SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]),"
+                      " unnest(?::INTEGER[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]),"
+                      " unnest(?::TIMESTAMP[]), unnest(?::VARCHAR[])",
+    _FINISH_MESSAGE: "UPDATE messages SET content = r.content, status = r.status, error = r.error, ttft_ms = r.ttft_ms,"
+                     " latency_ms = r.latency_ms, prompt_tokens = r.prompt_tokens, completion_tokens = r.completion_tokens"
+                     " FROM (SELECT unnest(?::VARCHAR[]) AS content, unnest(?::VARCHAR[]) AS status,"
+                     " unnest(?::VARCHAR[]) AS error, unnest(?::DOUBLE[]) AS ttft_ms, unnest(?::DOUBLE[]) AS latency_ms,"
+                     " unnest(?::INTEGER[]) AS prompt_tokens, unnest(?::INTEGER[]) AS completion_tokens,"
+                     " unnest(?::VARCHAR[]) AS id) AS r WHERE messages.id = r.id",
+}
 
 
 def _batch_statements(batch: list[_Write]) -> list[tuple[str, list[tuple]]]:

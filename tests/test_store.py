@@ -276,6 +276,33 @@ def _wait_for_queue(store, n):
         time.sleep(0.001)
 
 
+def test_a_batch_of_replies_finished_twice_keeps_the_last_write(store):
+    """A batch's finish_message UPDATEs run as one statement over lists of values, unless an id repeats:
+    then they run one by one, in order, so the write queued last wins (as if committed one after the other)."""
+    import threading
+
+    cid = store.create_conversation("s1")
+    replies = [store.add_turn(cid, f"q{i}")[1] for i in range(3)]
+    busy, release = threading.Event(), threading.Event()
+    blocker = threading.Thread(target=store._on_writer, args=(lambda db: (busy.set(), release.wait(10)),))
+    blocker.start()
+    assert busy.wait(5)
+    writes = [(replies[0], "first"), (replies[1], "other"), (replies[0], "second"), (replies[2], None)]
+    threads = []
+    for n, (mid, text) in enumerate(writes, 1):
+        threads.append(threading.Thread(target=store.finish_message, args=(mid, text or "", "ok" if text else "error"),
+                                        kwargs={"error": None if text else "boom", "ttft_ms": 1.5 if text else None,
+                                                "completion_tokens": n}))
+        threads[-1].start()
+        _wait_for_queue(store, n)
+    release.set()
+    for t in threads + [blocker]:
+        t.join(10)
+    got = [store.message(m) for m in replies]
+    assert [(m["content"], m["status"], m["error"], m["ttft_ms"], m["completion_tokens"]) for m in got] == [
+        ("second", "ok", None, 1.5, 3), ("other", "ok", None, 1.5, 2), ("", "error", "boom", None, 4)]
+
+
 def test_ids_go_back_to_the_writer_that_asked(store):
     """Many threads write at once through every call that hands back ids: each id must name the row
     that thread wrote, with its own values, and message numbers must be unique per conversation."""
