@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 import uuid
 from dataclasses import dataclass
@@ -134,7 +133,7 @@ class Store:
         The write joins a queue that the writer thread drains: every write queued while it commits
         the previous batch goes into the next one, in one transaction, so 32 concurrent writers pay
         for one commit, not 32. Within a batch, same-shaped writes run as one `executemany` per
-        statement (see _batch_statements). If a batch fails it is rolled back and each write is
+        statement (see _batch_statements), or as one statement over lists of values (_AS_LISTS). If a batch fails it is rolled back and each write is
         retried alone, so a bad write fails only its own caller and no caller hears "done" for a
         write that was rolled back.
 
@@ -187,10 +186,10 @@ class Store:
         db.execute("BEGIN TRANSACTION")
         try:
             for sql, rows in _batch_statements(batch):
-                as_lists = _AS_LISTS.get(sql)
+                as_lists, key = _AS_LISTS.get(sql, (None, 0))
                 if len(rows) == 1:
                     db.execute(sql, rows[0])
-                elif as_lists and (not sql.startswith("UPDATE") or len({r[-1] for r in rows}) == len(rows)):
+                elif as_lists and len({row[key] for row in rows}) == len(rows):
                     db.execute(as_lists, [list(column) for column in zip(*rows)])
                 else:
                     db.executemany(sql, rows)
@@ -661,24 +660,25 @@ _FINISH_MESSAGE = ("UPDATE messages SET content = ?, status = ?, error = ?, ttft
                    " completion_tokens = ? WHERE id = ?")
 
 # The statements every chat turn makes, each also written once over lists of values (one list per
-# column): DuckDB runs an executemany one row at a time, ~0.2 ms per INSERT and ~0.7 ms per UPDATE
-# here (20 ms for 32 replies' UPDATEs), while one statement over lists costs about one row's time.
-# An UPDATE whose key repeats in a batch runs as executemany instead, so the last write wins.
+# column), with the position of its key: DuckDB runs an executemany one row at a time, ~0.2 ms per
+# INSERT and ~0.7 ms per UPDATE here (20 ms for 32 replies' UPDATEs), while one statement over lists
+# costs about one row's time. Rows whose key repeats in a batch run as executemany instead, in order,
+# so the write queued last wins.
 _AS_LISTS = {
-    _INSERT_MESSAGE: "INSERT INTO messages (id, conversation_id, seq, role, content, status, model, adapter, replaces,"
+    _INSERT_MESSAGE: ("INSERT INTO messages (id, conversation_id, seq, role, content, status, model, adapter, replaces,"
                      " created_at, guidelines) SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::INTEGER[]),"
                      " unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]),"
-                     " unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::TIMESTAMP[]), unnest(?::VARCHAR[])",
-    _INSERT_FEEDBACK: "INSERT INTO feedback (id, message_id, kind, rating, text, user_name, session_id, created_at,"
+                     " unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::TIMESTAMP[]), unnest(?::VARCHAR[])", 0),
+    _INSERT_FEEDBACK: ("INSERT INTO feedback (id, message_id, kind, rating, text, user_name, session_id, created_at,"
                       " derived_from) SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]),"
                       " unnest(?::INTEGER[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]),"
-                      " unnest(?::TIMESTAMP[]), unnest(?::VARCHAR[])",
-    _FINISH_MESSAGE: "UPDATE messages SET content = r.content, status = r.status, error = r.error, ttft_ms = r.ttft_ms,"
+                      " unnest(?::TIMESTAMP[]), unnest(?::VARCHAR[])", 0),
+    _FINISH_MESSAGE: ("UPDATE messages SET content = r.content, status = r.status, error = r.error, ttft_ms = r.ttft_ms,"
                      " latency_ms = r.latency_ms, prompt_tokens = r.prompt_tokens, completion_tokens = r.completion_tokens"
                      " FROM (SELECT unnest(?::VARCHAR[]) AS content, unnest(?::VARCHAR[]) AS status,"
                      " unnest(?::VARCHAR[]) AS error, unnest(?::DOUBLE[]) AS ttft_ms, unnest(?::DOUBLE[]) AS latency_ms,"
                      " unnest(?::INTEGER[]) AS prompt_tokens, unnest(?::INTEGER[]) AS completion_tokens,"
-                     " unnest(?::VARCHAR[]) AS id) AS r WHERE messages.id = r.id",
+                     " unnest(?::VARCHAR[]) AS id) AS r WHERE messages.id = r.id", 7),
 }
 
 
