@@ -133,9 +133,9 @@ class Store:
         The write joins a queue that the writer thread drains: every write queued while it commits
         the previous batch goes into the next one, in one transaction, so 32 concurrent writers pay
         for one commit, not 32. Within a batch, same-shaped writes run as one `executemany` per
-        statement (see _batch_statements), or as one statement over lists of values (_AS_LISTS). If a batch fails it is rolled back and each write is
-        retried alone, so a bad write fails only its own caller and no caller hears "done" for a
-        write that was rolled back.
+        statement (see _batch_statements), or as one statement over lists of values (_AS_LISTS).
+        If a batch fails it is rolled back and each write is retried alone, so a bad write fails
+        only its own caller and no caller hears "done" for a write that was rolled back.
 
         `independent`: the statements touch only rows that no other write in flight touches (fresh
         ids, or keys the caller holds a lock on), so same-shaped writes of this kind may run
