@@ -1,3 +1,4 @@
+import time
 from datetime import timedelta
 
 import subprocess
@@ -138,9 +139,9 @@ def test_delete_user_and_retention(store):
 
 
 def test_concurrent_writers_group_commit_keeps_every_row_exact(settings):
-    """32 threads write turns at once: same-shaped writes of one group commit are merged into one
-    multi-row INSERT / UPDATE ... FROM VALUES; each row must still get exactly its own values, NULLs
-    included, and every conversation's messages must keep their order."""
+    """32 threads write turns at once: same-shaped writes of one batch run as one executemany; each
+    row must still get exactly its own values, NULLs included, and every conversation's messages
+    must keep their order."""
     import threading
 
     def writer(w, out):
@@ -179,35 +180,23 @@ def test_concurrent_writers_group_commit_keeps_every_row_exact(settings):
                 assert ratings == ([1 if t % 2 else -1] if done else [])
 
 
-def test_coalesce_merges_only_independent_single_writes():
-    from chatfb.store import _Write, _coalesce
+def test_batch_runs_same_shaped_writes_together_and_keeps_each_write_in_order():
+    """One executemany per shape: single-statement writes of one shape together; independent writes
+    of several statements statement by statement across their shape; any other write alone, in order."""
+    from chatfb.store import _Write, _batch_statements
 
-    ins = "INSERT INTO t (id, v) VALUES (?, ?)"
-    upd = "UPDATE t SET v = ?, w = ? WHERE id = ?"
-    batch = [_Write([(ins, ("a", 1))]), _Write([(upd, (1, 2, "x"))]), _Write([(ins, ("b", 2))]),
-             _Write([("UPDATE t SET v = 0 WHERE id = ?", ("z",)), (ins, ("c", 3))]),  # two statements: as they are
-             _Write([(upd, (3, 4, "y"))]), _Write([(upd, (5, 6, "x"))])]  # key x again: not merged, stays after
-    out = _coalesce(batch)
-    assert out[0] == ("INSERT INTO t (id, v) VALUES (?, ?), (?, ?)", ("a", 1, "b", 2))
-    assert out[1][0].startswith("UPDATE t SET v = _v.c0, w = _v.c1 FROM (VALUES (?, ?, ?), (?, ?, ?)) AS _v(c0, c1, _k)")
-    assert out[1][1] == (1, 2, "x", 3, 4, "y")
-    assert out[2:] == [("UPDATE t SET v = 0 WHERE id = ?", ("z",)), (ins, ("c", 3)), (upd, (5, 6, "x"))]
-
-
-def test_coalesce_merges_turns_of_inserts_only():
-    """A transaction of a few single-row INSERTs (a turn) joins the batch's multi-row INSERTs; one with
-    an UPDATE in it, or a long one (an import), keeps its statements as they are."""
-    from chatfb.store import _Write, _coalesce
-
-    ins, other = "INSERT INTO t (id, v) VALUES (?, ?)", "INSERT INTO u VALUES (?)"
-    batch = [_Write([(ins, ("a", 1))]), _Write([(ins, ("b", 2)), (ins, ("c", 3)), (other, ("o",))]),
-             _Write([("UPDATE t SET v = 0 WHERE id = ?", ("z",)), (ins, ("d", 4))]), _Write([(other, ("p",))]),
-             _Write([(ins, (f"i{n}", n)) for n in range(5)])]
-    assert _coalesce(batch) == [
-        ("INSERT INTO t (id, v) VALUES (?, ?), (?, ?), (?, ?)", ("a", 1, "b", 2, "c", 3)),
-        ("INSERT INTO u VALUES (?), (?)", ("o", "p")),
-        ("UPDATE t SET v = 0 WHERE id = ?", ("z",)), (ins, ("d", 4)),
-        *[(ins, (f"i{n}", n)) for n in range(5)]]
+    ins, upd, other = "INSERT INTO t VALUES (?, ?)", "UPDATE t SET v = ? WHERE id = ?", "INSERT INTO u VALUES (?)"
+    live = [("UPDATE a SET s = 'retired' WHERE s = 'live'", ()), ("UPDATE a SET s = 'live' WHERE n = ?", ("x",))]
+    batch = [_Write([(ins, ("a", 1))]), _Write([(upd, (1, "x"))]), _Write(live),
+             _Write([(ins, ("b", 2)), (other, ("o",))], independent=True), _Write([(ins, ("c", 3))]),
+             _Write([(ins, ("d", 4)), (other, ("p",))], independent=True), _Write([(upd, (2, "x"))]),
+             _Write([live[0], (live[1][0], ("y",))])]
+    assert _batch_statements(batch) == [
+        (ins, [("a", 1), ("c", 3)]),
+        (upd, [(1, "x"), (2, "x")]),  # the same key twice: both, in the order they came
+        (live[0][0], [()]), (live[1][0], [("x",)]),  # not independent: its statements stay together
+        (ins, [("b", 2), ("d", 4)]), (other, [("o",), ("p",)]),
+        (live[0][0], [()]), (live[1][0], [("y",)])]
 
 
 def test_add_turn_logs_message_and_pending_reply_in_one_commit(store):
@@ -225,20 +214,173 @@ def test_add_turn_logs_message_and_pending_reply_in_one_commit(store):
     assert store.history_before(reply_id)[-1] == {"role": "user", "content": "how do I reset it?"}
 
 
-def test_a_bad_write_in_a_merged_batch_fails_alone(store):
-    """A merged statement that fails is retried write by write: the bad one gets the error, the
-    others land."""
-    from chatfb.store import _INSERT_FEEDBACK, _Write
+def test_a_bad_write_fails_alone_and_no_rolled_back_write_is_acknowledged(settings):
+    """Writes queued while the writer is busy go into one batch; one of them breaks a primary key,
+    so the batch is rolled back. Every caller told "done" must find its rows in the file afterwards,
+    the failing caller gets the error, and the batch really was tried as one transaction first."""
+    import threading
+
+    from chatfb.store import _Write
+
+    store = Store(settings.db_path)
+    cid = store.create_conversation("s1")
+    store.add_message(cid, "user", "hi")
+    replies = [store.add_message(cid, "assistant", f"hello{i}") for i in range(4)]
+    busy, release = threading.Event(), threading.Event()
+    blocker = threading.Thread(target=store._on_writer, args=(lambda db: (busy.set(), release.wait(10)),))
+    blocker.start()
+    assert busy.wait(5)
+    batches = []
+    run = store._run
+    store._run = lambda batch: (batches.append(len(batch)), run(batch))
+    outcome = {}
+
+    def write(key, fn):
+        try:
+            outcome[key] = ("ok", fn())
+        except Exception as e:  # noqa: BLE001 - what the caller saw
+            outcome[key] = ("error", e)
+
+    calls = {f"adapter{i}": (lambda i=i: store.add_adapter(f"a{i}", None, "candidate", None)) for i in range(4)}
+    calls.update({f"turn{i}": (lambda i=i: store.add_turn(cid, f"q{i}")) for i in range(4)})
+    calls.update({f"feedback{i}": (lambda i=i: store.log_feedback(replies[i], "critique", text=f"c{i}")) for i in range(4)})
+    calls["duplicate"] = lambda: store._tx([("INSERT INTO adapters (name, status, created_at) VALUES ('a2', 'x', now())", ())])
+    threads = [threading.Thread(target=write, args=item) for item in calls.items()]
+    for t in threads[:-1]:
+        t.start()
+    _wait_for_queue(store, len(calls) - 1)  # the duplicate queues last, behind the a2 it collides with
+    threads[-1].start()
+    _wait_for_queue(store, len(calls))
+    release.set()
+    for t in threads + [blocker]:
+        t.join(10)
+    store.close()
+
+    assert batches[0] == len(calls)  # tried as one transaction first
+    assert outcome.pop("duplicate")[0] == "error"
+    assert {k: v[0] for k, v in outcome.items()} == {k: "ok" for k in outcome}
+    with Store(settings.db_path) as s:
+        assert sorted(a["name"] for a in s.adapters()) == ["a0", "a1", "a2", "a3"]
+        assert [a["status"] for a in s.adapters() if a["name"] == "a2"] == ["candidate"]
+        for i in range(4):
+            user_id, reply_id = outcome[f"turn{i}"][1]
+            assert s.message(user_id)["content"] == f"q{i}" and s.message(reply_id)["status"] == "pending"
+            assert s.feedback(outcome[f"feedback{i}"][1])["text"] == f"c{i}"
+
+
+def _wait_for_queue(store, n):
+    """Until n writes wait in the writer's queue (the writer is held busy by the test)."""
+    deadline = time.monotonic() + 10
+    while len(store._queue) < n:
+        assert time.monotonic() < deadline, f"{len(store._queue)} of {n} writes queued"
+        time.sleep(0.001)
+
+
+def test_a_batch_of_replies_finished_twice_keeps_the_last_write(store):
+    """A batch's finish_message UPDATEs run as one statement over lists of values, unless an id repeats:
+    then they run one by one, in order, so the write queued last wins (as if committed one after the other)."""
+    import threading
 
     cid = store.create_conversation("s1")
-    mid = store.add_message(cid, "user", "hi")
-    sql = _INSERT_FEEDBACK
-    good = [_Write([(sql, (f"f{i}", mid, "rating", 1, None, None, None, utcnow(), None))]) for i in range(3)]
-    bad = _Write([(sql, ("f1", mid, "rating", 1, None, None, None, utcnow(), None))])  # same primary key as good[1]
-    with store._lock:
-        store._commit(good + [bad])
-    assert [j.error for j in good] == [None, None, None] and bad.error is not None
-    assert store._q("SELECT count(*) FROM feedback")[0][0] == 3
+    replies = [store.add_turn(cid, f"q{i}")[1] for i in range(3)]
+    busy, release = threading.Event(), threading.Event()
+    blocker = threading.Thread(target=store._on_writer, args=(lambda db: (busy.set(), release.wait(10)),))
+    blocker.start()
+    assert busy.wait(5)
+    writes = [(replies[0], "first"), (replies[1], "other"), (replies[0], "second"), (replies[2], None)]
+    threads = []
+    for n, (mid, text) in enumerate(writes, 1):
+        threads.append(threading.Thread(target=store.finish_message, args=(mid, text or "", "ok" if text else "error"),
+                                        kwargs={"error": None if text else "boom", "ttft_ms": 1.5 if text else None,
+                                                "completion_tokens": n}))
+        threads[-1].start()
+        _wait_for_queue(store, n)
+    release.set()
+    for t in threads + [blocker]:
+        t.join(10)
+    got = [store.message(m) for m in replies]
+    assert [(m["content"], m["status"], m["error"], m["ttft_ms"], m["completion_tokens"]) for m in got] == [
+        ("second", "ok", None, 1.5, 3), ("other", "ok", None, 1.5, 2), ("", "error", "boom", None, 4)]
+
+
+def test_ids_go_back_to_the_writer_that_asked(store):
+    """Many threads write at once through every call that hands back ids: each id must name the row
+    that thread wrote, with its own values, and message numbers must be unique per conversation."""
+    import threading
+
+    cid = store.create_conversation("shared")
+    store.add_message(cid, "user", "q")
+    reply = store.add_message(cid, "assistant", "a")
+    go = threading.Barrier(12)
+    got, errors = {}, []
+
+    def writer(w):
+        try:
+            go.wait()
+            for t in range(5):
+                own = store.create_conversation(f"s{w}", f"u{w}")
+                user_id, reply_id = store.add_turn(own, f"q{w}-{t}", model=f"m{w}")
+                mid = store.add_message(cid, "user", f"shared{w}-{t}")
+                fid = store.log_feedback(reply, "critique", text=f"c{w}-{t}")
+                (cand,) = store.add_candidates([{"feedback_id": fid, "message_id": reply, "origin": "inloop",
+                                                 "text": f"r{w}-{t}", "verdict": "v", "status": "offered"}])
+                got[(w, t)] = (own, user_id, reply_id, mid, fid, cand)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for (w, t), (own, user_id, reply_id, mid, fid, cand) in got.items():
+        assert store.conversation(own)["session_id"] == f"s{w}"
+        assert [(m["id"], m["content"]) for m in store.messages(own)] == [(user_id, f"q{w}-{t}"), (reply_id, "")]
+        assert store.message(reply_id)["model"] == f"m{w}"
+        assert store.message(mid)["content"] == f"shared{w}-{t}"
+        assert store.feedback(fid)["text"] == f"c{w}-{t}"
+        assert store.candidate(cand)["text"] == f"r{w}-{t}" and store.candidate(cand)["feedback_id"] == fid
+    assert [m["seq"] for m in store.messages(cid)] == list(range(1, 12 * 5 + 3))
+
+
+def test_reads_after_a_write_see_it_from_the_same_thread(store):
+    cid = store.create_conversation("s1")
+    for i in range(50):
+        user_id, reply_id = store.add_turn(cid, f"q{i}")
+        store.finish_message(reply_id, f"a{i}", "ok")
+        assert store.message(reply_id)["content"] == f"a{i}"
+        fid = store.log_feedback(reply_id, "rating", rating=1)
+        assert [f["id"] for f in store.feedback_for(reply_id)] == [fid]
+
+
+def test_close_commits_queued_writes_and_refuses_later_ones(settings):
+    import threading
+
+    store = Store(settings.db_path)
+    cid = store.create_conversation("s1")
+    busy, release = threading.Event(), threading.Event()
+    blocker = threading.Thread(target=store._on_writer, args=(lambda db: (busy.set(), release.wait(10)),))
+    blocker.start()
+    assert busy.wait(5)
+    acked = []
+    writers = [threading.Thread(target=lambda i=i: acked.append(store.add_turn(cid, f"q{i}"))) for i in range(8)]
+    for t in writers:
+        t.start()
+    _wait_for_queue(store, 8)
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    deadline = time.monotonic() + 10
+    while not store._closed and time.monotonic() < deadline:
+        time.sleep(0.001)
+    with pytest.raises(StoreError, match="closed"):
+        store.add_turn(cid, "too late")
+    release.set()
+    for t in writers + [blocker, closer]:
+        t.join(10)
+    assert len(acked) == 8 and not store._writer.is_alive()
+    with Store(settings.db_path) as s:
+        assert sorted(m["content"] for m in s.messages(cid) if m["role"] == "user") == sorted(f"q{i}" for i in range(8))
 
 
 def test_message_numbers_continue_after_reopening(settings):
@@ -273,8 +415,8 @@ def test_concurrent_revisions_of_one_rating_leave_exactly_one_active(store):
 
 
 def test_reads_do_not_wait_for_a_commit_under_way(store):
-    """Reads run on pooled reader cursors, not on the writer's connection: while a group commit holds
-    the writer (simulated by holding its lock), a reply's history and feedback checks still answer."""
+    """Reads run on pooled reader cursors, not on the writer's connection: while the writer thread is
+    busy (held in a call on its connection), a reply's history and feedback checks still answer."""
     import threading
 
     cid = store.create_conversation("s1", "ann", "Be brief.")
@@ -282,13 +424,7 @@ def test_reads_do_not_wait_for_a_commit_under_way(store):
     a = store.add_message(cid, "assistant", "", status="pending")
     store.finish_message(a, "hello", "ok")
     holding, release = threading.Event(), threading.Event()
-
-    def commit_under_way():
-        with store._lock:
-            holding.set()
-            release.wait(10)
-
-    t = threading.Thread(target=commit_under_way)
+    t = threading.Thread(target=store._on_writer, args=(lambda db: (holding.set(), release.wait(10)),))
     t.start()
     try:
         assert holding.wait(5)
