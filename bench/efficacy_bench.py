@@ -577,7 +577,8 @@ def plot(results: dict, families: list[Family], path: Path) -> None:
     width = 0.8 / max(len(modes), 1)
     for i, mode in enumerate(modes):
         r = results["modes"][mode]
-        vals = [r["uptake"][g] or 0 for g in groups[:-1]] + [r["retention"] or 0]  # n/a retention: no bar
+        vals = [r["uptake"][g] for g in groups[:-1]] + [r["retention"]]
+        vals = [float("nan") if v is None else v for v in vals]  # n/a: no bar (not a bar at 0)
         ax.bar([j + i * width for j in range(len(groups))], vals, width, label=mode)
     ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(groups))])
     ax.set_xticklabels(groups, rotation=15)

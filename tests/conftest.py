@@ -5,11 +5,25 @@ Integration fixtures (a real app with a managed vLLM server) live in tests/integ
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from chatfb.config import load_settings
 from chatfb.model_client import ModelError
 from chatfb.store import Store
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch):
+    """Every test starts without the developer's CHATFB_* settings and with its data in a temp folder,
+    so a CLI or settings test reads only what it sets itself. CHATFB_TEST_* (harness options such as the
+    model cache) stay. Session-scoped integration fixtures are built before this runs, and the app's
+    environment is kept in `RunningApp.env`, so integration tests keep their own settings."""
+    for name in list(os.environ):
+        if name.startswith("CHATFB_") and not name.startswith("CHATFB_TEST_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("CHATFB_DATA_DIR", str(tmp_path / "data"))
 
 
 @pytest.fixture

@@ -30,3 +30,37 @@ def test_logging_bench_smoke_writes_results_and_loses_no_row(tmp_path):
     assert "| writers | turn p50 ms | turn p99 ms |" in markdown
     assert markdown.count("\n| 32 | ") == 2 and "Paced like chats" in markdown
     assert (tmp_path / "logging_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_efficacy_report_never_prints_an_unmeasured_number(fake_client, monkeypatch, tmp_path):
+    """The base row and a mode whose cycle trained nothing have no retention, control cosine or leak to
+    report (there is nothing to compare the base answers with): n/a in the table, null in the JSON."""
+    import chatfb.similarity
+    from bench import efficacy_bench as eb
+
+    families = list(eb.FAMILIES[:2])
+    args = eb.make_parser().parse_args(["--heldout", "1", "--controls", "2", "--seeds", "1"])
+    base = eb.judge(fake_client, "chatfb-base", families, args, [])
+    base_control = base.pop("control_replies")
+    assert (base["retention"], base["control_cosine"], base["leak"]) == (None, None, None)
+    monkeypatch.setattr(chatfb.similarity, "paired_cosines", lambda a, b: [0.9, 0.3])
+    trained = eb.judge(fake_client, "adapter", families, args, base_control)
+    assert (trained["retention"], trained["control_cosine"], trained["leak"]) == (0.5, 0.6, 0)  # measured
+    trained.pop("control_replies")
+    nothing = {"adapter": None, "path": None, "summary": {"reason": "no usable training examples"}, "cycle_wall_s": 9.0,
+               "peak_rss_gib": 1.0, "selection": None, "accept": None}
+    monkeypatch.setattr(eb, "run_mode", lambda *a, **kw: nothing)  # a cycle that trained nothing
+    untrained = eb.one_run("critique", families, args, None, fake_client, {}, tmp_path, 0, base, base_control)
+    assert untrained["trained"] is False and untrained["cycle_wall_s"] == 9.0
+    modes = {"base": eb.aggregate([dict(base, trained=False)], families),
+             "sft": eb.aggregate([dict(trained, trained=True)], families),
+             "critique": eb.aggregate([untrained], families)}
+    results = {"args": {"items": "2", "heldout": "1", "controls": "2", "seeds": "1"}, "modes": modes,
+               "machine": {"host_cpus": 2, "load_avg_1m_at_start": 0.0, "time_utc": "now"}}
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in eb.report(results, families).splitlines()
+            if line.startswith("| ")}
+    retention, cosine, leak = (rows["mode"].index(h) for h in ("retention", "control cos", "leak"))
+    for mode in ("base", "critique"):
+        assert [rows[mode][i] for i in (retention, cosine, leak)] == ["n/a"] * 3, rows[mode]
+        assert modes[mode]["retention"] is modes[mode]["control_cosine"] is modes[mode]["leak"] is None
+    assert [rows["sft"][i] for i in (retention, cosine, leak)] == ["0.50", "0.60", "0.0"]

@@ -16,9 +16,37 @@ def test_migrations_run_once_and_are_recorded(settings):
         assert s.applied_migrations() == [name for name, _ in MIGRATIONS]
     with Store(settings.db_path) as s:  # reopening applies nothing twice
         assert s.applied_migrations() == [name for name, _ in MIGRATIONS]
-        cols = {r[0] for r in s._q("SELECT column_name FROM information_schema.columns WHERE table_name = 'messages'")}
-    assert {"id", "conversation_id", "role", "content", "status", "model", "adapter", "ttft_ms", "latency_ms",
-            "prompt_tokens", "completion_tokens"} <= cols
+        rows = s._q("SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns"
+                    " WHERE table_schema = 'main' ORDER BY table_name, ordinal_position")
+    schema: dict[str, list[str]] = {}
+    for table, column, kind, nullable in rows:
+        schema.setdefault(table, []).append(f"{column} {kind}" + ("" if nullable == "YES" else " NOT NULL"))
+    assert schema == SCHEMA  # a new migration changes this on purpose: update SCHEMA with it
+
+
+# The store's schema after every migration: each table, each column with its type, in order.
+SCHEMA = {
+    "_migrations": ["name VARCHAR NOT NULL", "applied_at TIMESTAMP"],
+    "adapters": ["name VARCHAR NOT NULL", "parent VARCHAR", "status VARCHAR NOT NULL", "path VARCHAR",
+                 "created_at TIMESTAMP NOT NULL", "promoted_at TIMESTAMP", "metrics JSON", "data_counts JSON",
+                 "timings JSON", "recipe JSON", "error VARCHAR"],
+    "candidates": ["id VARCHAR NOT NULL", "feedback_id VARCHAR NOT NULL", "message_id VARCHAR", "origin VARCHAR NOT NULL",
+                   "text VARCHAR NOT NULL", "score DOUBLE", "verdict VARCHAR NOT NULL", "status VARCHAR NOT NULL",
+                   "session_id VARCHAR", "cycle VARCHAR", "details JSON", "created_at TIMESTAMP NOT NULL"],
+    "conversations": ["id VARCHAR NOT NULL", "session_id VARCHAR NOT NULL", "user_name VARCHAR",
+                      "system_prompt VARCHAR NOT NULL", "source VARCHAR NOT NULL", "created_at TIMESTAMP NOT NULL"],
+    "feedback": ["id VARCHAR NOT NULL", "message_id VARCHAR NOT NULL", "kind VARCHAR NOT NULL", "rating INTEGER",
+                 "text VARCHAR", "user_name VARCHAR", "session_id VARCHAR", "created_at TIMESTAMP NOT NULL",
+                 "superseded_at TIMESTAMP", "derived_from VARCHAR"],
+    "guidelines": ["id VARCHAR NOT NULL", "text VARCHAR NOT NULL", "scope VARCHAR NOT NULL", "status VARCHAR NOT NULL",
+                   "session_id VARCHAR", "user_name VARCHAR", "source_feedback_id VARCHAR",
+                   "created_at TIMESTAMP NOT NULL", "approved_at TIMESTAMP", "retired_at TIMESTAMP"],
+    "messages": ["id VARCHAR NOT NULL", "conversation_id VARCHAR NOT NULL", "seq INTEGER NOT NULL", "role VARCHAR NOT NULL",
+                 "content VARCHAR NOT NULL", "status VARCHAR NOT NULL", "error VARCHAR", "model VARCHAR",
+                 "adapter VARCHAR", "replaces VARCHAR", "replaced BOOLEAN NOT NULL", "created_at TIMESTAMP NOT NULL",
+                 "ttft_ms DOUBLE", "latency_ms DOUBLE", "prompt_tokens INTEGER", "completion_tokens INTEGER",
+                 "guidelines JSON"],
+}
 
 
 def test_turn_and_history(store):

@@ -2,6 +2,7 @@
 
 import socket
 
+import httpx
 import pytest
 from gradio_client import Client
 
@@ -42,10 +43,21 @@ def test_inert_rendering():
     assert ids == ["u1", "a1"] and shown[0]["content"] == "&lt;b&gt;hi&lt;/b&gt;" and "chatfb-v0001" in shown[1]["content"]
 
 
+ADMIN_ENDPOINTS = {"/admin_unlock", "/train_now", "/promote", "/rollback", "/export", "/compare",
+                   "/approve_guideline", "/edit_guideline", "/retire_guideline"}
+
+
 def test_admin_is_off_without_credentials(ui):
     client, rt = ui()
-    assert not rt.settings.admin_enabled
     assert not check_admin(rt, "", None) and not check_admin(rt, "anything", None)
+    names = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
+    assert "/send" in names and not names & ADMIN_ENDPOINTS  # no admin action reachable at all
+    for action in ("/train_now", "/export", "/admin_unlock"):
+        with pytest.raises(ValueError):
+            client.predict(api_name=action)
+    page = httpx.get(client.src, timeout=10).text
+    assert "Admin actions are **off**" in page and not rt.training_running()
+    assert not (rt.settings.data_dir / "exports").exists()
 
 
 def test_admin_needs_the_password(ui):

