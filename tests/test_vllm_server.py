@@ -67,7 +67,7 @@ def test_a_taken_port_is_refused_at_once_and_nothing_starts(tmp_path, servers):
         server.start(wait=True)
     assert time.monotonic() - t0 < 2
     assert str(port) in str(err.value)
-    assert server.pid is None and not server.ready
+    assert server._proc is None  # no process was started
 
 
 def test_the_app_says_the_port_is_taken_and_does_not_chat_through_it(settings, tmp_path, servers):
@@ -82,7 +82,7 @@ def test_the_app_says_the_port_is_taken_and_does_not_chat_through_it(settings, t
         if rt.server is not None:
             servers.append(rt.server)
         assert "CHATFB_VLLM_PORT" in rt.status and f"Port {port}" in rt.status
-        assert not rt.ready.is_set() and rt.server.pid is None
+        assert not rt.ready.is_set() and rt.server._proc is None
     finally:
         rt.store.close()
 
