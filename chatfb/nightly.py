@@ -26,8 +26,8 @@ from pathlib import Path
 from chatfb import gate, training_data
 from chatfb.config import Settings
 from chatfb.control import open_backend, running_app
-from chatfb.feedback_io import write_rows
 from chatfb.model_client import ModelClient, ModelError
+from chatfb.rows import prompt_completion_row, write_rows
 from chatfb.store import Store
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
         # question a rule was distilled on is left out of it, so it never has two targets.
         distilled = {training_data.last_user(e.prompt) for e in data.train if e.source in ("distill", "guideline")}
         replay = replay_examples(client, base_name, settings.system_prompt, settings.replay_examples, skip=distilled)
-        write_rows([pc_row(e.prompt, e.target) for e in data.train] + replay, work / "sft.jsonl")
+        write_rows([prompt_completion_row(e.prompt, e.target) for e in data.train] + replay, work / "sft.jsonl")
         write_rows(data.dpo_rows(), work / "dpo.jsonl")
         counts["replay_examples"] = len(replay)
 
@@ -271,10 +271,6 @@ def candidate_rows(selected: list, cycle: str, recipe: str) -> list[dict]:
     return rows
 
 
-def pc_row(prompt: list[dict], target: str) -> dict:
-    return {"prompt": prompt, "completion": [{"role": "assistant", "content": target}]}
-
-
 # General questions, none of them in the gate's or the benchmarks' control sets.
 REPLAY_PROMPTS = (
     "Give me a tip for staying focused.", "What is photosynthesis?", "Write a haiku about rain.",
@@ -307,7 +303,7 @@ def replay_examples(client: ModelClient, model: str, system_prompt: str, count: 
     prompts = [p for p in replay_prompts(system_prompt)[:max(count, 0)] if p[-1]["content"] not in skip]
     with ThreadPoolExecutor(8) as pool:  # vLLM batches concurrent requests
         answers = list(pool.map(lambda p: client.complete_finished(p, model, max_tokens), prompts))
-    return [pc_row(p, a) for p, a in zip(prompts, answers) if a and a.strip()]
+    return [prompt_completion_row(p, a) for p, a in zip(prompts, answers) if a and a.strip()]
 
 
 def eval_sample(heldout: list, limit: int, seed: int) -> list:
