@@ -75,9 +75,10 @@ def model_server(settings: Settings):
 
 
 def train_adapter(settings: Settings, base: Path, data_dir: Path, out: Path, dpo: bool) -> int:
-    cmd = [sys.executable, "-m", "chatfb.train", "--data", str(data_dir), "--base", str(base), "--out", str(out),
-           "--rank", str(settings.lora_rank), "--epochs", str(settings.train_epochs), "--lr", str(settings.learning_rate),
-           "--seed", str(settings.seed), "--max-steps", str(settings.train_max_steps), "--dpo-epochs", "1" if dpo else "0"]
+    cmd = [sys.executable, "-m", "chatfb.train", "--data", str(data_dir), "--base", str(base), "--output_dir", str(out),
+           "--rank", str(settings.lora_rank), "--num_train_epochs", str(settings.train_epochs),
+           "--learning_rate", str(settings.learning_rate), "--seed", str(settings.seed),
+           "--step_cap", str(settings.train_max_steps), "--dpo_epochs", "1" if dpo else "0"]
     log.info("training: %s", " ".join(cmd))
     # The trainer's chatter goes to stderr: stdout carries only the cycle's JSON summary.
     return subprocess.call(cmd, stdout=sys.stderr)
