@@ -246,6 +246,18 @@ def test_stream_chat_sends_no_seed_and_reads_the_usage_chunk():
     assert bodies[0]["stream_options"] == {"include_usage": True} and "seed" not in bodies[0]
 
 
+def test_a_server_that_dies_mid_stream_is_not_reachable():
+    class Dies(httpx.SyncByteStream):
+        def __iter__(self):
+            yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': 'Hel'}}]})}\n\n".encode()
+            raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+    client = client_for(lambda request: httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=Dies()))
+    with pytest.raises(ModelError, match="not reachable") as e:
+        list(client.stream_chat([{"role": "user", "content": "hi"}], "m"))
+    assert e.value.status is None
+
+
 def test_an_unreachable_server_is_not_reachable():
     client = ModelClient("http://127.0.0.1:9", timeout_s=2)  # the discard port: nothing listens
     with pytest.raises(ModelError, match="not reachable") as e:
