@@ -258,6 +258,21 @@ def test_a_server_that_dies_mid_stream_is_not_reachable():
     assert e.value.status is None
 
 
+def test_models_and_complete_finished():
+    def handler(request):
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "chatfb-base"}, {"id": "chatfb-v0001"}]})
+        body = json.loads(request.content)
+        finish = "length" if body["max_tokens"] < 5 else "stop"
+        return httpx.Response(200, json={"choices": [{"index": 0, "message": {"content": "A whole answer."},
+                                                      "finish_reason": finish}]})
+
+    client = client_for(handler)
+    assert client.models() == ["chatfb-base", "chatfb-v0001"]
+    assert client.complete_finished([{"role": "user", "content": "hi"}], "m", max_tokens=50) == "A whole answer."
+    assert client.complete_finished([{"role": "user", "content": "hi"}], "m", max_tokens=2) is None
+
+
 def test_an_unreachable_server_is_not_reachable():
     client = ModelClient("http://127.0.0.1:9", timeout_s=2)  # the discard port: nothing listens
     with pytest.raises(ModelError, match="not reachable") as e:
