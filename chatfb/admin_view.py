@@ -152,12 +152,11 @@ def training_progress(rt: Runtime) -> tuple[str, str]:
     except OSError:
         return "No learning cycle has run yet.", ""
     state = "running" if rt.training_running() else "finished"
-    bar = ""
-    for p in filter(None, map(training_step, reversed(lines))):
+    bar, p = "", next(filter(None, map(training_step, reversed(lines))), None)  # the newest step
+    if p:
         filled = int(20 * p["step"] / max(p["total"], 1))
         bar = (f"`[{'#' * filled}{'.' * (20 - filled)}]` {p.get('phase', '').upper()} step {p['step']}/{p['total']}, "
                f"loss {p.get('loss')}, ETA {p.get('eta_s')} s")
-        break
     return f"Learning cycle {state}. {bar}", "\n".join(lines[-25:])
 
 

@@ -56,6 +56,7 @@ def test_progress_is_one_json_object_per_step_and_the_admin_view_reads_it(capsys
     log = tmp_path / "nightly.log"
     log.write_text("\n".join([
         "2026-12-03 INFO chatfb.nightly training: python -m chatfb.train ...",
+        '{"phase": "sft", "step": 2, "total": 12, "loss": 1.5, "eta_s": 9}',  # an older step
         printed[0],
         '{"phase": "sft", "step": "x"}',  # not a progress line
         "step 11/12 loss 0.5 eta 1s",  # prose is not read any more
