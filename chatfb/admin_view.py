@@ -9,6 +9,7 @@ passwords are throttled per client address and overall (`unlock_admin`, chatfb.t
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import secrets
@@ -22,7 +23,6 @@ from chatfb.runtime import Runtime
 from chatfb.throttle import GuessThrottle
 
 log = logging.getLogger(__name__)
-PROGRESS = re.compile(r"step (\d+)/(\d+).*?loss ([\d.]+).*?eta ([\dms. ]+)", re.I)
 
 
 def check_admin(rt: Runtime, password: str | None, profile) -> bool:
@@ -152,15 +152,24 @@ def training_progress(rt: Runtime) -> tuple[str, str]:
     except OSError:
         return "No learning cycle has run yet.", ""
     state = "running" if rt.training_running() else "finished"
-    bar = ""
-    for line in reversed(lines):
-        m = PROGRESS.search(line)
-        if m:
-            step, total = int(m[1]), int(m[2])
-            filled = int(20 * step / max(total, 1))
-            bar = f"`[{'#' * filled}{'.' * (20 - filled)}]` step {step}/{total}, loss {m[3]}, ETA {m[4].strip()}"
-            break
+    bar, p = "", next(filter(None, map(training_step, reversed(lines))), None)  # the newest step
+    if p:
+        filled = int(20 * p["step"] / max(p["total"], 1))
+        bar = (f"`[{'#' * filled}{'.' * (20 - filled)}]` {p.get('phase', '').upper()} step {p['step']}/{p['total']}, "
+               f"loss {p.get('loss')}, ETA {p.get('eta_s')} s")
     return f"Learning cycle {state}. {bar}", "\n".join(lines[-25:])
+
+
+def training_step(line: str) -> dict | None:
+    """One of the trainer's progress lines (chatfb.train prints a JSON object per optimizer step), else None."""
+    if not line.startswith("{"):
+        return None
+    try:
+        p = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(p, dict) and isinstance(p.get("step"), int) and isinstance(p.get("total"), int)
+    return p if ok else None
 
 
 def build(rt: Runtime) -> None:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 
-def _f(default, help: str, env: str | None = None):
-    return field(default=default, metadata={"help": help, "env": env})
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ Import schema (one JSON object per line):
     user    str (optional)                 who gave the feedback
     ts      ISO-8601 time (optional)
 
-Exports (TRL conversational formats, loadable with `datasets.load_dataset("json" | "parquet", ...)`):
+Exports (TRL conversational formats built by chatfb.rows, loadable with `datasets.load_dataset("json" | "parquet", ...)`):
     sft.jsonl  {"messages": [..., {"role": "assistant", "content": <correction>}], "source", "critique_id"}
     dpo.jsonl  {"prompt": [...], "chosen": [assistant correction], "rejected": [assistant original, or a
                revision the user dismissed], "source", "critique_id"}
@@ -22,10 +22,10 @@ from the critique "critique_id"); TRL's trainers ignore both fields.
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime
 from pathlib import Path
 
+from chatfb.rows import dpo_row, kto_row, sft_row, write_rows
 from chatfb.store import FeedbackRecord
 
 IMPORT_KINDS = ("rating", "critique", "correction")
@@ -115,10 +115,6 @@ def parse_jsonl(path: Path, max_chars: int = 8000) -> list[dict]:
     return records
 
 
-def _assistant(text: str) -> list[dict]:
-    return [{"role": "assistant", "content": text}]
-
-
 def _provenance(r: FeedbackRecord) -> dict:
     """Where a corrected reply came from, in plain string fields that TRL's trainers ignore: written
     by the user ("correction"), or a revision they accepted ("revision", with the critique's id)."""
@@ -129,7 +125,7 @@ def export_rows(records: list[FeedbackRecord], fmt: str, dismissed: dict[str, li
     """Rows of one TRL format. `dismissed` (message id -> revisions the user dismissed) adds DPO
     pairs: the corrected reply is chosen over each dismissed revision of the same reply."""
     if fmt == "sft":
-        return [{"messages": r.prompt + _assistant(r.text), **_provenance(r)} for r in records if r.kind == "correction"]
+        return [sft_row(r.prompt, r.text, **_provenance(r)) for r in records if r.kind == "correction"]
     if fmt == "dpo":
         rows = []
         for r in records:
@@ -137,46 +133,21 @@ def export_rows(records: list[FeedbackRecord], fmt: str, dismissed: dict[str, li
                 continue
             for rejected in dict.fromkeys([r.reply, *(dismissed or {}).get(r.message_id, [])]):
                 if r.text.strip() != rejected.strip():
-                    rows.append({"prompt": r.prompt, "chosen": _assistant(r.text), "rejected": _assistant(rejected),
-                                 **_provenance(r)})
+                    rows.append(dpo_row(r.prompt, r.text, rejected, **_provenance(r)))
         return rows
     if fmt == "kto":
         rows = []
         for r in records:
             if r.kind == "rating":
-                rows.append({"prompt": r.prompt, "completion": _assistant(r.reply), "label": r.rating > 0})
+                rows.append(kto_row(r.prompt, r.reply, r.rating > 0))
             elif r.kind == "implicit":
-                rows.append({"prompt": r.prompt, "completion": _assistant(r.reply), "label": False})
+                rows.append(kto_row(r.prompt, r.reply, False))
         prompts = {r.message_id: r.prompt for r in records}
         for mid, texts in (dismissed or {}).items():
             if mid in prompts:  # a dismissed revision is an undesirable completion of the same prompt
-                rows += [{"prompt": prompts[mid], "completion": _assistant(t), "label": False} for t in texts]
+                rows += [kto_row(prompts[mid], t, False) for t in texts]
         return rows
     raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-
-
-def write_rows(rows: list[dict], path: Path) -> Path:
-    """Write JSONL or Parquet (by suffix) atomically: a crash leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        if path.suffix == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.Table.from_pylist(rows), tmp)
-        else:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                for row in rows:
-                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def export(records: list[FeedbackRecord], fmt: str, out_dir: Path, file_format: str = "jsonl",

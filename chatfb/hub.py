@@ -20,7 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from chatfb.feedback_io import EXPORT_FORMATS, export_rows, write_rows
+from chatfb.feedback_io import EXPORT_FORMATS, export_rows
+from chatfb.rows import write_rows
 from chatfb.store import FEEDBACK_KINDS, FeedbackRecord
 from chatfb.training_data import clean
 

@@ -1,4 +1,5 @@
-"""HTTP client for a vLLM OpenAI-compatible server: streaming chat, plain completions, LoRA admin.
+"""Client for a vLLM OpenAI-compatible server: streaming chat and completions through the `openai`
+package; vLLM's own endpoints (/health, /tokenize, LoRA load/unload) over plain HTTP.
 
 Errors become `ModelError` with a message that is safe to show a chat user (no URLs, no traces).
 """
@@ -6,19 +7,25 @@ Errors become `ModelError` with a message that is safe to show a chat user (no U
 from __future__ import annotations
 
 import json
+import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import httpx
+import openai
+
+log = logging.getLogger(__name__)
 
 
 class ModelError(RuntimeError):
     """The model server failed a request; str(e) is safe to show a user.
 
     `status` is the HTTP status the server answered with, None when it did not answer (down or
-    restarting) and "timeout" when it answered too slowly. `unavailable` tells batch work that
-    the same request may succeed once the server is back (down, or a 5xx while its engine restarts)."""
+    restarting), "timeout" when it answered too slowly and "bad response" when what it sent could
+    not be read. `unavailable` tells batch work that the same request may succeed once the server
+    is back (down, or a 5xx while its engine restarts)."""
 
     def __init__(self, message: str, status: int | str | None = None):
         super().__init__(message)
@@ -47,6 +54,10 @@ class ModelClient:
         self._http = httpx.Client(base_url=self.base_url, headers=headers,
                                   timeout=httpx.Timeout(timeout_s, connect=5.0),
                                   limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        # One connection pool for both; no retries (a failed request is reported, as over plain HTTP).
+        # The openai package needs some key; vLLM started without --api-key ignores it.
+        self._openai = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=api_key or "unused", max_retries=0,
+                                     timeout=httpx.Timeout(timeout_s, connect=5.0), http_client=self._http)
 
     def close(self) -> None:
         self._http.close()
@@ -59,27 +70,24 @@ class ModelClient:
             return False
 
     def models(self) -> list[str]:
-        r = self._call("GET", "/v1/models")
-        return [m["id"] for m in r.json().get("data", [])]
+        with _model_errors("The model server timed out.", "The model server is not reachable right now."):
+            return [m.id for m in self._openai.models.list()]
 
     # -- generation -----------------------------------------------------------------------
     def stream_chat(self, messages: list[dict], model: str, max_tokens: int = 256, temperature: float = 0.7,
-                    top_p: float = 0.95, result: StreamResult | None = None, seed: int | None = None) -> Iterator[str]:
+                    top_p: float = 0.95, result: StreamResult | None = None) -> Iterator[str]:
         """Yield text deltas; fills `result` (timings, token counts) as it goes."""
         result = result if result is not None else StreamResult()
-        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
-                "top_p": top_p, "stream": True, "stream_options": {"include_usage": True}}
-        if seed is not None:
-            body["seed"] = seed
         try:
-            for chunk in self._chunks(body):
-                if chunk.get("usage"):
-                    result.prompt_tokens = chunk["usage"].get("prompt_tokens")
-                    result.completion_tokens = chunk["usage"].get("completion_tokens")
-                for choice in chunk.get("choices", []):
-                    delta = (choice.get("delta") or {}).get("content") or ""
-                    if choice.get("finish_reason"):
-                        result.finish_reason = choice["finish_reason"]
+            for chunk in self._chunks(model=model, messages=messages, max_tokens=max_tokens, temperature=temperature,
+                                      top_p=top_p, stream_options={"include_usage": True}):
+                if chunk.usage:
+                    result.prompt_tokens = chunk.usage.prompt_tokens
+                    result.completion_tokens = chunk.usage.completion_tokens
+                for choice in chunk.choices or []:
+                    delta = (choice.delta.content if choice.delta else None) or ""
+                    if choice.finish_reason:
+                        result.finish_reason = choice.finish_reason
                     if delta:
                         if result.ttft_ms is None:
                             result.ttft_ms = (time.perf_counter() - result.started) * 1000
@@ -89,67 +97,52 @@ class ModelClient:
             result.latency_ms = (time.perf_counter() - result.started) * 1000
 
     def complete(self, messages: list[dict], model: str, max_tokens: int = 256, temperature: float = 0.0,
-                  top_p: float = 1.0, n: int = 1, seed: int | None = None) -> list[str]:
+                 top_p: float = 1.0, n: int = 1) -> list[str]:
         """Non-streaming chat completion; returns the n choices' texts."""
-        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
-                "top_p": top_p, "n": n}
-        if seed is not None:
-            body["seed"] = seed
-        r = self._call("POST", "/v1/chat/completions", json=body)
-        return [c["message"]["content"] or "" for c in r.json()["choices"]]
+        r = self._create(model=model, messages=messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n)
+        return [c.message.content or "" for c in r.choices]
 
     def complete_finished(self, messages: list[dict], model: str, max_tokens: int = 256) -> str | None:
         """Greedy reply, or None when max_tokens cut it off (finish_reason "length")."""
-        r = self._call("POST", "/v1/chat/completions", json={"model": model, "messages": messages,
-                                                               "max_tokens": max_tokens, "temperature": 0.0})
-        choice = r.json()["choices"][0]
-        return None if choice.get("finish_reason") == "length" else (choice["message"]["content"] or "")
+        choice = self._create(model=model, messages=messages, max_tokens=max_tokens, temperature=0.0).choices[0]
+        return None if choice.finish_reason == "length" else (choice.message.content or "")
 
     def complete_choices(self, messages: list[dict], model: str, max_tokens: int = 256, temperature: float = 0.8,
                          top_p: float = 0.95, n: int = 1) -> list[tuple[str, str | None]]:
         """n sampled replies from one request, as (text, finish_reason) in choice order."""
-        r = self._call("POST", "/v1/chat/completions", json={
-            "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
-            "top_p": top_p, "n": n})
-        choices = sorted(r.json()["choices"], key=lambda c: c.get("index", 0))
-        return [((c.get("message") or {}).get("content") or "", c.get("finish_reason")) for c in choices]
+        r = self._create(model=model, messages=messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n)
+        choices = sorted(r.choices, key=lambda c: c.index or 0)
+        return [((c.message.content if c.message else None) or "", c.finish_reason) for c in choices]
 
     def stream_choices(self, messages: list[dict], model: str, n: int = 1, max_tokens: int = 256,
                        temperature: float = 0.8, top_p: float = 0.95,
                        finish_reasons: dict | None = None) -> Iterator[tuple[int, str]]:
         """Yield (choice index, text delta) while n replies are sampled in one streamed request;
         `finish_reasons`, when given, receives each choice's finish reason ("stop", "length")."""
-        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
-                "top_p": top_p, "n": n, "stream": True}
-        for chunk in self._chunks(body):
-            for choice in chunk.get("choices", []):
-                delta = (choice.get("delta") or {}).get("content") or ""
-                if choice.get("finish_reason") and finish_reasons is not None:
-                    finish_reasons[choice.get("index", 0)] = choice["finish_reason"]
+        for chunk in self._chunks(model=model, messages=messages, max_tokens=max_tokens, temperature=temperature,
+                                  top_p=top_p, n=n):
+            for choice in chunk.choices or []:
+                delta = (choice.delta.content if choice.delta else None) or ""
+                if choice.finish_reason and finish_reasons is not None:
+                    finish_reasons[choice.index or 0] = choice.finish_reason
                 if delta:
-                    yield choice.get("index", 0), delta
+                    yield choice.index or 0, delta
 
-    def _chunks(self, body: dict) -> Iterator[dict]:
-        """The JSON chunks of a streamed chat completion; failures as ModelError."""
-        try:
-            with self._http.stream("POST", "/v1/chat/completions", json=body) as r:
-                if r.status_code != 200:
-                    r.read()
-                    raise ModelError(_http_message(r), r.status_code)
-                for line in r.iter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if "error" in chunk:  # vLLM reports a failure inside the stream after the 200
-                        raise ModelError("The model server failed while answering. Please try again.")
-                    yield chunk
-        except httpx.TimeoutException:
-            raise ModelError("The model took too long to answer. Please try again.", "timeout") from None
-        except (httpx.HTTPError, json.JSONDecodeError):
-            raise ModelError("The model server is not reachable right now. Please try again in a moment.") from None
+    def _create(self, **body):
+        with _model_errors("The model server timed out.", "The model server is not reachable right now."):
+            return self._openai.chat.completions.create(**body)
+
+    def _chunks(self, **body) -> Iterator:
+        """The chunks of a streamed chat completion; failures as ModelError."""
+        with _model_errors("The model took too long to answer. Please try again.",
+                           "The model server is not reachable right now. Please try again in a moment."):
+            with self._openai.chat.completions.create(stream=True, **body) as stream:
+                try:
+                    yield from stream
+                except json.JSONDecodeError as e:  # a chunk that is not JSON: the server, not the network, is at fault
+                    log.warning("unreadable chunk in a streamed reply from %s: %r", self.base_url, e.doc[:200])
+                    raise ModelError("The model server sent a reply that could not be read. Please try again.",
+                                     "bad response") from None
 
     def completion_logprobs(self, messages: list[dict], completion: str, model: str) -> list[float]:
         """Log-probabilities of the tokens of `completion` as the assistant's reply after `messages`,
@@ -167,10 +160,8 @@ class ModelClient:
         start = self._token_count({"messages": messages, "add_generation_prompt": True})
         end = self._token_count({"messages": reply, "add_generation_prompt": False,
                                  "continue_final_message": True}) + 1
-        r = self._call("POST", "/v1/chat/completions", json={
-            "model": model, "messages": reply, "add_generation_prompt": False, "max_tokens": 1,
-            "temperature": 0.0, "prompt_logprobs": 0})
-        body = r.json()
+        body = self._create(model=model, messages=reply, max_tokens=1, temperature=0.0,
+                            extra_body={"add_generation_prompt": False, "prompt_logprobs": 0}).model_dump()
         ids, entries = body.get("prompt_token_ids") or [], body.get("prompt_logprobs") or []
         if not (0 < start < end <= len(entries)):
             raise ModelError("The model server did not return the reply's token log-probabilities.")
@@ -215,6 +206,21 @@ class ModelClient:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(every_s)
+
+
+@contextmanager
+def _model_errors(timed_out: str, unreachable: str):
+    """The openai package's errors as ModelError, with these messages for a timeout and no answer."""
+    try:
+        yield
+    except openai.APITimeoutError:
+        raise ModelError(timed_out, "timeout") from None
+    except openai.APIConnectionError:
+        raise ModelError(unreachable) from None
+    except openai.APIStatusError as e:
+        raise ModelError(_http_message(e.response), e.status_code) from None
+    except openai.APIError:  # vLLM reports a failure inside the stream, after the 200
+        raise ModelError("The model server failed while answering. Please try again.") from None
 
 
 def _http_message(r: httpx.Response) -> str:

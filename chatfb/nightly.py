@@ -26,8 +26,8 @@ from pathlib import Path
 from chatfb import gate, training_data
 from chatfb.config import Settings
 from chatfb.control import open_backend, running_app
-from chatfb.feedback_io import write_rows
 from chatfb.model_client import ModelClient, ModelError
+from chatfb.rows import prompt_completion_row, write_rows
 from chatfb.store import Store
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,10 @@ def model_server(settings: Settings):
 
 
 def train_adapter(settings: Settings, base: Path, data_dir: Path, out: Path, dpo: bool) -> int:
-    cmd = [sys.executable, "-m", "chatfb.train", "--data", str(data_dir), "--base", str(base), "--out", str(out),
-           "--rank", str(settings.lora_rank), "--epochs", str(settings.train_epochs), "--lr", str(settings.learning_rate),
-           "--seed", str(settings.seed), "--max-steps", str(settings.train_max_steps), "--dpo-epochs", "1" if dpo else "0"]
+    cmd = [sys.executable, "-m", "chatfb.train", "--data", str(data_dir), "--base", str(base), "--output_dir", str(out),
+           "--rank", str(settings.lora_rank), "--num_train_epochs", str(settings.train_epochs),
+           "--learning_rate", str(settings.learning_rate), "--seed", str(settings.seed),
+           "--step_cap", str(settings.train_max_steps), "--dpo_epochs", "1" if dpo else "0"]
     log.info("training: %s", " ".join(cmd))
     # The trainer's chatter goes to stderr: stdout carries only the cycle's JSON summary.
     return subprocess.call(cmd, stdout=sys.stderr)
@@ -155,7 +156,7 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
         # question a rule was distilled on is left out of it, so it never has two targets.
         distilled = {training_data.last_user(e.prompt) for e in data.train if e.source in ("distill", "guideline")}
         replay = replay_examples(client, base_name, settings.system_prompt, settings.replay_examples, skip=distilled)
-        write_rows([pc_row(e.prompt, e.target) for e in data.train] + replay, work / "sft.jsonl")
+        write_rows([prompt_completion_row(e.prompt, e.target) for e in data.train] + replay, work / "sft.jsonl")
         write_rows(data.dpo_rows(), work / "dpo.jsonl")
         counts["replay_examples"] = len(replay)
 
@@ -274,10 +275,6 @@ def candidate_rows(selected: list, cycle: str, recipe: str) -> list[dict]:
     return rows
 
 
-def pc_row(prompt: list[dict], target: str) -> dict:
-    return {"prompt": prompt, "completion": [{"role": "assistant", "content": target}]}
-
-
 # General questions, none of them in the gate's or the benchmarks' control sets.
 REPLAY_PROMPTS = (
     "Give me a tip for staying focused.", "What is photosynthesis?", "Write a haiku about rain.",
@@ -310,7 +307,7 @@ def replay_examples(client: ModelClient, model: str, system_prompt: str, count: 
     prompts = [p for p in replay_prompts(system_prompt)[:max(count, 0)] if p[-1]["content"] not in skip]
     with ThreadPoolExecutor(8) as pool:  # vLLM batches concurrent requests
         answers = list(pool.map(lambda p: client.complete_finished(p, model, max_tokens), prompts))
-    return [pc_row(p, a) for p, a in zip(prompts, answers) if a and a.strip()]
+    return [prompt_completion_row(p, a) for p, a in zip(prompts, answers) if a and a.strip()]
 
 
 def eval_sample(heldout: list, limit: int, seed: int) -> list:

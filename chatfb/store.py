@@ -245,11 +245,10 @@ class Store:
         return dest
 
     # -- conversations and messages ---------------------------------------------------------
-    def create_conversation(self, session_id: str, user_name: str | None = None, system_prompt: str = "",
-                            source: str = "chat") -> str:
+    def create_conversation(self, session_id: str, user_name: str | None = None, system_prompt: str = "") -> str:
         cid = new_id()
         self._tx([("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?)",
-                   (cid, session_id, user_name, system_prompt or "", source, utcnow()))])
+                   (cid, session_id, user_name, system_prompt or "", "chat", utcnow()))])
         with self._seq_lock:
             self._seq.setdefault(cid, 0)
         return cid

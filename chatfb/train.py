@@ -3,43 +3,71 @@
 Run as its own process (the nightly job does): heavy imports stay out of the app, a crash or a
 kill cannot hurt the server, and on GPUs the same entry point runs under `accelerate launch`:
 
-    python -m chatfb.train --data DIR --base MODEL_DIR --out ADAPTER_DIR
-    accelerate launch -m chatfb.train --data DIR --base MODEL_DIR --out ADAPTER_DIR
+    python -m chatfb.train --data DIR --base MODEL_DIR --output_dir ADAPTER_DIR
+    accelerate launch -m chatfb.train --data DIR --base MODEL_DIR --output_dir ADAPTER_DIR
 
-DIR holds sft.jsonl ({"prompt": [...], "completion": [...]}) and optionally dpo.jsonl.
-The adapter is written to ADAPTER_DIR.partial and renamed when complete, so a failed or killed
-run leaves nothing that looks like an adapter. Progress lines: "step i/N loss x eta Ns".
+The flags are TRL's own (`trl.TrlParser`): `Recipe` below, and every field of `trl.SFTConfig`
+(`--num_train_epochs`, `--learning_rate`, `--seed`, `--max_steps`, ...; `--help` lists them, and
+`--config FILE.yaml` reads them from a file). Their defaults are chatfb's settings (chatfb.config),
+the ones the nightly cycle trains with.
+
+DIR holds sft.jsonl (prompt/completion rows, chatfb.rows) and optionally dpo.jsonl. The adapter is
+written to ADAPTER_DIR.partial and renamed when complete, so a failed or killed run leaves nothing
+that looks like an adapter. Progress goes to stdout as one JSON object per optimizer step,
+{"phase", "step", "total", "loss", "eta_s"}, and a last {"phase": "done", ...} with the run's stats.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from chatfb.config import Settings
+from chatfb.rows import read_rows
+
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULTS = Settings()  # the field defaults only: the nightly passes the running settings as flags
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m chatfb.train", description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="folder with sft.jsonl and optional dpo.jsonl")
-    p.add_argument("--base", required=True, help="base model folder (or Hub id)")
-    p.add_argument("--out", type=Path, required=True, help="adapter output folder")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--epochs", type=float, default=4.0, help="SFT epochs")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    p.add_argument("--batch-size", type=int, default=4, help="per-device batch size")
-    p.add_argument("--max-length", type=int, default=512, help="longest tokenised example")
-    p.add_argument("--dpo-epochs", type=float, default=1.0, help="DPO epochs after SFT (0 = skip DPO)")
-    p.add_argument("--max-steps", type=int, default=0, help="cap on optimizer steps per phase (0 = epochs decide)")
-    p.add_argument("--dpo-beta", type=float, default=0.1, help="DPO beta")
-    p.add_argument("--seed", type=int, default=1234, help="random seed")
-    return p
+@dataclass
+class Recipe:
+    """What chatfb's recipe adds to TRL's SFTConfig: the data, the base model, the adapter, the DPO phase."""
+
+    data: str = field(metadata={"help": "Folder with sft.jsonl (prompt/completion rows) and optional dpo.jsonl."})
+    base: str = field(metadata={"help": "Base model folder (or Hub id)."})
+    rank: int = field(default=DEFAULTS.lora_rank, metadata={"help": "LoRA rank (alpha is twice the rank)."})
+    step_cap: int = field(default=DEFAULTS.train_max_steps, metadata={
+        "help": "Most optimizer steps per phase: the epochs decide unless they would take more (0 = no cap). "
+                "A positive --max_steps replaces both."})
+    dpo_epochs: float = field(default=1.0, metadata={"help": "DPO epochs after SFT when dpo.jsonl has pairs (0 = no DPO)."})
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO beta."})
+
+
+def trainer_defaults() -> dict:
+    """chatfb's values for SFTConfig fields, where they differ from TRL's: the settings' epochs, learning
+    rate and seed, a small batch, one log line per step, no checkpoints, and float32 on a CPU (TRL's
+    bf16 + gradient checkpointing make CPU training ~20x slower)."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    return dict(num_train_epochs=DEFAULTS.train_epochs, learning_rate=DEFAULTS.learning_rate, seed=DEFAULTS.seed,
+                per_device_train_batch_size=4, max_length=512, logging_steps=1, report_to="none", save_strategy="no",
+                lr_scheduler_type="constant_with_warmup", warmup_steps=2, disable_tqdm=True, use_cpu=not gpu,
+                bf16=gpu and torch.cuda.is_bf16_supported(), gradient_checkpointing=gpu)
+
+
+def make_parser():
+    from trl import SFTConfig, TrlParser
+
+    parser = TrlParser((Recipe, SFTConfig), prog="python -m chatfb.train", description=__doc__.split("\n")[0])
+    parser.set_defaults_with_config(**trainer_defaults())
+    return parser
 
 
 def progress_callback(phase: str):
@@ -54,8 +82,8 @@ def progress_callback(phase: str):
                 return
             elapsed = time.perf_counter() - self.t0
             eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
-            print(f"[{phase}] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} eta {eta:.0f}s",
-                  flush=True)
+            print(json.dumps({"phase": phase, "step": state.global_step, "total": state.max_steps,
+                              "loss": round(float(logs["loss"]), 4), "eta_s": round(eta)}), flush=True)
 
     return Progress()
 
@@ -68,53 +96,48 @@ def step_cap(examples: int, epochs: float, batch_size: int, max_steps: int) -> i
     return max_steps if 0 < max_steps < steps else -1
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def main(args: argparse.Namespace) -> int:
+def main(recipe: Recipe, args) -> int:
+    """Train with `args` (a parsed trl.SFTConfig; its output_dir is the adapter folder)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, set_seed
-    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+    from trl import DPOConfig, DPOTrainer, SFTTrainer
 
     set_seed(args.seed)
-    gpu = torch.cuda.is_available()
-    sft_rows, dpo_rows = read_jsonl(args.data / "sft.jsonl"), read_jsonl(args.data / "dpo.jsonl")
+    data, out = Path(recipe.data), Path(args.output_dir)
+    sft_rows, dpo_rows = read_rows(data / "sft.jsonl"), read_rows(data / "dpo.jsonl")
     if not sft_rows:
         print("no SFT examples; nothing to train", file=sys.stderr)
         return 3
-    partial = args.out.with_name(args.out.name + ".partial")
+    partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    args.output_dir = str(partial / "_work")  # the trainers' own files; the adapter goes to `out` when complete
     t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    tokenizer = AutoTokenizer.from_pretrained(recipe.base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
-    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05, target_modules=TARGET_MODULES,
+    model = AutoModelForCausalLM.from_pretrained(recipe.base, dtype=torch.float32)
+    lora = LoraConfig(r=recipe.rank, lora_alpha=2 * recipe.rank, lora_dropout=0.05, target_modules=TARGET_MODULES,
                       task_type="CAUSAL_LM")
-    common = dict(output_dir=str(partial / "_work"), seed=args.seed, logging_steps=1, report_to=[], save_strategy="no",
-                  per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="constant_with_warmup",
-                  warmup_steps=2, use_cpu=not gpu, disable_tqdm=True,
-                  # TRL defaults to bf16 + gradient checkpointing: emulated bf16 makes CPU training ~20x slower.
-                  bf16=gpu and torch.cuda.is_bf16_supported(), gradient_checkpointing=gpu)
-    sft_steps = step_cap(len(sft_rows), args.epochs, args.batch_size, args.max_steps)
-    sft = SFTTrainer(model=model, processing_class=tokenizer, peft_config=lora,
-                     train_dataset=Dataset.from_list(sft_rows),
-                     args=SFTConfig(num_train_epochs=args.epochs, max_steps=sft_steps, max_length=args.max_length, **common),
-                     callbacks=[progress_callback("sft")])
+    batch, fixed_steps = args.per_device_train_batch_size, args.max_steps  # a positive --max_steps fixes both phases
+    if fixed_steps <= 0:
+        args.max_steps = step_cap(len(sft_rows), args.num_train_epochs, batch, recipe.step_cap)
+    sft = SFTTrainer(model=model, processing_class=tokenizer, peft_config=lora, train_dataset=Dataset.from_list(sft_rows),
+                     args=args, callbacks=[progress_callback("sft")])
     sft.remove_callback(PrinterCallback)  # our progress lines replace its raw dicts
     sft_result = sft.train()
     model = sft.model
     stats = {"sft_examples": len(sft_rows), "sft_steps": sft_result.global_step, "sft_loss": round(sft_result.training_loss, 4)}
-    if dpo_rows and args.dpo_epochs > 0:
+    if dpo_rows and recipe.dpo_epochs > 0:
+        # the SFT phase's settings, a fifth of its learning rate
+        same = {k: getattr(args, k) for k in ("output_dir", "seed", "logging_steps", "report_to", "save_strategy",
+                                              "per_device_train_batch_size", "lr_scheduler_type", "warmup_steps",
+                                              "use_cpu", "disable_tqdm", "bf16", "gradient_checkpointing", "max_length")}
+        steps = fixed_steps if fixed_steps > 0 else step_cap(len(dpo_rows), recipe.dpo_epochs, batch, recipe.step_cap)
         dpo = DPOTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(dpo_rows),
-                         args=DPOConfig(num_train_epochs=args.dpo_epochs, beta=args.dpo_beta,
-                                        max_steps=step_cap(len(dpo_rows), args.dpo_epochs, args.batch_size, args.max_steps), max_length=args.max_length,
-                                        **dict(common, learning_rate=args.lr / 5)),
+                         args=DPOConfig(num_train_epochs=recipe.dpo_epochs, beta=recipe.dpo_beta, max_steps=steps,
+                                        learning_rate=args.learning_rate / 5, **same),
                          callbacks=[progress_callback("dpo")])
         dpo.remove_callback(PrinterCallback)
         dpo_result = dpo.train()
@@ -124,11 +147,12 @@ def main(args: argparse.Namespace) -> int:
     shutil.rmtree(partial / "_work", ignore_errors=True)
     stats["train_seconds"] = round(time.perf_counter() - t0, 1)
     (partial / "chatfb_train.json").write_text(json.dumps(stats, indent=2))
-    shutil.rmtree(args.out, ignore_errors=True)
-    partial.rename(args.out)
-    print(f"[done] adapter saved to {args.out}: {json.dumps(stats)}", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    print(json.dumps({"phase": "done", "adapter": str(out), **stats}), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(make_parser().parse_args()))
+    recipe, sft_args = make_parser().parse_args_and_config()
+    sys.exit(main(recipe, sft_args))

@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from chatfb.guidelines import looks_like_rule
+from chatfb.rows import dpo_row
 from chatfb.store import FeedbackRecord
 
 MODES = ("supervised", "unsupervised", "semi")
@@ -44,13 +45,6 @@ class Example:
     feedback_id: str
     rejected: str | None = None  # the original reply, for preference pairs
 
-    def sft_row(self) -> dict:
-        return {"messages": self.prompt + [{"role": "assistant", "content": self.target}]}
-
-    def dpo_row(self) -> dict:
-        return {"prompt": self.prompt, "chosen": [{"role": "assistant", "content": self.target}],
-                "rejected": [{"role": "assistant", "content": self.rejected}]}
-
 
 @dataclass
 class TrainingData:
@@ -62,11 +56,9 @@ class TrainingData:
     guideline_eval: dict[str, list[list[dict]]] = field(default_factory=dict)  # guideline id -> prompts to check
     counts: dict = field(default_factory=dict)
 
-    def sft_rows(self) -> list[dict]:
-        return [e.sft_row() for e in self.train]
-
     def dpo_rows(self) -> list[dict]:
-        return [e.dpo_row() for e in self.train if e.rejected and e.rejected.strip() != e.target.strip()]
+        return [dpo_row(e.prompt, e.target, e.rejected) for e in self.train
+                if e.rejected and e.rejected.strip() != e.target.strip()]
 
 
 def scrub(text: str) -> str:

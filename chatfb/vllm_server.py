@@ -132,21 +132,11 @@ class ManagedVLLM:
         self.kvcache_gib = kvcache_gib
         self.startup_timeout_s = startup_timeout_s
         self.on_restart: Callable[[], None] | None = None
-        self.restarts = 0
         self.error: str | None = None  # why the watchdog gave up, if it did
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()  # a launch and stop() never interleave: stop() leaves no process behind
         self._stopping = threading.Event()
-        self._ready = threading.Event()
         self._watchdog: threading.Thread | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self._ready.is_set()
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
 
     def start(self, wait: bool = True) -> None:
         self._launch()
@@ -159,7 +149,6 @@ class ManagedVLLM:
         with self._lock:
             if self._stopping.is_set():
                 raise ServerStartError("the app is shutting down; vLLM not started")
-            self._ready.clear()
             if port_in_use(self.port):
                 raise PortInUse(self.port)
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +175,6 @@ class ManagedVLLM:
                     raise PortInUse(self.port)
                 raise ServerStartError(f"vLLM exited with code {self._proc.returncode}; see {self.log_path}")
             if self._is_ours():
-                self._ready.set()
                 log.info("vLLM ready at %s", self.url)
                 return
             time.sleep(1.0)
@@ -196,13 +184,10 @@ class ManagedVLLM:
         failed = 0
         while not self._stopping.wait(2.0):
             if self._proc.poll() is None:
-                if not self._ready.is_set() and self._is_ours():
-                    self._ready.set()
                 continue
             if self._stopping.is_set():
                 return
             log.error("vLLM exited with code %s; restarting", self._proc.returncode)
-            self.restarts += 1
             stop_groups([self._proc], grace_s=2.0)  # what is left of its group (an engine core) goes first
             try:
                 self._launch()
@@ -230,5 +215,4 @@ class ManagedVLLM:
         has to finish in seconds, and an engine busy loading or streaming may ignore SIGTERM)."""
         with self._lock:
             self._stopping.set()
-        self._ready.clear()
         stop_groups([self._proc], grace_s)

@@ -58,7 +58,7 @@ class FakeModelClient:
             raise item
         return item
 
-    def stream_chat(self, messages, model, max_tokens=256, temperature=0.7, top_p=0.95, result=None, seed=None):
+    def stream_chat(self, messages, model, max_tokens=256, temperature=0.7, top_p=0.95, result=None):
         self.history.append({"messages": messages, "model": model})
         text = self._next()
         for word in text.split(" "):
@@ -68,8 +68,8 @@ class FakeModelClient:
                 result.ttft_ms = 1.0
             yield piece
 
-    def complete(self, messages, model, max_tokens=256, temperature=0.0, top_p=1.0, n=1, seed=None):
-        self.history.append({"messages": messages, "model": model, "n": n, "seed": seed})
+    def complete(self, messages, model, max_tokens=256, temperature=0.0, top_p=1.0, n=1):
+        self.history.append({"messages": messages, "model": model, "n": n})
         return [self._next() for _ in range(n)]
 
     def stream_choices(self, messages, model, n=1, max_tokens=256, temperature=0.8, top_p=0.95, finish_reasons=None):

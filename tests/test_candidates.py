@@ -5,13 +5,14 @@ must all be dropped), scoring on canned log-probabilities, and the ModelClient m
 from __future__ import annotations
 
 import json
+import logging
 
 import httpx
 import pytest
 
 from chatfb.candidates import (Candidate, best, generate, hard_verdict, instruction_messages, literal_facts, score, select,
                                select_rounds)
-from chatfb.model_client import ModelClient, ModelError
+from chatfb.model_client import ModelClient, ModelError, StreamResult
 
 # The efficacy benchmark's critiques (bench/efficacy_bench.py FAMILIES).
 EMAIL = "Wrong: you must tell people to email our support team at support@chatfb.example. Always give that address."
@@ -162,6 +163,7 @@ def test_generate_sends_one_request_with_n_and_select_scores_on_the_judge():
 def client_for(handler) -> ModelClient:
     client = ModelClient("http://vllm.test")
     client._http = httpx.Client(base_url="http://vllm.test", transport=httpx.MockTransport(handler))
+    client._openai = client._openai.with_options(http_client=client._http)
     return client
 
 
@@ -193,6 +195,92 @@ def test_stream_choices_and_complete_choices_raise_model_error_on_http_errors():
     with pytest.raises(ModelError) as e:
         client.complete_choices([{"role": "user", "content": "hi"}], "m", n=99)
     assert e.value.status == 400
+
+
+def test_a_malformed_chunk_is_a_bad_response_and_is_logged(caplog):
+    """Not "not reachable": the server answered, with something that is not JSON."""
+    def handler(request):
+        good = json.dumps({"choices": [{"index": 0, "delta": {"content": "Hel"}}]})
+        return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                              content=f"data: {good}\n\ndata: {{broken" .encode() + b"x" * 5000 + b"\n\n")
+
+    client = client_for(handler)
+    result = StreamResult()
+    got = []
+    with caplog.at_level(logging.WARNING, logger="chatfb.model_client"), pytest.raises(ModelError) as e:
+        for delta in client.stream_chat([{"role": "user", "content": "hi"}], "m", result=result):
+            got.append(delta)
+    assert got == ["Hel"] and result.text == "Hel"
+    assert "could not be read" in str(e.value) and "not reachable" not in str(e.value)
+    assert e.value.status == "bad response" and not e.value.unavailable
+    logged = [r.getMessage() for r in caplog.records if "{broken" in r.getMessage()]
+    assert len(logged) == 1 and "x" * 150 in logged[0] and "x" * 1000 not in logged[0]  # the chunk, truncated
+
+
+def test_an_error_inside_the_stream_and_a_refused_stream_are_model_errors():
+    def failing(request):
+        return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                              content=sse({"error": {"message": "engine died", "code": 500}}))
+
+    with pytest.raises(ModelError, match="failed while answering"):
+        list(client_for(failing).stream_chat([{"role": "user", "content": "hi"}], "m"))
+    refused = client_for(lambda request: httpx.Response(503, json={"error": {"message": "restarting"}}))
+    with pytest.raises(ModelError) as e:
+        list(refused.stream_chat([{"role": "user", "content": "hi"}], "m"))
+    assert e.value.status == 503 and e.value.unavailable and "restarting" in str(e.value)
+
+
+def test_stream_chat_sends_no_seed_and_reads_the_usage_chunk():
+    bodies = []
+
+    def handler(request):
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=sse(
+            {"choices": [{"index": 0, "delta": {"content": "Hi"}}]},
+            {"choices": [{"index": 0, "delta": {"content": " there"}, "finish_reason": "stop"}]},
+            {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}}))
+
+    result = StreamResult()
+    assert list(client_for(handler).stream_chat([{"role": "user", "content": "hi"}], "m", result=result)) == \
+        ["Hi", " there"]
+    assert (result.text, result.prompt_tokens, result.completion_tokens, result.finish_reason) == ("Hi there", 7, 2, "stop")
+    assert bodies[0]["stream_options"] == {"include_usage": True} and "seed" not in bodies[0]
+
+
+def test_a_server_that_dies_mid_stream_is_not_reachable():
+    class Dies(httpx.SyncByteStream):
+        def __iter__(self):
+            yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': 'Hel'}}]})}\n\n".encode()
+            raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+    client = client_for(lambda request: httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=Dies()))
+    with pytest.raises(ModelError, match="not reachable") as e:
+        list(client.stream_chat([{"role": "user", "content": "hi"}], "m"))
+    assert e.value.status is None
+
+
+def test_models_and_complete_finished():
+    def handler(request):
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "chatfb-base"}, {"id": "chatfb-v0001"}]})
+        body = json.loads(request.content)
+        finish = "length" if body["max_tokens"] < 5 else "stop"
+        return httpx.Response(200, json={"choices": [{"index": 0, "message": {"content": "A whole answer."},
+                                                      "finish_reason": finish}]})
+
+    client = client_for(handler)
+    assert client.models() == ["chatfb-base", "chatfb-v0001"]
+    assert client.complete_finished([{"role": "user", "content": "hi"}], "m", max_tokens=50) == "A whole answer."
+    assert client.complete_finished([{"role": "user", "content": "hi"}], "m", max_tokens=2) is None
+
+
+def test_an_unreachable_server_is_not_reachable():
+    client = ModelClient("http://127.0.0.1:9", timeout_s=2)  # the discard port: nothing listens
+    with pytest.raises(ModelError, match="not reachable") as e:
+        list(client.stream_chat([{"role": "user", "content": "hi"}], "m"))
+    assert e.value.status is None and e.value.unavailable
+    with pytest.raises(ModelError, match="not reachable"):
+        client.complete([{"role": "user", "content": "hi"}], "m")
 
 
 def test_complete_choices_keeps_choice_order_and_finish_reasons():

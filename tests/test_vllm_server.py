@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from chatfb.runtime import Runtime
-from chatfb.vllm_server import ManagedVLLM, PortInUse, ServerStartError, port_in_use
+from chatfb.vllm_server import ManagedVLLM, PortInUse, ServerStartError, port_in_use, served_root
 
 FAKE = Path(__file__).parent / "fake_openai.py"
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]  # "our vLLM": alive, never answers
@@ -67,7 +67,7 @@ def test_a_taken_port_is_refused_at_once_and_nothing_starts(tmp_path, servers):
         server.start(wait=True)
     assert time.monotonic() - t0 < 2
     assert str(port) in str(err.value)
-    assert server.pid is None and not server.ready
+    assert server._proc is None  # no process was started
 
 
 def test_the_app_says_the_port_is_taken_and_does_not_chat_through_it(settings, tmp_path, servers):
@@ -82,7 +82,7 @@ def test_the_app_says_the_port_is_taken_and_does_not_chat_through_it(settings, t
         if rt.server is not None:
             servers.append(rt.server)
         assert "CHATFB_VLLM_PORT" in rt.status and f"Port {port}" in rt.status
-        assert not rt.ready.is_set() and rt.server.pid is None
+        assert not rt.ready.is_set() and rt.server._proc is None
     finally:
         rt.store.close()
 
@@ -94,10 +94,8 @@ def test_a_foreign_server_that_takes_the_port_after_the_check_is_never_ours(tmp_
     server.start(wait=False)  # our process runs (and never binds); then someone else takes the port
     servers.append(start_fake(port))
     time.sleep(3)  # past the watchdog's check interval: it must not call the foreign server ours
-    assert not server.ready
     with pytest.raises(ServerStartError):
         server.wait_ready()
-    assert not server.ready
 
 
 def test_our_own_server_is_ready(tmp_path, servers):
@@ -106,7 +104,7 @@ def test_our_own_server_is_ready(tmp_path, servers):
                                           str(tmp_path / "models" / "SmolLM2")])
     servers.append(server)
     server.start(wait=True)
-    assert server.ready and server.pid is not None
+    assert server._proc.poll() is None and served_root(server.url) == str(tmp_path / "models" / "SmolLM2")
 
 
 def test_no_restart_loop_when_someone_else_takes_the_port_of_a_dead_server(tmp_path, servers):
@@ -117,6 +115,8 @@ def test_no_restart_loop_when_someone_else_takes_the_port_of_a_dead_server(tmp_p
     restored = []
     server.on_restart = lambda: restored.append(1)
     server.start(wait=True)
+    launches, launch = [], server._launch
+    server._launch = lambda: (launches.append(1), launch())[1]
     server._proc.kill()
     server._proc.wait()
     servers.append(start_fake(port))  # another instance's server, on the port ours had
@@ -125,7 +125,7 @@ def test_no_restart_loop_when_someone_else_takes_the_port_of_a_dead_server(tmp_p
         time.sleep(0.2)
     time.sleep(3)  # long enough for a second restart, if there were a loop
     assert server.error is not None and "CHATFB_VLLM_PORT" in server.error
-    assert server.restarts == 1 and not restored and not server.ready
+    assert len(launches) == 1 and not restored
 
 
 def test_port_check():

@@ -75,7 +75,7 @@ def test_training_killed_midway_promotes_nothing(app):
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if "[sft] step 1/" in line:
+        if line.startswith('{"phase": "sft", "step": 1,'):  # chatfb.train's first progress line
             trainer = subprocess.run(["pgrep", "-f", "chatfb.train"], capture_output=True, text=True).stdout.split()
             for pid in trainer:
                 os.kill(int(pid), signal.SIGKILL)
@@ -149,7 +149,8 @@ def test_train_now_from_the_admin_tab(app, vllm_url):
     assert admin.predict(api_name="/train_now") == "Learning cycle started."
     assert admin.predict(api_name="/train_now") == "A learning cycle is already running."
     log = app.data_dir / "logs" / "nightly.log"
-    wait_until(lambda: log.exists() and "[sft] step" in log.read_text(), 600, "training progress in the admin log")
+    wait_until(lambda: log.exists() and '{"phase": "sft", "step": ' in log.read_text(), 600,
+               "training progress in the admin log")
     wait_until(lambda: '{\n  "ok"' in log.read_text(), 1500, "the admin-started cycle to finish", 5)
     result = cycle_result(log.read_text())
     assert result["ok"] and result["adapter"], result  # trained and evaluated: there was feedback to learn from

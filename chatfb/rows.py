@@ -1,0 +1,70 @@
+"""The rows of chatfb's data files, in TRL's conversational formats: built here and nowhere else.
+
+    sft_row(prompt, reply)                {"messages": [*prompt, <assistant reply>]}        export sft.jsonl
+    dpo_row(prompt, chosen, rejected)     {"prompt": [...], "chosen": [<assistant>], "rejected": [<assistant>]}
+    kto_row(prompt, completion, label)    {"prompt": [...], "completion": [<assistant>], "label": bool}
+    prompt_completion_row(prompt, reply)  {"prompt": [...], "completion": [<assistant>]}  what chatfb.train learns
+
+A prompt is a list of {role, content} messages. Extra fields (an export's provenance, "source" and
+"critique_id") follow a row's own; TRL's trainers ignore them. Exports (chatfb.feedback_io, chatfb.hub)
+and training (chatfb.training_data, the nightly cycle, chatfb.train) all go through these functions,
+so a file written by one reads the same in the others. `write_rows` / `read_rows` store them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def sft_row(prompt: list[dict], reply: str, **extra) -> dict:
+    return {"messages": prompt + assistant(reply), **extra}
+
+
+def dpo_row(prompt: list[dict], chosen: str, rejected: str, **extra) -> dict:
+    return {"prompt": prompt, "chosen": assistant(chosen), "rejected": assistant(rejected), **extra}
+
+
+def kto_row(prompt: list[dict], completion: str, label: bool) -> dict:
+    return {"prompt": prompt, "completion": assistant(completion), "label": label}
+
+
+def prompt_completion_row(prompt: list[dict], reply: str) -> dict:
+    return {"prompt": prompt, "completion": assistant(reply)}
+
+
+def write_rows(rows: list[dict], path: Path) -> Path:
+    """Write JSONL or Parquet (by suffix) atomically: a crash leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
+        else:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for row in rows:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL file; none when it does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
