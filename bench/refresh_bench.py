@@ -57,7 +57,7 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_adapter(model_dir: Path, dest: Path, rank: int = 8) -> Path:
+def make_adapter(model_dir: Path, dest: Path, rank: int = 8, seed: int = 0) -> Path:
     """A random-initialised LoRA adapter for `model_dir`, saved as PEFT files in `dest`."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -65,7 +65,7 @@ def make_adapter(model_dir: Path, dest: Path, rank: int = 8) -> Path:
 
     from chatfb.train import TARGET_MODULES
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
     get_peft_model(base, lora).save_pretrained(str(dest))

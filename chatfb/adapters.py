@@ -8,7 +8,10 @@ fails during a swap. The store remembers which version is live, so a restart loa
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import struct
 import threading
 import time
 from collections import Counter
@@ -47,6 +50,47 @@ def confined_path(data_dir: Path, relative: str | Path, under: str = "adapters")
     if full != root and root not in full.parents:
         raise AdapterError("paths must stay inside the data folder")
     return full
+
+
+# LoRA weight shapes are [rank, in_features] (lora_A) and [out_features, rank] (lora_B); which
+# of them equal the base model's hidden or intermediate size, by projection.
+_HIDDEN_IN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+_HIDDEN_OUT = ("o_proj", "down_proj")
+
+
+def check_base_model(name: str, adapter_dir: Path, base_dir: Path) -> None:
+    """Refuse an adapter whose LoRA shapes do not fit the base model (made for another model), before
+    vLLM sees it: some vLLM versions load a mismatched adapter and fail only on the next request.
+    Reads the safetensors header (not the weights) and the base model's config.json."""
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    try:
+        config = json.loads((Path(base_dir) / "config.json").read_text())
+        with open(weights, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+    except FileNotFoundError:
+        return  # nothing to compare (another weights format): vLLM's own check decides
+    except (OSError, ValueError, struct.error) as e:
+        raise AdapterError(f"adapter {name} has unreadable weights ({type(e).__name__})") from None
+    hidden, inter, layers = config.get("hidden_size"), config.get("intermediate_size"), config.get("num_hidden_layers")
+    for key, meta in header.items():
+        m = re.search(r"\.layers\.(\d+)\..*?(\w+_proj)\.(lora_A|lora_B)\.", key)
+        if not m or not isinstance(meta, dict) or len(meta.get("shape", [])) != 2:
+            continue
+        layer, proj, part = int(m.group(1)), m.group(2), m.group(3)
+        rows, cols = meta["shape"]
+        found = None
+        if layers and layer >= layers:
+            found = f"it has weights for layer {layer} ({layer + 1}+ layers, not {layers})"
+        elif part == "lora_A" and proj in _HIDDEN_IN and hidden and cols != hidden:
+            found = f"its {proj} takes hidden size {cols}, not {hidden}"
+        elif part == "lora_B" and proj in _HIDDEN_OUT and hidden and rows != hidden:
+            found = f"its {proj} gives hidden size {rows}, not {hidden}"
+        elif part == "lora_A" and proj == "down_proj" and inter and cols != inter:
+            found = f"its down_proj takes intermediate size {cols}, not {inter}"
+        elif part == "lora_B" and proj in ("gate_proj", "up_proj") and inter and rows != inter:
+            found = f"its {proj} gives intermediate size {rows}, not {inter}"
+        if found:
+            raise AdapterError(f"adapter {name} was made for another base model: {found}; nothing was loaded")
 
 
 class AdapterRouter:
@@ -92,8 +136,9 @@ class AdapterRegistry:
     """Adapter versions in the store, loaded into one or more vLLM servers."""
 
     def __init__(self, store: Store, clients: list[ModelClient], router: AdapterRouter, data_dir: Path,
-                 drain_timeout_s: float = 120.0):
+                 drain_timeout_s: float = 120.0, base_model_dir: Path | None = None):
         self.store = store
+        self.base_model_dir = base_model_dir  # when known, adapters are checked against it before loading
         self.clients = clients
         self.router = router
         self.data_dir = Path(data_dir)
@@ -112,6 +157,8 @@ class AdapterRegistry:
 
     def _load_everywhere(self, name: str) -> None:
         path = self.path_of(name)
+        if self.base_model_dir is not None:
+            check_base_model(name, path, self.base_model_dir)
         loaded = []
         for client in self.clients:
             try:

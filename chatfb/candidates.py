@@ -31,6 +31,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from chatfb import guidelines
 from chatfb.refine import TO_THE_CRITIC
 from chatfb.similarity import cosines, rouge_l
 
@@ -83,8 +84,8 @@ def instruction_messages(prompt: list[dict], critique: str) -> list[dict]:
     """The conversation with the critique appended to its last user message as a quoted instruction.
 
     The critique stays data: one line, its double quotes turned into single ones so it cannot close
-    the quote, and never a system message."""
-    quoted = " ".join(critique.split()).replace('"', "'")
+    the quote, chat-template tokens broken up (guidelines.inline), and never a system message."""
+    quoted = guidelines.inline(critique)
     last_user = max((i for i, m in enumerate(prompt) if m["role"] == "user"), default=None)
     if last_user is None:
         raise ValueError("the conversation has no user message to add the critique to")

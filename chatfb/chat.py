@@ -8,6 +8,7 @@ session does not own. The Gradio UI and the serving benchmark both drive this cl
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import defaultdict, deque
@@ -22,6 +23,19 @@ from chatfb.model_client import ModelClient, ModelError, StreamResult
 from chatfb.store import Store, StoreError
 
 log = logging.getLogger(__name__)
+
+
+# Characters that show nothing: a text of only these (and spaces) is empty.
+INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad\u180e\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                                  "\u2066\u2067\u2068\u2069"))
+
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def utf8_text(text: str | None) -> str:
+    """`text` as valid UTF-8 can hold it: a JSON client can send lone surrogates ("\\ud800"), which
+    Python decodes but DuckDB and vLLM cannot store or read; each becomes U+FFFD."""
+    return SURROGATE.sub("\ufffd", text or "")
 
 
 class ChatInputError(ValueError):
@@ -108,8 +122,8 @@ class ChatService:
         return self.store.messages(conversation_id)
 
     def _check_text(self, text: str, what: str, limit: int) -> str:
-        text = (text or "").strip()
-        if not text:
+        text = utf8_text(text).strip()
+        if not text.translate(INVISIBLE).strip():
             raise ChatInputError(f"Your {what} is empty.")
         if len(text) > limit:
             raise ChatInputError(f"Your {what} is {len(text)} characters long; the limit is {limit}.")
@@ -131,7 +145,8 @@ class ChatService:
         """Log the user's message and return (conversation_id, stream of reply updates).
         Raises ChatInputError before anything is stored or sent."""
         text = self._check_text(text, "message", self.settings.max_message_chars)
-        if len(system_prompt or "") > self.settings.max_message_chars:
+        system_prompt = utf8_text(system_prompt)
+        if len(system_prompt) > self.settings.max_message_chars:
             raise ChatInputError(f"The system prompt is longer than {self.settings.max_message_chars} characters.")
         self.limiter.check(session_id)
         cid = self._own_conversation(session_id, conversation_id, system_prompt or "", user)

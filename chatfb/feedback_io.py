@@ -21,6 +21,7 @@ from the critique "critique_id"); TRL's trainers ignore both fields.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
@@ -91,23 +92,30 @@ def parse_record(obj, max_chars: int) -> dict:
 
 
 def parse_jsonl(path: Path, max_chars: int = 8000) -> list[dict]:
-    """All records of an import file, or BadImportFile naming every bad line (blank lines are skipped)."""
-    records, problems = [], []
+    """All records of an import file, or BadImportFile naming every bad line (blank lines are skipped).
+    The file is read line by line (never whole), and a line that repeats an earlier one is a bad line:
+    importing it would count the same feedback twice in training."""
+    records, problems, seen = [], [], {}
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                digest = hashlib.blake2b(line.strip(), digest_size=16).digest()
+                if digest in seen:
+                    problems.append((n, f"repeats line {seen[digest]}"))
+                    continue
+                seen[digest] = n
+                try:
+                    records.append(parse_record(json.loads(line.decode("utf-8")), max_chars))
+                except UnicodeDecodeError:
+                    problems.append((n, "not UTF-8"))
+                except json.JSONDecodeError as e:
+                    problems.append((n, f"invalid JSON ({e.msg})"))
+                except ValueError as e:
+                    problems.append((n, str(e)))
     except OSError as e:
         raise BadImportFile([(0, f"cannot read file: {e.strerror}")]) from None
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(parse_record(json.loads(line.decode("utf-8")), max_chars))
-        except UnicodeDecodeError:
-            problems.append((n, "not UTF-8"))
-        except json.JSONDecodeError as e:
-            problems.append((n, f"invalid JSON ({e.msg})"))
-        except ValueError as e:
-            problems.append((n, str(e)))
     if problems:
         raise BadImportFile(problems)
     if not records:

@@ -25,10 +25,23 @@ def looks_like_rule(text: str) -> bool:
     return bool(RULE.search(text or ""))
 
 
+# Chat-template control tokens (ChatML/SmolLM2, Llama 3, Llama 2/Mistral): vLLM renders the chat
+# template to text and tokenizes it with special tokens recognised, so these written in user text
+# would become real turn boundaries (a "<|im_start|>system" line in a guideline opens a system turn).
+CHAT_MARKUP = re.compile(r"<\||\|>|\[/?INST\]|</?s>")
+
+
+def inline(text: str) -> str:
+    """User text made safe to quote inside an instruction: one line (it cannot start a fake
+    instruction line), double quotes turned into single ones (it cannot close its quote), and
+    chat-template tokens broken up with a space ("<|im_start|>" -> "< |im_start| >")."""
+    one_line = " ".join((text or "").split()).replace('"', "'")
+    return CHAT_MARKUP.sub(lambda m: m.group(0)[0] + " " + m.group(0)[1:], one_line)
+
+
 def quote(text: str) -> str:
-    """Guideline text as one quoted line: no line breaks (a guideline cannot start a fake new
-    instruction line) and double quotes turned into single ones (it cannot close its own quote)."""
-    return '"' + " ".join((text or "").split()).replace('"', "'") + '"'
+    """Guideline text as one quoted line (see `inline`)."""
+    return '"' + inline(text) + '"'
 
 
 def apply(messages: list[dict], texts: list[str]) -> list[dict]:

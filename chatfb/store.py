@@ -10,7 +10,9 @@ consistent copies through `snapshot()` (see chatfb.control).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import threading
 import uuid
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ from pathlib import Path
 import duckdb
 
 from chatfb.migrations import MIGRATIONS
+
+log = logging.getLogger(__name__)
 
 FEEDBACK_KINDS = ("rating", "critique", "correction", "implicit")
 CANDIDATE_STATUSES = ("offered", "accepted", "rejected", "kept", "dropped")
@@ -32,6 +36,21 @@ class StoreError(Exception):
 
 class StoreLocked(StoreError):
     """Another process (normally the running app) holds the DuckDB file."""
+
+
+def _keep_unclean_wal(db: Path) -> Path | None:
+    """Copy a non-empty write-ahead log found before opening (a clean close leaves none) to
+    <db>.wal.unclean-<UTC time>: DuckDB replays what it can and deletes the log, even one it could
+    not read, so without the copy a damaged log's rows would be gone without a trace."""
+    wal = Path(f"{db}.wal")
+    try:
+        if wal.stat().st_size == 0:
+            return None
+    except FileNotFoundError:
+        return None
+    copy = wal.with_name(f"{wal.name}.unclean-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%f')}")
+    shutil.copy2(wal, copy)
+    return copy
 
 
 def new_id() -> str:
@@ -73,12 +92,26 @@ class Store:
         self._closed = False
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        wal_copy = None if read_only else _keep_unclean_wal(self.path)
         try:
             self._db = duckdb.connect(str(self.path), read_only=read_only)
         except duckdb.IOException as e:
             if "lock" in str(e).lower():
+                if wal_copy:
+                    wal_copy.unlink(missing_ok=True)  # the app holds the file: its log, not a crash's
                 raise StoreLocked(f"{self.path} is in use by another process (is the app running?)") from None
             raise StoreError(f"cannot open {self.path}: {e}") from None
+        except duckdb.Error as e:
+            if "WAL" not in str(e):
+                raise
+            raise StoreError(
+                f"cannot open {self.path}: its write-ahead log {self.path}.wal (writes not yet in the file, left by a "
+                f"crash) is damaged ({str(e).split(': ', 1)[-1]}). Nothing was changed. To open the file without those "
+                f"writes, move {self.path}.wal aside (a copy is at {wal_copy}); keep it for recovery.") from None
+        if wal_copy:
+            log.warning("%s had a write-ahead log left by a crash; DuckDB replayed it. A copy of the log as found is "
+                        "kept at %s (DuckDB drops a torn or zeroed log without a word; compare counts if in doubt).",
+                        self.path, wal_copy)
         self._spawner = self._db.cursor()  # makes reader cursors (see _q)
         if not read_only:
             self._migrate()  # before the writer thread starts: nothing else uses the connection yet
@@ -420,24 +453,50 @@ class Store:
         return out
 
     def import_feedback(self, records: list[dict], session_id: str = "import") -> int:
-        """Insert parsed import records (see chatfb.feedback_io) all-or-nothing; returns the count."""
-        stmts = []
+        """Insert parsed import records (see chatfb.feedback_io) all-or-nothing; returns the count.
+        One transaction that inserts each table from an Arrow table: 100k records take seconds,
+        where one INSERT per row held the writer (and so every chat's write) for many minutes."""
+        import pyarrow as pa
+
+        conversations, messages, feedback = [], [], []
         now = utcnow()
         for r in records:
             if r["kind"] not in FEEDBACK_KINDS:
                 raise StoreError(f"unknown feedback kind {r['kind']!r}")
             cid, ts = new_id(), r.get("ts") or now
             system = "".join(m["content"] for m in r["prompt"] if m["role"] == "system")
-            stmts.append(("INSERT INTO conversations VALUES (?, ?, ?, ?, 'import', ?)", (cid, session_id, r.get("user"), system, ts)))
+            conversations.append((cid, session_id, r.get("user"), system, "import", ts))
             turns = [m for m in r["prompt"] if m["role"] != "system"] + [{"role": "assistant", "content": r["reply"]}]
             mid = None
             for seq, m in enumerate(turns, 1):
                 mid = new_id()
-                stmts.append(("INSERT INTO messages (id, conversation_id, seq, role, content, status, model, created_at)"
-                              " VALUES (?, ?, ?, ?, ?, 'ok', 'import', ?)", (mid, cid, seq, m["role"], m["content"], ts)))
-            stmts.append((_INSERT_FEEDBACK, (new_id(), mid, r["kind"], r.get("rating"), r.get("text"), r.get("user"),
-                                             session_id, ts, None)))
-        self._tx(stmts)
+                messages.append((mid, cid, seq, m["role"], m["content"], "ok", "import", ts))
+            feedback.append((new_id(), mid, r["kind"], r.get("rating"), r.get("text"), r.get("user"), session_id, ts, None))
+        text, ts_type = pa.string(), pa.timestamp("us")
+        tables = [
+            ("conversations", conversations, {"id": text, "session_id": text, "user_name": text, "system_prompt": text,
+                                              "source": text, "created_at": ts_type}),
+            ("messages", messages, {"id": text, "conversation_id": text, "seq": pa.int64(), "role": text,
+                                    "content": text, "status": text, "model": text, "created_at": ts_type}),
+            ("feedback", feedback, {"id": text, "message_id": text, "kind": text, "rating": pa.int64(), "text": text,
+                                    "user_name": text, "session_id": text, "created_at": ts_type, "derived_from": text}),
+        ]
+
+        def insert_all(db) -> None:  # on the writer thread, between batches (like snapshot())
+            db.execute("BEGIN TRANSACTION")
+            try:
+                for table, rows, schema in tables:
+                    arrow = pa.table({c: pa.array([row[i] for row in rows], type=t) for i, (c, t) in enumerate(schema.items())})
+                    db.register("import_rows", arrow)
+                    cols = ", ".join(schema)
+                    db.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM import_rows")
+                    db.unregister("import_rows")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        self._on_writer(insert_all)
         return len(records)
 
     # -- candidates (replies made from a critique) and guidelines -----------------------------

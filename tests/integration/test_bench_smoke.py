@@ -134,3 +134,28 @@ def test_scale_bench_smoke_measures_a_cycle_and_the_database(vllm_url, embedded_
     d = r["duckdb"]
     assert d["turns"] == 500 and d["bytes"] > 500 * 600  # every reply is in the file
     assert (tmp_path / "out" / "scale_bench.png").stat().st_size > 0
+
+
+def test_soak_bench_smoke_swaps_through_the_registry_and_measures_vllm_memory(vllm_url, embedded_model, tmp_path):
+    run_bench("soak_bench", "--vllm-url", vllm_url, "--model-dir", str(embedded_model), "--out-dir", str(tmp_path),
+              timeout=600)
+
+    r = json.loads((tmp_path / "soak_bench.json").read_text())
+    s = r["soak"]
+    assert [row["round"] for row in s["rounds"]] == [1, 2]
+    for row in s["rounds"]:
+        assert "error" not in row, row
+        assert row["compare_error"] is None and row["base_error"] is None
+        assert row["compare_model"].endswith(f"-r{row['round']:03d}")  # a new chat went to the promoted version
+        assert row["rolled_back_to"].endswith("-stable")
+        assert row["rss_bytes"] > 200 * 2**20  # the vLLM process tree holds a model
+    assert s["load_failures"] == 0 and s["load_requests"] > 0, s["errors"]
+    assert s["final_adapter"]["answered"] and not s["problems"]
+    assert r["rss"]["growth_from_start"] is not None and len(s["rss_samples"]) >= 5
+    client = ModelClient(vllm_url)  # every soak adapter was taken off the shared server again
+    try:
+        assert not [m for m in client.models() if m.startswith("soak-")]
+    finally:
+        client.close()
+    assert "| round | seconds | vLLM RSS MiB |" in (tmp_path / "soak_bench.md").read_text()
+    assert (tmp_path / "soak_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
