@@ -315,4 +315,7 @@ def compare_replies(rt: Runtime, prompt: str) -> tuple[str, str, str]:
             outs.append(rt.client.complete(messages, name or rt.router.base_name, rt.settings.max_tokens)[0])
         except (AdapterError, ModelError) as e:
             outs.append(f"⚠️ {e}")
+        finally:
+            if name and name != rt.router.current:  # the previous version: give its LoRA slot back
+                rt.registry.unload(name)
     return tuple(outs)

