@@ -7,10 +7,13 @@ Every field carries a help string; the README's configuration table lists the sa
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+
+from chatfb.layout import DataLayout
 
 
 class SettingsError(ValueError):
@@ -111,8 +114,12 @@ class Settings:
     seed: int = _f(1234, "Random seed for data splits and training.")
 
     @property
+    def layout(self) -> DataLayout:
+        return DataLayout(Path(self.data_dir))
+
+    @property
     def db_path(self) -> Path:
-        return self.data_dir / "chatfb.duckdb"
+        return self.layout.db
 
     @property
     def managed(self) -> bool:
@@ -193,6 +200,22 @@ def validate(s: Settings) -> None:
             raise SettingsError("nightly_at must look like HH:MM")
     if not 0 < s.holdout_fraction < 1:
         raise SettingsError("holdout_fraction must be between 0 and 1")
+
+
+def settings_to_json(s: Settings) -> str:
+    """Every field, so a learning cycle's child process computes with exactly the owner's settings."""
+    return json.dumps({f.name: str(v) if isinstance(v, Path) else v for f in fields(Settings)
+                       for v in [getattr(s, f.name)]}, indent=1)
+
+
+def settings_from_json(text: str) -> Settings:
+    raw = json.loads(text)
+    known = {f.name: f for f in fields(Settings)}
+    if set(raw) - set(known):
+        raise SettingsError(f"unknown setting(s) {sorted(set(raw) - set(known))}")
+    s = Settings(**{k: Path(v) if isinstance(known[k].default, Path) else v for k, v in raw.items()})
+    validate(s)
+    return s
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:

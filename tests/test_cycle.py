@@ -56,3 +56,103 @@ def test_cli_logs_the_trace_of_an_internal_error_but_not_of_a_user_error(monkeyp
     assert cli(["adapters", "list", "--train-mode", "nonsense"]) == 2
     assert "train_mode must be" in capsys.readouterr().err
     assert not any(r.exc_info for r in caplog.records)  # a user's mistake: one line, no trace
+
+
+def test_the_nightly_cycle_applies_retention(settings, monkeypatch, capsys):
+    """CHATFB_RETENTION_DAYS applies 'at startup and nightly': a cycle run with no app deletes old conversations."""
+    from datetime import timedelta
+
+    from chatfb.store import Store, utcnow
+
+    with Store(settings.db_path) as s:
+        s.add_message(s.create_conversation("s-old", "ann"), "user", "an old question")
+        s._q("UPDATE conversations SET created_at = ?", (utcnow() - timedelta(days=40),))
+        s.add_message(s.create_conversation("s-new", "bob"), "user", "a new question")
+    monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("CHATFB_RETENTION_DAYS", "30")
+    assert cli(["nightly"]) == 1  # no feedback yet: nothing to train, but retention still runs
+    assert "no feedback yet" in capsys.readouterr().out
+    with Store(settings.db_path) as s:
+        assert [r[0] for r in s._q("SELECT user_name FROM conversations")] == ["bob"]
+
+
+@pytest.mark.parametrize("status", ["failed", "training"])
+def test_the_cli_refuses_to_promote_a_failed_or_unfinished_adapter_without_the_app(settings, monkeypatch, capsys, status):
+    from chatfb.store import Store
+
+    with Store(settings.db_path) as s:
+        make_adapter(s, settings.data_dir, "chatfb-v0001", status=status)
+    monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
+    assert cli(["adapters", "promote", "chatfb-v0001"]) == 2
+    assert f"is {status} and cannot be promoted" in capsys.readouterr().err
+    with Store(settings.db_path) as s:
+        assert s.live_adapter() is None
+
+
+def test_a_cycle_the_app_starts_computes_with_the_whole_settings(settings, monkeypatch):
+    """Settings given as `serve` flags reach the child (they used to be lost: it got only --data-dir)."""
+    import socket
+
+    import chatfb.runtime
+    from chatfb.cycle import read_job
+    from chatfb.runtime import Runtime
+
+    with socket.socket() as s:  # a model server that is down: nothing here talks to it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = dict(served_model_name="team-model", train_mode="supervised", adapter_prefix="team", lora_rank=4,
+                 critique_samples=2, vllm_url=f"http://127.0.0.1:{port}")
+    rt = Runtime(settings.with_(**flags))
+    launched = []
+
+    class ChildThatDied:
+        def wait(self):
+            return 3
+
+    monkeypatch.setattr(chatfb.runtime, "launch", lambda work, output: launched.append(work) or ChildThatDied())
+    try:
+        cid = rt.store.create_conversation("s1", "ann")
+        rt.store.add_message(cid, "user", "q")
+        rt.store.log_feedback(rt.store.add_message(cid, "assistant", "r"), "correction", text="better r", user_name="ann")
+        assert rt.start_training() == 1
+        rt._cycle_thread.join(10)
+        (work,) = launched
+        job, child = read_job(work)
+        assert child == rt.settings and (child.train_mode, child.adapter_prefix) == ("supervised", "team")
+        assert job.name == "team-v0001" and job.server_url == f"http://127.0.0.1:{port}"
+        status = rt.cycle_status()  # the child died without a result: the owner records why
+        assert status["finished"] == 1 and not status["result"]["ok"] and "exited with code 3" in status["result"]["reason"]
+        assert rt.store.adapter("team-v0001")["status"] == "failed"
+    finally:
+        rt.store.close()
+
+
+def outcome_in(settings, name, status, **kw):
+    from chatfb.cycle import CycleOutcome, write_outcome
+
+    work = settings.layout.work(name)
+    work.mkdir(parents=True)
+    write_outcome(work, CycleOutcome(status, "better on held-out feedback", report={"candidate_rougeL": 0.5,
+                                                                                    "decision": "better"}, **kw))
+    return work
+
+
+def test_the_owner_records_the_childs_result_and_promotes_through_its_registry(store, settings, fake_client):
+    from chatfb.cycle import CycleJob, finish
+
+    registry = AdapterRegistry(store, [fake_client], AdapterRouter("chatfb-base"), settings.data_dir)
+    make_adapter(store, settings.data_dir, "chatfb-v0001")  # files of the trained candidate...
+    store._q("DELETE FROM adapters")  # ... whose row the owner has not written yet
+    work = outcome_in(settings, "chatfb-v0001", "candidate", counts={"train_examples": 3}, timings={"train_s": 1.0})
+    result = finish(store, registry, CycleJob("chatfb-v0001", None, None), work, 0, True, 0.0)
+    assert result.ok and result.promoted and result.metrics["candidate_rougeL"] == 0.5
+    row = store.adapter("chatfb-v0001")
+    assert row["status"] == "live" and row["metrics"]["decision"] == "better" and row["data_counts"]["train_examples"] == 3
+    assert "chatfb-v0001" in fake_client.loaded and registry.router.current == "chatfb-v0001"
+    assert {"train_s", "swap_s", "total_s"} <= set(row["timings"])
+
+    (settings.data_dir / "adapters" / "chatfb-v0002").mkdir()
+    work = outcome_in(settings, "chatfb-v0002", "rejected")
+    result = finish(store, registry, CycleJob("chatfb-v0002", "chatfb-v0001", None), work, 0, True, 0.0)
+    assert result.ok and not result.promoted and store.adapter("chatfb-v0002")["status"] == "rejected"
+    assert "chatfb-v0002" not in fake_client.loaded and store.adapter("chatfb-v0002")["parent"] == "chatfb-v0001"
