@@ -156,3 +156,46 @@ def test_the_owner_records_the_childs_result_and_promotes_through_its_registry(s
     result = finish(store, registry, CycleJob("chatfb-v0002", "chatfb-v0001", None), work, 0, True, 0.0)
     assert result.ok and not result.promoted and store.adapter("chatfb-v0002")["status"] == "rejected"
     assert "chatfb-v0002" not in fake_client.loaded and store.adapter("chatfb-v0002")["parent"] == "chatfb-v0001"
+
+
+def test_the_child_computes_from_its_job_folder_alone(store, settings, fake_client, monkeypatch):
+    """prepare -> the child's main (fake model server, fake trainer) -> finish: the child reads only the
+    job folder, writes the adapter and result.json, and the owner records and promotes."""
+    import json
+
+    from chatfb import nightly
+    from chatfb.cycle import finish, prepare, read_outcome
+
+    settings = settings.with_(scorer="server", train_mode="supervised", replay_examples=0, holdout_fraction=0.5)
+    for i in range(24):  # feedback ids are random: half held out, by their hash
+        cid = store.create_conversation(f"s{i}", "ann")
+        store.add_message(cid, "user", f"How do I reach support about order {i}?")
+        reply = store.add_message(cid, "assistant", "I don't know.")
+        store.log_feedback(reply, "correction", text="Email support@chatfb.example.", user_name="ann")
+    job, work = prepare(store, settings, "http://fake-server")
+    assert (work / "snapshot.duckdb").exists() and job.incumbent is None
+    calls = []
+
+    def serve(s, url):
+        calls.append(url)
+        return fake_client, settings.data_dir, lambda: None
+
+    def train(s, base, data, out, dpo):
+        assert json.loads((data / "sft.jsonl").read_text().splitlines()[0])["completion"][0]["content"]
+        out.mkdir(parents=True)
+        (out / "adapter_config.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(nightly, "model_server", serve)
+    monkeypatch.setattr(nightly, "train_adapter", train)
+    # the candidate says what the corrections taught; the base model (and the controls) answer alike
+    fake_client.complete = lambda messages, model, **kw: [
+        "Email support@chatfb.example." if model == job.name and "support" in messages[-1]["content"] else "Paris."]
+    assert nightly.main([str(work)]) == 0
+    outcome = read_outcome(work)
+    assert calls == ["http://fake-server"] and outcome.status == "candidate", (outcome.reason, outcome.counts)
+    assert outcome.report["candidate_rougeL"] > outcome.report["incumbent_rougeL"]
+    assert job.name not in fake_client.loaded  # evaluated, then its LoRA slot given back
+    registry = AdapterRegistry(store, [fake_client], AdapterRouter("chatfb-base"), settings.data_dir)
+    result = finish(store, registry, job, work, 0, True, 0.0)
+    assert result.promoted and store.live_adapter()["name"] == job.name and job.name in fake_client.loaded
