@@ -199,3 +199,40 @@ def test_the_child_computes_from_its_job_folder_alone(store, settings, fake_clie
     registry = AdapterRegistry(store, [fake_client], AdapterRouter("chatfb-base"), settings.data_dir)
     result = finish(store, registry, job, work, 0, True, 0.0)
     assert result.promoted and store.live_adapter()["name"] == job.name and job.name in fake_client.loaded
+
+
+def test_cli_nightly_runs_the_cycle_in_the_running_app_with_the_clis_settings(store, settings, monkeypatch, capsys):
+    import json
+
+    from chatfb.control import ControlServer, LocalBackend
+
+    class AppCycles:  # the Runtime's side: start_training + cycle_status
+        def __init__(self):
+            self.started = []
+
+        def start_training(self, s, promote):
+            if self.started:
+                return None
+            self.started.append((s, promote))
+            settings.layout.logs.mkdir(parents=True, exist_ok=True)
+            settings.layout.nightly_log.write_text("[sft] step 1/4 loss 1.0\n")
+            return 1
+
+        def cycle_status(self):
+            return {"running": False, "finished": len(self.started),
+                    "result": {"ok": True, "adapter": "chatfb-v0001", "promoted": False, "reason": "kept"}}
+
+    cycles = AppCycles()
+    server = ControlServer(LocalBackend(store, AdapterRegistry.without_servers(store, settings.data_dir), cycles),
+                           settings.data_dir)
+    server.start()
+    monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
+    try:
+        assert cli(["nightly", "--no-promote", "--train-mode", "unsupervised", "--lora-rank", "4"]) == 0
+        out, err = capsys.readouterr()
+        assert json.loads(out)["adapter"] == "chatfb-v0001" and "[sft] step 1/4" in err  # the app's log, copied
+        ((got, promote),) = cycles.started
+        assert (got.train_mode, got.lora_rank, promote) == ("unsupervised", 4, False)
+        assert cli(["nightly"]) == 2 and "already running" in capsys.readouterr().err
+    finally:
+        server.stop()
