@@ -122,7 +122,7 @@ def finish(store: Store, registry: AdapterRegistry, job: CycleJob, work: Path, e
     `started`: time.perf_counter() when the cycle began."""
     outcome = read_outcome(work) or CycleOutcome(
         "failed", f"the cycle's process exited with code {exit_code} before it finished",
-        error=f"cycle aborted (exit {exit_code}); see logs/nightly.log")
+        error=f"cycle aborted (exit {exit_code}); its log says why (logs/nightly.log, or the CLI's stderr)")
     (work / SNAPSHOT).unlink(missing_ok=True)
     if outcome.status == "nothing":
         return CycleResult(False, reason=outcome.reason, counts=outcome.counts, timings=outcome.timings)

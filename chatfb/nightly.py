@@ -159,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    (work,) = argv if argv is not None else sys.argv[1:]
-    work = Path(work)
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m chatfb.nightly WORK_DIR (a job folder chatfb.cycle wrote)", file=sys.stderr)
+        return 2
+    work = Path(args[0])
     job, settings = read_job(work)
     t = time.perf_counter()
     try:
