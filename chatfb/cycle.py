@@ -110,10 +110,13 @@ def prepare(store: Store, settings: Settings, server_url: str | None) -> tuple[C
     return job, work
 
 
-def launch(work: Path, output) -> subprocess.Popen:
+def child_command(work: Path) -> list[str]:
+    return [sys.executable, "-m", "chatfb.nightly", str(work)]
+
+
+def launch(command: list[str], output) -> subprocess.Popen:
     """The child, in its own process group (it and its trainer end together); `output` takes its log."""
-    return subprocess.Popen([sys.executable, "-m", "chatfb.nightly", str(work)], stdout=output,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def finish(store: Store, registry: AdapterRegistry, job: CycleJob, work: Path, exit_code: int,
@@ -157,7 +160,7 @@ def run_cycle(store: Store, registry: AdapterRegistry, settings: Settings, promo
     if isinstance(prepared, CycleResult):
         return prepared
     job, work = prepared
-    proc = launch(work, output)
+    proc = launch(child_command(work), output)
     try:
         code = proc.wait()
     except BaseException:  # Ctrl-C: no cycle or trainer left behind

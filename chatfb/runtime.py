@@ -24,7 +24,7 @@ from chatfb.adapters import AdapterRegistry, AdapterRouter
 from chatfb.chat import ChatService
 from chatfb.config import Settings
 from chatfb.control import ControlServer, LocalBackend
-from chatfb.cycle import CycleResult, finish, launch, prepare
+from chatfb.cycle import CycleResult, child_command, finish, launch, prepare
 from chatfb.judge import judge_for
 from chatfb.model_client import ModelClient
 from chatfb.process_group import stop_groups
@@ -136,7 +136,7 @@ class Runtime:
                 with self._children_lock, open(self.training_log_path, "ab") as fh:
                     if self._stop.is_set():
                         return
-                    self.training = launch(work, fh)  # its own process group, which close() ends as one
+                    self.training = launch(self.training_command(work), fh)  # close() ends its process group
                 code = self.training.wait()
                 if self._stop.is_set():  # the app is closing: its store with it
                     return
@@ -147,6 +147,9 @@ class Runtime:
         with open(self.training_log_path, "a") as fh:
             fh.write(result.summary() + "\n")
         self._last_cycle = (number, result.__dict__)
+
+    def training_command(self, work: Path) -> list[str]:
+        return child_command(work)
 
     def cycle_status(self) -> dict:
         finished, result = self._last_cycle or (0, None)

@@ -92,8 +92,8 @@ def test_the_cli_refuses_to_promote_a_failed_or_unfinished_adapter_without_the_a
 def test_a_cycle_the_app_starts_computes_with_the_whole_settings(settings, monkeypatch):
     """Settings given as `serve` flags reach the child (they used to be lost: it got only --data-dir)."""
     import socket
+    import sys
 
-    import chatfb.runtime
     from chatfb.cycle import read_job
     from chatfb.runtime import Runtime
 
@@ -104,12 +104,7 @@ def test_a_cycle_the_app_starts_computes_with_the_whole_settings(settings, monke
                  critique_samples=2, vllm_url=f"http://127.0.0.1:{port}")
     rt = Runtime(settings.with_(**flags))
     launched = []
-
-    class ChildThatDied:
-        def wait(self):
-            return 3
-
-    monkeypatch.setattr(chatfb.runtime, "launch", lambda work, output: launched.append(work) or ChildThatDied())
+    rt.training_command = lambda work: launched.append(work) or [sys.executable, "-c", "raise SystemExit(3)"]
     try:
         cid = rt.store.create_conversation("s1", "ann")
         rt.store.add_message(cid, "user", "q")
