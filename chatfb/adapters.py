@@ -1,5 +1,8 @@
 """LoRA adapter versions: routing new chats, hot-loading into vLLM, promote and rollback.
 
+One AdapterRegistry per store owner: the app's drives its vLLM servers; the CLI's (no app running,
+`AdapterRegistry.without_servers`) only records which version is live, with the same checks.
+
 Every adapter version has a new name (chatfb-v0001, ...) because vLLM refuses to load a name it
 already has. Promotion loads the new version into every configured server, routes new chats to
 it, and unloads the previous one only after its in-flight requests finished, so no request
@@ -17,6 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from chatfb.layout import DataLayout
 from chatfb.model_client import ModelClient, ModelError
 from chatfb.store import Store
 
@@ -40,12 +44,12 @@ def next_adapter_name(store: Store, prefix: str = ADAPTER_PREFIX) -> str:
     return adapter_name(max(numbers, default=0) + 1, prefix)
 
 
-def confined_path(data_dir: Path, relative: str | Path, under: str = "adapters") -> Path:
-    """Resolve a user- or DB-supplied path inside <data_dir>/<under>; refuse anything outside it."""
+def confined_path(data_dir: Path, relative: str | Path) -> Path:
+    """Resolve a user- or DB-supplied path inside <data_dir>/adapters; refuse anything outside it."""
     rel = Path(relative)
     if rel.is_absolute() or ".." in rel.parts:
         raise AdapterError("paths must be relative and stay inside the data folder")
-    root = (Path(data_dir) / under).resolve()
+    root = DataLayout(Path(data_dir)).adapters.resolve()
     full = (root / rel).resolve()
     if full != root and root not in full.parents:
         raise AdapterError("paths must stay inside the data folder")
@@ -145,6 +149,12 @@ class AdapterRegistry:
         self.drain_timeout_s = drain_timeout_s
         self._lock = threading.Lock()
         self.last_swap_ms: float | None = None
+
+    @classmethod
+    def without_servers(cls, store: Store, data_dir: Path) -> "AdapterRegistry":
+        """For the CLI when no app runs: promote and rollback check and record which version is live
+        (the app loads it into its server when it starts)."""
+        return cls(store, [], AdapterRouter("base model"), data_dir)
 
     def path_of(self, name: str) -> Path:
         a = self.store.adapter(name)

@@ -18,6 +18,7 @@ import gradio as gr
 import pandas as pd
 
 from chatfb.adapters import AdapterError
+from chatfb.gate import GateReport
 from chatfb.model_client import ModelError
 from chatfb.runtime import Runtime
 from chatfb.throttle import GuessThrottle
@@ -60,21 +61,21 @@ def unlock_admin(rt: Runtime, throttle: GuessThrottle, password: str | None, pro
 def adapters_frame(rt: Runtime) -> pd.DataFrame:
     rows = []
     for a in rt.store.adapters():
-        m = a["metrics"] or {}
+        m = GateReport.from_dict(a["metrics"])
         rows.append({"name": a["name"], "status": a["status"], "parent": a["parent"] or "base",
-                     "created": str(a["created_at"])[:19], "rougeL": m.get("candidate_rougeL"),
-                     "bleu": m.get("candidate_bleu"), "control": m.get("control_agreement"),
-                     "examples": (a["data_counts"] or {}).get("train_examples"), "note": a["error"] or m.get("decision", "")})
+                     "created": str(a["created_at"])[:19], "rougeL": m.candidate_rougeL,
+                     "bleu": m.candidate_bleu, "control": m.control_agreement,
+                     "examples": (a["data_counts"] or {}).get("train_examples"), "note": a["error"] or m.decision})
     return pd.DataFrame(rows, columns=["name", "status", "parent", "created", "rougeL", "bleu", "control", "examples", "note"])
 
 
 def metrics_frame(rt: Runtime) -> pd.DataFrame:
     rows = []
     for a in rt.store.adapters():
-        m = a["metrics"] or {}
-        for key, label in (("candidate_rougeL", "ROUGE-L"), ("candidate_bleu", "BLEU/100"), ("control_agreement", "control")):
-            if m.get(key) is not None:
-                value = m[key] / 100 if key == "candidate_bleu" else m[key]
+        m = GateReport.from_dict(a["metrics"])
+        bleu = None if m.candidate_bleu is None else m.candidate_bleu / 100
+        for label, value in (("ROUGE-L", m.candidate_rougeL), ("BLEU/100", bleu), ("control", m.control_agreement)):
+            if value is not None:
                 rows.append({"adapter": a["name"], "metric": label, "value": float(value)})
     return pd.DataFrame(rows, columns=["adapter", "metric", "value"])
 
@@ -118,7 +119,7 @@ def guidelines_frame(rt: Runtime) -> pd.DataFrame:
     """Guidelines for everyone (suggested or approved), with how often the live adapter follows each
     without it in the prompt (the gate's `guideline_follow`), and whether to retire it from the prompt."""
     live = rt.store.live_adapter()
-    follow = ((live or {}).get("metrics") or {}).get("guideline_follow") or {}
+    follow = GateReport.from_dict((live or {}).get("metrics")).guideline_follow
     rows = []
     for g in rt.store.global_guidelines():
         rate = follow.get(g["id"])
@@ -297,7 +298,7 @@ def export_all(rt: Runtime):
 
     from chatfb.feedback_io import EXPORT_FORMATS, export
 
-    out = rt.settings.data_dir / "exports" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    out = rt.settings.layout.exports / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     records, dismissed = rt.store.feedback_records(), rt.store.rejected_candidates()
     for fmt in EXPORT_FORMATS:
         export(records, fmt, out, dismissed=dismissed)
@@ -324,4 +325,7 @@ def compare_replies(rt: Runtime, prompt: str) -> tuple[str, str, str]:
             outs.append(rt.client.complete(messages, name or rt.router.base_name, rt.settings.max_tokens)[0])
         except (AdapterError, ModelError) as e:
             outs.append(f"⚠️ {e}")
+        finally:
+            if name and name != rt.router.current:  # the previous version: give its LoRA slot back
+                rt.registry.unload(name)
     return tuple(outs)

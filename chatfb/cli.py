@@ -15,6 +15,8 @@ from pathlib import Path
 
 from chatfb.config import add_settings_flags, settings_from_args, settings_table
 
+log = logging.getLogger(__name__)
+
 
 class CommandError(Exception):
     """A command failed for a reason the user can act on (printed without a trace)."""
@@ -86,22 +88,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         return COMMANDS[args.command](settings, args) or 0
-    except (CommandError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except OSError as e:  # disk full, unreadable file, ...: the message, not a trace
         print(f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - named errors from our modules
-        from chatfb.adapters import AdapterError
-        from chatfb.control import ControlError
-        from chatfb.hub import HubError
-        from chatfb.store import StoreError
-
-        if isinstance(e, (AdapterError, ControlError, HubError, StoreError)):
+    except Exception as e:  # noqa: BLE001 - user errors in one line; anything else is a bug: keep its trace
+        if isinstance(e, user_errors()):
             print(f"error: {e}", file=sys.stderr)
             return 2
-        raise
+        log.exception("%s failed", args.command)
+        print(f"error: {args.command} failed: {type(e).__name__}: {e} (the trace is above)", file=sys.stderr)
+        return 1
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message tells the user what to do: printed without a trace."""
+    from chatfb.adapters import AdapterError
+    from chatfb.config import SettingsError
+    from chatfb.control import ControlError
+    from chatfb.feedback_io import BadImportFile
+    from chatfb.gate import GateError
+    from chatfb.hub import HubError
+    from chatfb.store import StoreError
+
+    return CommandError, SettingsError, BadImportFile, AdapterError, ControlError, GateError, HubError, StoreError
 
 
 def cmd_serve(settings, args) -> int:
@@ -169,23 +178,67 @@ def push_built(settings, repo: str, repo_type: str, private: bool, build) -> Non
 
 
 def cmd_nightly(settings, args) -> int:
-    from chatfb.nightly import run_cycle
+    """One learning cycle now, run by whoever owns the store: the running app (its log is copied to
+    stderr meanwhile), or this process. The cycle's summary (JSON) goes to stdout."""
+    import json
 
-    result = run_cycle(settings, promote=not args.no_promote)
-    print(result.summary())
-    return 0 if result.ok else 1
+    from chatfb.control import RemoteBackend, open_backend
+    from chatfb.cycle import run_cycle
+
+    backend = open_backend(settings.data_dir)
+    try:
+        if isinstance(backend, RemoteBackend):
+            result = cycle_in_app(backend, settings, promote=not args.no_promote)
+        else:  # the child's log to our stderr (file descriptor 2: it is another process's output)
+            result = run_cycle(backend.store, backend.registry, settings, not args.no_promote, output=2).__dict__
+    finally:
+        backend.close()
+    print(json.dumps(result, indent=2, default=str))
+    return 0 if result["ok"] else 1
+
+
+def cycle_in_app(backend, settings, promote: bool) -> dict:
+    """Start a cycle in the running app with these settings, copy its log to stderr until it finishes,
+    and return its summary."""
+    from chatfb.config import settings_to_json
+    from chatfb.wait import wait_until
+
+    number = backend.start_cycle(settings_to_json(settings), promote)
+    log_path, copied = settings.layout.nightly_log, 0
+
+    def finished() -> bool:
+        nonlocal copied
+        done = backend.cycle_status()["finished"] >= number  # asked first: the log is then complete
+        try:
+            with open(log_path, "rb") as fh:
+                fh.seek(copied)
+                chunk = fh.read()
+        except FileNotFoundError:
+            chunk = b""
+        copied += len(chunk)
+        sys.stderr.write(chunk.decode(errors="replace"))
+        sys.stderr.flush()
+        return done
+
+    wait_until(finished, None, every_s=2.0)
+    return backend.cycle_status()["result"]
+
+
+def _or_dash(value) -> str:
+    return "-" if value is None else str(value)
 
 
 def cmd_adapters(settings, args) -> int:
     from chatfb.control import open_backend
+    from chatfb.gate import GateReport
 
     backend = open_backend(settings.data_dir)
     try:
         if args.action == "list":
             for a in backend.adapters():
-                m = a["metrics"] or {}
+                m = GateReport.from_dict(a["metrics"])
                 print(f"{a['name']:<14} {a['status']:<11} parent={a['parent'] or 'base':<14} "
-                      f"rougeL={m.get('candidate_rougeL', '-')} control={m.get('control_agreement', '-')} {a['error'] or ''}")
+                      f"rougeL={_or_dash(m.candidate_rougeL)} control={_or_dash(m.control_agreement)} {a['error'] or ''}")
         elif args.action == "promote":
             if not args.name:
                 raise CommandError("adapters promote needs a NAME")

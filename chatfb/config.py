@@ -7,10 +7,17 @@ Every field carries a help string; the README's configuration table lists the sa
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+
+from chatfb.layout import DataLayout
+
+
+class SettingsError(ValueError):
+    """A setting has a value chatfb cannot use; str(e) names it and what it accepts."""
 
 
 def _f(default, help: str):
@@ -107,8 +114,12 @@ class Settings:
     seed: int = _f(1234, "Random seed for data splits and training.")
 
     @property
+    def layout(self) -> DataLayout:
+        return DataLayout(Path(self.data_dir))
+
+    @property
     def db_path(self) -> Path:
-        return self.data_dir / "chatfb.duckdb"
+        return self.layout.db
 
     @property
     def managed(self) -> bool:
@@ -157,7 +168,7 @@ def load_settings(env: dict | None = None, **overrides) -> Settings:
             try:
                 values[f.name] = _convert(f, raw)
             except ValueError as e:
-                raise ValueError(f"{env_name(f.name)}={raw!r} is not valid: {e}") from None
+                raise SettingsError(f"{env_name(f.name)}={raw!r} is not valid: {e}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
     s = Settings(**values)
     validate(s)
@@ -170,25 +181,41 @@ CRITIQUE_RECIPES = ("instruct", "ilf")  # what CHATFB_CRITIQUE_RECIPE accepts
 
 def validate(s: Settings) -> None:
     if s.train_mode not in ("supervised", "unsupervised", "semi"):
-        raise ValueError("train_mode must be supervised, unsupervised or semi")
+        raise SettingsError("train_mode must be supervised, unsupervised or semi")
     if s.critique_recipe not in CRITIQUE_RECIPES:
-        raise ValueError(f"critique_recipe must be one of {', '.join(CRITIQUE_RECIPES)}")
+        raise SettingsError(f"critique_recipe must be one of {', '.join(CRITIQUE_RECIPES)}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}", s.adapter_prefix):
-        raise ValueError("adapter_prefix must be 1-40 letters, digits, '-' or '_'")
+        raise SettingsError("adapter_prefix must be 1-40 letters, digits, '-' or '_'")
     if s.lora_rank > s.max_lora_rank:
-        raise ValueError(f"lora_rank {s.lora_rank} exceeds max_lora_rank {s.max_lora_rank}")
+        raise SettingsError(f"lora_rank {s.lora_rank} exceeds max_lora_rank {s.max_lora_rank}")
     if s.scorer not in ("auto", "server", "local"):
-        raise ValueError("scorer must be auto, server or local")
+        raise SettingsError("scorer must be auto, server or local")
     if s.vllm_dtype not in VLLM_DTYPES:
-        raise ValueError(f"vllm_dtype must be one of {', '.join(VLLM_DTYPES)}")
+        raise SettingsError(f"vllm_dtype must be one of {', '.join(VLLM_DTYPES)}")
     if not 0 <= s.replay_examples <= 32:
-        raise ValueError("replay_examples must be between 0 and 32")
+        raise SettingsError("replay_examples must be between 0 and 32")
     if s.nightly_at:
         hh, _, mm = s.nightly_at.partition(":")
         if not (hh.isdigit() and mm.isdigit() and int(hh) < 24 and int(mm) < 60):
-            raise ValueError("nightly_at must look like HH:MM")
+            raise SettingsError("nightly_at must look like HH:MM")
     if not 0 < s.holdout_fraction < 1:
-        raise ValueError("holdout_fraction must be between 0 and 1")
+        raise SettingsError("holdout_fraction must be between 0 and 1")
+
+
+def settings_to_json(s: Settings) -> str:
+    """Every field, so a learning cycle's child process computes with exactly the owner's settings."""
+    return json.dumps({f.name: str(v) if isinstance(v, Path) else v for f in fields(Settings)
+                       for v in [getattr(s, f.name)]}, indent=1)
+
+
+def settings_from_json(text: str) -> Settings:
+    raw = json.loads(text)
+    known = {f.name: f for f in fields(Settings)}
+    if set(raw) - set(known):
+        raise SettingsError(f"unknown setting(s) {sorted(set(raw) - set(known))}")
+    s = Settings(**{k: Path(v) if isinstance(known[k].default, Path) else v for k, v in raw.items()})
+    validate(s)
+    return s
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:

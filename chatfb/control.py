@@ -1,14 +1,16 @@
-"""How the CLI and the nightly job reach the data while the app owns the DuckDB file.
+"""How the CLI reaches the data while the app owns the DuckDB file.
 
 DuckDB lets one process open a file read-write and no other process open it at all meanwhile.
 So the running app serves a small control API on 127.0.0.1 (random port, a random token, both in
 <data_dir>/run/control.json readable only by its owner). `open_backend()` returns:
 
-- `RemoteBackend` when the app is running: every operation is done by the app, in its process,
-  through its single writer (imports, snapshots, adapter promotion into the live vLLM);
-- `LocalBackend` otherwise: the CLI opens the store itself.
+- `RemoteBackend` when the app is running: the CLI's commands are done by the app, in its process,
+  through its single writer (imports, snapshots, promotion into the live vLLM, learning cycles);
+- `LocalBackend` otherwise: the CLI opens the store itself (adapters promoted without a server:
+  the app loads the live one when it starts).
 
-Both offer the same methods, so CLI commands do not care which one they got.
+Both offer the CLI's commands as the same methods (`OPS`). A learning cycle's child process uses
+none of this: its owner hands it everything (chatfb.cycle).
 """
 
 from __future__ import annotations
@@ -24,27 +26,19 @@ from pathlib import Path
 
 import httpx
 
-from chatfb.adapters import ADAPTER_PREFIX
+from chatfb.adapters import AdapterError, AdapterRegistry
+from chatfb.layout import DataLayout
 from chatfb.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
-# Operations the control API accepts; each is a method of both backends.
-OPS = ("import_feedback", "snapshot", "counts", "adapters", "add_adapter", "update_adapter", "next_adapter_name",
-       "load_candidate", "unload_adapter", "promote", "rollback", "delete_user", "live_adapter", "record_candidates",
-       "guidelines", "add_guideline", "set_guideline_status")
+# The CLI's operations: each is a method of both backends, and what the control API accepts.
+OPS = ("import_feedback", "snapshot", "adapters", "add_adapter", "promote", "rollback", "delete_user", "guidelines",
+       "add_guideline", "set_guideline_status", "start_cycle", "cycle_status")
 
 
 class ControlError(RuntimeError):
     """A control operation failed; str(e) is the reason."""
-
-
-def control_file(data_dir: Path) -> Path:
-    return Path(data_dir) / "run" / "control.json"
-
-
-def snapshot_path(data_dir: Path) -> Path:
-    return Path(data_dir) / "snapshots" / "latest.duckdb"
 
 
 def _jsonable(obj):
@@ -56,14 +50,13 @@ def _jsonable(obj):
 
 
 class LocalBackend:
-    """Operations on a store this process owns (the app itself, or the CLI when the app is down)."""
+    """The CLI's operations on a store this process owns (the app itself, or the CLI when the app is down).
+    `cycles` is the app's Runtime (start_training, cycle_status); without an app the CLI runs cycles itself."""
 
-    def __init__(self, store: Store, data_dir: Path, registry=None, adapter_prefix: str = ADAPTER_PREFIX):
+    def __init__(self, store: Store, registry: AdapterRegistry, cycles=None):
         self.store = store
-        self.data_dir = Path(data_dir)
-        self.registry = registry  # AdapterRegistry when vLLM servers are attached
-        self.adapter_prefix = adapter_prefix
-        self.server = None  # without a registry: the model server a CLI cycle uses (see attach_server)
+        self.registry = registry
+        self.cycles = cycles
 
     def close(self):
         pass
@@ -75,78 +68,32 @@ class LocalBackend:
         return self.store.import_feedback([parse_record(r, 10**9) for r in records])
 
     def snapshot(self) -> str:
-        return str(self.store.snapshot(snapshot_path(self.data_dir)))
-
-    def counts(self) -> dict:
-        return self.store.counts()
+        return str(self.store.snapshot(DataLayout(self.registry.data_dir).latest_snapshot))
 
     def adapters(self) -> list[dict]:
         return self.store.adapters()
 
-    def live_adapter(self) -> dict | None:
-        return self.store.live_adapter()
+    def add_adapter(self, name: str, path: str) -> None:
+        """Register an adapter folder trained elsewhere (under <data_dir>/adapters) as a candidate."""
+        self.store.add_adapter(name, None, "candidate", path)
 
-    def add_adapter(self, name, parent, status, path, recipe=None) -> None:
-        self.store.add_adapter(name, parent, status, path, recipe)
-
-    def update_adapter(self, name, **fields) -> None:
-        self.store.update_adapter(name, **fields)
-
-    def next_adapter_name(self) -> str:
-        from chatfb.adapters import next_adapter_name
-
-        return next_adapter_name(self.store, self.adapter_prefix)
-
-    def load_candidate(self, name) -> None:
-        if self.registry is None:
-            raise ControlError("no model server is attached")
-        self.registry.load_candidate(name)
-
-    def attach_server(self, client) -> None:
-        """The model server a learning cycle evaluates on. Without an app (no registry) nobody else
-        manages that server's adapters, so unload_adapter takes them off it directly."""
-        if self.registry is None:
-            self.server = client
-
-    def unload_adapter(self, name) -> None:
-        if self.registry is not None:
-            if name != self.registry.router.current:
-                self.registry.unload(name)
-        elif self.server is not None:
-            self.server.unload_adapter(name)
-
-    def promote(self, name) -> None:
-        if self.registry is not None:
-            self.registry.promote(name)
-        else:  # the app loads it when it starts
-            if self.store.adapter(name) is None:
-                raise ControlError(f"no adapter named {name!r}")
-            self.store.set_live(name)
+    def promote(self, name: str) -> None:
+        self.registry.promote(name)
 
     def rollback(self) -> str | None:
-        if self.registry is not None:
-            return self.registry.rollback()
-        live = self.store.live_adapter()
-        if live is None:
-            raise ControlError("nothing to roll back: the base model is serving")
-        earlier = sorted((a for a in self.store.adapters() if a["status"] == "retired" and a["promoted_at"]),
-                         key=lambda a: a["promoted_at"])
-        target = earlier[-1]["name"] if earlier else None
-        self.store.set_live(target)
-        self.store.update_adapter(live["name"], status="rolled_back")
-        return target
+        return self.registry.rollback()
 
-    def delete_user(self, user_name) -> int:
+    def delete_user(self, user_name: str) -> int:
         return self.store.delete_user(user_name)
 
     def guidelines(self) -> list[dict]:
         return self.store.guidelines()
 
-    def add_guideline(self, text) -> str:
+    def add_guideline(self, text: str) -> str:
         """A guideline for everyone, approved at once (the operator is the admin)."""
         return self.store.add_guideline(text, "global", "active")
 
-    def set_guideline_status(self, guideline_id, status) -> None:
+    def set_guideline_status(self, guideline_id: str, status: str) -> None:
         g = self.store.guideline(guideline_id)
         if g is None:
             raise ControlError(f"no guideline with id {guideline_id!r} (see: python -m chatfb guidelines list)")
@@ -154,9 +101,22 @@ class LocalBackend:
             raise ControlError("only guidelines suggested for everyone need approval")
         self.store.update_guideline(guideline_id, status=status)
 
-    def record_candidates(self, rows: list[dict]) -> int:
-        """Store a learning cycle's candidates (store.add_candidates rows); returns how many."""
-        return len(self.store.add_candidates(rows))
+    def start_cycle(self, settings_json: str, promote: bool) -> int:
+        """Start a learning cycle in the app with the CLI's settings; returns its number (see cycle_status)."""
+        from chatfb.config import settings_from_json
+
+        if self.cycles is None:
+            raise ControlError("no app runs here to start a learning cycle in")
+        number = self.cycles.start_training(settings_from_json(settings_json), promote)
+        if number is None:
+            raise ControlError("a learning cycle is already running (started from the admin tab or the schedule)")
+        return number
+
+    def cycle_status(self) -> dict:
+        """{"running": bool, "finished": number of the last finished cycle, "result": its summary or None}."""
+        if self.cycles is None:
+            raise ControlError("no app runs here")
+        return self.cycles.cycle_status()
 
 
 class RemoteBackend:
@@ -169,9 +129,6 @@ class RemoteBackend:
     def close(self):
         self._http.close()
 
-    def attach_server(self, client) -> None:
-        """Nothing to do: the running app manages its model server's adapters."""
-
     def call(self, op: str, **kwargs):
         try:
             r = self._http.post(f"/{op}", content=json.dumps(kwargs, default=_jsonable))
@@ -182,18 +139,41 @@ class RemoteBackend:
             raise ControlError(body.get("error", f"control API error {r.status_code}"))
         return body["result"]
 
-    def __getattr__(self, op):
-        if op not in OPS:
-            raise AttributeError(op)
-        return lambda *args, **kwargs: self.call(op, **_positional(op, args), **kwargs)
+    def import_feedback(self, records: list[dict]) -> int:
+        return self.call("import_feedback", records=records)
 
+    def snapshot(self) -> str:
+        return self.call("snapshot")
 
-def _positional(op: str, args: tuple) -> dict:
-    names = {"import_feedback": ("records",), "add_adapter": ("name", "parent", "status", "path", "recipe"),
-             "update_adapter": ("name",), "load_candidate": ("name",), "unload_adapter": ("name",),
-             "promote": ("name",), "delete_user": ("user_name",), "record_candidates": ("rows",),
-             "add_guideline": ("text",), "set_guideline_status": ("guideline_id", "status")}.get(op, ())
-    return dict(zip(names, args))
+    def adapters(self) -> list[dict]:
+        return self.call("adapters")
+
+    def add_adapter(self, name: str, path: str) -> None:
+        self.call("add_adapter", name=name, path=path)
+
+    def promote(self, name: str) -> None:
+        self.call("promote", name=name)
+
+    def rollback(self) -> str | None:
+        return self.call("rollback")
+
+    def delete_user(self, user_name: str) -> int:
+        return self.call("delete_user", user_name=user_name)
+
+    def guidelines(self) -> list[dict]:
+        return self.call("guidelines")
+
+    def add_guideline(self, text: str) -> str:
+        return self.call("add_guideline", text=text)
+
+    def set_guideline_status(self, guideline_id: str, status: str) -> None:
+        self.call("set_guideline_status", guideline_id=guideline_id, status=status)
+
+    def start_cycle(self, settings_json: str, promote: bool) -> int:
+        return self.call("start_cycle", settings_json=settings_json, promote=promote)
+
+    def cycle_status(self) -> dict:
+        return self.call("cycle_status")
 
 
 class ControlServer:
@@ -202,7 +182,7 @@ class ControlServer:
     def __init__(self, backend: LocalBackend, data_dir: Path):
         self.backend = backend
         self.token = secrets.token_urlsafe(32)
-        self.file = control_file(data_dir)
+        self.file = DataLayout(Path(data_dir)).control_file
         backend_ref, token = backend, self.token
 
         class Handler(BaseHTTPRequestHandler):
@@ -218,7 +198,7 @@ class ControlServer:
                 try:
                     kwargs = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                     result = getattr(backend_ref, op)(**kwargs)
-                except (StoreError, ControlError, ValueError, TypeError) as e:
+                except (StoreError, ControlError, AdapterError, ValueError, TypeError) as e:
                     return self._send(400, {"error": str(e)})
                 except Exception as e:  # noqa: BLE001 - report, keep serving
                     log.exception("control op %s failed", op)
@@ -258,14 +238,14 @@ class ControlServer:
 def running_app(data_dir: Path) -> dict | None:
     """control.json of a live app on this data dir, or None."""
     try:
-        info = json.loads(control_file(data_dir).read_text())
+        info = json.loads(DataLayout(Path(data_dir)).control_file.read_text())
         os.kill(int(info["pid"]), 0)
         return info
     except (OSError, ValueError, KeyError):
         return None
 
 
-def open_backend(data_dir: Path, adapter_prefix: str = ADAPTER_PREFIX):
+def open_backend(data_dir: Path):
     """RemoteBackend if the app runs on this data dir, else a LocalBackend on the store file."""
     info = running_app(data_dir)
     if info is not None:
@@ -273,10 +253,10 @@ def open_backend(data_dir: Path, adapter_prefix: str = ADAPTER_PREFIX):
     from chatfb.store import StoreLocked
 
     try:
-        store = Store(Path(data_dir) / "chatfb.duckdb")
+        store = Store(DataLayout(Path(data_dir)).db)
     except StoreLocked:
         raise ControlError("the database is in use by another process that is not a chatfb app "
                            "on this data folder; stop it and try again") from None
-    backend = LocalBackend(store, data_dir, adapter_prefix=adapter_prefix)
+    backend = LocalBackend(store, AdapterRegistry.without_servers(store, data_dir))
     backend.close = store.close
     return backend

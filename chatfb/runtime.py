@@ -5,13 +5,16 @@ registry, chat service, control API and the optional nightly schedule.
 `runtime.status` says how far it got (the UI shows it). `Runtime.close()` leaves no child behind:
 the managed vLLM server and a running learning cycle (with its trainer) are each a process group
 it ends within seconds, whether the server was starting or serving.
+
+A learning cycle (schedule, "Train now", `python -m chatfb nightly` through the control API) runs in
+a thread here: the app owns the store, so it prepares the job, the child computes (chatfb.cycle),
+and the app records the result and promotes through its registry.
 """
 
 from __future__ import annotations
 
 import logging
 import subprocess
-import sys
 import threading
 import time
 from datetime import datetime, timedelta
@@ -21,11 +24,13 @@ from chatfb.adapters import AdapterRegistry, AdapterRouter
 from chatfb.chat import ChatService
 from chatfb.config import Settings
 from chatfb.control import ControlServer, LocalBackend
+from chatfb.cycle import CycleResult, child_command, finish, launch, prepare
 from chatfb.judge import judge_for
 from chatfb.model_client import ModelClient
 from chatfb.process_group import stop_groups
 from chatfb.store import Store
 from chatfb.vllm_server import ServerStartError
+from chatfb.wait import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +47,14 @@ class Runtime:
         self.registry = AdapterRegistry(self.store, [self.client], self.router, settings.data_dir)
         self.chat = ChatService(settings, self.store, self.client, self.router,
                                 judge_for(settings.scorer, self.client, self._model_dir))
-        self.control = ControlServer(LocalBackend(self.store, settings.data_dir, self.registry, settings.adapter_prefix), settings.data_dir)
+        self.control = ControlServer(LocalBackend(self.store, self.registry, cycles=self), settings.data_dir)
         self.server = None
         self.status = "Preparing the model…"
         self.ready = threading.Event()
-        self.training: subprocess.Popen | None = None
+        self.training: subprocess.Popen | None = None  # a learning cycle's child process
+        self._cycle_thread: threading.Thread | None = None
+        self._cycles_started = 0
+        self._last_cycle: tuple[int, dict] | None = None  # (number, CycleResult as a dict) of the last finished
         self._stop = threading.Event()
         self._children_lock = threading.Lock()  # close() and starting a child never interleave
 
@@ -85,9 +93,8 @@ class Runtime:
                 self.server.start(wait=True)  # refuses to launch once close() has stopped it
             else:
                 self.status = "Connecting to the model server…"
-                while not self.client.healthy():
-                    if self._stop.wait(2.0):
-                        return
+                if not wait_until(self.client.healthy, None, every_s=2.0, stop=self._stop):
+                    return
             live = self.registry.restore()
             self.status = f"Model ready ({live or s.served_model_name})."
             self.ready.set()
@@ -100,29 +107,61 @@ class Runtime:
             self.status = f"The model server could not start: {type(e).__name__}. See the app log."
 
     # -- learning cycles --------------------------------------------------------------------
-    def start_training(self) -> bool:
-        """Run one learning cycle in a child process (it talks back through the control API)."""
-        if self.training is not None and self.training.poll() is None:
-            return False
-        log_path = self.training_log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self._children_lock, open(log_path, "wb") as fh:
-            if self._stop.is_set():
-                return False
-            # Its own process group (the cycle and its trainer), which close() ends as one.
-            self.training = subprocess.Popen(self.training_command(), stdout=fh, stderr=subprocess.STDOUT,
-                                             start_new_session=True)
-        return True
+    def start_training(self, settings: Settings | None = None, promote: bool = True) -> int | None:
+        """Start one learning cycle (None = one is running already); returns its number (cycle_status).
+        `settings` are the cycle's (default: the app's), e.g. a CLI's; the model server stays the app's."""
+        settings = (settings or self.settings).with_(
+            data_dir=self.settings.data_dir, served_model_name=self.settings.served_model_name,
+            api_key=self.settings.api_key)
+        with self._children_lock:
+            if self._stop.is_set() or self.training_running():
+                return None
+            self._cycles_started += 1
+            number = self._cycles_started
+            log_path = self.training_log_path
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.write_bytes(b"")  # the admin tab and a waiting CLI read this cycle's log from its start
+            self._cycle_thread = threading.Thread(target=self._run_cycle, args=(number, settings, promote),
+                                                  name="learning-cycle", daemon=True)
+            self._cycle_thread.start()
+        return number
 
-    def training_command(self) -> list[str]:
-        return [sys.executable, "-m", "chatfb", "nightly", "--data-dir", str(self.settings.data_dir)]
+    def _run_cycle(self, number: int, settings: Settings, promote: bool) -> None:
+        t0 = time.perf_counter()
+        try:
+            prepared = prepare(self.store, settings, self.settings.base_url)
+            if isinstance(prepared, CycleResult):
+                result = prepared
+            else:
+                job, work = prepared
+                with self._children_lock, open(self.training_log_path, "ab") as fh:
+                    if self._stop.is_set():
+                        return
+                    self.training = launch(self.training_command(work), fh)  # close() ends its process group
+                code = self.training.wait()
+                if self._stop.is_set():  # the app is closing: its store with it
+                    return
+                result = finish(self.store, self.registry, job, work, code, promote, t0)
+        except Exception as e:  # noqa: BLE001 - the app keeps serving; the log says why
+            log.exception("learning cycle %d failed", number)
+            result = CycleResult(False, reason=f"the cycle failed in the app: {type(e).__name__}: {e}")
+        with open(self.training_log_path, "a") as fh:
+            fh.write(result.summary() + "\n")
+        self._last_cycle = (number, result.__dict__)
+
+    def training_command(self, work: Path) -> list[str]:
+        return child_command(work)
+
+    def cycle_status(self) -> dict:
+        finished, result = self._last_cycle or (0, None)
+        return {"running": self.training_running(), "finished": finished, "result": result}
 
     @property
     def training_log_path(self) -> Path:
-        return self.settings.data_dir / "logs" / "nightly.log"
+        return self.settings.layout.nightly_log
 
     def training_running(self) -> bool:
-        return self.training is not None and self.training.poll() is None
+        return self._cycle_thread is not None and self._cycle_thread.is_alive()
 
     def _nightly_loop(self) -> None:
         hh, mm = (int(x) for x in self.settings.nightly_at.split(":"))

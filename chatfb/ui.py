@@ -131,7 +131,9 @@ def browser_secret(data_dir) -> str:
     app still reads what browsers stored (a new one per process would lose every tab's conversation)."""
     from pathlib import Path
 
-    path = Path(data_dir) / "run" / "browser-state.secret"
+    from chatfb.layout import DataLayout
+
+    path = DataLayout(Path(data_dir)).browser_secret
     try:
         return path.read_text().strip()
     except FileNotFoundError:

@@ -24,7 +24,9 @@ from typing import Callable
 
 import httpx
 
+from chatfb.layout import DataLayout
 from chatfb.process_group import stop_groups
+from chatfb.wait import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,7 @@ class ManagedVLLM:
         self.port = port
         self.model_root = str(model_path)  # what vLLM reports as `root`: proves the server is ours
         self.url = f"http://127.0.0.1:{port}"
-        self.log_path = Path(data_dir) / "logs" / "vllm.log"
+        self.log_path = DataLayout(Path(data_dir)).logs / "vllm.log"
         self.kvcache_gib = kvcache_gib
         self.startup_timeout_s = startup_timeout_s
         self.on_restart: Callable[[], None] | None = None
@@ -168,16 +170,16 @@ class ManagedVLLM:
         return self._proc is not None and self._proc.poll() is None and served_root(self.url) == self.model_root
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
+        def up() -> bool:
             if self._proc.poll() is not None:
                 if not self._stopping.is_set() and port_in_use(self.port):
                     raise PortInUse(self.port)
                 raise ServerStartError(f"vLLM exited with code {self._proc.returncode}; see {self.log_path}")
-            if self._is_ours():
-                log.info("vLLM ready at %s", self.url)
-                return
-            time.sleep(1.0)
+            return self._is_ours()
+
+        if wait_until(up, self.startup_timeout_s):
+            log.info("vLLM ready at %s", self.url)
+            return
         raise ServerStartError(f"vLLM did not become healthy in {self.startup_timeout_s:.0f}s; see {self.log_path}")
 
     def _watch(self) -> None:

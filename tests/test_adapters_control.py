@@ -87,7 +87,7 @@ def test_rollback_and_restore(registry, store, settings, fake_client):
 
 def test_cli_goes_through_the_running_app(store, settings, tmp_path, capsys, monkeypatch):
     """While the 'app' (a ControlServer over the store) owns the DuckDB file, the CLI still works."""
-    server = ControlServer(LocalBackend(store, settings.data_dir), settings.data_dir)
+    server = ControlServer(LocalBackend(store, AdapterRegistry.without_servers(store, settings.data_dir)), settings.data_dir)
     server.start({"vllm_url": "http://127.0.0.1:1"})
     monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
     try:
@@ -107,7 +107,7 @@ def test_cli_goes_through_the_running_app(store, settings, tmp_path, capsys, mon
         assert isinstance(backend, RemoteBackend)
         wrong = RemoteBackend(json.loads(server.file.read_text())["port"], "wrong-token")
         with pytest.raises(Exception, match="bad control token"):
-            wrong.counts()
+            wrong.adapters()
         backend.close()
     finally:
         server.stop()
@@ -131,29 +131,6 @@ def test_cli_delete_user_without_the_app(settings, capsys, monkeypatch):
         assert [r[0] for r in s._q("SELECT user_name FROM feedback")] == ["bob"]
 
 
-def test_unused_candidates_leave_the_server_with_or_without_an_app(store, settings, fake_client, registry):
-    """A cycle unloads a candidate it does not promote. Without an app the CLI cycle's own server
-    connection does it; with one, the app's registry does (never the adapter that is serving)."""
-    bare = LocalBackend(store, settings.data_dir)
-    fake_client.load_adapter("chatfb-v0007", "/x")
-    bare.unload_adapter("chatfb-v0007")  # no server attached: nothing it could do
-    assert "chatfb-v0007" in fake_client.models()
-    bare.attach_server(fake_client)
-    bare.unload_adapter("chatfb-v0007")
-    assert "chatfb-v0007" not in fake_client.models()
-
-    app = LocalBackend(store, settings.data_dir, registry=registry)
-    app.attach_server(object())  # ignored: the registry manages the app's servers
-    assert app.server is None
-    make_adapter(store, settings.data_dir, "chatfb-v0008")
-    registry.activate("chatfb-v0008", background_unload=False)
-    app.unload_adapter("chatfb-v0008")  # serving: stays
-    assert "chatfb-v0008" in fake_client.models()
-    fake_client.load_adapter("chatfb-v0009", "/y")
-    app.unload_adapter("chatfb-v0009")
-    assert "chatfb-v0009" not in fake_client.models()
-
-
 @pytest.mark.parametrize("with_app", [True, False])
 def test_cli_guidelines_with_and_without_the_app(settings, capsys, monkeypatch, with_app):
     from chatfb.store import Store
@@ -163,7 +140,8 @@ def test_cli_guidelines_with_and_without_the_app(settings, capsys, monkeypatch, 
     suggested = store.add_guideline("Never use emoji.", "global", "pending", "s1", "ann")
     server = None
     if with_app:
-        server = ControlServer(LocalBackend(store, settings.data_dir), settings.data_dir)
+        server = ControlServer(LocalBackend(store, AdapterRegistry.without_servers(store, settings.data_dir)),
+                               settings.data_dir)
         server.start({"vllm_url": "http://127.0.0.1:1"})
     else:
         store.close()

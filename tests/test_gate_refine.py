@@ -1,7 +1,6 @@
 import sys
 import types
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -10,7 +9,8 @@ from chatfb import gate
 from chatfb import training_data as td
 from chatfb.config import load_settings
 from chatfb.model_client import ModelError
-from chatfb.nightly import candidate_rows, evaluate, select_all
+from chatfb.gate import evaluate
+from chatfb.nightly import candidate_rows, select_all
 from chatfb.refine import best_refinement, refine, score_refinements
 from chatfb.store import FeedbackRecord
 
@@ -211,13 +211,20 @@ def test_select_all_keeps_the_best_passing_candidate_and_records_every_one(fake_
         "logratio": 0.1, "task": "distill", "recipe": "instruct", "critique": RULE, "prompt": "Where is my order?"}
 
 
-def test_recorded_candidates_reach_the_store_through_the_backend(store, settings):
-    from chatfb.control import LocalBackend
+def test_recorded_candidates_reach_the_store_through_the_cycles_owner(store, settings, fake_client):
+    """The child hands its candidates back in the result file; the owner records them (chatfb.cycle.finish)."""
+    from chatfb.adapters import AdapterRegistry, AdapterRouter
+    from chatfb.cycle import CycleJob, CycleOutcome, finish, write_outcome
 
-    backend = LocalBackend(store, settings.data_dir)
     rows = [{"feedback_id": "c1", "message_id": None, "origin": "nightly", "text": "Email us.", "score": 1.5,
              "verdict": "ok", "status": "kept", "cycle": "chatfb-v0001", "details": {"critique": RULE, "prompt": "Hi"}}]
-    assert backend.record_candidates(rows) == 1
+    work = settings.layout.work("chatfb-v0001")
+    work.mkdir(parents=True)
+    write_outcome(work, CycleOutcome("failed", "no usable training examples", error="no usable training examples",
+                                     candidates=rows))
+    registry = AdapterRegistry(store, [fake_client], AdapterRouter("chatfb-base"), settings.data_dir)
+    result = finish(store, registry, CycleJob("chatfb-v0001", None, None), work, 0, True, 0.0)
+    assert not result.ok and store.adapter("chatfb-v0001")["status"] == "failed"
     (got,) = store.candidates(where="origin = ?", params=("nightly",))
     assert (got["text"], got["status"], got["cycle"], got["details"]["critique"]) == ("Email us.", "kept", "chatfb-v0001", RULE)
     # ... and the admin tab's audit table shows them
@@ -296,11 +303,11 @@ def test_the_gate_judges_held_out_critiques_and_guidelines_by_the_selection_not_
 
     monkeypatch.setattr(gate, "passes_selection", passes)
     m = evaluate(client, settings, data, "cand", None, "chatfb-base", tmp_path, guidelines)
-    assert (m["candidate_critique_pass"], m["incumbent_critique_pass"], m["heldout_critiques_n"]) == (1.0, 0.0, 3)
-    assert m["candidate_rougeL"] is None and m["heldout_n"] == 0  # no correction held out: no ROUGE at all
-    assert m["guideline_follow"] == {"g1": 1.0} and m["guideline_follow_incumbent"] == {"g1": 0.0}
+    assert (m.candidate_critique_pass, m.incumbent_critique_pass, m.heldout_critiques_n) == (1.0, 0.0, 3)
+    assert m.candidate_rougeL is None and m.heldout_n == 0  # no correction held out: no ROUGE at all
+    assert m.guideline_follow == {"g1": 1.0} and m.guideline_follow_incumbent == {"g1": 0.0}
     assert (RULE, "Use the form.") in calls and (note, None) in calls  # the critiqued reply goes to the selection
-    assert m["control_agreement"] == 1.0
-    ok, why = gate.decide({"rougeL": m["candidate_rougeL"], "critique_pass": m["candidate_critique_pass"], **m},
-                          {"rougeL": m["incumbent_rougeL"], "critique_pass": m["incumbent_critique_pass"]}, gate.GatePolicy())
+    assert m.control_agreement == 1.0
+    ok, why = m.decide()
     assert ok and "critique pass rate 1.000 vs 0.0" in why
+    assert gate.GateReport.from_dict(m.as_dict()) == m  # what the adapter row stores reads back the same

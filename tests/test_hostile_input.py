@@ -4,7 +4,6 @@ repeated imports, damaged files, full disks. docs/RELIABILITY.md lists each case
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import subprocess

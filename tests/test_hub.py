@@ -105,7 +105,7 @@ def test_adapter_files_copy_the_adapter_and_write_a_model_card(store, settings, 
     meta, body = front_matter(tmp_path / "up" / "README.md")
     assert meta == {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "library_name": "peft", "tags": ["chatfb", "lora"]}
     for text in ("# chatfb-v0002", "parent version: chatfb-v0001", "status when published: candidate",
-                 "| candidate_rougeL | 0.61 |", "| control_agreement | 0.93 |", "| train_examples | 12 |",
+                 "| ROUGE-L | 0.61 |", "| control agreement | 0.93 |", "| train_examples | 12 |",
                  "| dpo_pairs | 4 |", "| train_s | 81.5 |", "| rank | 8 |"):
         assert text in body, text
     assert "Model Card for Model ID" not in body  # PEFT's template is replaced

@@ -76,9 +76,16 @@ def test_a_starting_server_is_stopped_with_its_whole_group_in_seconds(tmp_path, 
     assert time.monotonic() - t0 < 10
 
 
+def some_feedback(store) -> None:
+    cid = store.create_conversation("s1", "ann")
+    store.add_message(cid, "user", "q")
+    store.log_feedback(store.add_message(cid, "assistant", "r"), "correction", text="better r", user_name="ann")
+
+
 def test_close_ends_a_running_learning_cycle_and_its_trainer(settings, mark):
     rt = Runtime.start(settings.with_(vllm_url="http://127.0.0.1:1"))
-    rt.training_command = lambda: stubborn_tree(mark)
+    rt.training_command = lambda work: stubborn_tree(mark)
+    some_feedback(rt.store)  # else the cycle has nothing to do and starts no child
     assert rt.start_training()
     assert wait_for(lambda: len(processes_mentioning(mark)) == 2, 20), "the fake cycle did not start"
     t0 = time.monotonic()
@@ -94,7 +101,10 @@ from chatfb.app_main import install_shutdown_handlers
 from chatfb.config import load_settings
 from chatfb.runtime import Runtime
 rt = Runtime.start(load_settings({}, data_dir=Path(sys.argv[1]), vllm_url="http://127.0.0.1:1"))
-rt.training_command = lambda: [sys.executable, "-c", sys.argv[2], os.environ["TREE_MARK"]]
+rt.training_command = lambda work: [sys.executable, "-c", sys.argv[2], os.environ["TREE_MARK"]]
+cid = rt.store.create_conversation("s1", "ann")
+rt.store.add_message(cid, "user", "q")
+rt.store.log_feedback(rt.store.add_message(cid, "assistant", "r"), "correction", text="better r", user_name="ann")
 install_shutdown_handlers(rt)
 rt.start_training()
 print("ready", flush=True)

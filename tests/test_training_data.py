@@ -71,7 +71,7 @@ def test_step_cap_only_caps():
 def test_eval_sample_is_bounded_and_stable():
     from types import SimpleNamespace
 
-    from chatfb.nightly import eval_sample
+    from chatfb.gate import eval_sample
 
     heldout = [SimpleNamespace(feedback_id=f"f{i}") for i in range(100)]
     a, b = eval_sample(heldout, 10, 7), eval_sample(list(reversed(heldout)), 10, 7)

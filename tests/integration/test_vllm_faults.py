@@ -29,7 +29,7 @@ def register(app, name, path_maker):
     path_maker(folder)
     backend = open_backend(app.data_dir)
     try:
-        backend.add_adapter(name, None, "candidate", name)
+        backend.add_adapter(name, name)
     finally:
         backend.close()
 

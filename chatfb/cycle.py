@@ -1,0 +1,171 @@
+"""One learning cycle, as the process that owns the store runs it (the app, or the CLI when no app runs).
+
+    owner  retention, a snapshot of the store, the next adapter name, the whole settings and the job
+           written to work/<name>/ (settings.json, job.json, snapshot.duckdb)
+    child  python -m chatfb.nightly work/<name>: refine, replay, train, evaluate (chatfb.nightly); writes
+           work/<name>/result.json and adapters/<name>/ and never calls back into the owner
+    owner  records the adapter row and every candidate, promotes through its one AdapterRegistry
+
+The child generates with the owner's model server (`CycleJob.server_url`) or, when no app runs and
+the model is managed, starts a temporary one of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from chatfb.adapters import AdapterError, AdapterRegistry, next_adapter_name
+from chatfb.config import Settings, settings_from_json, settings_to_json
+from chatfb.store import Store
+
+log = logging.getLogger(__name__)
+
+JOB, SETTINGS, RESULT, SNAPSHOT = "job.json", "settings.json", "result.json", "snapshot.duckdb"
+
+
+@dataclass
+class CycleJob:
+    """What the owner hands the child: all it needs, so it never asks back."""
+
+    name: str  # the adapter version this cycle trains
+    incumbent: str | None  # the live adapter it must beat (None = the base model)
+    server_url: str | None  # the owner's model server; None = the child starts a temporary one
+
+
+@dataclass
+class CycleOutcome:
+    """What the child hands back (work/<name>/result.json)."""
+
+    status: str  # candidate / rejected (gated), failed, or "nothing" (no adapter row to record)
+    reason: str
+    error: str | None = None  # the failed row's error
+    counts: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    report: dict | None = None  # chatfb.gate.GateReport, as a dict
+    candidates: list[dict] = field(default_factory=list)  # store.add_candidates rows, every one scored
+    recipe: dict = field(default_factory=dict)
+
+
+@dataclass
+class CycleResult:
+    ok: bool
+    adapter: str | None = None
+    promoted: bool = False
+    reason: str = ""
+    counts: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+
+def write_job(work: Path, job: CycleJob, settings: Settings) -> None:
+    (work / SETTINGS).write_text(settings_to_json(settings))
+    (work / JOB).write_text(json.dumps(asdict(job)))
+
+
+def read_job(work: Path) -> tuple[CycleJob, Settings]:
+    return CycleJob(**json.loads((work / JOB).read_text())), settings_from_json((work / SETTINGS).read_text())
+
+
+def write_outcome(work: Path, outcome: CycleOutcome) -> None:
+    tmp = work / (RESULT + ".tmp")
+    tmp.write_text(json.dumps(asdict(outcome), default=str))
+    tmp.replace(work / RESULT)
+
+
+def read_outcome(work: Path) -> CycleOutcome | None:
+    try:
+        return CycleOutcome(**json.loads((work / RESULT).read_text()))
+    except FileNotFoundError:
+        return None
+
+
+def prepare(store: Store, settings: Settings, server_url: str | None) -> tuple[CycleJob, Path] | CycleResult:
+    """Retention, then the job folder for the next adapter version; a CycleResult when there is nothing to do."""
+    if settings.retention_days:
+        removed = store.apply_retention(settings.retention_days)
+        log.info("retention: removed %d conversations older than %d days", removed, settings.retention_days)
+    if not store.counts()["feedback"]:
+        return CycleResult(False, reason="no feedback yet")
+    name = next_adapter_name(store, settings.adapter_prefix)
+    layout = settings.layout
+    work = layout.work(name)
+    # No row names this version yet: whatever files carry its name are left from a cycle whose owner died.
+    for orphan in (work, layout.adapters / name, layout.adapters / f"{name}.partial"):
+        shutil.rmtree(orphan, ignore_errors=True)
+    work.mkdir(parents=True)
+    store.snapshot(work / SNAPSHOT)
+    live = store.live_adapter()
+    job = CycleJob(name, live["name"] if live else None, server_url)
+    write_job(work, job, settings)
+    return job, work
+
+
+def child_command(work: Path) -> list[str]:
+    return [sys.executable, "-m", "chatfb.nightly", str(work)]
+
+
+def launch(command: list[str], output) -> subprocess.Popen:
+    """The child, in its own process group (it and its trainer end together); `output` takes its log."""
+    return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(store: Store, registry: AdapterRegistry, job: CycleJob, work: Path, exit_code: int,
+           promote: bool, started: float) -> CycleResult:
+    """Record what the child did (adapter row, candidates, gate report) and promote a candidate that passed.
+    `started`: time.perf_counter() when the cycle began."""
+    outcome = read_outcome(work) or CycleOutcome(
+        "failed", f"the cycle's process exited with code {exit_code} before it finished",
+        error=f"cycle aborted (exit {exit_code}); its log says why (logs/nightly.log, or the CLI's stderr)")
+    (work / SNAPSHOT).unlink(missing_ok=True)
+    if outcome.status == "nothing":
+        return CycleResult(False, reason=outcome.reason, counts=outcome.counts, timings=outcome.timings)
+    name, timings = job.name, outcome.timings
+    store.add_adapter(name, job.incumbent, "training", name, outcome.recipe)
+    if outcome.candidates:
+        store.add_candidates(outcome.candidates)
+    store.update_adapter(name, status=outcome.status, error=outcome.error, metrics=outcome.report,
+                         data_counts=outcome.counts, timings=timings)
+    promoted, reason = False, outcome.reason
+    if outcome.status == "candidate" and promote:
+        t = time.perf_counter()
+        try:
+            registry.promote(name)
+            promoted = True
+        except AdapterError as e:
+            reason += f"; not promoted: {e}"
+            log.error("promoting %s failed: %s", name, e)
+        timings["swap_s"] = round(time.perf_counter() - t, 3)
+    timings["total_s"] = round(time.perf_counter() - started, 2)
+    store.update_adapter(name, timings=timings)
+    log.info("cycle done: %s %s (%s)", name, "promoted" if promoted else "not promoted", reason)
+    return CycleResult(outcome.status in ("candidate", "rejected"), name, promoted, reason, outcome.counts,
+                       outcome.report or {}, timings)
+
+
+def run_cycle(store: Store, registry: AdapterRegistry, settings: Settings, promote: bool = True,
+              output=None) -> CycleResult:
+    """The whole cycle in this process's thread (the CLI when no app runs): the child's log goes to `output`."""
+    t0 = time.perf_counter()
+    prepared = prepare(store, settings, None if settings.managed else settings.base_url)
+    if isinstance(prepared, CycleResult):
+        return prepared
+    job, work = prepared
+    proc = launch(child_command(work), output)
+    try:
+        code = proc.wait()
+    except BaseException:  # Ctrl-C: no cycle or trainer left behind
+        from chatfb.process_group import stop_groups
+
+        stop_groups([proc], 4.0)
+        raise
+    return finish(store, registry, job, work, code, promote, t0)

