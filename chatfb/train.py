@@ -88,7 +88,10 @@ def main(args: argparse.Namespace) -> int:
         print("no SFT examples; nothing to train", file=sys.stderr)
         return 3
     partial = args.out.with_name(args.out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    # Under torchrun / accelerate launch every process trains its share; only the first writes files.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        shutil.rmtree(partial, ignore_errors=True)
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     if tokenizer.pad_token is None:
@@ -120,6 +123,9 @@ def main(args: argparse.Namespace) -> int:
         dpo_result = dpo.train()
         model = dpo.model
         stats.update(dpo_pairs=len(dpo_rows), dpo_steps=dpo_result.global_step, dpo_loss=round(dpo_result.training_loss, 4))
+    if not main_process:
+        return 0
+    stats["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
     model.save_pretrained(partial)
     shutil.rmtree(partial / "_work", ignore_errors=True)
     stats["train_seconds"] = round(time.perf_counter() - t0, 1)
