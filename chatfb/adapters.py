@@ -140,10 +140,12 @@ class AdapterRegistry:
     """Adapter versions in the store, loaded into one or more vLLM servers."""
 
     def __init__(self, store: Store, clients: list[ModelClient], router: AdapterRouter, data_dir: Path,
-                 drain_timeout_s: float = 120.0, base_model_dir: Path | None = None):
+                 drain_timeout_s: float = 120.0, base_model_dir: Path | None = None, replicas=None):
         self.store = store
         self.base_model_dir = base_model_dir  # when known, adapters are checked against it before loading
-        self.clients = clients
+        # Several replicas behind a router (chatfb.replicas.ReplicaSet): they are loaded and checked one by one.
+        self.replicas = replicas
+        self.clients = replicas.clients if replicas is not None else clients
         self.router = router
         self.data_dir = Path(data_dir)
         self.drain_timeout_s = drain_timeout_s
@@ -169,6 +171,9 @@ class AdapterRegistry:
         path = self.path_of(name)
         if self.base_model_dir is not None:
             check_base_model(name, path, self.base_model_dir)
+        if self.replicas is not None:  # live only once every replica answered with it (RolloutError otherwise)
+            self.replicas.roll_out(name, path)
+            return
         loaded = []
         for client in self.clients:
             try:
@@ -205,6 +210,13 @@ class AdapterRegistry:
             else:
                 self._drain_and_unload(previous)
         return previous
+
+    def replica_states(self) -> list:
+        """Each replica and the versions it holds (chatfb.replicas.ReplicaState); [] with one server."""
+        if self.replicas is None:
+            return []
+        live = self.store.live_adapter()
+        return self.replicas.states(live["name"] if live else None)
 
     def _drain_and_unload(self, name: str) -> None:
         if not self.router.wait_idle(name, self.drain_timeout_s):

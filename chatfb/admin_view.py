@@ -173,6 +173,14 @@ def training_step(line: str) -> dict | None:
     return p if ok else None
 
 
+def replicas_frame(rt: Runtime) -> pd.DataFrame:
+    """Each model replica behind the router and the version it serves (asked now, one token each)."""
+    answers = {True: "yes", False: "NO", None: "-"}
+    rows = [{"replica": r.url, "up": "yes" if r.up else "DOWN", "versions loaded": ", ".join(r.adapters) or "-",
+             "answers with the live version": answers[r.serves_live]} for r in rt.registry.replica_states()]
+    return pd.DataFrame(rows, columns=["replica", "up", "versions loaded", "answers with the live version"])
+
+
 def build(rt: Runtime) -> None:
     s = rt.settings
     with gr.Tab("Admin"):
@@ -202,6 +210,13 @@ def build(rt: Runtime) -> None:
             with gr.Row():
                 per_day = gr.BarPlot(x="day", y="count", color="kind", title="Feedback per day")
                 topics = gr.BarPlot(x="topic", y="critiques", title="Most-critiqued topics")
+            if rt.registry.replicas is not None:
+                with gr.Accordion("Model replicas", open=True):
+                    check_replicas = gr.Button("Check replicas")
+                    replica_table = gr.Dataframe(label="Each replica behind the router", interactive=False,
+                                                 elem_id="admin-replicas")
+                check_replicas.click(lambda ok: replicas_frame(rt) if ok else gr.update(), [unlocked], [replica_table],
+                                     api_visibility="private")
             with gr.Accordion("Guidelines for everyone", open=True):
                 guide_table = gr.Dataframe(label="Suggested and approved guidelines", interactive=False,
                                            elem_id="admin-guidelines")

@@ -38,6 +38,18 @@ class Settings:
     served_model_name: str = _f("chatfb-base", "Name the base model is served under (external mode: the server's model name).")
     api_key: str | None = _f(None, "API key sent to the vLLM server (external mode).")
     vllm_port: int = _f(8011, "Port of the managed vLLM server (always bound to 127.0.0.1).")
+    vllm_replica_urls: str = _f(
+        "", "Comma-separated own URLs of the vLLM replicas behind CHATFB_VLLM_URL (a router such as vllm-router). "
+        "chatfb loads each version into every replica (or lets them load it from CHATFB_LORA_SHARED_DIR) and routes "
+        "chats to it only after every replica answered with it. Unset = one server.")
+    lora_shared_dir: str | None = _f(
+        None, "Folder every replica reads adapters from by name: the replicas run vLLM's filesystem LoRA resolver on it "
+        "(VLLM_PLUGINS=lora_filesystem_resolver, VLLM_LORA_RESOLVER_CACHE_DIR=this folder), and chatfb publishes each "
+        "version there instead of loading it, so a replica started later serves the live version by itself. Unset = "
+        "explicit loading into each replica; managed mode with several replicas uses <data_dir>/shared-adapters.")
+    vllm_replicas: int = _f(
+        1, "Managed mode: how many local vLLM replicas to start, behind a vllm-router on CHATFB_VLLM_PORT (replicas on "
+        "the ports after CHATFB_VLLM_PORT + 1). 1 = one vLLM server, no router.")
     vllm_startup_timeout_s: float = _f(600.0, "How long to wait for the managed vLLM server to become healthy.")
     vllm_kvcache_gib: int = _f(1, "KV-cache size for vLLM on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE).")
     max_model_len: int = _f(2048, "Context length the managed vLLM server is started with.")
@@ -130,6 +142,19 @@ class Settings:
         return (self.vllm_url or f"http://127.0.0.1:{self.vllm_port}").rstrip("/")
 
     @property
+    def replica_url_list(self) -> tuple[str, ...]:
+        """The replicas' own URLs: the configured ones, or the managed replicas' (empty: one server, no router)."""
+        if self.managed and self.vllm_replicas > 1:
+            return tuple(f"http://127.0.0.1:{self.vllm_port + 2 + i}" for i in range(self.vllm_replicas))
+        return tuple(u.strip().rstrip("/") for u in self.vllm_replica_urls.split(",") if u.strip())
+
+    @property
+    def shared_adapters_dir(self) -> Path | None:
+        if self.lora_shared_dir:
+            return Path(self.lora_shared_dir)
+        return self.data_dir / "shared-adapters" if self.managed and self.vllm_replicas > 1 else None
+
+    @property
     def admin_enabled(self) -> bool:
         return bool(self.admin_password) or bool(self.admin_hf_user_list)
 
@@ -192,6 +217,13 @@ def validate(s: Settings) -> None:
         raise SettingsError("scorer must be auto, server or local")
     if s.vllm_dtype not in VLLM_DTYPES:
         raise SettingsError(f"vllm_dtype must be one of {', '.join(VLLM_DTYPES)}")
+    if s.vllm_replicas < 1:
+        raise SettingsError("vllm_replicas must be at least 1")
+    if s.vllm_replicas > 1 and not s.managed:
+        raise SettingsError("vllm_replicas starts local replicas (managed mode); with CHATFB_VLLM_URL list the "
+                         "replicas in CHATFB_VLLM_REPLICA_URLS instead")
+    if s.vllm_replica_urls and s.managed:
+        raise SettingsError("CHATFB_VLLM_REPLICA_URLS needs CHATFB_VLLM_URL (the router in front of them)")
     if not 0 <= s.replay_examples <= 32:
         raise SettingsError("replay_examples must be between 0 and 32")
     if s.nightly_at:

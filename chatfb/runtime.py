@@ -28,6 +28,7 @@ from chatfb.cycle import CycleResult, child_command, finish, launch, prepare
 from chatfb.judge import judge_for
 from chatfb.model_client import ModelClient
 from chatfb.process_group import stop_groups
+from chatfb.replicas import replica_set_for
 from chatfb.store import Store
 from chatfb.vllm_server import ServerStartError
 from chatfb.wait import wait_until
@@ -44,7 +45,8 @@ class Runtime:
             log.info("retention: removed %d conversations older than %d days", removed, settings.retention_days)
         self.router = AdapterRouter(settings.served_model_name)
         self.client = ModelClient(settings.base_url, settings.api_key, settings.request_timeout_s)
-        self.registry = AdapterRegistry(self.store, [self.client], self.router, settings.data_dir)
+        self.replicas = replica_set_for(settings)  # None: one model server
+        self.registry = AdapterRegistry(self.store, [self.client], self.router, settings.data_dir, replicas=self.replicas)
         self.chat = ChatService(settings, self.store, self.client, self.router,
                                 judge_for(settings.scorer, self.client, self._model_dir))
         self.control = ControlServer(LocalBackend(self.store, self.registry, cycles=self), settings.data_dir)
@@ -87,8 +89,16 @@ class Runtime:
                 with self._children_lock:
                     if self._stop.is_set():
                         return
-                    self.server = ManagedVLLM(path, s.served_model_name, s.vllm_port, s.data_dir, s.max_lora_rank,
-                                              s.max_model_len, s.vllm_kvcache_gib, s.vllm_startup_timeout_s, s.vllm_dtype)
+                    if s.vllm_replicas > 1:  # N replicas behind vllm-router on the same port
+                        from chatfb.managed_replicas import ManagedReplicas
+
+                        self.server = ManagedReplicas(path, s.served_model_name, s.vllm_port, s.data_dir, s.vllm_replicas,
+                                                      s.shared_adapters_dir, max_lora_rank=s.max_lora_rank,
+                                                      max_model_len=s.max_model_len, kvcache_gib=s.vllm_kvcache_gib,
+                                                      startup_timeout_s=s.vllm_startup_timeout_s, dtype=s.vllm_dtype)
+                    else:
+                        self.server = ManagedVLLM(path, s.served_model_name, s.vllm_port, s.data_dir, s.max_lora_rank,
+                                                  s.max_model_len, s.vllm_kvcache_gib, s.vllm_startup_timeout_s, s.vllm_dtype)
                 self.server.on_restart = self.registry.restore
                 self.server.start(wait=True)  # refuses to launch once close() has stopped it
             else:
@@ -192,4 +202,6 @@ class Runtime:
             t.join()
         self.control.stop()
         self.client.close()
+        if self.replicas is not None:
+            self.replicas.close()
         self.store.close()

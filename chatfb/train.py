@@ -111,7 +111,10 @@ def main(recipe: Recipe, args) -> int:
         print("no SFT examples; nothing to train", file=sys.stderr)
         return 3
     partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    # Under torchrun / accelerate launch every process trains its share; only the first writes files.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        shutil.rmtree(partial, ignore_errors=True)
     args.output_dir = str(partial / "_work")  # the trainers' own files; the adapter goes to `out` when complete
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(recipe.base)
@@ -143,6 +146,9 @@ def main(recipe: Recipe, args) -> int:
         dpo_result = dpo.train()
         model = dpo.model
         stats.update(dpo_pairs=len(dpo_rows), dpo_steps=dpo_result.global_step, dpo_loss=round(dpo_result.training_loss, 4))
+    if not main_process:
+        return 0
+    stats["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
     model.save_pretrained(partial)
     shutil.rmtree(partial / "_work", ignore_errors=True)
     stats["train_seconds"] = round(time.perf_counter() - t0, 1)

@@ -125,12 +125,14 @@ class ManagedVLLM:
     MAX_FAILED_RESTARTS = 3  # in a row; then the watchdog stops and says why (no endless restart loop)
 
     def __init__(self, model_path: Path, served_name: str, port: int, data_dir: Path, max_lora_rank: int = 16,
-                 max_model_len: int = 2048, kvcache_gib: int = 1, startup_timeout_s: float = 600.0, dtype: str = "auto"):
+                 max_model_len: int = 2048, kvcache_gib: int = 1, startup_timeout_s: float = 600.0, dtype: str = "auto",
+                 env: dict[str, str] | None = None, log_name: str = "vllm.log"):
         self.cmd = vllm_command(model_path, served_name, port, max_lora_rank, max_model_len, dtype)
+        self.extra_env = dict(env or {})  # e.g. a replica's LoRA resolver (chatfb.replicas.resolver_env)
         self.port = port
         self.model_root = str(model_path)  # what vLLM reports as `root`: proves the server is ours
         self.url = f"http://127.0.0.1:{port}"
-        self.log_path = DataLayout(Path(data_dir)).logs / "vllm.log"
+        self.log_path = DataLayout(Path(data_dir)).logs / log_name
         self.kvcache_gib = kvcache_gib
         self.startup_timeout_s = startup_timeout_s
         self.on_restart: Callable[[], None] | None = None
@@ -156,6 +158,7 @@ class ManagedVLLM:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
                        VLLM_CPU_KVCACHE_SPACE=str(self.kvcache_gib), VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+            env.update(self.extra_env)
             logfile = open(self.log_path, "ab")
             log.info("starting vLLM: %s", " ".join(self.cmd))
             # Its own session: one process group for the server and its engine core, which stop() ends

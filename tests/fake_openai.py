@@ -3,10 +3,13 @@ flood, not a real model: `python tests/fake_openai.py PORT [WORDS_PER_REPLY] [DE
 Streams "word0 word1 ..." as SSE; /health and /v1/models answer like vLLM's (MODEL_ROOT is the
 `root` it reports, vLLM's model folder)."""
 
+import io
 import json
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -53,6 +56,63 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
         self.wfile.flush()
         self.close_connection = True
+
+
+class ReplicaHandler(Handler):
+    """A vLLM replica with LoRA: answers only the base model and adapters it holds (404 otherwise, like vLLM),
+    loads them by /v1/load_lora_adapter or, like vLLM's filesystem resolver, from `lora_dir` on the first
+    request naming one whose adapter_config.json names `root` as base model. Counts requests per model."""
+
+    lora_dir = None
+    refuse_load = False  # /v1/load_lora_adapter answers 400, like vLLM given a bad adapter
+    loaded: dict  # name -> path
+    served: dict  # model name -> requests answered
+
+    def _models(self):
+        return [{"id": "chatfb-base", "root": self.root}] + [{"id": n, "root": p} for n, p in self.loaded.items()]
+
+    def _resolve(self, name):
+        if name == "chatfb-base" or name in self.loaded:
+            return True
+        config = Path(self.lora_dir or "/nonexistent") / name / "adapter_config.json"
+        if config.exists() and json.loads(config.read_text()).get("base_model_name_or_path") == self.root:
+            self.loaded[name] = str(config.parent)
+            return True
+        return False
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            return self._json(200, {"data": self._models()})
+        super().do_GET()
+
+    def do_POST(self):
+        if self.path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path.startswith("/v1/load"):
+                if self.refuse_load:
+                    return self._json(400, {"error": {"message": "bad adapter"}})
+                self.loaded[body["lora_name"]] = body["lora_path"]
+            elif self.loaded.pop(body["lora_name"], None) is None:
+                return self._json(404, {"error": {"message": "not loaded"}})
+            return self._json(200, {})
+        length = int(self.headers["Content-Length"])
+        raw = self.rfile.read(length)
+        model = json.loads(raw).get("model")
+        if not self._resolve(model):
+            return self._json(404, {"error": {"message": f"The model `{model}` does not exist."}})
+        self.served[model] = self.served.get(model, 0) + 1
+        self.rfile = io.BytesIO(raw)  # the parent reads the body again
+        super().do_POST()
+
+
+def start_replica(root="/models/base", lora_dir=None):
+    """An in-process ReplicaHandler server on a free loopback port; returns (server, its handler class).
+    Stop it with server.shutdown()."""
+    handler = type("Replica", (ReplicaHandler,), {"root": root, "lora_dir": lora_dir, "loaded": {}, "served": {}})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, handler
 
 
 if __name__ == "__main__":
