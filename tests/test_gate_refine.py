@@ -51,6 +51,18 @@ def fake_candidates(monkeypatch):
 
     mod.generate, mod.score = generate, score
     mod.best = lambda cands: next((c for c in cands if c.ok), None)
+
+    def select_rounds(judge, model, prompt, critique, n=4, max_tokens=256, rounds=2, generator=None,
+                      generator_model=None, original=None):  # the real one's loop, on the scripted calls
+        out = []
+        for _ in range(max(rounds, 1)):
+            out += score(judge, model, prompt, critique, generate(generator or judge, generator_model or model, prompt,
+                                                                  critique, n=n, max_tokens=max_tokens), original=original)
+            if mod.best(out) is not None:
+                break
+        return sorted(out, key=lambda c: not c.ok)
+
+    mod.select_rounds = select_rounds
     monkeypatch.setitem(sys.modules, "chatfb.candidates", mod)
     monkeypatch.setattr(chatfb, "candidates", mod, raising=False)
     return mod
@@ -197,13 +209,17 @@ def test_select_all_keeps_the_best_passing_candidate_and_records_every_one(fake_
     # and a critique's candidates are checked against the critiqued reply
     written = [c for c in fake_candidates.calls if "n" in c]
     scored = [c for c in fake_candidates.calls if "scored_by" in c]
-    assert {(c["client"] is refiner, c["model"], c["n"]) for c in written} == {(True, "big-model", 3)} and len(written) == 3
+    assert {(c["client"] is refiner, c["model"], c["n"]) for c in written} == {(True, "big-model", 3)}
+    # a task none of whose candidates survived is sampled again (nightly.CANDIDATE_ROUNDS), the others once
+    assert sorted(c["question"] for c in written) == ["How do I reset my password?", "My bill is wrong.",
+                                                      "Where is my order?", "Where is my order?"]
     assert {c["scored_by"] for c in scored} == {(fake_client, "chatfb-base")}
-    assert [c["original"] for c in scored] in (["Use the form.", None], [None, "Use the form."])
+    assert sorted(str(c["original"]) for c in scored) == ["None", "None", "Use the form."]
     rows = candidate_rows(selected, "chatfb-v0002", "instruct")
     assert [(r["text"], r["verdict"], r["status"]) for r in rows] == [
         ("Email support@chatfb.example.", "ok", "kept"), ("Use support@chatfb.example!", "ok", "dropped"),
         ("How do I reset my password?", "echoes the question", "dropped"),
+        ("Please format lists as bullet points.", "echoes the critique", "dropped"), ("", "empty", "dropped"),
         ("Please format lists as bullet points.", "echoes the critique", "dropped"), ("", "empty", "dropped")]
     assert {(r["origin"], r["cycle"]) for r in rows} == {("nightly", "chatfb-v0002")}
     assert rows[0]["feedback_id"] == "c1" and rows[0]["message_id"] == "m1" and rows[3]["message_id"] is None

@@ -128,7 +128,7 @@ def test_a_few_lora_steps_change_the_adapter_and_not_the_base(tmp_path):
                         "--dpo_epochs", "1", "--max_length", "64"])
     assert code == 0
     stats = json.loads((out / "chatfb_train.json").read_text())
-    assert stats["sft_steps"] == 3 and stats["dpo_steps"] == 1 and stats["sft_examples"] == 3
+    assert stats["sft_steps"] == 3 and stats["dpo_steps"] == 3 and stats["sft_examples"] == 3
 
     # the adapter: LoRA weights only, and trained (PEFT starts every lora_B at zero)
     weights = load_file(out / "adapter_model.safetensors")
