@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     with vllm_server(args) as server, tempfile.TemporaryDirectory(prefix="chatfb-soak-bench-") as tmp:
         if server.model_dir is None:
             raise SystemExit("the server's model folder is unknown here; pass --model-dir")
-        pid = server.managed.pid if server.managed is not None else listening_pid(server.url)
+        pid = listening_pid(server.url)  # the API server; its engine core is a child
         if pid is None:
             raise SystemExit(f"no process of ours listens at {server.url}; cannot measure its memory")
         results.update(vllm_url=server.url, model_dir=str(server.model_dir), vllm_pid=pid)

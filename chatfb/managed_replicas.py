@@ -98,7 +98,7 @@ class ManagedReplicas:
 
     @property
     def ready(self) -> bool:
-        return self.router.alive() and all(r.ready for r in self.replicas)
+        return self.router.alive() and all(r.serving() for r in self.replicas)
 
     @property
     def error(self) -> str | None:

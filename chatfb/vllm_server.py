@@ -167,6 +167,10 @@ class ManagedVLLM:
                                           start_new_session=True)
             logfile.close()
 
+    def serving(self) -> bool:
+        """Our vLLM process is alive and answers on its port as our model."""
+        return self._is_ours()
+
     def _is_ours(self) -> bool:
         """Our process is alive and the server on our port serves our model folder (another server that
         took the port between the check and vLLM's bind would answer /health too)."""

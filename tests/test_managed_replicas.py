@@ -37,7 +37,7 @@ def test_two_replicas_behind_the_router_and_all_gone_after_stop(tmp_path):
         assert all((settings.data_dir / "logs" / f"vllm-{i}.log").exists() for i in range(2))
     finally:
         pool.stop(grace_s=2)
-    groups = [pool.router._proc.pid] + [r.pid for r in pool.replicas]
+    groups = [pool.router._proc.pid] + [r._proc.pid for r in pool.replicas]
     assert not any(_group_alive(g) for g in groups)
     with pytest.raises(httpx.HTTPError):
         httpx.get(pool.url + "/health", timeout=1)
