@@ -9,15 +9,23 @@ writers do not march in step. Afterwards each file is reopened and every acknowl
 
     python -m bench.logging_bench            # 1, 8, 32 writers x 200 turns, then x 30 paced turns
     python -m bench.logging_bench --smoke    # 5 (and 2 paced) turns per writer, results in bench/results/raw/
+    python -m bench.logging_bench --baseline e7c8932   # and the store of that commit, level by level, side by side
+
+With --baseline, each level runs on the baseline's chatfb/store.py (read from git) and on this tree's,
+one after the other on fresh files (which goes first alternates), and a table gives this tree's p99 over
+the baseline's: the ratio is what to read, the absolute numbers move between machines.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 from bench.report import (add_output_flags, save_figure, default_out_dir, machine, markdown_table, percentile, plot_path, pyplot, target,
@@ -35,6 +43,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--turns", type=int, default=200, help="chat turns per writer, no pause between them")
     p.add_argument("--paced-turns", type=int, default=30, help="chat turns per writer in the paced run (0: skip it)")
     p.add_argument("--pause-s", type=float, default=1.0, help="mean pause between a writer's turns in the paced run")
+    p.add_argument("--baseline", metavar="REV", default=None,
+                   help="also run every level on chatfb/store.py as of this git revision, side by side")
     add_output_flags(p, smoke_help="tiny run (5 turns per writer) to check the benchmark works")
     return p
 
@@ -76,10 +86,24 @@ class Writer:
             self.error = e
 
 
-def run_level(n_writers: int, turns: int, workdir: Path, pause_s: float = 0.0) -> dict:
+def baseline_store(rev: str) -> type:
+    """The Store class of chatfb/store.py as of git revision `rev` (its imports resolve to this tree's chatfb)."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{rev}:chatfb/store.py"], cwd=root, capture_output=True, text=True,
+                            check=True).stdout
+    name = "chatfb_store_at_" + "".join(ch if ch.isalnum() else "_" for ch in rev)
+    module = types.ModuleType(name)
+    module.__file__ = f"{rev}:chatfb/store.py"
+    sys.modules[name] = module  # dataclasses look their module up
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module.Store
+
+
+def run_level(n_writers: int, turns: int, workdir: Path, pause_s: float = 0.0, store_cls: type = Store,
+              tag: str = "") -> dict:
     """n_writers threads against one fresh DuckDB file; then reopen it and count rows."""
-    path = workdir / f"writers-{n_writers}-pause-{pause_s:g}" / "chatfb.duckdb"
-    store = Store(path)
+    path = workdir / f"writers-{n_writers}-pause-{pause_s:g}{tag}" / "chatfb.duckdb"
+    store = store_cls(path)
     writers = [Writer(store, i) for i in range(n_writers)]
     start = threading.Barrier(n_writers + 1)
     threads = [threading.Thread(target=w.run, args=(turns, start, pause_s)) for w in writers]
@@ -146,6 +170,21 @@ def level_table(levels: list[dict]) -> str:
           lv["rows_in_file"]] for lv in levels])
 
 
+def baseline_table(results: dict) -> str:
+    """This tree's store against the baseline's, level by level, measured in the same run."""
+    rev, rows = results["baseline"]["rev"], []
+    for key, tag in (("levels", "no pause"), ("paced", "paced")):
+        for new, old in zip(results[key], results["baseline"][key]):
+            rows.append([f"{new['writers']} ({tag})", old["turn_p99_ms"], new["turn_p99_ms"],
+                         new["turn_p99_ms"] / old["turn_p99_ms"], old["feedback_p99_ms"], new["feedback_p99_ms"],
+                         new["feedback_p99_ms"] / old["feedback_p99_ms"],
+                         f"{old['rows_in_file']}/{old['rows_acknowledged']}", f"{new['rows_in_file']}/{new['rows_acknowledged']}"])
+    return (f"Side by side with the store at {rev} (same run, fresh file per level, alternating which goes first):\n\n"
+            + markdown_table(["writers", f"turn p99 ms ({rev})", "turn p99 ms (this tree)", "ratio",
+                              f"feedback p99 ms ({rev})", "feedback p99 ms (this tree)", "ratio",
+                              f"rows in file/acked ({rev})", "rows in file/acked (this tree)"], rows))
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = make_parser().parse_args(argv)
     turns = 5 if args.smoke else args.turns
@@ -154,14 +193,22 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = args.out_dir or default_out_dir(args.smoke)
     results = {"benchmark": NAME, "smoke": args.smoke, "machine": machine(), "levels": [], "paced": []}
     runs = [("levels", turns, 0.0)] + ([("paced", paced_turns, pause_s)] if paced_turns > 0 else [])
+    old = baseline_store(args.baseline) if args.baseline else None
+    if old is not None:
+        results["baseline"] = {"rev": args.baseline, "levels": [], "paced": []}
     with tempfile.TemporaryDirectory(prefix="chatfb-logging-bench-") as tmp:
         for key, n_turns, pause in runs:
-            for n in args.writers:
-                level = run_level(n, n_turns, Path(tmp), pause)
-                results[key].append(level)
-                print(f"{n:>3} writers, pause {pause:g} s: turn p99 {level['turn_p99_ms']:.2f} ms, feedback p99"
-                      f" {level['feedback_p99_ms']:.2f} ms, rows acknowledged {level['rows_acknowledged']} / in file"
-                      f" {level['rows_in_file']}", flush=True)
+            for i, n in enumerate(args.writers):
+                order = [("this tree", Store, results[key])]
+                if old is not None:  # alternate which store goes first, so drift hurts both alike
+                    base = (f"baseline {args.baseline}", old, results["baseline"][key])
+                    order = [base] + order if i % 2 == 0 else order + [base]
+                for label, cls, into in order:
+                    level = run_level(n, n_turns, Path(tmp), pause, cls, "-baseline" if cls is old else "")
+                    into.append(level)
+                    print(f"{label}: {n:>3} writers, pause {pause:g} s: turn p99 {level['turn_p99_ms']:.2f} ms, feedback"
+                          f" p99 {level['feedback_p99_ms']:.2f} ms, rows acknowledged {level['rows_acknowledged']} / in"
+                          f" file {level['rows_in_file']}", flush=True)
 
     levels, paced = results["levels"], results["paced"]
     every = levels + paced
@@ -189,13 +236,15 @@ def main(argv: list[str] | None = None) -> dict:
                 f"Machine: {m['host_cpus']} CPUs, 1-min load average {m['load_avg_1m_at_start']} at start.\n\n"
                 f"No pause between turns (worst case): {turns} turns per writer.\n\n{level_table(levels)}{paced_md}\n\n"
                 f"{targets_table(results['targets'])}")
+    if old is not None:
+        markdown += "\n\n" + baseline_table(results)
     print("\n" + markdown)
     json_path, md_path = write_results(out_dir, NAME, results, markdown)
     if not args.no_plot:
         plot(levels, paced, plot_path(out_dir, NAME))
     print(f"\nwrote {json_path} and {md_path}")
 
-    for lv in every:
+    for lv in every + (results["baseline"]["levels"] + results["baseline"]["paced"] if old is not None else []):
         if lv["errors"]:
             raise SystemExit(f"{lv['writers']} writers: {len(lv['errors'])} failed: {lv['errors'][0]}")
         assert lv["rows_acknowledged"] == lv["rows_in_file"], (

@@ -64,3 +64,12 @@ def test_efficacy_report_never_prints_an_unmeasured_number(fake_client, monkeypa
         assert [rows[mode][i] for i in (retention, cosine, leak)] == ["n/a"] * 3, rows[mode]
         assert modes[mode]["retention"] is modes[mode]["control_cosine"] is modes[mode]["leak"] is None
     assert [rows["sft"][i] for i in (retention, cosine, leak)] == ["0.50", "0.60", "0.0"]
+
+
+def test_logging_bench_smoke_side_by_side_with_a_baseline_store(tmp_path):
+    results = logging_bench.main(["--smoke", "--writers", "1", "2", "--out-dir", str(tmp_path), "--no-plot",
+                                  "--baseline", "HEAD"])
+    base = results["baseline"]
+    assert base["rev"] == "HEAD" and len(base["levels"]) == len(results["levels"]) == 2
+    assert all(lv["rows_in_file"] == lv["rows_acknowledged"] > 0 for lv in base["levels"] + base["paced"])
+    assert "Side by side with the store at HEAD" in (tmp_path / "logging_bench.md").read_text()
