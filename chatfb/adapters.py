@@ -174,16 +174,7 @@ class AdapterRegistry:
         if self.replicas is not None:  # live only once every replica answered with it (RolloutError otherwise)
             self.replicas.roll_out(name, path)
             return
-        loaded = []
-        for client in self.clients:
-            try:
-                if name not in client.models():
-                    client.load_adapter(name, str(path))
-                    loaded.append(client)
-            except ModelError as e:
-                for c in loaded:  # leave no server half-promoted
-                    _quietly_unload(c, name)
-                raise AdapterError(f"vLLM refused adapter {name}: {e}") from None
+        load_into(self.clients, name, path)
 
     def load_candidate(self, name: str) -> None:
         """Load a candidate for evaluation without routing chats to it."""
@@ -257,6 +248,21 @@ class AdapterRegistry:
             self.router.switch(self.router.base_name)
             return None
         return live["name"]
+
+
+def load_into(clients: list[ModelClient], name: str, path: Path, error: type[Exception] | None = None) -> None:
+    """Load adapter `name` from `path` into every server that does not have it yet: all of them, or none
+    (the ones loaded are unloaded again when one refuses, which raises `error`, AdapterError by default)."""
+    loaded = []
+    for client in clients:
+        try:
+            if name not in client.models():
+                client.load_adapter(name, str(path))
+                loaded.append(client)
+        except ModelError as e:
+            for c in loaded:  # leave no server half-promoted
+                _quietly_unload(c, name)
+            raise (error or AdapterError)(f"vLLM refused adapter {name} at {client.base_url}: {e}") from None
 
 
 def _quietly_unload(client: ModelClient, name: str) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from chatfb.adapters import AdapterError
+from chatfb.adapters import AdapterError, load_into
 from chatfb.model_client import ModelClient, ModelError
 
 log = logging.getLogger(__name__)
@@ -110,19 +110,7 @@ class ReplicaSet:
             raise RolloutError(f"{len(failed)} of {len(self.urls)} replicas did not answer with {name} ({listing})")
 
     def _load_everywhere(self, name: str, path: Path) -> None:
-        loaded = []
-        for client in self.clients:
-            try:
-                if name not in client.models():
-                    client.load_adapter(name, str(path))
-                    loaded.append(client)
-            except ModelError as e:
-                for c in loaded:  # leave no replica half-promoted
-                    try:
-                        c.unload_adapter(name)
-                    except ModelError:
-                        pass
-                raise RolloutError(f"{client.base_url} refused adapter {name}: {e}") from None
+        load_into(self.clients, name, path, RolloutError)
 
     def check(self, name: str) -> dict[str, str | None]:
         """Ask each replica for one token from `name`: url -> None when it answered, else why not."""

@@ -41,6 +41,8 @@ def store(settings):
 class FakeModelClient:
     """Replies with queued texts (or raises a queued ModelError); remembers every request."""
 
+    base_url = "http://127.0.0.1:9/fake-vllm"
+
     def __init__(self):
         self.queue: list = []
         self.history: list[dict] = []

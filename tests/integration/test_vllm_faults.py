@@ -60,7 +60,7 @@ def test_refused_adapters_leave_the_current_one_serving(app, vllm_url, embedded_
     # the same refusal in the admin view, as a clear message
     admin = Client(app.url, verbose=False)
     admin.predict(ADMIN_PASSWORD, api_name="/admin_unlock")
-    assert admin.predict("chatfb-v0901", api_name="/promote").startswith("⚠️ vLLM refused adapter chatfb-v0901")
+    assert admin.predict("chatfb-v0901", api_name="/promote").startswith("⚠️ vLLM refused adapter chatfb-v0901 at ")
     # path tricks are refused too
     assert admin.predict("../../etc", api_name="/promote").startswith("⚠️")
     # chats are unaffected
