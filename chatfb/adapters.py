@@ -70,7 +70,10 @@ def check_base_model(name: str, adapter_dir: Path, base_dir: Path) -> None:
     try:
         config = json.loads((Path(base_dir) / "config.json").read_text())
         with open(weights, "rb") as fh:
-            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+            size = struct.unpack("<Q", fh.read(8))[0]
+            if size > weights.stat().st_size - 8:  # not a safetensors header length (damaged file)
+                raise ValueError(f"header length {size} exceeds the file")
+            header = json.loads(fh.read(size))
     except FileNotFoundError:
         return  # nothing to compare (another weights format): vLLM's own check decides
     except (OSError, ValueError, struct.error) as e:

@@ -152,11 +152,18 @@ def finish(store: Store, registry: AdapterRegistry, job: CycleJob, work: Path, e
                        outcome.report or {}, timings)
 
 
+def server_for_the_cycle(settings: Settings) -> str:
+    """The model server a cycle's child generates and gates on: with several replicas behind a router, the
+    first replica's own URL (a candidate loaded through the router reaches one replica, and requests
+    naming it would go round-robin to others without it); else the one server."""
+    return next(iter(settings.replica_url_list), settings.base_url)
+
+
 def run_cycle(store: Store, registry: AdapterRegistry, settings: Settings, promote: bool = True,
               output=None) -> CycleResult:
     """The whole cycle in this process's thread (the CLI when no app runs): the child's log goes to `output`."""
     t0 = time.perf_counter()
-    prepared = prepare(store, settings, None if settings.managed else settings.base_url)
+    prepared = prepare(store, settings, None if settings.managed else server_for_the_cycle(settings))
     if isinstance(prepared, CycleResult):
         return prepared
     job, work = prepared

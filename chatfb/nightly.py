@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m chatfb.nightly WORK_DIR (a job folder chatfb.cycle wrote)", file=sys.stderr)
         return 2
+    # The owner stops this process group with SIGTERM (Ctrl-C on the CLI, app shutdown): exit through the
+    # `finally` blocks, which stop a model server this child started in its own session.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(args[0])
     job, settings = read_job(work)
     t = time.perf_counter()

@@ -24,7 +24,7 @@ from chatfb.adapters import AdapterRegistry, AdapterRouter
 from chatfb.chat import ChatService
 from chatfb.config import Settings
 from chatfb.control import ControlServer, LocalBackend
-from chatfb.cycle import CycleResult, child_command, finish, launch, prepare
+from chatfb.cycle import CycleResult, child_command, finish, launch, prepare, server_for_the_cycle
 from chatfb.judge import judge_for
 from chatfb.model_client import ModelClient
 from chatfb.process_group import stop_groups
@@ -121,7 +121,7 @@ class Runtime:
         """Start one learning cycle (None = one is running already); returns its number (cycle_status).
         `settings` are the cycle's (default: the app's), e.g. a CLI's; the model server stays the app's."""
         settings = (settings or self.settings).with_(
-            data_dir=self.settings.data_dir, served_model_name=self.settings.served_model_name,
+            data_dir=self.settings.data_dir, model=self.settings.model, served_model_name=self.settings.served_model_name,
             api_key=self.settings.api_key)
         with self._children_lock:
             if self._stop.is_set() or self.training_running():
@@ -139,7 +139,7 @@ class Runtime:
     def _run_cycle(self, number: int, settings: Settings, promote: bool) -> None:
         t0 = time.perf_counter()
         try:
-            prepared = prepare(self.store, settings, self.settings.base_url)
+            prepared = prepare(self.store, settings, server_for_the_cycle(self.settings))
             if isinstance(prepared, CycleResult):
                 result = prepared
             else:

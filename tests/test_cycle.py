@@ -231,3 +231,15 @@ def test_cli_nightly_runs_the_cycle_in_the_running_app_with_the_clis_settings(st
         assert cli(["nightly"]) == 2 and "already running" in capsys.readouterr().err
     finally:
         server.stop()
+
+
+def test_a_cycle_behind_a_router_generates_and_gates_on_one_replica():
+    """A candidate loaded through vllm-router reaches one replica while requests naming it go round-robin:
+    the child works on the first replica's own URL; promotion then rolls out to all of them."""
+    from chatfb.config import load_settings
+    from chatfb.cycle import server_for_the_cycle
+
+    routed = load_settings({"CHATFB_VLLM_URL": "http://router:8000", "CHATFB_VLLM_REPLICA_URLS": "http://a:1, http://b:2"})
+    assert server_for_the_cycle(routed) == "http://a:1"
+    one = load_settings({"CHATFB_VLLM_URL": "http://vllm:8000"})
+    assert server_for_the_cycle(one) == one.base_url

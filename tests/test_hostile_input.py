@@ -310,3 +310,17 @@ def test_an_adapter_for_another_base_model_is_refused_before_loading(store, sett
         registry.load_candidate("chatfb-v0002")
     assert list(fake_client.loaded) == ["chatfb-v0001"]  # never sent to vLLM
     assert registry.router.current == "chatfb-v0001" and store.live_adapter()["name"] == "chatfb-v0001"
+
+
+@pytest.mark.parametrize("blob", [b"\x00garbage" * 100, b"\x05", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"],
+                         ids=["huge header length", "cut short", "header not json"])
+def test_damaged_adapter_weights_are_refused_with_a_clear_error(store, settings, fake_client, base_model, blob):
+    """A header length read from garbage (here ~7e18) must not be allocated: a clear refusal, nothing loaded."""
+    registry = AdapterRegistry(store, [fake_client], AdapterRouter("chatfb-base"), settings.data_dir,
+                               drain_timeout_s=5, base_model_dir=base_model)
+    folder = lora_folder(settings.data_dir / "adapters" / "chatfb-v0003", 64, 128, 2)
+    (folder / "adapter_model.safetensors").write_bytes(blob)
+    store.add_adapter("chatfb-v0003", None, "candidate", "chatfb-v0003")
+    with pytest.raises(AdapterError, match="chatfb-v0003 has unreadable weights"):
+        registry.promote("chatfb-v0003")
+    assert "chatfb-v0003" not in fake_client.loaded and store.live_adapter() is None
