@@ -1,4 +1,5 @@
-"""The serving and refresh benchmarks' smoke modes, run as a user runs them, against the session's real vLLM.
+"""The benchmarks' smoke modes, run as a user runs them: serving, refresh, efficacy, scale and soak against the
+session's real vLLM; the app benchmark on its own app and tests/fake_openai.py (no vLLM, but two app startups).
 
 The refresh benchmark hot-swaps adapters on the shared server (under its own names, removed again)
 and measures a restart only on a vLLM server of its own (--restart-own-server).
@@ -159,3 +160,23 @@ def test_soak_bench_smoke_swaps_through_the_registry_and_measures_vllm_memory(vl
         client.close()
     assert "| round | seconds | vLLM RSS MiB |" in (tmp_path / "soak_bench.md").read_text()
     assert (tmp_path / "soak_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_app_bench_smoke_drives_the_real_app_and_finds_every_turn_in_its_file(tmp_path):
+    """No vLLM: the app's model is tests/fake_openai.py. Two fresh apps (default and raised chat concurrency)."""
+    stdout = run_bench("app_bench", "--out-dir", str(tmp_path), timeout=300)
+
+    r = json.loads((tmp_path / "app_bench.json").read_text())
+    assert [a["chat_concurrency"] for a in r["apps"]] == [16, 64]
+    for a in r["apps"]:
+        assert [lv["sessions"] for lv in a["levels"]] == [1, 2]
+        for lv in a["levels"]:
+            assert lv["failures"] == 0, lv["errors"]
+            assert lv["turns"] == 2 * lv["sessions"]
+            assert lv["turns_per_s"] > 0 and 0 < lv["turn_p50_ms"] <= lv["turn_p99_ms"] < lv["wall_s"] * 1000
+            assert lv["app_cpu_cores"] > 0
+        # the warm-up turn and 2 turns per session, each a user message and its reply in the file
+        assert a["turns_acknowledged"] == a["turns_in_file"] == a["messages_in_file"] // 2 == 1 + 2 + 4
+    assert {t["name"]: t["ok"] for t in r["targets"]} == {"failed turns": True, "turns in file / turns acknowledged": True}
+    assert "| chat concurrency | sessions | turns | turns/s |" in stdout
+    assert (tmp_path / "app_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
