@@ -154,7 +154,9 @@ def test_feedback_on_the_message_itself_and_a_revision_accepted(browser, app):
     page.locator("#chatbot button[aria-label='Feedback']").last.click()
     page.locator("#chatbot .extra-feedback-option", has_text="Critique").click()
     page.wait_for_selector("#fb-status:has-text('Write your critique')")
-    critique = "Format it as a bulleted list: exactly three short tips, each on its own line starting with '- '."
+    # a critique the 135M model can follow: its lists are numbered, so a "- " list critique is met so rarely
+    # that the filters (rightly) drop every draft, and the flow under test would not be reached
+    critique = "Too long. Answer in one short sentence."
     page.locator("#critique textarea").fill(critique)
     page.locator("#send-critique").click()
     page.wait_for_selector("#revision-panel")

@@ -18,7 +18,9 @@ def _ok(status: str) -> bool:
 def test_critique_revision_accept_and_export(app, tmp_path):
     c = Client(app.url, verbose=False)
     c.predict("Give me tips for sleeping better.", "You are a helpful assistant.", api_name="/send")
-    critique = "Format it as a bulleted list: exactly three short tips, each on its own line starting with '- '."
+    # a critique the 135M model can follow: its lists are numbered, so a "- " list critique is met so rarely
+    # that the filters (rightly) drop every draft, and the flow under test would not be reached
+    critique = "Too long. Answer in one short sentence."
     out = c.predict(critique, False, False, api_name="/revise")
     status, box, note, revision = out[0], out[1], out[2], out[3]
     assert _ok(status) and box == "", out
