@@ -497,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = results["modes"][mode]
                 print(f"[{mode}] uptake {r['uptake']} retention {fmt_pm(r, 'retention')} cycle {fmt_pm(r, 'cycle_wall_s', 0)} s "
                       f"peak {fmt_pm(r, 'peak_rss_gib')} GiB", flush=True)
+                # a run stopped later still leaves every finished mode on disk, marked as unfinished
+                write_results(out_dir, NAME, results, report(results, families, unfinished=modes[len(results["modes"]):]))
         finally:
             client.close()
 
@@ -518,7 +520,7 @@ def fmt_pm(r: dict, key: str, digits: int = 2, sub: str | None = None) -> str:
     return f"{value:.{digits}f}"
 
 
-def report(results: dict, families: list[Family]) -> str:
+def report(results: dict, families: list[Family], unfinished: list[str] | None = None) -> str:
     modes = results["modes"]
     headers = ["mode", "runs", *[f"{f.name} ({f.kind})" for f in families], "mean uptake", "retention", "control cos",
                "leak", "cycle s", "peak GiB", "gate (run 1)"]
@@ -541,6 +543,9 @@ def report(results: dict, families: list[Family]) -> str:
              "family checker. Cycle: wall time of `python -m chatfb nightly` (snapshot, data, candidates, training, "
              "gate); peak: RSS of its process tree (not the vLLM server).", "",
              markdown_table(headers, rows), ""]
+    if unfinished:
+        lines += ["**Unfinished run:** the modes " + ", ".join(unfinished) + " had not finished when this file was "
+                  "written; the rows above are complete runs.", ""]
     sel_modes = [m for m, r in modes.items() if r.get("selection")]
     if sel_modes:
         lines += ["Per family: share of the (not held-out) feedback that became a training example / selection "
