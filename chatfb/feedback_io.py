@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -41,6 +42,10 @@ class BadImportFile(ValueError):
         lines = "\n".join(f"  line {n}: {why}" for n, why in problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
         super().__init__(f"{len(problems)} bad line(s), nothing was imported:\n{lines}{more}")
+
+
+# JSON may escape a lone surrogate ("\\ud800"); Python decodes it, UTF-8 (DuckDB) cannot hold it.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def parse_record(obj, max_chars: int) -> dict:
@@ -107,7 +112,10 @@ def parse_jsonl(path: Path, max_chars: int = 8000) -> list[dict]:
                     continue
                 seen[digest] = n
                 try:
-                    records.append(parse_record(json.loads(line.decode("utf-8")), max_chars))
+                    obj = json.loads(line.decode("utf-8"))
+                    if LONE_SURROGATE.search(json.dumps(obj, ensure_ascii=False)):
+                        raise ValueError("holds a lone surrogate (\\ud800-\\udfff escape), which is not text")
+                    records.append(parse_record(obj, max_chars))
                 except UnicodeDecodeError:
                     problems.append((n, "not UTF-8"))
                 except json.JSONDecodeError as e:

@@ -148,6 +148,17 @@ def test_duplicate_lines_in_an_import_are_named_and_nothing_is_imported(tmp_path
     assert store.counts()["feedback"] == 0
 
 
+def test_a_lone_surrogate_in_an_import_line_is_a_bad_line_not_a_raw_error(tmp_path, store):
+    # "\\ud800" is valid JSON and Python decodes it, but UTF-8 (DuckDB) cannot hold it
+    path = tmp_path / "surrogate.jsonl"
+    good = {"prompt": "hi", "reply": "hello", "kind": "critique", "text": "shorter"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "text": "short\ud800er"}) + "\n")
+    with pytest.raises(BadImportFile) as e:
+        parse_jsonl(path)
+    assert e.value.problems == [(2, "holds a lone surrogate (\\ud800-\\udfff escape), which is not text")]
+    assert store.counts()["feedback"] == 0
+
+
 def test_a_100k_line_import_is_one_transaction_in_seconds_with_bounded_memory(tmp_path):
     """Run in a child process so its peak RSS is the import's own. Before: 400k one-row INSERTs in
     one transaction, minutes of holding the store's writer (every chat's write waited)."""
