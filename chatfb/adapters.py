@@ -156,10 +156,11 @@ class AdapterRegistry:
         self.last_swap_ms: float | None = None
 
     @classmethod
-    def without_servers(cls, store: Store, data_dir: Path) -> "AdapterRegistry":
+    def without_servers(cls, store: Store, data_dir: Path, base_model_dir: Path | None = None) -> "AdapterRegistry":
         """For the CLI when no app runs: promote and rollback check and record which version is live
-        (the app loads it into its server when it starts)."""
-        return cls(store, [], AdapterRouter("base model"), data_dir)
+        (the app loads it into its server when it starts); adapters are checked against `base_model_dir`
+        when it is given."""
+        return cls(store, [], AdapterRouter("base model"), data_dir, base_model_dir=base_model_dir)
 
     def path_of(self, name: str) -> Path:
         a = self.store.adapter(name)

@@ -125,7 +125,7 @@ def cmd_import(settings, args) -> int:
     from chatfb.feedback_io import parse_jsonl
 
     records = parse_jsonl(args.file, settings.max_feedback_chars)  # raises with every bad line named
-    backend = open_backend(settings.data_dir)
+    backend = open_backend(settings.data_dir, settings.model)
     try:
         n = backend.import_feedback([{k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()
                                       if v is not None} for r in records])
@@ -141,7 +141,7 @@ def snapshot_records(settings):
     from chatfb.control import open_backend
     from chatfb.store import Store
 
-    backend = open_backend(settings.data_dir)
+    backend = open_backend(settings.data_dir, settings.model)
     try:
         path = backend.snapshot()
     finally:
@@ -185,7 +185,7 @@ def cmd_nightly(settings, args) -> int:
     from chatfb.control import RemoteBackend, open_backend
     from chatfb.cycle import run_cycle
 
-    backend = open_backend(settings.data_dir)
+    backend = open_backend(settings.data_dir, settings.model)
     try:
         if isinstance(backend, RemoteBackend):
             result = cycle_in_app(backend, settings, promote=not args.no_promote)
@@ -232,7 +232,7 @@ def cmd_adapters(settings, args) -> int:
     from chatfb.control import open_backend
     from chatfb.gate import GateReport
 
-    backend = open_backend(settings.data_dir)
+    backend = open_backend(settings.data_dir, settings.model)
     try:
         if args.action == "list":
             for a in backend.adapters():
@@ -258,7 +258,7 @@ def cmd_push_adapter(settings, args) -> int:
     from chatfb.hub import adapter_files
     from chatfb.model_files import EMBEDDED_HUB_ID
 
-    backend = open_backend(settings.data_dir)
+    backend = open_backend(settings.data_dir, settings.model)
     try:
         row = next((a for a in backend.adapters() if a["name"] == args.name), None)
     finally:
@@ -274,7 +274,7 @@ def cmd_push_adapter(settings, args) -> int:
 def cmd_delete_user(settings, args) -> int:
     from chatfb.control import open_backend
 
-    backend = open_backend(settings.data_dir)
+    backend = open_backend(settings.data_dir, settings.model)
     try:
         n = backend.delete_user(args.user)
     finally:
@@ -290,7 +290,7 @@ def cmd_guidelines(settings, args) -> int:
 
     if args.action != "list" and not (args.value or "").strip():
         raise CommandError(f"guidelines {args.action} needs " + ("TEXT" if args.action == "add" else "an ID"))
-    backend = open_backend(settings.data_dir)
+    backend = open_backend(settings.data_dir, settings.model)
     try:
         if args.action == "list":
             for g in backend.guidelines():

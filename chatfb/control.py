@@ -247,8 +247,9 @@ def running_app(data_dir: Path) -> dict | None:
         return None
 
 
-def open_backend(data_dir: Path):
-    """RemoteBackend if the app runs on this data dir, else a LocalBackend on the store file."""
+def open_backend(data_dir: Path, model: str | None = None):
+    """RemoteBackend if the app runs on this data dir, else a LocalBackend on the store file (its adapters
+    checked against `model`'s folder when that is on disk)."""
     info = running_app(data_dir)
     if info is not None:
         return RemoteBackend(info["port"], info["token"])
@@ -259,6 +260,9 @@ def open_backend(data_dir: Path):
     except StoreLocked:
         raise ControlError("the database is in use by another process that is not a chatfb app "
                            "on this data folder; stop it and try again") from None
-    backend = LocalBackend(store, AdapterRegistry.without_servers(store, data_dir))
+    from chatfb.model_files import model_on_disk
+
+    base = model_on_disk(model, data_dir) if model else None
+    backend = LocalBackend(store, AdapterRegistry.without_servers(store, data_dir, base))
     backend.close = store.close
     return backend

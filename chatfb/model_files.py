@@ -84,6 +84,15 @@ def resolve_model(model: str, data_dir: Path) -> Path:
     return download_from_hub(model, models / "hub")
 
 
+def model_on_disk(model: str, data_dir: Path) -> Path | None:
+    """The base model's folder when it is already on disk (the converted embedded model, a local folder),
+    without converting or downloading anything; None otherwise (a Hub id: the app resolves it at start)."""
+    from chatfb.layout import DataLayout
+
+    folder = DataLayout(Path(data_dir)).models / EMBEDDED_DIR_NAME if model == "embedded" else Path(model).expanduser()
+    return folder if (folder / "config.json").is_file() else None
+
+
 def download_from_hub(repo_id: str, cache_dir: Path) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

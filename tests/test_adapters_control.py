@@ -131,6 +131,31 @@ def test_cli_delete_user_without_the_app(settings, capsys, monkeypatch):
         assert [r[0] for r in s._q("SELECT user_name FROM feedback")] == ["bob"]
 
 
+def test_cli_promote_without_the_app_checks_the_base_model_on_disk(settings, capsys, monkeypatch):
+    """With no app running the CLI still refuses an adapter made for another base model, when the base
+    model's folder is on disk (here the converted embedded model's place in the data folder)."""
+    from test_hostile_input import lora_folder
+
+    from chatfb.model_files import EMBEDDED_DIR_NAME
+    from chatfb.store import Store
+
+    base = settings.data_dir / "models" / EMBEDDED_DIR_NAME
+    base.mkdir(parents=True)
+    (base / "config.json").write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}))
+    lora_folder(settings.data_dir / "adapters" / "chatfb-v0001", 64, 128, 2)
+    lora_folder(settings.data_dir / "adapters" / "chatfb-v0002", 96, 128, 2)
+    with Store(settings.db_path) as s:
+        s.add_adapter("chatfb-v0001", None, "candidate", "chatfb-v0001")
+        s.add_adapter("chatfb-v0002", None, "candidate", "chatfb-v0002")
+    monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("CHATFB_MODEL", "embedded")
+    assert cli(["adapters", "promote", "chatfb-v0001"]) == 0
+    assert cli(["adapters", "promote", "chatfb-v0002"]) != 0
+    assert "chatfb-v0002 was made for another base model" in capsys.readouterr().err
+    with Store(settings.db_path) as s:
+        assert s.live_adapter()["name"] == "chatfb-v0001"
+
+
 @pytest.mark.parametrize("with_app", [True, False])
 def test_cli_guidelines_with_and_without_the_app(settings, capsys, monkeypatch, with_app):
     from chatfb.store import Store
