@@ -187,7 +187,7 @@ class AdapterRegistry:
 
     def unload(self, name: str) -> None:
         for client in self.clients:
-            _quietly_unload(client, name)
+            client.unload_adapter_quietly(name)
 
     def activate(self, name: str | None, background_unload: bool = True) -> str:
         """Serve `name` (None = the base model) for new chats and mark it live."""
@@ -265,12 +265,7 @@ def load_into(clients: list[ModelClient], name: str, path: Path, error: type[Exc
                 loaded.append(client)
         except ModelError as e:
             for c in loaded:  # leave no server half-promoted
-                _quietly_unload(c, name)
+                c.unload_adapter_quietly(name)
             raise (error or AdapterError)(f"vLLM refused adapter {name} at {client.base_url}: {e}") from None
 
 
-def _quietly_unload(client: ModelClient, name: str) -> None:
-    try:
-        client.unload_adapter(name)
-    except ModelError as e:
-        log.warning("unloading %s failed: %s", name, e)

@@ -152,7 +152,7 @@ class Settings:
     def shared_adapters_dir(self) -> Path | None:
         if self.lora_shared_dir:
             return Path(self.lora_shared_dir)
-        return self.data_dir / "shared-adapters" if self.managed and self.vllm_replicas > 1 else None
+        return DataLayout(self.data_dir).shared_adapters if self.managed and self.vllm_replicas > 1 else None
 
     @property
     def admin_enabled(self) -> bool:

@@ -6,7 +6,9 @@
     snapshots/latest.duckdb  the copy CLI readers (export) get while the app owns the store
     adapters/<name>/         trained LoRA adapters (<name>.partial while training)
     work/<name>/             one learning cycle's job: settings, snapshot, training files, result
-    logs/                    nightly.log (the cycle the app runs), vllm.log, vllm-nightly.log
+    logs/                    nightly.log (the cycle the app runs), vllm.log, vllm-nightly.log; with managed
+                             replicas vllm-<i>.log and router.log
+    shared-adapters/         managed replicas: adapters copied where every replica's LoRA resolver finds them
     exports/<time>/          the admin tab's exports
     models/                  the converted embedded model and the Hub cache
 """
@@ -51,6 +53,14 @@ class DataLayout:
     @property
     def nightly_log(self) -> Path:
         return self.logs / "nightly.log"
+
+    @property
+    def router_log(self) -> Path:
+        return self.logs / "router.log"
+
+    @property
+    def shared_adapters(self) -> Path:
+        return self.root / "shared-adapters"
 
     @property
     def exports(self) -> Path:

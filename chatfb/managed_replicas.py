@@ -19,6 +19,7 @@ from typing import Callable
 
 import httpx
 
+from chatfb.layout import DataLayout
 from chatfb.process_group import stop_groups
 from chatfb.replicas import resolver_env
 from chatfb.vllm_server import ManagedVLLM, PortInUse, ServerStartError, port_in_use
@@ -46,7 +47,7 @@ class ManagedRouter:
         self.cmd = router_command(binary, port, worker_urls)
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self.log_path = Path(data_dir) / "logs" / "router.log"
+        self.log_path = DataLayout(Path(data_dir)).router_log
         self.startup_timeout_s = startup_timeout_s
         self._proc: subprocess.Popen | None = None
 

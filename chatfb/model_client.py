@@ -186,6 +186,13 @@ class ModelClient:
     def unload_adapter(self, name: str) -> None:
         self._call("POST", "/v1/unload_lora_adapter", json={"lora_name": name})
 
+    def unload_adapter_quietly(self, name: str) -> None:
+        """Unload `name`, logging (not raising) a refusal: for clean-up paths that must go on."""
+        try:
+            self.unload_adapter(name)
+        except ModelError as e:
+            log.warning("unloading %s from %s failed: %s", name, self.base_url, e)
+
     def _call(self, method: str, url: str, **kw) -> httpx.Response:
         try:
             r = self._http.request(method, url, **kw)

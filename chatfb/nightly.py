@@ -139,22 +139,15 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
         except gate.GateError:  # refused before loading it: the name on the server is someone else's
             raise
         except BaseException:
-            unload_quietly(client, name)
+            client.unload_adapter_quietly(name)
             raise
-        unload_quietly(client, name)  # the owner loads it again if it promotes; until then it holds no LoRA slot
+        client.unload_adapter_quietly(name)  # the owner loads it again if it promotes; until then it holds no LoRA slot
         timings["eval_s"] = round(time.perf_counter() - t, 2)
         ok, reason = report.decide()
         report.decision = reason
         return CycleOutcome("candidate" if ok else "rejected", reason, report=report.as_dict(), **done)
     finally:
         stop_server()
-
-
-def unload_quietly(client: ModelClient, name: str) -> None:
-    try:
-        client.unload_adapter(name)
-    except ModelError as e:
-        log.warning("could not unload candidate %s: %s", name, e)
 
 
 def main(argv: list[str] | None = None) -> int:

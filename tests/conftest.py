@@ -10,7 +10,7 @@ import os
 import pytest
 
 from chatfb.config import load_settings
-from chatfb.model_client import ModelError
+from chatfb.model_client import ModelClient, ModelError
 from chatfb.store import Store
 
 
@@ -109,6 +109,8 @@ class FakeModelClient:
 
     def unload_adapter(self, name):
         self.loaded.pop(name, None)
+
+    unload_adapter_quietly = ModelClient.unload_adapter_quietly  # the real one, over this unload_adapter
 
     def healthy(self):
         return True
