@@ -79,7 +79,7 @@ def test_promote_by_shared_storage_is_live_once_every_replica_answered(store, se
 
 def test_a_replica_that_cannot_serve_the_version_keeps_the_old_one_live(store, settings, replicas, tmp_path):
     shared = tmp_path / "shared"
-    (url1, _), (url2, r2) = replicas(lora_dir=shared), replicas(lora_dir=None)  # the second has no resolver
+    (url1, _), (url2, _) = replicas(lora_dir=shared), replicas(lora_dir=None)  # the second has no resolver
     registry = registry_for(store, settings, [url1, url2], shared)
     make_adapter(store, settings.data_dir, "chatfb-v0001")
     with pytest.raises(AdapterError, match=r"1 of 2 replicas did not answer with chatfb-v0001 .*" + url2):

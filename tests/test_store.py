@@ -248,8 +248,6 @@ def test_a_bad_write_fails_alone_and_no_rolled_back_write_is_acknowledged(settin
     the failing caller gets the error, and the batch really was tried as one transaction first."""
     import threading
 
-    from chatfb.store import _Write
-
     store = Store(settings.db_path)
     cid = store.create_conversation("s1")
     store.add_message(cid, "user", "hi")
