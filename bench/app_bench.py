@@ -31,8 +31,8 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from bench.report import (add_output_flags, default_out_dir, machine, markdown_table, percentile, plot_path, pyplot,
-                          save_figure, target, targets_table, write_results)
+from bench.report import (add_output_flags, default_out_dir, machine, markdown_table, percentile, publish, pyplot,
+                          save_figure, target, targets_table)
 from bench.server import SERVED_NAME, free_port
 from chatfb.config import Settings
 from chatfb.layout import DataLayout
@@ -326,13 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
         target("turns in file / turns acknowledged", sum(a["turns_in_file"] for a in apps)
                / max(1, sum(a["turns_acknowledged"] for a in apps)), "==", 1.0),
     ]
-    markdown = report(results)
-    print("\n" + markdown)
     out_dir = args.out_dir or default_out_dir(args.smoke)
-    json_path, md_path = write_results(out_dir, NAME, results, markdown)
-    if not args.no_plot:
-        plot(results, plot_path(out_dir, NAME))
-    print(f"\nwrote {json_path} and {md_path}")
+    publish(out_dir, NAME, results, report(results), None if args.no_plot else lambda path: plot(results, path))
     for a in apps:
         assert a["turns_acknowledged"] == a["turns_in_file"], (
             f"chat concurrency {a['chat_concurrency']}: {a['turns_acknowledged']} turns acknowledged but only"

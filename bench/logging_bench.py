@@ -28,8 +28,8 @@ import time
 import types
 from pathlib import Path
 
-from bench.report import (add_output_flags, save_figure, default_out_dir, machine, markdown_table, percentile, plot_path, pyplot, target,
-                          targets_table, write_results)
+from bench.report import (add_output_flags, default_out_dir, machine, markdown_table, percentile, publish, pyplot,
+                          save_figure, target, targets_table)
 from chatfb.store import Store
 
 NAME = "logging_bench"
@@ -238,11 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{targets_table(results['targets'])}")
     if old is not None:
         markdown += "\n\n" + baseline_table(results)
-    print("\n" + markdown)
-    json_path, md_path = write_results(out_dir, NAME, results, markdown)
-    if not args.no_plot:
-        plot(levels, paced, plot_path(out_dir, NAME))
-    print(f"\nwrote {json_path} and {md_path}")
+    publish(out_dir, NAME, results, markdown,
+            None if args.no_plot else lambda path: plot(levels, paced, path))
 
     for lv in every + (results["baseline"]["levels"] + results["baseline"]["paced"] if old is not None else []):
         if lv["errors"]:

@@ -33,8 +33,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.report import (add_output_flags, save_figure, default_out_dir, fmt, machine, markdown_table, plot_path, pyplot, target, targets_table,
-                          write_results)
+from bench.report import (add_output_flags, default_out_dir, fmt, machine, markdown_table, publish, pyplot, save_figure,
+                          target, targets_table)
 from bench.server import SERVED_NAME, add_server_flags, managed_vllm, vllm_server
 
 NAME = "refresh_bench"
@@ -379,11 +379,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f" Server: {results['vllm_url']}.\nMachine: {m['host_cpus']} CPUs, 1-min load average"
                 f" {m['load_avg_1m_at_start']} at start.\n\n{table}\n{restart_note}\n\n{swap_table}\n\n"
                 f"{targets_table(results['targets'])}")
-    print("\n" + markdown)
-    json_path, md_path = write_results(out_dir, NAME, results, markdown)
-    if not args.no_plot:
-        plot(results, plot_path(out_dir, NAME))
-    print(f"\nwrote {json_path} and {md_path}")
+    publish(out_dir, NAME, results, markdown,
+            None if args.no_plot else lambda path: plot(results, path))
     return results
 
 

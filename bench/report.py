@@ -84,6 +84,16 @@ def write_results(out_dir: Path, name: str, results: dict, markdown: str) -> tup
     return json_path, md_path
 
 
+def publish(out_dir: Path, name: str, results: dict, markdown: str, draw=None) -> None:
+    """Print the markdown, write <name>.json/.md and, given `draw` (a function of the plot's path),
+    the plot <name>.png; say where they went."""
+    print("\n" + markdown)
+    json_path, md_path = write_results(out_dir, name, results, markdown)
+    if draw is not None:
+        draw(plot_path(out_dir, name))
+    print(f"\nwrote {json_path} and {md_path}")
+
+
 def plot_path(out_dir: Path, name: str) -> Path:
     return Path(out_dir) / f"{name}.png"
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bench.report import (add_output_flags, save_figure, default_out_dir, machine, markdown_table, percentile, plot_path, pyplot, target,
-                          targets_table, write_results)
+from bench.report import (add_output_flags, default_out_dir, machine, markdown_table, percentile, publish, pyplot,
+                          save_figure, target, targets_table)
 from bench.server import SERVED_NAME, add_server_flags, managed_vllm, vllm_server
 from chatfb.config import VLLM_DTYPES
 
@@ -350,11 +350,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f" {args.max_tokens}, temperature 0, fixed prompts. Server: {results['vllm_url']}, dtype {results['dtype']}.\n"
                 f"Machine: {m['host_cpus']} CPUs, 1-min load average {m['load_avg_1m_at_start']} at start.\n\n"
                 f"{table}\n\n{hf_line}\n\n{targets_table(results['targets'])}")
-    print("\n" + markdown)
-    json_path, md_path = write_results(out_dir, NAME, results, markdown)
-    if not args.no_plot:
-        plot(results["levels"], hf, plot_path(out_dir, NAME))
-    print(f"\nwrote {json_path} and {md_path}")
+    publish(out_dir, NAME, results, markdown,
+            None if args.no_plot else lambda path: plot(results["levels"], hf, path))
     failed = sum(lv["failures"] for lv in results["levels"])
     if failed:
         raise SystemExit(f"{failed} requests failed: {[e for lv in results['levels'] for e in lv['errors']][:3]}")

@@ -34,8 +34,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from bench.refresh_bench import PROMPTS, ChatLoad, make_adapter, wait_unloaded
-from bench.report import (RESULTS, add_output_flags, fmt, machine, markdown_table, plot_path, pyplot, save_figure,
-                          target, targets_table, write_results)
+from bench.report import (RESULTS, add_output_flags, fmt, machine, markdown_table, publish, pyplot, save_figure, target,
+                          targets_table)
 from bench.server import SERVED_NAME, add_server_flags, vllm_server
 
 NAME = "soak_bench"
@@ -291,11 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
         f" New adapter at the end: loaded {s['final_adapter']['loaded']}, answered {s['final_adapter']['answered']}"
         f"{' (' + s['final_adapter']['error'] + ')' if s['final_adapter']['error'] else ''}.\n"
         f"Problems: {'; '.join(s['problems']) or 'none'}.\n\n{table}\n\n{targets_table(results['targets'])}")
-    print("\n" + markdown)
-    json_path, md_path = write_results(out_dir, NAME, results, markdown)
-    if not args.no_plot:
-        plot(results, plot_path(out_dir, NAME))
-    print(f"\nwrote {json_path} and {md_path}")
+    publish(out_dir, NAME, results, markdown,
+            None if args.no_plot else lambda path: plot(results, path))
     return results
 
 
