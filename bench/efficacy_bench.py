@@ -459,7 +459,7 @@ def aggregate(runs: list[dict], families: list[Family]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     families = [f for f in FAMILIES if args.families is None or f.name in args.families]
-    modes = list(args.modes)
+    modes = list(dict.fromkeys(args.modes))  # each mode once, in the order given
     if args.smoke:
         families = [f for f in families if f.name in ("support_email", "house_signoff")] or families[:2]
         args.items, args.heldout, args.controls, args.max_tokens, args.seeds = 2, 1, 2, 48, 1

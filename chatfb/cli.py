@@ -125,7 +125,7 @@ def cmd_import(settings, args) -> int:
     from chatfb.feedback_io import parse_jsonl
 
     records = parse_jsonl(args.file, settings.max_feedback_chars)  # raises with every bad line named
-    backend = open_backend(settings.data_dir, settings.model)
+    backend = open_backend(settings.data_dir, base_model(settings))
     try:
         n = backend.import_feedback([{k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()
                                       if v is not None} for r in records])
@@ -141,7 +141,7 @@ def snapshot_records(settings):
     from chatfb.control import open_backend
     from chatfb.store import Store
 
-    backend = open_backend(settings.data_dir, settings.model)
+    backend = open_backend(settings.data_dir, base_model(settings))
     try:
         path = backend.snapshot()
     finally:
@@ -177,6 +177,12 @@ def push_built(settings, repo: str, repo_type: str, private: bool, build) -> Non
     print(f"pushed {len(files)} files to {repo_type} repo {repo} {url}".rstrip())
 
 
+def base_model(settings) -> str | None:
+    """The model adapters are checked against without the app: the managed server's, as the app checks
+    (an external server may serve another model than CHATFB_MODEL names)."""
+    return settings.model if settings.managed else None
+
+
 def cmd_nightly(settings, args) -> int:
     """One learning cycle now, run by whoever owns the store: the running app (its log is copied to
     stderr meanwhile), or this process. The cycle's summary (JSON) goes to stdout."""
@@ -185,7 +191,7 @@ def cmd_nightly(settings, args) -> int:
     from chatfb.control import RemoteBackend, open_backend
     from chatfb.cycle import run_cycle
 
-    backend = open_backend(settings.data_dir, settings.model)
+    backend = open_backend(settings.data_dir, base_model(settings))
     try:
         if isinstance(backend, RemoteBackend):
             result = cycle_in_app(backend, settings, promote=not args.no_promote)
@@ -232,7 +238,7 @@ def cmd_adapters(settings, args) -> int:
     from chatfb.control import open_backend
     from chatfb.gate import GateReport
 
-    backend = open_backend(settings.data_dir, settings.model)
+    backend = open_backend(settings.data_dir, base_model(settings))
     try:
         if args.action == "list":
             for a in backend.adapters():
@@ -258,7 +264,7 @@ def cmd_push_adapter(settings, args) -> int:
     from chatfb.hub import adapter_files
     from chatfb.model_files import EMBEDDED_HUB_ID
 
-    backend = open_backend(settings.data_dir, settings.model)
+    backend = open_backend(settings.data_dir, base_model(settings))
     try:
         row = next((a for a in backend.adapters() if a["name"] == args.name), None)
     finally:
@@ -274,7 +280,7 @@ def cmd_push_adapter(settings, args) -> int:
 def cmd_delete_user(settings, args) -> int:
     from chatfb.control import open_backend
 
-    backend = open_backend(settings.data_dir, settings.model)
+    backend = open_backend(settings.data_dir, base_model(settings))
     try:
         n = backend.delete_user(args.user)
     finally:
@@ -290,7 +296,7 @@ def cmd_guidelines(settings, args) -> int:
 
     if args.action != "list" and not (args.value or "").strip():
         raise CommandError(f"guidelines {args.action} needs " + ("TEXT" if args.action == "add" else "an ID"))
-    backend = open_backend(settings.data_dir, settings.model)
+    backend = open_backend(settings.data_dir, base_model(settings))
     try:
         if args.action == "list":
             for g in backend.guidelines():

@@ -148,7 +148,7 @@ def test_duplicate_lines_in_an_import_are_named_and_nothing_is_imported(tmp_path
     assert store.counts()["feedback"] == 0
 
 
-def test_a_lone_surrogate_in_an_import_line_is_a_bad_line_not_a_raw_error(tmp_path, store):
+def test_a_lone_surrogate_in_an_import_line_is_a_bad_line_not_a_raw_error(tmp_path):
     # "\\ud800" is valid JSON and Python decodes it, but UTF-8 (DuckDB) cannot hold it
     path = tmp_path / "surrogate.jsonl"
     good = {"prompt": "hi", "reply": "hello", "kind": "critique", "text": "shorter"}
@@ -156,7 +156,6 @@ def test_a_lone_surrogate_in_an_import_line_is_a_bad_line_not_a_raw_error(tmp_pa
     with pytest.raises(BadImportFile) as e:
         parse_jsonl(path)
     assert e.value.problems == [(2, "holds a lone surrogate (\\ud800-\\udfff escape), which is not text")]
-    assert store.counts()["feedback"] == 0
 
 
 def test_a_100k_line_import_is_one_transaction_in_seconds_with_bounded_memory(tmp_path):
