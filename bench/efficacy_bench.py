@@ -469,7 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="chatfb-efficacy-"))
     from chatfb.model_client import ModelClient
 
-    results: dict = {"bench": NAME, "machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
+    command = "python -m bench.efficacy_bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    results: dict = {"bench": NAME, "machine": machine(), "command": command.strip(),
+                     "args": {k: str(v) for k, v in vars(args).items()},
                      "families": [{"name": f.name, "kind": f.kind, "critique": f.critique, "items": args.items,
                                    "heldout": args.heldout} for f in families], "modes": {}}
     with vllm_server(args) as server:
@@ -543,6 +545,8 @@ def report(results: dict, families: list[Family], unfinished: list[str] | None =
              "family checker. Cycle: wall time of `python -m chatfb nightly` (snapshot, data, candidates, training, "
              "gate); peak: RSS of its process tree (not the vLLM server).", "",
              markdown_table(headers, rows), ""]
+    if results.get("command"):
+        lines += [f"Command: `{results['command']}`", ""]
     if unfinished:
         lines += ["**Unfinished run:** the modes " + ", ".join(unfinished) + " had not finished when this file was "
                   "written; the rows above are complete runs.", ""]
