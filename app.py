@@ -5,7 +5,7 @@ import sys
 
 if __name__ == "__main__":
     if os.environ.get("SPACE_ID"):  # a Space installs requirements.txt only: fix the torchvision trap here
-        from chatfb.environment import repair_torchvision_trap
+        from chatfb.serving.environment import repair_torchvision_trap
 
         repair_torchvision_trap()
     from chatfb.cli import main

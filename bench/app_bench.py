@@ -36,8 +36,8 @@ from bench.report import (add_output_flags, default_out_dir, machine, markdown_t
 from bench.server import SERVED_NAME, free_port
 from chatfb.config import Settings
 from chatfb.layout import DataLayout
-from chatfb.process_group import stop_groups
-from chatfb.wait import wait_until
+from chatfb.serving.process_group import stop_groups
+from chatfb.serving.wait import wait_until
 
 NAME = "app_bench"
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,8 +220,8 @@ def run_level(app: App, n_sessions: int, seconds: float, turns: int | None, per_
 
 def stored_turns(data_dir: Path, hashes: list[str], reply: str) -> tuple[set[tuple[str, str]], int]:
     """(session hash, message) of every turn in the stopped app's file whose reply is stored complete, and the
-    file's message count. API clients' sessions are stored as "h:<session hash>" (chatfb/ui.py Sessions)."""
-    from chatfb.store import Store
+    file's message count. API clients' sessions are stored as "h:<session hash>" (chatfb/ui/chat_tab.py Sessions)."""
+    from chatfb.store.db import Store
 
     found = set()
     with Store(DataLayout(data_dir).db, read_only=True) as store:

@@ -22,11 +22,11 @@ Every mode starts from the same base model and a fresh data folder, imports its 
   critique             critiques only, unattended, the new recipe: the question answered again with the
                        critique as an instruction, selected by the served model (CHATFB_CRITIQUE_RECIPE=instruct)
   accept               critique + in-loop acceptance: for each critiqued prompt the scripted user is offered
-                       the candidates chatfb.candidates.select keeps (best first) and accepts the first that
+                       the candidates chatfb.critique.candidates.select keeps (best first) and accepts the first that
                        passes the family's checker (imported as a correction with that text), dismissing the
                        others, pressing "Try again" once when none passes; a critique with no acceptable candidate stays a critique (CHATFB_TRAIN_MODE=semi)
   guideline_prompt     no training: every family's critique as an approved guideline in the system prompt
-                       at judge time (chatfb.guidelines.apply, as the app sends it)
+                       at judge time (chatfb.critique.guidelines.apply, as the app sends it)
   guideline_distilled  every family's critique as an approved global guideline (`python -m chatfb guidelines
                        add`); the critiques are imported too but train nothing themselves
                        (CHATFB_TRAIN_MODE=supervised): the cycle distils the guidelines on the critiqued prompts
@@ -232,7 +232,7 @@ def messages(prompt: str, system: str = SYSTEM) -> list[dict]:
 
 def guideline_system(families: list[Family]) -> str:
     """The system prompt the app sends when every family's critique is an approved guideline."""
-    from chatfb import guidelines
+    from chatfb.critique import guidelines
 
     return guidelines.apply(messages("")[:1], [f.critique for f in families])[0]["content"]
 
@@ -286,13 +286,13 @@ def feedback_rows(mode: str, families: list[Family], items: int, originals: dict
 
 
 def accept_revisions(client, judge, families: list[Family], items: int) -> tuple[dict[str, str], dict]:
-    """The in-loop user: for each critiqued prompt, the candidates chatfb.candidates.select keeps (what the
+    """The in-loop user: for each critiqued prompt, the candidates chatfb.critique.candidates.select keeps (what the
     app may offer, best first); the first that passes the family's checker is accepted, the others dismissed;
     when none does, the user presses "Try again" once (4 more).
     Returns ({prompt: accepted text}, {family: {"critiqued", "offered", "accepted"}})."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from chatfb import candidates
+    from chatfb.critique import candidates
 
     jobs = [(fam, q) for fam in families for q, _ in fam.teach[:items]]
 
@@ -325,8 +325,8 @@ def selection_stats(data_dir: Path, families: list[Family], seed: int, accepted:
     """Per family, from the cycle's own database: share of the (not held-out) feedback that became a training
     example, and selection precision (share of kept examples - candidates rows with status kept, and
     accepted revisions - that pass the family's checker)."""
-    from chatfb.store import Store
-    from chatfb.training_data import is_heldout, last_user
+    from chatfb.store.db import Store
+    from chatfb.learning.training_data import is_heldout, last_user
 
     with Store(data_dir / "chatfb.duckdb", read_only=True) as s:
         records = s.feedback_records()
@@ -363,8 +363,8 @@ def run_mode(mode: str, families: list[Family], args, server, client, originals:
     if args.epochs is not None:
         env["CHATFB_TRAIN_EPOCHS"] = str(args.epochs)
     accepted, accept_stats = ({}, None)
-    if mode == "accept":  # scored as the app scores revisions (chatfb.judge: locally on a CPU)
-        from chatfb.judge import judge_for
+    if mode == "accept":  # scored as the app scores revisions (chatfb.critique.judge: locally on a CPU)
+        from chatfb.critique.judge import judge_for
 
         accepted, accept_stats = accept_revisions(client, judge_for("auto", client, server.model_dir), families, args.items)
     setup = [["guidelines", "add", f.critique] for f in families] if mode == "guideline_distilled" else []
@@ -394,7 +394,7 @@ def judge(client, model: str, families: list[Family], args, base_control: list[s
               "samples": {fam.name: {"prompt": fam.heldout[0], "reply": held[fam.heldout[0]][:300]} for fam in families},
               "control_replies": ctrl, "retention": None, "control_cosine": None, "leak": None}  # None: not measured
     if base_control:
-        from chatfb.similarity import paired_cosines
+        from chatfb.critique.similarity import paired_cosines
 
         cos = paired_cosines(ctrl, base_control)
         result["retention"] = round(sum(c >= RETENTION_COSINE for c in cos) / len(cos), 3)
@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         modes = [m for m in modes if m in SMOKE_MODES]
     out_dir = args.out_dir or default_out_dir(args.smoke)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="chatfb-efficacy-"))
-    from chatfb.model_client import ModelClient
+    from chatfb.serving.model_client import ModelClient
 
     command = "python -m bench.efficacy_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     results: dict = {"bench": NAME, "machine": machine(), "command": command.strip(),

@@ -45,12 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     families = list(FAMILIES)
     if args.smoke:
         families, args.prompts, args.heldout = families[:1], 1, 1
-    from chatfb.adapters import AdapterRouter
-    from chatfb.chat import ChatService
+    from chatfb.serving.adapters import AdapterRouter
+    from chatfb.app.chat_service import ChatService
     from chatfb.config import load_settings
-    from chatfb.judge import LocalJudge
-    from chatfb.model_client import ModelClient
-    from chatfb.store import Store
+    from chatfb.critique.judge import LocalJudge
+    from chatfb.serving.model_client import ModelClient
+    from chatfb.store.db import Store
 
     results: dict = {"bench": NAME, "machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
                      "families": {}}

@@ -1,7 +1,7 @@
 """Logging benchmark: how long the app's own write path takes with many chats writing at once.
 
-Each writer thread plays one chat session against one real DuckDB file through `chatfb.store.Store`
-(exactly the calls `chatfb.chat.ChatService` makes): per turn the user message with the pending
+Each writer thread plays one chat session against one real DuckDB file through `chatfb.store.db.Store`
+(exactly the calls `chatfb.app.chat_service.ChatService` makes): per turn the user message with the pending
 assistant message (`add_turn`, one transaction) and `finish_message`, then one feedback row on the reply. Writers run with no
 pause between turns (a worst case), then again paced like chats: each writer waits about
 `--pause-s` between turns (a reply takes a second or more to generate here), jittered so the
@@ -11,7 +11,7 @@ writers do not march in step. Afterwards each file is reopened and every acknowl
     python -m bench.logging_bench --smoke    # 5 (and 2 paced) turns per writer, results in bench/results/raw/
     python -m bench.logging_bench --baseline e7c8932   # and the store of that commit, level by level, side by side
 
-With --baseline, each level runs on the baseline's chatfb/store.py (read from git) and on this tree's,
+With --baseline, each level runs on the baseline's chatfb/store/db.py (read from git) and on this tree's,
 one after the other on fresh files (which goes first alternates), and a table gives this tree's p99 over
 the baseline's: the ratio is what to read, the absolute numbers move between machines.
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from bench.report import (add_output_flags, default_out_dir, machine, markdown_table, percentile, publish, pyplot,
                           save_figure, target, targets_table)
-from chatfb.store import Store
+from chatfb.store.db import Store
 
 NAME = "logging_bench"
 TARGET_P99_MS = 10.0
@@ -44,7 +44,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--paced-turns", type=int, default=30, help="chat turns per writer in the paced run (0: skip it)")
     p.add_argument("--pause-s", type=float, default=1.0, help="mean pause between a writer's turns in the paced run")
     p.add_argument("--baseline", metavar="REV", default=None,
-                   help="also run every level on chatfb/store.py as of this git revision, side by side")
+                   help="also run every level on chatfb/store/db.py as of this git revision, side by side")
     add_output_flags(p, smoke_help="tiny run (5 turns per writer) to check the benchmark works")
     return p
 
@@ -87,13 +87,20 @@ class Writer:
 
 
 def baseline_store(rev: str) -> type:
-    """The Store class of chatfb/store.py as of git revision `rev` (its imports resolve to this tree's chatfb)."""
+    """The Store class of chatfb/store/db.py (chatfb/store.py before the package layout) as of git revision
+    `rev`; its imports resolve to this tree's chatfb (a flat-layout store's `chatfb.migrations` is mapped to
+    `chatfb.store.migrations`)."""
     root = Path(__file__).resolve().parents[1]
-    source = subprocess.run(["git", "show", f"{rev}:chatfb/store.py"], cwd=root, capture_output=True, text=True,
-                            check=True).stdout
+    for path in ("chatfb/store/db.py", "chatfb/store.py"):
+        shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    else:
+        raise SystemExit(f"no chatfb store at {rev}: {shown.stderr.strip()}")
+    source = shown.stdout.replace("from chatfb.migrations import", "from chatfb.store.migrations import")
     name = "chatfb_store_at_" + "".join(ch if ch.isalnum() else "_" for ch in rev)
     module = types.ModuleType(name)
-    module.__file__ = f"{rev}:chatfb/store.py"
+    module.__file__ = f"{rev}:{path}"
     sys.modules[name] = module  # dataclasses look their module up
     exec(compile(source, module.__file__, "exec"), module.__dict__)
     return module.Store

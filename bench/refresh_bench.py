@@ -1,8 +1,8 @@
 """Refresh benchmark: how fast a new adapter answers chats, and what a swap costs the chats running meanwhile.
 
 While a steady chat load runs (a few threads sending requests back to back through
-`chatfb.model_client.ModelClient`, routed by an `AdapterRouter` like the app's chats), a new
-adapter version is saved and `chatfb.adapters.AdapterRegistry.activate` hot-loads it. Measured per
+`chatfb.serving.model_client.ModelClient`, routed by an `AdapterRouter` like the app's chats), a new
+adapter version is saved and `chatfb.serving.adapters.AdapterRegistry.activate` hot-loads it. Measured per
 swap: time from "adapter saved" to the first token and the first full reply from it, for a new chat
 that arrives the moment the swap returns (a probe request) and for the load's own chats (which
 first finish the request they have in flight), beside the time to first token of chats under the
@@ -63,7 +63,7 @@ def make_adapter(model_dir: Path, dest: Path, rank: int = 8, seed: int = 0) -> P
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from chatfb.train import TARGET_MODULES
+    from chatfb.learning.train import TARGET_MODULES
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -87,7 +87,7 @@ class ChatLoad:
     sends again (a user pressing Retry), so a dead server is counted, not spun on."""
 
     def __init__(self, url: str, api_key: str | None, router, threads: int, max_tokens: int, retry_s: float = 0.1):
-        from chatfb.model_client import ModelClient
+        from chatfb.serving.model_client import ModelClient
 
         self.client = ModelClient(url, api_key, timeout_s=120.0)
         self.router, self.threads, self.max_tokens, self.retry_s = router, threads, max_tokens, retry_s
@@ -120,7 +120,7 @@ class ChatLoad:
 
     def send(self, prompt: str) -> Request:
         """One chat request routed like the app's; also the probe: a new chat arriving now."""
-        from chatfb.model_client import ModelError, StreamResult
+        from chatfb.serving.model_client import ModelError, StreamResult
 
         model = self.router.acquire()
         result, error = StreamResult(), None
@@ -180,9 +180,9 @@ def ms(t: float | None, since: float) -> float | None:
 
 # -- hot swaps ------------------------------------------------------------------------------------
 def measure_swaps(url: str, api_key: str | None, model_dir: Path, args, workdir: Path) -> dict:
-    from chatfb.adapters import AdapterRegistry, AdapterRouter
-    from chatfb.model_client import ModelClient, ModelError
-    from chatfb.store import Store
+    from chatfb.serving.adapters import AdapterRegistry, AdapterRouter
+    from chatfb.serving.model_client import ModelClient, ModelError
+    from chatfb.store.db import Store
 
     data_dir = workdir / "data"
     template = make_adapter(model_dir, workdir / "adapter-template")
@@ -254,7 +254,7 @@ def measure_swaps(url: str, api_key: str | None, model_dir: Path, args, workdir:
 # -- restart --------------------------------------------------------------------------------------
 def measure_restart(server, api_key: str | None, args) -> dict:
     """Stop the managed vLLM and start a fresh one on the same port while the load runs."""
-    from chatfb.adapters import AdapterRouter
+    from chatfb.serving.adapters import AdapterRouter
 
     load = ChatLoad(server.url, api_key, AdapterRouter(SERVED_NAME), args.load_threads, args.max_tokens).start()
     t_load = time.perf_counter()

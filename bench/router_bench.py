@@ -1,6 +1,6 @@
 """Router benchmark: two vLLM replicas behind vllm-router against one replica directly, side by side.
 
-chatfb's managed replicas (chatfb/managed_replicas.py: two vLLM servers with the LoRA resolver and
+chatfb's managed replicas (chatfb/serving/managed_replicas.py: two vLLM servers with the LoRA resolver and
 vllm-router in front) serve the embedded model; the same streamed requests go (a) through the router
 and (b) straight to replica 0, interleaved round by round (alternating which goes first) so a noisy
 machine hurts both alike. On a CPU the replicas share the cores, so expect no speed-up: the point is
@@ -36,8 +36,8 @@ def make_parser() -> argparse.ArgumentParser:
 def start_pool(model_dir: Path, data_dir: Path):
     """Two managed replicas and the router, on free ports; the caller stops it."""
     from bench.server import free_port
-    from chatfb.managed_replicas import ManagedReplicas
-    from chatfb.vllm_server import PortInUse
+    from chatfb.serving.managed_replicas import ManagedReplicas
+    from chatfb.serving.vllm_server import PortInUse
 
     for _ in range(5):  # the replicas take the two ports after port + 1
         port = free_port()
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None, pool_factory=start_pool) -> dict:
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp:
         model_dir = args.model_dir
         if model_dir is None:
-            from chatfb.model_files import resolve_model
+            from chatfb.serving.model_files import resolve_model
 
             model_dir = resolve_model("embedded", Path(tmp))
         pool = pool_factory(model_dir, Path(tmp) / "data")

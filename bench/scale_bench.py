@@ -12,7 +12,7 @@ so the numbers are about volume, not about what is learnt (that is bench.efficac
 
 (2) DuckDB size: 10,000 chat turns (user message + a ~600-character reply with timing and token
 counts; every tenth turn also gets a rating, every twentieth a critique) written through
-`chatfb.store.Store` into a fresh file, closed (DuckDB checkpoints on close), then measured.
+`chatfb.store.db.Store` into a fresh file, closed (DuckDB checkpoints on close), then measured.
 
     python -m bench.scale_bench                          # starts its own vLLM on the embedded model
     python -m bench.scale_bench --vllm-url http://127.0.0.1:8011 --model-dir data/models/SmolLM2-135M-Instruct
@@ -121,7 +121,7 @@ def run_size(n: int, args, server, work: Path) -> dict:
 
 
 def duckdb_size(turns: int, work: Path) -> dict:
-    from chatfb.store import Store
+    from chatfb.store.db import Store
 
     path = work / "size.duckdb"
     reply = ("Sure. Here is what you can do: open the settings page, pick the section you need and follow the "

@@ -1,7 +1,7 @@
 """The vLLM server a benchmark talks to: one already running (--vllm-url), or a managed one it starts.
 
-A managed server is `chatfb.vllm_server.ManagedVLLM` on a free loopback port, serving the
-embedded model (`chatfb.model_files.resolve_model("embedded", data_dir)`) or --model-dir under
+A managed server is `chatfb.serving.vllm_server.ManagedVLLM` on a free loopback port, serving the
+embedded model (`chatfb.serving.model_files.resolve_model("embedded", data_dir)`) or --model-dir under
 the name chatfb-base, exactly as the app starts it. Its log goes to <data_dir>/logs/vllm-bench.log.
 """
 
@@ -64,7 +64,7 @@ def served_model_root(url: str, api_key: str | None = None) -> Path | None:
 @contextmanager
 def managed_vllm(model_dir: Path, args: argparse.Namespace) -> Iterator[Server]:
     """Start a ManagedVLLM on a free port; `relaunch` starts a fresh one on the same port."""
-    from chatfb.vllm_server import ManagedVLLM
+    from chatfb.serving.vllm_server import ManagedVLLM
 
     port = free_port()
 
@@ -92,7 +92,7 @@ def vllm_server(args: argparse.Namespace) -> Iterator[Server]:
         model_dir = args.model_dir or served_model_root(args.vllm_url, args.api_key)
         yield Server(args.vllm_url.rstrip("/"), model_dir, None, None)
         return
-    from chatfb.model_files import resolve_model
+    from chatfb.serving.model_files import resolve_model
 
     with managed_vllm(args.model_dir or resolve_model("embedded", args.data_dir), args) as server:
         yield server

@@ -1,7 +1,7 @@
 """Serving benchmark: what chatfb's chat path costs on top of vLLM, and what vLLM buys over plain transformers.
 
 Three ways to answer the same fixed prompts (temperature 0), measured in one run:
-  (a) chatfb  - `chatfb.chat.ChatService` with a real Store (temp DuckDB file), a real ModelClient
+  (a) chatfb  - `chatfb.app.chat_service.ChatService` with a real Store (temp DuckDB file), a real ModelClient
                 and an AdapterRouter, consuming the reply stream: the app's own path;
   (b) direct  - the same requests straight to vLLM's /v1/chat/completions, streamed with httpx;
   (c) transformers - `generate` on the same model folder, one stream at a time.
@@ -76,11 +76,11 @@ class Sample:
 
 # -- (a) chatfb's own path ----------------------------------------------------------------------
 def chatfb_service(url: str, api_key: str | None, data_dir: Path, max_tokens: int):
-    from chatfb.adapters import AdapterRouter
-    from chatfb.chat import ChatService
+    from chatfb.serving.adapters import AdapterRouter
+    from chatfb.app.chat_service import ChatService
     from chatfb.config import load_settings
-    from chatfb.model_client import ModelClient
-    from chatfb.store import Store
+    from chatfb.serving.model_client import ModelClient
+    from chatfb.store.db import Store
 
     settings = load_settings({}, data_dir=data_dir, vllm_url=url, served_model_name=SERVED_NAME, max_tokens=max_tokens,
                              temperature=0.0, top_p=1.0, rate_limit_per_minute=10**9, request_timeout_s=600.0)
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"benchmark": NAME, "smoke": args.smoke, "machine": machine(), "max_tokens": args.max_tokens,
                "rounds": args.rounds, "requests_per_worker": args.requests_per_worker}
 
-    from chatfb.vllm_server import serving_dtype
+    from chatfb.serving.vllm_server import serving_dtype
 
     if args.compare_dtype and args.vllm_url:
         raise SystemExit("--compare-dtype starts its own servers: leave out --vllm-url")

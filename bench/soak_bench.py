@@ -3,7 +3,7 @@
 Months of nightly cycles mean hundreds of LoRA loads and unloads on one long-lived vLLM server.
 Some vLLM versions never free an unloaded adapter's slot or memory, so this runs `--rounds`
 nightly-sized rounds back to back against ONE server, through chatfb's own path
-(`chatfb.adapters.AdapterRegistry` with a real `Store`), while `--chat-threads` chats send
+(`chatfb.serving.adapters.AdapterRegistry` with a real `Store`), while `--chat-threads` chats send
 requests back to back through the registry's router, as the app's chats do. One round:
 
     load      a new version (a copy of a small random LoRA under a new name) beside the live one
@@ -107,9 +107,9 @@ class RSSSampler:
 
 # -- the rounds -----------------------------------------------------------------------------------
 def soak(url: str, pid: int, api_key: str | None, model_dir: Path, args, workdir: Path) -> dict:
-    from chatfb.adapters import AdapterRegistry, AdapterRouter
-    from chatfb.model_client import ModelClient, ModelError
-    from chatfb.store import Store
+    from chatfb.serving.adapters import AdapterRegistry, AdapterRouter
+    from chatfb.serving.model_client import ModelClient, ModelError
+    from chatfb.store.db import Store
 
     data_dir = workdir / "data"
     (data_dir / "adapters").mkdir(parents=True)

@@ -1,7 +1,7 @@
 """`python -m chatfb COMMAND`: serve, import-feedback, export, nightly, adapters, push-adapter, delete-user, settings.
 
 Every command that touches data works whether or not the app is running: with the app up it is
-carried out by the app (see chatfb.control), otherwise on the DuckDB file directly.
+carried out by the app (see chatfb.app.control), otherwise on the DuckDB file directly.
 """
 
 from __future__ import annotations
@@ -102,27 +102,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message tells the user what to do: printed without a trace."""
-    from chatfb.adapters import AdapterError
+    from chatfb.serving.adapters import AdapterError
     from chatfb.config import SettingsError
-    from chatfb.control import ControlError
-    from chatfb.feedback_io import BadImportFile
-    from chatfb.gate import GateError
-    from chatfb.hub import HubError
-    from chatfb.store import StoreError
+    from chatfb.app.control import ControlError
+    from chatfb.learning.exports import BadImportFile
+    from chatfb.learning.gate import GateError
+    from chatfb.learning.hub import HubError
+    from chatfb.store.records import StoreError
 
     return CommandError, SettingsError, BadImportFile, AdapterError, ControlError, GateError, HubError, StoreError
 
 
 def cmd_serve(settings, args) -> int:
-    from chatfb.app_main import serve
+    from chatfb.serve import serve
 
     serve(settings)
     return 0
 
 
 def cmd_import(settings, args) -> int:
-    from chatfb.control import open_backend
-    from chatfb.feedback_io import parse_jsonl
+    from chatfb.app.control import open_backend
+    from chatfb.learning.exports import parse_jsonl
 
     records = parse_jsonl(args.file, settings.max_feedback_chars)  # raises with every bad line named
     backend = open_backend(settings.data_dir, base_model(settings))
@@ -138,8 +138,8 @@ def cmd_import(settings, args) -> int:
 def snapshot_records(settings):
     """(feedback records, dismissed revisions by message id) read from a fresh, consistent snapshot
     (the app writes it when running)."""
-    from chatfb.control import open_backend
-    from chatfb.store import Store
+    from chatfb.app.control import open_backend
+    from chatfb.store.db import Store
 
     backend = open_backend(settings.data_dir, base_model(settings))
     try:
@@ -151,8 +151,8 @@ def snapshot_records(settings):
 
 
 def cmd_export(settings, args) -> int:
-    from chatfb.feedback_io import export
-    from chatfb.hub import dataset_files
+    from chatfb.learning.exports import export
+    from chatfb.learning.hub import dataset_files
 
     if (args.format is None) != (args.out is None) or not (args.format or args.push_to_hub):
         raise CommandError("export needs --format and --out, or --push-to-hub REPO (or all three)")
@@ -168,7 +168,7 @@ def cmd_export(settings, args) -> int:
 
 def push_built(settings, repo: str, repo_type: str, private: bool, build) -> None:
     """Build the files into a temp folder under the data dir with `build(folder)`, then upload it."""
-    from chatfb.hub import push_folder
+    from chatfb.learning.hub import push_folder
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hub-", dir=settings.data_dir) as folder:
@@ -188,8 +188,8 @@ def cmd_nightly(settings, args) -> int:
     stderr meanwhile), or this process. The cycle's summary (JSON) goes to stdout."""
     import json
 
-    from chatfb.control import RemoteBackend, open_backend
-    from chatfb.cycle import run_cycle
+    from chatfb.app.control import RemoteBackend, open_backend
+    from chatfb.learning.cycle import run_cycle
 
     backend = open_backend(settings.data_dir, base_model(settings))
     try:
@@ -207,7 +207,7 @@ def cycle_in_app(backend, settings, promote: bool) -> dict:
     """Start a cycle in the running app with these settings, copy its log to stderr until it finishes,
     and return its summary."""
     from chatfb.config import settings_to_json
-    from chatfb.wait import wait_until
+    from chatfb.serving.wait import wait_until
 
     number = backend.start_cycle(settings_to_json(settings), promote)
     log_path, copied = settings.layout.nightly_log, 0
@@ -235,8 +235,8 @@ def _or_dash(value) -> str:
 
 
 def cmd_adapters(settings, args) -> int:
-    from chatfb.control import open_backend
-    from chatfb.gate import GateReport
+    from chatfb.app.control import open_backend
+    from chatfb.learning.gate import GateReport
 
     backend = open_backend(settings.data_dir, base_model(settings))
     try:
@@ -259,10 +259,10 @@ def cmd_adapters(settings, args) -> int:
 
 
 def cmd_push_adapter(settings, args) -> int:
-    from chatfb.adapters import confined_path
-    from chatfb.control import open_backend
-    from chatfb.hub import adapter_files
-    from chatfb.model_files import EMBEDDED_HUB_ID
+    from chatfb.serving.adapters import confined_path
+    from chatfb.app.control import open_backend
+    from chatfb.learning.hub import adapter_files
+    from chatfb.serving.model_files import EMBEDDED_HUB_ID
 
     backend = open_backend(settings.data_dir, base_model(settings))
     try:
@@ -278,7 +278,7 @@ def cmd_push_adapter(settings, args) -> int:
 
 
 def cmd_delete_user(settings, args) -> int:
-    from chatfb.control import open_backend
+    from chatfb.app.control import open_backend
 
     backend = open_backend(settings.data_dir, base_model(settings))
     try:
@@ -292,7 +292,7 @@ def cmd_delete_user(settings, args) -> int:
 def cmd_guidelines(settings, args) -> int:
     """Guidelines for everyone: `add` makes an approved one at once (the operator is the admin);
     `approve` approves a user's suggestion; `retire` takes any guideline out of the prompts."""
-    from chatfb.control import open_backend
+    from chatfb.app.control import open_backend
 
     if args.action != "list" and not (args.value or "").strip():
         raise CommandError(f"guidelines {args.action} needs " + ("TEXT" if args.action == "add" else "an ID"))

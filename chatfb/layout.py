@@ -1,8 +1,8 @@
 """The data folder's layout, in one place: every file and folder chatfb keeps under CHATFB_DATA_DIR.
 
     chatfb.duckdb            the store (one writer: the app, or the CLI when no app runs)
-    run/control.json         the running app's control API address and token (chatfb.control)
-    run/browser-state.secret key for the browser's stored session key (chatfb.ui)
+    run/control.json         the running app's control API address and token (chatfb.app.control)
+    run/browser-state.secret key for the browser's stored session key (chatfb.ui.chat_tab)
     snapshots/latest.duckdb  the copy CLI readers (export) get while the app owns the store
     adapters/<name>/         trained LoRA adapters (<name>.partial while training)
     work/<name>/             one learning cycle's job: settings, snapshot, training files, result

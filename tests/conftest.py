@@ -10,8 +10,8 @@ import os
 import pytest
 
 from chatfb.config import load_settings
-from chatfb.model_client import ModelClient, ModelError
-from chatfb.store import Store
+from chatfb.serving.model_client import ModelClient, ModelError
+from chatfb.store.db import Store
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +90,7 @@ class FakeModelClient:
     def completion_logprobs(self, messages, completion, model):
         """Canned judge: a reply is likelier with the critique in the prompt when it contains one of
         `self.follows` (words the critique asked for); otherwise the critique changes nothing."""
-        from chatfb.candidates import INSTRUCTION
+        from chatfb.critique.candidates import INSTRUCTION
 
         marker = INSTRUCTION.split("{question}")[1].split("{critique}")[0].strip(' \n"')
         instructed = marker in messages[-1]["content"]

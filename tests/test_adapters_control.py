@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from chatfb.adapters import AdapterError, AdapterRegistry, AdapterRouter, confined_path, next_adapter_name
+from chatfb.serving.adapters import AdapterError, AdapterRegistry, AdapterRouter, confined_path, next_adapter_name
 from chatfb.cli import main as cli
-from chatfb.control import ControlServer, LocalBackend, RemoteBackend, open_backend, running_app
+from chatfb.app.control import ControlServer, LocalBackend, RemoteBackend, open_backend, running_app
 
 
 def make_adapter(store, data_dir, name, status="candidate"):
@@ -115,7 +115,7 @@ def test_cli_goes_through_the_running_app(store, settings, tmp_path, capsys, mon
 
 
 def test_cli_delete_user_without_the_app(settings, capsys, monkeypatch):
-    from chatfb.store import Store
+    from chatfb.store.db import Store
 
     with Store(settings.db_path) as s:
         for user in ("ann", "bob"):
@@ -136,8 +136,8 @@ def test_cli_promote_without_the_app_checks_the_base_model_on_disk(settings, cap
     model's folder is on disk (here the converted embedded model's place in the data folder)."""
     from test_hostile_input import lora_folder
 
-    from chatfb.model_files import EMBEDDED_DIR_NAME
-    from chatfb.store import Store
+    from chatfb.serving.model_files import EMBEDDED_DIR_NAME
+    from chatfb.store.db import Store
 
     base = settings.data_dir / "models" / EMBEDDED_DIR_NAME
     base.mkdir(parents=True)
@@ -158,7 +158,7 @@ def test_cli_promote_without_the_app_checks_the_base_model_on_disk(settings, cap
 
 @pytest.mark.parametrize("with_app", [True, False])
 def test_cli_guidelines_with_and_without_the_app(settings, capsys, monkeypatch, with_app):
-    from chatfb.store import Store
+    from chatfb.store.db import Store
 
     monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
     store = Store(settings.db_path)

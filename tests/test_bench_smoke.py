@@ -35,7 +35,7 @@ def test_logging_bench_smoke_writes_results_and_loses_no_row(tmp_path):
 def test_efficacy_report_never_prints_an_unmeasured_number(fake_client, monkeypatch, tmp_path):
     """The base row and a mode whose cycle trained nothing have no retention, control cosine or leak to
     report (there is nothing to compare the base answers with): n/a in the table, null in the JSON."""
-    import chatfb.similarity
+    import chatfb.critique.similarity
     from bench import efficacy_bench as eb
 
     families = list(eb.FAMILIES[:2])
@@ -43,7 +43,7 @@ def test_efficacy_report_never_prints_an_unmeasured_number(fake_client, monkeypa
     base = eb.judge(fake_client, "chatfb-base", families, args, [])
     base_control = base.pop("control_replies")
     assert (base["retention"], base["control_cosine"], base["leak"]) == (None, None, None)
-    monkeypatch.setattr(chatfb.similarity, "paired_cosines", lambda a, b: [0.9, 0.3])
+    monkeypatch.setattr(chatfb.critique.similarity, "paired_cosines", lambda a, b: [0.9, 0.3])
     trained = eb.judge(fake_client, "adapter", families, args, base_control)
     assert (trained["retention"], trained["control_cosine"], trained["leak"]) == (0.5, 0.6, 0)  # measured
     trained.pop("control_replies")

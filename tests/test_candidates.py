@@ -10,9 +10,9 @@ import logging
 import httpx
 import pytest
 
-from chatfb.candidates import (Candidate, best, generate, hard_verdict, instruction_messages, literal_facts, score, select,
+from chatfb.critique.candidates import (Candidate, best, generate, hard_verdict, instruction_messages, literal_facts, score, select,
                                select_rounds)
-from chatfb.model_client import ModelClient, ModelError, StreamResult
+from chatfb.serving.model_client import ModelClient, ModelError, StreamResult
 
 # The efficacy benchmark's critiques (bench/efficacy_bench.py FAMILIES).
 EMAIL = "Wrong: you must tell people to email our support team at support@chatfb.example. Always give that address."
@@ -207,7 +207,7 @@ def test_a_malformed_chunk_is_a_bad_response_and_is_logged(caplog):
     client = client_for(handler)
     result = StreamResult()
     got = []
-    with caplog.at_level(logging.WARNING, logger="chatfb.model_client"), pytest.raises(ModelError) as e:
+    with caplog.at_level(logging.WARNING, logger="chatfb.serving.model_client"), pytest.raises(ModelError) as e:
         for delta in client.stream_chat([{"role": "user", "content": "hi"}], "m", result=result):
             got.append(delta)
     assert got == ["Hel"] and result.text == "Hel"

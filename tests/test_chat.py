@@ -1,8 +1,8 @@
 import pytest
 
-from chatfb.adapters import AdapterRouter
-from chatfb.chat import ChatInputError, ChatService
-from chatfb.model_client import ModelError
+from chatfb.serving.adapters import AdapterRouter
+from chatfb.app.chat_service import ChatInputError, ChatService
+from chatfb.serving.model_client import ModelError
 
 
 @pytest.fixture

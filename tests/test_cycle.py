@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from chatfb import gate, similarity
-from chatfb.adapters import AdapterRegistry, AdapterRouter
+from chatfb.learning import gate
+from chatfb.critique import similarity
+from chatfb.serving.adapters import AdapterRegistry, AdapterRouter
 from chatfb.cli import main as cli
 
 
@@ -21,7 +22,7 @@ def make_adapter(store, data_dir, name, status="candidate"):
 
 
 def test_compare_unloads_the_previous_adapter_it_loaded(store, settings, fake_client):
-    from chatfb.admin_view import compare_replies
+    from chatfb.ui.admin_tab import compare_replies
 
     registry = AdapterRegistry(store, [fake_client], AdapterRouter("chatfb-base"), settings.data_dir)
     for name in ("chatfb-v0001", "chatfb-v0002"):
@@ -62,7 +63,8 @@ def test_the_nightly_cycle_applies_retention(settings, monkeypatch, capsys):
     """CHATFB_RETENTION_DAYS applies 'at startup and nightly': a cycle run with no app deletes old conversations."""
     from datetime import timedelta
 
-    from chatfb.store import Store, utcnow
+    from chatfb.store.db import Store
+    from chatfb.store.records import utcnow
 
     with Store(settings.db_path) as s:
         s.add_message(s.create_conversation("s-old", "ann"), "user", "an old question")
@@ -78,7 +80,7 @@ def test_the_nightly_cycle_applies_retention(settings, monkeypatch, capsys):
 
 @pytest.mark.parametrize("status", ["failed", "training"])
 def test_the_cli_refuses_to_promote_a_failed_or_unfinished_adapter_without_the_app(settings, monkeypatch, capsys, status):
-    from chatfb.store import Store
+    from chatfb.store.db import Store
 
     with Store(settings.db_path) as s:
         make_adapter(s, settings.data_dir, "chatfb-v0001", status=status)
@@ -94,8 +96,8 @@ def test_a_cycle_the_app_starts_computes_with_the_whole_settings(settings, monke
     import socket
     import sys
 
-    from chatfb.cycle import read_job
-    from chatfb.runtime import Runtime
+    from chatfb.learning.cycle import read_job
+    from chatfb.app.runtime import Runtime
 
     with socket.socket() as s:  # a model server that is down: nothing here talks to it
         s.bind(("127.0.0.1", 0))
@@ -123,7 +125,7 @@ def test_a_cycle_the_app_starts_computes_with_the_whole_settings(settings, monke
 
 
 def outcome_in(settings, name, status, **kw):
-    from chatfb.cycle import CycleOutcome, write_outcome
+    from chatfb.learning.cycle import CycleOutcome, write_outcome
 
     work = settings.layout.work(name)
     work.mkdir(parents=True)
@@ -133,7 +135,7 @@ def outcome_in(settings, name, status, **kw):
 
 
 def test_the_owner_records_the_childs_result_and_promotes_through_its_registry(store, settings, fake_client):
-    from chatfb.cycle import CycleJob, finish
+    from chatfb.learning.cycle import CycleJob, finish
 
     registry = AdapterRegistry(store, [fake_client], AdapterRouter("chatfb-base"), settings.data_dir)
     make_adapter(store, settings.data_dir, "chatfb-v0001")  # files of the trained candidate...
@@ -158,8 +160,8 @@ def test_the_child_computes_from_its_job_folder_alone(store, settings, fake_clie
     job folder, writes the adapter and result.json, and the owner records and promotes."""
     import json
 
-    from chatfb import nightly
-    from chatfb.cycle import finish, prepare, read_outcome
+    from chatfb.learning import worker as nightly
+    from chatfb.learning.cycle import finish, prepare, read_outcome
 
     settings = settings.with_(scorer="server", train_mode="supervised", replay_examples=0, holdout_fraction=0.5)
     for i in range(24):  # feedback ids are random: half held out, by their hash
@@ -199,7 +201,7 @@ def test_the_child_computes_from_its_job_folder_alone(store, settings, fake_clie
 def test_cli_nightly_runs_the_cycle_in_the_running_app_with_the_clis_settings(store, settings, monkeypatch, capsys):
     import json
 
-    from chatfb.control import ControlServer, LocalBackend
+    from chatfb.app.control import ControlServer, LocalBackend
 
     class AppCycles:  # the Runtime's side: start_training + cycle_status
         def __init__(self):
@@ -237,7 +239,7 @@ def test_a_cycle_behind_a_router_generates_and_gates_on_one_replica():
     """A candidate loaded through vllm-router reaches one replica while requests naming it go round-robin:
     the child works on the first replica's own URL; promotion then rolls out to all of them."""
     from chatfb.config import load_settings
-    from chatfb.cycle import server_for_the_cycle
+    from chatfb.learning.cycle import server_for_the_cycle
 
     routed = load_settings({"CHATFB_VLLM_URL": "http://router:8000", "CHATFB_VLLM_REPLICA_URLS": "http://a:1, http://b:2"})
     assert server_for_the_cycle(routed) == "http://a:1"

@@ -3,7 +3,7 @@ import json
 import pytest
 from datasets import load_dataset
 
-from chatfb.feedback_io import BadImportFile, export, parse_jsonl
+from chatfb.learning.exports import BadImportFile, export, parse_jsonl
 
 
 def write(tmp_path, lines):
@@ -68,7 +68,7 @@ def test_exports_load_with_datasets(tmp_path, store):
 
 
 def test_interrupted_export_keeps_the_previous_file(tmp_path, monkeypatch):
-    from chatfb import feedback_io
+    from chatfb.learning import exports as feedback_io
 
     path = feedback_io.write_rows([{"a": 1}], tmp_path / "sft.jsonl")
     calls = {"n": 0}

@@ -4,20 +4,20 @@ from dataclasses import dataclass, field
 
 import pytest
 
-import chatfb
-from chatfb import gate
-from chatfb import training_data as td
+
+from chatfb.learning import gate
+from chatfb.learning import training_data as td
 from chatfb.config import load_settings
-from chatfb.model_client import ModelError
-from chatfb.gate import evaluate
-from chatfb.nightly import candidate_rows, select_all
-from chatfb.refine import best_refinement, refine, score_refinements
-from chatfb.store import FeedbackRecord
+from chatfb.serving.model_client import ModelError
+from chatfb.learning.gate import evaluate
+from chatfb.learning.worker import candidate_rows, select_all
+from chatfb.critique.ilf import best_refinement, refine, score_refinements
+from chatfb.store.records import FeedbackRecord
 
 
 @pytest.fixture
 def fake_candidates(monkeypatch):
-    """chatfb.candidates with the contract's API, scripted: select() answers from `answers` (prompt's question ->
+    """chatfb.critique.candidates with the contract's API, scripted: select() answers from `answers` (prompt's question ->
     [(text, verdict)] or a ModelError), best first; every call is remembered."""
 
     @dataclass
@@ -32,7 +32,7 @@ def fake_candidates(monkeypatch):
         def ok(self):
             return self.verdict == "ok"
 
-    mod = types.ModuleType("chatfb.candidates")
+    mod = types.ModuleType("chatfb.critique.candidates")
     mod.Candidate, mod.answers, mod.calls = Candidate, {}, []
 
     def generate(client, model, prompt, critique, n=4, max_tokens=256, temperature=0.8):
@@ -63,8 +63,9 @@ def fake_candidates(monkeypatch):
         return sorted(out, key=lambda c: not c.ok)
 
     mod.select_rounds = select_rounds
-    monkeypatch.setitem(sys.modules, "chatfb.candidates", mod)
-    monkeypatch.setattr(chatfb, "candidates", mod, raising=False)
+    monkeypatch.setitem(sys.modules, "chatfb.critique.candidates", mod)
+    import chatfb.critique
+    monkeypatch.setattr(chatfb.critique, "candidates", mod, raising=False)
     return mod
 
 
@@ -228,9 +229,9 @@ def test_select_all_keeps_the_best_passing_candidate_and_records_every_one(fake_
 
 
 def test_recorded_candidates_reach_the_store_through_the_cycles_owner(store, settings, fake_client):
-    """The child hands its candidates back in the result file; the owner records them (chatfb.cycle.finish)."""
-    from chatfb.adapters import AdapterRegistry, AdapterRouter
-    from chatfb.cycle import CycleJob, CycleOutcome, finish, write_outcome
+    """The child hands its candidates back in the result file; the owner records them (chatfb.learning.cycle.finish)."""
+    from chatfb.serving.adapters import AdapterRegistry, AdapterRouter
+    from chatfb.learning.cycle import CycleJob, CycleOutcome, finish, write_outcome
 
     rows = [{"feedback_id": "c1", "message_id": None, "origin": "nightly", "text": "Email us.", "score": 1.5,
              "verdict": "ok", "status": "kept", "cycle": "chatfb-v0001", "details": {"critique": RULE, "prompt": "Hi"}}]
@@ -246,7 +247,7 @@ def test_recorded_candidates_reach_the_store_through_the_cycles_owner(store, set
     # ... and the admin tab's audit table shows them
     from types import SimpleNamespace
 
-    from chatfb.admin_view import candidates_frame
+    from chatfb.ui.admin_tab import candidates_frame
 
     frame = candidates_frame(SimpleNamespace(store=store))
     assert frame.to_dict("records") == [{"cycle": "chatfb-v0001", "critique": RULE, "prompt": "Hi", "candidate": "Email us.",

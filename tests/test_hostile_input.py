@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from chatfb import guidelines
-from chatfb.adapters import AdapterError, AdapterRegistry, AdapterRouter
-from chatfb.candidates import instruction_messages
-from chatfb.chat import ChatInputError, ChatService
-from chatfb.feedback_io import BadImportFile, export, parse_jsonl
-from chatfb.store import Store, StoreError
-from chatfb.ui import render
+from chatfb.critique import guidelines
+from chatfb.serving.adapters import AdapterError, AdapterRegistry, AdapterRouter
+from chatfb.critique.candidates import instruction_messages
+from chatfb.app.chat_service import ChatInputError, ChatService
+from chatfb.learning.exports import BadImportFile, export, parse_jsonl
+from chatfb.store.db import Store
+from chatfb.store.records import StoreError
+from chatfb.ui.chat_tab import render
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,8 +165,8 @@ def test_a_100k_line_import_is_one_transaction_in_seconds_with_bounded_memory(tm
     path = write_import(tmp_path / "big.jsonl", 100_000)
     code = textwrap.dedent(f"""
         import json, resource, sys, time
-        from chatfb.feedback_io import parse_jsonl
-        from chatfb.store import Store
+        from chatfb.learning.exports import parse_jsonl
+        from chatfb.store.db import Store
         store = Store({str(tmp_path / 'c.duckdb')!r})
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()
@@ -244,7 +245,7 @@ def test_export_on_a_full_disk_leaves_the_previous_file_whole(tmp_path):
     out = tmp_path / "exports"
     code = textwrap.dedent(f"""
         import resource, signal, sys
-        from chatfb.feedback_io import write_rows
+        from chatfb.learning.exports import write_rows
         write_rows([{{"a": 1}}], {str(out / 'sft.jsonl')!r})
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG, like ENOSPC, instead of being killed
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
@@ -262,7 +263,7 @@ def test_export_on_a_full_disk_leaves_the_previous_file_whole(tmp_path):
 
 
 def test_the_admin_export_never_takes_a_path(settings, store):
-    from chatfb.admin_view import export_all
+    from chatfb.ui.admin_tab import export_all
 
     class Rt:
         pass

@@ -9,9 +9,9 @@ import yaml
 from datasets import load_dataset
 
 from chatfb.cli import main as cli
-from chatfb.feedback_io import parse_record
-from chatfb.hub import CONSENT_NOTE, HubError, adapter_files, dataset_files, push_folder
-from chatfb.store import Store
+from chatfb.learning.exports import parse_record
+from chatfb.learning.hub import CONSENT_NOTE, HubError, adapter_files, dataset_files, push_folder
+from chatfb.store.db import Store
 
 FEEDBACK = [
     {"prompt": "I'm ann@example.org, how do I reset my password?", "reply": "Click reset.", "kind": "correction",

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from chatfb.adapters import AdapterRouter
-from chatfb.chat import NO_GOOD_REVISION, REVISION_FAILED, ChatInputError, ChatService
-from chatfb.feedback_io import export_rows
-from chatfb.guidelines import PREAMBLE, apply, looks_like_rule, quote
-from chatfb.model_client import ModelError
+from chatfb.serving.adapters import AdapterRouter
+from chatfb.app.chat_service import NO_GOOD_REVISION, REVISION_FAILED, ChatInputError, ChatService
+from chatfb.learning.exports import export_rows
+from chatfb.critique.guidelines import PREAMBLE, apply, looks_like_rule, quote
+from chatfb.serving.model_client import ModelError
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from chatfb.config import load_settings
-from chatfb.managed_replicas import ManagedReplicas
-from chatfb.process_group import _group_alive
+from chatfb.serving.managed_replicas import ManagedReplicas
+from chatfb.serving.process_group import _group_alive
 from tests.test_vllm_server import FAKE, free_port
 
 

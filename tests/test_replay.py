@@ -5,8 +5,8 @@ from http.server import ThreadingHTTPServer
 
 import pytest
 
-from chatfb.model_client import ModelClient
-from chatfb.nightly import REPLAY_PROMPTS, replay_examples
+from chatfb.serving.model_client import ModelClient
+from chatfb.learning.worker import REPLAY_PROMPTS, replay_examples
 from tests.fake_openai import Handler
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from chatfb.adapters import AdapterError, AdapterRegistry, AdapterRouter
-from chatfb.replicas import ReplicaSet, publish_adapter, resolver_env
+from chatfb.serving.adapters import AdapterError, AdapterRegistry, AdapterRouter
+from chatfb.serving.replicas import ReplicaSet, publish_adapter, resolver_env
 from tests.fake_openai import start_replica
 
 ROOT = "/models/SmolLM2"
@@ -135,7 +135,7 @@ def test_a_down_replica_is_shown_down(store, settings, replicas, tmp_path):
 def test_admin_view_lists_each_replica_and_the_version_it_serves(store, settings, replicas, tmp_path):
     from types import SimpleNamespace
 
-    from chatfb.admin_view import replicas_frame
+    from chatfb.ui.admin_tab import replicas_frame
 
     shared = tmp_path / "shared"
     (url1, _), (url2, r2) = replicas(lora_dir=shared), replicas(lora_dir=shared)

@@ -5,7 +5,7 @@ import json
 import sys
 
 from bench import router_bench
-from chatfb.managed_replicas import ManagedReplicas
+from chatfb.serving.managed_replicas import ManagedReplicas
 from tests.test_vllm_server import FAKE, free_port
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from chatfb.runtime import Runtime
-from chatfb.vllm_server import ManagedVLLM
+from chatfb.app.runtime import Runtime
+from chatfb.serving.vllm_server import ManagedVLLM
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,9 +97,9 @@ def test_close_ends_a_running_learning_cycle_and_its_trainer(settings, mark):
 APP = """
 import os, sys, time
 from pathlib import Path
-from chatfb.app_main import install_shutdown_handlers
+from chatfb.serve import install_shutdown_handlers
 from chatfb.config import load_settings
-from chatfb.runtime import Runtime
+from chatfb.app.runtime import Runtime
 rt = Runtime.start(load_settings({}, data_dir=Path(sys.argv[1]), vllm_url="http://127.0.0.1:1"))
 rt.training_command = lambda work: [sys.executable, "-c", sys.argv[2], os.environ["TREE_MARK"]]
 cid = rt.store.create_conversation("s1", "ann")

@@ -14,7 +14,7 @@ SCRIPT = r"""
 import json, logging, sys
 from concurrent.futures import ThreadPoolExecutor
 logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
-from chatfb.similarity import cosines
+from chatfb.critique.similarity import cosines
 
 texts = ["An automobile broke down.", "Bananas are yellow.", "The car would not start."]
 with ThreadPoolExecutor(8) as pool:

@@ -7,8 +7,9 @@ import sys
 import duckdb
 import pytest
 
-from chatfb.migrations import MIGRATIONS
-from chatfb.store import Store, StoreError, utcnow
+from chatfb.store.migrations import MIGRATIONS
+from chatfb.store.db import Store
+from chatfb.store.records import StoreError, utcnow
 
 
 def test_migrations_run_once_and_are_recorded(settings):
@@ -119,7 +120,7 @@ def test_feedback_records_carry_prompt_and_reply(store):
 def test_second_process_is_locked_out_and_snapshot_is_readable(store, tmp_path):
     cid = store.create_conversation("s1")
     store.add_message(cid, "user", "hello")
-    code = ("from chatfb.store import Store, StoreLocked\n"
+    code = ("from chatfb.store.db import Store, StoreLocked\n"
             f"try:\n    Store({str(store.path)!r})\nexcept StoreLocked as e:\n    print('LOCKED', e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "LOCKED" in out.stdout and "app running" in out.stdout
@@ -133,7 +134,7 @@ def test_snapshot_failure_keeps_previous_snapshot(store, tmp_path, monkeypatch):
     dest = tmp_path / "snap.duckdb"
     store.snapshot(dest)
     before = dest.read_bytes()
-    import chatfb.store as st
+    import chatfb.store.db as st
 
     monkeypatch.setattr(st.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(OSError):
@@ -211,7 +212,7 @@ def test_concurrent_writers_group_commit_keeps_every_row_exact(settings):
 def test_batch_runs_same_shaped_writes_together_and_keeps_each_write_in_order():
     """One executemany per shape: single-statement writes of one shape together; independent writes
     of several statements statement by statement across their shape; any other write alone, in order."""
-    from chatfb.store import _Write, _batch_statements
+    from chatfb.store.db import _Write, _batch_statements
 
     ins, upd, other = "INSERT INTO t VALUES (?, ?)", "UPDATE t SET v = ? WHERE id = ?", "INSERT INTO u VALUES (?)"
     live = [("UPDATE a SET s = 'retired' WHERE s = 'live'", ()), ("UPDATE a SET s = 'live' WHERE n = ?", ("x",))]

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 from gradio_client import Client
 
-from chatfb.admin_view import WRONG_PASSWORD, unlock_admin
-from chatfb.runtime import Runtime
-from chatfb.throttle import GuessThrottle
-from chatfb.ui import build_ui
+from chatfb.ui.admin_tab import WRONG_PASSWORD, unlock_admin
+from chatfb.app.runtime import Runtime
+from chatfb.ui.throttle import GuessThrottle
+from chatfb.ui.chat_tab import build_ui
 
 
 class FakeClock:
@@ -72,7 +72,7 @@ def test_unlock_does_not_even_check_the_password_while_throttled_and_never_logs_
     clock = FakeClock()
     rt = SimpleNamespace(settings=settings.with_(admin_password="s3cret"))
     t = GuessThrottle(free_per_client=2, clock=clock)
-    caplog.set_level(logging.INFO, logger="chatfb.admin_view")
+    caplog.set_level(logging.INFO, logger="chatfb.ui.admin_tab")
     assert unlock_admin(rt, t, "guess-1", None, "1.2.3.4") == (False, WRONG_PASSWORD)
     assert unlock_admin(rt, t, "guess-2", None, "1.2.3.4") == (False, WRONG_PASSWORD)
     ok, msg = unlock_admin(rt, t, "s3cret", None, "1.2.3.4")  # the right one, too soon

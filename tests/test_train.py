@@ -1,4 +1,4 @@
-"""The trainer's command line (TRL's parser) and its progress lines, and chatfb.train on a tiny random
+"""The trainer's command line (TRL's parser) and its progress lines, and chatfb.learning.train on a tiny random
 Llama built here (no download): a few LoRA steps must change the adapter's weights and leave the base
 model's untouched (the check huggingface/trl's tests make)."""
 
@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from chatfb import nightly, train
-from chatfb.admin_view import training_progress, training_step
+from chatfb.learning import worker as nightly, train
+from chatfb.ui.admin_tab import training_progress, training_step
 from chatfb.config import Settings
-from chatfb.train import make_parser, progress_callback
+from chatfb.learning.train import make_parser, progress_callback
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_the_nightly_command_parses_to_its_settings(parser, monkeypatch, tmp_pat
     monkeypatch.setattr(nightly.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
     s = Settings(lora_rank=4, train_epochs=2.5, learning_rate=0.002, seed=7, train_max_steps=9)
     nightly.train_adapter(s, Path("/models/base"), tmp_path / "work", tmp_path / "adapters" / "v1", dpo=True)
-    assert calls[0][1:3] == ["-m", "chatfb.train"]
+    assert calls[0][1:3] == ["-m", "chatfb.learning.train"]
     recipe, args = parser.parse_args_and_config(calls[0][3:])
     assert (recipe.data, recipe.base, args.output_dir) == (str(tmp_path / "work"), "/models/base",
                                                            str(tmp_path / "adapters" / "v1"))
@@ -57,7 +57,7 @@ def test_progress_is_one_json_object_per_step_and_the_admin_view_reads_it(capsys
 
     log = tmp_path / "nightly.log"
     log.write_text("\n".join([
-        "2026-12-03 INFO chatfb.nightly training: python -m chatfb.train ...",
+        "2026-12-03 INFO chatfb.learning.worker training: python -m chatfb.learning.train ...",
         '{"phase": "sft", "step": 2, "total": 12, "loss": 1.5, "eta_s": 9}',  # an older step
         printed[0],
         '{"phase": "sft", "step": "x"}',  # not a progress line
@@ -102,7 +102,7 @@ def digest(folder):
 
 
 def run_trainer(argv):
-    """The trainer's Python entry point, fed flags as the nightly cycle passes them (chatfb.nightly.train_adapter)."""
+    """The trainer's Python entry point, fed flags as the nightly cycle passes them (chatfb.learning.worker.train_adapter)."""
     return train.main(*train.make_parser().parse_args_and_config(argv))
 
 

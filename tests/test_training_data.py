@@ -1,7 +1,7 @@
 from datetime import datetime
 
-from chatfb import training_data as td
-from chatfb.store import FeedbackRecord
+from chatfb.learning import training_data as td
+from chatfb.store.records import FeedbackRecord
 
 P = [{"role": "user", "content": "How do I reach support? I'm ann@example.org"}]
 
@@ -59,7 +59,7 @@ def test_corrected_reply_is_not_also_refined_or_praised():
 
 
 def test_step_cap_only_caps():
-    from chatfb.train import step_cap
+    from chatfb.learning.train import step_cap
 
     assert step_cap(20, 1.0, 4, 120) == -1  # 5 steps: the epochs decide
     assert step_cap(1000, 3.0, 4, 120) == 120  # 750 steps: capped
@@ -71,7 +71,7 @@ def test_step_cap_only_caps():
 def test_eval_sample_is_bounded_and_stable():
     from types import SimpleNamespace
 
-    from chatfb.gate import eval_sample
+    from chatfb.learning.gate import eval_sample
 
     heldout = [SimpleNamespace(feedback_id=f"f{i}") for i in range(100)]
     a, b = eval_sample(heldout, 10, 7), eval_sample(list(reversed(heldout)), 10, 7)

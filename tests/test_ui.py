@@ -6,9 +6,9 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from chatfb.runtime import Runtime
-from chatfb.admin_view import check_admin
-from chatfb.ui import build_ui, inert, render
+from chatfb.app.runtime import Runtime
+from chatfb.ui.admin_tab import check_admin
+from chatfb.ui.chat_tab import build_ui, inert, render
 
 
 def free_port():
@@ -103,7 +103,7 @@ def test_model_down_gives_a_clear_error_and_a_failed_turn(ui):
 
 
 def test_admin_views_show_versions_topics_and_feedback(settings):
-    from chatfb.admin_view import adapters_frame, feedback_frame, metrics_frame, topics_frame
+    from chatfb.ui.admin_tab import adapters_frame, feedback_frame, metrics_frame, topics_frame
 
     rt = Runtime(settings)
     try:
@@ -137,7 +137,7 @@ def test_the_api_page_lists_the_named_actions_only(ui):
 def test_sessions_keep_the_first_key_of_a_page_load_and_separate_api_clients(tmp_path):
     from types import SimpleNamespace
 
-    from chatfb.ui import Sessions, browser_secret
+    from chatfb.ui.chat_tab import Sessions, browser_secret
 
     sessions = Sessions(cap=2)
     key = sessions.bind("hash-1", "k" * 30)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-import chatfb.vllm_server as vs
+import chatfb.serving.vllm_server as vs
 from chatfb.config import load_settings
 
 ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"

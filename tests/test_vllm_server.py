@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chatfb.runtime import Runtime
-from chatfb.vllm_server import ManagedVLLM, PortInUse, ServerStartError, port_in_use, served_root
+from chatfb.app.runtime import Runtime
+from chatfb.serving.vllm_server import ManagedVLLM, PortInUse, ServerStartError, port_in_use, served_root
 
 FAKE = Path(__file__).parent / "fake_openai.py"
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]  # "our vLLM": alive, never answers

@@ -43,8 +43,8 @@ class RunningApp:
 
     def snapshot_store(self):
         """A fresh consistent copy of the app's DuckDB file, opened read-only."""
-        from chatfb.control import open_backend
-        from chatfb.store import Store
+        from chatfb.app.control import open_backend
+        from chatfb.store.db import Store
 
         backend = open_backend(self.data_dir)
         try:
@@ -75,7 +75,7 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 1.0):
 @pytest.fixture(scope="session")
 def embedded_model(tmp_path_factory) -> Path:
     """The embedded model converted once (GGUF -> safetensors) for the whole session."""
-    from chatfb.model_files import resolve_model
+    from chatfb.serving.model_files import resolve_model
 
     cache = Path(os.environ.get("CHATFB_TEST_MODEL_CACHE", tmp_path_factory.mktemp("models")))
     return resolve_model("embedded", cache)

@@ -6,7 +6,7 @@ import pytest
 from datasets import load_dataset
 from gradio_client import Client
 
-from chatfb.model_client import ModelClient, StreamResult
+from chatfb.serving.model_client import ModelClient, StreamResult
 
 from .conftest import listen_addresses
 

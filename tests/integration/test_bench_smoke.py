@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from chatfb.model_client import ModelClient
+from chatfb.serving.model_client import ModelClient
 
 from .conftest import ROOT
 

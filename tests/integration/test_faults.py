@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from gradio_client import Client
 
-from chatfb.store import Store
+from chatfb.store.db import Store
 
 from .conftest import ROOT, free_port, launch_app, stop_app, wait_until
 

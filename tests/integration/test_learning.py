@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from chatfb import gate
+from chatfb.learning import gate
 from chatfb.config import Settings
-from chatfb.model_client import ModelClient
+from chatfb.serving.model_client import ModelClient
 
 from .conftest import ROOT, wait_until
 
@@ -75,8 +75,8 @@ def test_training_killed_midway_promotes_nothing(app):
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith('{"phase": "sft", "step": 1,'):  # chatfb.train's first progress line
-            trainer = subprocess.run(["pgrep", "-f", "chatfb.train"], capture_output=True, text=True).stdout.split()
+        if line.startswith('{"phase": "sft", "step": 1,'):  # chatfb.learning.train's first progress line
+            trainer = subprocess.run(["pgrep", "-f", "chatfb.learning.train"], capture_output=True, text=True).stdout.split()
             for pid in trainer:
                 os.kill(int(pid), signal.SIGKILL)
     assert proc.wait(600) != 0

@@ -20,9 +20,9 @@ import httpx
 import pytest
 
 from chatfb.config import load_settings
-from chatfb.replicas import resolver_env
-from chatfb.runtime import Runtime
-from chatfb.vllm_server import vllm_command
+from chatfb.serving.replicas import resolver_env
+from chatfb.app.runtime import Runtime
+from chatfb.serving.vllm_server import vllm_command
 from tests.integration.conftest import free_port, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.replicas]

@@ -1,5 +1,5 @@
 """The trainer under torchrun with two CPU processes (gloo): the multi-GPU path (`accelerate launch` /
-`torchrun -m chatfb.train`) runs the same code, so it is not untested. ~1-2 min on 2 cores."""
+`torchrun -m chatfb.learning.train`) runs the same code, so it is not untested. ~1-2 min on 2 cores."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_two_gloo_processes_train_one_loadable_adapter(tmp_path, embedded_model)
     (data / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "adapters" / "chatfb-v0001"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "chatfb.train", "--data", str(data), "--base", str(embedded_model), "--output_dir", str(out),
+           "-m", "chatfb.learning.train", "--data", str(data), "--base", str(embedded_model), "--output_dir", str(out),
            "--num_train_epochs", "1", "--per_device_train_batch_size", "2", "--dpo_epochs", "0", "--rank", "4"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -8,7 +8,7 @@ import time
 import pytest
 from gradio_client import Client
 
-from chatfb.model_client import ModelClient
+from chatfb.serving.model_client import ModelClient
 
 from .conftest import ADMIN_PASSWORD, wait_until
 
@@ -23,7 +23,7 @@ def live_name(app):
 
 def register(app, name, path_maker):
     """Put an adapter folder under the app's data dir and record it through the control API."""
-    from chatfb.control import open_backend
+    from chatfb.app.control import open_backend
 
     folder = app.data_dir / "adapters" / name
     path_maker(folder)

@@ -1,13 +1,13 @@
-"""A learning cycle's computation, the child process of chatfb.cycle: critique candidates -> LoRA training -> gate.
+"""A learning cycle's computation, the child process of chatfb.learning.cycle: critique candidates -> LoRA training -> gate.
 
-    python -m chatfb.nightly WORK_DIR
+    python -m chatfb.learning.worker WORK_DIR
 
 WORK_DIR (work/<adapter name>/) holds what the owner wrote: the store's snapshot, the whole settings and
 the job (adapter name, incumbent, model server). This process reads them, writes the adapter folder and
-WORK_DIR/result.json (chatfb.cycle.CycleOutcome), and calls nothing in the app: the owner records and
-promotes. `python -m chatfb nightly` runs a whole cycle (chatfb.cycle).
+WORK_DIR/result.json (chatfb.learning.cycle.CycleOutcome), and calls nothing in the app: the owner records and
+promotes. `python -m chatfb nightly` runs a whole cycle (chatfb.learning.cycle).
 
-Critiques (and approved global guidelines) become training examples through chatfb.candidates: the
+Critiques (and approved global guidelines) become training examples through chatfb.critique.candidates: the
 conversation answered again with the critique as an instruction, several samples, the best that passes
 selection kept and trained WITHOUT the critique; every candidate's score and verdict is handed back for
 the admin tab's audit table. Critiques held out whole are judged at the gate by the same selection.
@@ -23,12 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-from chatfb import gate, training_data
+from chatfb.learning import gate, training_data
 from chatfb.config import Settings
-from chatfb.cycle import SNAPSHOT, CycleJob, CycleOutcome, read_job, write_outcome
-from chatfb.model_client import ModelClient, ModelError
-from chatfb.rows import prompt_completion_row, write_rows
-from chatfb.store import Store
+from chatfb.learning.cycle import SNAPSHOT, CycleJob, CycleOutcome, read_job, write_outcome
+from chatfb.serving.model_client import ModelClient, ModelError
+from chatfb.learning.rows import prompt_completion_row, write_rows
+from chatfb.store.db import Store
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,12 @@ def batch_timeout(settings: Settings) -> float:
 def model_server(settings: Settings, server_url: str | None):
     """(client, base model dir, stop function) for the server this cycle generates with: the owner's, or
     (none given) a temporary managed one."""
-    from chatfb.model_files import resolve_model
+    from chatfb.serving.model_files import resolve_model
 
     base = resolve_model(settings.model, settings.data_dir)
     if server_url is not None:
         return ModelClient(server_url, settings.api_key, batch_timeout(settings)), base, lambda: None
-    from chatfb.vllm_server import ManagedVLLM
+    from chatfb.serving.vllm_server import ManagedVLLM
 
     server = ManagedVLLM(base, settings.served_model_name, settings.vllm_port + 1, settings.data_dir,
                          settings.max_lora_rank, settings.max_model_len, settings.vllm_kvcache_gib,
@@ -59,7 +59,7 @@ def model_server(settings: Settings, server_url: str | None):
 
 
 def train_adapter(settings: Settings, base: Path, data_dir: Path, out: Path, dpo: bool) -> int:
-    cmd = [sys.executable, "-m", "chatfb.train", "--data", str(data_dir), "--base", str(base), "--output_dir", str(out),
+    cmd = [sys.executable, "-m", "chatfb.learning.train", "--data", str(data_dir), "--base", str(base), "--output_dir", str(out),
            "--rank", str(settings.lora_rank), "--num_train_epochs", str(settings.train_epochs),
            "--learning_rate", str(settings.learning_rate), "--seed", str(settings.seed),
            "--step_cap", str(settings.train_max_steps), "--dpo_epochs", "1" if dpo else "0"]
@@ -86,7 +86,7 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
     client, base, stop_server = model_server(settings, job.server_url)
     try:
         base_name, name = settings.served_model_name, job.name
-        from chatfb.judge import judge_for
+        from chatfb.critique.judge import judge_for
 
         judge = judge_for(settings.scorer, client, base)  # what scores candidates (and held-out answers at the gate)
         tasks = training_data.critique_tasks(data, settings.holdout_fraction, settings.seed, settings.refine_max_critiques)
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m chatfb.nightly WORK_DIR (a job folder chatfb.cycle wrote)", file=sys.stderr)
+        print("usage: python -m chatfb.learning.worker WORK_DIR (a job folder chatfb.learning.cycle wrote)", file=sys.stderr)
         return 2
     # The owner stops this process group with SIGTERM (Ctrl-C on the CLI, app shutdown): exit through the
     # `finally` blocks, which stop a model server this child started in its own session.
@@ -181,16 +181,16 @@ CANDIDATE_ROUNDS = 2  # a task whose first critique_samples candidates all fail 
 def select_all(tasks: list, client: ModelClient, model: str, settings: Settings, generator: ModelClient | None = None,
                generator_model: str | None = None, workers: int = 8, judge=None) -> tuple[list, list[str]]:
     """Candidates for every instruction task, several tasks at once (vLLM batches them): recipe 'instruct'
-    answers the prompt with the instruction (chatfb.candidates generate + score, as its select: written by
-    `generator` when given, else `model` on `client`; scored by `judge`, chatfb.judge, default the server);
-    critique tasks under recipe 'ilf' get the older rewrite (chatfb.refine).
+    answers the prompt with the instruction (chatfb.critique.candidates generate + score, as its select: written by
+    `generator` when given, else `model` on `client`; scored by `judge`, chatfb.critique.judge, default the server);
+    critique tasks under recipe 'ilf' get the older rewrite (chatfb.critique.ilf).
     Returns ([(task, candidates best first or None when the server failed, best passing one or None)],
     [error message per task the server failed]). A server that is down or restarting gets up to three
     minutes to come back, then the task is asked once more."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from chatfb import candidates
-    from chatfb.refine import refine_scored
+    from chatfb.critique import candidates
+    from chatfb.critique.ilf import refine_scored
 
     errors: list[str] = []
 
@@ -226,7 +226,7 @@ def select_all(tasks: list, client: ModelClient, model: str, settings: Settings,
 
 def candidate_rows(selected: list, cycle: str, recipe: str) -> list[dict]:
     """store.add_candidates rows for every candidate of every task: the kept one and why each other was dropped."""
-    from chatfb.training_data import last_user
+    from chatfb.learning.training_data import last_user
 
     rows = []
     for task, cands, best in selected:

@@ -4,8 +4,8 @@ Kinds of feedback and what they become (modes as in the seeds' three objectives)
 - correction  -> SFT example (conversation so far + corrected reply) and a DPO pair
                  (chosen = correction, rejected = original).            [supervised, semi]
 - critique    -> the conversation answered again WITH the critique as an instruction (several
-                 samples, chatfb.candidates), the best that passes selection trained WITHOUT it
-                 (recipe "instruct"; recipe "ilf" rewrites the reply instead, chatfb.refine).
+                 samples, chatfb.critique.candidates), the best that passes selection trained WITHOUT it
+                 (recipe "instruct"; recipe "ilf" rewrites the reply instead, chatfb.critique.ilf).
                  A critique whose candidates all fail yields no example (counted). A critique
                  stating a lasting preference (`is_lasting_preference`) also trains on similar
                  other prompts answered with it: context distillation. [unsupervised, semi]
@@ -26,9 +26,9 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 
-from chatfb.guidelines import looks_like_rule
-from chatfb.rows import dpo_row
-from chatfb.store import FeedbackRecord
+from chatfb.critique.guidelines import looks_like_rule
+from chatfb.learning.rows import dpo_row
+from chatfb.store.records import FeedbackRecord
 
 MODES = ("supervised", "unsupervised", "semi")
 EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(\.[\w-]+)+\b")
@@ -144,7 +144,7 @@ def add_refinements(data: TrainingData, refined: list[tuple[FeedbackRecord, str 
 
 # -- critiques and guidelines -> instruction tasks -> examples ---------------------------------------
 
-# A critique states a lasting preference when it reads like a standing rule (chatfb.guidelines.looks_like_rule:
+# A critique states a lasting preference when it reads like a standing rule (chatfb.critique.guidelines.looks_like_rule:
 # "always", "never", "our support email is ...", the same test that suggests keeping it as a guideline), or
 # when it asks for a format, length or style ("format it as a bulleted list", "one short sentence", "end the
 # note with ..."), or corrects a fact ("Wrong: the capital of Australia is Canberra"). A one-off complaint
@@ -211,7 +211,7 @@ def same_kind_prompts(anchors: list[str], pool: list[list[dict]], count: int, si
     if count <= 0 or not pool or not anchors:
         return []
     if similar is None:
-        from chatfb.similarity import cosines as similar
+        from chatfb.critique.similarity import cosines as similar
     questions = [last_user(p) for p in pool]
     taken = {_norm(a) for a in anchors}
     best: dict[int, float] = {}
@@ -238,7 +238,7 @@ def distillation_tasks(data: TrainingData, tasks: list[InstructionTask], guideli
     kept from (same text, or its source); those critiques' held-out share becomes `data.guideline_eval`,
     the prompts the gate checks it on. At most `max_tasks` tasks in all; none repeats a task's
     (question, instruction)."""
-    from chatfb.candidates import corrects_a_fact
+    from chatfb.critique.candidates import corrects_a_fact
 
     # A question that has an instruction of its own (another critique) never gets a second one: two rules
     # on one prompt gave notes with bullet lists and "the capital of Australia" under Japan (efficacy run).

@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 
-from chatfb.wait import wait_until
+from chatfb.serving.wait import wait_until
 
 log = logging.getLogger(__name__)
 

@@ -94,7 +94,7 @@ def m003_inloop_feedback():
             message_id VARCHAR,                       -- the critiqued reply
             origin VARCHAR NOT NULL,                  -- inloop | nightly
             text VARCHAR NOT NULL,
-            score DOUBLE,                             -- the selection score (see chatfb.candidates)
+            score DOUBLE,                             -- the selection score (see chatfb.critique.candidates)
             verdict VARCHAR NOT NULL,                 -- 'ok' or why it was dropped
             status VARCHAR NOT NULL,                  -- offered | accepted | rejected | kept | dropped
             session_id VARCHAR,

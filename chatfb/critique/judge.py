@@ -1,4 +1,4 @@
-"""Token log-probabilities of a reply: what the candidate scorer (chatfb.candidates) judges with.
+"""Token log-probabilities of a reply: what the candidate scorer (chatfb.critique.candidates) judges with.
 
 Two judges with one method, `completion_logprobs(messages, completion, model)`:
 - `ServerJudge`: the model server itself (vLLM's `prompt_logprobs`, one forward pass per reply);

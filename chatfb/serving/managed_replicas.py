@@ -20,9 +20,9 @@ from typing import Callable
 import httpx
 
 from chatfb.layout import DataLayout
-from chatfb.process_group import stop_groups
-from chatfb.replicas import resolver_env
-from chatfb.vllm_server import ManagedVLLM, PortInUse, ServerStartError, port_in_use
+from chatfb.serving.process_group import stop_groups
+from chatfb.serving.replicas import resolver_env
+from chatfb.serving.vllm_server import ManagedVLLM, PortInUse, ServerStartError, port_in_use
 
 log = logging.getLogger(__name__)
 

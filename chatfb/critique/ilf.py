@@ -22,9 +22,9 @@ from __future__ import annotations
 import logging
 import re
 
-from chatfb.model_client import ModelClient, ModelError
-from chatfb.similarity import cosines, rouge_l
-from chatfb.store import FeedbackRecord
+from chatfb.serving.model_client import ModelClient, ModelError
+from chatfb.critique.similarity import cosines, rouge_l
+from chatfb.store.records import FeedbackRecord
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import yaml
 
-from chatfb.feedback_io import EXPORT_FORMATS, export_rows
-from chatfb.gate import GateReport
-from chatfb.rows import write_rows
-from chatfb.store import FEEDBACK_KINDS, FeedbackRecord
-from chatfb.training_data import clean
+from chatfb.learning.exports import EXPORT_FORMATS, export_rows
+from chatfb.learning.gate import GateReport
+from chatfb.learning.rows import write_rows
+from chatfb.store.records import FEEDBACK_KINDS, FeedbackRecord
+from chatfb.learning.training_data import clean
 
 CONSENT_NOTE = ("The feedback was given by users of a chatfb app, who were shown a consent notice before "
                 "chatting: their messages, ratings, critiques and corrections are logged to improve the model.")

@@ -3,11 +3,11 @@
     sft_row(prompt, reply)                {"messages": [*prompt, <assistant reply>]}        export sft.jsonl
     dpo_row(prompt, chosen, rejected)     {"prompt": [...], "chosen": [<assistant>], "rejected": [<assistant>]}
     kto_row(prompt, completion, label)    {"prompt": [...], "completion": [<assistant>], "label": bool}
-    prompt_completion_row(prompt, reply)  {"prompt": [...], "completion": [<assistant>]}  what chatfb.train learns
+    prompt_completion_row(prompt, reply)  {"prompt": [...], "completion": [<assistant>]}  what chatfb.learning.train learns
 
 A prompt is a list of {role, content} messages. Extra fields (an export's provenance, "source" and
-"critique_id") follow a row's own; TRL's trainers ignore them. Exports (chatfb.feedback_io, chatfb.hub)
-and training (chatfb.training_data, the nightly cycle, chatfb.train) all go through these functions,
+"critique_id") follow a row's own; TRL's trainers ignore them. Exports (chatfb.learning.exports, chatfb.learning.hub)
+and training (chatfb.learning.training_data, the nightly cycle, chatfb.learning.train) all go through these functions,
 so a file written by one reads the same in the others. `write_rows` / `read_rows` store them.
 """
 

@@ -15,12 +15,13 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Iterator
 
-from chatfb import candidates, guidelines
-from chatfb.adapters import AdapterRouter
+from chatfb.critique import candidates, guidelines
+from chatfb.serving.adapters import AdapterRouter
 from chatfb.config import Settings
-from chatfb.judge import ServerJudge
-from chatfb.model_client import ModelClient, ModelError, StreamResult
-from chatfb.store import Store, StoreError
+from chatfb.critique.judge import ServerJudge
+from chatfb.serving.model_client import ModelClient, ModelError, StreamResult
+from chatfb.store.db import Store
+from chatfb.store.records import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class ChatService:
         self.settings = settings
         self.store = store
         self.client = client
-        self.judge = judge if judge is not None else ServerJudge(client)  # scores revisions (chatfb.judge)
+        self.judge = judge if judge is not None else ServerJudge(client)  # scores revisions (chatfb.critique.judge)
         self.router = router
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
         self._live: dict[str, StreamResult] = {}  # reply id -> its stream's text so far (see stop)
@@ -258,7 +259,7 @@ class ChatService:
                user: str | None = None) -> tuple[str, Iterator[RevisionUpdate]]:
         """Save a critique and return (critique id, stream of a proposed revision): the same conversation
         answered again with the critique as an instruction, several candidates in one request, the best
-        by the shared scorer (chatfb.candidates). Bad input raises ChatInputError before anything is
+        by the shared scorer (chatfb.critique.candidates). Bad input raises ChatInputError before anything is
         stored or generated; a failed generation still leaves the critique saved."""
         critique = self._check_text(critique, "critique", self.settings.max_feedback_chars)
         fid = self.critique(session_id, message_id, critique, user)

@@ -25,8 +25,8 @@ from typing import Callable
 import httpx
 
 from chatfb.layout import DataLayout
-from chatfb.process_group import stop_groups
-from chatfb.wait import wait_until
+from chatfb.serving.process_group import stop_groups
+from chatfb.serving.wait import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class ManagedVLLM:
                  max_model_len: int = 2048, kvcache_gib: int = 1, startup_timeout_s: float = 600.0, dtype: str = "auto",
                  env: dict[str, str] | None = None, log_name: str = "vllm.log"):
         self.cmd = vllm_command(model_path, served_name, port, max_lora_rank, max_model_len, dtype)
-        self.extra_env = dict(env or {})  # e.g. a replica's LoRA resolver (chatfb.replicas.resolver_env)
+        self.extra_env = dict(env or {})  # e.g. a replica's LoRA resolver (chatfb.serving.replicas.resolver_env)
         self.port = port
         self.model_root = str(model_path)  # what vLLM reports as `root`: proves the server is ours
         self.url = f"http://127.0.0.1:{port}"

@@ -10,12 +10,12 @@ One request samples n candidates (vLLM `n`); the served model itself then judges
 i.e. how much more likely the critique made this reply. Dropped, in this order: the hard filters of
 `hard_verdict` (empty, cut off, repeats the question or the critique, repeated lines, talks about the
 feedback instead of answering), then off topic (cosine to the question below OFF_TOPIC_COSINE, MiniLM
-embeddings from chatfb.similarity), then logratio <= 0. score = logratio + ON_TOPIC_WEIGHT * cosine.
+embeddings from chatfb.critique.similarity), then logratio <= 0. score = logratio + ON_TOPIC_WEIGHT * cosine.
 
 Shared by the in-loop revision (the user picks among what survives) and the nightly critique recipe.
-The judge is any object with `completion_logprobs(messages, completion, model)`: `chatfb.judge.LocalJudge` (the
+The judge is any object with `completion_logprobs(messages, completion, model)`: `chatfb.critique.judge.LocalJudge` (the
 model's files, in-process; two forward passes per candidate) or a vLLM ModelClient only where the
-server runs without --enable-lora (see chatfb.judge for why).
+server runs without --enable-lora (see chatfb.critique.judge for why).
 
 Measured once on this machine (efficacy families support_email / tips_bullets / short_definition /
 house_signoff x 3 teach prompts x n=4, two runs on different prompts; checker = the family's check):
@@ -31,9 +31,9 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from chatfb import guidelines
-from chatfb.refine import TO_THE_CRITIC
-from chatfb.similarity import cosines, rouge_l
+from chatfb.critique import guidelines
+from chatfb.critique.ilf import TO_THE_CRITIC
+from chatfb.critique.similarity import cosines, rouge_l
 
 # Measured on the efficacy families (4 x 3 prompts x n=4, embedded SmolLM2-135M): quoting the critique
 # after "Follow this instruction when you answer" passed the checkers 0.44 of the time, the same
@@ -159,7 +159,7 @@ def literal_facts(critique: str) -> list[str]:
 
 def about_the_critique(text: str, critique: str) -> str | None:
     """Why `text` is about the critique rather than an answer (it repeats the critique, or talks about
-    the feedback or the rewriting), or None. Also checked on a draft while it streams (chatfb.chat)."""
+    the feedback or the rewriting), or None. Also checked on a draft while it streams (chatfb.app.chat_service)."""
     if _repeats_critique(text, critique):
         return "repeats the critique"
     if TO_THE_CRITIC.search(text) or ABOUT_THE_FEEDBACK.search(text):

@@ -3,15 +3,15 @@
 Run as its own process (the nightly job does): heavy imports stay out of the app, a crash or a
 kill cannot hurt the server, and on GPUs the same entry point runs under `accelerate launch`:
 
-    python -m chatfb.train --data DIR --base MODEL_DIR --output_dir ADAPTER_DIR
-    accelerate launch -m chatfb.train --data DIR --base MODEL_DIR --output_dir ADAPTER_DIR
+    python -m chatfb.learning.train --data DIR --base MODEL_DIR --output_dir ADAPTER_DIR
+    accelerate launch -m chatfb.learning.train --data DIR --base MODEL_DIR --output_dir ADAPTER_DIR
 
 The flags are TRL's own (`trl.TrlParser`): `Recipe` below, and every field of `trl.SFTConfig`
 (`--num_train_epochs`, `--learning_rate`, `--seed`, `--max_steps`, ...; `--help` lists them, and
 `--config FILE.yaml` reads them from a file). Their defaults are chatfb's settings (chatfb.config),
 the ones the nightly cycle trains with.
 
-DIR holds sft.jsonl (prompt/completion rows, chatfb.rows) and optionally dpo.jsonl. The adapter is
+DIR holds sft.jsonl (prompt/completion rows, chatfb.learning.rows) and optionally dpo.jsonl. The adapter is
 written to ADAPTER_DIR.partial and renamed when complete, so a failed or killed run leaves nothing
 that looks like an adapter. Progress goes to stdout as one JSON object per optimizer step,
 {"phase", "step", "total", "loss", "eta_s"}, and a last {"phase": "done", ...} with the run's stats.
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatfb.config import Settings
-from chatfb.rows import read_rows
+from chatfb.learning.rows import read_rows
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULTS = Settings()  # the field defaults only: the nightly passes the running settings as flags
@@ -65,7 +65,7 @@ def trainer_defaults() -> dict:
 def make_parser():
     from trl import SFTConfig, TrlParser
 
-    parser = TrlParser((Recipe, SFTConfig), prog="python -m chatfb.train", description=__doc__.split("\n")[0])
+    parser = TrlParser((Recipe, SFTConfig), prog="python -m chatfb.learning.train", description=__doc__.split("\n")[0])
     parser.set_defaults_with_config(**trainer_defaults())
     return parser
 

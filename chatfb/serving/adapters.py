@@ -21,8 +21,8 @@ from collections import Counter
 from pathlib import Path
 
 from chatfb.layout import DataLayout
-from chatfb.model_client import ModelClient, ModelError
-from chatfb.store import Store
+from chatfb.serving.model_client import ModelClient, ModelError
+from chatfb.store.db import Store
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class AdapterRegistry:
                  drain_timeout_s: float = 120.0, base_model_dir: Path | None = None, replicas=None):
         self.store = store
         self.base_model_dir = base_model_dir  # when known, adapters are checked against it before loading
-        # Several replicas behind a router (chatfb.replicas.ReplicaSet): they are loaded and checked one by one.
+        # Several replicas behind a router (chatfb.serving.replicas.ReplicaSet): they are loaded and checked one by one.
         self.replicas = replicas
         self.clients = replicas.clients if replicas is not None else clients
         self.router = router
@@ -207,7 +207,7 @@ class AdapterRegistry:
         return previous
 
     def replica_states(self) -> list:
-        """Each replica and the versions it holds (chatfb.replicas.ReplicaState); [] with one server."""
+        """Each replica and the versions it holds (chatfb.serving.replicas.ReplicaState); [] with one server."""
         if self.replicas is None:
             return []
         live = self.store.live_adapter()

@@ -7,7 +7,7 @@ the managed vLLM server and a running learning cycle (with its trainer) are each
 it ends within seconds, whether the server was starting or serving.
 
 A learning cycle (schedule, "Train now", `python -m chatfb nightly` through the control API) runs in
-a thread here: the app owns the store, so it prepares the job, the child computes (chatfb.cycle),
+a thread here: the app owns the store, so it prepares the job, the child computes (chatfb.learning.cycle),
 and the app records the result and promotes through its registry.
 """
 
@@ -20,18 +20,18 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from chatfb.adapters import AdapterRegistry, AdapterRouter
-from chatfb.chat import ChatService
+from chatfb.serving.adapters import AdapterRegistry, AdapterRouter
+from chatfb.app.chat_service import ChatService
 from chatfb.config import Settings
-from chatfb.control import ControlServer, LocalBackend
-from chatfb.cycle import CycleResult, child_command, finish, launch, prepare, server_for_the_cycle
-from chatfb.judge import judge_for
-from chatfb.model_client import ModelClient
-from chatfb.process_group import stop_groups
-from chatfb.replicas import replica_set_for
-from chatfb.store import Store
-from chatfb.vllm_server import ServerStartError
-from chatfb.wait import wait_until
+from chatfb.app.control import ControlServer, LocalBackend
+from chatfb.learning.cycle import CycleResult, child_command, finish, launch, prepare, server_for_the_cycle
+from chatfb.critique.judge import judge_for
+from chatfb.serving.model_client import ModelClient
+from chatfb.serving.process_group import stop_groups
+from chatfb.serving.replicas import replica_set_for
+from chatfb.store.db import Store
+from chatfb.serving.vllm_server import ServerStartError
+from chatfb.serving.wait import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Runtime:
         self._children_lock = threading.Lock()  # close() and starting a child never interleave
 
     def _model_dir(self) -> Path:
-        from chatfb.model_files import resolve_model
+        from chatfb.serving.model_files import resolve_model
 
         return resolve_model(self.settings.model, self.settings.data_dir)
 
@@ -79,8 +79,8 @@ class Runtime:
         t0 = time.perf_counter()
         try:
             if s.managed:
-                from chatfb.model_files import resolve_model
-                from chatfb.vllm_server import ManagedVLLM
+                from chatfb.serving.model_files import resolve_model
+                from chatfb.serving.vllm_server import ManagedVLLM
 
                 self.status = "Preparing the model files (first start converts the embedded model, ~1 min)…"
                 path = resolve_model(s.model, s.data_dir)
@@ -90,7 +90,7 @@ class Runtime:
                     if self._stop.is_set():
                         return
                     if s.vllm_replicas > 1:  # N replicas behind vllm-router on the same port
-                        from chatfb.managed_replicas import ManagedReplicas
+                        from chatfb.serving.managed_replicas import ManagedReplicas
 
                         self.server = ManagedReplicas(path, s.served_model_name, s.vllm_port, s.data_dir, s.vllm_replicas,
                                                       s.shared_adapters_dir, max_lora_rank=s.max_lora_rank,

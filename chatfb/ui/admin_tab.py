@@ -4,7 +4,7 @@ promote / rollback, and a compare view (same prompt, base vs previous vs current
 Everything is behind `check_admin` (a password from CHATFB_ADMIN_PASSWORD, or a Hugging Face
 login on the CHATFB_ADMIN_HF_USERS allowlist). With neither configured the tab stays locked.
 The unlocked flag lives in server-side session state, so a browser cannot forge it. Wrong
-passwords are throttled per client address and overall (`unlock_admin`, chatfb.throttle).
+passwords are throttled per client address and overall (`unlock_admin`, chatfb.ui.throttle).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import secrets
 import gradio as gr
 import pandas as pd
 
-from chatfb.adapters import AdapterError
-from chatfb.gate import GateReport
-from chatfb.model_client import ModelError
-from chatfb.runtime import Runtime
-from chatfb.throttle import GuessThrottle
+from chatfb.serving.adapters import AdapterError
+from chatfb.learning.gate import GateReport
+from chatfb.serving.model_client import ModelError
+from chatfb.app.runtime import Runtime
+from chatfb.ui.throttle import GuessThrottle
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def training_progress(rt: Runtime) -> tuple[str, str]:
 
 
 def training_step(line: str) -> dict | None:
-    """One of the trainer's progress lines (chatfb.train prints a JSON object per optimizer step), else None."""
+    """One of the trainer's progress lines (chatfb.learning.train prints a JSON object per optimizer step), else None."""
     if not line.startswith("{"):
         return None
     try:
@@ -311,7 +311,7 @@ def export_all(rt: Runtime):
     """Write all three TRL formats under <data_dir>/exports/<UTC time>/ (never a path from the browser)."""
     from datetime import datetime, timezone
 
-    from chatfb.feedback_io import EXPORT_FORMATS, export
+    from chatfb.learning.exports import EXPORT_FORMATS, export
 
     out = rt.settings.layout.exports / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     records, dismissed = rt.store.feedback_records(), rt.store.rejected_candidates()

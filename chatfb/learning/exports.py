@@ -9,7 +9,7 @@ Import schema (one JSON object per line):
     user    str (optional)                 who gave the feedback
     ts      ISO-8601 time (optional)
 
-Exports (TRL conversational formats built by chatfb.rows, loadable with `datasets.load_dataset("json" | "parquet", ...)`):
+Exports (TRL conversational formats built by chatfb.learning.rows, loadable with `datasets.load_dataset("json" | "parquet", ...)`):
     sft.jsonl  {"messages": [..., {"role": "assistant", "content": <correction>}], "source", "critique_id"}
     dpo.jsonl  {"prompt": [...], "chosen": [assistant correction], "rejected": [assistant original, or a
                revision the user dismissed], "source", "critique_id"}
@@ -27,8 +27,8 @@ import re
 from datetime import datetime
 from pathlib import Path
 
-from chatfb.rows import dpo_row, kto_row, sft_row, write_rows
-from chatfb.store import FeedbackRecord
+from chatfb.learning.rows import dpo_row, kto_row, sft_row, write_rows
+from chatfb.store.records import FeedbackRecord
 
 IMPORT_KINDS = ("rating", "critique", "correction")
 EXPORT_FORMATS = ("sft", "dpo", "kto")

@@ -16,10 +16,10 @@ from collections import OrderedDict
 
 import gradio as gr
 
-from chatfb.admin_view import build as build_admin_tab
-from chatfb.chat import ChatInputError
-from chatfb.guidelines import looks_like_rule
-from chatfb.runtime import Runtime
+from chatfb.ui.admin_tab import build as build_admin_tab
+from chatfb.app.chat_service import ChatInputError
+from chatfb.critique.guidelines import looks_like_rule
+from chatfb.app.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -51,8 +51,8 @@ def install_shutdown_handlers(rt) -> None:
 
 
 def serve(settings: Settings, block: bool = True):
-    from chatfb.runtime import Runtime
-    from chatfb.ui import build_ui
+    from chatfb.app.runtime import Runtime
+    from chatfb.ui.chat_tab import build_ui
 
     settings = space_settings(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 - Held-out corrections (and ratings): greedy replies to held-out prompts, compared with the corrected
   reply: ROUGE-L F1 and corpus BLEU (sacrebleu), as in the seeds.
 - Held-out critiques (held out whole: nothing was generated from them): does the greedy reply to the
-  critiqued prompt pass the same selection the cycle's training candidates passed (chatfb.candidates.score
+  critiqued prompt pass the same selection the cycle's training candidates passed (chatfb.critique.candidates.score
   with that critique, verdict ok)? Never ROUGE against targets the same recipe made. The pass rate of the
   candidate is compared with the incumbent's.
 - Approved guidelines: how often the candidate's reply, with no guideline in the prompt, passes the same
@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from chatfb.config import Settings
-from chatfb.model_client import ModelClient
-from chatfb.similarity import have_embeddings, paired_cosines, rouge_l
+from chatfb.serving.model_client import ModelClient
+from chatfb.critique.similarity import have_embeddings, paired_cosines, rouge_l
 
 CONTROL_PROMPTS = (
     "What is the capital of France?",
@@ -115,8 +115,8 @@ def control_rouge(replies: list[str], base_replies: list[str]) -> float:
 def passes_selection(judge, scorer_model: str, prompt: list[dict], instruction: str, answer: str,
                      original: str | None = None) -> bool:
     """Would the nightly selection keep `answer` for this prompt and critique (or guideline)? `judge` scores
-    as in chatfb.candidates.score (chatfb.judge: the server or the base model in this process)."""
-    from chatfb import candidates
+    as in chatfb.critique.candidates.score (chatfb.critique.judge: the server or the base model in this process)."""
+    from chatfb.critique import candidates
 
     (scored,) = candidates.score(judge, scorer_model, prompt, instruction, [candidates.Candidate(answer)],
                                  original=original)

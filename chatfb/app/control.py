@@ -10,7 +10,7 @@ So the running app serves a small control API on 127.0.0.1 (random port, a rando
   the app loads the live one when it starts).
 
 Both offer the CLI's commands as the same methods (`OPS`). A learning cycle's child process uses
-none of this: its owner hands it everything (chatfb.cycle).
+none of this: its owner hands it everything (chatfb.learning.cycle).
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from pathlib import Path
 
 import httpx
 
-from chatfb.adapters import AdapterError, AdapterRegistry
+from chatfb.serving.adapters import AdapterError, AdapterRegistry
 from chatfb.layout import DataLayout
-from chatfb.store import Store, StoreError
+from chatfb.store.db import Store
+from chatfb.store.records import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class LocalBackend:
         pass
 
     def import_feedback(self, records: list[dict]) -> int:
-        from chatfb.feedback_io import parse_record
+        from chatfb.learning.exports import parse_record
 
         # Validated again here: the records may come over the control API. Sizes were checked by the CLI.
         return self.store.import_feedback([parse_record(r, 10**9) for r in records])
@@ -253,14 +254,14 @@ def open_backend(data_dir: Path, model: str | None = None):
     info = running_app(data_dir)
     if info is not None:
         return RemoteBackend(info["port"], info["token"])
-    from chatfb.store import StoreLocked
+    from chatfb.store.records import StoreLocked
 
     try:
         store = Store(DataLayout(Path(data_dir)).db)
     except StoreLocked:
         raise ControlError("the database is in use by another process that is not a chatfb app "
                            "on this data folder; stop it and try again") from None
-    from chatfb.model_files import model_on_disk
+    from chatfb.serving.model_files import model_on_disk
 
     base = model_on_disk(model, data_dir) if model else None
     backend = LocalBackend(store, AdapterRegistry.without_servers(store, data_dir, base))

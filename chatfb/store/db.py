@@ -4,7 +4,7 @@ All SQL lives here, always parameterised. One `Store` owns the file read-write (
 writer process and no readers beside it); within the process one writer thread owns the write
 connection and commits the queued writes of all chat sessions in batches, one transaction each (see
 `Store._tx`), and reads run on pooled reader cursors (see `Store._q`). Other processes get
-consistent copies through `snapshot()` (see chatfb.control).
+consistent copies through `snapshot()` (see chatfb.app.control).
 """
 
 from __future__ import annotations
@@ -14,29 +14,16 @@ import logging
 import os
 import shutil
 import threading
-import uuid
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
 
-from chatfb.migrations import MIGRATIONS
+from chatfb.store.migrations import MIGRATIONS
+from chatfb.store.records import (CANDIDATE_STATUSES, FEEDBACK_KINDS, GUIDELINE_STATUSES, FeedbackRecord, StoreError,
+                                  StoreLocked, new_id, utcnow)
 
 log = logging.getLogger(__name__)
-
-FEEDBACK_KINDS = ("rating", "critique", "correction", "implicit")
-CANDIDATE_STATUSES = ("offered", "accepted", "rejected", "kept", "dropped")
-GUIDELINE_STATUSES = ("active", "pending", "retired")
-
-
-class StoreError(Exception):
-    """A request the store refuses; the message is safe to show a user."""
-
-
-class StoreLocked(StoreError):
-    """Another process (normally the running app) holds the DuckDB file."""
-
 
 def _keep_unclean_wal(db: Path) -> Path | None:
     """Copy a non-empty write-ahead log found before opening (a clean close leaves none) to
@@ -51,30 +38,6 @@ def _keep_unclean_wal(db: Path) -> Path | None:
     copy = wal.with_name(f"{wal.name}.unclean-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%f')}")
     shutil.copy2(wal, copy)
     return copy
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
-
-
-@dataclass(frozen=True)
-class FeedbackRecord:
-    """One active piece of feedback with everything training and export need."""
-
-    feedback_id: str
-    message_id: str
-    kind: str
-    rating: int | None
-    text: str | None
-    user_name: str | None
-    created_at: datetime
-    prompt: list[dict]  # chat messages before the reply, system prompt first when set
-    reply: str
-    derived_from: str | None = None  # a correction made by accepting a revision: the critique it came from
 
 
 class Store:
@@ -453,7 +416,7 @@ class Store:
         return out
 
     def import_feedback(self, records: list[dict], session_id: str = "import") -> int:
-        """Insert parsed import records (see chatfb.feedback_io) all-or-nothing; returns the count.
+        """Insert parsed import records (see chatfb.learning.exports) all-or-nothing; returns the count.
         One transaction that inserts each table from an Arrow table: 100k records take seconds,
         where one INSERT per row held the writer (and so every chat's write) for many minutes."""
         import pyarrow as pa

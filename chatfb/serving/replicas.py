@@ -27,8 +27,8 @@ from pathlib import Path
 
 import httpx
 
-from chatfb.adapters import AdapterError, load_into
-from chatfb.model_client import ModelClient, ModelError
+from chatfb.serving.adapters import AdapterError, load_into
+from chatfb.serving.model_client import ModelClient, ModelError
 
 log = logging.getLogger(__name__)
 

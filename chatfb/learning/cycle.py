@@ -2,7 +2,7 @@
 
     owner  retention, a snapshot of the store, the next adapter name, the whole settings and the job
            written to work/<name>/ (settings.json, job.json, snapshot.duckdb)
-    child  python -m chatfb.nightly work/<name>: refine, replay, train, evaluate (chatfb.nightly); writes
+    child  python -m chatfb.learning.worker work/<name>: refine, replay, train, evaluate (chatfb.learning.worker); writes
            work/<name>/result.json and adapters/<name>/ and never calls back into the owner
     owner  records the adapter row and every candidate, promotes through its one AdapterRegistry
 
@@ -21,9 +21,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from chatfb.adapters import AdapterError, AdapterRegistry, next_adapter_name
+from chatfb.serving.adapters import AdapterError, AdapterRegistry, next_adapter_name
 from chatfb.config import Settings, settings_from_json, settings_to_json
-from chatfb.store import Store
+from chatfb.store.db import Store
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class CycleOutcome:
     error: str | None = None  # the failed row's error
     counts: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
-    report: dict | None = None  # chatfb.gate.GateReport, as a dict
+    report: dict | None = None  # chatfb.learning.gate.GateReport, as a dict
     candidates: list[dict] = field(default_factory=list)  # store.add_candidates rows, every one scored
     recipe: dict = field(default_factory=dict)
 
@@ -111,7 +111,7 @@ def prepare(store: Store, settings: Settings, server_url: str | None) -> tuple[C
 
 
 def child_command(work: Path) -> list[str]:
-    return [sys.executable, "-m", "chatfb.nightly", str(work)]
+    return [sys.executable, "-m", "chatfb.learning.worker", str(work)]
 
 
 def launch(command: list[str], output) -> subprocess.Popen:
@@ -171,7 +171,7 @@ def run_cycle(store: Store, registry: AdapterRegistry, settings: Settings, promo
     try:
         code = proc.wait()
     except BaseException:  # Ctrl-C: no cycle or trainer left behind
-        from chatfb.process_group import stop_groups
+        from chatfb.serving.process_group import stop_groups
 
         stop_groups([proc], 4.0)
         raise

@@ -1,0 +1,1 @@
+"""Critiques into revisions: candidate generation and selection, the likelihood judge, similarity, guidelines."""

@@ -1,0 +1,43 @@
+"""The store's record types and small values, importable without DuckDB (training, exports, Hub)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+FEEDBACK_KINDS = ("rating", "critique", "correction", "implicit")
+CANDIDATE_STATUSES = ("offered", "accepted", "rejected", "kept", "dropped")
+GUIDELINE_STATUSES = ("active", "pending", "retired")
+
+
+class StoreError(Exception):
+    """A request the store refuses; the message is safe to show a user."""
+
+
+class StoreLocked(StoreError):
+    """Another process (normally the running app) holds the DuckDB file."""
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    """One active piece of feedback with everything training and export need."""
+
+    feedback_id: str
+    message_id: str
+    kind: str
+    rating: int | None
+    text: str | None
+    user_name: str | None
+    created_at: datetime
+    prompt: list[dict]  # chat messages before the reply, system prompt first when set
+    reply: str
+    derived_from: str | None = None  # a correction made by accepting a revision: the critique it came from
