@@ -6,7 +6,7 @@ import sys
 
 from bench import router_bench
 from chatfb.serving.managed_replicas import ManagedReplicas
-from tests.test_vllm_server import FAKE, free_port
+from tests.serving.test_vllm_server import FAKE, free_port
 
 
 def fake_pool(model_dir, data_dir):

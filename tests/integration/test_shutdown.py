@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_shutdown import processes_mentioning, wait_for
+from tests.app.test_shutdown import processes_mentioning, wait_for
 
 from .conftest import launch_app, stop_app
 

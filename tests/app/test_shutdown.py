@@ -17,7 +17,7 @@ import pytest
 from chatfb.app.runtime import Runtime
 from chatfb.serving.vllm_server import ManagedVLLM
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # A parent that ignores SIGTERM and keeps a child: both carry `mark` in their command line.
 STUBBORN_TREE = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "

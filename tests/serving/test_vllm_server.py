@@ -16,7 +16,7 @@ import pytest
 from chatfb.app.runtime import Runtime
 from chatfb.serving.vllm_server import ManagedVLLM, PortInUse, ServerStartError, port_in_use, served_root
 
-FAKE = Path(__file__).parent / "fake_openai.py"
+FAKE = Path(__file__).parents[1] / "fake_openai.py"
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]  # "our vLLM": alive, never answers
 
 

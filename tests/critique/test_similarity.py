@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Eight threads score at once on a fresh interpreter, as refine_all does: each must get the
 # embedding model (not the word-overlap fallback) and the same numbers as a single thread.

@@ -12,7 +12,7 @@ import pytest
 from chatfb.config import load_settings
 from chatfb.serving.managed_replicas import ManagedReplicas
 from chatfb.serving.process_group import _group_alive
-from tests.test_vllm_server import FAKE, free_port
+from tests.serving.test_vllm_server import FAKE, free_port
 
 
 def test_two_replicas_behind_the_router_and_all_gone_after_stop(tmp_path):
