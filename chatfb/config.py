@@ -1,7 +1,8 @@
 """chatfb settings: one frozen dataclass, filled from CHATFB_* environment variables and CLI flags.
 
-Every field carries a help string; the README's configuration table lists the same fields
-(`python -m chatfb settings` prints it). Precedence: CLI flag > environment variable > default.
+Every field carries a help string; docs/settings.md carries the table generated from them
+(`python -m chatfb settings` prints it, `python -m chatfb.config docs/settings.md` rewrites it there).
+Precedence: CLI flag > environment variable > default.
 """
 
 from __future__ import annotations
@@ -56,8 +57,7 @@ class Settings:
     max_lora_rank: int = _f(16, "Largest LoRA rank the managed vLLM server accepts (--max-lora-rank).")
     vllm_dtype: str = _f(
         "auto", "Weights dtype of the managed vLLM server: 'auto' = vLLM's choice on a GPU; on a CPU bfloat16 where it "
-        "has bf16 instructions (AVX512-BF16 or AMX; 1.4x float32's tokens/s at 8 chats in the serving benchmark), "
-        "else float32. Or float32 / bfloat16 / float16.")
+        "has bf16 instructions (AVX512-BF16 or AMX), else float32. Or float32 / bfloat16 / float16.")
     system_prompt: str = _f("You are a helpful assistant.", "Default system prompt (users can edit theirs in the UI).")
     max_message_chars: int = _f(4000, "Longest chat message accepted, in characters.")
     max_feedback_chars: int = _f(8000, "Longest critique or correction accepted, in characters.")
@@ -88,7 +88,7 @@ class Settings:
     learning_rate: float = _f(1e-3, "LoRA learning rate.")
     train_max_steps: int = _f(
         64, "Most optimizer steps per training phase (SFT, DPO) in one cycle, so a cycle's time stays bounded as "
-        "feedback grows (64 steps of batch 4 take ~4 min for SFT on 2 CPU cores); 0 = no cap (epochs decide).")
+        "feedback grows; 0 = no cap (epochs decide).")
     adapter_prefix: str = _f(
         "chatfb", "Adapter versions are named <prefix>-v0001, -v0002, ...; give each chatfb install that shares one "
         "vLLM server its own prefix (vLLM refuses a name it already has).")
@@ -97,8 +97,8 @@ class Settings:
     critique_recipe: str = _f(
         "instruct", "How the nightly cycle learns from critiques: 'instruct' = answer the conversation again with the "
         "critique as an instruction (critique_samples samples), keep the best that passes selection, train it without "
-        "the critique; 'ilf' = the older 'rewrite this reply given this feedback' prompt (mean uptake 0.17 in the "
-        "learning-efficacy benchmark), kept for comparison.")
+        "the critique; 'ilf' = the older 'rewrite this reply given this feedback' prompt, kept for "
+        "comparison (the learning-efficacy benchmark measures both).")
     critique_samples: int = _f(4, "Candidates sampled per critique, guideline or distillation prompt (one vLLM request with n).")
     distill_prompts: int = _f(
         4, "Context distillation: for each critique that states a lasting preference and each approved global guideline, "
@@ -112,8 +112,8 @@ class Settings:
         "so the adapter keeps what feedback does not touch); 0 = none, at most 32.")
     train_dpo: bool = _f(
         False, "After SFT, also run DPO on preference pairs (correction = chosen, original reply = rejected). Off by "
-        "default: over five runs of the learning-efficacy benchmark it taught less on average (0.76 vs 0.89 mean uptake) "
-        "at no better retention, for twice the time and memory.")
+        "default: in the learning-efficacy benchmark it taught less on average at no better retention, for more time "
+        "and memory.")
     train_mode: str = _f(
         "semi",
         "Which feedback trains: 'supervised' (corrections only), 'unsupervised' (critiques only, see critique_recipe), "
@@ -267,9 +267,34 @@ def settings_from_args(args: argparse.Namespace, env: dict | None = None) -> Set
 
 
 def settings_table() -> str:
-    """The markdown table the README carries."""
+    """The markdown table of every setting (env var / flag, default, help) that docs/settings.md carries."""
     rows = ["| env var / flag | default | meaning |", "|---|---|---|"]
     for f in fields(Settings):
-        default = "" if f.default is None else f"`{f.default}`"
-        rows.append(f"| `{env_name(f.name)}` / `--{f.name.replace('_', '-')}` | {default} | {f.metadata['help']} |")
+        default = "" if f.default in (None, "") else f"`{f.default}`"  # empty cell = unset
+        meaning = f.metadata["help"].replace("|", "\\|")
+        rows.append(f"| `{env_name(f.name)}` / `--{f.name.replace('_', '-')}` | {default} | {meaning} |")
     return "\n".join(rows)
+
+
+REGENERATE = "python -m chatfb.config docs/settings.md"
+TABLE_BEGIN = f"<!-- settings table: generated from chatfb.config.Settings by `{REGENERATE}`; do not edit by hand -->"
+TABLE_END = "<!-- end of the generated settings table -->"
+
+
+def with_settings_table(doc: str) -> str:
+    """`doc` (docs/settings.md) with the text between TABLE_BEGIN and TABLE_END replaced by settings_table()."""
+    head, begin, rest = doc.partition(TABLE_BEGIN)
+    _, end, tail = rest.partition(TABLE_END)
+    if not (begin and end):
+        raise SettingsError(f"the document lacks the settings table's markers {TABLE_BEGIN!r} ... {TABLE_END!r}")
+    return f"{head}{TABLE_BEGIN}\n{settings_table()}\n{TABLE_END}{tail}"
+
+
+if __name__ == "__main__":  # python -m chatfb.config [FILE]: print the table, or rewrite it inside FILE
+    import sys
+
+    if len(sys.argv) > 1:
+        target = Path(sys.argv[1])
+        target.write_text(with_settings_table(target.read_text()))
+    else:
+        print(settings_table())

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from chatfb.config import Settings, env_name, load_settings, settings_table
+from chatfb.config import (REGENERATE, TABLE_BEGIN, TABLE_END, Settings, SettingsError, env_name, load_settings,
+                           settings_table, with_settings_table)
 from dataclasses import fields
 
 
@@ -34,8 +35,17 @@ def test_admin_is_off_without_credentials():
     assert load_settings({"CHATFB_ADMIN_HF_USERS": "ann, bob"}).admin_hf_user_list == ("ann", "bob")
 
 
-def test_readme_documents_every_setting():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+def test_settings_doc_carries_exactly_the_generated_table():
+    doc = (Path(__file__).parent.parent / "docs" / "settings.md").read_text()
+    assert doc == with_settings_table(doc), (
+        f"docs/settings.md's settings table differs from chatfb.config.Settings: run `{REGENERATE}`")
     for f in fields(Settings):
-        assert env_name(f.name) in readme, f"README lacks {env_name(f.name)}"
-    assert settings_table().count("\n") == len(fields(Settings)) + 1
+        assert f"`{env_name(f.name)}`" in doc, f"docs/settings.md lacks {env_name(f.name)}"
+    assert settings_table().count("\n") == len(fields(Settings)) + 1, "one table row per setting"
+
+
+def test_settings_table_rewrites_only_between_its_markers():
+    stale = f"intro\n{TABLE_BEGIN}\n| stale row |\n{TABLE_END}\noutro\n"
+    assert with_settings_table(stale) == f"intro\n{TABLE_BEGIN}\n{settings_table()}\n{TABLE_END}\noutro\n"
+    with pytest.raises(SettingsError, match="markers"):
+        with_settings_table("no markers here")
