@@ -1,4 +1,5 @@
-"""`python -m chatfb COMMAND`: serve, import-feedback, export, nightly, adapters, push-adapter, delete-user, settings.
+"""`python -m chatfb COMMAND`: serve, import-feedback, export, nightly, adapters, push-adapter, delete-user,
+guidelines, settings (`python -m chatfb COMMAND --help` for each; docs/formats.md lists them).
 
 Every command that touches data works whether or not the app is running: with the app up it is
 carried out by the app (see chatfb.app.control), otherwise on the DuckDB file directly.

