@@ -23,7 +23,8 @@ from pathlib import Path
 from chatfb.serving.adapters import AdapterRegistry, AdapterRouter
 from chatfb.app.chat_service import ChatService
 from chatfb.config import Settings
-from chatfb.app.control import ControlServer, LocalBackend
+from chatfb.app.admin import AdminService
+from chatfb.app.control import ControlServer
 from chatfb.learning.cycle import CycleResult, child_command, finish, launch, prepare, server_for_the_cycle
 from chatfb.critique.judge import judge_for
 from chatfb.serving.model_client import ModelClient
@@ -49,7 +50,8 @@ class Runtime:
         self.registry = AdapterRegistry(self.store, [self.client], self.router, settings.data_dir, replicas=self.replicas)
         self.chat = ChatService(settings, self.store, self.client, self.router,
                                 judge_for(settings.scorer, self.client, self._model_dir))
-        self.control = ControlServer(LocalBackend(self.store, self.registry, cycles=self), settings.data_dir)
+        self.admin = AdminService(self.store, self.registry, cycles=self, settings=settings, client=self.client)
+        self.control = ControlServer(self.admin, settings.data_dir)
         self.server = None
         self.status = "Preparing the model…"
         self.ready = threading.Event()

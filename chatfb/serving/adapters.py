@@ -227,14 +227,22 @@ class AdapterRegistry:
             raise AdapterError(f"adapter {name} is {a['status']} and cannot be promoted")
         self.activate(name)
 
+    def previous_version(self) -> str | None:
+        """The version that was live before the current one: the newest promoted before it and retired
+        since (not one rolled back). None when the base model serves, or served before the current one."""
+        live = self.store.live_adapter()
+        if live is None:
+            return None
+        earlier = [a for a in self.store.adapters() if a["promoted_at"] is not None and a["name"] != live["name"]
+                   and a["promoted_at"] <= live["promoted_at"] and a["status"] == "retired"]
+        return max(earlier, key=lambda a: a["promoted_at"])["name"] if earlier else None
+
     def rollback(self) -> str | None:
-        """Serve the version that was live before the current one (or the base model)."""
+        """Serve the previous version (`previous_version`, or the base model)."""
         live = self.store.live_adapter()
         if live is None:
             raise AdapterError("nothing to roll back: the base model is serving")
-        earlier = [a for a in self.store.adapters() if a["promoted_at"] is not None and a["name"] != live["name"]
-                   and a["promoted_at"] <= live["promoted_at"] and a["status"] == "retired"]
-        target = max(earlier, key=lambda a: a["promoted_at"])["name"] if earlier else None
+        target = self.previous_version()
         self.activate(target)
         self.store.update_adapter(live["name"], status="rolled_back")
         return target

@@ -245,11 +245,10 @@ def test_recorded_candidates_reach_the_store_through_the_cycles_owner(store, set
     (got,) = store.candidates(where="origin = ?", params=("nightly",))
     assert (got["text"], got["status"], got["cycle"], got["details"]["critique"]) == ("Email us.", "kept", "chatfb-v0001", RULE)
     # ... and the admin tab's audit table shows them
-    from types import SimpleNamespace
-
+    from chatfb.app.admin import AdminService
     from chatfb.ui.admin_tab import candidates_frame
 
-    frame = candidates_frame(SimpleNamespace(store=store))
+    frame = candidates_frame(AdminService(store, registry, settings=settings))
     assert frame.to_dict("records") == [{"cycle": "chatfb-v0001", "critique": RULE, "prompt": "Hi", "candidate": "Email us.",
                                          "score": 1.5, "verdict": "ok", "status": "kept"}]
 
