@@ -93,13 +93,9 @@ class Runtime:
                     if s.vllm_replicas > 1:  # N replicas behind vllm-router on the same port
                         from chatfb.serving.managed_replicas import ManagedReplicas
 
-                        self.server = ManagedReplicas(path, s.served_model_name, s.vllm_port, s.data_dir, s.vllm_replicas,
-                                                      s.shared_adapters_dir, max_lora_rank=s.max_lora_rank,
-                                                      max_model_len=s.max_model_len, kvcache_gib=s.vllm_kvcache_gib,
-                                                      startup_timeout_s=s.vllm_startup_timeout_s, dtype=s.vllm_dtype)
+                        self.server = ManagedReplicas.from_settings(s, path)
                     else:
-                        self.server = ManagedVLLM(path, s.served_model_name, s.vllm_port, s.data_dir, s.max_lora_rank,
-                                                  s.max_model_len, s.vllm_kvcache_gib, s.vllm_startup_timeout_s, s.vllm_dtype)
+                        self.server = ManagedVLLM.from_settings(s, path)
                 self.server.on_restart = self.registry.restore
                 self.server.start(wait=True)  # refuses to launch once close() has stopped it
             else:

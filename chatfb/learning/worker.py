@@ -49,10 +49,7 @@ def model_server(settings: Settings, server_url: str | None):
         return ModelClient(server_url, settings.api_key, batch_timeout(settings)), base, lambda: None
     from chatfb.serving.vllm_server import ManagedVLLM
 
-    server = ManagedVLLM(base, settings.served_model_name, settings.vllm_port + 1, settings.data_dir,
-                         settings.max_lora_rank, settings.max_model_len, settings.vllm_kvcache_gib,
-                         settings.vllm_startup_timeout_s, settings.vllm_dtype)
-    server.log_path = settings.layout.logs / "vllm-nightly.log"
+    server = ManagedVLLM.from_settings(settings, base, settings.vllm_port + 1, log_role="nightly")
     server.start(wait=True)
     client = ModelClient(server.url, timeout_s=batch_timeout(settings))
     return client, base, lambda: (client.close(), server.stop())

@@ -22,7 +22,7 @@ import httpx
 from chatfb.layout import DataLayout
 from chatfb.serving.process_group import stop_groups
 from chatfb.serving.replicas import resolver_env
-from chatfb.serving.vllm_server import ManagedVLLM, PortInUse, ServerStartError, port_in_use
+from chatfb.serving.vllm_server import ManagedVLLM, PortInUse, ServerStartError, port_in_use, vllm_options
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,15 @@ class ManagedReplicas:
                  shared_dir: Path, **vllm_kwargs):
         Path(shared_dir).mkdir(parents=True, exist_ok=True)  # the resolver refuses a missing folder
         self.replicas = [ManagedVLLM(model_path, served_name, port + 2 + i, data_dir, env=resolver_env(shared_dir),
-                                     log_name=f"vllm-{i}.log", **vllm_kwargs) for i in range(replicas)]
+                                     log_role=str(i), **vllm_kwargs) for i in range(replicas)]
         self.router = ManagedRouter(port, [r.url for r in self.replicas], data_dir)
         self.url = self.router.url
+
+    @classmethod
+    def from_settings(cls, settings, model_path: Path) -> "ManagedReplicas":
+        """CHATFB_VLLM_REPLICAS servers for the model folder `model_path`, as `settings` describe them."""
+        return cls(model_path, settings.served_model_name, settings.vllm_port, settings.data_dir, settings.vllm_replicas,
+                   settings.shared_adapters_dir, **vllm_options(settings))
 
     @property
     def on_restart(self) -> Callable[[], None] | None:

@@ -121,18 +121,25 @@ def _cpu_build() -> bool:
         return True
 
 
+def vllm_options(settings) -> dict:
+    """ManagedVLLM's keyword arguments from the settings: each server chatfb manages is started alike."""
+    return dict(max_lora_rank=settings.max_lora_rank, max_model_len=settings.max_model_len,
+                kvcache_gib=settings.vllm_kvcache_gib, startup_timeout_s=settings.vllm_startup_timeout_s,
+                dtype=settings.vllm_dtype)
+
+
 class ManagedVLLM:
     MAX_FAILED_RESTARTS = 3  # in a row; then the watchdog stops and says why (no endless restart loop)
 
     def __init__(self, model_path: Path, served_name: str, port: int, data_dir: Path, max_lora_rank: int = 16,
                  max_model_len: int = 2048, kvcache_gib: int = 1, startup_timeout_s: float = 600.0, dtype: str = "auto",
-                 env: dict[str, str] | None = None, log_name: str = "vllm.log"):
+                 env: dict[str, str] | None = None, log_role: str | None = None):
         self.cmd = vllm_command(model_path, served_name, port, max_lora_rank, max_model_len, dtype)
         self.extra_env = dict(env or {})  # e.g. a replica's LoRA resolver (chatfb.serving.replicas.resolver_env)
         self.port = port
         self.model_root = str(model_path)  # what vLLM reports as `root`: proves the server is ours
         self.url = f"http://127.0.0.1:{port}"
-        self.log_path = DataLayout(Path(data_dir)).logs / log_name
+        self.log_path = DataLayout(Path(data_dir)).vllm_log(log_role)
         self.kvcache_gib = kvcache_gib
         self.startup_timeout_s = startup_timeout_s
         self.on_restart: Callable[[], None] | None = None
@@ -141,6 +148,13 @@ class ManagedVLLM:
         self._lock = threading.Lock()  # a launch and stop() never interleave: stop() leaves no process behind
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
+
+    @classmethod
+    def from_settings(cls, settings, model_path: Path, port: int | None = None, **kwargs) -> "ManagedVLLM":
+        """The server `settings` (chatfb.config.Settings) describe, for the model folder `model_path`, on
+        CHATFB_VLLM_PORT unless `port` is given; `kwargs`: env, log_role."""
+        return cls(model_path, settings.served_model_name, settings.vllm_port if port is None else port,
+                   settings.data_dir, **vllm_options(settings), **kwargs)
 
     def start(self, wait: bool = True) -> None:
         self._launch()
