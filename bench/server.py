@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import httpx
-
 from chatfb.config import VLLM_DTYPES
 
 SERVED_NAME = "chatfb-base"
@@ -52,13 +50,10 @@ class Server:
 
 def served_model_root(url: str, api_key: str | None = None) -> Path | None:
     """The local folder vLLM serves chatfb-base from, when it is on this machine."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    r = httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=10)
-    r.raise_for_status()
-    for m in r.json().get("data", []):
-        if m.get("id") == SERVED_NAME and m.get("root") and Path(m["root"]).is_dir():
-            return Path(m["root"])
-    return None
+    from chatfb.serving.model_client import served_root
+
+    root = served_root(url, SERVED_NAME, api_key, timeout_s=10.0)
+    return Path(root) if root and Path(root).is_dir() else None
 
 
 @contextmanager

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from chatfb.config import add_settings_flags, settings_from_args, settings_table
+from chatfb.config import add_settings_flags, settings_from_args, settings_table, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,7 @@ def add_hub_flags(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "absl"):  # one line per HTTP request is too much
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     if args.command == "settings":
         print(settings_table())
         return 0

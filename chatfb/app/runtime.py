@@ -46,7 +46,10 @@ class Runtime:
         self.router = AdapterRouter(settings.served_model_name)
         self.client = ModelClient(settings.base_url, settings.api_key, settings.request_timeout_s)
         self.replicas = replica_set_for(settings)  # None: one model server
-        self.registry = AdapterRegistry(self.store, [self.client], self.router, settings.data_dir, replicas=self.replicas)
+        if self.replicas is None:
+            self.registry = AdapterRegistry(self.store, [self.client], self.router, settings.data_dir)
+        else:
+            self.registry = AdapterRegistry.for_replicas(self.store, self.replicas, self.router, settings.data_dir)
         self.chat = ChatService(settings, self.store, self.client, self.router,
                                 judge_for(settings.scorer, self.client, self._model_dir))
         self.admin = AdminService(self.store, self.registry, cycles=self, settings=settings, client=self.client)
@@ -97,7 +100,7 @@ class Runtime:
                     else:
                         self.server = ManagedVLLM.from_settings(s, path)
                 self.server.on_restart = self.registry.restore
-                self.server.start(wait=True)  # refuses to launch once close() has stopped it
+                self.server.start()  # waits until it serves; refuses to launch once close() has stopped it
             else:
                 self.status = "Connecting to the model server…"
                 if not wait_until(self.client.healthy, None, every_s=2.0, stop=self._stop):

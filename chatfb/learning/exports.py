@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from datetime import datetime
 from pathlib import Path
 
 from chatfb.learning.rows import dpo_row, kto_row, sft_row, write_rows
-from chatfb.store.records import FeedbackRecord
+from chatfb.store.records import LONE_SURROGATE, FeedbackRecord
 
 IMPORT_KINDS = ("rating", "critique", "correction")
 EXPORT_FORMATS = ("sft", "dpo", "kto")
@@ -42,10 +41,6 @@ class BadImportFile(ValueError):
         lines = "\n".join(f"  line {n}: {why}" for n, why in problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
         super().__init__(f"{len(problems)} bad line(s), nothing was imported:\n{lines}{more}")
-
-
-# JSON may escape a lone surrogate ("\\ud800"); Python decodes it, UTF-8 (DuckDB) cannot hold it.
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def parse_record(obj, max_chars: int) -> dict:

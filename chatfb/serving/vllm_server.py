@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import httpx
-
 from chatfb.layout import DataLayout
+from chatfb.serving.environment import has_cuda
+from chatfb.serving.model_client import served_root
 from chatfb.serving.process_group import stop_groups
 from chatfb.serving.wait import wait_until
 
@@ -58,18 +58,6 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def served_root(url: str) -> str | None:
-    """The model folder the server at `url` says it serves (`root` of its first model), or None."""
-    try:
-        r = httpx.get(url + "/v1/models", timeout=3.0)
-        if r.status_code != 200:
-            return None
-        data = r.json().get("data") or [{}]
-        return data[0].get("root")
-    except (httpx.HTTPError, ValueError, AttributeError):
-        return None
-
-
 def vllm_command(model_path: Path, served_name: str, port: int, max_lora_rank: int, max_model_len: int,
                  dtype: str = "auto") -> list[str]:
     return [
@@ -93,7 +81,7 @@ def serving_dtype(setting: str = "auto") -> str:
     emulated without those instructions is slower than float32, and half precision is unsupported)."""
     if setting != "auto":
         return setting
-    if not _cpu_build():
+    if has_cuda():
         return "auto"
     return "bfloat16" if cpu_has_bf16() else "float32"
 
@@ -112,13 +100,6 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
     return False
 
 
-def _cpu_build() -> bool:
-    try:
-        import torch
-
-        return not torch.cuda.is_available()
-    except ImportError:
-        return True
 
 
 def vllm_options(settings) -> dict:

@@ -41,7 +41,7 @@ def replicas():
 
 def registry_for(store, settings, urls, shared_dir):
     rs = ReplicaSet(urls, "chatfb-base", shared_dir)
-    return AdapterRegistry(store, [], AdapterRouter("chatfb-base"), settings.data_dir, drain_timeout_s=1, replicas=rs)
+    return AdapterRegistry.for_replicas(store, rs, AdapterRouter("chatfb-base"), settings.data_dir, drain_timeout_s=1)
 
 
 def test_publish_names_the_replicas_base_model_and_never_rewrites_a_published_version(tmp_path):

@@ -18,7 +18,7 @@ def test_cpu_bf16_detection_reads_the_flags_line():
 
 @pytest.mark.parametrize("cpuinfo, expected", [(ZEN4, "bfloat16"), (OLD_XEON, "float32")])
 def test_auto_dtype_on_a_cpu_follows_its_instructions(monkeypatch, cpuinfo, expected):
-    monkeypatch.setattr(vs, "_cpu_build", lambda: True)
+    monkeypatch.setattr(vs, "has_cuda", lambda: False)
     real = vs.cpu_has_bf16
     monkeypatch.setattr(vs, "cpu_has_bf16", lambda: real(cpuinfo))
     cmd = vs.vllm_command(Path("/m"), "chatfb-base", 8011, 16, 2048)
@@ -28,7 +28,7 @@ def test_auto_dtype_on_a_cpu_follows_its_instructions(monkeypatch, cpuinfo, expe
 
 
 def test_auto_dtype_on_a_gpu_is_vllms_own(monkeypatch):
-    monkeypatch.setattr(vs, "_cpu_build", lambda: False)
+    monkeypatch.setattr(vs, "has_cuda", lambda: True)
     assert vs.serving_dtype("auto") == "auto" and vs.serving_dtype("float16") == "float16"
 
 
