@@ -158,7 +158,7 @@ def cmd_export(settings, args) -> int:
         print(f"wrote {n} {args.format} rows to {path}")
     if args.push_to_hub:
         push_built(settings, args.push_to_hub, "dataset", args.private,
-                   lambda d: dataset_files(records, d, license=args.license, max_chars=settings.max_feedback_chars))
+                   lambda d: dataset_files(records, d, dismissed, license=args.license, max_chars=settings.max_feedback_chars))
     return 0
 
 

@@ -61,7 +61,8 @@ class AdminService:
 
     def export_all(self) -> Path:
         """Write all three TRL formats under <data_dir>/exports/<UTC time>/ (never a path from a browser)."""
-        from chatfb.learning.exports import EXPORT_FORMATS, export
+        from chatfb.learning.exports import export
+        from chatfb.learning.rows import EXPORT_FORMATS
 
         out = self.settings.layout.exports / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
         records, dismissed = self.store.feedback_records(), self.store.rejected_candidates()
