@@ -37,6 +37,7 @@ from chatfb.store.records import StoreError
 
 log = logging.getLogger(__name__)
 
+
 class ControlError(AdminError):
     """A control operation failed (or the app did not answer); str(e) is the reason."""
 
