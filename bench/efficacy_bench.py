@@ -22,7 +22,7 @@ Every mode starts from the same base model and a fresh data folder, imports its 
   critique             critiques only, unattended, the new recipe: the question answered again with the
                        critique as an instruction, selected by the served model (CHATFB_CRITIQUE_RECIPE=instruct)
   accept               critique + in-loop acceptance: for each critiqued prompt the scripted user is offered
-                       the candidates chatfb.critique.candidates.select keeps (best first) and accepts the first that
+                       the candidates chatfb.critique.candidates.select_rounds keeps (best first) and accepts the first that
                        passes the family's checker (imported as a correction with that text), dismissing the
                        others, pressing "Try again" once when none passes; a critique with no acceptable candidate stays a critique (CHATFB_TRAIN_MODE=semi)
   guideline_prompt     no training: every family's critique as an approved guideline in the system prompt
@@ -286,7 +286,7 @@ def feedback_rows(mode: str, families: list[Family], items: int, originals: dict
 
 
 def accept_revisions(client, judge, families: list[Family], items: int) -> tuple[dict[str, str], dict]:
-    """The in-loop user: for each critiqued prompt, the candidates chatfb.critique.candidates.select keeps (what the
+    """The in-loop user: for each critiqued prompt, the candidates chatfb.critique.candidates.select_rounds keeps (what the
     app may offer, best first); the first that passes the family's checker is accepted, the others dismissed;
     when none does, the user presses "Try again" once (4 more).
     Returns ({prompt: accepted text}, {family: {"critiqued", "offered", "accepted"}})."""
@@ -300,8 +300,8 @@ def accept_revisions(client, judge, families: list[Family], items: int) -> tuple
         fam, q = job
         offered = []
         for _ in range(2):
-            kept = [c for c in candidates.select(judge, SERVED_NAME, messages(q), fam.critique, n=4, max_tokens=192,
-                                                 generator=client, generator_model=SERVED_NAME) if c.ok]
+            kept = [c for c in candidates.select_rounds(judge, SERVED_NAME, messages(q), fam.critique, n=4, max_tokens=192,
+                                                        rounds=1, generator=client, generator_model=SERVED_NAME) if c.ok]
             offered += kept
             right = next((c.text for c in kept if fam.check(c.text)), None)
             if right is not None:
@@ -326,7 +326,8 @@ def selection_stats(data_dir: Path, families: list[Family], seed: int, accepted:
     example, and selection precision (share of kept examples - candidates rows with status kept, and
     accepted revisions - that pass the family's checker)."""
     from chatfb.store.db import Store
-    from chatfb.learning.training_data import is_heldout, last_user
+    from chatfb.learning.training_data import is_heldout
+    from chatfb.store.records import last_user
 
     with Store(data_dir / "chatfb.duckdb", read_only=True) as s:
         records = s.feedback_records()

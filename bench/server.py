@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import httpx
-
 from chatfb.config import VLLM_DTYPES
 
 SERVED_NAME = "chatfb-base"
@@ -52,27 +50,25 @@ class Server:
 
 def served_model_root(url: str, api_key: str | None = None) -> Path | None:
     """The local folder vLLM serves chatfb-base from, when it is on this machine."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    r = httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=10)
-    r.raise_for_status()
-    for m in r.json().get("data", []):
-        if m.get("id") == SERVED_NAME and m.get("root") and Path(m["root"]).is_dir():
-            return Path(m["root"])
-    return None
+    from chatfb.serving.model_client import served_root
+
+    root = served_root(url, SERVED_NAME, api_key, timeout_s=10.0)
+    return Path(root) if root and Path(root).is_dir() else None
 
 
 @contextmanager
 def managed_vllm(model_dir: Path, args: argparse.Namespace) -> Iterator[Server]:
     """Start a ManagedVLLM on a free port; `relaunch` starts a fresh one on the same port."""
+    from chatfb.config import Settings
     from chatfb.serving.vllm_server import ManagedVLLM
 
     port = free_port()
+    settings = Settings(data_dir=Path(args.data_dir), served_model_name=SERVED_NAME, max_lora_rank=args.max_lora_rank,
+                        vllm_kvcache_gib=args.kvcache_gib, vllm_startup_timeout_s=args.startup_timeout_s,
+                        vllm_dtype=args.dtype)
 
     def launch() -> ManagedVLLM:
-        server = ManagedVLLM(model_dir, SERVED_NAME, port, args.data_dir, max_lora_rank=args.max_lora_rank,
-                             kvcache_gib=args.kvcache_gib, startup_timeout_s=args.startup_timeout_s,
-                             dtype=args.dtype)
-        server.log_path = Path(args.data_dir) / "logs" / "vllm-bench.log"
+        server = ManagedVLLM.from_settings(settings, model_dir, port, log_role="bench")
         print(f"starting vLLM on port {port} with {model_dir} (log: {server.log_path}) ...", flush=True)
         server.start()
         return server

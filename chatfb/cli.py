@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from chatfb.config import add_settings_flags, settings_from_args, settings_table
+from chatfb.config import add_settings_flags, settings_from_args, settings_table, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,7 @@ def add_hub_flags(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "absl"):  # one line per HTTP request is too much
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     if args.command == "settings":
         print(settings_table())
         return 0
@@ -105,13 +103,13 @@ def user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message tells the user what to do: printed without a trace."""
     from chatfb.serving.adapters import AdapterError
     from chatfb.config import SettingsError
-    from chatfb.app.control import ControlError
+    from chatfb.app.admin import AdminError
     from chatfb.learning.exports import BadImportFile
     from chatfb.learning.gate import GateError
     from chatfb.learning.hub import HubError
     from chatfb.store.records import StoreError
 
-    return CommandError, SettingsError, BadImportFile, AdapterError, ControlError, GateError, HubError, StoreError
+    return CommandError, SettingsError, BadImportFile, AdapterError, AdminError, GateError, HubError, StoreError
 
 
 def cmd_serve(settings, args) -> int:
@@ -122,11 +120,10 @@ def cmd_serve(settings, args) -> int:
 
 
 def cmd_import(settings, args) -> int:
-    from chatfb.app.control import open_backend
     from chatfb.learning.exports import parse_jsonl
 
     records = parse_jsonl(args.file, settings.max_feedback_chars)  # raises with every bad line named
-    backend = open_backend(settings.data_dir, base_model(settings))
+    backend = open_admin(settings)
     try:
         n = backend.import_feedback([{k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()
                                       if v is not None} for r in records])
@@ -139,10 +136,9 @@ def cmd_import(settings, args) -> int:
 def snapshot_records(settings):
     """(feedback records, dismissed revisions by message id) read from a fresh, consistent snapshot
     (the app writes it when running)."""
-    from chatfb.app.control import open_backend
     from chatfb.store.db import Store
 
-    backend = open_backend(settings.data_dir, base_model(settings))
+    backend = open_admin(settings)
     try:
         path = backend.snapshot()
     finally:
@@ -163,7 +159,7 @@ def cmd_export(settings, args) -> int:
         print(f"wrote {n} {args.format} rows to {path}")
     if args.push_to_hub:
         push_built(settings, args.push_to_hub, "dataset", args.private,
-                   lambda d: dataset_files(records, d, license=args.license, max_chars=settings.max_feedback_chars))
+                   lambda d: dataset_files(records, d, dismissed, license=args.license, max_chars=settings.max_feedback_chars))
     return 0
 
 
@@ -178,6 +174,14 @@ def push_built(settings, repo: str, repo_type: str, private: bool, build) -> Non
     print(f"pushed {len(files)} files to {repo_type} repo {repo} {url}".rstrip())
 
 
+def open_admin(settings):
+    """The admin operations (chatfb.app.admin): the running app's, through its control API, or this
+    process's own on the store file. Close it when done."""
+    from chatfb.app.control import open_backend
+
+    return open_backend(settings.data_dir, base_model(settings), settings)
+
+
 def base_model(settings) -> str | None:
     """The model adapters are checked against without the app: the managed server's, as the app checks
     (an external server may serve another model than CHATFB_MODEL names)."""
@@ -189,10 +193,10 @@ def cmd_nightly(settings, args) -> int:
     stderr meanwhile), or this process. The cycle's summary (JSON) goes to stdout."""
     import json
 
-    from chatfb.app.control import RemoteBackend, open_backend
+    from chatfb.app.control import RemoteBackend
     from chatfb.learning.cycle import run_cycle
 
-    backend = open_backend(settings.data_dir, base_model(settings))
+    backend = open_admin(settings)
     try:
         if isinstance(backend, RemoteBackend):
             result = cycle_in_app(backend, settings, promote=not args.no_promote)
@@ -236,10 +240,9 @@ def _or_dash(value) -> str:
 
 
 def cmd_adapters(settings, args) -> int:
-    from chatfb.app.control import open_backend
     from chatfb.learning.gate import GateReport
 
-    backend = open_backend(settings.data_dir, base_model(settings))
+    backend = open_admin(settings)
     try:
         if args.action == "list":
             for a in backend.adapters():
@@ -261,11 +264,10 @@ def cmd_adapters(settings, args) -> int:
 
 def cmd_push_adapter(settings, args) -> int:
     from chatfb.serving.adapters import confined_path
-    from chatfb.app.control import open_backend
     from chatfb.learning.hub import adapter_files
     from chatfb.serving.model_files import EMBEDDED_HUB_ID
 
-    backend = open_backend(settings.data_dir, base_model(settings))
+    backend = open_admin(settings)
     try:
         row = next((a for a in backend.adapters() if a["name"] == args.name), None)
     finally:
@@ -279,9 +281,8 @@ def cmd_push_adapter(settings, args) -> int:
 
 
 def cmd_delete_user(settings, args) -> int:
-    from chatfb.app.control import open_backend
 
-    backend = open_backend(settings.data_dir, base_model(settings))
+    backend = open_admin(settings)
     try:
         n = backend.delete_user(args.user)
     finally:
@@ -293,20 +294,16 @@ def cmd_delete_user(settings, args) -> int:
 def cmd_guidelines(settings, args) -> int:
     """Guidelines for everyone: `add` makes an approved one at once (the operator is the admin);
     `approve` approves a user's suggestion; `retire` takes any guideline out of the prompts."""
-    from chatfb.app.control import open_backend
 
     if args.action != "list" and not (args.value or "").strip():
         raise CommandError(f"guidelines {args.action} needs " + ("TEXT" if args.action == "add" else "an ID"))
-    backend = open_backend(settings.data_dir, base_model(settings))
+    backend = open_admin(settings)
     try:
         if args.action == "list":
             for g in backend.guidelines():
                 print(f"{g['id']}  {g['scope']:<6} {g['status']:<8} {g['user_name'] or '-':<12} {g['text']}")
         elif args.action == "add":
-            text = args.value.strip()
-            if len(text) > settings.max_guideline_chars:
-                raise CommandError(f"the guideline is {len(text)} characters long; the limit is {settings.max_guideline_chars}")
-            print(f"added guideline {backend.add_guideline(text)} for everyone")
+            print(f"added guideline {backend.add_guideline(args.value)} for everyone")
         else:
             backend.set_guideline_status(args.value.strip(), "active" if args.action == "approve" else "retired")
             print(f"{args.action}d guideline {args.value.strip()}")

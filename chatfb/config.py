@@ -17,6 +17,15 @@ from pathlib import Path
 from chatfb.layout import DataLayout
 
 
+def setup_logging() -> None:
+    """Log lines as every chatfb process writes them (the CLI, the app, a learning cycle's child)."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "absl"):  # one line per HTTP request is too much
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 class SettingsError(ValueError):
     """A setting has a value chatfb cannot use; str(e) names it and what it accepts."""
 

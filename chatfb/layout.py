@@ -54,6 +54,11 @@ class DataLayout:
     def nightly_log(self) -> Path:
         return self.logs / "nightly.log"
 
+    def vllm_log(self, role: str | None = None) -> Path:
+        """A managed vLLM server's log: vllm.log (the app's), vllm-nightly.log (the server a learning cycle
+        run without the app starts), vllm-<i>.log (managed replica i), vllm-bench.log (benchmarks)."""
+        return self.logs / (f"vllm-{role}.log" if role is not None else "vllm.log")
+
     @property
     def router_log(self) -> Path:
         return self.logs / "router.log"

@@ -263,14 +263,10 @@ def test_export_on_a_full_disk_leaves_the_previous_file_whole(tmp_path):
 
 
 def test_the_admin_export_never_takes_a_path(settings, store):
-    from chatfb.ui.admin_tab import export_all
+    from chatfb.app.admin import AdminService
+    from chatfb.serving.adapters import AdapterRegistry
 
-    class Rt:
-        pass
-
-    rt = Rt()
-    rt.settings, rt.store = settings, store
-    out = export_all(rt)
+    out = AdminService(store, AdapterRegistry.without_servers(store, settings.data_dir), settings=settings).export_all()
     assert out.resolve().parent == (settings.data_dir / "exports").resolve()
 
 

@@ -8,7 +8,6 @@ session does not own. The Gradio UI and the serving benchmark both drive this cl
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import defaultdict, deque
@@ -21,7 +20,7 @@ from chatfb.config import Settings
 from chatfb.critique.judge import ServerJudge
 from chatfb.serving.model_client import ModelClient, ModelError, StreamResult
 from chatfb.store.db import Store
-from chatfb.store.records import StoreError
+from chatfb.store.records import StoreError, utf8_text
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +28,6 @@ log = logging.getLogger(__name__)
 # Characters that show nothing: a text of only these (and spaces) is empty.
 INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad\u180e\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
                                   "\u2066\u2067\u2068\u2069"))
-
-SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def utf8_text(text: str | None) -> str:
-    """`text` as valid UTF-8 can hold it: a JSON client can send lone surrogates ("\\ud800"), which
-    Python decodes but DuckDB and vLLM cannot store or read; each becomes U+FFFD."""
-    return SURROGATE.sub("\ufffd", text or "")
-
 
 class ChatInputError(ValueError):
     """Input the app refuses; str(e) is shown to the user as is."""

@@ -6,15 +6,17 @@ So the running app serves a small control API on 127.0.0.1 (random port, a rando
 
 - `RemoteBackend` when the app is running: the CLI's commands are done by the app, in its process,
   through its single writer (imports, snapshots, promotion into the live vLLM, learning cycles);
-- `LocalBackend` otherwise: the CLI opens the store itself (adapters promoted without a server:
-  the app loads the live one when it starts).
+- an `AdminService` (chatfb.app.admin) otherwise: the CLI opens the store itself (adapters promoted
+  without a server: the app loads the live one when it starts).
 
-Both offer the CLI's commands as the same methods (`OPS`). A learning cycle's child process uses
-none of this: its owner hands it everything (chatfb.learning.cycle).
+Both offer the admin operations named in `OPS` as the same methods: the app's control server runs them
+on its own AdminService. A learning cycle's child process uses none of this: its owner hands it
+everything (chatfb.learning.cycle).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -26,20 +28,18 @@ from pathlib import Path
 
 import httpx
 
-from chatfb.serving.adapters import AdapterError, AdapterRegistry
+from chatfb.app.admin import OPS, AdminError, AdminService
+from chatfb.config import Settings
 from chatfb.layout import DataLayout
+from chatfb.serving.adapters import AdapterError, AdapterRegistry
 from chatfb.store.db import Store
 from chatfb.store.records import StoreError
 
 log = logging.getLogger(__name__)
 
-# The CLI's operations: each is a method of both backends, and what the control API accepts.
-OPS = ("import_feedback", "snapshot", "adapters", "add_adapter", "promote", "rollback", "delete_user", "guidelines",
-       "add_guideline", "set_guideline_status", "start_cycle", "cycle_status")
 
-
-class ControlError(RuntimeError):
-    """A control operation failed; str(e) is the reason."""
+class ControlError(AdminError):
+    """A control operation failed (or the app did not answer); str(e) is the reason."""
 
 
 def _jsonable(obj):
@@ -50,78 +50,8 @@ def _jsonable(obj):
     raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
-class LocalBackend:
-    """The CLI's operations on a store this process owns (the app itself, or the CLI when the app is down).
-    `cycles` is the app's Runtime (start_training, cycle_status); without an app the CLI runs cycles itself."""
-
-    def __init__(self, store: Store, registry: AdapterRegistry, cycles=None):
-        self.store = store
-        self.registry = registry
-        self.cycles = cycles
-
-    def close(self):
-        pass
-
-    def import_feedback(self, records: list[dict]) -> int:
-        from chatfb.learning.exports import parse_record
-
-        # Validated again here: the records may come over the control API. Sizes were checked by the CLI.
-        return self.store.import_feedback([parse_record(r, 10**9) for r in records])
-
-    def snapshot(self) -> str:
-        return str(self.store.snapshot(DataLayout(self.registry.data_dir).latest_snapshot))
-
-    def adapters(self) -> list[dict]:
-        return self.store.adapters()
-
-    def add_adapter(self, name: str, path: str) -> None:
-        """Register an adapter folder trained elsewhere (under <data_dir>/adapters) as a candidate."""
-        self.store.add_adapter(name, None, "candidate", path)
-
-    def promote(self, name: str) -> None:
-        self.registry.promote(name)
-
-    def rollback(self) -> str | None:
-        return self.registry.rollback()
-
-    def delete_user(self, user_name: str) -> int:
-        return self.store.delete_user(user_name)
-
-    def guidelines(self) -> list[dict]:
-        return self.store.guidelines()
-
-    def add_guideline(self, text: str) -> str:
-        """A guideline for everyone, approved at once (the operator is the admin)."""
-        return self.store.add_guideline(text, "global", "active")
-
-    def set_guideline_status(self, guideline_id: str, status: str) -> None:
-        g = self.store.guideline(guideline_id)
-        if g is None:
-            raise ControlError(f"no guideline with id {guideline_id!r} (see: python -m chatfb guidelines list)")
-        if status == "active" and g["scope"] != "global":
-            raise ControlError("only guidelines suggested for everyone need approval")
-        self.store.update_guideline(guideline_id, status=status)
-
-    def start_cycle(self, settings_json: str, promote: bool) -> int:
-        """Start a learning cycle in the app with the CLI's settings; returns its number (see cycle_status)."""
-        from chatfb.config import settings_from_json
-
-        if self.cycles is None:
-            raise ControlError("no app runs here to start a learning cycle in")
-        number = self.cycles.start_training(settings_from_json(settings_json), promote)
-        if number is None:
-            raise ControlError("a learning cycle is already running (started from the admin tab or the schedule)")
-        return number
-
-    def cycle_status(self) -> dict:
-        """{"running": bool, "finished": number of the last finished cycle, "result": its summary or None}."""
-        if self.cycles is None:
-            raise ControlError("no app runs here")
-        return self.cycles.cycle_status()
-
-
 class RemoteBackend:
-    """The same operations, carried out by the running app."""
+    """The admin operations in `OPS`, carried out by the running app."""
 
     def __init__(self, port: int, token: str):
         self._http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600.0,
@@ -140,47 +70,24 @@ class RemoteBackend:
             raise ControlError(body.get("error", f"control API error {r.status_code}"))
         return body["result"]
 
-    def import_feedback(self, records: list[dict]) -> int:
-        return self.call("import_feedback", records=records)
+    def __getattr__(self, op: str):
+        """The operation `op` of AdminService, carried out by the app: same arguments, same result."""
+        if op not in OPS:
+            raise AttributeError(op)
+        signature = inspect.signature(getattr(AdminService, op))
 
-    def snapshot(self) -> str:
-        return self.call("snapshot")
+        def remote(*args, **kwargs):
+            bound = signature.bind(None, *args, **kwargs)
+            bound.apply_defaults()
+            return self.call(op, **{k: v for k, v in bound.arguments.items() if k != "self"})
 
-    def adapters(self) -> list[dict]:
-        return self.call("adapters")
-
-    def add_adapter(self, name: str, path: str) -> None:
-        self.call("add_adapter", name=name, path=path)
-
-    def promote(self, name: str) -> None:
-        self.call("promote", name=name)
-
-    def rollback(self) -> str | None:
-        return self.call("rollback")
-
-    def delete_user(self, user_name: str) -> int:
-        return self.call("delete_user", user_name=user_name)
-
-    def guidelines(self) -> list[dict]:
-        return self.call("guidelines")
-
-    def add_guideline(self, text: str) -> str:
-        return self.call("add_guideline", text=text)
-
-    def set_guideline_status(self, guideline_id: str, status: str) -> None:
-        self.call("set_guideline_status", guideline_id=guideline_id, status=status)
-
-    def start_cycle(self, settings_json: str, promote: bool) -> int:
-        return self.call("start_cycle", settings_json=settings_json, promote=promote)
-
-    def cycle_status(self) -> dict:
-        return self.call("cycle_status")
+        return remote
 
 
 class ControlServer:
-    """The app's side: a loopback HTTP server that runs OPS on its LocalBackend."""
+    """The app's side: a loopback HTTP server that runs OPS on its AdminService."""
 
-    def __init__(self, backend: LocalBackend, data_dir: Path):
+    def __init__(self, backend: AdminService, data_dir: Path):
         self.backend = backend
         self.token = secrets.token_urlsafe(32)
         self.file = DataLayout(Path(data_dir)).control_file
@@ -199,7 +106,7 @@ class ControlServer:
                 try:
                     kwargs = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                     result = getattr(backend_ref, op)(**kwargs)
-                except (StoreError, ControlError, AdapterError, ValueError, TypeError) as e:
+                except (StoreError, AdminError, AdapterError, ValueError, TypeError) as e:
                     return self._send(400, {"error": str(e)})
                 except Exception as e:  # noqa: BLE001 - report, keep serving
                     log.exception("control op %s failed", op)
@@ -248,9 +155,9 @@ def running_app(data_dir: Path) -> dict | None:
         return None
 
 
-def open_backend(data_dir: Path, model: str | None = None):
-    """RemoteBackend if the app runs on this data dir, else a LocalBackend on the store file (its adapters
-    checked against `model`'s folder when that is on disk)."""
+def open_backend(data_dir: Path, model: str | None = None, settings: Settings | None = None):
+    """RemoteBackend if the app runs on this data dir, else an AdminService on the store file (its adapters
+    checked against `model`'s folder when that is on disk; its limits from `settings`, default the defaults)."""
     info = running_app(data_dir)
     if info is not None:
         return RemoteBackend(info["port"], info["token"])
@@ -264,6 +171,7 @@ def open_backend(data_dir: Path, model: str | None = None):
     from chatfb.serving.model_files import model_on_disk
 
     base = model_on_disk(model, data_dir) if model else None
-    backend = LocalBackend(store, AdapterRegistry.without_servers(store, data_dir, base))
+    backend = AdminService(store, AdapterRegistry.without_servers(store, data_dir, base),
+                           settings=(settings or Settings()).with_(data_dir=Path(data_dir)))
     backend.close = store.close
     return backend

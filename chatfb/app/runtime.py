@@ -7,9 +7,10 @@ the managed vLLM server and a running learning cycle (with its trainer) are each
 it ends within seconds, whether the server was starting or serving.
 
 A learning cycle (schedule, "Train now", `python -m chatfb nightly` through the control API) runs in
-a thread here: the app owns the store, so it prepares the job (chatfb.learning.cycle), the child process
-`python -m chatfb.learning.worker` computes (and starts the trainer, `python -m chatfb.learning.train`),
-and the app records the result and promotes through its registry.
+a thread here with chatfb.learning.cycle.run_cycle, as the CLI runs one when no app does: the app owns
+the store, so it prepares the job, the child process `python -m chatfb.learning.worker` computes (and
+starts the trainer, `python -m chatfb.learning.train`), and the app records the result and promotes
+through its registry.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from pathlib import Path
 from chatfb.serving.adapters import AdapterRegistry, AdapterRouter
 from chatfb.app.chat_service import ChatService
 from chatfb.config import Settings
-from chatfb.app.control import ControlServer, LocalBackend
-from chatfb.learning.cycle import CycleResult, child_command, finish, launch, prepare, server_for_the_cycle
+from chatfb.app.admin import AdminService
+from chatfb.app.control import ControlServer
+from chatfb.learning.cycle import CycleResult, apply_retention, child_command, launch, run_cycle, server_for_the_cycle
 from chatfb.critique.judge import judge_for
 from chatfb.serving.model_client import ModelClient
 from chatfb.serving.process_group import stop_groups
@@ -41,16 +43,18 @@ class Runtime:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.store = Store(settings.db_path)
-        if settings.retention_days:
-            removed = self.store.apply_retention(settings.retention_days)
-            log.info("retention: removed %d conversations older than %d days", removed, settings.retention_days)
+        apply_retention(self.store, settings)
         self.router = AdapterRouter(settings.served_model_name)
         self.client = ModelClient(settings.base_url, settings.api_key, settings.request_timeout_s)
         self.replicas = replica_set_for(settings)  # None: one model server
-        self.registry = AdapterRegistry(self.store, [self.client], self.router, settings.data_dir, replicas=self.replicas)
+        if self.replicas is None:
+            self.registry = AdapterRegistry(self.store, [self.client], self.router, settings.data_dir)
+        else:
+            self.registry = AdapterRegistry.for_replicas(self.store, self.replicas, self.router, settings.data_dir)
         self.chat = ChatService(settings, self.store, self.client, self.router,
                                 judge_for(settings.scorer, self.client, self._model_dir))
-        self.control = ControlServer(LocalBackend(self.store, self.registry, cycles=self), settings.data_dir)
+        self.admin = AdminService(self.store, self.registry, cycles=self, settings=settings, client=self.client)
+        self.control = ControlServer(self.admin, settings.data_dir)
         self.server = None
         self.status = "Preparing the model…"
         self.ready = threading.Event()
@@ -93,15 +97,11 @@ class Runtime:
                     if s.vllm_replicas > 1:  # N replicas behind vllm-router on the same port
                         from chatfb.serving.managed_replicas import ManagedReplicas
 
-                        self.server = ManagedReplicas(path, s.served_model_name, s.vllm_port, s.data_dir, s.vllm_replicas,
-                                                      s.shared_adapters_dir, max_lora_rank=s.max_lora_rank,
-                                                      max_model_len=s.max_model_len, kvcache_gib=s.vllm_kvcache_gib,
-                                                      startup_timeout_s=s.vllm_startup_timeout_s, dtype=s.vllm_dtype)
+                        self.server = ManagedReplicas.from_settings(s, path)
                     else:
-                        self.server = ManagedVLLM(path, s.served_model_name, s.vllm_port, s.data_dir, s.max_lora_rank,
-                                                  s.max_model_len, s.vllm_kvcache_gib, s.vllm_startup_timeout_s, s.vllm_dtype)
+                        self.server = ManagedVLLM.from_settings(s, path)
                 self.server.on_restart = self.registry.restore
-                self.server.start(wait=True)  # refuses to launch once close() has stopped it
+                self.server.start()  # waits until it serves; refuses to launch once close() has stopped it
             else:
                 self.status = "Connecting to the model server…"
                 if not wait_until(self.client.healthy, None, every_s=2.0, stop=self._stop):
@@ -138,27 +138,25 @@ class Runtime:
         return number
 
     def _run_cycle(self, number: int, settings: Settings, promote: bool) -> None:
-        t0 = time.perf_counter()
         try:
-            prepared = prepare(self.store, settings, server_for_the_cycle(self.settings))
-            if isinstance(prepared, CycleResult):
-                result = prepared
-            else:
-                job, work = prepared
-                with self._children_lock, open(self.training_log_path, "ab") as fh:
-                    if self._stop.is_set():
-                        return
-                    self.training = launch(self.training_command(work), fh)  # close() ends its process group
-                code = self.training.wait()
-                if self._stop.is_set():  # the app is closing: its store with it
-                    return
-                result = finish(self.store, self.registry, job, work, code, promote, t0)
+            with open(self.training_log_path, "ab") as fh:
+                result = run_cycle(self.store, self.registry, settings, promote, fh, server_for_the_cycle(self.settings),
+                                   self.training_command, self._launch, self._stop.is_set)
+            if result is None:  # the app is closing: its store with it
+                return
         except Exception as e:  # noqa: BLE001 - the app keeps serving; the log says why
             log.exception("learning cycle %d failed", number)
             result = CycleResult(False, reason=f"the cycle failed in the app: {type(e).__name__}: {e}")
         with open(self.training_log_path, "a") as fh:
             fh.write(result.summary() + "\n")
         self._last_cycle = (number, result.__dict__)
+
+    def _launch(self, command: list[str], output) -> subprocess.Popen | None:
+        with self._children_lock:
+            if self._stop.is_set():
+                return None
+            self.training = launch(command, output)  # close() ends its process group
+            return self.training
 
     def training_command(self, work: Path) -> list[str]:
         return child_command(work)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from chatfb.critique import guidelines
 from chatfb.critique.ilf import TO_THE_CRITIC
 from chatfb.critique.similarity import cosines, rouge_l
+from chatfb.store.records import last_user
 
 # Measured on the efficacy families (4 x 3 prompts x n=4, embedded SmolLM2-135M): quoting the critique
 # after "Follow this instruction when you answer" passed the checkers 0.44 of the time, the same
@@ -181,7 +182,7 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
 
     Candidates that fail the hard filters are not sent to the model. `original` (the critiqued reply)
     drops candidates that are the same reply again."""
-    question = _last_user(prompt)
+    question = last_user(prompt)
     instructed = instruction_messages(prompt, critique)
     for c in candidates:
         c.verdict = hard_verdict(c.text, question, critique, c.finish_reason)
@@ -209,8 +210,9 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
 def select_rounds(judge, model: str, prompt: list[dict], critique: str, n: int = 4, max_tokens: int = 256,
                   rounds: int = 2, generator=None, generator_model: str | None = None,
                   original: str | None = None) -> list[Candidate]:
-    """Like `select`, but when no candidate of a round survives, sample n more (up to `rounds` rounds) and
-    score only the new ones; all candidates of all rounds, best first. The extra round costs time only
+    """Generate n candidates (on `generator`/`generator_model` when given, e.g. a stronger refiner endpoint)
+    and score them with the served model (`judge`); when none of a round survives, sample n more (up to
+    `rounds` rounds) and score only the new ones. All candidates of all rounds, best first. The extra round costs time only
     where the first found nothing (on the efficacy families about one critique in three)."""
     out: list[Candidate] = []
     for _ in range(max(rounds, 1)):
@@ -225,18 +227,6 @@ def best(candidates: list[Candidate]) -> Candidate | None:
     """The highest-scoring kept candidate, or None when every one was dropped."""
     kept = [c for c in candidates if c.ok and c.score is not None]
     return max(kept, key=lambda c: c.score) if kept else None
-
-
-def select(client, model: str, prompt: list[dict], critique: str, n: int = 4, max_tokens: int = 256,
-           generator=None, generator_model: str | None = None) -> list[Candidate]:
-    """Generate n candidates (on `generator`/`generator_model` when given, e.g. a stronger refiner
-    endpoint) and score them with the served model; best first."""
-    candidates = generate(generator or client, generator_model or model, prompt, critique, n=n, max_tokens=max_tokens)
-    return score(client, model, prompt, critique, candidates)
-
-
-def _last_user(prompt: list[dict]) -> str:
-    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
 
 
 def _mean(values: list[float]) -> float:

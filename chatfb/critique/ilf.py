@@ -24,7 +24,7 @@ import re
 
 from chatfb.serving.model_client import ModelClient, ModelError
 from chatfb.critique.similarity import cosines, rouge_l
-from chatfb.store.records import FeedbackRecord
+from chatfb.store.records import FeedbackRecord, last_user
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +86,6 @@ def score_refinements(prompt: str, original: str, critique: str, candidates: lis
     return out
 
 
-def best_refinement(prompt: str, original: str, critique: str, candidates: list[str]) -> str | None:
-    ok = [(s, c) for s, c, v in score_refinements(prompt, original, critique, candidates) if v == "ok"]
-    return max(ok)[1] if ok else None
-
-
-def refine(record: FeedbackRecord, client: ModelClient, model: str, n: int = 4, max_tokens: int = 256,
-           wait_s: float = 180.0) -> str | None:
-    """The best of n refinements of a critiqued reply (None when every candidate was dropped); see refine_scored."""
-    ok = [(s, c) for s, c, v in refine_scored(record, client, model, n, max_tokens, wait_s) if v == "ok"]
-    return max(ok)[1] if ok else None
-
-
 def refine_scored(record: FeedbackRecord, client: ModelClient, model: str, n: int = 4, max_tokens: int = 256,
                   wait_s: float = 180.0) -> list[tuple[float, str, str]]:
     """Generate n refinements of a critiqued reply: (score, text, verdict) each, as score_refinements.
@@ -126,5 +114,4 @@ def refine_scored(record: FeedbackRecord, client: ModelClient, model: str, n: in
         if not client.wait_healthy(wait_s):
             raise
         candidates = ask_model()
-    last_user = next((m["content"] for m in reversed(record.prompt) if m["role"] == "user"), "")
-    return score_refinements(last_user, record.reply, record.text, candidates)
+    return score_refinements(last_user(record.prompt), record.reply, record.text, candidates)

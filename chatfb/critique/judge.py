@@ -16,6 +16,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from chatfb.serving.environment import has_cuda
+
 
 class ServerJudge:
     def __init__(self, client):
@@ -69,17 +71,10 @@ class LocalJudge:
 def judge_for(scorer: str, client, model_dir):
     """The judge a setting asks for: "server", "local", or "auto" (local on a CPU-only machine with
     the base model's files at hand, where the server's prompt_logprobs is not safe; else the server)."""
-    if scorer == "server" or (scorer == "auto" and (model_dir is None or _has_cuda())):
+    if scorer == "server" or (scorer == "auto" and (model_dir is None or has_cuda())):
         return ServerJudge(client)
     if model_dir is None:
         raise ValueError("the local judge needs the base model's files (CHATFB_MODEL)")
     return LocalJudge(model_dir)
 
 
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False

@@ -89,11 +89,16 @@ def read_outcome(work: Path) -> CycleOutcome | None:
         return None
 
 
-def prepare(store: Store, settings: Settings, server_url: str | None) -> tuple[CycleJob, Path] | CycleResult:
-    """Retention, then the job folder for the next adapter version; a CycleResult when there is nothing to do."""
+def apply_retention(store: Store, settings: Settings) -> None:
+    """Delete conversations older than CHATFB_RETENTION_DAYS (at the app's start and before every cycle)."""
     if settings.retention_days:
         removed = store.apply_retention(settings.retention_days)
         log.info("retention: removed %d conversations older than %d days", removed, settings.retention_days)
+
+
+def prepare(store: Store, settings: Settings, server_url: str | None) -> tuple[CycleJob, Path] | CycleResult:
+    """Retention, then the job folder for the next adapter version; a CycleResult when there is nothing to do."""
+    apply_retention(store, settings)
     if not store.counts()["feedback"]:
         return CycleResult(False, reason="no feedback yet")
     name = next_adapter_name(store, settings.adapter_prefix)
@@ -159,15 +164,25 @@ def server_for_the_cycle(settings: Settings) -> str:
     return next(iter(settings.replica_url_list), settings.base_url)
 
 
-def run_cycle(store: Store, registry: AdapterRegistry, settings: Settings, promote: bool = True,
-              output=None) -> CycleResult:
-    """The whole cycle in this process's thread (the CLI when no app runs): the child's log goes to `output`."""
+def run_cycle(store: Store, registry: AdapterRegistry, settings: Settings, promote: bool = True, output=None,
+              owner_server: str | None = None, command=child_command, start=launch,
+              closing=lambda: False) -> CycleResult | None:
+    """One whole learning cycle in this thread (prepare, launch the child, wait, finish), for whoever owns the
+    store: the app (chatfb.app.runtime) or the CLI when no app runs. The child's log goes to `output`.
+
+    `owner_server`: the owner's running model server, if it has one; else the child uses the settings' external
+    server or, when the model is managed, starts a temporary one. `start(command, output)` launches the child
+    (returns None when the owner is closing); `closing()` says, once the child ended, that the owner is closing
+    and nothing is recorded. Both return None then."""
     t0 = time.perf_counter()
-    prepared = prepare(store, settings, None if settings.managed else server_for_the_cycle(settings))
+    server_url = owner_server or (None if settings.managed else server_for_the_cycle(settings))
+    prepared = prepare(store, settings, server_url)
     if isinstance(prepared, CycleResult):
         return prepared
     job, work = prepared
-    proc = launch(child_command(work), output)
+    proc = start(command(work), output)
+    if proc is None:
+        return None
     try:
         code = proc.wait()
     except BaseException:  # Ctrl-C: no cycle or trainer left behind
@@ -175,4 +190,6 @@ def run_cycle(store: Store, registry: AdapterRegistry, settings: Settings, promo
 
         stop_groups([proc], 4.0)
         raise
+    if closing():  # the owner is closing: its store with it
+        return None
     return finish(store, registry, job, work, code, promote, t0)

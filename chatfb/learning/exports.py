@@ -9,29 +9,23 @@ Import schema (one JSON object per line):
     user    str (optional)                 who gave the feedback
     ts      ISO-8601 time (optional)
 
-Exports (TRL conversational formats built by chatfb.learning.rows, loadable with `datasets.load_dataset("json" | "parquet", ...)`):
-    sft.jsonl  {"messages": [..., {"role": "assistant", "content": <correction>}], "source", "critique_id"}
-    dpo.jsonl  {"prompt": [...], "chosen": [assistant correction], "rejected": [assistant original, or a
-               revision the user dismissed], "source", "critique_id"}
-    kto.jsonl  {"prompt": [...], "completion": [assistant reply], "label": bool}   (ratings, implicit negatives,
-               dismissed revisions)
-"source" is "correction" (written by the user) or "revision" (a proposed revision they accepted, made
-from the critique "critique_id"); TRL's trainers ignore both fields.
+Exports: sft, dpo and kto files in TRL's conversational formats, loadable with
+`datasets.load_dataset("json" | "parquet", ...)`; chatfb.learning.rows builds their rows and describes
+each (`EXPORT_SCHEMAS`). The local export and the Hub's dataset (chatfb.learning.hub) are the same rows:
+`export_rows` from the feedback records and the revisions users dismissed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from datetime import datetime
 from pathlib import Path
 
-from chatfb.learning.rows import dpo_row, kto_row, sft_row, write_rows
-from chatfb.store.records import FeedbackRecord
+from chatfb.learning.rows import EXPORT_FORMATS, dpo_row, kto_row, sft_row, write_rows
+from chatfb.store.records import LONE_SURROGATE, FeedbackRecord
 
 IMPORT_KINDS = ("rating", "critique", "correction")
-EXPORT_FORMATS = ("sft", "dpo", "kto")
 
 
 class BadImportFile(ValueError):
@@ -42,10 +36,6 @@ class BadImportFile(ValueError):
         lines = "\n".join(f"  line {n}: {why}" for n, why in problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
         super().__init__(f"{len(problems)} bad line(s), nothing was imported:\n{lines}{more}")
-
-
-# JSON may escape a lone surrogate ("\\ud800"); Python decodes it, UTF-8 (DuckDB) cannot hold it.
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def parse_record(obj, max_chars: int) -> dict:

@@ -3,7 +3,7 @@
 Building the files and uploading them are separate steps, so what would be published can be
 looked at (and tested) without a network:
 
-    dataset_files(records, out_dir)          sft.jsonl, dpo.jsonl, kto.jsonl + a dataset card
+    dataset_files(records, out_dir, dismissed)  sft.jsonl, dpo.jsonl, kto.jsonl + a dataset card
     adapter_files(adapter_dir, row, base, out_dir)   the adapter's files + a model card
     push_folder(out_dir, repo_id, repo_type)  create the repo if needed, upload the folder
 
@@ -20,23 +20,14 @@ from pathlib import Path
 
 import yaml
 
-from chatfb.learning.exports import EXPORT_FORMATS, export_rows
+from chatfb.learning.exports import export_rows
 from chatfb.learning.gate import GateReport
-from chatfb.learning.rows import write_rows
+from chatfb.learning.rows import EXPORT_FORMATS, EXPORT_SCHEMAS, write_rows
 from chatfb.store.records import FEEDBACK_KINDS, FeedbackRecord
 from chatfb.learning.training_data import clean
 
 CONSENT_NOTE = ("The feedback was given by users of a chatfb app, who were shown a consent notice before "
                 "chatting: their messages, ratings, critiques and corrections are logged to improve the model.")
-
-SCHEMAS = {
-    "sft": '`{"messages": [..., {"role": "assistant", "content": <corrected reply>}]}` — corrections',
-    "dpo": '`{"prompt": [...], "chosen": [<corrected reply>], "rejected": [<original reply>]}` — corrections '
-           "that changed the reply",
-    "kto": '`{"prompt": [...], "completion": [<reply>], "label": <true or false>}` — 👍/👎 ratings and regenerated '
-           "(implicitly rejected) replies",
-}
-
 
 class HubError(RuntimeError):
     """Building or publishing a Hub repo failed; str(e) says why and what to do."""
@@ -46,14 +37,15 @@ def _card(meta: dict, body: str) -> str:
     return f"---\n{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)}---\n\n{body.strip()}\n"
 
 
-def dataset_files(records: list[FeedbackRecord], out_dir: Path, consent_note: str = CONSENT_NOTE,
-                  license: str = "cc-by-4.0", max_chars: int = 8000) -> list[Path]:
-    """Write the cleaned, PII-scrubbed feedback in TRL formats and a dataset card into out_dir.
+def dataset_files(records: list[FeedbackRecord], out_dir: Path, dismissed: dict[str, list[str]] | None = None,
+                  consent_note: str = CONSENT_NOTE, license: str = "cc-by-4.0", max_chars: int = 8000) -> list[Path]:
+    """Write the cleaned, PII-scrubbed feedback in TRL formats and a dataset card into out_dir: the rows
+    the local export writes (chatfb.learning.exports.export_rows), `dismissed` revisions included.
 
     A format without rows gets no file and no config (the Hub cannot load an empty one)."""
     kept, dropped = clean(records, max_chars, pii=True)
     out_dir = Path(out_dir)
-    rows = {fmt: export_rows(kept, fmt) for fmt in EXPORT_FORMATS}
+    rows = {fmt: export_rows(kept, fmt, dismissed) for fmt in EXPORT_FORMATS}
     if not any(rows.values()):
         raise HubError(f"nothing to publish: none of the {len(records)} feedback records makes an "
                        f"{'/'.join(EXPORT_FORMATS)} row after cleaning")
@@ -77,7 +69,7 @@ def dataset_files(records: list[FeedbackRecord], out_dir: Path, consent_note: st
         "",
         "| format | rows | schema |",
         "|---|---|---|",
-        *(f"| `{fmt}` | {len(r)} | {SCHEMAS[fmt]} |" for fmt, r in rows.items()),
+        *(f"| `{fmt}` | {len(r)} | `{EXPORT_SCHEMAS[fmt][0]}` — {EXPORT_SCHEMAS[fmt][1]} |" for fmt, r in rows.items()),
         "",
         "| feedback kind | records |",
         "|---|---|",
@@ -126,7 +118,8 @@ def adapter_files(adapter_dir: Path, adapter_row: dict, base_model: str, out_dir
         f"# {a['name']}",
         "",
         f"A LoRA adapter for `{base_model}`, trained by chatfb on plain-words feedback from the users of a "
-        "chat app (corrections, critiques refined into better replies, 👍 replies), and scored on held-out feedback "
+        "chat app (corrections, critiques and approved guidelines turned into replies that follow them, 👍 replies), "
+        "and scored on held-out feedback "
         "(gate metrics below). Load it with PEFT on top of the base model, or in vLLM with `--enable-lora`.",
         "",
         f"- base model: `{base_model}`",

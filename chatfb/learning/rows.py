@@ -9,6 +9,7 @@ A prompt is a list of {role, content} messages. Extra fields (an export's proven
 "critique_id") follow a row's own; TRL's trainers ignore them. Exports (chatfb.learning.exports, chatfb.learning.hub)
 and training (chatfb.learning.training_data, the nightly cycle, chatfb.learning.train) all go through these functions,
 so a file written by one reads the same in the others. `write_rows` / `read_rows` store them.
+`EXPORT_SCHEMAS` says what each exported format holds: the local export and the Hub's dataset card use it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+
+# Each exported format: (its row, what fills it). "source" is "correction" (written by the user) or "revision"
+# (a proposed revision the user accepted; "critique_id" is the critique it was made from).
+EXPORT_SCHEMAS = {
+    "sft": ('{"messages": [..., {"role": "assistant", "content": <corrected reply>}], "source", "critique_id"}',
+            "corrections, and proposed revisions users accepted"),
+    "dpo": ('{"prompt": [...], "chosen": [<corrected reply>], "rejected": [<original reply>], "source", "critique_id"}',
+            "corrections, chosen over the original reply and over each revision the user dismissed"),
+    "kto": ('{"prompt": [...], "completion": [<reply>], "label": true or false}',
+            "👍/👎 ratings, regenerated (implicitly rejected) replies and dismissed revisions (false)"),
+}
+EXPORT_FORMATS = tuple(EXPORT_SCHEMAS)
 
 
 def assistant(text: str) -> list[dict]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 
 from chatfb.critique.guidelines import looks_like_rule
 from chatfb.learning.rows import dpo_row
-from chatfb.store.records import FeedbackRecord
+from chatfb.store.records import FeedbackRecord, last_user
 
 MODES = ("supervised", "unsupervised", "semi")
 EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(\.[\w-]+)+\b")
@@ -106,7 +106,7 @@ def is_heldout(feedback_id: str, fraction: float, seed: int) -> bool:
 
 def build(records: list[FeedbackRecord], mode: str = "semi", holdout_fraction: float = 0.2, seed: int = 0,
           max_chars: int = 8000, pii: bool = True) -> TrainingData:
-    """Everything but ILF refinement (which needs a model): see `add_refinements`."""
+    """The examples that need no model: corrections and liked replies; critiques wait in `pending_critiques`."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
     kept, dropped = clean(records, max_chars, pii)
@@ -126,20 +126,6 @@ def build(records: list[FeedbackRecord], mode: str = "semi", holdout_fraction: f
             (data.heldout if is_heldout(r.feedback_id, holdout_fraction, seed) else data.train).append(ex)
     data.counts.update(kto_negatives=len(negatives), kto_positives=sum(1 for r in kept if r.kind == "rating" and r.rating > 0))
     return data
-
-
-def add_refinements(data: TrainingData, refined: list[tuple[FeedbackRecord, str | None]], holdout_fraction: float,
-                    seed: int) -> None:
-    """Add ILF survivors (record, best refinement or None when every candidate was dropped)."""
-    kept = 0
-    for r, best in refined:
-        if best is None:
-            continue
-        kept += 1
-        ex = Example(r.prompt, best, "critique", r.feedback_id, rejected=r.reply)
-        (data.heldout if is_heldout(r.feedback_id, holdout_fraction, seed) else data.train).append(ex)
-    data.counts.update(critiques=len(refined), critiques_refined=kept)
-    data.pending_critiques = []
 
 
 # -- critiques and guidelines -> instruction tasks -> examples ---------------------------------------
@@ -180,10 +166,6 @@ class InstructionTask:
     message_id: str | None = None  # the critiqued reply
     original: str | None = None  # the critiqued reply's text (critique tasks)
     record: FeedbackRecord | None = None  # the critique itself (the ILF recipe rewrites its reply)
-
-
-def last_user(prompt: list[dict]) -> str:
-    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
 
 
 def _norm(text: str) -> str:

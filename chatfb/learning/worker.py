@@ -24,11 +24,12 @@ import time
 from pathlib import Path
 
 from chatfb.learning import gate, training_data
-from chatfb.config import Settings
+from chatfb.config import Settings, setup_logging
 from chatfb.learning.cycle import SNAPSHOT, CycleJob, CycleOutcome, read_job, write_outcome
 from chatfb.serving.model_client import ModelClient, ModelError
 from chatfb.learning.rows import prompt_completion_row, write_rows
 from chatfb.store.db import Store
+from chatfb.store.records import last_user
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,7 @@ def model_server(settings: Settings, server_url: str | None):
         return ModelClient(server_url, settings.api_key, batch_timeout(settings)), base, lambda: None
     from chatfb.serving.vllm_server import ManagedVLLM
 
-    server = ManagedVLLM(base, settings.served_model_name, settings.vllm_port + 1, settings.data_dir,
-                         settings.max_lora_rank, settings.max_model_len, settings.vllm_kvcache_gib,
-                         settings.vllm_startup_timeout_s, settings.vllm_dtype)
-    server.log_path = settings.layout.logs / "vllm-nightly.log"
+    server = ManagedVLLM.from_settings(settings, base, settings.vllm_port + 1, log_role="nightly")
     server.start(wait=True)
     client = ModelClient(server.url, timeout_s=batch_timeout(settings))
     return client, base, lambda: (client.close(), server.stop())
@@ -118,7 +116,7 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
 
         # Retention: the base model's own answers to general prompts ride along (self-distillation); a
         # question a rule was distilled on is left out of it, so it never has two targets.
-        distilled = {training_data.last_user(e.prompt) for e in data.train if e.source in ("distill", "guideline")}
+        distilled = {last_user(e.prompt) for e in data.train if e.source in ("distill", "guideline")}
         replay = replay_examples(client, base_name, settings.system_prompt, settings.replay_examples, skip=distilled)
         write_rows([prompt_completion_row(e.prompt, e.target) for e in data.train] + replay, work / "sft.jsonl")
         write_rows(data.dpo_rows(), work / "dpo.jsonl")
@@ -151,9 +149,7 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "absl"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m chatfb.learning.worker WORK_DIR (a job folder chatfb.learning.cycle wrote)", file=sys.stderr)
@@ -226,7 +222,6 @@ def select_all(tasks: list, client: ModelClient, model: str, settings: Settings,
 
 def candidate_rows(selected: list, cycle: str, recipe: str) -> list[dict]:
     """store.add_candidates rows for every candidate of every task: the kept one and why each other was dropped."""
-    from chatfb.learning.training_data import last_user
 
     rows = []
     for task, cands, best in selected:

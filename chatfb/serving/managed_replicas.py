@@ -13,7 +13,6 @@ import logging
 import shutil
 import subprocess
 import threading
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +21,8 @@ import httpx
 from chatfb.layout import DataLayout
 from chatfb.serving.process_group import stop_groups
 from chatfb.serving.replicas import resolver_env
-from chatfb.serving.vllm_server import ManagedVLLM, PortInUse, ServerStartError, port_in_use
+from chatfb.serving.wait import wait_until
+from chatfb.serving.vllm_server import ManagedVLLM, PortInUse, ServerStartError, port_in_use, vllm_options
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +57,18 @@ class ManagedRouter:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logfile:
             self._proc = subprocess.Popen(self.cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
+
+        def up() -> bool:
             if self._proc.poll() is not None:
                 raise ServerStartError(f"vllm-router exited with code {self._proc.returncode}; see {self.log_path}")
             try:
-                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
-                    log.info("vllm-router ready at %s", self.url)
-                    return
+                return httpx.get(self.url + "/health", timeout=2.0).status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+                return False
+
+        if wait_until(up, self.startup_timeout_s, every_s=0.5):
+            log.info("vllm-router ready at %s", self.url)
+            return
         raise ServerStartError(f"vllm-router did not become healthy in {self.startup_timeout_s:.0f}s; see {self.log_path}")
 
     def alive(self) -> bool:
@@ -84,9 +85,15 @@ class ManagedReplicas:
                  shared_dir: Path, **vllm_kwargs):
         Path(shared_dir).mkdir(parents=True, exist_ok=True)  # the resolver refuses a missing folder
         self.replicas = [ManagedVLLM(model_path, served_name, port + 2 + i, data_dir, env=resolver_env(shared_dir),
-                                     log_name=f"vllm-{i}.log", **vllm_kwargs) for i in range(replicas)]
+                                     log_role=str(i), **vllm_kwargs) for i in range(replicas)]
         self.router = ManagedRouter(port, [r.url for r in self.replicas], data_dir)
         self.url = self.router.url
+
+    @classmethod
+    def from_settings(cls, settings, model_path: Path) -> "ManagedReplicas":
+        """CHATFB_VLLM_REPLICAS servers for the model folder `model_path`, as `settings` describe them."""
+        return cls(model_path, settings.served_model_name, settings.vllm_port, settings.data_dir, settings.vllm_replicas,
+                   settings.shared_adapters_dir, **vllm_options(settings))
 
     @property
     def on_restart(self) -> Callable[[], None] | None:
@@ -105,7 +112,7 @@ class ManagedReplicas:
     def error(self) -> str | None:
         return next((r.error for r in self.replicas if r.error), None)
 
-    def start(self, wait: bool = True) -> None:
+    def start(self) -> None:
         """Launch every replica at once, wait for all, then put the router in front of them."""
         for r in self.replicas:
             r.start(wait=False)

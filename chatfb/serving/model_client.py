@@ -16,6 +16,8 @@ from typing import Iterator
 import httpx
 import openai
 
+from chatfb.serving.wait import wait_until
+
 log = logging.getLogger(__name__)
 
 
@@ -206,13 +208,21 @@ class ModelClient:
 
     def wait_healthy(self, timeout_s: float, every_s: float = 2.0) -> bool:
         """Poll /health until it answers 200 (True) or timeout_s passes (False)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.healthy():
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(every_s)
+        return wait_until(self.healthy, timeout_s, every_s)
+
+
+def served_root(url: str, name: str | None = None, api_key: str | None = None, timeout_s: float = 3.0) -> str | None:
+    """The model folder the server at `url` serves `name` from (`root` in its /v1/models; the first model
+    when no name is given), or None when it does not answer so."""
+    try:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        r = httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=timeout_s)
+        if r.status_code != 200:
+            return None
+        models = r.json().get("data") or []
+        return next((m.get("root") for m in models if name is None or m.get("id") == name), None)
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
 
 
 @contextmanager

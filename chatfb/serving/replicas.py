@@ -25,10 +25,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from chatfb.serving.adapters import AdapterError, load_into
-from chatfb.serving.model_client import ModelClient, ModelError
+from chatfb.serving.model_client import ModelClient, ModelError, served_root
 
 log = logging.getLogger(__name__)
 
@@ -126,23 +124,12 @@ class ReplicaSet:
     def base_model(self) -> str:
         """The base model as the replicas were started (`root` in /v1/models); all must agree, since one
         published adapter folder serves them all."""
-        roots = {self._root(url) for url in self.urls}
+        roots = {served_root(url, self.base_name, self.api_key, 5.0) for url in self.urls}
         roots.discard(None)
         if len(roots) != 1:
             raise RolloutError("the replicas do not report one base model (some down, or started on different "
                                f"model folders): {sorted(roots) or 'none answered'}")
         return roots.pop()
-
-    def _root(self, url: str) -> str | None:
-        try:
-            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            r = httpx.get(url + "/v1/models", headers=headers, timeout=5.0)
-            for m in r.json().get("data", []):
-                if m.get("id") == self.base_name:
-                    return m.get("root")
-        except (httpx.HTTPError, ValueError, AttributeError):
-            pass
-        return None
 
     def states(self, live: str | None) -> list[ReplicaState]:
         """Each replica, the adapters it holds now, and (when an adapter is live) whether it answers with it."""

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import httpx
-
 from chatfb.layout import DataLayout
+from chatfb.serving.environment import has_cuda
+from chatfb.serving.model_client import served_root
 from chatfb.serving.process_group import stop_groups
 from chatfb.serving.wait import wait_until
 
@@ -58,18 +58,6 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def served_root(url: str) -> str | None:
-    """The model folder the server at `url` says it serves (`root` of its first model), or None."""
-    try:
-        r = httpx.get(url + "/v1/models", timeout=3.0)
-        if r.status_code != 200:
-            return None
-        data = r.json().get("data") or [{}]
-        return data[0].get("root")
-    except (httpx.HTTPError, ValueError, AttributeError):
-        return None
-
-
 def vllm_command(model_path: Path, served_name: str, port: int, max_lora_rank: int, max_model_len: int,
                  dtype: str = "auto") -> list[str]:
     return [
@@ -93,7 +81,7 @@ def serving_dtype(setting: str = "auto") -> str:
     emulated without those instructions is slower than float32, and half precision is unsupported)."""
     if setting != "auto":
         return setting
-    if not _cpu_build():
+    if has_cuda():
         return "auto"
     return "bfloat16" if cpu_has_bf16() else "float32"
 
@@ -112,13 +100,13 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
     return False
 
 
-def _cpu_build() -> bool:
-    try:
-        import torch
 
-        return not torch.cuda.is_available()
-    except ImportError:
-        return True
+
+def vllm_options(settings) -> dict:
+    """ManagedVLLM's keyword arguments from the settings: each server chatfb manages is started alike."""
+    return dict(max_lora_rank=settings.max_lora_rank, max_model_len=settings.max_model_len,
+                kvcache_gib=settings.vllm_kvcache_gib, startup_timeout_s=settings.vllm_startup_timeout_s,
+                dtype=settings.vllm_dtype)
 
 
 class ManagedVLLM:
@@ -126,13 +114,13 @@ class ManagedVLLM:
 
     def __init__(self, model_path: Path, served_name: str, port: int, data_dir: Path, max_lora_rank: int = 16,
                  max_model_len: int = 2048, kvcache_gib: int = 1, startup_timeout_s: float = 600.0, dtype: str = "auto",
-                 env: dict[str, str] | None = None, log_name: str = "vllm.log"):
+                 env: dict[str, str] | None = None, log_role: str | None = None):
         self.cmd = vllm_command(model_path, served_name, port, max_lora_rank, max_model_len, dtype)
         self.extra_env = dict(env or {})  # e.g. a replica's LoRA resolver (chatfb.serving.replicas.resolver_env)
         self.port = port
         self.model_root = str(model_path)  # what vLLM reports as `root`: proves the server is ours
         self.url = f"http://127.0.0.1:{port}"
-        self.log_path = DataLayout(Path(data_dir)).logs / log_name
+        self.log_path = DataLayout(Path(data_dir)).vllm_log(log_role)
         self.kvcache_gib = kvcache_gib
         self.startup_timeout_s = startup_timeout_s
         self.on_restart: Callable[[], None] | None = None
@@ -141,6 +129,13 @@ class ManagedVLLM:
         self._lock = threading.Lock()  # a launch and stop() never interleave: stop() leaves no process behind
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
+
+    @classmethod
+    def from_settings(cls, settings, model_path: Path, port: int | None = None, **kwargs) -> "ManagedVLLM":
+        """The server `settings` (chatfb.config.Settings) describe, for the model folder `model_path`, on
+        CHATFB_VLLM_PORT unless `port` is given; `kwargs`: env, log_role."""
+        return cls(model_path, settings.served_model_name, settings.vllm_port if port is None else port,
+                   settings.data_dir, **vllm_options(settings), **kwargs)
 
     def start(self, wait: bool = True) -> None:
         self._launch()

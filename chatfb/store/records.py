@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -9,6 +10,20 @@ from datetime import datetime, timezone
 FEEDBACK_KINDS = ("rating", "critique", "correction", "implicit")
 CANDIDATE_STATUSES = ("offered", "accepted", "rejected", "kept", "dropped")
 GUIDELINE_STATUSES = ("active", "pending", "retired")
+
+
+# JSON may escape a lone surrogate ("\\ud800"); Python decodes it, but UTF-8 (DuckDB, vLLM) cannot hold it.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def utf8_text(text: str | None) -> str:
+    """`text` as valid UTF-8 can hold it: each lone surrogate (LONE_SURROGATE) becomes U+FFFD."""
+    return LONE_SURROGATE.sub("\ufffd", text or "")
+
+
+def last_user(prompt: list[dict]) -> str:
+    """The last user message of a prompt (a list of chat messages), or ""."""
+    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
 
 
 class StoreError(Exception):

@@ -17,10 +17,11 @@ import secrets
 import gradio as gr
 import pandas as pd
 
-from chatfb.serving.adapters import AdapterError
-from chatfb.learning.gate import GateReport
-from chatfb.serving.model_client import ModelError
+from chatfb.app.admin import AdminError, AdminService, CycleRunning
 from chatfb.app.runtime import Runtime
+from chatfb.learning.gate import GateReport
+from chatfb.serving.adapters import AdapterError
+from chatfb.serving.model_client import ModelError
 from chatfb.ui.throttle import GuessThrottle
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,9 @@ def unlock_admin(rt: Runtime, throttle: GuessThrottle, password: str | None, pro
     return False, WRONG_PASSWORD
 
 
-def adapters_frame(rt: Runtime) -> pd.DataFrame:
+def adapters_frame(admin: AdminService) -> pd.DataFrame:
     rows = []
-    for a in rt.store.adapters():
+    for a in admin.adapters():
         m = GateReport.from_dict(a["metrics"])
         rows.append({"name": a["name"], "status": a["status"], "parent": a["parent"] or "base",
                      "created": str(a["created_at"])[:19], "rougeL": m.candidate_rougeL,
@@ -69,9 +70,9 @@ def adapters_frame(rt: Runtime) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["name", "status", "parent", "created", "rougeL", "bleu", "control", "examples", "note"])
 
 
-def metrics_frame(rt: Runtime) -> pd.DataFrame:
+def metrics_frame(admin: AdminService) -> pd.DataFrame:
     rows = []
-    for a in rt.store.adapters():
+    for a in admin.adapters():
         m = GateReport.from_dict(a["metrics"])
         bleu = None if m.candidate_bleu is None else m.candidate_bleu / 100
         for label, value in (("ROUGE-L", m.candidate_rougeL), ("BLEU/100", bleu), ("control", m.control_agreement)):
@@ -80,21 +81,21 @@ def metrics_frame(rt: Runtime) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["adapter", "metric", "value"])
 
 
-def feedback_frame(rt: Runtime) -> pd.DataFrame:
-    return pd.DataFrame([{"day": str(d), "kind": k, "count": n} for d, k, n in rt.store.feedback_per_day()],
+def feedback_frame(admin: AdminService) -> pd.DataFrame:
+    return pd.DataFrame([{"day": str(d), "kind": k, "count": n} for d, k, n in admin.feedback_per_day()],
                         columns=["day", "kind", "count"])
 
 
 CANDIDATE_COLUMNS = ["cycle", "critique", "prompt", "candidate", "score", "verdict", "status"]
 
 
-def candidates_frame(rt: Runtime, limit: int = 200) -> pd.DataFrame:
+def candidates_frame(admin: AdminService, limit: int = 200) -> pd.DataFrame:
     """What the learning cycles would train on and what they dropped (newest first): every candidate
     answer made from a critique or guideline, its score and verdict, kept or dropped."""
     rows = [{"cycle": c["cycle"], "critique": c["details"].get("critique", ""), "prompt": c["details"].get("prompt", ""),
              "candidate": c["text"], "score": None if c["score"] is None else round(c["score"], 3),
              "verdict": c["verdict"], "status": c["status"]}
-            for c in rt.store.nightly_candidates(limit)]
+            for c in admin.candidates(limit)]
     return pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
 
 
@@ -103,11 +104,11 @@ from too not no so very you your i me my we our it's do does did can should woul
 then there here about what which who how why when reply answer please""".split())
 
 
-def topics_frame(rt: Runtime, top: int = 10) -> pd.DataFrame:
+def topics_frame(admin: AdminService, top: int = 10) -> pd.DataFrame:
     """Most-critiqued topics: the commonest content words in active critiques."""
     from collections import Counter
 
-    words = Counter(w for text in rt.store.critique_texts() for w in set(re.findall(r"[a-z][a-z'-]{2,}", text.lower()))
+    words = Counter(w for text in admin.critique_texts() for w in set(re.findall(r"[a-z][a-z'-]{2,}", text.lower()))
                     if w not in STOPWORDS)
     return pd.DataFrame([{"topic": w, "critiques": n} for w, n in words.most_common(top)], columns=["topic", "critiques"])
 
@@ -115,13 +116,13 @@ def topics_frame(rt: Runtime, top: int = 10) -> pd.DataFrame:
 RETIRE_FROM_PROMPT_AT = 0.9  # the live adapter follows a guideline this often without it: the prompt may drop it
 
 
-def guidelines_frame(rt: Runtime) -> pd.DataFrame:
+def guidelines_frame(admin: AdminService) -> pd.DataFrame:
     """Guidelines for everyone (suggested or approved), with how often the live adapter follows each
     without it in the prompt (the gate's `guideline_follow`), and whether to retire it from the prompt."""
-    live = rt.store.live_adapter()
+    live = admin.live_adapter()
     follow = GateReport.from_dict((live or {}).get("metrics")).guideline_follow
     rows = []
-    for g in rt.store.global_guidelines():
+    for g in admin.global_guidelines():
         rate = follow.get(g["id"])
         advice = ""
         if g["status"] == "pending":
@@ -133,26 +134,20 @@ def guidelines_frame(rt: Runtime) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["id", "text", "status", "suggested by", "live adapter follows", "advice"])
 
 
-def set_guideline(rt: Runtime, guideline_id: str, action: str, text: str = "") -> str:
-    g = rt.store.guideline((guideline_id or "").strip())
-    if g is None or g["scope"] != "global":
-        return "⚠️ No guideline for everyone with that id."
+def set_guideline(admin: AdminService, guideline_id: str, action: str, text: str = "") -> str:
     if action == "edit":
-        text = " ".join((text or "").split())
-        if not text or len(text) > rt.settings.max_guideline_chars:
-            return f"⚠️ A guideline needs 1-{rt.settings.max_guideline_chars} characters."
-        rt.store.update_guideline(g["id"], text=text)
+        admin.edit_guideline(guideline_id, text)
         return "Guideline edited."
-    rt.store.update_guideline(g["id"], status="active" if action == "approve" else "retired")
+    admin.set_guideline_status(guideline_id, "active" if action == "approve" else "retired")
     return "Guideline approved: it applies to all new replies." if action == "approve" else "Guideline retired."
 
 
-def training_progress(rt: Runtime) -> tuple[str, str]:
-    try:
-        lines = rt.training_log_path.read_text(errors="replace").splitlines()
-    except OSError:
+def training_progress(admin: AdminService) -> tuple[str, str]:
+    cycle = admin.cycle_log()
+    if cycle is None:
         return "No learning cycle has run yet.", ""
-    state = "running" if rt.training_running() else "finished"
+    running, lines = cycle
+    state = "running" if running else "finished"
     bar, p = "", next(filter(None, map(training_step, reversed(lines))), None)  # the newest step
     if p:
         filled = int(20 * p["step"] / max(p["total"], 1))
@@ -173,16 +168,16 @@ def training_step(line: str) -> dict | None:
     return p if ok else None
 
 
-def replicas_frame(rt: Runtime) -> pd.DataFrame:
+def replicas_frame(admin: AdminService) -> pd.DataFrame:
     """Each model replica behind the router and the version it serves (asked now, one token each)."""
     answers = {True: "yes", False: "NO", None: "-"}
     rows = [{"replica": r.url, "up": "yes" if r.up else "DOWN", "versions loaded": ", ".join(r.adapters) or "-",
-             "answers with the live version": answers[r.serves_live]} for r in rt.registry.replica_states()]
+             "answers with the live version": answers[r.serves_live]} for r in admin.replica_states()]
     return pd.DataFrame(rows, columns=["replica", "up", "versions loaded", "answers with the live version"])
 
 
 def build(rt: Runtime) -> None:
-    s = rt.settings
+    s, admin = rt.settings, rt.admin
     with gr.Tab("Admin"):
         unlocked = gr.State(False)
         if not s.admin_enabled:
@@ -210,12 +205,12 @@ def build(rt: Runtime) -> None:
             with gr.Row():
                 per_day = gr.BarPlot(x="day", y="count", color="kind", title="Feedback per day")
                 topics = gr.BarPlot(x="topic", y="critiques", title="Most-critiqued topics")
-            if rt.registry.replicas is not None:
+            if admin.replicated:
                 with gr.Accordion("Model replicas", open=True):
                     check_replicas = gr.Button("Check replicas")
                     replica_table = gr.Dataframe(label="Each replica behind the router", interactive=False,
                                                  elem_id="admin-replicas")
-                check_replicas.click(lambda ok: replicas_frame(rt) if ok else gr.update(), [unlocked], [replica_table],
+                check_replicas.click(lambda ok: replicas_frame(admin) if ok else gr.update(), [unlocked], [replica_table],
                                      api_visibility="private")
             with gr.Accordion("Guidelines for everyone", open=True):
                 guide_table = gr.Dataframe(label="Suggested and approved guidelines", interactive=False,
@@ -240,8 +235,8 @@ def build(rt: Runtime) -> None:
         def views(ok):
             if not ok:
                 return [gr.update()] * 7
-            p, logtext = training_progress(rt)
-            return adapters_frame(rt), metrics_frame(rt), feedback_frame(rt), topics_frame(rt), p, logtext, ""
+            p, logtext = training_progress(admin)
+            return adapters_frame(admin), metrics_frame(admin), feedback_frame(admin), topics_frame(admin), p, logtext, ""
 
         view_outputs = [table, plot, per_day, topics, progress, train_log, action_msg]
 
@@ -258,33 +253,37 @@ def build(rt: Runtime) -> None:
                     return "⚠️ Unlock the admin tab first."
                 try:
                     return fn(*args)
-                except (AdapterError, ModelError) as e:
+                except (AdminError, AdapterError, ModelError) as e:
                     return f"⚠️ {e}"
             return run
 
         def on_train():
-            return "Learning cycle started." if rt.start_training() else "A learning cycle is already running."
+            try:
+                admin.start_cycle()
+            except CycleRunning:
+                return "A learning cycle is already running."
+            return "Learning cycle started."
 
         def on_promote(adapter):
-            rt.registry.promote((adapter or "").strip())
+            admin.promote(adapter)
             return f"Now serving {adapter}."
 
         def on_rollback():
-            target = rt.registry.rollback()
+            target = admin.rollback()
             return f"Rolled back; now serving {target or 'the base model'}."
 
         def on_export():
-            out = export_all(rt)
-            return f"Exported to `{out.relative_to(rt.settings.data_dir)}` (sft / dpo / kto JSONL)."
+            out = admin.export_all()
+            return f"Exported to `{out.relative_to(s.data_dir)}` (sft / dpo / kto JSONL)."
 
         def on_compare(ok, text):
             if not ok:
                 return "⚠️ Unlock first.", "", ""
-            return compare_replies(rt, text)
+            return admin.compare(text)
 
         unlock.click(on_unlock, [password], [unlocked, login_msg, panel, password], api_name="admin_unlock").then(
             views, [unlocked], view_outputs, api_visibility="private").then(
-            lambda ok: guidelines_frame(rt) if ok else gr.update(), [unlocked], [guide_table], api_visibility="private")
+            lambda ok: guidelines_frame(admin) if ok else gr.update(), [unlocked], [guide_table], api_visibility="private")
         refresh.click(views, [unlocked], view_outputs, api_visibility="private")
         train.click(guarded(on_train), [unlocked], [action_msg], api_name="train_now")
         promote.click(guarded(on_promote), [unlocked, name], [action_msg], api_name="promote").then(
@@ -294,53 +293,15 @@ def build(rt: Runtime) -> None:
         export.click(guarded(on_export), [unlocked], [action_msg], api_name="export")
         compare.click(on_compare, [unlocked, prompt], [out_base, out_prev, out_cur], api_name="compare")
         for event in (unlocked.change, refresh.click):
-            event(lambda ok: candidates_frame(rt) if ok else gr.update(), [unlocked], [cand_table], api_visibility="private")
+            event(lambda ok: candidates_frame(admin) if ok else gr.update(), [unlocked], [cand_table], api_visibility="private")
         for button, action in ((approve_g, "approve"), (edit_g, "edit"), (retire_g, "retire")):
-            button.click(guarded(lambda gid, text, action=action: set_guideline(rt, gid, action, text)),
+            button.click(guarded(lambda gid, text, action=action: set_guideline(admin, gid, action, text)),
                          [unlocked, guide_id, guide_text], [action_msg], api_name=f"{action}_guideline").then(
-                lambda ok: guidelines_frame(rt) if ok else gr.update(), [unlocked], [guide_table],
+                lambda ok: guidelines_frame(admin) if ok else gr.update(), [unlocked], [guide_table],
                 api_visibility="private")
-        refresh.click(lambda ok: guidelines_frame(rt) if ok else gr.update(), [unlocked], [guide_table],
+        refresh.click(lambda ok: guidelines_frame(admin) if ok else gr.update(), [unlocked], [guide_table],
                       api_visibility="private")
         timer = gr.Timer(3.0)
-        timer.tick(lambda ok: training_progress(rt) if ok else (gr.update(), gr.update()), [unlocked],
+        timer.tick(lambda ok: training_progress(admin) if ok else (gr.update(), gr.update()), [unlocked],
                    [progress, train_log], show_progress="hidden", api_visibility="private")
 
-
-def export_all(rt: Runtime):
-    """Write all three TRL formats under <data_dir>/exports/<UTC time>/ (never a path from the browser)."""
-    from datetime import datetime, timezone
-
-    from chatfb.learning.exports import EXPORT_FORMATS, export
-
-    out = rt.settings.layout.exports / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    records, dismissed = rt.store.feedback_records(), rt.store.rejected_candidates()
-    for fmt in EXPORT_FORMATS:
-        export(records, fmt, out, dismissed=dismissed)
-    return out
-
-
-def compare_replies(rt: Runtime, prompt: str) -> tuple[str, str, str]:
-    """Greedy replies to one prompt from the base model, the previous and the current adapter."""
-    prompt = (prompt or "").strip()[: rt.settings.max_message_chars]
-    if not prompt:
-        return "Type a prompt first.", "", ""
-    messages = [{"role": "system", "content": rt.settings.system_prompt}, {"role": "user", "content": prompt}]
-    promoted = sorted((a for a in rt.store.adapters() if a["promoted_at"]), key=lambda a: a["promoted_at"])
-    live = rt.store.live_adapter()
-    previous = next((a["name"] for a in reversed(promoted) if live is None or a["name"] != live["name"]), None)
-    outs = []
-    for name in (None, previous, live["name"] if live else None):
-        if name is None and outs:
-            outs.append("(none)")
-            continue
-        try:
-            if name:
-                rt.registry.load_candidate(name)
-            outs.append(rt.client.complete(messages, name or rt.router.base_name, rt.settings.max_tokens)[0])
-        except (AdapterError, ModelError) as e:
-            outs.append(f"⚠️ {e}")
-        finally:
-            if name and name != rt.router.current:  # the previous version: give its LoRA slot back
-                rt.registry.unload(name)
-    return tuple(outs)

@@ -10,7 +10,7 @@ import logging
 import httpx
 import pytest
 
-from chatfb.critique.candidates import (Candidate, best, generate, hard_verdict, instruction_messages, literal_facts, score, select,
+from chatfb.critique.candidates import (Candidate, best, generate, hard_verdict, instruction_messages, literal_facts, score,
                                select_rounds)
 from chatfb.serving.model_client import ModelClient, ModelError, StreamResult
 
@@ -153,7 +153,7 @@ def test_generate_sends_one_request_with_n_and_select_scores_on_the_judge():
     assert gen.requests[0]["messages"] == instruction_messages(prompt, SHORT)
 
     judge = CannedLogprobs({(FOLLOWS, True): [-0.2], (FOLLOWS, False): [-1.0]})
-    ranked = select(judge, "judge-model", prompt, SHORT, n=2, generator=gen, generator_model="big")
+    ranked = select_rounds(judge, "judge-model", prompt, SHORT, n=2, rounds=1, generator=gen, generator_model="big")
     assert gen.requests[-1]["model"] == "big"
     assert [c.verdict for c in ranked] == ["ok", "cut off at the token limit"]
 

@@ -3,8 +3,6 @@ runs nightly, compare leaves no adapter loaded, the gate refuses without its emb
 CLI keeps the trace of an internal error."""
 
 import logging
-from types import SimpleNamespace
-
 import pytest
 
 from chatfb.learning import gate
@@ -22,16 +20,16 @@ def make_adapter(store, data_dir, name, status="candidate"):
 
 
 def test_compare_unloads_the_previous_adapter_it_loaded(store, settings, fake_client):
-    from chatfb.ui.admin_tab import compare_replies
+    from chatfb.app.admin import AdminService
 
     registry = AdapterRegistry(store, [fake_client], AdapterRouter("chatfb-base"), settings.data_dir)
     for name in ("chatfb-v0001", "chatfb-v0002"):
         make_adapter(store, settings.data_dir, name)
         registry.activate(name, background_unload=False)
     assert list(fake_client.loaded) == ["chatfb-v0002"]
-    rt = SimpleNamespace(settings=settings, store=store, registry=registry, client=fake_client, router=registry.router)
+    admin = AdminService(store, registry, settings=settings, client=fake_client)
     fake_client.enqueue("base says", "v1 says", "v2 says")
-    assert compare_replies(rt, "hello") == ("base says", "v1 says", "v2 says")
+    assert admin.compare("hello") == ("base says", "v1 says", "v2 says")
     assert list(fake_client.loaded) == ["chatfb-v0002"]  # the previous version's LoRA slot is free again
 
 
@@ -201,7 +199,8 @@ def test_the_child_computes_from_its_job_folder_alone(store, settings, fake_clie
 def test_cli_nightly_runs_the_cycle_in_the_running_app_with_the_clis_settings(store, settings, monkeypatch, capsys):
     import json
 
-    from chatfb.app.control import ControlServer, LocalBackend
+    from chatfb.app.admin import AdminService
+    from chatfb.app.control import ControlServer
 
     class AppCycles:  # the Runtime's side: start_training + cycle_status
         def __init__(self):
@@ -220,7 +219,7 @@ def test_cli_nightly_runs_the_cycle_in_the_running_app_with_the_clis_settings(st
                     "result": {"ok": True, "adapter": "chatfb-v0001", "promoted": False, "reason": "kept"}}
 
     cycles = AppCycles()
-    server = ControlServer(LocalBackend(store, AdapterRegistry.without_servers(store, settings.data_dir), cycles),
+    server = ControlServer(AdminService(store, AdapterRegistry.without_servers(store, settings.data_dir), cycles),
                            settings.data_dir)
     server.start()
     monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))

@@ -11,7 +11,7 @@ from chatfb.config import load_settings
 from chatfb.serving.model_client import ModelError
 from chatfb.learning.gate import evaluate
 from chatfb.learning.worker import candidate_rows, select_all
-from chatfb.critique.ilf import best_refinement, refine, score_refinements
+from chatfb.critique.ilf import refine_scored, score_refinements
 from chatfb.store.records import FeedbackRecord
 
 
@@ -106,6 +106,16 @@ def test_closeness_and_agreement():
     assert agreement(["Paris."], ["Paris."]) == 1.0 and agreement(["Bananas are yellow fruit."], ["Paris is the capital of France."]) < 0.5
 
 
+def kept_best(scored: list[tuple[float, str, str]]) -> str | None:
+    """The best refinement the scorer kept (as the ILF recipe takes it), or None."""
+    ok = [(s, c) for s, c, v in scored if v == "ok"]
+    return max(ok)[1] if ok else None
+
+
+def refine(record, client, model, n):
+    return kept_best(refine_scored(record, client, model, n))
+
+
 def test_scorer_drops_refinements_that_ignore_the_critique():
     original = "Our office hours are nine to five and you can visit us at the main building downtown any weekday."
     scored = score_refinements("When are you open?", original, "too long",
@@ -113,7 +123,7 @@ def test_scorer_drops_refinements_that_ignore_the_critique():
     verdicts = [v for _, _, v in scored]
     assert verdicts[0].startswith("ignored") and verdicts[1] in ("ignored the critique (same as the original)", "critique asked for shorter")
     assert verdicts[2] == "ok"
-    assert best_refinement("When are you open?", original, "too long", [original]) is None
+    assert kept_best(score_refinements("When are you open?", original, "too long", [original])) is None
 
 
 def test_refine_asks_for_several_and_keeps_the_best(fake_client):
@@ -245,11 +255,10 @@ def test_recorded_candidates_reach_the_store_through_the_cycles_owner(store, set
     (got,) = store.candidates(where="origin = ?", params=("nightly",))
     assert (got["text"], got["status"], got["cycle"], got["details"]["critique"]) == ("Email us.", "kept", "chatfb-v0001", RULE)
     # ... and the admin tab's audit table shows them
-    from types import SimpleNamespace
-
+    from chatfb.app.admin import AdminService
     from chatfb.ui.admin_tab import candidates_frame
 
-    frame = candidates_frame(SimpleNamespace(store=store))
+    frame = candidates_frame(AdminService(store, registry, settings=settings))
     assert frame.to_dict("records") == [{"cycle": "chatfb-v0001", "critique": RULE, "prompt": "Hi", "candidate": "Email us.",
                                          "score": 1.5, "verdict": "ok", "status": "kept"}]
 

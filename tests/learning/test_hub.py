@@ -106,7 +106,7 @@ def test_adapter_files_copy_the_adapter_and_write_a_model_card(store, settings, 
     assert meta == {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "library_name": "peft", "tags": ["chatfb", "lora"]}
     for text in ("# chatfb-v0002", "parent version: chatfb-v0001", "status when published: candidate",
                  "| ROUGE-L | 0.61 |", "| control agreement | 0.93 |", "| train_examples | 12 |",
-                 "| dpo_pairs | 4 |", "| train_s | 81.5 |", "| rank | 8 |"):
+                 "| dpo_pairs | 4 |", "| train_s | 81.5 |", "| rank | 8 |", "critiques and approved guidelines turned into"):
         assert text in body, text
     assert "Model Card for Model ID" not in body  # PEFT's template is replaced
 
@@ -173,8 +173,11 @@ def test_cli_pushes_feedback_and_adapters(settings, tmp_path, monkeypatch, capsy
     import huggingface_hub
 
     with Store(settings.db_path) as s:
-        add_feedback(s)
+        paris = next(r for r in add_feedback(s) if r.text == "Paris.")
         make_adapter(s, settings)
+        # a revision the user dismissed: a negative in the local export, so in the published dataset too
+        s.add_candidates([{"feedback_id": paris.feedback_id, "message_id": paris.message_id, "origin": "inloop",
+                           "text": "Lyon.", "verdict": "ok", "status": "rejected"}])
     apis = []
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: apis.append(FakeHubApi()) or apis[-1])
     monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
@@ -185,6 +188,9 @@ def test_cli_pushes_feedback_and_adapters(settings, tmp_path, monkeypatch, capsy
     assert repo == "ann/fb" and kw == {"repo_type": "dataset", "private": False, "exist_ok": True, "token": "secret"}
     assert sorted(uploaded) == ["README.md", "dpo.jsonl", "kto.jsonl", "sft.jsonl"] and b"license: mit" in uploaded["README.md"]
     assert "pushed 4 files to dataset repo ann/fb" in capsys.readouterr().out
+    assert b'"chosen": [{"role": "assistant", "content": "Paris."}], "rejected": [{"role": "assistant", "content": "Lyon."}]' \
+        in uploaded["dpo.jsonl"]
+    assert b'"completion": [{"role": "assistant", "content": "Lyon."}], "label": false' in uploaded["kto.jsonl"]
     assert not list(settings.data_dir.glob("hub-*"))  # the build folder is gone
 
     assert cli(["push-adapter", "chatfb-v0002", "ann/adapter"]) == 0

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from chatfb.learning import worker as nightly, train
+from chatfb.app.admin import AdminService
 from chatfb.ui.admin_tab import training_progress, training_step
 from chatfb.config import Settings
 from chatfb.learning.train import make_parser, progress_callback
@@ -55,7 +56,8 @@ def test_progress_is_one_json_object_per_step_and_the_admin_view_reads_it(capsys
     assert {k: step[k] for k in ("phase", "step", "total", "loss")} == {"phase": "sft", "step": 3, "total": 12, "loss": 1.2346}
     assert isinstance(step["eta_s"], int) and step["eta_s"] >= 0
 
-    log = tmp_path / "nightly.log"
+    log = tmp_path / "logs" / "nightly.log"
+    log.parent.mkdir()
     log.write_text("\n".join([
         "2026-12-03 INFO chatfb.learning.worker training: python -m chatfb.learning.train ...",
         '{"phase": "sft", "step": 2, "total": 12, "loss": 1.5, "eta_s": 9}',  # an older step
@@ -64,8 +66,8 @@ def test_progress_is_one_json_object_per_step_and_the_admin_view_reads_it(capsys
         "step 11/12 loss 0.5 eta 1s",  # prose is not read any more
         '{"ok": true, "adapter": "chatfb-v0001"}',  # the cycle's summary
     ]) + "\n")
-    rt = SimpleNamespace(training_log_path=log, training_running=lambda: True)
-    status, tail = training_progress(rt)
+    admin = AdminService(None, SimpleNamespace(data_dir=tmp_path), cycles=SimpleNamespace(training_running=lambda: True))
+    status, tail = training_progress(admin)
     assert status.startswith("Learning cycle running.") and "SFT step 3/12, loss 1.2346" in status
     assert "chatfb-v0001" in tail
     assert training_step("not json {") is None and training_step('{"step": 1}') is None

@@ -6,7 +6,8 @@ import pytest
 
 from chatfb.serving.adapters import AdapterError, AdapterRegistry, AdapterRouter, confined_path, next_adapter_name
 from chatfb.cli import main as cli
-from chatfb.app.control import ControlServer, LocalBackend, RemoteBackend, open_backend, running_app
+from chatfb.app.admin import AdminService
+from chatfb.app.control import ControlServer, RemoteBackend, open_backend, running_app
 
 
 def make_adapter(store, data_dir, name, status="candidate"):
@@ -87,7 +88,7 @@ def test_rollback_and_restore(registry, store, settings, fake_client):
 
 def test_cli_goes_through_the_running_app(store, settings, tmp_path, capsys, monkeypatch):
     """While the 'app' (a ControlServer over the store) owns the DuckDB file, the CLI still works."""
-    server = ControlServer(LocalBackend(store, AdapterRegistry.without_servers(store, settings.data_dir)), settings.data_dir)
+    server = ControlServer(AdminService(store, AdapterRegistry.without_servers(store, settings.data_dir)), settings.data_dir)
     server.start({"vllm_url": "http://127.0.0.1:1"})
     monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
     try:
@@ -165,7 +166,7 @@ def test_cli_guidelines_with_and_without_the_app(settings, capsys, monkeypatch, 
     suggested = store.add_guideline("Never use emoji.", "global", "pending", "s1", "ann")
     server = None
     if with_app:
-        server = ControlServer(LocalBackend(store, AdapterRegistry.without_servers(store, settings.data_dir)),
+        server = ControlServer(AdminService(store, AdapterRegistry.without_servers(store, settings.data_dir)),
                                settings.data_dir)
         server.start({"vllm_url": "http://127.0.0.1:1"})
     else:
@@ -190,7 +191,7 @@ def test_cli_guidelines_with_and_without_the_app(settings, capsys, monkeypatch, 
 def test_a_control_server_never_started_stops_at_once(store, settings):
     """Runtime.close() on a runtime that was never started (tests, a failed startup) must not hang in
     socketserver's shutdown(), which waits for a serve_forever loop that never ran."""
-    server = ControlServer(LocalBackend(store, AdapterRegistry.without_servers(store, settings.data_dir)), settings.data_dir)
+    server = ControlServer(AdminService(store, AdapterRegistry.without_servers(store, settings.data_dir)), settings.data_dir)
     stopper = threading.Thread(target=server.stop, daemon=True)
     stopper.start()
     stopper.join(5)

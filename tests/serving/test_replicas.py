@@ -41,7 +41,7 @@ def replicas():
 
 def registry_for(store, settings, urls, shared_dir):
     rs = ReplicaSet(urls, "chatfb-base", shared_dir)
-    return AdapterRegistry(store, [], AdapterRouter("chatfb-base"), settings.data_dir, drain_timeout_s=1, replicas=rs)
+    return AdapterRegistry.for_replicas(store, rs, AdapterRouter("chatfb-base"), settings.data_dir, drain_timeout_s=1)
 
 
 def test_publish_names_the_replicas_base_model_and_never_rewrites_a_published_version(tmp_path):
@@ -133,8 +133,7 @@ def test_a_down_replica_is_shown_down(store, settings, replicas, tmp_path):
 
 
 def test_admin_view_lists_each_replica_and_the_version_it_serves(store, settings, replicas, tmp_path):
-    from types import SimpleNamespace
-
+    from chatfb.app.admin import AdminService
     from chatfb.ui.admin_tab import replicas_frame
 
     shared = tmp_path / "shared"
@@ -144,7 +143,7 @@ def test_admin_view_lists_each_replica_and_the_version_it_serves(store, settings
     r2.loaded.clear()
     r2.lora_dir = None  # the second replica lost the version and cannot resolve it
     registry = registry_for(store, settings, [url1, url2, "http://127.0.0.1:9"], shared)  # a third one is down
-    frame = replicas_frame(SimpleNamespace(registry=registry))
+    frame = replicas_frame(AdminService(store, registry, settings=settings))
     assert frame.to_dict("records") == [
         {"replica": url1, "up": "yes", "versions loaded": "chatfb-v0001", "answers with the live version": "yes"},
         {"replica": url2, "up": "yes", "versions loaded": "-", "answers with the live version": "NO"},

@@ -18,7 +18,7 @@ def test_cpu_bf16_detection_reads_the_flags_line():
 
 @pytest.mark.parametrize("cpuinfo, expected", [(ZEN4, "bfloat16"), (OLD_XEON, "float32")])
 def test_auto_dtype_on_a_cpu_follows_its_instructions(monkeypatch, cpuinfo, expected):
-    monkeypatch.setattr(vs, "_cpu_build", lambda: True)
+    monkeypatch.setattr(vs, "has_cuda", lambda: False)
     real = vs.cpu_has_bf16
     monkeypatch.setattr(vs, "cpu_has_bf16", lambda: real(cpuinfo))
     cmd = vs.vllm_command(Path("/m"), "chatfb-base", 8011, 16, 2048)
@@ -28,7 +28,7 @@ def test_auto_dtype_on_a_cpu_follows_its_instructions(monkeypatch, cpuinfo, expe
 
 
 def test_auto_dtype_on_a_gpu_is_vllms_own(monkeypatch):
-    monkeypatch.setattr(vs, "_cpu_build", lambda: False)
+    monkeypatch.setattr(vs, "has_cuda", lambda: True)
     assert vs.serving_dtype("auto") == "auto" and vs.serving_dtype("float16") == "float16"
 
 
@@ -36,3 +36,21 @@ def test_dtype_setting_is_checked():
     assert load_settings({"CHATFB_VLLM_DTYPE": "bfloat16"}).vllm_dtype == "bfloat16"
     with pytest.raises(ValueError, match="vllm_dtype"):
         load_settings({"CHATFB_VLLM_DTYPE": "int4"})
+
+
+def test_every_managed_server_is_built_from_the_settings_alike(settings, tmp_path):
+    from chatfb.serving.managed_replicas import ManagedReplicas
+    from chatfb.serving.vllm_server import ManagedVLLM
+
+    s = settings.with_(max_lora_rank=32, max_model_len=1024, vllm_dtype="float32", vllm_kvcache_gib=3,
+                       vllm_startup_timeout_s=7.0, vllm_port=9100, vllm_replicas=2)
+    one = ManagedVLLM.from_settings(s, tmp_path / "model")
+    cycles = ManagedVLLM.from_settings(s, tmp_path / "model", 9101, log_role="nightly")
+    pool = ManagedReplicas.from_settings(s, tmp_path / "model")
+    for server in (one, cycles, *pool.replicas):
+        flags = [server.cmd[server.cmd.index(f) + 1] for f in ("--max-lora-rank", "--max-model-len", "--dtype")]
+        assert flags == ["32", "1024", "float32"], server.cmd
+        assert (server.kvcache_gib, server.startup_timeout_s) == (3, 7.0)
+    assert [p.port for p in (one, cycles, *pool.replicas)] == [9100, 9101, 9102, 9103] and pool.router.port == 9100
+    assert one.log_path == s.layout.logs / "vllm.log" and cycles.log_path == s.layout.logs / "vllm-nightly.log"
+    assert [r.log_path.name for r in pool.replicas] == ["vllm-0.log", "vllm-1.log"]

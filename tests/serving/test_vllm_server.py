@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from chatfb.app.runtime import Runtime
-from chatfb.serving.vllm_server import ManagedVLLM, PortInUse, ServerStartError, port_in_use, served_root
+from chatfb.serving.model_client import served_root
+from chatfb.serving.vllm_server import ManagedVLLM, PortInUse, ServerStartError, port_in_use
 
 FAKE = Path(__file__).parents[1] / "fake_openai.py"
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]  # "our vLLM": alive, never answers

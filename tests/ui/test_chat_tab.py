@@ -115,11 +115,11 @@ def test_admin_views_show_versions_topics_and_feedback(settings):
         rt.store.add_adapter("chatfb-v0001", None, "live", "chatfb-v0001")
         rt.store.update_adapter("chatfb-v0001", metrics={"candidate_rougeL": 0.8, "candidate_bleu": 40.0,
                                                          "control_agreement": 0.9})
-        topics = topics_frame(rt)
+        topics = topics_frame(rt.admin)
         assert topics.iloc[0].to_dict() == {"topic": "formal", "critiques": 2}
-        assert feedback_frame(rt)["count"].sum() == 3
-        assert adapters_frame(rt).iloc[0]["rougeL"] == 0.8
-        assert sorted(metrics_frame(rt)["metric"]) == ["BLEU/100", "ROUGE-L", "control"]
+        assert feedback_frame(rt.admin)["count"].sum() == 3
+        assert adapters_frame(rt.admin).iloc[0]["rougeL"] == 0.8
+        assert sorted(metrics_frame(rt.admin)["metric"]) == ["BLEU/100", "ROUGE-L", "control"]
     finally:
         rt.store.close()
 

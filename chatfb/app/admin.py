@@ -1,0 +1,196 @@
+"""The admin operations, in one place: what the CLI, the control API and the admin tab all call.
+
+`AdminService` owns the rules (which guideline may be approved, how long one may be, which version is
+"previous"), so the three front doors cannot drift apart. The process that owns the store builds one:
+the app (with its Runtime as `cycles` and its model client, for "Train now" and the compare view), or
+the CLI when no app runs. The CLI reaches the app's through the control API (chatfb.app.control),
+which accepts the operations named in `OPS`.
+
+To add an admin operation: a method here; its name in `OPS` if the CLI calls it while the app runs.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from chatfb.config import Settings, settings_from_json
+from chatfb.serving.adapters import AdapterError, AdapterRegistry
+from chatfb.serving.model_client import ModelError
+from chatfb.store.db import Store
+
+# The operations the control API accepts (the CLI's, while the app owns the store). Their arguments
+# and results must be JSON.
+OPS = ("import_feedback", "snapshot", "adapters", "add_adapter", "promote", "rollback", "delete_user", "guidelines",
+       "add_guideline", "set_guideline_status", "start_cycle", "cycle_status")
+
+
+class AdminError(RuntimeError):
+    """An admin operation that cannot be done; str(e) says why (shown to the admin as it is)."""
+
+
+class CycleRunning(AdminError):
+    """A learning cycle is running already (one at a time)."""
+
+
+class AdminService:
+    """The admin operations on a store this process owns. `cycles` is the app's Runtime (start_training,
+    cycle_status, training_running, training_log_path): without an app the CLI runs cycles itself.
+    `client` answers the compare view (the app's model client)."""
+
+    def __init__(self, store: Store, registry: AdapterRegistry, cycles=None, settings: Settings | None = None,
+                 client=None):
+        self.store = store
+        self.registry = registry
+        self.cycles = cycles
+        self.settings = settings or Settings(data_dir=registry.data_dir)
+        self.client = client
+
+    def close(self):
+        pass
+
+    # -- data ------------------------------------------------------------------------------
+    def import_feedback(self, records: list[dict]) -> int:
+        from chatfb.learning.exports import parse_record
+
+        # Validated again here: the records may come over the control API. Sizes were checked by the CLI.
+        return self.store.import_feedback([parse_record(r, 10**9) for r in records])
+
+    def snapshot(self) -> str:
+        return str(self.store.snapshot(self.settings.layout.latest_snapshot))
+
+    def export_all(self) -> Path:
+        """Write all three TRL formats under <data_dir>/exports/<UTC time>/ (never a path from a browser)."""
+        from chatfb.learning.exports import export
+        from chatfb.learning.rows import EXPORT_FORMATS
+
+        out = self.settings.layout.exports / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        records, dismissed = self.store.feedback_records(), self.store.rejected_candidates()
+        for fmt in EXPORT_FORMATS:
+            export(records, fmt, out, dismissed=dismissed)
+        return out
+
+    def delete_user(self, user_name: str) -> int:
+        return self.store.delete_user(user_name)
+
+    def feedback_per_day(self) -> list[tuple]:
+        return self.store.feedback_per_day()
+
+    def critique_texts(self) -> list[str]:
+        return self.store.critique_texts()
+
+    def candidates(self, limit: int = 200) -> list[dict]:
+        """Candidate answers the learning cycles made from critiques and guidelines, newest first."""
+        return self.store.nightly_candidates(limit)
+
+    # -- adapter versions ------------------------------------------------------------------
+    def adapters(self) -> list[dict]:
+        return self.store.adapters()
+
+    def live_adapter(self) -> dict | None:
+        return self.store.live_adapter()
+
+    def add_adapter(self, name: str, path: str) -> None:
+        """Register an adapter folder trained elsewhere (under <data_dir>/adapters) as a candidate."""
+        self.store.add_adapter(name, None, "candidate", path)
+
+    def promote(self, name: str) -> None:
+        self.registry.promote((name or "").strip())
+
+    def rollback(self) -> str | None:
+        return self.registry.rollback()
+
+    @property
+    def replicated(self) -> bool:
+        """Several model replicas behind a router (the admin tab then shows each)."""
+        return self.registry.replicas is not None
+
+    def replica_states(self) -> list:
+        return self.registry.replica_states()
+
+    def compare(self, prompt: str) -> tuple[str, str, str]:
+        """Greedy replies to one prompt from the base model, the previous version and the live one
+        ("(none)" where there is no such version)."""
+        s, router = self.settings, self.registry.router
+        prompt = (prompt or "").strip()[: s.max_message_chars]
+        if not prompt:
+            return "Type a prompt first.", "", ""
+        messages = [{"role": "system", "content": s.system_prompt}, {"role": "user", "content": prompt}]
+        live = self.store.live_adapter()
+        outs = []
+        for name in (None, self.registry.previous_version(), live["name"] if live else None):
+            if name is None and outs:
+                outs.append("(none)")
+                continue
+            try:
+                if name:
+                    self.registry.load_candidate(name)
+                outs.append(self.client.complete(messages, name or router.base_name, s.max_tokens)[0])
+            except (AdapterError, ModelError) as e:
+                outs.append(f"⚠️ {e}")
+            finally:
+                if name and name != router.current:  # the previous version: give its LoRA slot back
+                    self.registry.unload(name)
+        return tuple(outs)
+
+    # -- guidelines for everyone -----------------------------------------------------------
+    def guidelines(self) -> list[dict]:
+        return self.store.guidelines()
+
+    def global_guidelines(self) -> list[dict]:
+        """Guidelines for everyone, suggested or approved."""
+        return self.store.global_guidelines()
+
+    def add_guideline(self, text: str) -> str:
+        """A guideline for everyone, approved at once (the admin wrote it)."""
+        return self.store.add_guideline(self._guideline_text(text), "global", "active")
+
+    def set_guideline_status(self, guideline_id: str, status: str) -> None:
+        """Approve ("active": only a suggestion for everyone needs it) or retire ("retired": any guideline)."""
+        g = self._guideline((guideline_id or "").strip())
+        if status == "active" and g["scope"] != "global":
+            raise AdminError("only guidelines suggested for everyone need approval")
+        self.store.update_guideline(g["id"], status=status)
+
+    def edit_guideline(self, guideline_id: str, text: str) -> None:
+        g = self._guideline((guideline_id or "").strip())
+        self.store.update_guideline(g["id"], text=self._guideline_text(text))
+
+    def _guideline(self, guideline_id: str) -> dict:
+        g = self.store.guideline(guideline_id)
+        if g is None:
+            raise AdminError(f"no guideline with id {guideline_id!r}")
+        return g
+
+    def _guideline_text(self, text: str) -> str:
+        text, limit = " ".join((text or "").split()), self.settings.max_guideline_chars
+        if not text:
+            raise AdminError("a guideline needs some text")
+        if len(text) > limit:
+            raise AdminError(f"the guideline is {len(text)} characters long; the limit is {limit}")
+        return text
+
+    # -- learning cycles -------------------------------------------------------------------
+    def start_cycle(self, settings_json: str | None = None, promote: bool = True) -> int:
+        """Start a learning cycle in the app, with the given settings (a CLI's) or the app's own; returns
+        its number (see cycle_status)."""
+        if self.cycles is None:
+            raise AdminError("no app runs here to start a learning cycle in")
+        number = self.cycles.start_training(settings_json and settings_from_json(settings_json), promote)
+        if number is None:
+            raise CycleRunning("a learning cycle is already running (started from the admin tab, the CLI or the schedule)")
+        return number
+
+    def cycle_status(self) -> dict:
+        """{"running": bool, "finished": number of the last finished cycle, "result": its summary or None}."""
+        if self.cycles is None:
+            raise AdminError("no app runs here")
+        return self.cycles.cycle_status()
+
+    def cycle_log(self) -> tuple[bool, list[str]] | None:
+        """(a cycle is running, the lines of the newest cycle's log), or None before the first cycle."""
+        try:
+            lines = self.settings.layout.nightly_log.read_text(errors="replace").splitlines()
+        except OSError:
+            return None
+        return bool(self.cycles and self.cycles.training_running()), lines
