@@ -43,6 +43,10 @@ class ChatInputError(ValueError):
     """Input the app refuses; str(e) is shown to the user as is."""
 
 
+class RateLimited(ChatInputError):
+    """Too many actions in the last minute (the API answers 429)."""
+
+
 @dataclass
 class ReplyUpdate:
     """One streamed step of a reply."""
@@ -87,7 +91,7 @@ class RateLimiter:
             while q and now - q[0] > 60:
                 q.popleft()
             if len(q) >= self.per_minute:
-                raise ChatInputError("You are sending too fast. Please wait a minute and try again.")
+                raise RateLimited("You are sending too fast. Please wait a minute and try again.")
             q.append(now)
 
 

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 # The CLI's operations: each is a method of both backends, and what the control API accepts.
 OPS = ("import_feedback", "snapshot", "adapters", "add_adapter", "promote", "rollback", "delete_user", "guidelines",
-       "add_guideline", "set_guideline_status", "start_cycle", "cycle_status")
+       "add_guideline", "set_guideline_status", "start_cycle", "cycle_status", "create_api_key", "api_keys",
+       "revoke_api_keys")
 
 
 class ControlError(RuntimeError):
@@ -101,6 +102,21 @@ class LocalBackend:
         if status == "active" and g["scope"] != "global":
             raise ControlError("only guidelines suggested for everyone need approval")
         self.store.update_guideline(guideline_id, status=status)
+
+    def create_api_key(self, user_name: str) -> dict:
+        """A new API key for `user_name` (chatfb.app.api_keys): {"id", "user_name", "prefix", "key"}."""
+        from chatfb.app.api_keys import ApiKeyError, create_key
+
+        try:
+            return create_key(self.store, user_name)
+        except ApiKeyError as e:
+            raise ControlError(str(e)) from None
+
+    def api_keys(self, user_name: str | None = None) -> list[dict]:
+        return self.store.api_keys(user_name)
+
+    def revoke_api_keys(self, user_name: str, key_id: str | None = None) -> int:
+        return self.store.revoke_api_keys(user_name, key_id)
 
     def start_cycle(self, settings_json: str, promote: bool) -> int:
         """Start a learning cycle in the app with the CLI's settings; returns its number (see cycle_status)."""
@@ -169,6 +185,15 @@ class RemoteBackend:
 
     def set_guideline_status(self, guideline_id: str, status: str) -> None:
         self.call("set_guideline_status", guideline_id=guideline_id, status=status)
+
+    def create_api_key(self, user_name: str) -> dict:
+        return self.call("create_api_key", user_name=user_name)
+
+    def api_keys(self, user_name: str | None = None) -> list[dict]:
+        return self.call("api_keys", user_name=user_name)
+
+    def revoke_api_keys(self, user_name: str, key_id: str | None = None) -> int:
+        return self.call("revoke_api_keys", user_name=user_name, key_id=key_id)
 
     def start_cycle(self, settings_json: str, promote: bool) -> int:
         return self.call("start_cycle", settings_json=settings_json, promote=promote)

@@ -1,0 +1,156 @@
+"""The OpenAI-compatible API of the real app (chatfb.serve: runtime, Gradio UI and API on one port),
+driven by the real `openai` client, with tests/fake_openai.py as the model server."""
+
+from __future__ import annotations
+
+import signal
+import socket
+
+import httpx
+import openai
+import pytest
+
+from chatfb.app.api_keys import create_key
+from chatfb.app.chat_service import MODEL_UNAVAILABLE
+from chatfb.serve import serve
+from tests.fake_openai import start_replica
+
+REPLY = "word0 word1 word2 word3 word4"  # what the fake model says
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def app(settings, monkeypatch):
+    """The app as `python -m chatfb serve` runs it, on a free port; yields (base URL, runtime)."""
+    model, _ = start_replica()
+    monkeypatch.setenv("GRADIO_SERVER_PORT", str(free_port()))  # where Gradio's search for a free port starts
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    rt, demo = serve(settings.with_(vllm_url=f"http://127.0.0.1:{model.server_address[1]}"), block=False)
+    try:
+        assert rt.ready.wait(20)
+        yield f"http://127.0.0.1:{demo.server_port}", rt
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        demo.close()
+        rt.close()
+        model.shutdown()
+
+
+@pytest.fixture
+def ann(app):
+    url, rt = app
+    key = create_key(rt.store, "ann")["key"]
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0), rt
+
+
+def test_a_completion_is_a_logged_turn_of_the_keys_user(ann):
+    client, rt = ann
+    assert [m.id for m in client.models.list()] == ["chatfb"]
+    raw = client.chat.completions.with_raw_response.create(
+        model="chatfb", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}])
+    done = raw.parse()
+    assert done.choices[0].message.content == REPLY and done.choices[0].finish_reason == "stop"
+    ids = done.chatfb
+    assert raw.headers["x-chatfb-message-id"] == ids["message_id"]
+    conv = rt.store.conversation(ids["conversation_id"])
+    assert (conv["user_name"], conv["session_id"], conv["system_prompt"]) == ("ann", "api:ann", "Be brief.")
+    user, reply = rt.store.messages(ids["conversation_id"])
+    assert (user["content"], reply["id"], reply["content"], reply["status"]) == ("Hi?", ids["message_id"], REPLY, "ok")
+    assert done.usage.completion_tokens == 5
+
+
+def test_a_streamed_completion_continues_the_conversation_the_history_names(ann):
+    client, rt = ann
+    first = client.chat.completions.create(model="chatfb", messages=[{"role": "user", "content": "Hi?"}])
+    history = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": first.choices[0].message.content},
+               {"role": "user", "content": "And then?"}]
+    chunks = list(client.chat.completions.create(model="chatfb", messages=history, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == REPLY and len([c for c in chunks if c.choices and c.choices[0].delta.content]) == 5
+    ids = chunks[0].chatfb
+    assert ids["conversation_id"] == first.chatfb["conversation_id"]  # the same conversation, not a copy
+    assert [(m["role"], m["content"], m["status"]) for m in rt.store.messages(ids["conversation_id"])] == [
+        ("user", "Hi?", "ok"), ("assistant", REPLY, "ok"), ("user", "And then?", "ok"), ("assistant", REPLY, "ok")]
+    assert chunks[-1].usage.completion_tokens == 5
+    # a history chatfb never saw starts a conversation with it, so the model hears all of it
+    other = client.chat.completions.create(model="chatfb", messages=[
+        {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A from elsewhere"},
+        {"role": "user", "content": "Q2"}])
+    assert [m["content"] for m in rt.store.messages(other.chatfb["conversation_id"])] == ["Q", "A from elsewhere", "Q2", REPLY]
+
+
+def test_a_wrong_or_revoked_key_gets_401_json_and_nothing_is_logged(app):
+    url, rt = app
+    made = create_key(rt.store, "bob")
+    for key in ("cfb_not-a-key", "sk-whatever", made["key"]):
+        if key == made["key"]:
+            rt.store.revoke_api_keys("bob")
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as e:
+            client.chat.completions.create(model="chatfb", messages=[{"role": "user", "content": "hi"}])
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+        assert "api-key create" in e.value.body["message"]
+    r = httpx.get(url + "/v1/models", timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key" and "Traceback" not in r.text
+    assert rt.store.counts()["messages"] == 0
+
+
+def test_bad_requests_get_clear_json_errors(ann):
+    client, rt = ann
+    with pytest.raises(openai.BadRequestError, match="last message must be the user"):
+        client.chat.completions.create(model="chatfb", messages=[{"role": "assistant", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="empty"):
+        client.chat.completions.create(model="chatfb", messages=[{"role": "user", "content": "  "}])
+    r = httpx.post(str(client.base_url) + "chat/completions", content=b"{not json",
+                   headers={"Authorization": f"Bearer {client.api_key}"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["message"] == "The request body is not valid JSON."
+    assert rt.store.counts()["messages"] == 0
+
+
+def test_the_api_is_rate_limited_like_the_ui(ann):
+    client, rt = ann
+    object.__setattr__(rt.chat.limiter, "per_minute", 2)
+    for _ in range(2):
+        client.chat.completions.create(model="chatfb", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.RateLimitError, match="too fast"):
+        client.chat.completions.create(model="chatfb", messages=[{"role": "user", "content": "hi"}], stream=True)
+
+
+def test_an_unavailable_model_is_a_503_and_the_turn_is_logged_failed(ann):
+    client, rt = ann
+    rt.chat.model_unavailable = lambda: "Port 8011 is taken"
+    with pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(model="chatfb", messages=[{"role": "user", "content": "hi"}], stream=True)
+    assert e.value.status_code == 503 and e.value.body["message"] == MODEL_UNAVAILABLE
+    mid = e.value.response.headers["x-chatfb-message-id"]
+    assert rt.store.message(mid)["status"] == "failed"
+
+
+def test_feedback_by_message_id(ann):
+    client, rt = ann
+    done = client.chat.completions.create(model="chatfb", messages=[{"role": "user", "content": "Hi?"}])
+    mid = done.chatfb["message_id"]
+    auth = {"Authorization": f"Bearer {client.api_key}"}
+    base = str(client.base_url) + "chatfb"
+    r = httpx.post(f"{base}/messages/{mid}/rate", json={"rating": -1}, headers=auth, timeout=10)
+    assert r.status_code == 200 and r.json()["message_id"] == mid
+    r = httpx.post(f"{base}/messages/{mid}/correct", json={"text": "Hello!"}, headers=auth, timeout=10)
+    assert r.status_code == 200
+    r = httpx.post(f"{base}/messages/{mid}/critique", json={"critique": "Say hello."}, headers=auth, timeout=30)
+    assert r.status_code == 200 and r.json()["critique_id"]
+    kinds = {(f["kind"], f["rating"], f["text"], f["user_name"]) for f in rt.store.feedback_for(mid)}
+    assert kinds == {("rating", -1, None, "ann"), ("correction", None, "Hello!", "ann"),
+                     ("critique", None, "Say hello.", "ann")}
+    # another user's key cannot touch ann's reply
+    eve = {"Authorization": f"Bearer {create_key(rt.store, 'eve')['key']}"}
+    r = httpx.post(f"{base}/messages/{mid}/rate", json={"rating": 1}, headers=eve, timeout=10)
+    assert r.status_code == 400 and "unknown message" in r.json()["error"]["message"]
+    r = httpx.post(f"{base}/messages/{mid}/rate", json={"rating": 5}, headers=auth, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_rating"
