@@ -154,3 +154,33 @@ def test_feedback_by_message_id(ann):
     assert r.status_code == 400 and "unknown message" in r.json()["error"]["message"]
     r = httpx.post(f"{base}/messages/{mid}/rate", json={"rating": 5}, headers=auth, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_rating"
+
+
+def test_critique_answers_the_proposed_revision_and_accept_stores_it(settings, store, fake_client):
+    """The feedback routes over the chat service with a fake model that follows critiques (no server)."""
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from chatfb.app.chat_service import ChatService
+    from chatfb.serving.adapters import AdapterRouter
+    from chatfb.ui.openai_api import api_routes
+
+    chat = ChatService(settings.with_(revision_candidates=2), store, fake_client, AdapterRouter("chatfb-base"))
+    http = TestClient(FastAPI(routes=api_routes(SimpleNamespace(chat=chat, store=store))))
+    http.headers["Authorization"] = f"Bearer {create_key(store, 'ann')['key']}"
+    fake_client.enqueue("Sleep more and relax.")
+    mid = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Sleep tips?"}]}
+                    ).json()["chatfb"]["message_id"]
+    fake_client.follows = ("- ",)
+    fake_client.enqueue("Sleep more.", "- Go to bed early.\n- Keep it dark.")
+    r = http.post(f"/v1/chatfb/messages/{mid}/critique", json={"critique": "Use a bulleted list."}).json()
+    assert r["revision"]["text"].startswith("- Go to bed") and r["error"] is None
+    accepted = http.post(f"/v1/chatfb/revisions/{r['revision']['candidate_id']}/accept", json={}).json()
+    assert accepted["message_id"] == mid
+    correction = store.feedback(accepted["feedback_id"])
+    assert (correction["kind"], correction["derived_from"], correction["user_name"]) == \
+        ("correction", r["critique_id"], "ann")
+    again = http.post(f"/v1/chatfb/revisions/{r['revision']['candidate_id']}/accept", json={})
+    assert again.status_code == 400 and "already accepted" in again.json()["error"]["message"]
