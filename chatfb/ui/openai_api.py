@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from typing import Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -120,7 +121,9 @@ def api_routes(rt) -> list:
             raise ApiError(503, first.error, "server_error", "model_unavailable", id_headers(cid, first.message_id))
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(sse(first, stream, ids, usage), media_type="text/event-stream",
+            events = sse(first, stream, ids, usage)
+            return StreamingResponse(until_hangup(events, lambda: chat.stop(api_session(user), cid)),
+                                     media_type="text/event-stream",
                                      headers={**id_headers(cid, first.message_id), "Cache-Control": "no-cache"})
         last = first
         for last in stream:
@@ -164,7 +167,7 @@ def api_routes(rt) -> list:
                         yield event({"choices": [], "usage": usage_of(upd.message_id)})
             yield "data: [DONE]\n\n"
         finally:
-            stream.close()  # a client that hung up: the reply is stored as stopped
+            stream.close()  # ends the model's request when the client hung up (see until_hangup)
 
     # -- feedback by chatfb message id --------------------------------------------------------
     def rate(user: str, body: dict, message_id: str) -> JSONResponse:
@@ -214,6 +217,31 @@ def api_routes(rt) -> list:
         router.add_api_route(f"/v1/chatfb/revisions/{{candidate_id}}/{name}", guarded(handler), methods=["POST"],
                              include_in_schema=False)
     return router.routes
+
+
+async def until_hangup(events: Iterator[str], stop: Callable[[], None]) -> AsyncIterator[str]:
+    """Send `events` (made in worker threads: each step may wait for the model). When the client hangs
+    up first, `stop()` stores the reply as stopped at once, as the UI's Stop does, and `events` is
+    closed, ending the model's request, once the step under way is done."""
+    lock = threading.Lock()  # a generator cannot be closed while another thread runs it
+
+    def step() -> str | None:
+        with lock:
+            return next(events, None)
+
+    def hang_up() -> None:
+        stop()
+        with lock:
+            events.close()
+
+    finished = False
+    try:
+        while (chunk := await run_in_threadpool(step)) is not None:
+            yield chunk
+        finished = True
+    finally:
+        if not finished:  # no awaiting here (the task may be cancelled): a thread does it
+            threading.Thread(target=hang_up, name="api-hangup", daemon=True).start()
 
 
 def _chain(first: ReplyUpdate, rest: Iterator[ReplyUpdate]) -> Iterator[ReplyUpdate]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import time
 
 import httpx
 import openai
@@ -27,7 +28,8 @@ def free_port() -> int:
 @pytest.fixture
 def app(settings, monkeypatch):
     """The app as `python -m chatfb serve` runs it, on a free port; yields (base URL, runtime)."""
-    model, _ = start_replica()
+    model, handler = start_replica()
+    handler.delay = 0.05  # between words, so a test can hang up half-way
     monkeypatch.setenv("GRADIO_SERVER_PORT", str(free_port()))  # where Gradio's search for a free port starts
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     rt, demo = serve(settings.with_(vllm_url=f"http://127.0.0.1:{model.server_address[1]}"), block=False)
@@ -84,6 +86,20 @@ def test_a_streamed_completion_continues_the_conversation_the_history_names(ann)
         {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A from elsewhere"},
         {"role": "user", "content": "Q2"}])
     assert [m["content"] for m in rt.store.messages(other.chatfb["conversation_id"])] == ["Q", "A from elsewhere", "Q2", REPLY]
+
+
+def test_a_client_that_hangs_up_stops_the_reply(ann):
+    client, rt = ann
+    with client.chat.completions.create(model="chatfb", messages=[{"role": "user", "content": "Hi?"}],
+                                        stream=True) as stream:
+        chunks = iter(stream)
+        mid = next(chunks).chatfb["message_id"]
+        next(chunks)
+    deadline = time.monotonic() + 10
+    while rt.store.message(mid)["status"] == "pending" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    reply = rt.store.message(mid)
+    assert reply["status"] == "stopped" and REPLY.startswith(reply["content"]) and reply["content"] != REPLY
 
 
 def test_a_wrong_or_revoked_key_gets_401_json_and_nothing_is_logged(app):
