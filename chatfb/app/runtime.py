@@ -127,9 +127,7 @@ class Runtime:
             return self.status
         server = self.server
         if server is None or not server.up:
-            why = (server and server.error) or "the managed model server is not running (it is restarting or stopped)"
-            self.status = f"The model is unavailable: {why}"  # the status line says why on the next page load
-            return why
+            return (server and server.error) or "the managed model server is not running (it is restarting or stopped)"
         return None
 
     # -- learning cycles --------------------------------------------------------------------

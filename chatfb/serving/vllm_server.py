@@ -175,10 +175,15 @@ class ManagedVLLM:
 
     @property
     def up(self) -> bool:
-        """Proven ours since its launch and its process still alive: cheap (no request), so the chat
-        service asks it before every reply. False while starting, restarting, or after it died."""
+        """Its process is alive and was proven ours since it was launched. The chat service asks before
+        every reply: once proven, no request is made; until then (starting or restarting) it is proven
+        here as wait_ready does. False after it died, and while another server answers on its port."""
         proc = self._proc
-        return self._proven and proc is not None and proc.poll() is None
+        if proc is None or proc.poll() is not None:
+            return False
+        if not self._proven and self._is_ours():
+            self._proven = True
+        return self._proven
 
     def _is_ours(self) -> bool:
         """Our process is alive and the server on our port serves our model folder (another server that
