@@ -65,18 +65,21 @@ def api_routes(rt) -> list:
     router = APIRouter()
 
     def authenticate(request: Request) -> str:
+        """The key's user. A wrong key is answered 401, and after a few from one address 429 with a
+        growing wait (chatfb.ui.throttle); a right key always gets in, so wrong guesses from others on
+        the same address (a proxy) or everywhere never lock out users who hold keys."""
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        user = user_for_key(store, key.strip()) if scheme.lower() == "bearer" else None
         client = request.client.host if request.client else "?"
+        if user is not None:
+            guesses.succeeded(client)
+            return user
+        guesses.failed(client)
         wait = guesses.wait_s(client)
         if wait > 0:
             raise ApiError(429, f"Too many wrong API keys; try again in {wait:.0f} s.", "rate_limit_error",
                            "rate_limited", {"Retry-After": str(max(1, round(wait)))})
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        user = user_for_key(store, key.strip()) if scheme.lower() == "bearer" else None
-        if user is None:
-            guesses.failed(client)
-            raise ApiError(401, BAD_KEY, "invalid_request_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
-        guesses.succeeded(client)
-        return user
+        raise ApiError(401, BAD_KEY, "invalid_request_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
     async def body_of(request: Request) -> dict:
         try:

@@ -200,3 +200,11 @@ def test_critique_answers_the_proposed_revision_and_accept_stores_it(settings, s
         ("correction", r["critique_id"], "ann")
     again = http.post(f"/v1/chatfb/revisions/{r['revision']['candidate_id']}/accept", json={})
     assert again.status_code == 400 and "already accepted" in again.json()["error"]["message"]
+
+
+def test_wrong_keys_are_throttled_but_never_lock_out_a_right_one(ann):
+    client, rt = ann
+    url = str(client.base_url) + "models"
+    codes = [httpx.get(url, headers={"Authorization": "Bearer cfb_guess"}, timeout=10).status_code for _ in range(8)]
+    assert codes[:4] == [401] * 4 and codes[-1] == 429
+    assert [m.id for m in client.models.list()] == ["chatfb"]  # the same address, a right key
