@@ -208,3 +208,23 @@ def test_wrong_keys_are_throttled_but_never_lock_out_a_right_one(ann):
     codes = [httpx.get(url, headers={"Authorization": "Bearer cfb_guess"}, timeout=10).status_code for _ in range(8)]
     assert codes[:4] == [401] * 4 and codes[-1] == 429
     assert [m.id for m in client.models.list()] == ["chatfb"]  # the same address, a right key
+
+
+def test_a_model_failure_mid_stream_reaches_the_client_as_an_error(ann):
+    from chatfb.serving.model_client import ModelError
+
+    client, rt = ann
+
+    def half_a_reply(messages, model, max_tokens, temperature, top_p, result):
+        result.text += "word0"
+        yield "word0"
+        raise ModelError("The model server is not reachable right now.")
+
+    rt.chat.client = type("Failing", (), {"stream_chat": staticmethod(half_a_reply)})()
+    stream = client.chat.completions.create(model="chatfb", messages=[{"role": "user", "content": "Hi?"}], stream=True)
+    got = []
+    with pytest.raises(openai.APIError, match="not reachable"):
+        for chunk in stream:
+            got.append(chunk)
+    assert got[1].choices[0].delta.content == "word0"
+    assert rt.store.message(got[0].chatfb["message_id"])["status"] == "failed"
