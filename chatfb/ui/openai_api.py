@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from chatfb.app.api_chat import api_session, start_turn
 from chatfb.app.api_keys import user_for_key
-from chatfb.app.chat_service import ChatInputError, RateLimited, ReplyUpdate
+from chatfb.app.chat_service import MODEL_UNAVAILABLE, ChatInputError, RateLimited, ReplyUpdate
 from chatfb.ui.throttle import GuessThrottle
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,10 @@ def refused(e: ChatInputError) -> ApiError:
     if isinstance(e, RateLimited):
         return ApiError(429, str(e), "rate_limit_error", "rate_limited", {"Retry-After": "60"})
     return ApiError(400, str(e))
+
+
+def failure_code(error: str) -> str:
+    return "model_unavailable" if error == MODEL_UNAVAILABLE else "model_failed"
 
 
 def id_headers(cid: str, mid: str) -> dict:
@@ -119,9 +123,8 @@ def api_routes(rt) -> list:
         cid, stream = start_turn(chat, user, body.get("messages"), body.get("conversation_id"))
         first = next(stream)  # the reply is logged by now: its id goes into the headers
         ids = {"conversation_id": cid, "message_id": first.message_id}
-        if first.done and first.error:
-            stream.close()
-            raise ApiError(503, first.error, "server_error", "model_unavailable", id_headers(cid, first.message_id))
+        if first.done and first.error:  # nothing was said: an HTTP error, not an empty stream
+            raise ApiError(503, first.error, "server_error", failure_code(first.error), id_headers(cid, first.message_id))
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             events = sse(first, stream, ids, usage)
@@ -132,7 +135,7 @@ def api_routes(rt) -> list:
         for last in stream:
             pass
         if last.error:
-            raise ApiError(503, last.error, "server_error", "model_failed", id_headers(cid, last.message_id))
+            raise ApiError(503, last.error, "server_error", failure_code(last.error), id_headers(cid, last.message_id))
         return JSONResponse({
             "id": f"chatcmpl-{last.message_id}", "object": "chat.completion", "created": int(time.time()),
             "model": last.model,

@@ -145,6 +145,7 @@ def test_an_unavailable_model_is_a_503_and_the_turn_is_logged_failed(ann):
     with pytest.raises(openai.InternalServerError) as e:
         client.chat.completions.create(model="chatfb", messages=[{"role": "user", "content": "hi"}], stream=True)
     assert e.value.status_code == 503 and e.value.body["message"] == MODEL_UNAVAILABLE
+    assert e.value.body["code"] == "model_unavailable"
     mid = e.value.response.headers["x-chatfb-message-id"]
     assert rt.store.message(mid)["status"] == "failed"
 
