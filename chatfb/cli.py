@@ -1,5 +1,5 @@
 """`python -m chatfb COMMAND`: serve, import-feedback, export, nightly, adapters, push-adapter, delete-user,
-guidelines, settings (`python -m chatfb COMMAND --help` for each; docs/formats.md lists them).
+guidelines, api-key, settings (`python -m chatfb COMMAND --help` for each; docs/formats.md lists them).
 
 Every command that touches data works whether or not the app is running: with the app up it is
 carried out by the app (see chatfb.app.control), otherwise on the DuckDB file directly.
@@ -66,6 +66,12 @@ def make_parser() -> argparse.ArgumentParser:
     gl.add_argument("action", choices=("list", "add", "approve", "retire"))
     gl.add_argument("value", nargs="?", help="the guideline's text (add) or its id (approve, retire)")
     add_settings_flags(gl)
+
+    ak = sub.add_parser("api-key", help="create, list or revoke a user's keys for the OpenAI-compatible API (docs/api.md)")
+    ak.add_argument("action", choices=("create", "list", "revoke"))
+    ak.add_argument("user", nargs="?", help="whose key (list: all users' keys when left out)")
+    ak.add_argument("--id", dest="key_id", help="revoke only this key (an id from `list`); default: all of the user's")
+    add_settings_flags(ak)
 
     sub.add_parser("settings", help="print the settings table (env vars, flags, defaults)")
     return p
@@ -312,5 +318,27 @@ def cmd_guidelines(settings, args) -> int:
     return 0
 
 
-COMMANDS = {"guidelines": cmd_guidelines, "serve": cmd_serve, "import-feedback": cmd_import, "export": cmd_export, "nightly": cmd_nightly,
+def cmd_api_key(settings, args) -> int:
+    """Keys for the OpenAI-compatible API: `create` prints the new key once (only its hash is stored)."""
+    if args.action != "list" and not (args.user or "").strip():
+        raise CommandError(f"api-key {args.action} needs a USER")
+    backend = open_admin(settings)
+    try:
+        if args.action == "create":
+            made = backend.create_api_key(args.user)
+            print(f"API key for {made['user_name']!r} (id {made['id']}); it is shown only now, keep it secret:")
+            print(made["key"])
+        elif args.action == "list":
+            for k in backend.api_keys(args.user):
+                state = f"revoked {k['revoked_at']}" if k["revoked_at"] else "live"
+                print(f"{k['id']}  {k['user_name']:<16} {k['prefix']}…  created {k['created_at']}  {state}")
+        else:
+            n = backend.revoke_api_keys(args.user.strip(), args.key_id)
+            print(f"revoked {n} key{'s' if n != 1 else ''} of {args.user.strip()!r}")
+    finally:
+        backend.close()
+    return 0
+
+
+COMMANDS = {"api-key": cmd_api_key, "guidelines": cmd_guidelines, "serve": cmd_serve, "import-feedback": cmd_import, "export": cmd_export, "nightly": cmd_nightly,
             "adapters": cmd_adapters, "push-adapter": cmd_push_adapter, "delete-user": cmd_delete_user}

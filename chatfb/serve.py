@@ -1,4 +1,5 @@
-"""Start the whole app: settings -> runtime (store, model server, control API) -> Gradio UI.
+"""Start the whole app: settings -> runtime (store, model server, control API) -> Gradio UI, with the
+OpenAI-compatible API (chatfb.ui.openai_api) on the same port.
 
 On a Hugging Face Space (SPACE_ID set) data goes to the persistent /data volume when the Space
 has one; otherwise the UI warns that storage is ephemeral. SIGTERM and Ctrl-C (SIGINT) both run
@@ -53,6 +54,7 @@ def install_shutdown_handlers(rt) -> None:
 def serve(settings: Settings, block: bool = True):
     from chatfb.app.runtime import Runtime
     from chatfb.ui.chat_tab import build_ui
+    from chatfb.ui.openai_api import api_routes
 
     settings = space_settings(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -62,8 +64,9 @@ def serve(settings: Settings, block: bool = True):
     demo.queue(default_concurrency_limit=settings.chat_concurrency)
     server_name = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
     try:
+        # the OpenAI-compatible API (docs/api.md) on the same port, its routes ahead of Gradio's
         demo.launch(server_name=server_name, show_error=False, prevent_thread_lock=not block,
-                    footer_links=["api", "gradio"])
+                    footer_links=["api", "gradio"], app_kwargs={"routes": api_routes(rt)})
     finally:
         if block:
             rt.close()

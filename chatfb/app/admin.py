@@ -22,7 +22,8 @@ from chatfb.store.db import Store
 # The operations the control API accepts (the CLI's, while the app owns the store). Their arguments
 # and results must be JSON.
 OPS = ("import_feedback", "snapshot", "adapters", "add_adapter", "promote", "rollback", "delete_user", "guidelines",
-       "add_guideline", "set_guideline_status", "start_cycle", "cycle_status")
+       "add_guideline", "set_guideline_status", "start_cycle", "cycle_status", "create_api_key", "api_keys",
+       "revoke_api_keys")
 
 
 class AdminError(RuntimeError):
@@ -169,6 +170,22 @@ class AdminService:
         if len(text) > limit:
             raise AdminError(f"the guideline is {len(text)} characters long; the limit is {limit}")
         return text
+
+    # -- API keys (chatfb.app.api_keys) ---------------------------------------------------
+    def create_api_key(self, user_name: str) -> dict:
+        """A new API key for `user_name`: {"id", "user_name", "prefix", "key"} (the key is shown once)."""
+        from chatfb.app.api_keys import ApiKeyError, create_key
+
+        try:
+            return create_key(self.store, user_name)
+        except ApiKeyError as e:
+            raise AdminError(str(e)) from None
+
+    def api_keys(self, user_name: str | None = None) -> list[dict]:
+        return self.store.api_keys(user_name)
+
+    def revoke_api_keys(self, user_name: str, key_id: str | None = None) -> int:
+        return self.store.revoke_api_keys(user_name, key_id)
 
     # -- learning cycles -------------------------------------------------------------------
     def start_cycle(self, settings_json: str | None = None, promote: bool = True) -> int:

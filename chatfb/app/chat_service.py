@@ -12,7 +12,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from chatfb.critique import candidates, guidelines
 from chatfb.serving.adapters import AdapterRouter
@@ -31,6 +31,10 @@ INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad\u180e\u
 
 class ChatInputError(ValueError):
     """Input the app refuses; str(e) is shown to the user as is."""
+
+
+class RateLimited(ChatInputError):
+    """Too many actions in the last minute (the API answers 429)."""
 
 
 @dataclass
@@ -57,6 +61,7 @@ class RevisionUpdate:
 
 
 REVISION_FAILED = "The revision could not be made right now (the model is busy or down). Your critique is saved."
+MODEL_UNAVAILABLE = "The model is unavailable right now (the operator can see why). Please try again later."
 NO_GOOD_REVISION = ("None of the drafts followed your critique well enough to offer. Your critique is saved: "
                     "try again, or correct the reply yourself.")
 
@@ -76,13 +81,16 @@ class RateLimiter:
             while q and now - q[0] > 60:
                 q.popleft()
             if len(q) >= self.per_minute:
-                raise ChatInputError("You are sending too fast. Please wait a minute and try again.")
+                raise RateLimited("You are sending too fast. Please wait a minute and try again.")
             q.append(now)
 
 
 class ChatService:
-    def __init__(self, settings: Settings, store: Store, client: ModelClient, router: AdapterRouter, judge=None):
+    def __init__(self, settings: Settings, store: Store, client: ModelClient, router: AdapterRouter, judge=None,
+                 model_unavailable: Callable[[], str | None] | None = None):
         self.settings = settings
+        # why nothing may be sent to the model server now (None: it may); asked before every request
+        self.model_unavailable = model_unavailable or (lambda: None)
         self.store = store
         self.client = client
         self.judge = judge if judge is not None else ServerJudge(client)  # scores revisions (chatfb.critique.judge)
@@ -188,10 +196,15 @@ class ChatService:
         status, error = "stopped", None
         self._live[mid] = result
         try:
-            messages = guidelines.apply(self.store.history_before(mid), rules)
-            for _ in self.client.stream_chat(messages, model, s.max_tokens, s.temperature, s.top_p, result):
-                yield ReplyUpdate(mid, result.text, model)
-            status = "ok"
+            why = self.model_unavailable()
+            if why is not None:
+                status, error = "failed", MODEL_UNAVAILABLE
+                log.warning("reply %s not sent: the model is unavailable: %s", mid, why)
+            else:
+                messages = guidelines.apply(self.store.history_before(mid), rules)
+                for _ in self.client.stream_chat(messages, model, s.max_tokens, s.temperature, s.top_p, result):
+                    yield ReplyUpdate(mid, result.text, model)
+                status = "ok"
         except ModelError as e:
             status, error = "failed", str(e)
             log.warning("reply %s failed: %s", mid, e)
@@ -266,6 +279,11 @@ class ChatService:
     def _revision(self, session_id: str, user: str | None, message_id: str, critique_id: str,
                   critique: str) -> Iterator[RevisionUpdate]:
         s = self.settings
+        why = self.model_unavailable()
+        if why is not None:
+            log.warning("revision for critique %s not made: the model is unavailable: %s", critique_id, why)
+            yield RevisionUpdate(critique_id, "", done=True, error=MODEL_UNAVAILABLE)
+            return
         rules = [g["text"] for g in self.store.guidelines_for(session_id, user)]
         prompt = guidelines.apply(self.store.history_before(message_id), rules)
         original = self.store.message(message_id)["content"]

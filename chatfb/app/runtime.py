@@ -52,7 +52,8 @@ class Runtime:
         else:
             self.registry = AdapterRegistry.for_replicas(self.store, self.replicas, self.router, settings.data_dir)
         self.chat = ChatService(settings, self.store, self.client, self.router,
-                                judge_for(settings.scorer, self.client, self._model_dir))
+                                judge_for(settings.scorer, self.client, self._model_dir),
+                                model_unavailable=self.model_unavailable)
         self.admin = AdminService(self.store, self.registry, cycles=self, settings=settings, client=self.client)
         self.control = ControlServer(self.admin, settings.data_dir)
         self.server = None
@@ -116,6 +117,19 @@ class Runtime:
         except Exception as e:  # noqa: BLE001 - shown in the UI, details in the log
             log.exception("model startup failed")
             self.status = f"The model server could not start: {type(e).__name__}. See the app log."
+
+    def model_unavailable(self) -> str | None:
+        """Why a chat must not be sent to the managed model server now, for the log and the admin (None:
+        it may be). Only a server this app started and proved its own takes chats; another process on
+        its port never does. An external server is not ours to check: a request that fails says so."""
+        if not self.settings.managed:
+            return None
+        if not self.ready.is_set():
+            return self.status
+        server = self.server
+        if server is None or not server.up:
+            return (server and server.error) or "the managed model server is not running (it is restarting or stopped)"
+        return None
 
     # -- learning cycles --------------------------------------------------------------------
     def start_training(self, settings: Settings | None = None, promote: bool = True) -> int | None:

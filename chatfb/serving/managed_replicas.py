@@ -10,8 +10,10 @@ For tests here and for one big box with several GPUs; on a CPU the replicas shar
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Callable
@@ -29,6 +31,20 @@ log = logging.getLogger(__name__)
 ROUTER_POLICY = "round_robin"  # every replica can serve every version (shared storage), so any policy works
 
 
+def router_binary(name: str = "vllm-router") -> str:
+    """The vllm-router executable: beside the running interpreter (a virtual environment's bin, which is
+    not on PATH when a service manager runs its python without activating it), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise ServerStartError(f"{name} is not installed (pip install vllm-router); it is needed for "
+                               f"CHATFB_VLLM_REPLICAS > 1. Looked in {beside.parent} (beside {sys.executable}) "
+                               f"and on PATH ({os.environ.get('PATH', '')})")
+    return found
+
+
 def router_command(binary: str, port: int, worker_urls: list[str]) -> list[str]:
     return [binary, "--host", "127.0.0.1", "--port", str(port), "--policy", ROUTER_POLICY,
             "--worker-urls", *worker_urls,
@@ -40,11 +56,7 @@ class ManagedRouter:
     """A `vllm-router` process on 127.0.0.1 in front of the replicas; its log is <data_dir>/logs/router.log."""
 
     def __init__(self, port: int, worker_urls: list[str], data_dir: Path, startup_timeout_s: float = 60.0):
-        binary = shutil.which("vllm-router")
-        if binary is None:
-            raise ServerStartError("vllm-router is not installed (pip install vllm-router); it is needed for "
-                                   "CHATFB_VLLM_REPLICAS > 1")
-        self.cmd = router_command(binary, port, worker_urls)
+        self.cmd = router_command(router_binary(), port, worker_urls)
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = DataLayout(Path(data_dir)).router_log
@@ -107,6 +119,11 @@ class ManagedReplicas:
     @property
     def ready(self) -> bool:
         return self.router.alive() and all(r.serving() for r in self.replicas)
+
+    @property
+    def up(self) -> bool:
+        """The router runs and at least one replica is proven ours and alive (no request made)."""
+        return self.router.alive() and any(r.up for r in self.replicas)
 
     @property
     def error(self) -> str | None:

@@ -126,6 +126,7 @@ class ManagedVLLM:
         self.on_restart: Callable[[], None] | None = None
         self.error: str | None = None  # why the watchdog gave up, if it did
         self._proc: subprocess.Popen | None = None
+        self._proven = False  # the running process was proven ours (wait_ready) since it was launched
         self._lock = threading.Lock()  # a launch and stop() never interleave: stop() leaves no process behind
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
@@ -155,6 +156,7 @@ class ManagedVLLM:
                        VLLM_CPU_KVCACHE_SPACE=str(self.kvcache_gib), VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
             env.update(self.extra_env)
             logfile = open(self.log_path, "ab")
+            self._proven = False
             log.info("starting vLLM: %s", " ".join(self.cmd))
             # Its own session: one process group for the server and its engine core, which stop() ends
             # together, and a Ctrl-C in the terminal reaches the app (which stops it), not vLLM half-way.
@@ -165,6 +167,18 @@ class ManagedVLLM:
     def serving(self) -> bool:
         """Our vLLM process is alive and answers on its port as our model."""
         return self._is_ours()
+
+    @property
+    def up(self) -> bool:
+        """Its process is alive and was proven ours since it was launched. The chat service asks before
+        every reply: once proven, no request is made; until then (starting or restarting) it is proven
+        here as wait_ready does. False after it died, and while another server answers on its port."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return False
+        if not self._proven and self._is_ours():
+            self._proven = True
+        return self._proven
 
     def _is_ours(self) -> bool:
         """Our process is alive and the server on our port serves our model folder (another server that
@@ -180,6 +194,7 @@ class ManagedVLLM:
             return self._is_ours()
 
         if wait_until(up, self.startup_timeout_s):
+            self._proven = True
             log.info("vLLM ready at %s", self.url)
             return
         raise ServerStartError(f"vLLM did not become healthy in {self.startup_timeout_s:.0f}s; see {self.log_path}")

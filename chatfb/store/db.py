@@ -611,6 +611,42 @@ class Store:
             stmts.append(("UPDATE adapters SET status = 'live', promoted_at = ? WHERE name = ?", (utcnow(), name)))
         self._tx(stmts)
 
+    # -- API keys ---------------------------------------------------------------------------
+    def add_api_key(self, user_name: str, key_hash: str, prefix: str) -> str:
+        kid = new_id()
+        self._tx([("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, NULL)", (kid, user_name, key_hash, prefix, utcnow()))])
+        return kid
+
+    def api_keys(self, user_name: str | None = None) -> list[dict]:
+        """Keys (never their hashes), oldest first; one user's when `user_name` is given."""
+        where, params = ("WHERE user_name = ?", (user_name,)) if user_name is not None else ("", ())
+        rows = self._q(f"SELECT id, user_name, prefix, created_at, revoked_at FROM api_keys {where} ORDER BY created_at, id",
+                       params)
+        return [dict(zip(("id", "user_name", "prefix", "created_at", "revoked_at"), r)) for r in rows]
+
+    def api_key_user(self, key_hash: str) -> str | None:
+        """The user an unrevoked key with this hash belongs to, or None."""
+        rows = self._q("SELECT user_name FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,))
+        return rows[0][0] if rows else None
+
+    def revoke_api_keys(self, user_name: str, key_id: str | None = None) -> int:
+        """Revoke one user's keys (or only `key_id` of theirs). Returns how many were live."""
+        where, params = "user_name = ? AND revoked_at IS NULL", (user_name,)
+        if key_id is not None:
+            where, params = where + " AND id = ?", params + (key_id,)
+        n = self._q(f"SELECT count(*) FROM api_keys WHERE {where}", params)[0][0]
+        self._tx([(f"UPDATE api_keys SET revoked_at = ? WHERE {where}", (utcnow(), *params))])
+        return n
+
+    def find_api_conversation(self, session_id: str, last_reply: str, limit: int = 5) -> list[str]:
+        """The session's newest conversations with a visible reply that reads `last_reply` (an API client
+        sends the whole history each time; the caller compares it with each candidate's)."""
+        rows = self._q("SELECT m.conversation_id FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+                       " WHERE c.session_id = ? AND m.role = 'assistant' AND m.content = ? AND NOT m.replaced"
+                       " GROUP BY m.conversation_id ORDER BY max(m.created_at) DESC LIMIT ?",
+                       (session_id, last_reply, limit))
+        return [r[0] for r in rows]
+
     # -- counts, privacy --------------------------------------------------------------------
     def counts(self) -> dict:
         out = {t: self._q(f"SELECT count(*) FROM {t}")[0][0] for t in ("conversations", "messages", "feedback", "adapters")}
@@ -634,7 +670,8 @@ class Store:
         # name removed: everyone's prompt must not change unannounced (an admin retires them if need be).
         self._tx([("DELETE FROM feedback WHERE user_name = ?", (user_name,)),
                   ("DELETE FROM guidelines WHERE user_name = ? AND (scope = 'user' OR status = 'pending')", (user_name,)),
-                  ("UPDATE guidelines SET user_name = NULL, session_id = NULL WHERE user_name = ?", (user_name,))])
+                  ("UPDATE guidelines SET user_name = NULL, session_id = NULL WHERE user_name = ?", (user_name,)),
+                  ("DELETE FROM api_keys WHERE user_name = ?", (user_name,))])
         return len(cids)
 
     def apply_retention(self, days: int) -> int:

@@ -116,3 +116,18 @@ def m003_inloop_feedback():
             retired_at TIMESTAMP
         )""",
     ]
+
+
+@migration
+def m005_api_keys():
+    """API keys an admin issues per user (python -m chatfb api-key): only a hash of each key is kept."""
+    return [
+        """CREATE TABLE api_keys (
+            id VARCHAR PRIMARY KEY,
+            user_name VARCHAR NOT NULL,               -- whose chats the key sends (their guidelines apply)
+            key_hash VARCHAR NOT NULL UNIQUE,         -- SHA-256 of the key, hex (keys are random: no salt needed)
+            prefix VARCHAR NOT NULL,                  -- the key's first characters, to tell keys apart in a list
+            created_at TIMESTAMP NOT NULL,
+            revoked_at TIMESTAMP
+        )""",
+    ]

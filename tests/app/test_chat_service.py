@@ -1,7 +1,7 @@
 import pytest
 
 from chatfb.serving.adapters import AdapterRouter
-from chatfb.app.chat_service import ChatInputError, ChatService
+from chatfb.app.chat_service import MODEL_UNAVAILABLE, ChatInputError, ChatService
 from chatfb.serving.model_client import ModelError
 
 
@@ -84,3 +84,19 @@ def test_rate_limit(settings, store, fake_client):
     with pytest.raises(ChatInputError, match="too fast"):
         chat.send("s1", None, "q")
     run(chat.send("s2", None, "other session is fine")[1])
+
+
+def test_nothing_is_sent_while_the_model_is_unavailable(settings, store, fake_client, caplog):
+    why = ["Port 8011 on 127.0.0.1 is already in use by another process"]
+    chat = ChatService(settings, store, fake_client, AdapterRouter("chatfb-base"), model_unavailable=lambda: why[0])
+    cid, stream = chat.send("s1", None, "hello")
+    last = run(stream)
+    assert last.error == MODEL_UNAVAILABLE and "8011" not in last.error  # the user is told, not the details
+    assert fake_client.history == [] and chat.router.inflight("chatfb-base") == 0
+    assert store.messages(cid)[-1]["status"] == "failed"
+    assert "Port 8011" in caplog.text  # the operator is told why
+    why[0] = None
+    mid = run(chat.send("s1", cid, "hello again")[1]).message_id
+    why[0] = "the managed model server is not running"
+    _, revision = chat.revise("s1", mid, "shorter please")
+    assert run(revision).error == MODEL_UNAVAILABLE and len(fake_client.history) == 1

@@ -51,3 +51,30 @@ def test_several_replicas_need_managed_mode_and_urls_need_a_router():
     s = load_settings({"CHATFB_VLLM_URL": "http://router:8000", "CHATFB_VLLM_REPLICA_URLS": "http://a:1/, http://b:2"})
     assert s.replica_url_list == ("http://a:1", "http://b:2") and s.shared_adapters_dir is None
     assert load_settings({}).replica_url_list == ()
+
+
+def test_vllm_router_is_found_beside_the_interpreter_when_not_on_path(tmp_path, monkeypatch):
+    """A service manager runs the virtual environment's python without activating it: PATH lacks its bin."""
+    from chatfb.serving.managed_replicas import ManagedRouter, router_binary
+
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    router = venv_bin / "vllm-router"
+    router.write_text("#!/bin/sh\n")
+    router.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(venv_bin / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert router_binary() == str(router)
+    assert ManagedRouter(free_port(), ["http://127.0.0.1:1"], tmp_path / "data").cmd[0] == str(router)
+
+
+def test_a_missing_vllm_router_error_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    from chatfb.serving.managed_replicas import router_binary
+    from chatfb.serving.vllm_server import ServerStartError
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "venv" / "bin" / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(ServerStartError) as e:
+        router_binary()
+    assert str(tmp_path / "venv" / "bin") in str(e.value) and str(tmp_path / "nowhere") in str(e.value)
+    assert "pip install vllm-router" in str(e.value)

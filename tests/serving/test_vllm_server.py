@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from chatfb.app.chat_service import MODEL_UNAVAILABLE
 from chatfb.app.runtime import Runtime
 from chatfb.serving.model_client import served_root
 from chatfb.serving.vllm_server import ManagedVLLM, PortInUse, ServerStartError, port_in_use
@@ -84,6 +85,32 @@ def test_the_app_says_the_port_is_taken_and_does_not_chat_through_it(settings, t
             servers.append(rt.server)
         assert "CHATFB_VLLM_PORT" in rt.status and f"Port {port}" in rt.status
         assert not rt.ready.is_set() and rt.server._proc is None
+        cid, stream = rt.chat.send("s1", None, "hello")
+        last = list(stream)[-1]
+        assert last.error == MODEL_UNAVAILABLE and "word0" not in last.text  # the foreign server was not asked
+        reply = rt.store.messages(cid)[-1]
+        assert (reply["status"], reply["error"]) == ("failed", MODEL_UNAVAILABLE)
+        assert f"Port {port}" in rt.model_unavailable()  # what the log (and the status line) says
+    finally:
+        rt.store.close()
+
+
+def test_no_chat_goes_to_the_port_once_our_server_died(settings, tmp_path, servers):
+    port = free_port()
+    root = tmp_path / "models" / "SmolLM2"
+    server = managed(tmp_path, port, cmd=[sys.executable, str(FAKE), str(port), "5", "0", str(root)])
+    servers.append(server)
+    server.start(wait=True)
+    rt = Runtime(settings.with_(model=str(root), vllm_port=port))
+    try:
+        rt.server = server
+        rt.ready.set()
+        assert server.up and rt.model_unavailable() is None
+        server._proc.kill()
+        server._proc.wait()
+        assert not server.up and rt.model_unavailable()
+        cid, stream = rt.chat.send("s1", None, "hello")
+        assert list(stream)[-1].error == MODEL_UNAVAILABLE
     finally:
         rt.store.close()
 

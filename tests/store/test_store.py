@@ -28,6 +28,8 @@ def test_migrations_run_once_and_are_recorded(settings):
 # The store's schema after every migration: each table, each column with its type, in order.
 SCHEMA = {
     "_migrations": ["name VARCHAR NOT NULL", "applied_at TIMESTAMP"],
+    "api_keys": ["id VARCHAR NOT NULL", "user_name VARCHAR NOT NULL", "key_hash VARCHAR NOT NULL", "prefix VARCHAR NOT NULL",
+                 "created_at TIMESTAMP NOT NULL", "revoked_at TIMESTAMP"],
     "adapters": ["name VARCHAR NOT NULL", "parent VARCHAR", "status VARCHAR NOT NULL", "path VARCHAR",
                  "created_at TIMESTAMP NOT NULL", "promoted_at TIMESTAMP", "metrics JSON", "data_counts JSON",
                  "timings JSON", "recipe JSON", "error VARCHAR"],
@@ -48,6 +50,20 @@ SCHEMA = {
                  "ttft_ms DOUBLE", "latency_ms DOUBLE", "prompt_tokens INTEGER", "completion_tokens INTEGER",
                  "guidelines JSON"],
 }
+
+
+def test_api_keys_are_found_by_hash_until_revoked_and_go_with_their_user(store):
+    k1 = store.add_api_key("ann", "hash-1", "cfb_abc")
+    store.add_api_key("ann", "hash-2", "cfb_def")
+    store.add_api_key("bob", "hash-3", "cfb_ghi")
+    assert store.api_key_user("hash-1") == "ann" and store.api_key_user("nope") is None
+    assert [k["prefix"] for k in store.api_keys("ann")] == ["cfb_abc", "cfb_def"]
+    assert all("key_hash" not in k for k in store.api_keys())
+    assert store.revoke_api_keys("ann", k1) == 1 and store.api_key_user("hash-1") is None
+    assert store.api_key_user("hash-2") == "ann"
+    assert store.revoke_api_keys("bob", k1) == 0  # another user's key id revokes nothing
+    store.delete_user("ann")
+    assert [k["user_name"] for k in store.api_keys()] == ["bob"]
 
 
 def test_turn_and_history(store):
