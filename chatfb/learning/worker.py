@@ -77,10 +77,13 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
     with Store(work / SNAPSHOT, read_only=True) as s:
         records = s.feedback_records()
         guidelines = s.approved_guidelines()
+        reviews, flagged = s.reviews(), s.flagged_authors()
     if not records:
         return CycleOutcome("nothing", "no feedback yet")
+    # Only vouched-for feedback trains the shared adapter or is held out to gate it (chatfb.learning.trust).
+    scopes = shared_scopes(records, settings, reviews, flagged)
     data = training_data.build(records, settings.train_mode, settings.holdout_fraction, settings.seed,
-                               settings.max_feedback_chars, settings.scrub_pii)
+                               settings.max_feedback_chars, settings.scrub_pii, scopes=scopes)
 
     t = time.perf_counter()
     client, base, stop_server = model_server(settings, job.server_url)
@@ -107,7 +110,7 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
         timings["refine_s"] = round(time.perf_counter() - t, 2)
 
         out = settings.layout.adapters / name
-        rows = candidate_rows(selected, name, settings.critique_recipe)
+        rows = candidate_rows(selected, name, settings.critique_recipe, data.authors)
         done = dict(counts=counts, timings=timings, candidates=rows, recipe=recipe)
         if not data.train:
             reason = "no usable training examples"
@@ -120,7 +123,7 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
         # question a rule was distilled on is left out of it, so it never has two targets.
         distilled = {training_data.last_user(e.prompt) for e in data.train if e.source in ("distill", "guideline")}
         replay = replay_examples(client, base_name, settings.system_prompt, settings.replay_examples, skip=distilled)
-        write_rows([prompt_completion_row(e.prompt, e.target) for e in data.train] + replay, work / "sft.jsonl")
+        write_rows(data.sft_rows() + replay, work / "sft.jsonl")  # with provenance: delete-user scrubs by it
         write_rows(data.dpo_rows(), work / "dpo.jsonl")
         counts["replay_examples"] = len(replay)
 
@@ -224,8 +227,18 @@ def select_all(tasks: list, client: ModelClient, model: str, settings: Settings,
         return list(pool.map(one, tasks)), errors
 
 
-def candidate_rows(selected: list, cycle: str, recipe: str) -> list[dict]:
-    """store.add_candidates rows for every candidate of every task: the kept one and why each other was dropped."""
+def shared_scopes(records: list, settings: Settings, reviews: dict[str, str], flagged: set[str]) -> dict[str, str]:
+    """Feedback id -> shared | personal | none under the settings' trust policy (chatfb.learning.trust)."""
+    from chatfb.critique.similarity import embed
+    from chatfb.learning import trust
+
+    decisions = trust.decide(records, trust.Policy.from_settings(settings), embed, reviews, flagged)
+    return {fid: d.scope for fid, d in decisions.items()}
+
+
+def candidate_rows(selected: list, cycle: str, recipe: str, authors: dict[str, str] | None = None) -> list[dict]:
+    """store.add_candidates rows for every candidate of every task: the kept one and why each other was dropped,
+    with who gave the critique (or "admin": a guideline) and the scope it teaches."""
     from chatfb.learning.training_data import last_user
 
     rows = []
@@ -235,7 +248,10 @@ def candidate_rows(selected: list, cycle: str, recipe: str) -> list[dict]:
                          "text": c.text, "score": c.score, "verdict": c.verdict,
                          "status": "kept" if c is best else "dropped", "cycle": cycle,
                          "details": {**(c.details or {}), "task": task.source, "recipe": recipe,
-                                     "critique": task.instruction, "prompt": last_user(task.prompt)}})
+                                     "critique": task.instruction, "prompt": last_user(task.prompt),
+                                     "author": (authors or {}).get(task.feedback_id, "admin"),
+                                     "feedback_kind": "guideline" if task.source == "guideline" else "from_critique",
+                                     "scope": "shared"}})
     return rows
 
 
