@@ -136,8 +136,8 @@ def cmd_import(settings, args) -> int:
 
 
 def snapshot_records(settings):
-    """(feedback records, dismissed revisions by message id) read from a fresh, consistent snapshot
-    (the app writes it when running)."""
+    """(feedback records, dismissed revisions by message id, scope of each row under the trust policy) read
+    from a fresh, consistent snapshot (the app writes it when running)."""
     from chatfb.app.control import open_backend
     from chatfb.store.db import Store
 
@@ -146,8 +146,12 @@ def snapshot_records(settings):
         path = backend.snapshot()
     finally:
         backend.close()
+    from chatfb.learning.training_data import shared_scopes
+
     with Store(path, read_only=True) as snap:
-        return snap.feedback_records(), snap.rejected_candidates()
+        records, dismissed, reviews, flagged = (snap.feedback_records(), snap.rejected_candidates(), snap.reviews(),
+                                                snap.flagged_authors())
+    return records, dismissed, shared_scopes(records, settings, reviews, flagged)
 
 
 def cmd_export(settings, args) -> int:
@@ -156,9 +160,9 @@ def cmd_export(settings, args) -> int:
 
     if (args.format is None) != (args.out is None) or not (args.format or args.push_to_hub):
         raise CommandError("export needs --format and --out, or --push-to-hub REPO (or all three)")
-    records, dismissed = snapshot_records(settings)
+    records, dismissed, scopes = snapshot_records(settings)
     if args.format:
-        path, n = export(records, args.format, args.out, args.file_format, dismissed)
+        path, n = export(records, args.format, args.out, args.file_format, dismissed, scopes)
         print(f"wrote {n} {args.format} rows to {path}")
     if args.push_to_hub:
         push_built(settings, args.push_to_hub, "dataset", args.private,

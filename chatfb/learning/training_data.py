@@ -110,6 +110,17 @@ def clean(records: list[FeedbackRecord], max_chars: int, pii: bool) -> tuple[lis
     return kept, dropped
 
 
+def shared_scopes(records: list[FeedbackRecord], settings, reviews: dict[str, str],
+                  flagged: set[str]) -> dict[str, str]:
+    """Feedback id -> shared | personal | none under the settings' trust policy (chatfb.learning.trust), with
+    questions and answers compared by sentence embeddings."""
+    from chatfb.critique.similarity import embed
+    from chatfb.learning import trust
+
+    decisions = trust.decide(records, trust.Policy.from_settings(settings), embed, reviews, flagged)
+    return {fid: d.scope for fid, d in decisions.items()}
+
+
 def is_heldout(feedback_id: str, fraction: float, seed: int) -> bool:
     h = hashlib.sha256(f"{seed}:{feedback_id}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64 < fraction

@@ -81,7 +81,7 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
     if not records:
         return CycleOutcome("nothing", "no feedback yet")
     # Only vouched-for feedback trains the shared adapter or is held out to gate it (chatfb.learning.trust).
-    scopes = shared_scopes(records, settings, reviews, flagged)
+    scopes = training_data.shared_scopes(records, settings, reviews, flagged)
     data = training_data.build(records, settings.train_mode, settings.holdout_fraction, settings.seed,
                                settings.max_feedback_chars, settings.scrub_pii, scopes=scopes)
 
@@ -225,15 +225,6 @@ def select_all(tasks: list, client: ModelClient, model: str, settings: Settings,
 
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(one, tasks)), errors
-
-
-def shared_scopes(records: list, settings: Settings, reviews: dict[str, str], flagged: set[str]) -> dict[str, str]:
-    """Feedback id -> shared | personal | none under the settings' trust policy (chatfb.learning.trust)."""
-    from chatfb.critique.similarity import embed
-    from chatfb.learning import trust
-
-    decisions = trust.decide(records, trust.Policy.from_settings(settings), embed, reviews, flagged)
-    return {fid: d.scope for fid, d in decisions.items()}
 
 
 def candidate_rows(selected: list, cycle: str, recipe: str, authors: dict[str, str] | None = None) -> list[dict]:

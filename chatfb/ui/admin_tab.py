@@ -312,11 +312,13 @@ def export_all(rt: Runtime):
     from datetime import datetime, timezone
 
     from chatfb.learning.exports import EXPORT_FORMATS, export
+    from chatfb.learning.training_data import shared_scopes
 
     out = rt.settings.layout.exports / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     records, dismissed = rt.store.feedback_records(), rt.store.rejected_candidates()
+    scopes = shared_scopes(records, rt.settings, rt.store.reviews(), rt.store.flagged_authors())
     for fmt in EXPORT_FORMATS:
-        export(records, fmt, out, dismissed=dismissed)
+        export(records, fmt, out, dismissed=dismissed, scopes=scopes)
     return out
 
 
