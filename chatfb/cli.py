@@ -1,4 +1,5 @@
-"""`python -m chatfb COMMAND`: serve, import-feedback, export, nightly, adapters, push-adapter, delete-user, settings.
+"""`python -m chatfb COMMAND`: serve, import-feedback, export, nightly, adapters, push-adapter, delete-user, guidelines,
+review, settings.
 
 Every command that touches data works whether or not the app is running: with the app up it is
 carried out by the app (see chatfb.app.control), otherwise on the DuckDB file directly.
@@ -31,6 +32,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser("import-feedback", help="import feedback records from a JSONL file")
     imp.add_argument("file", type=Path)
+    imp.add_argument("--trusted", action="store_true",
+                     help="the operator vouches for the file: it may train the shared adapter without agreement or review")
     add_settings_flags(imp)
 
     exp = sub.add_parser("export", help="export TRL-ready training files, or publish them to the Hugging Face Hub")
@@ -65,6 +68,13 @@ def make_parser() -> argparse.ArgumentParser:
     gl.add_argument("action", choices=("list", "add", "approve", "retire"))
     gl.add_argument("value", nargs="?", help="the guideline's text (add) or its id (approve, retire)")
     add_settings_flags(gl)
+
+    rv = sub.add_parser("review", help="the review queue: feedback that may teach everyone only once an admin approves it")
+    rv.add_argument("action", choices=("list", "approve", "reject", "flag", "unflag"),
+                    help="list what waits; approve or reject feedback ids; flag or unflag an author (nothing of a "
+                         "flagged author trains)")
+    rv.add_argument("values", nargs="*", help="feedback ids (approve, reject), or one author as `review list` shows it")
+    add_settings_flags(rv)
 
     sub.add_parser("settings", help="print the settings table (env vars, flags, defaults)")
     return p
@@ -128,10 +138,10 @@ def cmd_import(settings, args) -> int:
     backend = open_backend(settings.data_dir, base_model(settings))
     try:
         n = backend.import_feedback([{k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()
-                                      if v is not None} for r in records])
+                                      if v is not None} for r in records], trusted=args.trusted)
     finally:
         backend.close()
-    print(f"imported {n} feedback records")
+    print(f"imported {n} feedback records" + (" (trusted: they may train the shared adapter)" if args.trusted else ""))
     return 0
 
 
@@ -287,9 +297,13 @@ def cmd_delete_user(settings, args) -> int:
     backend = open_backend(settings.data_dir, base_model(settings))
     try:
         n = backend.delete_user(args.user)
+        carrying = [a["name"] for a in backend.adapters() if a.get("deleted_users")]
     finally:
         backend.close()
-    print(f"deleted {n} conversations of {args.user!r} and their feedback")
+    print(f"deleted {n} conversations of {args.user!r}, their feedback and their rows in every training and export file")
+    if carrying:
+        print(f"adapters trained on deleted users' rows (they carry them until the next cycle retrains): "
+              f"{', '.join(carrying)}")
     return 0
 
 
@@ -318,5 +332,46 @@ def cmd_guidelines(settings, args) -> int:
     return 0
 
 
+def cmd_review(settings, args) -> int:
+    """The admin's review queue (chatfb.learning.trust): what waits, grouped by what it would teach, and the
+    decisions on it. An approved row may train the shared adapter; a rejected one never does, nor does any
+    other row on its question unless approved itself."""
+    from chatfb.app.control import open_backend
+    from chatfb.config import settings_to_json
+
+    values = [v.strip() for v in args.values if v.strip()]
+    if args.action != "list" and not values:
+        raise CommandError(f"review {args.action} needs " + ("feedback IDS" if args.action in ("approve", "reject")
+                                                              else "an AUTHOR (a user name or anon-... id)"))
+    backend = open_backend(settings.data_dir, base_model(settings))
+    try:
+        if args.action == "list":
+            from chatfb.learning.trust import Policy
+
+            print(f"trust policy: {Policy.from_settings(settings).describe()}")
+            groups = backend.review_queue(settings_to_json(settings))
+            if not groups:
+                print("nothing waits for review")
+            for g in groups:
+                print(f"\n== would teach ({g['teaching']}, {len(g['rows'])} row(s), {g['users']} user(s)): "
+                      f"{g['question'][:80]!r} -> {g['teaches'][:120]!r}")
+                for r in g["rows"]:
+                    print(f"  {r['id']}  {r['created_at']}  {r['author']:<18} {r['feedback_kind']:<18} "
+                          f"{r['question'][:50]!r} -> {r['text'][:60]!r}")
+        elif args.action in ("approve", "reject"):
+            n = backend.review(values, "approved" if args.action == "approve" else "rejected")
+            print(f"{args.action}d {n} feedback row(s); the next learning cycle follows the decision")
+        elif args.action == "flag":
+            backend.flag_author(values[0], " ".join(values[1:]))
+            print(f"flagged {values[0]}: nothing of theirs trains from the next learning cycle on")
+        else:
+            backend.unflag_author(values[0])
+            print(f"unflagged {values[0]}")
+    finally:
+        backend.close()
+    return 0
+
+
 COMMANDS = {"guidelines": cmd_guidelines, "serve": cmd_serve, "import-feedback": cmd_import, "export": cmd_export, "nightly": cmd_nightly,
-            "adapters": cmd_adapters, "push-adapter": cmd_push_adapter, "delete-user": cmd_delete_user}
+            "adapters": cmd_adapters, "push-adapter": cmd_push_adapter, "delete-user": cmd_delete_user,
+            "review": cmd_review}

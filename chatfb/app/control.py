@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 # The CLI's operations: each is a method of both backends, and what the control API accepts.
 OPS = ("import_feedback", "snapshot", "adapters", "add_adapter", "promote", "rollback", "delete_user", "guidelines",
-       "add_guideline", "set_guideline_status", "start_cycle", "cycle_status")
+       "add_guideline", "set_guideline_status", "start_cycle", "cycle_status", "review_queue", "review", "flag_author",
+       "unflag_author")
 
 
 class ControlError(RuntimeError):
@@ -62,11 +63,12 @@ class LocalBackend:
     def close(self):
         pass
 
-    def import_feedback(self, records: list[dict]) -> int:
+    def import_feedback(self, records: list[dict], trusted: bool = False) -> int:
+        """`trusted`: the operator vouches for the file, so it may train the shared adapter (chatfb.learning.trust)."""
         from chatfb.learning.exports import parse_record
 
         # Validated again here: the records may come over the control API. Sizes were checked by the CLI.
-        return self.store.import_feedback([parse_record(r, 10**9) for r in records])
+        return self.store.import_feedback([parse_record(r, 10**9) for r in records], trusted=bool(trusted))
 
     def snapshot(self) -> str:
         return str(self.store.snapshot(DataLayout(self.registry.data_dir).latest_snapshot))
@@ -85,7 +87,21 @@ class LocalBackend:
         return self.registry.rollback()
 
     def delete_user(self, user_name: str) -> int:
-        return self.store.delete_user(user_name)
+        """Delete a user's conversations and feedback, their rows in every training and export file
+        (chatfb.learning.forget), and mark each adapter trained on them (`deleted_users`: it carries their
+        data until a cycle retrains). Returns conversations removed."""
+        from chatfb.learning.forget import forget_user
+
+        records = self.store.feedback_records(user_name=user_name)  # read first: the files are matched by them
+        removed = self.store.delete_user(user_name)
+        layout = DataLayout(Path(self.registry.data_dir))
+        trained = set(forget_user(layout, user_name, records)) - {"exports"}
+        if records:  # an adapter whose cycle files are gone, trained after their first feedback, may carry it
+            first = min(r.created_at for r in records)
+            trained |= {a["name"] for a in self.store.adapters() if a["status"] != "failed" and a["created_at"] >= first
+                        and not (layout.work(a["name"]) / "sft.jsonl").exists()}
+        self.store.mark_deleted_user(sorted(n for n in trained if self.store.adapter(n)))
+        return removed
 
     def guidelines(self) -> list[dict]:
         return self.store.guidelines()
@@ -101,6 +117,34 @@ class LocalBackend:
         if status == "active" and g["scope"] != "global":
             raise ControlError("only guidelines suggested for everyone need approval")
         self.store.update_guideline(guideline_id, status=status)
+
+    def review_queue(self, settings_json: str) -> list[dict]:
+        """Feedback waiting for an admin's review under the trust policy of these settings, grouped by what
+        it would teach (chatfb.learning.trust.queue_view)."""
+        from chatfb.config import settings_from_json
+        from chatfb.learning.training_data import review_queue
+
+        return review_queue(self.store.feedback_records(), settings_from_json(settings_json), self.store.reviews(),
+                            self.store.flagged_authors())
+
+    def review(self, feedback_ids: list[str], decision: str) -> int:
+        """Approve (it may train the shared adapter) or reject (it never does, nor anything on its question)
+        feedback rows; a row that no longer exists is an error and nothing is decided."""
+        ids = [i.strip() for i in feedback_ids if i.strip()]
+        if not ids:
+            raise ControlError("name the feedback ids to decide on (see: python -m chatfb review list)")
+        try:
+            self.store.set_review(ids, decision)
+        except StoreError as e:
+            raise ControlError(f"{e} (see: python -m chatfb review list)") from None
+        return len(set(ids))
+
+    def flag_author(self, author: str, reason: str = "") -> None:
+        """Flag a user name or anonymous session (as `review list` shows it): nothing of theirs trains."""
+        self.store.flag_author(author.strip(), reason)
+
+    def unflag_author(self, author: str) -> None:
+        self.store.unflag_author(author.strip())
 
     def start_cycle(self, settings_json: str, promote: bool) -> int:
         """Start a learning cycle in the app with the CLI's settings; returns its number (see cycle_status)."""
@@ -140,8 +184,8 @@ class RemoteBackend:
             raise ControlError(body.get("error", f"control API error {r.status_code}"))
         return body["result"]
 
-    def import_feedback(self, records: list[dict]) -> int:
-        return self.call("import_feedback", records=records)
+    def import_feedback(self, records: list[dict], trusted: bool = False) -> int:
+        return self.call("import_feedback", records=records, trusted=trusted)
 
     def snapshot(self) -> str:
         return self.call("snapshot")
@@ -169,6 +213,18 @@ class RemoteBackend:
 
     def set_guideline_status(self, guideline_id: str, status: str) -> None:
         self.call("set_guideline_status", guideline_id=guideline_id, status=status)
+
+    def review_queue(self, settings_json: str) -> list[dict]:
+        return self.call("review_queue", settings_json=settings_json)
+
+    def review(self, feedback_ids: list[str], decision: str) -> int:
+        return self.call("review", feedback_ids=feedback_ids, decision=decision)
+
+    def flag_author(self, author: str, reason: str = "") -> None:
+        self.call("flag_author", author=author, reason=reason)
+
+    def unflag_author(self, author: str) -> None:
+        self.call("unflag_author", author=author)
 
     def start_cycle(self, settings_json: str, promote: bool) -> int:
         return self.call("start_cycle", settings_json=settings_json, promote=promote)

@@ -110,15 +110,26 @@ def clean(records: list[FeedbackRecord], max_chars: int, pii: bool) -> tuple[lis
     return kept, dropped
 
 
-def shared_scopes(records: list[FeedbackRecord], settings, reviews: dict[str, str],
-                  flagged: set[str]) -> dict[str, str]:
-    """Feedback id -> shared | personal | none under the settings' trust policy (chatfb.learning.trust), with
-    questions and answers compared by sentence embeddings."""
+def trust_decisions(records: list[FeedbackRecord], settings, reviews: dict[str, str], flagged: set[str]) -> dict:
+    """Feedback id -> chatfb.learning.trust.Decision under the settings' trust policy, questions and answers
+    compared by sentence embeddings."""
     from chatfb.critique.similarity import embed
     from chatfb.learning import trust
 
-    decisions = trust.decide(records, trust.Policy.from_settings(settings), embed, reviews, flagged)
-    return {fid: d.scope for fid, d in decisions.items()}
+    return trust.decide(records, trust.Policy.from_settings(settings), embed, reviews, flagged)
+
+
+def shared_scopes(records: list[FeedbackRecord], settings, reviews: dict[str, str],
+                  flagged: set[str]) -> dict[str, str]:
+    """Feedback id -> shared | personal | none (see trust_decisions)."""
+    return {fid: d.scope for fid, d in trust_decisions(records, settings, reviews, flagged).items()}
+
+
+def review_queue(records: list[FeedbackRecord], settings, reviews: dict[str, str], flagged: set[str]) -> list[dict]:
+    """What waits for an admin's review, grouped by what it would teach (chatfb.learning.trust.queue_view)."""
+    from chatfb.learning import trust
+
+    return trust.queue_view(records, trust_decisions(records, settings, reviews, flagged), reviews)
 
 
 def is_heldout(feedback_id: str, fraction: float, seed: int) -> bool:

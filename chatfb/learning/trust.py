@@ -262,3 +262,19 @@ def pending_review(records: list[FeedbackRecord], decisions: dict[str, Decision]
             continue
         groups.setdefault(d.group or r.feedback_id, []).append(r)
     return dict(sorted(groups.items(), key=lambda g: (-len(g[1]), g[1][0].created_at)))
+
+
+def queue_view(records: list[FeedbackRecord], decisions: dict[str, Decision], reviews: dict[str, str]) -> list[dict]:
+    """`pending_review` as plain dicts (the CLI, the control API and the admin tab show them): per group what
+    it would teach and its rows, each with who gave it and why it waits."""
+    out = []
+    for leader, rows in pending_review(records, decisions, reviews).items():
+        first = next(r for r in rows if r.feedback_id == leader) if any(r.feedback_id == leader for r in rows) else rows[0]
+        kind, text = teaching(first)
+        out.append({"group": leader, "question": question(first), "teaches": text, "teaching": kind,
+                    "users": len({who(r.user_name, r.session_id) for r in rows}),
+                    "rows": [{"id": r.feedback_id, "author": who(r.user_name, r.session_id),
+                              "feedback_kind": provenance_kind(r), "question": question(r), "text": teaching(r)[1],
+                              "created_at": r.created_at.isoformat(timespec="seconds"),
+                              "reason": decisions[r.feedback_id].reason} for r in rows]})
+    return out
