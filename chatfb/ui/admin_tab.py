@@ -20,6 +20,7 @@ import pandas as pd
 from chatfb.serving.adapters import AdapterError
 from chatfb.learning.gate import GateReport
 from chatfb.serving.model_client import ModelError
+from chatfb.store.records import StoreError
 from chatfb.app.runtime import Runtime
 from chatfb.ui.throttle import GuessThrottle
 
@@ -65,8 +66,11 @@ def adapters_frame(rt: Runtime) -> pd.DataFrame:
         rows.append({"name": a["name"], "status": a["status"], "parent": a["parent"] or "base",
                      "created": str(a["created_at"])[:19], "rougeL": m.candidate_rougeL,
                      "bleu": m.candidate_bleu, "control": m.control_agreement,
-                     "examples": (a["data_counts"] or {}).get("train_examples"), "note": a["error"] or m.decision})
-    return pd.DataFrame(rows, columns=["name", "status", "parent", "created", "rougeL", "bleu", "control", "examples", "note"])
+                     "examples": (a["data_counts"] or {}).get("train_examples"), "note": a["error"] or m.decision,
+                     "deleted users' data": (f"{a['deleted_users']} user(s): kept until the next cycle retrains"
+                                             if a.get("deleted_users") else "")})
+    return pd.DataFrame(rows, columns=["name", "status", "parent", "created", "rougeL", "bleu", "control", "examples", "note",
+                                       "deleted users' data"])
 
 
 def metrics_frame(rt: Runtime) -> pd.DataFrame:
@@ -85,7 +89,7 @@ def feedback_frame(rt: Runtime) -> pd.DataFrame:
                         columns=["day", "kind", "count"])
 
 
-CANDIDATE_COLUMNS = ["cycle", "critique", "prompt", "candidate", "score", "verdict", "status"]
+CANDIDATE_COLUMNS = ["cycle", "critique", "prompt", "candidate", "score", "verdict", "status", "author", "kind", "scope"]
 
 
 def candidates_frame(rt: Runtime, limit: int = 200) -> pd.DataFrame:
@@ -93,7 +97,8 @@ def candidates_frame(rt: Runtime, limit: int = 200) -> pd.DataFrame:
     answer made from a critique or guideline, its score and verdict, kept or dropped."""
     rows = [{"cycle": c["cycle"], "critique": c["details"].get("critique", ""), "prompt": c["details"].get("prompt", ""),
              "candidate": c["text"], "score": None if c["score"] is None else round(c["score"], 3),
-             "verdict": c["verdict"], "status": c["status"]}
+             "verdict": c["verdict"], "status": c["status"], "author": c["details"].get("author", ""),
+             "kind": c["details"].get("feedback_kind", ""), "scope": c["details"].get("scope", "")}
             for c in rt.store.nightly_candidates(limit)]
     return pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
 
@@ -145,6 +150,41 @@ def set_guideline(rt: Runtime, guideline_id: str, action: str, text: str = "") -
         return "Guideline edited."
     rt.store.update_guideline(g["id"], status="active" if action == "approve" else "retired")
     return "Guideline approved: it applies to all new replies." if action == "approve" else "Guideline retired."
+
+
+REVIEW_COLUMNS = ["group", "would teach", "id", "author", "kind", "question", "text", "why it waits"]
+
+
+def review_view(rt: Runtime) -> tuple[str, pd.DataFrame, list[tuple[str, str]]]:
+    """The review queue (chatfb.learning.trust): the policy in one line (an open install is named as such),
+    the rows waiting, grouped by what they would teach, and the choices to select them by."""
+    from chatfb.learning.training_data import review_queue
+    from chatfb.learning.trust import Policy
+
+    groups = review_queue(rt.store.feedback_records(), rt.settings, rt.store.reviews(), rt.store.flagged_authors())
+    rows, choices = [], []
+    for n, g in enumerate(groups, 1):
+        teaches = f"{g['question'][:60]} → {g['teaches'][:80]} ({len(g['rows'])} row(s), {g['users']} user(s))"
+        for r in g["rows"]:
+            rows.append({"group": n, "would teach": teaches, "id": r["id"], "author": r["author"],
+                         "kind": r["feedback_kind"], "question": r["question"], "text": r["text"], "why it waits": r["reason"]})
+            choices.append((f"{n}: {r['author']}: {r['text'][:60]}", r["id"]))
+    policy = Policy.from_settings(rt.settings).describe()
+    head = f"**Trust policy:** {policy}." + ("" if groups else " Nothing waits for review.")
+    return head, pd.DataFrame(rows, columns=REVIEW_COLUMNS), choices
+
+
+def decide_review(rt: Runtime, ids: list[str], decision: str) -> str:
+    """Approve or reject the selected rows; a row that no longer exists fails the whole decision, clearly."""
+    if not ids:
+        return "⚠️ Select the rows to decide on."
+    try:
+        rt.store.set_review(list(ids), decision)
+    except StoreError as e:
+        return f"⚠️ {e}"
+    return (f"{len(ids)} row(s) {decision}: " + ("they train the shared model from the next cycle on."
+                                                 if decision == "approved" else
+                                                 "they, and anything on their question, never train the shared model."))
 
 
 def training_progress(rt: Runtime) -> tuple[str, str]:
@@ -229,6 +269,15 @@ def build(rt: Runtime) -> None:
             with gr.Accordion("Training candidates from critiques (audit)", open=False):
                 cand_table = gr.Dataframe(label="Kept ones train in the cycle named; dropped ones say why", interactive=False,
                                           wrap=True, elem_id="admin-candidates")
+            with gr.Accordion("Review queue: what may teach everyone", open=False):
+                review_head = gr.Markdown("", elem_id="admin-review-policy")
+                load_review = gr.Button("Load the review queue")
+                review_table = gr.Dataframe(label="Waiting rows, grouped by what they would teach", interactive=False,
+                                            wrap=True, elem_id="admin-review")
+                review_pick = gr.CheckboxGroup(label="Select rows", choices=[], elem_id="admin-review-pick")
+                with gr.Row():
+                    approve_r = gr.Button("Approve selected", elem_id="admin-review-approve")
+                    reject_r = gr.Button("Reject selected", elem_id="admin-review-reject")
             with gr.Accordion("Compare", open=True):
                 prompt = gr.Textbox(label="Prompt", elem_id="compare-prompt")
                 compare = gr.Button("Compare base / previous / current")
@@ -302,6 +351,18 @@ def build(rt: Runtime) -> None:
                 api_visibility="private")
         refresh.click(lambda ok: guidelines_frame(rt) if ok else gr.update(), [unlocked], [guide_table],
                       api_visibility="private")
+        def review_views(ok):
+            if not ok:
+                return gr.update(), gr.update(), gr.update()
+            head, frame, choices = review_view(rt)
+            return head, frame, gr.update(choices=choices, value=[])
+
+        review_outputs = [review_head, review_table, review_pick]
+        load_review.click(review_views, [unlocked], review_outputs, api_visibility="private")
+        for button, decision in ((approve_r, "approved"), (reject_r, "rejected")):
+            button.click(guarded(lambda ids, decision=decision: decide_review(rt, ids, decision)),
+                         [unlocked, review_pick], [action_msg], api_name=f"review_{decision[:-1]}").then(
+                review_views, [unlocked], review_outputs, api_visibility="private")
         timer = gr.Timer(3.0)
         timer.tick(lambda ok: training_progress(rt) if ok else (gr.update(), gr.update()), [unlocked],
                    [progress, train_log], show_progress="hidden", api_visibility="private")

@@ -251,7 +251,8 @@ def test_recorded_candidates_reach_the_store_through_the_cycles_owner(store, set
 
     frame = candidates_frame(SimpleNamespace(store=store))
     assert frame.to_dict("records") == [{"cycle": "chatfb-v0001", "critique": RULE, "prompt": "Hi", "candidate": "Email us.",
-                                         "score": 1.5, "verdict": "ok", "status": "kept"}]
+                                         "score": 1.5, "verdict": "ok", "status": "kept", "author": "", "kind": "",
+                                         "scope": ""}]  # rows made before provenance name nobody
 
 
 def test_gate_combines_correction_rouge_critique_pass_rate_and_control():
