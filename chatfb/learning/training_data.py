@@ -331,7 +331,8 @@ def add_selections(data: TrainingData, selected: list[tuple[InstructionTask, str
     for task, best in selected:
         if best is not None:
             data.train.append(Example(task.prompt, best, task.source, task.feedback_id, rejected=task.original,
-                                      author=data.authors.get(task.feedback_id, "admin"),  # a guideline: the admin's
+                                      author=data.authors.get(task.feedback_id)  # a guideline: the admin's
+                                      or ("admin" if task.source == "guideline" else ""),
                                       kind="guideline" if task.source == "guideline" else "from_critique"))
     for src in TASK_SOURCES:
         done = [best is not None for task, best in selected if task.source == src]

@@ -240,7 +240,8 @@ def candidate_rows(selected: list, cycle: str, recipe: str, authors: dict[str, s
                          "status": "kept" if c is best else "dropped", "cycle": cycle,
                          "details": {**(c.details or {}), "task": task.source, "recipe": recipe,
                                      "critique": task.instruction, "prompt": last_user(task.prompt),
-                                     "author": (authors or {}).get(task.feedback_id, "admin"),
+                                     "author": (authors or {}).get(task.feedback_id)
+                                     or ("admin" if task.source == "guideline" else ""),
                                      "feedback_kind": "guideline" if task.source == "guideline" else "from_critique",
                                      "scope": "shared"}})
     return rows
