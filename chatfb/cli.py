@@ -145,9 +145,9 @@ def cmd_import(settings, args) -> int:
     return 0
 
 
-def snapshot_records(settings):
-    """(feedback records, dismissed revisions by message id, scope of each row under the trust policy) read
-    from a fresh, consistent snapshot (the app writes it when running)."""
+def snapshot_records(settings, with_scopes: bool = True):
+    """(feedback records, dismissed revisions by message id, scope of each row under the trust policy or None
+    without `with_scopes`) read from a fresh, consistent snapshot (the app writes it when running)."""
     from chatfb.app.control import open_backend
     from chatfb.store.db import Store
 
@@ -161,7 +161,7 @@ def snapshot_records(settings):
     with Store(path, read_only=True) as snap:
         records, dismissed, reviews, flagged = (snap.feedback_records(), snap.rejected_candidates(), snap.reviews(),
                                                 snap.flagged_authors())
-    return records, dismissed, shared_scopes(records, settings, reviews, flagged)
+    return records, dismissed, shared_scopes(records, settings, reviews, flagged) if with_scopes else None
 
 
 def cmd_export(settings, args) -> int:
@@ -170,7 +170,8 @@ def cmd_export(settings, args) -> int:
 
     if (args.format is None) != (args.out is None) or not (args.format or args.push_to_hub):
         raise CommandError("export needs --format and --out, or --push-to-hub REPO (or all three)")
-    records, dismissed, scopes = snapshot_records(settings)
+    # the scopes need the embedding model: only the files written here carry them (a Hub dataset says "personal")
+    records, dismissed, scopes = snapshot_records(settings, with_scopes=bool(args.format))
     if args.format:
         path, n = export(records, args.format, args.out, args.file_format, dismissed, scopes)
         print(f"wrote {n} {args.format} rows to {path}")
