@@ -124,11 +124,16 @@ def key_terms(text: str, context: str = "") -> frozenset[str]:
 
 def agreeing(a: FeedbackRecord, b: FeedbackRecord, answer_cos: float, policy: Policy) -> bool:
     """Whether two rows teach the same thing (their questions' similarity is checked apart)."""
-    (kind_a, text_a), (kind_b, text_b) = teaching(a), teaching(b)
-    if kind_a != kind_b or answer_cos < policy.answer_cosine:
-        return False
-    ta, tb = key_terms(text_a, question(a)), key_terms(text_b, question(b))
-    return ta <= tb or tb <= ta
+    return _agree(_taught(a), _taught(b), answer_cos, policy)
+
+
+def _taught(r: FeedbackRecord) -> tuple[str, frozenset[str]]:
+    kind, text = teaching(r)
+    return kind, key_terms(text, question(r))
+
+
+def _agree(a: tuple[str, frozenset], b: tuple[str, frozenset], answer_cos: float, policy: Policy) -> bool:
+    return a[0] == b[0] and answer_cos >= policy.answer_cosine and (a[1] <= b[1] or b[1] <= a[1])
 
 
 @dataclass
@@ -177,11 +182,28 @@ def over_rate_limit(records: list[FeedbackRecord], people: _People, per_minute: 
     return over
 
 
-def _matrix(embed, texts: list[str]):
+def _vectors(embed, texts: list[str]):
     import numpy as np
 
-    vecs = np.asarray(embed(texts) if texts else [], dtype=np.float32)
-    return vecs @ vecs.T if len(texts) else np.zeros((0, 0), dtype=np.float32)
+    if not texts:
+        return np.zeros((0, 1), dtype=np.float32)
+    return np.asarray(embed(texts), dtype=np.float32).reshape(len(texts), -1)
+
+
+def _similar_pairs(q, t, rows: list[int], prompt_cosine: float, answer_cosine: float, block: int = 1024):
+    """(i, j, answer cosine) for i < j among `rows` whose questions and taught texts are both close: computed
+    a block of rows at a time, so memory stays block x n and the Python loop sees only candidate pairs."""
+    import numpy as np
+
+    idx = np.asarray(rows, dtype=np.int64)
+    if not len(idx):
+        return
+    qs, ts = q[idx], t[idx]
+    for start in range(0, len(idx), block):
+        close = (qs[start:start + block] @ qs.T >= prompt_cosine) & (ts[start:start + block] @ ts.T >= answer_cosine)
+        for a, b in np.argwhere(close):
+            if start + a < b:
+                yield int(idx[start + a]), int(idx[b]), float(ts[start + a] @ ts[b])
 
 
 def decide(records: list[FeedbackRecord], policy: Policy, embed, reviews: dict[str, str] | None = None,
@@ -193,9 +215,10 @@ def decide(records: list[FeedbackRecord], policy: Policy, embed, reviews: dict[s
     for r in records:
         people.join(r)
     over = over_rate_limit(records, people, policy.rate_limit_per_minute)
-    q = _matrix(embed, [question(r) for r in records])
-    t = _matrix(embed, [teaching(r)[1] for r in records])
+    q = _vectors(embed, [question(r) for r in records])
+    t = _vectors(embed, [teaching(r)[1] for r in records])
     rejected = [i for i, r in enumerate(records) if reviews.get(r.feedback_id) == "rejected"]
+    on_rejected = (q @ q[rejected].T >= policy.prompt_cosine).any(axis=1) if rejected else [False] * len(records)
     trusted = policy.trusted_users
 
     def blocked(r: FeedbackRecord) -> str | None:
@@ -210,11 +233,11 @@ def decide(records: list[FeedbackRecord], policy: Policy, embed, reviews: dict[s
     # Who agrees with whom: similar questions, agreeing teaching, both rows allowed to count at all.
     usable = [i for i, r in enumerate(records) if blocked(r) is None]
     agree: dict[int, list[int]] = {i: [i] for i in usable}
-    for x, i in enumerate(usable):
-        for j in usable[x + 1:]:
-            if q[i, j] >= policy.prompt_cosine and agreeing(records[i], records[j], float(t[i, j]), policy):
-                agree[i].append(j)
-                agree[j].append(i)
+    taught = {i: _taught(records[i]) for i in usable}
+    for i, j, answer_cos in _similar_pairs(q, t, usable, policy.prompt_cosine, policy.answer_cosine):
+        if _agree(taught[i], taught[j], answer_cos, policy):
+            agree[i].append(j)
+            agree[j].append(i)
 
     out: dict[str, Decision] = {}
     for i, r in enumerate(records):
@@ -233,7 +256,7 @@ def decide(records: list[FeedbackRecord], policy: Policy, embed, reviews: dict[s
             out[r.feedback_id] = decision("personal", "rejected by an admin")
         elif review == "approved" and "review" in policy.rules:
             out[r.feedback_id] = decision("shared", "approved by an admin")
-        elif any(q[i, k] >= policy.prompt_cosine for k in rejected):
+        elif on_rejected[i]:
             out[r.feedback_id] = decision("personal", "on the question of a row an admin rejected")
         elif policy.mode == "open":
             out[r.feedback_id] = decision("shared", "open install (CHATFB_SHARED_TRUST=open)")
