@@ -159,7 +159,6 @@ def review_view(rt: Runtime) -> tuple[str, pd.DataFrame, list[tuple[str, str]]]:
     """The review queue (chatfb.learning.trust): the policy in one line (an open install is named as such),
     the rows waiting, grouped by what they would teach, and the choices to select them by."""
     from chatfb.learning.training_data import review_queue
-    from chatfb.learning.trust import Policy
 
     groups = review_queue(rt.store.feedback_records(), rt.settings, rt.store.reviews(), rt.store.flagged_authors())
     rows, choices = [], []
@@ -169,9 +168,16 @@ def review_view(rt: Runtime) -> tuple[str, pd.DataFrame, list[tuple[str, str]]]:
             rows.append({"group": n, "would teach": teaches, "id": r["id"], "author": r["author"],
                          "kind": r["feedback_kind"], "question": r["question"], "text": r["text"], "why it waits": r["reason"]})
             choices.append((f"{n}: {r['author']}: {r['text'][:60]}", r["id"]))
-    policy = Policy.from_settings(rt.settings).describe()
-    head = f"**Trust policy:** {policy}." + ("" if groups else " Nothing waits for review.")
+    head = policy_line(rt) + ("" if groups else " Nothing waits for review.")
     return head, pd.DataFrame(rows, columns=REVIEW_COLUMNS), choices
+
+
+def policy_line(rt: Runtime) -> str:
+    """Whose feedback the shared model learns from, in one line (chatfb.learning.trust.Policy.describe)."""
+    from chatfb.learning.trust import Policy
+
+    policy = Policy.from_settings(rt.settings)
+    return ("⚠️ " if policy.mode == "open" else "") + f"**Trust policy:** {policy.describe()}."
 
 
 def decide_review(rt: Runtime, ids: list[str], decision: str) -> str:
@@ -269,6 +275,7 @@ def build(rt: Runtime) -> None:
             with gr.Accordion("Training candidates from critiques (audit)", open=False):
                 cand_table = gr.Dataframe(label="Kept ones train in the cycle named; dropped ones say why", interactive=False,
                                           wrap=True, elem_id="admin-candidates")
+            trust_line = gr.Markdown("", elem_id="admin-trust-policy")  # an open install is named here at once
             with gr.Accordion("Review queue: what may teach everyone", open=False):
                 review_head = gr.Markdown("", elem_id="admin-review-policy")
                 load_review = gr.Button("Load the review queue")
@@ -358,6 +365,8 @@ def build(rt: Runtime) -> None:
             return head, frame, gr.update(choices=choices, value=[])
 
         review_outputs = [review_head, review_table, review_pick]
+        unlocked.change(lambda ok: policy_line(rt) if ok else gr.update(), [unlocked], [trust_line],
+                        api_visibility="private")
         load_review.click(review_views, [unlocked], review_outputs, api_visibility="private")
         for button, decision in ((approve_r, "approved"), (reject_r, "rejected")):
             button.click(guarded(lambda ids, decision=decision: decide_review(rt, ids, decision)),
