@@ -142,6 +142,8 @@ def test_flagged_authors_over_the_rate_limit_and_unknown_sessions_never_train():
     burst = [rec(session=f"k:s{i % 2}", client="one-address", minutes=i / 10) for i in range(6)]  # 6 in 30 s
     d = decide(burst, mode="open", rate_limit_per_minute=4)
     assert [x.scope for x in d.values()] == ["shared"] * 4 + ["none"] * 2
+    imported = [rec(session="import") for _ in range(6)]  # an import arrives at once: no rate limit
+    assert {x.scope for x in decide(imported, mode="open", rate_limit_per_minute=4).values()} == {"shared"}
 
 
 def test_open_mode_shares_everything_but_keeps_admin_decisions():
