@@ -275,12 +275,13 @@ def decide(records: list[FeedbackRecord], policy: Policy, embed, reviews: dict[s
 
 def pending_review(records: list[FeedbackRecord], decisions: dict[str, Decision],
                    reviews: dict[str, str]) -> dict[str, list[FeedbackRecord]]:
-    """The review queue: rows an admin has not decided that stay personal only for want of a vouch, grouped
-    by what they would teach (group leader's feedback id -> rows, the largest groups first)."""
+    """The review queue: rows an admin has not decided that stay personal, grouped by what they would teach
+    (group leader's feedback id -> rows, the largest groups first). Rows on a rejected row's question are in
+    it too: the true answer to a question an attacker's rows closed trains everyone once approved."""
     groups: dict[str, list[FeedbackRecord]] = {}
     for r in records:
         d = decisions.get(r.feedback_id)
-        if d is None or d.scope != "personal" or r.feedback_id in reviews or d.reason.startswith("on the question"):
+        if d is None or d.scope != "personal" or r.feedback_id in reviews:
             continue
         if teaching(r)[0] == "avoid":  # a thumbs-down teaches nothing to approve
             continue
@@ -296,7 +297,7 @@ def queue_view(records: list[FeedbackRecord], decisions: dict[str, Decision], re
         first = next(r for r in rows if r.feedback_id == leader) if any(r.feedback_id == leader for r in rows) else rows[0]
         kind, text = teaching(first)
         out.append({"group": leader, "question": question(first), "teaches": text, "teaching": kind,
-                    "users": len({who(r.user_name, r.session_id) for r in rows}),
+                    "users": max(decisions[r.feedback_id].supporters for r in rows),  # distinct people agreeing
                     "rows": [{"id": r.feedback_id, "author": who(r.user_name, r.session_id),
                               "feedback_kind": provenance_kind(r), "question": question(r), "text": teaching(r)[1],
                               "created_at": r.created_at.isoformat(timespec="seconds"),

@@ -193,3 +193,8 @@ def test_the_review_queue_groups_rows_by_what_they_would_teach():
     assert [[r.feedback_id for r in g] for g in queue.values()] == [[rows[0].feedback_id, rows[1].feedback_id],
                                                                     [rows[2].feedback_id]]
     assert trust.pending_review(rows, d, {rows[2].feedback_id: "rejected"}).keys() == {rows[0].feedback_id}
+    # a row on a rejected row's question waits for review too: approving it is how the true answer gets back in
+    reviews = {rows[0].feedback_id: "rejected"}
+    (group,) = trust.queue_view(rows, decide(rows, reviews=reviews), reviews)[:1]
+    assert [(r["id"], r["reason"]) for r in group["rows"]] == [(rows[1].feedback_id,
+                                                                "on the question of a row an admin rejected")]
