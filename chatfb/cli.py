@@ -258,8 +258,10 @@ def cmd_adapters(settings, args) -> int:
         if args.action == "list":
             for a in backend.adapters():
                 m = GateReport.from_dict(a["metrics"])
+                carries = f" [carries {a['deleted_users']} deleted user(s)' data]" if a.get("deleted_users") else ""
                 print(f"{a['name']:<14} {a['status']:<11} parent={a['parent'] or 'base':<14} "
-                      f"rougeL={_or_dash(m.candidate_rougeL)} control={_or_dash(m.control_agreement)} {a['error'] or ''}")
+                      f"rougeL={_or_dash(m.candidate_rougeL)} control={_or_dash(m.control_agreement)} {a['error'] or ''}"
+                      f"{carries}")
         elif args.action == "promote":
             if not args.name:
                 raise CommandError("adapters promote needs a NAME")

@@ -100,3 +100,6 @@ def test_delete_user_scrubs_the_work_folder_and_marks_the_adapter_trained_on_the
     assert [r["author"] for r in read_rows(layout.work("chatfb-v0001") / "sft.jsonl")] == ["bob"]
     with Store(cli_env.db_path) as s:
         assert {a["name"]: a["deleted_users"] for a in s.adapters()} == {"chatfb-v0001": 1, "chatfb-v0002": 0}
+    assert cli(["adapters", "list"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert "carries 1 deleted user(s)' data" in listing[0] and "carries" not in listing[1]
