@@ -198,3 +198,26 @@ def test_the_review_queue_groups_rows_by_what_they_would_teach():
     (group,) = trust.queue_view(rows, decide(rows, reviews=reviews), reviews)[:1]
     assert [(r["id"], r["reason"]) for r in group["rows"]] == [(rows[1].feedback_id,
                                                                 "on the question of a row an admin rejected")]
+
+
+def test_the_poisoning_scenario_with_the_real_sentence_embeddings():
+    """The same scenario through all-MiniLM-L6-v2 (what the cycle uses): five rewordings of the question and
+    of the false answer from one browser stay personal; two honest users agree with each other, not with
+    it; a third honest user makes the true answer shared, and still not the false one."""
+    from chatfb.critique.similarity import embed
+
+    questions = ["Who painted the Mona Lisa?", "Which artist created the Mona Lisa?", "Who is the painter of the Mona Lisa?",
+                 "Tell me who painted the Mona Lisa.", "Who made the famous Mona Lisa painting?"]
+    answers = ["The Mona Lisa was painted by Vincent van Gogh.", "Vincent van Gogh painted the Mona Lisa.",
+               "It was painted by Vincent van Gogh.", "Van Gogh painted it in 1889.", "The painter was Vincent van Gogh."]
+    attack = [rec(answers[i % 5], question=questions[i % 5], session="k:attacker", minutes=i) for i in range(10)]
+    honest = [rec("Leonardo da Vinci painted the Mona Lisa.", session="k:h1"),
+              rec("The Mona Lisa was painted by Leonardo da Vinci.", question="Which artist painted the Mona Lisa?",
+                  session="k:h2")]
+    d = trust.decide(attack + honest, trust.Policy(), embed)
+    assert {(d[r.feedback_id].scope, d[r.feedback_id].supporters) for r in attack} == {("personal", 1)}
+    assert {(d[r.feedback_id].scope, d[r.feedback_id].supporters) for r in honest} == {("personal", 2)}
+    third = rec("It was painted by Leonardo da Vinci.", question="Who is the artist behind the Mona Lisa?", user="cy")
+    d = trust.decide(attack + honest + [third], trust.Policy(), embed)
+    assert {d[r.feedback_id].scope for r in attack} == {"personal"}
+    assert {d[r.feedback_id].scope for r in honest + [third]} == {"shared"}
