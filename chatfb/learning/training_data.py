@@ -14,6 +14,8 @@ Kinds of feedback and what they become (modes as in the seeds' three objectives)
 - rating +1   -> the reply itself is an SFT example.                    [semi]
 - rating -1 / implicit (regenerated) -> a filter: never trained on as a good reply; listed as
                  KTO-style negatives in the counts and exports.         [semi]
+Only feedback the trust policy vouches for (chatfb.learning.trust, `scopes` in `build`) trains the shared
+adapter or is held out to gate it; every example carries its provenance (who, kind, scope) into the files.
 Held-out examples (a deterministic share by feedback id) are never trained on; the gate scores
 candidates on them. Critiques are held out whole: nothing is generated from a held-out critique,
 and the gate checks whether the candidate's own answer to its prompt passes the same selection.

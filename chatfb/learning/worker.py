@@ -7,6 +7,9 @@ the job (adapter name, incumbent, model server). This process reads them, writes
 WORK_DIR/result.json (chatfb.learning.cycle.CycleOutcome), and calls nothing in the app: the owner records and
 promotes. `python -m chatfb nightly` runs a whole cycle (chatfb.learning.cycle).
 
+Only vouched-for feedback (chatfb.learning.trust) trains the shared adapter or gates it; work/<name>/sft.jsonl
+and dpo.jsonl carry each row's provenance, so `delete-user` can find a user's rows in them.
+
 Critiques (and approved global guidelines) become training examples through chatfb.critique.candidates: the
 conversation answered again with the critique as an instruction, several samples, the best that passes
 selection kept and trained WITHOUT the critique; every candidate's score and verdict is handed back for
