@@ -70,7 +70,8 @@ def learning_cycle(label: str, data_dir: Path, rows: list[dict], server, api_key
     if api_key:
         env["CHATFB_API_KEY"] = api_key
     log_path = data_dir / "cycle.log"
-    code, _, import_s, _ = run_cli(["import-feedback", str(feedback)], env, log_path)
+    # the benchmark's own data, vouched for by its operator: it may teach the shared adapter (chatfb.learning.trust)
+    code, _, import_s, _ = run_cli(["import-feedback", str(feedback), "--trusted"], env, log_path)
     if code != 0:
         raise RuntimeError(f"{label}: import-feedback failed ({code}); see {log_path}")
     for command in setup:

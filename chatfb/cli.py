@@ -1,5 +1,5 @@
 """`python -m chatfb COMMAND`: serve, import-feedback, export, nightly, adapters, push-adapter, delete-user,
-guidelines, api-key, settings (`python -m chatfb COMMAND --help` for each; docs/formats.md lists them).
+guidelines, review, api-key, settings (`python -m chatfb COMMAND --help` for each; docs/formats.md lists them).
 
 Every command that touches data works whether or not the app is running: with the app up it is
 carried out by the app (see chatfb.app.control), otherwise on the DuckDB file directly.
@@ -32,6 +32,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser("import-feedback", help="import feedback records from a JSONL file")
     imp.add_argument("file", type=Path)
+    imp.add_argument("--trusted", action="store_true",
+                     help="the operator vouches for the file: it may train the shared adapter without agreement or review")
     add_settings_flags(imp)
 
     exp = sub.add_parser("export", help="export TRL-ready training files, or publish them to the Hugging Face Hub")
@@ -72,6 +74,13 @@ def make_parser() -> argparse.ArgumentParser:
     ak.add_argument("user", nargs="?", help="whose key (list: all users' keys when left out)")
     ak.add_argument("--id", dest="key_id", help="revoke only this key (an id from `list`); default: all of the user's")
     add_settings_flags(ak)
+
+    rv = sub.add_parser("review", help="the review queue: feedback that may teach everyone only once an admin approves it")
+    rv.add_argument("action", choices=("list", "approve", "reject", "flag", "unflag"),
+                    help="list what waits; approve or reject feedback ids; flag or unflag an author (nothing of a "
+                         "flagged author trains)")
+    rv.add_argument("values", nargs="*", help="feedback ids (approve, reject), or one author as `review list` shows it")
+    add_settings_flags(rv)
 
     sub.add_parser("settings", help="print the settings table (env vars, flags, defaults)")
     return p
@@ -132,16 +141,16 @@ def cmd_import(settings, args) -> int:
     backend = open_admin(settings)
     try:
         n = backend.import_feedback([{k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()
-                                      if v is not None} for r in records])
+                                      if v is not None} for r in records], trusted=args.trusted)
     finally:
         backend.close()
-    print(f"imported {n} feedback records")
+    print(f"imported {n} feedback records" + (" (trusted: they may train the shared adapter)" if args.trusted else ""))
     return 0
 
 
-def snapshot_records(settings):
-    """(feedback records, dismissed revisions by message id) read from a fresh, consistent snapshot
-    (the app writes it when running)."""
+def snapshot_records(settings, with_scopes: bool = True):
+    """(feedback records, dismissed revisions by message id, scope of each row under the trust policy or None
+    without `with_scopes`) read from a fresh, consistent snapshot (the app writes it when running)."""
     from chatfb.store.db import Store
 
     backend = open_admin(settings)
@@ -149,8 +158,12 @@ def snapshot_records(settings):
         path = backend.snapshot()
     finally:
         backend.close()
+    from chatfb.learning.training_data import shared_scopes
+
     with Store(path, read_only=True) as snap:
-        return snap.feedback_records(), snap.rejected_candidates()
+        records, dismissed, reviews, flagged = (snap.feedback_records(), snap.rejected_candidates(), snap.reviews(),
+                                                snap.flagged_authors())
+    return records, dismissed, shared_scopes(records, settings, reviews, flagged) if with_scopes else None
 
 
 def cmd_export(settings, args) -> int:
@@ -159,9 +172,10 @@ def cmd_export(settings, args) -> int:
 
     if (args.format is None) != (args.out is None) or not (args.format or args.push_to_hub):
         raise CommandError("export needs --format and --out, or --push-to-hub REPO (or all three)")
-    records, dismissed = snapshot_records(settings)
+    # the scopes need the embedding model: only the files written here carry them (a Hub dataset says "personal")
+    records, dismissed, scopes = snapshot_records(settings, with_scopes=bool(args.format))
     if args.format:
-        path, n = export(records, args.format, args.out, args.file_format, dismissed)
+        path, n = export(records, args.format, args.out, args.file_format, dismissed, scopes)
         print(f"wrote {n} {args.format} rows to {path}")
     if args.push_to_hub:
         push_built(settings, args.push_to_hub, "dataset", args.private,
@@ -253,8 +267,10 @@ def cmd_adapters(settings, args) -> int:
         if args.action == "list":
             for a in backend.adapters():
                 m = GateReport.from_dict(a["metrics"])
+                carries = f" [carries {a['deleted_users']} deleted user(s)' data]" if a.get("deleted_users") else ""
                 print(f"{a['name']:<14} {a['status']:<11} parent={a['parent'] or 'base':<14} "
-                      f"rougeL={_or_dash(m.candidate_rougeL)} control={_or_dash(m.control_agreement)} {a['error'] or ''}")
+                      f"rougeL={_or_dash(m.candidate_rougeL)} control={_or_dash(m.control_agreement)} {a['error'] or ''}"
+                      f"{carries}")
         elif args.action == "promote":
             if not args.name:
                 raise CommandError("adapters promote needs a NAME")
@@ -291,9 +307,13 @@ def cmd_delete_user(settings, args) -> int:
     backend = open_admin(settings)
     try:
         n = backend.delete_user(args.user)
+        carrying = [a["name"] for a in backend.adapters() if a.get("deleted_users")]
     finally:
         backend.close()
-    print(f"deleted {n} conversations of {args.user!r} and their feedback")
+    print(f"deleted {n} conversations of {args.user!r}, their feedback and their rows in every training and export file")
+    if carrying:
+        print(f"adapters trained on deleted users' rows (they carry them until the next cycle retrains): "
+              f"{', '.join(carrying)}")
     return 0
 
 
@@ -340,5 +360,45 @@ def cmd_api_key(settings, args) -> int:
     return 0
 
 
-COMMANDS = {"api-key": cmd_api_key, "guidelines": cmd_guidelines, "serve": cmd_serve, "import-feedback": cmd_import, "export": cmd_export, "nightly": cmd_nightly,
-            "adapters": cmd_adapters, "push-adapter": cmd_push_adapter, "delete-user": cmd_delete_user}
+def cmd_review(settings, args) -> int:
+    """The admin's review queue (chatfb.learning.trust): what waits, grouped by what it would teach, and the
+    decisions on it. An approved row may train the shared adapter; a rejected one never does, nor does any
+    other row on its question unless approved itself."""
+    from chatfb.config import settings_to_json
+
+    values = [v.strip() for v in args.values if v.strip()]
+    if args.action != "list" and not values:
+        raise CommandError(f"review {args.action} needs " + ("feedback IDS" if args.action in ("approve", "reject")
+                                                              else "an AUTHOR (a user name or anon-... id)"))
+    backend = open_admin(settings)
+    try:
+        if args.action == "list":
+            from chatfb.learning.trust import Policy
+
+            print(f"trust policy: {Policy.from_settings(settings).describe()}")
+            groups = backend.review_queue(settings_to_json(settings))
+            if not groups:
+                print("nothing waits for review")
+            for g in groups:
+                print(f"\n== would teach ({g['teaching']}, {len(g['rows'])} row(s), {g['users']} user(s)): "
+                      f"{g['question'][:80]!r} -> {g['teaches'][:120]!r}")
+                for r in g["rows"]:
+                    print(f"  {r['id']}  {r['created_at']}  {r['author']:<18} {r['feedback_kind']:<18} "
+                          f"{r['question'][:50]!r} -> {r['text'][:60]!r}")
+        elif args.action in ("approve", "reject"):
+            n = backend.review(values, "approved" if args.action == "approve" else "rejected")
+            print(f"{args.action}d {n} feedback row(s); the next learning cycle follows the decision")
+        elif args.action == "flag":
+            backend.flag_author(values[0], " ".join(values[1:]))
+            print(f"flagged {values[0]}: nothing of theirs trains from the next learning cycle on")
+        else:
+            backend.unflag_author(values[0])
+            print(f"unflagged {values[0]}")
+    finally:
+        backend.close()
+    return 0
+
+
+COMMANDS = {"api-key": cmd_api_key, "guidelines": cmd_guidelines, "serve": cmd_serve, "import-feedback": cmd_import,
+            "export": cmd_export, "nightly": cmd_nightly, "adapters": cmd_adapters, "push-adapter": cmd_push_adapter,
+            "delete-user": cmd_delete_user, "review": cmd_review}

@@ -90,6 +90,26 @@ class Settings:
     rate_limit_per_minute: int = _f(30, "Messages plus feedback one browser session may send per minute.")
     admin_password: str | None = _f(None, "Password for the admin tab. Unset (and no HF allowlist) = admin actions are off.")
     admin_hf_users: str = _f("", "Comma-separated Hugging Face user names allowed into the admin tab on a Space.")
+    shared_trust: str = _f(
+        "vouched", "Whose feedback may train the shared adapter everyone is served: 'vouched' = only feedback a rule "
+        "of CHATFB_SHARED_RULES vouches for (the rest stays personal); 'open' = everyone's, unchecked (only for a "
+        "private install whose users all trust each other; the admin tab says so).")
+    shared_rules: str = _f(
+        "trusted,agreement,review", "Comma-separated rules that vouch for feedback under shared_trust=vouched: "
+        "'trusted' (CHATFB_TRUSTED_USERS, the admin allowlist, `import-feedback --trusted`), 'agreement' "
+        "(CHATFB_SHARED_MIN_USERS distinct users agree on similar questions), 'review' (an admin approved it).")
+    trusted_users: str = _f(
+        "", "Comma-separated user names whose feedback trains the shared adapter without agreement or review "
+        "(the admin allowlist CHATFB_ADMIN_HF_USERS counts too).")
+    shared_min_users: int = _f(
+        3, "How many distinct users (the sessions of one browser or one user name count once) must give agreeing "
+        "feedback on similar questions before it trains the shared adapter; 0 = the agreement rule is off.")
+    shared_prompt_cosine: float = _f(
+        0.75, "Two questions are the same question, for agreement and for an admin's rejection, at this "
+        "all-MiniLM-L6-v2 cosine or more.")
+    shared_answer_cosine: float = _f(
+        0.7, "Two corrections (or critiques, or rated replies) can agree at this cosine or more; they must also "
+        "name the same facts (numbers, addresses, names).")
     nightly_at: str | None = _f(None, "Run the learning cycle daily at this local time (HH:MM) inside the app; unset = off.")
     retention_days: int | None = _f(None, "Delete conversations older than this many days at startup and nightly; unset = keep.")
     lora_rank: int = _f(8, "Rank of trained LoRA adapters (must be <= max_lora_rank).")
@@ -171,6 +191,14 @@ class Settings:
     def admin_hf_user_list(self) -> tuple[str, ...]:
         return tuple(u.strip() for u in self.admin_hf_users.split(",") if u.strip())
 
+    @property
+    def trusted_user_list(self) -> tuple[str, ...]:
+        return tuple(u.strip() for u in self.trusted_users.split(",") if u.strip())
+
+    @property
+    def shared_rule_list(self) -> tuple[str, ...]:
+        return tuple(r.strip() for r in self.shared_rules.split(",") if r.strip())
+
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
 
@@ -211,6 +239,8 @@ def load_settings(env: dict | None = None, **overrides) -> Settings:
 
 VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")  # what CHATFB_VLLM_DTYPE accepts
 CRITIQUE_RECIPES = ("instruct", "ilf")  # what CHATFB_CRITIQUE_RECIPE accepts
+SHARED_TRUST_MODES = ("vouched", "open")  # what CHATFB_SHARED_TRUST accepts (chatfb.learning.trust)
+SHARED_RULES = ("trusted", "agreement", "review")  # what CHATFB_SHARED_RULES lists
 
 
 def validate(s: Settings) -> None:
@@ -239,6 +269,13 @@ def validate(s: Settings) -> None:
         hh, _, mm = s.nightly_at.partition(":")
         if not (hh.isdigit() and mm.isdigit() and int(hh) < 24 and int(mm) < 60):
             raise SettingsError("nightly_at must look like HH:MM")
+    if s.shared_trust not in SHARED_TRUST_MODES:
+        raise SettingsError(f"shared_trust must be one of {', '.join(SHARED_TRUST_MODES)}")
+    if set(s.shared_rule_list) - set(SHARED_RULES):
+        raise SettingsError(f"shared_rules lists unknown rule(s) {sorted(set(s.shared_rule_list) - set(SHARED_RULES))}; "
+                            f"known: {', '.join(SHARED_RULES)}")
+    if s.shared_min_users < 0:
+        raise SettingsError("shared_min_users must be 0 (off) or more")
     if not 0 < s.holdout_fraction < 1:
         raise SettingsError("holdout_fraction must be between 0 and 1")
 

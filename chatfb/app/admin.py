@@ -23,7 +23,7 @@ from chatfb.store.db import Store
 # and results must be JSON.
 OPS = ("import_feedback", "snapshot", "adapters", "add_adapter", "promote", "rollback", "delete_user", "guidelines",
        "add_guideline", "set_guideline_status", "start_cycle", "cycle_status", "create_api_key", "api_keys",
-       "revoke_api_keys")
+       "revoke_api_keys", "review_queue", "review", "flag_author", "unflag_author")
 
 
 class AdminError(RuntimeError):
@@ -51,11 +51,12 @@ class AdminService:
         pass
 
     # -- data ------------------------------------------------------------------------------
-    def import_feedback(self, records: list[dict]) -> int:
+    def import_feedback(self, records: list[dict], trusted: bool = False) -> int:
+        """`trusted`: the operator vouches for the file, so it may train the shared adapter (chatfb.learning.trust)."""
         from chatfb.learning.exports import parse_record
 
         # Validated again here: the records may come over the control API. Sizes were checked by the CLI.
-        return self.store.import_feedback([parse_record(r, 10**9) for r in records])
+        return self.store.import_feedback([parse_record(r, 10**9) for r in records], trusted=bool(trusted))
 
     def snapshot(self) -> str:
         return str(self.store.snapshot(self.settings.layout.latest_snapshot))
@@ -66,13 +67,60 @@ class AdminService:
         from chatfb.learning.rows import EXPORT_FORMATS
 
         out = self.settings.layout.exports / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        from chatfb.learning.training_data import shared_scopes
+
         records, dismissed = self.store.feedback_records(), self.store.rejected_candidates()
+        scopes = shared_scopes(records, self.settings, self.store.reviews(), self.store.flagged_authors())
         for fmt in EXPORT_FORMATS:
-            export(records, fmt, out, dismissed=dismissed)
+            export(records, fmt, out, dismissed=dismissed, scopes=scopes)
         return out
 
     def delete_user(self, user_name: str) -> int:
-        return self.store.delete_user(user_name)
+        """Delete a user's conversations and feedback, their rows in every training and export file
+        (chatfb.learning.forget), and mark each adapter trained on them (`deleted_users`: it carries their
+        data until a cycle retrains). Returns conversations removed."""
+        from chatfb.learning.forget import forget_user
+
+        records = self.store.feedback_records(user_name=user_name)  # read first: the files are matched by them
+        removed = self.store.delete_user(user_name)
+        layout = self.settings.layout
+        trained = set(forget_user(layout, user_name, records)) - {"exports"}
+        if records:  # an adapter whose cycle files are gone, trained after their first feedback, may carry it
+            first = min(r.created_at for r in records)
+            trained |= {a["name"] for a in self.store.adapters() if a["status"] != "failed" and a["created_at"] >= first
+                        and not (layout.work(a["name"]) / "sft.jsonl").exists()}
+        self.store.mark_deleted_user(sorted(n for n in trained if self.store.adapter(n)))
+        return removed
+
+    # -- the trust policy's review queue (chatfb.learning.trust) ----------------------------
+    def review_queue(self, settings_json: str | None = None) -> list[dict]:
+        """Feedback waiting for an admin's review under the trust policy of these settings (a CLI's, or the
+        app's own), grouped by what it would teach (chatfb.learning.trust.queue_view)."""
+        from chatfb.learning.training_data import review_queue
+
+        settings = settings_from_json(settings_json) if settings_json else self.settings
+        return review_queue(self.store.feedback_records(), settings, self.store.reviews(), self.store.flagged_authors())
+
+    def review(self, feedback_ids: list[str], decision: str) -> int:
+        """Approve (it may train the shared adapter) or reject (it never does, nor anything on its question)
+        feedback rows; a row that no longer exists is an error and nothing is decided."""
+        from chatfb.store.records import StoreError
+
+        ids = [i.strip() for i in feedback_ids if i.strip()]
+        if not ids:
+            raise AdminError("name the feedback ids to decide on (see: python -m chatfb review list)")
+        try:
+            self.store.set_review(ids, decision)
+        except StoreError as e:
+            raise AdminError(f"{e} (see: python -m chatfb review list)") from None
+        return len(set(ids))
+
+    def flag_author(self, author: str, reason: str = "") -> None:
+        """Flag a user name or anonymous session (as `review list` shows it): nothing of theirs trains."""
+        self.store.flag_author(author.strip(), reason)
+
+    def unflag_author(self, author: str) -> None:
+        self.store.unflag_author(author.strip())
 
     def feedback_per_day(self) -> list[tuple]:
         return self.store.feedback_per_day()

@@ -70,6 +70,16 @@ def _bow(texts: list[str]):
     return out
 
 
+def embed(texts: list[str]) -> list[list[float]]:
+    """Unit vectors of `texts`, embedded together (word-count vectors share one vocabulary)."""
+    if not texts:
+        return []
+    embedder = _embedder()
+    if embedder is None:
+        return _bow(list(texts))
+    return [v for i in range(0, len(texts), 256) for v in embedder(list(texts[i:i + 256]))]  # bounded memory
+
+
 def cosines(anchor: str, texts: list[str]) -> list[float]:
     embed = _embedder()
     vecs = embed([anchor, *texts]) if embed else _bow([anchor, *texts])

@@ -13,6 +13,11 @@ Exports: sft, dpo and kto files in TRL's conversational formats, loadable with
 `datasets.load_dataset("json" | "parquet", ...)`; chatfb.learning.rows builds their rows and describes
 each (`EXPORT_SCHEMAS`). The local export and the Hub's dataset (chatfb.learning.hub) are the same rows:
 `export_rows` from the feedback records and the revisions users dismissed.
+Every row also carries its provenance (chatfb.learning.rows.PROVENANCE): "feedback_id", "author" (the
+user's name, or "anon-" and a hash of the anonymous session), "feedback_kind" (written_correction,
+accepted_revision, edited_revision, rating, ...) and "scope": "shared" when the trust policy vouches for
+it (chatfb.learning.trust), else "personal". Rows that never train (a flagged author, over the rate limit)
+are left out. TRL's trainers ignore these fields.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from chatfb.learning.rows import EXPORT_FORMATS, dpo_row, kto_row, sft_row, write_rows
+from chatfb.learning.rows import EXPORT_FORMATS, dpo_row, kto_row, provenance, sft_row, write_rows
+from chatfb.learning.trust import provenance_kind, who
 from chatfb.store.records import LONE_SURROGATE, FeedbackRecord
 
 IMPORT_KINDS = ("rating", "critique", "correction")
@@ -121,17 +127,34 @@ def parse_jsonl(path: Path, max_chars: int = 8000) -> list[dict]:
     return records
 
 
-def _provenance(r: FeedbackRecord) -> dict:
-    """Where a corrected reply came from, in plain string fields that TRL's trainers ignore: written
-    by the user ("correction"), or a revision they accepted ("revision", with the critique's id)."""
+def _provenance(r: FeedbackRecord, scopes: dict[str, str] | None, hide_names: bool, kind: str | None = None) -> dict:
+    """Where a row came from, in plain string fields that TRL's trainers ignore: for a correction, written by
+    the user ("correction") or a revision they accepted ("revision", with the critique's id); for every
+    row who gave it, its kind and the scope it may teach."""
+    author = who(r.user_name, r.session_id)
+    if hide_names and r.user_name:  # a published dataset names nobody
+        author = "user-" + hashlib.sha256(r.user_name.encode()).hexdigest()[:12]
+    return provenance(r.feedback_id, author, kind or provenance_kind(r), (scopes or {}).get(r.feedback_id, "personal"))
+
+
+def _correction(r: FeedbackRecord) -> dict:
     return {"source": "revision" if r.derived_from else "correction", "critique_id": r.derived_from or ""}
 
 
-def export_rows(records: list[FeedbackRecord], fmt: str, dismissed: dict[str, list[str]] | None = None) -> list[dict]:
+def export_rows(records: list[FeedbackRecord], fmt: str, dismissed: dict[str, list[str]] | None = None,
+                scopes: dict[str, str] | None = None, hide_names: bool = False) -> list[dict]:
     """Rows of one TRL format. `dismissed` (message id -> revisions the user dismissed) adds DPO
-    pairs: the corrected reply is chosen over each dismissed revision of the same reply."""
+    pairs: the corrected reply is chosen over each dismissed revision of the same reply. `scopes` (feedback
+    id -> shared | personal | none, chatfb.learning.trust): each row's scope; "none" rows are left out;
+    without it every row is personal. `hide_names`: authors as hashes (for publishing)."""
+    if scopes is not None:
+        records = [r for r in records if scopes.get(r.feedback_id) != "none"]
+
+    def extra(r, kind=None):
+        return _provenance(r, scopes, hide_names, kind)
+
     if fmt == "sft":
-        return [sft_row(r.prompt, r.text, **_provenance(r)) for r in records if r.kind == "correction"]
+        return [sft_row(r.prompt, r.text, **_correction(r), **extra(r)) for r in records if r.kind == "correction"]
     if fmt == "dpo":
         rows = []
         for r in records:
@@ -139,24 +162,25 @@ def export_rows(records: list[FeedbackRecord], fmt: str, dismissed: dict[str, li
                 continue
             for rejected in dict.fromkeys([r.reply, *(dismissed or {}).get(r.message_id, [])]):
                 if r.text.strip() != rejected.strip():
-                    rows.append(dpo_row(r.prompt, r.text, rejected, **_provenance(r)))
+                    rows.append(dpo_row(r.prompt, r.text, rejected, **_correction(r), **extra(r)))
         return rows
     if fmt == "kto":
         rows = []
         for r in records:
             if r.kind == "rating":
-                rows.append(kto_row(r.prompt, r.reply, r.rating > 0))
+                rows.append(kto_row(r.prompt, r.reply, r.rating > 0, **extra(r)))
             elif r.kind == "implicit":
-                rows.append(kto_row(r.prompt, r.reply, False))
-        prompts = {r.message_id: r.prompt for r in records}
+                rows.append(kto_row(r.prompt, r.reply, False, **extra(r)))
+        by_message = {r.message_id: r for r in records}
         for mid, texts in (dismissed or {}).items():
-            if mid in prompts:  # a dismissed revision is an undesirable completion of the same prompt
-                rows += [kto_row(prompts[mid], t, False) for t in texts]
+            if mid in by_message:  # a dismissed revision is an undesirable completion of the same prompt
+                r = by_message[mid]
+                rows += [kto_row(r.prompt, t, False, **extra(r, "from_critique")) for t in texts]
         return rows
     raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
 
 
 def export(records: list[FeedbackRecord], fmt: str, out_dir: Path, file_format: str = "jsonl",
-           dismissed: dict[str, list[str]] | None = None) -> tuple[Path, int]:
-    rows = export_rows(records, fmt, dismissed)
+           dismissed: dict[str, list[str]] | None = None, scopes: dict[str, str] | None = None) -> tuple[Path, int]:
+    rows = export_rows(records, fmt, dismissed, scopes)
     return write_rows(rows, Path(out_dir) / f"{fmt}.{file_format}"), len(rows)

@@ -45,7 +45,7 @@ def dataset_files(records: list[FeedbackRecord], out_dir: Path, dismissed: dict[
     A format without rows gets no file and no config (the Hub cannot load an empty one)."""
     kept, dropped = clean(records, max_chars, pii=True)
     out_dir = Path(out_dir)
-    rows = {fmt: export_rows(kept, fmt, dismissed) for fmt in EXPORT_FORMATS}
+    rows = {fmt: export_rows(kept, fmt, dismissed, hide_names=True) for fmt in EXPORT_FORMATS}
     if not any(rows.values()):
         raise HubError(f"nothing to publish: none of the {len(records)} feedback records makes an "
                        f"{'/'.join(EXPORT_FORMATS)} row after cleaning")

@@ -5,8 +5,10 @@
     kto_row(prompt, completion, label)    {"prompt": [...], "completion": [<assistant>], "label": bool}
     prompt_completion_row(prompt, reply)  {"prompt": [...], "completion": [<assistant>]}  what chatfb.learning.train learns
 
-A prompt is a list of {role, content} messages. Extra fields (an export's provenance, "source" and
-"critique_id") follow a row's own; TRL's trainers ignore them. Exports (chatfb.learning.exports, chatfb.learning.hub)
+A prompt is a list of {role, content} messages. Extra fields follow a row's own: provenance (`PROVENANCE`:
+the feedback row, who gave it, the kind of feedback, the scope it may teach; chatfb.learning.trust) and an
+export's "source" and "critique_id". TRL's trainers ignore them; chatfb.learning.train drops them
+(`trl_fields`). Exports (chatfb.learning.exports, chatfb.learning.hub)
 and training (chatfb.learning.training_data, the nightly cycle, chatfb.learning.train) all go through these functions,
 so a file written by one reads the same in the others. `write_rows` / `read_rows` store them.
 `EXPORT_SCHEMAS` says what each exported format holds: the local export and the Hub's dataset card use it.
@@ -44,12 +46,26 @@ def dpo_row(prompt: list[dict], chosen: str, rejected: str, **extra) -> dict:
     return {"prompt": prompt, "chosen": assistant(chosen), "rejected": assistant(rejected), **extra}
 
 
-def kto_row(prompt: list[dict], completion: str, label: bool) -> dict:
-    return {"prompt": prompt, "completion": assistant(completion), "label": label}
+def kto_row(prompt: list[dict], completion: str, label: bool, **extra) -> dict:
+    return {"prompt": prompt, "completion": assistant(completion), "label": label, **extra}
 
 
-def prompt_completion_row(prompt: list[dict], reply: str) -> dict:
-    return {"prompt": prompt, "completion": assistant(reply)}
+def prompt_completion_row(prompt: list[dict], reply: str, **extra) -> dict:
+    return {"prompt": prompt, "completion": assistant(reply), **extra}
+
+
+# who taught a row, and whom it may teach: feedback_id, author (user name, or "anon-" + a hash of the
+# session), feedback_kind (chatfb.learning.trust.PROVENANCE_KINDS), scope (personal | shared)
+PROVENANCE = ("feedback_id", "author", "feedback_kind", "scope")
+
+
+def provenance(feedback_id: str, author: str, feedback_kind: str, scope: str) -> dict:
+    return {"feedback_id": feedback_id, "author": author, "feedback_kind": feedback_kind, "scope": scope}
+
+
+def trl_fields(row: dict) -> dict:
+    """A row without chatfb's extra fields, as the trainers get it."""
+    return {k: v for k, v in row.items() if k not in PROVENANCE and k not in ("source", "critique_id")}
 
 
 def write_rows(rows: list[dict], path: Path) -> Path:

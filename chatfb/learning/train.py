@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatfb.config import Settings
-from chatfb.learning.rows import read_rows
+from chatfb.learning.rows import read_rows, trl_fields
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULTS = Settings()  # the field defaults only: the nightly passes the running settings as flags
@@ -106,7 +106,8 @@ def main(recipe: Recipe, args) -> int:
 
     set_seed(args.seed)
     data, out = Path(recipe.data), Path(args.output_dir)
-    sft_rows, dpo_rows = read_rows(data / "sft.jsonl"), read_rows(data / "dpo.jsonl")
+    sft_rows = [trl_fields(r) for r in read_rows(data / "sft.jsonl")]  # provenance stays in the files
+    dpo_rows = [trl_fields(r) for r in read_rows(data / "dpo.jsonl")]
     if not sft_rows:
         print("no SFT examples; nothing to train", file=sys.stderr)
         return 3

@@ -14,6 +14,8 @@ Kinds of feedback and what they become (modes as in the seeds' three objectives)
 - rating +1   -> the reply itself is an SFT example.                    [semi]
 - rating -1 / implicit (regenerated) -> a filter: never trained on as a good reply; listed as
                  KTO-style negatives in the counts and exports.         [semi]
+Only feedback the trust policy vouches for (chatfb.learning.trust, `scopes` in `build`) trains the shared
+adapter or is held out to gate it; every example carries its provenance (who, kind, scope) into the files.
 Held-out examples (a deterministic share by feedback id) are never trained on; the gate scores
 candidates on them. Critiques are held out whole: nothing is generated from a held-out critique,
 and the gate checks whether the candidate's own answer to its prompt passes the same selection.
@@ -27,7 +29,8 @@ import re
 from dataclasses import dataclass, field, replace
 
 from chatfb.critique.guidelines import looks_like_rule
-from chatfb.learning.rows import dpo_row
+from chatfb.learning.rows import dpo_row, prompt_completion_row, provenance
+from chatfb.learning.trust import provenance_kind, who
 from chatfb.store.records import FeedbackRecord, last_user
 
 MODES = ("supervised", "unsupervised", "semi")
@@ -44,6 +47,12 @@ class Example:
     source: str  # correction | critique | rating
     feedback_id: str
     rejected: str | None = None  # the original reply, for preference pairs
+    author: str = ""  # who gave the feedback (chatfb.learning.trust.who)
+    kind: str = ""  # its provenance kind (chatfb.learning.trust.PROVENANCE_KINDS)
+
+    def provenance(self) -> dict:
+        """The row's extra fields: everything that trains is vouched for, so its scope is shared."""
+        return provenance(self.feedback_id, self.author, self.kind, "shared")
 
 
 @dataclass
@@ -55,10 +64,14 @@ class TrainingData:
     records: list[FeedbackRecord] = field(default_factory=list)  # all kept (cleaned) feedback: distillation's prompts
     guideline_eval: dict[str, list[list[dict]]] = field(default_factory=dict)  # guideline id -> prompts to check
     counts: dict = field(default_factory=dict)
+    authors: dict[str, str] = field(default_factory=dict)  # feedback id -> who gave it
 
     def dpo_rows(self) -> list[dict]:
-        return [dpo_row(e.prompt, e.target, e.rejected) for e in self.train
+        return [dpo_row(e.prompt, e.target, e.rejected, **e.provenance()) for e in self.train
                 if e.rejected and e.rejected.strip() != e.target.strip()]
+
+    def sft_rows(self) -> list[dict]:
+        return [prompt_completion_row(e.prompt, e.target, **e.provenance()) for e in self.train]
 
 
 def scrub(text: str) -> str:
@@ -99,29 +112,61 @@ def clean(records: list[FeedbackRecord], max_chars: int, pii: bool) -> tuple[lis
     return kept, dropped
 
 
+def trust_decisions(records: list[FeedbackRecord], settings, reviews: dict[str, str], flagged: set[str]) -> dict:
+    """Feedback id -> chatfb.learning.trust.Decision under the settings' trust policy, questions and answers
+    compared by sentence embeddings."""
+    from chatfb.critique.similarity import embed
+    from chatfb.learning import trust
+
+    return trust.decide(records, trust.Policy.from_settings(settings), embed, reviews, flagged)
+
+
+def shared_scopes(records: list[FeedbackRecord], settings, reviews: dict[str, str],
+                  flagged: set[str]) -> dict[str, str]:
+    """Feedback id -> shared | personal | none (see trust_decisions)."""
+    return {fid: d.scope for fid, d in trust_decisions(records, settings, reviews, flagged).items()}
+
+
+def review_queue(records: list[FeedbackRecord], settings, reviews: dict[str, str], flagged: set[str]) -> list[dict]:
+    """What waits for an admin's review, grouped by what it would teach (chatfb.learning.trust.queue_view)."""
+    from chatfb.learning import trust
+
+    return trust.queue_view(records, trust_decisions(records, settings, reviews, flagged), reviews)
+
+
 def is_heldout(feedback_id: str, fraction: float, seed: int) -> bool:
     h = hashlib.sha256(f"{seed}:{feedback_id}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64 < fraction
 
 
 def build(records: list[FeedbackRecord], mode: str = "semi", holdout_fraction: float = 0.2, seed: int = 0,
-          max_chars: int = 8000, pii: bool = True) -> TrainingData:
-    """The examples that need no model: corrections and liked replies; critiques wait in `pending_critiques`."""
+          max_chars: int = 8000, pii: bool = True, scopes: dict[str, str] | None = None) -> TrainingData:
+    """The examples that need no model: corrections and liked replies; critiques wait in `pending_critiques`.
+    `scopes` (feedback id -> shared | personal | none, chatfb.learning.trust.decide): only shared rows train or
+    are held out for the gate; the rest are counted. None = every row is shared (the caller vouched for all)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
+    total = len(records)
+    if scopes is not None:
+        records = [r for r in records if scopes.get(r.feedback_id) == "shared"]
     kept, dropped = clean(records, max_chars, pii)
     negatives = {r.message_id for r in kept if (r.kind == "rating" and r.rating < 0) or r.kind == "implicit"}
     corrected = {r.message_id for r in kept if r.kind == "correction"}
-    data = TrainingData(records=kept, counts={"feedback": len(records), "kept": len(kept),
+    data = TrainingData(records=kept, counts={"feedback": total, "kept": len(kept),
                                               **{f"dropped_{k}": v for k, v in dropped.items()}})
+    if scopes is not None:
+        data.counts.update(not_shared_personal=sum(v == "personal" for v in scopes.values()),
+                           not_shared_blocked=sum(v == "none" for v in scopes.values()))
+    data.authors = {r.feedback_id: who(r.user_name, r.session_id) for r in kept}
     for r in kept:
         ex = None
         if r.kind == "correction" and mode in ("supervised", "semi"):
-            ex = Example(r.prompt, r.text.strip(), "correction", r.feedback_id, rejected=r.reply)
+            ex = Example(r.prompt, r.text.strip(), "correction", r.feedback_id, rejected=r.reply,
+                         author=data.authors[r.feedback_id], kind=provenance_kind(r))
         elif r.kind == "critique" and mode in ("unsupervised", "semi") and r.message_id not in corrected:
             data.pending_critiques.append(r)
         elif r.kind == "rating" and r.rating > 0 and mode == "semi" and r.message_id not in negatives | corrected:
-            ex = Example(r.prompt, r.reply, "rating", r.feedback_id)
+            ex = Example(r.prompt, r.reply, "rating", r.feedback_id, author=data.authors[r.feedback_id], kind="rating")
         if ex is not None:
             (data.heldout if is_heldout(r.feedback_id, holdout_fraction, seed) else data.train).append(ex)
     data.counts.update(kto_negatives=len(negatives), kto_positives=sum(1 for r in kept if r.kind == "rating" and r.rating > 0))
@@ -268,7 +313,10 @@ def add_selections(data: TrainingData, selected: list[tuple[InstructionTask, str
     example, its prompt WITHOUT the instruction. Counts per source how many tasks yielded an example."""
     for task, best in selected:
         if best is not None:
-            data.train.append(Example(task.prompt, best, task.source, task.feedback_id, rejected=task.original))
+            data.train.append(Example(task.prompt, best, task.source, task.feedback_id, rejected=task.original,
+                                      author=data.authors.get(task.feedback_id)  # a guideline: the admin's
+                                      or ("admin" if task.source == "guideline" else ""),
+                                      kind="guideline" if task.source == "guideline" else "from_critique"))
     for src in TASK_SOURCES:
         done = [best is not None for task, best in selected if task.source == src]
         name = "critiques" if src == "critique" else f"{src}_tasks"

@@ -7,6 +7,9 @@ the job (adapter name, incumbent, model server). This process reads them, writes
 WORK_DIR/result.json (chatfb.learning.cycle.CycleOutcome), and calls nothing in the app: the owner records and
 promotes. `python -m chatfb nightly` runs a whole cycle (chatfb.learning.cycle).
 
+Only vouched-for feedback (chatfb.learning.trust) trains the shared adapter or gates it; work/<name>/sft.jsonl
+and dpo.jsonl carry each row's provenance, so `delete-user` can find a user's rows in them.
+
 Critiques (and approved global guidelines) become training examples through chatfb.critique.candidates: the
 conversation answered again with the critique as an instruction, several samples, the best that passes
 selection kept and trained WITHOUT the critique; every candidate's score and verdict is handed back for
@@ -75,10 +78,13 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
     with Store(work / SNAPSHOT, read_only=True) as s:
         records = s.feedback_records()
         guidelines = s.approved_guidelines()
+        reviews, flagged = s.reviews(), s.flagged_authors()
     if not records:
         return CycleOutcome("nothing", "no feedback yet")
+    # Only vouched-for feedback trains the shared adapter or is held out to gate it (chatfb.learning.trust).
+    scopes = training_data.shared_scopes(records, settings, reviews, flagged)
     data = training_data.build(records, settings.train_mode, settings.holdout_fraction, settings.seed,
-                               settings.max_feedback_chars, settings.scrub_pii)
+                               settings.max_feedback_chars, settings.scrub_pii, scopes=scopes)
 
     t = time.perf_counter()
     client, base, stop_server = model_server(settings, job.server_url)
@@ -105,7 +111,7 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
         timings["refine_s"] = round(time.perf_counter() - t, 2)
 
         out = settings.layout.adapters / name
-        rows = candidate_rows(selected, name, settings.critique_recipe)
+        rows = candidate_rows(selected, name, settings.critique_recipe, data.authors)
         done = dict(counts=counts, timings=timings, candidates=rows, recipe=recipe)
         if not data.train:
             reason = "no usable training examples"
@@ -118,7 +124,7 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
         # question a rule was distilled on is left out of it, so it never has two targets.
         distilled = {last_user(e.prompt) for e in data.train if e.source in ("distill", "guideline")}
         replay = replay_examples(client, base_name, settings.system_prompt, settings.replay_examples, skip=distilled)
-        write_rows([prompt_completion_row(e.prompt, e.target) for e in data.train] + replay, work / "sft.jsonl")
+        write_rows(data.sft_rows() + replay, work / "sft.jsonl")  # with provenance: delete-user scrubs by it
         write_rows(data.dpo_rows(), work / "dpo.jsonl")
         counts["replay_examples"] = len(replay)
 
@@ -220,8 +226,9 @@ def select_all(tasks: list, client: ModelClient, model: str, settings: Settings,
         return list(pool.map(one, tasks)), errors
 
 
-def candidate_rows(selected: list, cycle: str, recipe: str) -> list[dict]:
-    """store.add_candidates rows for every candidate of every task: the kept one and why each other was dropped."""
+def candidate_rows(selected: list, cycle: str, recipe: str, authors: dict[str, str] | None = None) -> list[dict]:
+    """store.add_candidates rows for every candidate of every task: the kept one and why each other was dropped,
+    with who gave the critique (or "admin": a guideline) and the scope it teaches."""
 
     rows = []
     for task, cands, best in selected:
@@ -230,7 +237,11 @@ def candidate_rows(selected: list, cycle: str, recipe: str) -> list[dict]:
                          "text": c.text, "score": c.score, "verdict": c.verdict,
                          "status": "kept" if c is best else "dropped", "cycle": cycle,
                          "details": {**(c.details or {}), "task": task.source, "recipe": recipe,
-                                     "critique": task.instruction, "prompt": last_user(task.prompt)}})
+                                     "critique": task.instruction, "prompt": last_user(task.prompt),
+                                     "author": (authors or {}).get(task.feedback_id)
+                                     or ("admin" if task.source == "guideline" else ""),
+                                     "feedback_kind": "guideline" if task.source == "guideline" else "from_critique",
+                                     "scope": "shared"}})
     return rows
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import duckdb
 
 from chatfb.store.migrations import MIGRATIONS
-from chatfb.store.records import (CANDIDATE_STATUSES, FEEDBACK_KINDS, GUIDELINE_STATUSES, FeedbackRecord, StoreError,
-                                  StoreLocked, new_id, utcnow)
+from chatfb.store.records import (CANDIDATE_STATUSES, FEEDBACK_KINDS, GUIDELINE_STATUSES, REVIEW_DECISIONS, FeedbackRecord,
+                                  StoreError, StoreLocked, new_id, utcnow)
 
 log = logging.getLogger(__name__)
 
@@ -241,10 +241,12 @@ class Store:
         return dest
 
     # -- conversations and messages ---------------------------------------------------------
-    def create_conversation(self, session_id: str, user_name: str | None = None, system_prompt: str = "") -> str:
+    def create_conversation(self, session_id: str, user_name: str | None = None, system_prompt: str = "",
+                            client: str | None = None) -> str:
+        """`client`: a salted hash of the client's address (never the address), when known."""
         cid = new_id()
-        self._tx([("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?)",
-                   (cid, session_id, user_name, system_prompt or "", "chat", utcnow()))])
+        self._tx([("INSERT INTO conversations (id, session_id, user_name, system_prompt, source, created_at, client)"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?)", (cid, session_id, user_name, system_prompt or "", "chat", utcnow(), client))])
         with self._seq_lock:
             self._seq.setdefault(cid, 0)
         return cid
@@ -368,19 +370,23 @@ class Store:
             if rows[0][0] != "assistant":
                 raise StoreError("feedback refused: only replies can get feedback")
             now = utcnow()
+            origin = _origin(kind, derived_from, derived_from is not None and bool(self._q(
+                "SELECT 1 FROM candidates WHERE feedback_id = ? AND message_id = ? AND text = ?",
+                (derived_from, message_id, text))))
             stmts = []
             if revises and rows[0][2]:
                 stmts.append(("UPDATE feedback SET superseded_at = ? WHERE message_id = ? AND kind = ? AND session_id = ?"
                               " AND superseded_at IS NULL", (now, message_id, kind, session_id)))
-            stmts.append((_INSERT_FEEDBACK, (fid, message_id, kind, rating, text, user_name, session_id, now, derived_from)))
+            stmts.append((_INSERT_FEEDBACK, (fid, message_id, kind, rating, text, user_name, session_id, now, derived_from,
+                                             origin)))
             self._tx(stmts, independent=True)  # a fresh id; the superseded rows are this stripe's key
         return fid
 
     def feedback(self, feedback_id: str) -> dict | None:
         rows = self._q("SELECT id, message_id, kind, rating, text, user_name, session_id, created_at, superseded_at,"
-                       " derived_from FROM feedback WHERE id = ?", (feedback_id,))
+                       " derived_from, origin, trusted FROM feedback WHERE id = ?", (feedback_id,))
         keys = ("id", "message_id", "kind", "rating", "text", "user_name", "session_id", "created_at", "superseded_at",
-                "derived_from")
+                "derived_from", "origin", "trusted")
         return dict(zip(keys, rows[0])) if rows else None
 
     def conversation_feedback(self, conversation_id: str) -> list[dict]:
@@ -397,25 +403,34 @@ class Store:
         keys = ("id", "kind", "rating", "text", "user_name", "session_id", "created_at", "superseded_at")
         return [dict(zip(keys, r)) for r in rows]
 
-    def feedback_records(self, since: datetime | None = None) -> list[FeedbackRecord]:
-        """Every active feedback row with its prompt history and original reply, oldest first."""
-        params: tuple = ()
+    def feedback_records(self, since: datetime | None = None, user_name: str | None = None) -> list[FeedbackRecord]:
+        """Every active feedback row with its prompt history, original reply and provenance, oldest first
+        (`user_name`: only that user's)."""
+        params: list = []
         where = "f.superseded_at IS NULL"
         if since is not None:
             where += " AND f.created_at >= ?"
-            params = (since,)
+            params.append(since)
+        if user_name is not None:
+            where += " AND f.user_name = ?"
+            params.append(user_name)
         rows = self._q(
-            "SELECT f.id, f.message_id, f.kind, f.rating, f.text, f.user_name, f.created_at, m.content, f.derived_from"
-            f" FROM feedback f JOIN messages m ON m.id = f.message_id WHERE {where} ORDER BY f.created_at, f.id", params)
+            "SELECT f.id, f.message_id, f.kind, f.rating, f.text, f.user_name, f.created_at, m.content, f.derived_from,"
+            " f.session_id, c.client, f.origin, coalesce(f.trusted, FALSE), m.guidelines"
+            " FROM feedback f JOIN messages m ON m.id = f.message_id JOIN conversations c ON c.id = m.conversation_id"
+            f" WHERE {where} ORDER BY f.created_at, f.id", tuple(params))
+        private = {r[0] for r in self._q("SELECT id FROM guidelines WHERE scope = 'user'")}
         histories: dict[str, list[dict]] = {}
         out = []
-        for fid, mid, kind, rating, text, user, created, reply, derived_from in rows:
+        for fid, mid, kind, rating, text, user, created, reply, derived_from, session, client, origin, trusted, rules in rows:
             if mid not in histories:
                 histories[mid] = self.history_before(mid)
-            out.append(FeedbackRecord(fid, mid, kind, rating, text, user, created, histories[mid], reply, derived_from))
+            out.append(FeedbackRecord(fid, mid, kind, rating, text, user, created, histories[mid], reply, derived_from,
+                                      session, client, origin or _origin(kind, derived_from, True), bool(trusted),
+                                      bool(private.intersection(json.loads(rules) if rules else []))))
         return out
 
-    def import_feedback(self, records: list[dict], session_id: str = "import") -> int:
+    def import_feedback(self, records: list[dict], session_id: str = "import", trusted: bool = False) -> int:
         """Insert parsed import records (see chatfb.learning.exports) all-or-nothing; returns the count.
         One transaction that inserts each table from an Arrow table: 100k records take seconds,
         where one INSERT per row held the writer (and so every chat's write) for many minutes."""
@@ -434,7 +449,9 @@ class Store:
             for seq, m in enumerate(turns, 1):
                 mid = new_id()
                 messages.append((mid, cid, seq, m["role"], m["content"], "ok", "import", ts))
-            feedback.append((new_id(), mid, r["kind"], r.get("rating"), r.get("text"), r.get("user"), session_id, ts, None))
+            origin = "written_correction" if r["kind"] == "correction" else r["kind"]
+            feedback.append((new_id(), mid, r["kind"], r.get("rating"), r.get("text"), r.get("user"), session_id, ts, None,
+                             origin, trusted))
         text, ts_type = pa.string(), pa.timestamp("us")
         tables = [
             ("conversations", conversations, {"id": text, "session_id": text, "user_name": text, "system_prompt": text,
@@ -442,7 +459,8 @@ class Store:
             ("messages", messages, {"id": text, "conversation_id": text, "seq": pa.int64(), "role": text,
                                     "content": text, "status": text, "model": text, "created_at": ts_type}),
             ("feedback", feedback, {"id": text, "message_id": text, "kind": text, "rating": pa.int64(), "text": text,
-                                    "user_name": text, "session_id": text, "created_at": ts_type, "derived_from": text}),
+                                    "user_name": text, "session_id": text, "created_at": ts_type, "derived_from": text,
+                                    "origin": text, "trusted": pa.bool_()}),
         ]
 
         def insert_all(db) -> None:  # on the writer thread, between batches (like snapshot())
@@ -587,9 +605,10 @@ class Store:
         self._tx([(f"UPDATE adapters SET {', '.join(sets)} WHERE name = ?", (*params, name))])
 
     def adapters(self) -> list[dict]:
-        rows = self._q("SELECT name, parent, status, path, created_at, promoted_at, metrics, data_counts, timings, recipe, error"
-                       " FROM adapters ORDER BY created_at, name")
-        keys = ("name", "parent", "status", "path", "created_at", "promoted_at", "metrics", "data_counts", "timings", "recipe", "error")
+        rows = self._q("SELECT name, parent, status, path, created_at, promoted_at, metrics, data_counts, timings, recipe, error,"
+                       " coalesce(deleted_users, 0) FROM adapters ORDER BY created_at, name")
+        keys = ("name", "parent", "status", "path", "created_at", "promoted_at", "metrics", "data_counts", "timings", "recipe", "error",
+                "deleted_users")
         out = []
         for r in rows:
             d = dict(zip(keys, r))
@@ -647,6 +666,46 @@ class Store:
                        (session_id, last_reply, limit))
         return [r[0] for r in rows]
 
+    def mark_deleted_user(self, adapter_names: list[str]) -> None:
+        """Count one more deleted user's rows in each of these adapters (they keep them until retrained)."""
+        if adapter_names:
+            self._tx([("UPDATE adapters SET deleted_users = coalesce(deleted_users, 0) + 1 WHERE name = ?", (n,))
+                      for n in adapter_names])
+
+    # -- review queue and flagged authors (chatfb.learning.trust) ----------------------------
+    def set_review(self, feedback_ids: list[str], decision: str) -> None:
+        """An admin's decision on feedback rows (a later decision replaces an earlier one). Every id must
+        name an existing row, else nothing is recorded."""
+        if decision not in REVIEW_DECISIONS:
+            raise StoreError(f"a review decision is one of {', '.join(REVIEW_DECISIONS)}")
+        ids = list(dict.fromkeys(feedback_ids))
+        if not ids:
+            raise StoreError("no feedback ids given")
+        found = {r[0] for r in self._q("SELECT id FROM feedback WHERE id IN (SELECT unnest(?::VARCHAR[]))", (ids,))}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise StoreError(f"no feedback with id {', '.join(missing)} (deleted, or never there); nothing was decided")
+        now = utcnow()
+        self._tx([("INSERT OR REPLACE INTO reviews (feedback_id, decision, decided_at) VALUES (?, ?, ?)", (i, decision, now))
+                  for i in ids])
+
+    def reviews(self) -> dict[str, str]:
+        """Feedback id -> the admin's decision (approved | rejected)."""
+        return dict(self._q("SELECT feedback_id, decision FROM reviews"))
+
+    def flag_author(self, author: str, reason: str = "") -> None:
+        """Flag a user name or anonymous session id: nothing of theirs trains any more."""
+        self._tx([("INSERT OR REPLACE INTO flagged_authors (author, reason, flagged_at) VALUES (?, ?, ?)",
+                   (author, reason, utcnow()))])
+
+    def unflag_author(self, author: str) -> None:
+        if not self._q("SELECT 1 FROM flagged_authors WHERE author = ?", (author,)):
+            raise StoreError(f"{author!r} is not flagged")
+        self._tx([("DELETE FROM flagged_authors WHERE author = ?", (author,))])
+
+    def flagged_authors(self) -> set[str]:
+        return {r[0] for r in self._q("SELECT author FROM flagged_authors")}
+
     # -- counts, privacy --------------------------------------------------------------------
     def counts(self) -> dict:
         out = {t: self._q(f"SELECT count(*) FROM {t}")[0][0] for t in ("conversations", "messages", "feedback", "adapters")}
@@ -668,7 +727,8 @@ class Store:
         self._delete_conversations(cids)
         # Their own guidelines and suggestions go; ones an admin approved for everyone stay, with the user's
         # name removed: everyone's prompt must not change unannounced (an admin retires them if need be).
-        self._tx([("DELETE FROM feedback WHERE user_name = ?", (user_name,)),
+        self._tx([("DELETE FROM reviews WHERE feedback_id IN (SELECT id FROM feedback WHERE user_name = ?)", (user_name,)),
+                  ("DELETE FROM feedback WHERE user_name = ?", (user_name,)),
                   ("DELETE FROM guidelines WHERE user_name = ? AND (scope = 'user' OR status = 'pending')", (user_name,)),
                   ("UPDATE guidelines SET user_name = NULL, session_id = NULL WHERE user_name = ?", (user_name,)),
                   ("DELETE FROM api_keys WHERE user_name = ?", (user_name,))])
@@ -687,6 +747,8 @@ class Store:
         for cid in cids:
             stmts += [
                 ("DELETE FROM candidates WHERE message_id IN (SELECT id FROM messages WHERE conversation_id = ?)", (cid,)),
+                ("DELETE FROM reviews WHERE feedback_id IN (SELECT f.id FROM feedback f JOIN messages m ON m.id = f.message_id"
+                 " WHERE m.conversation_id = ?)", (cid,)),
                 ("DELETE FROM feedback WHERE message_id IN (SELECT id FROM messages WHERE conversation_id = ?)", (cid,)),
                 ("DELETE FROM messages WHERE conversation_id = ?", (cid,)),
                 ("DELETE FROM conversations WHERE id = ?", (cid,)),
@@ -711,8 +773,8 @@ class _Write:
 
 _INSERT_MESSAGE = ("INSERT INTO messages (id, conversation_id, seq, role, content, status, model, adapter, replaces, created_at,"
                    " guidelines) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-_INSERT_FEEDBACK = ("INSERT INTO feedback (id, message_id, kind, rating, text, user_name, session_id, created_at, derived_from)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_FEEDBACK = ("INSERT INTO feedback (id, message_id, kind, rating, text, user_name, session_id, created_at, derived_from,"
+                    " origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 _FINISH_MESSAGE = ("UPDATE messages SET content = ?, status = ?, error = ?, ttft_ms = ?, latency_ms = ?, prompt_tokens = ?,"
                    " completion_tokens = ? WHERE id = ?")
@@ -728,9 +790,9 @@ _AS_LISTS = {
                      " unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]),"
                      " unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::TIMESTAMP[]), unnest(?::VARCHAR[])", 0),
     _INSERT_FEEDBACK: ("INSERT INTO feedback (id, message_id, kind, rating, text, user_name, session_id, created_at,"
-                      " derived_from) SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]),"
+                      " derived_from, origin) SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]),"
                       " unnest(?::INTEGER[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]),"
-                      " unnest(?::TIMESTAMP[]), unnest(?::VARCHAR[])", 0),
+                      " unnest(?::TIMESTAMP[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[])", 0),
     _FINISH_MESSAGE: ("UPDATE messages SET content = r.content, status = r.status, error = r.error, ttft_ms = r.ttft_ms,"
                      " latency_ms = r.latency_ms, prompt_tokens = r.prompt_tokens, completion_tokens = r.completion_tokens"
                      " FROM (SELECT unnest(?::VARCHAR[]) AS content, unnest(?::VARCHAR[]) AS status,"
@@ -759,6 +821,15 @@ def _batch_statements(batch: list[_Write]) -> list[tuple[str, list[tuple]]]:
         for i, (sql, _) in enumerate(jobs[0].statements):
             out.append((sql, [job.statements[i][1] for job in jobs]))
     return out
+
+
+def _origin(kind: str, derived_from: str | None, same_as_candidate: bool) -> str:
+    """The provenance kind of a feedback row (m004's backfill says the same in SQL)."""
+    if kind != "correction":
+        return kind
+    if derived_from is None:
+        return "written_correction"
+    return "accepted_revision" if same_as_candidate else "edited_revision"
 
 
 def _copy_database(db, dest: Path) -> None:

@@ -119,6 +119,41 @@ def m003_inloop_feedback():
 
 
 @migration
+def m004_provenance_and_review():
+    """Who taught what, and whether it may teach everyone (chatfb.learning.trust): the kind of each
+    feedback row, the CLI import's `--trusted` mark, a hash of the client's address per conversation,
+    the admin's review decisions and flagged users, and which adapters still carry a deleted user's rows."""
+    # New columns are nullable with a default: DuckDB cannot add a NOT NULL column to a table with an index.
+    return [
+        # written_correction | accepted_revision | edited_revision | critique | rating | implicit
+        "ALTER TABLE feedback ADD COLUMN origin VARCHAR",
+        # imported with `import-feedback --trusted`: the operator vouches for the file
+        "ALTER TABLE feedback ADD COLUMN trusted BOOLEAN DEFAULT FALSE",
+        # a salted hash of the client's address (sessions from one address count once); NULL = not known
+        "ALTER TABLE conversations ADD COLUMN client VARCHAR",
+        """CREATE TABLE reviews (
+            feedback_id VARCHAR PRIMARY KEY,
+            decision VARCHAR NOT NULL,                -- approved | rejected
+            decided_at TIMESTAMP NOT NULL
+        )""",
+        """CREATE TABLE flagged_authors (
+            author VARCHAR PRIMARY KEY,               -- a user name, or an anonymous session id
+            reason VARCHAR,
+            flagged_at TIMESTAMP NOT NULL
+        )""",
+        # how many deleted users' rows an adapter was trained on (it keeps them until a cycle retrains without)
+        "ALTER TABLE adapters ADD COLUMN deleted_users INTEGER DEFAULT 0",
+        # old rows' origin (after every ALTER: DuckDB refuses to alter a table a pending UPDATE touched)
+        """UPDATE feedback SET origin = CASE
+            WHEN kind = 'correction' AND derived_from IS NULL THEN 'written_correction'
+            WHEN kind = 'correction' AND EXISTS (SELECT 1 FROM candidates c WHERE c.feedback_id = feedback.derived_from
+                 AND c.message_id = feedback.message_id AND c.text = feedback.text) THEN 'accepted_revision'
+            WHEN kind = 'correction' THEN 'edited_revision'
+            ELSE kind END""",
+    ]
+
+
+@migration
 def m005_api_keys():
     """API keys an admin issues per user (python -m chatfb api-key): only a hash of each key is kept."""
     return [

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 FEEDBACK_KINDS = ("rating", "critique", "correction", "implicit")
 CANDIDATE_STATUSES = ("offered", "accepted", "rejected", "kept", "dropped")
 GUIDELINE_STATUSES = ("active", "pending", "retired")
+REVIEW_DECISIONS = ("approved", "rejected")
 
 
 # JSON may escape a lone surrogate ("\\ud800"); Python decodes it, but UTF-8 (DuckDB, vLLM) cannot hold it.
@@ -56,3 +57,9 @@ class FeedbackRecord:
     prompt: list[dict]  # chat messages before the reply, system prompt first when set
     reply: str
     derived_from: str | None = None  # a correction made by accepting a revision: the critique it came from
+    # Provenance (chatfb.learning.trust decides from it who may learn what):
+    session_id: str | None = None  # the anonymous (or logged-in) session that gave it; "import" for the CLI's
+    client: str | None = None  # a salted hash of the client's address, when the app recorded one
+    origin: str | None = None  # written_correction | accepted_revision | edited_revision | critique | rating | implicit
+    trusted: bool = False  # imported with `import-feedback --trusted`
+    private_guideline: bool = False  # the reply was written under a user's own (not global) guideline

@@ -66,8 +66,11 @@ def adapters_frame(admin: AdminService) -> pd.DataFrame:
         rows.append({"name": a["name"], "status": a["status"], "parent": a["parent"] or "base",
                      "created": str(a["created_at"])[:19], "rougeL": m.candidate_rougeL,
                      "bleu": m.candidate_bleu, "control": m.control_agreement,
-                     "examples": (a["data_counts"] or {}).get("train_examples"), "note": a["error"] or m.decision})
-    return pd.DataFrame(rows, columns=["name", "status", "parent", "created", "rougeL", "bleu", "control", "examples", "note"])
+                     "examples": (a["data_counts"] or {}).get("train_examples"), "note": a["error"] or m.decision,
+                     "deleted users' data": (f"{a['deleted_users']} user(s): kept until the next cycle retrains"
+                                             if a.get("deleted_users") else "")})
+    return pd.DataFrame(rows, columns=["name", "status", "parent", "created", "rougeL", "bleu", "control", "examples", "note",
+                                       "deleted users' data"])
 
 
 def metrics_frame(admin: AdminService) -> pd.DataFrame:
@@ -86,7 +89,7 @@ def feedback_frame(admin: AdminService) -> pd.DataFrame:
                         columns=["day", "kind", "count"])
 
 
-CANDIDATE_COLUMNS = ["cycle", "critique", "prompt", "candidate", "score", "verdict", "status"]
+CANDIDATE_COLUMNS = ["cycle", "critique", "prompt", "candidate", "score", "verdict", "status", "author", "kind", "scope"]
 
 
 def candidates_frame(admin: AdminService, limit: int = 200) -> pd.DataFrame:
@@ -94,7 +97,8 @@ def candidates_frame(admin: AdminService, limit: int = 200) -> pd.DataFrame:
     answer made from a critique or guideline, its score and verdict, kept or dropped."""
     rows = [{"cycle": c["cycle"], "critique": c["details"].get("critique", ""), "prompt": c["details"].get("prompt", ""),
              "candidate": c["text"], "score": None if c["score"] is None else round(c["score"], 3),
-             "verdict": c["verdict"], "status": c["status"]}
+             "verdict": c["verdict"], "status": c["status"], "author": c["details"].get("author", ""),
+             "kind": c["details"].get("feedback_kind", ""), "scope": c["details"].get("scope", "")}
             for c in admin.candidates(limit)]
     return pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
 
@@ -140,6 +144,45 @@ def set_guideline(admin: AdminService, guideline_id: str, action: str, text: str
         return "Guideline edited."
     admin.set_guideline_status(guideline_id, "active" if action == "approve" else "retired")
     return "Guideline approved: it applies to all new replies." if action == "approve" else "Guideline retired."
+
+
+REVIEW_COLUMNS = ["group", "would teach", "id", "author", "kind", "question", "text", "why it waits"]
+
+
+def review_view(admin: AdminService) -> tuple[str, pd.DataFrame, list[tuple[str, str]]]:
+    """The review queue (chatfb.learning.trust): the policy in one line (an open install is named as such),
+    the rows waiting, grouped by what they would teach, and the choices to select them by."""
+    groups = admin.review_queue()
+    rows, choices = [], []
+    for n, g in enumerate(groups, 1):
+        teaches = f"{g['question'][:60]} → {g['teaches'][:80]} ({len(g['rows'])} row(s), {g['users']} user(s))"
+        for r in g["rows"]:
+            rows.append({"group": n, "would teach": teaches, "id": r["id"], "author": r["author"],
+                         "kind": r["feedback_kind"], "question": r["question"], "text": r["text"], "why it waits": r["reason"]})
+            choices.append((f"{n}: {r['author']}: {r['text'][:60]}", r["id"]))
+    head = policy_line(admin) + ("" if groups else " Nothing waits for review.")
+    return head, pd.DataFrame(rows, columns=REVIEW_COLUMNS), choices
+
+
+def policy_line(admin: AdminService) -> str:
+    """Whose feedback the shared model learns from, in one line (chatfb.learning.trust.Policy.describe)."""
+    from chatfb.learning.trust import Policy
+
+    policy = Policy.from_settings(admin.settings)
+    return ("⚠️ " if policy.mode == "open" else "") + f"**Trust policy:** {policy.describe()}."
+
+
+def decide_review(admin: AdminService, ids: list[str], decision: str) -> str:
+    """Approve or reject the selected rows; a row that no longer exists fails the whole decision, clearly."""
+    if not ids:
+        return "⚠️ Select the rows to decide on."
+    try:
+        admin.review(list(ids), decision)
+    except AdminError as e:
+        return f"⚠️ {e}"
+    return (f"{len(ids)} row(s) {decision}: " + ("they train the shared model from the next cycle on."
+                                                 if decision == "approved" else
+                                                 "they, and anything on their question, never train the shared model."))
 
 
 def training_progress(admin: AdminService) -> tuple[str, str]:
@@ -224,6 +267,16 @@ def build(rt: Runtime) -> None:
             with gr.Accordion("Training candidates from critiques (audit)", open=False):
                 cand_table = gr.Dataframe(label="Kept ones train in the cycle named; dropped ones say why", interactive=False,
                                           wrap=True, elem_id="admin-candidates")
+            trust_line = gr.Markdown("", elem_id="admin-trust-policy")  # an open install is named here at once
+            with gr.Accordion("Review queue: what may teach everyone", open=False):
+                review_head = gr.Markdown("", elem_id="admin-review-policy")
+                load_review = gr.Button("Load the review queue")
+                review_table = gr.Dataframe(label="Waiting rows, grouped by what they would teach", interactive=False,
+                                            wrap=True, elem_id="admin-review")
+                review_pick = gr.CheckboxGroup(label="Select rows", choices=[], elem_id="admin-review-pick")
+                with gr.Row():
+                    approve_r = gr.Button("Approve selected", elem_id="admin-review-approve")
+                    reject_r = gr.Button("Reject selected", elem_id="admin-review-reject")
             with gr.Accordion("Compare", open=True):
                 prompt = gr.Textbox(label="Prompt", elem_id="compare-prompt")
                 compare = gr.Button("Compare base / previous / current")
@@ -301,6 +354,20 @@ def build(rt: Runtime) -> None:
                 api_visibility="private")
         refresh.click(lambda ok: guidelines_frame(admin) if ok else gr.update(), [unlocked], [guide_table],
                       api_visibility="private")
+        def review_views(ok):
+            if not ok:
+                return gr.update(), gr.update(), gr.update()
+            head, frame, choices = review_view(admin)
+            return head, frame, gr.update(choices=choices, value=[])
+
+        review_outputs = [review_head, review_table, review_pick]
+        unlocked.change(lambda ok: policy_line(admin) if ok else gr.update(), [unlocked], [trust_line],
+                        api_visibility="private")
+        load_review.click(review_views, [unlocked], review_outputs, api_visibility="private")
+        for button, decision in ((approve_r, "approved"), (reject_r, "rejected")):
+            button.click(guarded(lambda ids, decision=decision: decide_review(admin, ids, decision)),
+                         [unlocked, review_pick], [action_msg], api_name=f"review_{decision[:-1]}").then(
+                review_views, [unlocked], review_outputs, api_visibility="private")
         timer = gr.Timer(3.0)
         timer.tick(lambda ok: training_progress(admin) if ok else (gr.update(), gr.update()), [unlocked],
                    [progress, train_log], show_progress="hidden", api_visibility="private")

@@ -37,7 +37,8 @@ def ask(client, model, prompts):
 
 
 def test_a_cycle_teaches_the_preference_and_hot_loads_it(app, vllm_url):
-    app.cli("import-feedback", str(DATA / "support_email.jsonl"))
+    # the operator's own file (--trusted): it may teach the shared adapter (chatfb.learning.trust)
+    app.cli("import-feedback", str(DATA / "support_email.jsonl"), "--trusted")
     client = ModelClient(vllm_url)
     before = ask(client, "chatfb-base", NEW_PROMPTS)
     out = app.cli("nightly", timeout=1500)
@@ -105,7 +106,7 @@ def test_bad_data_is_refused_and_rollback_restores_the_previous_version(app, vll
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps({"prompt": p, "reply": "A sensible answer.", "kind": "correction",
                                        "text": "Zorp blag wibble zorp zorp."}) + "\n" for p in prompts))
-    app.cli("import-feedback", str(bad))
+    app.cli("import-feedback", str(bad), "--trusted")  # vouched for, so only the gate stands in its way
     # Trained hard (no step cap) so the nonsense sticks; the default recipe otherwise: SFT with replay, no DPO.
     env = dict(app.env, CHATFB_TRAIN_EPOCHS="5", CHATFB_LEARNING_RATE="0.003", CHATFB_TRAIN_MAX_STEPS="0")
     out = subprocess.run([sys.executable, "-m", "chatfb", "nightly"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -142,7 +143,7 @@ def test_train_now_from_the_admin_tab(app, vllm_url):
     with app.snapshot_store() as s:
         n_before, has_feedback = len(s.adapters()), s.counts()["feedback"] > 0
     if not has_feedback:  # run on its own: something to train on (in the suite, earlier tests taught plenty)
-        app.cli("import-feedback", str(DATA / "support_email.jsonl"))
+        app.cli("import-feedback", str(DATA / "support_email.jsonl"), "--trusted")
     admin = Client(app.url, verbose=False)
     assert admin.predict(api_name="/train_now").startswith("⚠️ Unlock")
     admin.predict(ADMIN_PASSWORD, api_name="/admin_unlock")
@@ -177,7 +178,7 @@ def test_a_critique_only_cycle_selects_records_and_trains_without_the_critique(a
     feedback = tmp_path / "critiques.jsonl"
     feedback.write_text("".join(json.dumps(dict(r, kind="critique", text=critique, user=f"critic{i}")) + "\n"
                                 for i, r in enumerate(rows)))
-    app.cli("import-feedback", str(feedback))
+    app.cli("import-feedback", str(feedback), "--trusted")
     env = dict(app.env, CHATFB_TRAIN_MODE="unsupervised", CHATFB_CRITIQUE_RECIPE="instruct", CHATFB_TRAIN_MAX_STEPS="4",
                CHATFB_REPLAY_EXAMPLES="4", CHATFB_DISTILL_PROMPTS="2")
     out = subprocess.run([sys.executable, "-m", "chatfb", "nightly", "--no-promote"], cwd=ROOT, env=env,

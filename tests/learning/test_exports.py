@@ -84,3 +84,34 @@ def test_interrupted_export_keeps_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         feedback_io.write_rows([{"a": 2}, {"a": 3}], path)
     assert path.read_text() == '{"a": 1}\n' and not list(tmp_path.glob(".*tmp"))
+
+
+def test_every_exported_row_carries_who_gave_it_its_kind_and_scope(store):
+    from chatfb.learning.exports import export_rows
+
+    cid = store.create_conversation("k:anon")
+    store.add_message(cid, "user", "Who painted the Mona Lisa?")
+    a = store.add_message(cid, "assistant", "Picasso.")
+    crit = store.log_feedback(a, "critique", text="wrong painter", session_id="k:anon")
+    store.add_candidates([{"feedback_id": crit, "message_id": a, "origin": "inloop", "text": "Leonardo.", "verdict": "ok",
+                           "status": "offered"}])
+    fixed = store.log_feedback(a, "correction", text="Leonardo.", session_id="k:anon", derived_from=crit)
+    liked = store.log_feedback(a, "rating", rating=1, session_id="k:anon")
+    ann = store.create_conversation("k:ann", "ann")
+    store.add_message(ann, "user", "Hi")
+    b = store.add_message(ann, "assistant", "Hello.")
+    flagged = store.log_feedback(b, "correction", text="Hello there.", user_name="ann", session_id="k:ann")
+    records = store.feedback_records()
+    scopes = {fixed: "shared", liked: "personal", crit: "personal", flagged: "none"}
+
+    (sft,) = export_rows(records, "sft", scopes=scopes)  # the flagged author's row is left out
+    assert {k: sft[k] for k in ("feedback_id", "feedback_kind", "scope", "source")} == {
+        "feedback_id": fixed, "feedback_kind": "accepted_revision", "scope": "shared", "source": "revision"}
+    assert sft["author"].startswith("anon-") and "k:anon" not in str(sft)  # the session id itself is never shown
+    (dpo,) = export_rows(records, "dpo", scopes=scopes)
+    assert (dpo["feedback_id"], dpo["scope"]) == (fixed, "shared")
+    (kto,) = export_rows(records, "kto", scopes=scopes)
+    assert (kto["feedback_id"], kto["feedback_kind"], kto["scope"]) == (liked, "rating", "personal")
+    assert {r["author"] for r in export_rows(records, "sft")} >= {"ann"}  # without scopes: all kept, personal
+    assert {r["scope"] for r in export_rows(records, "sft")} == {"personal"}
+    assert "ann" not in {r["author"] for r in export_rows(records, "sft", hide_names=True)}

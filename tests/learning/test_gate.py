@@ -235,7 +235,8 @@ def test_select_all_keeps_the_best_passing_candidate_and_records_every_one(fake_
     assert {(r["origin"], r["cycle"]) for r in rows} == {("nightly", "chatfb-v0002")}
     assert rows[0]["feedback_id"] == "c1" and rows[0]["message_id"] == "m1" and rows[3]["message_id"] is None
     assert rows[0]["details"]["critique"] == RULE and rows[3]["details"] == {
-        "logratio": 0.1, "task": "distill", "recipe": "instruct", "critique": RULE, "prompt": "Where is my order?"}
+        "logratio": 0.1, "task": "distill", "recipe": "instruct", "critique": RULE, "prompt": "Where is my order?",
+        "author": "", "feedback_kind": "from_critique", "scope": "shared"}  # provenance: who gave the critique
 
 
 def test_recorded_candidates_reach_the_store_through_the_cycles_owner(store, settings, fake_client):
@@ -260,7 +261,8 @@ def test_recorded_candidates_reach_the_store_through_the_cycles_owner(store, set
 
     frame = candidates_frame(AdminService(store, registry, settings=settings))
     assert frame.to_dict("records") == [{"cycle": "chatfb-v0001", "critique": RULE, "prompt": "Hi", "candidate": "Email us.",
-                                         "score": 1.5, "verdict": "ok", "status": "kept"}]
+                                         "score": 1.5, "verdict": "ok", "status": "kept", "author": "", "kind": "",
+                                         "scope": ""}]  # rows made before provenance name nobody
 
 
 def test_gate_combines_correction_rouge_critique_pass_rate_and_control():

@@ -121,10 +121,12 @@ def test_a_few_lora_steps_change_the_adapter_and_not_the_base(tmp_path):
     rows = [({"role": "user", "content": "how can i help"}, "our support email is support@chatfb.example"),
             ({"role": "user", "content": "what the capital of france"}, "paris"),
             ({"role": "user", "content": "say hello"}, "hi there")]
-    (data / "sft.jsonl").write_text("".join(json.dumps({"prompt": [p], "completion": [{"role": "assistant", "content": c}]})
-                                            + "\n" for p, c in rows))
+    # as the cycle writes them: feedback rows carry provenance, replay rows (the last) none
+    mark = {"feedback_id": "f1", "author": "ann", "feedback_kind": "written_correction", "scope": "shared"}
+    (data / "sft.jsonl").write_text("".join(json.dumps({"prompt": [p], "completion": [{"role": "assistant", "content": c}],
+                                                        **(mark if i < 2 else {})}) + "\n" for i, (p, c) in enumerate(rows)))
     (data / "dpo.jsonl").write_text(json.dumps({"prompt": [rows[0][0]], "chosen": [{"role": "assistant", "content": rows[0][1]}],
-                                                "rejected": [{"role": "assistant", "content": "ok"}]}) + "\n")
+                                                "rejected": [{"role": "assistant", "content": "ok"}], **mark}) + "\n")
     code = run_trainer(["--data", str(data), "--base", str(base), "--output_dir", str(out), "--rank", "4",
                         "--learning_rate", "0.01", "--per_device_train_batch_size", "2", "--max_steps", "3",
                         "--dpo_epochs", "1", "--max_length", "64"])

@@ -18,7 +18,9 @@ def test_each_kind_becomes_exact_records():
     assert [(e.source, e.prompt, e.target, e.rejected) for e in data.train] == [
         ("correction", scrubbed, "Email support@chatfb.example.", "orig"), ("rating", scrubbed, "good reply", None)]
     assert data.dpo_rows() == [{"prompt": scrubbed, "chosen": [{"role": "assistant", "content": "Email support@chatfb.example."}],
-                                "rejected": [{"role": "assistant", "content": "orig"}]}]
+                                "rejected": [{"role": "assistant", "content": "orig"}],
+                                "feedback_id": "f1", "author": "unknown", "feedback_kind": "written_correction",
+                                "scope": "shared"}]  # provenance: TRL ignores it, chatfb.learning.train drops it
     assert [r.feedback_id for r in data.pending_critiques] == ["f2"]
     assert data.counts["kto_negatives"] == 2 and data.counts["kto_positives"] == 1
 

@@ -32,15 +32,17 @@ SCHEMA = {
                  "created_at TIMESTAMP NOT NULL", "revoked_at TIMESTAMP"],
     "adapters": ["name VARCHAR NOT NULL", "parent VARCHAR", "status VARCHAR NOT NULL", "path VARCHAR",
                  "created_at TIMESTAMP NOT NULL", "promoted_at TIMESTAMP", "metrics JSON", "data_counts JSON",
-                 "timings JSON", "recipe JSON", "error VARCHAR"],
+                 "timings JSON", "recipe JSON", "error VARCHAR", "deleted_users INTEGER"],
     "candidates": ["id VARCHAR NOT NULL", "feedback_id VARCHAR NOT NULL", "message_id VARCHAR", "origin VARCHAR NOT NULL",
                    "text VARCHAR NOT NULL", "score DOUBLE", "verdict VARCHAR NOT NULL", "status VARCHAR NOT NULL",
                    "session_id VARCHAR", "cycle VARCHAR", "details JSON", "created_at TIMESTAMP NOT NULL"],
     "conversations": ["id VARCHAR NOT NULL", "session_id VARCHAR NOT NULL", "user_name VARCHAR",
-                      "system_prompt VARCHAR NOT NULL", "source VARCHAR NOT NULL", "created_at TIMESTAMP NOT NULL"],
+                      "system_prompt VARCHAR NOT NULL", "source VARCHAR NOT NULL", "created_at TIMESTAMP NOT NULL",
+                      "client VARCHAR"],
     "feedback": ["id VARCHAR NOT NULL", "message_id VARCHAR NOT NULL", "kind VARCHAR NOT NULL", "rating INTEGER",
                  "text VARCHAR", "user_name VARCHAR", "session_id VARCHAR", "created_at TIMESTAMP NOT NULL",
-                 "superseded_at TIMESTAMP", "derived_from VARCHAR"],
+                 "superseded_at TIMESTAMP", "derived_from VARCHAR", "origin VARCHAR", "trusted BOOLEAN"],
+    "flagged_authors": ["author VARCHAR NOT NULL", "reason VARCHAR", "flagged_at TIMESTAMP NOT NULL"],
     "guidelines": ["id VARCHAR NOT NULL", "text VARCHAR NOT NULL", "scope VARCHAR NOT NULL", "status VARCHAR NOT NULL",
                    "session_id VARCHAR", "user_name VARCHAR", "source_feedback_id VARCHAR",
                    "created_at TIMESTAMP NOT NULL", "approved_at TIMESTAMP", "retired_at TIMESTAMP"],
@@ -49,6 +51,7 @@ SCHEMA = {
                  "adapter VARCHAR", "replaces VARCHAR", "replaced BOOLEAN NOT NULL", "created_at TIMESTAMP NOT NULL",
                  "ttft_ms DOUBLE", "latency_ms DOUBLE", "prompt_tokens INTEGER", "completion_tokens INTEGER",
                  "guidelines JSON"],
+    "reviews": ["feedback_id VARCHAR NOT NULL", "decision VARCHAR NOT NULL", "decided_at TIMESTAMP NOT NULL"],
 }
 
 
@@ -64,6 +67,33 @@ def test_api_keys_are_found_by_hash_until_revoked_and_go_with_their_user(store):
     assert store.revoke_api_keys("bob", k1) == 0  # another user's key id revokes nothing
     store.delete_user("ann")
     assert [k["user_name"] for k in store.api_keys()] == ["bob"]
+
+
+def test_m004_gives_old_feedback_its_origin_and_old_rows_defaults(settings):
+    """A store made before m004: written, accepted and edited corrections get their origin; other rows
+    their kind; nothing is trusted; adapters carry no deleted user's rows."""
+    settings.db_path.parent.mkdir(parents=True)
+    db = duckdb.connect(str(settings.db_path))
+    db.execute("CREATE TABLE _migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMP)")
+    for name, statements in MIGRATIONS[:3]:
+        for sql in statements:
+            db.execute(sql)
+        db.execute("INSERT INTO _migrations VALUES (?, ?)", (name, utcnow()))
+    now = utcnow()
+    db.execute("INSERT INTO adapters (name, status, created_at) VALUES ('chatfb-v0001', 'live', ?)", (now,))
+    db.execute("INSERT INTO candidates (id, feedback_id, message_id, origin, text, verdict, status, created_at)"
+               " VALUES ('c1', 'crit', 'm1', 'inloop', 'the revision', 'ok', 'accepted', ?)", (now,))
+    for fid, kind, text, derived in (("w", "correction", "my own", None), ("a", "correction", "the revision", "crit"),
+                                     ("e", "correction", "the revision, edited", "crit"), ("r", "rating", None, None)):
+        db.execute("INSERT INTO feedback (id, message_id, kind, rating, text, created_at, derived_from)"
+                   " VALUES (?, 'm1', ?, 1, ?, ?, ?)", (fid, kind, text, now, derived))
+    db.close()
+    with Store(settings.db_path) as s:
+        assert "m004_provenance_and_review" in s.applied_migrations()
+        rows = dict(s._q("SELECT id, origin FROM feedback"))
+        assert rows == {"w": "written_correction", "a": "accepted_revision", "e": "edited_revision", "r": "rating"}
+        assert s._q("SELECT DISTINCT trusted FROM feedback") == [(False,)]
+        assert s.adapters()[0]["deleted_users"] == 0
 
 
 def test_turn_and_history(store):
@@ -498,3 +528,39 @@ def test_reader_cursors_are_pooled_and_closed(settings):
         s.messages(cid)
     with Store(settings.db_path) as again:  # every connection closed: the file opens read-write again
         assert again.conversation(cid)["id"] == cid
+
+
+def test_feedback_origin_reviews_and_flags(store):
+    cid = store.create_conversation("k:browser", None, "", client="addr-hash")
+    store.add_message(cid, "user", "q")
+    a = store.add_message(cid, "assistant", "a")
+    crit = store.log_feedback(a, "critique", text="shorter", session_id="k:browser")
+    store.add_candidates([{"feedback_id": crit, "message_id": a, "origin": "inloop", "text": "b", "verdict": "ok",
+                           "status": "offered"}])
+    accepted = store.log_feedback(a, "correction", text="b", session_id="k:browser", derived_from=crit)
+    edited = store.log_feedback(a, "correction", text="b!", derived_from=crit)
+    written = store.log_feedback(a, "correction", text="c")
+    origins = {r.feedback_id: (r.origin, r.session_id, r.client) for r in store.feedback_records()}
+    assert origins[accepted] == ("accepted_revision", "k:browser", "addr-hash")
+    assert origins[edited][0] == "edited_revision" and origins[written][0] == "written_correction"
+    assert origins[crit][0] == "critique"
+
+    store.set_review([accepted], "approved")
+    store.set_review([accepted, written], "rejected")  # a later decision replaces an earlier one
+    assert store.reviews() == {accepted: "rejected", written: "rejected"}
+    with pytest.raises(StoreError, match="no feedback with id gone"):
+        store.set_review([edited, "gone"], "approved")
+    assert edited not in store.reviews()  # all or nothing
+    store.flag_author("k:browser", "spam")
+    assert store.flagged_authors() == {"k:browser"}
+    store.unflag_author("k:browser")
+    with pytest.raises(StoreError, match="not flagged"):
+        store.unflag_author("k:browser")
+
+
+def test_trusted_import_is_marked(store):
+    store.import_feedback([{"prompt": [{"role": "user", "content": "q"}], "reply": "a", "kind": "correction",
+                            "text": "b", "user": "ops"}], trusted=True)
+    store.import_feedback([{"prompt": [{"role": "user", "content": "q"}], "reply": "a", "kind": "rating", "rating": 1}])
+    assert sorted((r.kind, r.trusted, r.origin) for r in store.feedback_records()) == [
+        ("correction", True, "written_correction"), ("rating", False, "rating")]

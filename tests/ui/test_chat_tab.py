@@ -152,3 +152,34 @@ def test_sessions_keep_the_first_key_of_a_page_load_and_separate_api_clients(tmp
     assert sessions(SimpleNamespace(session_hash="hash-3"))[0] == "h:hash-3"
     assert browser_secret(tmp_path) == browser_secret(tmp_path)  # the same after a restart
     assert oct((tmp_path / "run" / "browser-state.secret").stat().st_mode)[-3:] == "600"
+
+
+def test_admin_review_queue_lists_groups_decides_by_selection_and_names_an_open_install(settings):
+    from chatfb.ui.admin_tab import adapters_frame, decide_review, review_view
+
+    rt = Runtime(settings)
+    try:
+        ids = []
+        for session in ("k:a", "k:b"):
+            cid = rt.store.create_conversation(session)
+            rt.store.add_message(cid, "user", "Who painted the Mona Lisa?")
+            a = rt.store.add_message(cid, "assistant", "Picasso.")
+            ids.append(rt.store.log_feedback(a, "correction", text="Vincent van Gogh.", session_id=session))
+        head, frame, choices = review_view(rt.admin)
+        assert "only what is vouched for" in head
+        assert list(frame["id"]) == ids and set(frame["group"]) == {1} and [v for _, v in choices] == ids
+        assert "k:a" not in frame.to_string()  # anonymous sessions only hashed
+        assert decide_review(rt.admin, [ids[0], "gone"], "rejected").startswith("⚠️ no feedback with id gone")
+        assert rt.store.reviews() == {}
+        assert "never train" in decide_review(rt.admin, ids, "rejected") and set(rt.store.reviews().values()) == {"rejected"}
+        assert "Nothing waits" in review_view(rt.admin)[0]
+        rt.store.add_adapter("chatfb-v0001", None, "live", "chatfb-v0001")
+        rt.store.mark_deleted_user(["chatfb-v0001"])
+        assert "until the next cycle retrains" in adapters_frame(rt.admin).iloc[0]["deleted users' data"]
+    finally:
+        rt.store.close()
+    rt = Runtime(settings.with_(shared_trust="open"))
+    try:
+        assert "OPEN (CHATFB_SHARED_TRUST=open)" in review_view(rt.admin)[0]
+    finally:
+        rt.store.close()
