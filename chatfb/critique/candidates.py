@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from chatfb.critique import guidelines
+from chatfb.critique import content
 from chatfb.critique.ilf import TO_THE_CRITIC
 from chatfb.critique.similarity import cosines, rouge_l
 
@@ -42,28 +43,40 @@ INSTRUCTION = '{question}\n\nFollow this instruction when you answer: "{critique
 OFF_TOPIC_COSINE = 0.15
 ON_TOPIC_WEIGHT = 0.1
 SCORING_THREADS = 8
+# Being a good answer at all: the logratio alone rewards text that is unlikely without the critique,
+# which is what nonsense is ("Alle Chatelier. France's capital is Paris, not Paris itself." scored 0.12
+# against 0.07 for "The capital of France is Paris.", issue 23). So a candidate pays
+# PLAUSIBILITY_WEIGHT per nat its mean token log-probability without the critique falls below the plain
+# answer's (the critiqued reply, else the base model's answer), and one more than PLAUSIBILITY_FLOOR
+# below is dropped. Measured with the local judge on SmolLM2-135M against its greedy plain answers:
+# right answers written by hand sat 0.0-2.9 nats below (a one-word "Paris." 5.8: its end of turn is
+# unlikely without the critique), so the floor drops only text further off than any right answer seen.
+PLAUSIBILITY_WEIGHT = 0.5
+PLAUSIBILITY_FLOOR = 6.0
 
-# Talk about the feedback, the format asked for or "the user" instead of an answer; what the 135M
-# model writes when it reads the critique as the thing to reply to (issue 14's kept targets).
+# Talk about the feedback or the rewriting instead of an answer; what the 135M model writes when it
+# reads the critique as the thing to reply to (issue 14's kept targets). Words for replies themselves
+# (response, format, instruction, the user ...) are checked without phrases by
+# chatfb.critique.content.talks_about_replies, and a critique's words quoted back by quotes_the_critique;
+# what stays here are the phrases those general checks miss, each seen in issue 14's kept targets:
+# promises to follow ("I'll make sure to follow"), offers to rewrite, the answer/note "should end with",
+# a style asked for, "this instruction" (not "the instructions" of a recipe), a word count or "one short sentence" said back, the text referring to itself.
 ABOUT_THE_FEEDBACK = re.compile(
     r"\bhappy to help you (?:improve|rewrite|revise|fix)\b"
-    r"|\b(?:improve|rewrite|revise|fix|correct) (?:the|this|my|your) (?:response|reply|answer)\b"
+    r"|\b(?:improve|rewrite|revise|fix|correct) (?:the|this|my|your) answer\b"
     r"|\bI(?:'ll| will) (?:make sure|be sure) to (?:follow|use|keep|format|include|end)\b"
-    r"|\b(?:recommended|requested|suggested|desired|preferred|required) (?:format|style)\b"
-    r"|\bformat (?:it|this|lists?|the (?:list|answer|reply|response|text)|your (?:answer|reply|response|lists?)) as\b"
-    r"|\b(?:it seems|it looks|it appears) (?:like|that) (?:the|this) user\b"
-    r"|\bthe user (?:is|was|wants|asked|has asked|is asking|requested|would like|needs)\b"
-    r"|\bfollow (?:this|your|that) (?:instruction|feedback|format|guideline)s?\b"
-    r"|\bfollow the (?:feedback|format|guideline)s?\b"  # not "follow the instructions" of a recipe
-    r"|\b(?:note|reply|answer|response) (?:ends|should end|must end) with\b"
-    r"|\bthis instruction\b|\bas per your instructions?\b|\bto your liking\b|\bthe correct way to (?:answer|respond|reply)\b"
-    r"|\b(?:note|list|answer|reply|response|text) (?:rewritten|revised)\b|\baforementioned\b"
+    r"|\b(?:recommended|requested|suggested|desired|preferred|required) style\b"
+    r"|\bfollow (?:this|your|that|the) guidelines?\b"
+    r"|\b(?:note|answer) (?:ends|should end|must end) with\b"
+    r"|\bthis instruction\b|\bas per your instructions?\b|\bto your liking\b|\bthe correct way to answer\b"
+    r"|\b(?:note|list|answer|text) (?:rewritten|revised)\b|\baforementioned\b"
     r"|\bat most \d+ words\b|\b(?:in )?one short sentence\b"
-    r"|\bI(?:'ll| will) do my best\b|\bthe above (?:text|note|message|reply|response|answer)\b"
-    r"|['\"]-\s?['\"]",  # the bullet marker quoted from the critique, not used
+    r"|\bI(?:'ll| will) do my best\b|\bthe above (?:text|note|message|answer)\b",
     re.I)
 # A line that is only a dialogue label ("A:", "User:"): a made-up transcript, not an answer.
 DIALOGUE_LABEL = re.compile(r"^\s*(?:Q|A|User|Assistant|Question|Answer|Human|AI)\s*:\s*$", re.I | re.M)
+# A list marker and a short "Label:" at the start of a line.
+LINE_LABEL = re.compile(r"^\s*(?:[-*\u2022+]|\d+[.)])?\s*(?:[^:\n]{1,30}:\s)?")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -71,9 +84,10 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 class Candidate:
     text: str
     finish_reason: str | None = None
+    source: str = "sampled"           # "sampled", "cut" (the plain answer cut short) or "constrained"
     score: float | None = None        # higher = better
     verdict: str = "ok"               # "ok" or why dropped (short phrase)
-    details: dict = field(default_factory=dict)  # {"logratio", "logprob_instructed", "logprob_plain", "cos_prompt"}
+    details: dict = field(default_factory=dict)  # {"source", "cos_prompt", "logratio", "logprob_instructed", "logprob_plain", "plausibility_gap"}
 
     @property
     def ok(self) -> bool:
@@ -94,8 +108,20 @@ def instruction_messages(prompt: list[dict], critique: str) -> list[dict]:
     return out
 
 
-def hard_verdict(text: str, question: str, critique: str, finish_reason: str | None = None) -> str:
-    """'ok', or why `text` is not an answer worth showing or training on. Pure text checks, no model."""
+def hard_verdict(text: str, question: str, critique: str, finish_reason: str | None = None,
+                 references: list[str] | tuple = ()) -> str:
+    """'ok', or why `text` is not an answer worth showing or training on: its form (pure text checks),
+    and with `references` (the model's plain answers: the critiqued reply, the base model's answer
+    without the critique) whether it kept what they got right (chatfb.critique.content)."""
+    verdict = form_verdict(text, question, critique, finish_reason, references)
+    if verdict == "ok" and references:
+        verdict = content.content_verdict(text, question, critique, list(references), corrects_a_fact(critique))
+    return verdict
+
+
+def form_verdict(text: str, question: str, critique: str, finish_reason: str | None = None,
+                 references: list[str] | tuple = ()) -> str:
+    """The pure text checks of `hard_verdict`: an answer, not an echo, a topic or talk about the reply."""
     text = text.strip()
     if not text:
         return "empty"
@@ -103,13 +129,11 @@ def hard_verdict(text: str, question: str, critique: str, finish_reason: str | N
         return "cut off at the token limit"
     if _repeats_question(text, question):
         return "repeats the question"
-    about = about_the_critique(text, critique)
+    if content.restates_the_question(text, question):
+        return "only restates the question's topic"
+    about = _talks_about_the_critique(text, critique, context=" ".join([question, *[r or "" for r in references]]))
     if about:
         return about
-    if DIALOGUE_LABEL.search(text):
-        return "writes a dialogue, not an answer"
-    if _repeats_lines(text):
-        return "repeats itself"
     facts = literal_facts(critique)
     missing = [f for f in facts if not _has_literal(text, f)]
     if missing:
@@ -117,6 +141,13 @@ def hard_verdict(text: str, question: str, critique: str, finish_reason: str | N
     negated = [f for f in facts if re.search(rf"\b(?:not|isn't|is not|never)\s+(?:in\s+|at\s+)?{re.escape(f)}", text, re.I)]
     if negated:
         return f"contradicts {negated[0]!r} from the critique"
+    quoted = content.quotes_the_critique(text, critique)
+    if quoted:
+        return f"quotes the critique ({quoted!r}) instead of answering"
+    if DIALOGUE_LABEL.search(text):
+        return "writes a dialogue, not an answer"
+    if _repeats_lines(text):
+        return "repeats itself"
     return "ok"
 
 
@@ -157,13 +188,28 @@ def literal_facts(critique: str) -> list[str]:
     return [f for f in dict.fromkeys(facts) if f.strip() or f == " "]
 
 
-def about_the_critique(text: str, critique: str) -> str | None:
-    """Why `text` is about the critique rather than an answer (it repeats the critique, or talks about
-    the feedback or the rewriting), or None. Also checked on a draft while it streams (chatfb.app.chat_service)."""
+def about_the_critique(text: str, critique: str, context: str = "") -> str | None:
+    """Why `text` is about the critique rather than an answer (it repeats or quotes the critique, talks
+    about the feedback, the rewriting or the reply itself), or None. `context` (the question, the
+    critiqued reply) may use words for replies that `text` then may use too. Also checked on a draft
+    while it streams (chatfb.app.chat_service)."""
+    about = _talks_about_the_critique(text, critique, context)
+    if about:
+        return about
+    quoted = content.quotes_the_critique(text, critique)
+    if quoted:
+        return f"quotes the critique ({quoted!r}) instead of answering"
+    return None
+
+
+def _talks_about_the_critique(text: str, critique: str, context: str = "") -> str | None:
     if _repeats_critique(text, critique):
         return "repeats the critique"
     if TO_THE_CRITIC.search(text) or ABOUT_THE_FEEDBACK.search(text):
         return "talks about the feedback, not an answer"
+    meta = content.talks_about_replies(text, context)
+    if meta:
+        return f"talks about the reply ({meta!r}), not an answer"
     return None
 
 
@@ -176,31 +222,49 @@ def generate(client, model: str, prompt: list[dict], critique: str, n: int = 4, 
 
 
 def score(client, model: str, prompt: list[dict], critique: str, candidates: list[Candidate],
-          original: str | None = None) -> list[Candidate]:
+          original: str | None = None, reference: str | None = None) -> list[Candidate]:
     """Fill score, verdict and details of each candidate; return them best first, kept ones first.
 
-    Candidates that fail the hard filters are not sent to the model. `original` (the critiqued reply)
-    drops candidates that are the same reply again."""
+    `original` (the critiqued reply) drops candidates that are the same reply again; it and `reference`
+    (the base model's answer without the critique, where the caller has one) are the plain answers a
+    candidate must keep the content of (chatfb.critique.content) and must not be far less likely than.
+    Candidates that fail the text checks are not sent to the model."""
     question = _last_user(prompt)
     instructed = instruction_messages(prompt, critique)
+    references = [r for r in (original, reference) if r and r.strip()]
     for c in candidates:
-        c.verdict = hard_verdict(c.text, question, critique, c.finish_reason)
+        c.verdict = form_verdict(c.text, question, critique, c.finish_reason, references)
         if c.ok and original and rouge_l(c.text, original) > 0.9:
             c.verdict = "same as the critiqued reply"
     alive = [c for c in candidates if c.ok]
     if alive:
+        cos = cosines(question, [c.text for c in alive])
+        for c, cos_c in zip(alive, cos):
+            c.details = {"source": c.source, "cos_prompt": round(cos_c, 4)}
+            if cos_c < OFF_TOPIC_COSINE:
+                c.verdict = "off topic"
+            elif references:
+                c.verdict = content.content_verdict(c.text, question, critique, references, corrects_a_fact(critique))
+    alive = [c for c in alive if c.ok]
+    if alive:
+        baseline = references[0] if references else None  # the critiqued reply, else the plain answer
         jobs = [(msgs, c.text) for c in alive for msgs in (instructed, prompt)]
+        jobs += [(prompt, baseline)] if baseline else []
         with ThreadPoolExecutor(min(SCORING_THREADS, len(jobs))) as pool:  # vLLM batches concurrent requests
             logprobs = list(pool.map(lambda job: client.completion_logprobs(job[0], job[1], model), jobs))
-        cos = cosines(question, [c.text for c in alive])
+        plain_baseline = _mean(logprobs[-1]) if baseline else None
         for i, c in enumerate(alive):
             with_critique, without = _mean(logprobs[2 * i]), _mean(logprobs[2 * i + 1])
             logratio = with_critique - without
-            c.details = {"logratio": round(logratio, 4), "logprob_instructed": round(with_critique, 4),
-                         "logprob_plain": round(without, 4), "cos_prompt": round(cos[i], 4)}
-            c.score = logratio + ON_TOPIC_WEIGHT * cos[i]
-            if cos[i] < OFF_TOPIC_COSINE:
-                c.verdict = "off topic"
+            c.details.update({"logratio": round(logratio, 4), "logprob_instructed": round(with_critique, 4),
+                              "logprob_plain": round(without, 4)})
+            c.score = logratio + ON_TOPIC_WEIGHT * c.details["cos_prompt"]
+            gap = None if plain_baseline is None else without - plain_baseline
+            if gap is not None:
+                c.details["plausibility_gap"] = round(gap, 4)
+                c.score += PLAUSIBILITY_WEIGHT * min(0.0, gap)
+            if gap is not None and gap < -PLAUSIBILITY_FLOOR:
+                c.verdict = "far less likely as an answer than the plain answer"
             elif logratio <= 0:
                 c.verdict = "no more likely with the critique"
     return sorted(candidates, key=lambda c: (c.ok, c.score is not None, c.score or 0.0), reverse=True)
@@ -278,10 +342,16 @@ def _lcs(a: list[str], b: list[str]) -> int:
 
 
 def _repeats_lines(text: str) -> bool:
-    """The same non-empty line three times or more, or mostly repeated word 4-grams."""
+    """The same non-empty line three times or more; two lines that say the same words once a leading
+    label is set aside ("- Parmenim: Red, Green, Blue" twice: padding, not a list); or mostly repeated
+    word 4-grams."""
     lines = [" ".join(_words(line)) for line in text.splitlines()]
     lines = [line for line in lines if line]
     if any(lines.count(line) >= 3 for line in set(lines)):
+        return True
+    bodies = [" ".join(_words(LINE_LABEL.sub("", line))) for line in text.splitlines()]
+    bodies = [b for b in bodies if len(b.split()) >= 2]
+    if len(bodies) != len(set(bodies)):
         return True
     words = _words(text)
     grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
