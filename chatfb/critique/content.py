@@ -118,8 +118,8 @@ def content_verdict(text: str, question: str, critique: str, references: list[st
         if lost:
             return lost
     named = _content(critique) | _content(question)
-    new = _content(text) - named
-    ref_words = set().union(*(_content(r) for r in references)) - named
+    new = {w for w in _content(text) - named if not w.isdigit()}  # numbers: judged by _lost_fact
+    ref_words = {w for w in set().union(*(_content(r) for r in references)) - named if not w.isdigit()}
     cos_question = cosines(question, [text, *references])
     cos_refs = cosines(text, references)
     if cos_question[0] < max(cos_question[1:]) - TOPIC_DROP and max(cos_refs) < OFF_ANSWER_COSINE:
