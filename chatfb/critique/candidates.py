@@ -27,14 +27,17 @@ kept ones passed 12/23 and 15/22 (selection precision 0.52, 0.68; short_definiti
 
 from __future__ import annotations
 
+import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from chatfb.critique import guidelines
-from chatfb.critique import content
+from chatfb.critique import constraints, content, guidelines
 from chatfb.critique.ilf import TO_THE_CRITIC
 from chatfb.critique.similarity import cosines, rouge_l
+from chatfb.serving.model_client import ModelError
+
+log = logging.getLogger(__name__)
 
 # Measured on the efficacy families (4 x 3 prompts x n=4, embedded SmolLM2-135M): quoting the critique
 # after "Follow this instruction when you answer" passed the checkers 0.44 of the time, the same
@@ -214,11 +217,34 @@ def _talks_about_the_critique(text: str, critique: str, context: str = "") -> st
 
 
 def generate(client, model: str, prompt: list[dict], critique: str, n: int = 4, max_tokens: int = 256,
-             temperature: float = 0.8) -> list[Candidate]:
-    """n answers to the conversation with the critique as an instruction, from ONE request."""
-    choices = client.complete_choices(instruction_messages(prompt, critique), model, max_tokens=max_tokens,
-                                      temperature=temperature, top_p=0.95, n=n)
-    return [Candidate(text.strip(), finish_reason) for text, finish_reason in choices]
+             temperature: float = 0.8, plain: str | None = None) -> list[Candidate]:
+    """n answers to the conversation with the critique as an instruction, from ONE request; and the
+    candidates that keep the content by construction (chatfb.critique.constraints): `plain` (the
+    critiqued reply, else the base model's plain answer) cut at sentence ends for a length critique, and
+    n // 2 (at least one) answers held to the format the critique states literally, from one more request."""
+    messages = instruction_messages(prompt, critique)
+    choices = client.complete_choices(messages, model, max_tokens=max_tokens, temperature=temperature, top_p=0.95, n=n)
+    out = [Candidate(text.strip(), finish_reason) for text, finish_reason in choices]
+    out += [Candidate(text, "stop", source="cut") for text in constraints.cut_candidates(critique, plain)]
+    regex = constraints.format_regex(critique)
+    if regex:
+        try:
+            held = client.complete_choices(messages, model, max_tokens=max_tokens, temperature=temperature, top_p=0.95,
+                                           n=max(1, n // 2), regex=regex)
+        except ModelError as e:
+            if e.unavailable:
+                raise
+            # a server without structured outputs refuses the request: the sampled candidates still stand
+            log.warning("constrained candidates refused (%s); sampled ones only", e)
+            held = []
+        out += [Candidate(text.strip(), finish_reason, source="constrained") for text, finish_reason in held]
+    return out
+
+
+def plain_answer(client, model: str, prompt: list[dict], max_tokens: int = 256) -> str | None:
+    """The model's greedy answer without the critique: what a candidate must keep the content of."""
+    text = client.complete(prompt, model, max_tokens=max_tokens, temperature=0.0)[0]
+    return text.strip() or None
 
 
 def score(client, model: str, prompt: list[dict], critique: str, candidates: list[Candidate],
@@ -272,14 +298,16 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
 
 def select_rounds(judge, model: str, prompt: list[dict], critique: str, n: int = 4, max_tokens: int = 256,
                   rounds: int = 2, generator=None, generator_model: str | None = None,
-                  original: str | None = None) -> list[Candidate]:
+                  original: str | None = None, reference: str | None = None) -> list[Candidate]:
     """Like `select`, but when no candidate of a round survives, sample n more (up to `rounds` rounds) and
     score only the new ones; all candidates of all rounds, best first. The extra round costs time only
-    where the first found nothing (on the efficacy families about one critique in three)."""
+    where the first found nothing (on the efficacy families about one critique in three). `original` and
+    `reference` as in `score`; the first round also cuts the plainer of them short (`generate`)."""
     out: list[Candidate] = []
-    for _ in range(max(rounds, 1)):
-        fresh = generate(generator or judge, generator_model or model, prompt, critique, n=n, max_tokens=max_tokens)
-        out += score(judge, model, prompt, critique, fresh, original=original)
+    for round_ in range(max(rounds, 1)):
+        fresh = generate(generator or judge, generator_model or model, prompt, critique, n=n, max_tokens=max_tokens,
+                         plain=(original or reference) if round_ == 0 else None)
+        out += score(judge, model, prompt, critique, fresh, original=original, reference=reference)
         if best(out) is not None:
             break
     return sorted(out, key=lambda c: (c.ok, c.score is not None, c.score or 0.0), reverse=True)
