@@ -52,8 +52,13 @@ def fake_candidates(monkeypatch):
     mod.generate, mod.score = generate, score
     mod.best = lambda cands: next((c for c in cands if c.ok), None)
 
+    def plain_answer(client, model, prompt, max_tokens=256):
+        mod.calls.append({"plain_for": prompt[-1]["content"], "model": model})
+        return f"plain answer to {prompt[-1]['content']}"
+
     def select_rounds(judge, model, prompt, critique, n=4, max_tokens=256, rounds=2, generator=None,
-                      generator_model=None, original=None):  # the real one's loop, on the scripted calls
+                      generator_model=None, original=None, reference=None):  # the real one's loop, on the scripted calls
+        mod.calls.append({"reference": reference})
         out = []
         for _ in range(max(rounds, 1)):
             out += score(judge, model, prompt, critique, generate(generator or judge, generator_model or model, prompt,
@@ -62,7 +67,7 @@ def fake_candidates(monkeypatch):
                 break
         return sorted(out, key=lambda c: not c.ok)
 
-    mod.select_rounds = select_rounds
+    mod.select_rounds, mod.plain_answer = select_rounds, plain_answer
     monkeypatch.setitem(sys.modules, "chatfb.critique.candidates", mod)
     import chatfb.critique
     monkeypatch.setattr(chatfb.critique, "candidates", mod, raising=False)
@@ -216,6 +221,11 @@ def test_select_all_keeps_the_best_passing_candidate_and_records_every_one(fake_
                                                       "Where is my order?", "Where is my order?"]
     assert {c["scored_by"] for c in scored} == {(fake_client, "chatfb-base")}
     assert sorted(str(c["original"]) for c in scored) == ["None", "None", "Use the form."]
+    # each task's candidates must keep the content of the served base model's own answer without the critique
+    questions = sorted(t.prompt[-1]["content"] for t in tasks)
+    assert sorted((c["plain_for"], c["model"]) for c in fake_candidates.calls if "plain_for" in c) == \
+        [(q, "chatfb-base") for q in questions]
+    assert sorted(c["reference"] for c in fake_candidates.calls if "reference" in c) == [f"plain answer to {q}" for q in questions]
     rows = candidate_rows(selected, "chatfb-v0002", "instruct")
     assert [(r["text"], r["verdict"], r["status"]) for r in rows] == [
         ("Email support@chatfb.example.", "ok", "kept"), ("Use support@chatfb.example!", "ok", "dropped"),
