@@ -338,3 +338,35 @@ def test_the_gate_judges_held_out_critiques_and_guidelines_by_the_selection_not_
     ok, why = m.decide()
     assert ok and "critique pass rate 1.000 vs 0.0" in why
     assert gate.GateReport.from_dict(m.as_dict()) == m  # what the adapter row stores reads back the same
+
+
+def test_the_gate_fails_a_candidate_that_turns_a_right_control_answer_wrong(monkeypatch, settings, tmp_path):
+    """Issue 23: known answers, not the recipe's own data, and not the cosine: '12 plus 7 is 21' is close to
+    '12 plus 7 is 19' in meaning, and wrong."""
+    right = {q: f"It is {' and '.join(accepted[:need])}." for q, accepted, need in gate.CONTROL_ANSWERS}
+    critiques = [FeedbackRecord(f"h{i}", f"m{i}", "critique", None, RULE, None, None,
+                                [{"role": "user", "content": f"Support question {i}?"}], "Use the form.") for i in range(3)]
+    data = td.TrainingData(heldout_critiques=critiques)
+    wrong_q = "What is 12 plus 7?"
+    client = ByModelClient({
+        "cand": lambda q: "Email support@chatfb.example." if "Support" in q else ("It is 21." if q == wrong_q else right[q]),
+        "chatfb-base": lambda q: "Use the contact form." if "Support" in q else right[q],
+    })
+    monkeypatch.setattr(gate, "passes_selection", lambda c, m, p, i, answer, original=None: "support@" in answer)
+    m = evaluate(client, settings, data, "cand", None, "chatfb-base", tmp_path)
+    assert (m.candidate_critique_pass, m.incumbent_critique_pass) == (1.0, 0.0)  # better on the recipe's own measure
+    assert m.control_right_base == 1.0 and m.control_right == pytest.approx(15 / 16) and m.control_lost == [wrong_q]
+    assert m.control_collapsed == 0 and m.control_agreement > 0.9  # the cosines see nothing wrong
+    ok, why = m.decide()
+    assert not ok and why.startswith("control answers turned wrong: 1") and wrong_q in why
+    # a question the base model already got wrong is not the candidate's loss
+    base = ["It is 9." if q == wrong_q else right[q] for q in gate.CONTROL_PROMPTS]
+    cand = ["It is 21." if q == wrong_q else right[q] for q in gate.CONTROL_PROMPTS]
+    assert gate.known_answer_report(cand, base)["control_lost"] == []
+
+
+def test_known_answers_are_words_not_substrings():
+    assert gate.is_right("There are 7 days in a week.", ("7", "seven"))
+    assert not gate.is_right("There are 17 days.", ("7", "seven"))
+    assert gate.is_right("Red, blue and yellow.", ("red", "blue", "yellow"), 2)
+    assert not gate.is_right("Red and green.", ("red", "blue", "yellow"), 2)
