@@ -7,17 +7,29 @@ One request samples n candidates (vLLM `n`); the served model itself then judges
     logratio(c) = mean token logprob of c given the question + critique
                 - mean token logprob of c given the question alone          (end-of-turn token included)
 
-i.e. how much more likely the critique made this reply. Dropped, in this order: the hard filters of
-`hard_verdict` (empty, cut off, repeats the question or the critique, repeated lines, talks about the
-feedback instead of answering), then off topic (cosine to the question below OFF_TOPIC_COSINE, MiniLM
-embeddings from chatfb.critique.similarity), then logratio <= 0. score = logratio + ON_TOPIC_WEIGHT * cosine.
+i.e. how much more likely the critique made this reply. That alone rewards text that is unlikely
+without the critique, which is what nonsense is, so the score also has a plausibility term: a candidate
+pays PLAUSIBILITY_WEIGHT per nat its mean token logprob without the critique falls below the plain
+answer's (the critiqued reply, else the base model's answer without the critique):
+
+    score(c) = logratio + ON_TOPIC_WEIGHT * cos(c, question) + PLAUSIBILITY_WEIGHT * min(0, plausibility_gap)
+
+Dropped, in this order: the text checks of `form_verdict` (empty, cut off, repeats the question, only
+restates its topic, repeats or quotes the critique, talks about the feedback or the reply, leaves out
+what the critique states literally, a dialogue, repeated lines), off topic (cosine to the question below
+OFF_TOPIC_COSINE, MiniLM embeddings from chatfb.critique.similarity), the content check against the
+plain answers (chatfb.critique.content: a number or name they got right lost, their subject or all of
+their content lost), far less likely than the plain answer (PLAUSIBILITY_FLOOR), then logratio <= 0.
+Besides the sampled answers, `generate` adds candidates that keep the content by construction
+(chatfb.critique.constraints): the plain answer cut short for a length critique, and answers held to a
+format the critique states literally by vLLM structured outputs.
 
 Shared by the in-loop revision (the user picks among what survives) and the nightly critique recipe.
 The judge is any object with `completion_logprobs(messages, completion, model)`: `chatfb.critique.judge.LocalJudge` (the
 model's files, in-process; two forward passes per candidate) or a vLLM ModelClient only where the
 server runs without --enable-lora (see chatfb.critique.judge for why).
 
-Measured once on this machine (efficacy families support_email / tips_bullets / short_definition /
+Measured once on this machine, before the content check and plausibility term (efficacy families support_email / tips_bullets / short_definition /
 house_signoff x 3 teach prompts x n=4, two runs on different prompts; checker = the family's check):
 all candidates passed 21/48 and 21/48; top-1 kept passed 8/11 and 6/9 (1 and 3 prompts kept nothing);
 kept ones passed 12/23 and 15/22 (selection precision 0.52, 0.68; short_definition 14/18, support_email

@@ -14,8 +14,13 @@
   `collapse_cosine` means the answer is about something else entirely (nonsense, or a taught reply
   given to an unrelated question), which a mean over many answers can hide.
 
+- Known answers: each control prompt has a known right answer (CONTROL_ANSWERS: facts, arithmetic). A
+  question the base model answers right and the candidate answers wrong fails the gate, whatever the
+  cosine (a wrong number is on topic). The held-out critique pass rate is the critique recipe's own
+  selection; it never promotes a candidate without this independent check.
+
 `evaluate` takes these measurements on a running model server and returns a `GateReport`; its `decide`
-applies the policy. A candidate is promoted only if the control answers hold, it beats the incumbent by
+applies the policy. A candidate is promoted only if the control answers hold (known answers first), it beats the incumbent by
 `min_gain` on at least one held-out measure (ROUGE-L on corrections, pass rate on critiques) and is not worse by more
 than `min_gain` on the other.
 """

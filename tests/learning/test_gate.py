@@ -370,3 +370,12 @@ def test_known_answers_are_words_not_substrings():
     assert not gate.is_right("There are 17 days.", ("7", "seven"))
     assert gate.is_right("Red, blue and yellow.", ("red", "blue", "yellow"), 2)
     assert not gate.is_right("Red and green.", ("red", "blue", "yellow"), 2)
+
+
+def test_a_critique_pass_rate_alone_never_promotes_without_the_known_answer_check():
+    policy = gate.GatePolicy(min_gain=0.02, min_control_agreement=0.5)
+    ok, why = gate.decide({"critique_pass": 1.0, "control_agreement": 0.9, "control_right": None}, {"critique_pass": 0.0},
+                          policy)
+    assert not ok and "no known-answer control" in why
+    assert gate.decide({"critique_pass": 1.0, "control_agreement": 0.9, "control_right": 1.0, "control_lost": []},
+                       {"critique_pass": 0.0}, policy)[0]
