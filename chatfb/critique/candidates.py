@@ -29,8 +29,8 @@ The judge is any object with `completion_logprobs(messages, completion, model)`:
 model's files, in-process; two forward passes per candidate) or a vLLM ModelClient only where the
 server runs without --enable-lora (see chatfb.critique.judge for why).
 
-Measured once on this machine, before the content check and plausibility term (efficacy families support_email / tips_bullets / short_definition /
-house_signoff x 3 teach prompts x n=4, two runs on different prompts; checker = the family's check):
+Measured once on this machine, before the content check and plausibility term (efficacy families
+support_email / tips_bullets / short_definition / house_signoff x 3 teach prompts x n=4, two runs on different prompts; checker = the family's check):
 all candidates passed 21/48 and 21/48; top-1 kept passed 8/11 and 6/9 (1 and 3 prompts kept nothing);
 kept ones passed 12/23 and 15/22 (selection precision 0.52, 0.68; short_definition 14/18, support_email
 1/4). Among candidates past the hard filters, checker-passing ones outscored failing ones in 14/14 and
@@ -71,11 +71,12 @@ PLAUSIBILITY_FLOOR = 6.0
 
 # Talk about the feedback or the rewriting instead of an answer; what the 135M model writes when it
 # reads the critique as the thing to reply to (issue 14's kept targets). Words for replies themselves
-# (response, format, instruction, the user ...) are checked without phrases by
+# (response, reply, format, feedback, the user) are checked without phrases by
 # chatfb.critique.content.talks_about_replies, and a critique's words quoted back by quotes_the_critique;
 # what stays here are the phrases those general checks miss, each seen in issue 14's kept targets:
 # promises to follow ("I'll make sure to follow"), offers to rewrite, the answer/note "should end with",
-# a style asked for, "this instruction" (not "the instructions" of a recipe), a word count or "one short sentence" said back, the text referring to itself.
+# a style asked for, "this/your instruction" (not "the instructions" of a recipe), a word count or
+# "one short sentence" said back, the text referring to itself.
 ABOUT_THE_FEEDBACK = re.compile(
     r"\bhappy to help you (?:improve|rewrite|revise|fix)\b"
     r"|\b(?:improve|rewrite|revise|fix|correct) (?:the|this|my|your) answer\b"
@@ -83,7 +84,7 @@ ABOUT_THE_FEEDBACK = re.compile(
     r"|\b(?:recommended|requested|suggested|desired|preferred|required) style\b"
     r"|\bfollow (?:this|your|that|the) guidelines?\b"
     r"|\b(?:note|answer) (?:ends|should end|must end) with\b"
-    r"|\bthis instruction\b|\bas per your instructions?\b|\bto your liking\b|\bthe correct way to answer\b"
+    r"|\b(?:this|your) instructions?\b|\bto your liking\b|\bthe correct way to answer\b"
     r"|\b(?:note|list|answer|text) (?:rewritten|revised)\b|\baforementioned\b"
     r"|\bat most \d+ words\b|\b(?:in )?one short sentence\b"
     r"|\bI(?:'ll| will) do my best\b|\bthe above (?:text|note|message|answer)\b",
@@ -102,7 +103,8 @@ class Candidate:
     source: str = "sampled"           # "sampled", "cut" (the plain answer cut short) or "constrained"
     score: float | None = None        # higher = better
     verdict: str = "ok"               # "ok" or why dropped (short phrase)
-    details: dict = field(default_factory=dict)  # {"source", "cos_prompt", "logratio", "logprob_instructed", "logprob_plain", "plausibility_gap"}
+    # {"source", "cos_prompt", "logratio", "logprob_instructed", "logprob_plain", "plausibility_gap"}
+    details: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
