@@ -168,7 +168,7 @@ def _stem(word: str) -> str:
 
 @lru_cache(maxsize=1)
 def _porter():
-    from nltk.stem.porter import PorterStemmer
+    from nltk.stem.porter import PorterStemmer  # nltk comes with rouge-score, which stems the same way
 
     return PorterStemmer()
 
@@ -187,7 +187,8 @@ def _content(text: str) -> set[str]:
 
 def _numbers(text: str) -> set[str]:
     found = {n.replace(",", "") for n in _NUMBER.findall(text)}
-    return found | {NUMBER_WORDS[w] for w in _words(text) if w in NUMBER_WORDS and w not in ("one",)}
+    # "one" is as often a pronoun ("one of the many") as a number: only its digit counts
+    return found | {NUMBER_WORDS[w] for w in _words(text) if w in NUMBER_WORDS and w != "one"}
 
 
 def _names(text: str) -> set[str]:
@@ -195,7 +196,8 @@ def _names(text: str) -> set[str]:
     somewhere other than the start of a sentence or line (so "Dear" and "Here" are not names)."""
     out = set()
     for m in _CAPITALISED.finditer(text):
-        word = m.group().lower().rstrip("'’s") if m.group().lower().endswith(("'s", "’s")) else m.group().lower()
+        word = m.group().lower()
+        word = word[:-2] if word.endswith(("'s", "’s")) else word  # "Japan's" names Japan
         before = text[:m.start()].rstrip(" \t\"'“‘(-*•")
         if word in STOPWORDS or not before or before[-1] in ".!?:\n":
             continue
