@@ -70,24 +70,26 @@ PLAUSIBILITY_WEIGHT = 0.5
 PLAUSIBILITY_FLOOR = 6.0
 
 # Talk about the feedback or the rewriting instead of an answer; what the 135M model writes when it
-# reads the critique as the thing to reply to (issue 14's kept targets). Words for replies themselves
-# (response, reply, format, feedback, the user) are checked without phrases by
+# reads the critique as the thing to reply to (issue 14's kept targets). Nouns for the reply and the
+# feedback (response, format, feedback, critique) are checked as words, without phrases, by
 # chatfb.critique.content.talks_about_replies, and a critique's words quoted back by quotes_the_critique;
-# what stays here are the phrases those general checks miss, each seen in issue 14's kept targets:
-# promises to follow ("I'll make sure to follow"), offers to rewrite, the answer/note "should end with",
-# a style asked for, "this/your instruction" (not "the instructions" of a recipe), a word count or
-# "one short sentence" said back, the text referring to itself.
+# what stays here are phrases built on words that ordinary answers use too ("reply", "user", "answer",
+# "instructions"), each seen in issue 14's kept targets: promises to follow, offers to rewrite, the user
+# in the third person, what the reply "should end with", "this/your instruction" (not a recipe's "the
+# instructions"), a word count or "one short sentence" said back, the text referring to itself.
 ABOUT_THE_FEEDBACK = re.compile(
     r"\bhappy to help you (?:improve|rewrite|revise|fix)\b"
-    r"|\b(?:improve|rewrite|revise|fix|correct) (?:the|this|my|your) answer\b"
+    r"|\b(?:improve|rewrite|revise|fix|correct) (?:the|this|my|your) (?:reply|answer)\b"
     r"|\bI(?:'ll| will) (?:make sure|be sure) to (?:follow|use|keep|format|include|end)\b"
     r"|\b(?:recommended|requested|suggested|desired|preferred|required) style\b"
+    r"|\b(?:it seems|it looks|it appears) (?:like|that) (?:the|this) user\b"
+    r"|\bthe user (?:is|was|wants|asked|has asked|is asking|requested|would like|needs)\b"
     r"|\bfollow (?:this|your|that|the) guidelines?\b"
-    r"|\b(?:note|answer) (?:ends|should end|must end) with\b"
-    r"|\b(?:this|your) instructions?\b|\bto your liking\b|\bthe correct way to answer\b"
-    r"|\b(?:note|list|answer|text) (?:rewritten|revised)\b|\baforementioned\b"
+    r"|\b(?:note|reply|answer) (?:ends|should end|must end) with\b"
+    r"|\b(?:this|your) instructions?\b|\bto your liking\b|\bthe correct way to (?:answer|respond|reply)\b"
+    r"|\b(?:note|list|answer|reply|text) (?:rewritten|revised)\b|\baforementioned\b"
     r"|\bat most \d+ words\b|\b(?:in )?one short sentence\b"
-    r"|\bI(?:'ll| will) do my best\b|\bthe above (?:text|note|message|answer)\b",
+    r"|\bI(?:'ll| will) do my best\b|\bthe above (?:text|note|message|reply|answer)\b",
     re.I)
 # A line that is only a dialogue label ("A:", "User:"): a made-up transcript, not an answer.
 DIALOGUE_LABEL = re.compile(r"^\s*(?:Q|A|User|Assistant|Question|Answer|Human|AI)\s*:\s*$", re.I | re.M)

@@ -41,12 +41,12 @@ was way we well were what when where whether which while who whom whose why will
 would yes yet you your yours yourself yourselves
 """.split())
 
-# Words for replies themselves: a candidate that uses them where the question and the plain answer do
-# not is writing about the reply (its format, the feedback, its user), not answering. Left out on
-# purpose: "answer" ("The answer is 19." answers) and "instructions" (a recipe's "follow the instructions").
+# Nouns for a reply and what is said about it: a candidate that uses them where the question and the
+# plain answer do not is writing about the reply (its format, the feedback), not answering. Left out on
+# purpose, as ordinary words of answers: "answer" ("The answer is 19."), "instructions" (a recipe's),
+# "reply"/"respond" ("we will reply within a day") and "user" ("Dear user,").
 META_WORDS = frozenset("""
-response responses respond responding reply replies replying format formats formatted formatting
-critique critiques feedback user users
+response responses format formats formatted formatting critique critiques feedback
 """.split())
 
 NUMBER_WORDS = {w: str(i) for i, w in enumerate(

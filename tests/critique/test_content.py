@@ -108,8 +108,9 @@ def test_a_critique_that_corrects_a_fact_may_replace_the_plain_answers_facts():
 
 
 def test_words_for_replies_are_allowed_where_the_question_or_plain_answer_uses_them():
-    q = "How do I reply to an email politely?"
-    assert content.talks_about_replies("Start your reply with a greeting.", q) is None
+    q = "How do I format a date in a spreadsheet?"
+    assert content.talks_about_replies("Pick the date format dd/mm/yyyy in the cell settings.", q) is None
     assert content.talks_about_replies("Keep the response short.", "What is a haiku?") == "response"
+    assert content.talks_about_replies("We will reply within a day. Dear user, thanks!", "Where is my order?") is None
     assert content.quotes_the_critique('Start each line with "- ".', LINES) == "-"
     assert content.quotes_the_critique("Write to help@aurora-widgets.example.", ADDRESS) is None
