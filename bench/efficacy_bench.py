@@ -50,7 +50,8 @@ Leak = control replies that pass any family checker although the base reply did 
 Example share = share of a family's (not held-out) feedback that became a training example; selection
 precision = share of the cycle's kept examples (its candidates rows with status kept, and accepted
 revisions) that pass the family's checker; "both" precision = kept examples that pass it and are right
-(by the family's known answer where the prompt is the family's own). Cycle wall time and peak memory (RSS summed over the cycle's
+(by the family's known answer where the prompt is the family's own).
+Cycle wall time and peak memory (RSS summed over the cycle's
 process tree, sampled every 0.2 s; the vLLM server is not in it) are measured per run. Each training
 mode runs --seeds times (CHATFB_SEED 1234, 1235, ...: another held-out split, other samples); the table
 gives mean ± standard deviation over the runs.
@@ -470,7 +471,8 @@ def selection_stats(data_dir: Path, families: list[Family], seed: int, accepted:
         mine = [r for r in records if last_user(r.prompt) in teach and not is_heldout(r.feedback_id, HOLDOUT_FRACTION, seed)]
         tasks = {(r["feedback_id"], r["details"].get("prompt")) for r in rows if r["details"].get("critique") == fam.critique}
         examples = [(r["details"].get("prompt"), r["text"]) for r in kept if r["details"].get("critique") == fam.critique]
-        examples += [(last_user(r.prompt), r.text) for r in mine if r.kind == "correction" and last_user(r.prompt) in accepted]
+        examples += [(last_user(r.prompt), r.text) for r in mine
+                     if r.kind == "correction" and last_user(r.prompt) in accepted]
         if any(r["details"].get("task") == "guideline" for r in rows):  # guideline_distilled: the guideline's prompts
             done = {(r["feedback_id"], r["details"].get("prompt")) for r in kept if r["details"].get("critique") == fam.critique}
             share = len(done) / len(tasks) if tasks else None
@@ -544,7 +546,8 @@ def judge(client, model: str, families: list[Family], args, base_control: list[s
               "right": right, "both": both, "right_mean": mean(list(right.values())),
               "both_mean": mean(list(both.values())), "both_mean_untuned": mean(untuned),
               # control answers right by their known answers (facts, not the base model's answers)
-              "control_right": mean([any(re.search(rf"\b{re.escape(a)}", r.lower()) for a in k) for r, k in zip(ctrl, known)]),
+              "control_right": mean([any(re.search(rf"\b{re.escape(a)}", r.lower()) for a in k)
+                                     for r, k in zip(ctrl, known)]),
               "samples": {fam.name: {"prompt": fam.heldout[0], "reply": held[fam.heldout[0]][:300]} for fam in families},
               "control_replies": ctrl, "retention": None, "control_cosine": None, "leak": None}  # None: not measured
     if base_control:

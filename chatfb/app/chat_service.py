@@ -294,7 +294,8 @@ class ChatService:
                     yield RevisionUpdate(critique_id, self._showable(drafts[0], critique, prompt, original))
             cands = [candidates.Candidate(drafts.get(i, ""), finish.get(i)) for i in range(s.revision_candidates)]
             # a length critique also gets the critiqued reply cut at sentence ends: its facts, shorter
-            cands += [candidates.Candidate(text, "stop", source="cut") for text in constraints.cut_candidates(critique, original)]
+            cands += [candidates.Candidate(text, "stop", source="cut")
+                      for text in constraints.cut_candidates(critique, original)]
             ranked = candidates.score(self.judge, model, prompt, critique, cands, original)
         except ModelError as e:
             log.warning("revision for critique %s failed: %s", critique_id, e)

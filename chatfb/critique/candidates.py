@@ -30,7 +30,8 @@ model's files, in-process; two forward passes per candidate) or a vLLM ModelClie
 server runs without --enable-lora (see chatfb.critique.judge for why).
 
 Measured once on this machine, before the content check and plausibility term (efficacy families
-support_email / tips_bullets / short_definition / house_signoff x 3 teach prompts x n=4, two runs on different prompts; checker = the family's check):
+support_email / tips_bullets / short_definition / house_signoff x 3 teach prompts x n=4, two runs on
+different prompts; checker = the family's check):
 all candidates passed 21/48 and 21/48; top-1 kept passed 8/11 and 6/9 (1 and 3 prompts kept nothing);
 kept ones passed 12/23 and 15/22 (selection precision 0.52, 0.68; short_definition 14/18, support_email
 1/4). Among candidates past the hard filters, checker-passing ones outscored failing ones in 14/14 and

@@ -50,7 +50,8 @@ def cut_at_sentences(text: str, max_words: int | None = None, most: int = 2) -> 
     out = []
     for k in range(1, min(most, len(sentences)) + 1):
         cut = " ".join(sentences[:k]).strip()
-        if cut and cut[-1] in ".!?" and len(cut) < len(text.strip()) and (max_words is None or len(cut.split()) <= max_words):
+        short_enough = max_words is None or len(cut.split()) <= max_words
+        if cut and cut[-1] in ".!?" and len(cut) < len(text.strip()) and short_enough:
             out.append(cut)
     return out
 

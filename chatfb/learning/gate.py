@@ -20,9 +20,9 @@
   selection; it never promotes a candidate without this independent check.
 
 `evaluate` takes these measurements on a running model server and returns a `GateReport`; its `decide`
-applies the policy. A candidate is promoted only if the control answers hold (known answers first), it beats the incumbent by
-`min_gain` on at least one held-out measure (ROUGE-L on corrections, pass rate on critiques) and is not worse by more
-than `min_gain` on the other.
+applies the policy. A candidate is promoted only if the control answers hold (known answers first), it
+beats the incumbent by `min_gain` on at least one held-out measure (ROUGE-L on corrections, pass rate on
+critiques) and is not worse by more than `min_gain` on the other.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from chatfb.serving.model_client import ModelClient
 from chatfb.critique.similarity import have_embeddings, paired_cosines, rouge_l
 
 # Control prompts with known answers: a right answer names at least `need` of the accepted words (digits
-# or number words alike). Facts and arithmetic a 135M model mostly knows; none is in the replay set
-# (chatfb.learning.worker.REPLAY_PROMPTS) or the benchmarks' controls.
+# or number words alike). Facts and arithmetic; none is in the replay set (chatfb.learning.worker.
+# REPLAY_PROMPTS). One the base model gets wrong counts for nothing (SmolLM2-135M answered "12 + 7 = 9"
+# when asked on this machine): only a right answer turned wrong fails the gate.
 CONTROL_ANSWERS: tuple[tuple[str, tuple[str, ...], int], ...] = (
     ("What is the capital of France?", ("paris",), 1),
     ("How many days are in a week?", ("7", "seven"), 1),
