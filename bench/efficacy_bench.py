@@ -1,7 +1,9 @@
 """Learning-efficacy benchmark: does the model pick up what scripted users teach it, and keep the rest?
 
-Five preference families, each taught through ten pieces of feedback on different prompts and
-checked on six held-out prompts of the same kind that training never sees:
+Seven preference families, each taught through ten pieces of feedback on different prompts and
+checked on six held-out prompts of the same kind that training never sees. Every prompt also has a
+known right answer (Family.right: the address, a key term of the definition, the subject of the tips or
+note, the sum, the capital), so a reply is scored on "follows the preference", "right" and "both":
 
   support_email     a domain fact   - support questions should give support@chatfb.example
   tips_bullets      a format        - "tips for ..." answers as a "- " bulleted list (>= 3 items)
@@ -9,6 +11,13 @@ checked on six held-out prompts of the same kind that training never sees:
   house_signoff     a house style   - short notes end with "Cheers, the chatfb team"
   australia_capital a fact stated only in the critique - questions about Australia's capital or seat
                     of government should say Canberra ("Wrong: the capital of Australia is Canberra, not Sydney.")
+  digit_sums        a number style, untuned - arithmetic answered with digits, never number words
+  greeting_capitals an opening phrase, untuned - "What is the capital of ...?" replies open with "Good question!"
+
+Untuned: no check of the selection (chatfb.critique.candidates, chatfb.critique.content) was written or
+tuned while looking at these two families' critiques or prompts; the held-out prompts of every family
+were never used to tune anything either. Issue 23's content-check thresholds were set on other questions
+(tests/critique/test_content.py).
 
 Every mode starts from the same base model and a fresh data folder, imports its feedback with
 `python -m chatfb import-feedback` and runs the real learning cycle, `python -m chatfb nightly
@@ -36,10 +45,13 @@ Uptake = share of a family's held-out prompts whose greedy reply passes the fami
 Retention = share of ten control prompts (general questions, in no training set) whose reply keeps
 the base answer's meaning (all-MiniLM-L6-v2 cosine >= 0.6, the gate's test), plus the mean cosine;
 "n/a" where nothing was measured (the base row, a cycle that trained nothing).
+Control right = share of control replies that name the question's known answer (CONTROL_ANSWERS).
 Leak = control replies that pass any family checker although the base reply did not.
 Example share = share of a family's (not held-out) feedback that became a training example; selection
 precision = share of the cycle's kept examples (its candidates rows with status kept, and accepted
-revisions) that pass the family's checker. Cycle wall time and peak memory (RSS summed over the cycle's
+revisions) that pass the family's checker; "both" precision = kept examples that pass it and are right
+(by the family's known answer where the prompt is the family's own).
+Cycle wall time and peak memory (RSS summed over the cycle's
 process tree, sampled every 0.2 s; the vLLM server is not in it) are measured per run. Each training
 mode runs --seeds times (CHATFB_SEED 1234, 1235, ...: another held-out split, other samples); the table
 gives mean ± standard deviation over the runs.
@@ -93,6 +105,16 @@ class Family:
     check: Callable[[str], bool]
     teach: tuple[tuple[str, str], ...]  # (prompt, corrected reply)
     heldout: tuple[str, ...]
+    right: Callable[[str, str], bool] | None = None  # (prompt, reply) -> is the answer right, whatever its format
+    tuned: bool = True  # the selection's text checks were written while looking at this family's critique
+
+
+def _names_any(answers: dict[str, tuple[str, ...]]) -> Callable[[str, str], bool]:
+    """right(prompt, reply): the reply names one of the prompt's known answers (as words)."""
+    def right(prompt: str, reply: str) -> bool:
+        words = " ".join(re.findall(r"[a-z0-9]+", reply.lower()))
+        return any(re.search(rf"\b{re.escape(a)}", words) for a in answers[prompt])
+    return right
 
 
 def _bullets(text: str) -> int:
@@ -123,6 +145,7 @@ FAMILIES = (
         ("I forgot my username. What now?", "How do I update my billing address?",
          "My download link expired. Who do I contact?", "The website shows an error when I pay.",
          "How do I upgrade my plan?", "Who should I talk to about a missing order?"),
+        right=lambda q, r: EMAIL in r.lower(),  # the right answer is the address itself
     ),
     Family(
         "tips_bullets", "format",
@@ -153,6 +176,24 @@ FAMILIES = (
         ("Give me tips for making friends in a new city.", "Give me tips for staying productive.",
          "Give me tips for travelling on a budget.", "Give me tips for learning to draw.",
          "Give me tips for reducing stress.", "Give me tips for eating healthier."),
+        right=_names_any({  # tips about what was asked: a word of that subject
+            "Give me tips for sleeping better.": ("sleep", "bed", "nap", "rest", "caffeine", "screen"),
+            "Give me tips for saving money.": ("sav", "spend", "budget", "money", "cost", "pay", "cheap"),
+            "Give me tips for learning to cook.": ("cook", "recipe", "kitchen", "taste", "knife", "knives", "ingredient"),
+            "Give me tips for running my first 5k.": ("run", "pace", "shoe", "race", "jog", "walk", "stretch"),
+            "Give me tips for studying for an exam.": ("stud", "exam", "test", "revis", "review", "note", "sleep"),
+            "Give me tips for keeping houseplants alive.": ("water", "light", "soil", "pot", "plant", "drain"),
+            "Give me tips for public speaking.": ("speak", "speech", "practi", "audience", "talk", "pause", "slow"),
+            "Give me tips for writing a CV.": ("cv", "resume", "page", "job", "experience", "skill", "result"),
+            "Give me tips for working from home.": ("work", "desk", "office", "routine", "break", "schedule"),
+            "Give me tips for drinking more water.": ("water", "drink", "bottle", "glass", "hydrat"),
+            "Give me tips for making friends in a new city.": ("friend", "club", "meet", "join", "people", "social", "event"),
+            "Give me tips for staying productive.": ("task", "focus", "break", "list", "priorit", "goal", "distract"),
+            "Give me tips for travelling on a budget.": ("travel", "cheap", "budget", "flight", "hostel", "book", "sav"),
+            "Give me tips for learning to draw.": ("draw", "sketch", "practi", "pencil", "shape", "line"),
+            "Give me tips for reducing stress.": ("stress", "breath", "relax", "exercise", "sleep", "meditat", "walk"),
+            "Give me tips for eating healthier.": ("vegetable", "fruit", "food", "eat", "meal", "sugar", "water"),
+        }),
     ),
     Family(
         "short_definition", "length",
@@ -172,6 +213,24 @@ FAMILIES = (
         ),
         ("What is a mammal?", "What is gravity?", "What is a verb?", "What is a desert?", "What is a battery?",
          "What is a planet?"),
+        right=_names_any({  # a key term of the definition
+            "What is a volcano?": ("lava", "magma", "erupt", "molten", "crust"),
+            "What is a noun?": ("person", "place", "thing", "name"),
+            "What is inflation?": ("price", "cost", "money"),
+            "What is a galaxy?": ("star", "gravity", "milky"),
+            "What is a vaccine?": ("immun", "disease", "infection", "virus", "antibod"),
+            "What is a haiku?": ("poem", "poetry", "syllable", "japan"),
+            "What is an atom?": ("element", "proton", "neutron", "electron", "nucleus", "matter", "smallest"),
+            "What is democracy?": ("vote", "voting", "elect", "people", "citizen"),
+            "What is a glacier?": ("ice", "snow"),
+            "What is an algorithm?": ("step", "instruction", "procedure", "problem", "rule"),
+            "What is a mammal?": ("milk", "hair", "fur", "warm", "vertebrate"),
+            "What is gravity?": ("force", "attract", "mass", "pull"),
+            "What is a verb?": ("action", "word", "state", "occurrence"),
+            "What is a desert?": ("dry", "rain", "sand", "arid", "precipitation"),
+            "What is a battery?": ("energy", "electric", "power", "charge", "chemical"),
+            "What is a planet?": ("orbit", "star", "sun", "celestial"),
+        }),
     ),
     Family(
         "house_signoff", "house style",
@@ -192,6 +251,24 @@ FAMILIES = (
         ("Write a short note thanking a user for upgrading.", "Write a short note about a price change.",
          "Write a short note welcoming a user back.", "Write a short note confirming a cancelled order.",
          "Write a short note inviting feedback on a survey.", "Write a short note announcing new opening hours."),
+        right=_names_any({  # a note about what was asked: a word of that subject
+            "Write a short thank-you note to a customer.": ("thank",),
+            "Write a short note welcoming a new user.": ("welcome", "join", "glad", "happy"),
+            "Write a short note apologising for a late delivery.": ("sorry", "apolog", "late", "delay"),
+            "Write a short note announcing a new feature.": ("new", "feature", "now", "introduc"),
+            "Write a short note wishing a customer happy holidays.": ("holiday", "season", "festive"),
+            "Write a short note reminding a user to renew.": ("renew", "expire", "ends", "plan", "subscription"),
+            "Write a short note thanking a user for feedback.": ("thank", "feedback"),
+            "Write a short note about scheduled maintenance.": ("maintenance", "down", "unavailable", "offline"),
+            "Write a short note congratulating a user on a milestone.": ("congrat", "milestone", "celebrat"),
+            "Write a short note inviting a user to a webinar.": ("webinar", "join", "invite", "session"),
+            "Write a short note thanking a user for upgrading.": ("upgrad", "thank"),
+            "Write a short note about a price change.": ("price", "cost", "fee", "rate"),
+            "Write a short note welcoming a user back.": ("welcome", "back", "return"),
+            "Write a short note confirming a cancelled order.": ("cancel", "order", "refund"),
+            "Write a short note inviting feedback on a survey.": ("survey", "feedback", "opinion", "question"),
+            "Write a short note announcing new opening hours.": ("hour", "open", "close", "time"),
+        }),
     ),
 )
 
@@ -215,6 +292,53 @@ FAMILIES += (
         ("What's Australia's capital city?", "Which city is the capital of Australia, Sydney or Melbourne?",
          "Where is Parliament House in Australia?", "If I want to visit Australia's capital, which city do I go to?",
          "What is the national capital of Australia?", "Where are Australia's federal parliament and High Court?"),
+        right=lambda q, r: "canberra" in r.lower(),
+    ),
+)
+
+# Two families the selection's checks were never looked at with (tuned=False): other wording, other kinds
+# of preference, and every prompt with a known right answer. Neither critique was used to write or tune
+# chatfb.critique.content or the filters of chatfb.critique.candidates.
+_SUMS = {  # prompt -> its result
+    "What is seven plus eight?": "15", "What is nine times three?": "27", "What is forty minus twelve?": "28",
+    "What is six times seven?": "42", "What is fifty plus twenty-five?": "75", "What is one hundred minus one?": "99",
+    "What is eleven plus eleven?": "22", "What is eight times eight?": "64", "What is thirty divided by five?": "6",
+    "What is thirteen plus four?": "17", "What is nine plus six?": "15", "What is seven times eight?": "56",
+    "What is sixty minus fifteen?": "45", "What is twelve times two?": "24", "What is eighteen plus five?": "23",
+    "What is one hundred divided by four?": "25",
+}
+_NUMBER_WORDS = re.compile(r"\b(?:zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|"
+                           r"fifteen|sixteen|seventeen|eighteen|nineteen|twenty|thirty|forty|fifty|sixty|seventy|"
+                           r"eighty|ninety|hundred)\b", re.I)
+_CAPITALS = {
+    "What is the capital of Spain?": "madrid", "What is the capital of Germany?": "berlin",
+    "What is the capital of Egypt?": "cairo", "What is the capital of Canada?": "ottawa",
+    "What is the capital of Kenya?": "nairobi", "What is the capital of Peru?": "lima",
+    "What is the capital of Norway?": "oslo", "What is the capital of Greece?": "athens",
+    "What is the capital of Portugal?": "lisbon", "What is the capital of Russia?": "moscow",
+    "What is the capital of China?": "beijing", "What is the capital of Sweden?": "stockholm",
+    "What is the capital of Poland?": "warsaw", "What is the capital of Argentina?": "buenos aires",
+    "What is the capital of Austria?": "vienna", "What is the capital of Ireland?": "dublin",
+}
+GREETING = "Good question!"
+FAMILIES += (
+    Family(
+        "digit_sums", "number style (untuned)",
+        "Please write every number with digits; never spell numbers out as words.",
+        lambda r: bool(re.search(r"\d", r)) and not _NUMBER_WORDS.search(r),
+        tuple((q, f"The answer is {a}.") for q, a in list(_SUMS.items())[:10]),
+        tuple(list(_SUMS)[10:]),
+        right=lambda q, r: re.search(rf"(?<![\d.]){_SUMS[q]}(?!\d|\.\d)", r) is not None,
+        tuned=False,
+    ),
+    Family(
+        "greeting_capitals", "opening phrase (untuned)",
+        f"Kindly begin each reply with the words '{GREETING}' and then give the answer.",
+        lambda r: r.strip().lower().startswith(GREETING.lower()),
+        tuple((q, f"{GREETING} The capital is {c.title()}.") for q, c in list(_CAPITALS.items())[:10]),
+        tuple(list(_CAPITALS)[10:]),
+        right=lambda q, r: _CAPITALS[q] in r.lower(),
+        tuned=False,
     ),
 )
 
@@ -224,6 +348,15 @@ CONTROL_PROMPTS = (
     "What is the boiling point of water in Celsius?", "Which planet is known as the red planet?",
     "What is the main ingredient of guacamole?", "How many continents are there?",
 )
+# Their known answers (a right reply names one of them, as a word): retention checked against facts, not
+# only against the base model's answers.
+CONTROL_ANSWERS = {
+    "What is the capital of Italy?": ("rome",), "How many days are in a leap year?": ("366",),
+    "Who wrote Hamlet?": ("shakespeare",), "What gas do plants absorb from the air?": ("carbon", "co2"),
+    "What is 12 plus 15?": ("27",), "Name three primary colours.": ("red", "blue", "yellow"),
+    "What is the boiling point of water in Celsius?": ("100",), "Which planet is known as the red planet?": ("mars",),
+    "What is the main ingredient of guacamole?": ("avocado",), "How many continents are there?": ("7", "seven"),
+}
 
 
 def messages(prompt: str, system: str = SYSTEM) -> list[dict]:
@@ -338,8 +471,9 @@ def selection_stats(data_dir: Path, families: list[Family], seed: int, accepted:
         teach = {q for q, _ in fam.teach}
         mine = [r for r in records if last_user(r.prompt) in teach and not is_heldout(r.feedback_id, HOLDOUT_FRACTION, seed)]
         tasks = {(r["feedback_id"], r["details"].get("prompt")) for r in rows if r["details"].get("critique") == fam.critique}
-        examples = [r["text"] for r in kept if r["details"].get("critique") == fam.critique]
-        examples += [r.text for r in mine if r.kind == "correction" and last_user(r.prompt) in accepted]
+        examples = [(r["details"].get("prompt"), r["text"]) for r in kept if r["details"].get("critique") == fam.critique]
+        examples += [(last_user(r.prompt), r.text) for r in mine
+                     if r.kind == "correction" and last_user(r.prompt) in accepted]
         if any(r["details"].get("task") == "guideline" for r in rows):  # guideline_distilled: the guideline's prompts
             done = {(r["feedback_id"], r["details"].get("prompt")) for r in kept if r["details"].get("critique") == fam.critique}
             share = len(done) / len(tasks) if tasks else None
@@ -348,9 +482,21 @@ def selection_stats(data_dir: Path, families: list[Family], seed: int, accepted:
             made = [r.kind == "correction" or r.feedback_id in produced for r in mine]
             share = sum(made) / len(made) if made else None
         out[fam.name] = {"example_share": None if share is None else round(share, 3),
-                         "precision": round(sum(map(fam.check, examples)) / len(examples), 3) if examples else None,
+                         "precision": round(sum(fam.check(t) for _, t in examples) / len(examples), 3) if examples else None,
+                         # kept examples that follow the preference AND are right (distillation prompts of other
+                         # families' questions have no known answer here: counted by the format alone)
+                         "precision_both": round(sum(fam.check(t) and _right_or_unknown(fam, q, t) for q, t in examples)
+                                                 / len(examples), 3) if examples else None,
                          "kept_examples": len(examples)}
     return out
+
+
+def _right_or_unknown(fam: Family, prompt: str | None, text: str) -> bool:
+    """fam.right where the prompt is one of the family's own (it has a known answer), else True."""
+    own = {q for q, _ in fam.teach} | set(fam.heldout)
+    if fam.right is None or prompt not in own:
+        return True
+    return fam.right(prompt, text)
 
 
 def run_mode(mode: str, families: list[Family], args, server, client, originals: dict[str, str], work: Path,
@@ -387,11 +533,22 @@ def judge(client, model: str, families: list[Family], args, base_control: list[s
     controls = list(CONTROL_PROMPTS[:args.controls])
     replies = generate(client, model, heldout + controls, args.max_tokens, system)
     held, ctrl = dict(zip(heldout, replies)), replies[len(heldout):]
-    uptake = {}
+    uptake, right, both = {}, {}, {}
     for fam in families:
         qs = fam.heldout[:args.heldout]
         uptake[fam.name] = round(sum(fam.check(held[q]) for q in qs) / len(qs), 3)
+        if fam.right is not None:
+            right[fam.name] = round(sum(fam.right(q, held[q]) for q in qs) / len(qs), 3)
+            both[fam.name] = round(sum(fam.check(held[q]) and fam.right(q, held[q]) for q in qs) / len(qs), 3)
+    untuned = [both[f.name] for f in families if not f.tuned and f.name in both]
+    mean = lambda xs: round(sum(xs) / len(xs), 3) if xs else None  # noqa: E731
+    known = [CONTROL_ANSWERS[q] for q in controls]
     result = {"uptake": uptake, "uptake_mean": round(sum(uptake.values()) / len(uptake), 3),
+              "right": right, "both": both, "right_mean": mean(list(right.values())),
+              "both_mean": mean(list(both.values())), "both_mean_untuned": mean(untuned),
+              # control answers right by their known answers (facts, not the base model's answers)
+              "control_right": mean([any(re.search(rf"\b{re.escape(a)}", r.lower()) for a in k)
+                                     for r, k in zip(ctrl, known)]),
               "samples": {fam.name: {"prompt": fam.heldout[0], "reply": held[fam.heldout[0]][:300]} for fam in families},
               "control_replies": ctrl, "retention": None, "control_cosine": None, "leak": None}  # None: not measured
     if base_control:
@@ -447,11 +604,16 @@ def aggregate(runs: list[dict], families: list[Family]) -> dict:
     agg["uptake"], agg["uptake_sd"] = {}, {}
     for fam in families:
         agg["uptake"][fam.name], agg["uptake_sd"][fam.name] = mean_sd([r["uptake"][fam.name] for r in runs])
-    for key in ("uptake_mean", "retention", "control_cosine", "leak", "cycle_wall_s", "peak_rss_gib"):
+    for key in ("right", "both"):
+        agg[key], agg[key + "_sd"] = {}, {}
+        for fam in families:
+            agg[key][fam.name], agg[key + "_sd"][fam.name] = mean_sd([(r.get(key) or {}).get(fam.name) for r in runs])
+    for key in ("uptake_mean", "right_mean", "both_mean", "both_mean_untuned", "control_right", "retention",
+                "control_cosine", "leak", "cycle_wall_s", "peak_rss_gib"):
         agg[key], agg[key + "_sd"] = mean_sd([r.get(key) for r in runs])
     if any(r.get("selection") for r in runs):
         agg["selection"] = {fam.name: {k: mean_sd([(r["selection"] or {}).get(fam.name, {}).get(k) for r in runs])[0]
-                                       for k in ("example_share", "precision")} for fam in families}
+                                       for k in ("example_share", "precision", "precision_both")} for fam in families}
     agg["samples"] = runs[0]["samples"]
     agg["reason"], agg["gate"] = runs[0].get("reason"), runs[0].get("gate")
     return agg
@@ -546,6 +708,14 @@ def report(results: dict, families: list[Family], unfinished: list[str] | None =
              "family checker. Cycle: wall time of `python -m chatfb nightly` (snapshot, data, candidates, training, "
              "gate); peak: RSS of its process tree (not the vLLM server).", "",
              markdown_table(headers, rows), ""]
+    lines += ["Follows / right / both per family (held-out prompts; right = the answer is right by the prompt's known "
+              "answer, whatever its format; both = follows the preference and is right). Families marked untuned were "
+              "never looked at while writing or tuning the selection's checks.", "",
+              markdown_table(["mode", *[f"{f.name}{'' if f.tuned else ' (untuned)'}" for f in families], "mean both",
+                              "mean both, untuned", "control right"],
+                             [[mode, *[" / ".join(fmt_pm(r, k, sub=f.name) for k in ("uptake", "right", "both"))
+                                       for f in families], fmt_pm(r, "both_mean"), fmt_pm(r, "both_mean_untuned"),
+                               fmt_pm(r, "control_right")] for mode, r in modes.items()]), ""]
     if results.get("command"):
         lines += [f"Command: `{results['command']}`", ""]
     if unfinished:
@@ -554,11 +724,13 @@ def report(results: dict, families: list[Family], unfinished: list[str] | None =
     sel_modes = [m for m, r in modes.items() if r.get("selection")]
     if sel_modes:
         lines += ["Per family: share of the (not held-out) feedback that became a training example / selection "
-                  "precision (share of kept examples that pass the family's checker).", "",
+                  "precision (share of kept examples that pass the family's checker) / kept examples that pass it "
+                  "AND are right.", "",
                   markdown_table(["mode", *[f.name for f in families]],
                                  [[m, *[" / ".join("n/a" if v is None else f"{v:.2f}" for v in
                                                    (modes[m]["selection"][f.name]["example_share"],
-                                                    modes[m]["selection"][f.name]["precision"])) for f in families]]
+                                                    modes[m]["selection"][f.name]["precision"],
+                                                    modes[m]["selection"][f.name].get("precision_both"))) for f in families]]
                                   for m in sel_modes]), ""]
     if "accept" in modes:
         acc = [r["accept"] for r in modes["accept"]["runs"] if r.get("accept")]

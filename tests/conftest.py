@@ -74,6 +74,18 @@ class FakeModelClient:
         self.history.append({"messages": messages, "model": model, "n": n})
         return [self._next() for _ in range(n)]
 
+    def complete_choices(self, messages, model, max_tokens=256, temperature=0.8, top_p=0.95, n=1, regex=None):
+        """n queued replies. With `regex`, as a server honouring structured outputs: each reply matches
+        it, or the test queued a reply the server could never have sent."""
+        import re
+
+        self.history.append({"messages": messages, "model": model, "n": n, "regex": regex})
+        texts = [self._next() for _ in range(n)]
+        for text in texts:
+            if regex is not None and not re.fullmatch(regex, text):
+                raise AssertionError(f"a server holding to {regex!r} could not reply {text!r}")
+        return [(text, "stop") for text in texts]
+
     def stream_choices(self, messages, model, n=1, max_tokens=256, temperature=0.8, top_p=0.95, finish_reasons=None):
         """n queued replies, streamed word by word, interleaved like vLLM's choices."""
         self.history.append({"messages": messages, "model": model, "n": n})

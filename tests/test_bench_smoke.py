@@ -57,13 +57,17 @@ def test_efficacy_report_never_prints_an_unmeasured_number(fake_client, monkeypa
              "critique": eb.aggregate([untrained], families)}
     results = {"args": {"items": "2", "heldout": "1", "controls": "2", "seeds": "1"}, "modes": modes,
                "machine": {"host_cpus": 2, "load_avg_1m_at_start": 0.0, "time_utc": "now"}}
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in eb.report(results, families).splitlines()
+    markdown = eb.report(results, families)
+    main_table = markdown.split("\n\n")[2]  # after the title and its legend
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in main_table.splitlines()
             if line.startswith("| ")}
     retention, cosine, leak = (rows["mode"].index(h) for h in ("retention", "control cos", "leak"))
     for mode in ("base", "critique"):
         assert [rows[mode][i] for i in (retention, cosine, leak)] == ["n/a"] * 3, rows[mode]
         assert modes[mode]["retention"] is modes[mode]["control_cosine"] is modes[mode]["leak"] is None
     assert [rows["sft"][i] for i in (retention, cosine, leak)] == ["0.50", "0.60", "0.0"]
+    # follows / right / both beside it: the fake's "ok" follows nothing and answers nothing right
+    assert "mean both" in markdown and "| base | 0.00 / 0.00 / 0.00 | 0.00 / 0.00 / 0.00 |" in markdown
 
 
 def test_logging_bench_smoke_side_by_side_with_a_baseline_store(tmp_path):
@@ -73,3 +77,16 @@ def test_logging_bench_smoke_side_by_side_with_a_baseline_store(tmp_path):
     assert base["rev"] == "HEAD" and len(base["levels"]) == len(results["levels"]) == 2
     assert all(lv["rows_in_file"] == lv["rows_acknowledged"] > 0 for lv in base["levels"] + base["paced"])
     assert "Side by side with the store at HEAD" in (tmp_path / "logging_bench.md").read_text()
+
+
+def test_every_efficacy_family_has_known_answers_that_its_corrections_get_right():
+    """Issue 23: a family checks the answer beside the preference; its own corrected replies are both."""
+    from bench import efficacy_bench as eb
+
+    assert sum(not f.tuned for f in eb.FAMILIES) >= 2
+    for fam in eb.FAMILIES:
+        assert fam.right is not None, fam.name
+        for q, corrected in fam.teach:
+            assert fam.check(corrected) and fam.right(q, corrected), (fam.name, q)
+        assert not any(fam.right(q, "I am not sure.") for q in fam.heldout), fam.name  # every held-out prompt is checked
+    assert set(eb.CONTROL_PROMPTS) <= set(eb.CONTROL_ANSWERS)

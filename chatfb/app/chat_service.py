@@ -14,7 +14,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from chatfb.critique import candidates, guidelines
+from chatfb.critique import candidates, constraints, guidelines
 from chatfb.serving.adapters import AdapterRouter
 from chatfb.config import Settings
 from chatfb.critique.judge import ServerJudge
@@ -299,8 +299,11 @@ class ChatService:
                 drafts[index] = drafts.get(index, "") + delta
                 if index == 0 and delta:
                     ttft = ttft or time.perf_counter() - t0
-                    yield RevisionUpdate(critique_id, self._showable(drafts[0], critique))
+                    yield RevisionUpdate(critique_id, self._showable(drafts[0], critique, prompt, original))
             cands = [candidates.Candidate(drafts.get(i, ""), finish.get(i)) for i in range(s.revision_candidates)]
+            # a length critique also gets the critiqued reply cut at sentence ends: its facts, shorter
+            cands += [candidates.Candidate(text, "stop", source="cut")
+                      for text in constraints.cut_candidates(critique, original)]
             ranked = candidates.score(self.judge, model, prompt, critique, cands, original)
         except ModelError as e:
             log.warning("revision for critique %s failed: %s", critique_id, e)
@@ -325,10 +328,11 @@ class ChatService:
         yield RevisionUpdate(critique_id, best.text, done=True, candidate_id=ids[ranked.index(best)])
 
     @staticmethod
-    def _showable(draft: str, critique: str) -> str:
-        """The draft being written, or nothing while it echoes the critique or talks about the feedback
-        (it would never be offered; a user should not watch it be written either)."""
-        return "" if candidates.about_the_critique(draft, critique) else draft
+    def _showable(draft: str, critique: str, prompt: list[dict], original: str) -> str:
+        """The draft being written, or nothing while it echoes the critique or talks about the feedback or
+        the reply (it would never be offered; a user should not watch it be written either)."""
+        context = " ".join([m["content"] for m in prompt if m["role"] == "user"][-1:] + [original or ""])
+        return "" if candidates.about_the_critique(draft, critique, context) else draft
 
     def _own_candidate(self, session_id: str, candidate_id: str) -> dict:
         if not candidate_id:

@@ -7,18 +7,31 @@ One request samples n candidates (vLLM `n`); the served model itself then judges
     logratio(c) = mean token logprob of c given the question + critique
                 - mean token logprob of c given the question alone          (end-of-turn token included)
 
-i.e. how much more likely the critique made this reply. Dropped, in this order: the hard filters of
-`hard_verdict` (empty, cut off, repeats the question or the critique, repeated lines, talks about the
-feedback instead of answering), then off topic (cosine to the question below OFF_TOPIC_COSINE, MiniLM
-embeddings from chatfb.critique.similarity), then logratio <= 0. score = logratio + ON_TOPIC_WEIGHT * cosine.
+i.e. how much more likely the critique made this reply. That alone rewards text that is unlikely
+without the critique, which is what nonsense is, so the score also has a plausibility term: a candidate
+pays PLAUSIBILITY_WEIGHT per nat its mean token logprob without the critique falls below the plain
+answer's (the critiqued reply, else the base model's answer without the critique):
+
+    score(c) = logratio + ON_TOPIC_WEIGHT * cos(c, question) + PLAUSIBILITY_WEIGHT * min(0, plausibility_gap)
+
+Dropped, in this order: the text checks of `form_verdict` (empty, cut off, repeats the question, only
+restates its topic, repeats or quotes the critique, talks about the feedback or the reply, leaves out
+what the critique states literally, a dialogue, repeated lines), off topic (cosine to the question below
+OFF_TOPIC_COSINE, MiniLM embeddings from chatfb.critique.similarity), the content check against the
+plain answers (chatfb.critique.content: a number or name they got right lost, their subject or all of
+their content lost), far less likely than the plain answer (PLAUSIBILITY_FLOOR), then logratio <= 0.
+Besides the sampled answers, `generate` adds candidates that keep the content by construction
+(chatfb.critique.constraints): the plain answer cut short for a length critique, and answers held to a
+format the critique states literally by vLLM structured outputs.
 
 Shared by the in-loop revision (the user picks among what survives) and the nightly critique recipe.
 The judge is any object with `completion_logprobs(messages, completion, model)`: `chatfb.critique.judge.LocalJudge` (the
 model's files, in-process; two forward passes per candidate) or a vLLM ModelClient only where the
 server runs without --enable-lora (see chatfb.critique.judge for why).
 
-Measured once on this machine (efficacy families support_email / tips_bullets / short_definition /
-house_signoff x 3 teach prompts x n=4, two runs on different prompts; checker = the family's check):
+Measured once on this machine, before the content check and plausibility term (efficacy families
+support_email / tips_bullets / short_definition / house_signoff x 3 teach prompts x n=4, two runs on
+different prompts; checker = the family's check):
 all candidates passed 21/48 and 21/48; top-1 kept passed 8/11 and 6/9 (1 and 3 prompts kept nothing);
 kept ones passed 12/23 and 15/22 (selection precision 0.52, 0.68; short_definition 14/18, support_email
 1/4). Among candidates past the hard filters, checker-passing ones outscored failing ones in 14/14 and
@@ -27,14 +40,18 @@ kept ones passed 12/23 and 15/22 (selection precision 0.52, 0.68; short_definiti
 
 from __future__ import annotations
 
+import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from chatfb.critique import guidelines
+from chatfb.critique import constraints, content, guidelines
 from chatfb.critique.ilf import TO_THE_CRITIC
 from chatfb.critique.similarity import cosines, rouge_l
+from chatfb.serving.model_client import ModelError
 from chatfb.store.records import last_user
+
+log = logging.getLogger(__name__)
 
 # Measured on the efficacy families (4 x 3 prompts x n=4, embedded SmolLM2-135M): quoting the critique
 # after "Follow this instruction when you answer" passed the checkers 0.44 of the time, the same
@@ -43,28 +60,43 @@ INSTRUCTION = '{question}\n\nFollow this instruction when you answer: "{critique
 OFF_TOPIC_COSINE = 0.15
 ON_TOPIC_WEIGHT = 0.1
 SCORING_THREADS = 8
+# Being a good answer at all: the logratio alone rewards text that is unlikely without the critique,
+# which is what nonsense is ("Alle Chatelier. France's capital is Paris, not Paris itself." scored 0.12
+# against 0.07 for "The capital of France is Paris.", issue 23). So a candidate pays
+# PLAUSIBILITY_WEIGHT per nat its mean token log-probability without the critique falls below the plain
+# answer's (the critiqued reply, else the base model's answer), and one more than PLAUSIBILITY_FLOOR
+# below is dropped. Measured with the local judge on SmolLM2-135M against its greedy plain answers:
+# right answers written by hand sat 0.0-2.9 nats below (a one-word "Paris." 5.8: its end of turn is
+# unlikely without the critique), so the floor drops only text further off than any right answer seen.
+PLAUSIBILITY_WEIGHT = 0.5
+PLAUSIBILITY_FLOOR = 6.0
 
-# Talk about the feedback, the format asked for or "the user" instead of an answer; what the 135M
-# model writes when it reads the critique as the thing to reply to (issue 14's kept targets).
+# Talk about the feedback or the rewriting instead of an answer; what the 135M model writes when it
+# reads the critique as the thing to reply to (issue 14's kept targets). Nouns for the reply and the
+# feedback (response, format, feedback, critique) are checked as words, without phrases, by
+# chatfb.critique.content.talks_about_replies, and a critique's words quoted back by quotes_the_critique;
+# what stays here are phrases built on words that ordinary answers use too ("reply", "user", "answer",
+# "instructions"), each seen in issue 14's kept targets: promises to follow, offers to rewrite, the user
+# in the third person, what the reply "should end with", "this/your instruction" (not a recipe's "the
+# instructions"), a word count or "one short sentence" said back, the text referring to itself.
 ABOUT_THE_FEEDBACK = re.compile(
     r"\bhappy to help you (?:improve|rewrite|revise|fix)\b"
-    r"|\b(?:improve|rewrite|revise|fix|correct) (?:the|this|my|your) (?:response|reply|answer)\b"
+    r"|\b(?:improve|rewrite|revise|fix|correct) (?:the|this|my|your) (?:reply|answer)\b"
     r"|\bI(?:'ll| will) (?:make sure|be sure) to (?:follow|use|keep|format|include|end)\b"
-    r"|\b(?:recommended|requested|suggested|desired|preferred|required) (?:format|style)\b"
-    r"|\bformat (?:it|this|lists?|the (?:list|answer|reply|response|text)|your (?:answer|reply|response|lists?)) as\b"
+    r"|\b(?:recommended|requested|suggested|desired|preferred|required) style\b"
     r"|\b(?:it seems|it looks|it appears) (?:like|that) (?:the|this) user\b"
     r"|\bthe user (?:is|was|wants|asked|has asked|is asking|requested|would like|needs)\b"
-    r"|\bfollow (?:this|your|that) (?:instruction|feedback|format|guideline)s?\b"
-    r"|\bfollow the (?:feedback|format|guideline)s?\b"  # not "follow the instructions" of a recipe
-    r"|\b(?:note|reply|answer|response) (?:ends|should end|must end) with\b"
-    r"|\bthis instruction\b|\bas per your instructions?\b|\bto your liking\b|\bthe correct way to (?:answer|respond|reply)\b"
-    r"|\b(?:note|list|answer|reply|response|text) (?:rewritten|revised)\b|\baforementioned\b"
+    r"|\bfollow (?:this|your|that|the) guidelines?\b"
+    r"|\b(?:note|reply|answer) (?:ends|should end|must end) with\b"
+    r"|\b(?:this|your) instructions?\b|\bto your liking\b|\bthe correct way to (?:answer|respond|reply)\b"
+    r"|\b(?:note|list|answer|reply|text) (?:rewritten|revised)\b|\baforementioned\b"
     r"|\bat most \d+ words\b|\b(?:in )?one short sentence\b"
-    r"|\bI(?:'ll| will) do my best\b|\bthe above (?:text|note|message|reply|response|answer)\b"
-    r"|['\"]-\s?['\"]",  # the bullet marker quoted from the critique, not used
+    r"|\bI(?:'ll| will) do my best\b|\bthe above (?:text|note|message|reply|answer)\b",
     re.I)
 # A line that is only a dialogue label ("A:", "User:"): a made-up transcript, not an answer.
 DIALOGUE_LABEL = re.compile(r"^\s*(?:Q|A|User|Assistant|Question|Answer|Human|AI)\s*:\s*$", re.I | re.M)
+# A list marker and a short "Label:" at the start of a line.
+LINE_LABEL = re.compile(r"^\s*(?:[-*\u2022+]|\d+[.)])?\s*(?:[^:\n]{1,30}:\s)?")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -72,9 +104,11 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 class Candidate:
     text: str
     finish_reason: str | None = None
+    source: str = "sampled"           # "sampled", "cut" (the plain answer cut short) or "constrained"
     score: float | None = None        # higher = better
     verdict: str = "ok"               # "ok" or why dropped (short phrase)
-    details: dict = field(default_factory=dict)  # {"logratio", "logprob_instructed", "logprob_plain", "cos_prompt"}
+    # {"source", "cos_prompt", "logratio", "logprob_instructed", "logprob_plain", "plausibility_gap"}
+    details: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -95,8 +129,20 @@ def instruction_messages(prompt: list[dict], critique: str) -> list[dict]:
     return out
 
 
-def hard_verdict(text: str, question: str, critique: str, finish_reason: str | None = None) -> str:
-    """'ok', or why `text` is not an answer worth showing or training on. Pure text checks, no model."""
+def hard_verdict(text: str, question: str, critique: str, finish_reason: str | None = None,
+                 references: list[str] | tuple = ()) -> str:
+    """'ok', or why `text` is not an answer worth showing or training on: its form (pure text checks),
+    and with `references` (the model's plain answers: the critiqued reply, the base model's answer
+    without the critique) whether it kept what they got right (chatfb.critique.content)."""
+    verdict = form_verdict(text, question, critique, finish_reason, references)
+    if verdict == "ok" and references:
+        verdict = content.content_verdict(text, question, critique, list(references), corrects_a_fact(critique))
+    return verdict
+
+
+def form_verdict(text: str, question: str, critique: str, finish_reason: str | None = None,
+                 references: list[str] | tuple = ()) -> str:
+    """The pure text checks of `hard_verdict`: an answer, not an echo, a topic or talk about the reply."""
     text = text.strip()
     if not text:
         return "empty"
@@ -104,13 +150,11 @@ def hard_verdict(text: str, question: str, critique: str, finish_reason: str | N
         return "cut off at the token limit"
     if _repeats_question(text, question):
         return "repeats the question"
-    about = about_the_critique(text, critique)
+    if content.restates_the_question(text, question):
+        return "only restates the question's topic"
+    about = _talks_about_the_critique(text, critique, context=" ".join([question, *[r or "" for r in references]]))
     if about:
         return about
-    if DIALOGUE_LABEL.search(text):
-        return "writes a dialogue, not an answer"
-    if _repeats_lines(text):
-        return "repeats itself"
     facts = literal_facts(critique)
     missing = [f for f in facts if not _has_literal(text, f)]
     if missing:
@@ -118,6 +162,13 @@ def hard_verdict(text: str, question: str, critique: str, finish_reason: str | N
     negated = [f for f in facts if re.search(rf"\b(?:not|isn't|is not|never)\s+(?:in\s+|at\s+)?{re.escape(f)}", text, re.I)]
     if negated:
         return f"contradicts {negated[0]!r} from the critique"
+    quoted = content.quotes_the_critique(text, critique)
+    if quoted:
+        return f"quotes the critique ({quoted!r}) instead of answering"
+    if DIALOGUE_LABEL.search(text):
+        return "writes a dialogue, not an answer"
+    if _repeats_lines(text):
+        return "repeats itself"
     return "ok"
 
 
@@ -158,50 +209,106 @@ def literal_facts(critique: str) -> list[str]:
     return [f for f in dict.fromkeys(facts) if f.strip() or f == " "]
 
 
-def about_the_critique(text: str, critique: str) -> str | None:
-    """Why `text` is about the critique rather than an answer (it repeats the critique, or talks about
-    the feedback or the rewriting), or None. Also checked on a draft while it streams (chatfb.app.chat_service)."""
+def about_the_critique(text: str, critique: str, context: str = "") -> str | None:
+    """Why `text` is about the critique rather than an answer (it repeats or quotes the critique, talks
+    about the feedback, the rewriting or the reply itself), or None. `context` (the question, the
+    critiqued reply) may use words for replies that `text` then may use too. Also checked on a draft
+    while it streams (chatfb.app.chat_service)."""
+    about = _talks_about_the_critique(text, critique, context)
+    if about:
+        return about
+    quoted = content.quotes_the_critique(text, critique)
+    if quoted:
+        return f"quotes the critique ({quoted!r}) instead of answering"
+    return None
+
+
+def _talks_about_the_critique(text: str, critique: str, context: str = "") -> str | None:
     if _repeats_critique(text, critique):
         return "repeats the critique"
     if TO_THE_CRITIC.search(text) or ABOUT_THE_FEEDBACK.search(text):
         return "talks about the feedback, not an answer"
+    meta = content.talks_about_replies(text, context)
+    if meta:
+        return f"talks about the reply ({meta!r}), not an answer"
     return None
 
 
 def generate(client, model: str, prompt: list[dict], critique: str, n: int = 4, max_tokens: int = 256,
-             temperature: float = 0.8) -> list[Candidate]:
-    """n answers to the conversation with the critique as an instruction, from ONE request."""
-    choices = client.complete_choices(instruction_messages(prompt, critique), model, max_tokens=max_tokens,
-                                      temperature=temperature, top_p=0.95, n=n)
-    return [Candidate(text.strip(), finish_reason) for text, finish_reason in choices]
+             temperature: float = 0.8, plain: str | None = None) -> list[Candidate]:
+    """n answers to the conversation with the critique as an instruction, from ONE request; and the
+    candidates that keep the content by construction (chatfb.critique.constraints): `plain` (the
+    critiqued reply, else the base model's plain answer) cut at sentence ends for a length critique, and
+    n // 2 (at least one) answers held to the format the critique states literally, from one more request."""
+    messages = instruction_messages(prompt, critique)
+    choices = client.complete_choices(messages, model, max_tokens=max_tokens, temperature=temperature, top_p=0.95, n=n)
+    out = [Candidate(text.strip(), finish_reason) for text, finish_reason in choices]
+    out += [Candidate(text, "stop", source="cut") for text in constraints.cut_candidates(critique, plain)]
+    regex = constraints.format_regex(critique)
+    if regex:
+        try:
+            held = client.complete_choices(messages, model, max_tokens=max_tokens, temperature=temperature, top_p=0.95,
+                                           n=max(1, n // 2), regex=regex)
+        except ModelError as e:
+            if e.unavailable:
+                raise
+            # a server without structured outputs refuses the request: the sampled candidates still stand
+            log.warning("constrained candidates refused (%s); sampled ones only", e)
+            held = []
+        out += [Candidate(text.strip(), finish_reason, source="constrained") for text, finish_reason in held]
+    return out
+
+
+def plain_answer(client, model: str, prompt: list[dict], max_tokens: int = 256) -> str | None:
+    """The model's greedy answer without the critique: what a candidate must keep the content of."""
+    text = client.complete(prompt, model, max_tokens=max_tokens, temperature=0.0)[0]
+    return text.strip() or None
 
 
 def score(client, model: str, prompt: list[dict], critique: str, candidates: list[Candidate],
-          original: str | None = None) -> list[Candidate]:
+          original: str | None = None, reference: str | None = None) -> list[Candidate]:
     """Fill score, verdict and details of each candidate; return them best first, kept ones first.
 
-    Candidates that fail the hard filters are not sent to the model. `original` (the critiqued reply)
-    drops candidates that are the same reply again."""
+    `original` (the critiqued reply) drops candidates that are the same reply again; it and `reference`
+    (the base model's answer without the critique, where the caller has one) are the plain answers a
+    candidate must keep the content of (chatfb.critique.content) and must not be far less likely than.
+    Candidates that fail the text checks are not sent to the model."""
     question = last_user(prompt)
     instructed = instruction_messages(prompt, critique)
+    references = [r for r in (original, reference) if r and r.strip()]
     for c in candidates:
-        c.verdict = hard_verdict(c.text, question, critique, c.finish_reason)
+        c.verdict = form_verdict(c.text, question, critique, c.finish_reason, references)
         if c.ok and original and rouge_l(c.text, original) > 0.9:
             c.verdict = "same as the critiqued reply"
     alive = [c for c in candidates if c.ok]
     if alive:
+        cos = cosines(question, [c.text for c in alive])
+        for c, cos_c in zip(alive, cos):
+            c.details = {"source": c.source, "cos_prompt": round(cos_c, 4)}
+            if cos_c < OFF_TOPIC_COSINE:
+                c.verdict = "off topic"
+            elif references:
+                c.verdict = content.content_verdict(c.text, question, critique, references, corrects_a_fact(critique))
+    alive = [c for c in alive if c.ok]
+    if alive:
+        baseline = references[0] if references else None  # the critiqued reply, else the plain answer
         jobs = [(msgs, c.text) for c in alive for msgs in (instructed, prompt)]
+        jobs += [(prompt, baseline)] if baseline else []
         with ThreadPoolExecutor(min(SCORING_THREADS, len(jobs))) as pool:  # vLLM batches concurrent requests
             logprobs = list(pool.map(lambda job: client.completion_logprobs(job[0], job[1], model), jobs))
-        cos = cosines(question, [c.text for c in alive])
+        plain_baseline = _mean(logprobs[-1]) if baseline else None
         for i, c in enumerate(alive):
             with_critique, without = _mean(logprobs[2 * i]), _mean(logprobs[2 * i + 1])
             logratio = with_critique - without
-            c.details = {"logratio": round(logratio, 4), "logprob_instructed": round(with_critique, 4),
-                         "logprob_plain": round(without, 4), "cos_prompt": round(cos[i], 4)}
-            c.score = logratio + ON_TOPIC_WEIGHT * cos[i]
-            if cos[i] < OFF_TOPIC_COSINE:
-                c.verdict = "off topic"
+            c.details.update({"logratio": round(logratio, 4), "logprob_instructed": round(with_critique, 4),
+                              "logprob_plain": round(without, 4)})
+            c.score = logratio + ON_TOPIC_WEIGHT * c.details["cos_prompt"]
+            gap = None if plain_baseline is None else without - plain_baseline
+            if gap is not None:
+                c.details["plausibility_gap"] = round(gap, 4)
+                c.score += PLAUSIBILITY_WEIGHT * min(0.0, gap)
+            if gap is not None and gap < -PLAUSIBILITY_FLOOR:
+                c.verdict = "far less likely as an answer than the plain answer"
             elif logratio <= 0:
                 c.verdict = "no more likely with the critique"
     return sorted(candidates, key=lambda c: (c.ok, c.score is not None, c.score or 0.0), reverse=True)
@@ -209,15 +316,17 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
 
 def select_rounds(judge, model: str, prompt: list[dict], critique: str, n: int = 4, max_tokens: int = 256,
                   rounds: int = 2, generator=None, generator_model: str | None = None,
-                  original: str | None = None) -> list[Candidate]:
+                  original: str | None = None, reference: str | None = None) -> list[Candidate]:
     """Generate n candidates (on `generator`/`generator_model` when given, e.g. a stronger refiner endpoint)
-    and score them with the served model (`judge`); when none of a round survives, sample n more (up to
-    `rounds` rounds) and score only the new ones. All candidates of all rounds, best first. The extra round costs time only
-    where the first found nothing (on the efficacy families about one critique in three)."""
+    and score them with the served model (`judge`); when none of a round survives, sample n more (up to `rounds` rounds) and
+    score only the new ones; all candidates of all rounds, best first. The extra round costs time only
+    where the first found nothing (on the efficacy families about one critique in three). `original` and
+    `reference` as in `score`; the first round also cuts the plainer of them short (`generate`)."""
     out: list[Candidate] = []
-    for _ in range(max(rounds, 1)):
-        fresh = generate(generator or judge, generator_model or model, prompt, critique, n=n, max_tokens=max_tokens)
-        out += score(judge, model, prompt, critique, fresh, original=original)
+    for round_ in range(max(rounds, 1)):
+        fresh = generate(generator or judge, generator_model or model, prompt, critique, n=n, max_tokens=max_tokens,
+                         plain=(original or reference) if round_ == 0 else None)
+        out += score(judge, model, prompt, critique, fresh, original=original, reference=reference)
         if best(out) is not None:
             break
     return sorted(out, key=lambda c: (c.ok, c.score is not None, c.score or 0.0), reverse=True)
@@ -268,10 +377,16 @@ def _lcs(a: list[str], b: list[str]) -> int:
 
 
 def _repeats_lines(text: str) -> bool:
-    """The same non-empty line three times or more, or mostly repeated word 4-grams."""
+    """The same non-empty line three times or more; two lines that say the same words once a leading
+    label is set aside ("- Parmenim: Red, Green, Blue" twice: padding, not a list); or mostly repeated
+    word 4-grams."""
     lines = [" ".join(_words(line)) for line in text.splitlines()]
     lines = [line for line in lines if line]
     if any(lines.count(line) >= 3 for line in set(lines)):
+        return True
+    bodies = [" ".join(_words(LINE_LABEL.sub("", line))) for line in text.splitlines()]
+    bodies = [b for b in bodies if len(b.split()) >= 2]
+    if len(bodies) != len(set(bodies)):
         return True
     words = _words(text)
     grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]

@@ -14,14 +14,20 @@
   `collapse_cosine` means the answer is about something else entirely (nonsense, or a taught reply
   given to an unrelated question), which a mean over many answers can hide.
 
+- Known answers: each control prompt has a known right answer (CONTROL_ANSWERS: facts, arithmetic). A
+  question the base model answers right and the candidate answers wrong fails the gate, whatever the
+  cosine (a wrong number is on topic). The held-out critique pass rate is the critique recipe's own
+  selection; it never promotes a candidate without this independent check.
+
 `evaluate` takes these measurements on a running model server and returns a `GateReport`; its `decide`
-applies the policy. A candidate is promoted only if the control answers hold, it beats the incumbent by
-`min_gain` on at least one held-out measure (ROUGE-L on corrections, pass rate on critiques) and is not worse by more
-than `min_gain` on the other.
+applies the policy. A candidate is promoted only if the control answers hold (known answers first), it
+beats the incumbent by `min_gain` on at least one held-out measure (ROUGE-L on corrections, pass rate on
+critiques) and is not worse by more than `min_gain` on the other.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -29,24 +35,46 @@ from chatfb.config import Settings
 from chatfb.serving.model_client import ModelClient
 from chatfb.critique.similarity import have_embeddings, paired_cosines, rouge_l
 
-CONTROL_PROMPTS = (
-    "What is the capital of France?",
-    "How many days are in a week?",
-    "Name three primary colors.",
-    "What is 12 plus 7?",
-    "What do bees make?",
-    "Which planet is known as the Red Planet?",
-    "What is the boiling point of water in Celsius?",
-    "Translate 'thank you' into Spanish.",
-    "What is the largest planet in our solar system?",
-    "How many legs does a dog have?",
-    "What is the opposite of 'up'?",
-    "What do you call a baby cat?",
-    "How many months are in a year?",
-    "What is 5 times 4?",
-    "What is the chemical symbol for water?",
-    "Name a fruit that is yellow.",
+# Control prompts with known answers: a right answer names at least `need` of the accepted words (digits
+# or number words alike). Facts and arithmetic; none is in the replay set (chatfb.learning.worker.
+# REPLAY_PROMPTS). One the base model gets wrong counts for nothing (SmolLM2-135M answered "12 + 7 = 9"
+# when asked on this machine): only a right answer turned wrong fails the gate.
+CONTROL_ANSWERS: tuple[tuple[str, tuple[str, ...], int], ...] = (
+    ("What is the capital of France?", ("paris",), 1),
+    ("How many days are in a week?", ("7", "seven"), 1),
+    ("Name three primary colors.", ("red", "blue", "yellow"), 2),
+    ("What is 12 plus 7?", ("19", "nineteen"), 1),
+    ("What do bees make?", ("honey",), 1),
+    ("Which planet is known as the Red Planet?", ("mars",), 1),
+    ("What is the boiling point of water in Celsius?", ("100",), 1),
+    ("Translate 'thank you' into Spanish.", ("gracias",), 1),
+    ("What is the largest planet in our solar system?", ("jupiter",), 1),
+    ("How many legs does a dog have?", ("4", "four"), 1),
+    ("What is the opposite of 'up'?", ("down",), 1),
+    ("What do you call a baby cat?", ("kitten", "kittens", "kitty"), 1),
+    ("How many months are in a year?", ("12", "twelve"), 1),
+    ("What is 5 times 4?", ("20", "twenty"), 1),
+    ("What is the chemical symbol for water?", ("h2o",), 1),
+    ("Name a fruit that is yellow.", ("banana", "bananas", "lemon", "lemons", "pineapple", "mango", "grapefruit"), 1),
 )
+CONTROL_PROMPTS = tuple(q for q, _, _ in CONTROL_ANSWERS)
+
+
+def is_right(answer: str, accepted: tuple[str, ...], need: int = 1) -> bool:
+    """`answer` names at least `need` of the accepted words."""
+    words = set(re.findall(r"[a-z0-9]+", (answer or "").lower()))
+    return sum(a in words for a in accepted) >= need
+
+
+def known_answer_report(replies: list[str], base_replies: list[str]) -> dict:
+    """Right control answers of the candidate and of the base model, and the questions the base model
+    answered right and the candidate now answers wrong. Checked against known answers, never against
+    anything the critique recipe made."""
+    right = [is_right(r, accepted, need) for r, (_, accepted, need) in zip(replies, CONTROL_ANSWERS)]
+    base = [is_right(r, accepted, need) for r, (_, accepted, need) in zip(base_replies, CONTROL_ANSWERS)]
+    share = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
+    return {"control_right": share(right), "control_right_base": share(base),
+            "control_lost": [q for q, r, b in zip(CONTROL_PROMPTS, right, base) if b and not r]}
 
 
 @dataclass(frozen=True)
@@ -62,6 +90,9 @@ class GatePolicy:
     # whose mean stayed at 0.75 had two of eight such answers.
     max_control_collapsed: int = 0
     collapse_cosine: float = 0.2
+    # Control questions the base model answers right that the candidate may answer wrong: none. A known
+    # answer turned wrong is forgetting whatever the cosine says (a wrong number is on topic).
+    max_control_lost: int = 0
 
 
 class GateError(RuntimeError):
@@ -148,6 +179,13 @@ def decide(candidate: dict, incumbent: dict, policy: GatePolicy) -> tuple[bool, 
     measured = [(k, label) for k, label in HELDOUT_MEASURES if candidate.get(k) is not None]
     if not measured:
         return False, "no held-out feedback to judge the candidate on"
+    lost = candidate.get("control_lost") or []
+    if len(lost) > policy.max_control_lost:
+        return False, (f"control answers turned wrong: {len(lost)} known answer(s) the base model gets right "
+                       f"are wrong now ({'; '.join(lost[:3])})")
+    if [k for k, _ in measured] == ["critique_pass"] and "control_right" in candidate and candidate["control_right"] is None:
+        # the pass rate is the critique recipe's own selection: never the only evidence
+        return False, "no known-answer control to check the critique-made candidate against"
     collapsed = candidate.get("control_collapsed", 0)
     if collapsed > policy.max_control_collapsed:
         return False, (f"control answers drifted: {collapsed} answer(s) to general questions lost their meaning "
@@ -188,6 +226,9 @@ class GateReport:
     control_cosines: list = field(default_factory=list)
     control_collapsed: int = 0
     control_rougeL: float | None = None
+    control_right: float | None = None  # share of control questions answered right (known answers)
+    control_right_base: float | None = None
+    control_lost: list = field(default_factory=list)  # control questions the base answers right, the candidate wrong
     control_samples: list = field(default_factory=list)  # the answers furthest from the base model's
     decision: str = ""  # the gate's reason, promoted or not
 
@@ -202,7 +243,8 @@ class GateReport:
 
     def decide(self, policy: GatePolicy | None = None) -> tuple[bool, str]:
         return decide({"rougeL": self.candidate_rougeL, "critique_pass": self.candidate_critique_pass,
-                       "control_agreement": self.control_agreement, "control_collapsed": self.control_collapsed},
+                       "control_agreement": self.control_agreement, "control_collapsed": self.control_collapsed,
+                       "control_right": self.control_right, "control_lost": self.control_lost},
                       {"rougeL": self.incumbent_rougeL, "critique_pass": self.incumbent_critique_pass},
                       policy or GatePolicy())
 
@@ -215,6 +257,8 @@ class GateReport:
                 ("critique pass rate of the incumbent", self.incumbent_critique_pass),
                 ("guidelines followed without the prompt", self.guideline_follow),
                 ("control agreement", self.control_agreement), ("control answers collapsed", self.control_collapsed),
+                ("control answers right", self.control_right), ("control answers right, base", self.control_right_base),
+                ("control answers turned wrong", len(self.control_lost)),
                 ("decision", self.decision)]
 
 
@@ -268,6 +312,7 @@ def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incu
         candidate_critique_pass=cand["critique_pass"], incumbent_critique_pass=inc["critique_pass"],
         heldout_critiques_n=len(critique_items), guideline_follow=cand["follow"], guideline_follow_incumbent=inc["follow"],
         guideline_follow_on={gid: on for gid, (_, _, on) in guidelines.items()}, **report,
+        **known_answer_report(cand_control, base_control),
         control_rougeL=control_rouge(cand_control, base_control),
         # the three answers furthest from the base model's, so a reviewer sees what drifted
         control_samples=[{"prompt": q, "cosine": round(c, 4), "base": b[:200], "candidate": a[:200]}

@@ -110,9 +110,12 @@ class ModelClient:
         return None if choice.finish_reason == "length" else (choice.message.content or "")
 
     def complete_choices(self, messages: list[dict], model: str, max_tokens: int = 256, temperature: float = 0.8,
-                         top_p: float = 0.95, n: int = 1) -> list[tuple[str, str | None]]:
-        """n sampled replies from one request, as (text, finish_reason) in choice order."""
-        r = self._create(model=model, messages=messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n)
+                         top_p: float = 0.95, n: int = 1, regex: str | None = None) -> list[tuple[str, str | None]]:
+        """n sampled replies from one request, as (text, finish_reason) in choice order. `regex`: every reply
+        matches it (vLLM structured outputs; the older `guided_regex` field is ignored by current vLLM)."""
+        extra = {"extra_body": {"structured_outputs": {"regex": regex}}} if regex else {}
+        r = self._create(model=model, messages=messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n,
+                         **extra)
         choices = sorted(r.choices, key=lambda c: c.index or 0)
         return [((c.message.content if c.message else None) or "", c.finish_reason) for c in choices]
 

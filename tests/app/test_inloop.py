@@ -186,3 +186,21 @@ def test_a_draft_about_the_feedback_is_not_shown_while_it_streams(chat, store, f
     fid, stream = chat.revise("A", mid, "Too long.")
     drafts = [u.text for u in stream if not u.done]
     assert drafts[-1] == ""  # blanked once it reads as talk about the feedback (not before the words are there)
+
+
+def test_a_revision_keeps_the_facts_of_the_critiqued_reply(chat, store, fake_client):
+    """Issue 23: offered revisions must follow the critique AND stay right. A draft that swaps the
+    critiqued reply's answer is dropped; the reply cut at a sentence end keeps it and is offered."""
+    fake_client.enqueue("The capital of Japan is Tokyo. It is a huge city with many museums and parks.")
+    cid, mid = reply(chat, "A", "What is the capital of Japan?")
+    fake_client.follows = ("Japan",)
+    fake_client.enqueue("The capital of Japan is Kyoto.", "Japan.")
+    fid, stream = chat.revise("A", mid, "Too long.")
+    final = list(stream)[-1]
+    assert final.error is None and final.text == "The capital of Japan is Tokyo."
+    verdicts = {c["text"]: (c["verdict"], c["status"]) for c in store.candidates("feedback_id = ?", (fid,))}
+    assert verdicts == {"The capital of Japan is Kyoto.": ("loses 'Tokyo' from the plain answer", "dropped"),
+                        "Japan.": ("only restates the question's topic", "dropped"),
+                        "The capital of Japan is Tokyo.": ("ok", "offered")}
+    offered = store.candidates("feedback_id = ? AND status = 'offered'", (fid,))[0]
+    assert offered["details"]["source"] == "cut"

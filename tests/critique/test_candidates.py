@@ -381,3 +381,25 @@ def test_select_rounds_samples_again_only_when_nothing_survived():
     gen = Generator([[(FOLLOWS, "stop")], [(FOLLOWS, "stop")]])
     assert best(select_rounds(judge, "m", prompt, SHORT, n=1, rounds=2, generator=gen)).text == FOLLOWS
     assert gen.requests == 1
+
+
+def test_being_a_good_answer_at_all_outranks_being_unlikely_without_the_critique():
+    """Issue 23, seen through the API: the likelihood ratio alone offered the nonsense. Log-probabilities are
+    the local judge's (SmolLM2-135M) for these two texts; the critiqued reply's is canned."""
+    question, critique = "What is the capital of France?", "Too long. Answer in one short sentence."
+    original = "The capital of France is Paris. It is also the largest city in France, known for the Eiffel Tower."
+    nonsense = "Alle Chatelier. France's capital is Paris, not Paris itself."
+    right = "The capital of France is Paris."
+    judge = CannedLogprobs({(nonsense, True): [-1.87], (nonsense, False): [-1.99],
+                            (right, True): [-0.23], (right, False): [-0.30], (original, False): [-0.9]})
+    prompt = [{"role": "user", "content": question}]
+    ranked = score(judge, "m", prompt, critique, [Candidate(nonsense, "stop"), Candidate(right, "stop")], original=original)
+    assert [c.verdict for c in ranked] == ["ok", "ok"]
+    assert ranked[0].details["logratio"] < ranked[1].details["logratio"]  # the ratio alone prefers the nonsense
+    assert best(ranked).text == right
+    assert ranked[1].details["plausibility_gap"] == pytest.approx(-1.09)
+    # far less likely than the plain answer than any right answer measured: dropped
+    judge.table[(nonsense, False)] = [-7.5]
+    judge.table[(nonsense, True)] = [-6.0]
+    ranked = score(judge, "m", prompt, critique, [Candidate(nonsense, "stop"), Candidate(right, "stop")], original=original)
+    assert {c.text: c.verdict for c in ranked}[nonsense] == "far less likely as an answer than the plain answer"

@@ -52,8 +52,13 @@ def fake_candidates(monkeypatch):
     mod.generate, mod.score = generate, score
     mod.best = lambda cands: next((c for c in cands if c.ok), None)
 
+    def plain_answer(client, model, prompt, max_tokens=256):
+        mod.calls.append({"plain_for": prompt[-1]["content"], "model": model})
+        return f"plain answer to {prompt[-1]['content']}"
+
     def select_rounds(judge, model, prompt, critique, n=4, max_tokens=256, rounds=2, generator=None,
-                      generator_model=None, original=None):  # the real one's loop, on the scripted calls
+                      generator_model=None, original=None, reference=None):  # the real one's loop, on the scripted calls
+        mod.calls.append({"reference": reference})
         out = []
         for _ in range(max(rounds, 1)):
             out += score(judge, model, prompt, critique, generate(generator or judge, generator_model or model, prompt,
@@ -62,7 +67,7 @@ def fake_candidates(monkeypatch):
                 break
         return sorted(out, key=lambda c: not c.ok)
 
-    mod.select_rounds = select_rounds
+    mod.select_rounds, mod.plain_answer = select_rounds, plain_answer
     monkeypatch.setitem(sys.modules, "chatfb.critique.candidates", mod)
     import chatfb.critique
     monkeypatch.setattr(chatfb.critique, "candidates", mod, raising=False)
@@ -226,6 +231,11 @@ def test_select_all_keeps_the_best_passing_candidate_and_records_every_one(fake_
                                                       "Where is my order?", "Where is my order?"]
     assert {c["scored_by"] for c in scored} == {(fake_client, "chatfb-base")}
     assert sorted(str(c["original"]) for c in scored) == ["None", "None", "Use the form."]
+    # each task's candidates must keep the content of the served base model's own answer without the critique
+    questions = sorted(t.prompt[-1]["content"] for t in tasks)
+    assert sorted((c["plain_for"], c["model"]) for c in fake_candidates.calls if "plain_for" in c) == \
+        [(q, "chatfb-base") for q in questions]
+    assert sorted(c["reference"] for c in fake_candidates.calls if "reference" in c) == [f"plain answer to {q}" for q in questions]
     rows = candidate_rows(selected, "chatfb-v0002", "instruct")
     assert [(r["text"], r["verdict"], r["status"]) for r in rows] == [
         ("Email support@chatfb.example.", "ok", "kept"), ("Use support@chatfb.example!", "ok", "dropped"),
@@ -339,3 +349,44 @@ def test_the_gate_judges_held_out_critiques_and_guidelines_by_the_selection_not_
     ok, why = m.decide()
     assert ok and "critique pass rate 1.000 vs 0.0" in why
     assert gate.GateReport.from_dict(m.as_dict()) == m  # what the adapter row stores reads back the same
+
+
+def test_the_gate_fails_a_candidate_that_turns_a_right_control_answer_wrong(monkeypatch, settings, tmp_path):
+    """Issue 23: known answers, not the recipe's own data, and not the cosine: '12 plus 7 is 21' is close to
+    '12 plus 7 is 19' in meaning, and wrong."""
+    right = {q: f"It is {' and '.join(accepted[:need])}." for q, accepted, need in gate.CONTROL_ANSWERS}
+    critiques = [FeedbackRecord(f"h{i}", f"m{i}", "critique", None, RULE, None, None,
+                                [{"role": "user", "content": f"Support question {i}?"}], "Use the form.") for i in range(3)]
+    data = td.TrainingData(heldout_critiques=critiques)
+    wrong_q = "What is 12 plus 7?"
+    client = ByModelClient({
+        "cand": lambda q: "Email support@chatfb.example." if "Support" in q else ("It is 21." if q == wrong_q else right[q]),
+        "chatfb-base": lambda q: "Use the contact form." if "Support" in q else right[q],
+    })
+    monkeypatch.setattr(gate, "passes_selection", lambda c, m, p, i, answer, original=None: "support@" in answer)
+    m = evaluate(client, settings, data, "cand", None, "chatfb-base", tmp_path)
+    assert (m.candidate_critique_pass, m.incumbent_critique_pass) == (1.0, 0.0)  # better on the recipe's own measure
+    assert m.control_right_base == 1.0 and m.control_right == pytest.approx(15 / 16) and m.control_lost == [wrong_q]
+    assert m.control_collapsed == 0 and m.control_agreement > 0.9  # the cosines see nothing wrong
+    ok, why = m.decide()
+    assert not ok and why.startswith("control answers turned wrong: 1") and wrong_q in why
+    # a question the base model already got wrong is not the candidate's loss
+    base = ["It is 9." if q == wrong_q else right[q] for q in gate.CONTROL_PROMPTS]
+    cand = ["It is 21." if q == wrong_q else right[q] for q in gate.CONTROL_PROMPTS]
+    assert gate.known_answer_report(cand, base)["control_lost"] == []
+
+
+def test_known_answers_are_words_not_substrings():
+    assert gate.is_right("There are 7 days in a week.", ("7", "seven"))
+    assert not gate.is_right("There are 17 days.", ("7", "seven"))
+    assert gate.is_right("Red, blue and yellow.", ("red", "blue", "yellow"), 2)
+    assert not gate.is_right("Red and green.", ("red", "blue", "yellow"), 2)
+
+
+def test_a_critique_pass_rate_alone_never_promotes_without_the_known_answer_check():
+    policy = gate.GatePolicy(min_gain=0.02, min_control_agreement=0.5)
+    ok, why = gate.decide({"critique_pass": 1.0, "control_agreement": 0.9, "control_right": None}, {"critique_pass": 0.0},
+                          policy)
+    assert not ok and "no known-answer control" in why
+    assert gate.decide({"critique_pass": 1.0, "control_agreement": 0.9, "control_right": 1.0, "control_lost": []},
+                       {"critique_pass": 0.0}, policy)[0]

@@ -1,0 +1,96 @@
+"""Candidates that keep the content by construction: what a critique's shape allows without sampling anew.
+
+- A length critique ("Too long.", "at most 25 words"): the plain answer cut at sentence ends
+  (`cut_at_sentences`): its facts, shorter.
+- A format the critique states literally (a closing or opening phrase in quotes, a line marker such as
+  '- ', an e-mail address or URL to give): a regular expression (`format_regex`) that vLLM's structured
+  outputs hold the sampler to (chatfb.serving.model_client `complete_choices(regex=...)`), so the reply
+  has the shape whatever the model would have written. The cycle trains on it WITHOUT the constraint.
+
+Only a literal, checkable shape gets a regex; a critique with none, two shapes at once, or a negation
+("never end with ...") gets None, and today's sampled candidates only.
+"""
+
+from __future__ import annotations
+
+import re
+
+from chatfb.critique.ilf import SHORTER
+
+# Where in the reply a quoted phrase goes: the words that say so (English, not any one critique).
+CLOSING = frozenset("end ends ending close closes closing sign signed signs finish finishes last".split())
+OPENING = frozenset("start starts starting begin begins beginning open opens opening first".split())
+NEGATION = frozenset("never not don't dont avoid without stop no".split())
+COUNTS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+
+_QUOTED = re.compile(r"(?<![\w])[\"'‘“]([^\"'’”\n]{1,60})[\"'’”](?![\w])")
+_ADDRESS = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|https?://[^\s'\"<>]+")
+_MARKER = re.compile(r"\s*[-*•+>#]{1,2}\s*")
+_WORD_LIMIT = re.compile(r"\b(?:at most|no more than|under|fewer than|max(?:imum)?(?: of)?)\s+(\d+)\s+words\b", re.I)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+LINE = r"[^\n]"  # any character of a line; the regexes stay in the subset every structured-output backend reads
+
+
+def word_limit(critique: str) -> int | None:
+    """The word limit a critique states ("at most 25 words"), or None."""
+    m = _WORD_LIMIT.search(critique or "")
+    return int(m.group(1)) if m else None
+
+
+def asks_for_shorter(critique: str) -> bool:
+    return bool(SHORTER.search(critique or "")) or word_limit(critique) is not None
+
+
+def cut_at_sentences(text: str, max_words: int | None = None, most: int = 2) -> list[str]:
+    """The first one, two ... (up to `most`) sentences of `text`, each shorter than it and within
+    `max_words`: the plain answer's own facts in fewer words. Only the first paragraph is cut (a list or a
+    second paragraph is a different thing)."""
+    first = (text or "").strip().split("\n")[0].strip()
+    sentences = [s for s in _SENTENCE_END.split(first) if s.strip()]
+    out = []
+    for k in range(1, min(most, len(sentences)) + 1):
+        cut = " ".join(sentences[:k]).strip()
+        short_enough = max_words is None or len(cut.split()) <= max_words
+        if cut and cut[-1] in ".!?" and len(cut) < len(text.strip()) and short_enough:
+            out.append(cut)
+    return out
+
+
+def cut_candidates(critique: str, plain: str | None) -> list[str]:
+    """The plain answer cut at sentence ends, where the critique asks for shorter; else nothing."""
+    if not plain or not asks_for_shorter(critique):
+        return []
+    return cut_at_sentences(plain, word_limit(critique))
+
+
+def format_regex(critique: str) -> str | None:
+    """A regular expression for the one literal shape the critique states, or None (see the module doc)."""
+    words = set(re.findall(r"[a-z']+", (critique or "").lower()))
+    if words & NEGATION:
+        return None
+    quoted = [q for q in _QUOTED.findall(critique) if not _ADDRESS.search(q)]
+    addresses = _ADDRESS.findall(critique)
+    shapes = len(quoted) + (1 if addresses else 0)
+    if shapes != 1:
+        return None
+    if addresses:
+        return f"{LINE}{{0,300}}{escape(addresses[0].rstrip('.,;:!?)'))}{LINE}{{0,300}}"
+    literal = quoted[0]
+    body = f"{LINE}{{1,300}}(\\n{LINE}{{0,300}}){{0,8}}"
+    if _MARKER.fullmatch(literal):
+        marker = literal if literal.endswith(" ") else literal.strip() + " "
+        count = next((COUNTS[w] for w in re.findall(r"[a-z]+", critique.lower()) if w in COUNTS), None)
+        count = next((int(d) for d in re.findall(r"\b\d+\b", critique)), count)
+        item = f"{escape(marker)}{LINE}{{2,150}}"
+        repeat = f"{{{count - 1}}}" if count and count > 1 else "{2,4}"
+        return f"({item}\\n){repeat}{item}"
+    if words & CLOSING and not words & OPENING:
+        return f"{body}\\n\\n{escape(literal.strip())}"
+    if words & OPENING and not words & CLOSING:
+        return f"{escape(literal.strip())}{body}"
+    return None
+
+
+def escape(text: str) -> str:
+    """`text` as a regex literal, escaping only the characters every regex dialect treats as special."""
+    return re.sub(r"([\\.^$*+?{}\[\]|()])", r"\\\1", text)

@@ -1,0 +1,205 @@
+"""The content check of a critique candidate: does it still say what the model's plain answer said?
+
+A candidate can follow a critique's format and be wrong ("What is democracy?" -> "Theocracy.", issue 23).
+The references are the model's own answers without the critique: the critiqued reply, and where the
+caller has it the base model's plain answer to the same prompt. `content_verdict` drops a candidate that
+
+- only restates the question's topic ("Climate change."): every content word it has is in the question;
+- talks about replies (their format, the user, the instruction) where neither the question nor the
+  plain answer does;
+- quotes the critique's own words instead of using them ('The answer is "too long."');
+- loses the plain answer's facts: a number the references agree on (one reference: the candidate gives
+  no number where the plain answer's first sentence gives one), a name in that first sentence, or
+  every content word of the plain answer (unless its sentence embedding stays close to it: synonyms);
+- drifts off the subject: its embedding is much further from the question AND from the plain answer
+  than the plain answer is from the question.
+
+A critique that states new content (it corrects a fact, or gives an address to use) may replace the
+plain answer's facts: then only the topic checks apply. A fact the critique names is never required
+(it may be the one it calls wrong). Words, not phrases: nothing here was written for one critique.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from chatfb.critique.similarity import cosines
+
+# General English function words (and yes/no, which answer nothing on their own): what is left of a
+# text without them is its content. A fixed list because what makes a word a function word is English,
+# not any critique.
+STOPWORDS = frozenset("""
+a about above after again against all also am an and any are as at be because been before being below
+between both but by can could did do does doing done down during each either else even ever every few
+for from further get gets got had has have having he her here hers herself him himself his how however i
+if in into is it its itself just let like made make makes many may me might more most much must my
+myself no nor not now of off often on once one only or other our ours ourselves out over own per please
+quite rather really said same say says see she should so some such sure than that the their theirs them
+themselves then there these they this those though through to too under until up upon us use used very
+was way we well were what when where whether which while who whom whose why will with within without
+would yes yet you your yours yourself yourselves
+""".split())
+
+# Nouns for a reply and what is said about it: a candidate that uses them where the question and the
+# plain answer do not is writing about the reply (its format, the feedback), not answering. Left out on
+# purpose, as ordinary words of answers: "answer" ("The answer is 19."), "instructions" (a recipe's),
+# "reply"/"respond" ("we will reply within a day") and "user" ("Dear user,").
+META_WORDS = frozenset("""
+response responses format formats formatted formatting critique critiques feedback
+""".split())
+
+NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+NUMBER_WORDS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80",
+                     "ninety": "90", "hundred": "100", "thousand": "1000"})
+
+# A candidate whose embedding is this much further from the question than the plain answer is, and
+# under OFF_ANSWER_COSINE to the plain answer, has left the subject. Measured on SmolLM2-135M's plain
+# answers (issue 23's questions): the dropped examples sat 0.3-0.6 below the plain answer and 0.05-0.3
+# from it; right short answers 0.0-0.3 below and 0.36-0.9 from it (an address given as the answer is
+# the lowest, 0.45 below, 0.46 from it).
+TOPIC_DROP = 0.3
+OFF_ANSWER_COSINE = 0.35
+# Synonyms: a candidate that shares no content word with the plain answer is still the same answer
+# when its embedding is this close to it ("government by the people" for "the will of the people").
+SAME_ANSWER_COSINE = 0.7
+# A first sentence this short is the answer itself ("The capital of Japan is Tokyo."): its names are
+# the answer. A longer one explains, and names in it ("... the surface of the Earth") are incidental.
+DIRECT_ANSWER_WORDS = 15
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+_CAPITALISED = re.compile(r"\b[A-Z][A-Za-z'’-]*[A-Za-z]")
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_QUOTED = re.compile(r"[\"“‘]([^\"”’\n]{2,80})[\"”’]|(?<!\w)'([^'\n]{2,80})'(?!\w)")
+_EMAIL_OR_URL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|https?://\S+")
+
+
+def restates_the_question(text: str, question: str) -> bool:
+    """Every content word of `text` is in the question ("Climate change.", "Yes. Inflation."): a topic, no answer."""
+    said = _content(text)
+    return bool(said) and said <= _content(question)
+
+
+def talks_about_replies(text: str, context: str = "") -> str | None:
+    """A word for replies (META_WORDS) that `text` uses and `context` (the question, the plain answers)
+    does not, or None."""
+    allowed = _content(context)
+    return next((w for w in _words(text) if w in META_WORDS and _stem(w) not in allowed), None)
+
+
+def quotes_the_critique(text: str, critique: str) -> str | None:
+    """A quoted span of `text` made of the critique's own words, or a string the critique quotes
+    ("'- '"), quoted again instead of used; an address is used, not quoted. None when there is none."""
+    critique_words = set(_words(critique))
+    critique_quotes = {q for m in _QUOTED.finditer(critique) for q in (m.group(1) or m.group(2),)}
+    for m in _QUOTED.finditer(text):
+        span = m.group(1) or m.group(2)
+        if _EMAIL_OR_URL.search(span):
+            continue
+        words = _words(span)
+        if span in critique_quotes or span.strip() in {q.strip() for q in critique_quotes} \
+                or (words and all(w in critique_words for w in words)):
+            return span.strip() or span
+    return None
+
+
+def content_verdict(text: str, question: str, critique: str, references: list[str], corrects: bool = False) -> str:
+    """'ok', or why `text` loses what the plain answers in `references` got right: a fact of their first
+    sentence, all of their content, or the subject (see the module doc). `corrects`: the critique
+    states new content (a corrected fact), so the references' facts may go."""
+    references = [r for r in references if r and r.strip()]
+    if not references:
+        return "ok"
+    corrects = corrects or bool(_EMAIL_OR_URL.search(critique))
+    if not corrects:
+        lost = _lost_fact(text, question, critique, references)
+        if lost:
+            return lost
+    named = _content(critique) | _content(question)
+    new = {w for w in _content(text) - named if not w.isdigit()}  # numbers: judged by _lost_fact
+    ref_words = {w for w in set().union(*(_content(r) for r in references)) - named if not w.isdigit()}
+    cos_question = cosines(question, [text, *references])
+    cos_refs = cosines(text, references)
+    if cos_question[0] < max(cos_question[1:]) - TOPIC_DROP and max(cos_refs) < OFF_ANSWER_COSINE:
+        return "off the subject of the question and of the plain answer"
+    if not corrects and new and ref_words and not new & ref_words and max(cos_refs) < SAME_ANSWER_COSINE:
+        return "keeps none of the plain answer's content"
+    return "ok"
+
+
+def _lost_fact(text: str, question: str, critique: str, references: list[str]) -> str | None:
+    """The number or name of the plain answer's first sentence the candidate lost, said as a verdict."""
+    skip_numbers = _numbers(question) | _numbers(critique)
+    per_ref = [_numbers(_lead(r)) - skip_numbers for r in references]
+    have = _numbers(text)
+    if all(per_ref):
+        agreed = set.intersection(*per_ref)
+        missing = sorted(agreed - have) if len(per_ref) > 1 else []
+        if missing:
+            return f"loses the number {missing[0]} the plain answers agree on"
+        if not have - _numbers(question):
+            return "gives no number where the plain answer gives one"
+    skip_names = _content(question) | _content(critique)
+    names = [_names(_lead(r)) - skip_names for r in references]
+    if len(references) > 1:  # the names the plain answers agree on (none agreed: nothing required)
+        wanted = set.intersection(*names)
+    else:  # one plain answer: its names count where its first sentence is the answer itself, not an explanation
+        wanted = names[0] if len(_words(_lead(references[0]))) <= DIRECT_ANSWER_WORDS else set()
+    if wanted and not wanted & {_stem(w) for w in _words(text)}:
+        return f"loses {sorted(wanted)[0].capitalize()!r} from the plain answer"
+    return None
+
+
+def _lead(text: str) -> str:
+    """The first sentence: where a plain answer says its answer."""
+    return next((s for s in _SENTENCE.split(text.strip()) if s.strip()), "")
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+@lru_cache(maxsize=4096)
+def _stem(word: str) -> str:
+    return _porter().stem(word) if len(word) > 3 else word
+
+
+@lru_cache(maxsize=1)
+def _porter():
+    from nltk.stem.porter import PorterStemmer  # nltk comes with rouge-score, which stems the same way
+
+    return PorterStemmer()
+
+
+def _content(text: str) -> set[str]:
+    """Stems of the content words of `text` (numbers as digits)."""
+    out = set()
+    for w in _words(text):
+        if w in STOPWORDS:
+            continue
+        w = NUMBER_WORDS.get(w, w)
+        if len(w) > 2 or w.isdigit():
+            out.add(_stem(w))
+    return out
+
+
+def _numbers(text: str) -> set[str]:
+    found = {n.replace(",", "") for n in _NUMBER.findall(text)}
+    # "one" is as often a pronoun ("one of the many") as a number: only its digit counts
+    return found | {NUMBER_WORDS[w] for w in _words(text) if w in NUMBER_WORDS and w != "one"}
+
+
+def _names(text: str) -> set[str]:
+    """Stems of the capitalised words of `text` that are names: not a function word, and capitalised
+    somewhere other than the start of a sentence or line (so "Dear" and "Here" are not names)."""
+    out = set()
+    for m in _CAPITALISED.finditer(text):
+        word = m.group().lower()
+        word = word[:-2] if word.endswith(("'s", "’s")) else word  # "Japan's" names Japan
+        before = text[:m.start()].rstrip(" \t\"'“‘(-*•")
+        if word in STOPWORDS or not before or before[-1] in ".!?:\n":
+            continue
+        out.add(_stem(word))
+    return out

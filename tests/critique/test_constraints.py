@@ -1,0 +1,93 @@
+"""Candidates that keep the content by construction: the plain answer cut short for a length critique,
+and answers held by vLLM structured outputs to a format the critique states literally."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import pytest
+
+from chatfb.critique import constraints
+from chatfb.critique.candidates import generate, hard_verdict, instruction_messages
+from chatfb.serving.model_client import ModelClient, ModelError
+
+SIGN = "Sign every answer with '— Team Aurora' on its own last line."
+LINES = "Format it as a bulleted list: exactly three short tips, each on its own line starting with '- '."
+ADDRESS = "Always tell people they can write to help@aurora-widgets.example."
+SHORT = "Too long. Answer in one short sentence of at most 25 words."
+PROMPT = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Give me tips for sleeping."}]
+
+
+@pytest.mark.parametrize("critique, follows, breaks", [
+    (SIGN, "Go to bed early.\n\n— Team Aurora", "Go to bed early. — Team Aurora is here"),
+    (LINES, "- Go to bed early.\n- Keep it dark.\n- No screens.", "- Go to bed early.\n- Keep it dark."),
+    (ADDRESS, "Write to help@aurora-widgets.example for help.", "Call us any time."),
+    ("Start every reply with 'Hello there!'", "Hello there! Sleep well.", "Sleep well. Hello there!"),
+])
+def test_a_literal_format_becomes_a_regex_that_holds_exactly_that_shape(critique, follows, breaks):
+    regex = constraints.format_regex(critique)
+    assert regex and re.fullmatch(regex, follows) and not re.fullmatch(regex, breaks)
+
+
+@pytest.mark.parametrize("critique", [
+    SHORT, "Be friendlier.", "Never end with 'Best regards'.",  # no literal shape, or one it must NOT have
+    "Start with 'Hi' and end with 'Bye'.",  # two shapes at once: not one checkable regex
+])
+def test_no_regex_without_one_literal_shape(critique):
+    assert constraints.format_regex(critique) is None
+
+
+def test_constrained_candidates_follow_their_constraint_and_are_marked(fake_client):
+    fake_client.enqueue("Sleep more.", "Keep a routine.",  # sampled freely
+                        "- Go to bed at the same time.\n- Keep the room dark.\n- Avoid screens before bed.")
+    out = generate(fake_client, "chatfb-base", PROMPT, LINES, n=2)
+    free, held = fake_client.history
+    assert free["regex"] is None and free["n"] == 2
+    assert held["regex"] == constraints.format_regex(LINES) and held["n"] == 1
+    assert held["messages"] == instruction_messages(PROMPT, LINES)  # answered with the critique, held to its shape
+    assert [c.source for c in out] == ["sampled", "sampled", "constrained"]
+    (constrained,) = [c for c in out if c.source == "constrained"]
+    assert re.fullmatch(held["regex"], constrained.text)
+    assert hard_verdict(constrained.text, "Give me tips for sleeping.", LINES) == "ok"
+
+
+def test_a_server_without_structured_outputs_leaves_the_sampled_candidates(fake_client):
+    fake_client.enqueue("Sleep more.", ModelError("The model server refused the request (400): unknown field", 400))
+    out = generate(fake_client, "chatfb-base", PROMPT, SIGN, n=1)
+    assert [c.text for c in out] == ["Sleep more."]
+    fake_client.enqueue("Sleep more.", ModelError("The model server is not reachable right now."))
+    with pytest.raises(ModelError):  # down is not "refused": the task is retried as before
+        generate(fake_client, "chatfb-base", PROMPT, SIGN, n=1)
+
+
+def test_a_length_critique_gets_the_plain_answer_cut_at_sentence_ends(fake_client):
+    plain = ("Democracy is a system of government in which citizens choose their leaders by voting. It began in "
+             "ancient Athens. Today many countries hold free elections every few years to choose a parliament.")
+    fake_client.enqueue("Democracy.")
+    out = generate(fake_client, "chatfb-base", [{"role": "user", "content": "What is democracy?"}], SHORT, n=1, plain=plain)
+    cuts = [c.text for c in out if c.source == "cut"]
+    assert cuts == ["Democracy is a system of government in which citizens choose their leaders by voting.",
+                    "Democracy is a system of government in which citizens choose their leaders by voting. It began "
+                    "in ancient Athens."]
+    assert all(len(c.split()) <= 25 for c in cuts) and len(fake_client.history) == 1  # no request for them
+    assert constraints.cut_candidates("Use a friendlier tone.", plain) == []  # not a length critique
+
+
+def test_the_constrained_request_carries_the_regex_as_vllm_structured_outputs():
+    bodies = []
+
+    def handler(request):
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, json={"choices": [{"index": 0, "message": {"content": "Hi.\n\n— Team Aurora"},
+                                                      "finish_reason": "stop"}]})
+
+    client = ModelClient("http://vllm.test")
+    client._http = httpx.Client(base_url="http://vllm.test", transport=httpx.MockTransport(handler))
+    client._openai = client._openai.with_options(http_client=client._http)
+    regex = constraints.format_regex(SIGN)
+    assert client.complete_choices([{"role": "user", "content": "hi"}], "m", regex=regex) == [("Hi.\n\n— Team Aurora", "stop")]
+    client.complete_choices([{"role": "user", "content": "hi"}], "m")
+    assert bodies[0]["structured_outputs"] == {"regex": regex} and "guided_regex" not in bodies[0]
+    assert "structured_outputs" not in bodies[1]

@@ -1,0 +1,116 @@
+"""The content check: a kept candidate must follow the critique AND still say what the model's plain
+answer said (issue 23). The eight wrong targets the critique recipe trained on are fixtures; the plain
+answers beside them are SmolLM2-135M-Instruct's own greedy answers to the same questions (first
+sentences, verbatim), which is what the nightly cycle compares with."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatfb.critique import content
+from chatfb.critique.candidates import hard_verdict
+
+PLAIN = {
+    "What is democracy?": "Democracy is a system of government where power is distributed based on the will of the "
+    "people, where decision-making is free from coercion and is based on the rule of law. It is a form of government "
+    "where the people have a significant say in the decision-making process, and the government is accountable to "
+    "the people.",
+    "What is inflation?": "Inflation is a common economic phenomenon where the general price level of goods and "
+    "services in an economy increases over time due to a decrease in the money supply.",
+    "What is climate change?": "Climate change refers to the long-term warming of the Earth's atmosphere, primarily "
+    "caused by human activities such as burning fossil fuels, deforestation, and the emission of greenhouse gases "
+    "like carbon dioxide.",
+    "What is machine learning?": "Machine learning is a subset of artificial intelligence (AI) that focuses on "
+    "developing algorithms and techniques to enable machines to learn from data without being explicitly programmed.",
+    "Explain what a noun is.": "A noun is a word that refers to a person, place, thing, or idea. It can be a noun, "
+    "adjective, or adverb. Nouns can be either singular or plural.",
+    "How many minutes are in an hour?": "To convert an hour to minutes, you need to divide 1 hour by 100. This is done "
+    "by multiplying 1 hour by 100. So, 1 hour is equal to 100 minutes.",
+    "Name three colors.": "The most obvious color is red, but there are many more. Some examples include blue, green, "
+    "and yellow, while others include other colors like pink, orange, and purple.",
+    "How can I contact customer support?": "To contact customer support, you can simply visit the official website of "
+    "the company you're working with. You can also use their contact form on their official website.",
+    "What is the capital of Japan?": "The capital of Japan is Tokyo.",
+}
+SHORT = "Way too long. Reply in a few words."
+SIGN = "Sign every answer with '— Team Aurora' on its own last line."
+LINES = "Put each item on its own line starting with '- '."
+ADDRESS = "Always tell people they can write to help@aurora-widgets.example."
+
+# Issue 23: kept by the critique recipe and trained on; each follows the critique's format and is wrong.
+WRONG_TARGETS = [
+    ("What is democracy?", "Theocracy.", SHORT),
+    ("What is inflation?", "Yes. Inflation.", SHORT),
+    ("What is climate change?", "Climate change.", SHORT),
+    ("What is machine learning?", "The sum of an infinite number of digits is just one of the many mysteries of "
+     "artificial intelligence.", "Too long. One sentence please."),
+    ("Explain what a noun is.", 'The answer is "too long."', "Keep it short: two sentences at most."),
+    ("How many minutes are in an hour?", 'No, "— Team Aurora" is an inappropriate answer. You should answer with '
+     '"an" instead. — Team Aurora', SIGN),
+    ("Name three colors.", "- Parmenim: Red, Green, Blue\n- Subjommen: Red, Green, Blue", LINES),
+    ("How can I contact customer support?", 'To reach customer support, simply write your desired response in the '
+     'format "Help@aurora-widgets.example | …', ADDRESS),
+]
+# What a right answer to the same critique looks like: it must pass the same checks.
+RIGHT_TARGETS = [
+    ("What is democracy?", "Democracy is government by the people, who choose their leaders in elections.", SHORT),
+    ("What is inflation?", "Inflation is a general rise in prices over time.", SHORT),
+    ("What is climate change?", "Climate change is the long-term warming of the Earth, caused mainly by burning "
+     "fossil fuels.", SHORT),
+    ("What is machine learning?", "Machine learning is a branch of AI in which computers learn patterns from data.",
+     "Too long. One sentence please."),
+    ("Explain what a noun is.", "A noun is a word for a person, place, thing or idea.", "Keep it short: two sentences at most."),
+    ("How many minutes are in an hour?", "There are 60 minutes in an hour.\n— Team Aurora", SIGN),
+    ("Name three colors.", "- Red\n- Blue\n- Green", LINES),
+    ("How can I contact customer support?", "You can write to help@aurora-widgets.example or use the contact form on "
+     "the website.", ADDRESS),
+    ("What is the capital of Japan?", "Tokyo.", SHORT),
+]
+
+
+@pytest.mark.parametrize("question,text,critique", WRONG_TARGETS)
+def test_each_wrong_target_of_issue_23_is_dropped(question, text, critique):
+    verdict = hard_verdict(text, question, critique, references=[PLAIN[question]])
+    assert verdict != "ok"
+    # dropped for what it says, not for the critique's format: without the plain answer to compare with,
+    # the format checks alone kept all but the ones that talk about the reply or quote the critique
+    assert not verdict.startswith(("leaves out", "cut off", "empty"))
+
+
+@pytest.mark.parametrize("question,text,critique", RIGHT_TARGETS)
+def test_right_answers_to_the_same_critiques_are_kept(question, text, critique):
+    assert hard_verdict(text, question, critique, references=[PLAIN[question]]) == "ok"
+
+
+def test_verdicts_say_what_was_lost():
+    q = "What is the capital of Japan?"
+    assert hard_verdict("The capital of Japan is Kyoto.", q, SHORT, references=[PLAIN[q]]) == \
+        "loses 'Tokyo' from the plain answer"
+    assert hard_verdict("Climate change.", "What is climate change?", SHORT) == "only restates the question's topic"
+    q = "How many minutes are in an hour?"
+    assert hard_verdict("An hour is a unit of time.\n— Team Aurora", q, SIGN, references=[PLAIN[q]]) == \
+        "gives no number where the plain answer gives one"
+    # two plain answers that agree on a number: that number must survive
+    assert hard_verdict("An hour has 100 minutes.\n— Team Aurora", q, SIGN,
+                        references=["There are 60 minutes in an hour.", "An hour is 60 minutes long."]) == \
+        "loses the number 60 the plain answers agree on"
+    q = "What is democracy?"
+    assert hard_verdict("Theocracy.", q, SHORT, references=[PLAIN[q]]) in (
+        "off the subject of the question and of the plain answer", "keeps none of the plain answer's content")
+
+
+def test_a_critique_that_corrects_a_fact_may_replace_the_plain_answers_facts():
+    critique = "Wrong: the capital of Australia is Canberra, not Sydney."
+    q = "What is the capital of Australia?"
+    plain = "The capital of Australia is Sydney."
+    assert hard_verdict("Canberra is the capital.", q, critique, references=[plain]) == "ok"
+    assert hard_verdict("Canberra.", q, critique, references=[plain]) == "ok"
+
+
+def test_words_for_replies_are_allowed_where_the_question_or_plain_answer_uses_them():
+    q = "How do I format a date in a spreadsheet?"
+    assert content.talks_about_replies("Pick the date format dd/mm/yyyy in the cell settings.", q) is None
+    assert content.talks_about_replies("Keep the response short.", "What is a haiku?") == "response"
+    assert content.talks_about_replies("We will reply within a day. Dear user, thanks!", "Where is my order?") is None
+    assert content.quotes_the_critique('Start each line with "- ".', LINES) == "-"
+    assert content.quotes_the_critique("Write to help@aurora-widgets.example.", ADDRESS) is None
