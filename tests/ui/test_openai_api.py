@@ -191,9 +191,9 @@ def test_critique_answers_the_proposed_revision_and_accept_stores_it(settings, s
     mid = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Sleep tips?"}]}
                     ).json()["chatfb"]["message_id"]
     fake_client.follows = ("- ",)
-    fake_client.enqueue("Sleep more.", "- Go to bed early.\n- Keep it dark.")
+    fake_client.enqueue("Sleep more.", "- Sleep more: go to bed early.\n- Relax in a dark room.")
     r = http.post(f"/v1/chatfb/messages/{mid}/critique", json={"critique": "Use a bulleted list."}).json()
-    assert r["revision"]["text"].startswith("- Go to bed") and r["error"] is None
+    assert r["error"] is None and r["revision"]["text"].startswith("- Sleep more"), r
     accepted = http.post(f"/v1/chatfb/revisions/{r['revision']['candidate_id']}/accept", json={}).json()
     assert accepted["message_id"] == mid
     correction = store.feedback(accepted["feedback_id"])
