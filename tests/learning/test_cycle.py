@@ -13,10 +13,14 @@ from chatfb.cli import main as cli
 
 
 def make_adapter(store, data_dir, name, status="candidate"):
+    adapter_files(data_dir, name)
+    store.add_adapter(name, None, status, name)
+
+
+def adapter_files(data_dir, name):
     path = data_dir / "adapters" / name
     path.mkdir(parents=True)
     (path / "adapter_config.json").write_text("{}")
-    store.add_adapter(name, None, status, name)
 
 
 def test_compare_unloads_the_previous_adapter_it_loaded(store, settings, fake_client):
@@ -65,8 +69,9 @@ def test_the_nightly_cycle_applies_retention(settings, monkeypatch, capsys):
     from chatfb.store.records import utcnow
 
     with Store(settings.db_path) as s:
-        s.add_message(s.create_conversation("s-old", "ann"), "user", "an old question")
-        s._q("UPDATE conversations SET created_at = ?", (utcnow() - timedelta(days=40),))
+        with monkeypatch.context() as m:  # written 40 days ago, by the store's own clock
+            m.setattr("chatfb.store.db.utcnow", lambda: utcnow() - timedelta(days=40))
+            s.add_message(s.create_conversation("s-old", "ann"), "user", "an old question")
         s.add_message(s.create_conversation("s-new", "bob"), "user", "a new question")
     monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
     monkeypatch.setenv("CHATFB_RETENTION_DAYS", "30")
@@ -136,8 +141,7 @@ def test_the_owner_records_the_childs_result_and_promotes_through_its_registry(s
     from chatfb.learning.cycle import CycleJob, finish
 
     registry = AdapterRegistry(store, [fake_client], AdapterRouter("chatfb-base"), settings.data_dir)
-    make_adapter(store, settings.data_dir, "chatfb-v0001")  # files of the trained candidate...
-    store._q("DELETE FROM adapters")  # ... whose row the owner has not written yet
+    adapter_files(settings.data_dir, "chatfb-v0001")  # the trained candidate, whose row the owner has not written yet
     work = outcome_in(settings, "chatfb-v0001", "candidate", counts={"train_examples": 3}, timings={"train_s": 1.0})
     result = finish(store, registry, CycleJob("chatfb-v0001", None, None), work, 0, True, 0.0)
     assert result.ok and result.promoted and result.metrics["candidate_rougeL"] == 0.5

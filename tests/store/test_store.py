@@ -200,7 +200,7 @@ def test_import_is_all_or_nothing(store):
     assert store.counts()["feedback"] == 2
 
 
-def test_delete_user_and_retention(store):
+def test_delete_user_and_retention(store, monkeypatch):
     for user in ("ann", "bob"):
         cid = store.create_conversation("s-" + user, user)
         store.add_message(cid, "user", "q")
@@ -208,9 +208,13 @@ def test_delete_user_and_retention(store):
         store.log_feedback(a, "rating", rating=1, user_name=user)
     assert store.delete_user("ann") == 1
     assert store.counts()["conversations"] == 1 and store.counts()["feedback"] == 1
-    store._q("UPDATE conversations SET created_at = ?", (utcnow() - timedelta(days=40),))
+    with monkeypatch.context() as m:  # written 40 days ago, by the store's own clock
+        m.setattr("chatfb.store.db.utcnow", lambda: utcnow() - timedelta(days=40))
+        old = store.create_conversation("s-old", "cat")
+        store.add_message(old, "user", "an old question")
     assert store.apply_retention(30) == 1
-    assert store.counts()["messages"] == 0
+    assert store.conversation(old) is None
+    assert [m["content"] for m in store.messages(cid)] == ["q", "r"]  # bob's, not 30 days old yet
 
 
 def test_concurrent_writers_group_commit_keeps_every_row_exact(settings):
@@ -317,7 +321,7 @@ def test_a_bad_write_fails_alone_and_no_rolled_back_write_is_acknowledged(settin
     calls = {f"adapter{i}": (lambda i=i: store.add_adapter(f"a{i}", None, "candidate", None)) for i in range(4)}
     calls.update({f"turn{i}": (lambda i=i: store.add_turn(cid, f"q{i}")) for i in range(4)})
     calls.update({f"feedback{i}": (lambda i=i: store.log_feedback(replies[i], "critique", text=f"c{i}")) for i in range(4)})
-    calls["duplicate"] = lambda: store._tx([("INSERT INTO adapters (name, status, created_at) VALUES ('a2', 'x', now())", ())])
+    calls["duplicate"] = lambda: store.add_adapter("a2", None, "x", None)
     threads = [threading.Thread(target=write, args=item) for item in calls.items()]
     for t in threads[:-1]:
         t.start()
