@@ -17,41 +17,62 @@ def test_migrations_run_once_and_are_recorded(settings):
         assert s.applied_migrations() == [name for name, _ in MIGRATIONS]
     with Store(settings.db_path) as s:  # reopening applies nothing twice
         assert s.applied_migrations() == [name for name, _ in MIGRATIONS]
-        rows = s._q("SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns"
-                    " WHERE table_schema = 'main' ORDER BY table_name, ordinal_position")
+        schema = schema_of(s)
+    # a new migration changes this on purpose: update SCHEMA with it
+    assert sorted(schema) == sorted(SCHEMA), "the store's tables are not the ones SCHEMA lists"
+    for table, expected in SCHEMA.items():
+        assert schema[table] == expected, f"table {table}: columns, keys or indexes differ from SCHEMA"
+
+
+def schema_of(store) -> dict[str, list[str]]:
+    """Every table of the store: its columns in order (type, NOT NULL, default), then its keys and its indexes."""
     schema: dict[str, list[str]] = {}
-    for table, column, kind, nullable in rows:
-        schema.setdefault(table, []).append(f"{column} {kind}" + ("" if nullable == "YES" else " NOT NULL"))
-    assert schema == SCHEMA  # a new migration changes this on purpose: update SCHEMA with it
+    for table, column, kind, nullable, default in store._q(
+            "SELECT table_name, column_name, data_type, is_nullable, column_default FROM information_schema.columns"
+            " WHERE table_schema = 'main' ORDER BY table_name, ordinal_position"):
+        schema.setdefault(table, []).append(f"{column} {kind}" + ("" if nullable == "YES" else " NOT NULL")
+                                            + ("" if default is None else f" DEFAULT {default}"))
+    for table, kind, columns in store._q(
+            "SELECT table_name, constraint_type, constraint_column_names FROM duckdb_constraints()"
+            " WHERE schema_name = 'main' AND constraint_type <> 'NOT NULL' ORDER BY ALL"):
+        schema.setdefault(table, []).append(f"{kind} ({', '.join(columns)})")
+    for table, sql in store._q("SELECT table_name, sql FROM duckdb_indexes() WHERE schema_name = 'main' ORDER BY ALL"):
+        schema.setdefault(table, []).append(sql.rstrip(";"))
+    return schema
 
 
-# The store's schema after every migration: each table, each column with its type, in order.
+# The store's whole schema after every migration: each table, each column with its type and default in order,
+# then its keys and indexes.
 SCHEMA = {
-    "_migrations": ["name VARCHAR NOT NULL", "applied_at TIMESTAMP"],
+    "_migrations": ["name VARCHAR NOT NULL", "applied_at TIMESTAMP", "PRIMARY KEY (name)"],
     "api_keys": ["id VARCHAR NOT NULL", "user_name VARCHAR NOT NULL", "key_hash VARCHAR NOT NULL", "prefix VARCHAR NOT NULL",
-                 "created_at TIMESTAMP NOT NULL", "revoked_at TIMESTAMP"],
+                 "created_at TIMESTAMP NOT NULL", "revoked_at TIMESTAMP", "PRIMARY KEY (id)", "UNIQUE (key_hash)"],
     "adapters": ["name VARCHAR NOT NULL", "parent VARCHAR", "status VARCHAR NOT NULL", "path VARCHAR",
                  "created_at TIMESTAMP NOT NULL", "promoted_at TIMESTAMP", "metrics JSON", "data_counts JSON",
-                 "timings JSON", "recipe JSON", "error VARCHAR", "deleted_users INTEGER"],
+                 "timings JSON", "recipe JSON", "error VARCHAR", "deleted_users INTEGER DEFAULT 0", "PRIMARY KEY (name)"],
     "candidates": ["id VARCHAR NOT NULL", "feedback_id VARCHAR NOT NULL", "message_id VARCHAR", "origin VARCHAR NOT NULL",
                    "text VARCHAR NOT NULL", "score DOUBLE", "verdict VARCHAR NOT NULL", "status VARCHAR NOT NULL",
-                   "session_id VARCHAR", "cycle VARCHAR", "details JSON", "created_at TIMESTAMP NOT NULL"],
+                   "session_id VARCHAR", "cycle VARCHAR", "details JSON", "created_at TIMESTAMP NOT NULL",
+                   "PRIMARY KEY (id)", "CREATE INDEX candidates_feedback ON candidates(feedback_id)"],
     "conversations": ["id VARCHAR NOT NULL", "session_id VARCHAR NOT NULL", "user_name VARCHAR",
-                      "system_prompt VARCHAR NOT NULL", "source VARCHAR NOT NULL", "created_at TIMESTAMP NOT NULL",
-                      "client VARCHAR"],
+                      "system_prompt VARCHAR NOT NULL DEFAULT ''", "source VARCHAR NOT NULL DEFAULT 'chat'",
+                      "created_at TIMESTAMP NOT NULL", "client VARCHAR", "PRIMARY KEY (id)"],
     "feedback": ["id VARCHAR NOT NULL", "message_id VARCHAR NOT NULL", "kind VARCHAR NOT NULL", "rating INTEGER",
                  "text VARCHAR", "user_name VARCHAR", "session_id VARCHAR", "created_at TIMESTAMP NOT NULL",
-                 "superseded_at TIMESTAMP", "derived_from VARCHAR", "origin VARCHAR", "trusted BOOLEAN"],
-    "flagged_authors": ["author VARCHAR NOT NULL", "reason VARCHAR", "flagged_at TIMESTAMP NOT NULL"],
+                 "superseded_at TIMESTAMP", "derived_from VARCHAR", "origin VARCHAR", "trusted BOOLEAN DEFAULT false",
+                 "PRIMARY KEY (id)", "CREATE INDEX feedback_message ON feedback(message_id)"],
+    "flagged_authors": ["author VARCHAR NOT NULL", "reason VARCHAR", "flagged_at TIMESTAMP NOT NULL", "PRIMARY KEY (author)"],
     "guidelines": ["id VARCHAR NOT NULL", "text VARCHAR NOT NULL", "scope VARCHAR NOT NULL", "status VARCHAR NOT NULL",
                    "session_id VARCHAR", "user_name VARCHAR", "source_feedback_id VARCHAR",
-                   "created_at TIMESTAMP NOT NULL", "approved_at TIMESTAMP", "retired_at TIMESTAMP"],
+                   "created_at TIMESTAMP NOT NULL", "approved_at TIMESTAMP", "retired_at TIMESTAMP", "PRIMARY KEY (id)"],
     "messages": ["id VARCHAR NOT NULL", "conversation_id VARCHAR NOT NULL", "seq INTEGER NOT NULL", "role VARCHAR NOT NULL",
-                 "content VARCHAR NOT NULL", "status VARCHAR NOT NULL", "error VARCHAR", "model VARCHAR",
-                 "adapter VARCHAR", "replaces VARCHAR", "replaced BOOLEAN NOT NULL", "created_at TIMESTAMP NOT NULL",
-                 "ttft_ms DOUBLE", "latency_ms DOUBLE", "prompt_tokens INTEGER", "completion_tokens INTEGER",
-                 "guidelines JSON"],
-    "reviews": ["feedback_id VARCHAR NOT NULL", "decision VARCHAR NOT NULL", "decided_at TIMESTAMP NOT NULL"],
+                 "content VARCHAR NOT NULL", "status VARCHAR NOT NULL DEFAULT 'ok'", "error VARCHAR", "model VARCHAR",
+                 "adapter VARCHAR", "replaces VARCHAR", "replaced BOOLEAN NOT NULL DEFAULT false",
+                 "created_at TIMESTAMP NOT NULL", "ttft_ms DOUBLE", "latency_ms DOUBLE", "prompt_tokens INTEGER",
+                 "completion_tokens INTEGER", "guidelines JSON", "PRIMARY KEY (id)",
+                 "CREATE INDEX messages_conversation ON messages(conversation_id)"],
+    "reviews": ["feedback_id VARCHAR NOT NULL", "decision VARCHAR NOT NULL", "decided_at TIMESTAMP NOT NULL",
+                "PRIMARY KEY (feedback_id)"],
 }
 
 
