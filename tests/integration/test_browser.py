@@ -70,7 +70,8 @@ def test_stream_critique_and_correct_in_a_browser(browser, app):
     with app.snapshot_store() as s:
         rows = s._q("SELECT f.kind, f.text, m.role FROM feedback f JOIN messages m ON m.id = f.message_id"
                     " WHERE f.text IN (?, ?)", (critique, correction))
-    assert sorted(r[0] for r in rows) == ["correction", "critique"] and {r[2] for r in rows} == {"assistant"}
+    assert sorted((r[0], r[2]) for r in rows) == [("correction", "assistant"), ("critique", "assistant")], \
+        f"the critique and the correction, each stored once against the reply: {rows}"
     ctx.close()
 
 
@@ -86,17 +87,20 @@ def test_markup_is_inert_and_sessions_are_private(browser, app):
     for link in a.locator("#chatbot a").all():
         link.click(no_wait_after=True) if (link.get_attribute("href") or "").startswith("javascript") else None
     a.wait_for_timeout(500)
-    assert a.evaluate("window.__xss") is None
+    assert a.evaluate("window.__xss") is None, "a user's markup ran as script"
     user_text = a.locator("#chatbot [data-testid='user']").last.inner_text()
-    assert "<img src=x" in user_text and "<script>" in user_text  # shown as text
-    assert a.locator("#chatbot img[src='x']").count() == 0 and a.locator("#chatbot script").count() == 0
-    assert all(not (l.get_attribute("href") or "").lower().startswith("javascript:") for l in a.locator("#chatbot a").all())
+    assert "<img src=x" in user_text and "<script>" in user_text, f"markup not shown as text: {user_text!r}"
+    assert a.locator("#chatbot img[src='x']").count() == 0 and a.locator("#chatbot script").count() == 0, \
+        "a user's <img> or <script> became an element"
+    hrefs = [l.get_attribute("href") or "" for l in a.locator("#chatbot a").all()]
+    assert not any(h.lower().startswith("javascript:") for h in hrefs), f"a javascript: link was rendered: {hrefs}"
     # session B: a fresh page load shows none of A's conversation
     with app.snapshot_store() as s:
         [(a_conv,)] = s._q("SELECT conversation_id FROM messages WHERE content LIKE ?", (f"%{secret}%",))
     ctx_b, b = open_chat(browser, app)
     b.wait_for_timeout(1000)  # the page load's own conversation has been filled in
-    assert secret not in b.content() and b.locator("#chatbot [data-testid='user']").count() == 0
+    assert secret not in b.content(), "session B sees session A's message"
+    assert b.locator("#chatbot [data-testid='user']").count() == 0, "a fresh session shows someone's messages"
     # B chats, and its next message carries A's conversation id where the UI keeps the conversation
     own, forged = f"Hello from session B ({uuid.uuid4().hex[:6]}).", f"Show me the chat ({uuid.uuid4().hex[:6]})."
     send(b, own)
@@ -119,8 +123,8 @@ def test_markup_is_inert_and_sessions_are_private(browser, app):
                         " const r = [...document.querySelectorAll(\"#chatbot [data-testid='bot']\")].pop();"
                         f" return u && u.innerText.includes({forged!r}) && r && r.innerText.includes('chatfb-base'); }})()",
                         timeout=120_000)
-    assert sent and a_conv in json.dumps(sent[0]["data"])
-    assert secret not in b.content()
+    assert sent and a_conv in json.dumps(sent[0]["data"]), "the forged request with A's conversation id was not sent"
+    assert secret not in b.content(), "a forged conversation id showed session A's messages to B"
     with app.snapshot_store() as s:
         in_a = [m for (m,) in s._q("SELECT content FROM messages WHERE conversation_id = ?", (a_conv,))]
     assert not any(own in m or forged in m for m in in_a), in_a  # nothing of B's went into A's conversation
@@ -148,7 +152,7 @@ def test_feedback_on_the_message_itself_and_a_revision_accepted(browser, app):
     page.wait_for_selector("#fb-status:has-text('feedback saved')", timeout=60_000)
     page.reload()
     page.wait_for_selector("#chatbot [data-testid='bot']", timeout=30_000)
-    assert question in page.locator("#chatbot [data-testid='user']").last.inner_text()
+    assert question in page.locator("#chatbot [data-testid='user']").last.inner_text(), "the chat is gone after a reload"
     page.wait_for_selector("#chatbot button[aria-label='Liked']", timeout=10_000)  # the stored like, shown again
     # critique opened from the message, revision proposed, edited, accepted
     page.locator("#chatbot button[aria-label='Feedback']").last.click()
@@ -164,27 +168,31 @@ def test_feedback_on_the_message_itself_and_a_revision_accepted(browser, app):
         page.wait_for_function("['Revised following', 'None of the drafts', 'could not be made'].some(t => "
                                "document.querySelector('#revision-status').innerText.includes(t))", timeout=180_000)
         note = page.locator("#revision-status").inner_text()
-        assert "could not be made" not in note  # the server is up: a failed generation is a bug
+        assert "could not be made" not in note, f"a failed generation with the server up: {note!r}"
         if "Revised following" in note or attempt == 3:
             break
         page.locator("#retry-revision").click()
         page.wait_for_function("!document.querySelector('#revision-status').innerText.includes('None of the drafts')")
-    assert "Revised following" in page.locator("#revision-status").inner_text()
+    note = page.locator("#revision-status").inner_text()
+    assert "Revised following" in note, f"no draft kept in 4 tries: {note!r}"
     page.locator("#edit-revision").click()
     box = page.locator("#revision textarea")
     edited = box.input_value().strip() + "\n- Put things back where they belong."
     box.fill(edited)
     page.locator("#accept-revision").click()
     page.wait_for_selector("#fb-status:has-text('Revision accepted')")
-    assert "corrected by you" in page.locator("#chatbot [data-testid='bot']").last.inner_text()
+    shown = page.locator("#chatbot [data-testid='bot']").last.inner_text()
+    assert "corrected by you" in shown, f"the accepted revision is not shown as the reply: {shown!r}"
     rows = feedback_rows(app, "SELECT f.kind, f.rating, f.text, f.derived_from, c.text FROM feedback f JOIN messages m"
                          " ON m.id = f.message_id LEFT JOIN feedback c ON c.id = f.derived_from"
                          " WHERE m.conversation_id = (SELECT conversation_id FROM messages WHERE content = ? ORDER BY created_at DESC"
                          " LIMIT 1)"
                          " AND f.superseded_at IS NULL", (question,))
     kinds = {r[0]: r for r in rows}
-    assert kinds["rating"][1] == 1 and kinds["critique"][2] == critique
-    assert kinds["correction"][2] == edited.strip() and kinds["correction"][4] == critique
+    assert {"rating", "critique", "correction"} <= set(kinds), rows
+    assert kinds["rating"][1] == 1 and kinds["critique"][2] == critique, rows
+    assert kinds["correction"][2] == edited.strip(), "the stored correction is not the edited revision"
+    assert kinds["correction"][4] == critique, "the correction is not linked to the critique it came from"
     ctx.close()
 
 
@@ -197,7 +205,8 @@ def test_edit_in_place_is_the_correction(browser, app):
     page.locator("#chatbot textarea").fill(fixed)
     page.locator("#chatbot button[aria-label='Submit']").click()
     page.wait_for_selector("#fb-status:has-text('Correction saved')")
-    assert fixed in page.locator("#chatbot [data-testid='bot']").last.inner_text()
+    shown = page.locator("#chatbot [data-testid='bot']").last.inner_text()
+    assert fixed in shown, f"the edit is not shown as the reply: {shown!r}"
     rows = feedback_rows(app, "SELECT f.text FROM feedback f WHERE f.kind = 'correction' AND f.text = ?", (fixed,))
     assert rows == [(fixed,)]
     ctx.close()
@@ -210,18 +219,18 @@ def test_guidelines_panel_saves_shows_inert_and_removes(browser, app):
     page.locator("#guideline-text textarea").fill(rule)
     page.locator("#add-guideline").click()
     page.wait_for_selector("#fb-status:has-text('Guideline saved')")
-    assert rule in page.locator("#guidelines-list").inner_text()
-    assert page.locator("#guidelines-list b").count() == 0  # shown as text, not markup
+    assert rule in page.locator("#guidelines-list").inner_text(), "the saved guideline is not listed as text"
+    assert page.locator("#guidelines-list b").count() == 0, "a guideline's markup became an element"
     send(page, "Say hello.")
     last_bot_done(page)
     rows = feedback_rows(app, "SELECT r.guidelines FROM messages u JOIN messages r ON r.conversation_id = u.conversation_id"
                          " AND r.seq = u.seq + 1 WHERE u.content = 'Say hello.'")
-    assert any(g and len(g) > 2 for (g,) in rows)  # the reply was generated under the guideline
+    assert any(g and len(g) > 2 for (g,) in rows), f"the reply was not generated under the guideline: {rows}"
     page.locator("#guideline-pick input").click()
     page.locator("#guideline-pick [data-testid='dropdown-option']").first.click()
     page.locator("#remove-guideline").click()
     page.wait_for_selector("#fb-status:has-text('Guideline removed')")
-    assert rule not in page.locator("#guidelines-list").inner_text()
+    assert rule not in page.locator("#guidelines-list").inner_text(), "the removed guideline is still listed"
     ctx.close()
 
 
@@ -239,5 +248,6 @@ def test_stop_keeps_the_partial_reply(browser, app):
     rows = feedback_rows(app, "SELECT r.status, r.content FROM messages u JOIN messages r ON r.conversation_id = "
                          "u.conversation_id AND r.seq = u.seq + 1 WHERE u.content LIKE ?", (f"%dragon called {tag}%",))
     [(status, content)] = rows
-    assert status == "stopped" and len(content) > 10 and content.split()[0] in shown
+    assert status == "stopped" and len(content) > 10 and content.split()[0] in shown, \
+        f"the stopped reply's partial text must be kept and shown: {status} {content!r} / {shown!r}"
     ctx.close()

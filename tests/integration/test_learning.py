@@ -45,27 +45,28 @@ def test_a_cycle_teaches_the_preference_and_hot_loads_it(app, vllm_url):
     result = json.loads(out.stdout[out.stdout.index("{"):])
     assert result["promoted"], result
     name = result["adapter"]
-    assert name in client.models()  # hot-loaded into the running server, no restart
+    assert name in client.models(), f"{name} not hot-loaded into the running server: {client.models()}"
     after = ask(client, name, NEW_PROMPTS)
     base_rate = sum(EMAIL in r for r in before) / len(NEW_PROMPTS)
     adapter_rate = sum(EMAIL in r for r in after) / len(NEW_PROMPTS)
     print(f"\nheld-out uptake: base {base_rate:.2f} -> {name} {adapter_rate:.2f}; metrics {result['metrics']}")
     assert adapter_rate >= base_rate + 0.5, (before, after)
-    assert result["metrics"]["control_agreement"] >= gate.GatePolicy().min_control_agreement
-    assert "Paris" in ask(client, name, ["What is the capital of France?"])[0]
+    assert result["metrics"]["control_agreement"] >= gate.GatePolicy().min_control_agreement, result["metrics"]
+    paris = ask(client, name, ["What is the capital of France?"])[0]
+    assert "Paris" in paris, f"the adapter forgot a general fact: {paris!r}"
     listing = app.cli("adapters", "list").stdout
-    assert name in listing and "live" in listing
+    assert name in listing and "live" in listing, listing
     with app.snapshot_store() as s:
         a = s.adapter(name)
-        assert a["status"] == "live" and a["parent"] is None
-        assert a["metrics"]["candidate_rougeL"] > a["metrics"]["incumbent_rougeL"]
-        assert a["data_counts"]["train_correction"] > 20 and a["timings"]["train_s"] > 0
+        assert a["status"] == "live" and a["parent"] is None, a
+        assert a["metrics"]["candidate_rougeL"] > a["metrics"]["incumbent_rougeL"], a["metrics"]
+        assert a["data_counts"]["train_correction"] > 20 and a["timings"]["train_s"] > 0, (a["data_counts"], a["timings"])
     # new chats are routed to the adapter
     from gradio_client import Client
 
     shown = Client(app.url, verbose=False).predict("How do I reach support?", "You are a helpful assistant.",
                                                    api_name="/send")[0]
-    assert name in shown[-1]["content"][0]["text"]
+    assert name in shown[-1]["content"][0]["text"], f"a new chat was not answered by {name}: {shown[-1]}"
 
 
 def test_training_killed_midway_promotes_nothing(app):
@@ -80,14 +81,15 @@ def test_training_killed_midway_promotes_nothing(app):
             trainer = subprocess.run(["pgrep", "-f", "chatfb.learning.train"], capture_output=True, text=True).stdout.split()
             for pid in trainer:
                 os.kill(int(pid), signal.SIGKILL)
-    assert proc.wait(600) != 0
+    assert proc.wait(600) != 0, "the cycle whose trainer was killed exited 0: " + "".join(lines[-30:])
     assert any("training failed" in l for l in lines), "".join(lines[-30:])
     with app.snapshot_store() as s:
         assert s.live_adapter()["name"] == live_before
         newest = s.adapters()[-1]
-        assert newest["status"] == "failed" and "exit" in newest["error"]
-    assert not list((app.data_dir / "adapters").glob("*.partial"))
-    assert not (app.data_dir / "adapters" / newest["name"]).exists()
+        assert newest["status"] == "failed" and "exit" in newest["error"], newest
+    partial = list((app.data_dir / "adapters").glob("*.partial"))
+    assert not partial, f"a killed training left partial adapter folders: {partial}"
+    assert not (app.data_dir / "adapters" / newest["name"]).exists(), "the failed adapter's folder was kept"
 
 
 def test_bad_data_is_refused_and_rollback_restores_the_previous_version(app, vllm_url, tmp_path):
@@ -114,17 +116,18 @@ def test_bad_data_is_refused_and_rollback_restores_the_previous_version(app, vll
     result = json.loads(out.stdout[out.stdout.index("{"):])
     assert not result["promoted"] and "drifted" in result["reason"], result
     client = ModelClient(vllm_url)
-    assert result["adapter"] not in client.models()
+    assert result["adapter"] not in client.models(), f"the rejected adapter was loaded: {client.models()}"
     with app.snapshot_store() as s:
         assert s.live_adapter()["name"] == live_before
         assert s.adapter(result["adapter"])["status"] == "rejected"
     # rollback: the base model serves again, in vLLM and for new chats
-    assert "base model" in app.cli("adapters", "rollback").stdout
+    rollback = app.cli("adapters", "rollback").stdout
+    assert "base model" in rollback, rollback
     wait_until(lambda: live_before not in client.models(), 30, "the rolled-back adapter to be unloaded")
     with app.snapshot_store() as s:
         assert s.live_adapter() is None and s.adapter(live_before)["status"] == "rolled_back"
     app.cli("adapters", "promote", live_before)
-    assert live_before in client.models()
+    assert live_before in client.models(), f"{live_before} not loaded again after promote: {client.models()}"
 
 
 def cycle_result(text: str) -> dict:
@@ -145,7 +148,8 @@ def test_train_now_from_the_admin_tab(app, vllm_url):
     if not has_feedback:  # run on its own: something to train on (in the suite, earlier tests taught plenty)
         app.cli("import-feedback", str(DATA / "support_email.jsonl"), "--trusted")
     admin = Client(app.url, verbose=False)
-    assert admin.predict(api_name="/train_now").startswith("⚠️ Unlock")
+    locked = admin.predict(api_name="/train_now")
+    assert locked.startswith("⚠️ Unlock"), f"Train now ran without the admin password: {locked!r}"
     admin.predict(ADMIN_PASSWORD, api_name="/admin_unlock")
     assert admin.predict(api_name="/train_now") == "Learning cycle started."
     assert admin.predict(api_name="/train_now") == "A learning cycle is already running."
@@ -157,15 +161,17 @@ def test_train_now_from_the_admin_tab(app, vllm_url):
     assert result["ok"] and result["adapter"], result  # trained and evaluated: there was feedback to learn from
     name = result["adapter"]
     with app.snapshot_store() as s:
-        assert len(s.adapters()) == n_before + 1 and s.adapters()[-1]["name"] == name
+        assert [a["name"] for a in s.adapters()][n_before:] == [name], "the cycle did not add exactly its adapter"
         adapter, live = s.adapter(name), s.live_adapter()
-    assert adapter["metrics"]["decision"] == result["reason"] and adapter["metrics"]["candidate_rougeL"] is not None
+    assert adapter["metrics"]["decision"] == result["reason"] and adapter["metrics"]["candidate_rougeL"] is not None, \
+        (adapter["metrics"], result["reason"])
     if result["promoted"]:  # the gate passed: Train now promotes (it never leaves a mere candidate)
-        assert result["reason"].startswith("better") and adapter["status"] == "live" and live["name"] == name
-        assert name in ModelClient(vllm_url).models()
+        assert result["reason"].startswith("better") and adapter["status"] == "live" and live["name"] == name, \
+            (result["reason"], adapter["status"], live)
+        assert name in ModelClient(vllm_url).models(), f"promoted {name} is not loaded in vLLM"
     else:
-        assert adapter["status"] == "rejected" and (live or {}).get("name") != name
-        assert name not in ModelClient(vllm_url).models()
+        assert adapter["status"] == "rejected" and (live or {}).get("name") != name, (adapter["status"], live)
+        assert name not in ModelClient(vllm_url).models(), f"rejected {name} is loaded in vLLM"
 
 
 def test_a_critique_only_cycle_selects_records_and_trains_without_the_critique(app, tmp_path):
@@ -193,19 +199,25 @@ def test_a_critique_only_cycle_selects_records_and_trains_without_the_critique(a
         adapter = s.adapter(name)
     assert cands and {x["status"] for x in cands} <= {"kept", "dropped"}, cands
     kept = [x for x in cands if x["status"] == "kept"]
-    assert len(kept) == c["candidates_kept"] and len(cands) == c["candidates_kept"] + c["candidates_dropped"]
-    assert all(x["verdict"] == "ok" for x in kept) and all(x["details"]["critique"] == critique for x in cands)
+    assert (len(kept), len(cands) - len(kept)) == (c["candidates_kept"], c["candidates_dropped"]), \
+        "the rows recorded (kept, dropped) differ from the cycle's counts"
+    assert all(x["verdict"] == "ok" for x in kept), [x["verdict"] for x in kept]
+    assert all(x["details"]["critique"] == critique for x in cands), "a candidate recorded with another critique"
     assert all(x["verdict"] != "ok" for x in cands if x["status"] == "dropped" and x["details"]["task"] == "critique"
-               and not any(k["feedback_id"] == x["feedback_id"] for k in kept))  # a task without a kept one had no ok one
+               and not any(k["feedback_id"] == x["feedback_id"] for k in kept)), \
+        "a task with no kept candidate had one whose verdict was ok"
     if not kept:  # every candidate failed: no example, no training, and the cycle says so
-        assert not result["ok"] and result["reason"].startswith("no usable training examples") and adapter["status"] == "failed"
+        assert not result["ok"] and result["reason"].startswith("no usable training examples"), result
+        assert adapter["status"] == "failed", adapter
         return
     sft = [json.loads(line) for line in (app.data_dir / "work" / name / "sft.jsonl").read_text().splitlines()]
     targets = {r["completion"][0]["content"]: r["prompt"] for r in sft}
     for x in kept:
-        assert x["text"] in targets and critique not in json.dumps(targets[x["text"]])  # trained without the critique
-    assert result["ok"] and adapter["status"] in ("candidate", "rejected") and result["timings"]["train_s"] > 0
+        assert x["text"] in targets, f"a kept candidate is not a training target: {x['text']!r}"
+        assert critique not in json.dumps(targets[x["text"]]), "trained WITH the critique in the prompt"
+    assert result["ok"] and adapter["status"] in ("candidate", "rejected") and result["timings"]["train_s"] > 0, \
+        (result, adapter["status"])
     m = adapter["metrics"]
     if c["critiques_heldout"]:  # judged by the selection on the held-out critiques, beside the incumbent
-        assert 0 <= m["candidate_critique_pass"] <= 1 and 0 <= m["incumbent_critique_pass"] <= 1
+        assert 0 <= m["candidate_critique_pass"] <= 1 and 0 <= m["incumbent_critique_pass"] <= 1, m
         assert m["heldout_critiques_n"] == c["critiques_heldout"]
