@@ -36,17 +36,17 @@ def test_serving_bench_smoke_measures_all_three_ways(vllm_url, embedded_model, t
         (way, c) for way in ("chatfb", "direct") for c in (1, 2)}
     for lv in r["levels"]:
         assert lv["failures"] == 0, lv["errors"]
-        assert lv["requests"] == lv["concurrency"]
-        assert lv["tokens"] > 0 and lv["tokens_per_s"] > 0
-        assert 0 < lv["ttft_p50_ms"] <= lv["latency_p50_ms"]
+        assert lv["requests"] == lv["concurrency"], lv
+        assert lv["tokens"] > 0 and lv["tokens_per_s"] > 0, lv
+        assert 0 < lv["ttft_p50_ms"] <= lv["latency_p50_ms"], lv
     hf = r["transformers"]
-    assert hf["tokens"] > 0 and hf["tokens_per_s"] > 0 and hf["ttft_p50_ms"] > 0
+    assert hf["tokens"] > 0 and hf["tokens_per_s"] > 0 and hf["ttft_p50_ms"] > 0, hf
     assert r["ratios"]["reference_concurrency"] == 2
-    assert r["ratios"]["chatfb_over_direct_tokens_per_s"] > 0
-    assert r["ratios"]["chatfb_over_transformers_tokens_per_s"] > 0
-    assert "chatfb / direct" in stdout
-    assert "| chats | chatfb tok/s | direct tok/s |" in (tmp_path / "serving_bench.md").read_text()
-    assert (tmp_path / "serving_bench.png").stat().st_size > 0
+    assert r["ratios"]["chatfb_over_direct_tokens_per_s"] > 0, r["ratios"]
+    assert r["ratios"]["chatfb_over_transformers_tokens_per_s"] > 0, r["ratios"]
+    assert "chatfb / direct" in stdout, "the ratio table is not printed:\n" + stdout[-3000:]
+    assert "| chats | chatfb tok/s | direct tok/s |" in (tmp_path / "serving_bench.md").read_text(), "no table in the .md"
+    assert (tmp_path / "serving_bench.png").stat().st_size > 0, "empty chart"
 
 
 def test_refresh_bench_smoke_hot_swap_and_restart(vllm_url, embedded_model, tmp_path):
@@ -55,26 +55,26 @@ def test_refresh_bench_smoke_hot_swap_and_restart(vllm_url, embedded_model, tmp_
 
     r = json.loads((tmp_path / "out" / "refresh_bench.json").read_text())
     swap = r["swap"]
-    assert len(swap["swaps"]) == 1 and swap["load_requests"] > 0
+    assert len(swap["swaps"]) == 1 and swap["load_requests"] > 0, swap
     s = swap["swaps"][0]
-    assert s["activate_ms"] > 0
-    assert 0 < s["saved_to_first_token_ms"] <= s["saved_to_first_reply_ms"]
-    assert s["probe_model"] == s["adapter"] and s["probe_error"] is None  # a new chat goes to the new version
-    assert s["saved_to_active_ms"] < s["new_chat_first_token_ms"] < s["new_chat_reply_ms"]
-    assert s["load_ttft_before_ms"] > 0
+    assert s["activate_ms"] > 0, s
+    assert 0 < s["saved_to_first_token_ms"] <= s["saved_to_first_reply_ms"], s
+    assert s["probe_model"] == s["adapter"] and s["probe_error"] is None, f"a new chat did not go to the new version: {s}"
+    assert s["saved_to_active_ms"] < s["new_chat_first_token_ms"] < s["new_chat_reply_ms"], s
+    assert s["load_ttft_before_ms"] > 0, s
     assert s["failed_requests"] == 0 and swap["load_failures"] == 0, swap["errors"]
     # the shared server is left serving the base model only
     client = ModelClient(vllm_url)
     try:
-        assert not [m for m in client.models() if m.startswith("bench-")]
+        assert not [m for m in client.models() if m.startswith("bench-")], f"bench adapters left loaded: {client.models()}"
     finally:
         client.close()
 
     restart = r["restart"]
-    assert restart["stop_to_healthy_ms"] > 0
-    assert 0 < restart["stop_to_first_token_ms"] <= restart["stop_to_first_reply_ms"]
-    assert restart["load_requests"] > 0
-    assert (tmp_path / "out" / "refresh_bench.png").stat().st_size > 0
+    assert restart["stop_to_healthy_ms"] > 0, restart
+    assert 0 < restart["stop_to_first_token_ms"] <= restart["stop_to_first_reply_ms"], restart
+    assert restart["load_requests"] > 0, restart
+    assert (tmp_path / "out" / "refresh_bench.png").stat().st_size > 0, "empty chart"
 
 
 def test_efficacy_bench_smoke_runs_real_cycles(vllm_url, embedded_model, tmp_path):
@@ -85,10 +85,10 @@ def test_efficacy_bench_smoke_runs_real_cycles(vllm_url, embedded_model, tmp_pat
     assert list(r["modes"]) == ["base", "sft", "ilf", "critique"]
     base = r["modes"]["base"]
     # the base row's retention is not measured (base vs base): never published as 1.0
-    assert base["retention"] is None and base["control_cosine"] is None and base["leak"] is None
+    assert base["retention"] is None and base["control_cosine"] is None and base["leak"] is None, base
     for mode, m in r["modes"].items():
-        assert m["n_runs"] == 1 and set(m["uptake"]) == {"support_email", "house_signoff"}
-        assert all(0 <= v <= 1 for v in m["uptake"].values())
+        assert m["n_runs"] == 1 and set(m["uptake"]) == {"support_email", "house_signoff"}, (mode, m)
+        assert all(0 <= v <= 1 for v in m["uptake"].values()), (mode, m["uptake"])
     for mode in ("sft", "ilf", "critique"):
         m = r["modes"][mode]
         (run,) = m["runs"]
@@ -100,25 +100,31 @@ def test_efficacy_bench_smoke_runs_real_cycles(vllm_url, embedded_model, tmp_pat
         assert not run["counts"].get("refine_errors"), why
         # the trainer, or the embedding model that scored the candidates, held a model in memory
         assert run["cycle_wall_s"] > 0 and run["peak_rss_gib"] > 0.1, why
-        assert run["counts"]["feedback"] == 4
-    assert r["modes"]["sft"]["runs"][0]["counts"]["train_correction"] + r["modes"]["sft"]["runs"][0]["counts"]["heldout_examples"] == 4
+        assert run["counts"]["feedback"] == 4, why
+    sft_counts = r["modes"]["sft"]["runs"][0]["counts"]
+    assert sft_counts["train_correction"] + sft_counts["heldout_examples"] == 4, \
+        f"each of the 4 corrections trains or is held out: {sft_counts}"
     for mode in ("ilf", "critique"):
         run = r["modes"][mode]["runs"][0]
         c = run["counts"]
         # every critique is held out whole, turned into candidates, or counted as beyond the bound
-        assert c["critiques"] == 4 == c["critiques_heldout"] + c["critiques_with_example"] + c["critiques_without_example"]
+        assert c["critiques"] == 4 == c["critiques_heldout"] + c["critiques_with_example"] + c["critiques_without_example"], \
+            (mode, c)
         for fam, sel in run["selection"].items():  # read back from the cycle's own candidates rows
-            assert sel["example_share"] is None or 0 <= sel["example_share"] <= 1
-            assert (sel["precision"] is None) == (sel["kept_examples"] == 0)
+            assert sel["example_share"] is None or 0 <= sel["example_share"] <= 1, (mode, fam, sel)
+            assert (sel["precision"] is None) == (sel["kept_examples"] == 0), \
+                f"{mode}/{fam}: a precision exactly when some example was kept: {sel}"
         kept = sum(sel["kept_examples"] for sel in run["selection"].values())
         assert kept == c["candidates_kept"], (kept, c)
-    assert "| mode |" in (tmp_path / "out" / "efficacy_bench.md").read_text() and "mean uptake" in stdout
-    assert "| base | 1 |" in stdout and "n/a" in stdout
-    assert (tmp_path / "out" / "efficacy_bench.png").stat().st_size > 0
+    assert "| mode |" in (tmp_path / "out" / "efficacy_bench.md").read_text(), "no table in the .md"
+    assert "mean uptake" in stdout and "| base | 1 |" in stdout and "n/a" in stdout, \
+        "the printed table lacks its uptake column, base row or n/a:\n" + stdout[-3000:]
+    assert (tmp_path / "out" / "efficacy_bench.png").stat().st_size > 0, "empty chart"
     # every candidate was taken off the shared server again
     client = ModelClient(vllm_url)
     try:
-        assert not [m for m in client.models() if m.startswith("bench-eff-") or m.startswith("bencheff")]
+        assert not [m for m in client.models() if m.startswith("bench-eff-") or m.startswith("bencheff")], \
+            f"candidate adapters left loaded: {client.models()}"
     finally:
         client.close()
 
@@ -129,12 +135,12 @@ def test_scale_bench_smoke_measures_a_cycle_and_the_database(vllm_url, embedded_
 
     r = json.loads((tmp_path / "out" / "scale_bench.json").read_text())
     (cycle,) = r["cycles"]
-    assert cycle["feedback"] == 12 and cycle["counts"]["feedback"] == 12
-    assert cycle["sft_steps"] == 2  # the step cap held
-    assert cycle["cycle_wall_s"] >= cycle["timings"]["train_s"] > 0 and cycle["peak_rss_gib"] > 0.1
+    assert cycle["feedback"] == 12 and cycle["counts"]["feedback"] == 12, cycle
+    assert cycle["sft_steps"] == 2, "the step cap did not hold"
+    assert cycle["cycle_wall_s"] >= cycle["timings"]["train_s"] > 0 and cycle["peak_rss_gib"] > 0.1, cycle
     d = r["duckdb"]
-    assert d["turns"] == 500 and d["bytes"] > 500 * 600  # every reply is in the file
-    assert (tmp_path / "out" / "scale_bench.png").stat().st_size > 0
+    assert d["turns"] == 500 and d["bytes"] > 500 * 600, f"not every reply is in the file: {d}"
+    assert (tmp_path / "out" / "scale_bench.png").stat().st_size > 0, "empty chart"
 
 
 def test_soak_bench_smoke_swaps_through_the_registry_and_measures_vllm_memory(vllm_url, embedded_model, tmp_path):
@@ -146,20 +152,20 @@ def test_soak_bench_smoke_swaps_through_the_registry_and_measures_vllm_memory(vl
     assert [row["round"] for row in s["rounds"]] == [1, 2]
     for row in s["rounds"]:
         assert "error" not in row, row
-        assert row["compare_error"] is None and row["base_error"] is None
-        assert row["compare_model"].endswith(f"-r{row['round']:03d}")  # a new chat went to the promoted version
-        assert row["rolled_back_to"].endswith("-stable")
-        assert row["rss_bytes"] > 200 * 2**20  # the vLLM process tree holds a model
+        assert row["compare_error"] is None and row["base_error"] is None, row
+        assert row["compare_model"].endswith(f"-r{row['round']:03d}"), f"a new chat missed the promoted version: {row}"
+        assert row["rolled_back_to"].endswith("-stable"), row
+        assert row["rss_bytes"] > 200 * 2**20, f"the vLLM process tree's memory was not measured: {row}"
     assert s["load_failures"] == 0 and s["load_requests"] > 0, s["errors"]
-    assert s["final_adapter"]["answered"] and not s["problems"]
-    assert r["rss"]["growth_from_start"] is not None and len(s["rss_samples"]) >= 5
+    assert s["final_adapter"]["answered"] and not s["problems"], (s["final_adapter"], s["problems"])
+    assert r["rss"]["growth_from_start"] is not None and len(s["rss_samples"]) >= 5, (r["rss"], s["rss_samples"])
     client = ModelClient(vllm_url)  # every soak adapter was taken off the shared server again
     try:
-        assert not [m for m in client.models() if m.startswith("soak-")]
+        assert not [m for m in client.models() if m.startswith("soak-")], f"soak adapters left loaded: {client.models()}"
     finally:
         client.close()
-    assert "| round | seconds | vLLM RSS MiB |" in (tmp_path / "soak_bench.md").read_text()
-    assert (tmp_path / "soak_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| round | seconds | vLLM RSS MiB |" in (tmp_path / "soak_bench.md").read_text(), "no table in the .md"
+    assert (tmp_path / "soak_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "the chart is not a PNG"
 
 
 def test_app_bench_smoke_drives_the_real_app_and_finds_every_turn_in_its_file(tmp_path):
@@ -172,11 +178,12 @@ def test_app_bench_smoke_drives_the_real_app_and_finds_every_turn_in_its_file(tm
         assert [lv["sessions"] for lv in a["levels"]] == [1, 2]
         for lv in a["levels"]:
             assert lv["failures"] == 0, lv["errors"]
-            assert lv["turns"] == 2 * lv["sessions"]
-            assert lv["turns_per_s"] > 0 and 0 < lv["turn_p50_ms"] <= lv["turn_p99_ms"] < lv["wall_s"] * 1000
-            assert lv["app_cpu_cores"] > 0
+            assert lv["turns"] == 2 * lv["sessions"], lv
+            assert lv["turns_per_s"] > 0 and 0 < lv["turn_p50_ms"] <= lv["turn_p99_ms"] < lv["wall_s"] * 1000, lv
+            assert lv["app_cpu_cores"] > 0, lv
         # the warm-up turn and 2 turns per session, each a user message and its reply in the file
-        assert a["turns_acknowledged"] == a["turns_in_file"] == a["messages_in_file"] // 2 == 1 + 2 + 4
+        assert a["turns_acknowledged"] == a["turns_in_file"] == a["messages_in_file"] // 2 == 1 + 2 + 4, \
+            {k: a[k] for k in ("turns_acknowledged", "turns_in_file", "messages_in_file")}
     assert {t["name"]: t["ok"] for t in r["targets"]} == {"failed turns": True, "turns in file / turns acknowledged": True}
-    assert "| chat concurrency | sessions | turns | turns/s |" in stdout
-    assert (tmp_path / "app_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| chat concurrency | sessions | turns | turns/s |" in stdout, "the table is not printed:\n" + stdout[-3000:]
+    assert (tmp_path / "app_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "the chart is not a PNG"

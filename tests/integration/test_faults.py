@@ -41,8 +41,9 @@ def test_fifty_concurrent_sessions_keep_their_own_rows(tmp_path, fake_model):
         def session(i):
             c = Client(app.url, verbose=False)
             shown = c.predict(f"message from session {i}", "", api_name="/send")[0]
-            assert shown[-1]["content"][0]["text"].startswith("word0")
-            assert c.predict(f"critique {i}", api_name="/critique")[0].startswith("✅")
+            assert shown[-1]["content"][0]["text"].startswith("word0"), f"session {i} got {shown[-1]}"
+            note = c.predict(f"critique {i}", api_name="/critique")[0]
+            assert note.startswith("✅"), f"session {i}'s critique refused: {note!r}"
             return i
 
         with ThreadPoolExecutor(50) as pool:
@@ -50,14 +51,17 @@ def test_fifty_concurrent_sessions_keep_their_own_rows(tmp_path, fake_model):
     finally:
         stop_app(app)
     with Store(tmp_path / "data" / "chatfb.duckdb") as s:
-        assert s.counts()["conversations"] == 50 and s.counts()["messages"] == 100 and s.counts()["feedback"] == 50
+        counts = s.counts()
+        assert (counts["conversations"], counts["messages"], counts["feedback"]) == (50, 100, 50), \
+            "50 sessions of one turn and one critique each: (conversations, messages, feedback)"
         rows = s._q("SELECT c.session_id, list(m.content ORDER BY m.seq), any_value(f.text) FROM conversations c"
                     " JOIN messages m ON m.conversation_id = c.id JOIN feedback f ON f.session_id = c.session_id"
                     " GROUP BY c.session_id")
-        assert len(rows) == 50
-        for _, contents, critique in rows:
+        assert len(rows) == 50, f"{len(rows)} sessions have a conversation with feedback, not 50"
+        for session, contents, critique in rows:
             n = contents[0].rsplit(" ", 1)[1]
-            assert critique == f"critique {n}" and contents[1] == "word0 word1 word2 word3 word4"
+            assert critique == f"critique {n}" and contents[1] == "word0 word1 word2 word3 word4", \
+                f"session {session}'s rows are mixed with another's: {contents} / {critique!r}"
 
 
 def test_kill_9_during_feedback_burst_loses_no_acknowledged_row(tmp_path, fake_model):
@@ -92,13 +96,15 @@ def test_kill_9_during_feedback_burst_loses_no_acknowledged_row(tmp_path, fake_m
     with Store(tmp_path / "data" / "chatfb.duckdb") as s:  # opening replays the WAL
         stored = {r[0] for r in s._q("SELECT text FROM feedback")}
         assert set(acked) <= stored, f"lost {len(set(acked) - stored)} acknowledged rows"
-        assert s._q("SELECT count(*) FROM messages WHERE role = 'assistant' AND status = 'pending'")[0][0] == 0
-        assert s.counts()["messages"] == 8
+        pending = s._q("SELECT count(*) FROM messages WHERE role = 'assistant' AND status = 'pending'")[0][0]
+        assert pending == 0, f"{pending} replies left pending after the crash"
+        assert s.counts()["messages"] == 8, "4 turns before the burst: 8 messages"
     stop_app(app)
     # and the app starts again on the same file
     app2 = launch_app(tmp_path / "data", CHATFB_VLLM_URL=fake_model)
     try:
-        assert Client(app2.url, verbose=False).predict("still here?", "", api_name="/send")[0][-1]["role"] == "assistant"
+        shown = Client(app2.url, verbose=False).predict("still here?", "", api_name="/send")[0]
+        assert shown[-1]["role"] == "assistant", f"no reply after restarting on the crashed file: {shown}"
     finally:
         stop_app(app2)
 
@@ -110,16 +116,19 @@ def test_model_server_down_then_back(tmp_path):
     app = launch_app(tmp_path / "data", CHATFB_VLLM_URL=f"http://127.0.0.1:{port}", CHATFB_REQUEST_TIMEOUT_S="5")
     try:
         c = Client(app.url, verbose=False)
-        assert c.predict("first", "", api_name="/send")[0][-1]["content"][0]["text"].startswith("word0")
+        text = c.predict("first", "", api_name="/send")[0][-1]["content"][0]["text"]
+        assert text.startswith("word0"), f"no reply with the model server up: {text!r}"
         model.kill()
         model.wait()
         text = c.predict("second", "", api_name="/send")[0][-1]["content"][0]["text"]
-        assert "not reachable" in text and "Traceback" not in text and str(port) not in text
+        assert "not reachable" in text and "Traceback" not in text and str(port) not in text, \
+            f"the model server down must be one plain line, no trace or address: {text!r}"
         model = start()
         import httpx
 
         wait_until(lambda: _ok(httpx, f"http://127.0.0.1:{port}/health"), 20, "the model server again", 0.2)
-        assert c.predict("third", "", api_name="/send")[0][-1]["content"][0]["text"].startswith("word0")
+        text = c.predict("third", "", api_name="/send")[0][-1]["content"][0]["text"]
+        assert text.startswith("word0"), f"no reply once the model server is back: {text!r}"
     finally:
         stop_app(app)
         model.kill()

@@ -161,22 +161,22 @@ def test_rollout_restart_and_rollback_across_two_replicas(cluster):
     v2 = greedy(replicas[1].url, "chatfb-v0002")
     assert len({base_reply, v1[1], v2[1]}) == 3, "the two random adapters should change the greedy reply"
     answers, served = through_router(rt, router_url, replicas)
-    assert answers == [v2] * 20
+    assert answers == [v2] * 20, "after promoting v0002 every routed request must get its reply"
     assert all(s >= 1 for s in served), f"each replica should serve some of the 20: {served}"
-    assert [s.serves_live for s in rt.registry.replica_states()] == [True, True]
+    assert [s.serves_live for s in rt.registry.replica_states()] == [True, True], "a replica does not serve the live version"
 
     # one replica dies and comes back: it serves the live version without chatfb doing anything
     replicas[1].kill()
     replicas[1].start()
     wait_until(replicas[1].healthy, 300, "the restarted replica", 2)
-    assert "chatfb-v0002" not in replicas[1].models()  # nobody loaded it into the new process
+    assert "chatfb-v0002" not in replicas[1].models(), "the fresh process already had the adapter (nobody loaded it)"
     wait_until(lambda: _reaches(router_url, replicas[1]), 90, "the router to send requests to it again", 1)
     answers, served = through_router(rt, router_url, replicas)
-    assert answers == [v2] * 20
+    assert answers == [v2] * 20, "a restarted replica must serve the live version without chatfb doing anything"
     assert served[1] >= 1, f"the restarted replica should serve again: {served}"
 
     assert rt.registry.rollback() == "chatfb-v0001"
     answers, served = through_router(rt, router_url, replicas)
-    assert answers == [v1] * 20
+    assert answers == [v1] * 20, "after rollback every routed request must get v0001's reply"
     assert all(s >= 1 for s in served), served
     assert rt.store.live_adapter()["name"] == "chatfb-v0001"

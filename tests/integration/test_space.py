@@ -39,9 +39,10 @@ def test_space_start_in_a_fresh_venv(tmp_path, embedded_model):
                    "the Space app's model")
         c = Client(app.url, verbose=False)
         shown = c.predict("Hello from the Space!", "", api_name="/send")[0]
-        assert shown[-1]["role"] == "assistant" and "chatfb-base" in shown[-1]["content"][0]["text"]
+        assert shown[-1]["role"] == "assistant" and "chatfb-base" in shown[-1]["content"][0]["text"], shown[-1]
         # a Space must listen on every interface (its proxy is not on loopback)
         assert re.search(rb"Running on local URL:\s+http://0\.0\.0\.0:", log.read_bytes()), log.read_text()[-3000:]
-        assert listen_addresses(port) == [f"0.0.0.0:{port}"]
+        addresses = listen_addresses(port)
+        assert addresses == [f"0.0.0.0:{port}"], f"a Space must listen on every interface: {addresses}"
     finally:
         stop_app(app)

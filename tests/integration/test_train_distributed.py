@@ -35,14 +35,14 @@ def test_two_gloo_processes_train_one_loadable_adapter(tmp_path, embedded_model)
 
     stats = json.loads((out / "chatfb_train.json").read_text())
     # 8 examples, batch 2 per process: 2 steps with two processes sharing the data (4 with one)
-    assert stats["processes"] == 2 and stats["sft_steps"] == 2
-    assert not out.with_name(out.name + ".partial").exists()
+    assert (stats["processes"], stats["sft_steps"]) == (2, 2), f"two processes must share the data: {stats}"
+    assert not out.with_name(out.name + ".partial").exists(), "the .partial folder was left behind"
 
     weights = load_file(out / "adapter_model.safetensors")
     lora_b = [t for k, t in weights.items() if "lora_B" in k]
-    assert lora_b and any(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: it trained
+    assert lora_b and any(t.abs().sum() > 0 for t in lora_b), "every LoRA B is still zero: nothing trained"
     base = AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, out)
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
-        assert torch.isfinite(model(ids).logits).all()
+        assert torch.isfinite(model(ids).logits).all(), "the trained adapter gives NaN or inf logits"

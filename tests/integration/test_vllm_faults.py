@@ -57,16 +57,18 @@ def test_refused_adapters_leave_the_current_one_serving(app, vllm_url, embedded_
     for name, why in (("chatfb-v0901", "refused adapter"), ("chatfb-v0902", "unreadable weights")):
         out = app.cli("adapters", "promote", name, check=False)
         assert out.returncode == 2 and why in out.stderr and "Traceback" not in out.stderr, out.stderr
-        assert live_name(app) == before and name not in client.models()
+        assert live_name(app) == before and name not in client.models(), f"a refused {name} changed what is served"
     # the same refusal in the admin view, as a clear message
     admin = Client(app.url, verbose=False)
     admin.predict(ADMIN_PASSWORD, api_name="/admin_unlock")
-    assert admin.predict("chatfb-v0901", api_name="/promote").startswith("⚠️ vLLM refused adapter chatfb-v0901 at ")
+    note = admin.predict("chatfb-v0901", api_name="/promote")
+    assert note.startswith("⚠️ vLLM refused adapter chatfb-v0901 at "), note
     # path tricks are refused too
-    assert admin.predict("../../etc", api_name="/promote").startswith("⚠️")
+    note = admin.predict("../../etc", api_name="/promote")
+    assert note.startswith("⚠️"), f"a path outside the adapters folder was not refused: {note!r}"
     # chats are unaffected
     shown = Client(app.url, verbose=False).predict("Hello!", "", api_name="/send")[0]
-    assert (before or "chatfb-base") in shown[-1]["content"][0]["text"]
+    assert (before or "chatfb-base") in shown[-1]["content"][0]["text"], f"a refused promote changed chats: {shown[-1]}"
 
 
 def last_reply_status(app) -> str:
@@ -98,10 +100,11 @@ def test_vllm_killed_mid_stream_then_restarted_by_the_app(app, vllm_url):
     shown = job.result(timeout=120)[0]
     text = shown[-1]["content"][0]["text"]
     assert "⚠️" in text and "Traceback" not in text and "127.0.0.1" not in text, text
-    assert last_reply_status(app) == "failed"
+    assert last_reply_status(app) == "failed", "the reply cut off by the dead server must be stored as failed"
     client = ModelClient(vllm_url)
     wait_until(lambda: client.healthy(), 300, "the app to restart vLLM")
     if live:
         wait_until(lambda: live in client.models(), 60, "the live adapter to be loaded again")
     shown = Client(app.url, verbose=False).predict("Are you back?", "", api_name="/send")[0]
-    assert "⚠️" not in shown[-1]["content"][0]["text"] and (live or "chatfb-base") in shown[-1]["content"][0]["text"]
+    text = shown[-1]["content"][0]["text"]
+    assert "⚠️" not in text and (live or "chatfb-base") in text, f"no good reply after vLLM was restarted: {text!r}"
