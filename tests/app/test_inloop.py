@@ -173,11 +173,12 @@ def test_bad_critiques_generate_nothing(chat, store, fake_client):
 def test_stop_stores_the_partial_reply_at_once(chat, store, fake_client):
     fake_client.enqueue("one two three four five")
     cid, stream = chat.send("A", None, "count")
-    next(stream), next(stream)  # two words in, then the user presses Stop
-    chat.stop("A", cid)
+    next(stream), next(stream)  # two words in
+    chat.stop("B", cid)  # another session's Stop, with A's conversation id, touches nothing
+    assert store.messages(cid)[-1]["status"] == "pending", "another session stopped A's reply"
+    chat.stop("A", cid)  # then A presses Stop
     reply_row = store.messages(cid)[-1]
     assert (reply_row["status"], reply_row["content"]) == ("stopped", "one two")
-    chat.stop("B", cid)  # another session's Stop touches nothing
 
 
 def test_a_draft_about_the_feedback_is_not_shown_while_it_streams(chat, store, fake_client):
