@@ -82,7 +82,7 @@ def test_api_keys_are_found_by_hash_until_revoked_and_go_with_their_user(store):
     store.add_api_key("bob", "hash-3", "cfb_ghi")
     assert store.api_key_user("hash-1") == "ann" and store.api_key_user("nope") is None
     assert [k["prefix"] for k in store.api_keys("ann")] == ["cfb_abc", "cfb_def"]
-    assert all("key_hash" not in k for k in store.api_keys())
+    assert all("key_hash" not in k for k in store.api_keys()), "a key's hash is listed"
     assert store.revoke_api_keys("ann", k1) == 1 and store.api_key_user("hash-1") is None
     assert store.api_key_user("hash-2") == "ann"
     assert store.revoke_api_keys("bob", k1) == 0  # another user's key id revokes nothing
@@ -190,11 +190,11 @@ def test_second_process_is_locked_out_and_snapshot_is_readable(store, tmp_path):
     code = ("from chatfb.store.db import Store, StoreLocked\n"
             f"try:\n    Store({str(store.path)!r})\nexcept StoreLocked as e:\n    print('LOCKED', e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert "LOCKED" in out.stdout and "app running" in out.stdout
+    assert "LOCKED" in out.stdout and "app running" in out.stdout, f"a second process was not locked out: {out}"
     snap = store.snapshot(tmp_path / "snap" / "latest.duckdb")
     with Store(snap, read_only=True) as s:
         assert s.counts()["messages"] == 1
-    assert not list((tmp_path / "snap").glob(".*tmp"))
+    assert not list((tmp_path / "snap").glob(".*tmp")), "the snapshot's temporary file was left behind"
 
 
 def test_snapshot_failure_keeps_previous_snapshot(store, tmp_path, monkeypatch):
@@ -206,8 +206,8 @@ def test_snapshot_failure_keeps_previous_snapshot(store, tmp_path, monkeypatch):
     monkeypatch.setattr(st.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(OSError):
         store.snapshot(dest)
-    assert dest.read_bytes() == before
-    assert not list(tmp_path.glob(".snap*"))
+    assert dest.read_bytes() == before, "a failed snapshot changed the previous one"
+    assert not list(tmp_path.glob(".snap*")), "a failed snapshot left its temporary file"
     duckdb.connect(str(dest), read_only=True).close()
 
 
@@ -265,7 +265,8 @@ def test_concurrent_writers_group_commit_keeps_every_row_exact(settings):
         for th in threads:
             th.join()
     with Store(settings.db_path) as store:  # what is in the file after closing
-        assert store.counts()["messages"] == 32 * 30 and store.counts()["feedback"] == 32 * 10
+        counts = store.counts()
+        assert (counts["messages"], counts["feedback"]) == (32 * 30, 32 * 10), "rows lost or doubled (messages, feedback)"
         for w, cid in cids.items():
             msgs = store.messages(cid)
             assert [m["seq"] for m in msgs] == list(range(1, 31))
@@ -327,7 +328,7 @@ def test_a_bad_write_fails_alone_and_no_rolled_back_write_is_acknowledged(settin
     busy, release = threading.Event(), threading.Event()
     blocker = threading.Thread(target=store._on_writer, args=(lambda db: (busy.set(), release.wait(10)),))
     blocker.start()
-    assert busy.wait(5)
+    assert busy.wait(5), "the writer thread never ran the blocking call"
     batches = []
     run = store._run
     store._run = lambda batch: (batches.append(len(batch)), run(batch))
@@ -354,9 +355,9 @@ def test_a_bad_write_fails_alone_and_no_rolled_back_write_is_acknowledged(settin
         t.join(10)
     store.close()
 
-    assert batches[0] == len(calls)  # tried as one transaction first
+    assert batches[0] == len(calls), "the writes were not tried as one transaction first"
     assert outcome.pop("duplicate")[0] == "error"
-    assert {k: v[0] for k, v in outcome.items()} == {k: "ok" for k in outcome}
+    assert {k: v[0] for k, v in outcome.items()} == {k: "ok" for k in outcome}, "a good write failed with the bad one"
     with Store(settings.db_path) as s:
         assert sorted(a["name"] for a in s.adapters()) == ["a0", "a1", "a2", "a3"]
         assert [a["status"] for a in s.adapters() if a["name"] == "a2"] == ["candidate"]
@@ -384,7 +385,7 @@ def test_a_batch_of_replies_finished_twice_keeps_the_last_write(store):
     busy, release = threading.Event(), threading.Event()
     blocker = threading.Thread(target=store._on_writer, args=(lambda db: (busy.set(), release.wait(10)),))
     blocker.start()
-    assert busy.wait(5)
+    assert busy.wait(5), "the writer thread never ran the blocking call"
     writes = [(replies[0], "first"), (replies[1], "other"), (replies[0], "second"), (replies[2], None)]
     threads = []
     for n, (mid, text) in enumerate(writes, 1):
@@ -460,7 +461,7 @@ def test_close_commits_queued_writes_and_refuses_later_ones(settings):
     busy, release = threading.Event(), threading.Event()
     blocker = threading.Thread(target=store._on_writer, args=(lambda db: (busy.set(), release.wait(10)),))
     blocker.start()
-    assert busy.wait(5)
+    assert busy.wait(5), "the writer thread never ran the blocking call"
     acked = []
     writers = [threading.Thread(target=lambda i=i: acked.append(store.add_turn(cid, f"q{i}"))) for i in range(8)]
     for t in writers:
@@ -476,7 +477,8 @@ def test_close_commits_queued_writes_and_refuses_later_ones(settings):
     release.set()
     for t in writers + [blocker, closer]:
         t.join(10)
-    assert len(acked) == 8 and not store._writer.is_alive()
+    assert len(acked) == 8, f"{len(acked)} of the 8 queued writes were acknowledged"
+    assert not store._writer.is_alive(), "the writer thread outlived close()"
     with Store(settings.db_path) as s:
         assert sorted(m["content"] for m in s.messages(cid) if m["role"] == "user") == sorted(f"q{i}" for i in range(8))
 
@@ -509,7 +511,8 @@ def test_concurrent_revisions_of_one_rating_leave_exactly_one_active(store):
         t.start()
     for t in threads:
         t.join()
-    assert len(store.feedback_for(mid)) == 1 and len(store.feedback_for(mid, active_only=False)) == 8
+    assert (len(store.feedback_for(mid)), len(store.feedback_for(mid, active_only=False))) == (1, 8), \
+        "one active rating of 8 (active, all)"
 
 
 def test_reads_do_not_wait_for_a_commit_under_way(store):
@@ -525,7 +528,7 @@ def test_reads_do_not_wait_for_a_commit_under_way(store):
     t = threading.Thread(target=store._on_writer, args=(lambda db: (holding.set(), release.wait(10)),))
     t.start()
     try:
-        assert holding.wait(5)
+        assert holding.wait(5), "the writer thread never ran the blocking call"
         answers = []
         reader = threading.Thread(target=lambda: answers.append(
             (store.history_before(a), store.message(a)["content"], store.counts()["messages"])))
@@ -547,7 +550,7 @@ def test_reader_cursors_are_pooled_and_closed(settings):
         t = threading.Thread(target=lambda: s.messages(cid))
         t.start()
         t.join()
-    assert len(s._all_readers) == 1
+    assert len(s._all_readers) == 1, "threads one after another must reuse one reader cursor"
     s.close()
     with pytest.raises(StoreError, match="closed"):
         s.messages(cid)
@@ -575,7 +578,7 @@ def test_feedback_origin_reviews_and_flags(store):
     assert store.reviews() == {accepted: "rejected", written: "rejected"}
     with pytest.raises(StoreError, match="no feedback with id gone"):
         store.set_review([edited, "gone"], "approved")
-    assert edited not in store.reviews()  # all or nothing
+    assert edited not in store.reviews(), "a review of several ids with one unknown was partly stored"
     store.flag_author("k:browser", "spam")
     assert store.flagged_authors() == {"k:browser"}
     store.unflag_author("k:browser")
