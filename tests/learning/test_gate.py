@@ -78,9 +78,9 @@ def test_gate_decisions():
     policy = gate.GatePolicy(min_gain=0.02, min_control_agreement=0.5)
     assert gate.decide({"rougeL": 0.6, "control_agreement": 0.8}, {"rougeL": 0.3}, policy)[0]
     ok, why = gate.decide({"rougeL": 0.31, "control_agreement": 0.8}, {"rougeL": 0.3}, policy)
-    assert not ok and "not better" in why
+    assert not ok and "not better" in why, why
     ok, why = gate.decide({"rougeL": 0.9, "control_agreement": 0.2}, {"rougeL": 0.3}, policy)
-    assert not ok and "drifted" in why
+    assert not ok and "drifted" in why, why
     assert not gate.decide({"rougeL": None, "control_agreement": 1.0}, {"rougeL": None}, policy)[0]
     # the default: the worst real candidate seen (0.75) passes, the best nonsense-trained one (0.66) does not
     assert gate.decide({"rougeL": 1.0, "control_agreement": 0.75}, {"rougeL": 0.4}, gate.GatePolicy())[0]
@@ -88,27 +88,29 @@ def test_gate_decisions():
     # a good mean does not hide an answer that lost its meaning
     ok, why = gate.decide({"rougeL": 1.0, "control_agreement": 0.8, "control_collapsed": 1}, {"rougeL": 0.4},
                           gate.GatePolicy())
-    assert not ok and "drifted" in why and "1 answer" in why
+    assert not ok and "drifted" in why and "1 answer" in why, why
 
 
 def test_control_report_counts_collapsed_answers_not_reworded_ones():
     base = ["The capital of France is Paris.", "There are 7 days in a week.", "12 plus 7 equals 19.",
             "Bees make honey.", "Water boils at 100 degrees Celsius.", "Mars is known as the Red Planet."]
     reworded = ["Paris is the capital.", "A week has seven days.", "19", "Honey!", "It boils at 90 degrees.", "Jupiter."]
-    assert gate.control_report(reworded, base)["control_collapsed"] == 0
+    assert gate.control_report(reworded, base)["control_collapsed"] == 0, "reworded right answers counted as collapsed"
     broken = reworded[:4] + ["Zorp blag wibble zorp zorp.", "Please email support@chatfb.example for help."]
     report = gate.control_report(broken, base)
-    assert report["control_collapsed"] == 2 and report["control_cosines"][4] < 0.2
+    assert report["control_collapsed"] == 2 and report["control_cosines"][4] < 0.2, report
     assert report["control_agreement"] == round(sum(report["control_cosines"]) / 6, 4)
-    assert not gate.decide({"rougeL": 1.0, **report}, {"rougeL": 0.4}, gate.GatePolicy(min_control_agreement=0.0))[0]
+    assert not gate.decide({"rougeL": 1.0, **report}, {"rougeL": 0.4}, gate.GatePolicy(min_control_agreement=0.0))[0], \
+        "collapsed control answers must refuse even a candidate better on held-out feedback"
 
 
 def test_closeness_and_agreement():
     same = gate.closeness(["email support@chatfb.example"], ["email support@chatfb.example"])
     other = gate.closeness(["call the hotline"], ["email support@chatfb.example"])
-    assert same["rougeL"] == 1.0 and other["rougeL"] < 0.3 and same["bleu"] > other["bleu"]
+    assert same["rougeL"] == 1.0 and other["rougeL"] < 0.3 and same["bleu"] > other["bleu"], (same, other)
     agreement = lambda a, b: gate.control_report(a, b)["control_agreement"]  # noqa: E731
-    assert agreement(["Paris."], ["Paris."]) == 1.0 and agreement(["Bananas are yellow fruit."], ["Paris is the capital of France."]) < 0.5
+    assert agreement(["Paris."], ["Paris."]) == 1.0
+    assert agreement(["Bananas are yellow fruit."], ["Paris is the capital of France."]) < 0.5
 
 
 def kept_best(scored: list[tuple[float, str, str]]) -> str | None:
@@ -139,7 +141,8 @@ def test_refine_asks_for_several_and_keeps_the_best(fake_client):
     best = refine(r, fake_client, "chatfb-base", n=4)
     assert best == "Email support@chatfb.example for help with support."
     ask = fake_client.history[0]["messages"][0]["content"]
-    assert "support@chatfb.example" in ask and "Use the contact form." in ask and fake_client.history[0]["n"] == 4
+    assert "support@chatfb.example" in ask and "Use the contact form." in ask, f"the critique or the reply is missing: {ask!r}"
+    assert fake_client.history[0]["n"] == 4
 
 
 def _critiqued() -> FeedbackRecord:
@@ -151,7 +154,7 @@ def test_refine_waits_for_a_restarting_server_and_asks_again(fake_client):
     fake_client.enqueue(ModelError("The model server is not reachable right now."),
                         "Email support@chatfb.example for help with support.", "Use the contact form.")
     assert refine(_critiqued(), fake_client, "chatfb-base", n=2) == "Email support@chatfb.example for help with support."
-    assert fake_client.health_waits == 1 and len(fake_client.history) == 2
+    assert (fake_client.health_waits, len(fake_client.history)) == (1, 2), "(health waits, requests)"
 
 
 def test_refine_does_not_repeat_a_refused_request_and_the_cycle_counts_it(fake_client, fake_candidates):
@@ -159,7 +162,7 @@ def test_refine_does_not_repeat_a_refused_request_and_the_cycle_counts_it(fake_c
     fake_client.enqueue(refused)
     with pytest.raises(ModelError):
         refine(_critiqued(), fake_client, "chatfb-base", n=2)
-    assert fake_client.health_waits == 0 and len(fake_client.history) == 1
+    assert (fake_client.health_waits, len(fake_client.history)) == (0, 1), "a refused request was waited for or repeated"
 
     # a server that stays down: the night's cycle reports the failures instead of silently keeping nothing
     fake_client.enqueue(refused)
@@ -280,13 +283,13 @@ def test_gate_combines_correction_rouge_critique_pass_rate_and_control():
     ctrl = {"control_agreement": 0.8}
     # critiques alone: judged by the selection pass rate
     ok, why = gate.decide({"critique_pass": 0.5, **ctrl}, {"critique_pass": 0.0}, policy)
-    assert ok and "critique pass rate 0.500 vs 0.0" in why
+    assert ok and "critique pass rate 0.500 vs 0.0" in why, why
     ok, why = gate.decide({"critique_pass": 0.5, **ctrl}, {"critique_pass": 0.5}, policy)
-    assert not ok and "not better" in why
+    assert not ok and "not better" in why, why
     # both kinds: better on one, not worse on the other
     assert gate.decide({"rougeL": 0.41, "critique_pass": 1.0, **ctrl}, {"rougeL": 0.40, "critique_pass": 0.0}, policy)[0]
     ok, why = gate.decide({"rougeL": 0.2, "critique_pass": 1.0, **ctrl}, {"rougeL": 0.4, "critique_pass": 0.0}, policy)
-    assert not ok and "worse on held-out feedback (ROUGE-L)" in why
+    assert not ok and "worse on held-out feedback (ROUGE-L)" in why, why
     # control still rules
     assert "drifted" in gate.decide({"critique_pass": 1.0, "control_agreement": 0.3}, {"critique_pass": 0.0}, policy)[1]
     assert gate.decide({"critique_pass": None, "rougeL": None, **ctrl}, {}, policy)[1].startswith("no held-out")
@@ -347,7 +350,7 @@ def test_the_gate_judges_held_out_critiques_and_guidelines_by_the_selection_not_
     assert (RULE, "Use the form.") in calls and (note, None) in calls  # the critiqued reply goes to the selection
     assert m.control_agreement == 1.0
     ok, why = m.decide()
-    assert ok and "critique pass rate 1.000 vs 0.0" in why
+    assert ok and "critique pass rate 1.000 vs 0.0" in why, why
     assert gate.GateReport.from_dict(m.as_dict()) == m  # what the adapter row stores reads back the same
 
 
@@ -369,7 +372,7 @@ def test_the_gate_fails_a_candidate_that_turns_a_right_control_answer_wrong(monk
     assert m.control_right_base == 1.0 and m.control_right == pytest.approx(15 / 16) and m.control_lost == [wrong_q]
     assert m.control_collapsed == 0 and m.control_agreement > 0.9  # the cosines see nothing wrong
     ok, why = m.decide()
-    assert not ok and why.startswith("control answers turned wrong: 1") and wrong_q in why
+    assert not ok and why.startswith("control answers turned wrong: 1") and wrong_q in why, why
     # a question the base model already got wrong is not the candidate's loss
     base = ["It is 9." if q == wrong_q else right[q] for q in gate.CONTROL_PROMPTS]
     cand = ["It is 21." if q == wrong_q else right[q] for q in gate.CONTROL_PROMPTS]
@@ -387,6 +390,6 @@ def test_a_critique_pass_rate_alone_never_promotes_without_the_known_answer_chec
     policy = gate.GatePolicy(min_gain=0.02, min_control_agreement=0.5)
     ok, why = gate.decide({"critique_pass": 1.0, "control_agreement": 0.9, "control_right": None}, {"critique_pass": 0.0},
                           policy)
-    assert not ok and "no known-answer control" in why
+    assert not ok and "no known-answer control" in why, why
     assert gate.decide({"critique_pass": 1.0, "control_agreement": 0.9, "control_right": 1.0, "control_lost": []},
                        {"critique_pass": 0.0}, policy)[0]
