@@ -117,12 +117,13 @@ def test_score_ranks_the_reply_the_critique_made_more_likely_first():
     ranked = score(scorer, "m", prompt, SHORT, [Candidate(IGNORES, "stop"), Candidate(FOLLOWS, "stop"),
                                                 Candidate("", "stop")])
     assert [c.text for c in ranked] == [FOLLOWS, IGNORES, ""]
-    assert ranked[0].ok and ranked[0].details["logratio"] == pytest.approx(1.2667, abs=1e-3)
+    assert ranked[0].ok and ranked[0].details["logratio"] == pytest.approx(1.2667, abs=1e-3), ranked[0]
     assert ranked[0].score > ranked[1].score
     assert ranked[1].verdict == "no more likely with the critique"
     assert ranked[2].verdict == "empty" and ranked[2].score is None
     assert best(ranked).text == FOLLOWS
-    assert ("", True) not in scorer.requests and len(scorer.requests) == 4  # dropped ones cost no model call
+    assert ("", True) not in scorer.requests and len(scorer.requests) == 4, \
+        f"a dropped candidate was scored (it must cost no model call): {scorer.requests}"
 
 
 def test_score_drops_off_topic_and_unchanged_replies():
@@ -211,10 +212,11 @@ def test_a_malformed_chunk_is_a_bad_response_and_is_logged(caplog):
         for delta in client.stream_chat([{"role": "user", "content": "hi"}], "m", result=result):
             got.append(delta)
     assert got == ["Hel"] and result.text == "Hel"
-    assert "could not be read" in str(e.value) and "not reachable" not in str(e.value)
-    assert e.value.status == "bad response" and not e.value.unavailable
+    assert "could not be read" in str(e.value) and "not reachable" not in str(e.value), str(e.value)
+    assert e.value.status == "bad response" and not e.value.unavailable, (e.value.status, e.value.unavailable)
     logged = [r.getMessage() for r in caplog.records if "{broken" in r.getMessage()]
-    assert len(logged) == 1 and "x" * 150 in logged[0] and "x" * 1000 not in logged[0]  # the chunk, truncated
+    assert len(logged) == 1, logged
+    assert "x" * 150 in logged[0] and "x" * 1000 not in logged[0], f"the bad chunk, truncated, must be logged: {len(logged[0])} chars"
 
 
 def test_an_error_inside_the_stream_and_a_refused_stream_are_model_errors():
@@ -227,7 +229,7 @@ def test_an_error_inside_the_stream_and_a_refused_stream_are_model_errors():
     refused = client_for(lambda request: httpx.Response(503, json={"error": {"message": "restarting"}}))
     with pytest.raises(ModelError) as e:
         list(refused.stream_chat([{"role": "user", "content": "hi"}], "m"))
-    assert e.value.status == 503 and e.value.unavailable and "restarting" in str(e.value)
+    assert e.value.status == 503 and e.value.unavailable and "restarting" in str(e.value), (e.value.status, str(e.value))
 
 
 def test_stream_chat_sends_no_seed_and_reads_the_usage_chunk():
@@ -376,7 +378,7 @@ def test_select_rounds_samples_again_only_when_nothing_survived():
     gen = Generator([[("", "stop"), (IGNORES, "length")], [(FOLLOWS, "stop")], [(FOLLOWS, "stop")]])
     ranked = select_rounds(judge, "m", prompt, SHORT, n=2, rounds=3, generator=gen)
     assert gen.requests == 2  # the second round found one: no third
-    assert [c.text for c in ranked][0] == FOLLOWS and best(ranked).text == FOLLOWS and len(ranked) == 3
+    assert [c.text for c in ranked][0] == FOLLOWS and best(ranked).text == FOLLOWS and len(ranked) == 3, ranked
 
     gen = Generator([[(FOLLOWS, "stop")], [(FOLLOWS, "stop")]])
     assert best(select_rounds(judge, "m", prompt, SHORT, n=1, rounds=2, generator=gen)).text == FOLLOWS
