@@ -53,13 +53,15 @@ def test_dataset_files_are_the_cleaned_feedback_and_a_card(store, tmp_path):
     for line in ("| `sft` | 2 | ", "| `dpo` | 1 | ", "| `kto` | 3 | ", "| correction | 2 |", "| rating | 2 |",
                  "| critique | 1 |", "| implicit | 1 |", "6 of 7 feedback records were kept", "1 empty or garbage"):
         assert line in body, line
-    assert '"chosen"' in body and '"label"' in body and CONSENT_NOTE in body and "`cc-by-4.0`" in body
+    for part in ('"chosen"', '"label"', CONSENT_NOTE, "`cc-by-4.0`"):
+        assert part in body, f"the card lacks {part!r}"
 
     published = "".join((out / f"{f}.jsonl").read_text(encoding="utf-8") for f in ("sft", "dpo", "kto"))
-    assert "ann@example.org" not in published and "7946" not in published
-    assert "I'm [email], how do I reset" in published and "Call me on [phone] about" in published
-    assert "support@chatfb.example" in published  # the correction's fact is kept
-    assert '"ann"' not in published and "bob" not in published and "??" not in published
+    for private in ("ann@example.org", "7946", '"ann"', "bob", "??"):
+        assert private not in published, f"{private!r} was published"
+    assert "I'm [email], how do I reset" in published and "Call me on [phone] about" in published, \
+        "the text around a scrubbed email or phone number was not kept"
+    assert "support@chatfb.example" in published, "the correction's fact was scrubbed"
 
     sft = load_dataset("json", data_files=str(out / "sft.jsonl"), split="train")
     assert sorted(r["messages"][-1]["content"] for r in sft) == [
@@ -186,18 +188,20 @@ def test_cli_pushes_feedback_and_adapters(settings, tmp_path, monkeypatch, capsy
     assert cli(["export", "--push-to-hub", "ann/fb", "--public", "--license", "mit"]) == 0
     (_, repo, kw), (_, _, _, uploaded) = apis[0].calls
     assert repo == "ann/fb" and kw == {"repo_type": "dataset", "private": False, "exist_ok": True, "token": "secret"}
-    assert sorted(uploaded) == ["README.md", "dpo.jsonl", "kto.jsonl", "sft.jsonl"] and b"license: mit" in uploaded["README.md"]
-    assert "pushed 4 files to dataset repo ann/fb" in capsys.readouterr().out
+    assert sorted(uploaded) == ["README.md", "dpo.jsonl", "kto.jsonl", "sft.jsonl"]
+    assert b"license: mit" in uploaded["README.md"], "the --license flag did not reach the card"
+    out = capsys.readouterr().out
+    assert "pushed 4 files to dataset repo ann/fb" in out, out
     assert b'"chosen": [{"role": "assistant", "content": "Paris."}], "rejected": [{"role": "assistant", "content": "Lyon."}]' \
         in uploaded["dpo.jsonl"]
     assert b'"completion": [{"role": "assistant", "content": "Lyon."}], "label": false' in uploaded["kto.jsonl"]
-    assert not list(settings.data_dir.glob("hub-*"))  # the build folder is gone
+    assert not list(settings.data_dir.glob("hub-*")), "the build folder was left behind"
 
     assert cli(["push-adapter", "chatfb-v0002", "ann/adapter"]) == 0
     (_, repo, kw), (_, _, _, uploaded) = apis[1].calls
     assert repo == "ann/adapter" and kw["repo_type"] == "model" and kw["private"] is True
     assert sorted(uploaded) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "chatfb_train.json"]
-    assert b"base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in uploaded["README.md"]
+    assert b"base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in uploaded["README.md"], "the card does not name the base model"
 
     capsys.readouterr()
     assert cli(["push-adapter", "chatfb-v0099", "ann/adapter"]) == 2

@@ -51,13 +51,14 @@ def test_admin_is_off_without_credentials(ui):
     client, rt = ui()
     assert not check_admin(rt, "", None) and not check_admin(rt, "anything", None)
     names = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
-    assert "/send" in names and not names & ADMIN_ENDPOINTS  # no admin action reachable at all
+    assert "/send" in names and not names & ADMIN_ENDPOINTS, f"admin actions reachable: {names & ADMIN_ENDPOINTS}"
     for action in ("/train_now", "/export", "/admin_unlock"):
         with pytest.raises(ValueError):
             client.predict(api_name=action)
     page = httpx.get(client.src, timeout=10).text
-    assert "Admin actions are **off**" in page and not rt.training_running()
-    assert not (rt.settings.data_dir / "exports").exists()
+    assert "Admin actions are **off**" in page, "the page does not say admin actions are off"
+    assert not rt.training_running(), "training started without credentials"
+    assert not (rt.settings.data_dir / "exports").exists(), "an export was written without credentials"
 
 
 def test_admin_needs_the_password(ui):
@@ -92,7 +93,8 @@ def test_model_down_gives_a_clear_error_and_a_failed_turn(ui):
     client, rt = ui()
     shown, *_ = client.predict("hello?", "", api_name="/send")
     text = shown[-1]["content"][0]["text"]
-    assert "not reachable" in text and "Traceback" not in text and "127.0.0.1" not in text
+    assert "not reachable" in text and "Traceback" not in text and "127.0.0.1" not in text, \
+        f"the model server down must be one plain line, no trace or address: {text!r}"
     (conv,) = rt.store._q("SELECT id FROM conversations")
     assert [m["status"] for m in rt.store.messages(conv[0])] == ["ok", "failed"]
     # feedback on the failed turn is refused
