@@ -115,13 +115,17 @@ def test_critiques_are_held_out_whole_and_bounded_newest_first():
     data = td.build(records, "unsupervised", holdout_fraction=0.25, seed=3)
     tasks = td.critique_tasks(data, 0.25, 3, limit=10)
     held = {r.feedback_id for r in data.heldout_critiques}
-    assert held == {r.feedback_id for r in records if td.is_heldout(r.feedback_id, 0.25, 3)} and 3 < len(held) < 20
-    assert len(tasks) == 10 and not held & {t.feedback_id for t in tasks} and not data.pending_critiques
-    assert data.counts["critiques"] == 40 and data.counts["critiques_heldout"] == len(held)
+    assert held == {r.feedback_id for r in records if td.is_heldout(r.feedback_id, 0.25, 3)}, "held out by another rule"
+    assert 3 < len(held) < 20, f"{len(held)} of 40 held out at a fraction of 0.25"
+    assert len(tasks) == 10, "the limit of 10 tasks did not hold"
+    assert not held & {t.feedback_id for t in tasks}, "a held-out critique became a training task"
+    assert not data.pending_critiques
+    assert (data.counts["critiques"], data.counts["critiques_heldout"]) == (40, len(held)), data.counts
     assert data.counts["critiques_not_refined"] == 40 - len(held) - 10
     rest = [r for r in records if r.feedback_id not in held]
-    assert min(t.record.created_at for t in tasks) >= max(sorted(r.created_at for r in rest)[:len(rest) - 10])
-    assert all(t.source == "critique" and t.original == "orig" and t.instruction == "too vague" for t in tasks)
+    assert min(t.record.created_at for t in tasks) >= max(sorted(r.created_at for r in rest)[:len(rest) - 10]), \
+        "the bound kept an older critique over a newer one"
+    assert all(t.source == "critique" and t.original == "orig" and t.instruction == "too vague" for t in tasks), tasks
 
 
 def test_a_lasting_preference_is_distilled_on_similar_prompts_of_other_feedback_and_replay():
@@ -167,7 +171,8 @@ def test_held_out_feedback_never_becomes_a_distillation_prompt():
     tasks = td.critique_tasks(data, 0.3, 1, limit=32)
     extra = td.distillation_tasks(data, tasks, [], data.records, [], 8, 640, 0.3, 1, similar=words_similar)
     held_questions = {td.last_user(r.prompt) for r in data.heldout_critiques}
-    assert held_questions and not held_questions & {td.last_user(t.prompt) for t in tasks + extra}
+    assert held_questions and not held_questions & {td.last_user(t.prompt) for t in tasks + extra}, \
+        "a held-out critique's question is also a training prompt"
 
 
 def test_an_approved_guideline_trains_on_its_critiques_prompts_and_is_checked_on_the_held_out_ones():
@@ -181,11 +186,14 @@ def test_an_approved_guideline_trains_on_its_critiques_prompts_and_is_checked_on
                                   similar=words_similar)
     held = [r for r in records[:20] if td.is_heldout(r.feedback_id, 0.25, 2)]
     trained = [r for r in records[:20] if not td.is_heldout(r.feedback_id, 0.25, 2)]
-    assert held and [td.last_user(p) for p in data.guideline_eval["g1"]] == [td.last_user(r.prompt) for r in held]
-    assert {t.source for t in extra} == {"guideline"} and {t.feedback_id for t in extra} == {"g1"}
+    assert held, "nothing held out: the check below would be empty"
+    assert [td.last_user(p) for p in data.guideline_eval["g1"]] == [td.last_user(r.prompt) for r in held], \
+        "the guideline is not checked on exactly the held-out critiques' questions"
+    assert {t.source for t in extra} == {"guideline"} and {t.feedback_id for t in extra} == {"g1"}, extra
     questions = [td.last_user(t.prompt) for t in extra]
     assert questions[:len(trained)] == [td.last_user(r.prompt) for r in trained]
-    assert "Write a short poem." in questions and not {td.last_user(r.prompt) for r in held} & set(questions)
+    assert "Write a short poem." in questions, "another critique's question is not used for the guideline"
+    assert not {td.last_user(r.prompt) for r in held} & set(questions), "the guideline trains on a held-out question"
     assert data.counts["guideline_tasks"] == len(extra)
 
 
