@@ -47,16 +47,16 @@ def test_promote_swaps_after_inflight_requests_finish(registry, store, settings,
     held = registry.router.acquire()  # a reply still streaming from v0001
     registry.promote("chatfb-v0002")
     assert registry.router.current == "chatfb-v0002"
-    assert "chatfb-v0001" in fake_client.loaded  # not unloaded under a running request
+    assert "chatfb-v0001" in fake_client.loaded, "unloaded under a running request"
     done = threading.Event()
     threading.Thread(target=lambda: (registry.router.wait_idle("chatfb-v0001", 5), done.set())).start()
     registry.router.release(held)
-    assert done.wait(5)
+    assert done.wait(5), "the router never went idle after the last request was released"
     for _ in range(50):
         if "chatfb-v0001" not in fake_client.loaded:
             break
         threading.Event().wait(0.05)
-    assert "chatfb-v0001" not in fake_client.loaded
+    assert "chatfb-v0001" not in fake_client.loaded, "the old version was not unloaded once idle"
     assert store.live_adapter()["name"] == "chatfb-v0002"
 
 
@@ -103,7 +103,8 @@ def test_cli_goes_through_the_running_app(store, settings, tmp_path, capsys, mon
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"prompt": "q"}\n')
         assert cli(["import-feedback", str(bad)]) == 2
-        assert "line 1" in capsys.readouterr().err and store.counts()["feedback"] == 1
+        assert "line 1" in capsys.readouterr().err, "the refusal does not name the bad line"
+        assert store.counts()["feedback"] == 1, "a refused import stored rows"
         backend = open_backend(settings.data_dir)
         assert isinstance(backend, RemoteBackend)
         wrong = RemoteBackend(json.loads(server.file.read_text())["port"], "wrong-token")
@@ -112,7 +113,7 @@ def test_cli_goes_through_the_running_app(store, settings, tmp_path, capsys, mon
         backend.close()
     finally:
         server.stop()
-    assert not server.file.exists()
+    assert not server.file.exists(), "the control server's address file outlived it"
 
 
 def test_cli_delete_user_without_the_app(settings, capsys, monkeypatch):
