@@ -32,7 +32,7 @@ SCHEMA = {
                  "created_at TIMESTAMP NOT NULL", "revoked_at TIMESTAMP"],
     "adapters": ["name VARCHAR NOT NULL", "parent VARCHAR", "status VARCHAR NOT NULL", "path VARCHAR",
                  "created_at TIMESTAMP NOT NULL", "promoted_at TIMESTAMP", "metrics JSON", "data_counts JSON",
-                 "timings JSON", "recipe JSON", "error VARCHAR", "deleted_users INTEGER"],
+                 "timings JSON", "recipe JSON", "error VARCHAR", "deleted_users INTEGER", "owner VARCHAR"],
     "candidates": ["id VARCHAR NOT NULL", "feedback_id VARCHAR NOT NULL", "message_id VARCHAR", "origin VARCHAR NOT NULL",
                    "text VARCHAR NOT NULL", "score DOUBLE", "verdict VARCHAR NOT NULL", "status VARCHAR NOT NULL",
                    "session_id VARCHAR", "cycle VARCHAR", "details JSON", "created_at TIMESTAMP NOT NULL"],
