@@ -53,6 +53,11 @@ def test_only_the_owner_is_served_their_personal_adapter(store, settings, fake_c
     with pytest.raises(Exception, match="no personal adapter"):
         registry.promote_personal("bob", mine)  # nobody is served another user's adapter
     assert model_label(mine) == "your model v1" and model_label("chatfb-v0001") == "chatfb-v0001"
+    # a new shared version goes live for everyone else; ann keeps hers
+    make_adapter(store, settings, "chatfb-v0002")
+    registry.activate("chatfb-v0002", background_unload=False)
+    assert store.live_adapter()["name"] == "chatfb-v0002" and store.live_personal_adapters() == {"ann": mine}
+    assert registry.router.acquire("ann") == mine and registry.router.acquire("bob") == "chatfb-v0002"
 
 
 def test_a_restart_serves_each_user_their_live_personal_adapter_again(store, settings, fake_client):
