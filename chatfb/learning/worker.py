@@ -139,8 +139,8 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
         counts["replay_examples"] = len(replay)
 
         t = time.perf_counter()
-        init = settings.layout.adapters / job.start_from if job.start_from else None
-        code = train_adapter(settings, base, work, out, dpo=dpo and bool(data.dpo_rows()), init=init)
+        start = {"init": settings.layout.adapters / job.start_from} if job.start_from else {}  # the shared one trains anew
+        code = train_adapter(settings, base, work, out, dpo=dpo and bool(data.dpo_rows()), **start)
         timings["train_s"] = round(time.perf_counter() - t, 2)
         if code != 0 or not (out / "adapter_config.json").exists():
             shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
