@@ -221,14 +221,15 @@ def _blocked(r: FeedbackRecord, policy: Policy, flagged, over: set[str]) -> str 
 def teachable_by_author(records: list[FeedbackRecord], policy: Policy,
                         flagged: set[str] | frozenset = frozenset()) -> dict[str, list[FeedbackRecord]]:
     """Author (`who`) -> their rows that may train at all (scope shared or personal under `decide`), without
-    the embeddings `decide` needs: the learning cycle picks the users who get a personal adapter by it."""
+    the embeddings `decide` needs: the learning cycle picks the users who get a personal adapter by it. Rows the
+    operator imported (`import-feedback`) are nobody's chats and count for nobody here."""
     people = _People()
     for r in records:
         people.join(r)
     over = over_rate_limit(records, people, policy.rate_limit_per_minute)
     out: dict[str, list[FeedbackRecord]] = {}
     for r in records:
-        if _blocked(r, policy, flagged, over) is None and (r.user_name or r.session_id != IMPORT_SESSION):
+        if _blocked(r, policy, flagged, over) is None and r.session_id != IMPORT_SESSION:
             out.setdefault(who(r.user_name, r.session_id), []).append(r)
     return out
 
