@@ -264,6 +264,8 @@ class AdapterRegistry:
             raise AdapterError(f"no adapter named {name!r}")
         if a["status"] in ("failed", "training"):
             raise AdapterError(f"adapter {name} is {a['status']} and cannot be promoted")
+        if a["owner"] is not None:  # one user's feedback taught it: never everyone's model
+            raise AdapterError(f"adapter {name} is a user's personal adapter: it is served only to them")
         self.activate(name)
 
     # -- personal adapters: one live per owner, served only to that owner --------------------------

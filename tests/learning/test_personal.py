@@ -52,6 +52,8 @@ def test_only_the_owner_is_served_their_personal_adapter(store, settings, fake_c
     assert models == [mine, "chatfb-v0001", "chatfb-v0001"]  # bob and an anonymous browser never get ann's
     with pytest.raises(Exception, match="no personal adapter"):
         registry.promote_personal("bob", mine)  # nobody is served another user's adapter
+    with pytest.raises(Exception, match="served only to them"):
+        registry.promote(mine)  # nor everyone
     assert model_label(mine) == "your model v1" and model_label("chatfb-v0001") == "chatfb-v0001"
     # a new shared version goes live for everyone else; ann keeps hers
     make_adapter(store, settings, "chatfb-v0002")
