@@ -222,14 +222,16 @@ def teachable_by_author(records: list[FeedbackRecord], policy: Policy,
                         flagged: set[str] | frozenset = frozenset()) -> dict[str, list[FeedbackRecord]]:
     """Author (`who`) -> their rows that may train at all (scope shared or personal under `decide`), without
     the embeddings `decide` needs: the learning cycle picks the users who get a personal adapter by it. Rows the
-    operator imported (`import-feedback`) are nobody's chats and count for nobody here."""
+    operator imported count only when they name their user and the operator did not vouch for them
+    (`--trusted` rows teach the shared adapter, which everyone, that user too, is served)."""
     people = _People()
     for r in records:
         people.join(r)
     over = over_rate_limit(records, people, policy.rate_limit_per_minute)
     out: dict[str, list[FeedbackRecord]] = {}
     for r in records:
-        if _blocked(r, policy, flagged, over) is None and r.session_id != IMPORT_SESSION:
+        imported = r.session_id == IMPORT_SESSION
+        if _blocked(r, policy, flagged, over) is None and not (imported and (r.trusted or not r.user_name)):
             out.setdefault(who(r.user_name, r.session_id), []).append(r)
     return out
 

@@ -84,10 +84,15 @@ def test_the_cycle_picks_users_with_enough_feedback_the_most_new_first_and_bound
     store.flag_author("bob", "spam")  # a flagged author's rows never train: not even their own adapter
     assert personal_owners(store, s) == ["cat"]
     assert personal_owners(store, s.with_(personal_max_per_cycle=0)) == []
-    # the operator's imports are nobody's chats: they make no personal adapter, whoever they name
-    store.import_feedback([{"prompt": [{"role": "user", "content": f"q{i}"}], "reply": "r", "kind": "correction", "text": "a better reply", "user": "eve"}
-                           for i in range(9)], trusted=True)
-    assert personal_owners(store, s.with_(personal_max_per_cycle=9)) == ["cat"]
+    # the operator's imports count for the user they name unless vouched for (then they teach the shared adapter)
+    def imported(user, n, trusted):
+        store.import_feedback([{"prompt": [{"role": "user", "content": f"q{i}"}], "reply": "r", "kind": "correction",
+                                "text": "a better reply", "user": user} for i in range(n)], trusted=trusted)
+
+    imported("eve", 9, True)
+    imported(None, 9, False)
+    imported("fay", 6, False)
+    assert personal_owners(store, s.with_(personal_max_per_cycle=9)) == ["fay", "cat"]
 
 
 def cycle(store, settings, fake_client, monkeypatch, candidate_learns: bool, trained: list):
