@@ -8,9 +8,13 @@ ann's untrusted feedback trains nothing shared but her own adapter; her API repl
 address, bob's never come from it; delete-user unloads it from vLLM and removes its files.
 """
 
+import json
 import re
 
 import httpx
+
+from chatfb.serving.model_client import ModelClient
+from tests.integration.test_learning import DATA, NEW_PROMPTS  # in test_learning.py itself: drop this line
 
 ANN_EMAIL = "ann-desk@chatfb.example"
 
