@@ -166,6 +166,10 @@ def test_a_personal_adapter_that_fails_its_gate_leaves_the_user_on_the_shared_on
     assert row["metrics"]["decision"].startswith("not better on held-out feedback")
     assert registry.router.acquire("ann") == "chatfb-v0001" and mine not in fake_client.loaded
     assert store.live_personal_adapters() == {}
+    from chatfb.ui.admin_tab import adapters_frame  # the admin view says whose it is and why it is not served
+
+    shown = adapters_frame(AdminService(store, registry, settings=settings)).set_index("name").loc[mine]
+    assert shown["for"] == "ann" and shown["status"] == "rejected" and shown["note"] == row["metrics"]["decision"]
 
 
 def test_delete_user_removes_their_personal_adapters(store, settings, fake_client):
