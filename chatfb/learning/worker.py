@@ -97,6 +97,10 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
     client, base, stop_server = model_server(settings, job.server_url)
     try:
         base_name, name = settings.served_model_name, job.name
+        if job.server_url is None:  # our own temporary server: load what this job compares with and starts from
+            for other in dict.fromkeys(n for n in (job.incumbent, job.start_from) if n):
+                if other not in client.models():
+                    client.load_adapter(other, str((settings.layout.adapters / other).resolve()))
         from chatfb.critique.judge import judge_for
 
         judge = judge_for(settings.scorer, client, base)  # what scores candidates (and held-out answers at the gate)

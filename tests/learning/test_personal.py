@@ -95,13 +95,15 @@ def test_the_cycle_picks_users_with_enough_feedback_the_most_new_first_and_bound
     assert personal_owners(store, s.with_(personal_max_per_cycle=9)) == ["fay", "cat"]
 
 
-def cycle(store, settings, fake_client, monkeypatch, candidate_learns: bool, trained: list):
-    """A whole cycle, its children run in this process with a fake trainer and a fake model server."""
+def cycle(store, settings, fake_client, monkeypatch, candidate_learns: bool, trained: list, owner_server="http://fake"):
+    """A whole cycle, its children run in this process with a fake trainer and a fake model server (the owner's,
+    or with `owner_server` None one the child starts, which holds no adapter yet)."""
     monkeypatch.setattr(worker, "model_server", lambda s, url: (fake_client, settings.data_dir, lambda: None))
 
     def train(s, base, data, out, dpo, init=None):
         rows = [json.loads(line) for line in (data / "sft.jsonl").read_text().splitlines()]
-        trained.append((out.name, init, {r["author"] for r in rows}, {r["scope"] for r in rows}))
+        trained.append((out.name, init, {r["author"] for r in rows if "author" in r},  # replay rows carry none
+                        {r["scope"] for r in rows if "scope" in r}, set(fake_client.loaded)))
         out.mkdir(parents=True)
         (out / "adapter_config.json").write_text("{}")
         return 0
@@ -122,8 +124,12 @@ def cycle(store, settings, fake_client, monkeypatch, candidate_learns: bool, tra
 
     registry = registry_for(store, settings, fake_client)
     make_adapter(store, settings, "chatfb-v0001")
-    registry.activate("chatfb-v0001", background_unload=False)
-    result = run_cycle(store, registry, settings, owner_server="http://fake", command=lambda work: work,
+    if owner_server:
+        registry.activate("chatfb-v0001", background_unload=False)
+    else:  # live, but on no server: the child's own server must load it
+        store.set_live("chatfb-v0001")
+        registry.router.switch("chatfb-v0001")
+    result = run_cycle(store, registry, settings, owner_server=owner_server, command=lambda work: work,
                        start=lambda work, output: worker.main([str(work)]) or Done())
     return registry, result
 
@@ -143,7 +149,7 @@ def test_a_personal_adapter_trains_on_from_the_shared_one_on_its_owners_rows_and
     mine = f"{personal_prefix('ann', 'chatfb')}-v0001"
     # nothing vouched for: no shared adapter trained; ann (most new feedback) gets hers, bob waits (one a cycle)
     assert [t[0] for t in trained] == [mine]
-    (_, init, authors, scopes), = trained
+    (_, init, authors, scopes, _), = trained
     assert init == settings.layout.adapters / "chatfb-v0001" and authors == {"ann"} and scopes == {"personal"}
     (personal,) = result.personal
     assert personal["promoted"], personal["reason"]
@@ -193,3 +199,15 @@ def test_vllm_gets_as_many_lora_slots_as_the_settings_say(settings):
     cmd = vllm_command(settings.data_dir, "m", 8000, 16, 2048, **{"max_loras": vllm_options(
         settings.with_(vllm_max_loras=6))["max_loras"]})
     assert cmd[cmd.index("--max-loras") + 1] == "6" and cmd[cmd.index("--max-cpu-loras") + 1] == "12"
+
+
+def test_a_cycle_on_its_own_model_server_loads_the_shared_adapter_it_starts_from(store, settings, fake_client,
+                                                                                 monkeypatch):
+    settings = settings_for_cycle(settings).with_(replay_examples=2)
+    give_corrections(store, "ann", 12)
+    trained = []
+    fake_client.complete_finished = lambda p, model, max_tokens=192: (
+        "Paris." if model in fake_client.models() else pytest.fail(f"{model} is not on the server"))
+    _, result = cycle(store, settings, fake_client, monkeypatch, True, trained, owner_server=None)
+    (_, _, _, _, loaded), = trained
+    assert "chatfb-v0001" in loaded and result.personal[0]["promoted"], result.personal
