@@ -211,3 +211,18 @@ def test_a_cycle_on_its_own_model_server_loads_the_shared_adapter_it_starts_from
     _, result = cycle(store, settings, fake_client, monkeypatch, True, trained, owner_server=None)
     (_, _, _, _, loaded), = trained
     assert "chatfb-v0001" in loaded and result.personal[0]["promoted"], result.personal
+
+
+def test_a_personal_adapter_is_never_published_to_the_hub(settings, monkeypatch, capsys):
+    from chatfb.cli import main as cli
+    from chatfb.store.db import Store
+
+    mine = f"{personal_prefix('ann', 'chatfb')}-v0001"
+    with Store(settings.db_path) as s:
+        make_adapter(s, settings, mine, status="live", owner="ann")
+    monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
+    import chatfb.cli
+
+    monkeypatch.setattr(chatfb.cli, "push_built", lambda *a, **k: pytest.fail("a user's adapter was pushed"))
+    assert cli(["push-adapter", mine, "someone/repo"]) == 2
+    assert "personal adapter and is not published" in capsys.readouterr().err
