@@ -296,6 +296,8 @@ def cmd_push_adapter(settings, args) -> int:
         backend.close()
     if row is None or not row["path"]:
         raise CommandError(f"no adapter {args.name!r} with files (see: python -m chatfb adapters list)")
+    if row.get("owner"):  # trained on one user's own feedback: it is theirs, not a model to publish
+        raise CommandError(f"adapter {args.name} is a user's personal adapter and is not published")
     base = EMBEDDED_HUB_ID if settings.model == "embedded" else settings.model
     push_built(settings, args.repo, "model", args.private,
                lambda d: adapter_files(confined_path(settings.data_dir, row["path"]), row, base, d))

@@ -64,6 +64,10 @@ class Settings:
     vllm_kvcache_gib: int = _f(1, "KV-cache size for vLLM on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE).")
     max_model_len: int = _f(2048, "Context length the managed vLLM server is started with.")
     max_lora_rank: int = _f(16, "Largest LoRA rank the managed vLLM server accepts (--max-lora-rank).")
+    vllm_max_loras: int = _f(
+        4, "LoRA adapters the managed vLLM server runs at once (--max-loras; --max-cpu-loras is twice it): the shared "
+        "adapter, the users' personal ones and a cycle's candidate. Size it to the users chatting at once: "
+        "adapters beyond it are swapped in and out per batch.")
     vllm_dtype: str = _f(
         "auto", "Weights dtype of the managed vLLM server: 'auto' = vLLM's choice on a GPU; on a CPU bfloat16 where it "
         "has bf16 instructions (AVX512-BF16 or AMX), else float32. Or float32 / bfloat16 / float16.")
@@ -110,6 +114,11 @@ class Settings:
     shared_answer_cosine: float = _f(
         0.7, "Two corrections (or critiques, or rated replies) can agree at this cosine or more; they must also "
         "name the same facts (numbers, addresses, names).")
+    personal_min_feedback: int = _f(
+        5, "A user (or anonymous browser) with at least this many feedback rows of their own that may train (shared or "
+        "personal scope) gets a personal adapter in the learning cycle, served only to them; 0 = no personal adapters.")
+    personal_max_per_cycle: int = _f(
+        2, "Most personal adapters one learning cycle trains, the users with the most new feedback first.")
     nightly_at: str | None = _f(None, "Run the learning cycle daily at this local time (HH:MM) inside the app; unset = off.")
     retention_days: int | None = _f(None, "Delete conversations older than this many days at startup and nightly; unset = keep.")
     lora_rank: int = _f(8, "Rank of trained LoRA adapters (must be <= max_lora_rank).")
@@ -274,6 +283,10 @@ def validate(s: Settings) -> None:
     if set(s.shared_rule_list) - set(SHARED_RULES):
         raise SettingsError(f"shared_rules lists unknown rule(s) {sorted(set(s.shared_rule_list) - set(SHARED_RULES))}; "
                             f"known: {', '.join(SHARED_RULES)}")
+    if s.personal_min_feedback < 0 or s.personal_max_per_cycle < 0:
+        raise SettingsError("personal_min_feedback and personal_max_per_cycle must be 0 (off) or more")
+    if s.vllm_max_loras < 1:
+        raise SettingsError("vllm_max_loras must be 1 or more")
     if s.shared_min_users < 0:
         raise SettingsError("shared_min_users must be 0 (off) or more")
     if not 0 < s.holdout_fraction < 1:

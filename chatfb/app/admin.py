@@ -77,12 +77,14 @@ class AdminService:
 
     def delete_user(self, user_name: str) -> int:
         """Delete a user's conversations and feedback, their rows in every training and export file
-        (chatfb.learning.forget), and mark each adapter trained on them (`deleted_users`: it carries their
-        data until a cycle retrains). Returns conversations removed."""
+        (chatfb.learning.forget), their personal adapters (unloaded, files and rows), and mark each shared
+        adapter trained on them (`deleted_users`: it carries their data until a cycle retrains). Returns
+        conversations removed."""
         from chatfb.learning.forget import forget_user
 
         records = self.store.feedback_records(user_name=user_name)  # read first: the files are matched by them
         removed = self.store.delete_user(user_name)
+        self.registry.remove_personal(user_name)  # a named user's author id is their name (trust.who)
         layout = self.settings.layout
         trained = set(forget_user(layout, user_name, records)) - {"exports"}
         if records:  # an adapter whose cycle files are gone, trained after their first feedback, may carry it

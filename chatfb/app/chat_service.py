@@ -18,6 +18,7 @@ from chatfb.critique import candidates, constraints, guidelines
 from chatfb.serving.adapters import AdapterRouter
 from chatfb.config import Settings
 from chatfb.critique.judge import ServerJudge
+from chatfb.learning.trust import who
 from chatfb.serving.model_client import ModelClient, ModelError, StreamResult
 from chatfb.store.db import Store
 from chatfb.store.records import StoreError, utf8_text
@@ -175,8 +176,9 @@ class ChatService:
         """Log the pending reply (with the user's message before it, in one transaction, when
         `user_text` is given) and return the stream that generates it."""
         rules = self.store.guidelines_for(session_id, user)
-        # Counted as in flight from here, so a swap never unloads the adapter this reply will use.
-        model = self.router.acquire()
+        # Counted as in flight from here, so a swap never unloads the adapter this reply will use. The user's
+        # own personal adapter answers them when they have one (the same author id the cycle trained it for).
+        model = self.router.acquire(who(user, session_id))
         try:
             adapter = None if model == self.router.base_name else model
             ids = [g["id"] for g in rules]
@@ -287,7 +289,7 @@ class ChatService:
         rules = [g["text"] for g in self.store.guidelines_for(session_id, user)]
         prompt = guidelines.apply(self.store.history_before(message_id), rules)
         original = self.store.message(message_id)["content"]
-        model = self.router.acquire()
+        model = self.router.acquire(who(user, session_id))
         t0 = time.perf_counter()
         ttft = None
         try:

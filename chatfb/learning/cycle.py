@@ -8,6 +8,13 @@
 
 The child generates with the owner's model server (`CycleJob.server_url`) or, when no app runs and
 the model is managed, starts a temporary one of its own.
+
+After the shared adapter, personal ones: each user (or anonymous browser, chatfb.learning.trust.who) with at
+least CHATFB_PERSONAL_MIN_FEEDBACK rows of their own that may train, those with the most new feedback first, at
+most CHATFB_PERSONAL_MAX_PER_CYCLE a cycle, gets a job of their own (`CycleJob.owner`): the same child trains on
+from the live shared adapter's weights on their rows alone (plus replay), gated on their own held-out rows and the
+control check against what they are served now, and a candidate that passes is served to them only
+(AdapterRegistry.promote_personal). One that fails leaves them on what they had, its reason in its adapter row.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from chatfb.serving.adapters import AdapterError, AdapterRegistry, next_adapter_name
+from chatfb.serving.adapters import AdapterError, AdapterRegistry, next_adapter_name, personal_prefix
 from chatfb.config import Settings, settings_from_json, settings_to_json
 from chatfb.store.db import Store
 
@@ -37,6 +44,8 @@ class CycleJob:
     name: str  # the adapter version this cycle trains
     incumbent: str | None  # the live adapter it must beat (None = the base model)
     server_url: str | None  # the owner's model server; None = the child starts a temporary one
+    owner: str | None = None  # whose personal adapter this cycle trains (chatfb.learning.trust.who); None = the shared
+    start_from: str | None = None  # a personal adapter trains on from this (the live shared adapter); None = the base
 
 
 @dataclass
@@ -62,6 +71,7 @@ class CycleResult:
     counts: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    personal: list[dict] = field(default_factory=list)  # each personal adapter's CycleResult, as a dict
 
     def summary(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -101,7 +111,41 @@ def prepare(store: Store, settings: Settings, server_url: str | None) -> tuple[C
     apply_retention(store, settings)
     if not store.counts()["feedback"]:
         return CycleResult(False, reason="no feedback yet")
-    name = next_adapter_name(store, settings.adapter_prefix)
+    live = store.live_adapter()
+    return _job_folder(store, settings, CycleJob(next_adapter_name(store, settings.adapter_prefix),
+                                                 live["name"] if live else None, server_url))
+
+
+def personal_owners(store: Store, settings: Settings) -> list[str]:
+    """Who gets a personal adapter this cycle: authors with at least CHATFB_PERSONAL_MIN_FEEDBACK rows of their own
+    that may train (shared or personal scope: chatfb.learning.trust.teachable_by_author) and at least one since
+    their newest personal adapter, the most such new rows first, at most CHATFB_PERSONAL_MAX_PER_CYCLE."""
+    from chatfb.learning import trust
+
+    if settings.personal_min_feedback <= 0 or settings.personal_max_per_cycle <= 0:
+        return []
+    rows = trust.teachable_by_author(store.feedback_records(), trust.Policy.from_settings(settings),
+                                     store.flagged_authors())
+    newest: dict[str, object] = {}
+    for a in store.personal_adapters():
+        newest[a["owner"]] = max(newest.get(a["owner"], a["created_at"]), a["created_at"])
+    new = {o: sum(o not in newest or r.created_at > newest[o] for r in rs) for o, rs in rows.items()}
+    eligible = [o for o, rs in rows.items() if len(rs) >= settings.personal_min_feedback and new[o] > 0]
+    return sorted(eligible, key=lambda o: (-new[o], o))[:settings.personal_max_per_cycle]
+
+
+def prepare_personal(store: Store, settings: Settings, server_url: str | None, owner: str) -> tuple[CycleJob, Path]:
+    """The job folder for `owner`'s next personal adapter: trained on from the live shared adapter, gated
+    against what `owner` is served now (their live personal adapter, else the shared one, else the base)."""
+    live = store.live_adapter()
+    shared = live["name"] if live else None
+    incumbent = store.live_personal_adapters().get(owner) or shared
+    name = next_adapter_name(store, personal_prefix(owner, settings.adapter_prefix))
+    return _job_folder(store, settings, CycleJob(name, incumbent, server_url, owner=owner, start_from=shared))
+
+
+def _job_folder(store: Store, settings: Settings, job: CycleJob) -> tuple[CycleJob, Path]:
+    name = job.name
     layout = settings.layout
     work = layout.work(name)
     # No row names this version yet: whatever files carry its name are left from a cycle whose owner died.
@@ -109,8 +153,6 @@ def prepare(store: Store, settings: Settings, server_url: str | None) -> tuple[C
         shutil.rmtree(orphan, ignore_errors=True)
     work.mkdir(parents=True)
     store.snapshot(work / SNAPSHOT)
-    live = store.live_adapter()
-    job = CycleJob(name, live["name"] if live else None, server_url)
     write_job(work, job, settings)
     return job, work
 
@@ -135,7 +177,7 @@ def finish(store: Store, registry: AdapterRegistry, job: CycleJob, work: Path, e
     if outcome.status == "nothing":
         return CycleResult(False, reason=outcome.reason, counts=outcome.counts, timings=outcome.timings)
     name, timings = job.name, outcome.timings
-    store.add_adapter(name, job.incumbent, "training", name, outcome.recipe)
+    store.add_adapter(name, job.incumbent, "training", name, outcome.recipe, owner=job.owner)
     if outcome.candidates:
         store.add_candidates(outcome.candidates)
     store.update_adapter(name, status=outcome.status, error=outcome.error, metrics=outcome.report,
@@ -144,7 +186,7 @@ def finish(store: Store, registry: AdapterRegistry, job: CycleJob, work: Path, e
     if outcome.status == "candidate" and promote:
         t = time.perf_counter()
         try:
-            registry.promote(name)
+            registry.promote_personal(job.owner, name) if job.owner else registry.promote(name)
             promoted = True
         except AdapterError as e:
             reason += f"; not promoted: {e}"
@@ -179,7 +221,22 @@ def run_cycle(store: Store, registry: AdapterRegistry, settings: Settings, promo
     prepared = prepare(store, settings, server_url)
     if isinstance(prepared, CycleResult):
         return prepared
-    job, work = prepared
+    result = _run_child(store, registry, *prepared, promote, output, command, start, closing, t0)
+    if result is None:
+        return None
+    # Then personal adapters, on top of the shared adapter now live (whatever the shared cycle decided).
+    for owner in personal_owners(store, settings):
+        t = time.perf_counter()
+        personal = _run_child(store, registry, *prepare_personal(store, settings, server_url, owner), promote,
+                              output, command, start, closing, t)
+        if personal is None:
+            return None
+        result.personal.append(asdict(personal))
+    return result
+
+
+def _run_child(store, registry, job: CycleJob, work: Path, promote: bool, output, command, start, closing,
+               started: float) -> CycleResult | None:
     proc = start(command(work), output)
     if proc is None:
         return None
@@ -192,4 +249,4 @@ def run_cycle(store: Store, registry: AdapterRegistry, settings: Settings, promo
         raise
     if closing():  # the owner is closing: its store with it
         return None
-    return finish(store, registry, job, work, code, promote, t0)
+    return finish(store, registry, job, work, code, promote, started)

@@ -47,6 +47,9 @@ class Recipe:
                 "A positive --max_steps replaces both."})
     dpo_epochs: float = field(default=1.0, metadata={"help": "DPO epochs after SFT when dpo.jsonl has pairs (0 = no DPO)."})
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO beta."})
+    init_adapter: str | None = field(default=None, metadata={
+        "help": "An adapter folder to train on from (its weights, rank and modules; --rank is ignored): a personal "
+                "adapter starts from the shared one, and is still one whole LoRA on the base model."})
 
 
 def trainer_defaults() -> dict:
@@ -100,7 +103,7 @@ def main(recipe: Recipe, args) -> int:
     """Train with `args` (a parsed trl.SFTConfig; its output_dir is the adapter folder)."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
+    from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, set_seed
     from trl import DPOConfig, DPOTrainer, SFTTrainer
 
@@ -127,6 +130,8 @@ def main(recipe: Recipe, args) -> int:
     batch, fixed_steps = args.per_device_train_batch_size, args.max_steps  # a positive --max_steps fixes both phases
     if fixed_steps <= 0:
         args.max_steps = step_cap(len(sft_rows), args.num_train_epochs, batch, recipe.step_cap)
+    if recipe.init_adapter:  # trainable from the given weights; the trainers take a PeftModel as it is
+        model, lora = PeftModel.from_pretrained(model, recipe.init_adapter, is_trainable=True), None
     sft = SFTTrainer(model=model, processing_class=tokenizer, peft_config=lora, train_dataset=Dataset.from_list(sft_rows),
                      args=args, callbacks=[progress_callback("sft")])
     sft.remove_callback(PrinterCallback)  # our progress lines replace its raw dicts

@@ -127,6 +127,13 @@ def shared_scopes(records: list[FeedbackRecord], settings, reviews: dict[str, st
     return {fid: d.scope for fid, d in trust_decisions(records, settings, reviews, flagged).items()}
 
 
+def owner_scopes(records: list[FeedbackRecord], scopes: dict[str, str], owner: str) -> dict[str, str]:
+    """For `owner`'s personal adapter: their own rows that may train (shared or personal) as "shared" (what `build`
+    trains on and holds out), everyone else's as "others" (neither trained nor counted as personal)."""
+    return {r.feedback_id: "shared" if scopes.get(r.feedback_id) in ("shared", "personal")
+            and who(r.user_name, r.session_id) == owner else "others" for r in records}
+
+
 def review_queue(records: list[FeedbackRecord], settings, reviews: dict[str, str], flagged: set[str]) -> list[dict]:
     """What waits for an admin's review, grouped by what it would teach (chatfb.learning.trust.queue_view)."""
     from chatfb.learning import trust

@@ -207,6 +207,35 @@ def _similar_pairs(q, t, rows: list[int], prompt_cosine: float, answer_cosine: f
                 yield int(idx[start + a]), int(idx[b]), float(ts[start + a] @ ts[b])
 
 
+def _blocked(r: FeedbackRecord, policy: Policy, flagged, over: set[str]) -> str | None:
+    """Why a row never trains (scope "none"), or None."""
+    if {r.user_name, r.session_id, who(r.user_name, r.session_id)} & set(flagged):
+        return "its author is flagged by the admin"
+    if not (r.user_name or r.session_id):
+        return "from no known session"
+    if r.feedback_id in over:
+        return f"sent over the rate limit ({policy.rate_limit_per_minute} a minute)"
+    return None
+
+
+def teachable_by_author(records: list[FeedbackRecord], policy: Policy,
+                        flagged: set[str] | frozenset = frozenset()) -> dict[str, list[FeedbackRecord]]:
+    """Author (`who`) -> their rows that may train at all (scope shared or personal under `decide`), without
+    the embeddings `decide` needs: the learning cycle picks the users who get a personal adapter by it. Rows the
+    operator imported count only when they name their user and the operator did not vouch for them
+    (`--trusted` rows teach the shared adapter, which everyone, that user too, is served)."""
+    people = _People()
+    for r in records:
+        people.join(r)
+    over = over_rate_limit(records, people, policy.rate_limit_per_minute)
+    out: dict[str, list[FeedbackRecord]] = {}
+    for r in records:
+        imported = r.session_id == IMPORT_SESSION
+        if _blocked(r, policy, flagged, over) is None and not (imported and (r.trusted or not r.user_name)):
+            out.setdefault(who(r.user_name, r.session_id), []).append(r)
+    return out
+
+
 def decide(records: list[FeedbackRecord], policy: Policy, embed, reviews: dict[str, str] | None = None,
            flagged: set[str] | frozenset = frozenset()) -> dict[str, Decision]:
     """A Decision per feedback id. `embed(texts)` returns unit vectors; `reviews` maps feedback id to an
@@ -223,13 +252,7 @@ def decide(records: list[FeedbackRecord], policy: Policy, embed, reviews: dict[s
     trusted = policy.trusted_users
 
     def blocked(r: FeedbackRecord) -> str | None:
-        if {r.user_name, r.session_id, who(r.user_name, r.session_id)} & set(flagged):
-            return "its author is flagged by the admin"
-        if not (r.user_name or r.session_id):
-            return "from no known session"
-        if r.feedback_id in over:
-            return f"sent over the rate limit ({policy.rate_limit_per_minute} a minute)"
-        return None
+        return _blocked(r, policy, flagged, over)
 
     # Who agrees with whom: similar questions, agreeing teaching, both rows allowed to count at all.
     usable = [i for i, r in enumerate(records) if blocked(r) is None]

@@ -59,11 +59,14 @@ def model_server(settings: Settings, server_url: str | None):
     return client, base, lambda: (client.close(), server.stop())
 
 
-def train_adapter(settings: Settings, base: Path, data_dir: Path, out: Path, dpo: bool) -> int:
+def train_adapter(settings: Settings, base: Path, data_dir: Path, out: Path, dpo: bool, init: Path | None = None) -> int:
+    """`init`: an adapter folder to train on from (a personal adapter starts from the shared one's weights)."""
     cmd = [sys.executable, "-m", "chatfb.learning.train", "--data", str(data_dir), "--base", str(base), "--output_dir", str(out),
            "--rank", str(settings.lora_rank), "--num_train_epochs", str(settings.train_epochs),
            "--learning_rate", str(settings.learning_rate), "--seed", str(settings.seed),
            "--step_cap", str(settings.train_max_steps), "--dpo_epochs", "1" if dpo else "0"]
+    if init is not None:
+        cmd += ["--init_adapter", str(init)]
     log.info("training: %s", " ".join(cmd))
     return subprocess.call(cmd)
 
@@ -83,6 +86,10 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
         return CycleOutcome("nothing", "no feedback yet")
     # Only vouched-for feedback trains the shared adapter or is held out to gate it (chatfb.learning.trust).
     scopes = training_data.shared_scopes(records, settings, reviews, flagged)
+    if job.owner is not None:  # a personal adapter: its owner's own rows that may train, shared or personal
+        scopes = training_data.owner_scopes(records, scopes, job.owner)
+        guidelines = []  # everyone's guidelines are the shared adapter's to learn
+        recipe.update(owner=job.owner, start_from=job.start_from)
     data = training_data.build(records, settings.train_mode, settings.holdout_fraction, settings.seed,
                                settings.max_feedback_chars, settings.scrub_pii, scopes=scopes)
 
@@ -90,6 +97,10 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
     client, base, stop_server = model_server(settings, job.server_url)
     try:
         base_name, name = settings.served_model_name, job.name
+        if job.server_url is None:  # our own temporary server: load what this job compares with and starts from
+            for other in dict.fromkeys(n for n in (job.incumbent, job.start_from) if n):
+                if other not in client.models():
+                    client.load_adapter(other, str((settings.layout.adapters / other).resolve()))
         from chatfb.critique.judge import judge_for
 
         judge = judge_for(settings.scorer, client, base)  # what scores candidates (and held-out answers at the gate)
@@ -111,7 +122,7 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
         timings["refine_s"] = round(time.perf_counter() - t, 2)
 
         out = settings.layout.adapters / name
-        rows = candidate_rows(selected, name, settings.critique_recipe, data.authors)
+        rows = candidate_rows(selected, name, settings.critique_recipe, data.authors, "personal" if job.owner else "shared")
         done = dict(counts=counts, timings=timings, candidates=rows, recipe=recipe)
         if not data.train:
             reason = "no usable training examples"
@@ -123,13 +134,17 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
         # Retention: the base model's own answers to general prompts ride along (self-distillation); a
         # question a rule was distilled on is left out of it, so it never has two targets.
         distilled = {last_user(e.prompt) for e in data.train if e.source in ("distill", "guideline")}
-        replay = replay_examples(client, base_name, settings.system_prompt, settings.replay_examples, skip=distilled)
-        write_rows(data.sft_rows() + replay, work / "sft.jsonl")  # with provenance: delete-user scrubs by it
-        write_rows(data.dpo_rows(), work / "dpo.jsonl")
+        # A personal adapter replays what the shared adapter it starts from answers, so it keeps what everyone learnt.
+        replay = replay_examples(client, job.start_from or base_name, settings.system_prompt, settings.replay_examples,
+                                 skip=distilled)
+        scope = "personal" if job.owner else "shared"
+        write_rows([dict(r, scope=scope) for r in data.sft_rows()] + replay, work / "sft.jsonl")  # delete-user scrubs by it
+        write_rows([dict(r, scope=scope) for r in data.dpo_rows()], work / "dpo.jsonl")
         counts["replay_examples"] = len(replay)
 
         t = time.perf_counter()
-        code = train_adapter(settings, base, work, out, dpo=dpo and bool(data.dpo_rows()))
+        start = {"init": settings.layout.adapters / job.start_from} if job.start_from else {}  # the shared one trains anew
+        code = train_adapter(settings, base, work, out, dpo=dpo and bool(data.dpo_rows()), **start)
         timings["train_s"] = round(time.perf_counter() - t, 2)
         if code != 0 or not (out / "adapter_config.json").exists():
             shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
@@ -229,7 +244,8 @@ def select_all(tasks: list, client: ModelClient, model: str, settings: Settings,
         return list(pool.map(one, tasks)), errors
 
 
-def candidate_rows(selected: list, cycle: str, recipe: str, authors: dict[str, str] | None = None) -> list[dict]:
+def candidate_rows(selected: list, cycle: str, recipe: str, authors: dict[str, str] | None = None,
+                   scope: str = "shared") -> list[dict]:
     """store.add_candidates rows for every candidate of every task: the kept one and why each other was dropped,
     with who gave the critique (or "admin": a guideline) and the scope it teaches."""
 
@@ -244,7 +260,7 @@ def candidate_rows(selected: list, cycle: str, recipe: str, authors: dict[str, s
                                      "author": (authors or {}).get(task.feedback_id)
                                      or ("admin" if task.source == "guideline" else ""),
                                      "feedback_kind": "guideline" if task.source == "guideline" else "from_critique",
-                                     "scope": "shared"}})
+                                     "scope": scope}})
     return rows
 
 

@@ -4,16 +4,20 @@ One AdapterRegistry per store owner: the app's drives its vLLM servers; the CLI'
 `AdapterRegistry.without_servers`) only records which version is live, with the same checks.
 
 Every adapter version has a new name (chatfb-v0001, ...) because vLLM refuses to load a name it
-already has. Promotion loads the new version into every configured server, routes new chats to
+already has. A user with a personal adapter (chatfb-u<hash of the user>-v0001, ...; trained by
+chatfb.learning.cycle) is served it per request, and only they are: vLLM serves one LoRA per request,
+so a personal adapter is a whole LoRA on the base model, trained on from the shared one. Promotion loads the new version into every configured server, routes new chats to
 it, and unloads the previous one only after its in-flight requests finished, so no request
 fails during a swap. The store remembers which version is live, so a restart loads it again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import shutil
 import struct
 import threading
 import time
@@ -42,6 +46,22 @@ def next_adapter_name(store: Store, prefix: str = ADAPTER_PREFIX) -> str:
     numbers = [int(a["name"][len(head):]) for a in store.adapters()
                if a["name"].startswith(head) and a["name"][len(head):].isdigit()]
     return adapter_name(max(numbers, default=0) + 1, prefix)
+
+
+def personal_prefix(owner: str, prefix: str = ADAPTER_PREFIX) -> str:
+    """The name prefix of `owner`'s personal adapters: <prefix>-u<short hash> (the name itself never shows a user's
+    name or session to vLLM's model list)."""
+    return f"{prefix}-u{hashlib.sha256(owner.encode()).hexdigest()[:10]}"
+
+
+_PERSONAL = re.compile(r"-u[0-9a-f]{10}-v(\d+)$")
+
+
+def model_label(name: str | None) -> str | None:
+    """What the chat shows under a reply: "your model vN" for a personal adapter (only its owner sees the
+    replies it made), else the name unchanged."""
+    m = _PERSONAL.search(name or "")
+    return f"your model v{int(m.group(1))}" if m else name
 
 
 def confined_path(data_dir: Path, relative: str | Path) -> Path:
@@ -106,13 +126,25 @@ class AdapterRouter:
     def __init__(self, base_name: str):
         self.base_name = base_name
         self.current = base_name
+        self.personal: dict[str, str] = {}  # owner (chatfb.learning.trust.who) -> their live personal adapter
         self._inflight: Counter = Counter()
         self._cond = threading.Condition()
 
-    def acquire(self) -> str:
+    def acquire(self, owner: str | None = None) -> str:
+        """The model a request uses: `owner`'s live personal adapter if they have one, else the shared one."""
         with self._cond:
-            self._inflight[self.current] += 1
-            return self.current
+            name = self.personal.get(owner, self.current) if owner else self.current
+            self._inflight[name] += 1
+            return name
+
+    def switch_personal(self, owner: str, name: str | None) -> str | None:
+        """Serve `owner` their adapter `name` (None = the shared one again); returns the one they had."""
+        with self._cond:
+            return self.personal.pop(owner, None) if name is None else self._swap(owner, name)
+
+    def _swap(self, owner: str, name: str) -> str | None:
+        previous, self.personal[owner] = self.personal.get(owner), name
+        return previous
 
     def release(self, name: str) -> None:
         with self._cond:
@@ -232,7 +264,46 @@ class AdapterRegistry:
             raise AdapterError(f"no adapter named {name!r}")
         if a["status"] in ("failed", "training"):
             raise AdapterError(f"adapter {name} is {a['status']} and cannot be promoted")
+        if a["owner"] is not None:  # one user's feedback taught it: never everyone's model
+            raise AdapterError(f"adapter {name} is a user's personal adapter: it is served only to them")
         self.activate(name)
+
+    # -- personal adapters: one live per owner, served only to that owner --------------------------
+    def promote_personal(self, owner: str, name: str) -> None:
+        """Serve `owner` (only) their adapter `name`; the one they had is unloaded once its requests finished."""
+        a = self.store.adapter(name)
+        if a is None or a["owner"] != owner:
+            raise AdapterError(f"no personal adapter named {name!r} for this user")
+        if a["status"] in ("failed", "training"):
+            raise AdapterError(f"adapter {name} is {a['status']} and cannot be promoted")
+        with self._lock:
+            self._load_everywhere(name)
+            previous = self.router.switch_personal(owner, name)
+            self.store.set_live_personal(owner, name)
+        log.info("user %s now served %s (was %s)", personal_prefix(owner, ""), name, previous or "the shared adapter")
+        if previous not in (None, name):
+            threading.Thread(target=self._drain_and_unload_personal, args=(owner, previous), daemon=True).start()
+
+    def _drain_and_unload_personal(self, owner: str, name: str) -> None:
+        if not self.router.wait_idle(name, self.drain_timeout_s):
+            log.warning("%s still had requests after %.0fs; unloading anyway", name, self.drain_timeout_s)
+        if self.router.personal.get(owner) != name:
+            self.unload(name)
+
+    def remove_personal(self, owner: str) -> list[str]:
+        """Forget `owner`'s personal adapters: served the shared one from now, each unloaded from every server,
+        its files (adapters/<name>/, work/<name>/) and rows deleted. Returns the names removed."""
+        with self._lock:
+            self.router.switch_personal(owner, None)
+            rows = self.store.personal_adapters(owner)
+            layout = DataLayout(self.data_dir)
+            for a in rows:
+                self.unload(a["name"])
+                shared = getattr(self.replicas, "shared_dir", None)  # the replicas' resolver folder, if any
+                for folder in [layout.adapters / a["name"], layout.work(a["name"])] + ([shared / a["name"]] if shared else []):
+                    shutil.rmtree(folder, ignore_errors=True)
+            self.store.delete_personal_adapters(owner)
+        return [a["name"] for a in rows]
 
     def previous_version(self) -> str | None:
         """The version that was live before the current one: the newest promoted before it and retired
@@ -240,7 +311,7 @@ class AdapterRegistry:
         live = self.store.live_adapter()
         if live is None:
             return None
-        earlier = [a for a in self.store.adapters() if a["promoted_at"] is not None and a["name"] != live["name"]
+        earlier = [a for a in self.store.adapters() if a["promoted_at"] is not None and a["name"] != live["name"] and a["owner"] is None
                    and a["promoted_at"] <= live["promoted_at"] and a["status"] == "retired"]
         return max(earlier, key=lambda a: a["promoted_at"])["name"] if earlier else None
 
@@ -255,7 +326,13 @@ class AdapterRegistry:
         return target
 
     def restore(self) -> str | None:
-        """After a (re)start: load the live adapter again and route chats to it."""
+        """After a (re)start: load the live adapter again and route chats to it (and each user's live
+        personal adapter to them; one that no longer loads leaves its user on the shared one)."""
+        for owner, name in self.store.live_personal_adapters().items():
+            try:
+                self.promote_personal(owner, name)
+            except AdapterError as e:
+                log.error("could not restore personal adapter %s: %s; its user gets the shared one", name, e)
         live = self.store.live_adapter()
         if live is None:
             self.router.switch(self.router.base_name)

@@ -59,7 +59,9 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def vllm_command(model_path: Path, served_name: str, port: int, max_lora_rank: int, max_model_len: int,
-                 dtype: str = "auto") -> list[str]:
+                 dtype: str = "auto", max_loras: int = 4) -> list[str]:
+    """The server's command line. `max_loras`: adapters in one batch (the shared one and users' personal ones; a
+    request for another waits for a slot), and twice as many kept in CPU memory so a swap needs no disk read."""
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_path),
@@ -68,7 +70,8 @@ def vllm_command(model_path: Path, served_name: str, port: int, max_lora_rank: i
         "--port", str(port),
         "--enable-lora",
         "--max-lora-rank", str(max_lora_rank),
-        "--max-loras", "4",
+        "--max-loras", str(max_loras),
+        "--max-cpu-loras", str(2 * max_loras),
         "--max-model-len", str(max_model_len),
         "--dtype", serving_dtype(dtype),
         "--disable-uvicorn-access-log",
@@ -106,7 +109,7 @@ def vllm_options(settings) -> dict:
     """ManagedVLLM's keyword arguments from the settings: each server chatfb manages is started alike."""
     return dict(max_lora_rank=settings.max_lora_rank, max_model_len=settings.max_model_len,
                 kvcache_gib=settings.vllm_kvcache_gib, startup_timeout_s=settings.vllm_startup_timeout_s,
-                dtype=settings.vllm_dtype)
+                dtype=settings.vllm_dtype, max_loras=settings.vllm_max_loras)
 
 
 class ManagedVLLM:
@@ -114,8 +117,8 @@ class ManagedVLLM:
 
     def __init__(self, model_path: Path, served_name: str, port: int, data_dir: Path, max_lora_rank: int = 16,
                  max_model_len: int = 2048, kvcache_gib: int = 1, startup_timeout_s: float = 600.0, dtype: str = "auto",
-                 env: dict[str, str] | None = None, log_role: str | None = None):
-        self.cmd = vllm_command(model_path, served_name, port, max_lora_rank, max_model_len, dtype)
+                 env: dict[str, str] | None = None, log_role: str | None = None, max_loras: int = 4):
+        self.cmd = vllm_command(model_path, served_name, port, max_lora_rank, max_model_len, dtype, max_loras)
         self.extra_env = dict(env or {})  # e.g. a replica's LoRA resolver (chatfb.serving.replicas.resolver_env)
         self.port = port
         self.model_root = str(model_path)  # what vLLM reports as `root`: proves the server is ours

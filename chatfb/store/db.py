@@ -589,9 +589,11 @@ class Store:
             self._tx(stmts)
 
     # -- adapters ---------------------------------------------------------------------------
-    def add_adapter(self, name: str, parent: str | None, status: str, path: str | None, recipe: dict | None = None) -> None:
-        self._tx([("INSERT INTO adapters (name, parent, status, path, created_at, recipe) VALUES (?, ?, ?, ?, ?, ?)",
-                   (name, parent, status, path, utcnow(), json.dumps(recipe or {})))])
+    def add_adapter(self, name: str, parent: str | None, status: str, path: str | None, recipe: dict | None = None,
+                    owner: str | None = None) -> None:
+        """`owner`: None for the shared adapter, else whose personal adapter it is (chatfb.learning.trust.who)."""
+        self._tx([("INSERT INTO adapters (name, parent, status, path, created_at, recipe, owner)"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?)", (name, parent, status, path, utcnow(), json.dumps(recipe or {}), owner))])
 
     def update_adapter(self, name: str, **fields_) -> None:
         allowed = {"status", "path", "metrics", "data_counts", "timings", "error", "promoted_at", "parent"}
@@ -606,9 +608,9 @@ class Store:
 
     def adapters(self) -> list[dict]:
         rows = self._q("SELECT name, parent, status, path, created_at, promoted_at, metrics, data_counts, timings, recipe, error,"
-                       " coalesce(deleted_users, 0) FROM adapters ORDER BY created_at, name")
+                       " coalesce(deleted_users, 0), owner FROM adapters ORDER BY created_at, name")
         keys = ("name", "parent", "status", "path", "created_at", "promoted_at", "metrics", "data_counts", "timings", "recipe", "error",
-                "deleted_users")
+                "deleted_users", "owner")
         out = []
         for r in rows:
             d = dict(zip(keys, r))
@@ -621,14 +623,38 @@ class Store:
         return next((a for a in self.adapters() if a["name"] == name), None)
 
     def live_adapter(self) -> dict | None:
-        return next((a for a in self.adapters() if a["status"] == "live"), None)
+        """The live shared adapter (None: the base model serves everyone without a personal one)."""
+        return next((a for a in self.adapters() if a["status"] == "live" and a["owner"] is None), None)
 
     def set_live(self, name: str | None) -> None:
-        """Make `name` the one live adapter (None = serve the base model); the old one is retired."""
-        stmts = [("UPDATE adapters SET status = 'retired' WHERE status = 'live'", ())]
+        """Make `name` the one live shared adapter (None = serve the base model); the old one is retired."""
+        stmts = [("UPDATE adapters SET status = 'retired' WHERE status = 'live' AND owner IS NULL", ())]
         if name is not None:
             stmts.append(("UPDATE adapters SET status = 'live', promoted_at = ? WHERE name = ?", (utcnow(), name)))
         self._tx(stmts)
+
+    # -- personal adapters (one live per owner, beside the shared one) ------------------------
+    def personal_adapters(self, owner: str | None = None) -> list[dict]:
+        """Every personal adapter, oldest first; only `owner`'s when given."""
+        return [a for a in self.adapters() if a["owner"] is not None and (owner is None or a["owner"] == owner)]
+
+    def live_personal_adapters(self) -> dict[str, str]:
+        """Owner -> the name of their live personal adapter."""
+        return {a["owner"]: a["name"] for a in self.personal_adapters() if a["status"] == "live"}
+
+    def set_live_personal(self, owner: str, name: str | None) -> None:
+        """Make `name` `owner`'s one live personal adapter (None = they are served the shared one again)."""
+        stmts = [("UPDATE adapters SET status = 'retired' WHERE status = 'live' AND owner = ?", (owner,))]
+        if name is not None:
+            stmts.append(("UPDATE adapters SET status = 'live', promoted_at = ? WHERE name = ? AND owner = ?",
+                          (utcnow(), name, owner)))
+        self._tx(stmts)
+
+    def delete_personal_adapters(self, owner: str) -> list[dict]:
+        """Remove `owner`'s personal adapter rows; returns them (their files are the caller's to remove)."""
+        rows = self.personal_adapters(owner)
+        self._tx([("DELETE FROM adapters WHERE owner = ?", (owner,))])
+        return rows
 
     # -- API keys ---------------------------------------------------------------------------
     def add_api_key(self, user_name: str, key_hash: str, prefix: str) -> str:

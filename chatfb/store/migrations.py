@@ -166,3 +166,11 @@ def m005_api_keys():
             revoked_at TIMESTAMP
         )""",
     ]
+
+
+@migration
+def m006_personal_adapters():
+    """Personal adapters (chatfb.learning.cycle): whose adapter a row is. NULL = the shared adapter everyone
+    is served; else the user's name or anonymous author id (chatfb.learning.trust.who), served only to them.
+    Each owner has at most one live adapter of their own beside the shared live one."""
+    return ["ALTER TABLE adapters ADD COLUMN owner VARCHAR"]

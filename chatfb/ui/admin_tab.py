@@ -63,13 +63,13 @@ def adapters_frame(admin: AdminService) -> pd.DataFrame:
     rows = []
     for a in admin.adapters():
         m = GateReport.from_dict(a["metrics"])
-        rows.append({"name": a["name"], "status": a["status"], "parent": a["parent"] or "base",
+        rows.append({"name": a["name"], "for": a.get("owner") or "everyone", "status": a["status"], "parent": a["parent"] or "base",
                      "created": str(a["created_at"])[:19], "rougeL": m.candidate_rougeL,
                      "bleu": m.candidate_bleu, "control": m.control_agreement,
                      "examples": (a["data_counts"] or {}).get("train_examples"), "note": a["error"] or m.decision,
                      "deleted users' data": (f"{a['deleted_users']} user(s): kept until the next cycle retrains"
                                              if a.get("deleted_users") else "")})
-    return pd.DataFrame(rows, columns=["name", "status", "parent", "created", "rougeL", "bleu", "control", "examples", "note",
+    return pd.DataFrame(rows, columns=["name", "for", "status", "parent", "created", "rougeL", "bleu", "control", "examples", "note",
                                        "deleted users' data"])
 
 

@@ -18,6 +18,7 @@ import gradio as gr
 
 from chatfb.ui.admin_tab import build as build_admin_tab
 from chatfb.app.chat_service import ChatInputError
+from chatfb.serving.adapters import model_label
 from chatfb.critique.guidelines import looks_like_rule
 from chatfb.app.runtime import Runtime
 
@@ -71,7 +72,7 @@ def reply_text(text: str, status: str, error: str | None, label: str | None) -> 
         body = (body + "\n\n" if body else "") + f"⚠️ {inert(error or 'The reply failed.')}"
     elif status == "stopped":
         body = (body + " " if body else "") + "*(stopped)*"
-    return f"{body}\n\n*— {inert(label or '')}*" if label and status != "pending" else body
+    return f"{body}\n\n*— {inert(model_label(label) or '')}*" if label and status != "pending" else body
 
 
 LABEL = re.compile(r"(?:\s*\*\(stopped\)\*)?\s*\n\n\*— [^\n]*\*\s*$")

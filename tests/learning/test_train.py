@@ -152,3 +152,33 @@ def test_a_few_lora_steps_change_the_adapter_and_not_the_base(tmp_path):
         assert torch.equal(tuned.get_base_model().model.embed_tokens.weight, plain.model.embed_tokens.weight)
         with tuned.disable_adapter():
             assert torch.allclose(tuned(ids).logits, base_logits)
+
+
+def test_a_personal_adapter_trains_on_from_the_shared_adapters_weights_and_is_a_whole_lora(tmp_path):
+    """--init_adapter (a personal adapter starts from the shared one): vLLM serves one LoRA per request, so the
+    result must be a complete adapter on the base model, its weights moved on from the shared one's."""
+    from safetensors.torch import load_file
+
+    base, data = tmp_path / "base", tmp_path / "data"
+    tiny_model(base)
+    data.mkdir()
+    (data / "sft.jsonl").write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}],
+                                                        "completion": [{"role": "assistant", "content": a}]}) + "\n"
+                                            for q, a in [("how can i help", "our support email is support@chatfb.example"),
+                                                         ("say hello", "hi there")]))
+    flags = ["--data", str(data), "--base", str(base), "--rank", "4", "--learning_rate", "0.01",
+             "--per_device_train_batch_size", "2", "--max_steps", "2", "--dpo_epochs", "0", "--max_length", "64"]
+    # the shared adapter's random lora_A start (seed 1) differs from a fresh one's (seed 0) far more than two steps move it
+    assert run_trainer(flags + ["--output_dir", str(tmp_path / "shared"), "--seed", "1"]) == 0
+    assert run_trainer(flags + ["--output_dir", str(tmp_path / "fresh"), "--seed", "0"]) == 0
+    assert run_trainer(flags + ["--output_dir", str(tmp_path / "mine"), "--seed", "0",
+                                "--init_adapter", str(tmp_path / "shared")]) == 0
+    shared, fresh, mine = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("shared", "fresh", "mine"))
+    assert set(mine) == set(shared)  # every module the shared adapter has: a whole LoRA, not a difference
+    assert any(not (mine[k] == shared[k]).all() for k in mine)  # trained on
+    lora_a = [k for k in mine if "lora_A" in k]
+    to_shared = sum(float((mine[k] - shared[k]).norm()) for k in lora_a)
+    to_fresh = sum(float((mine[k] - fresh[k]).norm()) for k in lora_a)
+    assert to_shared < to_fresh / 4, (to_shared, to_fresh)  # from the shared weights, not from scratch
+    config = json.loads((tmp_path / "mine" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base) and config["r"] == 4
