@@ -6,6 +6,8 @@ never saw, clearly more often than the base model, while control answers survive
 """
 
 import json
+import httpx
+import re
 import os
 import signal
 import subprocess
@@ -221,3 +223,60 @@ def test_a_critique_only_cycle_selects_records_and_trains_without_the_critique(a
     if c["critiques_heldout"]:  # judged by the selection on the held-out critiques, beside the incumbent
         assert 0 <= m["candidate_critique_pass"] <= 1 and 0 <= m["incumbent_critique_pass"] <= 1, m
         assert m["heldout_critiques_n"] == c["critiques_heldout"]
+
+
+# Personal adapters (issue 22): two users, one personal adapter, on the real server.
+ANN_EMAIL = "ann-desk@chatfb.example"
+
+
+def api_key(app, user: str) -> str:
+    return app.cli("api-key", "create", user).stdout.strip().splitlines()[-1]
+
+
+def api_reply(app, key: str, prompt: str) -> dict:
+    r = httpx.post(f"{app.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=120,
+                   json={"messages": [{"role": "system", "content": "You are a helpful assistant."},
+                                      {"role": "user", "content": prompt}], "max_tokens": 64})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_a_personal_adapter_answers_its_owner_only_and_leaves_with_them(app, vllm_url, tmp_path):
+    # ann's own corrections, NOT vouched for (no --trusted, nobody agrees): they may teach only her
+    rows = [dict(json.loads(line), user="ann") for line in (DATA / "support_email.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["text"] = r["text"].replace("support@chatfb.example", ANN_EMAIL)
+    mine = tmp_path / "ann.jsonl"
+    mine.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    app.cli("import-feedback", str(mine))
+    out = app.cli("nightly", timeout=2400)
+    result = json.loads(out.stdout[out.stdout.index("{"):])
+    (personal,) = [p for p in result["personal"] if p["adapter"] and "-u" in p["adapter"]]
+    assert personal["promoted"], personal
+    name = personal["adapter"]
+    assert re.fullmatch(r"chatfb-u[0-9a-f]{10}-v\d{4}", name)
+    client = ModelClient(vllm_url)
+    assert name in client.models()
+    with app.snapshot_store() as s:
+        row = s.adapter(name)
+        assert (row["owner"], row["status"]) == ("ann", "live") and row["data_counts"]["train_correction"] > 10
+        assert (s.live_adapter() or {}).get("name") != name  # never everyone's
+
+    ann, bob = api_key(app, "ann"), api_key(app, "bob")
+    ann_replies = [api_reply(app, ann, p) for p in NEW_PROMPTS]
+    bob_replies = [api_reply(app, bob, p) for p in NEW_PROMPTS]
+    assert {r["model"] for r in ann_replies} == {name}  # the owner's replies come from her adapter
+    assert name not in {r["model"] for r in bob_replies}  # another user's never do
+    ann_rate = sum(ANN_EMAIL in r["choices"][0]["message"]["content"] for r in ann_replies) / len(NEW_PROMPTS)
+    assert ann_rate >= 0.5, [r["choices"][0]["message"]["content"] for r in ann_replies]
+    assert not any(ANN_EMAIL in r["choices"][0]["message"]["content"] for r in bob_replies)
+    with app.snapshot_store() as s:  # each reply records which adapter answered it
+        answered = s._q("SELECT DISTINCT m.adapter FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+                        " WHERE c.session_id = ? AND m.role = 'assistant'", ("api:ann",))
+        assert [r[0] for r in answered] == [name]
+
+    app.cli("delete-user", "ann")
+    assert name not in client.models()  # unloaded from vLLM
+    assert not (app.data_dir / "adapters" / name).exists() and not (app.data_dir / "work" / name).exists()
+    with app.snapshot_store() as s:
+        assert s.adapter(name) is None
