@@ -6,14 +6,14 @@ never saw, clearly more often than the base model, while control answers survive
 """
 
 import json
-import httpx
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from chatfb.learning import gate
