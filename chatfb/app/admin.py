@@ -130,6 +130,34 @@ class AdminService:
     def critique_texts(self) -> list[str]:
         return self.store.critique_texts()
 
+    def critique_topics(self, top: int = 10, threshold: float = 0.45, limit: int = 500) -> list[tuple[str, int]]:
+        """The most-critiqued topics: active critiques (at most `limit`) grouped by sentence-embedding
+        similarity (chatfb.critique.similarity), each group named by its most central critique, largest first:
+        [(label, critiques in the group)]. A critique joins the group whose centroid is at least `threshold`
+        cosine-close, else starts its own."""
+        from chatfb.critique.similarity import embed
+
+        texts = [" ".join(t.split()) for t in self.critique_texts()[:limit] if t and t.strip()]
+        vecs = embed(texts)
+        groups: list[dict] = []  # {"members": [index], "sum": summed vector}
+        for i, v in enumerate(vecs):
+            best, best_cos = None, threshold
+            for g in groups:
+                norm = sum(x * x for x in g["sum"]) ** 0.5 or 1.0
+                cos = sum(x * y for x, y in zip(g["sum"], v)) / norm
+                if cos >= best_cos:
+                    best, best_cos = g, cos
+            if best is None:
+                groups.append({"members": [i], "sum": list(v)})
+            else:
+                best["members"].append(i)
+                best["sum"] = [a + b for a, b in zip(best["sum"], v)]
+        out = []
+        for g in groups:
+            central = max(g["members"], key=lambda i: sum(x * y for x, y in zip(vecs[i], g["sum"])))
+            out.append((texts[central], len(g["members"])))
+        return sorted(out, key=lambda t: -t[1])[:top]
+
     def candidates(self, limit: int = 200) -> list[dict]:
         """Candidate answers the learning cycles made from critiques and guidelines, newest first."""
         return self.store.nightly_candidates(limit)
@@ -253,6 +281,18 @@ class AdminService:
         if self.cycles is None:
             raise AdminError("no app runs here")
         return self.cycles.cycle_status()
+
+    def last_cycle(self) -> dict | None:
+        """The last finished cycle's result in this app (chatfb.learning.cycle.CycleResult as a dict), or None
+        (none finished since the app started, or no app runs here)."""
+        if self.cycles is None:
+            return None
+        return self.cycles.cycle_status().get("result")
+
+    def compare_names(self) -> tuple[str | None, str | None]:
+        """(the previous version, the live version) the compare view answers with; None where there is none."""
+        live = self.store.live_adapter()
+        return self.registry.previous_version(), live["name"] if live else None
 
     def cycle_log(self) -> tuple[bool, list[str]] | None:
         """(a cycle is running, the lines of the newest cycle's log), or None before the first cycle."""

@@ -78,6 +78,7 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
     recipe = {"mode": settings.train_mode, "rank": settings.lora_rank, "epochs": settings.train_epochs,
               "lr": settings.learning_rate, "dpo": dpo, "seed": settings.seed, "critique_recipe": settings.critique_recipe}
     gate.require_embeddings()  # before hours of work the gate could not judge
+    log.info("phase: preparing data")  # the admin tab shows these phases in words (chatfb.ui.admin_tab)
     with Store(work / SNAPSHOT, read_only=True) as s:
         records = s.feedback_records()
         guidelines = s.approved_guidelines()
@@ -111,6 +112,7 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
             data, tasks if settings.critique_recipe == "instruct" else [], guidelines, data.records, general,
             settings.distill_prompts, settings.distill_max_examples, settings.holdout_fraction, settings.seed)
         generator = ModelClient(settings.refiner_url, settings.api_key, batch_timeout(settings)) if settings.refiner_url else None
+        log.info("phase: selecting candidates")
         selected, select_errors = select_all(tasks + extra, client, base_name, settings, generator, settings.refiner_model,
                                              judge=judge)
         training_data.add_selections(data, [(task, best.text if best else None) for task, _, best in selected])
@@ -152,6 +154,7 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
                                 **done)
 
         t = time.perf_counter()
+        log.info("phase: gating")
         try:
             report = gate.evaluate(client, settings, data, name, job.incumbent, base_name, out,
                                    guideline_checks(data, guidelines, extra), judge)

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import secrets
+import time
 
 import gradio as gr
 import pandas as pd
@@ -89,7 +90,7 @@ def feedback_frame(admin: AdminService) -> pd.DataFrame:
                         columns=["day", "kind", "count"])
 
 
-CANDIDATE_COLUMNS = ["cycle", "critique", "prompt", "candidate", "score", "verdict", "status", "author", "kind", "scope"]
+CANDIDATE_COLUMNS = ["score", "verdict", "status", "critique", "candidate", "prompt", "cycle", "author", "kind", "scope"]  # the judgement first
 
 
 def candidates_frame(admin: AdminService, limit: int = 200) -> pd.DataFrame:
@@ -103,18 +104,12 @@ def candidates_frame(admin: AdminService, limit: int = 200) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
 
 
-STOPWORDS = set("""a an the and or but is are was were be been it its this that to of in on for with as at by
-from too not no so very you your i me my we our it's do does did can should would could just more less than
-then there here about what which who how why when reply answer please""".split())
-
-
 def topics_frame(admin: AdminService, top: int = 10) -> pd.DataFrame:
-    """Most-critiqued topics: the commonest content words in active critiques."""
-    from collections import Counter
-
-    words = Counter(w for text in admin.critique_texts() for w in set(re.findall(r"[a-z][a-z'-]{2,}", text.lower()))
-                    if w not in STOPWORDS)
-    return pd.DataFrame([{"topic": w, "critiques": n} for w, n in words.most_common(top)], columns=["topic", "critiques"])
+    """Most-critiqued topics: critiques grouped by meaning (AdminService.critique_topics), each named by its
+    most central critique."""
+    rows = [{"topic": label if len(label) <= 60 else label[:59] + "…", "critiques": n}
+            for label, n in admin.critique_topics(top)]
+    return pd.DataFrame(rows, columns=["topic", "critiques"])
 
 
 RETIRE_FROM_PROMPT_AT = 0.9  # the live adapter follows a guideline this often without it: the prompt may drop it
@@ -136,6 +131,26 @@ def guidelines_frame(admin: AdminService) -> pd.DataFrame:
         rows.append({"id": g["id"], "text": g["text"], "status": g["status"], "suggested by": g["user_name"] or "-",
                      "live adapter follows": None if rate is None else round(rate, 2), "advice": advice})
     return pd.DataFrame(rows, columns=["id", "text", "status", "suggested by", "live adapter follows", "advice"])
+
+
+def guideline_choices(admin: AdminService) -> list[tuple[str, str]]:
+    """(what the admin reads, the guideline's id) for picking a guideline to approve, edit or retire."""
+    out = []
+    for g in admin.global_guidelines():
+        text = g["text"] if len(g["text"]) <= 80 else g["text"][:79] + "…"
+        out.append((f"[{g['status']}] {text}", g["id"]))
+    return out
+
+
+def compare_view(admin: AdminService, prompt: str) -> tuple[str, str, str]:
+    """The compare view's three replies; where a version does not exist, why."""
+    base, prev, cur = admin.compare(prompt)
+    previous, live = admin.compare_names()
+    if prev == "(none)" and previous is None:
+        prev = "(no previous version: the base model is live)" if live is None else "(no previous version yet)"
+    if cur == "(none)" and live is None:
+        cur = "(no adapter is live: the base model answers)"
+    return base, prev, cur
 
 
 def set_guideline(admin: AdminService, guideline_id: str, action: str, text: str = "") -> str:
@@ -185,18 +200,118 @@ def decide_review(admin: AdminService, ids: list[str], decision: str) -> str:
                                                  "they, and anything on their question, never train the shared model."))
 
 
-def training_progress(admin: AdminService) -> tuple[str, str]:
+class StepClock:
+    """When this process first saw each training step in the log, so an ETA rests on measured step times:
+    remaining steps × the mean seconds per step between the steps seen (none before two were seen)."""
+
+    def __init__(self):
+        self.seen: dict[tuple, dict[int, float]] = {}
+
+    def eta_s(self, phase_key: tuple, step: int, total: int, now: float) -> float | None:
+        times = self.seen.setdefault(phase_key, {})
+        times.setdefault(step, now)
+        if len(self.seen) > 50:  # old cycles' phases
+            self.seen.pop(next(iter(self.seen)))
+        if len(times) < 2:
+            return None
+        (s0, t0), (s1, t1) = min(times.items()), max(times.items())
+        if s1 <= s0 or t1 <= t0:
+            return None
+        return (t1 - t0) / (s1 - s0) * max(total - step, 0)
+
+
+STEP_CLOCK = StepClock()
+PHASES = {"preparing data": "preparing data", "selecting candidates": "selecting candidates (drafting and scoring answers)",
+          "gating": "gating: judging the new adapter on held-out feedback"}
+TRAINER_PHASES = {"sft": "training", "dpo": "training (preference step)"}
+LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|WARNING|ERROR|CRITICAL) ([\w.]+): (.*)$")
+
+
+def cycle_phase(lines: list[str], now: float | None = None, clock: StepClock | None = None) -> str:
+    """The running cycle's phase in words, from the worker's "phase:" lines and the trainer's progress lines."""
+    clock = clock or STEP_CLOCK
+    for n in range(len(lines) - 1, -1, -1):
+        line = lines[n]
+        p = training_step(line)
+        if p:
+            what = TRAINER_PHASES.get(p.get("phase"), "training")
+            text = f"{what}: step {p['step']} of {p['total']}"
+            if p.get("loss") is not None:
+                text += f", loss {p['loss']}"
+            starts = sum(1 for x in lines[:n] if "phase: preparing data" in x)  # which job of the cycle
+            eta = clock.eta_s((starts, p.get("phase"), p["total"]), p["step"], p["total"],
+                              time.monotonic() if now is None else now)
+            return text + (f", about {_duration(eta)} left (measured step times)" if eta is not None else "")
+        if line.startswith('{"phase": "done"'):
+            return "training finished; gating next"
+        m = LOG_PREFIX.match(line)
+        if m and m.group(3).startswith("phase: "):
+            return PHASES.get(m.group(3)[7:], m.group(3)[7:])
+        if m and m.group(3).startswith("training: "):
+            return "training: loading the model"
+    return "preparing data"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def shown_log(lines: list[str], keep: int = 25) -> str:
+    """The log lines an admin reads: chatfb's own, and warnings or errors from anything; not the internal
+    trainer command, its progress JSON, the cycle's summary, or libraries' raw output (all in the log file)."""
+    out = []
+    for line in lines:
+        m = LOG_PREFIX.match(line)
+        if not m:
+            continue
+        level, name, message = m.groups()
+        if level == "INFO" and (not name.startswith("chatfb") or message.startswith("training: ")):
+            continue
+        out.append(line)
+    return "\n".join(out[-keep:])
+
+
+def outcome_line(result: dict, who: str = "") -> str:
+    """One learning job's outcome in words (a CycleResult as a dict)."""
+    adapter, reason = result.get("adapter"), result.get("reason") or ""
+    head = f"{who}: " if who else ""
+    if result.get("promoted"):
+        return f"{head}promoted {adapter}: {reason}"
+    if not adapter:
+        return f"{head}nothing trained: {reason}"
+    if not result.get("ok"):
+        return f"{head}{adapter} failed: {reason}"
+    return f"{head}not promoted ({adapter}): {reason}"
+
+
+def cycle_outcome(admin: AdminService) -> str:
+    """The last finished cycle's outcome in words: the shared model's, then each personal adapter's."""
+    result = admin.last_cycle()
+    if not result:  # none finished since the app started: the newest adapter row says what its gate decided
+        rows = [a for a in admin.adapters() if not a.get("owner")]
+        if not rows:
+            return ""
+        a = max(rows, key=lambda r: str(r["created_at"]))
+        why = a["error"] or GateReport.from_dict(a["metrics"]).decision
+        return f"{a['name']} is {'live' if a['status'] == 'live' else a['status']}" + (f": {why}" if why else "")
+    owners = {a["name"]: a.get("owner") for a in admin.adapters()}
+    lines = [outcome_line(result, "Shared model" if result.get("personal") else "")]
+    for p in result.get("personal") or []:
+        lines.append(outcome_line(p, f"Personal adapter of {owners.get(p.get('adapter')) or 'a user'}"))
+    return "\n".join(f"- {line}" for line in lines) if len(lines) > 1 else lines[0]
+
+
+def training_progress(admin: AdminService, now: float | None = None) -> tuple[str, str]:
     cycle = admin.cycle_log()
     if cycle is None:
         return "No learning cycle has run yet.", ""
     running, lines = cycle
-    state = "running" if running else "finished"
-    bar, p = "", next(filter(None, map(training_step, reversed(lines))), None)  # the newest step
-    if p:
-        filled = int(20 * p["step"] / max(p["total"], 1))
-        bar = (f"`[{'#' * filled}{'.' * (20 - filled)}]` {p.get('phase', '').upper()} step {p['step']}/{p['total']}, "
-               f"loss {p.get('loss')}, ETA {p.get('eta_s')} s")
-    return f"Learning cycle {state}. {bar}", "\n".join(lines[-25:])
+    if running:
+        return f"**Learning cycle running:** {cycle_phase(lines, now)}.", shown_log(lines)
+    outcome = cycle_outcome(admin)
+    head = "**Learning cycle finished:** " + ("\n" + outcome if outcome.startswith("- ") else outcome or "see the log.")
+    return head, shown_log(lines)
 
 
 def training_step(line: str) -> dict | None:
@@ -217,6 +332,18 @@ def replicas_frame(admin: AdminService) -> pd.DataFrame:
     rows = [{"replica": r.url, "up": "yes" if r.up else "DOWN", "versions loaded": ", ".join(r.adapters) or "-",
              "answers with the live version": answers[r.serves_live]} for r in admin.replica_states()]
     return pd.DataFrame(rows, columns=["replica", "up", "versions loaded", "answers with the live version"])
+
+
+def gate_plot() -> gr.ScatterPlot:
+    """Gate metrics per adapter version as points: a line through a single version draws nothing."""
+    return gr.ScatterPlot(x="adapter", y="value", color="metric", title="Gate metrics per adapter version",
+                          y_lim=[0, None])
+
+
+def topics_plot() -> gr.BarPlot:
+    """Critiques per topic, counted from 0."""
+    return gr.BarPlot(x="topic", y="critiques", title="Most-critiqued topics (critiques grouped by meaning)",
+                      y_lim=[0, None], x_label_angle=-30, sort="-y")
 
 
 def build(rt: Runtime) -> None:
@@ -244,10 +371,10 @@ def build(rt: Runtime) -> None:
             progress = gr.Markdown("", elem_id="train-progress")
             train_log = gr.Textbox(label="Learning cycle log", lines=8, max_lines=8, interactive=False)
             table = gr.Dataframe(label="Adapter versions", interactive=False)
-            plot = gr.LinePlot(x="adapter", y="value", color="metric", title="Gate metrics per adapter version")
+            plot = gate_plot()
             with gr.Row():
                 per_day = gr.BarPlot(x="day", y="count", color="kind", title="Feedback per day")
-                topics = gr.BarPlot(x="topic", y="critiques", title="Most-critiqued topics")
+                topics = topics_plot()
             if admin.replicated:
                 with gr.Accordion("Model replicas", open=True):
                     check_replicas = gr.Button("Check replicas")
@@ -259,7 +386,7 @@ def build(rt: Runtime) -> None:
                 guide_table = gr.Dataframe(label="Suggested and approved guidelines", interactive=False,
                                            elem_id="admin-guidelines")
                 with gr.Row():
-                    guide_id = gr.Textbox(label="Guideline id", scale=2, elem_id="admin-guideline-id")
+                    guide_id = gr.Dropdown(label="Guideline", choices=[], scale=2, elem_id="admin-guideline-id")
                     guide_text = gr.Textbox(label="New text (Edit)", scale=3)
                     approve_g = gr.Button("Approve", elem_id="admin-approve-guideline")
                     edit_g = gr.Button("Edit")
@@ -329,14 +456,19 @@ def build(rt: Runtime) -> None:
             out = admin.export_all()
             return f"Exported to `{out.relative_to(s.data_dir)}` (sft / dpo / kto JSONL)."
 
+        def guidelines_views(ok):
+            if not ok:
+                return gr.update(), gr.update()
+            return guidelines_frame(admin), gr.update(choices=guideline_choices(admin), value=None)
+
         def on_compare(ok, text):
             if not ok:
                 return "⚠️ Unlock first.", "", ""
-            return admin.compare(text)
+            return compare_view(admin, text)
 
         unlock.click(on_unlock, [password], [unlocked, login_msg, panel, password], api_name="admin_unlock").then(
             views, [unlocked], view_outputs, api_visibility="private").then(
-            lambda ok: guidelines_frame(admin) if ok else gr.update(), [unlocked], [guide_table], api_visibility="private")
+            guidelines_views, [unlocked], [guide_table, guide_id], api_visibility="private")
         refresh.click(views, [unlocked], view_outputs, api_visibility="private")
         train.click(guarded(on_train), [unlocked], [action_msg], api_name="train_now")
         promote.click(guarded(on_promote), [unlocked, name], [action_msg], api_name="promote").then(
@@ -350,10 +482,8 @@ def build(rt: Runtime) -> None:
         for button, action in ((approve_g, "approve"), (edit_g, "edit"), (retire_g, "retire")):
             button.click(guarded(lambda gid, text, action=action: set_guideline(admin, gid, action, text)),
                          [unlocked, guide_id, guide_text], [action_msg], api_name=f"{action}_guideline").then(
-                lambda ok: guidelines_frame(admin) if ok else gr.update(), [unlocked], [guide_table],
-                api_visibility="private")
-        refresh.click(lambda ok: guidelines_frame(admin) if ok else gr.update(), [unlocked], [guide_table],
-                      api_visibility="private")
+                guidelines_views, [unlocked], [guide_table, guide_id], api_visibility="private")
+        refresh.click(guidelines_views, [unlocked], [guide_table, guide_id], api_visibility="private")
         def review_views(ok):
             if not ok:
                 return gr.update(), gr.update(), gr.update()
