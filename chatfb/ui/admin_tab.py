@@ -142,6 +142,11 @@ def guideline_choices(admin: AdminService) -> list[tuple[str, str]]:
     return out
 
 
+def guideline_text(admin: AdminService, guideline_id: str | None) -> str:
+    """The text of the guideline picked (empty when none is)."""
+    return next((g["text"] for g in admin.global_guidelines() if g["id"] == guideline_id), "")
+
+
 def compare_view(admin: AdminService, prompt: str) -> tuple[str, str, str]:
     """The compare view's three replies; where a version does not exist, why."""
     base, prev, cur = admin.compare(prompt)
@@ -386,7 +391,8 @@ def build(rt: Runtime) -> None:
                 guide_table = gr.Dataframe(label="Suggested and approved guidelines", interactive=False,
                                            elem_id="admin-guidelines")
                 with gr.Row():
-                    guide_id = gr.Dropdown(label="Guideline", choices=[], scale=2, elem_id="admin-guideline-id")
+                    guide_id = gr.Dropdown(label="Guideline (pick by its text)", choices=[], scale=2, elem_id="admin-guideline-id",
+                                           allow_custom_value=True)  # the API and CLI name it by id
                     guide_text = gr.Textbox(label="New text (Edit)", scale=3)
                     approve_g = gr.Button("Approve", elem_id="admin-approve-guideline")
                     edit_g = gr.Button("Edit")
@@ -484,6 +490,8 @@ def build(rt: Runtime) -> None:
                          [unlocked, guide_id, guide_text], [action_msg], api_name=f"{action}_guideline").then(
                 guidelines_views, [unlocked], [guide_table, guide_id], api_visibility="private")
         refresh.click(guidelines_views, [unlocked], [guide_table, guide_id], api_visibility="private")
+        guide_id.change(lambda ok, gid: guideline_text(admin, gid) if ok else gr.update(), [unlocked, guide_id], [guide_text],
+                        api_visibility="private")  # Edit starts from the picked guideline's text
         def review_views(ok):
             if not ok:
                 return gr.update(), gr.update(), gr.update()

@@ -68,8 +68,8 @@ def test_progress_is_one_json_object_per_step_and_the_admin_view_reads_it(capsys
     ]) + "\n")
     admin = AdminService(None, SimpleNamespace(data_dir=tmp_path), cycles=SimpleNamespace(training_running=lambda: True))
     status, tail = training_progress(admin)
-    assert status.startswith("Learning cycle running.") and "SFT step 3/12, loss 1.2346" in status
-    assert "chatfb-v0001" in tail
+    assert status.startswith("**Learning cycle running:**") and "training: step 3 of 12, loss 1.2346" in status
+    assert "chatfb.learning.train" not in tail and "eta_s" not in tail  # internal command and JSON stay in the file
     assert training_step("not json {") is None and training_step('{"step": 1}') is None
 
 

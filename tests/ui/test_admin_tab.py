@@ -85,6 +85,7 @@ def test_guidelines_are_picked_by_text(rt):
     gid = rt.store.add_guideline("Answer in British English.", "global", "pending")
     choices = guideline_choices(rt.admin)
     assert choices == [("[pending] Answer in British English.", gid)]
+    assert admin_tab.guideline_text(rt.admin, gid) == "Answer in British English."  # Edit starts from it
     assert "approved" in admin_tab.set_guideline(rt.admin, choices[0][1], "approve")
 
 

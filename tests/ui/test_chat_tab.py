@@ -118,7 +118,8 @@ def test_admin_views_show_versions_topics_and_feedback(settings):
         rt.store.update_adapter("chatfb-v0001", metrics={"candidate_rougeL": 0.8, "candidate_bleu": 40.0,
                                                          "control_agreement": 0.9})
         topics = topics_frame(rt.admin)
-        assert topics.iloc[0].to_dict() == {"topic": "formal", "critiques": 2}
+        top = topics.iloc[0].to_dict()  # critiques grouped by meaning, named by the most central one
+        assert top["critiques"] == 2 and top["topic"] in ("too long and too formal", "way too formal"), topics
         assert feedback_frame(rt.admin)["count"].sum() == 3
         assert adapters_frame(rt.admin).iloc[0]["rougeL"] == 0.8
         assert sorted(metrics_frame(rt.admin)["metric"]) == ["BLEU/100", "ROUGE-L", "control"]
