@@ -299,7 +299,9 @@ def cycle_outcome(admin: AdminService) -> str:
             return ""
         a = max(rows, key=lambda r: str(r["created_at"]))
         why = a["error"] or GateReport.from_dict(a["metrics"]).decision
-        return f"{a['name']} is {'live' if a['status'] == 'live' else a['status']}" + (f": {why}" if why else "")
+        said = {"live": "is live", "rejected": "was not promoted", "failed": "failed", "candidate": "passed the gate, not promoted",
+                "retired": "was retired", "training": "is training"}.get(a["status"], a["status"])
+        return f"{a['name']} {said}" + (f": {why}" if why else "")
     owners = {a["name"]: a.get("owner") for a in admin.adapters()}
     lines = [outcome_line(result, "Shared model" if result.get("personal") else "")]
     for p in result.get("personal") or []:

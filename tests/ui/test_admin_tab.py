@@ -27,6 +27,10 @@ def test_cycle_outcome_in_words(rt, monkeypatch):
     reason = "worse on held-out feedback (ROUGE-L): ROUGE-L 0.163 vs 0.18"
     rt.store.add_adapter("chatfb-v0003", None, "training", "chatfb-v0003")
     rt.store.add_adapter("chatfb-v0004", None, "training", "chatfb-v0004", owner="alice")
+    rt.store.update_adapter("chatfb-v0003", status="rejected", metrics={"decision": reason})
+    write_log(rt, ["{", '  "ok": true', "}"])
+    head, _ = training_progress(rt.admin)  # the app restarted since: the newest shared adapter's row says it
+    assert head == "**Learning cycle finished:** chatfb-v0003 was not promoted: " + reason, head
     rt._last_cycle = (1, {"ok": True, "adapter": "chatfb-v0003", "promoted": False, "reason": reason,
                           "personal": [{"ok": True, "adapter": "chatfb-v0004", "promoted": True,
                                         "reason": "better on held-out feedback: ROUGE-L 0.300 vs 0.2"}]})
