@@ -271,7 +271,8 @@ def shown_log(lines: list[str], keep: int = 25) -> str:
         if not m:
             continue
         level, name, message = m.groups()
-        if level == "INFO" and (not name.startswith("chatfb") or message.startswith("training: ")):
+        ours = name.startswith("chatfb") or name == "__main__"  # the cycle's child and trainer run as __main__
+        if level == "INFO" and (not ours or message.startswith("training: ")):
             continue
         out.append(line)
     return "\n".join(out[-keep:])

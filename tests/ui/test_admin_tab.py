@@ -50,13 +50,14 @@ def test_progress_phases_hide_noise_and_eta_is_measured(rt, monkeypatch):
     lines = [t + "chatfb.learning.worker: phase: preparing data"]
     write_log(rt, lines)
     assert "preparing data" in training_progress(rt.admin)[0]
-    lines += [t + "chatfb.learning.worker: phase: selecting candidates", "Loading weights: 100%|███| 103/103",
-              t + "chatfb.learning.worker: training: /usr/bin/python -m chatfb.learning.train --data /x"]
+    lines += [t + "__main__: phase: selecting candidates", "Loading weights: 100%|███| 103/103",
+              t + "transformers.modeling_utils: loading file config.json",
+              t + "__main__: training: /usr/bin/python -m chatfb.learning.train --data /x"]
     write_log(rt, lines)
     head, box = training_progress(rt.admin)
     assert "loading the model" in head, head
     assert "Loading weights" not in box and "chatfb.learning.train" not in box and "--data" not in box, box
-    assert "phase: selecting candidates" in box
+    assert "phase: selecting candidates" in box and "config.json" not in box, box
     clock = StepClock()
     step = lambda n, eta: json.dumps({"phase": "sft", "step": n, "total": 10, "loss": 1.5, "eta_s": eta})  # noqa: E731
     lines.append(step(1, 747))
