@@ -232,6 +232,12 @@ def build_ui(rt: Runtime) -> gr.Blocks:
             shown, id_list = render(messages, fb)
             return gr.Chatbot(value=shown, feedback_value=feedback_values(messages, fb)), id_list
 
+        def pending_view(session, cid):
+            """The conversation with its newest reply pending, as the store has it: replies the user
+            corrected show the correction (rebuilding from the messages alone showed the originals)."""
+            messages = chat.history(session, cid)
+            return with_placeholder(messages, chat.feedback_state(session, messages))
+
         def rules_outputs(session, user):
             rules = chat.my_guidelines(session, user)
             choices = [(g["text"][:80], g["id"]) for g in rules]
@@ -254,7 +260,7 @@ def build_ui(rt: Runtime) -> gr.Blocks:
                 shown, id_list = chat_view(session, cid)
                 yield shown, cid, id_list, gr.update(), gr.update(), text
                 return
-            shown, id_list = with_placeholder(chat.history(session, cid))
+            shown, id_list = pending_view(session, cid)
             for out in stream_reply(stream, shown, id_list, cid):
                 yield *out, ""
 
@@ -267,7 +273,7 @@ def build_ui(rt: Runtime) -> gr.Blocks:
                 shown, id_list = chat_view(session, cid)
                 yield shown, cid, id_list, gr.update(), gr.update()
                 return
-            shown, id_list = with_placeholder(chat.history(session, cid))
+            shown, id_list = pending_view(session, cid)
             yield from stream_reply(stream, shown, id_list, cid)
 
         def on_stop(cid, request: gr.Request):

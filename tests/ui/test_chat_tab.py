@@ -152,3 +152,79 @@ def test_sessions_keep_the_first_key_of_a_page_load_and_separate_api_clients(tmp
     assert sessions(SimpleNamespace(session_hash="hash-3"))[0] == "h:hash-3"
     assert browser_secret(tmp_path) == browser_secret(tmp_path)  # the same after a restart
     assert oct((tmp_path / "run" / "browser-state.secret").stat().st_mode)[-3:] == "600"
+
+
+# -- the chat tab's handlers, called as Gradio calls them, over a fake model -------------------------
+
+from types import SimpleNamespace
+
+import gradio as gr
+
+from chatfb.app.chat_service import NO_GOOD_REVISION, ChatService
+
+
+@pytest.fixture
+def tab(settings, fake_client):
+    """The chat tab built over a fake model; `tab.call(name, *inputs)` runs one handler and returns its
+    outputs as {elem_id (or the component): what the update sets}."""
+    rt = Runtime(settings.with_(revision_candidates=2))
+    rt.chat = ChatService(rt.settings, rt.store, fake_client, rt.router)
+    demo = build_ui(rt)
+    yield Tab(rt, demo, fake_client)
+    demo.close()
+    rt.store.close()
+
+
+def props(update):
+    if isinstance(update, gr.blocks.Block):
+        return dict(update.constructor_args)
+    if isinstance(update, dict) and update.get("__type__") == "update":
+        return {k: v for k, v in update.items() if k != "__type__"}
+    return {"value": update}
+
+
+class Tab:
+    SESSION = "h:page-1"
+
+    def __init__(self, rt, demo, client):
+        self.rt, self.demo, self.client = rt, demo, client
+        self.request = SimpleNamespace(session_hash="page-1", username=None)
+
+    def fn(self, name):
+        return next(f for f in self.demo.fns.values() if f.name == name and f.fn is not None)
+
+    def outputs(self, name, result):
+        fn = self.fn(name)
+        pairs = result.items() if isinstance(result, dict) else zip(fn.outputs, result if isinstance(result, tuple) else (result,))
+        return {getattr(c, "elem_id", None) or c: props(u) for c, u in pairs}
+
+    def steps(self, name, *inputs, **kw):
+        """Every output a (streaming) handler yields, each as in `call`."""
+        result = self.fn(name).fn(*inputs, request=self.request, **kw)
+        return [self.outputs(name, r) for r in result] if hasattr(result, "__next__") else [self.outputs(name, result)]
+
+    def call(self, name, *inputs, **kw):
+        return self.steps(name, *inputs, **kw)[-1]
+
+    def shown(self, out):
+        """The chatbot's messages' texts in an output."""
+        value = out["chatbot"]["value"]
+        return [m["content"] if isinstance(m, dict) else m for m in value]
+
+    def turn(self, text, cid=None):
+        self.client.enqueue(text.upper())
+        out = self.call("on_send", text, "", cid)
+        cid = self.rt.store.latest_conversation(self.SESSION)
+        return cid, self.rt.store.messages(cid)[-1]["id"], out
+
+
+def test_a_correction_stays_in_view_when_the_next_message_is_sent(tab):
+    cid, mid, _ = tab.turn("first question")
+    tab.rt.chat.correct(tab.SESSION, mid, "My own better answer")
+    tab.client.enqueue("second answer")
+    for out in tab.steps("on_send", "second question", "", cid):  # while streaming and when done
+        assert "My own better answer" in tab.shown(out)[1], tab.shown(out)
+        assert "FIRST QUESTION" not in tab.shown(out)[1]
+    tab.client.enqueue("again")
+    for out in tab.steps("on_retry", "", cid):
+        assert "My own better answer" in tab.shown(out)[1]
