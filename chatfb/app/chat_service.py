@@ -140,6 +140,30 @@ class ChatService:
                 out.setdefault(f["message_id"], {})[f["kind"]] = f["rating"] if f["kind"] == "rating" else f["text"]
         return out
 
+    def offered_revision(self, session_id: str, messages: list[dict]) -> dict | None:
+        """The newest revision offered to this session on one of these replies and not yet accepted or
+        dismissed (a candidate row), or None."""
+        if not messages:
+            return None
+        offered = self.store.offered_candidates(messages[0]["conversation_id"], session_id)
+        return offered[0] if offered else None
+
+    def message(self, session_id: str, message_id: str | None) -> dict | None:
+        """One message of this session's conversations, or None (unknown, or another session's)."""
+        m = self.store.message(message_id) if message_id else None
+        if m is None:
+            return None
+        conv = self.store.conversation(m["conversation_id"])
+        return m if conv is not None and conv["session_id"] == session_id else None
+
+    def critiqued_reply(self, session_id: str, critique_id: str | None) -> str | None:
+        """The id of the reply a critique of this session is about, or None."""
+        fb = self.store.feedback(critique_id) if critique_id else None
+        return fb["message_id"] if fb is not None and fb["session_id"] == session_id else None
+
+    def latest_conversation(self, session_id: str) -> str | None:
+        return self.store.latest_conversation(session_id)
+
     # -- sending ----------------------------------------------------------------------------
     def send(self, session_id: str, conversation_id: str | None, text: str, system_prompt: str = "",
              user: str | None = None) -> tuple[str, Iterator[ReplyUpdate]]:
@@ -210,8 +234,11 @@ class ChatService:
             self.router.release(model)
             if status == "ok" and not result.text.strip():
                 status, error = "failed", "The model returned an empty reply."
+            # After Stop (which stored the text shown then), a word already in flight must not change
+            # what was stored: the first write of a stopped reply stands.
             self.store.finish_message(mid, result.text, status, error, result.ttft_ms, result.latency_ms,
-                                      result.prompt_tokens, result.completion_tokens)
+                                      result.prompt_tokens, result.completion_tokens,
+                                      only_if_pending=status == "stopped")
             log.info("reply %s %s model=%s ttft_ms=%s tokens=%s", mid, status, model,
                      None if result.ttft_ms is None else round(result.ttft_ms), result.completion_tokens)
         yield ReplyUpdate(mid, result.text, model, done=True, error=error if status == "failed" else None)

@@ -500,6 +500,12 @@ class Store:
             out.append(d)
         return out
 
+    def offered_candidates(self, conversation_id: str, session_id: str) -> list[dict]:
+        """In-loop revisions still offered to a session (not accepted or dismissed) on a conversation's
+        replies, newest first: the chat shows the newest under the reply it revises."""
+        return self.candidates("origin = 'inloop' AND status = 'offered' AND session_id = ? AND message_id IN"
+                               " (SELECT id FROM messages WHERE conversation_id = ?)", (session_id, conversation_id))
+
     def rejected_candidates(self) -> dict[str, list[str]]:
         """Message id -> texts of candidates a user dismissed (DPO/KTO negatives)."""
         out: dict[str, list[str]] = {}

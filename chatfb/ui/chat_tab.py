@@ -34,9 +34,16 @@ def inert(text: str) -> str:
     return re.sub(r"(?i)\b(javascript|vbscript|data)\s*:", r"\1&#58;", text)
 
 
-def render(messages: list[dict], feedback: dict | None = None) -> tuple[list[dict], list[str | None]]:
+REVISION_TITLE = "✍️ Proposed revision of the reply above: Accept · Edit · Try again · Dismiss"
+DRAFTING_TITLE = "✍️ Drafting a revision following your critique…"
+
+
+def render(messages: list[dict], feedback: dict | None = None,
+           revision: dict | None = None) -> tuple[list[dict], list[str | None]]:
     """Chatbot value + the message id behind each displayed item. A reply the user corrected shows
-    the correction (what they made it say), marked as theirs."""
+    the correction (what they made it say), marked as theirs. `revision` (a proposed revision: its
+    "message_id", "text", and "id" once offered, or "pending" while drafted) is shown under the reply
+    it revises, as a titled block; its id entry is "rev:<candidate id>" (None while drafted)."""
     feedback = feedback or {}
     shown, ids = [], []
     for m in messages:
@@ -50,18 +57,32 @@ def render(messages: list[dict], feedback: dict | None = None) -> tuple[list[dic
                 content = reply_text(m["content"], m["status"], m.get("error"), m.get("adapter") or m.get("model"))
             shown.append({"role": "assistant", "content": content})
         ids.append(m["id"])
+        if revision and revision["message_id"] == m["id"] and m["role"] == "assistant":
+            pending = bool(revision.get("pending"))
+            meta = {"title": DRAFTING_TITLE if pending else REVISION_TITLE}
+            if pending:
+                meta["status"] = "pending"
+            shown.append({"role": "assistant", "content": inert(revision["text"]) or "…", "metadata": meta})
+            ids.append(f"rev:{revision['id']}" if revision.get("id") else None)
     return shown, ids
 
 
-def feedback_values(messages: list[dict], feedback: dict) -> list[str | None]:
-    """The Chatbot's per-reply like/dislike state, one entry per assistant message, from the store."""
+def feedback_values(shown: list[dict], ids: list[str | None], feedback: dict) -> list[str | None]:
+    """The Chatbot's like/dislike state from the store: one entry per run of assistant items (the widget
+    shows consecutive items of one role as one bubble, so a revision shares its reply's)."""
     values = {1: "Like", -1: "Dislike"}
-    return [values.get(feedback.get(m["id"], {}).get("rating")) for m in messages if m["role"] == "assistant"]
+    out, previous = [], None
+    for item, mid in zip(shown, ids):
+        if item["role"] == "assistant" and previous != "assistant":
+            out.append(values.get(feedback.get(mid, {}).get("rating")))
+        previous = item["role"]
+    return out
 
 
-def with_placeholder(messages: list[dict], feedback: dict | None = None) -> tuple[list[dict], list[str | None]]:
+def with_placeholder(messages: list[dict], feedback: dict | None = None,
+                     revision: dict | None = None) -> tuple[list[dict], list[str | None]]:
     """Render a conversation whose newest reply is still pending, with a "…" in its place."""
-    shown, ids = render([m for m in messages if m["status"] != "pending"], feedback)
+    shown, ids = render([m for m in messages if m["status"] != "pending"], feedback, revision)
     return shown + [{"role": "assistant", "content": "…"}], ids + [None]
 
 
@@ -145,7 +166,9 @@ def browser_secret(data_dir) -> str:
 
 
 NO_TARGET = "*No reply selected yet.*"
-REVISION_READY = "**Revised following your feedback** — Accept · Edit · Try again · Dismiss"
+REVISION_READY = "**Revised following your critique** (shown under the reply in the chat): Accept · Edit · Try again · Dismiss"
+DRAFTING = "*Drafting a revision…*"
+CRITIQUE_PROMPT = "Write your critique of this reply in the box under the chat; a revision is proposed right away."
 
 
 def build_ui(rt: Runtime) -> gr.Blocks:
@@ -170,6 +193,30 @@ def build_ui(rt: Runtime) -> gr.Blocks:
         with gr.Tab("Chat"):
             chatbot = gr.Chatbot(elem_id="chatbot", height=420, feedback_options=("Like", "Dislike", "Critique"),
                                  editable="all")
+            # Feedback happens here, under the conversation: confirmations, the offered revision's
+            # buttons, and the critique box (opened from a reply's flag menu).
+            fb_status = gr.Markdown("", elem_id="fb-status")
+            with gr.Group(visible=False, elem_id="revision-panel") as revision_panel:
+                revision_note = gr.Markdown("", elem_id="revision-status")
+                with gr.Row():
+                    accept = gr.Button("Accept", variant="primary", elem_id="accept-revision")
+                    edit = gr.Button("Edit", elem_id="edit-revision")
+                    again = gr.Button("Try again", elem_id="retry-revision")
+                    dismiss = gr.Button("Dismiss", elem_id="dismiss-revision")
+                revision = gr.Textbox(show_label=False, lines=4, interactive=False, visible=False, elem_id="revision")
+            with gr.Group(visible=False, elem_id="critique-panel") as critique_panel:
+                target = gr.Markdown("*Feedback goes to the latest reply; click a reply to pick another.*",
+                                     elem_id="fb-target")
+                critique = gr.Textbox(label="Critique (what was wrong, in plain words)", elem_id="critique")
+                with gr.Row():
+                    keep = gr.Checkbox(label="Apply from now on (keep as my guideline)", elem_id="keep-guideline")
+                    everyone = gr.Checkbox(label="Suggest it for everyone (an admin approves it)",
+                                           elem_id="guideline-everyone")
+                with gr.Row():
+                    send_critique = gr.Button("Send critique and propose a revision", variant="primary",
+                                              elem_id="send-critique")
+                    save_critique = gr.Button("Save the critique only", elem_id="save-critique")
+                    close_critique = gr.Button("Close", elem_id="close-critique")
             gr.Markdown("*On any reply: 👍/👎, the flag menu's **Critique**, or ✏️ edit the reply to correct it.*",
                         elem_id="chat-help")
             with gr.Row():
@@ -180,27 +227,9 @@ def build_ui(rt: Runtime) -> gr.Blocks:
                 stop = gr.Button("Stop", elem_id="stop")
                 retry = gr.Button("Retry", elem_id="retry")
                 new = gr.Button("New conversation", elem_id="new")
+                open_critique = gr.Button("Critique a reply", elem_id="open-critique")
             with gr.Accordion("System prompt", open=False):
                 system = gr.Textbox(value=s.system_prompt, show_label=False, lines=2, elem_id="system")
-            with gr.Group(elem_id="critique-panel"):
-                target = gr.Markdown("*Feedback goes to the latest reply; click a reply to pick another.*",
-                                     elem_id="fb-target")
-                critique = gr.Textbox(label="Critique (what was wrong, in plain words)", elem_id="critique")
-                with gr.Row():
-                    keep = gr.Checkbox(label="Apply from now on (keep as my guideline)", elem_id="keep-guideline")
-                    everyone = gr.Checkbox(label="Suggest it for everyone (an admin approves it)",
-                                           elem_id="guideline-everyone")
-                send_critique = gr.Button("Send critique and propose a revision", variant="primary",
-                                          elem_id="send-critique")
-                fb_status = gr.Markdown("", elem_id="fb-status")
-            with gr.Group(visible=False, elem_id="revision-panel") as revision_panel:
-                revision_note = gr.Markdown("", elem_id="revision-status")
-                revision = gr.Textbox(show_label=False, lines=4, interactive=False, elem_id="revision")
-                with gr.Row():
-                    accept = gr.Button("Accept", variant="primary", elem_id="accept-revision")
-                    edit = gr.Button("Edit", elem_id="edit-revision")
-                    again = gr.Button("Try again", elem_id="retry-revision")
-                    dismiss = gr.Button("Dismiss", elem_id="dismiss-revision")
             with gr.Accordion("Your guidelines", open=False, elem_id="guidelines-panel"):
                 rules_view = gr.Markdown(guidelines_markdown([]), elem_id="guidelines-list")
                 with gr.Row():
@@ -214,42 +243,50 @@ def build_ui(rt: Runtime) -> gr.Blocks:
                 with gr.Row():
                     up = gr.Button("👍 Good", elem_id="thumbs-up")
                     down = gr.Button("👎 Bad", elem_id="thumbs-down")
-                save_critique = gr.Button("Save the critique without a revision", elem_id="save-critique")
                 correction = gr.Textbox(label="Correction (the reply it should have given)", lines=3,
                                         elem_id="correction")
                 send_correction = gr.Button("Send correction", elem_id="send-correction")
 
-        def target_text(mid):
-            m = rt.store.message(mid) if mid else None
+        def target_text(session, mid):
+            m = chat.message(session, mid)
             if m is None:
                 return NO_TARGET
-            snippet = inert(m["content"][:80]) + ("…" if len(m["content"]) > 80 else "")
+            text = chat.feedback_state(session, [m]).get(mid, {}).get("correction") or m["content"]
+            snippet = inert(text[:80]) + ("…" if len(text) > 80 else "")
             return f"Feedback on: *{snippet}*"
 
-        def chat_view(session, cid):
+        def chat_state(session, cid):
+            """What the chat shows, from the store: the messages, this session's ratings and corrections,
+            and the revision offered to it."""
             messages = chat.history(session, cid)
-            fb = chat.feedback_state(session, messages)
-            shown, id_list = render(messages, fb)
-            return gr.Chatbot(value=shown, feedback_value=feedback_values(messages, fb)), id_list
+            return messages, chat.feedback_state(session, messages), chat.offered_revision(session, messages)
+
+        def chat_view(session, cid):
+            messages, fb, offer = chat_state(session, cid)
+            return view(messages, fb, offer)
+
+        def view(messages, fb, revision):
+            shown, id_list = render(messages, fb, revision)
+            return gr.Chatbot(value=shown, feedback_value=feedback_values(shown, id_list, fb)), id_list
 
         def pending_view(session, cid):
             """The conversation with its newest reply pending, as the store has it: replies the user
             corrected show the correction (rebuilding from the messages alone showed the originals)."""
-            messages = chat.history(session, cid)
-            return with_placeholder(messages, chat.feedback_state(session, messages))
+            return with_placeholder(*chat_state(session, cid))
 
         def rules_outputs(session, user):
             rules = chat.my_guidelines(session, user)
             choices = [(g["text"][:80], g["id"]) for g in rules]
             return guidelines_markdown(rules), gr.Dropdown(choices=choices, value=None)
 
-        def stream_reply(stream, shown, id_list, cid):
+        def stream_reply(session, stream, shown, id_list, cid):
             for upd in stream:
                 shown[-1] = {"role": "assistant",
                              "content": reply_text(upd.text, "failed" if upd.error else ("ok" if upd.done else "pending"),
                                                    upd.error, upd.model)}
                 id_list[-1] = upd.message_id
-                yield shown, cid, id_list, upd.message_id, target_text(upd.message_id) if upd.done else gr.update()
+                yield (shown, cid, id_list, upd.message_id,
+                       target_text(session, upd.message_id) if upd.done else gr.update())
 
         def on_send(text, system_prompt, cid, request: gr.Request):
             session, user = _session(request)
@@ -261,7 +298,7 @@ def build_ui(rt: Runtime) -> gr.Blocks:
                 yield shown, cid, id_list, gr.update(), gr.update(), text
                 return
             shown, id_list = pending_view(session, cid)
-            for out in stream_reply(stream, shown, id_list, cid):
+            for out in stream_reply(session, stream, shown, id_list, cid):
                 yield *out, ""
 
         def on_retry(system_prompt, cid, request: gr.Request):
@@ -274,7 +311,7 @@ def build_ui(rt: Runtime) -> gr.Blocks:
                 yield shown, cid, id_list, gr.update(), gr.update()
                 return
             shown, id_list = pending_view(session, cid)
-            yield from stream_reply(stream, shown, id_list, cid)
+            yield from stream_reply(session, stream, shown, id_list, cid)
 
         def on_stop(cid, request: gr.Request):
             session, _ = _session(request)
@@ -282,16 +319,19 @@ def build_ui(rt: Runtime) -> gr.Blocks:
             return chat_view(session, cid)
 
         def on_new():
-            return [], None, [], None, NO_TARGET, "", gr.Group(visible=False)
+            return {chatbot: [], conv_id: None, ids: [], selected: None, target: NO_TARGET, fb_status: "",
+                    revision_panel: gr.Group(visible=False), critique_panel: gr.Group(visible=False),
+                    candidate_id: None, critique_id: None}
 
-        def pick(id_list, index):
+        def pick(session, id_list, index):
             mid = id_list[index] if isinstance(index, int) and 0 <= index < len(id_list) else None
-            m = rt.store.message(mid) if mid else None
+            m = chat.message(session, mid)
             return mid if m is not None and m["role"] == "assistant" else None
 
-        def on_select(id_list, evt: gr.SelectData):
-            mid = pick(id_list, evt.index)
-            return (mid, target_text(mid)) if mid else (gr.update(), gr.update())
+        def on_select(id_list, evt: gr.SelectData, request: gr.Request):
+            session, _ = _session(request)
+            mid = pick(session, id_list, evt.index)
+            return (mid, target_text(session, mid)) if mid else (gr.update(), gr.update())
 
         def feedback(action, mid, value, request: gr.Request):
             session, user = _session(request)
@@ -299,24 +339,35 @@ def build_ui(rt: Runtime) -> gr.Blocks:
                 action(session, mid, value, user)
             except ChatInputError as e:
                 return f"⚠️ {e}", gr.update()
-            return "✅ Thanks — feedback saved (send again to revise it).", ""
+            note = "✅ Thanks — feedback saved (send again to revise it)."
+            gr.Info(note)
+            return note, ""
 
         def on_like(id_list, cid, evt: gr.LikeData, request: gr.Request):
-            mid = pick(id_list, evt.index)
-            if evt.liked == "Critique":  # the message's own critique action: aim the critique box at it
-                return ("Write your critique of this reply below; a revision is proposed right away.", mid,
-                        target_text(mid), gr.update(), gr.update())
+            session, _ = _session(request)
+            mid = pick(session, id_list, evt.index)
+            if evt.liked == "Critique":  # the message's own critique action: open the critique box, aimed at it
+                # the chat from the store again: picking Critique took the 👎 off in the widget
+                shown, id_list = chat_view(session, cid)
+                return {fb_status: CRITIQUE_PROMPT, selected: mid, target: target_text(session, mid),
+                        critique_panel: gr.Group(visible=True), chatbot: shown, ids: id_list}
             if evt.liked not in (True, False):
-                return gr.update(), gr.update(), gr.update(), gr.update(), gr.update()
+                return {}
             note = feedback(chat.rate, mid, 1 if evt.liked else -1, request)[0]
-            shown, id_list = chat_view(_session(request)[0], cid)
-            return note, mid, target_text(mid), shown, id_list
+            shown, id_list = chat_view(session, cid)
+            return {fb_status: note, selected: mid, target: target_text(session, mid), chatbot: shown, ids: id_list}
 
         def on_edit(id_list, cid, evt: gr.EditData, request: gr.Request):
-            """Editing a reply in place is its correction; the edited text is stored as feedback."""
-            session, _ = _session(request)
-            mid = pick(id_list, evt.index)
+            """Editing a reply in place is its correction; editing the proposed revision accepts it as
+            edited. The widget edits a reply and its revision together: what is unchanged is not news."""
+            session, user = _session(request)
             text = edited_text(evt.value)
+            if text == edited_text(evt.previous_value):
+                return {}
+            entry = id_list[evt.index] if isinstance(evt.index, int) and 0 <= evt.index < len(id_list) else None
+            if isinstance(entry, str) and entry.startswith("rev:"):  # the revision sits right under its reply
+                return accepted(session, user, entry[4:], text, cid, id_list[evt.index - 1])
+            mid = pick(session, id_list, evt.index)
             if mid is None:
                 note = "⚠️ Only replies can be corrected; send a new message instead of editing yours."
             else:
@@ -324,68 +375,104 @@ def build_ui(rt: Runtime) -> gr.Blocks:
                 if note.startswith("✅"):
                     note = "✅ Correction saved: the reply now reads as you wrote it."
             shown, id_list = chat_view(session, cid)
-            return note, shown, id_list
+            out = {fb_status: note, chatbot: shown, ids: id_list}
+            if mid is not None:
+                out.update({selected: mid, target: target_text(session, mid)})
+            return out
 
-        def on_revise(mid, text, keep_rule, for_everyone, request: gr.Request):
+        def on_revise(mid, text, keep_rule, for_everyone, cid, offered, request: gr.Request):
             session, user = _session(request)
-            hidden = gr.Group(visible=False)
             try:
                 fid, stream = chat.revise(session, mid, text, user)
             except ChatInputError as e:
-                yield f"⚠️ {e}", gr.update(), hidden, "", "", None, None, gr.update(), gr.update(), gr.update(), gr.update()
+                yield {fb_status: f"⚠️ {e}"}
                 return
+            if offered:  # a new critique replaces the offer still open: one offer at a time
+                try:
+                    chat.reject_revision(session, offered, status="dropped")
+                except ChatInputError:
+                    pass  # already accepted or dismissed
             note = "✅ Critique saved."
-            rules = (gr.update(), gr.update())
+            rules = {}
             if keep_rule:
                 try:
                     chat.save_guideline(session, text, user, bool(for_everyone), fid)
                     note += " Kept as your guideline" + (" (suggested for everyone)." if for_everyone else ".")
-                    rules = rules_outputs(session, user)
+                    rules = dict(zip((rules_view, rule_pick), rules_outputs(session, user)))
                 except ChatInputError as e:
                     note += f" ⚠️ {e}"
             elif looks_like_rule(text):
                 note += " This reads like a lasting preference: tick “apply from now on” to keep it."
-            for out in revision_steps(stream, fid, note, rules):
-                yield *out, False, False  # the ticks were for this critique only
+            closed = {critique: "", critique_panel: gr.Group(visible=False), keep: False, everyone: False, **rules}
+            for out in revision_steps(session, cid, mid, stream, fid, note, note):
+                yield {**out, **closed}  # the ticks were for this critique only
 
-        def revision_steps(stream, fid, note, rules=(gr.update(), gr.update())):
-            shown = gr.Group(visible=True)
+        def revision_steps(session, cid, mid, stream, fid, note, done_note):
+            """The revision while it is drafted (in the chat, under the reply it revises), then the offer
+            as stored, or why there is none; Accept, Edit and Dismiss only when there is an offer."""
+            messages, fb, _ = chat_state(session, cid)
             for upd in stream:
                 if not upd.done:
-                    yield note, "", shown, "*Drafting a revision…*", upd.text, fid, None, *rules
-                elif upd.error:
-                    yield note, "", shown, f"⚠️ {inert(upd.error)}", "", fid, None, *rules
-                else:
-                    yield note, "", shown, REVISION_READY, upd.text, fid, upd.candidate_id, *rules
+                    shown, id_list = view(messages, fb, {"message_id": mid, "text": upd.text, "pending": True})
+                    yield {fb_status: note, revision_panel: gr.Group(visible=True), revision_note: DRAFTING,
+                           revision: gr.Textbox(value="", visible=False), **offer_buttons(False), critique_id: fid,
+                           candidate_id: None, chatbot: shown, ids: id_list}
+                    continue
+                shown, id_list = chat_view(session, cid)
+                if upd.error:
+                    gr.Warning(upd.error)
+                yield {fb_status: done_note, revision_panel: gr.Group(visible=True),
+                       revision_note: f"⚠️ {inert(upd.error)}" if upd.error else REVISION_READY,
+                       revision: gr.Textbox(value=upd.text, visible=False, interactive=False),
+                       **offer_buttons(upd.error is None), critique_id: fid, candidate_id: upd.candidate_id,
+                       chatbot: shown, ids: id_list}
 
-        def on_again(fid, cand, request: gr.Request):
+        def offer_buttons(offered):
+            return {accept: gr.Button(visible=offered), edit: gr.Button(visible=offered),
+                    dismiss: gr.Button(visible=offered)}
+
+        def on_again(fid, cand, cid, request: gr.Request):
             session, user = _session(request)
             try:
                 stream = chat.revise_again(session, fid, user)  # refused (not yours, too fast): keep the offer
                 if cand:
                     chat.reject_revision(session, cand, status="dropped")
             except ChatInputError as e:
-                yield f"⚠️ {e}", gr.update(), gr.update(), gr.update(), gr.update(), fid, cand
+                yield {fb_status: f"⚠️ {e}"}
                 return
-            for out in revision_steps(stream, fid, "Trying again…"):
-                yield out[:7]
+            yield from revision_steps(session, cid, chat.critiqued_reply(session, fid), stream, fid,
+                                      "Trying again…", "")
 
-        def on_accept(cand, text, cid, request: gr.Request):
-            session, user = _session(request)
+        def accepted(session, user, cand, text, cid, mid):
+            """Accept the offered revision (as the user edited it) as the reply's correction."""
             try:
                 chat.accept_revision(session, cand, text, user)
             except ChatInputError as e:
-                return f"⚠️ {e}", gr.update(), gr.update(), cand, gr.update(), gr.update()
+                return {fb_status: f"⚠️ {e}"}
+            note = "✅ Revision accepted: saved as the corrected reply."
+            gr.Info(note)
             shown, id_list = chat_view(session, cid)
-            return "✅ Revision accepted: saved as the corrected reply.", gr.Group(visible=False), "", None, shown, id_list
+            return {fb_status: note, revision_panel: gr.Group(visible=False), revision_note: "", candidate_id: None,
+                    chatbot: shown, ids: id_list, selected: mid, target: target_text(session, mid)}
 
-        def on_dismiss(cand, request: gr.Request):
+        def on_accept(cand, text, cid, mid, request: gr.Request):
+            return accepted(*_session(request), cand, text, cid, mid)
+
+        def on_dismiss(cand, cid, request: gr.Request):
             session, _ = _session(request)
             try:
                 chat.reject_revision(session, cand)
             except ChatInputError as e:
-                return f"⚠️ {e}", gr.update(), cand
-            return "Revision dismissed (noted, so the model learns what not to say).", gr.Group(visible=False), None
+                return {fb_status: f"⚠️ {e}"}
+            shown, id_list = chat_view(session, cid)
+            return {fb_status: "Revision dismissed (noted, so the model learns what not to say).",
+                    revision_panel: gr.Group(visible=False), candidate_id: None, chatbot: shown, ids: id_list}
+
+        def on_open_critique(mid, id_list, request: gr.Request):
+            """The critique box, aimed at the picked reply, or the latest one."""
+            session, _ = _session(request)
+            mid = mid or next((m for m in reversed(id_list) if pick(session, [m], 0)), None)
+            return {critique_panel: gr.Group(visible=True), selected: mid, target: target_text(session, mid)}
 
         def on_save_guideline(text, request: gr.Request):
             session, user = _session(request)
@@ -406,18 +493,27 @@ def build_ui(rt: Runtime) -> gr.Blocks:
         def on_load(key, request: gr.Request):
             key = _session.bind(request.session_hash, key)
             session, user = _session(request)
-            cid = rt.store.latest_conversation(session)
-            shown, id_list = chat_view(session, cid)
-            last = next((pick(id_list, i) for i in reversed(range(len(id_list))) if pick(id_list, i)), None)
-            return key, shown, cid, id_list, last, target_text(last), *rules_outputs(session, user)
+            cid = chat.latest_conversation(session)
+            messages, fb, offer = chat_state(session, cid)
+            shown, id_list = view(messages, fb, offer)
+            last = next((pick(session, id_list, i) for i in reversed(range(len(id_list)))
+                         if pick(session, id_list, i)), None)
+            out = {browser_key: key, status: rt.status, chatbot: shown, conv_id: cid, ids: id_list, selected: last,
+                   target: target_text(session, last), **dict(zip((rules_view, rule_pick), rules_outputs(session, user)))}
+            if offer:  # a revision offered before the reload: still there to accept or dismiss
+                out.update({revision_panel: gr.Group(visible=True), revision_note: REVISION_READY,
+                            revision: gr.Textbox(value=offer["text"], visible=False), **offer_buttons(True),
+                            candidate_id: offer["id"], critique_id: offer["feedback_id"]})
+            return out
 
         def on_unload(request: gr.Request):
             _session.forget(request.session_hash)
 
         demo.unload(on_unload)
 
-        demo.load(on_load, [browser_key], [browser_key, chatbot, conv_id, ids, selected, target, rules_view, rule_pick],
-                  **private)
+        offer_outputs = [revision_panel, revision_note, revision, accept, edit, dismiss, candidate_id, critique_id]
+        demo.load(on_load, [browser_key], [browser_key, status, chatbot, conv_id, ids, selected, target, rules_view,
+                                           rule_pick, *offer_outputs], **private)
         chat_outputs = [chatbot, conv_id, ids, selected, target]
         send_event = msg.submit(on_send, [msg, system, conv_id], chat_outputs + [msg],
                                 concurrency_limit=s.chat_concurrency, concurrency_id=CHAT_CONCURRENCY_ID, api_name="send")
@@ -427,11 +523,15 @@ def build_ui(rt: Runtime) -> gr.Blocks:
                                    api_name="retry")
         stop.click(None, cancels=[send_event, click_event, retry_event], **private).then(
             on_stop, [conv_id], [chatbot, ids], **private)
-        new.click(on_new, None, chat_outputs + [fb_status, revision_panel], **private)
-        chatbot.clear(on_new, None, chat_outputs + [fb_status, revision_panel], **private)  # its trash icon
+        new_outputs = chat_outputs + [fb_status, revision_panel, critique_panel, candidate_id, critique_id]
+        new.click(on_new, None, new_outputs, **private)
+        chatbot.clear(on_new, None, new_outputs, **private)  # its trash icon
         chatbot.select(on_select, [ids], [selected, target], **private)
-        chatbot.like(on_like, [ids, conv_id], [fb_status, selected, target, chatbot, ids], **private)
-        chatbot.edit(on_edit, [ids, conv_id], [fb_status, chatbot, ids], **private)
+        chatbot.like(on_like, [ids, conv_id], [fb_status, selected, target, critique_panel, chatbot, ids], **private)
+        chatbot.edit(on_edit, [ids, conv_id], [fb_status, chatbot, ids, selected, target, revision_panel,
+                                               revision_note, candidate_id], **private)
+        open_critique.click(on_open_critique, [selected, ids], [critique_panel, selected, target], **private)
+        close_critique.click(lambda: gr.Group(visible=False), None, [critique_panel], **private)
 
         def on_up(mid, request: gr.Request):
             return feedback(chat.rate, mid, 1, request)[0]
@@ -445,17 +545,19 @@ def build_ui(rt: Runtime) -> gr.Blocks:
         def on_correct(mid, text, request: gr.Request):
             return feedback(chat.correct, mid, text, request)
 
-        revision_outputs = [fb_status, critique, revision_panel, revision_note, revision, critique_id, candidate_id,
-                            rules_view, rule_pick, keep, everyone]
-        send_critique.click(on_revise, [selected, critique, keep, everyone], revision_outputs,
+        revision_outputs = [fb_status, revision_panel, revision_note, revision, accept, edit, dismiss, critique_id,
+                            candidate_id, chatbot, ids]
+        send_critique.click(on_revise, [selected, critique, keep, everyone, conv_id, candidate_id],
+                            revision_outputs + [critique, critique_panel, keep, everyone, rules_view, rule_pick],
                             concurrency_id=CHAT_CONCURRENCY_ID, api_name="revise")
-        again.click(on_again, [critique_id, candidate_id], revision_outputs[:7], concurrency_id=CHAT_CONCURRENCY_ID,
+        again.click(on_again, [critique_id, candidate_id, conv_id], revision_outputs, concurrency_id=CHAT_CONCURRENCY_ID,
                     api_name="retry_revision")
-        accept.click(on_accept, [candidate_id, revision, conv_id], [fb_status, revision_panel, revision_note,
-                                                                    candidate_id, chatbot, ids],
+        accept.click(on_accept, [candidate_id, revision, conv_id, selected],
+                     [fb_status, revision_panel, revision_note, candidate_id, chatbot, ids, selected, target],
                      api_name="accept_revision")
-        dismiss.click(on_dismiss, [candidate_id], [fb_status, revision_panel, candidate_id], api_name="reject_revision")
-        edit.click(lambda: gr.Textbox(interactive=True), None, [revision], **private)
+        dismiss.click(on_dismiss, [candidate_id, conv_id], [fb_status, revision_panel, candidate_id, chatbot, ids],
+                      api_name="reject_revision")
+        edit.click(lambda: gr.Textbox(visible=True, interactive=True), None, [revision], **private)
         add_rule.click(on_save_guideline, [rule_text], [fb_status, rule_text, rules_view, rule_pick],
                        api_name="save_guideline")
         remove_rule.click(on_remove_guideline, [rule_pick], [fb_status, rules_view, rule_pick], api_name="remove_guideline")
