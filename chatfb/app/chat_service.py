@@ -66,6 +66,7 @@ class RevisionUpdate:
     error: str | None = None
 
 
+MAX_TITLE_CHARS = 120
 REVISION_FAILED = "The revision could not be made right now (the model is busy or down). Your critique is saved."
 NO_GOOD_REVISION = ("None of the drafts followed your critique well enough to offer. Your critique is saved: "
                     "try again, or correct the reply yourself.")
@@ -163,6 +164,24 @@ class ChatService:
 
     def latest_conversation(self, session_id: str) -> str | None:
         return self.store.latest_conversation(session_id)
+
+    def conversations(self, session_id: str) -> list[dict]:
+        """This session's conversations, the most recently active first (id, title, created_at, last_at)."""
+        return self.store.conversations_of(session_id)
+
+    def _own(self, session_id: str, conversation_id: str | None) -> str:
+        conv = self.store.conversation(conversation_id) if conversation_id else None
+        if conv is None or conv["session_id"] != session_id:
+            raise ChatInputError("Pick one of your conversations first.")
+        return conversation_id
+
+    def rename_conversation(self, session_id: str, conversation_id: str | None, title: str) -> None:
+        title = self._check_text(title, "title", MAX_TITLE_CHARS)
+        self.store.set_title(self._own(session_id, conversation_id), title)
+
+    def delete_conversation(self, session_id: str, conversation_id: str | None) -> None:
+        """Remove one of this session's conversations for good (its feedback too)."""
+        self.store.delete_conversation(self._own(session_id, conversation_id))
 
     # -- sending ----------------------------------------------------------------------------
     def send(self, session_id: str, conversation_id: str | None, text: str, system_prompt: str = "",

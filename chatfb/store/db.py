@@ -243,7 +243,8 @@ class Store:
     # -- conversations and messages ---------------------------------------------------------
     def create_conversation(self, session_id: str, user_name: str | None = None, system_prompt: str = "") -> str:
         cid = new_id()
-        self._tx([("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?)",
+        self._tx([("INSERT INTO conversations (id, session_id, user_name, system_prompt, source, created_at)"
+                   " VALUES (?, ?, ?, ?, ?, ?)",
                    (cid, session_id, user_name, system_prompt or "", "chat", utcnow()))])
         with self._seq_lock:
             self._seq.setdefault(cid, 0)
@@ -262,6 +263,23 @@ class Store:
                        " (SELECT 1 FROM messages m WHERE m.conversation_id = c.id) ORDER BY c.created_at DESC LIMIT 1",
                        (session_id,))
         return rows[0][0] if rows else None
+
+    def conversations_of(self, session_id: str, limit: int = 100) -> list[dict]:
+        """A session's conversations that have messages, the most recently active first: id, title (the
+        one given, else the first message), created_at, last_at (its newest message)."""
+        rows = self._q("SELECT c.id, COALESCE(c.title, (SELECT m.content FROM messages m WHERE m.conversation_id = c.id"
+                       " ORDER BY m.seq LIMIT 1)), c.created_at, (SELECT max(m.created_at) FROM messages m"
+                       " WHERE m.conversation_id = c.id) AS last_at FROM conversations c WHERE c.session_id = ? AND"
+                       " EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id)"
+                       " ORDER BY last_at DESC, c.id LIMIT ?", (session_id, limit))
+        return [dict(zip(("id", "title", "created_at", "last_at"), r)) for r in rows]
+
+    def set_title(self, conversation_id: str, title: str) -> None:
+        self._tx([("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))])
+
+    def delete_conversation(self, conversation_id: str) -> None:
+        """Remove one conversation with its messages, feedback and candidates."""
+        self._delete_conversations([conversation_id])
 
     def set_system_prompt(self, conversation_id: str, system_prompt: str) -> None:
         self._tx([("UPDATE conversations SET system_prompt = ? WHERE id = ?", (system_prompt, conversation_id))])

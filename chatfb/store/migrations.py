@@ -116,3 +116,10 @@ def m003_inloop_feedback():
             retired_at TIMESTAMP
         )""",
     ]
+
+
+@migration
+def m006_conversation_titles():
+    """A title the user gave a conversation (the chat's list of conversations shows it; without one,
+    the conversation's first message)."""
+    return ["ALTER TABLE conversations ADD COLUMN title VARCHAR"]

@@ -202,6 +202,14 @@ class ChatTab:
         self.critique_id = gr.State(None)  # the critique the offered revision answers
         self.candidate_id = gr.State(None)  # the offered revision
 
+        with gr.Sidebar(label="Conversations", open=False, elem_id="conversations"):
+            self.conv_list = gr.Radio(label="Your conversations", choices=[], elem_id="conversation-list")
+            self.conv_title = gr.Textbox(label="Title of the open conversation", elem_id="conversation-title",
+                                         max_lines=1)
+            with gr.Row():
+                self.rename_conv = gr.Button("Rename", elem_id="rename-conversation")
+                self.delete_conv = gr.Button("Delete", variant="stop", elem_id="delete-conversation")
+
         with gr.Tab("Chat"):
             self.chatbot = gr.Chatbot(elem_id="chatbot", height=420, feedback_options=("Like", "Dislike", "Critique"),
                                       editable="all")
@@ -270,19 +278,26 @@ class ChatTab:
         offer = [self.revision_panel, self.revision_note, self.revision, self.accept, self.edit, self.dismiss,
                  self.candidate_id, self.critique_id]
         demo.unload(self.on_unload)
-        demo.load(self.on_load, [self.browser_key], [self.browser_key, self.status, *chat_outputs, self.rules_view,
-                                                     self.rule_pick, *offer], **private)
+        opened = chat_outputs + offer + [self.critique_panel, self.fb_status, self.conv_list, self.conv_title]
+        demo.load(self.on_load, [self.browser_key], [self.browser_key, self.status, self.rules_view, self.rule_pick,
+                                                     *opened], **private)
+        self.conv_list.input(self.on_open_conversation, [self.conv_list], opened, **private)
+        self.rename_conv.click(self.on_rename_conversation, [self.conv_id, self.conv_title],
+                               [self.fb_status, self.conv_list], **private)
+        self.delete_conv.click(self.on_delete_conversation, [self.conv_id], opened, **private)
         send_event = self.msg.submit(self.on_send, [self.msg, self.system, self.conv_id], chat_outputs + [self.msg],
                                      concurrency_limit=s.chat_concurrency, concurrency_id=CHAT_CONCURRENCY_ID,
                                      api_name="send")
         click_event = self.send.click(self.on_send, [self.msg, self.system, self.conv_id], chat_outputs + [self.msg],
                                       concurrency_id=CHAT_CONCURRENCY_ID, **private)
+        for event in (send_event, click_event):  # a new conversation joins the list
+            event.then(self.on_list_conversations, [self.conv_id], [self.conv_list], **private)
         retry_event = self.retry.click(self.on_retry, [self.system, self.conv_id], chat_outputs,
                                        concurrency_id=CHAT_CONCURRENCY_ID, api_name="retry")
         self.stop.click(None, cancels=[send_event, click_event, retry_event], **private).then(
             self.on_stop, [self.conv_id], [self.chatbot, self.ids], **private)
         new_outputs = chat_outputs + [self.fb_status, self.revision_panel, self.critique_panel, self.candidate_id,
-                                      self.critique_id]
+                                      self.critique_id, self.conv_list, self.conv_title]
         self.new.click(self.on_new, None, new_outputs, **private)
         self.chatbot.clear(self.on_new, None, new_outputs, **private)  # its trash icon
         self.chatbot.select(self.on_select, [self.ids], [self.selected, self.target], **private)
@@ -369,19 +384,60 @@ class ChatTab:
     def on_load(self, key, request: gr.Request):
         key = self.sessions.bind(request.session_hash, key)
         session, user = self.sessions(request)
-        cid = self.chat.latest_conversation(session)
+        return {self.browser_key: key, self.status: self.rt.status, **self.rules_outputs(session, user),
+                **self.opened(session, self.chat.latest_conversation(session))}
+
+    def opened(self, session, cid):
+        """Everything that shows one conversation: its messages, the latest reply as the feedback target,
+        the revision still on offer (or none), the list of conversations with this one picked."""
         messages, fb, offer = self.chat_state(session, cid)
         shown, id_list = self.view(messages, fb, offer)
         last = next((self.pick(session, id_list, i) for i in reversed(range(len(id_list)))
                      if self.pick(session, id_list, i)), None)
-        out = {self.browser_key: key, self.status: self.rt.status, self.chatbot: shown, self.conv_id: cid,
-               self.ids: id_list, self.selected: last, self.target: self.target_text(session, last),
-               **self.rules_outputs(session, user)}
-        if offer:  # a revision offered before the reload: still there to accept or dismiss
+        listed = self.chat.conversations(session)
+        out = {self.chatbot: shown, self.conv_id: cid, self.ids: id_list, self.selected: last,
+               self.target: self.target_text(session, last), self.fb_status: "",
+               self.critique_panel: gr.Group(visible=False), self.conv_list: self.conversation_choices(listed, cid),
+               self.conv_title: next((c["title"] for c in listed if c["id"] == cid), "")}
+        if offer:  # a revision offered before: still there to accept or dismiss
             out.update({self.revision_panel: gr.Group(visible=True), self.revision_note: REVISION_READY,
                         self.revision: gr.Textbox(value=offer["text"], visible=False), **self.offer_buttons(True),
                         self.candidate_id: offer["id"], self.critique_id: offer["feedback_id"]})
+        else:
+            out.update({self.revision_panel: gr.Group(visible=False), self.candidate_id: None, self.critique_id: None})
         return out
+
+    @staticmethod
+    def conversation_choices(listed, cid):
+        choices = [(f"{c['title'][:48]} · {c['last_at']:%Y-%m-%d %H:%M}", c["id"]) for c in listed]
+        return gr.Radio(choices=choices, value=cid if any(c["id"] == cid for c in listed) else None)
+
+    def on_list_conversations(self, cid, request: gr.Request):
+        session, _ = self.sessions(request)
+        return {self.conv_list: self.conversation_choices(self.chat.conversations(session), cid)}
+
+    def on_open_conversation(self, cid, request: gr.Request):
+        session, _ = self.sessions(request)
+        if self.chat.history(session, cid) == []:
+            return {self.fb_status: "⚠️ That conversation is not yours, or it was deleted."}
+        return self.opened(session, cid)
+
+    def on_rename_conversation(self, cid, title, request: gr.Request):
+        session, _ = self.sessions(request)
+        try:
+            self.chat.rename_conversation(session, cid, title)
+        except ChatInputError as e:
+            return {self.fb_status: f"⚠️ {e}"}
+        return {self.fb_status: "✅ Conversation renamed.", **self.on_list_conversations(cid, request)}
+
+    def on_delete_conversation(self, cid, request: gr.Request):
+        session, _ = self.sessions(request)
+        try:
+            self.chat.delete_conversation(session, cid)
+        except ChatInputError as e:
+            return {self.fb_status: f"⚠️ {e}"}
+        gr.Info("Conversation deleted.")
+        return {**self.opened(session, None), self.fb_status: "Conversation deleted."}
 
     def on_unload(self, request: gr.Request):
         self.sessions.forget(request.session_hash)
@@ -436,7 +492,8 @@ class ChatTab:
     def on_new(self):
         return {self.chatbot: [], self.conv_id: None, self.ids: [], self.selected: None, self.target: NO_TARGET,
                 self.fb_status: "", self.revision_panel: gr.Group(visible=False),
-                self.critique_panel: gr.Group(visible=False), self.candidate_id: None, self.critique_id: None}
+                self.critique_panel: gr.Group(visible=False), self.candidate_id: None, self.critique_id: None,
+                self.conv_list: gr.Radio(value=None), self.conv_title: ""}
 
     def on_select(self, id_list, evt: gr.SelectData, request: gr.Request):
         session, _ = self.sessions(request)

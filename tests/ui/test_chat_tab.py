@@ -162,7 +162,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from chatfb.app.chat_service import NO_GOOD_REVISION, ChatService
+from chatfb.app.chat_service import NO_GOOD_REVISION, ChatInputError, ChatService
 
 
 @pytest.fixture
@@ -356,3 +356,26 @@ def test_critique_from_the_message_opens_the_critique_box_under_the_chat(tab):
     assert "WHAT IS A VOLCANO" in picked["fb-target"]["value"]
     opened = tab.call("on_open_critique", None, ids)  # the button under the message box: the latest reply
     assert opened["critique-panel"]["visible"] is True and "WHAT IS A VOLCANO" in opened["fb-target"]["value"]
+
+
+def test_the_conversation_list_opens_renames_and_deletes_ones_own_conversations(tab):
+    first, _, _ = tab.turn("first chat about cats")
+    second, _, _ = tab.turn("second chat about dogs")  # no conversation id: a new conversation
+    choices = tab.call("on_list_conversations", second)["conversation-list"]["choices"]
+    assert [cid for _, cid in choices] == [second, first]  # the most recently active first
+    assert choices[1][0].startswith("first chat about cats · 20")  # its first message, and the date
+    opened = tab.call("on_open_conversation", first)
+    assert tab.shown(opened) == ["first chat about cats", "FIRST CHAT ABOUT CATS\n\n*— chatfb-base*"]
+    assert opened["conversation-list"]["value"] == first and opened["conversation-title"]["value"] == "first chat about cats"
+    renamed = tab.call("on_rename_conversation", first, "  Cats  ")
+    assert [label.split(" · ")[0] for label, _ in renamed["conversation-list"]["choices"]] == ["second chat about dogs", "Cats"]
+    assert tab.call("on_rename_conversation", first, " ")["fb-status"]["value"] == "⚠️ Your title is empty."
+    # another browser sees none of them, and can neither rename nor delete them
+    assert tab.rt.chat.conversations("k:someone-else") == []
+    for action, args in ((tab.rt.chat.rename_conversation, ("mine",)), (tab.rt.chat.delete_conversation, ())):
+        with pytest.raises(ChatInputError, match="Pick one of your conversations"):
+            action("k:someone-else", first, *args)
+    deleted = tab.call("on_delete_conversation", first)
+    assert tab.shown(deleted) == [] and [cid for _, cid in deleted["conversation-list"]["choices"]] == [second]
+    assert tab.rt.store.conversation(first) is None and tab.rt.store.conversation(second) is not None
+    assert tab.call("on_open_conversation", first)["fb-status"]["value"].startswith("⚠️")
