@@ -169,7 +169,7 @@ def browser_secret(data_dir) -> str:
 
 
 NO_TARGET = "*No reply selected yet.*"
-REVISION_READY = "**Revised following your critique** (shown under the reply in the chat): Accept · Edit · Try again · Dismiss"
+REVISION_READY = "**Revised following your feedback** (shown under the reply in the chat): Accept · Edit · Try again · Dismiss"
 DRAFTING = "*Drafting a revision…*"
 CRITIQUE_PROMPT = "Write your critique of this reply in the box under the chat; a revision is proposed right away."
 
@@ -306,24 +306,27 @@ class ChatTab:
                           **private)
         self.chatbot.edit(self.on_edit, [self.ids, self.conv_id],
                           [self.fb_status, self.chatbot, self.ids, self.selected, self.target, self.revision_panel,
-                           self.revision_note, self.candidate_id], **private)
+                           self.revision_note, self.revision, self.candidate_id], **private)
         self.open_critique.click(self.on_open_critique, [self.selected, self.ids],
                                  [self.critique_panel, self.selected, self.target], **private)
         self.close_critique.click(self.on_close_critique, None, [self.critique_panel], **private)
-        revision_outputs = [self.fb_status, self.revision_panel, self.revision_note, self.revision, self.accept,
-                            self.edit, self.dismiss, self.critique_id, self.candidate_id, self.chatbot, self.ids]
+        # API clients read the first four (status, critique box, note, revision) by position
+        revision_outputs = [self.fb_status, self.critique, self.revision_panel, self.revision_note, self.revision,
+                            self.accept, self.edit, self.dismiss, self.critique_id, self.candidate_id, self.chatbot,
+                            self.ids]
         self.send_critique.click(self.on_revise, [self.selected, self.critique, self.keep, self.everyone, self.conv_id,
                                                   self.candidate_id],
-                                 revision_outputs + [self.critique, self.critique_panel, self.keep, self.everyone,
-                                                     self.rules_view, self.rule_pick],
+                                 revision_outputs + [self.critique_panel, self.keep, self.everyone, self.rules_view,
+                                                     self.rule_pick],
                                  concurrency_id=CHAT_CONCURRENCY_ID, api_name="revise")
         self.again.click(self.on_again, [self.critique_id, self.candidate_id, self.conv_id], revision_outputs,
                          concurrency_id=CHAT_CONCURRENCY_ID, api_name="retry_revision")
         self.accept.click(self.on_accept, [self.candidate_id, self.revision, self.conv_id, self.selected],
                           [self.fb_status, self.revision_panel, self.revision_note, self.candidate_id, self.chatbot,
-                           self.ids, self.selected, self.target], api_name="accept_revision")
+                           self.ids, self.selected, self.target, self.revision], api_name="accept_revision")
         self.dismiss.click(self.on_dismiss, [self.candidate_id, self.conv_id],
-                           [self.fb_status, self.revision_panel, self.candidate_id, self.chatbot, self.ids],
+                           [self.fb_status, self.revision_panel, self.candidate_id, self.chatbot, self.ids,
+                            self.revision],
                            api_name="reject_revision")
         self.edit.click(self.on_edit_revision, None, [self.revision], **private)
         self.add_rule.click(self.on_save_guideline, [self.rule_text],
@@ -606,16 +609,17 @@ class ChatTab:
         for upd in stream:
             if not upd.done:
                 shown, id_list = self.view(messages, fb, {"message_id": mid, "text": upd.text, "pending": True})
-                yield {self.fb_status: note, self.revision_panel: gr.Group(visible=True), self.revision_note: DRAFTING,
-                       self.revision: gr.Textbox(value="", visible=False), **self.offer_buttons(False),
+                yield {self.fb_status: note, self.critique: "", self.revision_panel: gr.Group(visible=True),
+                       self.revision_note: DRAFTING,
+                       self.revision: "", **self.offer_buttons(False),
                        self.critique_id: fid, self.candidate_id: None, self.chatbot: shown, self.ids: id_list}
                 continue
             shown, id_list = self.chat_view(session, cid)
             if upd.error:
                 gr.Warning(upd.error)
-            yield {self.fb_status: done_note, self.revision_panel: gr.Group(visible=True),
+            yield {self.fb_status: done_note, self.critique: "", self.revision_panel: gr.Group(visible=True),
                    self.revision_note: f"⚠️ {inert(upd.error)}" if upd.error else REVISION_READY,
-                   self.revision: gr.Textbox(value=upd.text, visible=False, interactive=False),
+                   self.revision: upd.text,  # a plain value: API clients read it as text
                    **self.offer_buttons(upd.error is None), self.critique_id: fid,
                    self.candidate_id: upd.candidate_id, self.chatbot: shown, self.ids: id_list}
 
@@ -641,6 +645,7 @@ class ChatTab:
         gr.Info(note)
         shown, id_list = self.chat_view(session, cid)
         return {self.fb_status: note, self.revision_panel: gr.Group(visible=False), self.revision_note: "",
+                self.revision: gr.Textbox(visible=False, interactive=False),  # Edit opens it for the next offer
                 self.candidate_id: None, self.chatbot: shown, self.ids: id_list, self.selected: mid,
                 self.target: self.target_text(session, mid)}
 
@@ -655,8 +660,8 @@ class ChatTab:
             return {self.fb_status: f"⚠️ {e}"}
         shown, id_list = self.chat_view(session, cid)
         return {self.fb_status: "Revision dismissed (noted, so the model learns what not to say).",
-                self.revision_panel: gr.Group(visible=False), self.candidate_id: None, self.chatbot: shown,
-                self.ids: id_list}
+                self.revision_panel: gr.Group(visible=False), self.revision: gr.Textbox(visible=False, interactive=False),
+                self.candidate_id: None, self.chatbot: shown, self.ids: id_list}
 
     def on_edit_revision(self):
         return {self.revision: gr.Textbox(visible=True, interactive=True)}

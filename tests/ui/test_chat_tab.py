@@ -314,8 +314,8 @@ def test_the_revision_is_shown_under_the_reply_it_revises_and_accepted_there(tab
     assert items[2]["content"].startswith("- Go to bed early.")
     assert final["chatbot"]["feedback_value"] == [None]  # the reply and its revision are one bubble: one rating
     assert final["critique-panel"]["visible"] is False and final["revision-panel"]["visible"] is True
-    ids = final[tab.fn("on_revise").outputs[10]]["value"]
-    cand = final[tab.fn("on_revise").outputs[8]]["value"]
+    ids = final[tab.fn("on_revise").outputs[11]]["value"]
+    cand = final[tab.fn("on_revise").outputs[9]]["value"]
     assert ids == [ids[0], mid, f"rev:{cand}"]
     # the offer stays in view while the conversation goes on, and after a reload
     tab.client.enqueue("fine")
@@ -329,7 +329,7 @@ def test_the_revision_is_shown_under_the_reply_it_revises_and_accepted_there(tab
 
 def test_editing_the_revision_in_place_accepts_it_as_edited(tab):
     cid, mid, steps = offer(tab)
-    ids = steps[-1][tab.fn("on_revise").outputs[10]]["value"]
+    ids = steps[-1][tab.fn("on_revise").outputs[11]]["value"]
     unchanged = gr.EditData(None, {"index": 1, "value": "TIPS FOR SLEEPING", "previous_value": "TIPS FOR SLEEPING"})
     assert tab.call("on_edit", ids, cid, evt=unchanged) == {}  # the widget edits the reply beside it: no news
     edit = gr.EditData(None, {"index": 2, "value": "- Bed by ten.", "previous_value": "- Go to bed early."})
@@ -342,7 +342,7 @@ def test_editing_the_revision_in_place_accepts_it_as_edited(tab):
 
 def test_dismiss_takes_the_revision_out_of_the_conversation(tab):
     cid, mid, steps = offer(tab)
-    cand = steps[-1][tab.fn("on_revise").outputs[8]]["value"]
+    cand = steps[-1][tab.fn("on_revise").outputs[9]]["value"]
     out = tab.call("on_dismiss", cand, cid)
     assert len(tab.shown(out)) == 2 and out["revision-panel"]["visible"] is False
     assert tab.rt.store.candidate(cand)["status"] == "rejected"
@@ -379,3 +379,28 @@ def test_the_conversation_list_opens_renames_and_deletes_ones_own_conversations(
     assert tab.shown(deleted) == [] and [cid for _, cid in deleted["conversation-list"]["choices"]] == [second]
     assert tab.rt.store.conversation(first) is None and tab.rt.store.conversation(second) is not None
     assert tab.call("on_open_conversation", first)["fb-status"]["value"].startswith("⚠️")
+
+
+def test_the_revision_api_keeps_its_shape(settings, fake_client):
+    """API clients (gradio_client) read /revise and /retry_revision by position: status, critique box, note,
+    revision; /accept_revision takes the revision's text."""
+    rt = Runtime(settings.with_(revision_candidates=2))
+    rt.chat = ChatService(rt.settings, rt.store, fake_client, rt.router)
+    demo = build_ui(rt)
+    demo.queue()
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        c = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        fake_client.enqueue("Sleep more and relax.", "", "tips")  # the reply; two drafts that fail
+        c.predict("Tips for sleeping?", "", api_name="/send")
+        status, box, note, revision = c.predict("Use a bulleted list.", False, False, api_name="/revise")[:4]
+        assert status.startswith("✅") and box == "" and "None of the drafts" in note and revision == ""
+        fake_client.follows = ("- ",)
+        fake_client.enqueue("Sleep.", "- Go to bed early.\n- Keep it dark.")
+        status, box, note, revision = c.predict(api_name="/retry_revision")[:4]
+        assert "Revised following your feedback" in note and revision.startswith("- Go to bed early.")
+        assert c.predict(revision, api_name="/accept_revision")[0].startswith("✅ Revision accepted")
+    finally:
+        demo.close()
+        rt.store.close()
