@@ -199,6 +199,8 @@ class Tab:
 
     def outputs(self, name, result):
         fn = self.fn(name)
+        if isinstance(result, dict):  # Gradio refuses an update to a component the event does not output
+            assert not set(result) - set(fn.outputs), [getattr(c, "elem_id", c) for c in set(result) - set(fn.outputs)]
         pairs = result.items() if isinstance(result, dict) else zip(fn.outputs, result if isinstance(result, tuple) else (result,))
         return {getattr(c, "elem_id", None) or c: props(u) for c, u in pairs}
 
@@ -404,3 +406,15 @@ def test_the_revision_api_keeps_its_shape(settings, fake_client):
     finally:
         demo.close()
         rt.store.close()
+
+
+def test_new_conversation_and_guidelines_update_only_their_outputs(tab):
+    cid, mid, steps = offer(tab)
+    cleared = tab.call("on_new")
+    assert cleared["chatbot"]["value"] == [] and cleared["revision-panel"]["visible"] is False
+    saved = tab.call("on_save_guideline", "Always answer in British English.")
+    assert saved["fb-status"]["value"].startswith("✅") and "British" in saved["guidelines-list"]["value"]
+    [(_, gid)] = saved["guideline-pick"]["choices"]
+    assert tab.call("on_remove_guideline", gid)["fb-status"]["value"] == "Guideline removed."
+    assert tab.call("on_critique", mid, "Too long.")["critique"]["value"] == ""
+    assert tab.call("on_up", mid)["fb-status"]["value"].startswith("✅")
