@@ -255,3 +255,40 @@ def test_stop_keeps_the_partial_reply(browser, app):
     last_word = re.sub(r"\W", "", content.split()[-1])
     assert re.sub(r"\W", "", shown.split("(stopped)")[0].split()[-1]) == last_word, (shown, content)
     ctx.close()
+
+
+def test_the_conversation_list_finds_renames_and_deletes_conversations(browser, app):
+    ctx, page = open_chat(browser, app)
+    tag = uuid.uuid4().hex[:6]
+    first = f"Name a colour ({tag})."
+    send(page, first)
+    last_bot_done(page)
+    page.locator("#new").click()
+    send(page, f"Name a fruit ({tag}).")
+    last_bot_done(page)
+    page.locator("button[aria-label='Toggle Sidebar']").click()
+    entry = page.locator("#conversation-list label", has_text=f"Name a colour ({tag})")
+    entry.click()  # the first conversation, opened from the list
+    page.wait_for_function(f"document.querySelector(\"#chatbot [data-testid='user']\")?.innerText.includes({first!r})")
+    assert page.locator("#chatbot [data-testid='user']").count() == 1
+    page.locator("#conversation-title input").fill(f"Colours {tag}")
+    page.locator("#rename-conversation").click()
+    page.wait_for_selector(f"#conversation-list label:has-text('Colours {tag}')")
+    page.reload()  # private to this browser, and still there after a reload
+    page.wait_for_selector("#chatbot [data-testid='bot']", timeout=30_000)
+    page.locator("button[aria-label='Toggle Sidebar']").click()
+    page.wait_for_selector(f"#conversation-list label:has-text('Colours {tag}')")
+    ctx_b = browser.new_context()
+    other = ctx_b.new_page()
+    other.goto(app.url)
+    other.wait_for_selector("#model-status:has-text('Model ready')", timeout=120_000)
+    other.wait_for_timeout(1000)
+    assert tag not in other.locator("#conversation-list").inner_text()
+    ctx_b.close()
+    page.locator("#conversation-list label", has_text=f"Colours {tag}").click()
+    page.wait_for_function(f"document.querySelector(\"#chatbot [data-testid='user']\")?.innerText.includes({first!r})")
+    page.locator("#delete-conversation").click()
+    page.wait_for_selector("#fb-status:has-text('Conversation deleted')")
+    assert page.locator(f"#conversation-list label:has-text('Colours {tag}')").count() == 0
+    assert feedback_rows(app, "SELECT count(*) FROM messages WHERE content = ?", (first,)) == [(0,)]
+    ctx.close()
