@@ -61,6 +61,7 @@ class RevisionUpdate:
     error: str | None = None
 
 
+MAX_TITLE_CHARS = 120
 REVISION_FAILED = "The revision could not be made right now (the model is busy or down). Your critique is saved."
 MODEL_UNAVAILABLE = "The model is unavailable right now (the operator can see why). Please try again later."
 NO_GOOD_REVISION = ("None of the drafts followed your critique well enough to offer. Your critique is saved: "
@@ -139,6 +140,48 @@ class ChatService:
                 out.setdefault(f["message_id"], {})[f["kind"]] = f["rating"] if f["kind"] == "rating" else f["text"]
         return out
 
+    def offered_revision(self, session_id: str, messages: list[dict]) -> dict | None:
+        """The newest revision offered to this session on one of these replies and not yet accepted or
+        dismissed (a candidate row), or None."""
+        if not messages:
+            return None
+        offered = self.store.offered_candidates(messages[0]["conversation_id"], session_id)
+        return offered[0] if offered else None
+
+    def message(self, session_id: str, message_id: str | None) -> dict | None:
+        """One message of this session's conversations, or None (unknown, or another session's)."""
+        m = self.store.message(message_id) if message_id else None
+        if m is None:
+            return None
+        conv = self.store.conversation(m["conversation_id"])
+        return m if conv is not None and conv["session_id"] == session_id else None
+
+    def critiqued_reply(self, session_id: str, critique_id: str | None) -> str | None:
+        """The id of the reply a critique of this session is about, or None."""
+        fb = self.store.feedback(critique_id) if critique_id else None
+        return fb["message_id"] if fb is not None and fb["session_id"] == session_id else None
+
+    def latest_conversation(self, session_id: str) -> str | None:
+        return self.store.latest_conversation(session_id)
+
+    def conversations(self, session_id: str) -> list[dict]:
+        """This session's conversations, the most recently active first (id, title, created_at, last_at)."""
+        return self.store.conversations_of(session_id)
+
+    def _own(self, session_id: str, conversation_id: str | None) -> str:
+        conv = self.store.conversation(conversation_id) if conversation_id else None
+        if conv is None or conv["session_id"] != session_id:
+            raise ChatInputError("Pick one of your conversations first.")
+        return conversation_id
+
+    def rename_conversation(self, session_id: str, conversation_id: str | None, title: str) -> None:
+        title = self._check_text(title, "title", MAX_TITLE_CHARS)
+        self.store.set_title(self._own(session_id, conversation_id), title)
+
+    def delete_conversation(self, session_id: str, conversation_id: str | None) -> None:
+        """Remove one of this session's conversations for good (its feedback too)."""
+        self.store.delete_conversation(self._own(session_id, conversation_id))
+
     # -- sending ----------------------------------------------------------------------------
     def send(self, session_id: str, conversation_id: str | None, text: str, system_prompt: str = "",
              user: str | None = None) -> tuple[str, Iterator[ReplyUpdate]]:
@@ -215,8 +258,11 @@ class ChatService:
             self.router.release(model)
             if status == "ok" and not result.text.strip():
                 status, error = "failed", "The model returned an empty reply."
+            # After Stop (which stored the text shown then), a word already in flight must not change
+            # what was stored: the first write of a stopped reply stands.
             self.store.finish_message(mid, result.text, status, error, result.ttft_ms, result.latency_ms,
-                                      result.prompt_tokens, result.completion_tokens)
+                                      result.prompt_tokens, result.completion_tokens,
+                                      only_if_pending=status == "stopped")
             log.info("reply %s %s model=%s ttft_ms=%s tokens=%s", mid, status, model,
                      None if result.ttft_ms is None else round(result.ttft_ms), result.completion_tokens)
         yield ReplyUpdate(mid, result.text, model, done=True, error=error if status == "failed" else None)

@@ -265,6 +265,23 @@ class Store:
                        (session_id,))
         return rows[0][0] if rows else None
 
+    def conversations_of(self, session_id: str, limit: int = 100) -> list[dict]:
+        """A session's conversations that have messages, the most recently active first: id, title (the
+        one given, else the first message), created_at, last_at (its newest message)."""
+        rows = self._q("SELECT c.id, COALESCE(c.title, (SELECT m.content FROM messages m WHERE m.conversation_id = c.id"
+                       " ORDER BY m.seq LIMIT 1)), c.created_at, (SELECT max(m.created_at) FROM messages m"
+                       " WHERE m.conversation_id = c.id) AS last_at FROM conversations c WHERE c.session_id = ? AND"
+                       " EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id)"
+                       " ORDER BY last_at DESC, c.id LIMIT ?", (session_id, limit))
+        return [dict(zip(("id", "title", "created_at", "last_at"), r)) for r in rows]
+
+    def set_title(self, conversation_id: str, title: str) -> None:
+        self._tx([("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))])
+
+    def delete_conversation(self, conversation_id: str) -> None:
+        """Remove one conversation with its messages, feedback and candidates."""
+        self._delete_conversations([conversation_id])
+
     def set_system_prompt(self, conversation_id: str, system_prompt: str) -> None:
         self._tx([("UPDATE conversations SET system_prompt = ? WHERE id = ?", (system_prompt, conversation_id))])
 
@@ -517,6 +534,12 @@ class Store:
             d["details"] = json.loads(d["details"]) if d["details"] else {}
             out.append(d)
         return out
+
+    def offered_candidates(self, conversation_id: str, session_id: str) -> list[dict]:
+        """In-loop revisions still offered to a session (not accepted or dismissed) on a conversation's
+        replies, newest first: the chat shows the newest under the reply it revises."""
+        return self.candidates("origin = 'inloop' AND status = 'offered' AND session_id = ? AND message_id IN"
+                               " (SELECT id FROM messages WHERE conversation_id = ?)", (session_id, conversation_id))
 
     def rejected_candidates(self) -> dict[str, list[str]]:
         """Message id -> texts of candidates a user dismissed (DPO/KTO negatives)."""

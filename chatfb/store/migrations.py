@@ -174,3 +174,10 @@ def m006_personal_adapters():
     is served; else the user's name or anonymous author id (chatfb.learning.trust.who), served only to them.
     Each owner has at most one live adapter of their own beside the shared live one."""
     return ["ALTER TABLE adapters ADD COLUMN owner VARCHAR"]
+
+
+@migration
+def m007_conversation_titles():
+    """A title the user gave a conversation (the chat's list of conversations shows it; without one,
+    the conversation's first message)."""
+    return ["ALTER TABLE conversations ADD COLUMN title VARCHAR"]

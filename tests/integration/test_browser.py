@@ -1,6 +1,7 @@
 """A real browser (Debian chromium driven by Playwright, headless) against the running app."""
 
 import json
+import re
 import shutil
 import uuid
 
@@ -56,13 +57,15 @@ def test_stream_critique_and_correct_in_a_browser(browser, app):
     assert any("chatfb-base" in t for t in seen), seen
     partial = [t for t in seen if t.strip() and "chatfb-base" not in t and t.strip() != "…"]
     assert partial, "the reply appeared all at once instead of streaming"
-    # the secondary form: a critique saved without a revision, and a written correction
-    page.get_by_text("More feedback").click()
+    # the critique box under the chat, opened by its button: a critique saved without a revision
+    page.locator("#open-critique").click()
     tag = uuid.uuid4().hex[:6]
     critique, correction = f"Too long; keep it to two sentences ({tag}).", f"Beep the robot fixed the lighthouse ({tag})."
     page.locator("#critique textarea").fill(critique)
     page.locator("#save-critique").click()
     page.wait_for_selector("#fb-status:has-text('feedback saved')")
+    # and a written correction in the secondary form
+    page.get_by_text("More feedback").click()
     page.locator("#correction textarea").fill(correction)
     page.locator("#send-correction").click()
     page.wait_for_function("document.querySelector('#correction textarea').value === ''")
@@ -175,6 +178,9 @@ def test_feedback_on_the_message_itself_and_a_revision_accepted(browser, app):
         page.wait_for_function("!document.querySelector('#revision-status').innerText.includes('None of the drafts')")
     note = page.locator("#revision-status").inner_text()
     assert "Revised following" in note, f"no draft kept in 4 tries: {note!r}"
+    # the proposed revision is in the conversation, under the reply it revises
+    offered = page.locator("#chatbot [data-testid='bot']").last.inner_text()
+    assert "Proposed revision of the reply above" in offered, offered
     page.locator("#edit-revision").click()
     box = page.locator("#revision textarea")
     edited = box.input_value().strip() + "\n- Put things back where they belong."
@@ -209,6 +215,11 @@ def test_edit_in_place_is_the_correction(browser, app):
     assert fixed in shown, f"the edit is not shown as the reply: {shown!r}"
     rows = feedback_rows(app, "SELECT f.text FROM feedback f WHERE f.kind = 'correction' AND f.text = ?", (fixed,))
     assert rows == [(fixed,)]
+    # the correction stays in view when the conversation goes on (it showed the original again)
+    send(page, "Thanks. And what is lava?")
+    page.wait_for_function("document.querySelectorAll(\"#chatbot [data-testid='bot']\").length >= 2", timeout=30_000)
+    last_bot_done(page)
+    assert fixed in page.locator("#chatbot [data-testid='bot']").first.inner_text()
     ctx.close()
 
 
@@ -250,4 +261,44 @@ def test_stop_keeps_the_partial_reply(browser, app):
     [(status, content)] = rows
     assert status == "stopped" and len(content) > 10 and content.split()[0] in shown, \
         f"the stopped reply's partial text must be kept and shown: {status} {content!r} / {shown!r}"
+    # the page shows the whole stored text up to Stop (it missed the last word the store kept)
+    last_word = re.sub(r"\W", "", content.split()[-1])
+    assert re.sub(r"\W", "", shown.split("(stopped)")[0].split()[-1]) == last_word, (shown, content)
+    ctx.close()
+
+
+def test_the_conversation_list_finds_renames_and_deletes_conversations(browser, app):
+    ctx, page = open_chat(browser, app)
+    tag = uuid.uuid4().hex[:6]
+    first = f"Name a colour ({tag})."
+    send(page, first)
+    last_bot_done(page)
+    page.locator("#new").click()
+    send(page, f"Name a fruit ({tag}).")
+    last_bot_done(page)
+    page.locator("button[aria-label='Toggle Sidebar']").click()
+    entry = page.locator("#conversation-list label", has_text=f"Name a colour ({tag})")
+    entry.click()  # the first conversation, opened from the list
+    page.wait_for_function(f"document.querySelector(\"#chatbot [data-testid='user']\")?.innerText.includes({first!r})")
+    assert page.locator("#chatbot [data-testid='user']").count() == 1
+    page.locator("#conversation-title input").fill(f"Colours {tag}")
+    page.locator("#rename-conversation").click()
+    page.wait_for_selector(f"#conversation-list label:has-text('Colours {tag}')")
+    page.reload()  # private to this browser, and still there after a reload
+    page.wait_for_selector("#chatbot [data-testid='bot']", timeout=30_000)
+    page.locator("button[aria-label='Toggle Sidebar']").click()
+    page.wait_for_selector(f"#conversation-list label:has-text('Colours {tag}')")
+    ctx_b = browser.new_context()
+    other = ctx_b.new_page()
+    other.goto(app.url)
+    other.wait_for_selector("#model-status:has-text('Model ready')", timeout=120_000)
+    other.wait_for_timeout(1000)
+    assert tag not in other.locator("#conversation-list").inner_text()
+    ctx_b.close()
+    page.locator("#conversation-list label", has_text=f"Colours {tag}").click()
+    page.wait_for_function(f"document.querySelector(\"#chatbot [data-testid='user']\")?.innerText.includes({first!r})")
+    page.locator("#delete-conversation").click()
+    page.wait_for_selector("#fb-status:has-text('Conversation deleted')")
+    assert page.locator(f"#conversation-list label:has-text('Colours {tag}')").count() == 0
+    assert feedback_rows(app, "SELECT count(*) FROM messages WHERE content = ?", (first,)) == [(0,)]
     ctx.close()

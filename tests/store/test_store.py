@@ -57,7 +57,7 @@ SCHEMA = {
                    "PRIMARY KEY (id)", "CREATE INDEX candidates_feedback ON candidates(feedback_id)"],
     "conversations": ["id VARCHAR NOT NULL", "session_id VARCHAR NOT NULL", "user_name VARCHAR",
                       "system_prompt VARCHAR NOT NULL DEFAULT ''", "source VARCHAR NOT NULL DEFAULT 'chat'",
-                      "created_at TIMESTAMP NOT NULL", "client VARCHAR", "PRIMARY KEY (id)"],
+                      "created_at TIMESTAMP NOT NULL", "client VARCHAR", "title VARCHAR", "PRIMARY KEY (id)"],
     "feedback": ["id VARCHAR NOT NULL", "message_id VARCHAR NOT NULL", "kind VARCHAR NOT NULL", "rating INTEGER",
                  "text VARCHAR", "user_name VARCHAR", "session_id VARCHAR", "created_at TIMESTAMP NOT NULL",
                  "superseded_at TIMESTAMP", "derived_from VARCHAR", "origin VARCHAR", "trusted BOOLEAN DEFAULT false",

@@ -186,3 +186,269 @@ def test_admin_review_queue_lists_groups_decides_by_selection_and_names_an_open_
         assert "OPEN (CHATFB_SHARED_TRUST=open)" in review_view(rt.admin)[0]
     finally:
         rt.store.close()
+
+
+# -- the chat tab's handlers, called as Gradio calls them, over a fake model -------------------------
+
+import gc
+import inspect
+from types import SimpleNamespace
+
+import gradio as gr
+
+from chatfb.app.chat_service import NO_GOOD_REVISION, ChatInputError, ChatService
+
+
+@pytest.fixture
+def tab(settings, fake_client):
+    """The chat tab built over a fake model; `tab.call(name, *inputs)` runs one handler and returns its
+    outputs as {elem_id (or the component): what the update sets}."""
+    rt = Runtime(settings.with_(revision_candidates=2))
+    rt.chat = ChatService(rt.settings, rt.store, fake_client, rt.router)
+    demo = build_ui(rt)
+    yield Tab(rt, demo, fake_client)
+    demo.close()
+    rt.store.close()
+
+
+def props(update):
+    if isinstance(update, gr.blocks.Block):
+        return dict(update.constructor_args)
+    if isinstance(update, dict) and update.get("__type__") == "update":
+        return {k: v for k, v in update.items() if k != "__type__"}
+    return {"value": update}
+
+
+class Tab:
+    KEY = "browser-key-of-the-test-page"
+    SESSION = "k:" + KEY
+
+    def __init__(self, rt, demo, client):
+        self.rt, self.demo, self.client = rt, demo, client
+        self.request = SimpleNamespace(session_hash="page-1", username=None)
+        self.call("on_load", self.KEY)  # a page load ties the page to its browser's key
+
+    def fn(self, name):
+        return next(f for f in self.demo.fns.values() if f.name == name and f.fn is not None)
+
+    def outputs(self, name, result):
+        fn = self.fn(name)
+        if isinstance(result, dict):  # Gradio refuses an update to a component the event does not output
+            assert not set(result) - set(fn.outputs), [getattr(c, "elem_id", c) for c in set(result) - set(fn.outputs)]
+        pairs = result.items() if isinstance(result, dict) else zip(fn.outputs, result if isinstance(result, tuple) else (result,))
+        return {getattr(c, "elem_id", None) or c: props(u) for c, u in pairs}
+
+    def steps(self, name, *inputs, **kw):
+        """Every output a (streaming) handler yields, each as in `call`."""
+        fn = self.fn(name).fn
+        if "request" in inspect.signature(fn).parameters:
+            kw["request"] = self.request
+        result = fn(*inputs, **kw)
+        return [self.outputs(name, r) for r in result] if hasattr(result, "__next__") else [self.outputs(name, result)]
+
+    def call(self, name, *inputs, **kw):
+        return self.steps(name, *inputs, **kw)[-1]
+
+    def shown(self, out):
+        """The chatbot's messages' texts in an output."""
+        value = out["chatbot"]["value"]
+        return [m["content"] if isinstance(m, dict) else m for m in value]
+
+    def turn(self, text, cid=None):
+        self.client.enqueue(text.upper())
+        out = self.call("on_send", text, "", cid)
+        cid = self.rt.store.latest_conversation(self.SESSION)
+        return cid, self.rt.store.messages(cid)[-1]["id"], out
+
+
+def test_a_correction_stays_in_view_when_the_next_message_is_sent(tab):
+    cid, mid, _ = tab.turn("first question")
+    tab.rt.chat.correct(tab.SESSION, mid, "My own better answer")
+    tab.client.enqueue("second answer")
+    for out in tab.steps("on_send", "second question", "", cid):  # while streaming and when done
+        assert "My own better answer" in tab.shown(out)[1], tab.shown(out)
+        assert "FIRST QUESTION" not in tab.shown(out)[1]
+    tab.client.enqueue("again")
+    for out in tab.steps("on_retry", "", cid):
+        assert "My own better answer" in tab.shown(out)[1]
+
+
+def test_a_page_load_shows_the_models_status_as_it_is_now(tab):
+    tab.rt.status = "Model ready (chatfb-base)."  # the page was built while the model was still starting
+    assert tab.call("on_load", tab.KEY)["model-status"]["value"] == "Model ready (chatfb-base)."
+
+
+def revise(tab, mid, cid, critique="Use a bulleted list.", offered=None):
+    return tab.steps("on_revise", mid, critique, False, False, cid, offered)
+
+
+def test_the_revision_buttons_follow_the_offer(tab):
+    cid, mid, _ = tab.turn("tips for sleeping")
+    tab.client.enqueue("", "tips for sleeping")  # every draft fails: nothing to accept
+    final = revise(tab, mid, cid)[-1]
+    assert NO_GOOD_REVISION.split(".")[0] in str(final)
+    for button in ("accept-revision", "edit-revision", "dismiss-revision"):
+        assert final[button].get("visible") is False, (button, final[button])
+    fid = tab.rt.store.feedback_for(mid)[0]["id"]
+    tab.client.follows = ("- ",)
+    tab.client.enqueue("Sleep more.", "- Go to bed early.\n- Keep it dark.")
+    steps = tab.steps("on_again", fid, None, cid)
+    assert any("Trying again" in str(out) for out in steps[:-1])
+    assert "Trying again" not in str(steps[-1])  # the new offer is there: the note says so, not "trying"
+    for button in ("accept-revision", "edit-revision", "dismiss-revision"):
+        assert steps[-1][button].get("visible") is True, (button, steps[-1][button])
+
+
+def test_feedback_on_quotes_the_reply_as_corrected(tab):
+    cid, mid, out = tab.turn("what is a volcano")
+    ids = out[tab.fn("on_send").outputs[2]]["value"]
+    edit = gr.EditData(None, {"index": 1, "value": "A mountain that erupts.", "previous_value": "WHAT IS A VOLCANO"})
+    assert "A mountain that erupts." in tab.call("on_edit", ids, cid, evt=edit)["fb-target"]["value"]
+    select = gr.SelectData(None, {"index": 1, "value": "A mountain that erupts."})
+    assert "A mountain that erupts." in tab.call("on_select", ids, evt=select)["fb-target"]["value"]
+
+
+def test_picking_critique_keeps_the_thumbs_down_shown(tab):
+    cid, mid, out = tab.turn("what is a volcano")
+    ids = out[tab.fn("on_send").outputs[2]]["value"]
+    tab.call("on_like", ids, cid, evt=gr.LikeData(None, {"index": 1, "value": "x", "liked": False}))
+    picked = tab.call("on_like", ids, cid, evt=gr.LikeData(None, {"index": 1, "value": "x", "liked": "Critique"}))
+    assert picked["chatbot"].get("feedback_value") == ["Dislike"]
+
+
+def test_stop_shows_what_the_store_keeps(tab):
+    tab.client.enqueue("one two three four five")
+    stream = tab.fn("on_send").fn("count", "", None, request=tab.request)
+    next(stream), next(stream)
+    cid = tab.rt.store.latest_conversation(tab.SESSION)
+    shown = tab.shown(tab.call("on_stop", cid))[-1]
+    next(stream)  # the word in flight when Stop was pressed still arrives
+    stream.close()  # Gradio closes the cancelled stream later
+    gc.collect()
+    stored = tab.rt.store.messages(cid)[-1]
+    assert stored["status"] == "stopped" and shown.startswith(stored["content"] + " *(stopped)*"), (shown, stored)
+
+
+def offer(tab, critique="Use a bulleted list."):
+    """A conversation with one reply and a revision offered on it."""
+    cid, mid, _ = tab.turn("tips for sleeping")
+    tab.client.follows = ("- ",)
+    tab.client.enqueue("Sleep more.", "- Go to bed early.\n- Keep it dark.")
+    return cid, mid, revise(tab, mid, cid, critique)
+
+
+def test_the_revision_is_shown_under_the_reply_it_revises_and_accepted_there(tab, monkeypatch):
+    toasts = []
+    monkeypatch.setattr(gr, "Info", toasts.append)
+    cid, mid, steps = offer(tab)
+    drafting = [out for out in steps if out["revision-status"]["value"] == "*Drafting a revision…*"]
+    assert drafting and drafting[-1]["chatbot"]["value"][2]["metadata"]["status"] == "pending"
+    final = steps[-1]
+    items = final["chatbot"]["value"]
+    assert [i["role"] for i in items] == ["user", "assistant", "assistant"]  # question, reply, revision under it
+    assert items[2]["metadata"] == {"title": "✍️ Proposed revision of the reply above: Accept · Edit · Try again · Dismiss"}
+    assert items[2]["content"].startswith("- Go to bed early.")
+    assert final["chatbot"]["feedback_value"] == [None]  # the reply and its revision are one bubble: one rating
+    assert final["critique-panel"]["visible"] is False and final["revision-panel"]["visible"] is True
+    ids = final[tab.fn("on_revise").outputs[11]]["value"]
+    cand = final[tab.fn("on_revise").outputs[9]]["value"]
+    assert ids == [ids[0], mid, f"rev:{cand}"]
+    # the offer stays in view while the conversation goes on, and after a reload
+    tab.client.enqueue("fine")
+    assert "- Go to bed early." in tab.shown(tab.call("on_send", "thanks", "", cid))[2]
+    assert "- Go to bed early." in tab.shown(tab.call("on_load", tab.KEY))[2]
+    accepted = tab.call("on_accept", cand, "- Go to bed early.", cid, mid)
+    assert tab.shown(accepted)[1].startswith("- Go to bed early.") and "corrected by you" in tab.shown(accepted)[1]
+    assert len(tab.shown(accepted)) == 4 and accepted["revision-panel"]["visible"] is False  # the offer is gone
+    assert toasts == ["✅ Revision accepted: saved as the corrected reply."]
+
+
+def test_editing_the_revision_in_place_accepts_it_as_edited(tab):
+    cid, mid, steps = offer(tab)
+    ids = steps[-1][tab.fn("on_revise").outputs[11]]["value"]
+    unchanged = gr.EditData(None, {"index": 1, "value": "TIPS FOR SLEEPING", "previous_value": "TIPS FOR SLEEPING"})
+    assert tab.call("on_edit", ids, cid, evt=unchanged) == {}  # the widget edits the reply beside it: no news
+    edit = gr.EditData(None, {"index": 2, "value": "- Bed by ten.", "previous_value": "- Go to bed early."})
+    out = tab.call("on_edit", ids, cid, evt=edit)
+    assert out["fb-status"]["value"].startswith("✅ Revision accepted")
+    [correction] = [f for f in tab.rt.store.feedback_for(mid) if f["kind"] == "correction"]
+    assert correction["text"] == "- Bed by ten." and tab.rt.store.feedback(correction["id"])["derived_from"]
+    assert tab.shown(out)[1].startswith("- Bed by ten.") and len(tab.shown(out)) == 2
+
+
+def test_dismiss_takes_the_revision_out_of_the_conversation(tab):
+    cid, mid, steps = offer(tab)
+    cand = steps[-1][tab.fn("on_revise").outputs[9]]["value"]
+    out = tab.call("on_dismiss", cand, cid)
+    assert len(tab.shown(out)) == 2 and out["revision-panel"]["visible"] is False
+    assert tab.rt.store.candidate(cand)["status"] == "rejected"
+
+
+def test_critique_from_the_message_opens_the_critique_box_under_the_chat(tab):
+    cid, mid, out = tab.turn("what is a volcano")
+    ids = out[tab.fn("on_send").outputs[2]]["value"]
+    picked = tab.call("on_like", ids, cid, evt=gr.LikeData(None, {"index": 1, "value": "x", "liked": "Critique"}))
+    assert picked["critique-panel"]["visible"] is True and picked["fb-status"]["value"].startswith("Write your critique")
+    assert "WHAT IS A VOLCANO" in picked["fb-target"]["value"]
+    opened = tab.call("on_open_critique", None, ids)  # the button under the message box: the latest reply
+    assert opened["critique-panel"]["visible"] is True and "WHAT IS A VOLCANO" in opened["fb-target"]["value"]
+
+
+def test_the_conversation_list_opens_renames_and_deletes_ones_own_conversations(tab):
+    first, _, _ = tab.turn("first chat about cats")
+    second, _, _ = tab.turn("second chat about dogs")  # no conversation id: a new conversation
+    choices = tab.call("on_list_conversations", second)["conversation-list"]["choices"]
+    assert [cid for _, cid in choices] == [second, first]  # the most recently active first
+    assert choices[1][0].startswith("first chat about cats · 20")  # its first message, and the date
+    opened = tab.call("on_open_conversation", first)
+    assert tab.shown(opened) == ["first chat about cats", "FIRST CHAT ABOUT CATS\n\n*— chatfb-base*"]
+    assert opened["conversation-list"]["value"] == first and opened["conversation-title"]["value"] == "first chat about cats"
+    renamed = tab.call("on_rename_conversation", first, "  Cats  ")
+    assert [label.split(" · ")[0] for label, _ in renamed["conversation-list"]["choices"]] == ["second chat about dogs", "Cats"]
+    assert tab.call("on_rename_conversation", first, " ")["fb-status"]["value"] == "⚠️ Your title is empty."
+    # another browser sees none of them, and can neither rename nor delete them
+    assert tab.rt.chat.conversations("k:someone-else") == []
+    for action, args in ((tab.rt.chat.rename_conversation, ("mine",)), (tab.rt.chat.delete_conversation, ())):
+        with pytest.raises(ChatInputError, match="Pick one of your conversations"):
+            action("k:someone-else", first, *args)
+    deleted = tab.call("on_delete_conversation", first)
+    assert tab.shown(deleted) == [] and [cid for _, cid in deleted["conversation-list"]["choices"]] == [second]
+    assert tab.rt.store.conversation(first) is None and tab.rt.store.conversation(second) is not None
+    assert tab.call("on_open_conversation", first)["fb-status"]["value"].startswith("⚠️")
+
+
+def test_the_revision_api_keeps_its_shape(settings, fake_client):
+    """API clients (gradio_client) read /revise and /retry_revision by position: status, critique box, note,
+    revision; /accept_revision takes the revision's text."""
+    rt = Runtime(settings.with_(revision_candidates=2))
+    rt.chat = ChatService(rt.settings, rt.store, fake_client, rt.router)
+    demo = build_ui(rt)
+    demo.queue()
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        c = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        fake_client.enqueue("Sleep more and relax.", "", "tips")  # the reply; two drafts that fail
+        c.predict("Tips for sleeping?", "", api_name="/send")
+        status, box, note, revision = c.predict("Use a bulleted list.", False, False, api_name="/revise")[:4]
+        assert status.startswith("✅") and box == "" and "None of the drafts" in note and revision == ""
+        fake_client.follows = ("- ",)
+        fake_client.enqueue("Sleep.", "- Go to bed early.\n- Keep it dark.")
+        status, box, note, revision = c.predict(api_name="/retry_revision")[:4]
+        assert "Revised following your feedback" in note and revision.startswith("- Go to bed early.")
+        assert c.predict(revision, api_name="/accept_revision")[0].startswith("✅ Revision accepted")
+    finally:
+        demo.close()
+        rt.store.close()
+
+
+def test_new_conversation_and_guidelines_update_only_their_outputs(tab):
+    cid, mid, steps = offer(tab)
+    cleared = tab.call("on_new")
+    assert cleared["chatbot"]["value"] == [] and cleared["revision-panel"]["visible"] is False
+    saved = tab.call("on_save_guideline", "Always answer in British English.")
+    assert saved["fb-status"]["value"].startswith("✅") and "British" in saved["guidelines-list"]["value"]
+    [(_, gid)] = saved["guideline-pick"]["choices"]
+    assert tab.call("on_remove_guideline", gid)["fb-status"]["value"] == "Guideline removed."
+    assert tab.call("on_critique", mid, "Too long.")["critique"]["value"] == ""
+    assert tab.call("on_up", mid)["fb-status"]["value"].startswith("✅")
