@@ -327,7 +327,7 @@ def test_a_bad_write_fails_alone_and_no_rolled_back_write_is_acknowledged(settin
     store.add_message(cid, "user", "hi")
     replies = [store.add_message(cid, "assistant", f"hello{i}") for i in range(4)]
     busy, release = threading.Event(), threading.Event()
-    blocker = threading.Thread(target=store._on_writer, args=(lambda db: (busy.set(), release.wait(10)),))
+    blocker = threading.Thread(target=store._on_writer, args=(lambda db: (busy.set(), release.wait(90)),))
     blocker.start()
     assert busy.wait(5), "the writer thread never ran the blocking call"
     batches = []
@@ -370,7 +370,7 @@ def test_a_bad_write_fails_alone_and_no_rolled_back_write_is_acknowledged(settin
 
 def _wait_for_queue(store, n):
     """Until n writes wait in the writer's queue (the writer is held busy by the test)."""
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # generous: threads start slowly on a loaded 2-core machine
     while len(store._queue) < n:
         assert time.monotonic() < deadline, f"{len(store._queue)} of {n} writes queued"
         time.sleep(0.001)
@@ -384,7 +384,7 @@ def test_a_batch_of_replies_finished_twice_keeps_the_last_write(store):
     cid = store.create_conversation("s1")
     replies = [store.add_turn(cid, f"q{i}")[1] for i in range(3)]
     busy, release = threading.Event(), threading.Event()
-    blocker = threading.Thread(target=store._on_writer, args=(lambda db: (busy.set(), release.wait(10)),))
+    blocker = threading.Thread(target=store._on_writer, args=(lambda db: (busy.set(), release.wait(90)),))
     blocker.start()
     assert busy.wait(5), "the writer thread never ran the blocking call"
     writes = [(replies[0], "first"), (replies[1], "other"), (replies[0], "second"), (replies[2], None)]
@@ -460,7 +460,7 @@ def test_close_commits_queued_writes_and_refuses_later_ones(settings):
     store = Store(settings.db_path)
     cid = store.create_conversation("s1")
     busy, release = threading.Event(), threading.Event()
-    blocker = threading.Thread(target=store._on_writer, args=(lambda db: (busy.set(), release.wait(10)),))
+    blocker = threading.Thread(target=store._on_writer, args=(lambda db: (busy.set(), release.wait(90)),))
     blocker.start()
     assert busy.wait(5), "the writer thread never ran the blocking call"
     acked = []
@@ -526,7 +526,7 @@ def test_reads_do_not_wait_for_a_commit_under_way(store):
     a = store.add_message(cid, "assistant", "", status="pending")
     store.finish_message(a, "hello", "ok")
     holding, release = threading.Event(), threading.Event()
-    t = threading.Thread(target=store._on_writer, args=(lambda db: (holding.set(), release.wait(10)),))
+    t = threading.Thread(target=store._on_writer, args=(lambda db: (holding.set(), release.wait(90)),))
     t.start()
     try:
         assert holding.wait(5), "the writer thread never ran the blocking call"

@@ -433,9 +433,10 @@ def test_the_revision_api_keeps_its_shape(settings, fake_client):
         status, box, note, revision = c.predict("Use a bulleted list.", False, False, api_name="/revise")[:4]
         assert status.startswith("✅") and box == "" and "None of the drafts" in note and revision == ""
         fake_client.follows = ("- ",)
-        fake_client.enqueue("Sleep.", "- Go to bed early.\n- Keep it dark.")
+        # drafts that keep the reply's content (the content check drops ones that share nothing with it)
+        fake_client.enqueue("Sleep.", "- Sleep more: go to bed early.\n- Relax in a dark room.")
         status, box, note, revision = c.predict(api_name="/retry_revision")[:4]
-        assert "Revised following your feedback" in note and revision.startswith("- Go to bed early.")
+        assert "Revised following your feedback" in note and revision.startswith("- Sleep more"), (note, revision)
         assert c.predict(revision, api_name="/accept_revision")[0].startswith("✅ Revision accepted")
     finally:
         demo.close()
