@@ -58,7 +58,7 @@ gives mean ± standard deviation over the runs.
 
     python -m bench.efficacy_bench                     # starts its own vLLM on the embedded model
     python -m bench.efficacy_bench --vllm-url http://127.0.0.1:8011 --model-dir data/models/SmolLM2-135M-Instruct
-    python -m bench.efficacy_bench --smoke ...         # 2 families x 2 items, 1 epoch, 1 seed, modes base/sft/ilf/critique
+    python -m bench.efficacy_bench --smoke ...         # 2 families x 2 items, 1 epoch, 1 seed, modes base/sft/critique
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ SYSTEM = "You are a helpful assistant."
 EMAIL = "support@chatfb.example"
 SIGNOFF = "Cheers, the chatfb team"
 MODES = ("base", "sft", "sft_dpo", "ilf", "critique", "accept", "guideline_prompt", "guideline_distilled")
-SMOKE_MODES = ("base", "sft", "ilf", "critique")
+SMOKE_MODES = ("base", "sft", "critique")  # the ilf recipe is kept for comparison runs, not for CI
 MODE_ENV = {  # each training mode's cycle settings
     "sft": {"CHATFB_TRAIN_MODE": "supervised"},
     "sft_dpo": {"CHATFB_TRAIN_MODE": "supervised", "CHATFB_TRAIN_DPO": "true"},

@@ -82,14 +82,14 @@ def test_efficacy_bench_smoke_runs_real_cycles(vllm_url, embedded_model, tmp_pat
                        "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"), timeout=1800)
 
     r = json.loads((tmp_path / "out" / "efficacy_bench.json").read_text())
-    assert list(r["modes"]) == ["base", "sft", "ilf", "critique"]
+    assert list(r["modes"]) == ["base", "sft", "critique"]
     base = r["modes"]["base"]
     # the base row's retention is not measured (base vs base): never published as 1.0
     assert base["retention"] is None and base["control_cosine"] is None and base["leak"] is None, base
     for mode, m in r["modes"].items():
         assert m["n_runs"] == 1 and set(m["uptake"]) == {"support_email", "house_signoff"}, (mode, m)
         assert all(0 <= v <= 1 for v in m["uptake"].values()), (mode, m["uptake"])
-    for mode in ("sft", "ilf", "critique"):
+    for mode in ("sft", "critique"):
         m = r["modes"][mode]
         (run,) = m["runs"]
         why = {k: run.get(k) for k in ("trained", "reason", "counts", "cycle_wall_s", "peak_rss_gib", "selection")}
@@ -104,7 +104,7 @@ def test_efficacy_bench_smoke_runs_real_cycles(vllm_url, embedded_model, tmp_pat
     sft_counts = r["modes"]["sft"]["runs"][0]["counts"]
     assert sft_counts["train_correction"] + sft_counts["heldout_examples"] == 4, \
         f"each of the 4 corrections trains or is held out: {sft_counts}"
-    for mode in ("ilf", "critique"):
+    for mode in ("critique",):
         run = r["modes"][mode]["runs"][0]
         c = run["counts"]
         # every critique is held out whole, turned into candidates, or counted as beyond the bound
