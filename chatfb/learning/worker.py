@@ -165,7 +165,7 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
             raise
         client.unload_adapter_quietly(name)  # the owner loads it again if it promotes; until then it holds no LoRA slot
         timings["eval_s"] = round(time.perf_counter() - t, 2)
-        ok, reason = report.decide()
+        ok, reason = report.decide(gate.GatePolicy(max_control_lost=settings.gate_max_control_lost))
         report.decision = reason
         return CycleOutcome("candidate" if ok else "rejected", reason, report=report.as_dict(), **done)
     finally:

@@ -87,7 +87,13 @@ def launch_app(data_dir: Path, wait_ready: bool = True, **extra_env) -> RunningA
     env = dict(os.environ, CHATFB_DATA_DIR=str(data_dir), GRADIO_SERVER_PORT=str(port),
                CHATFB_VLLM_PORT=str(free_port()), CHATFB_ADMIN_PASSWORD=ADMIN_PASSWORD,
                CHATFB_RATE_LIMIT_PER_MINUTE="1000", CHATFB_MAX_TOKENS="64", CHATFB_REQUEST_TIMEOUT_S="60",
-               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+               # The embedded 135M model's greedy answers flip on any training: the support-email adapter
+               # answered 11 of 16 known-answer controls right against the base model's 10, yet lost 2
+               # ("How many legs does a dog have?" became nonsense). These tests are about promotion,
+               # hot loading and rollback, so they let 2 through; the default (0) refuses it, and
+               # tests/learning/test_gate.py holds that rule.
+               CHATFB_GATE_MAX_CONTROL_LOST="2")
     env.update(extra_env)
     log = data_dir.parent / f"app-{port}.log"
     t0 = time.perf_counter()

@@ -393,3 +393,17 @@ def test_a_critique_pass_rate_alone_never_promotes_without_the_known_answer_chec
     assert not ok and "no known-answer control" in why, why
     assert gate.decide({"critique_pass": 1.0, "control_agreement": 0.9, "control_right": 1.0, "control_lost": []},
                        {"critique_pass": 0.0}, policy)[0]
+
+
+def test_the_gate_lets_through_only_as_many_lost_known_answers_as_the_setting_allows():
+    """CHATFB_GATE_MAX_CONTROL_LOST: 0 (the default) refuses one right answer turned wrong; the setting is the
+    only way to allow some (the integration tests' embedded model flips a couple on any training)."""
+    from chatfb.config import Settings
+
+    lost = ["How many legs does a dog have?", "What do you call a baby cat?"]
+    measured = {"rougeL": 0.9, "control_agreement": 0.9, "control_collapsed": 0, "control_right": 0.7,
+                "control_lost": lost}
+    ok, why = gate.decide(measured, {"rougeL": 0.1}, gate.GatePolicy(max_control_lost=Settings().gate_max_control_lost))
+    assert not ok and "turned wrong: 2" in why, why
+    ok, why = gate.decide(measured, {"rougeL": 0.1}, gate.GatePolicy(max_control_lost=2))
+    assert ok, why
