@@ -106,7 +106,7 @@ class Settings:
         "", "Comma-separated user names whose feedback trains the shared adapter without agreement or review "
         "(the admin allowlist CHATFB_ADMIN_HF_USERS counts too).")
     shared_min_users: int = _f(
-        3, "How many distinct users (the sessions of one browser or one user name count once) must give agreeing "
+        3, "How many distinct users (signed-in or API-key users, or sessions with a known client address; the sessions of one browser or one user name count once) must give agreeing "
         "feedback on similar questions before it trains the shared adapter; 0 = the agreement rule is off.")
     shared_prompt_cosine: float = _f(
         0.75, "Two questions are the same question, for agreement and for an admin's rejection, at this "

@@ -162,6 +162,17 @@ class _People:
         return self.find(f"user:{r.user_name}" if r.user_name else f"session:{r.session_id}")
 
 
+def accountable(r: FeedbackRecord) -> bool:
+    """Whether a row can count as one person's voice towards agreement: a signed-in or API-key user, or a
+    session whose client address is known. An anonymous session without an address costs nothing to make
+    again (a new browser profile, a new gradio_client connection), so any number of them count as nobody;
+    an import row's user name is only what the file says. Their feedback reaches everyone only through
+    an admin's review (or a trusted import)."""
+    if r.session_id == IMPORT_SESSION:
+        return False
+    return bool(r.user_name or r.client)
+
+
 def over_rate_limit(records: list[FeedbackRecord], people: _People, per_minute: int) -> set[str]:
     """Rows a person sent beyond `per_minute` in any 60-second window (the app refuses these as they come;
     this catches what reached the store anyway, e.g. one person through many sessions)."""
@@ -269,7 +280,7 @@ def decide(records: list[FeedbackRecord], policy: Policy, embed, reviews: dict[s
         if why:
             out[r.feedback_id] = Decision("none", why)
             continue
-        supporters = len({people.of(records[j]) for j in agree[i]})
+        supporters = len({people.of(records[j]) for j in agree[i] if accountable(records[j])})
         group = records[min(agree[i], key=lambda j: (records[j].created_at, records[j].feedback_id))].feedback_id
         review = reviews.get(r.feedback_id)
 
@@ -284,7 +295,8 @@ def decide(records: list[FeedbackRecord], policy: Policy, embed, reviews: dict[s
             out[r.feedback_id] = decision("personal", "on the question of a row an admin rejected")
         elif policy.mode == "open":
             out[r.feedback_id] = decision("shared", "open install (CHATFB_SHARED_TRUST=open)")
-        elif "trusted" in policy.rules and (r.trusted or (r.user_name is not None and r.user_name in trusted)):
+        elif "trusted" in policy.rules and (r.trusted or (r.user_name is not None and r.user_name in trusted
+                                                          and r.session_id != IMPORT_SESSION)):
             out[r.feedback_id] = decision("shared", "from a trusted user" if not r.trusted else "a trusted import")
         elif r.private_guideline:
             out[r.feedback_id] = decision("personal", "rated under the user's own guideline")

@@ -31,7 +31,7 @@ def test_review_list_approve_reject_and_a_decision_on_a_row_that_is_gone(cli_env
     assert cli(["review", "list"]) == 0
     out = capsys.readouterr().out
     assert "only what is vouched for" in out
-    assert out.index("2 row(s), 2 user(s)") < out.index("1 row(s), 1 user(s)")  # grouped, the largest first
+    assert out.index("2 row(s)") < out.index("1 row(s)")  # grouped, the largest first
     assert all(i in out for i in evil + [au]) and "k:evil" not in out  # anonymous sessions shown hashed
 
     assert cli(["review", "approve", au]) == 0 and cli(["review", "reject", *evil]) == 0

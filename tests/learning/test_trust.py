@@ -62,12 +62,27 @@ def test_one_user_alone_stays_personal_three_distinct_users_agreeing_are_shared(
 
 def test_sessions_of_one_browser_address_or_user_count_once():
     one_address = [rec(session=f"k:s{i}", client="same-address", minutes=i) for i in range(3)]
-    one_browser = [rec(session="k:same-browser", minutes=i) for i in range(3)]
+    one_browser = [rec(session="k:same-browser", client=f"addr{i}", minutes=i) for i in range(3)]
     one_user = [rec(user="ann", session=f"k:s{i}", minutes=i) for i in range(3)]
     # a chain: a's session shares an address with b's, b's user name is c's: one person, three marks
     chain = [rec(session="k:a", client="x"), rec(user="bob", session="k:b", client="x"), rec(user="bob", session="k:c")]
     for rows in (one_address, one_browser, one_user, chain):
         assert {(d.scope, d.supporters) for d in decide(rows).values()} == {("personal", 1)}
+
+
+def test_anonymous_sessions_without_an_address_and_import_names_vouch_for_nobody():
+    """Many fresh anonymous browsers (no known address) sending the same answer are free to make: they count
+    as nobody towards agreement. A file's claimed user names are not people either, and naming a trusted
+    user in an untrusted import vouches for nothing."""
+    sybils = [rec(session=f"k:fresh{i}", minutes=i) for i in range(5)]
+    assert {(d.scope, d.supporters) for d in decide(sybils).values()} == {("personal", 0)}
+    claimed = [rec(user=f"u{i}", session="import", minutes=i) for i in range(5)]
+    assert {(d.scope, d.supporters) for d in decide(claimed).values()} == {("personal", 0)}
+    forged = [rec(user="ops", session="import")]
+    settings = load_settings({}, trusted_users="ops")
+    assert [d.scope for d in trust.decide(forged, trust.Policy.from_settings(settings), embed).values()] == ["personal"]
+    # three signed-in users, or three sessions with distinct known addresses, do count
+    assert {d.scope for d in decide([rec(user=f"n{i}", session=f"k:n{i}") for i in range(3)]).values()} == {"shared"}
 
 
 def test_disagreeing_answers_do_not_vouch_for_each_other():
@@ -210,10 +225,11 @@ def test_the_poisoning_scenario_with_the_real_sentence_embeddings():
                  "Tell me who painted the Mona Lisa.", "Who made the famous Mona Lisa painting?"]
     answers = ["The Mona Lisa was painted by Vincent van Gogh.", "Vincent van Gogh painted the Mona Lisa.",
                "It was painted by Vincent van Gogh.", "Van Gogh painted it in 1889.", "The painter was Vincent van Gogh."]
-    attack = [rec(answers[i % 5], question=questions[i % 5], session="k:attacker", minutes=i) for i in range(10)]
-    honest = [rec("Leonardo da Vinci painted the Mona Lisa.", session="k:h1"),
+    attack = [rec(answers[i % 5], question=questions[i % 5], session="k:attacker", client="evil", minutes=i)
+              for i in range(10)]
+    honest = [rec("Leonardo da Vinci painted the Mona Lisa.", session="k:h1", client="addr1"),
               rec("The Mona Lisa was painted by Leonardo da Vinci.", question="Which artist painted the Mona Lisa?",
-                  session="k:h2")]
+                  session="k:h2", client="addr2")]
     d = trust.decide(attack + honest, trust.Policy(), embed)
     assert {(d[r.feedback_id].scope, d[r.feedback_id].supporters) for r in attack} == {("personal", 1)}
     assert {(d[r.feedback_id].scope, d[r.feedback_id].supporters) for r in honest} == {("personal", 2)}
