@@ -152,7 +152,9 @@ class _People:
         return x
 
     def join(self, r: FeedbackRecord) -> None:
-        marks = [f"user:{r.user_name}" if r.user_name else None, f"session:{r.session_id}" if r.session_id else None,
+        # every imported row has the import's session id: it ties no two people together
+        session = r.session_id if r.session_id and r.session_id != IMPORT_SESSION else None
+        marks = [f"user:{r.user_name}" if r.user_name else None, f"session:{session}" if session else None,
                  f"client:{r.client}" if r.client else None]
         marks = [m for m in marks if m]
         for m in marks[1:]:

@@ -81,6 +81,10 @@ def test_anonymous_sessions_without_an_address_and_import_names_vouch_for_nobody
     forged = [rec(user="ops", session="import")]
     settings = load_settings({}, trusted_users="ops")
     assert [d.scope for d in trust.decide(forged, trust.Policy.from_settings(settings), embed).values()] == ["personal"]
+    # users named in an import are not merged into one person by the import's session id
+    live = [rec(user=f"v{i}", session=f"k:v{i}", minutes=i) for i in range(3)]
+    named = [rec("Canberra.", question="Capital of Australia?", user=f"v{i}", session="import") for i in range(3)]
+    assert {d.supporters for fid, d in decide(live + named).items() if fid in {r.feedback_id for r in live}} == {3}
     # three signed-in users, or three sessions with distinct known addresses, do count
     assert {d.scope for d in decide([rec(user=f"n{i}", session=f"k:n{i}") for i in range(3)]).values()} == {"shared"}
 
