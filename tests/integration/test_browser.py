@@ -100,7 +100,8 @@ def test_markup_is_inert_and_sessions_are_private(browser, app):
     assert not any(h.lower().startswith("javascript:") for h in hrefs), f"a javascript: link was rendered: {hrefs}"
     # session B: a fresh page load shows none of A's conversation
     with app.snapshot_store() as s:
-        [(a_conv,)] = s._q("SELECT conversation_id FROM messages WHERE content LIKE ?", (f"%{secret}%",))
+        # the user's message (the model may echo the secret in its reply)
+        [(a_conv,)] = s._q("SELECT conversation_id FROM messages WHERE role = 'user' AND content LIKE ?", (f"%{secret}%",))
     ctx_b, b = open_chat(browser, app)
     b.wait_for_timeout(1000)  # the page load's own conversation has been filled in
     assert secret not in b.content(), "session B sees session A's message"
