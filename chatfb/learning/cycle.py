@@ -224,11 +224,22 @@ def run_cycle(store: Store, registry: AdapterRegistry, settings: Settings, promo
     result = _run_child(store, registry, *prepared, promote, output, command, start, closing, t0)
     if result is None:
         return None
-    # Then personal adapters, on top of the shared adapter now live (whatever the shared cycle decided).
-    for owner in personal_owners(store, settings):
+    # Then personal adapters, on top of the shared adapter now live (whatever the shared cycle decided). One
+    # that fails says why in its own entry: it never takes the shared job's result (and counts) with it.
+    try:
+        owners = personal_owners(store, settings)
+    except Exception as e:  # noqa: BLE001 - the shared result stands
+        log.exception("choosing this cycle's personal adapters failed")
+        result.personal.append(asdict(CycleResult(False, reason=f"choosing personal adapters failed: {type(e).__name__}: {e}")))
+        return result
+    for owner in owners:
         t = time.perf_counter()
-        personal = _run_child(store, registry, *prepare_personal(store, settings, server_url, owner), promote,
-                              output, command, start, closing, t)
+        try:
+            personal = _run_child(store, registry, *prepare_personal(store, settings, server_url, owner), promote,
+                                  output, command, start, closing, t)
+        except Exception as e:  # noqa: BLE001 - the next owner's and the shared result stand
+            log.exception("a personal adapter (%s) failed", personal_prefix(owner, settings.adapter_prefix))
+            personal = CycleResult(False, reason=f"the personal adapter's cycle failed: {type(e).__name__}: {e}")
         if personal is None:
             return None
         result.personal.append(asdict(personal))

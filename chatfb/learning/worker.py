@@ -158,8 +158,9 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
         try:
             report = gate.evaluate(client, settings, data, name, job.incumbent, base_name, out,
                                    guideline_checks(data, guidelines, extra), judge)
-        except gate.GateError:  # refused before loading it: the name on the server is someone else's
-            raise
+        except gate.GateError as e:  # refused before loading it: the name on the server is someone else's
+            log.error("%s", e)
+            return CycleOutcome("failed", str(e), error=str(e), **done)  # what the cycle counted stays in its result
         except BaseException:
             client.unload_adapter_quietly(name)
             raise

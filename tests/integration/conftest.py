@@ -90,10 +90,11 @@ def launch_app(data_dir: Path, wait_ready: bool = True, **extra_env) -> RunningA
                GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
                # The embedded 135M model's greedy answers flip on any training: the support-email adapter
                # answered 11 of 16 known-answer controls right against the base model's 10, yet lost 2
-               # ("How many legs does a dog have?" became nonsense). These tests are about promotion,
-               # hot loading and rollback, so they let 2 through; the default (0) refuses it, and
-               # tests/learning/test_gate.py holds that rule.
-               CHATFB_GATE_MAX_CONTROL_LOST="2")
+               # ("How many legs does a dog have?" became nonsense); with other rows beside it in the
+               # store (another test order) the same recipe lost more. These tests are about promotion,
+               # hot loading and rollback, so they let 4 of 16 through (the nonsense adapter loses far
+               # more); the default (0) refuses it, and tests/learning/test_gate.py holds that rule.
+               CHATFB_GATE_MAX_CONTROL_LOST="4")
     env.update(extra_env)
     log = data_dir.parent / f"app-{port}.log"
     t0 = time.perf_counter()

@@ -45,7 +45,7 @@ def test_a_cycle_teaches_the_preference_and_hot_loads_it(app, vllm_url):
     before = ask(client, "chatfb-base", NEW_PROMPTS)
     out = app.cli("nightly", timeout=1500)
     result = json.loads(out.stdout[out.stdout.index("{"):])
-    assert result["promoted"], result
+    assert result["promoted"], (result["reason"], {k: v for k, v in result["metrics"].items() if "control" in k})
     name = result["adapter"]
     assert name in client.models(), f"{name} not hot-loaded into the running server: {client.models()}"
     after = ask(client, name, NEW_PROMPTS)
@@ -195,6 +195,7 @@ def test_a_critique_only_cycle_selects_records_and_trains_without_the_critique(a
     result = json.loads(out.stdout[out.stdout.index("{"):])
     c, name = result["counts"], result["adapter"]
     assert not c.get("refine_errors"), result
+    assert "critiques" in c, f"the cycle never reached the critiques: {result}\n{out.stderr[-3000:]}"
     # ours, and any critique earlier tests left without an accepted revision
     assert c["critiques"] == c["critiques_heldout"] + c["critiques_with_example"] + c["critiques_without_example"] >= 8, c
     with app.snapshot_store() as s:

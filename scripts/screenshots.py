@@ -1,0 +1,123 @@
+"""Take the README's screenshots (assets/*.png) from a real app in headless chromium.
+
+Starts `python app.py` on a fresh temp data folder (the embedded model, a managed vLLM), the way the
+integration tests do, then drives the page as a user and an admin would:
+
+  assets/chat.png           a conversation, the conversation list open beside it
+  assets/revision.png       a critique and the proposed revision, in the conversation under the reply
+  assets/admin.png          the admin tab after one learning cycle: its outcome in words, the adapter table
+  assets/review.png         the admin's review queue: feedback waiting to teach everyone, grouped
+
+Needs Debian's chromium and an emoji font (`bash scripts/install.sh --test` installs both), ~5 minutes
+on 2 cores (one short learning cycle). Run it alone: it starts its own vLLM server.
+
+    python scripts/screenshots.py                 # writes assets/
+    python scripts/screenshots.py --out /tmp/shots
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.integration.conftest import ADMIN_PASSWORD, launch_app, stop_app  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+DONE = "[...document.querySelectorAll(\"#chatbot [data-testid='bot']\")].pop()?.innerText.includes('chatfb-base')"
+
+
+def send(page, text: str) -> None:
+    page.locator("#msg textarea").fill(text)
+    page.locator("#msg textarea").press("Enter")
+    page.wait_for_function(DONE, timeout=180_000)
+
+
+def untrusted_feedback(path: Path) -> Path:
+    """Feedback from three anonymous people (an import that vouches for nothing): the review queue's rows."""
+    rows = [{"prompt": [{"role": "user", "content": q}], "reply": r, "kind": "correction", "text": t, "user": u}
+            for q, r, t, u in [
+                ("How do I reach support?", "Use the website.", "Email support@chatfb.example; we answer within a day.", "ana"),
+                ("Who do I write to for help?", "Ask around.", "Write to support@chatfb.example.", "ben"),
+                ("What is the capital of Australia?", "Sydney.", "Canberra.", "cy"),
+                ("Is Sydney Australia's capital?", "Yes.", "No: the capital is Canberra.", "ana")]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=ROOT / "assets", help="where the PNGs go")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory(prefix="chatfb-shots-") as tmp:
+        data = Path(tmp) / "data"
+        data.mkdir()
+        app = launch_app(data)
+        try:
+            app.cli("import-feedback", str(untrusted_feedback(Path(tmp) / "anon.jsonl")))
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+                page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+                page.goto(app.url)
+                page.wait_for_selector("#model-status:has-text('Model ready')", timeout=180_000)
+                send(page, "Name three colours of the rainbow.")
+                page.locator("#new").click()
+                send(page, "What is the capital of France?")
+                page.locator("button[aria-label='Toggle Sidebar']").click()
+                page.wait_for_timeout(800)
+                page.screenshot(path=str(args.out / "chat.png"))
+                page.locator("button[aria-label='Toggle Sidebar']").click()
+                # critique -> revision, in the conversation under the reply
+                page.locator("#chatbot button[aria-label='Feedback']").last.click()
+                page.locator("#chatbot .extra-feedback-option", has_text="Critique").click()
+                page.locator("#critique textarea").fill("Too long. Answer in one short sentence.")
+                page.locator("#send-critique").click()
+                for _ in range(4):
+                    page.wait_for_function("['Revised following', 'None of the drafts', 'could not be made'].some(t => "
+                                           "document.querySelector('#revision-status')?.innerText.includes(t))",
+                                           timeout=180_000)
+                    if "Revised following" in page.locator("#revision-status").inner_text():
+                        break
+                    page.locator("#retry-revision").click()
+                    page.wait_for_function("!document.querySelector('#revision-status').innerText.includes('None of the drafts')")
+                page.wait_for_timeout(500)
+                page.screenshot(path=str(args.out / "revision.png"))
+                # one short cycle, so the admin tab has an outcome to tell
+                env = dict(app.env, CHATFB_TRAIN_MAX_STEPS="4", CHATFB_REPLAY_EXAMPLES="4", CHATFB_DISTILL_PROMPTS="2")
+                subprocess.run([sys.executable, "-m", "chatfb", "nightly", "--no-promote"], cwd=ROOT, env=env,
+                               capture_output=True, timeout=1800)
+                admin = browser.new_context(viewport={"width": 1280, "height": 1400}).new_page()
+                admin.goto(app.url)
+                admin.wait_for_selector("#model-status:has-text('Model ready')", timeout=120_000)
+                admin.get_by_role("tab", name="Admin").click()
+                admin.locator("#admin-password input").fill(ADMIN_PASSWORD)
+                admin.locator("#admin-unlock").click()
+                admin.wait_for_selector("#train-progress:has-text('Learning cycle finished')", timeout=60_000)
+                admin.wait_for_timeout(1500)
+                admin.screenshot(path=str(args.out / "admin.png"))
+                admin.get_by_text("Review queue: what may teach everyone").click()
+                admin.get_by_role("button", name="Load the review queue").click()
+                admin.wait_for_selector("#admin-review-pick label", timeout=60_000)
+                admin.locator("#admin-review-policy").scroll_into_view_if_needed()
+                admin.wait_for_timeout(800)
+                admin.screenshot(path=str(args.out / "review.png"))
+                browser.close()
+        finally:
+            stop_app(app)
+    for name in ("chat", "revision", "admin", "review"):
+        print(args.out / f"{name}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
