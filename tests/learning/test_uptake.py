@@ -97,8 +97,38 @@ def test_an_adapter_that_is_not_promoted_records_no_uptake(store, settings, fake
     settings = settings_for_cycle(settings)
     give_corrections(store, "ann", 12)
     _, result = cycle(store, settings, fake_client, monkeypatch, False, [])
-    assert not result.personal[0]["promoted"]
+    assert not result.personal[0]["promoted"]  # the gate refused it: nobody was asked
     assert store.uptake() == []
+
+
+def test_the_owner_records_a_candidates_uptake_only_when_it_promotes_it(store, settings, fake_client):
+    """A candidate the gate passed was asked (its rows come back in result.json); `--no-promote`, or a promotion
+    that fails, leaves it not live for anyone: nothing is recorded."""
+    import time
+
+    from chatfb.learning.cycle import CycleJob, CycleOutcome, finish, write_outcome
+    from chatfb.serving.adapters import AdapterRegistry
+
+    give_corrections(store, "ann", 1)
+    (fid,) = [r.feedback_id for r in store.feedback_records()]
+    registry = AdapterRegistry(store, [fake_client], AdapterRouter("chatfb-base"), settings.data_dir)
+    row = {"feedback_id": fid, "learned": True, "measure": "rougeL", "score": 1.0, "answer": SUPPORT}
+
+    def finished(name, promote):
+        work = settings.layout.work(name)
+        work.mkdir(parents=True)
+        (settings.data_dir / "adapters" / name).mkdir(parents=True)
+        (settings.data_dir / "adapters" / name / "adapter_config.json").write_text("{}")
+        write_outcome(work, CycleOutcome("candidate", "better on held-out feedback", uptake=[row]))
+        return finish(store, registry, CycleJob(name, None, None), work, 0, promote, time.perf_counter())
+
+    assert not finished("chatfb-v0001", promote=False).promoted
+    fake_client.refuse_load = True  # the server refuses to load it: promote fails, finish says why
+    assert not finished("chatfb-v0002", promote=True).promoted
+    assert store.uptake() == []
+    fake_client.refuse_load = False
+    assert finished("chatfb-v0003", promote=True).promoted
+    assert [(r["adapter"], r["learned"]) for r in store.uptake()] == [("chatfb-v0003", True)]
 
 
 def test_the_footer_names_whose_model_learnt_it():
@@ -129,6 +159,20 @@ def test_uptake_rows_are_replaced_per_adapter_and_go_with_the_users_data(store, 
     assert len(store.uptake()) == 2 and store.uptake(feedback_ids=[]) == []
     store.delete_user("ann")
     assert [r["feedback_id"] for r in store.uptake()] == [ids["bob"]]
+    # feedback ann gave on a conversation that is not hers goes with her too, and its uptake with it
+    cid = store.create_conversation("s-shared")
+    store.add_message(cid, "user", "Hours?")
+    other = store.add_message(cid, "assistant", "Always open.")
+    given = store.log_feedback(other, "correction", text="Nine to five.", user_name="ann")
+    store.add_uptake("chatfb-v0001", [{"feedback_id": given, "learned": True, "measure": "rougeL", "answer": "9-5"}])
+    store.delete_user("ann")
+    assert [r["feedback_id"] for r in store.uptake()] == [ids["bob"]]
+    # a personal adapter removed (delete-user) takes what it was asked with it
+    store.add_adapter("chatfb-u0123456789-v0001", None, "live", None, owner="bob")
+    store.add_uptake("chatfb-u0123456789-v0001", [{"feedback_id": ids["bob"], "learned": True, "measure": "rougeL",
+                                                   "answer": SUPPORT}])
+    store.delete_personal_adapters("bob")
+    assert [r["adapter"] for r in store.uptake()] == ["chatfb-v0001"]
 
 
 def test_exports_say_whether_each_rows_feedback_was_learned(store, settings):
@@ -164,6 +208,15 @@ def test_the_admin_sees_uptake_per_item_and_per_cluster(store, settings, capsys,
     clusters = {c["topic"][:20]: (c["learned"], c["items"]) for c in report["clusters"]}
     assert clusters == {"How do I reach suppo": (2, 3), "What is the capital ": (1, 1)}  # support questions together
     assert admin.uptake("chatfb-v0001")["checked"] == 4
+    make_adapter(store, settings, "chatfb-v0000", status="retired")  # no longer served: not in "now"
+    store.add_uptake("chatfb-v0000", [{"feedback_id": ids[0], "learned": True, "measure": "rougeL", "answer": "..."}])
+    assert admin.uptake()["checked"] == 4 and admin.uptake("chatfb-v0000")["checked"] == 1
+    from chatfb.ui.admin_tab import uptake_view
+
+    head, clusters, items = uptake_view(admin)
+    assert head.startswith("Learned **3 of 4** items checked (75%)")
+    assert sorted(clusters["learned"]) == [1, 2] and list(items["learned"]).count("no") == 1
+    assert uptake_view(admin, "chatfb-v0009")[0].startswith("⚠️ no adapter named 'chatfb-v0009'")
     store.close()
     monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
     assert cli(["adapters", "uptake"]) == 0
