@@ -304,7 +304,10 @@ def outcome_line(result: dict, who: str = "") -> str:
     adapter, reason = result.get("adapter"), result.get("reason") or ""
     head = f"{who}: " if who else ""
     if result.get("promoted"):
-        return f"{head}promoted {adapter}: {reason}"
+        counts = result.get("counts") or {}
+        learnt = (f"; learned {counts['uptake_learned']} of the {counts['uptake_checked']} trained items asked again"
+                  if counts.get("uptake_checked") else "")  # chatfb.learning.uptake
+        return f"{head}promoted {adapter}: {reason}{learnt}"
     if not adapter:
         return f"{head}nothing trained: {reason}"
     if not result.get("ok"):

@@ -81,6 +81,9 @@ def test_a_promoted_adapter_records_what_it_learnt_and_the_chat_shows_it_to_the_
     counts = store.adapter(mine)["data_counts"]
     assert (counts["uptake_checked"], counts["uptake_learned"]) == (2, 2)
     assert counts["uptake_not_checked"] == counts["train_correction"] - 2  # the bound says how many were left
+    from chatfb.ui.admin_tab import outcome_line
+
+    assert outcome_line(result.personal[0], "ann").endswith("; learned 2 of the 2 trained items asked again")
 
     # ann sees it under the reply she corrected; nobody else's session gets her footer
     fid = rows[0]["feedback_id"]
