@@ -220,9 +220,15 @@ def test_the_admin_sees_uptake_per_item_and_per_cluster(store, settings, capsys,
     assert head.startswith("Learned **3 of 4** items checked (75%)")
     assert sorted(clusters["learned"]) == [1, 2] and list(items["learned"]).count("no") == 1
     assert uptake_view(admin, "chatfb-v0009")[0].startswith("⚠️ no adapter named 'chatfb-v0009'")
-    store.close()
+    from chatfb.app.control import ControlServer
+
+    server = ControlServer(admin, settings.data_dir)  # the CLI asks the running app that owns the store
+    server.start()
     monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
-    assert cli(["adapters", "uptake"]) == 0
-    out = capsys.readouterr().out
-    assert "learned 3 of 4 checked items (75%)" in out and "2/3 (67%)" in out
-    assert cli(["adapters", "uptake", "chatfb-v0009"]) == 2  # no such adapter: a clear error
+    try:
+        assert cli(["adapters", "uptake"]) == 0
+        out = capsys.readouterr().out
+        assert "learned 3 of 4 checked items (75%)" in out and "2/3 (67%)" in out
+        assert cli(["adapters", "uptake", "chatfb-v0009"]) == 2  # no such adapter: a clear error
+    finally:
+        server.stop()
