@@ -49,8 +49,10 @@ def make_parser() -> argparse.ArgumentParser:
     nightly.add_argument("--no-promote", action="store_true", help="train and gate, but do not promote")
     add_settings_flags(nightly)
 
-    ad = sub.add_parser("adapters", help="list, promote or roll back adapter versions")
-    ad.add_argument("action", choices=("list", "promote", "rollback"))
+    ad = sub.add_parser("adapters", help="list, promote or roll back adapter versions, or show what one learnt")
+    ad.add_argument("action", choices=("list", "promote", "rollback", "uptake"),
+                    help="uptake: which trained feedback items NAME (default: the live adapters) learnt, per item "
+                         "and per cluster of similar questions")
     ad.add_argument("name", nargs="?")
     add_settings_flags(ad)
 
@@ -150,7 +152,7 @@ def cmd_import(settings, args) -> int:
 
 def snapshot_records(settings, with_scopes: bool = True):
     """(feedback records, dismissed revisions by message id, scope of each row under the trust policy or None
-    without `with_scopes`) read from a fresh, consistent snapshot (the app writes it when running)."""
+    without `with_scopes`, uptake rows) read from a fresh, consistent snapshot (the app writes it when running)."""
     from chatfb.store.db import Store
 
     backend = open_admin(settings)
@@ -163,7 +165,8 @@ def snapshot_records(settings, with_scopes: bool = True):
     with Store(path, read_only=True) as snap:
         records, dismissed, reviews, flagged = (snap.feedback_records(), snap.rejected_candidates(), snap.reviews(),
                                                 snap.flagged_authors())
-    return records, dismissed, shared_scopes(records, settings, reviews, flagged) if with_scopes else None
+        checks = snap.uptake()
+    return records, dismissed, shared_scopes(records, settings, reviews, flagged) if with_scopes else None, checks
 
 
 def cmd_export(settings, args) -> int:
@@ -173,9 +176,9 @@ def cmd_export(settings, args) -> int:
     if (args.format is None) != (args.out is None) or not (args.format or args.push_to_hub):
         raise CommandError("export needs --format and --out, or --push-to-hub REPO (or all three)")
     # the scopes need the embedding model: only the files written here carry them (a Hub dataset says "personal")
-    records, dismissed, scopes = snapshot_records(settings, with_scopes=bool(args.format))
+    records, dismissed, scopes, checks = snapshot_records(settings, with_scopes=bool(args.format))
     if args.format:
-        path, n = export(records, args.format, args.out, args.file_format, dismissed, scopes)
+        path, n = export(records, args.format, args.out, args.file_format, dismissed, scopes, uptake_rows=checks)
         print(f"wrote {n} {args.format} rows to {path}")
     if args.push_to_hub:
         push_built(settings, args.push_to_hub, "dataset", args.private,
@@ -276,12 +279,29 @@ def cmd_adapters(settings, args) -> int:
                 raise CommandError("adapters promote needs a NAME")
             backend.promote(args.name)
             print(f"promoted {args.name}")
+        elif args.action == "uptake":
+            print_uptake(backend.uptake(args.name))
         else:
             target = backend.rollback()
             print(f"rolled back; now serving {target or 'the base model'}")
     finally:
         backend.close()
     return 0
+
+
+def print_uptake(report: dict) -> None:
+    """AdminService.uptake's report as text: the share learnt, per cluster, then per item."""
+    if not report["checked"]:
+        print("no uptake checked yet (a cycle checks what it trained on when it promotes an adapter)")
+        return
+    print(f"learned {report['learned']} of {report['checked']} checked items ({report['share']:.0%})")
+    print("\nper cluster (similar questions):")
+    for c in report["clusters"]:
+        print(f"  {c['learned']}/{c['items']} ({c['share']:.0%})  {c['topic'][:80]}")
+    print("\nper item:")
+    for i in report["items"]:
+        print(f"  {'learned    ' if i['learned'] else 'not learned'} {i['adapter']:<24} {i['feedback_kind']:<18} "
+              f"{i['measure']}={_or_dash(i['score'])}  {i['feedback_id']}  {i['question'][:60]}")
 
 
 def cmd_push_adapter(settings, args) -> int:

@@ -119,6 +119,10 @@ class Settings:
         "personal scope) gets a personal adapter in the learning cycle, served only to them; 0 = no personal adapters.")
     personal_max_per_cycle: int = _f(
         2, "Most personal adapters one learning cycle trains, the users with the most new feedback first.")
+    uptake_max_items: int = _f(
+        32, "After a cycle promotes an adapter, this many of the feedback items it trained on (corrections and "
+        "critiques, the newest first) are asked again of it and marked learned or not (the chat and the admin "
+        "tab show it); 0 = no uptake check.")
     nightly_at: str | None = _f(None, "Run the learning cycle daily at this local time (HH:MM) inside the app; unset = off.")
     retention_days: int | None = _f(None, "Delete conversations older than this many days at startup and nightly; unset = keep.")
     lora_rank: int = _f(8, "Rank of trained LoRA adapters (must be <= max_lora_rank).")
@@ -286,6 +290,8 @@ def validate(s: Settings) -> None:
     if set(s.shared_rule_list) - set(SHARED_RULES):
         raise SettingsError(f"shared_rules lists unknown rule(s) {sorted(set(s.shared_rule_list) - set(SHARED_RULES))}; "
                             f"known: {', '.join(SHARED_RULES)}")
+    if s.uptake_max_items < 0:
+        raise SettingsError("uptake_max_items must be 0 (off) or more")
     if s.personal_min_feedback < 0 or s.personal_max_per_cycle < 0:
         raise SettingsError("personal_min_feedback and personal_max_per_cycle must be 0 (off) or more")
     if s.vllm_max_loras < 1:

@@ -23,7 +23,7 @@ from chatfb.store.db import Store
 # and results must be JSON.
 OPS = ("import_feedback", "snapshot", "adapters", "add_adapter", "promote", "rollback", "delete_user", "guidelines",
        "add_guideline", "set_guideline_status", "start_cycle", "cycle_status", "create_api_key", "api_keys",
-       "revoke_api_keys", "review_queue", "review", "flag_author", "unflag_author")
+       "revoke_api_keys", "review_queue", "review", "flag_author", "unflag_author", "uptake")
 
 
 class AdminError(RuntimeError):
@@ -72,7 +72,7 @@ class AdminService:
         records, dismissed = self.store.feedback_records(), self.store.rejected_candidates()
         scopes = shared_scopes(records, self.settings, self.store.reviews(), self.store.flagged_authors())
         for fmt in EXPORT_FORMATS:
-            export(records, fmt, out, dismissed=dismissed, scopes=scopes)
+            export(records, fmt, out, dismissed=dismissed, scopes=scopes, uptake_rows=self.store.uptake())
         return out
 
     def delete_user(self, user_name: str) -> int:
@@ -135,27 +135,10 @@ class AdminService:
         similarity (chatfb.critique.similarity), each group named by its most central critique, largest first:
         [(label, critiques in the group)]. A critique joins the group whose centroid is at least `threshold`
         cosine-close, else starts its own."""
-        from chatfb.critique.similarity import embed
+        from chatfb.critique.similarity import embed, group_similar
 
         texts = [" ".join(t.split()) for t in self.critique_texts()[:limit] if t and t.strip()]
-        vecs = embed(texts)
-        groups: list[dict] = []  # {"members": [index], "sum": summed vector}
-        for i, v in enumerate(vecs):
-            best, best_cos = None, threshold
-            for g in groups:
-                norm = sum(x * x for x in g["sum"]) ** 0.5 or 1.0
-                cos = sum(x * y for x, y in zip(g["sum"], v)) / norm
-                if cos >= best_cos:
-                    best, best_cos = g, cos
-            if best is None:
-                groups.append({"members": [i], "sum": list(v)})
-            else:
-                best["members"].append(i)
-                best["sum"] = [a + b for a, b in zip(best["sum"], v)]
-        out = []
-        for g in groups:
-            central = max(g["members"], key=lambda i: sum(x * y for x, y in zip(vecs[i], g["sum"])))
-            out.append((texts[central], len(g["members"])))
+        out = [(texts[central], len(members)) for members, central in group_similar(embed(texts), threshold)]
         return sorted(out, key=lambda t: -t[1])[:top]
 
     def candidates(self, limit: int = 200) -> list[dict]:
@@ -172,6 +155,18 @@ class AdminService:
     def add_adapter(self, name: str, path: str) -> None:
         """Register an adapter folder trained elsewhere (under <data_dir>/adapters) as a candidate."""
         self.store.add_adapter(name, None, "candidate", path)
+
+    def uptake(self, name: str | None = None) -> dict:
+        """Which trained feedback items an adapter learnt (chatfb.learning.uptake.report: per item and per
+        cluster of similar questions): `name`'s, or (None) those of the adapters live now, shared and personal."""
+        from chatfb.learning import uptake
+
+        name = (name or "").strip() or None
+        if name is not None and self.store.adapter(name) is None:
+            raise AdminError(f"no adapter named {name!r} (see: python -m chatfb adapters list)")
+        live = {a["name"] for a in self.store.adapters() if a["status"] == "live"}
+        rows = [r for r in self.store.uptake(adapter=name) if name is not None or r["adapter"] in live]
+        return uptake.report(rows, {r.feedback_id: r for r in self.store.feedback_records()})
 
     def promote(self, name: str) -> None:
         self.registry.promote((name or "").strip())

@@ -131,13 +131,23 @@ class ChatService:
         return text
 
     def feedback_state(self, session_id: str, messages: list[dict]) -> dict[str, dict]:
-        """This session's active rating and correction of each reply: {message id: {"rating", "correction"}}."""
+        """This session's active rating and correction of each reply, and whether a promoted adapter learnt
+        its correction or critique (chatfb.learning.uptake.footer): {message id: {"rating", "correction", "uptake"}}."""
+        from chatfb.learning import uptake
+
         out: dict[str, dict] = {}
         if not messages:
             return out
+        taught: dict[str, str] = {}  # feedback id -> the reply it is on
         for f in self.store.conversation_feedback(messages[0]["conversation_id"]):
-            if f["session_id"] == session_id and f["kind"] in ("rating", "correction"):
+            if f["session_id"] != session_id:
+                continue
+            if f["kind"] in ("rating", "correction"):
                 out.setdefault(f["message_id"], {})[f["kind"]] = f["rating"] if f["kind"] == "rating" else f["text"]
+            if f["kind"] in ("correction", "critique"):
+                taught[f["id"]] = f["message_id"]
+        for fid, rows in uptake.by_feedback(self.store.uptake(feedback_ids=list(taught))).items():
+            out.setdefault(taught[fid], {})["uptake"] = uptake.footer(rows)
         return out
 
     def offered_revision(self, session_id: str, messages: list[dict]) -> dict | None:

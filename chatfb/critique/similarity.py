@@ -104,3 +104,23 @@ def paired_cosines(a: list[str], b: list[str]) -> list[float]:
     vecs = embed([*a, *b]) if embed else _bow([*a, *b])
     n = len(a)
     return [sum(x * y for x, y in zip(vecs[i], vecs[n + i])) for i in range(n)]
+
+
+def group_similar(vecs: list[list[float]], threshold: float) -> list[tuple[list[int], int]]:
+    """Unit vectors grouped by meaning, in one pass: each joins the group whose centroid is at least
+    `threshold` cosine-close (the closest), else starts its own. [(member indexes, the most central one)]."""
+    groups: list[dict] = []  # {"members": [index], "sum": summed vector}
+    for i, v in enumerate(vecs):
+        best, best_cos = None, threshold
+        for g in groups:
+            norm = sum(x * x for x in g["sum"]) ** 0.5 or 1.0
+            cos = sum(x * y for x, y in zip(g["sum"], v)) / norm
+            if cos >= best_cos:
+                best, best_cos = g, cos
+        if best is None:
+            groups.append({"members": [i], "sum": list(v)})
+        else:
+            best["members"].append(i)
+            best["sum"] = [a + b for a, b in zip(best["sum"], v)]
+    return [(g["members"], max(g["members"], key=lambda i: sum(x * y for x, y in zip(vecs[i], g["sum"]))))
+            for g in groups]

@@ -4,7 +4,8 @@
            written to work/<name>/ (settings.json, job.json, snapshot.duckdb)
     child  python -m chatfb.learning.worker work/<name>: refine, replay, train, evaluate (chatfb.learning.worker); writes
            work/<name>/result.json and adapters/<name>/ and never calls back into the owner
-    owner  records the adapter row and every candidate, promotes through its one AdapterRegistry
+    owner  records the adapter row and every candidate, promotes through its one AdapterRegistry, and
+           records the promoted adapter's uptake (chatfb.learning.uptake: which trained items it learnt)
 
 The child generates with the owner's model server (`CycleJob.server_url`) or, when no app runs and
 the model is managed, starts a temporary one of its own.
@@ -60,6 +61,7 @@ class CycleOutcome:
     report: dict | None = None  # chatfb.learning.gate.GateReport, as a dict
     candidates: list[dict] = field(default_factory=list)  # store.add_candidates rows, every one scored
     recipe: dict = field(default_factory=dict)
+    uptake: list[dict] = field(default_factory=list)  # a candidate's answers to what it trained on (chatfb.learning.uptake)
 
 
 @dataclass
@@ -192,6 +194,8 @@ def finish(store: Store, registry: AdapterRegistry, job: CycleJob, work: Path, e
             reason += f"; not promoted: {e}"
             log.error("promoting %s failed: %s", name, e)
         timings["swap_s"] = round(time.perf_counter() - t, 3)
+    if promoted:  # only now is it live for its scope: what it learnt shows on the users' messages
+        store.add_uptake(name, outcome.uptake)
     timings["total_s"] = round(time.perf_counter() - started, 2)
     store.update_adapter(name, timings=timings)
     log.info("cycle done: %s %s (%s)", name, "promoted" if promoted else "not promoted", reason)

@@ -17,7 +17,9 @@ Every row also carries its provenance (chatfb.learning.rows.PROVENANCE): "feedba
 user's name, or "anon-" and a hash of the anonymous session), "feedback_kind" (written_correction,
 accepted_revision, edited_revision, rating, ...) and "scope": "shared" when the trust policy vouches for
 it (chatfb.learning.trust), else "personal". Rows that never train (a flagged author, over the rate limit)
-are left out. TRL's trainers ignore these fields.
+are left out. Every row also says whether a promoted adapter learnt its feedback (chatfb.learning.uptake):
+"uptake" ("learned", "not learned", or "" when never checked) and "uptake_adapter" (the adapter asked).
+TRL's trainers ignore these fields.
 """
 
 from __future__ import annotations
@@ -142,16 +144,21 @@ def _correction(r: FeedbackRecord) -> dict:
 
 
 def export_rows(records: list[FeedbackRecord], fmt: str, dismissed: dict[str, list[str]] | None = None,
-                scopes: dict[str, str] | None = None, hide_names: bool = False) -> list[dict]:
+                scopes: dict[str, str] | None = None, hide_names: bool = False,
+                uptake_rows: list[dict] | None = None) -> list[dict]:
     """Rows of one TRL format. `dismissed` (message id -> revisions the user dismissed) adds DPO
     pairs: the corrected reply is chosen over each dismissed revision of the same reply. `scopes` (feedback
     id -> shared | personal | none, chatfb.learning.trust): each row's scope; "none" rows are left out;
-    without it every row is personal. `hide_names`: authors as hashes (for publishing)."""
+    without it every row is personal. `hide_names`: authors as hashes (for publishing). `uptake_rows`
+    (Store.uptake): each row says whether a promoted adapter learnt its feedback (chatfb.learning.uptake)."""
+    from chatfb.learning import uptake
+
     if scopes is not None:
         records = [r for r in records if scopes.get(r.feedback_id) != "none"]
+    checks = uptake.by_feedback(uptake_rows or [])
 
     def extra(r, kind=None):
-        return _provenance(r, scopes, hide_names, kind)
+        return {**_provenance(r, scopes, hide_names, kind), **uptake.export_fields(checks.get(r.feedback_id, []))}
 
     if fmt == "sft":
         return [sft_row(r.prompt, r.text, **_correction(r), **extra(r)) for r in records if r.kind == "correction"]
@@ -181,6 +188,7 @@ def export_rows(records: list[FeedbackRecord], fmt: str, dismissed: dict[str, li
 
 
 def export(records: list[FeedbackRecord], fmt: str, out_dir: Path, file_format: str = "jsonl",
-           dismissed: dict[str, list[str]] | None = None, scopes: dict[str, str] | None = None) -> tuple[Path, int]:
-    rows = export_rows(records, fmt, dismissed, scopes)
+           dismissed: dict[str, list[str]] | None = None, scopes: dict[str, str] | None = None,
+           uptake_rows: list[dict] | None = None) -> tuple[Path, int]:
+    rows = export_rows(records, fmt, dismissed, scopes, uptake_rows=uptake_rows)
     return write_rows(rows, Path(out_dir) / f"{fmt}.{file_format}"), len(rows)

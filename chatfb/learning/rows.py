@@ -59,13 +59,18 @@ def prompt_completion_row(prompt: list[dict], reply: str, **extra) -> dict:
 PROVENANCE = ("feedback_id", "author", "feedback_kind", "scope")
 
 
+# whether a promoted adapter learnt the row's feedback (chatfb.learning.uptake.export_fields): "learned",
+# "not learned" or "" (never checked), and the adapter that was asked
+UPTAKE = ("uptake", "uptake_adapter")
+
+
 def provenance(feedback_id: str, author: str, feedback_kind: str, scope: str) -> dict:
     return {"feedback_id": feedback_id, "author": author, "feedback_kind": feedback_kind, "scope": scope}
 
 
 def trl_fields(row: dict) -> dict:
     """A row without chatfb's extra fields, as the trainers get it."""
-    return {k: v for k, v in row.items() if k not in PROVENANCE and k not in ("source", "critique_id")}
+    return {k: v for k, v in row.items() if k not in PROVENANCE and k not in ("source", "critique_id", *UPTAKE)}
 
 
 def write_rows(rows: list[dict], path: Path) -> Path:

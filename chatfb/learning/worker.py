@@ -14,6 +14,9 @@ Critiques (and approved global guidelines) become training examples through chat
 conversation answered again with the critique as an instruction, several samples, the best that passes
 selection kept and trained WITHOUT the critique; every candidate's score and verdict is handed back for
 the admin tab's audit table. Critiques held out whole are judged at the gate by the same selection.
+
+A candidate that passes the gate is asked, while still loaded, the prompts of the newest feedback items it
+trained on (`check_uptake`, chatfb.learning.uptake); the owner records the answers if it promotes it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from chatfb.learning import gate, training_data
+from chatfb.learning import gate, training_data, uptake
 from chatfb.config import Settings, setup_logging
 from chatfb.learning.cycle import SNAPSHOT, CycleJob, CycleOutcome, read_job, write_outcome
 from chatfb.serving.model_client import ModelClient, ModelError
@@ -155,9 +158,16 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
 
         t = time.perf_counter()
         log.info("phase: gating")
+        checked: list[dict] = []
         try:
             report = gate.evaluate(client, settings, data, name, job.incumbent, base_name, out,
                                    guideline_checks(data, guidelines, extra), judge)
+            timings["eval_s"] = round(time.perf_counter() - t, 2)
+            ok, reason = report.decide(gate.GatePolicy(max_control_lost=settings.gate_max_control_lost))
+            if ok:  # the owner may promote it: ask it now, while it is loaded, what it learnt
+                t = time.perf_counter()
+                checked = check_uptake(client, settings, data, name, judge, base_name, counts)
+                timings["uptake_s"] = round(time.perf_counter() - t, 2)
         except gate.GateError as e:  # refused before loading it: the name on the server is someone else's
             log.error("%s", e)
             return CycleOutcome("failed", str(e), error=str(e), **done)  # what the cycle counted stays in its result
@@ -165,12 +175,30 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
             client.unload_adapter_quietly(name)
             raise
         client.unload_adapter_quietly(name)  # the owner loads it again if it promotes; until then it holds no LoRA slot
-        timings["eval_s"] = round(time.perf_counter() - t, 2)
-        ok, reason = report.decide(gate.GatePolicy(max_control_lost=settings.gate_max_control_lost))
         report.decision = reason
-        return CycleOutcome("candidate" if ok else "rejected", reason, report=report.as_dict(), **done)
+        return CycleOutcome("candidate" if ok else "rejected", reason, report=report.as_dict(), uptake=checked, **done)
     finally:
         stop_server()
+
+
+def check_uptake(client: ModelClient, settings: Settings, data, name: str, judge, scorer_model: str,
+                 counts: dict) -> list[dict]:
+    """Uptake rows (chatfb.learning.uptake) for the newest CHATFB_UPTAKE_MAX_ITEMS items that trained `name`;
+    `counts` gets how many were checked, learned, and left unchecked. A server error costs the check, not the
+    cycle: none is recorded."""
+    items, trained = uptake.items_to_check(data, settings.uptake_max_items)
+    if not items:
+        return []
+    log.info("phase: checking uptake (%d of %d trained items)", len(items), trained)
+    try:
+        rows = uptake.check(client, name, items, settings.max_tokens, judge, scorer_model)
+    except ModelError as e:
+        log.warning("uptake check failed: %s", e)
+        counts["uptake_error"] = str(e)
+        return []
+    counts.update(uptake_checked=len(rows), uptake_learned=sum(r["learned"] for r in rows),
+                  uptake_not_checked=trained - len(rows))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

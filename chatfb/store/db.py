@@ -676,8 +676,38 @@ class Store:
     def delete_personal_adapters(self, owner: str) -> list[dict]:
         """Remove `owner`'s personal adapter rows; returns them (their files are the caller's to remove)."""
         rows = self.personal_adapters(owner)
-        self._tx([("DELETE FROM adapters WHERE owner = ?", (owner,))])
+        self._tx([("DELETE FROM uptake WHERE adapter IN (SELECT name FROM adapters WHERE owner = ?)", (owner,)),
+                  ("DELETE FROM adapters WHERE owner = ?", (owner,))])
         return rows
+
+    # -- uptake: what a promoted adapter answers to the feedback it trained on (chatfb.learning.uptake) ----
+    def add_uptake(self, adapter: str, rows: list[dict]) -> None:
+        """Record `adapter`'s answers to trained feedback items (keys: feedback_id, learned, measure, score,
+        answer); an item checked on this adapter before is replaced."""
+        now = utcnow()
+        stmts = [("INSERT OR REPLACE INTO uptake (feedback_id, adapter, learned, measure, score, answer, checked_at)"
+                  " VALUES (?, ?, ?, ?, ?, ?, ?)", (r["feedback_id"], adapter, bool(r["learned"]), r["measure"],
+                                                    r.get("score"), r.get("answer") or "", now)) for r in rows]
+        if stmts:
+            self._tx(stmts)
+
+    def uptake(self, adapter: str | None = None, feedback_ids: list[str] | None = None) -> list[dict]:
+        """Uptake rows, newest check first, each with its adapter's `owner` (None: the shared adapter);
+        only `adapter`'s, or only these feedback ids', when given."""
+        where, params = ["TRUE"], []
+        if adapter is not None:
+            where.append("u.adapter = ?")
+            params.append(adapter)
+        if feedback_ids is not None:
+            if not feedback_ids:
+                return []
+            where.append(f"u.feedback_id IN ({', '.join('?' * len(feedback_ids))})")
+            params += list(feedback_ids)
+        rows = self._q("SELECT u.feedback_id, u.adapter, a.owner, u.learned, u.measure, u.score, u.answer, u.checked_at"
+                       " FROM uptake u LEFT JOIN adapters a ON a.name = u.adapter"
+                       f" WHERE {' AND '.join(where)} ORDER BY u.checked_at DESC, u.adapter DESC", tuple(params))
+        keys = ("feedback_id", "adapter", "owner", "learned", "measure", "score", "answer", "checked_at")
+        return [dict(zip(keys, r)) for r in rows]
 
     # -- API keys ---------------------------------------------------------------------------
     def add_api_key(self, user_name: str, key_hash: str, prefix: str) -> str:
@@ -777,6 +807,7 @@ class Store:
         # Their own guidelines and suggestions go; ones an admin approved for everyone stay, with the user's
         # name removed: everyone's prompt must not change unannounced (an admin retires them if need be).
         self._tx([("DELETE FROM reviews WHERE feedback_id IN (SELECT id FROM feedback WHERE user_name = ?)", (user_name,)),
+                  ("DELETE FROM uptake WHERE feedback_id IN (SELECT id FROM feedback WHERE user_name = ?)", (user_name,)),
                   ("DELETE FROM feedback WHERE user_name = ?", (user_name,)),
                   ("DELETE FROM guidelines WHERE user_name = ? AND (scope = 'user' OR status = 'pending')", (user_name,)),
                   ("UPDATE guidelines SET user_name = NULL, session_id = NULL WHERE user_name = ?", (user_name,)),
@@ -797,6 +828,8 @@ class Store:
             stmts += [
                 ("DELETE FROM candidates WHERE message_id IN (SELECT id FROM messages WHERE conversation_id = ?)", (cid,)),
                 ("DELETE FROM reviews WHERE feedback_id IN (SELECT f.id FROM feedback f JOIN messages m ON m.id = f.message_id"
+                 " WHERE m.conversation_id = ?)", (cid,)),
+                ("DELETE FROM uptake WHERE feedback_id IN (SELECT f.id FROM feedback f JOIN messages m ON m.id = f.message_id"
                  " WHERE m.conversation_id = ?)", (cid,)),
                 ("DELETE FROM feedback WHERE message_id IN (SELECT id FROM messages WHERE conversation_id = ?)", (cid,)),
                 ("DELETE FROM messages WHERE conversation_id = ?", (cid,)),

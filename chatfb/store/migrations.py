@@ -181,3 +181,21 @@ def m007_conversation_titles():
     """A title the user gave a conversation (the chat's list of conversations shows it; without one,
     the conversation's first message)."""
     return ["ALTER TABLE conversations ADD COLUMN title VARCHAR"]
+
+
+@migration
+def m009_uptake():
+    """Uptake (chatfb.learning.uptake): after a cycle promotes an adapter, each trained feedback item's prompt
+    asked again of it, and whether the answer shows the item was learned."""
+    return [
+        """CREATE TABLE uptake (
+            feedback_id VARCHAR NOT NULL,             -- the correction or critique that trained
+            adapter VARCHAR NOT NULL,                 -- the promoted adapter that was asked
+            learned BOOLEAN NOT NULL,
+            measure VARCHAR NOT NULL,                 -- rougeL (a correction) | critique_pass (a critique)
+            score DOUBLE,                             -- ROUGE-L to the correction, or the critique selection's score
+            answer VARCHAR NOT NULL,                  -- what the adapter answered
+            checked_at TIMESTAMP NOT NULL,
+            PRIMARY KEY (feedback_id, adapter)
+        )""",
+    ]

@@ -184,6 +184,27 @@ def review_view(admin: AdminService) -> tuple[str, pd.DataFrame, list[tuple[str,
     return head, pd.DataFrame(rows, columns=REVIEW_COLUMNS), choices
 
 
+UPTAKE_COLUMNS = ["learned", "question", "adapter", "model", "author", "kind", "measure", "score", "answer", "id"]
+
+
+def uptake_view(admin: AdminService, name: str | None = None) -> tuple[str, pd.DataFrame, pd.DataFrame]:
+    """Uptake (AdminService.uptake): the share learnt in one line, per cluster of similar questions, per item."""
+    try:
+        report = admin.uptake(name)
+    except AdminError as e:
+        return f"⚠️ {e}", gr.update(), gr.update()
+    head = (f"Learned **{report['learned']} of {report['checked']}** items checked ({report['share']:.0%})."
+            if report["checked"] else "No uptake checked yet: a cycle checks what it trained on when it promotes an adapter.")
+    clusters = pd.DataFrame([{"share learned": c["share"], "learned": c["learned"], "items": c["items"],
+                              "questions like": c["topic"]} for c in report["clusters"]],
+                            columns=["share learned", "learned", "items", "questions like"])
+    items = pd.DataFrame([{"learned": "yes" if i["learned"] else "no", "question": i["question"], "adapter": i["adapter"],
+                           "model": i["model"], "author": i["author"], "kind": i["feedback_kind"], "measure": i["measure"],
+                           "score": i["score"], "answer": i["answer"], "id": i["feedback_id"]} for i in report["items"]],
+                         columns=UPTAKE_COLUMNS)
+    return head, clusters, items
+
+
 def policy_line(admin: AdminService) -> str:
     """Whose feedback the shared model learns from, in one line (chatfb.learning.trust.Policy.describe)."""
     from chatfb.learning.trust import Policy
@@ -283,7 +304,10 @@ def outcome_line(result: dict, who: str = "") -> str:
     adapter, reason = result.get("adapter"), result.get("reason") or ""
     head = f"{who}: " if who else ""
     if result.get("promoted"):
-        return f"{head}promoted {adapter}: {reason}"
+        counts = result.get("counts") or {}
+        learnt = (f"; learned {counts['uptake_learned']} of the {counts['uptake_checked']} trained items asked again"
+                  if counts.get("uptake_checked") else "")  # chatfb.learning.uptake
+        return f"{head}promoted {adapter}: {reason}{learnt}"
     if not adapter:
         return f"{head}nothing trained: {reason}"
     if not result.get("ok"):
@@ -413,6 +437,14 @@ def build(rt: Runtime) -> None:
                 with gr.Row():
                     approve_r = gr.Button("Approve selected", elem_id="admin-review-approve")
                     reject_r = gr.Button("Reject selected", elem_id="admin-review-reject")
+            with gr.Accordion("Uptake: what the models learnt of the feedback they trained on", open=False):
+                with gr.Row():
+                    uptake_name = gr.Textbox(label="Adapter (empty: the live ones)", scale=2, elem_id="admin-uptake-name")
+                    load_uptake = gr.Button("Load uptake", elem_id="admin-uptake-load")
+                uptake_head = gr.Markdown("", elem_id="admin-uptake-head")
+                uptake_clusters = gr.Dataframe(label="Per cluster of similar questions", interactive=False, wrap=True,
+                                               elem_id="admin-uptake-clusters")
+                uptake_items = gr.Dataframe(label="Per item", interactive=False, wrap=True, elem_id="admin-uptake-items")
             with gr.Accordion("Compare", open=True):
                 prompt = gr.Textbox(label="Prompt", elem_id="compare-prompt")
                 compare = gr.Button("Compare base / previous / current")
@@ -505,6 +537,8 @@ def build(rt: Runtime) -> None:
         unlocked.change(lambda ok: policy_line(admin) if ok else gr.update(), [unlocked], [trust_line],
                         api_visibility="private")
         load_review.click(review_views, [unlocked], review_outputs, api_visibility="private")
+        load_uptake.click(lambda ok, n: uptake_view(admin, n) if ok else ("⚠️ Unlock first.", gr.update(), gr.update()),
+                          [unlocked, uptake_name], [uptake_head, uptake_clusters, uptake_items], api_visibility="private")
         for button, decision in ((approve_r, "approved"), (reject_r, "rejected")):
             button.click(guarded(lambda ids, decision=decision: decide_review(admin, ids, decision)),
                          [unlocked, review_pick], [action_msg], api_name=f"review_{decision[:-1]}").then(

@@ -55,10 +55,12 @@ def render(messages: list[dict], feedback: dict | None = None,
             shown.append({"role": "user", "content": inert(m["content"])})
         else:
             fb = feedback.get(m["id"], {})
+            learned = f" · {fb['uptake']}" if fb.get("uptake") else ""  # chatfb.learning.uptake.footer
             if fb.get("correction"):
-                content = inert(fb["correction"]) + "\n\n*— corrected by you*"
+                content = inert(fb["correction"]) + f"\n\n*— corrected by you{learned}*"
             else:
-                content = reply_text(m["content"], m["status"], m.get("error"), m.get("adapter") or m.get("model"))
+                content = reply_text(m["content"], m["status"], m.get("error"), m.get("adapter") or m.get("model"),
+                                     learned)
             shown.append({"role": "assistant", "content": content})
         ids.append(m["id"])
         if revision and revision["message_id"] == m["id"] and m["role"] == "assistant":
@@ -90,13 +92,14 @@ def with_placeholder(messages: list[dict], feedback: dict | None = None,
     return shown + [{"role": "assistant", "content": "…"}], ids + [None]
 
 
-def reply_text(text: str, status: str, error: str | None, label: str | None) -> str:
+def reply_text(text: str, status: str, error: str | None, label: str | None, note: str = "") -> str:
+    """`note`: more for the footer line, after the model's label (whether the model learnt the feedback)."""
     body = inert(text)
     if status == "failed":
         body = (body + "\n\n" if body else "") + f"⚠️ {inert(error or 'The reply failed.')}"
     elif status == "stopped":
         body = (body + " " if body else "") + "*(stopped)*"
-    return f"{body}\n\n*— {inert(model_label(label) or '')}*" if label and status != "pending" else body
+    return f"{body}\n\n*— {inert(model_label(label) or '')}{note}*" if label and status != "pending" else body
 
 
 LABEL = re.compile(r"(?:\s*\*\(stopped\)\*)?\s*\n\n\*— [^\n]*\*\s*$")

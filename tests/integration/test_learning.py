@@ -63,6 +63,13 @@ def test_a_cycle_teaches_the_preference_and_hot_loads_it(app, vllm_url):
         assert a["status"] == "live" and a["parent"] is None, a
         assert a["metrics"]["candidate_rougeL"] > a["metrics"]["incumbent_rougeL"], a["metrics"]
         assert a["data_counts"]["train_correction"] > 20 and a["timings"]["train_s"] > 0, (a["data_counts"], a["timings"])
+        # uptake (chatfb.learning.uptake): the promoted adapter was asked the newest trained corrections again
+        checked, counts = s.uptake(adapter=name), a["data_counts"]
+        assert len(checked) == counts["uptake_checked"] == min(Settings().uptake_max_items, counts["train_correction"]), counts
+        assert counts["uptake_learned"] == sum(r["learned"] for r in checked) and all(r["answer"] for r in checked)
+        print(f"uptake of {name}: {counts['uptake_learned']}/{counts['uptake_checked']} trained corrections learned")
+        assert counts["uptake_learned"] >= counts["uptake_checked"] / 2, [(r["score"], r["answer"]) for r in checked]
+    assert "learned" in app.cli("adapters", "uptake", name).stdout
     # new chats are routed to the adapter
     from gradio_client import Client
 
