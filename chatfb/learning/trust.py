@@ -5,7 +5,8 @@ feedback row gets a scope:
 
     shared    vouched for: it may train the shared adapter (and be held out to gate it)
     personal  kept, exported as personal, never in the shared training set
-    none      never trains: its author is flagged, it came over the rate limit, or from no known session
+    none      never trains, not even its author's personal adapter: its author is flagged, an admin rejected
+              it, it came over the rate limit, or from no known session
 
 A row is vouched for when one of the switched-on rules (`Policy.rules`) holds:
     trusted    its author is in CHATFB_TRUSTED_USERS or the admin allowlist, or the operator imported it
@@ -232,11 +233,14 @@ def _blocked(r: FeedbackRecord, policy: Policy, flagged, over: set[str]) -> str 
 
 
 def teachable_by_author(records: list[FeedbackRecord], policy: Policy,
-                        flagged: set[str] | frozenset = frozenset()) -> dict[str, list[FeedbackRecord]]:
+                        flagged: set[str] | frozenset = frozenset(),
+                        reviews: dict[str, str] | None = None) -> dict[str, list[FeedbackRecord]]:
     """Author (`who`) -> their rows that may train at all (scope shared or personal under `decide`), without
     the embeddings `decide` needs: the learning cycle picks the users who get a personal adapter by it. Rows the
     operator imported count only when they name their user and the operator did not vouch for them
-    (`--trusted` rows teach the shared adapter, which everyone, that user too, is served)."""
+    (`--trusted` rows teach the shared adapter, which everyone, that user too, is served); rows an admin
+    rejected never count."""
+    reviews = reviews or {}
     people = _People()
     for r in records:
         people.join(r)
@@ -244,6 +248,8 @@ def teachable_by_author(records: list[FeedbackRecord], policy: Policy,
     out: dict[str, list[FeedbackRecord]] = {}
     for r in records:
         imported = r.session_id == IMPORT_SESSION
+        if reviews.get(r.feedback_id) == "rejected":
+            continue
         if _blocked(r, policy, flagged, over) is None and not (imported and (r.trusted or not r.user_name)):
             out.setdefault(who(r.user_name, r.session_id), []).append(r)
     return out
@@ -289,8 +295,8 @@ def decide(records: list[FeedbackRecord], policy: Policy, embed, reviews: dict[s
         def decision(scope, reason):
             return Decision(scope, reason, group, supporters)
 
-        if review == "rejected":
-            out[r.feedback_id] = decision("personal", "rejected by an admin")
+        if review == "rejected":  # nor its author's personal adapter: an admin judged what it teaches
+            out[r.feedback_id] = decision("none", "rejected by an admin")
         elif review == "approved" and "review" in policy.rules:
             out[r.feedback_id] = decision("shared", "approved by an admin")
         elif on_rejected[i]:
