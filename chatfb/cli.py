@@ -161,9 +161,9 @@ def snapshot_records(settings, with_scopes: bool = True):
     from chatfb.learning.training_data import shared_scopes
 
     with Store(path, read_only=True) as snap:
-        records, dismissed, reviews, flagged = (snap.feedback_records(), snap.rejected_candidates(), snap.reviews(),
-                                                snap.flagged_authors())
-    return records, dismissed, shared_scopes(records, settings, reviews, flagged) if with_scopes else None
+        records, dismissed, reviews, flagged, rejected = (snap.feedback_records(), snap.rejected_candidates(),
+                                                          snap.reviews(), snap.flagged_authors(), snap.rejected_content())
+    return records, dismissed, shared_scopes(records, settings, reviews, flagged, rejected) if with_scopes else None
 
 
 def cmd_export(settings, args) -> int:

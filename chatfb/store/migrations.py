@@ -181,3 +181,11 @@ def m007_conversation_titles():
     """A title the user gave a conversation (the chat's list of conversations shows it; without one,
     the conversation's first message)."""
     return ["ALTER TABLE conversations ADD COLUMN title VARCHAR"]
+
+
+@migration
+def m008_review_content():
+    """What an admin rejected, kept with the decision: the question the row answered and the text it taught. A
+    rejection is the admin's record, not the user's row: it outlives the row's conversation (deleted by its user,
+    by retention or with its user) and keeps closing its question and refusing the same text sent again."""
+    return ["ALTER TABLE reviews ADD COLUMN question VARCHAR", "ALTER TABLE reviews ADD COLUMN taught VARCHAR"]
