@@ -150,7 +150,8 @@ def cmd_import(settings, args) -> int:
 
 def snapshot_records(settings, with_scopes: bool = True):
     """(feedback records, dismissed revisions by message id, scope of each row under the trust policy or None
-    without `with_scopes`) read from a fresh, consistent snapshot (the app writes it when running)."""
+    without `with_scopes`, the admin's decisions as chatfb.learning.hub.dataset_files takes them) read from a
+    fresh, consistent snapshot (the app writes it when running)."""
     from chatfb.store.db import Store
 
     backend = open_admin(settings)
@@ -163,23 +164,25 @@ def snapshot_records(settings, with_scopes: bool = True):
     with Store(path, read_only=True) as snap:
         records, dismissed, reviews, flagged, rejected = (snap.feedback_records(), snap.rejected_candidates(),
                                                           snap.reviews(), snap.flagged_authors(), snap.rejected_content())
-    return records, dismissed, shared_scopes(records, settings, reviews, flagged, rejected) if with_scopes else None
+    scopes = shared_scopes(records, settings, reviews, flagged, rejected) if with_scopes else None
+    return records, dismissed, scopes, {"reviews": reviews, "flagged": flagged, "rejected": rejected}
 
 
 def cmd_export(settings, args) -> int:
     from chatfb.learning.exports import export
-    from chatfb.learning.hub import dataset_files
+    from chatfb.learning.hub import dataset_files, name_salt
 
     if (args.format is None) != (args.out is None) or not (args.format or args.push_to_hub):
         raise CommandError("export needs --format and --out, or --push-to-hub REPO (or all three)")
     # the scopes need the embedding model: only the files written here carry them (a Hub dataset says "personal")
-    records, dismissed, scopes = snapshot_records(settings, with_scopes=bool(args.format))
+    records, dismissed, scopes, decided = snapshot_records(settings, with_scopes=bool(args.format))
     if args.format:
         path, n = export(records, args.format, args.out, args.file_format, dismissed, scopes)
         print(f"wrote {n} {args.format} rows to {path}")
     if args.push_to_hub:
         push_built(settings, args.push_to_hub, "dataset", args.private,
-                   lambda d: dataset_files(records, d, dismissed, license=args.license, max_chars=settings.max_feedback_chars))
+                   lambda d: dataset_files(records, d, dismissed, license=args.license, max_chars=settings.max_feedback_chars,
+                                           salt=name_salt(settings.layout.hub_name_secret), **decided))
     return 0
 
 

@@ -249,6 +249,16 @@ def _blocked(r: FeedbackRecord, policy: Policy, flagged, over: set[str]) -> str 
     return None
 
 
+def publishable(records: list[FeedbackRecord], reviews: dict[str, str], flagged: set[str] | frozenset,
+                rejected: list[tuple[str, str]] = ()) -> list[FeedbackRecord]:
+    """The rows a published dataset may carry: none by a flagged author, none an admin rejected, none the same as a
+    rejected row (`rejected`: Store.rejected_content). Needs no embeddings."""
+    rejected_keys = {(_same(q), _same(t)) for q, t in rejected}
+    return [r for r in records if not {r.user_name, r.session_id, who(r.user_name, r.session_id)} & set(flagged)
+            and reviews.get(r.feedback_id) != "rejected"
+            and (reviews.get(r.feedback_id) == "approved" or not _rejected_again(r, rejected_keys))]
+
+
 def teachable_by_author(records: list[FeedbackRecord], policy: Policy,
                         flagged: set[str] | frozenset = frozenset(),
                         reviews: dict[str, str] | None = None,
