@@ -184,15 +184,24 @@ class ChatService:
 
     # -- sending ----------------------------------------------------------------------------
     def send(self, session_id: str, conversation_id: str | None, text: str, system_prompt: str = "",
-             user: str | None = None) -> tuple[str, Iterator[ReplyUpdate]]:
-        """Log the user's message and return (conversation_id, stream of reply updates).
-        Raises ChatInputError before anything is stored or sent."""
-        text = self._check_text(text, "message", self.settings.max_message_chars)
+             user: str | None = None, history: list[tuple[str, str]] | None = None) -> tuple[str, Iterator[ReplyUpdate]]:
+        """Log the user's message and return (conversation_id, stream of reply updates). `history`: (role, text)
+        turns a new conversation starts with (an API client's own history, chatfb.app.api_chat).
+        Raises ChatInputError (RateLimited too) before anything is stored or sent."""
+        limit = self.settings.max_message_chars
+        text = self._check_text(text, "message", limit)
         system_prompt = utf8_text(system_prompt)
-        if len(system_prompt) > self.settings.max_message_chars:
-            raise ChatInputError(f"The system prompt is longer than {self.settings.max_message_chars} characters.")
+        if len(system_prompt) > limit:
+            raise ChatInputError(f"The system prompt is longer than {limit} characters.")
+        if history and any(len(t) > limit for _, t in history):
+            raise ChatInputError(f"A message in the history is longer than {limit} characters.")
         self.limiter.check(session_id)
-        cid = self._own_conversation(session_id, conversation_id, system_prompt or "", user)
+        if history and not conversation_id:
+            cid = self.store.create_conversation(session_id, user, system_prompt or "")
+            for role, earlier in history:
+                self.store.add_message(cid, role, earlier)
+        else:
+            cid = self._own_conversation(session_id, conversation_id, system_prompt or "", user)
         return cid, self._reply(cid, session_id, user, user_text=text)
 
     def regenerate(self, session_id: str, conversation_id: str | None, system_prompt: str = "",
