@@ -254,15 +254,16 @@ def test_a_personal_adapter_answers_its_owner_only_and_leaves_with_them(app, vll
     mine = tmp_path / "ann.jsonl"
     mine.write_text("".join(json.dumps(r) + "\n" for r in rows))
     app.cli("import-feedback", str(mine))
-    env = dict(app.env, CHATFB_SHARED_RULES="review", CHATFB_PERSONAL_MAX_PER_CYCLE="1", CHATFB_TRAIN_MAX_STEPS="12",
-               CHATFB_REPLAY_EXAMPLES="4", CHATFB_EVAL_MAX_EXAMPLES="8")
+    env = dict(app.env, CHATFB_SHARED_RULES="review", CHATFB_PERSONAL_MAX_PER_CYCLE="1", CHATFB_TRAIN_MAX_STEPS="14",
+               # replay keeps the control answers: with 4 replay examples the gate refused the candidate
+               CHATFB_REPLAY_EXAMPLES="12", CHATFB_EVAL_MAX_EXAMPLES="8")
     out = subprocess.run([sys.executable, "-m", "chatfb", "nightly"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=1500)
     # the shared job had nothing vouched for to train, the personal one ran: the cycle succeeded
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(out.stdout[out.stdout.index("{"):])
     (personal,) = [p for p in result["personal"] if p["adapter"] and "-u" in p["adapter"]]
-    assert personal["promoted"], personal
+    assert personal["promoted"], (personal["reason"], personal["metrics"])
     name = personal["adapter"]
     assert re.fullmatch(r"chatfb-u[0-9a-f]{10}-v\d{4}", name)
     client = ModelClient(vllm_url)
