@@ -116,10 +116,28 @@ def _same(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def _rejected_keys(rejected: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    return {(_same(q), _same(t)) for q, t in rejected}
+
+
 def _rejected_again(r: FeedbackRecord, rejected_keys: set[tuple[str, str]]) -> bool:
     """The same text on the same question as a row an admin rejected (whitespace and case aside)."""
     q, t = review_content(r)
     return (_same(q), _same(t)) in rejected_keys
+
+
+def _rejected(r: FeedbackRecord, reviews: dict[str, str], rejected_keys: set[tuple[str, str]]) -> str | None:
+    """Why an admin's rejection keeps `r` from training anything (scope "none"), or None."""
+    review = reviews.get(r.feedback_id)
+    if review == "rejected":
+        return "rejected by an admin"
+    if review != "approved" and _rejected_again(r, rejected_keys):
+        return "the same as a row an admin rejected"
+    return None
+
+
+def _flagged(r: FeedbackRecord, flagged) -> bool:
+    return bool({r.user_name, r.session_id, who(r.user_name, r.session_id)} & set(flagged))
 
 
 # Terms that make a fact: numbers, e-mail addresses, web addresses and capitalised words not opening a
@@ -240,7 +258,7 @@ def _similar_pairs(q, t, rows: list[int], prompt_cosine: float, answer_cosine: f
 
 def _blocked(r: FeedbackRecord, policy: Policy, flagged, over: set[str]) -> str | None:
     """Why a row never trains (scope "none"), or None."""
-    if {r.user_name, r.session_id, who(r.user_name, r.session_id)} & set(flagged):
+    if _flagged(r, flagged):
         return "its author is flagged by the admin"
     if not (r.user_name or r.session_id):
         return "from no known session"
@@ -253,10 +271,8 @@ def publishable(records: list[FeedbackRecord], reviews: dict[str, str], flagged:
                 rejected: list[tuple[str, str]] = ()) -> list[FeedbackRecord]:
     """The rows a published dataset may carry: none by a flagged author, none an admin rejected, none the same as a
     rejected row (`rejected`: Store.rejected_content). Needs no embeddings."""
-    rejected_keys = {(_same(q), _same(t)) for q, t in rejected}
-    return [r for r in records if not {r.user_name, r.session_id, who(r.user_name, r.session_id)} & set(flagged)
-            and reviews.get(r.feedback_id) != "rejected"
-            and (reviews.get(r.feedback_id) == "approved" or not _rejected_again(r, rejected_keys))]
+    rejected_keys = _rejected_keys(rejected)
+    return [r for r in records if not _flagged(r, flagged) and _rejected(r, reviews, rejected_keys) is None]
 
 
 def teachable_by_author(records: list[FeedbackRecord], policy: Policy,
@@ -268,8 +284,7 @@ def teachable_by_author(records: list[FeedbackRecord], policy: Policy,
     operator imported count only when they name their user and the operator did not vouch for them
     (`--trusted` rows teach the shared adapter, which everyone, that user too, is served); rows an admin
     rejected, or the same as one (`rejected`: Store.rejected_content), never count."""
-    reviews = reviews or {}
-    rejected_keys = {(_same(q), _same(t)) for q, t in rejected}
+    reviews, rejected_keys = reviews or {}, _rejected_keys(rejected)
     people = _People()
     for r in records:
         people.join(r)
@@ -277,8 +292,7 @@ def teachable_by_author(records: list[FeedbackRecord], policy: Policy,
     out: dict[str, list[FeedbackRecord]] = {}
     for r in records:
         imported = r.session_id == IMPORT_SESSION
-        if reviews.get(r.feedback_id) == "rejected" or (reviews.get(r.feedback_id) != "approved"
-                                                        and _rejected_again(r, rejected_keys)):
+        if _rejected(r, reviews, rejected_keys):
             continue
         if _blocked(r, policy, flagged, over) is None and not (imported and (r.trusted or not r.user_name)):
             out.setdefault(who(r.user_name, r.session_id), []).append(r)
@@ -293,8 +307,7 @@ def decide(records: list[FeedbackRecord], policy: Policy, embed, reviews: dict[s
     apply when the rejected row is gone too."""
     import numpy as np
 
-    reviews = reviews or {}
-    rejected_keys = {(_same(q), _same(t)) for q, t in rejected}
+    reviews, rejected_keys = reviews or {}, _rejected_keys(rejected)
     people = _People()
     for r in records:
         people.join(r)
@@ -333,10 +346,9 @@ def decide(records: list[FeedbackRecord], policy: Policy, embed, reviews: dict[s
         def decision(scope, reason):
             return Decision(scope, reason, group, supporters)
 
-        if review == "rejected":  # nor its author's personal adapter: an admin judged what it teaches
-            out[r.feedback_id] = decision("none", "rejected by an admin")
-        elif review != "approved" and _rejected_again(r, rejected_keys):
-            out[r.feedback_id] = decision("none", "the same as a row an admin rejected")
+        refused = _rejected(r, reviews, rejected_keys)
+        if refused:  # nor its author's personal adapter: an admin judged what it teaches
+            out[r.feedback_id] = decision("none", refused)
         elif review == "approved" and "review" in policy.rules:
             out[r.feedback_id] = decision("shared", "approved by an admin")
         elif on_rejected[i]:
