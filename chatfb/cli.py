@@ -152,7 +152,8 @@ def cmd_import(settings, args) -> int:
 
 def snapshot_records(settings, with_scopes: bool = True):
     """(feedback records, dismissed revisions by message id, scope of each row under the trust policy or None
-    without `with_scopes`, uptake rows) read from a fresh, consistent snapshot (the app writes it when running)."""
+    without `with_scopes`, the admin's decisions as chatfb.learning.hub.dataset_files takes them, uptake rows)
+    read from a fresh, consistent snapshot (the app writes it when running)."""
     from chatfb.store.db import Store
 
     backend = open_admin(settings)
@@ -163,26 +164,28 @@ def snapshot_records(settings, with_scopes: bool = True):
     from chatfb.learning.training_data import shared_scopes
 
     with Store(path, read_only=True) as snap:
-        records, dismissed, reviews, flagged = (snap.feedback_records(), snap.rejected_candidates(), snap.reviews(),
-                                                snap.flagged_authors())
+        records, dismissed, reviews, flagged, rejected = (snap.feedback_records(), snap.rejected_candidates(),
+                                                          snap.reviews(), snap.flagged_authors(), snap.rejected_content())
         checks = snap.uptake()
-    return records, dismissed, shared_scopes(records, settings, reviews, flagged) if with_scopes else None, checks
+    scopes = shared_scopes(records, settings, reviews, flagged, rejected) if with_scopes else None
+    return records, dismissed, scopes, {"reviews": reviews, "flagged": flagged, "rejected": rejected}, checks
 
 
 def cmd_export(settings, args) -> int:
     from chatfb.learning.exports import export
-    from chatfb.learning.hub import dataset_files
+    from chatfb.learning.hub import dataset_files, name_salt
 
     if (args.format is None) != (args.out is None) or not (args.format or args.push_to_hub):
         raise CommandError("export needs --format and --out, or --push-to-hub REPO (or all three)")
     # the scopes need the embedding model: only the files written here carry them (a Hub dataset says "personal")
-    records, dismissed, scopes, checks = snapshot_records(settings, with_scopes=bool(args.format))
+    records, dismissed, scopes, decided, checks = snapshot_records(settings, with_scopes=bool(args.format))
     if args.format:
         path, n = export(records, args.format, args.out, args.file_format, dismissed, scopes, uptake_rows=checks)
         print(f"wrote {n} {args.format} rows to {path}")
     if args.push_to_hub:
         push_built(settings, args.push_to_hub, "dataset", args.private,
-                   lambda d: dataset_files(records, d, dismissed, license=args.license, max_chars=settings.max_feedback_chars))
+                   lambda d: dataset_files(records, d, dismissed, license=args.license, max_chars=settings.max_feedback_chars,
+                                           salt=name_salt(settings.layout.hub_name_secret), **decided))
     return 0
 
 
@@ -228,7 +231,13 @@ def cmd_nightly(settings, args) -> int:
     finally:
         backend.close()
     print(json.dumps(result, indent=2, default=str))
-    return 0 if result["ok"] else 1
+    return 0 if any_job_ok(result) else 1
+
+
+def any_job_ok(result: dict) -> bool:
+    """Did any job of the cycle run to a gate decision: the shared one or a personal one? A cycle whose shared job
+    had nothing vouched for to train while personal adapters trained succeeded; its JSON says what each did."""
+    return bool(result["ok"] or any(p.get("ok") for p in result.get("personal") or []))
 
 
 def cycle_in_app(backend, settings, promote: bool) -> dict:

@@ -153,8 +153,9 @@ class Settings:
         32, "How many of the base model's own answers to general questions train beside the feedback (replay, "
         "so the adapter keeps what feedback does not touch); 0 = none, at most 32.")
     gate_max_control_lost: int = _f(
-        0, "Known-answer control questions the base model answers right that a candidate adapter may answer wrong "
-        "and still be promoted (chatfb.learning.gate). 0: any right answer turned wrong fails the gate.")
+        0, "Known-answer control questions the incumbent (the adapter a candidate would replace, or the base model) "
+        "answers right that the candidate may answer wrong and still be promoted (chatfb.learning.gate). 0: any right "
+        "answer turned wrong fails the gate.")
     train_dpo: bool = _f(
         False, "After SFT, also run DPO on preference pairs (correction = chosen, original reply = rejected). Off by "
         "default: in the learning-efficacy benchmark it taught less on average at no better retention, for more time "

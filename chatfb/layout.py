@@ -3,6 +3,7 @@
     chatfb.duckdb            the store (one writer: the app, or the CLI when no app runs)
     run/control.json         the running app's control API address and token (chatfb.app.control)
     run/browser-state.secret key for the browser's stored session key (chatfb.ui.chat_tab)
+    run/hub-names.secret     key for the hashed author names in published datasets (chatfb.learning.hub)
     snapshots/latest.duckdb  the copy CLI readers (export) get while the app owns the store
     adapters/<name>/         trained LoRA adapters (<name>.partial while training)
     work/<name>/             one learning cycle's job: settings, snapshot, training files, result
@@ -34,6 +35,10 @@ class DataLayout:
     @property
     def browser_secret(self) -> Path:
         return self.root / "run" / "browser-state.secret"
+
+    @property
+    def hub_name_secret(self) -> Path:
+        return self.root / "run" / "hub-names.secret"
 
     @property
     def latest_snapshot(self) -> Path:

@@ -70,7 +70,8 @@ class AdminService:
         from chatfb.learning.training_data import shared_scopes
 
         records, dismissed = self.store.feedback_records(), self.store.rejected_candidates()
-        scopes = shared_scopes(records, self.settings, self.store.reviews(), self.store.flagged_authors())
+        scopes = shared_scopes(records, self.settings, self.store.reviews(), self.store.flagged_authors(),
+                               self.store.rejected_content())
         for fmt in EXPORT_FORMATS:
             export(records, fmt, out, dismissed=dismissed, scopes=scopes, uptake_rows=self.store.uptake())
         return out
@@ -101,18 +102,24 @@ class AdminService:
         from chatfb.learning.training_data import review_queue
 
         settings = settings_from_json(settings_json) if settings_json else self.settings
-        return review_queue(self.store.feedback_records(), settings, self.store.reviews(), self.store.flagged_authors())
+        return review_queue(self.store.feedback_records(), settings, self.store.reviews(), self.store.flagged_authors(),
+                            self.store.rejected_content())
 
     def review(self, feedback_ids: list[str], decision: str) -> int:
         """Approve (it may train the shared adapter) or reject (it never does, nor anything on its question)
         feedback rows; a row that no longer exists is an error and nothing is decided."""
         from chatfb.store.records import StoreError
 
+        from chatfb.learning.trust import review_content
+
         ids = [i.strip() for i in feedback_ids if i.strip()]
         if not ids:
             raise AdminError("name the feedback ids to decide on (see: python -m chatfb review list)")
+        # kept with the decision: a rejection outlives its row (its conversation deleted, its text sent again)
+        wanted = set(ids)
+        content = {r.feedback_id: review_content(r) for r in self.store.feedback_records() if r.feedback_id in wanted}
         try:
-            self.store.set_review(ids, decision)
+            self.store.set_review(ids, decision, content)
         except StoreError as e:
             raise AdminError(f"{e} (see: python -m chatfb review list)") from None
         return len(set(ids))

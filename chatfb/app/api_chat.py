@@ -56,10 +56,13 @@ def start_turn(chat: ChatService, user_name: str, messages, conversation_id: str
     session = api_session(user_name)
     if conversation_id is not None and not isinstance(conversation_id, str):
         raise ChatInputError("`conversation_id` is a string (from an earlier reply's `chatfb` field).")
+    history = None
     if not conversation_id and len(dialogue) > 1:
-        conversation_id = _continued(chat, session, dialogue[:-1]) or _imported(chat, session, user_name, system,
-                                                                               dialogue[:-1])
-    return chat.send(session, conversation_id or None, dialogue[-1][1], system, user_name)
+        conversation_id = _continued(chat, session, dialogue[:-1])
+        # else a new conversation starts with the client's history (replies it got elsewhere, or edited), written
+        # by send only once the turn passed its checks and the rate limit: a refused request writes nothing
+        history = None if conversation_id else dialogue[:-1]
+    return chat.send(session, conversation_id or None, dialogue[-1][1], system, user_name, history=history)
 
 
 def _continued(chat: ChatService, session: str, earlier: list[tuple[str, str]]) -> str | None:
@@ -73,13 +76,3 @@ def _continued(chat: ChatService, session: str, earlier: list[tuple[str, str]]) 
             return cid
     return None
 
-
-def _imported(chat: ChatService, session: str, user_name: str, system: str, earlier: list[tuple[str, str]]) -> str:
-    """A new conversation that starts with the client's history (replies it got elsewhere, or edited)."""
-    limit = chat.settings.max_message_chars
-    if any(len(text) > limit for _, text in earlier):
-        raise ChatInputError(f"A message in the history is longer than {limit} characters.")
-    cid = chat.store.create_conversation(session, user_name, system)
-    for role, text in earlier:
-        chat.store.add_message(cid, role, text)
-    return cid

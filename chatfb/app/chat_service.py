@@ -7,6 +7,7 @@ session does not own. The Gradio UI and the serving benchmark both drive this cl
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 import time
@@ -87,6 +88,14 @@ class RateLimiter:
             q.append(now)
 
 
+def client_key(address: str | None, secret: str) -> str | None:
+    """A keyed hash of a client's address, recorded per conversation (the store never holds the address): sessions
+    from one address count once towards the trust policy's agreement rule (chatfb.learning.trust)."""
+    if not address:
+        return None
+    return hmac.new(secret.encode(), f"client-address:{address}".encode(), "sha256").hexdigest()[:16]
+
+
 class ChatService:
     def __init__(self, settings: Settings, store: Store, client: ModelClient, router: AdapterRouter, judge=None,
                  model_unavailable: Callable[[], str | None] | None = None):
@@ -103,7 +112,7 @@ class ChatService:
 
     # -- conversations ----------------------------------------------------------------------
     def _own_conversation(self, session_id: str, conversation_id: str | None, system_prompt: str,
-                          user: str | None) -> str:
+                          user: str | None, client: str | None = None) -> str:
         if conversation_id:
             conv = self.store.conversation(conversation_id)
             if conv is None or conv["session_id"] != session_id:
@@ -111,7 +120,7 @@ class ChatService:
             if conv["system_prompt"] != system_prompt:
                 self.store.set_system_prompt(conversation_id, system_prompt)
             return conversation_id
-        return self.store.create_conversation(session_id, user, system_prompt)
+        return self.store.create_conversation(session_id, user, system_prompt, client=client)
 
     def history(self, session_id: str, conversation_id: str | None) -> list[dict]:
         """The conversation's visible messages (replaced replies hidden), only for its own session."""
@@ -194,15 +203,26 @@ class ChatService:
 
     # -- sending ----------------------------------------------------------------------------
     def send(self, session_id: str, conversation_id: str | None, text: str, system_prompt: str = "",
-             user: str | None = None) -> tuple[str, Iterator[ReplyUpdate]]:
-        """Log the user's message and return (conversation_id, stream of reply updates).
-        Raises ChatInputError before anything is stored or sent."""
-        text = self._check_text(text, "message", self.settings.max_message_chars)
+             user: str | None = None, history: list[tuple[str, str]] | None = None,
+             client: str | None = None) -> tuple[str, Iterator[ReplyUpdate]]:
+        """Log the user's message and return (conversation_id, stream of reply updates). `history`: (role, text)
+        turns a new conversation starts with (an API client's own history, chatfb.app.api_chat); `client`: the
+        `client_key` of the sender's address, recorded when this starts a conversation.
+        Raises ChatInputError (RateLimited too) before anything is stored or sent."""
+        limit = self.settings.max_message_chars
+        text = self._check_text(text, "message", limit)
         system_prompt = utf8_text(system_prompt)
-        if len(system_prompt) > self.settings.max_message_chars:
-            raise ChatInputError(f"The system prompt is longer than {self.settings.max_message_chars} characters.")
+        if len(system_prompt) > limit:
+            raise ChatInputError(f"The system prompt is longer than {limit} characters.")
+        if history and any(len(t) > limit for _, t in history):
+            raise ChatInputError(f"A message in the history is longer than {limit} characters.")
         self.limiter.check(session_id)
-        cid = self._own_conversation(session_id, conversation_id, system_prompt or "", user)
+        if history and not conversation_id:
+            cid = self.store.create_conversation(session_id, user, system_prompt or "", client=client)
+            for role, earlier in history:
+                self.store.add_message(cid, role, earlier)
+        else:
+            cid = self._own_conversation(session_id, conversation_id, system_prompt or "", user, client)
         return cid, self._reply(cid, session_id, user, user_text=text)
 
     def regenerate(self, session_id: str, conversation_id: str | None, system_prompt: str = "",

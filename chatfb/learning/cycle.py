@@ -127,7 +127,7 @@ def personal_owners(store: Store, settings: Settings) -> list[str]:
     if settings.personal_min_feedback <= 0 or settings.personal_max_per_cycle <= 0:
         return []
     rows = trust.teachable_by_author(store.feedback_records(), trust.Policy.from_settings(settings),
-                                     store.flagged_authors())
+                                     store.flagged_authors(), store.reviews(), store.rejected_content())
     newest: dict[str, object] = {}
     for a in store.personal_adapters():
         newest[a["owner"]] = max(newest.get(a["owner"], a["created_at"]), a["created_at"])

@@ -25,6 +25,7 @@ TRL's trainers ignore these fields.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from datetime import datetime
 from pathlib import Path
@@ -129,13 +130,14 @@ def parse_jsonl(path: Path, max_chars: int = 8000) -> list[dict]:
     return records
 
 
-def _provenance(r: FeedbackRecord, scopes: dict[str, str] | None, hide_names: bool, kind: str | None = None) -> dict:
+def _provenance(r: FeedbackRecord, scopes: dict[str, str] | None, name_salt: bytes | None,
+                kind: str | None = None) -> dict:
     """Where a row came from, in plain string fields that TRL's trainers ignore: for a correction, written by
     the user ("correction") or a revision they accepted ("revision", with the critique's id); for every
     row who gave it, its kind and the scope it may teach."""
     author = who(r.user_name, r.session_id)
-    if hide_names and r.user_name:  # a published dataset names nobody
-        author = "user-" + hashlib.sha256(r.user_name.encode()).hexdigest()[:12]
+    if name_salt is not None:  # a published dataset names nobody: a keyed hash, so a guessed name cannot be checked
+        author = ("user-" if r.user_name else "anon-") + hmac.new(name_salt, author.encode(), "sha256").hexdigest()[:12]
     return provenance(r.feedback_id, author, kind or provenance_kind(r), (scopes or {}).get(r.feedback_id, "personal"))
 
 
@@ -144,13 +146,14 @@ def _correction(r: FeedbackRecord) -> dict:
 
 
 def export_rows(records: list[FeedbackRecord], fmt: str, dismissed: dict[str, list[str]] | None = None,
-                scopes: dict[str, str] | None = None, hide_names: bool = False,
+                scopes: dict[str, str] | None = None, name_salt: bytes | None = None,
                 uptake_rows: list[dict] | None = None) -> list[dict]:
     """Rows of one TRL format. `dismissed` (message id -> revisions the user dismissed) adds DPO
     pairs: the corrected reply is chosen over each dismissed revision of the same reply. `scopes` (feedback
     id -> shared | personal | none, chatfb.learning.trust): each row's scope; "none" rows are left out;
-    without it every row is personal. `hide_names`: authors as hashes (for publishing). `uptake_rows`
-    (Store.uptake): each row says whether a promoted adapter learnt its feedback (chatfb.learning.uptake)."""
+    without it every row is personal. `name_salt`: authors as hashes keyed with this secret (for publishing:
+    a bare hash of a user name is found by hashing guessed names). `uptake_rows` (Store.uptake): each row
+    says whether a promoted adapter learnt its feedback (chatfb.learning.uptake)."""
     from chatfb.learning import uptake
 
     if scopes is not None:
@@ -158,7 +161,7 @@ def export_rows(records: list[FeedbackRecord], fmt: str, dismissed: dict[str, li
     checks = uptake.by_feedback(uptake_rows or [])
 
     def extra(r, kind=None):
-        return {**_provenance(r, scopes, hide_names, kind), **uptake.export_fields(checks.get(r.feedback_id, []))}
+        return {**_provenance(r, scopes, name_salt, kind), **uptake.export_fields(checks.get(r.feedback_id, []))}
 
     if fmt == "sft":
         return [sft_row(r.prompt, r.text, **_correction(r), **extra(r)) for r in records if r.kind == "correction"]

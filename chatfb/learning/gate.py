@@ -9,14 +9,17 @@
 - Approved guidelines: how often the candidate's reply, with no guideline in the prompt, passes the same
   selection for the guideline (`guideline_follow`, reported, not gating).
 - Control prompts: a fixed set of general questions; agreement = mean sentence-embedding cosine
-  between the candidate's answer and the base model's answer (ROUGE-L is reported too). It must
+  between the candidate's answer and the incumbent's answer (ROUGE-L is reported too). It must
   stay above `min_control_agreement`, and no control answer may have *collapsed*: a cosine under
   `collapse_cosine` means the answer is about something else entirely (nonsense, or a taught reply
   given to an unrelated question), which a mean over many answers can hide.
 
 - Known answers: each control prompt has a known right answer (CONTROL_ANSWERS: facts, arithmetic). A
-  question the base model answers right and the candidate answers wrong fails the gate, whatever the
-  cosine (a wrong number is on topic). The held-out critique pass rate is the critique recipe's own
+  question the incumbent (what the candidate would replace: the live shared adapter, a user's live personal
+  adapter, or the base model) answers right and the candidate answers wrong fails the gate, whatever the
+  cosine (a wrong number is on topic). Judged against the incumbent, not the base model: a personal adapter
+  trained on from the shared one is answerable only for what it turned wrong itself, not for answers the
+  shared adapter (gated in its own cycle) already gave differently from the base model. The held-out critique pass rate is the critique recipe's own
   selection; it never promotes a candidate without this independent check.
 
 `evaluate` takes these measurements on a running model server and returns a `GateReport`; its `decide`
@@ -66,15 +69,20 @@ def is_right(answer: str, accepted: tuple[str, ...], need: int = 1) -> bool:
     return sum(a in words for a in accepted) >= need
 
 
-def known_answer_report(replies: list[str], base_replies: list[str]) -> dict:
-    """Right control answers of the candidate and of the base model, and the questions the base model
-    answered right and the candidate now answers wrong. Checked against known answers, never against
-    anything the critique recipe made."""
-    right = [is_right(r, accepted, need) for r, (_, accepted, need) in zip(replies, CONTROL_ANSWERS)]
-    base = [is_right(r, accepted, need) for r, (_, accepted, need) in zip(base_replies, CONTROL_ANSWERS)]
+def known_answer_report(replies: list[str], base_replies: list[str],
+                        incumbent_replies: list[str] | None = None) -> dict:
+    """Right control answers of the candidate, of the base model and of the incumbent, and the questions the
+    incumbent answered right and the candidate now answers wrong (`incumbent_replies` None: the incumbent is the
+    base model). Checked against known answers, never against anything the critique recipe made."""
+    def rights(answers):
+        return [is_right(r, accepted, need) for r, (_, accepted, need) in zip(answers, CONTROL_ANSWERS)]
+
+    right, base = rights(replies), rights(base_replies)
+    incumbent = base if incumbent_replies is None else rights(incumbent_replies)
     share = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
     return {"control_right": share(right), "control_right_base": share(base),
-            "control_lost": [q for q, r, b in zip(CONTROL_PROMPTS, right, base) if b and not r]}
+            "control_right_incumbent": share(incumbent),
+            "control_lost": [q for q, r, i in zip(CONTROL_PROMPTS, right, incumbent) if i and not r]}
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,7 @@ class GatePolicy:
     # whose mean stayed at 0.75 had two of eight such answers.
     max_control_collapsed: int = 0
     collapse_cosine: float = 0.2
-    # Control questions the base model answers right that the candidate may answer wrong: none. A known
+    # Control questions the incumbent answers right that the candidate may answer wrong: none. A known
     # answer turned wrong is forgetting whatever the cosine says (a wrong number is on topic).
     max_control_lost: int = 0
 
@@ -129,7 +137,7 @@ def control_messages(system_prompt: str) -> list[list[dict]]:
 
 
 def control_report(replies: list[str], base_replies: list[str], policy: GatePolicy | None = None) -> dict:
-    """Agreement (mean sentence-embedding cosine of each answer to the base model's answer), the
+    """Agreement (mean sentence-embedding cosine of each answer to the reference answer: the incumbent's), the
     cosine of each answer, and how many answers collapsed. Embeddings, not ROUGE: a candidate that
     answers the same thing more briefly has not forgotten it."""
     policy = policy or GatePolicy()
@@ -181,7 +189,7 @@ def decide(candidate: dict, incumbent: dict, policy: GatePolicy) -> tuple[bool, 
         return False, "no held-out feedback to judge the candidate on"
     lost = candidate.get("control_lost") or []
     if len(lost) > policy.max_control_lost:
-        return False, (f"control answers turned wrong: {len(lost)} known answer(s) the base model gets right "
+        return False, (f"control answers turned wrong: {len(lost)} known answer(s) the incumbent gets right "
                        f"are wrong now ({'; '.join(lost[:3])})")
     if [k for k, _ in measured] == ["critique_pass"] and "control_right" in candidate and candidate["control_right"] is None:
         # the pass rate is the critique recipe's own selection: never the only evidence
@@ -189,7 +197,7 @@ def decide(candidate: dict, incumbent: dict, policy: GatePolicy) -> tuple[bool, 
     collapsed = candidate.get("control_collapsed", 0)
     if collapsed > policy.max_control_collapsed:
         return False, (f"control answers drifted: {collapsed} answer(s) to general questions lost their meaning "
-                       f"(cosine < {policy.collapse_cosine:.2f} to the base answer; at most "
+                       f"(cosine < {policy.collapse_cosine:.2f} to the incumbent's answer; at most "
                        f"{policy.max_control_collapsed} allowed)")
     if candidate["control_agreement"] < policy.min_control_agreement:
         return False, (f"control answers drifted: agreement {candidate['control_agreement']:.2f} "
@@ -222,13 +230,14 @@ class GateReport:
     guideline_follow: dict = field(default_factory=dict)  # guideline id -> share followed without it in the prompt
     guideline_follow_incumbent: dict = field(default_factory=dict)
     guideline_follow_on: dict = field(default_factory=dict)  # guideline id -> which prompts it was checked on
-    control_agreement: float | None = None  # mean cosine of control answers to the base model's
+    control_agreement: float | None = None  # mean cosine of control answers to the incumbent's
     control_cosines: list = field(default_factory=list)
     control_collapsed: int = 0
     control_rougeL: float | None = None
     control_right: float | None = None  # share of control questions answered right (known answers)
     control_right_base: float | None = None
-    control_lost: list = field(default_factory=list)  # control questions the base answers right, the candidate wrong
+    control_right_incumbent: float | None = None  # the same for the incumbent (the base model's when it is the base)
+    control_lost: list = field(default_factory=list)  # control questions the incumbent answers right, the candidate wrong
     control_samples: list = field(default_factory=list)  # the answers furthest from the base model's
     decision: str = ""  # the gate's reason, promoted or not
 
@@ -258,6 +267,7 @@ class GateReport:
                 ("guidelines followed without the prompt", self.guideline_follow),
                 ("control agreement", self.control_agreement), ("control answers collapsed", self.control_collapsed),
                 ("control answers right", self.control_right), ("control answers right, base", self.control_right_base),
+                ("control answers right, incumbent", self.control_right_incumbent),
                 ("control answers turned wrong", len(self.control_lost)),
                 ("decision", self.decision)]
 
@@ -305,16 +315,22 @@ def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incu
     cand, inc = measured[candidate], measured[incumbent or base_name]
     base_control = generate(client, base_name, control)
     cand_control = generate(client, candidate, control)
-    report = control_report(cand_control, base_control)
+    # Judged against the incumbent's answers: a candidate answers for what it changes, not for what the adapter
+    # it replaces (and, for a personal one, trains on from) already answered differently, gated in its own cycle.
+    # No chain of drift follows: every candidate trains from the base or the live shared adapter, never from
+    # the candidate before it.
+    inc_control = generate(client, incumbent, control) if incumbent else None
+    reference = inc_control or base_control
+    report = control_report(cand_control, reference)
     return GateReport(
         incumbent=incumbent or "base", candidate_rougeL=cand["rougeL"], candidate_bleu=cand["bleu"],
         incumbent_rougeL=inc["rougeL"], incumbent_bleu=inc["bleu"], heldout_n=cand["n"],
         candidate_critique_pass=cand["critique_pass"], incumbent_critique_pass=inc["critique_pass"],
         heldout_critiques_n=len(critique_items), guideline_follow=cand["follow"], guideline_follow_incumbent=inc["follow"],
         guideline_follow_on={gid: on for gid, (_, _, on) in guidelines.items()}, **report,
-        **known_answer_report(cand_control, base_control),
-        control_rougeL=control_rouge(cand_control, base_control),
-        # the three answers furthest from the base model's, so a reviewer sees what drifted
-        control_samples=[{"prompt": q, "cosine": round(c, 4), "base": b[:200], "candidate": a[:200]}
+        **known_answer_report(cand_control, base_control, inc_control),
+        control_rougeL=control_rouge(cand_control, reference),
+        # the three answers furthest from the incumbent's, so a reviewer sees what drifted
+        control_samples=[{"prompt": q, "cosine": round(c, 4), "incumbent": b[:200], "candidate": a[:200]}
                          for c, q, b, a in sorted(zip(report["control_cosines"],
-                                                      CONTROL_PROMPTS, base_control, cand_control))[:3]])
+                                                      CONTROL_PROMPTS, reference, cand_control))[:3]])

@@ -14,6 +14,8 @@ From the command line: `python -m chatfb export --push-to-hub REPO` and
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -25,6 +27,7 @@ from chatfb.learning.gate import GateReport
 from chatfb.learning.rows import EXPORT_FORMATS, EXPORT_SCHEMAS, write_rows
 from chatfb.store.records import FEEDBACK_KINDS, FeedbackRecord
 from chatfb.learning.training_data import clean
+from chatfb.learning.trust import publishable
 
 CONSENT_NOTE = ("The feedback was given by users of a chatfb app, who were shown a consent notice before "
                 "chatting: their messages, ratings, critiques and corrections are logged to improve the model.")
@@ -37,17 +40,40 @@ def _card(meta: dict, body: str) -> str:
     return f"---\n{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)}---\n\n{body.strip()}\n"
 
 
+def name_salt(path: Path) -> bytes:
+    """The data folder's secret for hashing author names in published datasets (made on first use, mode 0600): the
+    same person gets the same hash in every push, and nobody without the file can test a guessed name."""
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+        return name_salt(path)
+
+
 def dataset_files(records: list[FeedbackRecord], out_dir: Path, dismissed: dict[str, list[str]] | None = None,
-                  consent_note: str = CONSENT_NOTE, license: str = "cc-by-4.0", max_chars: int = 8000) -> list[Path]:
+                  consent_note: str = CONSENT_NOTE, license: str = "cc-by-4.0", max_chars: int = 8000,
+                  reviews: dict[str, str] | None = None, flagged: set[str] | frozenset = frozenset(),
+                  rejected: list[tuple[str, str]] = (), salt: bytes | None = None) -> list[Path]:
     """Write the cleaned, PII-scrubbed feedback in TRL formats and a dataset card into out_dir: the rows
-    the local export writes (chatfb.learning.exports.export_rows), `dismissed` revisions included.
+    the local export writes (chatfb.learning.exports.export_rows), `dismissed` revisions included, less what
+    an admin withheld (chatfb.learning.trust.publishable: flagged authors, rejected rows). Authors are hashes
+    keyed with `salt` (`name_salt`; None: a fresh random one, so they link to no other push).
 
     A format without rows gets no file and no config (the Hub cannot load an empty one)."""
+    total = len(records)
+    records = publishable(records, reviews or {}, flagged, rejected)
+    withheld = total - len(records)
     kept, dropped = clean(records, max_chars, pii=True)
+    if withheld:
+        dropped = {"withheld_by_the_admin": withheld, **dropped}
     out_dir = Path(out_dir)
-    rows = {fmt: export_rows(kept, fmt, dismissed, hide_names=True) for fmt in EXPORT_FORMATS}
+    salt = salt if salt is not None else secrets.token_bytes(32)
+    rows = {fmt: export_rows(kept, fmt, dismissed, name_salt=salt) for fmt in EXPORT_FORMATS}
     if not any(rows.values()):
-        raise HubError(f"nothing to publish: none of the {len(records)} feedback records makes an "
+        raise HubError(f"nothing to publish: none of the {total} feedback records makes an "
                        f"{'/'.join(EXPORT_FORMATS)} row after cleaning")
     files = [write_rows(r, out_dir / f"{fmt}.jsonl") for fmt, r in rows.items() if r]
     meta = {
@@ -75,7 +101,7 @@ def dataset_files(records: list[FeedbackRecord], out_dir: Path, dismissed: dict[
         "|---|---|",
         *(f"| {k} | {kinds[k]} |" for k in FEEDBACK_KINDS),
         "",
-        f"{len(kept)} of {len(records)} feedback records were kept; dropped: "
+        f"{len(kept)} of {total} feedback records were kept; dropped: "
         + ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in dropped.items()) + ". "
         "Critiques are counted but appear in no format: chatfb turns them into training data with a model.",
         "",

@@ -112,19 +112,20 @@ def clean(records: list[FeedbackRecord], max_chars: int, pii: bool) -> tuple[lis
     return kept, dropped
 
 
-def trust_decisions(records: list[FeedbackRecord], settings, reviews: dict[str, str], flagged: set[str]) -> dict:
+def trust_decisions(records: list[FeedbackRecord], settings, reviews: dict[str, str], flagged: set[str],
+                    rejected: list[tuple[str, str]] = ()) -> dict:
     """Feedback id -> chatfb.learning.trust.Decision under the settings' trust policy, questions and answers
-    compared by sentence embeddings."""
+    compared by sentence embeddings. `rejected`: Store.rejected_content (rejections outlive their rows)."""
     from chatfb.critique.similarity import embed
     from chatfb.learning import trust
 
-    return trust.decide(records, trust.Policy.from_settings(settings), embed, reviews, flagged)
+    return trust.decide(records, trust.Policy.from_settings(settings), embed, reviews, flagged, rejected)
 
 
 def shared_scopes(records: list[FeedbackRecord], settings, reviews: dict[str, str],
-                  flagged: set[str]) -> dict[str, str]:
+                  flagged: set[str], rejected: list[tuple[str, str]] = ()) -> dict[str, str]:
     """Feedback id -> shared | personal | none (see trust_decisions)."""
-    return {fid: d.scope for fid, d in trust_decisions(records, settings, reviews, flagged).items()}
+    return {fid: d.scope for fid, d in trust_decisions(records, settings, reviews, flagged, rejected).items()}
 
 
 def owner_scopes(records: list[FeedbackRecord], scopes: dict[str, str], owner: str) -> dict[str, str]:
@@ -134,11 +135,12 @@ def owner_scopes(records: list[FeedbackRecord], scopes: dict[str, str], owner: s
             and who(r.user_name, r.session_id) == owner else "others" for r in records}
 
 
-def review_queue(records: list[FeedbackRecord], settings, reviews: dict[str, str], flagged: set[str]) -> list[dict]:
+def review_queue(records: list[FeedbackRecord], settings, reviews: dict[str, str], flagged: set[str],
+                 rejected: list[tuple[str, str]] = ()) -> list[dict]:
     """What waits for an admin's review, grouped by what it would teach (chatfb.learning.trust.queue_view)."""
     from chatfb.learning import trust
 
-    return trust.queue_view(records, trust_decisions(records, settings, reviews, flagged), reviews)
+    return trust.queue_view(records, trust_decisions(records, settings, reviews, flagged, rejected), reviews)
 
 
 def is_heldout(feedback_id: str, fraction: float, seed: int) -> bool:

@@ -5,7 +5,8 @@ feedback row gets a scope:
 
     shared    vouched for: it may train the shared adapter (and be held out to gate it)
     personal  kept, exported as personal, never in the shared training set
-    none      never trains: its author is flagged, it came over the rate limit, or from no known session
+    none      never trains, not even its author's personal adapter: its author is flagged, an admin rejected
+              it, it came over the rate limit, or from no known session
 
 A row is vouched for when one of the switched-on rules (`Policy.rules`) holds:
     trusted    its author is in CHATFB_TRUSTED_USERS or the admin allowlist, or the operator imported it
@@ -16,6 +17,8 @@ A row is vouched for when one of the switched-on rules (`Policy.rules`) holds:
 CHATFB_SHARED_TRUST=open vouches for everything (a private single-team install, today's old behaviour).
 Whatever the rules say, a row on the question of a row an admin rejected never trains the shared adapter
 unless an admin approved that very row: a rejection sticks to its question, reworded or answered otherwise.
+A rejection outlives its row (the store keeps its question and text, `rejected`): the row's conversation
+deleted, the same question still closed, and the same text on the same question sent again trains nobody.
 
 `decide` takes the records and an `embed` function (texts -> unit vectors, chatfb.critique.similarity.embed
 in the app), and never touches the store or the model server: the unit tests hand it records.
@@ -102,6 +105,39 @@ def teaching(r: FeedbackRecord) -> tuple[str, str]:
 
 def question(r: FeedbackRecord) -> str:
     return next((m["content"] for m in reversed(r.prompt) if m["role"] == "user"), "")
+
+
+def review_content(r: FeedbackRecord) -> tuple[str, str]:
+    """(question, taught text): what the store keeps with an admin's decision on `r`."""
+    return question(r), teaching(r)[1]
+
+
+def _same(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _rejected_keys(rejected: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    return {(_same(q), _same(t)) for q, t in rejected}
+
+
+def _rejected_again(r: FeedbackRecord, rejected_keys: set[tuple[str, str]]) -> bool:
+    """The same text on the same question as a row an admin rejected (whitespace and case aside)."""
+    q, t = review_content(r)
+    return (_same(q), _same(t)) in rejected_keys
+
+
+def _rejected(r: FeedbackRecord, reviews: dict[str, str], rejected_keys: set[tuple[str, str]]) -> str | None:
+    """Why an admin's rejection keeps `r` from training anything (scope "none"), or None."""
+    review = reviews.get(r.feedback_id)
+    if review == "rejected":
+        return "rejected by an admin"
+    if review != "approved" and _rejected_again(r, rejected_keys):
+        return "the same as a row an admin rejected"
+    return None
+
+
+def _flagged(r: FeedbackRecord, flagged) -> bool:
+    return bool({r.user_name, r.session_id, who(r.user_name, r.session_id)} & set(flagged))
 
 
 # Terms that make a fact: numbers, e-mail addresses, web addresses and capitalised words not opening a
@@ -222,7 +258,7 @@ def _similar_pairs(q, t, rows: list[int], prompt_cosine: float, answer_cosine: f
 
 def _blocked(r: FeedbackRecord, policy: Policy, flagged, over: set[str]) -> str | None:
     """Why a row never trains (scope "none"), or None."""
-    if {r.user_name, r.session_id, who(r.user_name, r.session_id)} & set(flagged):
+    if _flagged(r, flagged):
         return "its author is flagged by the admin"
     if not (r.user_name or r.session_id):
         return "from no known session"
@@ -231,12 +267,24 @@ def _blocked(r: FeedbackRecord, policy: Policy, flagged, over: set[str]) -> str 
     return None
 
 
+def publishable(records: list[FeedbackRecord], reviews: dict[str, str], flagged: set[str] | frozenset,
+                rejected: list[tuple[str, str]] = ()) -> list[FeedbackRecord]:
+    """The rows a published dataset may carry: none by a flagged author, none an admin rejected, none the same as a
+    rejected row (`rejected`: Store.rejected_content). Needs no embeddings."""
+    rejected_keys = _rejected_keys(rejected)
+    return [r for r in records if not _flagged(r, flagged) and _rejected(r, reviews, rejected_keys) is None]
+
+
 def teachable_by_author(records: list[FeedbackRecord], policy: Policy,
-                        flagged: set[str] | frozenset = frozenset()) -> dict[str, list[FeedbackRecord]]:
+                        flagged: set[str] | frozenset = frozenset(),
+                        reviews: dict[str, str] | None = None,
+                        rejected: list[tuple[str, str]] = ()) -> dict[str, list[FeedbackRecord]]:
     """Author (`who`) -> their rows that may train at all (scope shared or personal under `decide`), without
     the embeddings `decide` needs: the learning cycle picks the users who get a personal adapter by it. Rows the
     operator imported count only when they name their user and the operator did not vouch for them
-    (`--trusted` rows teach the shared adapter, which everyone, that user too, is served)."""
+    (`--trusted` rows teach the shared adapter, which everyone, that user too, is served); rows an admin
+    rejected, or the same as one (`rejected`: Store.rejected_content), never count."""
+    reviews, rejected_keys = reviews or {}, _rejected_keys(rejected)
     people = _People()
     for r in records:
         people.join(r)
@@ -244,24 +292,33 @@ def teachable_by_author(records: list[FeedbackRecord], policy: Policy,
     out: dict[str, list[FeedbackRecord]] = {}
     for r in records:
         imported = r.session_id == IMPORT_SESSION
+        if _rejected(r, reviews, rejected_keys):
+            continue
         if _blocked(r, policy, flagged, over) is None and not (imported and (r.trusted or not r.user_name)):
             out.setdefault(who(r.user_name, r.session_id), []).append(r)
     return out
 
 
 def decide(records: list[FeedbackRecord], policy: Policy, embed, reviews: dict[str, str] | None = None,
-           flagged: set[str] | frozenset = frozenset()) -> dict[str, Decision]:
+           flagged: set[str] | frozenset = frozenset(), rejected: list[tuple[str, str]] = ()) -> dict[str, Decision]:
     """A Decision per feedback id. `embed(texts)` returns unit vectors; `reviews` maps feedback id to an
-    admin's "approved" / "rejected"; `flagged` holds user names and session ids whose rows never train."""
-    reviews = reviews or {}
+    admin's "approved" / "rejected"; `flagged` holds user names and session ids whose rows never train;
+    `rejected` the (question, taught text) of every rejection the store keeps (Store.rejected_content), which
+    apply when the rejected row is gone too."""
+    import numpy as np
+
+    reviews, rejected_keys = reviews or {}, _rejected_keys(rejected)
     people = _People()
     for r in records:
         people.join(r)
     over = over_rate_limit(records, people, policy.rate_limit_per_minute)
-    q = _vectors(embed, [question(r) for r in records])
+    # the questions of rejections whose rows may be gone, embedded with the rows' (one call: one vector space)
+    q_all = _vectors(embed, [question(r) for r in records] + [asked for asked, _ in rejected])
+    q, q_rejected = q_all[:len(records)], q_all[len(records):]
     t = _vectors(embed, [teaching(r)[1] for r in records])
-    rejected = [i for i, r in enumerate(records) if reviews.get(r.feedback_id) == "rejected"]
-    on_rejected = (q @ q[rejected].T >= policy.prompt_cosine).any(axis=1) if rejected else [False] * len(records)
+    closed = [q[i] for i, r in enumerate(records) if reviews.get(r.feedback_id) == "rejected"] + list(q_rejected)
+    on_rejected = (q @ np.asarray(closed).T >= policy.prompt_cosine).any(axis=1) if closed and len(records) \
+        else [False] * len(records)
     trusted = policy.trusted_users
 
     def blocked(r: FeedbackRecord) -> str | None:
@@ -289,8 +346,9 @@ def decide(records: list[FeedbackRecord], policy: Policy, embed, reviews: dict[s
         def decision(scope, reason):
             return Decision(scope, reason, group, supporters)
 
-        if review == "rejected":
-            out[r.feedback_id] = decision("personal", "rejected by an admin")
+        refused = _rejected(r, reviews, rejected_keys)
+        if refused:  # nor its author's personal adapter: an admin judged what it teaches
+            out[r.feedback_id] = decision("none", refused)
         elif review == "approved" and "review" in policy.rules:
             out[r.feedback_id] = decision("shared", "approved by an admin")
         elif on_rejected[i]:

@@ -85,11 +85,11 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
     with Store(work / SNAPSHOT, read_only=True) as s:
         records = s.feedback_records()
         guidelines = s.approved_guidelines()
-        reviews, flagged = s.reviews(), s.flagged_authors()
+        reviews, flagged, rejected = s.reviews(), s.flagged_authors(), s.rejected_content()
     if not records:
         return CycleOutcome("nothing", "no feedback yet")
     # Only vouched-for feedback trains the shared adapter or is held out to gate it (chatfb.learning.trust).
-    scopes = training_data.shared_scopes(records, settings, reviews, flagged)
+    scopes = training_data.shared_scopes(records, settings, reviews, flagged, rejected)
     if job.owner is not None:  # a personal adapter: its owner's own rows that may train, shared or personal
         scopes = training_data.owner_scopes(records, scopes, job.owner)
         guidelines = []  # everyone's guidelines are the shared adapter's to learn

@@ -752,9 +752,11 @@ class Store:
                       for n in adapter_names])
 
     # -- review queue and flagged authors (chatfb.learning.trust) ----------------------------
-    def set_review(self, feedback_ids: list[str], decision: str) -> None:
+    def set_review(self, feedback_ids: list[str], decision: str,
+                   content: dict[str, tuple[str, str]] | None = None) -> None:
         """An admin's decision on feedback rows (a later decision replaces an earlier one). Every id must
-        name an existing row, else nothing is recorded."""
+        name an existing row, else nothing is recorded. `content`: feedback id -> (the question it answered, the
+        text it teaches), kept with the decision (a rejection outlives its row: `rejected_content`)."""
         if decision not in REVIEW_DECISIONS:
             raise StoreError(f"a review decision is one of {', '.join(REVIEW_DECISIONS)}")
         ids = list(dict.fromkeys(feedback_ids))
@@ -764,13 +766,18 @@ class Store:
         missing = [i for i in ids if i not in found]
         if missing:
             raise StoreError(f"no feedback with id {', '.join(missing)} (deleted, or never there); nothing was decided")
-        now = utcnow()
-        self._tx([("INSERT OR REPLACE INTO reviews (feedback_id, decision, decided_at) VALUES (?, ?, ?)", (i, decision, now))
-                  for i in ids])
+        now, content = utcnow(), content or {}
+        self._tx([("INSERT OR REPLACE INTO reviews (feedback_id, decision, decided_at, question, taught)"
+                   " VALUES (?, ?, ?, ?, ?)", (i, decision, now, *content.get(i, (None, None)))) for i in ids])
 
     def reviews(self) -> dict[str, str]:
         """Feedback id -> the admin's decision (approved | rejected)."""
         return dict(self._q("SELECT feedback_id, decision FROM reviews"))
+
+    def rejected_content(self) -> list[tuple[str, str]]:
+        """(question, taught text) of every rejection that recorded them, its row still there or not."""
+        return [(q, t or "") for q, t in self._q("SELECT question, taught FROM reviews WHERE decision = 'rejected'"
+                                                 " AND question IS NOT NULL ORDER BY decided_at, feedback_id")]
 
     def flag_author(self, author: str, reason: str = "") -> None:
         """Flag a user name or anonymous session id: nothing of theirs trains any more."""
@@ -806,7 +813,9 @@ class Store:
         self._delete_conversations(cids)
         # Their own guidelines and suggestions go; ones an admin approved for everyone stay, with the user's
         # name removed: everyone's prompt must not change unannounced (an admin retires them if need be).
-        self._tx([("DELETE FROM reviews WHERE feedback_id IN (SELECT id FROM feedback WHERE user_name = ?)", (user_name,)),
+        # an admin's rejection stays (its question and text, no name): deleting the author must not undo it
+        self._tx([("DELETE FROM reviews WHERE decision <> 'rejected' AND feedback_id IN (SELECT id FROM feedback"
+                   " WHERE user_name = ?)", (user_name,)),
                   ("DELETE FROM uptake WHERE feedback_id IN (SELECT id FROM feedback WHERE user_name = ?)", (user_name,)),
                   ("DELETE FROM feedback WHERE user_name = ?", (user_name,)),
                   ("DELETE FROM guidelines WHERE user_name = ? AND (scope = 'user' OR status = 'pending')", (user_name,)),
@@ -827,8 +836,9 @@ class Store:
         for cid in cids:
             stmts += [
                 ("DELETE FROM candidates WHERE message_id IN (SELECT id FROM messages WHERE conversation_id = ?)", (cid,)),
-                ("DELETE FROM reviews WHERE feedback_id IN (SELECT f.id FROM feedback f JOIN messages m ON m.id = f.message_id"
-                 " WHERE m.conversation_id = ?)", (cid,)),
+                # a rejection outlives the conversation: its user deleting it must not undo the admin's decision
+                ("DELETE FROM reviews WHERE decision <> 'rejected' AND feedback_id IN (SELECT f.id FROM feedback f"
+                 " JOIN messages m ON m.id = f.message_id WHERE m.conversation_id = ?)", (cid,)),
                 ("DELETE FROM uptake WHERE feedback_id IN (SELECT f.id FROM feedback f JOIN messages m ON m.id = f.message_id"
                  " WHERE m.conversation_id = ?)", (cid,)),
                 ("DELETE FROM feedback WHERE message_id IN (SELECT id FROM messages WHERE conversation_id = ?)", (cid,)),

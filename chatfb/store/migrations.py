@@ -184,6 +184,14 @@ def m007_conversation_titles():
 
 
 @migration
+def m008_review_content():
+    """What an admin rejected, kept with the decision: the question the row answered and the text it taught. A
+    rejection is the admin's record, not the user's row: it outlives the row's conversation (deleted by its user,
+    by retention or with its user) and keeps closing its question and refusing the same text sent again."""
+    return ["ALTER TABLE reviews ADD COLUMN question VARCHAR", "ALTER TABLE reviews ADD COLUMN taught VARCHAR"]
+
+
+@migration
 def m009_uptake():
     """Uptake (chatfb.learning.uptake): after a cycle promotes an adapter, each trained feedback item's prompt
     asked again of it, and whether the answer shows the item was learned."""

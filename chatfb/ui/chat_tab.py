@@ -20,7 +20,7 @@ from collections import OrderedDict
 import gradio as gr
 
 from chatfb.ui.admin_tab import build as build_admin_tab
-from chatfb.app.chat_service import ChatInputError
+from chatfb.app.chat_service import ChatInputError, client_key
 from chatfb.serving.adapters import model_label
 from chatfb.critique.guidelines import looks_like_rule
 from chatfb.app.runtime import Runtime
@@ -199,7 +199,8 @@ class ChatTab:
         if (s.data_dir / ".ephemeral").exists():
             gr.Markdown("⚠️ This Space has no persistent storage: logged chats are lost when it restarts.")
         self.status = gr.Markdown(rt.status, elem_id="model-status")
-        self.browser_key = gr.BrowserState(None, storage_key="chatfb-session", secret=browser_secret(s.data_dir))
+        self.secret = browser_secret(s.data_dir)  # also keys the hash of each conversation's client address
+        self.browser_key = gr.BrowserState(None, storage_key="chatfb-session", secret=self.secret)
         self.conv_id = gr.State(None)
         self.ids = gr.State([])
         self.selected = gr.State(None)
@@ -471,8 +472,9 @@ class ChatTab:
 
     def on_send(self, text, system_prompt, cid, request: gr.Request):
         session, user = self.sessions(request)
+        client = client_key(request.client.host if getattr(request, "client", None) else None, self.secret)
         try:
-            cid, stream = self.chat.send(session, cid, text, system_prompt, user)
+            cid, stream = self.chat.send(session, cid, text, system_prompt, user, client=client)
         except ChatInputError as e:
             yield {**self.refused(session, cid, e), self.msg: text}
             return

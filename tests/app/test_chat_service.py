@@ -100,3 +100,21 @@ def test_nothing_is_sent_while_the_model_is_unavailable(settings, store, fake_cl
     why[0] = "the managed model server is not running"
     _, revision = chat.revise("s1", mid, "shorter please")
     assert run(revision).error == MODEL_UNAVAILABLE and len(fake_client.history) == 1
+
+
+def test_an_api_request_over_the_rate_limit_writes_nothing_not_even_its_history(settings, store, fake_client):
+    """The API's client-held history starts a new conversation: only once the turn passed the rate limit (a flood
+    of refused requests must not fill the store), and a request that passes writes it before its turn."""
+    from chatfb.app.api_chat import start_turn
+    from chatfb.app.chat_service import RateLimited
+
+    chat = ChatService(settings.with_(rate_limit_per_minute=1), store, fake_client, AdapterRouter("chatfb-base"))
+    messages = [{"role": "user", "content": "Earlier question"}, {"role": "assistant", "content": "An answer elsewhere"},
+                {"role": "user", "content": "And now?"}]
+    cid, stream = start_turn(chat, "ann", messages)
+    run(stream)
+    assert [m["content"] for m in store.messages(cid)][:3] == ["Earlier question", "An answer elsewhere", "And now?"]
+    before = store.counts()
+    with pytest.raises(RateLimited):
+        start_turn(chat, "ann", [dict(m, content=m["content"] + " again") for m in messages])
+    assert store.counts() == before

@@ -104,3 +104,35 @@ def test_delete_user_scrubs_the_work_folder_and_marks_the_adapter_trained_on_the
     assert cli(["adapters", "list"]) == 0
     listing = capsys.readouterr().out.splitlines()
     assert "carries 1 deleted user(s)' data" in listing[0] and "carries" not in listing[1]
+
+
+def test_a_rejection_outlives_its_rows_conversation_and_refuses_the_same_text_again(store, settings):
+    """The author deleting the conversation must not undo an admin's rejection: the review record stays, the
+    question stays closed to the shared adapter, and the same text sent again (here re-imported, vouched for)
+    trains nobody. A decision on the deleted row itself is a clear AdminError."""
+    from chatfb.app.admin import AdminError, AdminService
+    from chatfb.learning.training_data import trust_decisions
+
+    admin = AdminService(store, AdapterRegistry.without_servers(store, settings.data_dir), settings=settings)
+    question, false = "Who painted the Mona Lisa?", "Vincent van Gogh painted the Mona Lisa."
+    fid = correct(store, "k:evil", question, false, user="mallory")
+    admin.review([fid], "rejected")
+    (cid,) = [r[0] for r in store._q("SELECT id FROM conversations WHERE session_id = 'k:evil'")]
+    store.delete_conversation(cid)  # the author deletes it in the chat
+    assert store.reviews() == {fid: "rejected"} and store.rejected_content() == [(question, false)]
+
+    store.import_feedback([{"prompt": [{"role": "user", "content": question}], "reply": "I am not sure.",
+                            "kind": "correction", "text": f"  {false.upper()} ", "user": "mallory2"}], trusted=True)
+    store.import_feedback([{"prompt": [{"role": "user", "content": "Who painted the Mona Lisa ?"}], "reply": "Hm.",
+                            "kind": "correction", "text": "Leonardo da Vinci.", "user": "ops"}], trusted=True)
+    again, other = store.feedback_records()
+    d = trust_decisions(store.feedback_records(), settings, store.reviews(), store.flagged_authors(),
+                        store.rejected_content())
+    assert (d[again.feedback_id].scope, d[again.feedback_id].reason) == ("none", "the same as a row an admin rejected")
+    assert (d[other.feedback_id].scope, d[other.feedback_id].reason) == ("personal",
+                                                                         "on the question of a row an admin rejected")
+    with pytest.raises(AdminError, match=f"no feedback with id {fid}.*nothing was decided"):
+        admin.review([fid], "approved")
+    assert store.reviews() == {fid: "rejected"}
+    store.delete_user("mallory")  # deleting the author keeps the admin's record too (no name in it)
+    assert store.reviews() == {fid: "rejected"}

@@ -250,11 +250,11 @@ def api_reply(app, key: str, prompt: str) -> dict:
     return r.json()
 
 
-@pytest.mark.skip(reason="seen red in this round's CI run: the gate refused the personal adapter on the embedded "
-                         "model (4 known answers lost, 10/16 right like the base model), and with no shared data "
-                         "`chatfb nightly` exits 1; routing, selection, gating and deletion are unit-tested in "
-                         "tests/learning/test_personal.py")
 def test_a_personal_adapter_answers_its_owner_only_and_leaves_with_them(app, vllm_url, tmp_path):
+    """Two users, one personal adapter: the owner's replies come from it, the other user's never do, and
+    delete-user takes it away. Short: one training (nothing vouched for trains the shared adapter: under
+    CHATFB_SHARED_RULES=review only admin approvals would, and this suite approves none), one personal adapter
+    a cycle, few steps and little replay (590 s with the defaults)."""
     # ann's own corrections, NOT vouched for (no --trusted, nobody agrees): they may teach only her
     rows = [dict(json.loads(line), user="ann") for line in (DATA / "support_email.jsonl").read_text().splitlines()]
     for r in rows:
@@ -262,10 +262,16 @@ def test_a_personal_adapter_answers_its_owner_only_and_leaves_with_them(app, vll
     mine = tmp_path / "ann.jsonl"
     mine.write_text("".join(json.dumps(r) + "\n" for r in rows))
     app.cli("import-feedback", str(mine))
-    out = app.cli("nightly", timeout=2400)
+    env = dict(app.env, CHATFB_SHARED_RULES="review", CHATFB_PERSONAL_MAX_PER_CYCLE="1", CHATFB_TRAIN_MAX_STEPS="14",
+               # replay keeps the control answers: with 4 replay examples the gate refused the candidate
+               CHATFB_REPLAY_EXAMPLES="12", CHATFB_EVAL_MAX_EXAMPLES="8")
+    out = subprocess.run([sys.executable, "-m", "chatfb", "nightly"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=1500)
+    # the shared job had nothing vouched for to train, the personal one ran: the cycle succeeded
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(out.stdout[out.stdout.index("{"):])
     (personal,) = [p for p in result["personal"] if p["adapter"] and "-u" in p["adapter"]]
-    assert personal["promoted"], personal
+    assert personal["promoted"], (personal["reason"], personal["metrics"])
     name = personal["adapter"]
     assert re.fullmatch(r"chatfb-u[0-9a-f]{10}-v\d{4}", name)
     client = ModelClient(vllm_url)

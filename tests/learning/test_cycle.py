@@ -271,3 +271,24 @@ def test_a_cycle_behind_a_router_generates_and_gates_on_one_replica():
     assert server_for_the_cycle(routed) == "http://a:1"
     one = load_settings({"CHATFB_VLLM_URL": "http://vllm:8000"})
     assert server_for_the_cycle(one) == one.base_url
+
+
+@pytest.mark.parametrize("personal_ok, code", [(True, 0), (False, 1)])
+def test_nightly_exits_0_when_a_personal_job_ran_though_the_shared_one_had_nothing(settings, monkeypatch, capsys,
+                                                                                    personal_ok, code):
+    """Nothing vouched for trains the shared adapter, a personal adapter trained: the cycle did its work (exit 0),
+    and the JSON still says what each job did. Exit 1 only when no job ran to a gate decision."""
+    import json
+    from dataclasses import asdict
+
+    from chatfb.learning import cycle
+
+    personal = cycle.CycleResult(personal_ok, "chatfb-u0123456789-v0001", personal_ok,
+                                 "better on held-out feedback" if personal_ok else "training failed (exit 1)")
+    monkeypatch.setattr(cycle, "run_cycle", lambda *a, **k: cycle.CycleResult(
+        False, reason="no usable training examples", personal=[asdict(personal)]))
+    monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
+    assert cli(["nightly"]) == code
+    out = json.loads(capsys.readouterr().out)
+    assert (out["ok"], out["reason"]) == (False, "no usable training examples")
+    assert [(p["adapter"], p["ok"], p["promoted"]) for p in out["personal"]] == [(personal.adapter, personal_ok, personal_ok)]

@@ -114,4 +114,5 @@ def test_every_exported_row_carries_who_gave_it_its_kind_and_scope(store):
     assert (kto["feedback_id"], kto["feedback_kind"], kto["scope"]) == (liked, "rating", "personal")
     assert {r["author"] for r in export_rows(records, "sft")} >= {"ann"}  # without scopes: all kept, personal
     assert {r["scope"] for r in export_rows(records, "sft")} == {"personal"}
-    assert "ann" not in {r["author"] for r in export_rows(records, "sft", hide_names=True)}
+    hidden = {r["author"] for r in export_rows(records, "sft", name_salt=b"secret")}
+    assert "ann" not in hidden and not hidden & {r["author"] for r in export_rows(records, "sft", name_salt=b"other")}

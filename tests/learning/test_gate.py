@@ -407,3 +407,33 @@ def test_the_gate_lets_through_only_as_many_lost_known_answers_as_the_setting_al
     assert not ok and "turned wrong: 2" in why, why
     ok, why = gate.decide(measured, {"rougeL": 0.1}, gate.GatePolicy(max_control_lost=2))
     assert ok, why
+
+
+def test_known_answers_lost_are_counted_against_the_incumbent_not_the_base_model(monkeypatch, settings, tmp_path):
+    """A personal adapter trains on from the live shared one: answers the shared adapter already gives differently
+    from the base model are not the personal candidate's loss; only what the incumbent had right and the candidate
+    turned wrong counts (the integration run refused such a candidate for 4 answers the shared adapter had lost)."""
+    right = {q: f"It is {' and '.join(accepted[:need])}." for q, accepted, need in gate.CONTROL_ANSWERS}
+    critiques = [FeedbackRecord(f"h{i}", f"m{i}", "critique", None, RULE, None, None,
+                                [{"role": "user", "content": f"Support question {i}?"}], "Use the form.") for i in range(3)]
+    data = td.TrainingData(heldout_critiques=critiques)
+    shared_lost = list(gate.CONTROL_PROMPTS[:4])  # wrong in the shared adapter already
+    turned = gate.CONTROL_PROMPTS[5]  # right in the shared adapter, wrong in the candidate
+    shared = lambda q: "Use the contact form." if "Support" in q else ("No idea." if q in shared_lost else right[q])  # noqa: E731
+    client = ByModelClient({
+        "cand": lambda q: "Email support@chatfb.example." if "Support" in q else shared(q),
+        "shared-v1": shared,
+        "chatfb-base": lambda q: "Use the contact form." if "Support" in q else right[q],
+    })
+    client.loaded["shared-v1"] = "adapters/shared-v1"
+    monkeypatch.setattr(gate, "passes_selection", lambda c, m, p, i, answer, original=None: "support@" in answer)
+    m = evaluate(client, settings, data, "cand", "shared-v1", "chatfb-base", tmp_path)
+    assert m.control_lost == [] and m.control_right_base == 1.0 and m.control_right == m.control_right_incumbent == 0.75
+    ok, why = m.decide()
+    assert ok, why
+    # what the candidate turns wrong itself still fails it, named in the reason
+    client.answers["cand2"] = lambda q: "It is 3." if q == turned else client.answers["cand"](q)
+    m = evaluate(client, settings, data, "cand2", "shared-v1", "chatfb-base", tmp_path)
+    assert m.control_lost == [turned], m.control_lost
+    ok, why = m.decide()
+    assert not ok and "turned wrong: 1 known answer(s) the incumbent gets right" in why and turned in why, why

@@ -208,3 +208,43 @@ def test_cli_pushes_feedback_and_adapters(settings, tmp_path, monkeypatch, capsy
     assert capsys.readouterr().err.startswith("error: no adapter 'chatfb-v0099'")
     assert cli(["export", "--format", "sft"]) == 2
     assert "error: export needs --format and --out" in capsys.readouterr().err
+
+
+def test_the_pushed_dataset_leaves_out_what_the_admin_withheld_and_hashes_names_with_a_secret(
+        settings, monkeypatch, capsys):
+    """A flagged author's rows and a rejected row (and the same text sent again) are never published; authors are
+    keyed hashes: a bare sha256 of a guessed name finds nobody, and the key stays in the data folder (0600)."""
+    import hashlib
+
+    import huggingface_hub
+
+    from chatfb.learning.trust import review_content
+
+    with Store(settings.db_path) as s:
+        s.import_feedback([parse_record(dict(r, user=u), 8000) for r, u in (
+            (FEEDBACK[1], "ann"), (FEEDBACK[3], "ann"),
+            ({"prompt": "Who painted the Mona Lisa?", "reply": "Leonardo.", "kind": "correction",
+              "text": "Vincent van Gogh painted it."}, "mallory"),
+            ({"prompt": "What is the capital of Australia?", "reply": "Canberra.", "kind": "correction",
+              "text": "Sydney is the capital."}, "eve"),
+            ({"prompt": "What is the capital of Australia?", "reply": "Hm.", "kind": "correction",
+              "text": "Sydney is the capital."}, "eve2"))])
+        records = s.feedback_records()
+        sydney = next(r for r in records if r.user_name == "eve")
+        s.set_review([sydney.feedback_id], "rejected", {sydney.feedback_id: review_content(sydney)})
+        s.flag_author("mallory", "spam")
+    apis = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: apis.append(FakeHubApi()) or apis[-1])
+    monkeypatch.setenv("CHATFB_DATA_DIR", str(settings.data_dir))
+    assert cli(["export", "--push-to-hub", "ann/fb"]) == 0
+    (_, _, _, uploaded) = apis[0].calls[1]
+    published = b"".join(uploaded.values()).decode()
+    assert "Paris." in published and "Blue." in published
+    assert "van Gogh" not in published and "Sydney" not in published, "withheld feedback was published"
+    assert "3 withheld by the admin" in uploaded["README.md"].decode()  # mallory's row, the rejected one and its twin
+    authors = {json.loads(line)["author"] for line in uploaded["sft.jsonl"].decode().splitlines()}
+    assert len(authors) == 1 and "user-" + hashlib.sha256(b"ann").hexdigest()[:12] not in authors
+    secret = settings.data_dir / "run" / "hub-names.secret"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert cli(["export", "--push-to-hub", "ann/fb"]) == 0  # the same key: the same hash in every push
+    assert {json.loads(line)["author"] for line in apis[1].calls[1][3]["sft.jsonl"].decode().splitlines()} == authors

@@ -95,6 +95,26 @@ def test_the_cycle_picks_users_with_enough_feedback_the_most_new_first_and_bound
     assert personal_owners(store, s.with_(personal_max_per_cycle=9)) == ["fay", "cat"]
 
 
+def test_a_row_an_admin_rejected_or_a_flagged_authors_rows_never_train_a_personal_adapter(store, settings):
+    """An admin's rejection judges what a row teaches: it trains nobody, its author's own adapter included; a flagged
+    author's rows train nothing (the worker builds a personal adapter's data from these scopes)."""
+    from chatfb.learning.training_data import owner_scopes, shared_scopes
+
+    give_corrections(store, "ann", 5)
+    give_corrections(store, "bob", 6)
+    s = settings.with_(personal_min_feedback=5, personal_max_per_cycle=9)
+    assert personal_owners(store, s) == ["bob", "ann"]
+    rejected = store.feedback_records(user_name="ann")[0].feedback_id
+    store.set_review([rejected], "rejected")
+    store.flag_author("bob", "spam")
+    assert personal_owners(store, s) == []  # ann has 4 rows left that may train: too few; bob none
+    records = store.feedback_records()
+    scopes = shared_scopes(records, s, store.reviews(), store.flagged_authors())
+    ann = owner_scopes(records, scopes, "ann")
+    assert ann[rejected] == "others" and sum(v == "shared" for v in ann.values()) == 4
+    assert set(owner_scopes(records, scopes, "bob").values()) == {"others"}
+
+
 def cycle(store, settings, fake_client, monkeypatch, candidate_learns: bool, trained: list, owner_server="http://fake"):
     """A whole cycle, its children run in this process with a fake trainer and a fake model server (the owner's,
     or with `owner_server` None one the child starts, which holds no adapter yet)."""

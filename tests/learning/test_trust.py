@@ -124,7 +124,7 @@ def test_admin_approval_and_rejection():
     rows = honest(1) + [rec(FALSE, session="k:evil")]
     d = decide(rows, reviews={rows[0].feedback_id: "approved", rows[1].feedback_id: "rejected"})
     assert [(x.scope, x.reason) for x in d.values()] == [("shared", "approved by an admin"),
-                                                         ("personal", "rejected by an admin")]
+                                                         ("none", "rejected by an admin")]
     off = decide(rows, reviews={rows[0].feedback_id: "approved"}, rules=frozenset({"trusted", "agreement"}))
     assert off[rows[0].feedback_id].scope == "personal"
 
@@ -168,7 +168,7 @@ def test_flagged_authors_over_the_rate_limit_and_unknown_sessions_never_train():
 def test_open_mode_shares_everything_but_keeps_admin_decisions():
     rows = [rec(session="k:a"), rec(FALSE, session="k:b"), rec("Canberra.", question="Capital of Australia?", session="k:c")]
     d = decide(rows, reviews={rows[1].feedback_id: "rejected"}, mode="open")
-    assert [x.scope for x in d.values()] == ["personal", "personal", "shared"]  # row 0 is on the rejected question
+    assert [x.scope for x in d.values()] == ["personal", "none", "shared"]  # row 0 is on the rejected question
     assert "open" in trust.Policy(mode="open").describe().lower()
 
 

@@ -73,7 +73,7 @@ SCHEMA = {
                  "completion_tokens INTEGER", "guidelines JSON", "PRIMARY KEY (id)",
                  "CREATE INDEX messages_conversation ON messages(conversation_id)"],
     "reviews": ["feedback_id VARCHAR NOT NULL", "decision VARCHAR NOT NULL", "decided_at TIMESTAMP NOT NULL",
-                "PRIMARY KEY (feedback_id)"],
+                "question VARCHAR", "taught VARCHAR", "PRIMARY KEY (feedback_id)"],
     "uptake": ["feedback_id VARCHAR NOT NULL", "adapter VARCHAR NOT NULL", "learned BOOLEAN NOT NULL",
                "measure VARCHAR NOT NULL", "score DOUBLE", "answer VARCHAR NOT NULL", "checked_at TIMESTAMP NOT NULL",
                "PRIMARY KEY (feedback_id, adapter)"],

@@ -453,3 +453,21 @@ def test_new_conversation_and_guidelines_update_only_their_outputs(tab):
     assert tab.call("on_remove_guideline", gid)["fb-status"]["value"] == "Guideline removed."
     assert tab.call("on_critique", mid, "Too long.")["critique"]["value"] == ""
     assert tab.call("on_up", mid)["fb-status"]["value"].startswith("✅")
+
+
+def test_a_conversation_records_a_keyed_hash_of_its_client_address(tab):
+    """Sessions from one address count once towards the trust policy's agreement rule: each conversation the chat
+    starts records a hash of the sender's address keyed with the data folder's secret, never the address."""
+    from chatfb.app.chat_service import client_key
+    from chatfb.learning import trust
+    from chatfb.ui.chat_tab import browser_secret
+
+    tab.request.client = SimpleNamespace(host="203.0.113.7")
+    cid, mid, _ = tab.turn("who painted it?")
+    tab.rt.chat.correct(tab.SESSION, mid, "Leonardo da Vinci painted it.")
+    (r,) = tab.rt.store.feedback_records()
+    secret = browser_secret(tab.rt.settings.data_dir)
+    assert r.client == client_key("203.0.113.7", secret) and "203.0.113" not in r.client
+    assert trust.accountable(r)  # an anonymous session with a known address counts as someone
+    other = client_key("203.0.113.7", "another-secret")
+    assert other != r.client and client_key(None, "s") is None
