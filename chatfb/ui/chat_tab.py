@@ -38,6 +38,32 @@ def inert(text: str) -> str:
     return re.sub(r"(?i)\b(javascript|vbscript|data)\s*:", r"\1&#58;", text)
 
 
+# The page's own CSS and script (passed to launch()). Gradio's edit box (✏️ on a message) sizes itself to
+# the message and at least 160 px, and opens with the markdown the chat shows: text escaped by `inert`
+# and the model's name under it. The box takes the chat's width instead, and opens with the message's
+# text alone (the server strips the same label again, see `edited_text`).
+PAGE_CSS = """
+#chatbot .message-row:has(.edit-textarea) { align-self: stretch; max-width: 100%; }
+#chatbot .message-row:has(.edit-textarea) div:has(.edit-textarea) { width: 100%; }
+#chatbot .edit-textarea { width: 100% !important; box-sizing: border-box; }
+"""
+PAGE_JS = r"""
+() => {
+    const label = /(?:\s*\*\(stopped\)\*)?\s*\n\n\*— [^\n]*\*\s*$/;
+    const entities = {"&lt;": "<", "&gt;": ">", "&amp;": "&", "&#58;": ":"};
+    const clean = (box) => {
+        if (box.dataset.chatfbClean) return;
+        box.dataset.chatfbClean = "1";
+        box.value = box.value.replace(label, "").replace(/&(lt|gt|amp|#58);/g, (e) => entities[e]);
+        box.dispatchEvent(new Event("input", {bubbles: true}));
+    };
+    new MutationObserver(() => setTimeout(() => {
+        document.querySelectorAll("#chatbot textarea.edit-textarea").forEach(clean);
+    }, 0)).observe(document.body, {childList: true, subtree: true});
+}
+"""
+
+
 REVISION_TITLE = "✍️ Proposed revision of the reply above: Accept · Edit · Try again · Dismiss"
 DRAFTING_TITLE = "✍️ Drafting a revision following your critique…"
 
@@ -239,7 +265,8 @@ class ChatTab:
                                                    elem_id="send-critique")
                     self.save_critique = gr.Button("Save the critique only", elem_id="save-critique")
                     self.close_critique = gr.Button("Close", elem_id="close-critique")
-            gr.Markdown("*On any reply: 👍/👎, the flag menu's **Critique**, or ✏️ edit the reply to correct it.*",
+            gr.Markdown("*On any reply: 👍/👎, the flag menu's **Critique**, or ✏️ edit the reply to correct it. "
+                        "✏️ on your own message sends it again as edited (a new branch).*",
                         elem_id="chat-help")
             with gr.Row():
                 self.msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
@@ -295,7 +322,13 @@ class ChatTab:
             event.then(self.on_list_conversations, [self.conv_id], [self.conv_list], **private)
         retry_event = self.retry.click(self.on_retry, [self.system, self.conv_id], chat_outputs,
                                        concurrency_id=CHAT_CONCURRENCY_ID, api_name="retry")
-        self.stop.click(None, cancels=[send_event, click_event, retry_event], **private).then(
+        edit_event = self.chatbot.edit(self.on_edit, [self.ids, self.conv_id, self.system],
+                                       [self.fb_status, self.chatbot, self.conv_id, self.ids, self.selected,
+                                        self.target, self.revision_panel, self.revision_note, self.revision,
+                                        self.candidate_id],
+                                       concurrency_id=CHAT_CONCURRENCY_ID, **private)
+        edit_event.then(self.on_list_conversations, [self.conv_id], [self.conv_list], **private)  # its title
+        self.stop.click(None, cancels=[send_event, click_event, retry_event, edit_event], **private).then(
             self.on_stop, [self.conv_id], [self.chatbot, self.ids], **private)
         new_outputs = chat_outputs + [self.fb_status, self.revision_panel, self.critique_panel, self.candidate_id,
                                       self.critique_id, self.conv_list, self.conv_title]
@@ -305,9 +338,6 @@ class ChatTab:
         self.chatbot.like(self.on_like, [self.ids, self.conv_id],
                           [self.fb_status, self.selected, self.target, self.critique_panel, self.chatbot, self.ids],
                           **private)
-        self.chatbot.edit(self.on_edit, [self.ids, self.conv_id],
-                          [self.fb_status, self.chatbot, self.ids, self.selected, self.target, self.revision_panel,
-                           self.revision_note, self.revision, self.candidate_id], **private)
         self.open_critique.click(self.on_open_critique, [self.selected, self.ids],
                                  [self.critique_panel, self.selected, self.target], **private)
         self.close_critique.click(self.on_close_critique, None, [self.critique_panel], **private)
@@ -543,26 +573,44 @@ class ChatTab:
         return {**out, self.selected: mid, self.target: self.target_text(session, mid), self.chatbot: shown,
                 self.ids: id_list}
 
-    def on_edit(self, id_list, cid, evt: gr.EditData, request: gr.Request):
+    def on_edit(self, id_list, cid, system_prompt, evt: gr.EditData, request: gr.Request):
         """Editing a reply in place is its correction; editing the proposed revision accepts it as
-        edited. The widget edits a reply and its revision together: what is unchanged is not news."""
+        edited; editing one's own message sends it again, and the conversation goes on from it (a new
+        branch, streamed). The widget edits a reply and its revision together: what is unchanged is
+        not news."""
         session, user = self.sessions(request)
         text = edited_text(evt.value)
         if text == edited_text(evt.previous_value):
-            return {}
+            yield {}
+            return
         entry = id_list[evt.index] if isinstance(evt.index, int) and 0 <= evt.index < len(id_list) else None
         if isinstance(entry, str) and entry.startswith("rev:"):  # the revision sits right under its reply
-            return self.accepted(session, user, entry[4:], text, cid, id_list[evt.index - 1])
+            yield self.accepted(session, user, entry[4:], text, cid, id_list[evt.index - 1])
+            return
         mid = self.pick(session, id_list, evt.index)
-        if mid is None:
-            out = {self.fb_status: "⚠️ Only replies can be corrected; send a new message instead of editing yours."}
-        else:
-            out = self.feedback(self.chat.correct, mid, text, request)
-            if out[self.fb_status].startswith("✅"):
-                out[self.fb_status] = "✅ Correction saved: the reply now reads as you wrote it."
-            out.update({self.selected: mid, self.target: self.target_text(session, mid)})
+        if mid is None:  # one's own message (anything else is refused by the chat service)
+            yield from self.branch(session, user, cid, entry, text, system_prompt)
+            return
+        out = self.feedback(self.chat.correct, mid, text, request)
+        if out[self.fb_status].startswith("✅"):
+            out[self.fb_status] = "✅ Correction saved: the reply now reads as you wrote it."
+        out.update({self.selected: mid, self.target: self.target_text(session, mid)})
         shown, id_list = self.chat_view(session, cid)
-        return {**out, self.chatbot: shown, self.ids: id_list}
+        yield {**out, self.chatbot: shown, self.ids: id_list}
+
+    def branch(self, session, user, cid, mid, text, system_prompt):
+        """The user's edited message, sent again: the conversation from there on is the new branch."""
+        try:
+            stream = self.chat.edit_message(session, cid, mid, text, system_prompt, user)
+        except ChatInputError as e:
+            yield {**self.refused(session, cid, e), self.fb_status: f"⚠️ {e}"}
+            return
+        shown, id_list = self.pending_view(session, cid)
+        closed = {self.fb_status: "Your edited message was sent again; the earlier replies after it are kept "
+                                  "in your history.", self.revision_panel: gr.Group(visible=False),
+                  self.candidate_id: None}
+        for out in self.stream_reply(session, stream, shown, id_list, cid):
+            yield {**out, **closed}
 
     def on_open_critique(self, mid, id_list, request: gr.Request):
         """The critique box, aimed at the picked reply, or the latest one."""

@@ -303,7 +303,7 @@ def test_feedback_on_quotes_the_reply_as_corrected(tab):
     cid, mid, out = tab.turn("what is a volcano")
     ids = out[tab.fn("on_send").outputs[2]]["value"]
     edit = gr.EditData(None, {"index": 1, "value": "A mountain that erupts.", "previous_value": "WHAT IS A VOLCANO"})
-    assert "A mountain that erupts." in tab.call("on_edit", ids, cid, evt=edit)["fb-target"]["value"]
+    assert "A mountain that erupts." in tab.call("on_edit", ids, cid, "", evt=edit)["fb-target"]["value"]
     select = gr.SelectData(None, {"index": 1, "value": "A mountain that erupts."})
     assert "A mountain that erupts." in tab.call("on_select", ids, evt=select)["fb-target"]["value"]
 
@@ -367,13 +367,37 @@ def test_editing_the_revision_in_place_accepts_it_as_edited(tab):
     cid, mid, steps = offer(tab)
     ids = steps[-1][tab.fn("on_revise").outputs[11]]["value"]
     unchanged = gr.EditData(None, {"index": 1, "value": "TIPS FOR SLEEPING", "previous_value": "TIPS FOR SLEEPING"})
-    assert tab.call("on_edit", ids, cid, evt=unchanged) == {}  # the widget edits the reply beside it: no news
+    assert tab.call("on_edit", ids, cid, "", evt=unchanged) == {}  # the widget edits the reply beside it: no news
     edit = gr.EditData(None, {"index": 2, "value": "- Bed by ten.", "previous_value": "- Go to bed early."})
-    out = tab.call("on_edit", ids, cid, evt=edit)
+    out = tab.call("on_edit", ids, cid, "", evt=edit)
     assert out["fb-status"]["value"].startswith("✅ Revision accepted")
     [correction] = [f for f in tab.rt.store.feedback_for(mid) if f["kind"] == "correction"]
     assert correction["text"] == "- Bed by ten." and tab.rt.store.feedback(correction["id"])["derived_from"]
     assert tab.shown(out)[1].startswith("- Bed by ten.") and len(tab.shown(out)) == 2
+
+
+def test_editing_ones_own_message_sends_it_again_on_a_new_branch(tab):
+    cid, first, _ = tab.turn("name a fruit")
+    _, _, out = tab.turn("and a colour", cid)
+    ids = out[tab.fn("on_send").outputs[2]]["value"]
+    assert tab.shown(out)[2] == "and a colour"
+    tab.client.enqueue("a leek")
+    edit = gr.EditData(None, {"index": 2, "value": "and a vegetable", "previous_value": "and a colour"})
+    steps = tab.steps("on_edit", ids, cid, "", evt=edit)
+    assert len(steps) > 2, "the new reply is not streamed"
+    final = steps[-1]
+    assert tab.shown(final) == ["name a fruit", "NAME A FRUIT\n\n*— chatfb-base*", "and a vegetable",
+                                "a leek\n\n*— chatfb-base*"]
+    new_ids = final[tab.fn("on_edit").outputs[3]]["value"]
+    assert new_ids[:2] == ids[:2] and new_ids[2:] != ids[2:]
+    assert tab.client.history[-1]["messages"][-1] == {"role": "user", "content": "and a vegetable"}
+    # the old branch stays stored, replaced; a reload shows the new one
+    kept = tab.rt.store.messages(cid, include_replaced=True)
+    assert [(m["content"], m["replaced"]) for m in kept[2:4]] == [("and a colour", True), ("AND A COLOUR", True)]
+    assert tab.shown(tab.call("on_load", tab.KEY))[2:] == tab.shown(final)[2:]
+    # a message no longer in view cannot be edited again
+    stale = tab.call("on_edit", ids, cid, "", evt=edit)
+    assert stale["fb-status"]["value"].startswith("⚠️ Only your own messages")
 
 
 def test_dismiss_takes_the_revision_out_of_the_conversation(tab):
