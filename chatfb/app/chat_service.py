@@ -253,7 +253,6 @@ class ChatService:
         return self._stream(mid, model, [g["text"] for g in rules])
 
     def _stream(self, mid: str, model: str, rules: list[str]) -> Iterator[ReplyUpdate]:
-        s = self.settings
         result = StreamResult()
         status, error = "stopped", None
         self._live[mid] = result
@@ -264,8 +263,7 @@ class ChatService:
                 log.warning("reply %s not sent: the model is unavailable: %s", mid, why)
             else:
                 messages = guidelines.apply(self.store.history_before(mid), rules)
-                for _ in self.client.stream_chat(messages, model, s.max_tokens, s.temperature, s.top_p, result):
-                    yield ReplyUpdate(mid, result.text, model)
+                yield from self._generate(mid, messages, model, constraints.guideline_regex(rules), result)
                 status = "ok"
         except ModelError as e:
             status, error = "failed", str(e)
@@ -283,6 +281,21 @@ class ChatService:
             log.info("reply %s %s model=%s ttft_ms=%s tokens=%s", mid, status, model,
                      None if result.ttft_ms is None else round(result.ttft_ms), result.completion_tokens)
         yield ReplyUpdate(mid, result.text, model, done=True, error=error if status == "failed" else None)
+
+    def _generate(self, mid: str, messages: list[dict], model: str, regex: str | None,
+                  result: StreamResult) -> Iterator[ReplyUpdate]:
+        """Stream the reply, held to `regex` (a guideline's shape) when there is one. A server that refuses
+        structured outputs (400, before any text) is asked again without: the guideline is still in the prompt."""
+        s = self.settings
+        try:
+            for _ in self.client.stream_chat(messages, model, s.max_tokens, s.temperature, s.top_p, result, regex=regex):
+                yield ReplyUpdate(mid, result.text, model)
+        except ModelError as e:
+            if regex is None or e.status != 400 or result.text:
+                raise
+            log.warning("reply %s: structured outputs refused (%s); answering without the guideline's regex", mid, e)
+            for _ in self.client.stream_chat(messages, model, s.max_tokens, s.temperature, s.top_p, result):
+                yield ReplyUpdate(mid, result.text, model)
 
     def stop(self, session_id: str, conversation_id: str | None) -> None:
         """The user pressed Stop: store what each of the conversation's pending replies has said so
