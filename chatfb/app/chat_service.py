@@ -287,8 +287,9 @@ class ChatService:
         """Stream the reply, held to `regex` (a guideline's shape) when there is one. A server that refuses
         structured outputs (400, before any text) is asked again without: the guideline is still in the prompt."""
         s = self.settings
+        held = {"regex": regex} if regex else {}  # clients without structured outputs are asked as before
         try:
-            for _ in self.client.stream_chat(messages, model, s.max_tokens, s.temperature, s.top_p, result, regex=regex):
+            for _ in self.client.stream_chat(messages, model, s.max_tokens, s.temperature, s.top_p, result, **held):
                 yield ReplyUpdate(mid, result.text, model)
         except ModelError as e:
             if regex is None or e.status != 400 or result.text:

@@ -20,6 +20,7 @@ from collections import OrderedDict
 import gradio as gr
 
 from chatfb.ui.admin_tab import build as build_admin_tab
+from chatfb.ui.api_types import takes_ids
 from chatfb.app.chat_service import ChatInputError
 from chatfb.serving.adapters import model_label
 from chatfb.critique.guidelines import looks_like_rule
@@ -238,23 +239,23 @@ class ChatTab:
                 self.delete_conv = gr.Button("Delete", variant="stop", elem_id="delete-conversation")
 
         with gr.Tab("Chat"):
-            self.chatbot = gr.Chatbot(elem_id="chatbot", height=420, feedback_options=("Like", "Dislike", "Critique"),
+            self.chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=420, feedback_options=("Like", "Dislike", "Critique"),
                                       editable="all")
             # Feedback happens here, under the conversation: confirmations, the offered revision's
             # buttons, and the critique box (opened from a reply's flag menu).
-            self.fb_status = gr.Markdown("", elem_id="fb-status")
+            self.fb_status = gr.Markdown("", label="Status", show_label=False, elem_id="fb-status")
             with gr.Group(visible=False, elem_id="revision-panel") as self.revision_panel:
-                self.revision_note = gr.Markdown("", elem_id="revision-status")
+                self.revision_note = gr.Markdown("", label="Revision status", show_label=False, elem_id="revision-status")
                 with gr.Row():
                     self.accept = gr.Button("Accept", variant="primary", elem_id="accept-revision")
                     self.edit = gr.Button("Edit", elem_id="edit-revision")
                     self.again = gr.Button("Try again", elem_id="retry-revision")
                     self.dismiss = gr.Button("Dismiss", elem_id="dismiss-revision")
-                self.revision = gr.Textbox(show_label=False, lines=4, interactive=False, visible=False,
+                self.revision = gr.Textbox(label="Proposed revision", show_label=False, lines=4, interactive=False, visible=False,
                                            elem_id="revision")
             with gr.Group(visible=False, elem_id="critique-panel") as self.critique_panel:
                 self.target = gr.Markdown("*Feedback goes to the latest reply; click a reply to pick another.*",
-                                          elem_id="fb-target")
+                                          label="Feedback target", show_label=False, elem_id="fb-target")
                 self.critique = gr.Textbox(label="Critique (what was wrong, in plain words)", elem_id="critique")
                 with gr.Row():
                     self.keep = gr.Checkbox(label="Apply from now on (keep as my guideline)", elem_id="keep-guideline")
@@ -269,7 +270,7 @@ class ChatTab:
                         "✏️ on your own message sends it again as edited (a new branch).*",
                         elem_id="chat-help")
             with gr.Row():
-                self.msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
+                self.msg = gr.Textbox(label="Message", placeholder="Type a message and press Enter", show_label=False, scale=6,
                                       elem_id="msg", max_lines=8)
                 self.send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
             with gr.Row():
@@ -278,16 +279,17 @@ class ChatTab:
                 self.new = gr.Button("New conversation", elem_id="new")
                 self.open_critique = gr.Button("Critique a reply", elem_id="open-critique")
             with gr.Accordion("System prompt", open=False):
-                self.system = gr.Textbox(value=s.system_prompt, show_label=False, lines=2, elem_id="system")
+                self.system = gr.Textbox(value=s.system_prompt, label="System prompt", show_label=False, lines=2, elem_id="system")
             with gr.Accordion("Your guidelines", open=False, elem_id="guidelines-panel"):
-                self.rules_view = gr.Markdown(guidelines_markdown([]), elem_id="guidelines-list")
+                self.rules_view = gr.Markdown(guidelines_markdown([]), label="Your guidelines", show_label=False,
+                                              elem_id="guidelines-list")
                 with gr.Row():
                     self.rule_text = gr.Textbox(label="New guideline", scale=4, elem_id="guideline-text",
                                                 placeholder="e.g. Always answer in British English")
                     self.add_rule = gr.Button("Add", scale=1, elem_id="add-guideline")
                 with gr.Row():
-                    self.rule_pick = gr.Dropdown(label="Remove a guideline", choices=[], scale=4,
-                                                 elem_id="guideline-pick")
+                    self.rule_pick = takes_ids(gr.Dropdown(label="Remove a guideline", choices=[], scale=4,
+                                                           elem_id="guideline-pick"))  # by id, to the API
                     self.remove_rule = gr.Button("Remove", scale=1, elem_id="remove-guideline")
             with gr.Accordion("More feedback", open=False):
                 with gr.Row():
@@ -725,10 +727,10 @@ class ChatTab:
         return {self.fb_status: "✅ Guideline saved: it applies to your next replies.", self.rule_text: "",
                 **self.rules_outputs(session, user)}
 
-    def on_remove_guideline(self, gid, request: gr.Request):
+    def on_remove_guideline(self, guideline_id, request: gr.Request):
         session, user = self.sessions(request)
         try:
-            self.chat.remove_guideline(session, gid, user)
+            self.chat.remove_guideline(session, guideline_id, user)
         except ChatInputError as e:
             return {self.fb_status: f"⚠️ {e}"}
         return {self.fb_status: "Guideline removed.", **self.rules_outputs(session, user)}
