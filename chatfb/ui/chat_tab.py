@@ -34,9 +34,13 @@ CHAT_CONCURRENCY_ID = "chat"
 
 
 def inert(text: str) -> str:
-    """Show user and model text as text: HTML escaped, script URLs defused; markdown still renders."""
+    """Show user and model text as text: HTML escaped, script URLs defused, images shown as links (a
+    markdown image makes every reader's browser fetch its URL: a tracking pixel, or a conversation's
+    secret in its query string); other markdown still renders. The "!" of "![" becomes a character
+    reference, which markdown reads as text, never as syntax."""
     text = html.escape(text or "", quote=False)
-    return re.sub(r"(?i)\b(javascript|vbscript|data)\s*:", r"\1&#58;", text)
+    text = re.sub(r"(?i)\b(javascript|vbscript|data)\s*:", r"\1&#58;", text)
+    return text.replace("![", "&#33;[")
 
 
 # The page's own CSS and script (passed to launch()). Gradio's edit box (✏️ on a message) sizes itself to
@@ -51,11 +55,11 @@ PAGE_CSS = """
 PAGE_JS = r"""
 () => {
     const label = /(?:\s*\*\(stopped\)\*)?\s*\n\n\*— [^\n]*\*\s*$/;
-    const entities = {"&lt;": "<", "&gt;": ">", "&amp;": "&", "&#58;": ":"};
+    const entities = {"&lt;": "<", "&gt;": ">", "&amp;": "&", "&#58;": ":", "&#33;": "!"};
     const clean = (box) => {
         if (box.dataset.chatfbClean) return;
         box.dataset.chatfbClean = "1";
-        box.value = box.value.replace(label, "").replace(/&(lt|gt|amp|#58);/g, (e) => entities[e]);
+        box.value = box.value.replace(label, "").replace(/&(lt|gt|amp|#58|#33);/g, (e) => entities[e]);
         box.dispatchEvent(new Event("input", {bubbles: true}));
     };
     new MutationObserver(() => setTimeout(() => {

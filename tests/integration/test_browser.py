@@ -228,9 +228,10 @@ def test_edit_in_place_is_the_correction(browser, app):
 def test_the_edit_box_is_wide_with_the_text_and_an_own_message_edited_makes_a_new_branch(browser, app):
     ctx, page = open_chat(browser, app)
     tag = uuid.uuid4().hex[:6]
-    question = f"What are volcanoes & geysers <{tag}>?"
+    question = f"What are volcanoes & geysers <{tag}>? ![pixel](http://127.0.0.1:9/{tag}.png)"
     send(page, question)
     last_bot_done(page)
+    assert page.locator(f"#chatbot img[src*='{tag}']").count() == 0, "a markdown image in the chat was fetched"
     chat_width = page.locator("#chatbot").bounding_box()["width"]
     page.locator("#chatbot button[aria-label='Edit']").last.click()  # the reply's edit box
     box = page.locator("#chatbot textarea")
