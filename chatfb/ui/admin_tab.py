@@ -513,9 +513,9 @@ def build(rt: Runtime) -> None:
         unlocked.change(lambda ok: policy_line(admin) if ok else gr.update(), [unlocked], [trust_line],
                         api_visibility="private")
         load_review.click(review_views, [unlocked], review_outputs, api_visibility="private")
-        for button, decision in ((approve_r, "approved"), (reject_r, "rejected")):
+        for button, decision, api_name in ((approve_r, "approved", "review_approve"), (reject_r, "rejected", "review_reject")):
             button.click(guarded(lambda feedback_ids, decision=decision: decide_review(admin, feedback_ids, decision)),
-                         [unlocked, review_pick], [action_msg], api_name=f"review_{decision[:-1]}").then(
+                         [unlocked, review_pick], [action_msg], api_name=api_name).then(
                 review_views, [unlocked], review_outputs, api_visibility="private")
         timer = gr.Timer(3.0)
         timer.tick(lambda ok: training_progress(admin) if ok else (gr.update(), gr.update()), [unlocked],

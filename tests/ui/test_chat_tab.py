@@ -154,7 +154,8 @@ def test_every_public_endpoint_names_its_parameters_and_returns(settings):
         rt.store.close()
     assert info["unnamed_endpoints"] == {}
     endpoints = info["named_endpoints"]
-    assert {"/send", "/revise", "/remove_guideline", "/promote", "/approve_guideline", "/review_approve"} <= set(endpoints)
+    assert {"/send", "/revise", "/remove_guideline", "/promote", "/approve_guideline", "/review_approve",
+            "/review_reject"} <= set(endpoints)
     bad = []
     for name, ep in endpoints.items():
         for p in ep["parameters"]:
