@@ -53,7 +53,7 @@ def install_shutdown_handlers(rt) -> None:
 
 def serve(settings: Settings, block: bool = True):
     from chatfb.app.runtime import Runtime
-    from chatfb.ui.chat_tab import build_ui
+    from chatfb.ui.chat_tab import PAGE_CSS, PAGE_JS, build_ui
     from chatfb.ui.openai_api import api_routes
 
     settings = space_settings(settings)
@@ -66,7 +66,7 @@ def serve(settings: Settings, block: bool = True):
     try:
         # the OpenAI-compatible API (docs/api.md) on the same port, its routes ahead of Gradio's
         demo.launch(server_name=server_name, show_error=False, prevent_thread_lock=not block,
-                    footer_links=["api", "gradio"], app_kwargs={"routes": api_routes(rt)})
+                    footer_links=["api", "gradio"], app_kwargs={"routes": api_routes(rt)}, css=PAGE_CSS, js=PAGE_JS)
     finally:
         if block:
             rt.close()

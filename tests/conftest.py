@@ -60,9 +60,14 @@ class FakeModelClient:
             raise item
         return item
 
-    def stream_chat(self, messages, model, max_tokens=256, temperature=0.7, top_p=0.95, result=None):
-        self.history.append({"messages": messages, "model": model})
+    def stream_chat(self, messages, model, max_tokens=256, temperature=0.7, top_p=0.95, result=None, regex=None):
+        """A queued reply, word by word. With `regex`, as a server honouring structured outputs (see complete_choices)."""
+        import re
+
+        self.history.append({"messages": messages, "model": model, "regex": regex})
         text = self._next()
+        if regex is not None and not re.fullmatch(regex, text):
+            raise AssertionError(f"a server holding to {regex!r} could not reply {text!r}")
         for word in text.split(" "):
             piece = word if not result.text else " " + word
             result.text += piece

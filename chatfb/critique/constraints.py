@@ -91,6 +91,21 @@ def format_regex(critique: str) -> str | None:
     return None
 
 
+def guideline_regex(texts: list[str]) -> str | None:
+    """The regex every reply is held to under these guidelines: the shape of the one guideline that
+    states a literal, checkable shape (`format_regex`), or None when none does, or several do (two
+    shapes are not composed). An address may sit anywhere in a reply of several lines (a critique's
+    regex asks for one line with it: a revision of one reply, not every reply from now on)."""
+    shaped = [t for t in dict.fromkeys(texts) if format_regex(t)]
+    if len(shaped) != 1:
+        return None
+    addresses = _ADDRESS.findall(shaped[0])
+    if addresses:
+        lines = f"({LINE}{{0,300}}\\n){{0,8}}"
+        return f"{lines}{LINE}{{0,300}}{escape(addresses[0].rstrip('.,;:!?)'))}{LINE}{{0,300}}(\\n{LINE}{{0,300}}){{0,8}}"
+    return format_regex(shaped[0])
+
+
 def escape(text: str) -> str:
     """`text` as a regex literal, escaping only the characters every regex dialect treats as special."""
     return re.sub(r"([\\.^$*+?{}\[\]|()])", r"\\\1", text)

@@ -3,7 +3,9 @@
 A user's own guidelines apply to their next replies at once; a guideline for everyone applies only
 after an admin approved it. Guideline text is user data: it reaches the model quoted, inside one
 fixed instruction appended to the system prompt of the requests it applies to, and never as a
-system prompt of its own. The nightly cycle distils approved guidelines into the adapter
+system prompt of its own. A guideline with a literal, checkable shape (an opening or closing phrase,
+a line marker, an address) is also applied by construction: the reply is held to its regex
+(chatfb.critique.constraints.guideline_regex, vLLM structured outputs). The nightly cycle distils approved guidelines into the adapter
 (replies made with the guideline in context, trained without it), so prompts need not grow forever.
 """
 
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 import re
 
-PREAMBLE = "The user asked you to follow these preferences in every answer (quoted as they wrote them):"
+# Short and imperative: a small model continued the earlier, longer header ("The user asked you to follow
+# these preferences in every answer (quoted as they wrote them):") by reciting it and inventing preferences.
+PREAMBLE = "Follow these rules in every reply:"
 # What reads like a lasting rule rather than a remark on one reply: suggest "apply from now on".
 RULE = re.compile(
     r"\b(?:always|never|every time|from now on|in future|in the future|each time|whenever|by default|"

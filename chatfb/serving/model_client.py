@@ -77,12 +77,14 @@ class ModelClient:
 
     # -- generation -----------------------------------------------------------------------
     def stream_chat(self, messages: list[dict], model: str, max_tokens: int = 256, temperature: float = 0.7,
-                    top_p: float = 0.95, result: StreamResult | None = None) -> Iterator[str]:
-        """Yield text deltas; fills `result` (timings, token counts) as it goes."""
+                    top_p: float = 0.95, result: StreamResult | None = None, regex: str | None = None) -> Iterator[str]:
+        """Yield text deltas; fills `result` (timings, token counts) as it goes. `regex`: the reply matches
+        it (vLLM structured outputs, as in `complete_choices`)."""
         result = result if result is not None else StreamResult()
+        extra = {"extra_body": {"structured_outputs": {"regex": regex}}} if regex else {}
         try:
             for chunk in self._chunks(model=model, messages=messages, max_tokens=max_tokens, temperature=temperature,
-                                      top_p=top_p, stream_options={"include_usage": True}):
+                                      top_p=top_p, stream_options={"include_usage": True}, **extra):
                 if chunk.usage:
                     result.prompt_tokens = chunk.usage.prompt_tokens
                     result.completion_tokens = chunk.usage.completion_tokens

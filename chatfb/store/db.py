@@ -269,7 +269,7 @@ class Store:
         """A session's conversations that have messages, the most recently active first: id, title (the
         one given, else the first message), created_at, last_at (its newest message)."""
         rows = self._q("SELECT c.id, COALESCE(c.title, (SELECT m.content FROM messages m WHERE m.conversation_id = c.id"
-                       " ORDER BY m.seq LIMIT 1)), c.created_at, (SELECT max(m.created_at) FROM messages m"
+                       " AND NOT m.replaced ORDER BY m.seq LIMIT 1)), c.created_at, (SELECT max(m.created_at) FROM messages m"
                        " WHERE m.conversation_id = c.id) AS last_at FROM conversations c WHERE c.session_id = ? AND"
                        " EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id)"
                        " ORDER BY last_at DESC, c.id LIMIT ?", (session_id, limit))
@@ -301,16 +301,24 @@ class Store:
         return mid
 
     def add_turn(self, conversation_id: str, user_text: str, model: str | None = None,
-                 adapter: str | None = None, guidelines: list[str] | None = None) -> tuple[str, str]:
+                 adapter: str | None = None, guidelines: list[str] | None = None,
+                 replaces: str | None = None) -> tuple[str, str]:
         """Log a user message and the pending reply to it as one transaction (one commit, not two,
-        before the model is asked). Returns (user message id, reply id)."""
+        before the model is asked). Returns (user message id, reply id).
+
+        `replaces`: a user message this one edits. The conversation goes on from the edit (a new
+        branch): that message and every message after it are marked replaced, kept, and no longer shown."""
         now = utcnow()
         ids = new_id(), new_id()
-        self._tx([(_INSERT_MESSAGE, (ids[0], conversation_id, self._next_seq(conversation_id), "user", user_text, "ok",
-                                     None, None, None, now, None)),
-                  (_INSERT_MESSAGE, (ids[1], conversation_id, self._next_seq(conversation_id), "assistant", "", "pending",
-                                     model, adapter, None, now, json.dumps(guidelines) if guidelines else None))],
-                 independent=True)  # fresh ids
+        stmts = [(_INSERT_MESSAGE, (ids[0], conversation_id, self._next_seq(conversation_id), "user", user_text, "ok",
+                                    None, None, replaces, now, None)),
+                 (_INSERT_MESSAGE, (ids[1], conversation_id, self._next_seq(conversation_id), "assistant", "", "pending",
+                                    model, adapter, None, now, json.dumps(guidelines) if guidelines else None))]
+        if replaces:  # first, so the new turn (numbered after the old branch) is not marked with it
+            stmts.insert(0, ("UPDATE messages SET replaced = TRUE WHERE conversation_id = ? AND NOT replaced AND seq >="
+                             " (SELECT seq FROM messages WHERE id = ? AND conversation_id = ?)",
+                             (conversation_id, replaces, conversation_id)))
+        self._tx(stmts, independent=not replaces)  # fresh ids; an edit also marks older rows: alone
         return ids
 
     def _next_seq(self, conversation_id: str) -> int:
@@ -347,18 +355,24 @@ class Store:
         return [_msg(r) for r in rows]
 
     def history_before(self, message_id: str) -> list[dict]:
-        """The chat messages a reply was generated from: system prompt + earlier ok, non-replaced turns."""
+        """The chat messages a reply was generated from: system prompt + the earlier ok turns of its own
+        branch. The conversation is replayed up to the reply: a regenerated reply drops the one it
+        replaces, an edited user message drops the message it edits and what followed it, so a reply
+        of an old branch keeps the history it was answered from."""
         m = self.message(message_id)
         if m is None:
             raise StoreError("unknown message")
         conv = self.conversation(m["conversation_id"])
-        out = [{"role": "system", "content": conv["system_prompt"]}] if conv["system_prompt"] else []
-        for r in self.messages(m["conversation_id"]):
-            if r["seq"] >= m["seq"]:
+        branch: list[dict] = []
+        for r in self.messages(m["conversation_id"], include_replaced=True):
+            if r["seq"] > m["seq"]:
                 break
-            if r["status"] == "ok":
-                out.append({"role": r["role"], "content": r["content"]})
-        return out
+            cut = next((i for i, b in enumerate(branch) if b["id"] == r["replaces"]), None) if r["replaces"] else None
+            if cut is not None:
+                del branch[cut:]
+            branch.append(r)
+        out = [{"role": "system", "content": conv["system_prompt"]}] if conv["system_prompt"] else []
+        return out + [{"role": r["role"], "content": r["content"]} for r in branch[:-1] if r["status"] == "ok"]
 
     # -- feedback ---------------------------------------------------------------------------
     def log_feedback(self, message_id: str, kind: str, rating: int | None = None, text: str | None = None,

@@ -9,6 +9,7 @@ passwords are throttled per client address and overall (`unlock_admin`, chatfb.u
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
@@ -23,6 +24,7 @@ from chatfb.app.runtime import Runtime
 from chatfb.learning.gate import GateReport
 from chatfb.serving.adapters import AdapterError
 from chatfb.serving.model_client import ModelError
+from chatfb.ui.api_types import takes_ids
 from chatfb.ui.throttle import GuessThrottle
 
 log = logging.getLogger(__name__)
@@ -390,7 +392,7 @@ def build(rt: Runtime) -> None:
             unlock = gr.Button("Unlock", elem_id="admin-unlock")
             if s.admin_hf_user_list:
                 gr.LoginButton()
-        login_msg = gr.Markdown("")
+        login_msg = gr.Markdown("", label="Login status", show_label=False)
         with gr.Column(visible=False) as panel:
             with gr.Row():
                 train = gr.Button("Train now", variant="primary", elem_id="train-now")
@@ -399,7 +401,7 @@ def build(rt: Runtime) -> None:
                 rollback = gr.Button("Roll back")
                 name = gr.Textbox(label="Adapter to promote", placeholder="chatfb-v0001", scale=1)
                 promote = gr.Button("Promote")
-            action_msg = gr.Markdown("", elem_id="admin-msg")
+            action_msg = gr.Markdown("", label="Outcome", show_label=False, elem_id="admin-msg")
             progress = gr.Markdown("", elem_id="train-progress")
             train_log = gr.Textbox(label="Learning cycle log", lines=8, max_lines=8, interactive=False)
             table = gr.Dataframe(label="Adapter versions", interactive=False)
@@ -418,8 +420,9 @@ def build(rt: Runtime) -> None:
                 guide_table = gr.Dataframe(label="Suggested and approved guidelines", interactive=False,
                                            elem_id="admin-guidelines")
                 with gr.Row():
-                    guide_id = gr.Dropdown(label="Guideline (pick by its text)", choices=[], scale=2, elem_id="admin-guideline-id",
-                                           allow_custom_value=True)  # the API and CLI name it by id
+                    guide_id = takes_ids(gr.Dropdown(label="Guideline (pick by its text)", choices=[], scale=2,
+                                                     elem_id="admin-guideline-id",
+                                                     allow_custom_value=True))  # the API and CLI name it by id
                     guide_text = gr.Textbox(label="New text (Edit)", scale=3)
                     approve_g = gr.Button("Approve", elem_id="admin-approve-guideline")
                     edit_g = gr.Button("Edit")
@@ -433,7 +436,8 @@ def build(rt: Runtime) -> None:
                 load_review = gr.Button("Load the review queue")
                 review_table = gr.Dataframe(label="Waiting rows, grouped by what they would teach", interactive=False,
                                             wrap=True, elem_id="admin-review")
-                review_pick = gr.CheckboxGroup(label="Select rows", choices=[], elem_id="admin-review-pick")
+                review_pick = takes_ids(gr.CheckboxGroup(label="Select rows", choices=[], elem_id="admin-review-pick"),
+                                        many=True)
                 with gr.Row():
                     approve_r = gr.Button("Approve selected", elem_id="admin-review-approve")
                     reject_r = gr.Button("Reject selected", elem_id="admin-review-reject")
@@ -476,6 +480,10 @@ def build(rt: Runtime) -> None:
                     return fn(*args)
                 except (AdminError, AdapterError, ModelError) as e:
                     return f"⚠️ {e}"
+            # the API names run's parameters after fn's (`*args` would be param_1, param_2 ...)
+            unlocked_flag = inspect.Parameter("ok", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            run.__signature__ = inspect.signature(fn).replace(
+                parameters=[unlocked_flag, *inspect.signature(fn).parameters.values()])
             return run
 
         def on_train():
@@ -521,7 +529,7 @@ def build(rt: Runtime) -> None:
         for event in (unlocked.change, refresh.click):
             event(lambda ok: candidates_frame(admin) if ok else gr.update(), [unlocked], [cand_table], api_visibility="private")
         for button, action in ((approve_g, "approve"), (edit_g, "edit"), (retire_g, "retire")):
-            button.click(guarded(lambda gid, text, action=action: set_guideline(admin, gid, action, text)),
+            button.click(guarded(lambda guideline_id, text, action=action: set_guideline(admin, guideline_id, action, text)),
                          [unlocked, guide_id, guide_text], [action_msg], api_name=f"{action}_guideline").then(
                 guidelines_views, [unlocked], [guide_table, guide_id], api_visibility="private")
         refresh.click(guidelines_views, [unlocked], [guide_table, guide_id], api_visibility="private")
@@ -539,9 +547,9 @@ def build(rt: Runtime) -> None:
         load_review.click(review_views, [unlocked], review_outputs, api_visibility="private")
         load_uptake.click(lambda ok, n: uptake_view(admin, n) if ok else ("⚠️ Unlock first.", gr.update(), gr.update()),
                           [unlocked, uptake_name], [uptake_head, uptake_clusters, uptake_items], api_visibility="private")
-        for button, decision in ((approve_r, "approved"), (reject_r, "rejected")):
-            button.click(guarded(lambda ids, decision=decision: decide_review(admin, ids, decision)),
-                         [unlocked, review_pick], [action_msg], api_name=f"review_{decision[:-1]}").then(
+        for button, decision, api_name in ((approve_r, "approved", "review_approve"), (reject_r, "rejected", "review_reject")):
+            button.click(guarded(lambda feedback_ids, decision=decision: decide_review(admin, feedback_ids, decision)),
+                         [unlocked, review_pick], [action_msg], api_name=api_name).then(
                 review_views, [unlocked], review_outputs, api_visibility="private")
         timer = gr.Timer(3.0)
         timer.tick(lambda ok: training_progress(admin) if ok else (gr.update(), gr.update()), [unlocked],

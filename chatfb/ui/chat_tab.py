@@ -20,6 +20,7 @@ from collections import OrderedDict
 import gradio as gr
 
 from chatfb.ui.admin_tab import build as build_admin_tab
+from chatfb.ui.api_types import takes_ids
 from chatfb.app.chat_service import ChatInputError, client_key
 from chatfb.serving.adapters import model_label
 from chatfb.critique.guidelines import looks_like_rule
@@ -33,9 +34,39 @@ CHAT_CONCURRENCY_ID = "chat"
 
 
 def inert(text: str) -> str:
-    """Show user and model text as text: HTML escaped, script URLs defused; markdown still renders."""
+    """Show user and model text as text: HTML escaped, script URLs defused, images shown as links (a
+    markdown image makes every reader's browser fetch its URL: a tracking pixel, or a conversation's
+    secret in its query string); other markdown still renders. The "!" of "![" becomes a character
+    reference, which markdown reads as text, never as syntax."""
     text = html.escape(text or "", quote=False)
-    return re.sub(r"(?i)\b(javascript|vbscript|data)\s*:", r"\1&#58;", text)
+    text = re.sub(r"(?i)\b(javascript|vbscript|data)\s*:", r"\1&#58;", text)
+    return text.replace("![", "&#33;[")
+
+
+# The page's own CSS and script (passed to launch()). Gradio's edit box (✏️ on a message) sizes itself to
+# the message and at least 160 px, and opens with the markdown the chat shows: text escaped by `inert`
+# and the model's name under it. The box takes the chat's width instead, and opens with the message's
+# text alone (the server strips the same label again, see `edited_text`).
+PAGE_CSS = """
+#chatbot .message-row:has(.edit-textarea) { align-self: stretch; max-width: 100%; }
+#chatbot .message-row:has(.edit-textarea) div:has(.edit-textarea) { width: 100%; }
+#chatbot .edit-textarea { width: 100% !important; box-sizing: border-box; }
+"""
+PAGE_JS = r"""
+() => {
+    const label = /(?:\s*\*\(stopped\)\*)?\s*\n\n\*— [^\n]*\*\s*$/;
+    const entities = {"&lt;": "<", "&gt;": ">", "&amp;": "&", "&#58;": ":", "&#33;": "!"};
+    const clean = (box) => {
+        if (box.dataset.chatfbClean) return;
+        box.dataset.chatfbClean = "1";
+        box.value = box.value.replace(label, "").replace(/&(lt|gt|amp|#58|#33);/g, (e) => entities[e]);
+        box.dispatchEvent(new Event("input", {bubbles: true}));
+    };
+    new MutationObserver(() => setTimeout(() => {
+        document.querySelectorAll("#chatbot textarea.edit-textarea").forEach(clean);
+    }, 0)).observe(document.body, {childList: true, subtree: true});
+}
+"""
 
 
 REVISION_TITLE = "✍️ Proposed revision of the reply above: Accept · Edit · Try again · Dismiss"
@@ -216,23 +247,23 @@ class ChatTab:
                 self.delete_conv = gr.Button("Delete", variant="stop", elem_id="delete-conversation")
 
         with gr.Tab("Chat"):
-            self.chatbot = gr.Chatbot(elem_id="chatbot", height=420, feedback_options=("Like", "Dislike", "Critique"),
+            self.chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=420, feedback_options=("Like", "Dislike", "Critique"),
                                       editable="all")
             # Feedback happens here, under the conversation: confirmations, the offered revision's
             # buttons, and the critique box (opened from a reply's flag menu).
-            self.fb_status = gr.Markdown("", elem_id="fb-status")
+            self.fb_status = gr.Markdown("", label="Status", show_label=False, elem_id="fb-status")
             with gr.Group(visible=False, elem_id="revision-panel") as self.revision_panel:
-                self.revision_note = gr.Markdown("", elem_id="revision-status")
+                self.revision_note = gr.Markdown("", label="Revision status", show_label=False, elem_id="revision-status")
                 with gr.Row():
                     self.accept = gr.Button("Accept", variant="primary", elem_id="accept-revision")
                     self.edit = gr.Button("Edit", elem_id="edit-revision")
                     self.again = gr.Button("Try again", elem_id="retry-revision")
                     self.dismiss = gr.Button("Dismiss", elem_id="dismiss-revision")
-                self.revision = gr.Textbox(show_label=False, lines=4, interactive=False, visible=False,
+                self.revision = gr.Textbox(label="Proposed revision", show_label=False, lines=4, interactive=False, visible=False,
                                            elem_id="revision")
             with gr.Group(visible=False, elem_id="critique-panel") as self.critique_panel:
                 self.target = gr.Markdown("*Feedback goes to the latest reply; click a reply to pick another.*",
-                                          elem_id="fb-target")
+                                          label="Feedback target", show_label=False, elem_id="fb-target")
                 self.critique = gr.Textbox(label="Critique (what was wrong, in plain words)", elem_id="critique")
                 with gr.Row():
                     self.keep = gr.Checkbox(label="Apply from now on (keep as my guideline)", elem_id="keep-guideline")
@@ -243,10 +274,11 @@ class ChatTab:
                                                    elem_id="send-critique")
                     self.save_critique = gr.Button("Save the critique only", elem_id="save-critique")
                     self.close_critique = gr.Button("Close", elem_id="close-critique")
-            gr.Markdown("*On any reply: 👍/👎, the flag menu's **Critique**, or ✏️ edit the reply to correct it.*",
+            gr.Markdown("*On any reply: 👍/👎, the flag menu's **Critique**, or ✏️ edit the reply to correct it. "
+                        "✏️ on your own message sends it again as edited (a new branch).*",
                         elem_id="chat-help")
             with gr.Row():
-                self.msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
+                self.msg = gr.Textbox(label="Message", placeholder="Type a message and press Enter", show_label=False, scale=6,
                                       elem_id="msg", max_lines=8)
                 self.send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
             with gr.Row():
@@ -255,16 +287,17 @@ class ChatTab:
                 self.new = gr.Button("New conversation", elem_id="new")
                 self.open_critique = gr.Button("Critique a reply", elem_id="open-critique")
             with gr.Accordion("System prompt", open=False):
-                self.system = gr.Textbox(value=s.system_prompt, show_label=False, lines=2, elem_id="system")
+                self.system = gr.Textbox(value=s.system_prompt, label="System prompt", show_label=False, lines=2, elem_id="system")
             with gr.Accordion("Your guidelines", open=False, elem_id="guidelines-panel"):
-                self.rules_view = gr.Markdown(guidelines_markdown([]), elem_id="guidelines-list")
+                self.rules_view = gr.Markdown(guidelines_markdown([]), label="Your guidelines", show_label=False,
+                                              elem_id="guidelines-list")
                 with gr.Row():
                     self.rule_text = gr.Textbox(label="New guideline", scale=4, elem_id="guideline-text",
                                                 placeholder="e.g. Always answer in British English")
                     self.add_rule = gr.Button("Add", scale=1, elem_id="add-guideline")
                 with gr.Row():
-                    self.rule_pick = gr.Dropdown(label="Remove a guideline", choices=[], scale=4,
-                                                 elem_id="guideline-pick")
+                    self.rule_pick = takes_ids(gr.Dropdown(label="Remove a guideline", choices=[], scale=4,
+                                                           elem_id="guideline-pick"))  # by id, to the API
                     self.remove_rule = gr.Button("Remove", scale=1, elem_id="remove-guideline")
             with gr.Accordion("More feedback", open=False):
                 with gr.Row():
@@ -299,7 +332,13 @@ class ChatTab:
             event.then(self.on_list_conversations, [self.conv_id], [self.conv_list], **private)
         retry_event = self.retry.click(self.on_retry, [self.system, self.conv_id], chat_outputs,
                                        concurrency_id=CHAT_CONCURRENCY_ID, api_name="retry")
-        self.stop.click(None, cancels=[send_event, click_event, retry_event], **private).then(
+        edit_event = self.chatbot.edit(self.on_edit, [self.ids, self.conv_id, self.system],
+                                       [self.fb_status, self.chatbot, self.conv_id, self.ids, self.selected,
+                                        self.target, self.revision_panel, self.revision_note, self.revision,
+                                        self.candidate_id],
+                                       concurrency_id=CHAT_CONCURRENCY_ID, **private)
+        edit_event.then(self.on_list_conversations, [self.conv_id], [self.conv_list], **private)  # its title
+        self.stop.click(None, cancels=[send_event, click_event, retry_event, edit_event], **private).then(
             self.on_stop, [self.conv_id], [self.chatbot, self.ids], **private)
         new_outputs = chat_outputs + [self.fb_status, self.revision_panel, self.critique_panel, self.candidate_id,
                                       self.critique_id, self.conv_list, self.conv_title]
@@ -309,9 +348,6 @@ class ChatTab:
         self.chatbot.like(self.on_like, [self.ids, self.conv_id],
                           [self.fb_status, self.selected, self.target, self.critique_panel, self.chatbot, self.ids],
                           **private)
-        self.chatbot.edit(self.on_edit, [self.ids, self.conv_id],
-                          [self.fb_status, self.chatbot, self.ids, self.selected, self.target, self.revision_panel,
-                           self.revision_note, self.revision, self.candidate_id], **private)
         self.open_critique.click(self.on_open_critique, [self.selected, self.ids],
                                  [self.critique_panel, self.selected, self.target], **private)
         self.close_critique.click(self.on_close_critique, None, [self.critique_panel], **private)
@@ -548,26 +584,44 @@ class ChatTab:
         return {**out, self.selected: mid, self.target: self.target_text(session, mid), self.chatbot: shown,
                 self.ids: id_list}
 
-    def on_edit(self, id_list, cid, evt: gr.EditData, request: gr.Request):
+    def on_edit(self, id_list, cid, system_prompt, evt: gr.EditData, request: gr.Request):
         """Editing a reply in place is its correction; editing the proposed revision accepts it as
-        edited. The widget edits a reply and its revision together: what is unchanged is not news."""
+        edited; editing one's own message sends it again, and the conversation goes on from it (a new
+        branch, streamed). The widget edits a reply and its revision together: what is unchanged is
+        not news."""
         session, user = self.sessions(request)
         text = edited_text(evt.value)
         if text == edited_text(evt.previous_value):
-            return {}
+            yield {}
+            return
         entry = id_list[evt.index] if isinstance(evt.index, int) and 0 <= evt.index < len(id_list) else None
         if isinstance(entry, str) and entry.startswith("rev:"):  # the revision sits right under its reply
-            return self.accepted(session, user, entry[4:], text, cid, id_list[evt.index - 1])
+            yield self.accepted(session, user, entry[4:], text, cid, id_list[evt.index - 1])
+            return
         mid = self.pick(session, id_list, evt.index)
-        if mid is None:
-            out = {self.fb_status: "⚠️ Only replies can be corrected; send a new message instead of editing yours."}
-        else:
-            out = self.feedback(self.chat.correct, mid, text, request)
-            if out[self.fb_status].startswith("✅"):
-                out[self.fb_status] = "✅ Correction saved: the reply now reads as you wrote it."
-            out.update({self.selected: mid, self.target: self.target_text(session, mid)})
+        if mid is None:  # one's own message (anything else is refused by the chat service)
+            yield from self.branch(session, user, cid, entry, text, system_prompt)
+            return
+        out = self.feedback(self.chat.correct, mid, text, request)
+        if out[self.fb_status].startswith("✅"):
+            out[self.fb_status] = "✅ Correction saved: the reply now reads as you wrote it."
+        out.update({self.selected: mid, self.target: self.target_text(session, mid)})
         shown, id_list = self.chat_view(session, cid)
-        return {**out, self.chatbot: shown, self.ids: id_list}
+        yield {**out, self.chatbot: shown, self.ids: id_list}
+
+    def branch(self, session, user, cid, mid, text, system_prompt):
+        """The user's edited message, sent again: the conversation from there on is the new branch."""
+        try:
+            stream = self.chat.edit_message(session, cid, mid, text, system_prompt, user)
+        except ChatInputError as e:
+            yield {**self.refused(session, cid, e), self.fb_status: f"⚠️ {e}"}
+            return
+        shown, id_list = self.pending_view(session, cid)
+        closed = {self.fb_status: "Your edited message was sent again; the earlier replies after it are kept "
+                                  "in your history.", self.revision_panel: gr.Group(visible=False),
+                  self.candidate_id: None}
+        for out in self.stream_reply(session, stream, shown, id_list, cid):
+            yield {**out, **closed}
 
     def on_open_critique(self, mid, id_list, request: gr.Request):
         """The critique box, aimed at the picked reply, or the latest one."""
@@ -682,10 +736,10 @@ class ChatTab:
         return {self.fb_status: "✅ Guideline saved: it applies to your next replies.", self.rule_text: "",
                 **self.rules_outputs(session, user)}
 
-    def on_remove_guideline(self, gid, request: gr.Request):
+    def on_remove_guideline(self, guideline_id, request: gr.Request):
         session, user = self.sessions(request)
         try:
-            self.chat.remove_guideline(session, gid, user)
+            self.chat.remove_guideline(session, guideline_id, user)
         except ChatInputError as e:
             return {self.fb_status: f"⚠️ {e}"}
         return {self.fb_status: "Guideline removed.", **self.rules_outputs(session, user)}

@@ -59,6 +59,32 @@ def test_regenerate_replaces_and_logs_implicit_negative(chat, store, fake_client
     assert (fb["kind"], fb["rating"]) == ("implicit", -1)
 
 
+def test_editing_ones_own_message_answers_it_on_a_new_branch(chat, store, fake_client):
+    fake_client.enqueue("Apple.", "Red.", "Leek.")
+    cid, stream = chat.send("s1", None, "Name a fruit.")
+    first = run(stream).message_id
+    run(chat.send("s1", cid, "And a colour?")[1])
+    question = store.messages(cid)[0]["id"]
+    chat.rate("s1", first, 1)
+    reply = run(chat.edit_message("s1", cid, question, "Name a vegetable."))
+    assert reply.text == "Leek." and reply.error is None
+    assert [(m["role"], m["content"]) for m in chat.history("s1", cid)] == [("user", "Name a vegetable."),
+                                                                             ("assistant", "Leek.")]
+    assert fake_client.history[-1]["messages"] == [{"role": "user", "content": "Name a vegetable."}]
+    old = store.messages(cid, include_replaced=True)
+    assert len(old) == 6 and all(m["replaced"] for m in old[:4])  # the old branch stays stored
+    assert store.feedback_for(first)[0]["rating"] == 1  # with its feedback
+    # only one's own user message, still in view, in this conversation
+    for session, mid, why in (("intruder", question, "Only your own"), ("s1", question, "Only your own"),
+                              ("s1", reply.message_id, "Only your own")):
+        with pytest.raises(ChatInputError, match=why):
+            chat.edit_message(session, cid, mid, "mine now")
+    new_question = chat.history("s1", cid)[0]["id"]
+    with pytest.raises(ChatInputError, match="empty"):
+        chat.edit_message("s1", cid, new_question, "  ")
+    assert len(store.messages(cid, include_replaced=True)) == 6
+
+
 def test_feedback_only_on_own_finished_replies(chat, store, fake_client):
     cid, stream = chat.send("s1", None, "q")
     mid = run(stream).message_id

@@ -2,12 +2,14 @@
 accepted (with provenance) or dismissed, refused for another session, and exported."""
 
 import json
+import re
 
 import pytest
 
 from chatfb.serving.adapters import AdapterRouter
 from chatfb.app.chat_service import NO_GOOD_REVISION, REVISION_FAILED, ChatInputError, ChatService
 from chatfb.learning.exports import export_rows
+from chatfb.critique import constraints
 from chatfb.critique.guidelines import PREAMBLE, apply, looks_like_rule, quote
 from chatfb.serving.model_client import ModelError
 
@@ -30,6 +32,7 @@ def system_of(request):
 def test_a_users_guideline_applies_to_their_next_reply_and_never_to_another_users(chat, store, fake_client):
     reply(chat, "A")
     chat.save_guideline("A", "Always end with 'Cheers'.")
+    fake_client.enqueue("Hi.\n\nCheers", "ok", "Hi again.\n\nCheers")  # A's replies are held to the shape
     reply(chat, "A")
     reply(chat, "B")
     a_req, b_req = fake_client.history[1], fake_client.history[2]
@@ -75,6 +78,57 @@ def test_guideline_text_is_quoted_data_on_one_line():
     line = system.splitlines()[-1]
     assert line == "- " + quote(evil) and line.count('"') == 2 and "\nSYSTEM" not in system
     assert apply([{"role": "user", "content": "hi"}], []) == [{"role": "user", "content": "hi"}]
+
+
+def test_guidelines_reach_the_model_as_short_imperative_rules_without_talk_about_the_user():
+    """A 135M model recited the old header ("The user asked you to follow these preferences in every answer
+    (quoted as they wrote them):") and made up preferences under it."""
+    msgs = apply([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+                 ["Always end with 'Cheers'.", "Use metric units."])
+    assert msgs[0]["content"] == ("Be brief.\n\nFollow these rules in every reply:\n"
+                                  "- \"Always end with 'Cheers'.\"\n- \"Use metric units.\"")
+    header = msgs[0]["content"].split("\n")[2]
+    assert len(header.split()) <= 6 and not {"user", "asked", "preferences", "quoted"} & set(header.lower().split())
+
+
+def test_a_guideline_with_a_checkable_shape_holds_the_reply_to_it(chat, store, fake_client):
+    chat.save_guideline("A", "Always end with 'Cheers'.")
+    fake_client.enqueue("Hello there.\n\nCheers")
+    cid, mid = reply(chat, "A")
+    request = fake_client.history[-1]
+    assert request["regex"] == constraints.guideline_regex(["Always end with 'Cheers'."]) is not None
+    assert PREAMBLE in system_of(request)  # and the rule is still in the prompt
+    assert store.message(mid)["content"] == "Hello there.\n\nCheers"
+    reply(chat, "B")  # another user's reply is free
+    assert fake_client.history[-1]["regex"] is None
+    chat.save_guideline("C", "Be friendlier.")  # no literal shape: the prompt only
+    reply(chat, "C")
+    assert fake_client.history[-1]["regex"] is None
+
+
+def test_a_server_refusing_structured_outputs_still_answers(chat, store, fake_client):
+    chat.save_guideline("A", "Always end with 'Cheers'.")
+    fake_client.enqueue(ModelError("The model server refused the request (400): unknown field", 400), "Hello.")
+    cid, mid = reply(chat, "A")
+    assert [r["regex"] is None for r in fake_client.history] == [False, True]
+    assert store.message(mid)["content"] == "Hello." and store.message(mid)["status"] == "ok"
+
+
+@pytest.mark.parametrize("texts, follows, breaks", [
+    (["Always end with 'Cheers'.", "Be friendlier."], "Hi.\nMore.\n\nCheers", "Hi. Cheers later"),
+    (["Start every reply with 'Ahoy!'"], "Ahoy! Sleep well.", "Sleep well."),
+    (["Always tell people they can write to help@aurora.example."],
+     "Sleep early.\nKeep it dark.\nQuestions? help@aurora.example\nGood night.", "Sleep early."),
+])
+def test_the_guideline_regex_is_the_one_checkable_shape(texts, follows, breaks):
+    regex = constraints.guideline_regex(texts)
+    assert regex and re.fullmatch(regex, follows) and not re.fullmatch(regex, breaks)
+
+
+def test_no_guideline_regex_without_exactly_one_shape():
+    assert constraints.guideline_regex([]) is None
+    assert constraints.guideline_regex(["Be friendlier.", "Never end with 'Bye'."]) is None
+    assert constraints.guideline_regex(["Always end with 'Cheers'.", "Start with 'Ahoy!'"]) is None
 
 
 def test_rule_like_critiques_are_recognised():

@@ -91,3 +91,22 @@ def test_the_constrained_request_carries_the_regex_as_vllm_structured_outputs():
     client.complete_choices([{"role": "user", "content": "hi"}], "m")
     assert bodies[0]["structured_outputs"] == {"regex": regex} and "guided_regex" not in bodies[0]
     assert "structured_outputs" not in bodies[1]
+
+
+def test_a_streamed_chat_request_carries_a_guidelines_regex_and_still_streams():
+    bodies = []
+
+    def handler(request):
+        bodies.append(json.loads(request.content))
+        chunks = [{"choices": [{"index": 0, "delta": {"content": piece}}]} for piece in ("Hi.", "\n\n", "Cheers")]
+        return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                              content="".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n")
+
+    client = ModelClient("http://vllm.test")
+    client._http = httpx.Client(base_url="http://vllm.test", transport=httpx.MockTransport(handler))
+    client._openai = client._openai.with_options(http_client=client._http)
+    regex = constraints.guideline_regex(["Always end with 'Cheers'."])
+    assert list(client.stream_chat([{"role": "user", "content": "hi"}], "m", regex=regex)) == ["Hi.", "\n\n", "Cheers"]
+    list(client.stream_chat([{"role": "user", "content": "hi"}], "m"))
+    assert bodies[0]["stream"] is True and bodies[0]["structured_outputs"] == {"regex": regex}
+    assert "structured_outputs" not in bodies[1]

@@ -225,6 +225,50 @@ def test_edit_in_place_is_the_correction(browser, app):
     ctx.close()
 
 
+def test_the_edit_box_is_wide_with_the_text_and_an_own_message_edited_makes_a_new_branch(browser, app):
+    ctx, page = open_chat(browser, app)
+    tag = uuid.uuid4().hex[:6]
+    question = f"What are volcanoes & geysers <{tag}>? ![pixel](http://127.0.0.1:9/{tag}.png)"
+    send(page, question)
+    last_bot_done(page)
+    assert page.locator(f"#chatbot img[src*='{tag}']").count() == 0, "a markdown image in the chat was fetched"
+    chat_width = page.locator("#chatbot").bounding_box()["width"]
+    page.locator("#chatbot button[aria-label='Edit']").last.click()  # the reply's edit box
+    box = page.locator("#chatbot textarea")
+    page.wait_for_timeout(300)
+    with app.snapshot_store() as s:
+        [(reply,)] = s._q("SELECT r.content FROM messages u JOIN messages r ON r.conversation_id = u.conversation_id"
+                          " AND r.seq = u.seq + 1 WHERE u.content = ?", (question,))
+    assert box.input_value() == reply.strip(), f"the edit box holds more than the reply's text: {box.input_value()!r}"
+    assert box.bounding_box()["width"] > 0.8 * chat_width, (box.bounding_box()["width"], chat_width)
+    page.locator("#chatbot button[aria-label='Cancel']").click()
+    # the user's own message: its text as written, edited and sent again
+    old_reply = bot_texts(page)[-1]
+    page.locator("#chatbot button[aria-label='Edit']").first.click()
+    page.wait_for_timeout(300)
+    assert box.input_value() == question, box.input_value()
+    edited = f"What is a geyser ({tag})?"
+    box.fill(edited)
+    page.locator("#chatbot button[aria-label='Submit']").click()
+    page.wait_for_function(f"document.querySelector(\"#chatbot [data-testid='user']\")?.innerText.includes({edited!r})",
+                           timeout=30_000)
+    # the new reply, finished (the widget shows the edited text at once, beside the old reply)
+    page.wait_for_function("(() => { const b = [...document.querySelectorAll(\"#chatbot [data-testid='bot']\")].pop();"
+                           f" return b && b.innerText.includes('chatfb-base') && b.innerText !== {old_reply!r}; }})()",
+                           timeout=120_000)
+    assert page.locator("#chatbot [data-testid='user']").count() == 1, "the old branch is still in view"
+    assert question not in page.locator("#chatbot").inner_text()
+    with app.snapshot_store() as s:
+        rows = s._q("SELECT m.content, m.role, m.replaced, m.status FROM messages m WHERE m.conversation_id ="
+                    " (SELECT conversation_id FROM messages WHERE content = ?) ORDER BY m.seq", (question,))
+    assert [(r[0], r[2]) for r in rows[:3]] == [(question, True), (reply, True), (edited, False)], rows
+    assert rows[3][1:] == ("assistant", False, "ok"), rows
+    page.reload()  # the new branch is the conversation
+    page.wait_for_selector("#chatbot [data-testid='user']", timeout=30_000)
+    assert edited in page.locator("#chatbot [data-testid='user']").last.inner_text()
+    ctx.close()
+
+
 def test_guidelines_panel_saves_shows_inert_and_removes(browser, app):
     ctx, page = open_chat(browser, app)
     page.locator("#guidelines-panel").click()

@@ -146,6 +146,31 @@ def test_failed_and_replaced_replies_leave_the_history(store):
     assert store.history_before(again) == [{"role": "user", "content": "q"}]
 
 
+def test_an_edited_message_starts_a_branch_and_the_old_one_stays_stored(store):
+    cid = store.create_conversation("s1")
+    u1, a1 = store.add_turn(cid, "name a fruit")
+    store.finish_message(a1, "apple", "ok")
+    u2, a2 = store.add_turn(cid, "and a colour?")
+    store.finish_message(a2, "red", "ok")
+    a2b = store.add_message(cid, "assistant", "", status="pending", replaces=a2)  # Retry on the old branch
+    store.finish_message(a2b, "blue", "ok")
+    e1, r1 = store.add_turn(cid, "name a vegetable", replaces=u1)  # the first message, edited and sent again
+    store.finish_message(r1, "leek", "ok")
+    assert [m["id"] for m in store.messages(cid)] == [e1, r1]  # the branch in view
+    everything = store.messages(cid, include_replaced=True)
+    assert [m["id"] for m in everything] == [u1, a1, u2, a2, a2b, e1, r1]  # nothing deleted
+    assert [m["id"] for m in everything if m["replaced"]] == [u1, a1, u2, a2, a2b]
+    assert store.message(e1)["replaces"] == u1
+    # each reply keeps the history it was answered from
+    assert store.history_before(r1) == [{"role": "user", "content": "name a vegetable"}]
+    assert store.history_before(a2b) == [{"role": "user", "content": "name a fruit"},
+                                         {"role": "assistant", "content": "apple"},
+                                         {"role": "user", "content": "and a colour?"}]
+    e2, r2 = store.add_turn(cid, "a green one?", replaces=None)
+    assert [m["id"] for m in store.messages(cid)] == [e1, r1, e2, r2]
+    assert store.conversations_of("s1")[0]["title"] == "name a vegetable"  # the branch's first message
+
+
 def test_feedback_kinds_revision_and_refusals(store):
     cid = store.create_conversation("s1", "ann")
     u = store.add_message(cid, "user", "q")

@@ -1,5 +1,6 @@
 """The UI in-process (no model server): inert rendering, admin access control, bad input."""
 
+import re
 import socket
 
 import httpx
@@ -9,6 +10,8 @@ from gradio_client import Client
 from chatfb.app.runtime import Runtime
 from chatfb.ui.admin_tab import check_admin
 from chatfb.ui.chat_tab import build_ui, inert, render
+
+CRITIQUE_LABEL = "Critique (what was wrong, in plain words)"
 
 
 def free_port():
@@ -135,6 +138,38 @@ def test_the_api_page_lists_the_named_actions_only(ui):
     assert {"/send", "/retry", "/critique", "/correct", "/thumbs_up", "/thumbs_down", "/revise", "/accept_revision",
             "/reject_revision", "/save_guideline"} <= names
     assert not any("lambda" in n or n.startswith("/views") or n.startswith("/on_") for n in names), names
+
+
+UNNAMED = re.compile(r"^(param|parameter|value)_\d+$")
+
+
+def test_every_public_endpoint_names_its_parameters_and_returns(settings):
+    """gradio_client's view_api shows what the Blocks' API info says: a parameter's name (from the handler's
+    signature) and label, each return's label, and types; `param_3`, `value_32` or `Literal[]` (a picker whose
+    choices are filled in per session) tell a client nothing."""
+    rt = Runtime(settings.with_(vllm_url=f"http://127.0.0.1:{free_port()}", admin_password="s3cret"))
+    try:
+        info = build_ui(rt).get_api_info()
+    finally:
+        rt.store.close()
+    assert info["unnamed_endpoints"] == {}
+    endpoints = info["named_endpoints"]
+    assert {"/send", "/revise", "/remove_guideline", "/promote", "/approve_guideline", "/review_approve",
+            "/review_reject"} <= set(endpoints)
+    bad = []
+    for name, ep in endpoints.items():
+        for p in ep["parameters"]:
+            if UNNAMED.match(p["parameter_name"]) or UNNAMED.match(p["label"]) or "Literal[]" in p["python_type"]["type"]:
+                bad.append((name, "parameter", p["parameter_name"], p["label"], p["python_type"]["type"]))
+        for r in ep["returns"]:
+            if UNNAMED.match(r["label"]) or "Literal[]" in r["python_type"]["type"]:
+                bad.append((name, "return", r["label"], r["python_type"]["type"]))
+    assert bad == [], "\n".join(map(str, bad))
+    params = {name: [p["parameter_name"] for p in ep["parameters"]] for name, ep in endpoints.items()}
+    assert params["/send"] == ["text", "system_prompt"] and params["/remove_guideline"] == ["guideline_id"]
+    assert params["/approve_guideline"] == ["guideline_id", "text"] and params["/promote"] == ["adapter"]
+    assert [r["label"] for r in endpoints["/revise"]["returns"]][:4] == ["Status", CRITIQUE_LABEL, "Revision status",
+                                                                          "Proposed revision"]
 
 
 def test_sessions_keep_the_first_key_of_a_page_load_and_separate_api_clients(tmp_path):
@@ -303,7 +338,7 @@ def test_feedback_on_quotes_the_reply_as_corrected(tab):
     cid, mid, out = tab.turn("what is a volcano")
     ids = out[tab.fn("on_send").outputs[2]]["value"]
     edit = gr.EditData(None, {"index": 1, "value": "A mountain that erupts.", "previous_value": "WHAT IS A VOLCANO"})
-    assert "A mountain that erupts." in tab.call("on_edit", ids, cid, evt=edit)["fb-target"]["value"]
+    assert "A mountain that erupts." in tab.call("on_edit", ids, cid, "", evt=edit)["fb-target"]["value"]
     select = gr.SelectData(None, {"index": 1, "value": "A mountain that erupts."})
     assert "A mountain that erupts." in tab.call("on_select", ids, evt=select)["fb-target"]["value"]
 
@@ -367,13 +402,37 @@ def test_editing_the_revision_in_place_accepts_it_as_edited(tab):
     cid, mid, steps = offer(tab)
     ids = steps[-1][tab.fn("on_revise").outputs[11]]["value"]
     unchanged = gr.EditData(None, {"index": 1, "value": "TIPS FOR SLEEPING", "previous_value": "TIPS FOR SLEEPING"})
-    assert tab.call("on_edit", ids, cid, evt=unchanged) == {}  # the widget edits the reply beside it: no news
+    assert tab.call("on_edit", ids, cid, "", evt=unchanged) == {}  # the widget edits the reply beside it: no news
     edit = gr.EditData(None, {"index": 2, "value": "- Bed by ten.", "previous_value": "- Go to bed early."})
-    out = tab.call("on_edit", ids, cid, evt=edit)
+    out = tab.call("on_edit", ids, cid, "", evt=edit)
     assert out["fb-status"]["value"].startswith("✅ Revision accepted")
     [correction] = [f for f in tab.rt.store.feedback_for(mid) if f["kind"] == "correction"]
     assert correction["text"] == "- Bed by ten." and tab.rt.store.feedback(correction["id"])["derived_from"]
     assert tab.shown(out)[1].startswith("- Bed by ten.") and len(tab.shown(out)) == 2
+
+
+def test_editing_ones_own_message_sends_it_again_on_a_new_branch(tab):
+    cid, first, _ = tab.turn("name a fruit")
+    _, _, out = tab.turn("and a colour", cid)
+    ids = out[tab.fn("on_send").outputs[2]]["value"]
+    assert tab.shown(out)[2] == "and a colour"
+    tab.client.enqueue("a leek")
+    edit = gr.EditData(None, {"index": 2, "value": "and a vegetable", "previous_value": "and a colour"})
+    steps = tab.steps("on_edit", ids, cid, "", evt=edit)
+    assert len(steps) > 2, "the new reply is not streamed"
+    final = steps[-1]
+    assert tab.shown(final) == ["name a fruit", "NAME A FRUIT\n\n*— chatfb-base*", "and a vegetable",
+                                "a leek\n\n*— chatfb-base*"]
+    new_ids = final[tab.fn("on_edit").outputs[3]]["value"]
+    assert new_ids[:2] == ids[:2] and new_ids[2:] != ids[2:]
+    assert tab.client.history[-1]["messages"][-1] == {"role": "user", "content": "and a vegetable"}
+    # the old branch stays stored, replaced; a reload shows the new one
+    kept = tab.rt.store.messages(cid, include_replaced=True)
+    assert [(m["content"], m["replaced"]) for m in kept[2:4]] == [("and a colour", True), ("AND A COLOUR", True)]
+    assert tab.shown(tab.call("on_load", tab.KEY))[2:] == tab.shown(final)[2:]
+    # a message no longer in view cannot be edited again
+    stale = tab.call("on_edit", ids, cid, "", evt=edit)
+    assert stale["fb-status"]["value"].startswith("⚠️ Only your own messages")
 
 
 def test_dismiss_takes_the_revision_out_of_the_conversation(tab):
@@ -429,15 +488,16 @@ def test_the_revision_api_keeps_its_shape(settings, fake_client):
     try:
         c = Client(f"http://127.0.0.1:{port}/", verbose=False)
         fake_client.enqueue("Sleep more and relax.", "", "tips")  # the reply; two drafts that fail
-        c.predict("Tips for sleeping?", "", api_name="/send")
-        status, box, note, revision = c.predict("Use a bulleted list.", False, False, api_name="/revise")[:4]
+        c.predict(text="Tips for sleeping?", system_prompt="", api_name="/send")  # by name, as docs/api.md shows
+        status, box, note, revision = c.predict(text="Use a bulleted list.", keep_rule=False, for_everyone=False,
+                                                api_name="/revise")[:4]
         assert status.startswith("✅") and box == "" and "None of the drafts" in note and revision == ""
         fake_client.follows = ("- ",)
         # drafts that keep the reply's content (the content check drops ones that share nothing with it)
         fake_client.enqueue("Sleep.", "- Sleep more: go to bed early.\n- Relax in a dark room.")
         status, box, note, revision = c.predict(api_name="/retry_revision")[:4]
         assert "Revised following your feedback" in note and revision.startswith("- Sleep more"), (note, revision)
-        assert c.predict(revision, api_name="/accept_revision")[0].startswith("✅ Revision accepted")
+        assert c.predict(text=revision, api_name="/accept_revision")[0].startswith("✅ Revision accepted")
     finally:
         demo.close()
         rt.store.close()
