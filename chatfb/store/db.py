@@ -347,18 +347,17 @@ class Store:
         return [_msg(r) for r in rows]
 
     def history_before(self, message_id: str) -> list[dict]:
-        """The chat messages a reply was generated from: system prompt + earlier ok, non-replaced turns."""
-        m = self.message(message_id)
-        if m is None:
+        """The chat messages a reply was generated from: system prompt + earlier ok, non-replaced turns.
+        One read (it runs before every reply)."""
+        rows = self._q("SELECT c.system_prompt, r.role, r.content FROM messages m"
+                       " JOIN conversations c ON c.id = m.conversation_id"
+                       " LEFT JOIN messages r ON r.conversation_id = m.conversation_id AND r.seq < m.seq"
+                       " AND NOT r.replaced AND r.status = 'ok'"
+                       " WHERE m.id = ? ORDER BY r.seq", (message_id,))
+        if not rows:
             raise StoreError("unknown message")
-        conv = self.conversation(m["conversation_id"])
-        out = [{"role": "system", "content": conv["system_prompt"]}] if conv["system_prompt"] else []
-        for r in self.messages(m["conversation_id"]):
-            if r["seq"] >= m["seq"]:
-                break
-            if r["status"] == "ok":
-                out.append({"role": r["role"], "content": r["content"]})
-        return out
+        out = [{"role": "system", "content": rows[0][0]}] if rows[0][0] else []
+        return out + [{"role": role, "content": content} for _, role, content in rows if role is not None]
 
     # -- feedback ---------------------------------------------------------------------------
     def log_feedback(self, message_id: str, kind: str, rating: int | None = None, text: str | None = None,
