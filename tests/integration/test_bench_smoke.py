@@ -1,5 +1,5 @@
 """The benchmarks' smoke modes, run as a user runs them: serving, refresh, efficacy, scale and soak against the
-session's real vLLM; the app benchmark on its own app and tests/fake_openai.py (no vLLM, but two app startups).
+session's real vLLM; the app benchmark on its own app, a plain gr.ChatInterface beside it and tests/fake_openai.py (no vLLM).
 
 The refresh benchmark hot-swaps adapters on the shared server (under its own names, removed again)
 and measures a restart only on a vLLM server of its own (--restart-own-server).
