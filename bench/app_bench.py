@@ -19,7 +19,7 @@ Each CHATFB_CHAT_CONCURRENCY (how many chat events Gradio runs at once; the anch
 in a fresh app.
 
     python -m bench.app_bench                  # 1, 8, 32 sessions x 30 s; chat concurrency 16 (default) and 64
-    python -m bench.app_bench --seconds 20 --chat-concurrency 16   # the published run
+    python -m bench.app_bench --sessions 8 32 --seconds 20 --chat-concurrency 16   # the published run
     python -m bench.app_bench --smoke          # 1 and 2 sessions x 2 turns, results in bench/results/raw/
 """
 
