@@ -91,6 +91,9 @@ class Settings:
     top_p: float = _f(0.95, "Nucleus sampling top-p for chat replies.")
     request_timeout_s: float = _f(120.0, "Timeout for one model request; a slower reply is stored as failed.")
     chat_concurrency: int = _f(16, "How many chat events Gradio runs at once (vLLM batches them).")
+    stream_every_s: float = _f(
+        0.05, "Seconds between the streamed updates of a reply (chat tab and API): the words that arrive in between "
+        "go out together, so a fast model does not cost one UI update per word. 0 = every chunk as it comes.")
     rate_limit_per_minute: int = _f(30, "Messages plus feedback one browser session may send per minute.")
     admin_password: str | None = _f(None, "Password for the admin tab. Unset (and no HF allowlist) = admin actions are off.")
     admin_hf_users: str = _f("", "Comma-separated Hugging Face user names allowed into the admin tab on a Space.")

@@ -28,7 +28,8 @@ def isolated_env(tmp_path, monkeypatch):
 
 @pytest.fixture
 def settings(tmp_path):
-    return load_settings({}, data_dir=tmp_path / "data", rate_limit_per_minute=1000)
+    # stream_every_s=0: every word of a fake reply is its own update, so tests can step through a reply
+    return load_settings({}, data_dir=tmp_path / "data", rate_limit_per_minute=1000, stream_every_s=0)
 
 
 @pytest.fixture

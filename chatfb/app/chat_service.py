@@ -69,6 +69,28 @@ NO_GOOD_REVISION = ("None of the drafts followed your critique well enough to of
                     "try again, or correct the reply yourself.")
 
 
+def coalesced(updates: Iterator[ReplyUpdate], every_s: float,
+              clock: Callable[[], float] = time.monotonic) -> Iterator[ReplyUpdate]:
+    """The updates of a reply at most one per `every_s` seconds: each carries the whole text so far, so the
+    ones in between are skipped, not lost. The first and the last (done) always go out. Closing this closes
+    `updates` (the reply's stream stores the reply when closed)."""
+    if every_s <= 0:
+        return updates
+    return _every(updates, every_s, clock)
+
+
+def _every(updates: Iterator[ReplyUpdate], every_s: float, clock: Callable[[], float]) -> Iterator[ReplyUpdate]:
+    sent_at = None
+    try:
+        for upd in updates:
+            now = clock()
+            if upd.done or sent_at is None or now - sent_at >= every_s:
+                sent_at = now
+                yield upd
+    finally:
+        updates.close()
+
+
 class RateLimiter:
     """At most `per_minute` actions per key in any 60-second window."""
 
@@ -280,7 +302,7 @@ class ChatService:
         except BaseException:
             self.router.release(model)
             raise
-        return self._stream(mid, model, [g["text"] for g in rules])
+        return coalesced(self._stream(mid, model, [g["text"] for g in rules]), self.settings.stream_every_s)
 
     def _stream(self, mid: str, model: str, rules: list[str]) -> Iterator[ReplyUpdate]:
         result = StreamResult()

@@ -143,6 +143,11 @@ def edited_text(value) -> str:
     return html.unescape(LABEL.sub("", text)).strip()
 
 
+def feedback_on(text: str) -> str:
+    """The line that says which reply feedback goes to."""
+    return f"Feedback on: *{inert(text[:80]) + ('…' if len(text) > 80 else '')}*"
+
+
 def guidelines_markdown(rules: list[dict]) -> str:
     if not rules:
         return "*No guidelines yet. Tick “apply from now on” when you send a critique, or add one here.*"
@@ -387,9 +392,7 @@ class ChatTab:
         m = self.chat.message(session, mid)
         if m is None:
             return NO_TARGET
-        text = self.chat.feedback_state(session, [m]).get(mid, {}).get("correction") or m["content"]
-        snippet = inert(text[:80]) + ("…" if len(text) > 80 else "")
-        return f"Feedback on: *{snippet}*"
+        return feedback_on(self.chat.feedback_state(session, [m]).get(mid, {}).get("correction") or m["content"])
 
     def chat_state(self, session, cid):
         """What the chat shows, from the store: the messages, this session's ratings and corrections,
@@ -497,8 +500,8 @@ class ChatTab:
                                                upd.error, upd.model)}
             id_list[-1] = upd.message_id
             out = {self.chatbot: shown, self.conv_id: cid, self.ids: id_list, self.selected: upd.message_id}
-            if upd.done:
-                out[self.target] = self.target_text(session, upd.message_id)
+            if upd.done:  # a reply just made has no correction yet: the target is what it said
+                out[self.target] = feedback_on(upd.text)
             yield out
 
     def refused(self, session, cid, e):

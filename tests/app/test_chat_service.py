@@ -144,3 +144,21 @@ def test_an_api_request_over_the_rate_limit_writes_nothing_not_even_its_history(
     with pytest.raises(RateLimited):
         start_turn(chat, "ann", [dict(m, content=m["content"] + " again") for m in messages])
     assert store.counts() == before
+
+
+def test_a_fast_reply_streams_in_time_slices_and_closing_it_stores_it(store, fake_client, settings):
+    """With stream_every_s set, the words that arrive within one slice go out as one update (the first and the
+    last always), so a fast model does not cost a UI update per word; closing the sliced stream still
+    closes the reply's own, which stores what was said, marked stopped."""
+    chat = ChatService(settings.with_(stream_every_s=60), store, fake_client, AdapterRouter("chatfb-base"))
+    fake_client.enqueue("one two three four five six")
+    cid, stream = chat.send("s1", None, "count")
+    updates = list(stream)
+    assert [(u.text, u.done) for u in updates] == [("one", False), ("one two three four five six", True)]
+    assert store.messages(cid)[-1]["content"] == "one two three four five six"
+
+    fake_client.enqueue("alpha beta gamma")
+    cid, stream = chat.send("s1", cid, "again")
+    assert next(stream).text == "alpha"
+    stream.close()
+    assert (store.messages(cid)[-1]["status"], store.messages(cid)[-1]["content"]) == ("stopped", "alpha")
