@@ -82,7 +82,7 @@ def main() -> int:
                 page.locator("#chatbot .extra-feedback-option", has_text="Critique").click()
                 page.locator("#critique textarea").fill("Too long. Answer in one short sentence.")
                 page.locator("#send-critique").click()
-                for _ in range(4):
+                for _ in range(8):  # a 135M model: a few tries may be needed for a draft the checks keep
                     page.wait_for_function("['Revised following', 'None of the drafts', 'could not be made'].some(t => "
                                            "document.querySelector('#revision-status')?.innerText.includes(t))",
                                            timeout=180_000)
@@ -90,7 +90,11 @@ def main() -> int:
                         break
                     page.locator("#retry-revision").click()
                     page.wait_for_function("!document.querySelector('#revision-status').innerText.includes('None of the drafts')")
-                page.wait_for_timeout(500)
+                else:
+                    print("no draft kept in 8 tries: revision.png shows the last try", file=sys.stderr)
+                for close in page.locator(".toast-close").all():  # the tries' notices
+                    close.click()
+                page.wait_for_timeout(800)
                 page.screenshot(path=str(args.out / "revision.png"))
                 # one short cycle, so the admin tab has an outcome to tell
                 env = dict(app.env, CHATFB_TRAIN_MAX_STEPS="4", CHATFB_REPLAY_EXAMPLES="4", CHATFB_DISTILL_PROMPTS="2")

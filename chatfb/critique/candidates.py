@@ -351,7 +351,10 @@ def _repeats_question(text: str, question: str) -> bool:
     if not _words(question):
         return False
     first_line = text.strip().splitlines()[0]
-    return rouge_l(text, question) >= 0.8 or rouge_l(first_line, question) >= 0.9
+    # "Paris is the capital of France." shares most words with its question, and answers it: a reply that
+    # adds a content word of its own is not the question again
+    adds = content._content(text) - content._content(question)
+    return (rouge_l(text, question) >= 0.8 and not adds) or rouge_l(first_line, question) >= 0.9
 
 
 def _repeats_critique(text: str, critique: str) -> bool:

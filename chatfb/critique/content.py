@@ -9,7 +9,7 @@ caller has it the base model's plain answer to the same prompt. `content_verdict
   plain answer does;
 - quotes the critique's own words instead of using them ('The answer is "too long."');
 - loses the plain answer's facts: a number the references agree on (one reference: the candidate gives
-  no number where the plain answer's first sentence gives one), a name in that first sentence, or
+  no number where the plain answer's answering sentence gives one), a name in that sentence, or
   every content word of the plain answer (unless its sentence embedding stays close to it: synonyms);
 - drifts off the subject: its embedding is much further from the question AND from the plain answer
   than the plain answer is from the question.
@@ -132,7 +132,8 @@ def content_verdict(text: str, question: str, critique: str, references: list[st
 def _lost_fact(text: str, question: str, critique: str, references: list[str]) -> str | None:
     """The number or name of the plain answer's first sentence the candidate lost, said as a verdict."""
     skip_numbers = _numbers(question) | _numbers(critique)
-    per_ref = [_numbers(_lead(r)) - skip_numbers for r in references]
+    leads = [_answer_sentence(r, question) for r in references]
+    per_ref = [_numbers(lead) - skip_numbers for lead in leads]
     have = _numbers(text)
     if all(per_ref):
         agreed = set.intersection(*per_ref)
@@ -142,19 +143,25 @@ def _lost_fact(text: str, question: str, critique: str, references: list[str]) -
         if not have - _numbers(question):
             return "gives no number where the plain answer gives one"
     skip_names = _content(question) | _content(critique)
-    names = [_names(_lead(r)) - skip_names for r in references]
+    names = [_names(lead) - skip_names for lead in leads]
     if len(references) > 1:  # the names the plain answers agree on (none agreed: nothing required)
         wanted = set.intersection(*names)
     else:  # one plain answer: its names count where its first sentence is the answer itself, not an explanation
-        wanted = names[0] if len(_words(_lead(references[0]))) <= DIRECT_ANSWER_WORDS else set()
+        wanted = names[0] if len(_words(leads[0])) <= DIRECT_ANSWER_WORDS else set()
     if wanted and not wanted & {_stem(w) for w in _words(text)}:
         return f"loses {sorted(wanted)[0].capitalize()!r} from the plain answer"
     return None
 
 
-def _lead(text: str) -> str:
-    """The first sentence: where a plain answer says its answer."""
-    return next((s for s in _SENTENCE.split(text.strip()) if s.strip()), "")
+def _answer_sentence(text: str, question: str) -> str:
+    """Where a plain answer says its answer: of its first three sentences, the one closest in meaning to the
+    question. Mostly the first; a small model may open with a stray phrase ("La Famille-Rouge, la Belle
+    Étoile. Paris is the capital of France."), whose names are not what the answer got right."""
+    sentences = [s for s in _SENTENCE.split(text.strip()) if s.strip()][:3]
+    if len(sentences) <= 1:
+        return sentences[0] if sentences else ""
+    sims = cosines(question, sentences)
+    return sentences[max(range(len(sentences)), key=lambda i: sims[i])]
 
 
 def _words(text: str) -> list[str]:

@@ -164,7 +164,7 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
                                    guideline_checks(data, guidelines, extra), judge)
             timings["eval_s"] = round(time.perf_counter() - t, 2)
             ok, reason = report.decide(gate.GatePolicy(max_control_lost=settings.gate_max_control_lost))
-            if ok:  # the owner may promote it: ask it now, while it is loaded, what it learnt
+            if ok and job.promote:  # the owner promotes it: ask it now, while it is loaded, what it learnt
                 t = time.perf_counter()
                 checked = check_uptake(client, settings, data, name, judge, base_name, counts)
                 timings["uptake_s"] = round(time.perf_counter() - t, 2)

@@ -114,3 +114,15 @@ def test_words_for_replies_are_allowed_where_the_question_or_plain_answer_uses_t
     assert content.talks_about_replies("We will reply within a day. Dear user, thanks!", "Where is my order?") is None
     assert content.quotes_the_critique('Start each line with "- ".', LINES) == "-"
     assert content.quotes_the_critique("Write to help@aurora-widgets.example.", ADDRESS) is None
+
+
+def test_a_stray_opening_phrase_of_the_plain_answer_is_not_a_fact_to_keep():
+    """Seen in the app (scripts/screenshots.py): the 135M model opened with a stray phrase before its answer,
+    and every draft that kept only the answer was dropped for losing the phrase's names. The facts to keep
+    are those of the sentence that answers the question."""
+    question, critique = "What is the capital of France?", "Too long. Answer in one short sentence."
+    plain = "La Famille-Rouge, la Belle Étoile. Paris is the capital of France."
+    for kept in ("The capital of France is Paris.", "Paris.", "Paris is the capital of France."):
+        assert hard_verdict(kept, question, critique, references=[plain]) == "ok", kept
+    for dropped in ("The capital of France.", "What is the capital of France?", "Lyon is the capital of France."):
+        assert hard_verdict(dropped, question, critique, references=[plain]) != "ok", dropped

@@ -115,7 +115,8 @@ def test_a_row_an_admin_rejected_or_a_flagged_authors_rows_never_train_a_persona
     assert set(owner_scopes(records, scopes, "bob").values()) == {"others"}
 
 
-def cycle(store, settings, fake_client, monkeypatch, candidate_learns: bool, trained: list, owner_server="http://fake"):
+def cycle(store, settings, fake_client, monkeypatch, candidate_learns: bool, trained: list, owner_server="http://fake",
+          promote=True):
     """A whole cycle, its children run in this process with a fake trainer and a fake model server (the owner's,
     or with `owner_server` None one the child starts, which holds no adapter yet)."""
     monkeypatch.setattr(worker, "model_server", lambda s, url: (fake_client, settings.data_dir, lambda: None))
@@ -149,7 +150,7 @@ def cycle(store, settings, fake_client, monkeypatch, candidate_learns: bool, tra
     else:  # live, but on no server: the child's own server must load it
         store.set_live("chatfb-v0001")
         registry.router.switch("chatfb-v0001")
-    result = run_cycle(store, registry, settings, owner_server=owner_server, command=lambda work: work,
+    result = run_cycle(store, registry, settings, promote, owner_server=owner_server, command=lambda work: work,
                        start=lambda work, output: worker.main([str(work)]) or Done())
     return registry, result
 

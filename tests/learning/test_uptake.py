@@ -104,6 +104,16 @@ def test_an_adapter_that_is_not_promoted_records_no_uptake(store, settings, fake
     assert store.uptake() == []
 
 
+def test_a_cycle_that_will_not_promote_asks_nothing_again(store, settings, fake_client, monkeypatch):
+    """--no-promote: nothing goes live, so the child spends no time asking what the candidate learnt."""
+    settings = settings_for_cycle(settings)
+    give_corrections(store, "ann", 12)
+    _, result = cycle(store, settings, fake_client, monkeypatch, True, [], promote=False)
+    (personal,) = result.personal
+    assert personal["ok"] and not personal["promoted"], personal  # it passed its gate
+    assert "uptake_checked" not in personal["counts"] and store.uptake() == [], personal["counts"]
+
+
 def test_the_owner_records_a_candidates_uptake_only_when_it_promotes_it(store, settings, fake_client):
     """A candidate the gate passed was asked (its rows come back in result.json); `--no-promote`, or a promotion
     that fails, leaves it not live for anyone: nothing is recorded."""
