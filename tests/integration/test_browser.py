@@ -342,6 +342,9 @@ def test_the_conversation_list_finds_renames_and_deletes_conversations(browser, 
     send(page, f"Name a fruit ({tag}).")
     last_bot_done(page)
     page.locator("button[aria-label='Toggle Sidebar']").click()
+    # the list refreshed after the second send (it lists the new conversation): a click before that refresh
+    # lands on a list about to be drawn again
+    page.wait_for_selector(f"#conversation-list label:has-text('Name a fruit ({tag})')", timeout=30_000)
     entry = page.locator("#conversation-list label", has_text=f"Name a colour ({tag})")
     entry.click()  # the first conversation, opened from the list
     page.wait_for_function(f"document.querySelector(\"#chatbot [data-testid='user']\")?.innerText.includes({first!r})")
