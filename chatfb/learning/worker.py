@@ -74,8 +74,9 @@ def train_adapter(settings: Settings, base: Path, data_dir: Path, out: Path, dpo
     return subprocess.call(cmd)
 
 
-def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
-    """Refine, replay, train and evaluate; the adapter goes to adapters/<job.name>/."""
+def compute(job: CycleJob, settings: Settings, work: Path, progress: dict | None = None) -> CycleOutcome:
+    """Refine, replay, train and evaluate; the adapter goes to adapters/<job.name>/. `progress` gets what the
+    cycle has counted and timed so far (CycleOutcome fields), so a failure later on still reports it."""
     dpo = settings.train_dpo
     timings: dict = {}
     recipe = {"mode": settings.train_mode, "rank": settings.lora_rank, "epochs": settings.train_epochs,
@@ -129,6 +130,8 @@ def compute(job: CycleJob, settings: Settings, work: Path) -> CycleOutcome:
         out = settings.layout.adapters / name
         rows = candidate_rows(selected, name, settings.critique_recipe, data.authors, "personal" if job.owner else "shared")
         done = dict(counts=counts, timings=timings, candidates=rows, recipe=recipe)
+        if progress is not None:
+            progress.update(done)
         if not data.train:
             reason = "no usable training examples"
             if select_errors:
@@ -213,11 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args[0])
     job, settings = read_job(work)
     t = time.perf_counter()
+    progress: dict = {}  # what the cycle counted before a failure: its result keeps it
     try:
-        outcome = compute(job, settings, work)
+        outcome = compute(job, settings, work, progress)
     except gate.GateError as e:  # says what to fix: the owner records it as the cycle's reason
         log.error("%s", e)
-        outcome = CycleOutcome("failed", str(e), error=str(e))
+        outcome = CycleOutcome("failed", str(e), error=str(e), **progress)
+    except Exception as e:  # noqa: BLE001 - e.g. the model server failing mid-gate: recorded, never a bare exit code
+        log.exception("the cycle failed")
+        why = f"the cycle failed: {type(e).__name__}: {e}"
+        outcome = CycleOutcome("failed", why, error=why, **progress)
     outcome.timings["cycle_s"] = round(time.perf_counter() - t, 2)
     write_outcome(work, outcome)
     return 0

@@ -100,7 +100,7 @@ def test_efficacy_bench_smoke_runs_real_cycles(vllm_url, embedded_model, tmp_pat
         assert not run["counts"].get("refine_errors"), why
         # the trainer, or the embedding model that scored the candidates, held a model in memory
         assert run["cycle_wall_s"] > 0 and run["peak_rss_gib"] > 0.1, why
-        assert run["counts"]["feedback"] == 4, why
+        assert (run["counts"] or {}).get("feedback") == 4, why  # a cycle that failed says why in `reason`
     sft_counts = r["modes"]["sft"]["runs"][0]["counts"]
     assert sft_counts["train_correction"] + sft_counts["heldout_examples"] == 4, \
         f"each of the 4 corrections trains or is held out: {sft_counts}"

@@ -292,3 +292,42 @@ def test_nightly_exits_0_when_a_personal_job_ran_though_the_shared_one_had_nothi
     out = json.loads(capsys.readouterr().out)
     assert (out["ok"], out["reason"]) == (False, "no usable training examples")
     assert [(p["adapter"], p["ok"], p["promoted"]) for p in out["personal"]] == [(personal.adapter, personal_ok, personal_ok)]
+
+
+def test_a_child_that_fails_after_training_reports_why_and_keeps_its_counts(store, settings, fake_client, monkeypatch):
+    """The model server failing mid-gate (after the data was counted and the adapter trained): the child writes a
+    failed result that says why and carries the counts, instead of exiting with a bare code and nothing counted."""
+    from chatfb.learning import worker as nightly
+    from chatfb.learning.cycle import finish, prepare, read_outcome
+    from chatfb.serving.model_client import ModelError
+
+    settings = settings.with_(scorer="server", train_mode="supervised", replay_examples=0, holdout_fraction=0.5,
+                              trusted_users="ann")
+    for i in range(24):
+        cid = store.create_conversation(f"s{i}", "ann")
+        store.add_message(cid, "user", f"How do I reach support about order {i}?")
+        reply = store.add_message(cid, "assistant", "I don't know.")
+        store.log_feedback(reply, "correction", text="Email support@chatfb.example.", user_name="ann")
+    job, work = prepare(store, settings, "http://fake-server")
+
+    def train(s, base, data, out, dpo):
+        out.mkdir(parents=True)
+        (out / "adapter_config.json").write_text("{}")
+        return 0
+
+    def complete(messages, model, **kw):
+        if model == job.name:
+            raise ModelError("the model server closed the connection")
+        return ["Paris."]
+
+    monkeypatch.setattr(nightly, "model_server", lambda s, url: (fake_client, settings.data_dir, lambda: None))
+    monkeypatch.setattr(nightly, "train_adapter", train)
+    fake_client.complete = complete
+    assert nightly.main([str(work)]) == 0
+    outcome = read_outcome(work)
+    assert outcome.status == "failed" and "ModelError" in outcome.reason and "closed the connection" in outcome.reason
+    assert outcome.counts["feedback"] == 24 and outcome.counts["train_examples"] > 0, outcome.counts
+    assert "cycle_s" in outcome.timings
+    registry = AdapterRegistry(store, [fake_client], AdapterRouter("chatfb-base"), settings.data_dir)
+    result = finish(store, registry, job, work, 0, True, 0.0)
+    assert not result.promoted and result.counts["feedback"] == 24 and "closed the connection" in result.reason
