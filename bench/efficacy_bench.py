@@ -383,7 +383,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=None, help="CHATFB_TRAIN_EPOCHS for the cycles (default: chatfb's)")
     p.add_argument("--seeds", type=int, default=3, help="runs per training mode (mean and spread are reported)")
     p.add_argument("--work-dir", type=Path, default=None, help="where each mode's data folder goes (default: a temp dir)")
-    add_output_flags(p, smoke_help="tiny run: 2 families x 2 items, 1 held-out prompt each, 2 controls, 1 epoch, "
+    add_output_flags(p, smoke_help="tiny run: 2 families x 2 items, 1 held-out prompt each, 2 controls, 1 epoch, 4 replay examples, 2 distillation prompts, "
                                    "1 seed, modes " + " ".join(SMOKE_MODES))
     return p
 
@@ -509,6 +509,8 @@ def run_mode(mode: str, families: list[Family], args, server, client, originals:
            "CHATFB_ADAPTER_PREFIX": f"bencheff-{mode.replace('_', '')}{run}-{os.getpid()}"}  # own names on a shared server
     if args.epochs is not None:
         env["CHATFB_TRAIN_EPOCHS"] = str(args.epochs)
+    if args.smoke:  # a check that the cycle runs end to end: a little replay and distillation, not the recipe's own
+        env.update(CHATFB_REPLAY_EXAMPLES="4", CHATFB_DISTILL_PROMPTS="2")
     accepted, accept_stats = ({}, None)
     if mode == "accept":  # scored as the app scores revisions (chatfb.critique.judge: locally on a CPU)
         from chatfb.critique.judge import judge_for

@@ -119,7 +119,10 @@ def test_bad_data_is_refused_and_rollback_restores_the_previous_version(app, vll
                                        "text": "Zorp blag wibble zorp zorp."}) + "\n" for p in prompts))
     app.cli("import-feedback", str(bad), "--trusted")  # vouched for, so only the gate stands in its way
     # Trained hard (no step cap) so the nonsense sticks; the default recipe otherwise: SFT with replay, no DPO.
-    env = dict(app.env, CHATFB_TRAIN_EPOCHS="5", CHATFB_LEARNING_RATE="0.003", CHATFB_TRAIN_MAX_STEPS="0")
+    # Little replay (it holds the general answers the nonsense should reach) and a small held-out sample (the
+    # controls refuse it): the same refusal, in less time.
+    env = dict(app.env, CHATFB_TRAIN_EPOCHS="5", CHATFB_LEARNING_RATE="0.003", CHATFB_TRAIN_MAX_STEPS="0",
+               CHATFB_REPLAY_EXAMPLES="8", CHATFB_EVAL_MAX_EXAMPLES="8")
     out = subprocess.run([sys.executable, "-m", "chatfb", "nightly"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=1500)
     result = json.loads(out.stdout[out.stdout.index("{"):])
