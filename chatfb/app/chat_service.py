@@ -211,9 +211,13 @@ class ChatService:
         """This session's conversations, the most recently active first (id, title, created_at, last_at)."""
         return self.store.conversations_of(session_id)
 
-    def _own(self, session_id: str, conversation_id: str | None) -> str:
+    def owns(self, session_id: str, conversation_id: str | None) -> bool:
+        """Whether the conversation exists and is this session's (empty or not)."""
         conv = self.store.conversation(conversation_id) if conversation_id else None
-        if conv is None or conv["session_id"] != session_id:
+        return conv is not None and conv["session_id"] == session_id
+
+    def _own(self, session_id: str, conversation_id: str | None) -> str:
+        if not self.owns(session_id, conversation_id):
             raise ChatInputError("Pick one of your conversations first.")
         return conversation_id
 

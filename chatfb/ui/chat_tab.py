@@ -465,7 +465,7 @@ class ChatTab:
 
     def on_open_conversation(self, cid, request: gr.Request):
         session, _ = self.sessions(request)
-        if self.chat.history(session, cid) == []:
+        if not self.chat.owns(session, cid):  # one of its own may be empty (its first send failed)
             return {self.fb_status: "⚠️ That conversation is not yours, or it was deleted."}
         return self.opened(session, cid)
 

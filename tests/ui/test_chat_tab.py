@@ -474,6 +474,10 @@ def test_the_conversation_list_opens_renames_and_deletes_ones_own_conversations(
     assert tab.shown(deleted) == [] and [cid for _, cid in deleted["conversation-list"]["choices"]] == [second]
     assert tab.rt.store.conversation(first) is None and tab.rt.store.conversation(second) is not None
     assert tab.call("on_open_conversation", first)["fb-status"]["value"].startswith("⚠️")
+    mine = tab.rt.store.conversation(second)["session_id"]
+    empty = tab.rt.store.create_conversation(mine)  # its own, with no message yet: it opens, empty
+    opened = tab.call("on_open_conversation", empty)
+    assert tab.shown(opened) == [] and opened["fb-status"]["value"] == "" and opened["conversation-list"]["value"] is None
 
 
 def test_the_revision_api_keeps_its_shape(settings, fake_client):
