@@ -27,10 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.conftest import ADMIN_PASSWORD, launch_app, stop_app  # noqa: E402
+from tests.integration.conftest import ADMIN_PASSWORD, CHROMIUM, CHROMIUM_ARGS, launch_app, stop_app  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 DONE = "[...document.querySelectorAll(\"#chatbot [data-testid='bot']\")].pop()?.innerText.includes('chatfb-base')"
 
 
@@ -66,7 +64,7 @@ def main() -> int:
         try:
             app.cli("import-feedback", str(untrusted_feedback(Path(tmp) / "anon.jsonl")))
             with sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+                browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
                 page.goto(app.url)
                 page.wait_for_selector("#model-status:has-text('Model ready')", timeout=180_000)

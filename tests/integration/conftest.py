@@ -17,6 +17,10 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# Debian's chromium, driven by Playwright (tests/integration/test_browser.py, scripts/screenshots.py)
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
 ADMIN_PASSWORD = "test-admin-pw"
 
 
