@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from array import array
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
@@ -70,19 +72,37 @@ def _bow(texts: list[str]):
     return out
 
 
+# Vectors of texts embedded lately (the review queue embeds the same rows at every listing, the content check the
+# same plain answers for every candidate): float32 arrays, ~1.5 KB each, the least recently used dropped first.
+VECTOR_CACHE_SIZE = 8192
+_vectors: OrderedDict[str, array] = OrderedDict()
+_vectors_lock = threading.Lock()
+
+
 def embed(texts: list[str]) -> list[list[float]]:
-    """Unit vectors of `texts`, embedded together (word-count vectors share one vocabulary)."""
+    """Unit vectors of `texts`, embedded together (word-count vectors share one vocabulary). With the sentence
+    model, a text embedded lately is not embedded again."""
     if not texts:
         return []
     embedder = _embedder()
     if embedder is None:
         return _bow(list(texts))
-    return [v for i in range(0, len(texts), 256) for v in embedder(list(texts[i:i + 256]))]  # bounded memory
+    with _vectors_lock:
+        known = {t: _vectors[t] for t in dict.fromkeys(texts) if t in _vectors}
+        for t in known:
+            _vectors.move_to_end(t)
+    new = [t for t in dict.fromkeys(texts) if t not in known]
+    fresh = [v for i in range(0, len(new), 256) for v in embedder(new[i:i + 256])]  # bounded memory
+    with _vectors_lock:
+        for t, v in zip(new, fresh):
+            known[t] = _vectors[t] = array("f", v)
+        while len(_vectors) > VECTOR_CACHE_SIZE:
+            _vectors.popitem(last=False)
+    return [known[t].tolist() for t in texts]
 
 
 def cosines(anchor: str, texts: list[str]) -> list[float]:
-    embed = _embedder()
-    vecs = embed([anchor, *texts]) if embed else _bow([anchor, *texts])
+    vecs = embed([anchor, *texts])
     a = vecs[0]
     return [sum(x * y for x, y in zip(a, v)) for v in vecs[1:]]
 
@@ -100,8 +120,7 @@ def _rouge():
 
 def paired_cosines(a: list[str], b: list[str]) -> list[float]:
     """cos(a[i], b[i]) for each pair."""
-    embed = _embedder()
-    vecs = embed([*a, *b]) if embed else _bow([*a, *b])
+    vecs = embed([*a, *b])
     n = len(a)
     return [sum(x * y for x, y in zip(vecs[i], vecs[n + i])) for i in range(n)]
 

@@ -36,3 +36,25 @@ def test_cosines_from_many_threads_at_first_use_load_the_embedder_once():
     # meaning, not shared words: "automobile" has no word in common with the anchor
     car_synonym, banana, car = alone
     assert car_synonym > banana + 0.2 and car > banana + 0.2
+
+
+def test_a_text_embedded_lately_is_not_embedded_again_and_the_cache_is_bounded(monkeypatch):
+    from chatfb.critique import similarity
+
+    seen: list[str] = []
+
+    def fake(texts):
+        seen.extend(texts)
+        return [[float(len(t)), 1.0] for t in texts]
+
+    monkeypatch.setattr(similarity, "_embedder", lambda: fake)
+    monkeypatch.setattr(similarity, "_vectors", similarity.OrderedDict())
+    monkeypatch.setattr(similarity, "VECTOR_CACHE_SIZE", 3)
+    assert similarity.embed(["ab", "abc", "ab"]) == [[2.0, 1.0], [3.0, 1.0], [2.0, 1.0]]
+    assert seen == ["ab", "abc"]  # each text once, in a call
+    assert similarity.embed(["abc", "abcd"]) == [[3.0, 1.0], [4.0, 1.0]] and seen == ["ab", "abc", "abcd"]
+    similarity.embed(["x", "y"])  # 5 texts in all: the least recently used ("ab") went
+    assert list(similarity._vectors) == ["abcd", "x", "y"]
+    assert "ab" not in similarity._vectors
+    similarity.embed(["ab"])
+    assert seen[-1] == "ab"
