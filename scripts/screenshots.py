@@ -7,12 +7,15 @@ integration tests do, then drives the page as a user and an admin would:
   assets/revision.png       a critique and the proposed revision, in the conversation under the reply
   assets/admin.png          the admin tab after one learning cycle: its outcome in words, the adapter table
   assets/review.png         the admin's review queue: feedback waiting to teach everyone, grouped
+  assets/personal.png       a browser's own corrections, its personal adapter after one cycle: "your model v1"
+                            under its replies (nobody vouched for them, so they teach only this browser)
 
-Needs Debian's chromium and an emoji font (`bash scripts/install.sh --test` installs both), ~5 minutes
-on 2 cores (one short learning cycle). Run it alone: it starts its own vLLM server.
+Needs Debian's chromium and an emoji font (`bash scripts/install.sh --test` installs both), ~10 minutes
+on 2 cores (two short learning cycles). Run it alone: it starts its own vLLM server.
 
     python scripts/screenshots.py                 # writes assets/
     python scripts/screenshots.py --out /tmp/shots
+    python scripts/screenshots.py --only personal # one of them
 """
 
 from __future__ import annotations
@@ -50,9 +53,48 @@ def untrusted_feedback(path: Path) -> Path:
     return path
 
 
+PERSONAL_ENV = {  # one personal adapter, few steps (as tests/integration/test_learning.py's personal test)
+    "CHATFB_SHARED_RULES": "review", "CHATFB_PERSONAL_MAX_PER_CYCLE": "1", "CHATFB_TRAIN_MAX_STEPS": "14",
+    "CHATFB_REPLAY_EXAMPLES": "12", "CHATFB_EVAL_MAX_EXAMPLES": "8"}
+
+
+def personal_shot(browser, app, out: Path, corrections: int = 16) -> bool:
+    """One browser corrects `corrections` replies itself (the support address), one cycle trains its personal
+    adapter, and its next reply comes from it. False (and why, on stderr) when the gate kept it back."""
+    rows = [json.loads(line) for line in (ROOT / "tests" / "data" / "support_email.jsonl").read_text().splitlines()]
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    page.goto(app.url)
+    page.wait_for_selector("#model-status:has-text('Model ready')", timeout=180_000)
+    page.get_by_text("More feedback").click()
+    for r in rows[:corrections]:
+        send(page, r["prompt"])
+        page.locator("#correction textarea").fill(r["text"])
+        page.locator("#send-correction").click()
+        page.wait_for_function("document.querySelector('#correction textarea')?.value === ''", timeout=60_000)
+        page.locator("#new").click()
+    run = subprocess.run([sys.executable, "-m", "chatfb", "nightly"], cwd=ROOT, env=dict(app.env, **PERSONAL_ENV),
+                         capture_output=True, text=True, timeout=1800)
+    result = json.loads(run.stdout[run.stdout.index("{"):]) if "{" in run.stdout else {}
+    personal = [p for p in result.get("personal", []) if p.get("promoted")]
+    if not personal:
+        print(f"no personal adapter went live: {result.get('personal') or run.stderr[-2000:]}", file=sys.stderr)
+        return False
+    page.reload()
+    page.wait_for_selector("#model-status:has-text('Model ready')", timeout=180_000)
+    page.locator("#new").click()
+    page.locator("#msg textarea").fill("I have an issue with my order, how can I reach you?")
+    page.locator("#msg textarea").press("Enter")
+    page.wait_for_function("[...document.querySelectorAll(\"#chatbot [data-testid='bot']\")].pop()"
+                           "?.innerText.includes('your model v1')", timeout=180_000)
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(out / "personal.png"))
+    return True
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "assets", help="where the PNGs go")
+    p.add_argument("--only", choices=("personal",), help="take only this one (on a fresh app of its own)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     from playwright.sync_api import sync_playwright
@@ -62,9 +104,11 @@ def main() -> int:
         data.mkdir()
         app = launch_app(data)
         try:
-            app.cli("import-feedback", str(untrusted_feedback(Path(tmp) / "anon.jsonl")))
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                if args.only == "personal":
+                    return 0 if personal_shot(browser, app, args.out) else 1
+                app.cli("import-feedback", str(untrusted_feedback(Path(tmp) / "anon.jsonl")))
                 page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
                 page.goto(app.url)
                 page.wait_for_selector("#model-status:has-text('Model ready')", timeout=180_000)
@@ -113,12 +157,13 @@ def main() -> int:
                 admin.locator("#admin-review-policy").scroll_into_view_if_needed()
                 admin.wait_for_timeout(800)
                 admin.screenshot(path=str(args.out / "review.png"))
+                shot = personal_shot(browser, app, args.out)
                 browser.close()
         finally:
             stop_app(app)
-    for name in ("chat", "revision", "admin", "review"):
+    for name in ("chat", "revision", "admin", "review", "personal")[:None if shot else 4]:
         print(args.out / f"{name}.png")
-    return 0
+    return 0 if shot else 1
 
 
 if __name__ == "__main__":
