@@ -353,7 +353,7 @@ def _repeats_question(text: str, question: str) -> bool:
     first_line = text.strip().splitlines()[0]
     # "Paris is the capital of France." shares most words with its question, and answers it: a reply that
     # adds a content word of its own is not the question again
-    adds = content._content(text) - content._content(question)
+    adds = content.content_words(text) - content.content_words(question)
     return (rouge_l(text, question) >= 0.8 and not adds) or rouge_l(first_line, question) >= 0.9
 
 

@@ -78,14 +78,14 @@ _EMAIL_OR_URL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|https?://\S+")
 
 def restates_the_question(text: str, question: str) -> bool:
     """Every content word of `text` is in the question ("Climate change.", "Yes. Inflation."): a topic, no answer."""
-    said = _content(text)
-    return bool(said) and said <= _content(question)
+    said = content_words(text)
+    return bool(said) and said <= content_words(question)
 
 
 def talks_about_replies(text: str, context: str = "") -> str | None:
     """A word for replies (META_WORDS) that `text` uses and `context` (the question, the plain answers)
     does not, or None."""
-    allowed = _content(context)
+    allowed = content_words(context)
     return next((w for w in _words(text) if w in META_WORDS and _stem(w) not in allowed), None)
 
 
@@ -117,9 +117,9 @@ def content_verdict(text: str, question: str, critique: str, references: list[st
         lost = _lost_fact(text, question, critique, references)
         if lost:
             return lost
-    named = _content(critique) | _content(question)
-    new = {w for w in _content(text) - named if not w.isdigit()}  # numbers: judged by _lost_fact
-    ref_words = {w for w in set().union(*(_content(r) for r in references)) - named if not w.isdigit()}
+    named = content_words(critique) | content_words(question)
+    new = {w for w in content_words(text) - named if not w.isdigit()}  # numbers: judged by _lost_fact
+    ref_words = {w for w in set().union(*(content_words(r) for r in references)) - named if not w.isdigit()}
     cos_question = cosines(question, [text, *references])
     cos_refs = cosines(text, references)
     if cos_question[0] < max(cos_question[1:]) - TOPIC_DROP and max(cos_refs) < OFF_ANSWER_COSINE:
@@ -142,7 +142,7 @@ def _lost_fact(text: str, question: str, critique: str, references: list[str]) -
             return f"loses the number {missing[0]} the plain answers agree on"
         if not have - _numbers(question):
             return "gives no number where the plain answer gives one"
-    skip_names = _content(question) | _content(critique)
+    skip_names = content_words(question) | content_words(critique)
     names = [_names(lead) - skip_names for lead in leads]
     if len(references) > 1:  # the names the plain answers agree on (none agreed: nothing required)
         wanted = set.intersection(*names)
@@ -180,7 +180,7 @@ def _porter():
     return PorterStemmer()
 
 
-def _content(text: str) -> set[str]:
+def content_words(text: str) -> set[str]:
     """Stems of the content words of `text` (numbers as digits)."""
     out = set()
     for w in _words(text):
