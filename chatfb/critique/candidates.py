@@ -15,8 +15,8 @@ answer's (the critiqued reply, else the base model's answer without the critique
     score(c) = logratio + ON_TOPIC_WEIGHT * cos(c, question) + PLAUSIBILITY_WEIGHT * min(0, plausibility_gap)
 
 Dropped, in this order: the text checks of `form_verdict` (empty, cut off, repeats the question, only
-restates its topic, repeats or quotes the critique, talks about the feedback or the reply, leaves out
-what the critique states literally, a dialogue, repeated lines), off topic (cosine to the question below
+restates its topic, repeats, quotes or copies the wording of the critique, talks about the feedback or
+the reply, leaves out what the critique states literally, a dialogue, repeated lines), off topic (cosine to the question below
 OFF_TOPIC_COSINE, MiniLM embeddings from chatfb.critique.similarity), the content check against the
 plain answers (chatfb.critique.content: a number or name they got right lost, their subject or all of
 their content lost), far less likely than the plain answer (PLAUSIBILITY_FLOOR), then logratio <= 0.
@@ -231,6 +231,9 @@ def _talks_about_the_critique(text: str, critique: str, context: str = "") -> st
     meta = content.talks_about_replies(text, context)
     if meta:
         return f"talks about the reply ({meta!r}), not an answer"
+    copied = content.copies_the_critique(text, critique, context, literal_facts(critique))
+    if copied:
+        return f"copies the critique's wording ({copied!r}) instead of answering"
     return None
 
 
