@@ -13,13 +13,18 @@ pays PLAUSIBILITY_WEIGHT per nat its mean token logprob without the critique fal
 answer's (the critiqued reply, else the base model's answer without the critique):
 
     score(c) = logratio + ON_TOPIC_WEIGHT * cos(c, question) + PLAUSIBILITY_WEIGHT * min(0, plausibility_gap)
+             + AGREEMENT_WEIGHT * agreement(c)
+
+(the last term: a good answer says what the plain answer said, the share of the content words of the plain
+answer's answering sentence it uses; not for a critique that states new content).
 
 Dropped, in this order: the text checks of `form_verdict` (empty, cut off, repeats the question, only
 restates its topic, repeats, quotes or copies the wording of the critique, talks about the feedback or
 the reply, leaves out what the critique states literally, a dialogue, repeated lines), off topic (cosine to the question below
 OFF_TOPIC_COSINE, MiniLM embeddings from chatfb.critique.similarity), the content check against the
 plain answers (chatfb.critique.content: a number or name they got right lost, their subject or all of
-their content lost), far less likely than the plain answer (PLAUSIBILITY_FLOOR), then logratio <= 0.
+their content lost), far less likely than the plain answer (PLAUSIBILITY_FLOOR; not where every content
+word is the question's or the plain answer's: "Paris"), then logratio <= 0.
 Besides the sampled answers, `generate` adds candidates that keep the content by construction
 (chatfb.critique.constraints): the plain answer cut short for a length critique, and answers held to a
 format the critique states literally by vLLM structured outputs.
@@ -67,9 +72,21 @@ SCORING_THREADS = 8
 # answer's (the critiqued reply, else the base model's answer), and one more than PLAUSIBILITY_FLOOR
 # below is dropped. Measured with the local judge on SmolLM2-135M against its greedy plain answers:
 # right answers written by hand sat 0.0-2.9 nats below (a one-word "Paris." 5.8: its end of turn is
-# unlikely without the critique), so the floor drops only text further off than any right answer seen.
+# unlikely without the critique), so the floor drops only text further off than any right answer seen; and
+# never text made of the plain answer's own words ("Paris" without its full stop sat 8.9 nats below "The
+# capital of France is Paris.": the model's end of turn after one word, not a wrong answer).
 PLAUSIBILITY_WEIGHT = 0.5
 PLAUSIBILITY_FLOOR = 6.0
+# A good answer says what the plain answer said: a candidate gains AGREEMENT_WEIGHT per unit of cosine
+# between it and the plain answers' answering sentences (chatfb.critique.content.agreement), except for a
+# critique that states new content. Measured once on SmolLM2-135M's candidates that passed every check
+# (twelve questions, six critiques, four of them worded unlike the efficacy families; greedy plain answers):
+# right ones sat at 0.53-1.0 (most above 0.7), evasive ones at 0.32-0.56 ("This is a classic math problem
+# that goes beyond the literal answer of 8 legs" 0.32), so half a nat per unit of cosine moves an evasive
+# one below a right one with a log-ratio up to ~0.1-0.2 nats lower. A wrong number in
+# the plain answer's words keeps a high cosine ("1,000,000 degrees Celsius" 0.83): numbers are the content
+# check's job, not this term's.
+AGREEMENT_WEIGHT = 0.5
 
 # Talk about the feedback or the rewriting instead of an answer; what the 135M model writes when it
 # reads the critique as the thing to reply to (issue 14's kept targets). Nouns for the reply and the
@@ -300,6 +317,11 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
         with ThreadPoolExecutor(min(SCORING_THREADS, len(jobs))) as pool:  # vLLM batches concurrent requests
             logprobs = list(pool.map(lambda job: client.completion_logprobs(job[0], job[1], model), jobs))
         plain_baseline = _mean(logprobs[-1]) if baseline else None
+        # a critique that states new content (an address, a corrected fact) moves the answer away from the plain
+        # one by design: closeness to it is then no measure of a good answer
+        measured = references and not (corrects_a_fact(critique) or content.states_new_content(critique))
+        agreements = dict(zip(map(id, alive), content.agreement([c.text for c in alive], question, critique, references))) \
+            if measured else {}
         for i, c in enumerate(alive):
             with_critique, without = _mean(logprobs[2 * i]), _mean(logprobs[2 * i + 1])
             logratio = with_critique - without
@@ -310,7 +332,12 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
             if gap is not None:
                 c.details["plausibility_gap"] = round(gap, 4)
                 c.score += PLAUSIBILITY_WEIGHT * min(0.0, gap)
-            if gap is not None and gap < -PLAUSIBILITY_FLOOR:
+            agree = agreements.get(id(c))
+            if agree is not None:
+                c.details["agreement"] = round(agree, 4)
+                c.score += AGREEMENT_WEIGHT * agree
+            if gap is not None and gap < -PLAUSIBILITY_FLOOR \
+                    and not content.within_the_plain_answer(c.text, question, references):
                 c.verdict = "far less likely as an answer than the plain answer"
             elif logratio <= 0:
                 c.verdict = "no more likely with the critique"

@@ -17,6 +17,10 @@ caller has it the base model's plain answer to the same prompt. `content_verdict
 - drifts off the subject: its embedding is much further from the question AND from the plain answer
   than the plain answer is from the question.
 
+For the scorer (chatfb.critique.candidates.score): `agreement`, how much of the plain answer's answering
+sentence a candidate says too (a ranking term), and `within_the_plain_answer`, a candidate that says nothing
+the plain answer did not (however unlikely a one-word answer is, it is not nonsense).
+
 A critique that states new content (it corrects a fact, or gives an address to use) may replace the
 plain answer's facts and move away from its subject: then only the question's topic checks apply. A fact the critique names is never required
 (it may be the one it calls wrong). Words, not phrases: nothing here was written for one critique.
@@ -77,9 +81,11 @@ DIRECT_ANSWER_WORDS = 15
 # ("three short tips" from a critique asking for them); three in runs are a clause of the critique
 # ("always tell people to ...", "format it as a bulleted list").
 COPIED_WORDS = 3
-# ... or two, where they are this share of the critique's own content words ("tell people" of "Wrong: always
-# tell people to email ...", whose other words introduce the address).
-COPIED_SHARE = 0.5
+# ... or two, where they are this share of the critique's own content words: "tell people" of "Wrong: always
+# tell people to email ..." (its other words introduce the address), "a child would understand" of "Please
+# answer in plain words a child would understand." (SmolLM2-135M's "A child would understand that it rains."
+# to "What causes rain?" had the best score of five: a log-ratio of 3.5 nats, from the copied words).
+COPIED_SHARE = 0.4
 # The words right before a literal the critique asks for are how an answer gives it ("email our support
 # team at <address>", "write to <address>"): this many of them, in the literal's clause, may be copied.
 LEAD_IN_WORDS = 5
@@ -209,7 +215,7 @@ def content_verdict(text: str, question: str, critique: str, references: list[st
     references = [r for r in references if r and r.strip()]
     if not references:
         return "ok"
-    corrects = corrects or bool(_EMAIL_OR_URL.search(critique))
+    corrects = corrects or states_new_content(critique)
     if not corrects:
         lost = _lost_fact(text, question, critique, references)
         if lost:
@@ -228,6 +234,28 @@ def content_verdict(text: str, question: str, critique: str, references: list[st
     if not corrects and new and ref_words and not new & ref_words and max(cos_refs) < SAME_ANSWER_COSINE:
         return "keeps none of the plain answer's content"
     return "ok"
+
+
+def agreement(texts: list[str], question: str, critique: str, references: list[str]) -> list[float]:
+    """How much of what the plain answers say each of `texts` says too: the share of the content words of a
+    plain answer's answering sentence (`_answer_sentence`; those of the question and the critique set aside)
+    that it uses, the best over `references`. 0.0 where no reference has such words."""
+    named = content_words(question) | content_words(critique)
+    leads = [content_words(_answer_sentence(r, question)) - named for r in references if r and r.strip()]
+    leads = [lead for lead in leads if lead]
+    return [max((len(lead & content_words(t)) / len(lead) for lead in leads), default=0.0) for t in texts]
+
+
+def states_new_content(critique: str) -> bool:
+    """The critique gives content to use (an address or URL): the plain answer's facts and subject may go."""
+    return bool(_EMAIL_OR_URL.search(critique or ""))
+
+
+def within_the_plain_answer(text: str, question: str, references: list[str]) -> bool:
+    """Every content word of `text` is one the question or the plain answers use ("Paris" for "The capital of
+    France is Paris."): it says nothing they did not, however unlikely its shortness is to the model."""
+    said = content_words(text)
+    return bool(said) and said <= content_words(question).union(*(content_words(r) for r in references if r))
 
 
 def _lost_fact(text: str, question: str, critique: str, references: list[str]) -> str | None:
