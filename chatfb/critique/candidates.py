@@ -77,15 +77,16 @@ SCORING_THREADS = 8
 # capital of France is Paris.": the model's end of turn after one word, not a wrong answer).
 PLAUSIBILITY_WEIGHT = 0.5
 PLAUSIBILITY_FLOOR = 6.0
-# A good answer says what the plain answer said: a candidate gains AGREEMENT_WEIGHT per unit of cosine
-# between it and the plain answers' answering sentences (chatfb.critique.content.agreement), except for a
-# critique that states new content. Measured once on SmolLM2-135M's candidates that passed every check
-# (twelve questions, six critiques, four of them worded unlike the efficacy families; greedy plain answers):
-# right ones sat at 0.53-1.0 (most above 0.7), evasive ones at 0.32-0.56 ("This is a classic math problem
-# that goes beyond the literal answer of 8 legs" 0.32), so half a nat per unit of cosine moves an evasive
-# one below a right one with a log-ratio up to ~0.1-0.2 nats lower. A wrong number in
-# the plain answer's words keeps a high cosine ("1,000,000 degrees Celsius" 0.83): numbers are the content
-# check's job, not this term's.
+# A good answer says what the plain answer said: a candidate gains AGREEMENT_WEIGHT times the share of the
+# content words of the plain answers' answering sentence it uses (chatfb.critique.content.agreement), except
+# for a critique that states new content. Measured once with the local judge (SmolLM2-135M): on hand-written
+# right and evasive answers to three questions (where the weight was chosen) the log-ratio ranked the evasive
+# one first twice; half a nat per unit put the right one first in one of the two (gravity), a whole nat in
+# both. On the model's own candidates for 13 other questions and six critiques, 0.5 changed the pick for 3:
+# better for rain (water and air over "because of the Sun"), the plain answer's own sentences over a
+# paraphrase for photosynthesis, worse for spider ("The answer is 28" over an evasive one that said 8 legs;
+# the plain answer itself was wrong). 1.0 also put "I will clarify the definition ..." first for prime
+# numbers: word shares punish paraphrase ("two distinct factors" for "cannot be divided evenly"), hence half.
 AGREEMENT_WEIGHT = 0.5
 
 # Talk about the feedback or the rewriting instead of an answer; what the 135M model writes when it

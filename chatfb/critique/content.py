@@ -126,8 +126,9 @@ def copies_the_critique(text: str, critique: str, context: str = "", literals: l
       runs of two words or more it shares with the critique.
 
     Not the critique's own wording: what `context` (the question, the plain answers) says too, the literal
-    strings the critique asks for (`literals`, and any address or URL in it), and the LEAD_IN_WORDS words
-    that introduce one in its clause ("email our support team at <address>": how an answer gives it too)."""
+    strings the critique asks for (`literals`, and any address or URL in it), the LEAD_IN_WORDS words
+    that introduce one in its clause ("email our support team at <address>": how an answer gives it too),
+    and the names and numbers it states (content it gives: "We are open 9 to 5, Monday to Friday.")."""
     verdict = _verdict(critique, context)
     if verdict:
         m = verdict.search(text)
@@ -176,19 +177,21 @@ def _clauses(text: str, literals: list[str]) -> list[list[str]]:
 
 
 def _own_wording(critique: str, literals: list[str]) -> list[list[tuple[str, bool]]]:
-    """The critique's clauses as (word, counts) pairs: counts is False for the LEAD_IN_WORDS words of the
-    clause that introduces a literal (the words right before it)."""
+    """The critique's clauses as (word, counts) pairs: counts is False for the names and numbers it states
+    (content it gives, as in `_lost_fact`) and for the LEAD_IN_WORDS words of the clause that introduces a
+    literal (the words right before it)."""
     pattern = "|".join(re.escape(f) for f in sorted(literals, key=len, reverse=True))
     pieces = re.split(pattern, critique, flags=re.I) if pattern else [critique]
+    facts = _names(critique) | _numbers(critique)  # content it gives ("open 9 to 5, Monday to Friday"), not wording
     out = []
     for k, piece in enumerate(pieces):
         if k < len(pieces) - 1:  # a literal follows this piece: its last clause introduces it
             piece = piece.rstrip(" \t\"'‘“")
         clauses = [_words(c) for c in _CLAUSE_BREAK.split(piece)]
         lead = clauses.pop() if k < len(pieces) - 1 else []
-        out += [[(w, True) for w in c] for c in clauses if c]
+        out += [[(w, _stem(w) not in facts and NUMBER_WORDS.get(w, w) not in facts) for w in c] for c in clauses if c]
         if lead:
-            out.append([(w, i < len(lead) - LEAD_IN_WORDS) for i, w in enumerate(lead)])
+            out.append([(w, i < len(lead) - LEAD_IN_WORDS and _stem(w) not in facts) for i, w in enumerate(lead)])
     return out
 
 

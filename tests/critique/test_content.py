@@ -183,6 +183,11 @@ def test_copied_wording_is_the_critiques_own_not_the_questions_or_a_phrase_an_an
         "wrong:"  # the verdict anywhere, with its punctuation
     assert content.copies_the_critique("Canberra. It is wrong to think of Sydney.", fact, "What is the capital of Australia?") \
         is None  # the word alone is not the verdict
+    # names and numbers a critique states are content it gives, not its wording
+    hours = "Mention our opening hours: 9 to 5, Monday to Friday."
+    assert content.copies_the_critique("We are open 9 to 5, Monday to Friday.", hours, "When are you open?") is None
+    assert content.copies_the_critique("Mention our opening hours: we are open.", hours, "When are you open?") == \
+        "mention our opening hours"
     # SmolLM2-135M's best-scored candidate of five: two words, but most of what the critique says beside "answer"
     assert content.copies_the_critique("A child would understand that it rains.", "Please answer in plain words a child "
                                        "would understand.", "What causes rain?") == "a child would understand"
