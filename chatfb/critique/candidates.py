@@ -82,7 +82,8 @@ PLAUSIBILITY_FLOOR = 6.0
 # for a critique that states new content. Measured once with the local judge (SmolLM2-135M): on hand-written
 # right and evasive answers to three questions (where the weight was chosen) the log-ratio ranked the evasive
 # one first twice; half a nat per unit put the right one first in one of the two (gravity), a whole nat in
-# both. On the model's own candidates for 13 other questions and six critiques, 0.5 changed the pick for 3:
+# both. On the model's own sampled candidates for 12 questions (six critiques, its greedy plain answers; two
+# questions shared with the hand-written set), 0.5 changed the pick for 3:
 # better for rain (water and air over "because of the Sun"), the plain answer's own sentences over a
 # paraphrase for photosynthesis, worse for spider ("The answer is 28" over an evasive one that said 8 legs;
 # the plain answer itself was wrong). 1.0 also put "I will clarify the definition ..." first for prime
