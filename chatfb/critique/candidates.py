@@ -219,10 +219,12 @@ def corrects_a_fact(critique: str) -> bool:
 
 
 def literal_facts(critique: str) -> list[str]:
-    """The literal strings a critique asks for: e-mail addresses, URLs, short quoted strings, and the
-    name or number a fact-correcting critique states ("... is Canberra, not Sydney" -> "Canberra")."""
+    """The literal strings a critique asks for: e-mail addresses, URLs, short quoted strings (not where it
+    says no, never, don't ...: the quote may be what it forbids), and the name or number a fact-correcting
+    critique states ("... is Canberra, not Sydney" -> "Canberra")."""
     facts = _EMAIL.findall(critique) + [u.rstrip(".,;:!?)") for u in _URL.findall(critique)]
-    facts += [q.strip() if q.strip() else q for q in _QUOTED.findall(critique)]
+    if not set(re.findall(r"[a-z']+", critique.lower())) & constraints.NEGATION:  # "Don't start with 'Great question!'"
+        facts += [q.strip() if q.strip() else q for q in _QUOTED.findall(critique)]
     if corrects_a_fact(critique):
         facts += [v.rstrip(".,;:!?") for v in _STATED_VALUE.findall(critique) if not _EMAIL.fullmatch(v)]
     return [f for f in dict.fromkeys(facts) if f.strip() or f == " "]

@@ -337,6 +337,9 @@ def test_a_reply_must_keep_what_the_critique_states_literally(critique, good, ba
     ("The answer is Paris, I think you are right.", []),
     ("Wrong: it is too long and too vague.", []),
     ("Too long. Answer in one short sentence of at most 25 words.", []),
+    # a quote the critique forbids is not one a reply must contain
+    ("Don't start with 'Great question!' - just answer.", []),
+    ("Never end with 'Hope this helps' again.", []),
 ])
 def test_a_fact_correcting_critique_states_the_value_a_reply_must_keep(critique, facts):
     assert literal_facts(critique) == facts
