@@ -20,10 +20,10 @@ answer's answering sentence it uses; not for a critique that states new content)
 
 Dropped, in this order: the text checks of `form_verdict` (empty, cut off, repeats the question, only
 restates its topic, repeats, quotes or copies the wording of the critique, talks about the feedback or
-the reply, leaves out what the critique states literally, a dialogue, repeated lines), off topic (cosine to the question below
-OFF_TOPIC_COSINE, MiniLM embeddings from chatfb.critique.similarity), the content check against the
-plain answers (chatfb.critique.content: a number or name they got right lost, their subject or all of
-their content lost), far less likely than the plain answer (PLAUSIBILITY_FLOOR; not where every content
+the reply, leaves out what the critique states literally, a dialogue, repeated lines), off topic (cosine
+to the question below OFF_TOPIC_COSINE, MiniLM embeddings from chatfb.critique.similarity), the content
+check against the plain answers (chatfb.critique.content: a number or name they got right lost, their
+subject or all of their content lost), far less likely than the plain answer (PLAUSIBILITY_FLOOR; not where every content
 word is the question's or the plain answer's: "Paris"), then logratio <= 0.
 Besides the sampled answers, `generate` adds candidates that keep the content by construction
 (chatfb.critique.constraints): the plain answer cut short for a length critique, and answers held to a

@@ -22,8 +22,8 @@ sentence a candidate says too (a ranking term), and `within_the_plain_answer`, a
 the plain answer did not (however unlikely a one-word answer is, it is not nonsense).
 
 A critique that states new content (it corrects a fact, or gives an address to use) may replace the
-plain answer's facts and move away from its subject: then only the question's topic checks apply. A fact the critique names is never required
-(it may be the one it calls wrong). Words, not phrases: nothing here was written for one critique.
+plain answer's facts and move away from its subject: then only the question's topic checks apply. A fact
+the critique names is never required (it may be the one it calls wrong). Words, not phrases: nothing here was written for one critique.
 """
 
 from __future__ import annotations
@@ -136,10 +136,12 @@ def copies_the_critique(text: str, critique: str, context: str = "", literals: l
             return m.group().strip()
     literals = [f for f in (*literals, *_EMAIL_OR_URL.findall(critique)) if f.strip()]
     own = _own_wording(critique, literals)
-    grams = {tuple(seg[i:j]) for seg in _clauses(text, literals) for i in range(len(seg)) for j in range(i + 2, len(seg) + 1)}
+    longest_clause = max(map(len, own), default=0)  # no run is longer: bounds the work on a long text
+    grams = {tuple(seg[i:j]) for seg in _clauses(text, literals) for i in range(len(seg))
+             for j in range(i + 2, min(len(seg), i + longest_clause) + 1)}
     said = f" {' '.join(_words(context))} "
     allowed = content_words(context)
-    copied, longest = set(), ""
+    in_runs, longest = set(), ""
     for n, clause in enumerate(own):
         words = [w for w, _ in clause]
         for i in range(len(words) - 1):
@@ -147,15 +149,16 @@ def copies_the_critique(text: str, critique: str, context: str = "", literals: l
             phrase = " ".join(words[i:j]) if j else ""
             if not phrase or f" {phrase} " in said:
                 continue
-            copied.update((n, k) for k in range(i, j))
+            in_runs.update((n, k) for k in range(i, j))
             longest = max(longest, phrase, key=len)
+
     def counts(n: int, k: int) -> bool:
         word, countable = own[n][k]
         return countable and word not in STOPWORDS and _stem(NUMBER_WORDS.get(word, word)) not in allowed
 
-    copied = [nk for nk in copied if counts(*nk)]
-    owned = [(n, k) for n, clause in enumerate(own) for k in range(len(clause)) if counts(n, k)]
-    sizeable = len(copied) >= COPIED_WORDS or (len(copied) >= 2 and len(copied) >= COPIED_SHARE * len(owned))
+    copied = sum(counts(n, k) for n, k in in_runs)
+    owned = sum(counts(n, k) for n, clause in enumerate(own) for k in range(len(clause)))
+    sizeable = copied >= COPIED_WORDS or (copied >= 2 and copied >= COPIED_SHARE * owned)
     return longest if sizeable else None
 
 
