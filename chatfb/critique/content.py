@@ -164,10 +164,12 @@ def copies_the_critique(text: str, critique: str, context: str = "", literals: l
 
 def _verdict(critique: str, context: str) -> re.Pattern | None:
     """The critique's opening verdict as a pattern ("Wrong:" -> r"wrong\s*:"), where it is a short clause
-    with a content word the context does not use; else None."""
+    with a content word the context does not use, and more of the critique follows it (a critique that is
+    one short clause, "Paris!", may be the answer itself); else None."""
     m = re.match(r"\s*([^.:!?\n]+)([.:!?])", critique or "")
     words = _words(m.group(1)) if m else []
-    if not words or len(words) > VERDICT_WORDS or not content_words(m.group(1)) - content_words(context):
+    if not words or len(words) > VERDICT_WORDS or not content_words(m.group(1)) - content_words(context) \
+            or not _words(critique[m.end():]):
         return None
     return re.compile(r"(?<![\w])" + r"\W+".join(map(re.escape, words)) + r"\s*[.:!]", re.I)
 

@@ -183,6 +183,8 @@ def test_copied_wording_is_the_critiques_own_not_the_questions_or_a_phrase_an_an
         "wrong:"  # the verdict anywhere, with its punctuation
     assert content.copies_the_critique("Canberra. It is wrong to think of Sydney.", fact, "What is the capital of Australia?") \
         is None  # the word alone is not the verdict
+    # a critique of one short clause may be the answer itself, not a verdict on the reply
+    assert content.copies_the_critique("The capital of France is Paris.", "Paris!", "What is the capital of France?") is None
     # names and numbers a critique states are content it gives, not its wording
     hours = "Mention our opening hours: 9 to 5, Monday to Friday."
     assert content.copies_the_critique("We are open 9 to 5, Monday to Friday.", hours, "When are you open?") is None
