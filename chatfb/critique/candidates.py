@@ -245,7 +245,7 @@ def about_the_critique(text: str, critique: str, context: str = "") -> str | Non
 
 
 def _talks_about_the_critique(text: str, critique: str, context: str = "") -> str | None:
-    if _repeats_critique(text, critique):
+    if _repeats_critique(text, critique, context):
         return "repeats the critique"
     if TO_THE_CRITIC.search(text) or ABOUT_THE_FEEDBACK.search(text):
         return "talks about the feedback, not an answer"
@@ -391,9 +391,13 @@ def _repeats_question(text: str, question: str) -> bool:
     return (rouge_l(text, question) >= 0.8 and not adds) or rouge_l(first_line, question) >= 0.9
 
 
-def _repeats_critique(text: str, critique: str) -> bool:
+def _repeats_critique(text: str, critique: str, context: str = "") -> bool:
     """The reply is mostly the critique, or restates one of its sentences (its fact alone may be
-    quoted: "Please email support@..." answers the support-email critique)."""
+    quoted: "Please email support@..." answers the support-email critique; and a reply that shares only
+    the context's words and the names and numbers the critique gives states its fact:
+    content.repeats_only_given_content)."""
+    if content.repeats_only_given_content(text, critique, context):
+        return False
     if rouge_l(text, critique) >= 0.7:
         return True
     reply_sentences = [_words(s) for s in SENTENCE_END.split(text)]

@@ -162,6 +162,21 @@ def copies_the_critique(text: str, critique: str, context: str = "", literals: l
     return longest if sizeable else None
 
 
+def given_content(critique: str) -> set[str]:
+    """Stems of the names and numbers a critique states: content it gives ("open 9 to 5, Monday to Friday",
+    "the capital of Australia is Canberra"), not its wording."""
+    return _names(critique) | _numbers(critique)
+
+
+def repeats_only_given_content(text: str, critique: str, context: str = "") -> bool:
+    """Every content word `text` shares with the critique is one the context (the question, the plain answers)
+    uses too, or a name or number the critique gives: "The capital of Australia is Canberra." says the fact
+    of "Wrong: the capital of Australia is Canberra, not Sydney." in the question's words, and repeats
+    nothing of the critique's own wording however much of the critique it is."""
+    shared = content_words(text) & content_words(critique)
+    return not shared - content_words(context) - given_content(critique)
+
+
 def _verdict(critique: str, context: str) -> re.Pattern | None:
     """The critique's opening verdict as a pattern ("Wrong:" -> r"wrong\s*:"), where it is a short clause
     with a content word the context does not use, and more of the critique follows it (a critique that is
@@ -187,7 +202,7 @@ def _own_wording(critique: str, literals: list[str]) -> list[list[tuple[str, boo
     literal (the words right before it)."""
     pattern = "|".join(re.escape(f) for f in sorted(literals, key=len, reverse=True))
     pieces = re.split(pattern, critique, flags=re.I) if pattern else [critique]
-    facts = _names(critique) | _numbers(critique)  # content it gives ("open 9 to 5, Monday to Friday"), not wording
+    facts = given_content(critique)
     out = []
     for k, piece in enumerate(pieces):
         if k < len(pieces) - 1:  # a literal follows this piece: its last clause introduces it

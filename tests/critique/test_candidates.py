@@ -461,3 +461,15 @@ def test_a_critique_that_states_new_content_is_not_ranked_by_the_plain_answer():
     (ranked,) = score(judge, "m", [{"role": "user", "content": "How can I contact support?"}], critique,
                       [Candidate(text, "stop")], original=original)
     assert ranked.ok and "agreement" not in ranked.details, ranked
+
+
+@pytest.mark.parametrize("question,text", [
+    # the efficacy family australia_capital's right answers, dropped as "repeats the critique" before
+    ("What is the capital of Australia?", "The capital of Australia is Canberra."),
+    ("Tell me the capital of Australia.", "The capital of Australia is Canberra."),
+])
+def test_a_reply_that_states_the_critiques_fact_in_the_questions_words_does_not_repeat_it(question, text):
+    critique = "Wrong: the capital of Australia is Canberra, not Sydney."
+    assert hard_verdict(text, question, critique) == "ok"
+    # the critique's own words said back still repeat it
+    assert hard_verdict("Wrong: the capital of Australia is Canberra, not Sydney.", question, critique) != "ok"

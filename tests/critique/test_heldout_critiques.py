@@ -8,7 +8,12 @@ a quote the critique forbids, "Don't start with 'Great question!'", was required
 critique's right answer), 6 of 8 answers kept. That bug is fixed (candidates.literal_facts); nothing else
 was changed for this set: 6 of 8 talks dropped, 7 of 8 answers kept. The copy check caught four of the six
 talks ('as bullet points', 'on a separate line', 'you forgot to tell them', 'This is incorrect.') and was
-the only check to catch the first. What the checks get wrong is marked xfail, with why."""
+the only check to catch the first. The answer it still dropped, "The Great Fire of London was in 1666." for
+"This is incorrect. The Great Fire of London was in 1666.", was "repeats the critique" (ROUGE-L 0.84 to it),
+as were 2 of 10 right answers of the efficacy family australia_capital: a reply whose words shared with the
+critique are the question's or the names and numbers it gives no longer repeats it (fixed after this set
+showed it, so that case is no longer held out): 8 of 8 answers kept. What the checks still get wrong is
+marked xfail, with why."""
 
 
 from __future__ import annotations
@@ -68,9 +73,6 @@ KNOWN_MISSES = {
     # essentials" ("trimmed" is not "trim"), and "just answer" is one content word of a two-word critique
     ("talks", "What is the speed of light?"): "copied runs are not stemmed",
     ("talks", "How do vaccines work?"): "one copied content word is never sizeable",
-    # a critique that dictates its content without quotes: the right answer is most of the critique, and
-    # `_repeats_critique` (ROUGE-L 0.84 to the whole critique) drops it
-    ("answers", "When was the Great Fire of London?"): "an answer the critique dictates repeats it",
 }
 
 
