@@ -432,7 +432,8 @@ def test_a_terse_answer_in_the_plain_answers_own_words_is_not_far_less_likely():
 
 def test_of_two_kept_candidates_the_one_that_says_what_the_plain_answer_said_ranks_first():
     """SmolLM2-135M's own candidates for "What causes rain?" and a critique worded unlike the efficacy families
-    (local judge; its greedy plain answer): the log-ratio prefers the one that blames the Sun."""
+    (sampled with transformers; local judge; its greedy plain answer, here its first two sentences, the judge's
+    figure for the whole of it): the log-ratio prefers the one that blames the Sun."""
     question, critique = "What causes rain?", "Please answer in plain words a child would understand."
     plain = ("Rain is primarily caused by the interaction of atmospheric water vapor with the Earth's atmosphere. This "
              "process occurs when there is a combination of atmospheric water vapor and water molecules, typically in "
