@@ -13,13 +13,18 @@ pays PLAUSIBILITY_WEIGHT per nat its mean token logprob without the critique fal
 answer's (the critiqued reply, else the base model's answer without the critique):
 
     score(c) = logratio + ON_TOPIC_WEIGHT * cos(c, question) + PLAUSIBILITY_WEIGHT * min(0, plausibility_gap)
+             + AGREEMENT_WEIGHT * agreement(c)
+
+(the last term: a good answer says what the plain answer said, the share of the content words of the plain
+answer's answering sentence it uses; not for a critique that states new content).
 
 Dropped, in this order: the text checks of `form_verdict` (empty, cut off, repeats the question, only
-restates its topic, repeats or quotes the critique, talks about the feedback or the reply, leaves out
-what the critique states literally, a dialogue, repeated lines), off topic (cosine to the question below
-OFF_TOPIC_COSINE, MiniLM embeddings from chatfb.critique.similarity), the content check against the
-plain answers (chatfb.critique.content: a number or name they got right lost, their subject or all of
-their content lost), far less likely than the plain answer (PLAUSIBILITY_FLOOR), then logratio <= 0.
+restates its topic, repeats, quotes or copies the wording of the critique, talks about the feedback or
+the reply, leaves out what the critique states literally, a dialogue, repeated lines), off topic (cosine
+to the question below OFF_TOPIC_COSINE, MiniLM embeddings from chatfb.critique.similarity), the content
+check against the plain answers (chatfb.critique.content: a number or name they got right lost, their
+subject or all of their content lost), far less likely than the plain answer (PLAUSIBILITY_FLOOR; not where every content
+word is the question's or the plain answer's: "Paris"), then logratio <= 0.
 Besides the sampled answers, `generate` adds candidates that keep the content by construction
 (chatfb.critique.constraints): the plain answer cut short for a length critique, and answers held to a
 format the critique states literally by vLLM structured outputs.
@@ -67,9 +72,23 @@ SCORING_THREADS = 8
 # answer's (the critiqued reply, else the base model's answer), and one more than PLAUSIBILITY_FLOOR
 # below is dropped. Measured with the local judge on SmolLM2-135M against its greedy plain answers:
 # right answers written by hand sat 0.0-2.9 nats below (a one-word "Paris." 5.8: its end of turn is
-# unlikely without the critique), so the floor drops only text further off than any right answer seen.
+# unlikely without the critique), so the floor drops only text further off than any right answer seen; and
+# never text made of the plain answer's own words ("Paris" without its full stop sat 8.9 nats below "The
+# capital of France is Paris.": the model's end of turn after one word, not a wrong answer).
 PLAUSIBILITY_WEIGHT = 0.5
 PLAUSIBILITY_FLOOR = 6.0
+# A good answer says what the plain answer said: a candidate gains AGREEMENT_WEIGHT times the share of the
+# content words of the plain answers' answering sentence it uses (chatfb.critique.content.agreement), except
+# for a critique that states new content. Measured once with the local judge (SmolLM2-135M): on hand-written
+# right and evasive answers to three questions (where the weight was chosen) the log-ratio ranked the evasive
+# one first twice; half a nat per unit put the right one first in one of the two (gravity), a whole nat in
+# both. On the model's own sampled candidates for 12 questions (six critiques, its greedy plain answers; two
+# questions shared with the hand-written set), 0.5 changed the pick for 3:
+# better for rain (water and air over "because of the Sun"), the plain answer's own sentences over a
+# paraphrase for photosynthesis, worse for spider ("The answer is 28" over an evasive one that said 8 legs;
+# the plain answer itself was wrong). 1.0 also put "I will clarify the definition ..." first for prime
+# numbers: word shares punish paraphrase ("two distinct factors" for "cannot be divided evenly"), hence half.
+AGREEMENT_WEIGHT = 0.5
 
 # Talk about the feedback or the rewriting instead of an answer; what the 135M model writes when it
 # reads the critique as the thing to reply to (issue 14's kept targets). Nouns for the reply and the
@@ -200,10 +219,12 @@ def corrects_a_fact(critique: str) -> bool:
 
 
 def literal_facts(critique: str) -> list[str]:
-    """The literal strings a critique asks for: e-mail addresses, URLs, short quoted strings, and the
-    name or number a fact-correcting critique states ("... is Canberra, not Sydney" -> "Canberra")."""
+    """The literal strings a critique asks for: e-mail addresses, URLs, short quoted strings (not where it
+    says no, never, don't ...: the quote may be what it forbids), and the name or number a fact-correcting
+    critique states ("... is Canberra, not Sydney" -> "Canberra")."""
     facts = _EMAIL.findall(critique) + [u.rstrip(".,;:!?)") for u in _URL.findall(critique)]
-    facts += [q.strip() if q.strip() else q for q in _QUOTED.findall(critique)]
+    if not set(re.findall(r"[a-z']+", critique.lower())) & constraints.NEGATION:  # "Don't start with 'Great question!'"
+        facts += [q.strip() if q.strip() else q for q in _QUOTED.findall(critique)]
     if corrects_a_fact(critique):
         facts += [v.rstrip(".,;:!?") for v in _STATED_VALUE.findall(critique) if not _EMAIL.fullmatch(v)]
     return [f for f in dict.fromkeys(facts) if f.strip() or f == " "]
@@ -224,13 +245,16 @@ def about_the_critique(text: str, critique: str, context: str = "") -> str | Non
 
 
 def _talks_about_the_critique(text: str, critique: str, context: str = "") -> str | None:
-    if _repeats_critique(text, critique):
+    if _repeats_critique(text, critique, context):
         return "repeats the critique"
     if TO_THE_CRITIC.search(text) or ABOUT_THE_FEEDBACK.search(text):
         return "talks about the feedback, not an answer"
     meta = content.talks_about_replies(text, context)
     if meta:
         return f"talks about the reply ({meta!r}), not an answer"
+    copied = content.copies_the_critique(text, critique, context, literal_facts(critique))
+    if copied:
+        return f"copies the critique's wording ({copied!r}) instead of answering"
     return None
 
 
@@ -297,6 +321,11 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
         with ThreadPoolExecutor(min(SCORING_THREADS, len(jobs))) as pool:  # vLLM batches concurrent requests
             logprobs = list(pool.map(lambda job: client.completion_logprobs(job[0], job[1], model), jobs))
         plain_baseline = _mean(logprobs[-1]) if baseline else None
+        # a critique that states new content (an address, a corrected fact) moves the answer away from the plain
+        # one by design: closeness to it is then no measure of a good answer
+        measured = references and not (corrects_a_fact(critique) or content.states_new_content(critique))
+        agreements = dict(zip(map(id, alive), content.agreement([c.text for c in alive], question, critique, references))) \
+            if measured else {}
         for i, c in enumerate(alive):
             with_critique, without = _mean(logprobs[2 * i]), _mean(logprobs[2 * i + 1])
             logratio = with_critique - without
@@ -307,7 +336,12 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
             if gap is not None:
                 c.details["plausibility_gap"] = round(gap, 4)
                 c.score += PLAUSIBILITY_WEIGHT * min(0.0, gap)
-            if gap is not None and gap < -PLAUSIBILITY_FLOOR:
+            agree = agreements.get(id(c))
+            if agree is not None:
+                c.details["agreement"] = round(agree, 4)
+                c.score += AGREEMENT_WEIGHT * agree
+            if gap is not None and gap < -PLAUSIBILITY_FLOOR \
+                    and not content.within_the_plain_answer(c.text, question, references):
                 c.verdict = "far less likely as an answer than the plain answer"
             elif logratio <= 0:
                 c.verdict = "no more likely with the critique"
@@ -353,13 +387,17 @@ def _repeats_question(text: str, question: str) -> bool:
     first_line = text.strip().splitlines()[0]
     # "Paris is the capital of France." shares most words with its question, and answers it: a reply that
     # adds a content word of its own is not the question again
-    adds = content._content(text) - content._content(question)
+    adds = content.content_words(text) - content.content_words(question)
     return (rouge_l(text, question) >= 0.8 and not adds) or rouge_l(first_line, question) >= 0.9
 
 
-def _repeats_critique(text: str, critique: str) -> bool:
+def _repeats_critique(text: str, critique: str, context: str = "") -> bool:
     """The reply is mostly the critique, or restates one of its sentences (its fact alone may be
-    quoted: "Please email support@..." answers the support-email critique)."""
+    quoted: "Please email support@..." answers the support-email critique; and a reply that shares only
+    the context's words and the names and numbers the critique gives states its fact:
+    content.repeats_only_given_content)."""
+    if content.repeats_only_given_content(text, critique, context):
+        return False
     if rouge_l(text, critique) >= 0.7:
         return True
     reply_sentences = [_words(s) for s in SENTENCE_END.split(text)]

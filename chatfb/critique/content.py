@@ -8,15 +8,22 @@ caller has it the base model's plain answer to the same prompt. `content_verdict
 - talks about replies (their format, the user, the instruction) where neither the question nor the
   plain answer does;
 - quotes the critique's own words instead of using them ('The answer is "too long."');
+- copies the critique's own wording: its opening verdict ("Wrong:", "Too long.") or a clause of it
+  ("Always tell people to ... at <address>"); a literal it asks for, and the words that introduce it,
+  may be copied (`copies_the_critique`);
 - loses the plain answer's facts: a number the references agree on (one reference: the candidate gives
   no number where the plain answer's answering sentence gives one), a name in that sentence, or
   every content word of the plain answer (unless its sentence embedding stays close to it: synonyms);
 - drifts off the subject: its embedding is much further from the question AND from the plain answer
   than the plain answer is from the question.
 
+For the scorer (chatfb.critique.candidates.score): `agreement`, how much of the plain answer's answering
+sentence a candidate says too (a ranking term), and `within_the_plain_answer`, a candidate that says nothing
+the plain answer did not (however unlikely a one-word answer is, it is not nonsense).
+
 A critique that states new content (it corrects a fact, or gives an address to use) may replace the
-plain answer's facts: then only the topic checks apply. A fact the critique names is never required
-(it may be the one it calls wrong). Words, not phrases: nothing here was written for one critique.
+plain answer's facts and move away from its subject: then only the question's topic checks apply. A fact
+the critique names is never required (it may be the one it calls wrong). Words, not phrases: nothing here was written for one critique.
 """
 
 from __future__ import annotations
@@ -69,24 +76,143 @@ SAME_ANSWER_COSINE = 0.7
 # the answer. A longer one explains, and names in it ("... the surface of the Earth") are incidental.
 DIRECT_ANSWER_WORDS = 15
 
+# A candidate that copies this many content words of the critique's own wording (`copies_the_critique`)
+# is talking about the critique. Three: two content words copied are a phrase an answer may share
+# ("three short tips" from a critique asking for them); three in runs are a clause of the critique
+# ("always tell people to ...", "format it as a bulleted list").
+COPIED_WORDS = 3
+# ... or two, where they are this share of the critique's own content words: "tell people" of "Wrong: always
+# tell people to email ..." (its other words introduce the address), "a child would understand" of "Please
+# answer in plain words a child would understand." (SmolLM2-135M's "A child would understand that it rains."
+# to "What causes rain?" had the best score of five: a log-ratio of 3.5 nats, from the copied words).
+COPIED_SHARE = 0.4
+# The words right before a literal the critique asks for are how an answer gives it ("email our support
+# team at <address>", "write to <address>"): this many of them, in the literal's clause, may be copied.
+LEAD_IN_WORDS = 5
+# A critique that opens with a clause this short ("Wrong:", "Too long.", "Way too long.") opens with its
+# verdict on the reply; an answer never says it.
+VERDICT_WORDS = 3
+
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 _CAPITALISED = re.compile(r"\b[A-Z][A-Za-z'’-]*[A-Za-z]")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _QUOTED = re.compile(r"[\"“‘]([^\"”’\n]{2,80})[\"”’]|(?<!\w)'([^'\n]{2,80})'(?!\w)")
 _EMAIL_OR_URL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|https?://\S+")
+_CLAUSE_BREAK = re.compile(r"[.,;:!?()\"“”‘’\n]+|'(?!\w)|(?<!\w)'")
 
 
 def restates_the_question(text: str, question: str) -> bool:
     """Every content word of `text` is in the question ("Climate change.", "Yes. Inflation."): a topic, no answer."""
-    said = _content(text)
-    return bool(said) and said <= _content(question)
+    said = content_words(text)
+    return bool(said) and said <= content_words(question)
 
 
 def talks_about_replies(text: str, context: str = "") -> str | None:
     """A word for replies (META_WORDS) that `text` uses and `context` (the question, the plain answers)
     does not, or None."""
-    allowed = _content(context)
+    allowed = content_words(context)
     return next((w for w in _words(text) if w in META_WORDS and _stem(w) not in allowed), None)
+
+
+def copies_the_critique(text: str, critique: str, context: str = "", literals: list[str] | tuple = ()) -> str | None:
+    """The critique's wording that `text` copies, where it is a sizeable part of it, else None: the text
+    is talking about the critique, not answering ("Wrong: always tell people to email ...", "You should
+    tell people to ...", 'The answer is "too long."'). Two ways, both overlap alone:
+
+    - its opening verdict ("Wrong:", "Too long.", "Way too long.": a clause of at most VERDICT_WORDS words
+      before the critique's first full stop or colon) said again as a verdict, closed by a full stop, colon
+      or exclamation mark;
+    - COPIED_WORDS content words of the critique's own wording (or two, where that is COPIED_SHARE of it), in
+      runs of two words or more it shares with the critique.
+
+    Not the critique's own wording: what `context` (the question, the plain answers) says too, the literal
+    strings the critique asks for (`literals`, and any address or URL in it), the LEAD_IN_WORDS words
+    that introduce one in its clause ("email our support team at <address>": how an answer gives it too),
+    and the names and numbers it states (content it gives: "We are open 9 to 5, Monday to Friday.")."""
+    verdict = _verdict(critique, context)
+    if verdict:
+        m = verdict.search(text)
+        if m:
+            return m.group().strip()
+    literals = [f for f in (*literals, *_EMAIL_OR_URL.findall(critique)) if f.strip()]
+    own = _own_wording(critique, literals)
+    longest_clause = max(map(len, own), default=0)  # no run is longer: bounds the work on a long text
+    grams = {tuple(seg[i:j]) for seg in _clauses(text, literals) for i in range(len(seg))
+             for j in range(i + 2, min(len(seg), i + longest_clause) + 1)}
+    said = f" {' '.join(_words(context))} "
+    allowed = content_words(context)
+    in_runs, longest = set(), ""
+    for n, clause in enumerate(own):
+        words = [w for w, _ in clause]
+        for i in range(len(words) - 1):
+            j = next((j for j in range(len(words), i + 1, -1) if tuple(words[i:j]) in grams), None)
+            phrase = " ".join(words[i:j]) if j else ""
+            if not phrase or f" {phrase} " in said:
+                continue
+            in_runs.update((n, k) for k in range(i, j))
+            longest = max(longest, phrase, key=len)
+
+    def counts(n: int, k: int) -> bool:
+        word, countable = own[n][k]
+        return countable and word not in STOPWORDS and _stem(NUMBER_WORDS.get(word, word)) not in allowed
+
+    copied = sum(counts(n, k) for n, k in in_runs)
+    owned = sum(counts(n, k) for n, clause in enumerate(own) for k in range(len(clause)))
+    sizeable = copied >= COPIED_WORDS or (copied >= 2 and copied >= COPIED_SHARE * owned)
+    return longest if sizeable else None
+
+
+def given_content(critique: str) -> set[str]:
+    """Stems of the names and numbers a critique states: content it gives ("open 9 to 5, Monday to Friday",
+    "the capital of Australia is Canberra"), not its wording."""
+    return _names(critique) | _numbers(critique)
+
+
+def repeats_only_given_content(text: str, critique: str, context: str = "") -> bool:
+    """Every content word `text` shares with the critique is one the context (the question, the plain answers)
+    uses too, or a name or number the critique gives: "The capital of Australia is Canberra." says the fact
+    of "Wrong: the capital of Australia is Canberra, not Sydney." in the question's words, and repeats
+    nothing of the critique's own wording however much of the critique it is."""
+    shared = content_words(text) & content_words(critique)
+    return not shared - content_words(context) - given_content(critique)
+
+
+def _verdict(critique: str, context: str) -> re.Pattern | None:
+    """The critique's opening verdict as a pattern ("Wrong:" -> r"wrong\s*:"), where it is a short clause
+    with a content word the context does not use, and more of the critique follows it (a critique that is
+    one short clause, "Paris!", may be the answer itself); else None."""
+    m = re.match(r"\s*([^.:!?\n]+)([.:!?])", critique or "")
+    words = _words(m.group(1)) if m else []
+    if not words or len(words) > VERDICT_WORDS or not content_words(m.group(1)) - content_words(context) \
+            or not _words(critique[m.end():]):
+        return None
+    return re.compile(r"(?<![\w])" + r"\W+".join(map(re.escape, words)) + r"\s*[.:!]", re.I)
+
+
+def _clauses(text: str, literals: list[str]) -> list[list[str]]:
+    """The words of `text` by clause: split at punctuation and at the literal strings, which are left out."""
+    for literal in sorted(literals, key=len, reverse=True):
+        text = re.sub(re.escape(literal), "\n", text, flags=re.I)
+    return [w for w in (_words(c) for c in _CLAUSE_BREAK.split(text)) if w]
+
+
+def _own_wording(critique: str, literals: list[str]) -> list[list[tuple[str, bool]]]:
+    """The critique's clauses as (word, counts) pairs: counts is False for the names and numbers it states
+    (content it gives, as in `_lost_fact`) and for the LEAD_IN_WORDS words of the clause that introduces a
+    literal (the words right before it)."""
+    pattern = "|".join(re.escape(f) for f in sorted(literals, key=len, reverse=True))
+    pieces = re.split(pattern, critique, flags=re.I) if pattern else [critique]
+    facts = given_content(critique)
+    out = []
+    for k, piece in enumerate(pieces):
+        if k < len(pieces) - 1:  # a literal follows this piece: its last clause introduces it
+            piece = piece.rstrip(" \t\"'‘“")
+        clauses = [_words(c) for c in _CLAUSE_BREAK.split(piece)]
+        lead = clauses.pop() if k < len(pieces) - 1 else []
+        out += [[(w, _stem(w) not in facts and NUMBER_WORDS.get(w, w) not in facts) for w in c] for c in clauses if c]
+        if lead:
+            out.append([(w, i < len(lead) - LEAD_IN_WORDS and _stem(w) not in facts) for i, w in enumerate(lead)])
+    return out
 
 
 def quotes_the_critique(text: str, critique: str) -> str | None:
@@ -112,21 +238,47 @@ def content_verdict(text: str, question: str, critique: str, references: list[st
     references = [r for r in references if r and r.strip()]
     if not references:
         return "ok"
-    corrects = corrects or bool(_EMAIL_OR_URL.search(critique))
+    corrects = corrects or states_new_content(critique)
     if not corrects:
         lost = _lost_fact(text, question, critique, references)
         if lost:
             return lost
-    named = _content(critique) | _content(question)
-    new = {w for w in _content(text) - named if not w.isdigit()}  # numbers: judged by _lost_fact
-    ref_words = {w for w in set().union(*(_content(r) for r in references)) - named if not w.isdigit()}
+    named = content_words(critique) | content_words(question)
+    new = {w for w in content_words(text) - named if not w.isdigit()}  # numbers: judged by _lost_fact
+    ref_words = {w for w in set().union(*(content_words(r) for r in references)) - named if not w.isdigit()}
     cos_question = cosines(question, [text, *references])
     cos_refs = cosines(text, references)
-    if cos_question[0] < max(cos_question[1:]) - TOPIC_DROP and max(cos_refs) < OFF_ANSWER_COSINE:
+    # a critique that states new content moves the answer away from the plain one by design, and a plain answer
+    # that restates the question ("To reach customer service, you can use the following methods:", cosine 0.86)
+    # set a bar that "Please email our support team at <address>." (0.28) failed: the subject is then the
+    # question's alone (the scorer's OFF_TOPIC_COSINE)
+    if not corrects and cos_question[0] < max(cos_question[1:]) - TOPIC_DROP and max(cos_refs) < OFF_ANSWER_COSINE:
         return "off the subject of the question and of the plain answer"
     if not corrects and new and ref_words and not new & ref_words and max(cos_refs) < SAME_ANSWER_COSINE:
         return "keeps none of the plain answer's content"
     return "ok"
+
+
+def agreement(texts: list[str], question: str, critique: str, references: list[str]) -> list[float]:
+    """How much of what the plain answers say each of `texts` says too: the share of the content words of a
+    plain answer's answering sentence (`_answer_sentence`; those of the question and the critique set aside)
+    that it uses, the best over `references`. 0.0 where no reference has such words."""
+    named = content_words(question) | content_words(critique)
+    leads = [content_words(_answer_sentence(r, question)) - named for r in references if r and r.strip()]
+    leads = [lead for lead in leads if lead]
+    return [max((len(lead & content_words(t)) / len(lead) for lead in leads), default=0.0) for t in texts]
+
+
+def states_new_content(critique: str) -> bool:
+    """The critique gives content to use (an address or URL): the plain answer's facts and subject may go."""
+    return bool(_EMAIL_OR_URL.search(critique or ""))
+
+
+def within_the_plain_answer(text: str, question: str, references: list[str]) -> bool:
+    """Every content word of `text` is one the question or the plain answers use ("Paris" for "The capital of
+    France is Paris."): it says nothing they did not, however unlikely its shortness is to the model."""
+    said = content_words(text)
+    return bool(said) and said <= content_words(question).union(*(content_words(r) for r in references if r))
 
 
 def _lost_fact(text: str, question: str, critique: str, references: list[str]) -> str | None:
@@ -142,7 +294,7 @@ def _lost_fact(text: str, question: str, critique: str, references: list[str]) -
             return f"loses the number {missing[0]} the plain answers agree on"
         if not have - _numbers(question):
             return "gives no number where the plain answer gives one"
-    skip_names = _content(question) | _content(critique)
+    skip_names = content_words(question) | content_words(critique)
     names = [_names(lead) - skip_names for lead in leads]
     if len(references) > 1:  # the names the plain answers agree on (none agreed: nothing required)
         wanted = set.intersection(*names)
@@ -180,7 +332,7 @@ def _porter():
     return PorterStemmer()
 
 
-def _content(text: str) -> set[str]:
+def content_words(text: str) -> set[str]:
     """Stems of the content words of `text` (numbers as digits)."""
     out = set()
     for w in _words(text):

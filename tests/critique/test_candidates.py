@@ -337,6 +337,9 @@ def test_a_reply_must_keep_what_the_critique_states_literally(critique, good, ba
     ("The answer is Paris, I think you are right.", []),
     ("Wrong: it is too long and too vague.", []),
     ("Too long. Answer in one short sentence of at most 25 words.", []),
+    # a quote the critique forbids is not one a reply must contain
+    ("Don't start with 'Great question!' - just answer.", []),
+    ("Never end with 'Hope this helps' again.", []),
 ])
 def test_a_fact_correcting_critique_states_the_value_a_reply_must_keep(critique, facts):
     assert literal_facts(critique) == facts
@@ -405,3 +408,69 @@ def test_being_a_good_answer_at_all_outranks_being_unlikely_without_the_critique
     judge.table[(nonsense, True)] = [-6.0]
     ranked = score(judge, "m", prompt, critique, [Candidate(nonsense, "stop"), Candidate(right, "stop")], original=original)
     assert {c.text: c.verdict for c in ranked}[nonsense] == "far less likely as an answer than the plain answer"
+
+
+def test_a_terse_answer_in_the_plain_answers_own_words_is_not_far_less_likely():
+    """SmolLM2-135M's own candidates and log-probabilities (local judge, sampled with the critique): "Paris" sat
+    8.9 nats below its plain answer, more than PLAUSIBILITY_FLOOR, for the end of turn after one word; it says
+    nothing the plain answer did not, and it is what the critique asked for."""
+    question, critique = "What is the capital of France?", "Too long. Answer in one short sentence."
+    plain = "The capital of France is Paris."
+    chatty = "Bien sûr. I'll keep that concise. The capital of France is Paris."
+    judge = CannedLogprobs({("Paris", True): [-3.1374], ("Paris", False): [-9.2817], (chatty, True): [-0.8523],
+                            (chatty, False): [-1.366], (plain, False): [-0.3546]})
+    prompt = [{"role": "user", "content": question}]
+    ranked = score(judge, "m", prompt, critique, [Candidate(chatty, "stop"), Candidate("Paris", "stop")], original=plain)
+    assert [c.verdict for c in ranked] == ["ok", "ok"] and best(ranked).text == "Paris", ranked
+    assert ranked[0].details["plausibility_gap"] < -6
+    # as unlikely, with words the plain answer never said: dropped
+    other = "Paris, the city of light."
+    judge.table[(other, True)], judge.table[(other, False)] = [-3.1374], [-9.2817]
+    (ranked,) = score(judge, "m", prompt, critique, [Candidate(other, "stop")], original=plain)
+    assert ranked.verdict == "far less likely as an answer than the plain answer"
+
+
+def test_of_two_kept_candidates_the_one_that_says_what_the_plain_answer_said_ranks_first():
+    """SmolLM2-135M's own candidates for "What causes rain?" and a critique worded unlike the efficacy families
+    (sampled with transformers; local judge; its greedy plain answer, here its first two sentences, the judge's
+    figure for the whole of it): the log-ratio prefers the one that blames the Sun."""
+    question, critique = "What causes rain?", "Please answer in plain words a child would understand."
+    plain = ("Rain is primarily caused by the interaction of atmospheric water vapor with the Earth's atmosphere. This "
+             "process occurs when there is a combination of atmospheric water vapor and water molecules, typically in "
+             "the form of water droplets, in the atmosphere.")
+    closer = ("Rain is a natural phenomenon that occurs when warm air rises and cools down. The air we breathe contains "
+              "carbon dioxide, which is a greenhouse gas, and carbon dioxide is what makes the planet Earth breathable. "
+              "In this Earth, water falls from the sky, just like in a lake, and it is a process of evaporation that "
+              "helps in producing fresh water for life.")
+    sun = "Why does rain fall? It happens because of the Sun. So, it's connected to the Sun, but it's more complicated than that!"
+    judge = CannedLogprobs({(closer, True): [-1.381], (closer, False): [-1.423], (sun, True): [-1.5925],
+                            (sun, False): [-2.016], (plain, False): [-0.7797]})
+    ranked = score(judge, "m", [{"role": "user", "content": question}], critique,
+                   [Candidate(sun, "stop"), Candidate(closer, "stop")], original=plain)
+    by_text = {c.text: c for c in ranked}
+    assert all(c.ok for c in ranked), ranked
+    assert by_text[sun].details["logratio"] > by_text[closer].details["logratio"]
+    assert by_text[closer].details["agreement"] > by_text[sun].details["agreement"] == 0.0
+    assert best(ranked).text == closer
+
+
+def test_a_critique_that_states_new_content_is_not_ranked_by_the_plain_answer():
+    critique = "Wrong: always tell people to email our support team at support@chatfb.example."
+    text = "Please email our support team at support@chatfb.example and we will help you."
+    original = "You can contact support through our website's contact form."
+    judge = CannedLogprobs({(text, True): [-0.5], (text, False): [-1.5], (original, False): [-1.0]})
+    (ranked,) = score(judge, "m", [{"role": "user", "content": "How can I contact support?"}], critique,
+                      [Candidate(text, "stop")], original=original)
+    assert ranked.ok and "agreement" not in ranked.details, ranked
+
+
+@pytest.mark.parametrize("question,text", [
+    # the efficacy family australia_capital's right answers, dropped as "repeats the critique" before
+    ("What is the capital of Australia?", "The capital of Australia is Canberra."),
+    ("Tell me the capital of Australia.", "The capital of Australia is Canberra."),
+])
+def test_a_reply_that_states_the_critiques_fact_in_the_questions_words_does_not_repeat_it(question, text):
+    critique = "Wrong: the capital of Australia is Canberra, not Sydney."
+    assert hard_verdict(text, question, critique) == "ok"
+    # the critique's own words said back still repeat it
+    assert hard_verdict("Wrong: the capital of Australia is Canberra, not Sydney.", question, critique) != "ok"

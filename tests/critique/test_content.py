@@ -126,3 +126,72 @@ def test_a_stray_opening_phrase_of_the_plain_answer_is_not_a_fact_to_keep():
         assert hard_verdict(kept, question, critique, references=[plain]) == "ok", kept
     for dropped in ("The capital of France.", "What is the capital of France?", "Lyon is the capital of France."):
         assert hard_verdict(dropped, question, critique, references=[plain]) != "ok", dropped
+
+
+# The integration test's critique (tests/integration/test_learning.py, the critique-only cycle).
+SUPPORT = "Wrong: always tell people to email our support team at support@chatfb.example."
+# SmolLM2-135M-Instruct's greedy plain answers to these questions (first sentences, verbatim).
+SUPPORT_PLAIN = {
+    "How can I contact support?": "To contact support, you can simply type \"support@huggingface.com\" in the address "
+    "bar, which is usually located at the top right corner of the screen.",
+    "Where do I send a bug report?": "You can send a bug report to a bug report service by using the following methods:",
+    "How do I reach customer service?": "To reach customer service, you can use the following methods:",
+}
+COPIES_THE_CRITIQUE = [
+    # SmolLM2-135M-Instruct's own candidates for SUPPORT (sampled at 0.8 with the critique as an instruction):
+    # every check before this one kept both
+    ("Where do I send a bug report?", "The error in \"never\" is a common mistake. Always tell people to contact "
+     "support at support@chatfb.example."),
+    ("How do I reach customer service?", "Always tell people to reach customer service at support@chatfb.example."),
+    # the critique's verdict said again; a clause of it restated
+    ("How can I contact support?", "Wrong: please contact our support team at support@chatfb.example."),
+    ("How can I contact support?", "To contact support, you should tell people to email support@chatfb.example."),
+]
+# The address, and the words that introduce it in the critique, are how an answer gives it.
+USES_THE_CRITIQUE = [
+    ("How can I contact support?", "Please email our support team at support@chatfb.example and we will help you."),
+    ("Where do I send a bug report?", "Please email our support team at support@chatfb.example with the steps that "
+     "cause the bug."),
+    ("How do I reach customer service?", "To reach customer service, write to our support team at support@chatfb.example."),
+]
+
+
+@pytest.mark.parametrize("question,text", COPIES_THE_CRITIQUE)
+def test_a_candidate_that_copies_the_critiques_wording_is_dropped(question, text):
+    verdict = hard_verdict(text, question, SUPPORT, references=[SUPPORT_PLAIN[question]])
+    assert verdict.startswith("copies the critique's wording"), verdict
+
+
+@pytest.mark.parametrize("question,text", USES_THE_CRITIQUE)
+def test_a_candidate_that_gives_the_address_the_critique_asks_for_is_kept(question, text):
+    assert hard_verdict(text, question, SUPPORT, references=[SUPPORT_PLAIN[question]]) == "ok"
+
+
+def test_copied_wording_is_the_critiques_own_not_the_questions_or_a_phrase_an_answer_shares():
+    bullets = "Format it as a bulleted list: exactly three short tips, each on its own line starting with '- '."
+    q = "Give me tips for sleeping better."
+    tips = "- Go to bed at the same time.\n- Keep the room dark.\n- Avoid screens before bed."
+    assert content.copies_the_critique("Here is a bulleted list of exactly three short tips:\n" + tips, bullets, q, ["- "]) \
+        == "exactly three short tips"
+    assert content.copies_the_critique("Three short tips:\n" + tips, bullets, q, ["- "]) is None  # two words: a phrase
+    # the critique's words that the question uses are not its own
+    fact = "Wrong: the capital of Australia is Canberra, not Sydney."
+    assert content.copies_the_critique("The capital of Australia is Canberra.", fact, "What is the capital of Australia?",
+                                       ["Canberra"]) is None
+    assert content.copies_the_critique("Wrong. The capital is Canberra.", fact, "What is the capital of Australia?") == "Wrong."
+    assert content.copies_the_critique("That is wrong: Sydney is bigger.", fact, "What is the capital of Australia?") == \
+        "wrong:"  # the verdict anywhere, with its punctuation
+    assert content.copies_the_critique("Canberra. It is wrong to think of Sydney.", fact, "What is the capital of Australia?") \
+        is None  # the word alone is not the verdict
+    # a critique of one short clause may be the answer itself, not a verdict on the reply
+    assert content.copies_the_critique("The capital of France is Paris.", "Paris!", "What is the capital of France?") is None
+    # names and numbers a critique states are content it gives, not its wording
+    hours = "Mention our opening hours: 9 to 5, Monday to Friday."
+    assert content.copies_the_critique("We are open 9 to 5, Monday to Friday.", hours, "When are you open?") is None
+    assert content.copies_the_critique("Mention our opening hours: we are open.", hours, "When are you open?") == \
+        "mention our opening hours"
+    # SmolLM2-135M's best-scored candidate of five: two words, but most of what the critique says beside "answer"
+    assert content.copies_the_critique("A child would understand that it rains.", "Please answer in plain words a child "
+                                       "would understand.", "What causes rain?") == "a child would understand"
+    assert content.copies_the_critique("Too long. Paris is the capital of France.", "Too long. Answer in one sentence.",
+                                       "What is the capital of France?") == "Too long."
