@@ -52,6 +52,11 @@ class Store:
         self._readers: list = []  # idle reader cursors, see _q
         self._all_readers: list = []
         self._readers_lock = threading.Lock()
+        # key hash -> user of a live API key, so a request's key costs no query; every change to api_keys
+        # goes through this process's own writes (the file has one writer), which clear it (see api_key_user)
+        self._key_users: dict[str, str] = {}
+        self._keys_changed = 0  # counts those clears
+        self._keys_lock = threading.Lock()
         self._closed = False
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -737,9 +742,25 @@ class Store:
         return [dict(zip(("id", "user_name", "prefix", "created_at", "revoked_at"), r)) for r in rows]
 
     def api_key_user(self, key_hash: str) -> str | None:
-        """The user an unrevoked key with this hash belongs to, or None."""
+        """The user an unrevoked key with this hash belongs to, or None. Live keys are remembered (the API
+        asks on every request) until the next revocation or deletion, which ends a key at once."""
+        with self._keys_lock:
+            user, changes = self._key_users.get(key_hash), self._keys_changed
+        if user is not None:
+            return user
         rows = self._q("SELECT user_name FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,))
-        return rows[0][0] if rows else None
+        user = rows[0][0] if rows else None
+        with self._keys_lock:
+            # not if keys changed while we read: the row may be from before a revocation
+            if user is not None and changes == self._keys_changed and len(self._key_users) < 10_000:
+                self._key_users[key_hash] = user
+        return user
+
+    def _forget_key_users(self) -> None:
+        """After a write that ends keys has committed: no key is remembered as live any more."""
+        with self._keys_lock:
+            self._key_users.clear()
+            self._keys_changed += 1
 
     def revoke_api_keys(self, user_name: str, key_id: str | None = None) -> int:
         """Revoke one user's keys (or only `key_id` of theirs). Returns how many were live."""
@@ -747,7 +768,10 @@ class Store:
         if key_id is not None:
             where, params = where + " AND id = ?", params + (key_id,)
         n = self._q(f"SELECT count(*) FROM api_keys WHERE {where}", params)[0][0]
-        self._tx([(f"UPDATE api_keys SET revoked_at = ? WHERE {where}", (utcnow(), *params))])
+        try:
+            self._tx([(f"UPDATE api_keys SET revoked_at = ? WHERE {where}", (utcnow(), *params))])
+        finally:
+            self._forget_key_users()
         return n
 
     def find_api_conversation(self, session_id: str, last_reply: str, limit: int = 5) -> list[str]:
@@ -835,6 +859,7 @@ class Store:
                   ("DELETE FROM guidelines WHERE user_name = ? AND (scope = 'user' OR status = 'pending')", (user_name,)),
                   ("UPDATE guidelines SET user_name = NULL, session_id = NULL WHERE user_name = ?", (user_name,)),
                   ("DELETE FROM api_keys WHERE user_name = ?", (user_name,))])
+        self._forget_key_users()
         return len(cids)
 
     def apply_retention(self, days: int) -> int:

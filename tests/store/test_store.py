@@ -94,6 +94,39 @@ def test_api_keys_are_found_by_hash_until_revoked_and_go_with_their_user(store):
     assert [k["user_name"] for k in store.api_keys()] == ["bob"]
 
 
+def test_a_remembered_api_key_ends_at_once_when_revoked_or_its_user_deleted(store, monkeypatch):
+    """The API asks for a request's key every time: a live key is answered from memory, no query, but a
+    revocation or a deleted user ends it for the very next request."""
+    store.add_api_key("ann", "hash-1", "cfb_abc")
+    store.add_api_key("bob", "hash-2", "cfb_def")
+    assert store.api_key_user("hash-1") == "ann" and store.api_key_user("hash-2") == "bob"
+    reads = []
+    read = store._q
+    monkeypatch.setattr(store, "_q", lambda sql, params=(): reads.append(sql) or read(sql, params))
+    assert store.api_key_user("hash-1") == "ann" and not reads, "a live key's user was read again"
+    store.revoke_api_keys("ann")
+    assert store.api_key_user("hash-1") is None
+    assert store.api_key_user("hash-2") == "bob"
+    store.delete_user("bob")
+    assert store.api_key_user("hash-2") is None
+
+
+def test_a_key_read_while_it_is_revoked_is_not_remembered_as_live(store, monkeypatch):
+    store.add_api_key("ann", "hash-1", "cfb_abc")
+    read = store._q
+
+    def read_then_revoke(sql, params=()):
+        rows = read(sql, params)
+        if "key_hash" in sql:  # the row was read live; the revocation commits before the answer is kept
+            monkeypatch.setattr(store, "_q", read)
+            store.revoke_api_keys("ann")
+        return rows
+
+    monkeypatch.setattr(store, "_q", read_then_revoke)
+    assert store.api_key_user("hash-1") == "ann"  # the request under way got in
+    assert store.api_key_user("hash-1") is None
+
+
 def test_m004_gives_old_feedback_its_origin_and_old_rows_defaults(settings):
     """A store made before m004: written, accepted and edited corrections get their origin; other rows
     their kind; nothing is trusted; adapters carry no deleted user's rows."""
