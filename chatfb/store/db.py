@@ -364,19 +364,21 @@ class Store:
         branch. The conversation is replayed up to the reply: a regenerated reply drops the one it
         replaces, an edited user message drops the message it edits and what followed it, so a reply
         of an old branch keeps the history it was answered from."""
-        m = self.message(message_id)
-        if m is None:
+        # one read (asked before every reply): the reply's conversation up to it, with its system prompt
+        cols = ", ".join(f"r.{c.strip()}" for c in _MSG_COLS.split(","))
+        rows = self._q(f"SELECT {cols}, c.system_prompt FROM messages m JOIN messages r ON r.conversation_id ="
+                       " m.conversation_id AND r.seq <= m.seq JOIN conversations c ON c.id = m.conversation_id"
+                       " WHERE m.id = ? ORDER BY r.seq", (message_id,))
+        if not rows:
             raise StoreError("unknown message")
-        conv = self.conversation(m["conversation_id"])
+        system_prompt = rows[0][-1]
         branch: list[dict] = []
-        for r in self.messages(m["conversation_id"], include_replaced=True):
-            if r["seq"] > m["seq"]:
-                break
+        for r in (_msg(row[:-1]) for row in rows):
             cut = next((i for i, b in enumerate(branch) if b["id"] == r["replaces"]), None) if r["replaces"] else None
             if cut is not None:
                 del branch[cut:]
             branch.append(r)
-        out = [{"role": "system", "content": conv["system_prompt"]}] if conv["system_prompt"] else []
+        out = [{"role": "system", "content": system_prompt}] if system_prompt else []
         return out + [{"role": r["role"], "content": r["content"]} for r in branch[:-1] if r["status"] == "ok"]
 
     # -- feedback ---------------------------------------------------------------------------
