@@ -16,6 +16,7 @@ import shutil
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any, Callable
 
 import duckdb
 
@@ -40,6 +41,33 @@ def _keep_unclean_wal(db: Path) -> Path | None:
     return copy
 
 
+class _Memo:
+    """Answers of one kind of read, remembered until `forget()`, which a write that may change them calls once
+    it has committed. A read that ran while a write committed is not kept: it may be from before it."""
+
+    def __init__(self, max_answers: int = 10_000):
+        self.max_answers = max_answers
+        self._answers: dict = {}
+        self._forgotten = 0  # counts forget() calls
+        self._lock = threading.Lock()
+
+    def get(self, key, read: Callable[[], Any], keep: Callable[[Any], bool] = lambda answer: True):
+        with self._lock:
+            if key in self._answers:
+                return self._answers[key]
+            forgotten = self._forgotten
+        answer = read()
+        with self._lock:
+            if forgotten == self._forgotten and keep(answer) and len(self._answers) < self.max_answers:
+                self._answers[key] = answer
+        return answer
+
+    def forget(self) -> None:
+        with self._lock:
+            self._answers.clear()
+            self._forgotten += 1
+
+
 class Store:
     def __init__(self, path: Path | str, read_only: bool = False):
         self.path = Path(path)
@@ -52,11 +80,10 @@ class Store:
         self._readers: list = []  # idle reader cursors, see _q
         self._all_readers: list = []
         self._readers_lock = threading.Lock()
-        # key hash -> user of a live API key, so a request's key costs no query; every change to api_keys
-        # goes through this process's own writes (the file has one writer), which clear it (see api_key_user)
-        self._key_users: dict[str, str] = {}
-        self._keys_changed = 0  # counts those clears
-        self._keys_lock = threading.Lock()
+        # Reads asked on every API request or reply, answered from memory: the file has one writer, this
+        # process, and each write that may change an answer forgets them all (see _Memo).
+        self._key_users = _Memo()  # key hash -> the user of a live API key
+        self._rules = _Memo()  # (session id, user name) -> guidelines_for
         self._closed = False
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -576,10 +603,13 @@ class Store:
             raise StoreError("a guideline's scope is user or global; its status active, pending or retired")
         gid = new_id()
         now = utcnow()
-        self._tx([("INSERT INTO guidelines (id, text, scope, status, session_id, user_name, source_feedback_id, created_at,"
-                   " approved_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                   (gid, text, scope, status, session_id, user_name, source_feedback_id, now,
-                    now if scope == "global" and status == "active" else None))])
+        try:
+            self._tx([("INSERT INTO guidelines (id, text, scope, status, session_id, user_name, source_feedback_id,"
+                       " created_at, approved_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (gid, text, scope, status, session_id, user_name, source_feedback_id, now,
+                        now if scope == "global" and status == "active" else None))])
+        finally:
+            self._rules.forget()
         return gid
 
     def guideline(self, guideline_id: str) -> dict | None:
@@ -609,10 +639,12 @@ class Store:
                                " (user_name IS NULL AND session_id = ?))", (user_name, session_id))
 
     def guidelines_for(self, session_id: str | None, user_name: str | None) -> list[dict]:
-        """What applies to one user's requests: their own active guidelines and every approved global one."""
-        return self.guidelines("status = 'active' AND (scope = 'global' OR (scope = 'user' AND"
-                               " ((user_name IS NOT NULL AND user_name = ?) OR (user_name IS NULL AND session_id = ?))))",
-                               (user_name, session_id))
+        """What applies to one user's requests: their own active guidelines and every approved global one
+        (asked before every reply: remembered until a guideline changes)."""
+        rules = self._rules.get((session_id, user_name), lambda: self.guidelines(
+            "status = 'active' AND (scope = 'global' OR (scope = 'user' AND ((user_name IS NOT NULL AND user_name = ?)"
+            " OR (user_name IS NULL AND session_id = ?))))", (user_name, session_id)))
+        return [dict(g) for g in rules]  # the caller's to change
 
     def update_guideline(self, guideline_id: str, text: str | None = None, status: str | None = None) -> None:
         if status is not None and status not in GUIDELINE_STATUSES:
@@ -630,7 +662,10 @@ class Store:
         elif status is not None:
             stmts.append(("UPDATE guidelines SET status = ? WHERE id = ?", (status, guideline_id)))
         if stmts:
-            self._tx(stmts)
+            try:
+                self._tx(stmts)
+            finally:
+                self._rules.forget()
 
     # -- adapters ---------------------------------------------------------------------------
     def add_adapter(self, name: str, parent: str | None, status: str, path: str | None, recipe: dict | None = None,
@@ -746,23 +781,11 @@ class Store:
     def api_key_user(self, key_hash: str) -> str | None:
         """The user an unrevoked key with this hash belongs to, or None. Live keys are remembered (the API
         asks on every request) until the next revocation or deletion, which ends a key at once."""
-        with self._keys_lock:
-            user, changes = self._key_users.get(key_hash), self._keys_changed
-        if user is not None:
-            return user
-        rows = self._q("SELECT user_name FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,))
-        user = rows[0][0] if rows else None
-        with self._keys_lock:
-            # not if keys changed while we read: the row may be from before a revocation
-            if user is not None and changes == self._keys_changed and len(self._key_users) < 10_000:
-                self._key_users[key_hash] = user
-        return user
+        def read() -> str | None:
+            rows = self._q("SELECT user_name FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,))
+            return rows[0][0] if rows else None
 
-    def _forget_key_users(self) -> None:
-        """After a write that ends keys has committed: no key is remembered as live any more."""
-        with self._keys_lock:
-            self._key_users.clear()
-            self._keys_changed += 1
+        return self._key_users.get(key_hash, read, keep=lambda user: user is not None)
 
     def revoke_api_keys(self, user_name: str, key_id: str | None = None) -> int:
         """Revoke one user's keys (or only `key_id` of theirs). Returns how many were live."""
@@ -773,7 +796,7 @@ class Store:
         try:
             self._tx([(f"UPDATE api_keys SET revoked_at = ? WHERE {where}", (utcnow(), *params))])
         finally:
-            self._forget_key_users()
+            self._key_users.forget()
         return n
 
     def find_api_conversation(self, session_id: str, last_reply: str, limit: int = 5) -> list[str]:
@@ -861,7 +884,8 @@ class Store:
                   ("DELETE FROM guidelines WHERE user_name = ? AND (scope = 'user' OR status = 'pending')", (user_name,)),
                   ("UPDATE guidelines SET user_name = NULL, session_id = NULL WHERE user_name = ?", (user_name,)),
                   ("DELETE FROM api_keys WHERE user_name = ?", (user_name,))])
-        self._forget_key_users()
+        self._key_users.forget()
+        self._rules.forget()
         return len(cids)
 
     def apply_retention(self, days: int) -> int:
@@ -869,7 +893,10 @@ class Store:
         cutoff = utcnow() - timedelta(days=days)
         cids = [r[0] for r in self._q("SELECT id FROM conversations WHERE created_at < ?", (cutoff,))]
         self._delete_conversations(cids)
-        self._tx([("DELETE FROM guidelines WHERE scope = 'user' AND created_at < ?", (cutoff,))])
+        try:
+            self._tx([("DELETE FROM guidelines WHERE scope = 'user' AND created_at < ?", (cutoff,))])
+        finally:
+            self._rules.forget()
         return len(cids)
 
     def _delete_conversations(self, cids: list[str]) -> None:

@@ -127,6 +127,34 @@ def test_a_key_read_while_it_is_revoked_is_not_remembered_as_live(store, monkeyp
     assert store.api_key_user("hash-1") is None
 
 
+def test_the_guidelines_for_a_user_are_remembered_until_a_guideline_changes(store, monkeypatch):
+    """Asked before every reply, so answered from memory; every change applies to the very next reply."""
+    texts = lambda: [g["text"] for g in store.guidelines_for("s1", "ann")]
+    mine = store.add_guideline("Be brief.", "user", "active", "s1", "ann")
+    assert texts() == ["Be brief."]
+    reads = []
+    read = store._q
+    monkeypatch.setattr(store, "_q", lambda sql, params=(): reads.append(sql) or read(sql, params))
+    store.guidelines_for("s1", "ann")[0]["text"] = "changed by a caller"
+    assert texts() == ["Be brief."] and not reads, reads
+    everyone = store.add_guideline("Be kind.", "global", "pending", "s2", "bob")
+    assert texts() == ["Be brief."]
+    store.update_guideline(everyone, status="active")
+    assert texts() == ["Be brief.", "Be kind."]
+    store.update_guideline(mine, text="Be very brief.")
+    assert texts() == ["Be very brief.", "Be kind."]
+    store.update_guideline(mine, status="retired")
+    assert texts() == ["Be kind."]
+    store.add_guideline("Use metric units.", "user", "active", "s1", "ann")
+    assert texts() == ["Be kind.", "Use metric units."]
+    store.delete_user("ann")
+    assert texts() == ["Be kind."]
+    store.add_guideline("Use metric units.", "user", "active", "s1", "ann")
+    assert texts() == ["Be kind.", "Use metric units."]
+    store.apply_retention(0)
+    assert texts() == ["Be kind."]
+
+
 def test_m004_gives_old_feedback_its_origin_and_old_rows_defaults(settings):
     """A store made before m004: written, accepted and edited corrections get their origin; other rows
     their kind; nothing is trusted; adapters carry no deleted user's rows."""
