@@ -219,12 +219,8 @@ class ModelClient:
             log.warning("unloading %s from %s failed: %s", name, self.base_url, e)
 
     def _call(self, method: str, url: str, **kw) -> httpx.Response:
-        try:
+        with _http_errors("The model server timed out.", "The model server is not reachable right now."):
             r = self._http.request(method, url, **kw)
-        except httpx.TimeoutException:
-            raise ModelError("The model server timed out.", "timeout") from None
-        except httpx.HTTPError:
-            raise ModelError("The model server is not reachable right now.") from None
         if r.status_code != 200:
             raise ModelError(_http_message(r), r.status_code)
         return r
