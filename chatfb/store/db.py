@@ -16,6 +16,7 @@ import shutil
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any, Callable
 
 import duckdb
 
@@ -40,6 +41,33 @@ def _keep_unclean_wal(db: Path) -> Path | None:
     return copy
 
 
+class _Memo:
+    """Answers of one kind of read, remembered until `forget()`, which a write that may change them calls once
+    it has committed. A read that ran while a write committed is not kept: it may be from before it."""
+
+    def __init__(self, max_answers: int = 10_000):
+        self.max_answers = max_answers
+        self._answers: dict = {}
+        self._forgotten = 0  # counts forget() calls
+        self._lock = threading.Lock()
+
+    def get(self, key, read: Callable[[], Any], keep: Callable[[Any], bool] = lambda answer: True):
+        with self._lock:
+            if key in self._answers:
+                return self._answers[key]
+            forgotten = self._forgotten
+        answer = read()
+        with self._lock:
+            if forgotten == self._forgotten and keep(answer) and len(self._answers) < self.max_answers:
+                self._answers[key] = answer
+        return answer
+
+    def forget(self) -> None:
+        with self._lock:
+            self._answers.clear()
+            self._forgotten += 1
+
+
 class Store:
     def __init__(self, path: Path | str, read_only: bool = False):
         self.path = Path(path)
@@ -52,6 +80,10 @@ class Store:
         self._readers: list = []  # idle reader cursors, see _q
         self._all_readers: list = []
         self._readers_lock = threading.Lock()
+        # Reads asked on every API request or reply, answered from memory: the file has one writer, this
+        # process, and each write that may change an answer forgets them all (see _Memo).
+        self._key_users = _Memo()  # key hash -> the user of a live API key
+        self._rules = _Memo()  # (session id, user name) -> guidelines_for
         self._closed = False
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -359,19 +391,21 @@ class Store:
         branch. The conversation is replayed up to the reply: a regenerated reply drops the one it
         replaces, an edited user message drops the message it edits and what followed it, so a reply
         of an old branch keeps the history it was answered from."""
-        m = self.message(message_id)
-        if m is None:
+        # one read (asked before every reply): the reply's conversation up to it, with its system prompt
+        cols = ", ".join(f"r.{c.strip()}" for c in _MSG_COLS.split(","))
+        rows = self._q(f"SELECT {cols}, c.system_prompt FROM messages m JOIN messages r ON r.conversation_id ="
+                       " m.conversation_id AND r.seq <= m.seq JOIN conversations c ON c.id = m.conversation_id"
+                       " WHERE m.id = ? ORDER BY r.seq", (message_id,))
+        if not rows:
             raise StoreError("unknown message")
-        conv = self.conversation(m["conversation_id"])
+        system_prompt = rows[0][-1]
         branch: list[dict] = []
-        for r in self.messages(m["conversation_id"], include_replaced=True):
-            if r["seq"] > m["seq"]:
-                break
+        for r in (_msg(row[:-1]) for row in rows):
             cut = next((i for i, b in enumerate(branch) if b["id"] == r["replaces"]), None) if r["replaces"] else None
             if cut is not None:
                 del branch[cut:]
             branch.append(r)
-        out = [{"role": "system", "content": conv["system_prompt"]}] if conv["system_prompt"] else []
+        out = [{"role": "system", "content": system_prompt}] if system_prompt else []
         return out + [{"role": r["role"], "content": r["content"]} for r in branch[:-1] if r["status"] == "ok"]
 
     # -- feedback ---------------------------------------------------------------------------
@@ -569,10 +603,13 @@ class Store:
             raise StoreError("a guideline's scope is user or global; its status active, pending or retired")
         gid = new_id()
         now = utcnow()
-        self._tx([("INSERT INTO guidelines (id, text, scope, status, session_id, user_name, source_feedback_id, created_at,"
-                   " approved_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                   (gid, text, scope, status, session_id, user_name, source_feedback_id, now,
-                    now if scope == "global" and status == "active" else None))])
+        try:
+            self._tx([("INSERT INTO guidelines (id, text, scope, status, session_id, user_name, source_feedback_id,"
+                       " created_at, approved_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (gid, text, scope, status, session_id, user_name, source_feedback_id, now,
+                        now if scope == "global" and status == "active" else None))])
+        finally:
+            self._rules.forget()
         return gid
 
     def guideline(self, guideline_id: str) -> dict | None:
@@ -602,10 +639,12 @@ class Store:
                                " (user_name IS NULL AND session_id = ?))", (user_name, session_id))
 
     def guidelines_for(self, session_id: str | None, user_name: str | None) -> list[dict]:
-        """What applies to one user's requests: their own active guidelines and every approved global one."""
-        return self.guidelines("status = 'active' AND (scope = 'global' OR (scope = 'user' AND"
-                               " ((user_name IS NOT NULL AND user_name = ?) OR (user_name IS NULL AND session_id = ?))))",
-                               (user_name, session_id))
+        """What applies to one user's requests: their own active guidelines and every approved global one
+        (asked before every reply: remembered until a guideline changes)."""
+        rules = self._rules.get((session_id, user_name), lambda: self.guidelines(
+            "status = 'active' AND (scope = 'global' OR (scope = 'user' AND ((user_name IS NOT NULL AND user_name = ?)"
+            " OR (user_name IS NULL AND session_id = ?))))", (user_name, session_id)))
+        return [dict(g) for g in rules]  # the caller's to change
 
     def update_guideline(self, guideline_id: str, text: str | None = None, status: str | None = None) -> None:
         if status is not None and status not in GUIDELINE_STATUSES:
@@ -623,7 +662,10 @@ class Store:
         elif status is not None:
             stmts.append(("UPDATE guidelines SET status = ? WHERE id = ?", (status, guideline_id)))
         if stmts:
-            self._tx(stmts)
+            try:
+                self._tx(stmts)
+            finally:
+                self._rules.forget()
 
     # -- adapters ---------------------------------------------------------------------------
     def add_adapter(self, name: str, parent: str | None, status: str, path: str | None, recipe: dict | None = None,
@@ -737,9 +779,13 @@ class Store:
         return [dict(zip(("id", "user_name", "prefix", "created_at", "revoked_at"), r)) for r in rows]
 
     def api_key_user(self, key_hash: str) -> str | None:
-        """The user an unrevoked key with this hash belongs to, or None."""
-        rows = self._q("SELECT user_name FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,))
-        return rows[0][0] if rows else None
+        """The user an unrevoked key with this hash belongs to, or None. Live keys are remembered (the API
+        asks on every request) until the next revocation or deletion, which ends a key at once."""
+        def read() -> str | None:
+            rows = self._q("SELECT user_name FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,))
+            return rows[0][0] if rows else None
+
+        return self._key_users.get(key_hash, read, keep=lambda user: user is not None)
 
     def revoke_api_keys(self, user_name: str, key_id: str | None = None) -> int:
         """Revoke one user's keys (or only `key_id` of theirs). Returns how many were live."""
@@ -747,7 +793,10 @@ class Store:
         if key_id is not None:
             where, params = where + " AND id = ?", params + (key_id,)
         n = self._q(f"SELECT count(*) FROM api_keys WHERE {where}", params)[0][0]
-        self._tx([(f"UPDATE api_keys SET revoked_at = ? WHERE {where}", (utcnow(), *params))])
+        try:
+            self._tx([(f"UPDATE api_keys SET revoked_at = ? WHERE {where}", (utcnow(), *params))])
+        finally:
+            self._key_users.forget()
         return n
 
     def find_api_conversation(self, session_id: str, last_reply: str, limit: int = 5) -> list[str]:
@@ -835,6 +884,8 @@ class Store:
                   ("DELETE FROM guidelines WHERE user_name = ? AND (scope = 'user' OR status = 'pending')", (user_name,)),
                   ("UPDATE guidelines SET user_name = NULL, session_id = NULL WHERE user_name = ?", (user_name,)),
                   ("DELETE FROM api_keys WHERE user_name = ?", (user_name,))])
+        self._key_users.forget()
+        self._rules.forget()
         return len(cids)
 
     def apply_retention(self, days: int) -> int:
@@ -842,7 +893,10 @@ class Store:
         cutoff = utcnow() - timedelta(days=days)
         cids = [r[0] for r in self._q("SELECT id FROM conversations WHERE created_at < ?", (cutoff,))]
         self._delete_conversations(cids)
-        self._tx([("DELETE FROM guidelines WHERE scope = 'user' AND created_at < ?", (cutoff,))])
+        try:
+            self._tx([("DELETE FROM guidelines WHERE scope = 'user' AND created_at < ?", (cutoff,))])
+        finally:
+            self._rules.forget()
         return len(cids)
 
     def _delete_conversations(self, cids: list[str]) -> None:

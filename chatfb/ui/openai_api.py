@@ -155,23 +155,30 @@ def api_routes(rt) -> list:
         def event(payload: dict) -> str:
             return f"data: {json.dumps({**base, **payload})}\n\n"
 
+        # The events of one update go out as one piece, the first update's with the opening one: each piece
+        # is a step in a worker thread (until_hangup) and a write to the socket.
+        out = [event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                      "chatfb": ids})]
         sent = ""
         try:
-            yield event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
-                         "chatfb": ids})
             for upd in _chain(first, stream):
                 if upd.text.startswith(sent) and len(upd.text) > len(sent):
-                    yield event({"choices": [{"index": 0, "delta": {"content": upd.text[len(sent):]},
-                                              "finish_reason": None}]})
+                    out.append(event({"choices": [{"index": 0, "delta": {"content": upd.text[len(sent):]},
+                                                   "finish_reason": None}]}))
                     sent = upd.text
                 if upd.done:
                     if upd.error:  # the openai client raises an APIError for an event with "error"
-                        yield f"data: {json.dumps({'error': {'message': upd.error, 'type': 'server_error'}})}\n\n"
+                        out.append(f"data: {json.dumps({'error': {'message': upd.error, 'type': 'server_error'}})}\n\n")
+                        yield "".join(out)
                         return
-                    yield event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                    out.append(event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
                     if include_usage:
-                        yield event({"choices": [], "usage": usage_of(upd.message_id)})
-            yield "data: [DONE]\n\n"
+                        out.append(event({"choices": [], "usage": usage_of(upd.message_id)}))
+                    break
+                if out:
+                    yield "".join(out)
+                    out = []
+            yield "".join(out) + "data: [DONE]\n\n"
         finally:
             stream.close()  # ends the model's request when the client hung up (see until_hangup)
 

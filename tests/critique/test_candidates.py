@@ -249,6 +249,20 @@ def test_stream_chat_sends_no_seed_and_reads_the_usage_chunk():
     assert bodies[0]["stream_options"] == {"include_usage": True} and "seed" not in bodies[0]
 
 
+def test_a_streamed_reply_is_read_without_the_openai_packages_typed_chunks():
+    """Each chunk as an openai object cost more CPU than the rest of a chat turn in the app (issue 24 item 10)."""
+    class NoOpenai:
+        def __getattr__(self, name):
+            raise AssertionError(f"the streamed chat went through the openai package ({name})")
+
+    client = client_for(lambda request: httpx.Response(200, headers={"content-type": "text/event-stream"}, content=sse(
+        {"choices": [{"index": 0, "delta": {"content": "Hi"}}]},
+        {"choices": [{"index": 0, "delta": {"content": " there"}, "finish_reason": "stop"}]})))
+    client._openai = NoOpenai()
+    assert list(client.stream_chat([{"role": "user", "content": "hi"}], "m")) == ["Hi", " there"]
+    assert list(client.stream_choices([{"role": "user", "content": "hi"}], "m")) == [(0, "Hi"), (0, " there")]
+
+
 def test_a_server_that_dies_mid_stream_is_not_reachable():
     class Dies(httpx.SyncByteStream):
         def __iter__(self):

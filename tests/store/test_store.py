@@ -94,6 +94,67 @@ def test_api_keys_are_found_by_hash_until_revoked_and_go_with_their_user(store):
     assert [k["user_name"] for k in store.api_keys()] == ["bob"]
 
 
+def test_a_remembered_api_key_ends_at_once_when_revoked_or_its_user_deleted(store, monkeypatch):
+    """The API asks for a request's key every time: a live key is answered from memory, no query, but a
+    revocation or a deleted user ends it for the very next request."""
+    store.add_api_key("ann", "hash-1", "cfb_abc")
+    store.add_api_key("bob", "hash-2", "cfb_def")
+    assert store.api_key_user("hash-1") == "ann" and store.api_key_user("hash-2") == "bob"
+    reads = []
+    read = store._q
+    monkeypatch.setattr(store, "_q", lambda sql, params=(): reads.append(sql) or read(sql, params))
+    assert store.api_key_user("hash-1") == "ann" and not reads, "a live key's user was read again"
+    store.revoke_api_keys("ann")
+    assert store.api_key_user("hash-1") is None
+    assert store.api_key_user("hash-2") == "bob"
+    store.delete_user("bob")
+    assert store.api_key_user("hash-2") is None
+
+
+def test_a_key_read_while_it_is_revoked_is_not_remembered_as_live(store, monkeypatch):
+    store.add_api_key("ann", "hash-1", "cfb_abc")
+    read = store._q
+
+    def read_then_revoke(sql, params=()):
+        rows = read(sql, params)
+        if "key_hash" in sql:  # the row was read live; the revocation commits before the answer is kept
+            monkeypatch.setattr(store, "_q", read)
+            store.revoke_api_keys("ann")
+        return rows
+
+    monkeypatch.setattr(store, "_q", read_then_revoke)
+    assert store.api_key_user("hash-1") == "ann"  # the request under way got in
+    assert store.api_key_user("hash-1") is None
+
+
+def test_the_guidelines_for_a_user_are_remembered_until_a_guideline_changes(store, monkeypatch):
+    """Asked before every reply, so answered from memory; every change applies to the very next reply."""
+    texts = lambda: [g["text"] for g in store.guidelines_for("s1", "ann")]
+    mine = store.add_guideline("Be brief.", "user", "active", "s1", "ann")
+    assert texts() == ["Be brief."]
+    reads = []
+    read = store._q
+    monkeypatch.setattr(store, "_q", lambda sql, params=(): reads.append(sql) or read(sql, params))
+    store.guidelines_for("s1", "ann")[0]["text"] = "changed by a caller"
+    assert texts() == ["Be brief."] and not reads, reads
+    everyone = store.add_guideline("Be kind.", "global", "pending", "s2", "bob")
+    assert texts() == ["Be brief."]
+    store.update_guideline(everyone, status="active")
+    assert texts() == ["Be brief.", "Be kind."]
+    store.update_guideline(mine, text="Be very brief.")
+    assert texts() == ["Be very brief.", "Be kind."]
+    store.update_guideline(mine, status="retired")
+    assert texts() == ["Be kind."]
+    store.add_guideline("Use metric units.", "user", "active", "s1", "ann")
+    assert texts() == ["Be kind.", "Use metric units."]
+    store.delete_user("ann")
+    assert texts() == ["Be kind."]
+    store.add_guideline("Use metric units.", "user", "active", "s1", "ann")
+    assert texts() == ["Be kind.", "Use metric units."]
+    store.apply_retention(0)
+    assert texts() == ["Be kind."]
+
+
 def test_m004_gives_old_feedback_its_origin_and_old_rows_defaults(settings):
     """A store made before m004: written, accepted and edited corrections get their origin; other rows
     their kind; nothing is trusted; adapters carry no deleted user's rows."""

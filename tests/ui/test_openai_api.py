@@ -118,6 +118,20 @@ def test_a_wrong_or_revoked_key_gets_401_json_and_nothing_is_logged(app):
     assert rt.store.counts()["messages"] == 0
 
 
+def test_a_key_an_admin_revokes_stops_working_for_the_next_request(ann):
+    """The key of a request is remembered (chatfb.store.db.Store.api_key_user): revoking it, or deleting
+    its user, must still end it at once, not once some cache expires."""
+    client, rt = ann
+    for end in (lambda: rt.admin.revoke_api_keys("ann"), lambda: rt.admin.delete_user("ann")):
+        client = openai.OpenAI(base_url=str(client.base_url), api_key=create_key(rt.store, "ann")["key"], max_retries=0)
+        for _ in range(2):  # the second from memory
+            assert client.chat.completions.create(model="chatfb", messages=[{"role": "user", "content": "hi"}]
+                                                  ).choices[0].message.content == REPLY
+        end()
+        with pytest.raises(openai.AuthenticationError):
+            client.chat.completions.create(model="chatfb", messages=[{"role": "user", "content": "hi"}])
+
+
 def test_bad_requests_get_clear_json_errors(ann):
     client, rt = ann
     with pytest.raises(openai.BadRequestError, match="last message must be the user"):
