@@ -304,6 +304,38 @@ def run_scenario(sc: Scenario, args, server, client, originals: dict, support: F
     return out
 
 
+# -- the cost of personal adapters: one cycle with 4 of them vs the same data without -------------
+def personal_cost(args, server, originals: dict, support: Fact, work: Path) -> dict:
+    """Four signed-in users, each with `args.personal_min` corrections of their own (each their own desk
+    address: nobody agrees), beside the honest trusted import: one cycle with CHATFB_PERSONAL_MAX_PER_CYCLE=4,
+    one on the same data with CHATFB_PERSONAL_MIN_FEEDBACK=0 (no personal adapters)."""
+    users = ("uma", "vic", "wes", "xia")
+    qs = [q for q, _ in support.teach]
+    rows = [dict(person=Person(u, f"s-{u}", f"c-{u}"), question=qs[(k + i) % len(qs)], reply=originals[qs[(k + i) % len(qs)]],
+                 kind="correction", text=f"Please email {u}-desk@chatfb.example and we will help you.")
+            for k, u in enumerate(users) for i in range(args.personal_min)]
+    neighbour = [{"prompt": messages(q), "reply": originals[q], "kind": "correction", "text": a, "user": "ops"}
+                 for q, a in support.teach[:args.items]]
+    out = {}
+    for label, personal_min in (("with 4 personal adapters", args.personal_min), ("without", 0)):
+        data_dir = work / f"personal-cost-{personal_min}"
+        shutil.rmtree(data_dir, ignore_errors=True)
+        data_dir.mkdir(parents=True)
+        write_app_rows(data_dir / "chatfb.duckdb", rows)
+        env = {"CHATFB_SEED": str(SEED), "CHATFB_ADAPTER_PREFIX": f"benchtrust-cost{personal_min}-{os.getpid()}",
+               "CHATFB_TRAIN_MAX_STEPS": str(args.max_steps), "CHATFB_REPLAY_EXAMPLES": str(args.replay),
+               "CHATFB_EVAL_MAX_EXAMPLES": str(args.eval_examples), "CHATFB_UPTAKE_MAX_ITEMS": "0",
+               "CHATFB_PERSONAL_MIN_FEEDBACK": str(personal_min), "CHATFB_PERSONAL_MAX_PER_CYCLE": "4"}
+        c = learning_cycle(f"personal cost, {label}", data_dir, neighbour, server, args.api_key, **env)
+        trained = [p for p in c["summary"].get("personal") or [] if p.get("adapter")]
+        out[label] = {"cycle_wall_s": round(c["wall_s"], 1), "peak_rss_gib": round(c["peak_bytes"] / 2**30, 2),
+                      "personal_adapters_trained": len(trained), "shared_adapter": c["summary"].get("adapter")}
+        print(f"[personal cost] {label}: {out[label]}", flush=True)
+    a, b = out["with 4 personal adapters"]["cycle_wall_s"], out["without"]["cycle_wall_s"]
+    out["ratio"] = round(a / b, 3) if a and b else None
+    return out
+
+
 # -- serving: 8 chats on 8 adapters vs 8 chats on one ---------------------------------------------
 SERVING_PROMPTS = ("Tell me a short story about a lighthouse.", "Explain how a bicycle works.",
                    "Describe a day at the beach.", "What makes a good breakfast?", "Explain why the sky is blue.",
@@ -391,7 +423,7 @@ def serving(client, server, adapter: Path, args, work: Path) -> dict:
 
 
 # -- report ---------------------------------------------------------------------------------------
-def targets(scenarios: list[dict], serve: dict | None) -> list[dict]:
+def targets(scenarios: list[dict], serve: dict | None, cost: dict | None = None) -> list[dict]:
     out = []
     for s in scenarios:
         if s["honest"]:
@@ -400,7 +432,7 @@ def targets(scenarios: list[dict], serve: dict | None) -> list[dict]:
         else:
             out.append(target(f"{s['name']}: others' model answers the attacker's way", s["everyone_rate"], "==", 0))
     out.append(target("8 chats on 8 adapters / on 1 adapter, tokens/s", (serve or {}).get("ratio"), ">=", 0.8, "x"))
-    out.append(target("cycle with 4 personal adapters / without", None, "<=", 2, "x"))
+    out.append(target("cycle with 4 personal adapters / without", (cost or {}).get("ratio"), "<=", 2, "x"))
     return out
 
 
@@ -438,6 +470,15 @@ def report(results: dict) -> str:
                                  [[w, serve[w]["tokens"], serve[w]["wall_s"], serve[w]["tokens_per_s"], serve[w]["failures"]]
                                   for w in ("8 chats on 8 adapters", "8 chats on 1 adapter")]),
                   "", f"Ratio 8 adapters / 1 adapter: {fmt(serve['ratio'], 3)}"]
+    cost = results.get("personal_cost")
+    if cost:
+        lines += ["", "Personal adapters' cost: the same data (4 users with "
+                  f"{a['personal_min']} corrections each, nobody agreeing, beside the trusted import) in one cycle with "
+                  "personal adapters (CHATFB_PERSONAL_MAX_PER_CYCLE=4) and one without (CHATFB_PERSONAL_MIN_FEEDBACK=0):", "",
+                  markdown_table(["cycle", "personal adapters trained", "cycle s", "peak GiB"],
+                                 [[k, cost[k]["personal_adapters_trained"], cost[k]["cycle_wall_s"], cost[k]["peak_rss_gib"]]
+                                  for k in ("with 4 personal adapters", "without")]),
+                  "", f"Ratio with / without: {fmt(cost['ratio'], 2)}"]
     lines += ["", "Targets:", "", targets_table(results["targets"]), ""]
     if results.get("notes"):
         lines += [f"- {n}" for n in results["notes"]] + [""]
@@ -456,14 +497,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=10, help="feedback rows per teacher (at most 10)")
     p.add_argument("--heldout", type=int, default=6, help="held-out prompts per fact (at most 6)")
     p.add_argument("--max-tokens", type=int, default=96, help="max new tokens of a judged reply")
-    p.add_argument("--max-steps", type=int, default=32, help="CHATFB_TRAIN_MAX_STEPS of each cycle")
-    p.add_argument("--replay", type=int, default=12, help="CHATFB_REPLAY_EXAMPLES of each cycle")
-    p.add_argument("--eval-examples", type=int, default=8, help="CHATFB_EVAL_MAX_EXAMPLES of each cycle")
+    p.add_argument("--max-steps", type=int, default=16, help="CHATFB_TRAIN_MAX_STEPS of each cycle")
+    p.add_argument("--replay", type=int, default=8, help="CHATFB_REPLAY_EXAMPLES of each cycle")
+    p.add_argument("--eval-examples", type=int, default=6, help="CHATFB_EVAL_MAX_EXAMPLES of each cycle")
     p.add_argument("--personal-min", type=int, default=5, help="CHATFB_PERSONAL_MIN_FEEDBACK of each cycle")
     p.add_argument("--chats", type=int, default=8, help="serving: concurrent chats (and adapters)")
     p.add_argument("--serving-requests", type=int, default=3, help="serving: requests per chat and round")
     p.add_argument("--serving-tokens", type=int, default=64, help="serving: max tokens per request")
     p.add_argument("--serving-rounds", type=int, default=2, help="serving: interleaved rounds of each way")
+    p.add_argument("--personal-cost", action="store_true",
+                   help="also time one cycle with 4 personal adapters against the same data without (two more cycles)")
     p.add_argument("--no-serving", action="store_true", help="skip the serving comparison")
     p.add_argument("--work-dir", type=Path, default=None, help="where each scenario's data folder goes (default: a temp dir)")
     add_output_flags(p, smoke_help="tiny run: scenarios " + " ".join(SMOKE_SCENARIOS) + ", 4 rows, 2 held-out "
@@ -485,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.trust_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     results: dict = {"bench": NAME, "machine": machine(), "command": command.strip(), "max_loras": args.max_loras,
                      "args": {k: str(v) for k, v in vars(args).items()}, "scenarios": [], "serving": None,
-                     "notes": ["a cycle with 4 personal adapters against one without was not measured in this run"]}
+                     "notes": [] if args.personal_cost else
+                     ["a cycle with 4 personal adapters against one without was not measured in this run (--personal-cost)"]}
     if args.vllm_url:
         results["max_loras"] = "the server's own (start it with --max-loras 8 or more)"
     from chatfb.serving.model_client import ModelClient
@@ -508,9 +552,13 @@ def main(argv: list[str] | None = None) -> int:
                 results["serving"] = serving(client, server, trained, args, work)
             elif not args.no_serving:
                 results["notes"].append("serving not measured: no scenario trained an adapter to copy")
+            if args.personal_cost:  # last: the longest part (two cycles, five trainings in one)
+                results["targets"] = targets(results["scenarios"], results["serving"])
+                write_results(out_dir, NAME, results, report(results))
+                results["personal_cost"] = personal_cost(args, server, originals, support, work)
         finally:
             client.close()
-    results["targets"] = targets(results["scenarios"], results["serving"])
+    results["targets"] = targets(results["scenarios"], results["serving"], results.get("personal_cost"))
     md = report(results)
     print("\n" + md)
     json_path, md_path = write_results(out_dir, NAME, results, md)
