@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -48,7 +49,15 @@ def run_cli(args: list[str], env: dict, log_path: Path, measure: bool = False) -
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "chatfb", *args], env=env, stdout=subprocess.PIPE, stderr=log)
         mem = TreeMemory(proc.pid) if measure else None
-        out, _ = proc.communicate()
+        try:
+            out, _ = proc.communicate()
+        except BaseException:  # the benchmark is stopped: Ctrl-C stops the cycle and its trainer too
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     peak = mem.stop() if mem else 0
     return proc.returncode, out.decode(), time.perf_counter() - t0, peak
 

@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -492,12 +493,12 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.trust_bench", description=__doc__.split("\n")[0])
     add_server_flags(p)
     p.set_defaults(max_loras=8)
-    p.add_argument("--scenarios", nargs="+", choices=[s.name for s in SCENARIOS], default=None,
-                   help="which scenarios (default: all)")
+    p.add_argument("--scenarios", nargs="*", choices=[s.name for s in SCENARIOS], default=None,
+                   help="which scenarios (default: all; none: only the serving or --personal-cost parts)")
     p.add_argument("--items", type=int, default=10, help="feedback rows per teacher (at most 10)")
     p.add_argument("--heldout", type=int, default=6, help="held-out prompts per fact (at most 6)")
     p.add_argument("--max-tokens", type=int, default=96, help="max new tokens of a judged reply")
-    p.add_argument("--max-steps", type=int, default=16, help="CHATFB_TRAIN_MAX_STEPS of each cycle")
+    p.add_argument("--max-steps", type=int, default=14, help="CHATFB_TRAIN_MAX_STEPS of each cycle")
     p.add_argument("--replay", type=int, default=8, help="CHATFB_REPLAY_EXAMPLES of each cycle")
     p.add_argument("--eval-examples", type=int, default=6, help="CHATFB_EVAL_MAX_EXAMPLES of each cycle")
     p.add_argument("--personal-min", type=int, default=5, help="CHATFB_PERSONAL_MIN_FEEDBACK of each cycle")
@@ -514,9 +515,15 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    chosen = args.scenarios or [s.name for s in SCENARIOS]
+    # `timeout` stops a run with SIGTERM: unwind as on Ctrl-C, so the cycle and the managed vLLM stop with it
+    signal.signal(signal.SIGTERM, _interrupt)
+    chosen = [s.name for s in SCENARIOS] if args.scenarios is None else args.scenarios
     if args.smoke:
         chosen = [n for n in chosen if n in SMOKE_SCENARIOS] or list(SMOKE_SCENARIOS)
         args.items, args.heldout, args.max_steps, args.replay, args.eval_examples = 4, 2, 4, 4, 4
@@ -545,12 +552,12 @@ def main(argv: list[str] | None = None) -> int:
             for sc in SCENARIOS:
                 if sc.name in chosen:
                     results["scenarios"].append(run_scenario(sc, args, server, client, originals, support, work))
-                    results["targets"] = targets(results["scenarios"], None)
+                    trained = results["scenarios"][-1]["adapter_path"]
+                    if not args.no_serving and results["serving"] is None and trained:  # early: a stopped run keeps it
+                        results["serving"] = serving(client, server, Path(trained), args, work)
+                    results["targets"] = targets(results["scenarios"], results["serving"])
                     write_results(out_dir, NAME, results, report(results))  # a stopped run keeps what finished
-            trained = next((Path(s["adapter_path"]) for s in results["scenarios"] if s["adapter_path"]), None)
-            if not args.no_serving and trained is not None:
-                results["serving"] = serving(client, server, trained, args, work)
-            elif not args.no_serving:
+            if not args.no_serving and results["serving"] is None:
                 results["notes"].append("serving not measured: no scenario trained an adapter to copy")
             if args.personal_cost:  # last: the longest part (two cycles, five trainings in one)
                 results["targets"] = targets(results["scenarios"], results["serving"])
