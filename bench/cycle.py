@@ -67,8 +67,8 @@ def learning_cycle(label: str, data_dir: Path, rows: list[dict], server, api_key
     """Import `rows` into a fresh chatfb data folder, run the `setup` commands (each `python -m chatfb ...`
     arguments, e.g. ["guidelines", "add", TEXT]) and `python -m chatfb nightly --no-promote` there against the
     benchmark's server (external mode). `trusted`: import the rows with `--trusted` (the operator vouches
-    for them); no `rows`: no import (a benchmark that wrote the store itself). Returns the cycle's JSON summary (or a failure reason), the import
-    and cycle wall times, the cycle's peak RSS and the log path."""
+    for them); no `rows`: no import (a benchmark that wrote the store itself). Returns the cycle's JSON
+    summary (or a failure reason), the import and cycle wall times, the cycle's peak RSS and the log path."""
     import json
     import os
 
