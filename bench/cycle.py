@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -48,17 +49,26 @@ def run_cli(args: list[str], env: dict, log_path: Path, measure: bool = False) -
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "chatfb", *args], env=env, stdout=subprocess.PIPE, stderr=log)
         mem = TreeMemory(proc.pid) if measure else None
-        out, _ = proc.communicate()
+        try:
+            out, _ = proc.communicate()
+        except BaseException:  # the benchmark is stopped: Ctrl-C stops the cycle and its trainer too
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     peak = mem.stop() if mem else 0
     return proc.returncode, out.decode(), time.perf_counter() - t0, peak
 
 
 def learning_cycle(label: str, data_dir: Path, rows: list[dict], server, api_key: str | None,
-                   setup: list[list[str]] = (), **env_extra: str) -> dict:
+                   setup: list[list[str]] = (), trusted: bool = True, **env_extra: str) -> dict:
     """Import `rows` into a fresh chatfb data folder, run the `setup` commands (each `python -m chatfb ...`
     arguments, e.g. ["guidelines", "add", TEXT]) and `python -m chatfb nightly --no-promote` there against the
-    benchmark's server (external mode). Returns the cycle's JSON summary (or a failure reason), the import
-    and cycle wall times, the cycle's peak RSS and the log path."""
+    benchmark's server (external mode). `trusted`: import the rows with `--trusted` (the operator vouches
+    for them); no `rows`: no import (a benchmark that wrote the store itself). Returns the cycle's JSON
+    summary (or a failure reason), the import and cycle wall times, the cycle's peak RSS and the log path."""
     import json
     import os
 
@@ -70,10 +80,13 @@ def learning_cycle(label: str, data_dir: Path, rows: list[dict], server, api_key
     if api_key:
         env["CHATFB_API_KEY"] = api_key
     log_path = data_dir / "cycle.log"
-    # the benchmark's own data, vouched for by its operator: it may teach the shared adapter (chatfb.learning.trust)
-    code, _, import_s, _ = run_cli(["import-feedback", str(feedback), "--trusted"], env, log_path)
-    if code != 0:
-        raise RuntimeError(f"{label}: import-feedback failed ({code}); see {log_path}")
+    # the benchmark's own data, by default vouched for by its operator: it may teach the shared adapter
+    # (chatfb.learning.trust)
+    import_s = 0.0
+    if rows:
+        code, _, import_s, _ = run_cli(["import-feedback", str(feedback), *(["--trusted"] if trusted else [])], env, log_path)
+        if code != 0:
+            raise RuntimeError(f"{label}: import-feedback failed ({code}); see {log_path}")
     for command in setup:
         if run_cli(command, env, log_path)[0] != 0:
             raise RuntimeError(f"{label}: {' '.join(command[:2])} failed; see {log_path}")

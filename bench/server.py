@@ -37,6 +37,7 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kvcache-gib", type=int, default=1, help="managed server on CPU: KV-cache GiB")
     p.add_argument("--dtype", default="auto", choices=VLLM_DTYPES,
                    help="managed server: weights dtype, as CHATFB_VLLM_DTYPE (auto: bfloat16 on a CPU with bf16 instructions)")
+    p.add_argument("--max-loras", type=int, default=4, help="managed server: --max-loras (adapters in one batch)")
     p.add_argument("--startup-timeout-s", type=float, default=900.0, help="managed server: how long to wait for /health")
 
 
@@ -65,7 +66,7 @@ def managed_vllm(model_dir: Path, args: argparse.Namespace) -> Iterator[Server]:
     port = free_port()
     settings = Settings(data_dir=Path(args.data_dir), served_model_name=SERVED_NAME, max_lora_rank=args.max_lora_rank,
                         vllm_kvcache_gib=args.kvcache_gib, vllm_startup_timeout_s=args.startup_timeout_s,
-                        vllm_dtype=args.dtype)
+                        vllm_dtype=args.dtype, vllm_max_loras=getattr(args, "max_loras", 4))
 
     def launch() -> ManagedVLLM:
         server = ManagedVLLM.from_settings(settings, model_dir, port, log_role="bench")
