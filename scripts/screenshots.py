@@ -58,7 +58,7 @@ PERSONAL_ENV = {  # one personal adapter, few steps (as tests/integration/test_l
     "CHATFB_REPLAY_EXAMPLES": "12", "CHATFB_EVAL_MAX_EXAMPLES": "8"}
 
 
-def personal_shot(browser, app, out: Path, corrections: int = 16) -> bool:
+def personal_shot(browser, app, out: Path, corrections: int = 30) -> bool:
     """One browser corrects `corrections` replies itself (the support address), one cycle trains its personal
     adapter, and its next reply comes from it. False (and why, on stderr) when the gate kept it back."""
     rows = [json.loads(line) for line in (ROOT / "tests" / "data" / "support_email.jsonl").read_text().splitlines()]
