@@ -24,8 +24,8 @@ the reply, leaves out what the critique states literally, a dialogue, repeated l
 to the question below OFF_TOPIC_COSINE, MiniLM embeddings from chatfb.critique.similarity), the content
 check against the plain answers (chatfb.critique.content: a number or name they got right lost, their
 subject or all of their content lost), far less likely than the plain answer (PLAUSIBILITY_FLOOR; not where every content
-word is the question's or the plain answer's: "Paris"; for a critique that states new content, NEW_CONTENT_FLOOR with the
-tokens of the literal it states set aside), then logratio <= 0.
+word is the question's or the plain answer's: "Paris"; for a critique that states new content, NEW_CONTENT_FLOOR
+with the tokens of the literal it states set aside), then logratio <= 0.
 Besides the sampled answers, `generate` adds candidates that keep the content by construction
 (chatfb.critique.constraints): the plain answer cut short for a length critique, and answers held to a
 format the critique states literally by vLLM structured outputs.
@@ -83,11 +83,12 @@ PLAUSIBILITY_FLOOR = 6.0
 # write your desired response in the format "help@...'), and the agreement term is off. So the gap is taken without
 # the literal's own tokens (`literal_token_spans`: the new fact is legitimately unlikely without the critique),
 # and the floor is tighter. Measured once with the local judge (SmolLM2-135M) on four such critiques (an e-mail
-# address, a URL, a phone number, a corrected capital; its greedy plain answers): 18 right answers written by hand
-# sat at most 3.4 nats a token below the plain answer (one just above it; setting the literal aside moved them -0.2 to +1.2 nats
-# closer), the 7 of its own sampled candidates the text checks kept 0.6-1.7 below; 14 nonsense texts with the
-# literal (15 measurements) 2.9-6.6 below, 8 of them more than 4.0. A bare "Email <address>." sat 7.6 below
-# (its early end of turn), as PLAUSIBILITY_FLOOR found for "Paris.", and is dropped with or without this floor.
+# address, a URL, a phone number, a corrected capital; its greedy plain answers): 18 right answers written by
+# hand sat at most 3.4 nats a token below the plain answer (one just above it; setting the literal aside moved
+# them -0.2 to +1.2 nats closer), the 7 of its own sampled candidates the text checks kept 0.6-1.7 below; 14
+# nonsense texts with the literal (15 measurements) 2.9-6.6 below, 8 of them more than 4.0. A bare
+# "Email <address>." sat 7.6 below (its early end of turn), as PLAUSIBILITY_FLOOR found for "Paris.", and is
+# dropped with or without this floor.
 # The floor is half a nat beyond the worst right answer seen: it drops the worst nonsense; the rest only ranks
 # lower (the gap's PLAUSIBILITY_WEIGHT) or falls to the text checks.
 NEW_CONTENT_FLOOR = 4.0
@@ -365,8 +366,8 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
                 c.score += AGREEMENT_WEIGHT * agree
             if gap is not None and gap < -floor and not content.within_the_plain_answer(c.text, question, references):
                 c.verdict = "far less likely as an answer than the plain answer" + (
-                    f", the critique's {literals[0]!r} aside ({-gap:.1f} nats a token below it; at most {floor:g})"
-                    if literals else "")
+                    f", the critique's {', '.join(map(repr, literals))} aside"
+                    f" ({-gap:.1f} nats a token below it; at most {floor:g})" if literals else "")
             elif logratio <= 0:
                 c.verdict = "no more likely with the critique"
     return sorted(candidates, key=lambda c: (c.ok, c.score is not None, c.score or 0.0), reverse=True)
