@@ -24,7 +24,8 @@ the reply, leaves out what the critique states literally, a dialogue, repeated l
 to the question below OFF_TOPIC_COSINE, MiniLM embeddings from chatfb.critique.similarity), the content
 check against the plain answers (chatfb.critique.content: a number or name they got right lost, their
 subject or all of their content lost), far less likely than the plain answer (PLAUSIBILITY_FLOOR; not where every content
-word is the question's or the plain answer's: "Paris"), then logratio <= 0.
+word is the question's or the plain answer's: "Paris"; for a critique that states new content, NEW_CONTENT_FLOOR
+with the tokens of the literal it states set aside), then logratio <= 0.
 Besides the sampled answers, `generate` adds candidates that keep the content by construction
 (chatfb.critique.constraints): the plain answer cut short for a length critique, and answers held to a
 format the critique states literally by vLLM structured outputs.
@@ -77,6 +78,20 @@ SCORING_THREADS = 8
 # capital of France is Paris.": the model's end of turn after one word, not a wrong answer).
 PLAUSIBILITY_WEIGHT = 0.5
 PLAUSIBILITY_FLOOR = 6.0
+# For a critique that states new content (an address, a URL, a corrected fact) the likelihood ratio cannot tell a
+# right answer from fluent-looking nonsense that contains the literal (issue 23: 'To reach customer support, simply
+# write your desired response in the format "help@...'), and the agreement term is off. So the gap is taken without
+# the literal's own tokens (`literal_token_spans`: the new fact is legitimately unlikely without the critique),
+# and the floor is tighter. Measured once with the local judge (SmolLM2-135M) on four such critiques (an e-mail
+# address, a URL, a phone number, a corrected capital; its greedy plain answers): 18 right answers written by
+# hand sat at most 3.4 nats a token below the plain answer (one just above it; setting the literal aside moved
+# them -0.2 to +1.2 nats closer), the 7 of its own sampled candidates the text checks kept 0.6-1.7 below; 14
+# nonsense texts with the literal (15 measurements) 2.9-6.6 below, 8 of them more than 4.0. A bare
+# "Email <address>." sat 7.6 below (its early end of turn), as PLAUSIBILITY_FLOOR found for "Paris.", and is
+# dropped with or without this floor.
+# The floor is half a nat beyond the worst right answer seen: it drops the worst nonsense; the rest only ranks
+# lower (the gap's PLAUSIBILITY_WEIGHT) or falls to the text checks.
+NEW_CONTENT_FLOOR = 4.0
 # A good answer says what the plain answer said: a candidate gains AGREEMENT_WEIGHT times the share of the
 # content words of the plain answers' answering sentence it uses (chatfb.critique.content.agreement), except
 # for a critique that states new content. Measured once with the local judge (SmolLM2-135M): on hand-written
@@ -323,7 +338,14 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
         plain_baseline = _mean(logprobs[-1]) if baseline else None
         # a critique that states new content (an address, a corrected fact) moves the answer away from the plain
         # one by design: closeness to it is then no measure of a good answer
-        measured = references and not (corrects_a_fact(critique) or content.states_new_content(critique))
+        new_content = corrects_a_fact(critique) or content.states_new_content(critique)
+        measured = references and not new_content
+        # how likely the text is as an answer at all; for new content, its own tokens set aside (the new fact is
+        # legitimately unlikely without the critique) and held to NEW_CONTENT_FLOOR
+        literals = literal_facts(critique) if new_content and plain_baseline is not None else []
+        skips = literal_token_spans(client, model, prompt, [c.text for c in alive], literals) if literals \
+            else [set() for _ in alive]
+        floor = NEW_CONTENT_FLOOR if literals else PLAUSIBILITY_FLOOR
         agreements = dict(zip(map(id, alive), content.agreement([c.text for c in alive], question, critique, references))) \
             if measured else {}
         for i, c in enumerate(alive):
@@ -332,7 +354,9 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
             c.details.update({"logratio": round(logratio, 4), "logprob_instructed": round(with_critique, 4),
                               "logprob_plain": round(without, 4)})
             c.score = logratio + ON_TOPIC_WEIGHT * c.details["cos_prompt"]
-            gap = None if plain_baseline is None else without - plain_baseline
+            rest = [p for k, p in enumerate(logprobs[2 * i + 1]) if k not in skips[i]]
+            rest = _mean(rest) if rest else without  # a text that is only the literal: judged whole
+            gap = None if plain_baseline is None else rest - plain_baseline
             if gap is not None:
                 c.details["plausibility_gap"] = round(gap, 4)
                 c.score += PLAUSIBILITY_WEIGHT * min(0.0, gap)
@@ -340,9 +364,10 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
             if agree is not None:
                 c.details["agreement"] = round(agree, 4)
                 c.score += AGREEMENT_WEIGHT * agree
-            if gap is not None and gap < -PLAUSIBILITY_FLOOR \
-                    and not content.within_the_plain_answer(c.text, question, references):
-                c.verdict = "far less likely as an answer than the plain answer"
+            if gap is not None and gap < -floor and not content.within_the_plain_answer(c.text, question, references):
+                c.verdict = "far less likely as an answer than the plain answer" + (
+                    f", the critique's {', '.join(map(repr, literals))} aside"
+                    f" ({-gap:.1f} nats a token below it; at most {floor:g})" if literals else "")
             elif logratio <= 0:
                 c.verdict = "no more likely with the critique"
     return sorted(candidates, key=lambda c: (c.ok, c.score is not None, c.score or 0.0), reverse=True)
@@ -364,6 +389,27 @@ def select_rounds(judge, model: str, prompt: list[dict], critique: str, n: int =
         if best(out) is not None:
             break
     return sorted(out, key=lambda c: (c.ok, c.score is not None, c.score or 0.0), reverse=True)
+
+
+def literal_token_spans(judge, model: str, prompt: list[dict], texts: list[str], literals: list[str]) -> list[set[int]]:
+    """For each of `texts`, the positions of its reply tokens (as `judge.completion_logprobs` gives them) that
+    spell the critique's `literals` where they occur in it. The judge gives log-probabilities, not tokens: the
+    tokens of the text up to a literal's start and up to its end are counted by scoring those two prefixes
+    (a causal model tokenizes and scores a prefix as the start of the whole; a token that straddles the edge
+    counts with the literal)."""
+    bounds = []  # per text: (text before the literal, text up to its end) for each occurrence
+    for text in texts:
+        found = []
+        for literal in literals:
+            for m in re.finditer(re.escape(literal), text, re.I):
+                found.append((text[:m.start()].rstrip(), text[:m.end()]))
+        bounds.append(found)
+    prefixes = sorted({p for found in bounds for pair in found for p in pair if p})
+    with ThreadPoolExecutor(max(1, min(SCORING_THREADS, len(prefixes)))) as pool:
+        counts = dict(zip(prefixes, pool.map(
+            lambda p: len(judge.completion_logprobs(prompt, p, model)) - 1, prefixes)))  # - the end of turn
+    counts[""] = 0
+    return [{k for before, upto in found for k in range(counts[before], counts[upto])} for found in bounds]
 
 
 def best(candidates: list[Candidate]) -> Candidate | None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import httpx
 import pytest
 
-from chatfb.critique.candidates import (Candidate, best, generate, hard_verdict, instruction_messages, literal_facts, score,
-                               select_rounds)
+from chatfb.critique.candidates import (NEW_CONTENT_FLOOR, Candidate, best, generate, hard_verdict, instruction_messages,
+                                       literal_facts, literal_token_spans, score, select_rounds)
 from chatfb.serving.model_client import ModelClient, ModelError, StreamResult
 
 # The efficacy benchmark's critiques (bench/efficacy_bench.py FAMILIES).
@@ -102,6 +103,8 @@ class CannedLogprobs:
     def completion_logprobs(self, messages, completion, model):
         instructed = "Follow this instruction" in messages[-1]["content"]
         self.requests.append((completion, instructed))
+        if (completion, instructed) not in self.table and not instructed:  # a prefix counted for literal_token_spans
+            return [-1.0] * (len(completion.split()) + 1)
         return self.table[(completion, instructed)]
 
 
@@ -488,3 +491,90 @@ def test_a_reply_that_states_the_critiques_fact_in_the_questions_words_does_not_
     assert hard_verdict(text, question, critique) == "ok"
     # the critique's own words said back still repeat it
     assert hard_verdict("Wrong: the capital of Australia is Canberra, not Sydney.", question, critique) != "ok"
+
+
+class WordJudge:
+    """completion_logprobs by token: a token is a word or a punctuation mark, its log-probability without the
+    critique from `plain` (KeyError for a token the test did not price), 0.8 nats more with it; and the end of
+    turn at -1. Prefixes score as the start of the whole text, as a causal model scores them."""
+
+    def __init__(self, plain: dict[str, float]):
+        self.plain, self.requests = plain, []
+
+    def completion_logprobs(self, messages, completion, model):
+        instructed = "Follow this instruction" in messages[-1]["content"]
+        self.requests.append((completion, instructed))
+        return [self.plain[t] + (0.8 if instructed else 0.0) for t in re.findall(r"\w+|[^\w\s]", completion)] + [-1.0]
+
+
+def test_literal_token_spans_are_the_positions_of_the_literals_tokens():
+    judge = WordJudge(dict.fromkeys("Write to help @ x X . example today or Help".split(), -1.0))
+    spans = literal_token_spans(judge, "m", [{"role": "user", "content": "Q?"}],
+                                ["Write to help@x.example today.", "help@x.example", "No address here.",
+                                 "Write to Help@X.example or help@x.example."], ["help@x.example"])
+    assert spans[0] == {2, 3, 4, 5, 6}  # Write to | help @ x . example | today .
+    assert spans[1] == {0, 1, 2, 3, 4}
+    assert spans[2] == set() and ("No address here.", False) not in judge.requests  # nothing to count: no call
+    assert spans[3] == {2, 3, 4, 5, 6, 8, 9, 10, 11, 12}  # every occurrence, in any case
+
+
+def _support_judge():
+    """The plain answer's words and a right answer's at -1 a token without the critique; the new address's own
+    tokens at -20 (an address the model never saw); the words of nonsense at -12."""
+    judge = WordJudge({**dict.fromkeys("You can contact customer support through the page on our website . reach "
+                                       "by emailing Customer is".split(), -1.0),
+                       **dict.fromkeys("help @ x example".split(), -20.0),
+                       **dict.fromkeys("sky of blue banana when email sleeps".split(), -12.0)})
+    judge.plain["."] = -1.0
+    return judge
+
+
+def test_a_candidate_far_less_likely_than_the_plain_answer_besides_the_new_literal_is_dropped():
+    """Issue 23: for a critique that states new content the agreement term is off and the log-ratio rewards text
+    unlikely without the critique; fluent-looking nonsense that contains the address must not be kept."""
+    question, critique = "How can I contact customer support?", "Wrong: our support email is help@x.example"
+    plain = "You can contact customer support through the contact page on our website."
+    right = "You can reach customer support by emailing help@x.example."
+    nonsense = "Customer support help@x.example is the sky of the blue banana when the email sleeps."
+    judge = _support_judge()
+    ranked = score(judge, "m", [{"role": "user", "content": question}], critique,
+                   [Candidate(nonsense, "stop"), Candidate(right, "stop")], original=plain)
+    by_text = {c.text: c for c in ranked}
+    assert by_text[right].ok and best(ranked).text == right, ranked
+    # the address's own tokens (-20 each) are set aside: the right answer is as likely as the plain answer
+    assert by_text[right].details["plausibility_gap"] == pytest.approx(0.0)
+    assert by_text[right].details["logprob_plain"] < -1.0 - NEW_CONTENT_FLOOR  # whole, it would sit past the floor
+    verdict = by_text[nonsense].verdict
+    assert verdict.startswith("far less likely as an answer than the plain answer"), ranked
+    assert "'help@x.example' aside" in verdict and f"at most {NEW_CONTENT_FLOOR:g}" in verdict
+
+
+def test_the_new_content_floor_is_relative_to_the_plain_answer():
+    """The same candidates against a plain answer the model finds as unlikely as the nonsense: nothing is dropped,
+    the floor is no fixed level and no list of phrases."""
+    question, critique = "How can I contact customer support?", "Wrong: our support email is help@x.example"
+    judge = _support_judge()
+    judge.plain.update({"Ring": -6.0, "Mondays": -6.0})
+    plain = "Ring the contact page on Mondays."
+    nonsense = "Customer support help@x.example is the sky of the blue banana when the email sleeps."
+    (ranked,) = score(judge, "m", [{"role": "user", "content": question}], critique, [Candidate(nonsense, "stop")],
+                      original=plain)
+    assert ranked.ok, ranked
+
+
+def test_the_new_content_floor_holds_for_a_critique_worded_unlike_the_others():
+    """A URL given in passing, no verdict word, a question about tides: right answer kept, nonsense dropped."""
+    question = "When is high tide today?"
+    critique = "Point folks to https://tides.example/now instead, that's where today's times get posted."
+    plain = "High tide today is around noon, but the times change every day."
+    right = "Today's high tide times are posted at https://tides.example/now, and they change every day."
+    nonsense = "High tide https://tides.example/now folds the violin under its Thursday, noon cousin."
+    judge = WordJudge({**dict.fromkeys(re.findall(r"\w+|[^\w\s]", plain + " " + right), -0.8),
+                       **dict.fromkeys("https : / tides example now".split(), -15.0),
+                       **dict.fromkeys("folds violin under its Thursday cousin".split(), -10.0)})
+    judge.plain.update({".": -0.8, ",": -0.8, "the": -0.8})
+    ranked = score(judge, "m", [{"role": "user", "content": question}], critique,
+                   [Candidate(nonsense, "stop"), Candidate(right, "stop")], original=plain)
+    verdicts = {c.text: c.verdict for c in ranked}
+    assert verdicts[right] == "ok", ranked
+    assert verdicts[nonsense].startswith("far less likely as an answer than the plain answer"), ranked
