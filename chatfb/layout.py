@@ -10,6 +10,8 @@
     logs/                    nightly.log (the cycle the app runs), vllm.log, vllm-nightly.log; with managed
                              replicas vllm-<i>.log and router.log
     shared-adapters/         managed replicas: adapters copied where every replica's LoRA resolver finds them
+    merged/<name>/           the base model's weights with the live shared adapter <name> merged in
+    served/<model>@<name>/   a model's LoRA as the difference to the merged adapter <name> (chatfb.serving.merged)
     exports/<time>/          the admin tab's exports
     models/                  the converted embedded model and the Hub cache
 """
@@ -67,6 +69,14 @@ class DataLayout:
     @property
     def router_log(self) -> Path:
         return self.logs / "router.log"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def served(self) -> Path:
+        return self.root / "served"
 
     @property
     def shared_adapters(self) -> Path:

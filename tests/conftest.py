@@ -118,14 +118,18 @@ class FakeModelClient:
     def models(self):
         return ["chatfb-base", *self.loaded]
 
-    def load_adapter(self, name, path):
+    names = None  # served under their own names (chatfb.serving.merged)
+    served = ModelClient.served
+    has = ModelClient.has
+
+    def load_adapter(self, name, path, names=None):
         if self.refuse_load:
             raise ModelError("The model server refused the request (400): bad adapter")
         if name in self.loaded:
             raise ModelError("The model server refused the request (400): already loaded")
         self.loaded[name] = path
 
-    def unload_adapter(self, name):
+    def unload_adapter(self, name, names=None):
         self.loaded.pop(name, None)
 
     unload_adapter_quietly = ModelClient.unload_adapter_quietly  # the real one, over this unload_adapter

@@ -91,6 +91,8 @@ class Runtime:
                 self.status = "Preparing the model files (first start converts the embedded model, ~1 min)…"
                 path = resolve_model(s.model, s.data_dir)
                 self.registry.base_model_dir = path  # adapters are checked against it before loading
+                # the live shared adapter merged into the weights of our own single server (chatfb.serving.merged)
+                self.registry.merging = s.serve_merged and s.vllm_replicas <= 1
                 self.status = "Starting the model server (about a minute on a CPU)…"
                 with self._children_lock:
                     if self._stop.is_set():

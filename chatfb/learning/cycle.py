@@ -48,6 +48,7 @@ class CycleJob:
     owner: str | None = None  # whose personal adapter this cycle trains (chatfb.learning.trust.who); None = the shared
     start_from: str | None = None  # a personal adapter trains on from this (the live shared adapter); None = the base
     promote: bool = True  # the owner promotes a candidate that passes (False: --no-promote, nothing goes live)
+    merged: str | None = None  # the shared adapter merged into the owner's server's weights (chatfb.serving.merged)
 
 
 @dataclass
@@ -110,14 +111,15 @@ def apply_retention(store: Store, settings: Settings) -> None:
 
 
 def prepare(store: Store, settings: Settings, server_url: str | None,
-            promote: bool = True) -> tuple[CycleJob, Path] | CycleResult:
+            promote: bool = True, merged: str | None = None) -> tuple[CycleJob, Path] | CycleResult:
     """Retention, then the job folder for the next adapter version; a CycleResult when there is nothing to do."""
     apply_retention(store, settings)
     if not store.counts()["feedback"]:
         return CycleResult(False, reason="no feedback yet")
     live = store.live_adapter()
     return _job_folder(store, settings, CycleJob(next_adapter_name(store, settings.adapter_prefix),
-                                                 live["name"] if live else None, server_url, promote=promote))
+                                                 live["name"] if live else None, server_url, promote=promote,
+                                                 merged=merged))
 
 
 def personal_owners(store: Store, settings: Settings) -> list[str]:
@@ -139,7 +141,7 @@ def personal_owners(store: Store, settings: Settings) -> list[str]:
 
 
 def prepare_personal(store: Store, settings: Settings, server_url: str | None, owner: str,
-                     promote: bool = True) -> tuple[CycleJob, Path]:
+                     promote: bool = True, merged: str | None = None) -> tuple[CycleJob, Path]:
     """The job folder for `owner`'s next personal adapter: trained on from the live shared adapter, gated
     against what `owner` is served now (their live personal adapter, else the shared one, else the base)."""
     live = store.live_adapter()
@@ -147,7 +149,7 @@ def prepare_personal(store: Store, settings: Settings, server_url: str | None, o
     incumbent = store.live_personal_adapters().get(owner) or shared
     name = next_adapter_name(store, personal_prefix(owner, settings.adapter_prefix))
     return _job_folder(store, settings, CycleJob(name, incumbent, server_url, owner=owner, start_from=shared,
-                                                 promote=promote))
+                                                 promote=promote, merged=merged))
 
 
 def _job_folder(store: Store, settings: Settings, job: CycleJob) -> tuple[CycleJob, Path]:
@@ -226,7 +228,8 @@ def run_cycle(store: Store, registry: AdapterRegistry, settings: Settings, promo
     and nothing is recorded. Both return None then."""
     t0 = time.perf_counter()
     server_url = owner_server or (None if settings.managed else server_for_the_cycle(settings))
-    prepared = prepare(store, settings, server_url, promote)
+    # what the owner's server has merged into its weights, so the child names its models right
+    prepared = prepare(store, settings, server_url, promote, registry.merged if owner_server else None)
     if isinstance(prepared, CycleResult):
         return prepared
     result = _run_child(store, registry, *prepared, promote, output, command, start, closing, t0)
@@ -243,7 +246,8 @@ def run_cycle(store: Store, registry: AdapterRegistry, settings: Settings, promo
     for owner in owners:
         t = time.perf_counter()
         try:
-            personal = _run_child(store, registry, *prepare_personal(store, settings, server_url, owner, promote), promote,
+            job = prepare_personal(store, settings, server_url, owner, promote, registry.merged if owner_server else None)
+            personal = _run_child(store, registry, *job, promote,
                                   output, command, start, closing, t)
         except Exception as e:  # noqa: BLE001 - the next owner's and the shared result stand
             log.exception("a personal adapter (%s) failed", personal_prefix(owner, settings.adapter_prefix))

@@ -287,7 +287,7 @@ def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incu
     """The gate's measurements of a trained candidate beside the incumbent (or the base model): ROUGE-L on
     held-out corrections, the selection pass rate on held-out critiques, how often each approved guideline
     is followed without it in the prompt, and the control answers."""
-    if candidate in client.models():
+    if {candidate, client.served(candidate)} & set(client.models()):
         # Names are new for every cycle of this data folder: one already on the server belongs to someone else.
         raise GateError(f"the model server already has an adapter named {candidate}: another chatfb data folder "
                            "shares it; give each one its own CHATFB_ADAPTER_PREFIX")

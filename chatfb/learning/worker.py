@@ -46,14 +46,20 @@ def batch_timeout(settings: Settings) -> float:
     return max(settings.request_timeout_s, 600.0)
 
 
-def model_server(settings: Settings, server_url: str | None):
-    """(client, base model dir, stop function) for the server this cycle generates with: the owner's, or
-    (none given) a temporary managed one."""
+def model_server(settings: Settings, server_url: str | None, merged: str | None = None):
+    """(client, base model dir, stop function) for the server this cycle generates with: the owner's (`merged`:
+    the shared adapter its weights hold, chatfb.serving.merged), or (none given) a temporary managed one."""
     from chatfb.serving.model_files import resolve_model
 
     base = resolve_model(settings.model, settings.data_dir)
     if server_url is not None:
-        return ModelClient(server_url, settings.api_key, batch_timeout(settings)), base, lambda: None
+        client = ModelClient(server_url, settings.api_key, batch_timeout(settings))
+        if merged is not None:
+            from chatfb.serving.merged import ServedNames
+
+            layout = settings.layout
+            client.names = ServedNames(settings.served_model_name, merged, layout.adapters, layout.served)
+        return client, base, lambda: None
     from chatfb.serving.vllm_server import ManagedVLLM
 
     server = ManagedVLLM.from_settings(settings, base, settings.vllm_port + 1, log_role="nightly")
@@ -99,7 +105,7 @@ def compute(job: CycleJob, settings: Settings, work: Path, progress: dict | None
                                settings.max_feedback_chars, settings.scrub_pii, scopes=scopes)
 
     t = time.perf_counter()
-    client, base, stop_server = model_server(settings, job.server_url)
+    client, base, stop_server = model_server(settings, job.server_url, job.merged)
     try:
         base_name, name = settings.served_model_name, job.name
         if job.server_url is None:  # our own temporary server: load what this job compares with and starts from

@@ -9,6 +9,10 @@ chatfb.learning.cycle) is served it per request, and only they are: vLLM serves 
 so a personal adapter is a whole LoRA on the base model, trained on from the shared one. Promotion loads the new version into every configured server, routes new chats to
 it, and unloads the previous one only after its in-flight requests finished, so no request
 fails during a swap. The store remembers which version is live, so a restart loads it again.
+
+With `merging` on (the app's own single server), the live shared version is not a LoRA at all: it is
+folded into the server's weights, reloaded in place (chatfb.serving.merged), and every other model
+(personal adapters, candidates, the base model) is served as its difference to it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 from chatfb.layout import DataLayout
+from chatfb.serving.merged import MergeError, ServedNames, merge_checkpoint
 from chatfb.serving.model_client import ModelClient, ModelError
 from chatfb.store.db import Store
 
@@ -185,6 +190,14 @@ class AdapterRegistry:
         self.drain_timeout_s = drain_timeout_s
         self._lock = threading.Lock()
         self.last_swap_ms: float | None = None
+        # Serve the live shared adapter merged into the weights (the app turns it on for its own single server)
+        self.merging = False
+        self.names = ServedNames(router.base_name)  # what is merged into the servers' weights now
+
+    @property
+    def merged(self) -> str | None:
+        """The shared adapter folded into the servers' weights (None: they hold the base model's)."""
+        return self.names.merged
 
     @classmethod
     def for_replicas(cls, store: Store, replicas, router: AdapterRouter, data_dir: Path, **kwargs) -> "AdapterRegistry":
@@ -230,20 +243,87 @@ class AdapterRegistry:
 
     def activate(self, name: str | None, background_unload: bool = True) -> str:
         """Serve `name` (None = the base model) for new chats and mark it live."""
+        stale: list[tuple[str, str]] = []
         with self._lock:
             t0 = time.perf_counter()
-            if name is not None:
-                self._load_everywhere(name)
-            previous = self.router.switch(name or self.router.base_name)
+            if self.merging and self.clients:
+                previous, stale = self._activate_merged(name)
+            else:
+                if name is not None:
+                    self._load_everywhere(name)
+                previous = self.router.switch(name or self.router.base_name)
             self.store.set_live(name)
             self.last_swap_ms = (time.perf_counter() - t0) * 1000
-            log.info("now serving %s (was %s); swap took %.0f ms", name or "base model", previous, self.last_swap_ms)
-        if previous not in (self.router.base_name, name):
+            log.info("now serving %s (was %s)%s; swap took %.0f ms", name or "base model", previous,
+                     " merged into the weights" if self.merged == name and name else "", self.last_swap_ms)
+        if stale:
+            unload = threading.Thread(target=self._drain_and_unload_served, args=(stale,), daemon=True)
+            unload.start() if background_unload else unload.run()
+        elif previous not in (self.router.base_name, name) and not self.merging:
             if background_unload:
                 threading.Thread(target=self._drain_and_unload, args=(previous,), daemon=True).start()
             else:
                 self._drain_and_unload(previous)
         return previous
+
+    def _activate_merged(self, name: str | None) -> tuple[str, list[tuple[str, str]]]:
+        """Fold `name` (None: nothing) into every server's weights and route new chats to it; each live personal
+        adapter is loaded as its difference to `name` first. Returns (the model served before, [(model, the
+        serving name it no longer needs)])."""
+        layout = DataLayout(self.data_dir)
+        if self.base_model_dir is None:
+            raise AdapterError("the base model's folder is not known here: nothing can be merged")
+        weights = Path(self.base_model_dir)
+        if name is not None:
+            path = self.path_of(name)
+            check_base_model(name, path, self.base_model_dir)
+            try:
+                weights = merge_checkpoint(self.base_model_dir, path, layout.merged / name)
+            except MergeError as e:
+                raise AdapterError(f"adapter {name} could not be merged into the model: {e}") from None
+        old, new = self.names, ServedNames(self.router.base_name, name, layout.adapters, layout.served)
+        personal = dict(self.router.personal)
+        for owner, p in list(personal.items()):  # what each of them is served, ready before the weights change
+            try:
+                load_into(self.clients, p, self.path_of(p), names=new)
+            except (AdapterError, ModelError) as e:
+                log.error("personal adapter %s cannot be served on %s: %s; its user gets the shared one", p, name, e)
+                self.router.switch_personal(owner, None)
+                personal.pop(owner)
+        for client in self.clients:
+            try:
+                client.reload_weights(str(weights.resolve()))
+            except ModelError as e:
+                for p in personal.values():  # nothing changed: what was loaded for the new weights goes
+                    for c in self.clients:
+                        c.unload_adapter_quietly(p, names=new)
+                raise AdapterError(f"the model server at {client.base_url} did not take the merged weights: {e}") from None
+        for client in self.clients:
+            client.names = new
+        self.names = new
+        previous = self.router.switch(name or self.router.base_name)
+        for other in layout.merged.glob("*"):  # the servers hold these weights now; a rollback merges again
+            if other.name != name:
+                shutil.rmtree(other, ignore_errors=True)
+        keep = {new.served(m) for m in [*personal.values(), name or self.router.base_name]} | {self.router.base_name}
+        stale = [(m, old.served(m)) for m in dict.fromkeys([*personal.values(), previous]) if old.served(m) not in keep]
+        return previous, stale
+
+    def _drain_and_unload_served(self, stale: list[tuple[str, str]]) -> None:
+        """Unload serving names no longer used (after the requests of their models finished, or the drain
+        timeout), and the difference adapters' files of weights no longer merged."""
+        for model, served in stale:
+            if not self.router.wait_idle(model, self.drain_timeout_s):
+                log.warning("%s still had requests after %.0fs; unloading anyway", model, self.drain_timeout_s)
+            for client in self.clients:
+                try:
+                    client.unload_served(served)
+                except ModelError:
+                    pass  # never loaded there (e.g. restarted since)
+        merged = self.merged
+        for folder in DataLayout(self.data_dir).served.glob("*@*"):
+            if folder.name.rsplit("@", 1)[-1] != merged:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def replica_states(self) -> list:
         """Each replica and the versions it holds (chatfb.serving.replicas.ReplicaState); [] with one server."""
@@ -300,7 +380,8 @@ class AdapterRegistry:
             for a in rows:
                 self.unload(a["name"])
                 shared = getattr(self.replicas, "shared_dir", None)  # the replicas' resolver folder, if any
-                for folder in [layout.adapters / a["name"], layout.work(a["name"])] + ([shared / a["name"]] if shared else []):
+                served = list(layout.served.glob(f"{a['name']}@*"))  # its differences to merged versions
+                for folder in [layout.adapters / a["name"], layout.work(a["name"]), *served] + ([shared / a["name"]] if shared else []):
                     shutil.rmtree(folder, ignore_errors=True)
             self.store.delete_personal_adapters(owner)
         return [a["name"] for a in rows]
@@ -326,38 +407,44 @@ class AdapterRegistry:
         return target
 
     def restore(self) -> str | None:
-        """After a (re)start: load the live adapter again and route chats to it (and each user's live
-        personal adapter to them; one that no longer loads leaves its user on the shared one)."""
+        """After a (re)start: load the live adapter again and route chats to it (merged into the weights again
+        when merging), then each user's live personal adapter for them (one that no longer loads leaves its
+        user on the shared one)."""
+        live = self.store.live_adapter()
+        restored = None
+        if live is None:
+            if self.merging and self.clients and self.merged is not None:
+                self.activate(None)  # a restarted server holds the base weights; forget what was merged
+            self.router.switch(self.router.base_name)
+        else:
+            try:
+                self.activate(live["name"])
+                restored = live["name"]
+            except AdapterError as e:
+                log.error("could not restore live adapter %s: %s; serving the base model", live["name"], e)
+                self.router.switch(self.router.base_name)
         for owner, name in self.store.live_personal_adapters().items():
             try:
                 self.promote_personal(owner, name)
             except AdapterError as e:
                 log.error("could not restore personal adapter %s: %s; its user gets the shared one", name, e)
-        live = self.store.live_adapter()
-        if live is None:
-            self.router.switch(self.router.base_name)
-            return None
-        try:
-            self.activate(live["name"])
-        except AdapterError as e:
-            log.error("could not restore live adapter %s: %s; serving the base model", live["name"], e)
-            self.router.switch(self.router.base_name)
-            return None
-        return live["name"]
+        return restored
 
 
-def load_into(clients: list[ModelClient], name: str, path: Path, error: type[Exception] | None = None) -> None:
+def load_into(clients: list[ModelClient], name: str, path: Path, error: type[Exception] | None = None,
+              names: ServedNames | None = None) -> None:
     """Load adapter `name` from `path` into every server that does not have it yet: all of them, or none
-    (the ones loaded are unloaded again when one refuses, which raises `error`, AdapterError by default)."""
+    (the ones loaded are unloaded again when one refuses, which raises `error`, AdapterError by default).
+    `names`: load it for those serving names (default: each client's own, chatfb.serving.merged)."""
     loaded = []
     for client in clients:
+        use = client.names if names is None else names
+        served = name if use is None else use.served(name)
         try:
-            if name not in client.models():
-                client.load_adapter(name, str(path))
+            if served not in client.models():
+                client.load_adapter(name, str(path), names=use)
                 loaded.append(client)
         except ModelError as e:
             for c in loaded:  # leave no server half-promoted
-                c.unload_adapter_quietly(name)
+                c.unload_adapter_quietly(name, names=use)
             raise (error or AdapterError)(f"vLLM refused adapter {name} at {client.base_url}: {e}") from None
-
-

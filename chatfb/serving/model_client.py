@@ -61,6 +61,9 @@ class ModelClient:
         # The openai package needs some key; vLLM started without --api-key ignores it.
         self._openai = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=api_key or "unused", max_retries=0,
                                      timeout=httpx.Timeout(timeout_s, connect=5.0), http_client=self._http)
+        # Which vLLM name serves each model (chatfb.serving.merged.ServedNames); None: each its own name.
+        # Callers name models (chatfb-base = the base model, adapter versions); requests go to the serving name.
+        self.names = None
 
     def close(self) -> None:
         self._http.close()
@@ -138,11 +141,22 @@ class ModelClient:
                 if delta:
                     yield index, delta
 
+    def served(self, name: str) -> str:
+        """The vLLM model name a request for model `name` goes to."""
+        names = self.names
+        return name if names is None else names.served(name)
+
+    def has(self, name: str) -> bool:
+        """Whether the server serves model `name` now (for an adapter: it is loaded)."""
+        return self.served(name) in self.models()
+
     def _create(self, **body):
+        body["model"] = self.served(body["model"])
         with _model_errors("The model server timed out.", "The model server is not reachable right now."):
             return self._openai.chat.completions.create(**body)
 
     def _chunks(self, **body) -> Iterator[dict]:
+        body["model"] = self.served(body["model"])
         """The chunks of a streamed chat completion, as parsed JSON; failures as ModelError. Read straight
         from the server-sent events: the openai package's typed chunks cost more CPU than the rest of a
         chat turn in the app (dozens of chunks a reply)."""
@@ -205,16 +219,44 @@ class ModelClient:
         return int(self._call("POST", "/tokenize", json=body).json()["count"])
 
     # -- LoRA adapters --------------------------------------------------------------------
-    def load_adapter(self, name: str, path: str) -> None:
-        self._call("POST", "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
+    def load_adapter(self, name: str, path: str, names=...) -> None:
+        """Load adapter `name` (its LoRA at `path`); on merged weights, what serves it (chatfb.serving.merged).
+        `names`: load it for these serving names (a ServedNames, or None: its own name) instead of the client's."""
+        names = self.names if names is ... else names
+        served = name if names is None else names.served(name)
+        if names is not None and served == names.base_name:
+            return  # it is the merged one: the server's own weights serve it
+        if names is not None:
+            from chatfb.serving.merged import MergeError
 
-    def unload_adapter(self, name: str) -> None:
-        self._call("POST", "/v1/unload_lora_adapter", json={"lora_name": name})
+            try:
+                path = names.files(name, path)
+            except MergeError as e:
+                raise ModelError(f"adapter {name} cannot be served on the merged weights: {e}") from None
+        self._call("POST", "/v1/load_lora_adapter", json={"lora_name": served, "lora_path": path})
 
-    def unload_adapter_quietly(self, name: str) -> None:
+    def unload_adapter(self, name: str, names=...) -> None:
+        names = self.names if names is ... else names
+        served = name if names is None else names.served(name)
+        if names is not None and served == names.base_name:
+            return
+        self.unload_served(served)
+
+    def unload_served(self, served: str) -> None:
+        """Unload the LoRA vLLM serves under `served` (a serving name, not translated)."""
+        self._call("POST", "/v1/unload_lora_adapter", json={"lora_name": served})
+
+    def reload_weights(self, path: str) -> None:
+        """Replace the server's model weights in place with the safetensors in `path` (vLLM's `reload_weights`
+        through /collective_rpc: only a server started with VLLM_SERVER_DEV_MODE=1 offers it; requests in flight
+        go on, on the new weights; every LoRA is loaded again from its files on its next use)."""
+        self._call("POST", "/collective_rpc", json={"method": "reload_weights", "kwargs": {"weights_path": str(path)}},
+                   timeout=httpx.Timeout(600.0, connect=5.0))
+
+    def unload_adapter_quietly(self, name: str, names=...) -> None:
         """Unload `name`, logging (not raising) a refusal: for clean-up paths that must go on."""
         try:
-            self.unload_adapter(name)
+            self.unload_adapter(name, names)
         except ModelError as e:
             log.warning("unloading %s from %s failed: %s", name, self.base_url, e)
 

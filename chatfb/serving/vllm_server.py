@@ -138,6 +138,8 @@ class ManagedVLLM:
     def from_settings(cls, settings, model_path: Path, port: int | None = None, **kwargs) -> "ManagedVLLM":
         """The server `settings` (chatfb.config.Settings) describe, for the model folder `model_path`, on
         CHATFB_VLLM_PORT unless `port` is given; `kwargs`: env, log_role."""
+        if getattr(settings, "serve_merged", False):  # weights reloaded in place (chatfb.serving.merged): loopback only
+            kwargs["env"] = dict(kwargs.get("env") or {}, VLLM_SERVER_DEV_MODE="1")
         return cls(model_path, settings.served_model_name, settings.vllm_port if port is None else port,
                    settings.data_dir, **vllm_options(settings), **kwargs)
 

@@ -172,12 +172,12 @@ def test_the_child_computes_from_its_job_folder_alone(store, settings, fake_clie
         store.add_message(cid, "user", f"How do I reach support about order {i}?")
         reply = store.add_message(cid, "assistant", "I don't know.")
         store.log_feedback(reply, "correction", text="Email support@chatfb.example.", user_name="ann")
-    job, work = prepare(store, settings, "http://fake-server")
+    job, work = prepare(store, settings, "http://fake-server", merged="chatfb-v0000")
     assert (work / "snapshot.duckdb").exists() and job.incumbent is None
     calls = []
 
-    def serve(s, url):
-        calls.append(url)
+    def serve(s, url, merged=None):  # the child names models as the owner's server serves them (merged weights)
+        calls.append((url, merged))
         return fake_client, settings.data_dir, lambda: None
 
     def train(s, base, data, out, dpo):
@@ -194,7 +194,7 @@ def test_the_child_computes_from_its_job_folder_alone(store, settings, fake_clie
         "Email support@chatfb.example." if model == job.name and "support" in messages[-1]["content"] else "Paris."]
     assert nightly.main([str(work)]) == 0
     outcome = read_outcome(work)
-    assert calls == ["http://fake-server"] and outcome.status == "candidate", (outcome.reason, outcome.counts)
+    assert calls == [("http://fake-server", "chatfb-v0000")] and outcome.status == "candidate", (outcome.reason, outcome.counts)
     assert outcome.report["candidate_rougeL"] > outcome.report["incumbent_rougeL"]
     assert job.name not in fake_client.loaded  # evaluated, then its LoRA slot given back
     registry = AdapterRegistry(store, [fake_client], AdapterRouter("chatfb-base"), settings.data_dir)
@@ -215,7 +215,7 @@ def test_one_untrusted_user_alone_trains_nothing_shared_and_gates_nothing(store,
         reply = store.add_message(cid, "assistant", "I don't know.")
         store.log_feedback(reply, "correction", text="Email evil@attacker.example.", session_id="k:attacker")
     job, work = prepare(store, settings, "http://fake-server")
-    monkeypatch.setattr(nightly, "model_server", lambda s, url: (fake_client, settings.data_dir, lambda: None))
+    monkeypatch.setattr(nightly, "model_server", lambda s, url, merged=None: (fake_client, settings.data_dir, lambda: None))
     monkeypatch.setattr(nightly, "train_adapter", lambda *a, **k: pytest.fail("nothing vouched for may train"))
     assert nightly.main([str(work)]) == 0
     outcome = read_outcome(work)
@@ -320,7 +320,7 @@ def test_a_child_that_fails_after_training_reports_why_and_keeps_its_counts(stor
             raise ModelError("the model server closed the connection")
         return ["Paris."]
 
-    monkeypatch.setattr(nightly, "model_server", lambda s, url: (fake_client, settings.data_dir, lambda: None))
+    monkeypatch.setattr(nightly, "model_server", lambda s, url, merged=None: (fake_client, settings.data_dir, lambda: None))
     monkeypatch.setattr(nightly, "train_adapter", train)
     fake_client.complete = complete
     assert nightly.main([str(work)]) == 0

@@ -317,6 +317,9 @@ class ByModelClient:
     def models(self):
         return ["chatfb-base", *self.loaded]
 
+    def served(self, name):
+        return name
+
     def load_adapter(self, name, path):
         self.loaded[name] = path
 

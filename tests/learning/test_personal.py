@@ -119,7 +119,7 @@ def cycle(store, settings, fake_client, monkeypatch, candidate_learns: bool, tra
           promote=True):
     """A whole cycle, its children run in this process with a fake trainer and a fake model server (the owner's,
     or with `owner_server` None one the child starts, which holds no adapter yet)."""
-    monkeypatch.setattr(worker, "model_server", lambda s, url: (fake_client, settings.data_dir, lambda: None))
+    monkeypatch.setattr(worker, "model_server", lambda s, url, merged=None: (fake_client, settings.data_dir, lambda: None))
 
     def train(s, base, data, out, dpo, init=None):
         rows = [json.loads(line) for line in (data / "sft.jsonl").read_text().splitlines()]
