@@ -24,6 +24,10 @@ copies it to a new folder (temp name + rename, like the trainer) and activates i
     python -m bench.refresh_bench --vllm-url URL --model-dir DIR  # hot swaps on that server; no restart
     python -m bench.refresh_bench --vllm-url URL --model-dir DIR --restart-own-server
     python -m bench.refresh_bench --smoke ...                   # 1 swap, 2 load threads, 8 tokens
+
+The merged swaps and the tokens/s rounds reload the server's weights (back to the base model's at the end):
+point --vllm-url only at a server no running chatfb app has merged a version into (or pass --modes lora
+--throughput-rounds 0).
 """
 
 from __future__ import annotations
@@ -238,6 +242,7 @@ def measure_swaps(url: str, api_key: str | None, model_dir: Path, args, workdir:
             swaps.append({
                 "adapter": name, "previous": previous, "saved_at_s": saved - t_load,
                 "activate_ms": registry.last_swap_ms, "saved_to_active_ms": ms(active, saved),
+                **(registry.last_merge_timings if mode == "merged" else {}),
                 "load_ttft_before_ms": load_ttft,
                 "probe_model": probe.model, "probe_error": probe.error,
                 "new_chat_first_token_ms": ms(probe.first_token if probe.error is None else None, saved),
@@ -445,14 +450,18 @@ def main(argv: list[str] | None = None) -> dict:
                      median(swaps, "new_chat_first_token_ms"), median(swaps, "new_chat_reply_ms"),
                      median(swaps, "saved_to_first_token_ms"), median(swaps, "saved_to_first_reply_ms"),
                      median(swaps, "load_ttft_before_ms"), swap_failed, sum(s["aborted_in_flight"] for s in swaps)])
-        swap_rows += [[f"{s['adapter']} ({mode})", s["activate_ms"], s["new_chat_first_token_ms"],
+        swap_rows += [[f"{s['adapter']} ({mode})", s["activate_ms"],
+                       f"{fmt(s['merge_ms'])} / {fmt(s['reload_ms'])}" if "merge_ms" in s else None,
+                       s["new_chat_first_token_ms"],
                        s["saved_to_first_token_ms"], s["load_ttft_before_ms"], s["previous_unloaded_ms"],
                        s["failed_requests"], s["previous_replies_finished_after_switch"]] for s in swaps]
+        if mode == "lora":  # a merged swap writes and reloads the whole model: its time is reported, not targeted
+            targets += [
+                target(f"saved -> first token of a new chat, worst swap, {way} (s)", worst(swaps, "new_chat_first_token_ms"),
+                       "<", TARGET_SWAP_S, "s"),
+                target(f"saved -> first token in a running chat (after its request in flight), worst swap, {way} (s)",
+                       worst(swaps, "saved_to_first_token_ms"), "<", TARGET_SWAP_S, "s")]
         targets += [
-            target(f"saved -> first token of a new chat, worst swap, {way} (s)", worst(swaps, "new_chat_first_token_ms"),
-                   "<", TARGET_SWAP_S, "s"),
-            target(f"saved -> first token in a running chat (after its request in flight), worst swap, {way} (s)",
-                   worst(swaps, "saved_to_first_token_ms"), "<", TARGET_SWAP_S, "s"),
             target(f"failed requests during hot swaps {way}", swap_failed, "==", 0),
             target(f"failed requests during the whole load, swaps {way}", part["load_failures"], "==", 0),
         ]
@@ -469,8 +478,8 @@ def main(argv: list[str] | None = None) -> dict:
                             "running chats first token ms", "running chats first reply ms", "TTFT under load ms",
                             "failed requests", "aborted in flight"], rows)
     swap_table = markdown_table(
-        ["adapter", "activate ms", "new chat first token ms", "running chats first token ms", "TTFT under load ms",
-         "previous unloaded ms", "failed", "previous replies finished after switch"], swap_rows)
+        ["adapter", "activate ms", "of it: merge / reload ms", "new chat first token ms", "running chats first token ms",
+         "TTFT under load ms", "previous unloaded ms", "failed", "previous replies finished after switch"], swap_rows)
     tput = results.get("throughput")
     tput_md = ""
     if tput:

@@ -193,6 +193,7 @@ class AdapterRegistry:
         # Serve the live shared adapter merged into the weights (the app turns it on for its own single server)
         self.merging = False
         self.names = ServedNames(router.base_name)  # what is merged into the servers' weights now
+        self.last_merge_timings: dict = {}  # the last merged activation: writing the weights, the servers' reload
 
     @property
     def merged(self) -> str | None:
@@ -274,6 +275,7 @@ class AdapterRegistry:
         if self.base_model_dir is None:
             raise AdapterError("the base model's folder is not known here: nothing can be merged")
         weights = Path(self.base_model_dir)
+        t0 = time.perf_counter()
         if name is not None:
             path = self.path_of(name)
             check_base_model(name, path, self.base_model_dir)
@@ -290,6 +292,7 @@ class AdapterRegistry:
                 log.error("personal adapter %s cannot be served on %s: %s; its user gets the shared one", p, name, e)
                 self.router.switch_personal(owner, None)
                 personal.pop(owner)
+        t1 = time.perf_counter()
         for client in self.clients:
             try:
                 client.reload_weights(str(weights.resolve()))
@@ -298,6 +301,7 @@ class AdapterRegistry:
                     for c in self.clients:
                         c.unload_adapter_quietly(p, names=new)
                 raise AdapterError(f"the model server at {client.base_url} did not take the merged weights: {e}") from None
+        self.last_merge_timings = {"merge_ms": (t1 - t0) * 1000, "reload_ms": (time.perf_counter() - t1) * 1000}
         for client in self.clients:
             client.names = new
         self.names = new

@@ -63,6 +63,11 @@ def test_refresh_bench_smoke_hot_swap_and_restart(vllm_url, embedded_model, tmp_
     assert s["saved_to_active_ms"] < s["new_chat_first_token_ms"] < s["new_chat_reply_ms"], s
     assert s["load_ttft_before_ms"] > 0, s
     assert s["failed_requests"] == 0 and swap["load_failures"] == 0, swap["errors"]
+    merged = r["swaps_by_mode"]["merged"]  # the same swap with the version merged into the server's weights
+    assert merged["swaps"][0]["failed_requests"] == 0 and merged["load_failures"] == 0, merged["errors"]
+    assert merged["swaps"][0]["probe_model"] == merged["swaps"][0]["adapter"] and merged["swaps"][0]["reload_ms"] > 0
+    tput = r["throughput"]  # tokens/s of base, LoRA and merged, side by side
+    assert all(tput["median_tokens_per_s"][w] > 0 for w in ("base", "lora", "merged")) and not any(tput["failed"].values())
     # the shared server is left serving the base model only
     client = ModelClient(vllm_url)
     try:
