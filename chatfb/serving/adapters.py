@@ -311,13 +311,15 @@ class AdapterRegistry:
                 shutil.rmtree(other, ignore_errors=True)
         keep = {new.served(m) for m in [*personal.values(), name or self.router.base_name]} | {self.router.base_name}
         stale = [(m, old.served(m)) for m in dict.fromkeys([*personal.values(), previous]) if old.served(m) not in keep]
+        lazily = set().union(*(c.loaded_for(old) for c in self.clients)) if old.merged else set()
+        stale += [(None, n) for n in sorted(lazily - keep - {n for _, n in stale})]  # e.g. the base model's difference
         return previous, stale
 
-    def _drain_and_unload_served(self, stale: list[tuple[str, str]]) -> None:
+    def _drain_and_unload_served(self, stale: list[tuple[str | None, str]]) -> None:
         """Unload serving names no longer used (after the requests of their models finished, or the drain
         timeout), and the difference adapters' files of weights no longer merged."""
         for model, served in stale:
-            if not self.router.wait_idle(model, self.drain_timeout_s):
+            if model is not None and not self.router.wait_idle(model, self.drain_timeout_s):
                 log.warning("%s still had requests after %.0fs; unloading anyway", model, self.drain_timeout_s)
             for client in self.clients:
                 try:

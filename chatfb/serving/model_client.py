@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -64,6 +66,8 @@ class ModelClient:
         # Which vLLM name serves each model (chatfb.serving.merged.ServedNames); None: each its own name.
         # Callers name models (chatfb-base = the base model, adapter versions); requests go to the serving name.
         self.names = None
+        self._ready: tuple[object, set] = (None, set())  # serving names known loaded for the `names` in use
+        self._ready_lock = threading.Lock()
 
     def close(self) -> None:
         self._http.close()
@@ -146,17 +150,43 @@ class ModelClient:
         names = self.names
         return name if names is None else names.served(name)
 
+    def loaded_for(self, names) -> set[str]:
+        """Serving names this client loaded or found loaded for `names` (the weights in use then)."""
+        return set(self._ready[1]) if self._ready[0] is names else set()
+
+    def _serving(self, name: str) -> str:
+        """The serving name for a request for model `name`, loaded first when the weights in use need a LoRA
+        for it that nobody loaded yet (the base model on merged weights, an older version, ...)."""
+        names = self.names
+        if names is None:
+            return name
+        served = names.served(name)
+        if served == names.base_name:
+            return served
+        with self._ready_lock:
+            if self._ready[0] is not names:
+                self._ready = (names, set())
+            if served not in self._ready[1]:
+                if served not in self.models():
+                    try:
+                        self.load_adapter(name, str(Path(names.adapters or ".") / name), names=names)
+                    except ModelError:
+                        if served not in self.models():  # not loaded by someone else meanwhile either
+                            raise
+                self._ready[1].add(served)
+        return served
+
     def has(self, name: str) -> bool:
         """Whether the server serves model `name` now (for an adapter: it is loaded)."""
         return self.served(name) in self.models()
 
     def _create(self, **body):
-        body["model"] = self.served(body["model"])
+        body["model"] = self._serving(body["model"])
         with _model_errors("The model server timed out.", "The model server is not reachable right now."):
             return self._openai.chat.completions.create(**body)
 
     def _chunks(self, **body) -> Iterator[dict]:
-        body["model"] = self.served(body["model"])
+        body["model"] = self._serving(body["model"])
         """The chunks of a streamed chat completion, as parsed JSON; failures as ModelError. Read straight
         from the server-sent events: the openai package's typed chunks cost more CPU than the rest of a
         chat turn in the app (dozens of chunks a reply)."""
@@ -244,6 +274,7 @@ class ModelClient:
 
     def unload_served(self, served: str) -> None:
         """Unload the LoRA vLLM serves under `served` (a serving name, not translated)."""
+        self._ready[1].discard(served)
         self._call("POST", "/v1/unload_lora_adapter", json={"lora_name": served})
 
     def reload_weights(self, path: str) -> None:

@@ -159,7 +159,7 @@ def test_promotion_merges_the_shared_adapter_and_serves_personal_ones_as_differe
     make_lora(data / "adapters" / personal, 20)
     store.add_adapter(personal, None, "candidate", personal, owner=owner)
     registry.promote_personal(owner, personal)
-    assert list(client.loaded) == [f"{personal}@chatfb-v0001"]
+    assert sorted(client.loaded) == ["chatfb-base@chatfb-v0001", f"{personal}@chatfb-v0001"]  # base: asked above
     held = registry.router.acquire(owner)  # a reply of ann's still streaming
     registry.promote("chatfb-v0002")
     assert client.reloads[-1] == str((data / "merged" / "chatfb-v0002").resolve())
@@ -214,3 +214,20 @@ def test_a_cycle_child_names_models_as_the_owners_server_serves_them(settings, m
     assert plain.served("chatfb-v0003") == "chatfb-v0003"
     job, work = cycle.prepare_personal(store, settings, "http://127.0.0.1:9", "user:ann", merged="chatfb-v0003")
     assert cycle.read_job(work)[0].merged == "chatfb-v0003"
+
+
+def test_a_model_nobody_loaded_for_the_merged_weights_is_loaded_on_its_first_request(merging, settings):
+    """The base model, an older version: on merged weights each needs its difference LoRA; the first request
+    naming it loads it (once), so every caller can keep naming models as before."""
+    registry, client, _ = merging
+    registry.promote("chatfb-v0002")
+    for _ in range(2):
+        client.complete([{"role": "user", "content": "hi"}], "chatfb-base")
+        client.complete([{"role": "user", "content": "hi"}], "chatfb-v0001")
+    assert client.asked == ["chatfb-base@chatfb-v0002", "chatfb-v0001@chatfb-v0002"] * 2
+    assert sorted(client.loaded) == ["chatfb-base@chatfb-v0002", "chatfb-v0001@chatfb-v0002"]
+    assert (settings.data_dir / "served" / "chatfb-base@chatfb-v0002" / "adapter_model.safetensors").exists()
+    client.loaded.clear()  # the server restarted: restore makes new names, so nothing is taken as loaded
+    registry.restore()
+    client.complete([{"role": "user", "content": "hi"}], "chatfb-base")
+    assert "chatfb-base@chatfb-v0002" in client.loaded
