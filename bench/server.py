@@ -69,7 +69,7 @@ def managed_vllm(model_dir: Path, args: argparse.Namespace) -> Iterator[Server]:
                         vllm_dtype=args.dtype, vllm_max_loras=getattr(args, "max_loras", 4))
 
     def launch() -> ManagedVLLM:
-        server = ManagedVLLM.from_settings(settings, model_dir, port, log_role="bench")
+        server = ManagedVLLM.from_settings(settings, model_dir, port, log_role="bench", weight_reload=True)
         print(f"starting vLLM on port {port} with {model_dir} (log: {server.log_path}) ...", flush=True)
         server.start()
         return server

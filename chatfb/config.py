@@ -71,8 +71,10 @@ class Settings:
     serve_merged: bool = _f(
         True, "Managed mode, one vLLM server: serve the live shared adapter merged into the model's weights (reloaded in "
         "place, no restart) instead of through vLLM's LoRA path, which is much slower on a CPU; personal adapters and "
-        "candidates are served as LoRA differences on top. Off: every adapter is a LoRA on the base model. (With "
-        "replicas or an external server, adapters are always LoRAs.)")
+        "candidates are served as LoRA differences on top, of rank 2 x CHATFB_LORA_RANK (CHATFB_MAX_LORA_RANK must "
+        "allow it). The server then runs with VLLM_SERVER_DEV_MODE=1 (development endpoints such as /collective_rpc, "
+        "on 127.0.0.1 only). Off: every adapter is a LoRA on the base model. (With replicas or an external server, "
+        "adapters are always LoRAs.)")
     vllm_dtype: str = _f(
         "auto", "Weights dtype of the managed vLLM server: 'auto' = vLLM's choice on a GPU; on a CPU bfloat16 where it "
         "has bf16 instructions (AVX512-BF16 or AMX), else float32. Or float32 / bfloat16 / float16.")
@@ -277,7 +279,7 @@ def validate(s: Settings) -> None:
         raise SettingsError("adapter_prefix must be 1-40 letters, digits, '-' or '_'")
     if s.lora_rank > s.max_lora_rank:
         raise SettingsError(f"lora_rank {s.lora_rank} exceeds max_lora_rank {s.max_lora_rank}")
-    if s.serve_merged and s.managed and 2 * s.lora_rank > s.max_lora_rank:
+    if s.serve_merged and s.managed and s.vllm_replicas <= 1 and 2 * s.lora_rank > s.max_lora_rank:
         raise SettingsError(f"serve_merged serves adapters as differences of rank 2 x lora_rank ({2 * s.lora_rank}): "
                             f"set max_lora_rank to at least that (it is {s.max_lora_rank}), or serve_merged off")
     if s.scorer not in ("auto", "server", "local"):

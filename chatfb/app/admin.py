@@ -176,10 +176,18 @@ class AdminService:
         return uptake.report(rows, {r.feedback_id: r for r in self.store.feedback_records()})
 
     def promote(self, name: str) -> None:
+        self._not_during_a_cycle("promote")
         self.registry.promote((name or "").strip())
 
     def rollback(self) -> str | None:
+        self._not_during_a_cycle("roll back")
         return self.registry.rollback()
+
+    def _not_during_a_cycle(self, what: str) -> None:
+        """On merged weights a running cycle measures its candidate as a difference to what the server holds now:
+        changing that under it would judge the wrong model (its own promotion comes after its measurements)."""
+        if self.registry.merging and self.cycles is not None and self.cycles.training_running():
+            raise AdminError(f"a learning cycle is running on the model server's current weights: {what} once it ends")
 
     @property
     def replicated(self) -> bool:

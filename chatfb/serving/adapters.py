@@ -284,52 +284,77 @@ class AdapterRegistry:
             except MergeError as e:
                 raise AdapterError(f"adapter {name} could not be merged into the model: {e}") from None
         old, new = self.names, ServedNames(self.router.base_name, name, layout.adapters, layout.served)
-        personal = dict(self.router.personal)
+        personal, unservable = dict(self.router.personal), []
         for owner, p in list(personal.items()):  # what each of them is served, ready before the weights change
             try:
                 load_into(self.clients, p, self.path_of(p), names=new)
             except (AdapterError, ModelError) as e:
                 log.error("personal adapter %s cannot be served on %s: %s; its user gets the shared one", p, name, e)
-                self.router.switch_personal(owner, None)
+                unservable.append(owner)
                 personal.pop(owner)
         t1 = time.perf_counter()
-        for client in self.clients:
+        for i, client in enumerate(self.clients):
             try:
                 client.reload_weights(str(weights.resolve()))
             except ModelError as e:
-                for p in personal.values():  # nothing changed: what was loaded for the new weights goes
-                    for c in self.clients:
-                        c.unload_adapter_quietly(p, names=new)
+                self._weights_refused(self.clients[:i + 1], old, new, personal.values())
                 raise AdapterError(f"the model server at {client.base_url} did not take the merged weights: {e}") from None
         self.last_merge_timings = {"merge_ms": (t1 - t0) * 1000, "reload_ms": (time.perf_counter() - t1) * 1000}
         for client in self.clients:
             client.names = new
         self.names = new
+        for owner in unservable:
+            self.router.switch_personal(owner, None)
         previous = self.router.switch(name or self.router.base_name)
         for other in layout.merged.glob("*"):  # the servers hold these weights now; a rollback merges again
-            if other.name != name:
+            if other.name != name and not other.name.endswith(".partial"):
                 shutil.rmtree(other, ignore_errors=True)
-        keep = {new.served(m) for m in [*personal.values(), name or self.router.base_name]} | {self.router.base_name}
+        keep = self._in_use()
         stale = [(m, old.served(m)) for m in dict.fromkeys([*personal.values(), previous]) if old.served(m) not in keep]
-        lazily = set().union(*(c.loaded_for(old) for c in self.clients)) if old.merged else set()
-        stale += [(None, n) for n in sorted(lazily - keep - {n for _, n in stale})]  # e.g. the base model's difference
+        if old.merged:  # whatever was loaded for the old weights, also by a cycle's child (e.g. the base model's difference)
+            suffix = f"@{old.merged}"
+            loaded = {m for c in self.clients for m in c.models() if m.endswith(suffix)}
+            stale += [(None, n) for n in sorted(loaded - keep - {n for _, n in stale})]
         return previous, stale
+
+    def _weights_refused(self, tried: list, old: ServedNames, new: ServedNames, personal) -> None:
+        """A server refused (or failed) the new weights: what was loaded for them goes, and every server that may
+        hold part of them reloads the weights it had (a reload fails part-way layer by layer)."""
+        for p in personal:
+            for c in self.clients:
+                c.unload_adapter_quietly(p, names=new)
+        if old.merged is None:
+            back = Path(self.base_model_dir)
+        else:
+            back = DataLayout(self.data_dir).merged / old.merged
+        for client in tried:
+            try:
+                client.reload_weights(str(back.resolve()))
+            except ModelError as e:
+                log.error("%s may hold part of the refused weights: reloading %s failed too (%s); restart it",
+                          client.base_url, old.merged or "the base model", e)
+
+    def _in_use(self) -> set[str]:
+        """The serving names chats may use now: the live shared model's, each live personal adapter's, the base."""
+        names = self.names
+        return {names.served(m) for m in [*self.router.personal.values(), self.router.current]} | {self.router.base_name}
 
     def _drain_and_unload_served(self, stale: list[tuple[str | None, str]]) -> None:
         """Unload serving names no longer used (after the requests of their models finished, or the drain
-        timeout), and the difference adapters' files of weights no longer merged."""
+        timeout), and the difference adapters' files of weights no longer merged. A name needed again meanwhile
+        (promoted back within the drain) stays."""
         for model, served in stale:
             if model is not None and not self.router.wait_idle(model, self.drain_timeout_s):
                 log.warning("%s still had requests after %.0fs; unloading anyway", model, self.drain_timeout_s)
-            for client in self.clients:
-                try:
-                    client.unload_served(served)
-                except ModelError:
-                    pass  # never loaded there (e.g. restarted since)
-        merged = self.merged
-        for folder in DataLayout(self.data_dir).served.glob("*@*"):
-            if folder.name.rsplit("@", 1)[-1] != merged:
-                shutil.rmtree(folder, ignore_errors=True)
+            with self._lock:
+                if served in self._in_use() or served.endswith(f"@{self.merged}"):
+                    continue
+                for client in self.clients:
+                    try:
+                        client.unload_served(served)
+                    except ModelError:
+                        pass  # never loaded there (e.g. restarted since)
+                shutil.rmtree(DataLayout(self.data_dir).served / served, ignore_errors=True)
 
     def replica_states(self) -> list:
         """Each replica and the versions it holds (chatfb.serving.replicas.ReplicaState); [] with one server."""
@@ -418,9 +443,12 @@ class AdapterRegistry:
         user on the shared one)."""
         live = self.store.live_adapter()
         restored = None
+        if self.merging and self.clients:  # a (re)started server holds the base weights: say so before anything
+            with self._lock:
+                self.names = ServedNames(self.router.base_name)
+                for client in self.clients:
+                    client.names = self.names
         if live is None:
-            if self.merging and self.clients and self.merged is not None:
-                self.activate(None)  # a restarted server holds the base weights; forget what was merged
             self.router.switch(self.router.base_name)
         else:
             try:

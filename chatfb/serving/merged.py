@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,8 @@ def read_lora(folder: Path) -> tuple[dict, dict[str, tuple]]:
         raise MergeError(f"{folder.name}: unreadable adapter ({type(e).__name__})") from None
     if config.get("use_dora") or config.get("modules_to_save") or config.get("bias", "none") != "none":
         raise MergeError(f"{folder.name}: only plain LoRA adapters can be merged")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):  # chatfb trains one rank and alpha for all
+        raise MergeError(f"{folder.name}: adapters with per-module ranks or alphas cannot be merged")
     parts: dict[str, dict] = {}
     for key, tensor in weights.items():
         if ".lora_A." not in key and ".lora_B." not in key:
@@ -57,11 +60,10 @@ def read_lora(folder: Path) -> tuple[dict, dict[str, tuple]]:
         module = module.removeprefix("base_model.model.")
         parts.setdefault(module, {})[part[0]] = tensor.to(torch.float32)
     modules = {}
+    r = config["r"]
+    scale = config["lora_alpha"] / (r ** 0.5 if config.get("use_rslora") else r)
     for module, ab in parts.items():
         rank = ab["A"].shape[0]
-        alpha = config.get("alpha_pattern", {}).get(module.rsplit(".", 1)[-1], config["lora_alpha"])
-        r = config.get("rank_pattern", {}).get(module.rsplit(".", 1)[-1], config["r"])
-        scale = alpha / (r ** 0.5 if config.get("use_rslora") else r)
         if rank != r:
             raise MergeError(f"{folder.name}: {module} has rank {rank}, its config says {r}")
         modules[module] = (ab["A"], scale * ab["B"])
@@ -72,42 +74,63 @@ def merge_checkpoint(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     """Write the base model's weights with the LoRA at `adapter_dir` added (W + scale * B @ A, in float32,
     stored in each tensor's own dtype) to `out_dir` (the safetensors files only: vLLM reloads weights from
     it; config and tokenizer stay the base model's). Reuses a complete `out_dir`; shard by shard in memory."""
+    out_dir = Path(out_dir)
+    shards = sorted(Path(base_dir).glob("*.safetensors"))
+    if not shards:
+        raise MergeError("the base model has no safetensors weights to merge into")
+    # what it was made from: the same adapter on the same base weights (another CHATFB_MODEL rebuilds it)
+    origin = {"adapter": Path(adapter_dir).name, "base": str(Path(base_dir).resolve()),
+              "shards": [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in shards]}
+    try:
+        if json.loads((out_dir / "MERGED").read_text()) == origin:
+            return out_dir
+    except (OSError, ValueError):
+        pass
+    _, modules = read_lora(adapter_dir)
+    try:
+        return _write_merged(shards, modules, Path(base_dir), out_dir, origin)
+    except OSError as e:  # e.g. a full disk: the message, never a path
+        raise MergeError(f"the merged weights could not be written ({type(e).__name__}: {e.strerror or 'I/O error'})") from None
+
+
+def _write_merged(shards: list[Path], modules: dict, base_dir: Path, out_dir: Path, origin: dict) -> Path:
+    """Write into a folder of its own (two processes may build the same one), then rename it into place."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        todo = {f"{m}.weight": m for m in modules}
+        for shard in shards:
+            _merge_shard(shard, modules, todo, partial / shard.name)
+        if todo:
+            raise MergeError(f"the adapter changes {len(todo)} weight(s) the base model does not have, "
+                             f"e.g. {next(iter(todo))}")
+        for index in base_dir.glob("*.safetensors.index.json"):
+            shutil.copy(index, partial / index.name)
+        (partial / "MERGED").write_text(json.dumps(origin))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        partial.rename(out_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # gone already when it was renamed
+    return out_dir
+
+
+def _merge_shard(shard: Path, modules: dict, todo: dict, out: Path) -> None:
+    """One safetensors file with W + scale * B @ A for the weights the adapter changes (computed in float32,
+    stored in each tensor's own dtype); the others as they are."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    if (out_dir / "MERGED").exists():
-        return out_dir
-    _, modules = read_lora(adapter_dir)
-    shards = sorted(Path(base_dir).glob("*.safetensors"))
-    if not shards:
-        raise MergeError("the base model has no safetensors weights to merge into")
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    todo = {f"{m}.weight": m for m in modules}
-    for shard in shards:
-        tensors = {}
-        with safe_open(shard, "pt") as fh:
-            metadata = fh.metadata() or {"format": "pt"}
-            for key in fh.keys():
-                t = fh.get_tensor(key)
-                if key in todo:
-                    a, b = modules[todo.pop(key)]
-                    t = (t.to(torch.float32) + b @ a).to(t.dtype)
-                tensors[key] = t.contiguous()
-        save_file(tensors, partial / shard.name, metadata=metadata)
-        del tensors
-    if todo:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise MergeError(f"the adapter changes {len(todo)} weight(s) the base model does not have, e.g. {next(iter(todo))}")
-    for index in Path(base_dir).glob("*.safetensors.index.json"):
-        shutil.copy(index, partial / index.name)
-    (partial / "MERGED").write_text(json.dumps({"adapter": Path(adapter_dir).name}))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    partial.rename(out_dir)
-    return out_dir
+    tensors = {}
+    with safe_open(shard, "pt") as fh:
+        metadata = fh.metadata() or {"format": "pt"}
+        for key in fh.keys():
+            t = fh.get_tensor(key)
+            if key in todo:
+                a, b = modules[todo.pop(key)]
+                t = (t.to(torch.float32) + b @ a).to(t.dtype)
+            tensors[key] = t.contiguous()
+    save_file(tensors, out, metadata=metadata)
 
 
 def difference_adapter(adapter_dir: Path | None, minus_dir: Path, out_dir: Path) -> Path:
@@ -124,8 +147,6 @@ def difference_adapter(adapter_dir: Path | None, minus_dir: Path, out_dir: Path)
     config, plus = read_lora(adapter_dir) if adapter_dir is not None else (minus_config, {})
     r_plus = config["r"] if adapter_dir is not None else 0
     r_minus = minus_config["r"]
-    if set(config.get("rank_pattern") or {}) | set(minus_config.get("rank_pattern") or {}):
-        raise MergeError("adapters with per-module ranks cannot be differenced")
     rank = r_plus + r_minus
     weights = {}
     for module in sorted(set(plus) | set(minus)):
@@ -141,13 +162,21 @@ def difference_adapter(adapter_dir: Path | None, minus_dir: Path, out_dir: Path)
     targets = sorted({m.rsplit(".", 1)[-1] for m in set(plus) | set(minus)})
     out = dict(config, r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
                target_modules=targets, lora_dropout=0.0)
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_file(weights, partial / _WEIGHTS, metadata={"format": "pt"})
-    (partial / "adapter_config.json").write_text(json.dumps(out, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    partial.rename(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+        try:
+            save_file(weights, partial / _WEIGHTS, metadata={"format": "pt"})
+            (partial / "adapter_config.json").write_text(json.dumps(out, indent=2))
+            try:
+                partial.rename(out_dir)
+            except OSError:  # another process built it meanwhile: theirs is the same
+                if not (out_dir / _WEIGHTS).exists():
+                    raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    except OSError as e:
+        raise MergeError(f"the difference adapter could not be written ({type(e).__name__}: {e.strerror or 'I/O error'})") from None
     return out_dir
 
 

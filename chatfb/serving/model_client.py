@@ -186,10 +186,10 @@ class ModelClient:
             return self._openai.chat.completions.create(**body)
 
     def _chunks(self, **body) -> Iterator[dict]:
-        body["model"] = self._serving(body["model"])
         """The chunks of a streamed chat completion, as parsed JSON; failures as ModelError. Read straight
         from the server-sent events: the openai package's typed chunks cost more CPU than the rest of a
         chat turn in the app (dozens of chunks a reply)."""
+        body["model"] = self._serving(body["model"])
         body = {**body, **body.pop("extra_body", {}), "stream": True}
         with _http_errors("The model took too long to answer. Please try again.",
                           "The model server is not reachable right now. Please try again in a moment."):

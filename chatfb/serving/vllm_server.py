@@ -138,7 +138,11 @@ class ManagedVLLM:
     def from_settings(cls, settings, model_path: Path, port: int | None = None, **kwargs) -> "ManagedVLLM":
         """The server `settings` (chatfb.config.Settings) describe, for the model folder `model_path`, on
         CHATFB_VLLM_PORT unless `port` is given; `kwargs`: env, log_role."""
-        if getattr(settings, "serve_merged", False):  # weights reloaded in place (chatfb.serving.merged): loopback only
+        # The app's own single server reloads the live shared adapter's merged weights in place (chatfb.serving.merged)
+        # through vLLM's development endpoints (loopback only); others get them only when asked (`weight_reload`).
+        reload = kwargs.pop("weight_reload", None)
+        if reload or (reload is None and kwargs.get("log_role") is None and getattr(settings, "serve_merged", False)
+                      and getattr(settings, "vllm_replicas", 1) <= 1):
             kwargs["env"] = dict(kwargs.get("env") or {}, VLLM_SERVER_DEV_MODE="1")
         return cls(model_path, settings.served_model_name, settings.vllm_port if port is None else port,
                    settings.data_dir, **vllm_options(settings), **kwargs)

@@ -199,6 +199,13 @@ def test_restore_after_a_server_restart_merges_again(merging, store):
     registry.restore()  # the server came back with the base model's weights
     assert len(client.reloads) == 1 and client.reloads[0].endswith("chatfb-v0002")
     assert registry.router.current == "chatfb-v0002"
+    # restarted again, and now the live version cannot be merged: everyone gets the base model, truly
+    import shutil
+    shutil.rmtree(registry.data_dir / "adapters" / "chatfb-v0002")
+    registry.restore()
+    client.asked.clear()
+    client.complete([{"role": "user", "content": "hi"}], registry.router.acquire())
+    assert registry.router.current == "chatfb-base" and registry.merged is None and client.asked == ["chatfb-base"]
 
 
 def test_a_cycle_child_names_models_as_the_owners_server_serves_them(settings, monkeypatch, store):
@@ -231,3 +238,18 @@ def test_a_model_nobody_loaded_for_the_merged_weights_is_loaded_on_its_first_req
     registry.restore()
     client.complete([{"role": "user", "content": "hi"}], "chatfb-base")
     assert "chatfb-base@chatfb-v0002" in client.loaded
+
+
+def test_no_promotion_by_hand_while_a_cycle_measures_on_the_merged_weights(merging, store):
+    from chatfb.app.admin import AdminError, AdminService
+
+    registry, client, _ = merging
+    running = SimpleNamespace(training_running=lambda: True)
+    admin = AdminService(store, registry, cycles=running)
+    for act in (lambda: admin.promote("chatfb-v0001"), admin.rollback):
+        with pytest.raises(AdminError, match="learning cycle is running"):
+            act()
+    assert client.reloads == [] and registry.router.current == "chatfb-base"
+    running.training_running = lambda: False
+    admin.promote("chatfb-v0001")
+    assert registry.merged == "chatfb-v0001"

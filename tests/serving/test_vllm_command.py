@@ -54,3 +54,20 @@ def test_every_managed_server_is_built_from_the_settings_alike(settings, tmp_pat
     assert [p.port for p in (one, cycles, *pool.replicas)] == [9100, 9101, 9102, 9103] and pool.router.port == 9100
     assert one.log_path == s.layout.logs / "vllm.log" and cycles.log_path == s.layout.logs / "vllm-nightly.log"
     assert [r.log_path.name for r in pool.replicas] == ["vllm-0.log", "vllm-1.log"]
+
+
+def test_only_the_apps_own_single_server_offers_the_weight_reload(settings, tmp_path):
+    """VLLM_SERVER_DEV_MODE (vLLM's development endpoints, /collective_rpc) only where merged weights are used."""
+    from chatfb.serving.managed_replicas import ManagedReplicas
+    from chatfb.serving.vllm_server import ManagedVLLM
+
+    def dev(server):
+        return server.extra_env.get("VLLM_SERVER_DEV_MODE") == "1"
+
+    assert dev(ManagedVLLM.from_settings(settings, tmp_path / "model"))
+    assert not dev(ManagedVLLM.from_settings(settings, tmp_path / "model", 9101, log_role="nightly"))
+    assert dev(ManagedVLLM.from_settings(settings, tmp_path / "model", 9101, log_role="bench", weight_reload=True))
+    assert not dev(ManagedVLLM.from_settings(settings.with_(serve_merged=False), tmp_path / "model"))
+    pool = ManagedReplicas.from_settings(settings.with_(vllm_replicas=2), tmp_path / "model")
+    assert not any(dev(r) for r in pool.replicas)
+    assert not dev(ManagedVLLM.from_settings(settings.with_(vllm_replicas=2), tmp_path / "model"))
