@@ -43,8 +43,10 @@ def test_a_cycle_teaches_the_preference_and_hot_loads_it(app, vllm_url):
     app.cli("import-feedback", str(DATA / "support_email.jsonl"), "--trusted")
     client = ModelClient(vllm_url)
     before = ask(client, "chatfb-base", NEW_PROMPTS)
-    # the default recipe, but the uptake check asks 8 of the trained corrections again, not all of them (up to 32)
-    env = {"CHATFB_UPTAKE_MAX_ITEMS": "8"}
+    # The default recipe, shorter: at most 24 steps (3 epochs of the 30 corrections and the replay are 33-39
+    # steps; after 39 the adapter gave the address on 8 of 8 new questions, the base model on none, and every
+    # uptake item was learned), and the uptake check asks 8 of the trained corrections again, not all of them.
+    env = {"CHATFB_TRAIN_MAX_STEPS": "24", "CHATFB_UPTAKE_MAX_ITEMS": "8"}
     out = app.cli("nightly", timeout=1500, env=env)
     result = json.loads(out.stdout[out.stdout.index("{"):])
     assert result["promoted"], (result["reason"], {k: v for k, v in result["metrics"].items() if "control" in k})
@@ -206,10 +208,8 @@ def test_a_critique_only_cycle_selects_records_and_trains_without_the_critique(a
     feedback.write_text("".join(json.dumps(dict(r, kind="critique", text=critique, user=f"critic{i}")) + "\n"
                                 for i, r in enumerate(rows)))
     app.cli("import-feedback", str(feedback), "--trusted")
-    # two samples per critique or distillation prompt, not four: what the test checks is which candidates are
-    # recorded, kept and trained, not how many there are (with four, answering them took 85 s of the cycle)
     env = dict(app.env, CHATFB_TRAIN_MODE="unsupervised", CHATFB_CRITIQUE_RECIPE="instruct", CHATFB_TRAIN_MAX_STEPS="4",
-               CHATFB_REPLAY_EXAMPLES="4", CHATFB_DISTILL_PROMPTS="2", CHATFB_CRITIQUE_SAMPLES="2")
+               CHATFB_REPLAY_EXAMPLES="4", CHATFB_DISTILL_PROMPTS="2")
     out = subprocess.run([sys.executable, "-m", "chatfb", "nightly", "--no-promote"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1500)
     result = json.loads(out.stdout[out.stdout.index("{"):])
