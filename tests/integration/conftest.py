@@ -38,9 +38,10 @@ class RunningApp:
     def control(self) -> dict:
         return json.loads((self.data_dir / "run" / "control.json").read_text())
 
-    def cli(self, *args, timeout=900, check=True, **kw) -> subprocess.CompletedProcess:
-        out = subprocess.run([sys.executable, "-m", "chatfb", *args], cwd=ROOT, env=self.env, capture_output=True,
-                             text=True, timeout=timeout, **kw)
+    def cli(self, *args, timeout=900, check=True, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+        """`chatfb *args` with the app's environment, and `env` (settings of this command alone) on top."""
+        out = subprocess.run([sys.executable, "-m", "chatfb", *args], cwd=ROOT, env=dict(self.env, **(env or {})),
+                             capture_output=True, text=True, timeout=timeout, **kw)
         if check and out.returncode != 0:
             raise AssertionError(f"chatfb {' '.join(args)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
         return out
@@ -85,8 +86,11 @@ def embedded_model(tmp_path_factory) -> Path:
     return resolve_model("embedded", cache)
 
 
-def launch_app(data_dir: Path, wait_ready: bool = True, **extra_env) -> RunningApp:
-    """Start `python app.py` on data_dir and (unless not `wait_ready`) wait until its model is ready."""
+def launch_app(data_dir: Path, wait_ready: bool = True, own_cycles: dict | None = None, **extra_env) -> RunningApp:
+    """Start `python app.py` on data_dir and (unless not `wait_ready`) wait until its model is ready.
+    `own_cycles`: settings the app process alone gets (not RunningApp.env, which the tests' CLI commands use):
+    those of the learning cycles the app starts itself (the admin tab's Train now, the schedule). A CLI's cycle
+    runs in the app with the CLI's own settings (chatfb.cli.cycle_in_app), so these never reach it."""
     port = free_port()
     env = dict(os.environ, CHATFB_DATA_DIR=str(data_dir), GRADIO_SERVER_PORT=str(port),
                CHATFB_VLLM_PORT=str(free_port()), CHATFB_ADMIN_PASSWORD=ADMIN_PASSWORD,
@@ -102,7 +106,7 @@ def launch_app(data_dir: Path, wait_ready: bool = True, **extra_env) -> RunningA
     env.update(extra_env)
     log = data_dir.parent / f"app-{port}.log"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=open(log, "wb"),
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=dict(env, **(own_cycles or {})), stdout=open(log, "wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     running = RunningApp(data_dir, env, proc, f"http://127.0.0.1:{port}", log)
     if not wait_ready:
@@ -137,6 +141,14 @@ def stop_app(running: RunningApp, sig=signal.SIGTERM) -> None:
     subprocess.run(["pkill", "-f", f"api_server.*--port {running.env['CHATFB_VLLM_PORT']}"], check=False)
 
 
+# The cycles the session app starts itself are small. Only test_learning.py's Train now test starts one: it checks
+# that the admin tab starts a cycle, shows its training progress and ends it evaluated, with the adapter's state
+# matching the gate's decision; none of that depends on the size of the training (at the defaults, on every
+# earlier test's feedback, it took 242 s of a CI run). A few steps, a little replay, a small held-out sample.
+SMALL_APP_CYCLES = dict(CHATFB_TRAIN_MAX_STEPS="4", CHATFB_REPLAY_EXAMPLES="4", CHATFB_EVAL_MAX_EXAMPLES="4",
+                        CHATFB_UPTAKE_MAX_ITEMS="4")
+
+
 @pytest.fixture(scope="session")
 def app(tmp_path_factory, embedded_model):
     data_dir = tmp_path_factory.mktemp("app") / "data"
@@ -144,7 +156,7 @@ def app(tmp_path_factory, embedded_model):
     # reuse the converted model: the app finds it where it would have converted it
     (data_dir / "models").mkdir()
     os.symlink(embedded_model, data_dir / "models" / embedded_model.name)
-    running = launch_app(data_dir)
+    running = launch_app(data_dir, own_cycles=SMALL_APP_CYCLES)
     yield running
     stop_app(running)
 

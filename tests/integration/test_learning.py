@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from chatfb.learning import gate
-from chatfb.config import Settings
+from chatfb.config import Settings, load_settings
 from chatfb.serving.model_client import ModelClient
 
 from .conftest import ROOT, merged_now, wait_until
@@ -43,7 +43,11 @@ def test_a_cycle_teaches_the_preference_and_hot_loads_it(app, vllm_url):
     app.cli("import-feedback", str(DATA / "support_email.jsonl"), "--trusted")
     client = ModelClient(vllm_url)
     before = ask(client, "chatfb-base", NEW_PROMPTS)
-    out = app.cli("nightly", timeout=1500)
+    # The default recipe, shorter: at most 24 steps (3 epochs of the 30 corrections and the replay are 33-39
+    # steps; after 39 the adapter gave the address on 8 of 8 new questions, the base model on none, and every
+    # uptake item was learned), and the uptake check asks 8 of the trained corrections again, not all of them.
+    env = {"CHATFB_TRAIN_MAX_STEPS": "24", "CHATFB_UPTAKE_MAX_ITEMS": "8"}
+    out = app.cli("nightly", timeout=1500, env=env)
     result = json.loads(out.stdout[out.stdout.index("{"):])
     assert result["promoted"], (result["reason"], {k: v for k, v in result["metrics"].items() if "control" in k})
     name = result["adapter"]
@@ -67,7 +71,8 @@ def test_a_cycle_teaches_the_preference_and_hot_loads_it(app, vllm_url):
         assert a["data_counts"]["train_correction"] > 20 and a["timings"]["train_s"] > 0, (a["data_counts"], a["timings"])
         # uptake (chatfb.learning.uptake): the promoted adapter was asked the newest trained corrections again
         checked, counts = s.uptake(adapter=name), a["data_counts"]
-        assert len(checked) == counts["uptake_checked"] == min(Settings().uptake_max_items, counts["train_correction"]), counts
+        cap = load_settings(dict(app.env, **env)).uptake_max_items
+        assert len(checked) == counts["uptake_checked"] == min(cap, counts["train_correction"]), counts
         assert counts["uptake_learned"] == sum(r["learned"] for r in checked) and all(r["answer"] for r in checked)
         print(f"uptake of {name}: {counts['uptake_learned']}/{counts['uptake_checked']} trained corrections learned")
         assert counts["uptake_learned"] >= counts["uptake_checked"] / 2, [(r["score"], r["answer"]) for r in checked]
@@ -83,7 +88,8 @@ def test_a_cycle_teaches_the_preference_and_hot_loads_it(app, vllm_url):
 def test_training_killed_midway_promotes_nothing(app):
     with app.snapshot_store() as s:
         live_before = s.live_adapter()["name"]
-    proc = subprocess.Popen([sys.executable, "-m", "chatfb", "nightly"], cwd=ROOT, env=app.env,
+    # a little replay: the base model's answers to generate before training starts (the kill comes at its first step)
+    proc = subprocess.Popen([sys.executable, "-m", "chatfb", "nightly"], cwd=ROOT, env=dict(app.env, CHATFB_REPLAY_EXAMPLES="4"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
@@ -120,10 +126,13 @@ def test_bad_data_is_refused_and_rollback_restores_the_previous_version(app, vll
     bad.write_text("".join(json.dumps({"prompt": p, "reply": "A sensible answer.", "kind": "correction",
                                        "text": "Zorp blag wibble zorp zorp."}) + "\n" for p in prompts))
     app.cli("import-feedback", str(bad), "--trusted")  # vouched for, so only the gate stands in its way
-    # Trained hard (no step cap) so the nonsense sticks; the default recipe otherwise: SFT with replay, no DPO.
-    # Little replay (it holds the general answers the nonsense should reach) and a small held-out sample (the
-    # controls refuse it): the same refusal, in less time.
-    env = dict(app.env, CHATFB_TRAIN_EPOCHS="5", CHATFB_LEARNING_RATE="0.003", CHATFB_TRAIN_MAX_STEPS="0",
+    # Trained hard (three times the learning rate, no step cap) so the nonsense sticks; the default recipe
+    # otherwise: SFT with replay, no DPO. Little replay (it holds the general answers the nonsense should reach)
+    # and a small held-out sample (the controls refuse it): the same refusal, in less time. Two epochs (28 steps
+    # in the suite) are plenty: at the default rate, 57 capped steps on the same feedback with 25 replay
+    # examples already turned 12 of the known answers wrong (14 of 16 controls collapsed); five epochs (70 steps)
+    # took 168 s to train.
+    env = dict(app.env, CHATFB_TRAIN_EPOCHS="2", CHATFB_LEARNING_RATE="0.003", CHATFB_TRAIN_MAX_STEPS="0",
                CHATFB_REPLAY_EXAMPLES="8", CHATFB_EVAL_MAX_EXAMPLES="8")
     out = subprocess.run([sys.executable, "-m", "chatfb", "nightly"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=1500)
@@ -153,7 +162,8 @@ def cycle_result(text: str) -> dict:
 def test_train_now_from_the_admin_tab(app, vllm_url):
     """The admin's "Train now" runs the whole cycle (train, gate, and promote when the gate says so), with
     progress in the admin log. Which way the gate goes depends on what earlier tests taught; that the cycle
-    ends evaluated and its adapter's state matches the gate's decision does not."""
+    ends evaluated and its adapter's state matches the gate's decision does not. The cycle runs with the app's
+    own settings, which are small in this suite (conftest.SMALL_APP_CYCLES: a few steps, little replay)."""
     from gradio_client import Client
 
     from .conftest import ADMIN_PASSWORD
@@ -269,7 +279,9 @@ def test_a_personal_adapter_answers_its_owner_only_and_leaves_with_them(app, vll
     app.cli("import-feedback", str(mine))
     env = dict(app.env, CHATFB_SHARED_RULES="review", CHATFB_PERSONAL_MAX_PER_CYCLE="1", CHATFB_TRAIN_MAX_STEPS="14",
                # replay keeps the control answers: with 4 replay examples the gate refused the candidate
-               CHATFB_REPLAY_EXAMPLES="12", CHATFB_EVAL_MAX_EXAMPLES="8")
+               CHATFB_REPLAY_EXAMPLES="12", CHATFB_EVAL_MAX_EXAMPLES="8",
+               # the uptake check (nothing here reads it) asks 4 of the trained corrections again, not all 23
+               CHATFB_UPTAKE_MAX_ITEMS="4")
     out = subprocess.run([sys.executable, "-m", "chatfb", "nightly"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=1500)
     # the shared job had nothing vouched for to train, the personal one ran: the cycle succeeded
