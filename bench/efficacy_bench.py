@@ -510,7 +510,8 @@ def run_mode(mode: str, families: list[Family], args, server, client, originals:
     if args.epochs is not None:
         env["CHATFB_TRAIN_EPOCHS"] = str(args.epochs)
     if args.smoke:  # a check that the cycle runs end to end: a little replay and distillation, not the recipe's own
-        env.update(CHATFB_REPLAY_EXAMPLES="4", CHATFB_DISTILL_PROMPTS="2")
+        env.update(CHATFB_REPLAY_EXAMPLES="4", CHATFB_DISTILL_PROMPTS="2", CHATFB_TRAIN_MAX_STEPS="4",
+                   CHATFB_UPTAKE_MAX_ITEMS="2")
     accepted, accept_stats = ({}, None)
     if mode == "accept":  # scored as the app scores revisions (chatfb.critique.judge: locally on a CPU)
         from chatfb.critique.judge import judge_for
