@@ -383,7 +383,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=None, help="CHATFB_TRAIN_EPOCHS for the cycles (default: chatfb's)")
     p.add_argument("--seeds", type=int, default=3, help="runs per training mode (mean and spread are reported)")
     p.add_argument("--work-dir", type=Path, default=None, help="where each mode's data folder goes (default: a temp dir)")
-    add_output_flags(p, smoke_help="tiny run: 2 families x 2 items, 1 held-out prompt each, 2 controls, 1 epoch, 4 replay examples, 2 distillation prompts, "
+    add_output_flags(p, smoke_help="tiny run: 2 families x 2 items, 1 held-out prompt each, 2 controls, 1 epoch (at most 4 steps), 4 replay examples, 2 distillation prompts, 2 uptake checks, "
                                    "1 seed, modes " + " ".join(SMOKE_MODES))
     return p
 
