@@ -279,6 +279,7 @@ class AdapterRegistry:
         if name is not None:
             path = self.path_of(name)
             check_base_model(name, path, self.base_model_dir)
+            self._vllm_accepts(name, path)
             try:
                 weights = merge_checkpoint(self.base_model_dir, path, layout.merged / name)
             except MergeError as e:
@@ -316,6 +317,15 @@ class AdapterRegistry:
             loaded = {m for c in self.clients for m in c.models() if m.endswith(suffix)}
             stale += [(None, n) for n in sorted(loaded - keep - {n for _, n in stale})]
         return previous, stale
+
+    def _vllm_accepts(self, name: str, path: Path) -> None:
+        """vLLM judges an adapter before it is merged, as before it is served as a LoRA: its rank, its shapes (every
+        other model is served as a LoRA difference to it). Loaded under its own name for that moment only."""
+        if any(name in c.models() for c in self.clients):
+            return
+        load_into(self.clients, name, path, names=ServedNames(self.router.base_name))
+        for client in self.clients:
+            client.unload_adapter_quietly(name, names=ServedNames(self.router.base_name))
 
     def _weights_refused(self, tried: list, old: ServedNames, new: ServedNames, personal) -> None:
         """A server refused (or failed) the new weights: what was loaded for them goes, and every server that may

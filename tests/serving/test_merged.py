@@ -108,7 +108,7 @@ class ServerClient(ModelClient):
 
     def __init__(self):
         super().__init__("http://127.0.0.1:9")
-        self.loaded, self.reloads, self.asked, self.refuse_reload = {}, [], [], False
+        self.loaded, self.reloads, self.asked, self.refuse_reload, self.refuse = {}, [], [], False, set()
         create = lambda **body: (self.asked.append(body["model"]), SimpleNamespace(choices=[]))[1]  # noqa: E731
         self._openai = SimpleNamespace(chat=SimpleNamespace(completions=SimpleNamespace(create=create)))
 
@@ -118,6 +118,8 @@ class ServerClient(ModelClient):
     def _call(self, method, url, **kw):
         body = kw.get("json") or {}
         if url == "/v1/load_lora_adapter":
+            if body["lora_name"] in self.refuse:
+                raise ModelError("The model server refused the request (400): rank 32 > max_lora_rank 16", 400)
             if body["lora_name"] in self.loaded:
                 raise ModelError("already loaded", 400)
             self.loaded[body["lora_name"]] = body["lora_path"]
@@ -253,3 +255,15 @@ def test_no_promotion_by_hand_while_a_cycle_measures_on_the_merged_weights(mergi
     running.training_running = lambda: False
     admin.promote("chatfb-v0001")
     assert registry.merged == "chatfb-v0001"
+
+
+def test_an_adapter_vllm_refuses_as_a_lora_is_not_merged_either(merging, store):
+    """vLLM judges an adapter (its rank, its shapes) before it is merged: every other model is a LoRA difference
+    to it, so one it cannot load would break them all."""
+    registry, client, _ = merging
+    client.refuse.add("chatfb-v0002")
+    with pytest.raises(AdapterError, match="refused adapter chatfb-v0002"):
+        registry.promote("chatfb-v0002")
+    assert client.reloads == [] and registry.merged is None and client.loaded == {}
+    registry.promote("chatfb-v0001")  # one it takes: loaded for that moment only, then merged
+    assert registry.merged == "chatfb-v0001" and client.loaded == {}
