@@ -69,12 +69,13 @@ class Settings:
         "adapter, the users' personal ones and a cycle's candidate. Size it to the users chatting at once: "
         "adapters beyond it are swapped in and out per batch.")
     serve_merged: bool = _f(
-        True, "Managed mode, one vLLM server: serve the live shared adapter merged into the model's weights (reloaded in "
+        False, "Managed mode, one vLLM server: serve the live shared adapter merged into the model's weights (reloaded in "
         "place, no restart) instead of through vLLM's LoRA path, which is much slower on a CPU; personal adapters and "
         "candidates are served as LoRA differences on top, of rank 2 x CHATFB_LORA_RANK (CHATFB_MAX_LORA_RANK must "
         "allow it). The server then runs with VLLM_SERVER_DEV_MODE=1 (development endpoints such as /collective_rpc, "
-        "on 127.0.0.1 only). Off: every adapter is a LoRA on the base model. (With replicas or an external server, "
-        "adapters are always LoRAs.)")
+        "on 127.0.0.1 only). Off (the default): every adapter is a LoRA on the base model. A learning cycle on merged "
+        "weights asks the base model through the LoRA path (it is then a difference too), so cycles get slower while "
+        "chats get faster. (With replicas or an external server, adapters are always LoRAs.)")
     vllm_dtype: str = _f(
         "auto", "Weights dtype of the managed vLLM server: 'auto' = vLLM's choice on a GPU; on a CPU bfloat16 where it "
         "has bf16 instructions (AVX512-BF16 or AMX), else float32. Or float32 / bfloat16 / float16.")

@@ -50,7 +50,10 @@ def test_serving_bench_smoke_measures_all_three_ways(vllm_url, embedded_model, t
 
 
 def test_refresh_bench_smoke_hot_swap_and_restart(vllm_url, embedded_model, tmp_path):
+    # the shared app's server serves LoRAs (CHATFB_SERVE_MERGED off): the merged swaps and tokens/s need one that
+    # reloads weights (tests/serving/test_merged.py has their logic; bench/results/refresh_bench.md, a real run)
     run_bench("refresh_bench", "--vllm-url", vllm_url, "--model-dir", str(embedded_model), "--restart-own-server",
+              "--modes", "lora", "--throughput-rounds", "0",
               "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"), timeout=1800)
 
     r = json.loads((tmp_path / "out" / "refresh_bench.json").read_text())
@@ -63,11 +66,7 @@ def test_refresh_bench_smoke_hot_swap_and_restart(vllm_url, embedded_model, tmp_
     assert s["saved_to_active_ms"] < s["new_chat_first_token_ms"] < s["new_chat_reply_ms"], s
     assert s["load_ttft_before_ms"] > 0, s
     assert s["failed_requests"] == 0 and swap["load_failures"] == 0, swap["errors"]
-    merged = r["swaps_by_mode"]["merged"]  # the same swap with the version merged into the server's weights
-    assert merged["swaps"][0]["failed_requests"] == 0 and merged["load_failures"] == 0, merged["errors"]
-    assert merged["swaps"][0]["probe_model"] == merged["swaps"][0]["adapter"] and merged["swaps"][0]["reload_ms"] > 0
-    tput = r["throughput"]  # tokens/s of base, LoRA and merged, side by side
-    assert all(tput["median_tokens_per_s"][w] > 0 for w in ("base", "lora", "merged")) and not any(tput["failed"].values())
+    assert list(r["swaps_by_mode"]) == ["lora"] and "throughput" not in r, list(r)
     # the shared server is left serving the base model only
     client = ModelClient(vllm_url)
     try:

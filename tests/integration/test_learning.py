@@ -20,7 +20,7 @@ from chatfb.learning import gate
 from chatfb.config import Settings, load_settings
 from chatfb.serving.model_client import ModelClient
 
-from .conftest import ROOT, merged_now, wait_until
+from .conftest import ROOT, wait_until
 
 pytestmark = pytest.mark.integration
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -51,16 +51,14 @@ def test_a_cycle_teaches_the_preference_and_hot_loads_it(app, vllm_url):
     result = json.loads(out.stdout[out.stdout.index("{"):])
     assert result["promoted"], (result["reason"], {k: v for k, v in result["metrics"].items() if "control" in k})
     name = result["adapter"]
-    # hot-loaded merged into the running server's weights (CHATFB_SERVE_MERGED), not as a LoRA: the server's own
-    # model name answers with it
-    assert merged_now(app) == name and name not in client.models(), (merged_now(app), client.models())
-    after = ask(client, "chatfb-base", NEW_PROMPTS)
+    assert name in client.models(), f"{name} not hot-loaded into the running server: {client.models()}"
+    after = ask(client, name, NEW_PROMPTS)
     base_rate = sum(EMAIL in r for r in before) / len(NEW_PROMPTS)
     adapter_rate = sum(EMAIL in r for r in after) / len(NEW_PROMPTS)
     print(f"\nheld-out uptake: base {base_rate:.2f} -> {name} {adapter_rate:.2f}; metrics {result['metrics']}")
     assert adapter_rate >= base_rate + 0.5, (before, after)
     assert result["metrics"]["control_agreement"] >= gate.GatePolicy().min_control_agreement, result["metrics"]
-    paris = ask(client, "chatfb-base", ["What is the capital of France?"])[0]
+    paris = ask(client, name, ["What is the capital of France?"])[0]
     assert "Paris" in paris, f"the adapter forgot a general fact: {paris!r}"
     listing = app.cli("adapters", "list").stdout
     assert name in listing and "live" in listing, listing
@@ -140,18 +138,18 @@ def test_bad_data_is_refused_and_rollback_restores_the_previous_version(app, vll
     # refused by the known-answer controls (checked first) or by the drift checks behind them
     assert not result["promoted"] and ("turned wrong" in result["reason"] or "drifted" in result["reason"]), result
     client = ModelClient(vllm_url)
-    assert not [m for m in client.models() if m.startswith(result["adapter"])], f"the rejected adapter is loaded: {client.models()}"
+    assert result["adapter"] not in client.models(), f"the rejected adapter was loaded: {client.models()}"
     with app.snapshot_store() as s:
         assert s.live_adapter()["name"] == live_before
         assert s.adapter(result["adapter"])["status"] == "rejected"
     # rollback: the base model serves again, in vLLM and for new chats
     rollback = app.cli("adapters", "rollback").stdout
     assert "base model" in rollback, rollback
-    wait_until(lambda: merged_now(app) is None, 30, "the rolled-back adapter to leave the server's weights")
+    wait_until(lambda: live_before not in client.models(), 30, "the rolled-back adapter to be unloaded")
     with app.snapshot_store() as s:
         assert s.live_adapter() is None and s.adapter(live_before)["status"] == "rolled_back"
     app.cli("adapters", "promote", live_before)
-    assert merged_now(app) == live_before, f"{live_before} not merged into the server again after promote"
+    assert live_before in client.models(), f"{live_before} not loaded again after promote: {client.models()}"
 
 
 def cycle_result(text: str) -> dict:
@@ -193,10 +191,10 @@ def test_train_now_from_the_admin_tab(app, vllm_url):
     if result["promoted"]:  # the gate passed: Train now promotes (it never leaves a mere candidate)
         assert result["reason"].startswith("better") and adapter["status"] == "live" and live["name"] == name, \
             (result["reason"], adapter["status"], live)
-        assert merged_now(app) == name, f"promoted {name} is not in vLLM's weights"
+        assert name in ModelClient(vllm_url).models(), f"promoted {name} is not loaded in vLLM"
     else:
         assert adapter["status"] == "rejected" and (live or {}).get("name") != name, (adapter["status"], live)
-        assert not [m for m in ModelClient(vllm_url).models() if m.startswith(name)], f"rejected {name} is loaded in vLLM"
+        assert name not in ModelClient(vllm_url).models(), f"rejected {name} is loaded in vLLM"
 
 
 def test_a_critique_only_cycle_selects_records_and_trains_without_the_critique(app, tmp_path):
@@ -294,8 +292,7 @@ def test_a_personal_adapter_answers_its_owner_only_and_leaves_with_them(app, vll
     name = personal["adapter"]
     assert re.fullmatch(r"chatfb-u[0-9a-f]{10}-v\d{4}", name)
     client = ModelClient(vllm_url)
-    merged = merged_now(app)  # on merged weights it is served as its difference to them (chatfb.serving.merged)
-    assert (f"{name}@{merged}" if merged else name) in client.models(), (merged, client.models())
+    assert name in client.models()
     with app.snapshot_store() as s:
         row = s.adapter(name)
         assert (row["owner"], row["status"]) == ("ann", "live") and row["data_counts"]["train_correction"] > 10
@@ -315,8 +312,7 @@ def test_a_personal_adapter_answers_its_owner_only_and_leaves_with_them(app, vll
         assert [r[0] for r in answered] == [name]
 
     app.cli("delete-user", "ann")
-    assert not [m for m in client.models() if m.startswith(name)]  # unloaded from vLLM
-    assert not list((app.data_dir / "served").glob(f"{name}@*"))
+    assert name not in client.models()  # unloaded from vLLM
     assert not (app.data_dir / "adapters" / name).exists() and not (app.data_dir / "work" / name).exists()
     with app.snapshot_store() as s:
         assert s.adapter(name) is None

@@ -64,10 +64,11 @@ def test_only_the_apps_own_single_server_offers_the_weight_reload(settings, tmp_
     def dev(server):
         return server.extra_env.get("VLLM_SERVER_DEV_MODE") == "1"
 
-    assert dev(ManagedVLLM.from_settings(settings, tmp_path / "model"))
-    assert not dev(ManagedVLLM.from_settings(settings, tmp_path / "model", 9101, log_role="nightly"))
+    merged = settings.with_(serve_merged=True)
+    assert dev(ManagedVLLM.from_settings(merged, tmp_path / "model"))
+    assert not dev(ManagedVLLM.from_settings(settings, tmp_path / "model"))  # off by default
+    assert not dev(ManagedVLLM.from_settings(merged, tmp_path / "model", 9101, log_role="nightly"))
     assert dev(ManagedVLLM.from_settings(settings, tmp_path / "model", 9101, log_role="bench", weight_reload=True))
-    assert not dev(ManagedVLLM.from_settings(settings.with_(serve_merged=False), tmp_path / "model"))
-    pool = ManagedReplicas.from_settings(settings.with_(vllm_replicas=2), tmp_path / "model")
+    pool = ManagedReplicas.from_settings(merged.with_(vllm_replicas=2), tmp_path / "model")
     assert not any(dev(r) for r in pool.replicas)
-    assert not dev(ManagedVLLM.from_settings(settings.with_(vllm_replicas=2), tmp_path / "model"))
+    assert not dev(ManagedVLLM.from_settings(merged.with_(vllm_replicas=2), tmp_path / "model"))
