@@ -406,7 +406,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = make_parser().parse_args(argv)
     if args.smoke:
         args.swaps, args.load_threads, args.max_tokens, args.settle_s = 1, 2, 8, 1.0
-        args.throughput_rounds, args.throughput_threads, args.throughput_tokens = 1, 2, 8
+        args.throughput_rounds = min(args.throughput_rounds, 1)  # 0 stays 0: no tokens/s rounds asked for
+        args.throughput_threads, args.throughput_tokens = 2, 8
     out_dir = args.out_dir or default_out_dir(args.smoke)
     results = {"benchmark": NAME, "smoke": args.smoke, "machine": machine(), "load_threads": args.load_threads,
                "max_tokens": args.max_tokens}
