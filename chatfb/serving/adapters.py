@@ -301,9 +301,7 @@ class AdapterRegistry:
                 self._weights_refused(self.clients[:i + 1], old, new, personal.values())
                 raise AdapterError(f"the model server at {client.base_url} did not take the merged weights: {e}") from None
         self.last_merge_timings = {"merge_ms": (t1 - t0) * 1000, "reload_ms": (time.perf_counter() - t1) * 1000}
-        for client in self.clients:
-            client.names = new
-        self.names = new
+        self._use_names(new)
         for owner in unservable:
             self.router.switch_personal(owner, None)
         previous = self.router.switch(name or self.router.base_name)
@@ -323,9 +321,16 @@ class AdapterRegistry:
         other model is served as a LoRA difference to it). Loaded under its own name for that moment only."""
         if any(name in c.models() for c in self.clients):
             return
-        load_into(self.clients, name, path, names=ServedNames(self.router.base_name))
+        own = ServedNames(self.router.base_name)  # under its own name
+        load_into(self.clients, name, path, names=own)
         for client in self.clients:
-            client.unload_adapter_quietly(name, names=ServedNames(self.router.base_name))
+            client.unload_adapter_quietly(name, names=own)
+
+    def _use_names(self, names: ServedNames) -> None:
+        """From now on every request names its model as `names` says (the registry's and each client's)."""
+        self.names = names
+        for client in self.clients:
+            client.names = names
 
     def _weights_refused(self, tried: list, old: ServedNames, new: ServedNames, personal) -> None:
         """A server refused (or failed) the new weights: what was loaded for them goes, and every server that may
@@ -357,7 +362,7 @@ class AdapterRegistry:
             if model is not None and not self.router.wait_idle(model, self.drain_timeout_s):
                 log.warning("%s still had requests after %.0fs; unloading anyway", model, self.drain_timeout_s)
             with self._lock:
-                if served in self._in_use() or served.endswith(f"@{self.merged}"):
+                if served in self._in_use() or (self.merged and served.endswith(f"@{self.merged}")):
                     continue
                 for client in self.clients:
                     try:
@@ -455,9 +460,7 @@ class AdapterRegistry:
         restored = None
         if self.merging and self.clients:  # a (re)started server holds the base weights: say so before anything
             with self._lock:
-                self.names = ServedNames(self.router.base_name)
-                for client in self.clients:
-                    client.names = self.names
+                self._use_names(ServedNames(self.router.base_name))
         if live is None:
             self.router.switch(self.router.base_name)
         else:
