@@ -161,13 +161,6 @@ def app(tmp_path_factory, embedded_model):
     stop_app(running)
 
 
-def merged_now(app: RunningApp) -> str | None:
-    """The shared adapter the app's vLLM holds merged into its weights (chatfb.serving.merged), if any."""
-    folder = app.data_dir / "merged"
-    done = [p.name for p in folder.iterdir() if (p / "MERGED").exists()] if folder.is_dir() else []
-    return done[0] if len(done) == 1 else None
-
-
 @pytest.fixture(scope="session")
 def vllm_url(app) -> str:
     return app.control["vllm_url"]
