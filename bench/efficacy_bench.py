@@ -58,7 +58,7 @@ gives mean ± standard deviation over the runs.
 
     python -m bench.efficacy_bench                     # starts its own vLLM on the embedded model
     python -m bench.efficacy_bench --vllm-url http://127.0.0.1:8011 --model-dir data/models/SmolLM2-135M-Instruct
-    python -m bench.efficacy_bench --smoke ...         # 2 families x 2 items, 1 epoch, 1 seed, modes base/sft/critique
+    python -m bench.efficacy_bench --smoke ...         # 2 families x 2 items, 1 epoch, 1 seed, 2 candidates per critique, modes base/sft/critique
 """
 
 from __future__ import annotations
@@ -383,7 +383,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=None, help="CHATFB_TRAIN_EPOCHS for the cycles (default: chatfb's)")
     p.add_argument("--seeds", type=int, default=3, help="runs per training mode (mean and spread are reported)")
     p.add_argument("--work-dir", type=Path, default=None, help="where each mode's data folder goes (default: a temp dir)")
-    add_output_flags(p, smoke_help="tiny run: 2 families x 2 items, 1 held-out prompt each, 2 controls, 1 epoch (at most 4 steps), 4 replay examples, 2 distillation prompts, 2 uptake checks, "
+    add_output_flags(p, smoke_help="tiny run: 2 families x 2 items, 1 held-out prompt each, 2 controls, 1 epoch (at most 4 steps), 4 replay examples, 2 distillation prompts, 2 uptake checks, 2 candidates per critique, 2 gate examples, "
                                    "1 seed, modes " + " ".join(SMOKE_MODES))
     return p
 
@@ -511,7 +511,7 @@ def run_mode(mode: str, families: list[Family], args, server, client, originals:
         env["CHATFB_TRAIN_EPOCHS"] = str(args.epochs)
     if args.smoke:  # a check that the cycle runs end to end: a little replay and distillation, not the recipe's own
         env.update(CHATFB_REPLAY_EXAMPLES="4", CHATFB_DISTILL_PROMPTS="2", CHATFB_TRAIN_MAX_STEPS="4",
-                   CHATFB_UPTAKE_MAX_ITEMS="2")
+                   CHATFB_UPTAKE_MAX_ITEMS="2", CHATFB_CRITIQUE_SAMPLES="2", CHATFB_EVAL_MAX_EXAMPLES="2")
     accepted, accept_stats = ({}, None)
     if mode == "accept":  # scored as the app scores revisions (chatfb.critique.judge: locally on a CPU)
         from chatfb.critique.judge import judge_for

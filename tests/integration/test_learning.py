@@ -211,7 +211,7 @@ def test_a_critique_only_cycle_selects_records_and_trains_without_the_critique(a
     # the newest 6 critiques answered again (ours; the others are counted beyond the bound), 4 held out judged
     env = dict(app.env, CHATFB_TRAIN_MODE="unsupervised", CHATFB_CRITIQUE_RECIPE="instruct", CHATFB_TRAIN_MAX_STEPS="4",
                CHATFB_REPLAY_EXAMPLES="4", CHATFB_DISTILL_PROMPTS="2", CHATFB_REFINE_MAX_CRITIQUES="6",
-               CHATFB_EVAL_MAX_EXAMPLES="4")
+               CHATFB_EVAL_MAX_EXAMPLES="4", CHATFB_CRITIQUE_SAMPLES="2")
     out = subprocess.run([sys.executable, "-m", "chatfb", "nightly", "--no-promote"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1500)
     result = json.loads(out.stdout[out.stdout.index("{"):])
