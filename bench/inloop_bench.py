@@ -74,17 +74,22 @@ def main(argv: list[str] | None = None) -> int:
                     if first is None and upd.text:
                         first = time.perf_counter() - t0
                     final = upd
+                offered = final.candidate_id is not None
+                right = offered and fam.right(prompt, final.text) if fam.right else None  # None: no known answer
                 rows.append({"prompt": prompt, "ttft_s": first, "offered_s": time.perf_counter() - t0,
-                             "offered": final.candidate_id is not None,
-                             "passes": final.candidate_id is not None and fam.check(final.text),
+                             "offered": offered, "passes": offered and fam.check(final.text), "right": right,
+                             "both": None if right is None else bool(right and fam.check(final.text)),
                              "revision": final.text[:300], "error": final.error})
             guided, plain = f"{fam.name}-g", f"{fam.name}-p"
             chat.save_guideline(guided, fam.critique)
-            follow = {"with": [], "without": []}
+            follow = {"with": [], "without": [], "with_right": [], "without_right": []}
             for q in fam.heldout[:args.heldout]:
                 for who, key in ((guided, "with"), (plain, "without")):
                     _, stream = chat.send(who, None, q, SYSTEM)
-                    follow[key].append(fam.check(list(stream)[-1].text))
+                    text = list(stream)[-1].text
+                    follow[key].append(fam.check(text))
+                    if fam.right:  # the known answer kept, whatever the format
+                        follow[f"{key}_right"].append(fam.right(q, text))
             results["families"][fam.name] = {"revisions": rows, "guideline": follow}
             print(f"[{fam.name}] offered {sum(r['offered'] for r in rows)}/{len(rows)}, passing "
                   f"{sum(r['passes'] for r in rows)}; guideline {sum(follow['with'])}/{len(follow['with'])} vs "
@@ -102,19 +107,28 @@ def report(results: dict) -> str:
         revs, g = r["revisions"], r["guideline"]
         ttft += [x["ttft_s"] for x in revs if x["ttft_s"] is not None]
         offered_s += [x["offered_s"] for x in revs if x["offered"]]
+        known = [x for x in revs if x.get("both") is not None]
+        both = f"{sum(x['both'] for x in known)}/{len(known)}" if known else "n/a"
+
+        def with_right(key: str) -> str:  # follows the preference and keeps the known answer
+            right = g.get(f"{key}_right") or []
+            return f"{sum(f and r for f, r in zip(g[key], right))}/{len(right)}" if right else "n/a"
         rows.append([name, f"{sum(x['offered'] for x in revs)}/{len(revs)}", f"{sum(x['passes'] for x in revs)}/{len(revs)}",
-                     f"{sum(g['with'])}/{len(g['with'])}", f"{sum(g['without'])}/{len(g['without'])}"])
+                     both, f"{sum(g['with'])}/{len(g['with'])}", with_right("with"),
+                     f"{sum(g['without'])}/{len(g['without'])}", with_right("without")])
     m = results["machine"]
     return "\n".join([
         "# In-loop feedback", "",
         f"Critique -> first token of the proposed revision: median {percentile(ttft, 50):.2f} s, p90 "
         f"{percentile(ttft, 90):.2f} s (n={len(ttft)}); -> revision offered (all candidates generated and scored): "
         f"median {percentile(offered_s, 50):.2f} s, p90 {percentile(offered_s, 90):.2f} s.", "",
-        markdown_table(["family", "revision offered", "offered revision passes the checker",
-                        "next replies pass, with the guideline", "without"], rows), "",
+        markdown_table(["family", "revision offered", "offered revision passes the checker", "offered: passes and right",
+                        "next replies pass, with the guideline", "pass and right", "without", "pass and right, without"],
+                       rows), "",
         "One user at a time; each revision is n candidates in one vLLM request, scored by the local judge. "
         "\"Passes the checker\": the family's automatic check (bench.efficacy_bench), what a user checking the "
-        "proposed fix would accept.", "",
+        "proposed fix would accept. \"Right\": the reply still gives the prompt's known answer (the family's "
+        "known-answer check; n/a where the family has none).", "",
         f"Machine: {m['host_cpus']} CPUs, load {m['load_avg_1m_at_start']} at start, {m['time_utc']}."])
 
 

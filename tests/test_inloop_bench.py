@@ -1,0 +1,26 @@
+"""bench/inloop_bench.py's report: the share of offered revisions and guided replies that follow the critique
+AND keep the prompt's known answer (issue 23: a revision in the requested form that is wrong is no revision)."""
+
+from bench.inloop_bench import report
+
+MACHINE = {"host_cpus": 2, "load_avg_1m_at_start": 0.1, "time_utc": "2026-12-06T00:00:00Z"}
+
+
+def rev(offered: bool, passes: bool, right) -> dict:
+    return {"ttft_s": 0.1, "offered_s": 1.0, "offered": offered, "passes": passes, "right": right,
+            "both": None if right is None else bool(right and passes)}
+
+
+def test_the_report_counts_revisions_and_replies_that_follow_and_stay_right():
+    results = {"machine": MACHINE, "families": {
+        "capitals": {"revisions": [rev(True, True, True), rev(True, True, False), rev(False, False, False)],
+                     "guideline": {"with": [True, True, False], "with_right": [True, False, True],
+                                   "without": [False, True, False], "without_right": [True, True, True]}},
+        "tone": {"revisions": [rev(True, True, None)],  # no known answer: never counted as right or wrong
+                 "guideline": {"with": [True], "without": [False], "with_right": [], "without_right": []}},
+    }}
+    md = report(results)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in md.splitlines()
+            if line.startswith("| capitals") or line.startswith("| tone")}
+    assert rows["capitals"] == ["2/3", "2/3", "1/3", "2/3", "1/3", "1/3", "1/3"]
+    assert rows["tone"] == ["1/1", "1/1", "n/a", "1/1", "n/a", "0/1", "n/a"]
