@@ -7,12 +7,17 @@ Three ways to answer the same fixed prompts (temperature 0), measured in one run
   (c) transformers - `generate` on the same model folder, one stream at a time.
 (a) and (b) run at each concurrency, interleaved round by round (alternating which goes first) so
 a noisy machine hurts both alike. With --compare-dtype a second managed server serves the same model
-in that dtype and (d) "direct, <dtype>" joins the rounds (what the default dtype buys). Throughput = completion tokens / wall time; TTFT = time from the
+in that dtype and (d) "direct, <dtype>" joins the rounds (what the default dtype buys). With --compare-adapter
+one adapter (random weights, rank 8, every target module) is live the two ways chatfb can serve a promoted shared
+adapter: (e) "direct LoRA", the same server answering through it as a LoRA, and (f) "direct merged", a second
+server on the weights with it merged in (chatfb.serving.merged.merge_checkpoint, what CHATFB_SERVE_MERGED
+reloads into the app's server). Throughput = completion tokens / wall time; TTFT = time from the
 call to the first text of the reply (for chatfb it includes logging the turn).
 
     python -m bench.serving_bench                               # starts its own vLLM on the embedded model
     python -m bench.serving_bench --vllm-url http://127.0.0.1:8011 --model-dir data/models/SmolLM2-135M-Instruct
     python -m bench.serving_bench --compare-dtype float32       # also the same server in float32, side by side
+    python -m bench.serving_bench --compare-adapter --skip-transformers   # a live adapter: LoRA vs merged, side by side
     python -m bench.serving_bench --smoke --vllm-url ...        # 8 tokens, concurrency 1 and 2
 """
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import tempfile
 import threading
 import time
@@ -49,6 +55,8 @@ PROMPTS = [
 TARGET_RATIO_DIRECT = 0.95
 TARGET_TTFT_OVERHEAD_MS = 20.0
 TARGET_RATIO_TRANSFORMERS = 6.0
+TARGET_RATIO_MERGED = 0.9  # issue 24: a promoted shared adapter serves >= 0.9x the base model's tokens/s
+LIVE_ADAPTER = "bench-live-adapter"  # and the process id: a name is loaded once per server
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -62,6 +70,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-transformers", action="store_true", help="leave out the transformers comparison")
     p.add_argument("--compare-dtype", default=None, choices=[d for d in VLLM_DTYPES if d != "auto"],
                    help="also start a managed server in this dtype and run it direct in the same rounds")
+    p.add_argument("--compare-adapter", action="store_true",
+                   help="also serve one adapter as a LoRA (same server) and merged into the weights (a second "
+                        "server), direct, in the same rounds")
     add_output_flags(p, smoke_help="tiny run: concurrency 1 and 2, 8 tokens, 1 round; transformers on 1 prompt, 4 tokens")
     return p
 
@@ -113,8 +124,8 @@ def direct_client(url: str, api_key: str | None):
                         limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
 
 
-def direct_request(http, prompt: str, max_tokens: int) -> Sample:
-    body = {"model": SERVED_NAME, "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
+def direct_request(http, prompt: str, max_tokens: int, model: str = SERVED_NAME) -> Sample:
+    body = {"model": model, "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
             "max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -238,6 +249,40 @@ def plot(levels: list[dict], hf: dict | None, path: Path) -> None:
     save_figure(fig, path)
 
 
+def live_adapter(server, api_key: str | None, tmp: Path, name: str) -> Path:
+    """One adapter live two ways: loaded into `server` as `name`, and merged into a copy of its model folder
+    (merged weights beside the base model's config and tokenizer), returned for a second server."""
+    import shutil
+
+    from bench.refresh_bench import make_adapter
+    from chatfb.serving.merged import merge_checkpoint
+    from chatfb.serving.model_client import ModelClient
+
+    adapter = make_adapter(server.model_dir, tmp / name, init=False)  # B random too: it changes the model
+    client = ModelClient(server.url, api_key)
+    try:
+        client.load_adapter(name, str(adapter))
+    finally:
+        client.close()
+    merged = merge_checkpoint(server.model_dir, adapter, tmp / "merged")
+    for f in Path(server.model_dir).iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and not (merged / f.name).exists():
+            shutil.copy2(f, merged / f.name)
+    return merged
+
+
+def unload_quietly(url: str, api_key: str | None, name: str) -> None:
+    from chatfb.serving.model_client import ModelClient
+
+    client = ModelClient(url, api_key)
+    try:
+        client.unload_adapter(name)
+    except Exception as e:  # noqa: BLE001 - a server already gone has nothing to unload
+        print(f"could not unload {name}: {e}", flush=True)
+    finally:
+        client.close()
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = make_parser().parse_args(argv)
     if args.smoke:
@@ -267,6 +312,15 @@ def main(argv: list[str] | None = None) -> dict:
             other = stack.enter_context(managed_vllm(server.model_dir, argparse.Namespace(**{**vars(args), "dtype": args.compare_dtype})))
             other_http = direct_client(other.url, None)
             ways[f"direct {args.compare_dtype}"] = lambda p: direct_request(other_http, p, args.max_tokens)
+        merged_http = None
+        if args.compare_adapter:
+            live = f"{LIVE_ADAPTER}-{os.getpid()}"
+            merged_dir = live_adapter(server, args.api_key, Path(tmp), live)
+            stack.callback(unload_quietly, server.url, args.api_key, live)  # the server may be someone's (--vllm-url)
+            merged = stack.enter_context(managed_vllm(merged_dir, args))
+            merged_http = direct_client(merged.url, None)
+            ways["direct LoRA"] = lambda p: direct_request(http, p, args.max_tokens, live)
+            ways["direct merged"] = lambda p: direct_request(merged_http, p, args.max_tokens)
         for way in ways.values():  # warm-up: compile graphs, open connections, create tables
             way(PROMPTS[0])
         raw = {(w, c): ([], 0.0) for w in ways for c in args.concurrency}
@@ -281,8 +335,9 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"round {r + 1}/{args.rounds} {way:>6} x{c:<3} {s['tokens_per_s']:8.1f} tok/s"
                           f"  ttft p50 {s['ttft_p50_ms']:7.1f} ms  failures {s['failures']}", flush=True)
         http.close()
-        if other_http is not None:
-            other_http.close()
+        for extra in (other_http, merged_http):
+            if extra is not None:
+                extra.close()
         service.client.close()
         service.store.close()
         results["levels"] = [{"way": w, "concurrency": c, **summarise(*raw[(w, c)])} for w in ways for c in args.concurrency]
@@ -336,6 +391,24 @@ def main(argv: list[str] | None = None) -> dict:
                   + markdown_table(["chats", f"{results['dtype']} tok/s", f"{args.compare_dtype} tok/s",
                                     f"{results['dtype']} / {args.compare_dtype}", f"{results['dtype']} TTFT p50 ms",
                                     f"{args.compare_dtype} TTFT p50 ms", f"failures {args.compare_dtype}"], alt_rows))
+    if args.compare_adapter:
+        def over_base(way: str, c: int):
+            base = level[("direct", c)]["tokens_per_s"]
+            return level[(way, c)]["tokens_per_s"] / base if base else None
+
+        live_rows = [[c, level[("direct", c)]["tokens_per_s"], level[("direct LoRA", c)]["tokens_per_s"],
+                      level[("direct merged", c)]["tokens_per_s"], over_base("direct LoRA", c),
+                      over_base("direct merged", c),
+                      f"{level[('direct LoRA', c)]['failures']} / {level[('direct merged', c)]['failures']}"]
+                     for c in args.concurrency]
+        results["adapter_ratios_at_reference"] = {"lora_over_base": over_base("direct LoRA", ref),
+                                                  "merged_over_base": over_base("direct merged", ref)}
+        results["targets"].append(target(f"a live adapter merged / the base model, tokens/s at {ref} chats",
+                                         over_base("direct merged", ref), ">=", TARGET_RATIO_MERGED))
+        table += ("\n\nOne live adapter (rank 8, random weights), direct, in the same rounds: as a LoRA on the same server, "
+                  "and merged into the weights of a second server:\n\n"
+                  + markdown_table(["chats", "base model tok/s", "adapter as a LoRA tok/s", "adapter merged tok/s",
+                                    "LoRA / base", "merged / base", "failures LoRA / merged"], live_rows))
     a_ref = level[("chatfb", ref)]
     hf_line = (f"transformers `generate`, 1 stream ({hf['device']}, {hf['dtype']}, {len(hf_prompts)} prompts x {hf_tokens}"
                f" tokens): {hf['tokens_per_s']:.1f} tok/s, TTFT p50 {hf['ttft_p50_ms']:.1f} ms"
