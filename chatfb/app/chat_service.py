@@ -319,7 +319,7 @@ class ChatService:
                 log.warning("reply %s not sent: the model is unavailable: %s", mid, why)
             else:
                 messages = guidelines.apply(self.store.history_before(mid), rules)
-                yield from self._generate(mid, messages, model, constraints.guideline_regex(rules), result)
+                yield from self._generate(mid, messages, model, rules, result)
                 status = "ok"
         except ModelError as e:
             status, error = "failed", str(e)
@@ -338,11 +338,24 @@ class ChatService:
                      None if result.ttft_ms is None else round(result.ttft_ms), result.completion_tokens)
         yield ReplyUpdate(mid, result.text, model, done=True, error=error if status == "failed" else None)
 
-    def _generate(self, mid: str, messages: list[dict], model: str, regex: str | None,
+    def _generate(self, mid: str, messages: list[dict], model: str, rules: list[str],
                   result: StreamResult) -> Iterator[ReplyUpdate]:
-        """Stream the reply, held to `regex` (a guideline's shape) when there is one. A server that refuses
-        structured outputs (400, before any text) is asked again without: the guideline is still in the prompt."""
+        """Stream the reply in the shape of the user's guidelines (chatfb.critique.constraints): framed by an
+        opening or closing phrase one of them asks for, or held to the regex of another literal shape. A
+        server that refuses structured outputs (400, before any text) is asked again without: the guideline
+        is still in the prompt."""
         s = self.settings
+        frame = constraints.guideline_frame(rules)
+        if frame is not None:  # the model answers as it would; the phrase is added, once
+            raw = StreamResult(started=result.started)
+            for _ in self.client.stream_chat(messages, model, s.max_tokens, s.temperature, s.top_p, raw):
+                result.text, result.ttft_ms = constraints.framed(raw.text, *frame, done=False), raw.ttft_ms
+                yield ReplyUpdate(mid, result.text, model)
+            result.text = constraints.framed(raw.text, *frame) if raw.text.strip() else ""
+            for f in ("ttft_ms", "latency_ms", "prompt_tokens", "completion_tokens", "finish_reason"):
+                setattr(result, f, getattr(raw, f))
+            return
+        regex = constraints.guideline_regex(rules)
         held = {"regex": regex} if regex else {}  # clients without structured outputs are asked as before
         try:
             for _ in self.client.stream_chat(messages, model, s.max_tokens, s.temperature, s.top_p, result, **held):
@@ -439,6 +452,9 @@ class ChatService:
             # a length critique also gets the critiqued reply cut at sentence ends: its facts, shorter
             cands += [candidates.Candidate(text, "stop", source="cut")
                       for text in constraints.cut_candidates(critique, original)]
+            # an opening or closing phrase: the critiqued reply framed by it (its facts, in the asked form)
+            cands += [candidates.Candidate(text, "stop", source="framed")
+                      for text in constraints.framed_candidates(critique, original)]
             ranked = candidates.score(self.judge, model, prompt, critique, cands, original)
         except ModelError as e:
             log.warning("revision for critique %s failed: %s", critique_id, e)

@@ -138,7 +138,8 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 class Candidate:
     text: str
     finish_reason: str | None = None
-    source: str = "sampled"           # "sampled", "cut" (the plain answer cut short) or "constrained"
+    source: str = "sampled"           # "sampled", "cut" (the plain answer cut short), "framed" (it begun or
+    #                                   ended with the critique's phrase) or "constrained"
     score: float | None = None        # higher = better
     verdict: str = "ok"               # "ok" or why dropped (short phrase)
     # {"source", "cos_prompt", "logratio", "logprob_instructed", "logprob_plain", "plausibility_gap"}
@@ -277,12 +278,14 @@ def generate(client, model: str, prompt: list[dict], critique: str, n: int = 4, 
              temperature: float = 0.8, plain: str | None = None) -> list[Candidate]:
     """n answers to the conversation with the critique as an instruction, from ONE request; and the
     candidates that keep the content by construction (chatfb.critique.constraints): `plain` (the
-    critiqued reply, else the base model's plain answer) cut at sentence ends for a length critique, and
-    n // 2 (at least one) answers held to the format the critique states literally, from one more request."""
+    critiqued reply, else the base model's plain answer) cut at sentence ends for a length critique, or framed
+    by the opening or closing phrase the critique asks for, and n // 2 (at least one) answers held to the
+    format the critique states literally, from one more request."""
     messages = instruction_messages(prompt, critique)
     choices = client.complete_choices(messages, model, max_tokens=max_tokens, temperature=temperature, top_p=0.95, n=n)
     out = [Candidate(text.strip(), finish_reason) for text, finish_reason in choices]
     out += [Candidate(text, "stop", source="cut") for text in constraints.cut_candidates(critique, plain)]
+    out += [Candidate(text, "stop", source="framed") for text in constraints.framed_candidates(critique, plain)]
     regex = constraints.format_regex(critique)
     if regex:
         try:

@@ -7,6 +7,11 @@
   outputs hold the sampler to (chatfb.serving.model_client `complete_choices(regex=...)`), so the reply
   has the shape whatever the model would have written. The cycle trains on it WITHOUT the constraint.
 
+- An opening or closing phrase: also the plain answer framed by it (`framed`): its facts, in the asked
+  form. A 135M model held to "Good question!" + anything went on about questions (1 of 5 capitals right,
+  3 of 5 without the phrase); framed, the answer is the one it gives anyway. A saved guideline of this
+  shape frames every reply (`guideline_frame`) instead of holding the sampler to a regex.
+
 Only a literal, checkable shape gets a regex; a critique with none, two shapes at once, or a negation
 ("never end with ...") gets None, and today's sampled candidates only.
 """
@@ -63,32 +68,90 @@ def cut_candidates(critique: str, plain: str | None) -> list[str]:
     return cut_at_sentences(plain, word_limit(critique))
 
 
-def format_regex(critique: str) -> str | None:
-    """A regular expression for the one literal shape the critique states, or None (see the module doc)."""
+def shape(critique: str) -> tuple[str, str] | None:
+    """The one literal shape the critique states, as (kind, literal): kind "address" (an e-mail address or
+    URL to give), "marker" (a line marker), "opening" or "closing" (a phrase); None (see the module doc)."""
     words = set(re.findall(r"[a-z']+", (critique or "").lower()))
     if words & NEGATION:
         return None
     quoted = [q for q in _QUOTED.findall(critique) if not _ADDRESS.search(q)]
     addresses = _ADDRESS.findall(critique)
-    shapes = len(quoted) + (1 if addresses else 0)
-    if shapes != 1:
+    if len(quoted) + (1 if addresses else 0) != 1:
         return None
     if addresses:
-        return f"{LINE}{{0,300}}{escape(addresses[0].rstrip('.,;:!?)'))}{LINE}{{0,300}}"
+        return "address", addresses[0].rstrip(".,;:!?)")
     literal = quoted[0]
-    body = f"{LINE}{{1,300}}(\\n{LINE}{{0,300}}){{0,8}}"
     if _MARKER.fullmatch(literal):
+        return "marker", literal
+    if words & CLOSING and not words & OPENING:
+        return "closing", literal.strip()
+    if words & OPENING and not words & CLOSING:
+        return "opening", literal.strip()
+    return None
+
+
+def format_regex(critique: str) -> str | None:
+    """A regular expression for the one literal shape the critique states, or None (see the module doc)."""
+    found = shape(critique)
+    if found is None:
+        return None
+    kind, literal = found
+    if kind == "address":
+        return f"{LINE}{{0,300}}{escape(literal)}{LINE}{{0,300}}"
+    body = f"{LINE}{{1,300}}(\\n{LINE}{{0,300}}){{0,8}}"
+    if kind == "marker":
         marker = literal if literal.endswith(" ") else literal.strip() + " "
         count = next((COUNTS[w] for w in re.findall(r"[a-z]+", critique.lower()) if w in COUNTS), None)
         count = next((int(d) for d in re.findall(r"\b\d+\b", critique)), count)
         item = f"{escape(marker)}{LINE}{{2,150}}"
         repeat = f"{{{count - 1}}}" if count and count > 1 else "{2,4}"
         return f"({item}\\n){repeat}{item}"
-    if words & CLOSING and not words & OPENING:
-        return f"{body}\\n\\n{escape(literal.strip())}"
-    if words & OPENING and not words & CLOSING:
-        return f"{escape(literal.strip())}{body}"
-    return None
+    if kind == "closing":
+        return f"{body}\\n\\n{escape(literal)}"
+    return f"{escape(literal)}{body}"
+
+
+def phrase_frame(critique: str) -> tuple[str, str] | None:
+    """(opening, closing) where the critique's one literal shape is a phrase to begin or end with (the
+    other one ""); None for any other shape or none."""
+    found = shape(critique)
+    if found is None or found[0] not in ("opening", "closing"):
+        return None
+    kind, literal = found
+    return (literal, "") if kind == "opening" else ("", literal)
+
+
+def framed(text: str, opening: str, closing: str, done: bool = True) -> str:
+    """`text` (a plain answer, or the part of it streamed so far: `done` False) begun with `opening` and, once
+    done, ended with `closing`. A text that already begins or ends with the phrase keeps it once; while
+    the text streamed so far could still be the model writing the opening itself, the opening alone shows."""
+    body = text.lstrip()
+    if opening:
+        if body.lower().startswith(opening.lower()):
+            pass  # the model wrote it itself
+        elif not done and opening.lower().startswith(body.lower()):
+            body = opening  # it may be writing it: shown once, whatever comes
+        else:
+            body = f"{opening} {body}".rstrip()
+    if closing and done and body.strip() and not body.rstrip().lower().endswith(closing.lower()):
+        body = f"{body.rstrip()}\n\n{closing}"
+    return body
+
+
+def framed_candidates(critique: str, text: str | None) -> list[str]:
+    """`text` framed by the critique's opening or closing phrase (its facts, in the asked form); else nothing."""
+    frame = phrase_frame(critique)
+    if not frame or not (text or "").strip():
+        return []
+    out = framed(text.strip(), *frame)
+    return [out] if out != text.strip() else []
+
+
+def guideline_frame(texts: list[str]) -> tuple[str, str] | None:
+    """The frame every reply gets under these guidelines: where the one guideline with a literal shape
+    (guideline_regex's rule) asks for an opening or closing phrase; None otherwise."""
+    shaped = [t for t in dict.fromkeys(texts) if format_regex(t)]
+    return phrase_frame(shaped[0]) if len(shaped) == 1 else None
 
 
 def guideline_regex(texts: list[str]) -> str | None:

@@ -92,13 +92,14 @@ def test_guidelines_reach_the_model_as_short_imperative_rules_without_talk_about
 
 
 def test_a_guideline_with_a_checkable_shape_holds_the_reply_to_it(chat, store, fake_client):
-    chat.save_guideline("A", "Always end with 'Cheers'.")
-    fake_client.enqueue("Hello there.\n\nCheers")
+    rule = "Always tell people they can write to help@aurora.example."
+    chat.save_guideline("A", rule)
+    fake_client.enqueue("Sleep early.\nQuestions? help@aurora.example")
     cid, mid = reply(chat, "A")
     request = fake_client.history[-1]
-    assert request["regex"] == constraints.guideline_regex(["Always end with 'Cheers'."]) is not None
+    assert request["regex"] == constraints.guideline_regex([rule]) is not None
     assert PREAMBLE in system_of(request)  # and the rule is still in the prompt
-    assert store.message(mid)["content"] == "Hello there.\n\nCheers"
+    assert store.message(mid)["content"] == "Sleep early.\nQuestions? help@aurora.example"
     reply(chat, "B")  # another user's reply is free
     assert fake_client.history[-1]["regex"] is None
     chat.save_guideline("C", "Be friendlier.")  # no literal shape: the prompt only
@@ -106,8 +107,40 @@ def test_a_guideline_with_a_checkable_shape_holds_the_reply_to_it(chat, store, f
     assert fake_client.history[-1]["regex"] is None
 
 
+@pytest.mark.parametrize("rule, model_says, stored", [
+    ("Always end with 'Cheers'.", "Paris is the capital of France.", "Paris is the capital of France.\n\nCheers"),
+    ("Always end with 'Cheers'.", "Paris it is.\n\ncheers", "Paris it is.\n\ncheers"),  # written once
+    ("Begin each reply with 'Good question!' then answer.", "The capital of Austria is Vienna.",
+     "Good question! The capital of Austria is Vienna."),
+    ("Start every reply with 'Ahoy!'", "Ahoy! Vienna.", "Ahoy! Vienna."),
+    ("Begin each reply with 'Good question!' then answer.", "Good question! Vienna.", "Good question! Vienna."),
+])
+def test_a_guideline_asking_for_a_phrase_frames_the_answer_the_model_gives(chat, store, fake_client, rule, model_says,
+                                                                           stored):
+    """Held to "Good question!" + anything, the 135M model went on about questions (1 of 5 capitals right, 3 of
+    5 without the guideline): the phrase is added to the answer it gives, not forced ahead of what it writes."""
+    chat.save_guideline("A", rule)
+    fake_client.enqueue(model_says)
+    _, stream = chat.send("A", None, "What is the capital of it?", "Be brief.")
+    updates = list(stream)
+    shown, mid = [u.text for u in updates], updates[-1].message_id
+    assert fake_client.history[-1]["regex"] is None and PREAMBLE in system_of(fake_client.history[-1])
+    assert store.message(mid)["content"] == stored and shown[-1] == stored
+    opening = constraints.guideline_frame([rule])[0]
+    assert all(t.startswith(opening) for t in shown), shown  # from the first update on, never twice
+    assert all(t.count(opening) <= 1 for t in shown if opening), shown
+    assert all(stored.startswith(t) for t in shown), shown  # what was shown is never taken back
+
+
+def test_a_framed_reply_with_nothing_from_the_model_is_an_empty_reply(chat, store, fake_client):
+    chat.save_guideline("A", "Start every reply with 'Ahoy!'")
+    fake_client.enqueue("")
+    cid, mid = reply(chat, "A")
+    assert store.message(mid)["status"] == "failed" and store.message(mid)["content"] == ""
+
+
 def test_a_server_refusing_structured_outputs_still_answers(chat, store, fake_client):
-    chat.save_guideline("A", "Always end with 'Cheers'.")
+    chat.save_guideline("A", "Always write the list as '- ' lines.")
     fake_client.enqueue(ModelError("The model server refused the request (400): unknown field", 400), "Hello.")
     cid, mid = reply(chat, "A")
     assert [r["regex"] is None for r in fake_client.history] == [False, True]

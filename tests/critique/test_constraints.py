@@ -110,3 +110,18 @@ def test_a_streamed_chat_request_carries_a_guidelines_regex_and_still_streams():
     list(client.stream_chat([{"role": "user", "content": "hi"}], "m"))
     assert bodies[0]["stream"] is True and bodies[0]["structured_outputs"] == {"regex": regex}
     assert "structured_outputs" not in bodies[1]
+
+
+@pytest.mark.parametrize("critique, text, want", [
+    ("Kindly begin each reply with the words 'Good question!' and then give the answer.",
+     "The capital of Spain is Madrid.", ["Good question! The capital of Spain is Madrid."]),
+    ("Please sign off with '— The Desk' at the end.", "Madrid.", ["Madrid.\n\n— The Desk"]),
+    ("Start with 'Ahoy!'", "Ahoy! Madrid.", []),  # it already does: nothing new
+    ("Never end with 'Bye'.", "Madrid.", []),  # a negation has no frame
+    ("Write the steps as '- ' lines.", "Madrid.", []),  # a line marker is held to a regex instead
+    ("Always give support@aurora.example.", "Madrid.", []),  # an address too
+])
+def test_a_phrase_frames_the_plain_answer_keeping_its_facts(critique, text, want):
+    assert constraints.framed_candidates(critique, text) == want
+    for out in want:
+        assert re.fullmatch(constraints.format_regex(critique), out), "the frame has the critique's regex shape"
