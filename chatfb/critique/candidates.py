@@ -320,7 +320,8 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
     references = [r for r in (original, reference) if r and r.strip()]
     for c in candidates:
         c.verdict = form_verdict(c.text, question, critique, c.finish_reason, references)
-        if c.ok and original and rouge_l(c.text, original) > 0.9:
+        if (c.ok and original and rouge_l(c.text, original) > 0.9
+                and not constraints.adds_the_shape(critique, c.text, original)):
             c.verdict = "same as the critiqued reply"
     alive = [c for c in candidates if c.ok]
     if alive:

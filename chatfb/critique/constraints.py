@@ -147,6 +147,15 @@ def framed_candidates(critique: str, text: str | None) -> list[str]:
     return [out] if out != text.strip() else []
 
 
+def adds_the_shape(critique: str, text: str, original: str) -> bool:
+    """`text` has the literal shape the critique asks for and `original` has not: however alike the two are,
+    `text` is the change asked for (the critiqued reply framed by its phrase, say), not the same reply again."""
+    regex = format_regex(critique)
+    if not regex or not re.fullmatch(regex, text.strip()):
+        return False
+    return not re.fullmatch(regex, (original or "").strip())
+
+
 def guideline_frame(texts: list[str]) -> tuple[str, str] | None:
     """The frame every reply gets under these guidelines: where the one guideline with a literal shape
     (guideline_regex's rule) asks for an opening or closing phrase; None otherwise."""

@@ -292,3 +292,19 @@ def test_a_revision_keeps_the_facts_of_the_critiqued_reply(chat, store, fake_cli
                         "The capital of Japan is Tokyo.": ("ok", "offered")}
     offered = store.candidates("feedback_id = ? AND status = 'offered'", (fid,))[0]
     assert offered["details"]["source"] == "cut"
+
+
+def test_a_critique_asking_for_a_phrase_is_offered_the_reply_framed_by_it(chat, store, fake_client):
+    """Drafts written under "begin with 'Good question!'" went on about questions; the critiqued reply
+    framed by the phrase keeps its answer and is the change asked for (not 'the same reply again')."""
+    answer = ("The capital of Austria is Vienna, a city on the Danube known for its music, its coffee houses "
+              "and its palaces.")  # long enough that the phrase adds little to it (ROUGE-L over 0.9)
+    fake_client.enqueue(answer)
+    cid, mid = reply(chat, "A", "What is the capital of Austria?")
+    fake_client.follows = ("Good question!",)
+    fake_client.enqueue("Good question! Questions are how we learn.", "Good question!")
+    fid, stream = chat.revise("A", mid, "Begin your replies with 'Good question!'")
+    final = list(stream)[-1]
+    assert final.error is None and final.text == f"Good question! {answer}", final
+    offered = store.candidates("feedback_id = ? AND status = 'offered'", (fid,))[0]
+    assert offered["details"]["source"] == "framed"
