@@ -315,8 +315,8 @@ def main(argv: list[str] | None = None) -> dict:
         merged_http = None
         if args.compare_adapter:
             live = f"{LIVE_ADAPTER}-{os.getpid()}"
-            merged_dir = live_adapter(server, args.api_key, Path(tmp), live)
             stack.callback(unload_quietly, server.url, args.api_key, live)  # the server may be someone's (--vllm-url)
+            merged_dir = live_adapter(server, args.api_key, Path(tmp), live)
             merged = stack.enter_context(managed_vllm(merged_dir, args))
             merged_http = direct_client(merged.url, None)
             ways["direct LoRA"] = lambda p: direct_request(http, p, args.max_tokens, live)

@@ -348,12 +348,14 @@ class ChatService:
         frame = constraints.guideline_frame(rules)
         if frame is not None:  # the model answers as it would; the phrase is added, once
             raw = StreamResult(started=result.started)
-            for _ in self.client.stream_chat(messages, model, s.max_tokens, s.temperature, s.top_p, raw):
-                result.text, result.ttft_ms = constraints.framed(raw.text, *frame, done=False), raw.ttft_ms
-                yield ReplyUpdate(mid, result.text, model)
-            result.text = constraints.framed(raw.text, *frame) if raw.text.strip() else ""
-            for f in ("ttft_ms", "latency_ms", "prompt_tokens", "completion_tokens", "finish_reason"):
-                setattr(result, f, getattr(raw, f))
+            try:
+                for _ in self.client.stream_chat(messages, model, s.max_tokens, s.temperature, s.top_p, raw):
+                    result.text, result.ttft_ms = constraints.framed(raw.text, *frame, done=False), raw.ttft_ms
+                    yield ReplyUpdate(mid, result.text, model)
+                result.text = constraints.framed(raw.text, *frame) if raw.text.strip() else ""
+            finally:  # a failed or abandoned reply keeps its timings and counts too
+                for f in ("ttft_ms", "latency_ms", "prompt_tokens", "completion_tokens", "finish_reason"):
+                    setattr(result, f, getattr(raw, f))
             return
         regex = constraints.guideline_regex(rules)
         held = {"regex": regex} if regex else {}  # clients without structured outputs are asked as before

@@ -113,28 +113,54 @@ def format_regex(critique: str) -> str | None:
 
 def phrase_frame(critique: str) -> tuple[str, str] | None:
     """(opening, closing) where the critique's one literal shape is a phrase to begin or end with (the
-    other one ""); None for any other shape or none."""
+    other one ""); None for any other shape or none, or a blank phrase."""
     found = shape(critique)
-    if found is None or found[0] not in ("opening", "closing"):
+    if found is None or found[0] not in ("opening", "closing") or not _core(found[1]):
         return None
     kind, literal = found
     return (literal, "") if kind == "opening" else ("", literal)
 
 
+_DECOR = "\"'*_`“”‘’ \t\n"  # quotes, emphasis and spaces around a phrase the model writes itself
+_PUNCT = "!.?,:;…"
+
+
+def _core(phrase: str) -> str:
+    """A phrase as the model might write it itself: any case, quoted or in bold, its end punctuation changed."""
+    return phrase.strip(_DECOR).rstrip(_PUNCT).strip(_DECOR).lower()
+
+
+def _without_leading(body: str, phrase: str) -> str | None:
+    """`body` after a copy of `phrase` it begins with (see _core), or None when it begins with none."""
+    core, b = _core(phrase), body.lstrip(_DECOR)
+    if not core or not b.lower().startswith(core) or b[len(core):len(core) + 1].isalnum():
+        return None
+    return b[len(core):].lstrip(_PUNCT).lstrip(_DECOR)
+
+
+def _without_trailing(body: str, phrase: str) -> str | None:
+    """`body` before a copy of `phrase` it ends with (see _core), or None when it ends with none."""
+    core, b = _core(phrase), body.rstrip(_DECOR + _PUNCT)
+    if not core or not b.lower().endswith(core) or b[:len(b) - len(core)][-1:].isalnum():
+        return None
+    return b[:len(b) - len(core)].rstrip(_DECOR)
+
+
 def framed(text: str, opening: str, closing: str, done: bool = True) -> str:
     """`text` (a plain answer, or the part of it streamed so far: `done` False) begun with `opening` and, once
-    done, ended with `closing`. A text that already begins or ends with the phrase keeps it once; while
-    the text streamed so far could still be the model writing the opening itself, the opening alone shows."""
-    body = text.lstrip()
+    done, ended with `closing`, each exactly once and as written in the guideline: a copy the model wrote
+    itself (any case, quoted, in bold) is replaced by it. While the text streamed so far could still be the
+    model writing the opening, the opening alone shows, so nothing shown is taken back."""
+    body = text.strip() if done else text.lstrip()
     if opening:
-        if body.lower().startswith(opening.lower()):
-            pass  # the model wrote it itself
-        elif not done and opening.lower().startswith(body.lower()):
-            body = opening  # it may be writing it: shown once, whatever comes
-        else:
-            body = f"{opening} {body}".rstrip()
-    if closing and done and body.strip() and not body.rstrip().lower().endswith(closing.lower()):
-        body = f"{body.rstrip()}\n\n{closing}"
+        rest = _without_leading(body, opening)
+        if rest is None and not done and _core(opening).startswith(body.lstrip(_DECOR).lower()):
+            rest = ""  # it may be writing the phrase: shown once, whatever comes
+        body = f"{opening} {body if rest is None else rest}".rstrip()
+    if closing and done and body.strip() and body.strip() != opening:
+        rest = _without_trailing(body, closing)
+        body = f"{body if rest is None else rest}".rstrip()
+        body = f"{body}\n\n{closing}" if body else closing
     return body
 
 
@@ -149,11 +175,21 @@ def framed_candidates(critique: str, text: str | None) -> list[str]:
 
 def adds_the_shape(critique: str, text: str, original: str) -> bool:
     """`text` has the literal shape the critique asks for and `original` has not: however alike the two are,
-    `text` is the change asked for (the critiqued reply framed by its phrase, say), not the same reply again."""
-    regex = format_regex(critique)
-    if not regex or not re.fullmatch(regex, text.strip()):
+    `text` is the change asked for (the critiqued reply framed by its phrase, say), not the same reply again.
+    A phrase or an address is looked for as such (a reply of any length); a line marker by its regex."""
+    found = shape(critique)
+    if found is None:
         return False
-    return not re.fullmatch(regex, (original or "").strip())
+    kind, literal = found
+    text, original = (text or "").strip(), (original or "").strip()
+    if kind == "opening":
+        return _without_leading(text, literal) is not None and _without_leading(original, literal) is None
+    if kind == "closing":
+        return _without_trailing(text, literal) is not None and _without_trailing(original, literal) is None
+    if kind == "address":
+        return literal.lower() in text.lower() and literal.lower() not in original.lower()
+    regex = format_regex(critique)
+    return bool(regex and re.fullmatch(regex, text) and not re.fullmatch(regex, original))
 
 
 def guideline_frame(texts: list[str]) -> tuple[str, str] | None:

@@ -109,11 +109,12 @@ def test_a_guideline_with_a_checkable_shape_holds_the_reply_to_it(chat, store, f
 
 @pytest.mark.parametrize("rule, model_says, stored", [
     ("Always end with 'Cheers'.", "Paris is the capital of France.", "Paris is the capital of France.\n\nCheers"),
-    ("Always end with 'Cheers'.", "Paris it is.\n\ncheers", "Paris it is.\n\ncheers"),  # written once
+    ("Always end with 'Cheers'.", "Paris it is.\n\ncheers!", "Paris it is.\n\nCheers"),  # once, as written in it
     ("Begin each reply with 'Good question!' then answer.", "The capital of Austria is Vienna.",
      "Good question! The capital of Austria is Vienna."),
     ("Start every reply with 'Ahoy!'", "Ahoy! Vienna.", "Ahoy! Vienna."),
     ("Begin each reply with 'Good question!' then answer.", "Good question! Vienna.", "Good question! Vienna."),
+    ("Begin each reply with 'Good question!' then answer.", "**good question.** Vienna.", "Good question! Vienna."),
 ])
 def test_a_guideline_asking_for_a_phrase_frames_the_answer_the_model_gives(chat, store, fake_client, rule, model_says,
                                                                            stored):
@@ -129,7 +130,8 @@ def test_a_guideline_asking_for_a_phrase_frames_the_answer_the_model_gives(chat,
     opening = constraints.guideline_frame([rule])[0]
     assert all(t.startswith(opening) for t in shown), shown  # from the first update on, never twice
     assert all(t.count(opening) <= 1 for t in shown if opening), shown
-    assert all(stored.startswith(t) for t in shown), shown  # what was shown is never taken back
+    if opening:  # what was shown is never taken back (a closing phrase is put right at the end)
+        assert all(stored.startswith(t) for t in shown), shown
 
 
 def test_a_framed_reply_with_nothing_from_the_model_is_an_empty_reply(chat, store, fake_client):

@@ -125,3 +125,36 @@ def test_a_phrase_frames_the_plain_answer_keeping_its_facts(critique, text, want
     assert constraints.framed_candidates(critique, text) == want
     for out in want:
         assert re.fullmatch(constraints.format_regex(critique), out), "the frame has the critique's regex shape"
+
+
+@pytest.mark.parametrize("streamed, done, shown", [
+    ("Good question. Paris.", True, "Good question! Paris."),  # the model's own copy, its punctuation changed
+    ('"Good question!" Paris', True, "Good question! Paris"),
+    ("**good question!** Paris", True, "Good question! Paris"),
+    ("Good questions are fun.", True, "Good question! Good questions are fun."),  # another word: not a copy
+    ("Good quest", False, "Good question!"),  # it may be writing the phrase
+    ("", False, "Good question!"),
+])
+def test_an_opening_phrase_is_there_once_as_the_guideline_writes_it(streamed, done, shown):
+    assert constraints.framed(streamed, "Good question!", "", done) == shown
+
+
+@pytest.mark.parametrize("reply, stored", [
+    ("Paris.", "Paris.\n\nCheers, the team"),
+    ("Paris.\n\ncheers, the team.", "Paris.\n\nCheers, the team"),
+    ("Paris. Cheers, the team", "Paris.\n\nCheers, the team"),
+    ("Paris, the teamcheers, the team", "Paris, the teamcheers, the team\n\nCheers, the team"),  # no word boundary
+])
+def test_a_closing_phrase_is_there_once_as_the_guideline_writes_it(reply, stored):
+    assert constraints.framed(reply, "", "Cheers, the team") == stored
+
+
+def test_what_counts_as_adding_the_asked_shape():
+    long = "Vienna is the capital of Austria. " * 12  # over one 300-character line: no regex would match it
+    assert constraints.adds_the_shape("Begin with 'Good question!'", f"Good question! {long}", long)
+    assert not constraints.adds_the_shape("Begin with 'Good question!'", "Good question! x", "good question! x")
+    assert constraints.adds_the_shape("End with 'Cheers'.", f"{long}\n\nCheers", long)
+    assert not constraints.adds_the_shape("Always give help@ex.example.", "write to help@ex.example. Soon.",
+                                          "Write to help@ex.example.\nSoon.")  # it had the address already
+    assert constraints.adds_the_shape("Always give help@ex.example.", f"{long} help@ex.example", long)
+    assert constraints.phrase_frame("Start with ' '") is None  # a blank phrase frames nothing
