@@ -167,6 +167,9 @@ class Settings:
         0, "Known-answer control questions the incumbent (the adapter a candidate would replace, or the base model) "
         "answers right that the candidate may answer wrong and still be promoted (chatfb.learning.gate). 0: any right "
         "answer turned wrong fails the gate.")
+    gate_max_control_collapsed: int = _f(
+        0, "Control answers to general questions that may lose their meaning (cosine under 0.2 to the incumbent's "
+        "answer) and the candidate still be promoted (chatfb.learning.gate). 0: any collapsed answer fails the gate.")
     train_dpo: bool = _f(
         False, "After SFT, also run DPO on preference pairs (correction = chosen, original reply = rejected). Off by "
         "default: in the learning-efficacy benchmark it taught less on average at no better retention, for more time "
@@ -307,6 +310,8 @@ def validate(s: Settings) -> None:
                             f"known: {', '.join(SHARED_RULES)}")
     if s.uptake_max_items < 0:
         raise SettingsError("uptake_max_items must be 0 (off) or more")
+    if s.gate_max_control_lost < 0 or s.gate_max_control_collapsed < 0:
+        raise SettingsError("gate_max_control_lost and gate_max_control_collapsed must be 0 or more")
     if s.personal_min_feedback < 0 or s.personal_max_per_cycle < 0:
         raise SettingsError("personal_min_feedback and personal_max_per_cycle must be 0 (off) or more")
     if s.vllm_max_loras < 1:
