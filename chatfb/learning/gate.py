@@ -180,6 +180,12 @@ def selection_pass_rate(judge, scorer_model: str, items: list[tuple[list[dict], 
 HELDOUT_MEASURES = (("rougeL", "ROUGE-L"), ("critique_pass", "critique pass rate"))
 
 
+def policy_for(settings: Settings) -> GatePolicy:
+    """The gate's policy with what the settings may loosen (control answers turned wrong, or collapsed)."""
+    return GatePolicy(max_control_lost=settings.gate_max_control_lost,
+                      max_control_collapsed=settings.gate_max_control_collapsed)
+
+
 def decide(candidate: dict, incumbent: dict, policy: GatePolicy) -> tuple[bool, str]:
     """(promote?, reason). `candidate`/`incumbent` hold the held-out measures that were taken (rougeL on
     corrections, critique_pass on critiques; None = nothing of that kind held out); candidate holds control

@@ -172,8 +172,7 @@ def compute(job: CycleJob, settings: Settings, work: Path, progress: dict | None
             report = gate.evaluate(client, settings, data, name, job.incumbent, base_name, out,
                                    guideline_checks(data, guidelines, extra), judge)
             timings["eval_s"] = round(time.perf_counter() - t, 2)
-            ok, reason = report.decide(gate.GatePolicy(max_control_lost=settings.gate_max_control_lost,
-                                                       max_control_collapsed=settings.gate_max_control_collapsed))
+            ok, reason = report.decide(gate.policy_for(settings))
             if ok and job.promote:  # the owner promotes it: ask it now, while it is loaded, what it learnt
                 t = time.perf_counter()
                 checked = check_uptake(client, settings, data, name, judge, base_name, counts)

@@ -440,3 +440,15 @@ def test_known_answers_lost_are_counted_against_the_incumbent_not_the_base_model
     assert m.control_lost == [turned], m.control_lost
     ok, why = m.decide()
     assert not ok and "turned wrong: 1 known answer(s) the incumbent gets right" in why and turned in why, why
+
+
+def test_collapsed_control_answers_fail_the_gate_unless_the_setting_allows_them():
+    """CHATFB_GATE_MAX_CONTROL_COLLAPSED: 0 (the default) refuses one control answer that lost its meaning."""
+    measured = {"rougeL": 0.9, "control_agreement": 0.9, "control_collapsed": 1, "control_right": 0.7,
+                "control_lost": []}
+    ok, why = gate.decide(measured, {"rougeL": 0.1}, gate.policy_for(load_settings({})))
+    assert not ok and "lost their meaning" in why, why
+    ok, why = gate.decide(measured, {"rougeL": 0.1}, gate.policy_for(load_settings({}, gate_max_control_collapsed=1)))
+    assert ok, why
+    with pytest.raises(Exception, match="gate_max_control_collapsed"):
+        load_settings({}, gate_max_control_collapsed=-1)
