@@ -159,7 +159,7 @@ def framed(text: str, opening: str, closing: str, done: bool = True) -> str:
         body = f"{opening} {body if rest is None else rest}".rstrip()
     if closing and done and body.strip() and body.strip() != opening:
         rest = _without_trailing(body, closing)
-        body = f"{body if rest is None else rest}".rstrip()
+        body = (body if rest is None else rest).rstrip()
         body = f"{body}\n\n{closing}" if body else closing
     return body
 
@@ -192,26 +192,32 @@ def adds_the_shape(critique: str, text: str, original: str) -> bool:
     return bool(regex and re.fullmatch(regex, text) and not re.fullmatch(regex, original))
 
 
-def guideline_frame(texts: list[str]) -> tuple[str, str] | None:
-    """The frame every reply gets under these guidelines: where the one guideline with a literal shape
-    (guideline_regex's rule) asks for an opening or closing phrase; None otherwise."""
+def shaped_guideline(texts: list[str]) -> str | None:
+    """The one guideline that states a literal, checkable shape (`format_regex`), or None when none does, or
+    several do (two shapes are not composed)."""
     shaped = [t for t in dict.fromkeys(texts) if format_regex(t)]
-    return phrase_frame(shaped[0]) if len(shaped) == 1 else None
+    return shaped[0] if len(shaped) == 1 else None
+
+
+def guideline_frame(texts: list[str]) -> tuple[str, str] | None:
+    """The frame every reply gets under these guidelines: where their shaped guideline asks for an opening
+    or closing phrase; None otherwise."""
+    rule = shaped_guideline(texts)
+    return phrase_frame(rule) if rule else None
 
 
 def guideline_regex(texts: list[str]) -> str | None:
-    """The regex every reply is held to under these guidelines: the shape of the one guideline that
-    states a literal, checkable shape (`format_regex`), or None when none does, or several do (two
-    shapes are not composed). An address may sit anywhere in a reply of several lines (a critique's
+    """The regex every reply is held to under these guidelines: the shape of their shaped guideline
+    (`shaped_guideline`), or None. An address may sit anywhere in a reply of several lines (a critique's
     regex asks for one line with it: a revision of one reply, not every reply from now on)."""
-    shaped = [t for t in dict.fromkeys(texts) if format_regex(t)]
-    if len(shaped) != 1:
+    rule = shaped_guideline(texts)
+    if rule is None:
         return None
-    addresses = _ADDRESS.findall(shaped[0])
-    if addresses:
+    kind, literal = shape(rule)
+    if kind == "address":
         lines = f"({LINE}{{0,300}}\\n){{0,8}}"
-        return f"{lines}{LINE}{{0,300}}{escape(addresses[0].rstrip('.,;:!?)'))}{LINE}{{0,300}}(\\n{LINE}{{0,300}}){{0,8}}"
-    return format_regex(shaped[0])
+        return f"{lines}{LINE}{{0,300}}{escape(literal)}{LINE}{{0,300}}(\\n{LINE}{{0,300}}){{0,8}}"
+    return format_regex(rule)
 
 
 def escape(text: str) -> str:
