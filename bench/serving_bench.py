@@ -249,38 +249,22 @@ def plot(levels: list[dict], hf: dict | None, path: Path) -> None:
     save_figure(fig, path)
 
 
-def live_adapter(server, api_key: str | None, tmp: Path, name: str) -> Path:
-    """One adapter live two ways: loaded into `server` as `name`, and merged into a copy of its model folder
-    (merged weights beside the base model's config and tokenizer), returned for a second server."""
+def live_adapter(server, client, tmp: Path, name: str) -> Path:
+    """One adapter live two ways: loaded into `server` as `name` (through `client`, a ModelClient on it), and
+    merged into a copy of its model folder (merged weights beside the base model's config and tokenizer),
+    returned for a second server."""
     import shutil
 
     from bench.refresh_bench import make_adapter
     from chatfb.serving.merged import merge_checkpoint
-    from chatfb.serving.model_client import ModelClient
 
     adapter = make_adapter(server.model_dir, tmp / name, init=False)  # B random too: it changes the model
-    client = ModelClient(server.url, api_key)
-    try:
-        client.load_adapter(name, str(adapter))
-    finally:
-        client.close()
+    client.load_adapter(name, str(adapter))
     merged = merge_checkpoint(server.model_dir, adapter, tmp / "merged")
     for f in Path(server.model_dir).iterdir():
         if f.is_file() and f.suffix != ".safetensors" and not (merged / f.name).exists():
             shutil.copy2(f, merged / f.name)
     return merged
-
-
-def unload_quietly(url: str, api_key: str | None, name: str) -> None:
-    from chatfb.serving.model_client import ModelClient
-
-    client = ModelClient(url, api_key)
-    try:
-        client.unload_adapter(name)
-    except Exception as e:  # noqa: BLE001 - a server already gone has nothing to unload
-        print(f"could not unload {name}: {e}", flush=True)
-    finally:
-        client.close()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -314,9 +298,13 @@ def main(argv: list[str] | None = None) -> dict:
             ways[f"direct {args.compare_dtype}"] = lambda p: direct_request(other_http, p, args.max_tokens)
         merged_http = None
         if args.compare_adapter:
-            live = f"{LIVE_ADAPTER}-{os.getpid()}"
-            stack.callback(unload_quietly, server.url, args.api_key, live)  # the server may be someone's (--vllm-url)
-            merged_dir = live_adapter(server, args.api_key, Path(tmp), live)
+            from chatfb.serving.model_client import ModelClient
+
+            live, live_client = f"{LIVE_ADAPTER}-{os.getpid()}", ModelClient(server.url, args.api_key)
+            stack.callback(live_client.close)
+            # unloaded first (callbacks run last in, first out): the server may be someone's (--vllm-url)
+            stack.callback(live_client.unload_adapter_quietly, live)
+            merged_dir = live_adapter(server, live_client, Path(tmp), live)
             merged = stack.enter_context(managed_vllm(merged_dir, args))
             merged_http = direct_client(merged.url, None)
             ways["direct LoRA"] = lambda p: direct_request(http, p, args.max_tokens, live)
