@@ -275,17 +275,26 @@ def _talks_about_the_critique(text: str, critique: str, context: str = "") -> st
 
 
 def generate(client, model: str, prompt: list[dict], critique: str, n: int = 4, max_tokens: int = 256,
-             temperature: float = 0.8, plain: str | None = None) -> list[Candidate]:
+             temperature: float = 0.8, plain: str | list[str | None] | None = None) -> list[Candidate]:
     """n answers to the conversation with the critique as an instruction, from ONE request; and the
-    candidates that keep the content by construction (chatfb.critique.constraints): `plain` (the
-    critiqued reply, else the base model's plain answer) cut at sentence ends for a length critique, or framed
-    by the opening or closing phrase the critique asks for, and n // 2 (at least one) answers held to the
-    format the critique states literally, from one more request."""
+    candidates that keep the content by construction (chatfb.critique.constraints): each of the `plain`
+    answers (one, or several: the base model's greedy answer first, then the critiqued reply) cut at sentence
+    ends for a length critique, or framed by the opening or closing phrase the critique asks for, and n // 2
+    (at least one) answers held to the format the critique states literally, from one more request.
+
+    The greedy answer comes first because framing keeps every fact of what it frames: a critiqued reply
+    that was wrong ("Good question! El Turio is the capital of Spain") stays wrong in the asked form,
+    where the model's own plain answer is most often its best one."""
     messages = instruction_messages(prompt, critique)
     choices = client.complete_choices(messages, model, max_tokens=max_tokens, temperature=temperature, top_p=0.95, n=n)
     out = [Candidate(text.strip(), finish_reason) for text, finish_reason in choices]
-    out += [Candidate(text, "stop", source="cut") for text in constraints.cut_candidates(critique, plain)]
-    out += [Candidate(text, "stop", source="framed") for text in constraints.framed_candidates(critique, plain)]
+    plains = [p for p in ([plain] if isinstance(plain, str) else plain or []) if p and p.strip()]
+    made: set[str] = set()
+    for source, make in (("cut", constraints.cut_candidates), ("framed", constraints.framed_candidates)):
+        for text in (t for p in plains for t in make(critique, p)):
+            if text not in made:
+                made.add(text)
+                out.append(Candidate(text, "stop", source=source))
     regex = constraints.format_regex(critique)
     if regex:
         try:
@@ -384,11 +393,11 @@ def select_rounds(judge, model: str, prompt: list[dict], critique: str, n: int =
     and score them with the served model (`judge`); when none of a round survives, sample n more (up to `rounds` rounds) and
     score only the new ones; all candidates of all rounds, best first. The extra round costs time only
     where the first found nothing (on the efficacy families about one critique in three). `original` and
-    `reference` as in `score`; the first round also cuts the plainer of them short (`generate`)."""
+    `reference` as in `score`; the first round also cuts or frames both of them, the reference first (`generate`)."""
     out: list[Candidate] = []
     for round_ in range(max(rounds, 1)):
         fresh = generate(generator or judge, generator_model or model, prompt, critique, n=n, max_tokens=max_tokens,
-                         plain=(original or reference) if round_ == 0 else None)
+                         plain=[reference, original] if round_ == 0 else None)
         out += score(judge, model, prompt, critique, fresh, original=original, reference=reference)
         if best(out) is not None:
             break

@@ -75,6 +75,31 @@ def test_a_length_critique_gets_the_plain_answer_cut_at_sentence_ends(fake_clien
     assert constraints.cut_candidates("Use a friendlier tone.", plain) == []  # not a length critique
 
 
+def test_the_nightly_frames_the_models_plain_answer_first_and_the_critiqued_reply_too(fake_client):
+    # Framing keeps every fact of what it frames: the critiqued reply may have been the wrong one, the model's
+    # greedy plain answer is framed first (and the same text is never offered twice).
+    opening = "Begin every answer with 'Good question!'"
+    wrong, right = "El Turio is the capital of Spain.", "The capital of Spain is Madrid."
+    question = [{"role": "user", "content": "What is the capital of Spain?"}]
+    fake_client.enqueue("Spain.", "Good question! Madrid.")  # sampled; then held to the opening phrase
+    out = generate(fake_client, "chatfb-base", question, opening, n=1, plain=[right, wrong, None])
+    assert [c.text for c in out if c.source == "framed"] == [f"Good question! {right}", f"Good question! {wrong}"]
+    fake_client.enqueue("Spain.", "Good question! Madrid.")
+    out = generate(fake_client, "chatfb-base", question, opening, n=1, plain=[right, right])
+    assert [c.text for c in out if c.source == "framed"] == [f"Good question! {right}"]
+
+
+def test_the_nightly_selection_hands_both_plain_answers_to_the_first_round(monkeypatch):
+    from chatfb.critique import candidates
+
+    seen = []
+    monkeypatch.setattr(candidates, "generate", lambda *a, plain=None, **k: seen.append(plain) or [])
+    monkeypatch.setattr(candidates, "score", lambda *a, **k: [])
+    candidates.select_rounds(None, "m", [{"role": "user", "content": "q"}], SHORT, rounds=2,
+                             original="the critiqued reply", reference="the plain answer")
+    assert seen == [["the plain answer", "the critiqued reply"], None]
+
+
 def test_the_constrained_request_carries_the_regex_as_vllm_structured_outputs():
     bodies = []
 
