@@ -16,6 +16,8 @@ most CHATFB_PERSONAL_MAX_PER_CYCLE a cycle, gets a job of their own (`CycleJob.o
 from the live shared adapter's weights on their rows alone (plus replay), gated on their own held-out rows and the
 control check against what they are served now, and a candidate that passes is served to them only
 (AdapterRegistry.promote_personal). One that fails leaves them on what they had, its reason in its adapter row.
+The cycle's children share one answer file (chatfb.learning.answers): the replay and control answers every
+personal child needs are generated once a cycle, not once a user.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from chatfb.learning.answers import ANSWERS
 from chatfb.serving.adapters import AdapterError, AdapterRegistry, next_adapter_name, personal_prefix
 from chatfb.config import Settings, settings_from_json, settings_to_json
 from chatfb.store.db import Store
@@ -49,6 +52,7 @@ class CycleJob:
     start_from: str | None = None  # a personal adapter trains on from this (the live shared adapter); None = the base
     promote: bool = True  # the owner promotes a candidate that passes (False: --no-promote, nothing goes live)
     merged: str | None = None  # the shared adapter merged into the owner's server's weights (chatfb.serving.merged)
+    answers: str | None = None  # the cycle's answer file, shared by its children (chatfb.learning.answers)
 
 
 @dataclass
@@ -117,9 +121,9 @@ def prepare(store: Store, settings: Settings, server_url: str | None,
     if not store.counts()["feedback"]:
         return CycleResult(False, reason="no feedback yet")
     live = store.live_adapter()
-    return _job_folder(store, settings, CycleJob(next_adapter_name(store, settings.adapter_prefix),
-                                                 live["name"] if live else None, server_url, promote=promote,
-                                                 merged=merged))
+    name = next_adapter_name(store, settings.adapter_prefix)
+    return _job_folder(store, settings, CycleJob(name, live["name"] if live else None, server_url, promote=promote,
+                                                 merged=merged, answers=str(settings.layout.work(name) / ANSWERS)))
 
 
 def personal_owners(store: Store, settings: Settings) -> list[str]:
@@ -141,15 +145,16 @@ def personal_owners(store: Store, settings: Settings) -> list[str]:
 
 
 def prepare_personal(store: Store, settings: Settings, server_url: str | None, owner: str,
-                     promote: bool = True, merged: str | None = None) -> tuple[CycleJob, Path]:
+                     promote: bool = True, merged: str | None = None, answers: str | None = None) -> tuple[CycleJob, Path]:
     """The job folder for `owner`'s next personal adapter: trained on from the live shared adapter, gated
-    against what `owner` is served now (their live personal adapter, else the shared one, else the base)."""
+    against what `owner` is served now (their live personal adapter, else the shared one, else the base).
+    `answers`: the cycle's answer file (chatfb.learning.answers), shared with the cycle's other children."""
     live = store.live_adapter()
     shared = live["name"] if live else None
     incumbent = store.live_personal_adapters().get(owner) or shared
     name = next_adapter_name(store, personal_prefix(owner, settings.adapter_prefix))
     return _job_folder(store, settings, CycleJob(name, incumbent, server_url, owner=owner, start_from=shared,
-                                                 promote=promote, merged=merged))
+                                                 promote=promote, merged=merged, answers=answers))
 
 
 def _job_folder(store: Store, settings: Settings, job: CycleJob) -> tuple[CycleJob, Path]:
@@ -246,7 +251,8 @@ def run_cycle(store: Store, registry: AdapterRegistry, settings: Settings, promo
     for owner in owners:
         t = time.perf_counter()
         try:
-            job = prepare_personal(store, settings, server_url, owner, promote, registry.merged if owner_server else None)
+            job = prepare_personal(store, settings, server_url, owner, promote, registry.merged if owner_server else None,
+                                   prepared[0].answers)
             personal = _run_child(store, registry, *job, promote,
                                   output, command, start, closing, t)
         except Exception as e:  # noqa: BLE001 - the next owner's and the shared result stand

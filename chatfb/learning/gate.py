@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from chatfb.config import Settings
+from chatfb.learning.answers import AnswerBook
 from chatfb.serving.model_client import ModelClient
 from chatfb.critique.similarity import have_embeddings, paired_cosines, rouge_l
 
@@ -115,7 +116,10 @@ def require_embeddings() -> None:
                         "(its control thresholds were never tuned for the word-overlap fallback)")
 
 
-def generate(client: ModelClient, model: str, prompts: list[list[dict]], max_tokens: int = 128) -> list[str]:
+CONTROL_MAX_TOKENS = 128  # a control answer's length (the answers that decide are short facts)
+
+
+def generate(client: ModelClient, model: str, prompts: list[list[dict]], max_tokens: int = CONTROL_MAX_TOKENS) -> list[str]:
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(16) as pool:  # vLLM batches concurrent requests
@@ -289,10 +293,13 @@ def eval_sample(heldout: list, limit: int, seed: int) -> list:
 
 
 def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incumbent: str | None,
-             base_name: str, candidate_path: Path, guidelines: dict | None = None, judge=None) -> GateReport:
+             base_name: str, candidate_path: Path, guidelines: dict | None = None, judge=None,
+             book: AnswerBook | None = None) -> GateReport:
     """The gate's measurements of a trained candidate beside the incumbent (or the base model): ROUGE-L on
     held-out corrections, the selection pass rate on held-out critiques, how often each approved guideline
-    is followed without it in the prompt, and the control answers."""
+    is followed without it in the prompt, and the control answers. `book`: the cycle's answers
+    (chatfb.learning.answers): the base model's and the incumbent's control answers are asked once a cycle,
+    and the candidate's are filed for a later child that has it as its incumbent."""
     if {candidate, client.served(candidate)} & set(client.models()):
         # Names are new for every cycle of this data folder: one already on the server belongs to someone else.
         raise GateError(f"the model server already has an adapter named {candidate}: another chatfb data folder "
@@ -319,13 +326,19 @@ def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incu
                        "critique_pass": selection_pass_rate(judge or client, base_name, critique_items, replies[a:b]),
                        "follow": follow}
     cand, inc = measured[candidate], measured[incumbent or base_name]
-    base_control = generate(client, base_name, control)
-    cand_control = generate(client, candidate, control)
+    book = book or AnswerBook(None)
+
+    def control_answers(model: str) -> list[str]:
+        return book.answers("greedy", model, control, CONTROL_MAX_TOKENS,
+                            lambda prompts: generate(client, model, prompts, CONTROL_MAX_TOKENS))
+
+    base_control = control_answers(base_name)
+    cand_control = control_answers(candidate)
     # Judged against the incumbent's answers: a candidate answers for what it changes, not for what the adapter
     # it replaces (and, for a personal one, trains on from) already answered differently, gated in its own cycle.
     # No chain of drift follows: every candidate trains from the base or the live shared adapter, never from
     # the candidate before it.
-    inc_control = generate(client, incumbent, control) if incumbent else None
+    inc_control = control_answers(incumbent) if incumbent else None
     reference = inc_control or base_control
     report = control_report(cand_control, reference)
     return GateReport(

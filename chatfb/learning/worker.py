@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from chatfb.learning import gate, training_data, uptake
+from chatfb.learning.answers import AnswerBook
 from chatfb.config import Settings, setup_logging
 from chatfb.learning.cycle import SNAPSHOT, CycleJob, CycleOutcome, read_job, write_outcome
 from chatfb.serving.model_client import ModelClient, ModelError
@@ -105,6 +106,7 @@ def compute(job: CycleJob, settings: Settings, work: Path, progress: dict | None
                                settings.max_feedback_chars, settings.scrub_pii, scopes=scopes)
 
     t = time.perf_counter()
+    book = AnswerBook(job.answers, job.merged)  # replay and control answers, asked once a cycle
     client, base, stop_server = model_server(settings, job.server_url, job.merged)
     try:
         base_name, name = settings.served_model_name, job.name
@@ -150,7 +152,7 @@ def compute(job: CycleJob, settings: Settings, work: Path, progress: dict | None
         distilled = {last_user(e.prompt) for e in data.train if e.source in ("distill", "guideline")}
         # A personal adapter replays what the shared adapter it starts from answers, so it keeps what everyone learnt.
         replay = replay_examples(client, job.start_from or base_name, settings.system_prompt, settings.replay_examples,
-                                 skip=distilled)
+                                 skip=distilled, book=book)
         scope = "personal" if job.owner else "shared"
         write_rows([dict(r, scope=scope) for r in data.sft_rows()] + replay, work / "sft.jsonl")  # delete-user scrubs by it
         write_rows([dict(r, scope=scope) for r in data.dpo_rows()], work / "dpo.jsonl")
@@ -170,8 +172,9 @@ def compute(job: CycleJob, settings: Settings, work: Path, progress: dict | None
         checked: list[dict] = []
         try:
             report = gate.evaluate(client, settings, data, name, job.incumbent, base_name, out,
-                                   guideline_checks(data, guidelines, extra), judge)
+                                   guideline_checks(data, guidelines, extra), judge, book)
             timings["eval_s"] = round(time.perf_counter() - t, 2)
+            counts.update(answers_reused=book.hits, answers_asked=book.asked)
             ok, reason = report.decide(gate.policy_for(settings))
             if ok and job.promote:  # the owner promotes it: ask it now, while it is loaded, what it learnt
                 t = time.perf_counter()
@@ -332,16 +335,20 @@ def replay_prompts(system_prompt: str) -> list[list[dict]]:
 
 
 def replay_examples(client: ModelClient, model: str, system_prompt: str, count: int = len(REPLAY_PROMPTS),
-                    max_tokens: int = 192, skip: set[str] = frozenset()) -> list[dict]:
+                    max_tokens: int = 192, skip: set[str] = frozenset(), book: AnswerBook | None = None) -> list[dict]:
     """The base model's own answers to general questions (self-distillation replay), trained beside the
     feedback so the adapter keeps its behaviour where feedback says nothing; questions in `skip` are left
     out. An answer that max_tokens cut off is left out too: trained with an end of turn after it, it
-    would teach the model to stop mid-sentence."""
+    would teach the model to stop mid-sentence. `book`: the cycle's answers (chatfb.learning.answers), where
+    an earlier child of the cycle asked the same model already."""
     from concurrent.futures import ThreadPoolExecutor
 
+    def ask(prompts: list[list[dict]]) -> list:
+        with ThreadPoolExecutor(8) as pool:  # vLLM batches concurrent requests
+            return list(pool.map(lambda p: client.complete_finished(p, model, max_tokens), prompts))
+
     prompts = [p for p in replay_prompts(system_prompt)[:max(count, 0)] if p[-1]["content"] not in skip]
-    with ThreadPoolExecutor(8) as pool:  # vLLM batches concurrent requests
-        answers = list(pool.map(lambda p: client.complete_finished(p, model, max_tokens), prompts))
+    answers = (book or AnswerBook(None)).answers("finished", model, prompts, max_tokens, ask)
     return [prompt_completion_row(p, a) for p, a in zip(prompts, answers) if a and a.strip()]
 
 

@@ -452,3 +452,32 @@ def test_collapsed_control_answers_fail_the_gate_unless_the_setting_allows_them(
     assert ok, why
     with pytest.raises(Exception, match="gate_max_control_collapsed"):
         load_settings({}, gate_max_control_collapsed=-1)
+
+
+def test_two_gates_of_one_cycle_ask_the_base_and_incumbent_control_answers_once(settings, tmp_path):
+    """Each personal candidate of a cycle is gated against the same base and incumbent control answers: with
+    the cycle's answer file they are asked once, and the candidate's own answers are still asked every time."""
+    from chatfb.learning.answers import AnswerBook
+
+    asked = []
+
+    def by(model):
+        def answer(q):
+            asked.append((model, q))
+            return "Paris." if "France" in q else "It is 7."
+        return answer
+
+    client = ByModelClient({m: by(m) for m in ("chatfb-base", "shared-v1", "cand", "cand2", "cand3")})
+    client.loaded["shared-v1"] = "adapters/shared-v1"
+    data = td.TrainingData(heldout=[td.Example([{"role": "user", "content": "Held out?"}], "Yes.", "correction",
+                                               feedback_id="f1")])
+    book = tmp_path / "answers.json"
+    for cand in ("cand", "cand2"):
+        evaluate(client, settings, data, cand, "shared-v1", "chatfb-base", tmp_path, book=AnswerBook(book))
+    control = len(gate.CONTROL_PROMPTS)
+    count = lambda model: sum(m == model and q in gate.CONTROL_PROMPTS for m, q in asked)  # noqa: E731
+    assert (count("chatfb-base"), count("shared-v1"), count("cand"), count("cand2")) == (control, control, control, control)
+    # without the file every gate asks them again
+    asked.clear()
+    evaluate(client, settings, data, "cand3", "shared-v1", "chatfb-base", tmp_path)
+    assert (count("chatfb-base"), count("shared-v1")) == (control, control)

@@ -234,6 +234,42 @@ def test_a_cycle_on_its_own_model_server_loads_the_shared_adapter_it_starts_from
     assert "chatfb-v0001" in loaded and result.personal[0]["promoted"], result.personal
 
 
+def test_the_personal_adapters_of_one_cycle_replay_and_gate_on_answers_asked_once(store, settings, fake_client,
+                                                                                   monkeypatch):
+    """Two users' adapters in one cycle both replay the live shared adapter's answers and are gated against the
+    base model's and the shared adapter's control answers: each of those is asked once a cycle (the cycle's
+    answer file, chatfb.learning.answers), not once a user."""
+    from collections import Counter
+
+    from chatfb.learning import gate
+
+    settings = settings_for_cycle(settings).with_(replay_examples=4, personal_max_per_cycle=2)
+    give_corrections(store, "ann", 12)
+    give_corrections(store, "bob", 12, text="Email bob@chatfb.example.")
+    replayed = Counter()
+
+    def finished(p, model, max_tokens=192):
+        replayed[model, p[-1]["content"]] += 1
+        return "Paris."
+
+    fake_client.complete_finished = finished
+    control, generate = Counter(), gate.generate
+
+    def counted(client, model, prompts, max_tokens=128):
+        control.update((model, p[-1]["content"]) for p in prompts if p[-1]["content"] in gate.CONTROL_PROMPTS)
+        return generate(client, model, prompts, max_tokens)
+
+    monkeypatch.setattr(gate, "generate", counted)
+    trained = []
+    registry, result = cycle(store, settings, fake_client, monkeypatch, True, trained)
+    assert len(trained) == 2 and len(result.personal) == 2
+    assert set(replayed) == {("chatfb-v0001", q) for q in worker.REPLAY_PROMPTS[:4]} and set(replayed.values()) == {1}
+    assert {m for m, _ in control} >= {"chatfb-base", "chatfb-v0001"}
+    assert all(control[m, q] == 1 for m in ("chatfb-base", "chatfb-v0001") for q in gate.CONTROL_PROMPTS), control
+    jobs = [json.loads((settings.layout.work(t[0]) / "job.json").read_text()) for t in trained]
+    assert jobs[0]["answers"] == jobs[1]["answers"] and jobs[0]["answers"].endswith("answers.json")
+
+
 def test_a_personal_adapter_is_never_published_to_the_hub(settings, monkeypatch, capsys):
     from chatfb.cli import main as cli
     from chatfb.store.db import Store

@@ -1,0 +1,44 @@
+"""The cycle's answer file: the replay and control answers every child of one cycle needs are asked once."""
+
+from chatfb.learning.answers import AnswerBook
+
+Q = [[{"role": "user", "content": f"Question {i}?"}] for i in range(3)]
+
+
+def asker(log, model="m"):
+    def ask(prompts):
+        log.extend(p[-1]["content"] for p in prompts)
+        return [f"{model} answers {p[-1]['content']}" for p in prompts]
+    return ask
+
+
+def test_a_second_child_of_the_cycle_reads_what_the_first_asked(tmp_path):
+    path, asked = tmp_path / "answers.json", []
+    first = AnswerBook(path).answers("greedy", "m", Q[:2], 128, asker(asked))
+    assert asked == ["Question 0?", "Question 1?"]
+    second = AnswerBook(path)
+    assert second.answers("greedy", "m", Q, 128, asker(asked)) == [*first, "m answers Question 2?"]
+    assert asked[2:] == ["Question 2?"] and (second.hits, second.asked) == (2, 1)
+
+
+def test_another_model_length_kind_or_merged_weights_is_asked_again(tmp_path):
+    path = tmp_path / "answers.json"
+    AnswerBook(path).answers("greedy", "m", Q, 128, asker([]))
+    for book, kind, model, tokens in [(AnswerBook(path), "greedy", "other", 128), (AnswerBook(path), "greedy", "m", 64),
+                                      (AnswerBook(path), "finished", "m", 128),
+                                      (AnswerBook(path, merged="chatfb-v0002"), "greedy", "m", 128)]:
+        asked = []
+        book.answers(kind, model, Q, tokens, asker(asked, model))
+        assert len(asked) == 3, (kind, model, tokens, book.merged)
+
+
+def test_a_torn_file_or_none_costs_a_question_never_the_cycle(tmp_path):
+    path = tmp_path / "answers.json"
+    path.write_text('{"half')
+    asked = []
+    assert AnswerBook(path).answers("greedy", "m", Q, 128, asker(asked)) == [f"m answers Question {i}?" for i in range(3)]
+    assert len(asked) == 3 and AnswerBook(path).answers("greedy", "m", Q, 128, asker(asked)) and len(asked) == 3
+    asked = []
+    AnswerBook(None).answers("greedy", "m", Q, 128, asker(asked))
+    AnswerBook(None).answers("greedy", "m", Q, 128, asker(asked))
+    assert len(asked) == 6  # nothing kept without a file
