@@ -104,6 +104,8 @@ def compute(job: CycleJob, settings: Settings, work: Path, progress: dict | None
         recipe.update(owner=job.owner, start_from=job.start_from)
     data = training_data.build(records, settings.train_mode, settings.holdout_fraction, settings.seed,
                                settings.max_feedback_chars, settings.scrub_pii, scopes=scopes)
+    if job.owner is not None:  # one of the owner's own rows to gate on, however few they gave
+        training_data.hold_one_out(data, settings.holdout_fraction, settings.seed)
 
     t = time.perf_counter()
     book = AnswerBook(job.answers, job.merged)  # replay and control answers, asked once a cycle

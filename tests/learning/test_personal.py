@@ -180,6 +180,22 @@ def test_a_personal_adapter_trains_on_from_the_shared_one_on_its_owners_rows_and
     assert store.live_adapter()["name"] == "chatfb-v0001"
 
 
+def test_a_personal_adapter_whose_rows_the_split_held_none_of_is_gated_on_one_of_them(
+        store, settings, fake_client, monkeypatch):
+    """With a handful of rows the hash split may hold out none (holdout 0 here): one of the owner's rows is held
+    out anyway, so the gate judges the adapter instead of refusing it for want of held-out feedback every cycle."""
+    from chatfb.learning import training_data
+
+    settings = settings_for_cycle(settings)
+    monkeypatch.setattr(training_data, "is_heldout", lambda feedback_id, fraction, seed: False)
+    give_corrections(store, "ann", 5)
+    trained = []
+    registry, result = cycle(store, settings, fake_client, monkeypatch, True, trained)
+    (personal,) = result.personal
+    assert personal["promoted"], personal["reason"]
+    assert personal["counts"]["heldout_examples"] == 1 and personal["counts"]["train_examples"] == 4
+
+
 def test_a_personal_adapter_that_fails_its_gate_leaves_the_user_on_the_shared_one_with_the_reason(
         store, settings, fake_client, monkeypatch):
     settings = settings_for_cycle(settings)

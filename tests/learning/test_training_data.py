@@ -209,3 +209,17 @@ def test_a_critique_whose_candidates_all_fail_yields_no_example_and_is_counted()
     assert (counts["critiques_with_example"], counts["critiques_without_example"]) == (1, 1)
     assert (counts["distill_tasks_with_example"], counts["distill_tasks_without_example"]) == (0, 1)
     assert counts["train_critique"] == 1 and counts["train_distill"] == 0 and counts["train_examples"] == 1
+
+
+def test_hold_one_out_holds_out_one_row_only_where_the_split_held_out_nothing():
+    rows = [FeedbackRecord(f"f{i}", f"m{i}", "correction", None, f"Answer {i}.", None, None,
+                           [{"role": "user", "content": f"Question {i}?"}], "Wrong.") for i in range(5)]
+    data = td.build(rows, "supervised", holdout_fraction=0.0, seed=1)
+    assert len(data.train) == 5 and not data.heldout
+    held = td.hold_one_out(data, 0.0, 1)
+    assert held is not None and [e.feedback_id for e in data.heldout] == [held] and len(data.train) == 4
+    assert td.hold_one_out(data, 0.0, 1) is None and len(data.heldout) == 1  # something is held out already
+    assert td.hold_one_out(td.build(rows[:1], "supervised", 0.0, 1), 0.0, 1) is None  # one row: it trains
+    critique = FeedbackRecord("c1", "m9", "critique", None, "Too long.", None, None, [{"role": "user", "content": "Q?"}], "A.")
+    data = td.build(rows + [critique], "semi", 0.0, 1)
+    assert td.hold_one_out(data, 1.0, 1) is None  # its critique will be held out whole: the gate has that
