@@ -2,6 +2,10 @@
 
 - Held-out corrections (and ratings): greedy replies to held-out prompts, compared with the corrected
   reply: ROUGE-L F1 and corpus BLEU (sacrebleu), as in the seeds.
+- Exact values in held-out corrections: where a corrected reply gives an e-mail address, a URL or a number,
+  does the greedy reply give every one of them exactly? ROUGE-L counts "ann-desk@example.example" nearly
+  right for "ann-desk@chatfb.example"; a user writing to it gets no answer. The share is a held-out measure
+  like the others: a candidate worse on it than the incumbent fails, one better on it may pass on it.
 - Held-out critiques (held out whole: nothing was generated from them): does the greedy reply to the
   critiqued prompt pass the same selection the cycle's training candidates passed (chatfb.critique.candidates.score
   with that critique, verdict ok)? Never ROUGE against targets the same recipe made. The pass rate of the
@@ -136,6 +140,30 @@ def closeness(replies: list[str], targets: list[str]) -> dict:
     return {"rougeL": round(rouge, 4), "bleu": round(bleu, 2), "n": len(targets)}
 
 
+# What a corrected reply states that must come back letter for letter: e-mail addresses, URLs, numbers.
+_EXACT = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|https?://[^\s'\"<>]+|\d+(?:[.,:/-]\d+)*")
+
+
+def exact_values(text: str) -> list[str]:
+    """The e-mail addresses, URLs and numbers `text` states, as it writes them (end punctuation dropped)."""
+    return list(dict.fromkeys(v.rstrip(".,;:!?)") for v in _EXACT.findall(text or "")))
+
+
+def gives_exactly(reply: str, values: list[str]) -> bool:
+    """`reply` states every one of `values` as such (any case; not inside a longer address or number)."""
+    found = {v.lower() for v in exact_values(reply)}
+    return all(v.lower() in found for v in values)
+
+
+def exact_share(replies: list[str], targets: list[str]) -> tuple[float | None, int]:
+    """(share of the targets that state exact values whose reply gives them all, how many state some);
+    (None, 0) when no target states any."""
+    judged = [(r, exact_values(t)) for r, t in zip(replies, targets) if exact_values(t)]
+    if not judged:
+        return None, 0
+    return round(sum(gives_exactly(r, vs) for r, vs in judged) / len(judged), 4), len(judged)
+
+
 def control_messages(system_prompt: str) -> list[list[dict]]:
     return [[{"role": "system", "content": system_prompt}, {"role": "user", "content": q}] for q in CONTROL_PROMPTS]
 
@@ -181,7 +209,7 @@ def selection_pass_rate(judge, scorer_model: str, items: list[tuple[list[dict], 
     return round(sum(ok) / len(ok), 4)
 
 
-HELDOUT_MEASURES = (("rougeL", "ROUGE-L"), ("critique_pass", "critique pass rate"))
+HELDOUT_MEASURES = (("rougeL", "ROUGE-L"), ("exact", "exact values given"), ("critique_pass", "critique pass rate"))
 
 
 def policy_for(settings: Settings) -> GatePolicy:
@@ -192,7 +220,8 @@ def policy_for(settings: Settings) -> GatePolicy:
 
 def decide(candidate: dict, incumbent: dict, policy: GatePolicy) -> tuple[bool, str]:
     """(promote?, reason). `candidate`/`incumbent` hold the held-out measures that were taken (rougeL on
-    corrections, critique_pass on critiques; None = nothing of that kind held out); candidate holds control
+    corrections, exact on the corrections that state exact values, critique_pass on critiques; None = nothing
+    of that kind held out); candidate holds control
     (control_agreement, and control_collapsed where it was counted)."""
     measured = [(k, label) for k, label in HELDOUT_MEASURES if candidate.get(k) is not None]
     if not measured:
@@ -234,6 +263,9 @@ class GateReport:
     incumbent_rougeL: float | None = None
     incumbent_bleu: float | None = None
     heldout_n: int = 0  # held-out corrections judged
+    candidate_exact: float | None = None  # share of held-out corrections stating exact values whose reply gives them all
+    incumbent_exact: float | None = None
+    exact_n: int = 0  # held-out corrections that state exact values (e-mail addresses, URLs, numbers)
     candidate_critique_pass: float | None = None  # share of held-out critiques whose reply passes the selection
     incumbent_critique_pass: float | None = None
     heldout_critiques_n: int = 0
@@ -261,10 +293,12 @@ class GateReport:
         return cls(**{k: v for k, v in (metrics or {}).items() if k in names})
 
     def decide(self, policy: GatePolicy | None = None) -> tuple[bool, str]:
-        return decide({"rougeL": self.candidate_rougeL, "critique_pass": self.candidate_critique_pass,
+        return decide({"rougeL": self.candidate_rougeL, "exact": self.candidate_exact,
+                       "critique_pass": self.candidate_critique_pass,
                        "control_agreement": self.control_agreement, "control_collapsed": self.control_collapsed,
                        "control_right": self.control_right, "control_lost": self.control_lost},
-                      {"rougeL": self.incumbent_rougeL, "critique_pass": self.incumbent_critique_pass},
+                      {"rougeL": self.incumbent_rougeL, "exact": self.incumbent_exact,
+                       "critique_pass": self.incumbent_critique_pass},
                       policy or GatePolicy())
 
     def card_rows(self) -> list[tuple[str, object]]:
@@ -272,6 +306,8 @@ class GateReport:
         return [("compared with", self.incumbent), ("held-out corrections", self.heldout_n),
                 ("ROUGE-L", self.candidate_rougeL), ("ROUGE-L of the incumbent", self.incumbent_rougeL),
                 ("BLEU", self.candidate_bleu), ("BLEU of the incumbent", self.incumbent_bleu),
+                ("held-out corrections with exact values", self.exact_n), ("exact values given", self.candidate_exact),
+                ("exact values given by the incumbent", self.incumbent_exact),
                 ("held-out critiques", self.heldout_critiques_n), ("critique pass rate", self.candidate_critique_pass),
                 ("critique pass rate of the incumbent", self.incumbent_critique_pass),
                 ("guidelines followed without the prompt", self.guideline_follow),
@@ -322,7 +358,8 @@ def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incu
             idx = [k for k, (g, _) in enumerate(guideline_items) if g == gid]
             follow[gid] = selection_pass_rate(judge or client, base_name, [guideline_items[k][1] for k in idx],
                                                    [replies[b + k] for k in idx])
-        measured[m] = {**closeness(replies[:a], targets),
+        exact, exact_n = exact_share(replies[:a], targets)
+        measured[m] = {**closeness(replies[:a], targets), "exact": exact, "exact_n": exact_n,
                        "critique_pass": selection_pass_rate(judge or client, base_name, critique_items, replies[a:b]),
                        "follow": follow}
     cand, inc = measured[candidate], measured[incumbent or base_name]
@@ -344,6 +381,7 @@ def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incu
     return GateReport(
         incumbent=incumbent or "base", candidate_rougeL=cand["rougeL"], candidate_bleu=cand["bleu"],
         incumbent_rougeL=inc["rougeL"], incumbent_bleu=inc["bleu"], heldout_n=cand["n"],
+        candidate_exact=cand["exact"], incumbent_exact=inc["exact"], exact_n=cand["exact_n"],
         candidate_critique_pass=cand["critique_pass"], incumbent_critique_pass=inc["critique_pass"],
         heldout_critiques_n=len(critique_items), guideline_follow=cand["follow"], guideline_follow_incumbent=inc["follow"],
         guideline_follow_on={gid: on for gid, (_, _, on) in guidelines.items()}, **report,

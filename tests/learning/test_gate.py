@@ -481,3 +481,38 @@ def test_two_gates_of_one_cycle_ask_the_base_and_incumbent_control_answers_once(
     asked.clear()
     evaluate(client, settings, data, "cand3", "shared-v1", "chatfb-base", tmp_path)
     assert (count("chatfb-base"), count("shared-v1")) == (control, control)
+
+
+def test_exact_values_are_read_as_written_and_must_come_back_letter_for_letter():
+    target = "Write to ann-desk@chatfb.example or call 555-0199 before 17:30."
+    assert gate.exact_values(target) == ["ann-desk@chatfb.example", "555-0199", "17:30"]
+    assert gate.gives_exactly("ANN-DESK@chatfb.example, 555-0199 (until 17:30).", gate.exact_values(target))
+    for wrong in ("Write to ann-desk@example.example or call 555-0199 before 17:30.",  # ROUGE-L calls it close
+                  "Write to ann-desk@chatfb.example.org or call 555-0199 before 17:30.",
+                  "Write to ann-desk@chatfb.example or call 1555-0199 before 17:30."):
+        assert not gate.gives_exactly(wrong, gate.exact_values(target)), wrong
+    assert gate.exact_share(["a@b.example", "no", "Paris."], ["a@b.example", "c@d.example", "It is Paris."]) == (0.5, 2)
+    assert gate.exact_share(["Paris."], ["It is Paris."]) == (None, 0)
+
+
+def test_a_candidate_that_gives_the_exact_values_of_held_out_corrections_less_often_fails(monkeypatch, settings, tmp_path):
+    """ROUGE-L rates a near miss of an address as almost right: the exact share is a held-out measure of its own. A
+    candidate worse on it fails whatever its ROUGE-L; one better on it passes on it."""
+    heldout = [td.Example([{"role": "user", "content": f"Where do I write about order {i}?"}],
+                          "Write to orders@chatfb.example.", "correction", f"f{i}") for i in range(2)]
+    data = td.TrainingData(heldout=heldout)
+    client = ByModelClient({
+        "near": lambda q: "Write to orders@example.example." if "order" in q else "Paris.",
+        "right": lambda q: "Write to orders@chatfb.example." if "order" in q else "Paris.",
+        "chatfb-base": lambda q: "I am not sure where to write about that." if "order" in q else "Paris.",
+        "shared-v1": lambda q: "Write to orders@chatfb.example, we answer fast." if "order" in q else "Paris.",
+    })
+    client.loaded["shared-v1"] = "adapters/shared-v1"
+    m = evaluate(client, settings, data, "near", "shared-v1", "chatfb-base", tmp_path)
+    assert (m.candidate_exact, m.incumbent_exact, m.exact_n) == (0.0, 1.0, 2)
+    assert m.candidate_rougeL > m.incumbent_rougeL  # closer in words, the address wrong
+    ok, why = m.decide()
+    assert not ok and "worse on held-out feedback (exact values given)" in why, why
+    m = evaluate(client, settings, data, "right", None, "chatfb-base", tmp_path)
+    ok, why = m.decide()
+    assert ok and "exact values given 1.000 vs 0.0" in why, why
