@@ -12,7 +12,8 @@ caller has it the base model's plain answer to the same prompt. `content_verdict
   ("Always tell people to ... at <address>"); a literal it asks for, and the words that introduce it,
   may be copied (`copies_the_critique`);
 - loses the plain answer's facts: a number the references agree on (one reference: the candidate gives
-  no number where the plain answer's answering sentence gives one), a name in that sentence, or
+  no number where the plain answer's answering sentence gives one; two that give numbers but none they
+  agree on: a number of its own, which neither gave; numbers by value, "forty-two" is 42), a name in that sentence, or
   every content word of the plain answer (unless its sentence embedding stays close to it: synonyms);
 - drifts off the subject: its embedding is much further from the question AND from the plain answer
   than the plain answer is from the question.
@@ -294,6 +295,14 @@ def _lost_fact(text: str, question: str, critique: str, references: list[str]) -
             return f"loses the number {missing[0]} the plain answers agree on"
         if not have - _numbers(question):
             return "gives no number where the plain answer gives one"
+        # a number of its own where both plain answers give one: an answer neither of them gave ("FIFTY + 25 =
+        # 500", "195 minutes"), not the same answer in another form. Two plain answers (the nightly's: the
+        # critiqued reply and the base model's greedy answer), as nothing checks that number and it would
+        # train; a revision offered in the loop (one plain answer: the reply the user may have called wrong
+        # in words no check reads) is the user's to accept or not
+        given, said = have - skip_numbers, set().union(*per_ref)
+        if len(per_ref) > 1 and given and not given & said:
+            return f"gives {_first(given)} where the plain answer gives {_first(said)}"
     skip_names = content_words(question) | content_words(critique)
     names = [_names(lead) - skip_names for lead in leads]
     if len(references) > 1:  # the names the plain answers agree on (none agreed: nothing required)
@@ -303,6 +312,10 @@ def _lost_fact(text: str, question: str, critique: str, references: list[str]) -
     if wanted and not wanted & {_stem(w) for w in _words(text)}:
         return f"loses {sorted(wanted)[0].capitalize()!r} from the plain answer"
     return None
+
+
+def _first(numbers: set[str]) -> str:
+    return min(numbers, key=lambda n: (len(n), n))
 
 
 def _answer_sentence(text: str, question: str) -> str:
@@ -345,9 +358,55 @@ def content_words(text: str) -> set[str]:
 
 
 def _numbers(text: str) -> set[str]:
+    """The numbers `text` states, by value: in digits, or spelled out ("forty-two" and "42" are both "42")."""
     found = {n.replace(",", "") for n in _NUMBER.findall(text)}
-    # "one" is as often a pronoun ("one of the many") as a number: only its digit counts
-    return found | {NUMBER_WORDS[w] for w in _words(text) if w in NUMBER_WORDS and w != "one"}
+    return found | _spelled_numbers(_words(text))
+
+
+_TENS = frozenset("twenty thirty forty fifty sixty seventy eighty ninety".split())
+
+
+def _spelled_numbers(words: list[str]) -> set[str]:
+    """Numbers spelled out in `words`, by value: a tens word and a unit after it are one number ("seventy
+    five": 75), "hundred" and "thousand" multiply what comes before ("one hundred and five": 105); any other
+    number word after a number starts the next one. "one" alone is as often a pronoun ("one of the many") as
+    a number: only its digit counts."""
+    out: set[str] = set()
+    total, current, prev = 0, None, None
+
+    def close():
+        nonlocal total, current
+        if current is not None or total:
+            value = total + (current or 0)
+            if not (value == 1 and prev == "one"):
+                out.add(str(value))
+        total, current = 0, None
+
+    for w in words:
+        if w == "and" and prev in ("hundred", "thousand"):
+            continue
+        if w not in NUMBER_WORDS:
+            close()
+            prev = w
+            continue
+        v = int(NUMBER_WORDS[w])
+        if w == "hundred":
+            current = (current or 1) * 100
+        elif w == "thousand":
+            total, current = total + (current or 1) * 1000, None
+        elif current is None and (prev in ("thousand", "and") and total):
+            current = v
+        elif current is None:
+            close()
+            current = v
+        elif (prev in _TENS and v < 10) or (prev == "hundred" and v < 100) or (prev == "and" and v < 100):
+            current += v
+        else:
+            close()
+            current = v
+        prev = w
+    close()
+    return out
 
 
 def _names(text: str) -> set[str]:

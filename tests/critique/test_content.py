@@ -77,9 +77,39 @@ def test_each_wrong_target_of_issue_23_is_dropped(question, text, critique):
     assert not verdict.startswith(("leaves out", "cut off", "empty"))
 
 
+# The observed plain answer to the minutes question is wrong (100): a right number is kept where another plain
+# answer (the nightly has two: the critiqued reply and the base model's greedy answer) gives it.
+OTHER_PLAIN = {"How many minutes are in an hour?": "An hour has sixty minutes."}
+
+
 @pytest.mark.parametrize("question,text,critique", RIGHT_TARGETS)
 def test_right_answers_to_the_same_critiques_are_kept(question, text, critique):
-    assert hard_verdict(text, question, critique, references=[PLAIN[question]]) == "ok"
+    references = [PLAIN[question], *([OTHER_PLAIN[question]] if question in OTHER_PLAIN else [])]
+    assert hard_verdict(text, question, critique, references=references) == "ok"
+
+
+def test_a_number_no_plain_answer_gives_is_dropped_and_the_same_number_spelled_otherwise_is_kept():
+    """With two plain answers (the nightly's: the critiqued reply and the base model's greedy answer), an answer
+    of its own where both give a number is not the same answer in another form: it is dropped, right or wrong
+    (nothing in the cycle knows which; it never trains a number the model did not give without the critique).
+    The same value in digits or in words is the same number. One plain answer (a revision in the loop, which
+    the user reviews): the reply may be the one the user called wrong, and the candidate stands."""
+    digits = "Use digits for numbers, never number words."
+    q = "What is fifty plus twenty-five?"
+    plain = ["Fifty plus twenty-five is seventy-five.", "The sum is 85."]  # they differ: no number agreed on
+    assert hard_verdict("FIFTY + 25 = 500", q, digits, references=plain) == "gives 500 where the plain answer gives 75"
+    assert hard_verdict("50 + 25 = 75", q, digits, references=plain) == "ok"
+    q = "What is six times seven?"
+    plain = ["Six times seven is forty-two.", "It is 48."]
+    assert hard_verdict("Six times seven is 'Sixty-six'", q, SHORT, references=plain) == "gives 66 where the plain answer gives 42"
+    assert hard_verdict("6 x 7 = 42", q, digits, references=plain) == "ok"
+    q = "How many minutes are in an hour?"
+    plain = ["There are 60 minutes in an hour.", "An hour is a hundred minutes long."]
+    assert hard_verdict('I would say, "195 minutes."', q, SHORT, references=plain) != "ok"
+    # the price: a right number where both plain answers were wrong is dropped too
+    assert hard_verdict("There are 60 minutes in an hour.", q, SHORT, references=[PLAIN[q], "An hour is 100 minutes."]) != "ok"
+    # in the loop the one plain answer may be what the user called wrong
+    assert hard_verdict("There are 60 minutes in an hour.", q, "That is wrong.", references=[PLAIN[q]]) == "ok"
 
 
 def test_verdicts_say_what_was_lost():
