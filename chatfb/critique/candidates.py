@@ -171,7 +171,7 @@ def hard_verdict(text: str, question: str, critique: str, finish_reason: str | N
     without the critique) whether it kept what they got right (chatfb.critique.content)."""
     verdict = form_verdict(text, question, critique, finish_reason, references)
     if verdict == "ok" and references:
-        verdict = content.content_verdict(text, question, critique, list(references), corrects_a_fact(critique))
+        verdict = content.content_verdict(text, question, critique, list(references), corrects_here(question, critique))
     return verdict
 
 
@@ -190,7 +190,7 @@ def form_verdict(text: str, question: str, critique: str, finish_reason: str | N
     about = _talks_about_the_critique(text, critique, context=" ".join([question, *[r or "" for r in references]]))
     if about:
         return about
-    facts = literal_facts(critique)
+    facts = literal_facts(critique, question)
     missing = [f for f in facts if not _has_literal(text, f)]
     if missing:
         return f"leaves out {missing[0]!r} from the critique"
@@ -234,14 +234,21 @@ def corrects_a_fact(critique: str) -> bool:
     return bool(_CORRECTS_A_FACT.search(critique or ""))
 
 
-def literal_facts(critique: str) -> list[str]:
+def corrects_here(question: str, critique: str) -> bool:
+    """The critique corrects a fact of this question's subject (chatfb.critique.content.about_its_subject): only
+    then may a candidate drop the plain answer's facts for it."""
+    return corrects_a_fact(critique) and content.about_its_subject(question, critique)
+
+
+def literal_facts(critique: str, question: str | None = None) -> list[str]:
     """The literal strings a critique asks for: e-mail addresses, URLs, short quoted strings (not where it
     says no, never, don't ...: the quote may be what it forbids), and the name or number a fact-correcting
-    critique states ("... is Canberra, not Sydney" -> "Canberra")."""
+    critique states ("... is Canberra, not Sydney" -> "Canberra"); with `question`, that name or number only
+    where the question is about the critique's subject (`corrects_here`: "Canberra" answers nothing about Peru)."""
     facts = _EMAIL.findall(critique) + [u.rstrip(".,;:!?)") for u in _URL.findall(critique)]
     if not set(re.findall(r"[a-z']+", critique.lower())) & constraints.NEGATION:  # "Don't start with 'Great question!'"
         facts += [q.strip() if q.strip() else q for q in _QUOTED.findall(critique)]
-    if corrects_a_fact(critique):
+    if corrects_a_fact(critique) if question is None else corrects_here(question, critique):
         facts += [v.rstrip(".,;:!?") for v in _STATED_VALUE.findall(critique) if not _EMAIL.fullmatch(v)]
     return [f for f in dict.fromkeys(facts) if f.strip() or f == " "]
 
@@ -340,7 +347,7 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
             if cos_c < OFF_TOPIC_COSINE:
                 c.verdict = "off topic"
             elif references:
-                c.verdict = content.content_verdict(c.text, question, critique, references, corrects_a_fact(critique))
+                c.verdict = content.content_verdict(c.text, question, critique, references, corrects_here(question, critique))
     alive = [c for c in alive if c.ok]
     if alive:
         baseline = references[0] if references else None  # the critiqued reply, else the plain answer

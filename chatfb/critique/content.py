@@ -270,6 +270,19 @@ def agreement(texts: list[str], question: str, critique: str, references: list[s
     return [max((len(lead & content_words(t)) / len(lead) for lead in leads), default=0.0) for t in texts]
 
 
+def about_its_subject(question: str, critique: str) -> bool:
+    """The question names something the critique names (a capitalised word, by stem: "Australian" and
+    "Australia" alike). A critique that corrects a fact ("Wrong: the capital of Australia is Canberra") may
+    replace the plain answer's facts only there: distilled onto "What is the capital of Peru?" it has no fact
+    of Peru's to give, and a candidate that loses "Lima" lost the answer (one said "The capital of Australia
+    is Canberra" and was trained)."""
+    def names(text):
+        return {_stem(w.lower()) for w in _CAPITALISED.findall(text or "") if w.lower() not in STOPWORDS}
+
+    asked, named = names(question), names(critique)
+    return any(a == n or (min(len(a), len(n)) >= 4 and (a.startswith(n) or n.startswith(a))) for a in asked for n in named)
+
+
 def states_new_content(critique: str) -> bool:
     """The critique gives content to use (an address or URL): the plain answer's facts and subject may go."""
     return bool(_EMAIL_OR_URL.search(critique or ""))

@@ -341,8 +341,10 @@ def test_completion_logprobs_takes_the_reply_tokens_and_the_end_of_turn():
      "- Rest.\n- Drink water.\n- Walk daily.", "1. **Adapt to Work-from-Home Culture**\n2. **Clear Communication**"),
 ])
 def test_a_reply_must_keep_what_the_critique_states_literally(critique, good, bad):
-    assert hard_verdict(good, "How do I reset my password?", critique) == "ok"
-    assert hard_verdict(bad, "How do I reset my password?", critique).startswith("leaves out")
+    # a corrected fact is asked for on its own subject (chatfb.critique.candidates.corrects_here)
+    question = "What is the capital of Australia?" if "Australia" in critique else "How do I reset my password?"
+    assert hard_verdict(good, question, critique) == "ok"
+    assert hard_verdict(bad, question, critique).startswith("leaves out")
 
 
 @pytest.mark.parametrize("critique, facts", [

@@ -225,3 +225,17 @@ def test_copied_wording_is_the_critiques_own_not_the_questions_or_a_phrase_an_an
                                        "would understand.", "What causes rain?") == "a child would understand"
     assert content.copies_the_critique("Too long. Paris is the capital of France.", "Too long. Answer in one sentence.",
                                        "What is the capital of France?") == "Too long."
+
+
+def test_a_fact_correction_replaces_facts_only_on_its_own_subject():
+    """Distilled onto another question of the same kind, a fact-correcting critique gives no fact of that
+    question's: a candidate that loses the plain answer's name there is dropped (seen trained: "What is the capital
+    of Peru?" -> "The capital of Australia is Canberra, not Sydney. ...")."""
+    wrong = "Wrong: the capital of Australia is Canberra, not Sydney."
+    q = "What is the capital of Peru?"
+    plain = ["The capital of Peru is Lima.", "Lima is the capital of Peru."]
+    assert hard_verdict("The capital of Australia is Canberra, not Sydney.", q, wrong, references=plain) != "ok"
+    assert hard_verdict("The capital of Peru is Lima.", q, wrong, references=plain) == "ok"
+    for q in ("What's Australia's capital city?", "Which Australian city was built to be the national capital?"):
+        assert hard_verdict("Canberra is the capital of Australia.", q, wrong,
+                            references=["The capital of Australia is Sydney.", "Sydney."]) == "ok", q
