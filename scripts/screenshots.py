@@ -7,10 +7,11 @@ integration tests do, then drives the page as a user and an admin would:
   assets/revision.png       a critique and the proposed revision, in the conversation under the reply
   assets/admin.png          the admin tab after one learning cycle: its outcome in words, the adapter table
   assets/review.png         the admin's review queue: feedback waiting to teach everyone, grouped
+  assets/guideline.png      a saved guideline with a phrase to begin with: the next reply framed by it
   assets/personal.png       a browser's own corrections, its personal adapter after one cycle: "your model v1"
                             under its replies (nobody vouched for them, so they teach only this browser)
 
-Needs Debian's chromium and an emoji font (`bash scripts/install.sh --test` installs both), ~10 minutes
+Needs Debian's chromium and an emoji font (`bash scripts/install.sh --test` installs both), ~12 minutes
 on 2 cores (two short learning cycles). Run it alone: it starts its own vLLM server.
 
     python scripts/screenshots.py                 # writes assets/
@@ -53,9 +54,26 @@ def untrusted_feedback(path: Path) -> Path:
     return path
 
 
-PERSONAL_ENV = {  # one personal adapter, few steps (as tests/integration/test_learning.py's personal test)
+PERSONAL_ENV = {  # one personal adapter, few steps (as tests/integration/test_learning.py's personal test,
+    # with its gate tolerance: 14 steps on rows that all say one sentence may leave one control answer collapsed)
     "CHATFB_SHARED_RULES": "review", "CHATFB_PERSONAL_MAX_PER_CYCLE": "1", "CHATFB_TRAIN_MAX_STEPS": "14",
-    "CHATFB_REPLAY_EXAMPLES": "12", "CHATFB_EVAL_MAX_EXAMPLES": "8"}
+    "CHATFB_REPLAY_EXAMPLES": "12", "CHATFB_EVAL_MAX_EXAMPLES": "8", "CHATFB_GATE_MAX_CONTROL_COLLAPSED": "1"}
+
+
+def guideline_shot(browser, app, out: Path) -> None:
+    """A guideline with a phrase to begin with, saved in the panel; the next reply opens with it, its answer the
+    model's own (chatfb.critique.constraints.framed)."""
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    page.goto(app.url)
+    page.wait_for_selector("#model-status:has-text('Model ready')", timeout=180_000)
+    page.locator("#guidelines-panel").click()
+    page.locator("#guideline-text textarea").fill("Begin every answer with 'Good question!'")
+    page.locator("#add-guideline").click()
+    page.wait_for_function("document.querySelector('#guidelines-list')?.innerText.includes('Good question')",
+                           timeout=60_000)
+    send(page, "What is the capital of Japan?")
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(out / "guideline.png"))
 
 
 def personal_shot(browser, app, out: Path, corrections: int = 30) -> bool:
@@ -94,7 +112,7 @@ def personal_shot(browser, app, out: Path, corrections: int = 30) -> bool:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "assets", help="where the PNGs go")
-    p.add_argument("--only", choices=("personal",), help="take only this one (on a fresh app of its own)")
+    p.add_argument("--only", choices=("personal", "guideline"), help="take only this one (on a fresh app of its own)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     from playwright.sync_api import sync_playwright
@@ -108,6 +126,9 @@ def main() -> int:
                 browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 if args.only == "personal":
                     return 0 if personal_shot(browser, app, args.out) else 1
+                if args.only == "guideline":
+                    guideline_shot(browser, app, args.out)
+                    return 0
                 app.cli("import-feedback", str(untrusted_feedback(Path(tmp) / "anon.jsonl")))
                 page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
                 page.goto(app.url)
@@ -138,6 +159,7 @@ def main() -> int:
                     close.click()
                 page.wait_for_timeout(800)
                 page.screenshot(path=str(args.out / "revision.png"))
+                guideline_shot(browser, app, args.out)
                 # one short cycle, so the admin tab has an outcome to tell
                 env = dict(app.env, CHATFB_TRAIN_MAX_STEPS="4", CHATFB_REPLAY_EXAMPLES="4", CHATFB_DISTILL_PROMPTS="2")
                 subprocess.run([sys.executable, "-m", "chatfb", "nightly", "--no-promote"], cwd=ROOT, env=env,
@@ -161,7 +183,7 @@ def main() -> int:
                 browser.close()
         finally:
             stop_app(app)
-    for name in ("chat", "revision", "admin", "review", "personal")[:None if shot else 4]:
+    for name in ("chat", "revision", "guideline", "admin", "review", "personal")[:None if shot else 5]:
         print(args.out / f"{name}.png")
     return 0 if shot else 1
 
