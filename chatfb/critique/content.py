@@ -166,7 +166,8 @@ def copies_the_critique(text: str, critique: str, context: str = "", literals: l
 def given_content(critique: str) -> set[str]:
     """Stems of the names and numbers a critique states: content it gives ("open 9 to 5, Monday to Friday",
     "the capital of Australia is Canberra"), not its wording."""
-    return _names(critique) | _numbers(critique)
+    # numbers by value ("forty-two": 42) and word by word ("forty", "two"): the word-level checks see the words
+    return _names(critique) | _numbers(critique) | {NUMBER_WORDS[w] for w in _words(critique) if w in NUMBER_WORDS}
 
 
 def repeats_only_given_content(text: str, critique: str, context: str = "") -> bool:
@@ -272,7 +273,7 @@ def agreement(texts: list[str], question: str, critique: str, references: list[s
 
 def about_its_subject(question: str, critique: str) -> bool:
     """The question names something the critique names (a capitalised word, by stem: "Australian" and
-    "Australia" alike). A critique that corrects a fact ("Wrong: the capital of Australia is Canberra") may
+    "Australia" alike), or one of them names nothing. A critique that corrects a fact ("Wrong: the capital of Australia is Canberra") may
     replace the plain answer's facts only there: distilled onto "What is the capital of Peru?" it has no fact
     of Peru's to give, and a candidate that loses "Lima" lost the answer (one said "The capital of Australia
     is Canberra" and was trained)."""
@@ -280,6 +281,8 @@ def about_its_subject(question: str, critique: str) -> bool:
         return {_stem(w.lower()) for w in _CAPITALISED.findall(text or "") if w.lower() not in STOPWORDS}
 
     asked, named = names(question), names(critique)
+    if not asked or not named:  # "What is 12 plus 7?", a lower-case question: nothing says it is another subject
+        return True
     return any(a == n or (min(len(a), len(n)) >= 4 and (a.startswith(n) or n.startswith(a))) for a in asked for n in named)
 
 
@@ -373,7 +376,8 @@ def content_words(text: str) -> set[str]:
 def _numbers(text: str) -> set[str]:
     """The numbers `text` states, by value: in digits, or spelled out ("forty-two" and "42" are both "42")."""
     found = {n.replace(",", "") for n in _NUMBER.findall(text)}
-    return found | _spelled_numbers(_words(text))
+    # spelled numbers are read within a clause: "She was twenty. Five years later" is 20 and 5
+    return found.union(*(_spelled_numbers(_words(clause)) for clause in _CLAUSE_BREAK.split(text)))
 
 
 _TENS = frozenset("twenty thirty forty fifty sixty seventy eighty ninety".split())
@@ -407,12 +411,12 @@ def _spelled_numbers(words: list[str]) -> set[str]:
             current = (current or 1) * 100
         elif w == "thousand":
             total, current = total + (current or 1) * 1000, None
-        elif current is None and (prev in ("thousand", "and") and total):
+        elif current is None and prev == "thousand" and total:
             current = v
         elif current is None:
             close()
             current = v
-        elif (prev in _TENS and v < 10) or (prev == "hundred" and v < 100) or (prev == "and" and v < 100):
+        elif (prev in _TENS and v < 10) or (prev == "hundred" and v < 100):
             current += v
         else:
             close()

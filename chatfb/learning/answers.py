@@ -7,8 +7,9 @@ control answers with the base model's and the incumbent's (chatfb.learning.gate)
 the same model, once per user. The children of one cycle share one `AnswerBook` file
 (work/<shared adapter>/answers.json), so each of these answers is generated once a cycle.
 
-Only the fixed questions go in it (the replay and control prompts), never a user's prompt or reply: it holds
-nothing `delete-user` must find. An answer is filed under the model name it was asked of and the shared adapter
+Only the fixed questions go in it (the replay and control prompts), never a user's prompt or reply, and only
+the answers of the base model and the shared adapters (`keep`): a personal adapter trained on one user's rows
+may repeat them, and its answers are never asked twice in a cycle anyway. It holds nothing `delete-user` must find. An answer is filed under the model name it was asked of and the shared adapter
 the server's weights hold (`merged`, chatfb.serving.merged), since a promotion between two children can change
 what a name serves; adapter names are versioned, so one name is one set of weights.
 """
@@ -29,9 +30,10 @@ ANSWERS = "answers.json"
 class AnswerBook:
     """Answers by (what was asked, of which model); `path` None keeps nothing (every answer is generated)."""
 
-    def __init__(self, path: str | Path | None, merged: str | None = None):
+    def __init__(self, path: str | Path | None, merged: str | None = None, keep: Callable[[str], bool] | None = None):
         self.path = Path(path) if path else None
         self.merged = merged
+        self.keep = keep or (lambda model: True)  # whose answers may be filed
         self.hits = 0
         self.asked = 0
 
@@ -39,6 +41,9 @@ class AnswerBook:
                 ask: Callable[[list[list[dict]]], list]) -> list:
         """The answers of `model` to `prompts` (`kind` names how they were asked: greedy and cut off or not);
         those not on file come from `ask(missing prompts)` (one list, in order) and are filed."""
+        if not self.keep(model):
+            self.asked += len(prompts)
+            return list(ask(prompts))
         book = self._read()
         keys = [self._key(kind, model, p, max_tokens) for p in prompts]
         missing = [i for i, k in enumerate(keys) if k not in book]

@@ -141,18 +141,24 @@ def closeness(replies: list[str], targets: list[str]) -> dict:
 
 
 # What a corrected reply states that must come back letter for letter: e-mail addresses, URLs, numbers.
-_EXACT = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|https?://[^\s'\"<>]+|\d+(?:[.,:/-]\d+)*")
+_EXACT = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|https?://[^\s'\"<>]+|(?<![\w.])\d+(?:[.,:/-]\d+)*(?!\w)")
+_LIST_MARKER = re.compile(r"(?m)^\s*\d+[.)]\s+")  # "1. " numbering a line: no value of the answer
 
 
 def exact_values(text: str) -> list[str]:
-    """The e-mail addresses, URLs and numbers `text` states, as it writes them (end punctuation dropped)."""
-    return list(dict.fromkeys(v.rstrip(".,;:!?)") for v in _EXACT.findall(text or "")))
+    """The e-mail addresses, URLs and numbers `text` states, as it writes them (end punctuation dropped; not a
+    list's numbering, nor a digit inside a word: "H2O")."""
+    return list(dict.fromkeys(v.rstrip(".,;:!?)") for v in _EXACT.findall(_LIST_MARKER.sub("", text or ""))))
+
+
+def _same(value: str) -> str:
+    return re.sub(r"(?<=\d),(?=\d{3}\b)", "", value.lower())  # "1,000" is 1000
 
 
 def gives_exactly(reply: str, values: list[str]) -> bool:
     """`reply` states every one of `values` as such (any case; not inside a longer address or number)."""
-    found = {v.lower() for v in exact_values(reply)}
-    return all(v.lower() in found for v in values)
+    found = {_same(v) for v in exact_values(reply)}
+    return all(_same(v) in found for v in values)
 
 
 def exact_share(replies: list[str], targets: list[str]) -> tuple[float | None, int]:

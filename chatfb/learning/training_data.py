@@ -191,7 +191,8 @@ def hold_one_out(data: TrainingData, holdout_fraction: float, seed: int) -> str 
     if (data.heldout or len(data.train) < 2
             or any(is_heldout(r.feedback_id, holdout_fraction, seed) for r in data.pending_critiques)):
         return None
-    key = lambda e: hashlib.sha256(f"{seed}:{e.feedback_id}".encode()).digest()  # noqa: E731
+    # a correction if there is one (a liked reply is the model's own: a weak test of what the adapter learnt)
+    key = lambda e: (e.source != "correction", hashlib.sha256(f"{seed}:{e.feedback_id}".encode()).digest())  # noqa: E731
     one = min(data.train, key=key)
     data.train.remove(one)
     data.heldout.append(one)
@@ -296,8 +297,9 @@ def distillation_tasks(data: TrainingData, tasks: list[InstructionTask], guideli
     # A question that has an instruction of its own (another critique) never gets a second one: two rules
     # on one prompt gave notes with bullet lists and "the capital of Australia" under Japan (efficacy run).
     own = {_norm(last_user(t.prompt)) for t in tasks}
+    held_out = {e.feedback_id for e in data.heldout}  # the split's, and one `hold_one_out` added
     pool = [r.prompt for r in records if not is_heldout(r.feedback_id, holdout_fraction, seed)
-            and _norm(last_user(r.prompt)) not in own]
+            and r.feedback_id not in held_out and _norm(last_user(r.prompt)) not in own]
     replay_prompts = [p for p in replay_prompts if _norm(last_user(p)) not in own]
     from_feedback, from_replay = per_rule - per_rule // 2, per_rule // 2
     seen = {(_norm(last_user(t.prompt)), _norm(t.instruction)) for t in tasks}

@@ -33,6 +33,7 @@ from chatfb.learning import gate, training_data, uptake
 from chatfb.learning.answers import AnswerBook
 from chatfb.config import Settings, setup_logging
 from chatfb.learning.cycle import SNAPSHOT, CycleJob, CycleOutcome, read_job, write_outcome
+from chatfb.serving.adapters import is_personal
 from chatfb.serving.model_client import ModelClient, ModelError
 from chatfb.learning.rows import prompt_completion_row, write_rows
 from chatfb.store.db import Store
@@ -108,7 +109,8 @@ def compute(job: CycleJob, settings: Settings, work: Path, progress: dict | None
         training_data.hold_one_out(data, settings.holdout_fraction, settings.seed)
 
     t = time.perf_counter()
-    book = AnswerBook(job.answers, job.merged)  # replay and control answers, asked once a cycle
+    # replay and control answers of the base model and the shared adapters, asked once a cycle
+    book = AnswerBook(job.answers, job.merged, keep=lambda model: not is_personal(model))
     client, base, stop_server = model_server(settings, job.server_url, job.merged)
     try:
         base_name, name = settings.served_model_name, job.name

@@ -62,6 +62,11 @@ def personal_prefix(owner: str, prefix: str = ADAPTER_PREFIX) -> str:
 _PERSONAL = re.compile(r"-u[0-9a-f]{10}-v(\d+)$")
 
 
+def is_personal(name: str | None) -> bool:
+    """`name` is a personal adapter's (<prefix>-u<short hash>-v<N>)."""
+    return bool(_PERSONAL.search(name or ""))
+
+
 def model_label(name: str | None) -> str | None:
     """What the chat shows under a reply: "your model vN" for a personal adapter (only its owner sees the
     replies it made), else the name unchanged."""

@@ -239,3 +239,25 @@ def test_a_fact_correction_replaces_facts_only_on_its_own_subject():
     for q in ("What's Australia's capital city?", "Which Australian city was built to be the national capital?"):
         assert hard_verdict("Canberra is the capital of Australia.", q, wrong,
                             references=["The capital of Australia is Sydney.", "Sydney."]) == "ok", q
+
+
+def test_numbers_read_by_value_leave_the_word_checks_and_clauses_alone():
+    """A spelled number the critique gives is content it gives, word by word too: an answer that spells it is not
+    copying the critique's wording. And numbers are read within a clause."""
+    from chatfb.critique.content import _numbers, copies_the_critique, repeats_only_given_content
+
+    critique = "Wrong: six times seven is forty-two, not forty-eight."
+    assert copies_the_critique("Forty-two is the answer to six times seven.", critique, "What is six times seven?") is None
+    assert repeats_only_given_content("It is forty-two.", critique, "What is six times seven?")
+    assert _numbers("She was twenty. Five years later she left.") == {"20", "5"}
+    assert _numbers("one hundred and twenty three, two thousand and five") == {"123", "2005"}
+
+
+def test_a_fact_correction_still_holds_on_a_question_that_names_nothing():
+    wrong = "Wrong: the capital of Australia is Canberra, not Sydney."
+    plain = ["The capital of Australia is Sydney.", "Sydney."]
+    assert hard_verdict("The capital of Australia is Sydney.", "what is the capital of australia?", wrong,
+                        references=plain) != "ok"
+    from chatfb.critique.candidates import literal_facts
+
+    assert literal_facts("Wrong, 12 plus 7 is 19, not 18.", "What is 12 plus 7?") == ["19"]

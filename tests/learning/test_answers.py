@@ -42,3 +42,17 @@ def test_a_torn_file_or_none_costs_a_question_never_the_cycle(tmp_path):
     AnswerBook(None).answers("greedy", "m", Q, 128, asker(asked))
     AnswerBook(None).answers("greedy", "m", Q, 128, asker(asked))
     assert len(asked) == 6  # nothing kept without a file
+
+
+def test_only_the_models_it_may_keep_are_filed(tmp_path):
+    """A personal adapter's answers never go in the cycle's file (trained on one user's rows, they may repeat
+    them): they are asked every time."""
+    from chatfb.serving.adapters import is_personal
+
+    path, asked = tmp_path / "answers.json", []
+    personal = "chatfb-u0123456789-v0002"
+    for _ in range(2):
+        AnswerBook(path, keep=lambda m: not is_personal(m)).answers("greedy", personal, Q, 128, asker(asked, personal))
+    assert len(asked) == 6 and not path.exists()
+    AnswerBook(path, keep=lambda m: not is_personal(m)).answers("greedy", "chatfb-v0002", Q, 128, asker(asked, "chatfb-v0002"))
+    assert personal not in path.read_text() and "chatfb-v0002 answers" in path.read_text()

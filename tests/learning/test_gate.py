@@ -516,3 +516,8 @@ def test_a_candidate_that_gives_the_exact_values_of_held_out_corrections_less_of
     m = evaluate(client, settings, data, "right", None, "chatfb-base", tmp_path)
     ok, why = m.decide()
     assert ok and "exact values given 1.000 vs 0.0" in why, why
+
+
+def test_exact_values_skip_list_numbering_and_digits_inside_words():
+    assert gate.exact_values("1. Drink H2O.\n2. Call 555-0199 before 17:30.") == ["555-0199", "17:30"]
+    assert gate.gives_exactly("about 1000 of them", ["1,000"])
