@@ -223,3 +223,17 @@ def test_hold_one_out_holds_out_one_row_only_where_the_split_held_out_nothing():
     critique = FeedbackRecord("c1", "m9", "critique", None, "Too long.", None, None, [{"role": "user", "content": "Q?"}], "A.")
     data = td.build(rows + [critique], "semi", 0.0, 1)
     assert td.hold_one_out(data, 1.0, 1) is None  # its critique will be held out whole: the gate has that
+
+
+def test_a_row_held_out_by_hold_one_out_is_never_a_distillation_prompt():
+    rule = "Always give our support email support@chatfb.example."
+    records = [crit(1, rule, "How do I reset my password?"),
+               rec(3, "rating", rating=1, prompt=q("How do I reset my router?")),
+               rec(4, "rating", rating=1, prompt=q("How do I reset my password please?"))]
+    data = td.build(records, "semi", holdout_fraction=0.0001, seed=0, pii=False)
+    held = td.hold_one_out(data, 0.0001, 0)
+    tasks = td.critique_tasks(data, 0.0001, 0, limit=32)
+    extra = td.distillation_tasks(data, tasks, [], data.records, [], per_rule=4, max_tasks=64,
+                                  holdout_fraction=0.0001, seed=0, similar=words_similar)
+    (held_prompt,) = [td.last_user(r.prompt) for r in records if r.feedback_id == held]
+    assert extra and held_prompt not in {td.last_user(t.prompt) for t in extra}
