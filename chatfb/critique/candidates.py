@@ -347,7 +347,8 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
             if cos_c < OFF_TOPIC_COSINE:
                 c.verdict = "off topic"
             elif references:
-                c.verdict = content.content_verdict(c.text, question, critique, references, corrects_here(question, critique))
+                c.verdict = content.content_verdict(c.text, question, critique, references, corrects_here(question, critique),
+                                                    uncritiqued=bool(reference and reference.strip()))
     alive = [c for c in alive if c.ok]
     if alive:
         baseline = references[0] if references else None  # the critiqued reply, else the plain answer

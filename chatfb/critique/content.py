@@ -233,16 +233,19 @@ def quotes_the_critique(text: str, critique: str) -> str | None:
     return None
 
 
-def content_verdict(text: str, question: str, critique: str, references: list[str], corrects: bool = False) -> str:
+def content_verdict(text: str, question: str, critique: str, references: list[str], corrects: bool = False,
+                    uncritiqued: bool = False) -> str:
     """'ok', or why `text` loses what the plain answers in `references` got right: a fact of their first
     sentence, all of their content, or the subject (see the module doc). `corrects`: the critique
-    states new content (a corrected fact), so the references' facts may go."""
+    states new content (a corrected fact), so the references' facts may go. `uncritiqued`: one of the
+    references is the model's own answer to this prompt that nobody critiqued (the nightly's greedy answer),
+    so a number of the candidate's own that none of them gives is dropped even with that one reference."""
     references = [r for r in references if r and r.strip()]
     if not references:
         return "ok"
     corrects = corrects or states_new_content(critique)
     if not corrects:
-        lost = _lost_fact(text, question, critique, references)
+        lost = _lost_fact(text, question, critique, references, uncritiqued)
         if lost:
             return lost
     named = content_words(critique) | content_words(question)
@@ -298,7 +301,7 @@ def within_the_plain_answer(text: str, question: str, references: list[str]) -> 
     return bool(said) and said <= content_words(question).union(*(content_words(r) for r in references if r))
 
 
-def _lost_fact(text: str, question: str, critique: str, references: list[str]) -> str | None:
+def _lost_fact(text: str, question: str, critique: str, references: list[str], uncritiqued: bool = False) -> str | None:
     """The number or name of the plain answer's first sentence the candidate lost, said as a verdict."""
     skip_numbers = _numbers(question) | _numbers(critique)
     leads = [_answer_sentence(r, question) for r in references]
@@ -311,13 +314,13 @@ def _lost_fact(text: str, question: str, critique: str, references: list[str]) -
             return f"loses the number {missing[0]} the plain answers agree on"
         if not have - _numbers(question):
             return "gives no number where the plain answer gives one"
-        # a number of its own where both plain answers give one: an answer neither of them gave ("FIFTY + 25 =
-        # 500", "195 minutes"), not the same answer in another form. Two plain answers (the nightly's: the
-        # critiqued reply and the base model's greedy answer), as nothing checks that number and it would
-        # train; a revision offered in the loop (one plain answer: the reply the user may have called wrong
-        # in words no check reads) is the user's to accept or not
+        # a number of its own where the plain answers give one: an answer none of them gave ("FIFTY + 25 =
+        # 500", "7 + 8 = 55"), not the same answer in another form. Where two plain answers, or the model's
+        # own uncritiqued answer, say so (the nightly's: nothing checks that number and it would train); a
+        # revision offered in the loop (one plain answer: the reply the user may have called wrong in words no
+        # check reads) is the user's to accept or not
         given, said = have - skip_numbers, set().union(*per_ref)
-        if len(per_ref) > 1 and given and not given & said:
+        if (len(per_ref) > 1 or uncritiqued) and given and not given & said:
             return f"gives {_first(given)} where the plain answer gives {_first(said)}"
     skip_names = content_words(question) | content_words(critique)
     names = [_names(lead) - skip_names for lead in leads]

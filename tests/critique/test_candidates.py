@@ -580,3 +580,16 @@ def test_the_new_content_floor_holds_for_a_critique_worded_unlike_the_others():
     verdicts = {c.text: c.verdict for c in ranked}
     assert verdicts[right] == "ok", ranked
     assert verdicts[nonsense].startswith("far less likely as an answer than the plain answer"), ranked
+
+
+def test_a_distilled_candidates_own_number_is_dropped_against_the_uncritiqued_plain_answer():
+    """The nightly scores a critique distilled onto another prompt against the model's own greedy answer there
+    (`reference`, nobody critiqued it): "7 + 8 = 55" was trained before this check."""
+    class NoJudge:
+        def completion_logprobs(self, *a):
+            raise AssertionError("a dropped candidate is never sent to the model")
+
+    prompt = [{"role": "user", "content": "What is seven plus eight?"}]
+    (c,) = score(NoJudge(), "m", prompt, "Use digits for numbers, never number words.", [Candidate("7 + 8 = 55", "stop")],
+                 reference="Seven plus eight is fifteen.")
+    assert c.verdict == "gives 55 where the plain answer gives 15"

@@ -261,3 +261,16 @@ def test_a_fact_correction_still_holds_on_a_question_that_names_nothing():
     from chatfb.critique.candidates import literal_facts
 
     assert literal_facts("Wrong, 12 plus 7 is 19, not 18.", "What is 12 plus 7?") == ["19"]
+
+
+def test_the_models_own_uncritiqued_answer_alone_rules_out_a_number_of_the_candidates_own():
+    """A critique distilled onto another prompt has one plain answer there, the model's own greedy one, which
+    nobody called wrong: a number none of it gives is dropped ("7 + 8 = 55" was trained). The loop's one plain
+    answer is the critiqued reply: there the candidate stands."""
+    from chatfb.critique.content import content_verdict
+
+    digits = "Use digits for numbers, never number words."
+    q, plain = "What is seven plus eight?", ["Seven plus eight is fifteen."]
+    assert content_verdict("7 + 8 = 55", q, digits, plain, uncritiqued=True) == "gives 55 where the plain answer gives 15"
+    assert content_verdict("7 + 8 = 15", q, digits, plain, uncritiqued=True) == "ok"
+    assert content_verdict("7 + 8 = 55", q, digits, plain) == "ok"
