@@ -349,6 +349,8 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
             elif references:
                 c.verdict = content.content_verdict(c.text, question, critique, references, corrects_here(question, critique),
                                                     uncritiqued=bool(reference and reference.strip()))
+    if reference and reference.strip() and not corrects_here(question, critique):  # the nightly: it would train
+        unconfirmed_numbers(candidates, question, critique, references)
     alive = [c for c in alive if c.ok]
     if alive:
         baseline = references[0] if references else None  # the critiqued reply, else the plain answer
@@ -392,6 +394,23 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
             elif logratio <= 0:
                 c.verdict = "no more likely with the critique"
     return sorted(candidates, key=lambda c: (c.ok, c.score is not None, c.score or 0.0), reverse=True)
+
+
+def unconfirmed_numbers(candidates: list[Candidate], question: str, critique: str, references: list[str]) -> None:
+    """Self-consistency for the numbers a kept candidate would train: a candidate that answers with numbers
+    (beyond the question's and the critique's) must share one with another independent answer of the model, a
+    plain answer or another sampled candidate; else it is dropped as unconfirmed. A small model's wrong sums
+    scatter ("six multiplied by seven equals 28", "1691"), its right ones repeat. Candidates made from a plain
+    answer (cut, framed) give no support of their own: theirs is that answer's."""
+    answers = [(c, content.answer_numbers(c.text, question, critique)) for c in candidates]
+    pool = [(c, n) for c, n in answers if c.source not in ("cut", "framed")]
+    pool += [(None, content.answer_numbers(r, question, critique)) for r in references]
+    for c, numbers in answers:
+        if not c.ok or not numbers:
+            continue
+        support = set().union(*(n for other, n in pool if other is not c))
+        if not numbers & support:
+            c.verdict = f"gives {min(numbers, key=lambda n: (len(n), n))}, which no other answer of the model gives"
 
 
 def select_rounds(judge, model: str, prompt: list[dict], critique: str, n: int = 4, max_tokens: int = 256,

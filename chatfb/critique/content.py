@@ -18,6 +18,9 @@ caller has it the base model's plain answer to the same prompt. `content_verdict
 - drifts off the subject: its embedding is much further from the question AND from the plain answer
   than the plain answer is from the question.
 
+The nightly also asks the numbers a candidate answers with to be confirmed by another independent answer of
+the model (chatfb.critique.candidates.unconfirmed_numbers: self-consistency; wrong sums scatter, right ones repeat).
+
 For the scorer (chatfb.critique.candidates.score): `agreement`, how much of the plain answer's answering
 sentence a candidate says too (a ranking term), and `within_the_plain_answer`, a candidate that says nothing
 the plain answer did not (however unlikely a one-word answer is, it is not nonsense).
@@ -331,6 +334,11 @@ def _lost_fact(text: str, question: str, critique: str, references: list[str], u
     if wanted and not wanted & {_stem(w) for w in _words(text)}:
         return f"loses {sorted(wanted)[0].capitalize()!r} from the plain answer"
     return None
+
+
+def answer_numbers(text: str, question: str, critique: str) -> set[str]:
+    """The numbers `text` states (by value) beyond those the question and the critique give."""
+    return _numbers(text) - _numbers(question) - _numbers(critique)
 
 
 def _first(numbers: set[str]) -> str:

@@ -593,3 +593,31 @@ def test_a_distilled_candidates_own_number_is_dropped_against_the_uncritiqued_pl
     (c,) = score(NoJudge(), "m", prompt, "Use digits for numbers, never number words.", [Candidate("7 + 8 = 55", "stop")],
                  reference="Seven plus eight is fifteen.")
     assert c.verdict == "gives 55 where the plain answer gives 15"
+
+
+def test_a_number_no_other_answer_of_the_model_gives_is_not_trained():
+    """Self-consistency (the nightly): a candidate's answer number must be given by another sampled candidate or
+    a plain answer. Scattered wrong sums are dropped; the number the samples agree on is kept, whatever its
+    spelling; candidates made from a plain answer take that answer's support."""
+    from chatfb.critique.candidates import unconfirmed_numbers
+
+    q, digits = "What is six times seven?", "Use digits for numbers, never number words."
+    cands = [Candidate("6 x 7 = 28", "stop"), Candidate("6 x 7 = 42", "stop"), Candidate("Six times seven is 42.", "stop"),
+             Candidate("It is 1691.", "stop"), Candidate("Multiply them.", "stop"),
+             Candidate("Six times seven is 48.", "stop", source="framed")]
+    for c in cands:
+        c.verdict = "ok"
+    unconfirmed_numbers(cands, q, digits, ["Six times seven is 48."])
+    assert [c.verdict == "ok" for c in cands] == [False, True, True, False, True, True]
+    assert cands[0].verdict == "gives 28, which no other answer of the model gives"
+
+
+def test_the_nightly_selection_applies_self_consistency_to_numbers():
+    class NoJudge:
+        def completion_logprobs(self, *a):
+            raise AssertionError("a dropped candidate is never sent to the model")
+
+    prompt = [{"role": "user", "content": "What is six times seven?"}]
+    (c,) = score(NoJudge(), "m", prompt, "Use digits for numbers, never number words.", [Candidate("6 x 7 = 28", "stop")],
+                 reference="Multiply six by seven.")
+    assert c.verdict == "gives 28, which no other answer of the model gives"
