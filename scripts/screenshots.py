@@ -84,11 +84,16 @@ def personal_shot(browser, app, out: Path, corrections: int = 30) -> bool:
     page.goto(app.url)
     page.wait_for_selector("#model-status:has-text('Model ready')", timeout=180_000)
     page.get_by_text("More feedback").click()
-    for r in rows[:corrections]:
+    for i, r in enumerate(rows[:corrections]):
         send(page, r["prompt"])
         page.locator("#correction textarea").fill(r["text"])
         page.locator("#send-correction").click()
-        page.wait_for_function("document.querySelector('#correction textarea')?.value === ''", timeout=60_000)
+        try:
+            page.wait_for_function("document.querySelector('#correction textarea')?.value === ''", timeout=60_000)
+        except Exception:
+            print(f"correction {i} not taken: {page.locator('#fb-status').inner_text()!r}", file=sys.stderr)
+            page.screenshot(path=str(out / "personal-failed.png"))
+            raise
         page.locator("#new").click()
     run = subprocess.run([sys.executable, "-m", "chatfb", "nightly"], cwd=ROOT, env=dict(app.env, **PERSONAL_ENV),
                          capture_output=True, text=True, timeout=1800)
