@@ -95,6 +95,10 @@ def personal_shot(browser, app, out: Path, corrections: int = 30) -> bool:
             page.screenshot(path=str(out / "personal-failed.png"))
             raise
         page.locator("#new").click()
+        # the next message only once the new conversation is open (sent sooner, it went to the old one and the
+        # new conversation's reset then cleared which reply the correction is for)
+        page.wait_for_function("document.querySelectorAll(\"#chatbot [data-testid='bot']\").length === 0",
+                               timeout=60_000)
     run = subprocess.run([sys.executable, "-m", "chatfb", "nightly"], cwd=ROOT, env=dict(app.env, **PERSONAL_ENV),
                          capture_output=True, text=True, timeout=1800)
     result = json.loads(run.stdout[run.stdout.index("{"):]) if "{" in run.stdout else {}
