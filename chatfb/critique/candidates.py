@@ -339,6 +339,7 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
         if (c.ok and original and rouge_l(c.text, original) > 0.9
                 and not constraints.adds_the_shape(critique, c.text, original)):
             c.verdict = "same as the critiqued reply"
+    corrects, uncritiqued = corrects_here(question, critique), bool(reference and reference.strip())
     alive = [c for c in candidates if c.ok]
     if alive:
         cos = cosines(question, [c.text for c in alive])
@@ -347,9 +348,8 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
             if cos_c < OFF_TOPIC_COSINE:
                 c.verdict = "off topic"
             elif references:
-                c.verdict = content.content_verdict(c.text, question, critique, references, corrects_here(question, critique),
-                                                    uncritiqued=bool(reference and reference.strip()))
-    if reference and reference.strip() and not corrects_here(question, critique):  # the nightly: it would train
+                c.verdict = content.content_verdict(c.text, question, critique, references, corrects, uncritiqued)
+    if uncritiqued and not corrects:  # the nightly: it would train
         unconfirmed_numbers(candidates, question, critique, references)
     alive = [c for c in alive if c.ok]
     if alive:
@@ -410,7 +410,7 @@ def unconfirmed_numbers(candidates: list[Candidate], question: str, critique: st
             continue
         support = set().union(*(n for other, n in pool if other is not c))
         if not numbers & support:
-            c.verdict = f"gives {min(numbers, key=lambda n: (len(n), n))}, which no other answer of the model gives"
+            c.verdict = f"gives {content.first_number(numbers)}, which no other answer of the model gives"
 
 
 def select_rounds(judge, model: str, prompt: list[dict], critique: str, n: int = 4, max_tokens: int = 256,

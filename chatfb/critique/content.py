@@ -324,7 +324,7 @@ def _lost_fact(text: str, question: str, critique: str, references: list[str], u
         # check reads) is the user's to accept or not
         given, said = have - skip_numbers, set().union(*per_ref)
         if (len(per_ref) > 1 or uncritiqued) and given and not given & said:
-            return f"gives {_first(given)} where the plain answer gives {_first(said)}"
+            return f"gives {first_number(given)} where the plain answer gives {first_number(said)}"
     skip_names = content_words(question) | content_words(critique)
     names = [_names(lead) - skip_names for lead in leads]
     if len(references) > 1:  # the names the plain answers agree on (none agreed: nothing required)
@@ -341,7 +341,8 @@ def answer_numbers(text: str, question: str, critique: str) -> set[str]:
     return _numbers(text) - _numbers(question) - _numbers(critique)
 
 
-def _first(numbers: set[str]) -> str:
+def first_number(numbers: set[str]) -> str:
+    """The smallest of `numbers` (numeric strings), to name one in a verdict."""
     return min(numbers, key=lambda n: (len(n), n))
 
 

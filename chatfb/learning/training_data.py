@@ -143,9 +143,13 @@ def review_queue(records: list[FeedbackRecord], settings, reviews: dict[str, str
     return trust.queue_view(records, trust_decisions(records, settings, reviews, flagged, rejected), reviews)
 
 
+def _split_hash(feedback_id: str, seed: int) -> bytes:
+    """The hash that places a row in the held-out split (`is_heldout`) and orders rows for `hold_one_out`."""
+    return hashlib.sha256(f"{seed}:{feedback_id}".encode()).digest()
+
+
 def is_heldout(feedback_id: str, fraction: float, seed: int) -> bool:
-    h = hashlib.sha256(f"{seed}:{feedback_id}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64 < fraction
+    return int.from_bytes(_split_hash(feedback_id, seed)[:8], "big") / 2**64 < fraction
 
 
 def build(records: list[FeedbackRecord], mode: str = "semi", holdout_fraction: float = 0.2, seed: int = 0,
@@ -192,8 +196,7 @@ def hold_one_out(data: TrainingData, holdout_fraction: float, seed: int) -> str 
             or any(is_heldout(r.feedback_id, holdout_fraction, seed) for r in data.pending_critiques)):
         return None
     # a correction if there is one (a liked reply is the model's own: a weak test of what the adapter learnt)
-    key = lambda e: (e.source != "correction", hashlib.sha256(f"{seed}:{e.feedback_id}".encode()).digest())  # noqa: E731
-    one = min(data.train, key=key)
+    one = min(data.train, key=lambda e: (e.source != "correction", _split_hash(e.feedback_id, seed)))
     data.train.remove(one)
     data.heldout.append(one)
     data.counts["held_out_one"] = 1

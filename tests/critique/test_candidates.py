@@ -582,13 +582,16 @@ def test_the_new_content_floor_holds_for_a_critique_worded_unlike_the_others():
     assert verdicts[nonsense].startswith("far less likely as an answer than the plain answer"), ranked
 
 
+class NoJudge:
+    """A judge for candidates the text checks drop: none of them is ever sent to the model."""
+
+    def completion_logprobs(self, *a):
+        raise AssertionError("a dropped candidate is never sent to the model")
+
+
 def test_a_distilled_candidates_own_number_is_dropped_against_the_uncritiqued_plain_answer():
     """The nightly scores a critique distilled onto another prompt against the model's own greedy answer there
     (`reference`, nobody critiqued it): "7 + 8 = 55" was trained before this check."""
-    class NoJudge:
-        def completion_logprobs(self, *a):
-            raise AssertionError("a dropped candidate is never sent to the model")
-
     prompt = [{"role": "user", "content": "What is seven plus eight?"}]
     (c,) = score(NoJudge(), "m", prompt, "Use digits for numbers, never number words.", [Candidate("7 + 8 = 55", "stop")],
                  reference="Seven plus eight is fifteen.")
@@ -613,10 +616,6 @@ def test_a_number_no_other_answer_of_the_model_gives_is_not_trained():
 
 
 def test_the_nightly_selection_applies_self_consistency_to_numbers():
-    class NoJudge:
-        def completion_logprobs(self, *a):
-            raise AssertionError("a dropped candidate is never sent to the model")
-
     prompt = [{"role": "user", "content": "What is six times seven?"}]
     (c,) = score(NoJudge(), "m", prompt, "Use digits for numbers, never number words.", [Candidate("6 x 7 = 28", "stop")],
                  reference="Multiply six by seven.")
