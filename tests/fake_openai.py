@@ -67,6 +67,7 @@ class ReplicaHandler(Handler):
     refuse_load = False  # /v1/load_lora_adapter answers 400, like vLLM given a bad adapter
     loaded: dict  # name -> path
     served: dict  # model name -> requests answered
+    bodies: list  # the chat requests' JSON bodies, in order
 
     def _models(self):
         return [{"id": "chatfb-base", "root": self.root}] + [{"id": n, "root": p} for n, p in self.loaded.items()]
@@ -101,6 +102,7 @@ class ReplicaHandler(Handler):
         if not self._resolve(model):
             return self._json(404, {"error": {"message": f"The model `{model}` does not exist."}})
         self.served[model] = self.served.get(model, 0) + 1
+        self.bodies.append(json.loads(raw))
         self.rfile = io.BytesIO(raw)  # the parent reads the body again
         super().do_POST()
 
@@ -108,7 +110,7 @@ class ReplicaHandler(Handler):
 def start_replica(root="/models/base", lora_dir=None):
     """An in-process ReplicaHandler server on a free loopback port; returns (server, its handler class).
     Stop it with server.shutdown()."""
-    handler = type("Replica", (ReplicaHandler,), {"root": root, "lora_dir": lora_dir, "loaded": {}, "served": {}})
+    handler = type("Replica", (ReplicaHandler,), {"root": root, "lora_dir": lora_dir, "loaded": {}, "served": {}, "bodies": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()

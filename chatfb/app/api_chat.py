@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from chatfb.app.chat_service import ChatInputError, ChatService, ReplyUpdate, utf8_text
+from chatfb.app.chat_service import ChatInputError, ChatService, ReplyUpdate, Sampling, utf8_text
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_MESSAGES = 500
@@ -40,8 +40,25 @@ def message_text(message) -> tuple[str, str]:
     return message["role"], utf8_text(content)
 
 
-def start_turn(chat: ChatService, user_name: str, messages, conversation_id: str | None = None
-               ) -> tuple[str, Iterator[ReplyUpdate]]:
+def sampling_of(body: dict) -> Sampling:
+    """The request's `temperature`, `top_p` and `max_tokens` (or `max_completion_tokens`), checked as
+    OpenAI checks them; `max_tokens` above the operator's limit is answered with the limit's length."""
+    def number(name: str, low: float, high: float) -> float | None:
+        v = body.get(name)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+            raise ChatInputError(f"`{name}` is a number from {low:g} to {high:g}.")
+        return float(v)
+
+    tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise ChatInputError("`max_tokens` is a whole number of at least 1.")
+    return Sampling(temperature=number("temperature", 0, 2), top_p=number("top_p", 0.01, 1), max_tokens=tokens)
+
+
+def start_turn(chat: ChatService, user_name: str, messages, conversation_id: str | None = None,
+               sampling: Sampling | None = None) -> tuple[str, Iterator[ReplyUpdate]]:
     """Send the request's last message as `user_name`'s turn; returns (conversation id, reply stream).
     Raises ChatInputError (nothing sent) for a request chatfb cannot take."""
     if not isinstance(messages, list) or not messages:
@@ -62,7 +79,8 @@ def start_turn(chat: ChatService, user_name: str, messages, conversation_id: str
         # else a new conversation starts with the client's history (replies it got elsewhere, or edited), written
         # by send only once the turn passed its checks and the rate limit: a refused request writes nothing
         history = None if conversation_id else dialogue[:-1]
-    return chat.send(session, conversation_id or None, dialogue[-1][1], system, user_name, history=history)
+    return chat.send(session, conversation_id or None, dialogue[-1][1], system, user_name, history=history,
+                     sampling=sampling)
 
 
 def _continued(chat: ChatService, session: str, earlier: list[tuple[str, str]]) -> str | None:

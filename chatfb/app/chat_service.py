@@ -50,6 +50,24 @@ class ReplyUpdate:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How one reply is sampled, where a client asks for other than the settings (the OpenAI-compatible
+    API's `temperature`, `top_p`, `max_tokens`). None fields take the settings' values; `max_tokens` never
+    goes above them."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+
+    def resolved(self, settings: Settings) -> tuple[int, float, float]:
+        """(max_tokens, temperature, top_p) for one request."""
+        limit = settings.max_tokens
+        return (limit if self.max_tokens is None else min(self.max_tokens, limit),
+                settings.temperature if self.temperature is None else self.temperature,
+                settings.top_p if self.top_p is None else self.top_p)
+
+
 @dataclass
 class RevisionUpdate:
     """One streamed step of a proposed revision. While `done` is False, `text` is a draft being
@@ -232,10 +250,11 @@ class ChatService:
     # -- sending ----------------------------------------------------------------------------
     def send(self, session_id: str, conversation_id: str | None, text: str, system_prompt: str = "",
              user: str | None = None, history: list[tuple[str, str]] | None = None,
-             client: str | None = None) -> tuple[str, Iterator[ReplyUpdate]]:
+             client: str | None = None, sampling: Sampling | None = None) -> tuple[str, Iterator[ReplyUpdate]]:
         """Log the user's message and return (conversation_id, stream of reply updates). `history`: (role, text)
         turns a new conversation starts with (an API client's own history, chatfb.app.api_chat); `client`: the
-        `client_key` of the sender's address, recorded when this starts a conversation.
+        `client_key` of the sender's address, recorded when this starts a conversation; `sampling`: the
+        request's own sampling, else the settings'.
         Raises ChatInputError (RateLimited too) before anything is stored or sent."""
         limit = self.settings.max_message_chars
         text = self._check_text(text, "message", limit)
@@ -251,7 +270,7 @@ class ChatService:
                 self.store.add_message(cid, role, earlier)
         else:
             cid = self._own_conversation(session_id, conversation_id, system_prompt or "", user, client)
-        return cid, self._reply(cid, session_id, user, user_text=text)
+        return cid, self._reply(cid, session_id, user, user_text=text, sampling=sampling)
 
     def edit_message(self, session_id: str, conversation_id: str | None, message_id: str | None, text: str,
                      system_prompt: str = "", user: str | None = None) -> Iterator[ReplyUpdate]:
@@ -286,7 +305,8 @@ class ChatService:
         return self._reply(cid, session_id, user, replaces=replaces)
 
     def _reply(self, cid: str, session_id: str, user: str | None, replaces: str | None = None,
-               user_text: str | None = None, edits: str | None = None) -> Iterator[ReplyUpdate]:
+               user_text: str | None = None, edits: str | None = None,
+               sampling: Sampling | None = None) -> Iterator[ReplyUpdate]:
         """Log the pending reply (with the user's message before it, in one transaction, when
         `user_text` is given: `edits` names the user message it replaces) and return the stream that
         generates it."""
@@ -306,9 +326,10 @@ class ChatService:
         except BaseException:
             self.router.release(model)
             raise
-        return coalesced(self._stream(mid, model, [g["text"] for g in rules]), self.settings.stream_every_s)
+        return coalesced(self._stream(mid, model, [g["text"] for g in rules], sampling or Sampling()),
+                         self.settings.stream_every_s)
 
-    def _stream(self, mid: str, model: str, rules: list[str]) -> Iterator[ReplyUpdate]:
+    def _stream(self, mid: str, model: str, rules: list[str], sampling: Sampling) -> Iterator[ReplyUpdate]:
         result = StreamResult()
         status, error = "stopped", None
         self._live[mid] = result
@@ -319,7 +340,7 @@ class ChatService:
                 log.warning("reply %s not sent: the model is unavailable: %s", mid, why)
             else:
                 messages = guidelines.apply(self.store.history_before(mid), rules)
-                yield from self._generate(mid, messages, model, rules, result)
+                yield from self._generate(mid, messages, model, rules, result, sampling)
                 status = "ok"
         except ModelError as e:
             status, error = "failed", str(e)
@@ -339,17 +360,17 @@ class ChatService:
         yield ReplyUpdate(mid, result.text, model, done=True, error=error if status == "failed" else None)
 
     def _generate(self, mid: str, messages: list[dict], model: str, rules: list[str],
-                  result: StreamResult) -> Iterator[ReplyUpdate]:
+                  result: StreamResult, sampling: Sampling) -> Iterator[ReplyUpdate]:
         """Stream the reply in the shape of the user's guidelines (chatfb.critique.constraints): framed by an
         opening or closing phrase one of them asks for, or held to the regex of another literal shape. A
         server that refuses structured outputs (400, before any text) is asked again without: the guideline
         is still in the prompt."""
-        s = self.settings
+        p = sampling.resolved(self.settings)
         frame = constraints.guideline_frame(rules)
         if frame is not None:  # the model answers as it would; the phrase is added, once
             raw = StreamResult(started=result.started)
             try:
-                for _ in self.client.stream_chat(messages, model, s.max_tokens, s.temperature, s.top_p, raw):
+                for _ in self.client.stream_chat(messages, model, *p, raw):
                     result.text, result.ttft_ms = constraints.framed(raw.text, *frame, done=False), raw.ttft_ms
                     yield ReplyUpdate(mid, result.text, model)
                 result.text = constraints.framed(raw.text, *frame) if raw.text.strip() else ""
@@ -360,13 +381,13 @@ class ChatService:
         regex = constraints.guideline_regex(rules)
         held = {"regex": regex} if regex else {}  # clients without structured outputs are asked as before
         try:
-            for _ in self.client.stream_chat(messages, model, s.max_tokens, s.temperature, s.top_p, result, **held):
+            for _ in self.client.stream_chat(messages, model, *p, result, **held):
                 yield ReplyUpdate(mid, result.text, model)
         except ModelError as e:
             if regex is None or e.status != 400 or result.text:
                 raise
             log.warning("reply %s: structured outputs refused (%s); answering without the guideline's regex", mid, e)
-            for _ in self.client.stream_chat(messages, model, s.max_tokens, s.temperature, s.top_p, result):
+            for _ in self.client.stream_chat(messages, model, *p, result):
                 yield ReplyUpdate(mid, result.text, model)
 
     def stop(self, session_id: str, conversation_id: str | None) -> None:

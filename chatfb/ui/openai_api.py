@@ -25,7 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from chatfb.app.api_chat import api_session, start_turn
+from chatfb.app.api_chat import api_session, sampling_of, start_turn
 from chatfb.app.api_keys import user_for_key
 from chatfb.app.chat_service import MODEL_UNAVAILABLE, ChatInputError, RateLimited, ReplyUpdate
 from chatfb.ui.throttle import GuessThrottle
@@ -120,7 +120,7 @@ def api_routes(rt) -> list:
     def completions(user: str, body: dict):
         if body.get("n", 1) != 1:
             raise ApiError(400, "Only n=1 is supported.", code="unsupported_parameter")
-        cid, stream = start_turn(chat, user, body.get("messages"), body.get("conversation_id"))
+        cid, stream = start_turn(chat, user, body.get("messages"), body.get("conversation_id"), sampling_of(body))
         first = next(stream)  # the reply is logged by now: its id goes into the headers
         ids = {"conversation_id": cid, "message_id": first.message_id}
         if first.done and first.error:  # nothing was said: an HTTP error, not an empty stream

@@ -26,10 +26,18 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def app(settings, monkeypatch):
-    """The app as `python -m chatfb serve` runs it, on a free port; yields (base URL, runtime)."""
+def replica():
+    """The fake model server; yields its handler class (`bodies`: the requests it was sent)."""
     model, handler = start_replica()
     handler.delay = 0.05  # between words, so a test can hang up half-way
+    yield model, handler
+    model.shutdown()
+
+
+@pytest.fixture
+def app(settings, monkeypatch, replica):
+    """The app as `python -m chatfb serve` runs it, on a free port; yields (base URL, runtime)."""
+    model, _ = replica
     monkeypatch.setenv("GRADIO_SERVER_PORT", str(free_port()))  # where Gradio's search for a free port starts
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     rt, demo = serve(settings.with_(vllm_url=f"http://127.0.0.1:{model.server_address[1]}"), block=False)
@@ -41,7 +49,6 @@ def app(settings, monkeypatch):
             signal.signal(s, h)
         demo.close()
         rt.close()
-        model.shutdown()
 
 
 @pytest.fixture
@@ -142,6 +149,24 @@ def test_bad_requests_get_clear_json_errors(ann):
                    headers={"Authorization": f"Bearer {client.api_key}"}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["message"] == "The request body is not valid JSON."
     assert rt.store.counts()["messages"] == 0
+
+
+def test_a_requests_sampling_is_used_within_the_operators_limit(ann, replica):
+    client, rt = ann
+    sent = replica[1].bodies
+    ask = dict(model="chatfb", messages=[{"role": "user", "content": "Hi?"}])
+    client.chat.completions.create(**ask)  # nothing asked: the settings, as in the UI
+    s = rt.settings
+    assert (sent[-1]["temperature"], sent[-1]["top_p"], sent[-1]["max_tokens"]) == (s.temperature, s.top_p, s.max_tokens)
+    client.chat.completions.create(**ask, temperature=0, top_p=0.5, max_tokens=7)
+    assert (sent[-1]["temperature"], sent[-1]["top_p"], sent[-1]["max_tokens"]) == (0, 0.5, 7)
+    client.chat.completions.create(**ask, max_completion_tokens=10 ** 6)  # never above the operator's limit
+    assert sent[-1]["max_tokens"] == s.max_tokens
+    asked = len(sent)
+    for bad in ({"temperature": 3}, {"temperature": "hot"}, {"top_p": 0}, {"max_tokens": 0}, {"max_tokens": 1.5}):
+        with pytest.raises(openai.BadRequestError, match=next(iter(bad))):
+            client.chat.completions.create(**ask, **bad)
+    assert len(sent) == asked  # a refused request reaches no model
 
 
 def test_the_api_is_rate_limited_like_the_ui(ann):
