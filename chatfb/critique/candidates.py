@@ -208,9 +208,12 @@ def form_verdict(text: str, question: str, critique: str, finish_reason: str | N
 
 
 def _has_literal(text: str, fact: str) -> bool:
-    """`fact` is in `text`; a list marker quoted from the critique ("start lines with '- '") must start a line."""
+    """`fact` is in `text`; a list marker quoted from the critique ("start lines with '- '") must start a line,
+    and an e-mail address or URL must stand whole ("asupport@chatfb.example.com" is not support@chatfb.example)."""
     if re.fullmatch(r"[-*•+>#]{1,2}", fact):
         return re.search(rf"^\s*{re.escape(fact)}\s", text, re.M) is not None
+    if _EMAIL.fullmatch(fact) or _URL.fullmatch(fact):
+        return re.search(rf"(?<![\w.+-]){re.escape(fact)}(?![\w-]|\.[\w-])", text, re.I) is not None
     return fact.lower() in text.lower()
 
 

@@ -620,3 +620,15 @@ def test_the_nightly_selection_applies_self_consistency_to_numbers():
     (c,) = score(NoJudge(), "m", prompt, "Use digits for numbers, never number words.", [Candidate("6 x 7 = 28", "stop")],
                  reference="Multiply six by seven.")
     assert c.verdict == "gives 28, which no other answer of the model gives"
+
+
+def test_an_address_the_critique_asks_for_must_stand_whole():
+    """Kept and trained before (efficacy run 4): "asupport@chatfb.example.com" passed as support@chatfb.example."""
+    critique = "Always tell people to email support@chatfb.example."
+    q = "How do I delete my account?"
+    assert hard_verdict("Write to support@chatfb.example and we will delete it.", q, critique) == "ok"
+    assert hard_verdict("Write to SUPPORT@chatfb.example.", q, critique) == "ok"
+    for wrong in ("Write to asupport@chatfb.example.com and we will delete it.",
+                  "Write to support@chatfb.example.org and we will delete it.",
+                  "Write to my-support@chatfb.example and we will delete it."):
+        assert hard_verdict(wrong, q, critique).startswith("leaves out"), wrong
