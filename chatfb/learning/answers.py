@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -36,25 +37,30 @@ class AnswerBook:
         self.keep = keep or (lambda model: True)  # whose answers may be filed
         self.hits = 0
         self.asked = 0
+        self._lock = threading.Lock()  # the gate asks several models' answers at once
 
     def answers(self, kind: str, model: str, prompts: list[list[dict]], max_tokens: int,
                 ask: Callable[[list[list[dict]]], list]) -> list:
         """The answers of `model` to `prompts` (`kind` names how they were asked: greedy and cut off or not);
         those not on file come from `ask(missing prompts)` (one list, in order) and are filed."""
         if not self.keep(model):
-            self.asked += len(prompts)
+            with self._lock:
+                self.asked += len(prompts)
             return list(ask(prompts))
         book = self._read()
         keys = [self._key(kind, model, p, max_tokens) for p in prompts]
         missing = [i for i, k in enumerate(keys) if k not in book]
-        self.hits += len(prompts) - len(missing)
-        self.asked += len(missing)
+        with self._lock:
+            self.hits += len(prompts) - len(missing)
+            self.asked += len(missing)
         if missing:
             fresh = ask([prompts[i] for i in missing])
             if len(fresh) != len(missing):
                 raise ValueError(f"asked {len(missing)} prompts, got {len(fresh)} answers")
-            book.update({keys[i]: a for i, a in zip(missing, fresh)})
-            self._write(book)
+            filed = {keys[i]: a for i, a in zip(missing, fresh)}
+            book.update(filed)
+            with self._lock:  # what another thread filed meanwhile stays
+                self._write({**self._read(), **filed})
         return [book[k] for k in keys]
 
     def _key(self, kind: str, model: str, prompt: list[dict], max_tokens: int) -> str:

@@ -355,7 +355,23 @@ def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incu
     prompts = [e.prompt for e in heldout] + [i[0] for i in critique_items] + [i[0] for _, i in guideline_items]
     targets = [e.target for e in heldout]
     control = control_messages(settings.system_prompt)
-    answers = {m: generate(client, m, prompts) for m in (candidate, incumbent or base_name)}
+    book = book or AnswerBook(None)
+
+    def control_answers(model: str) -> list[str]:
+        return book.answers("greedy", model, control, CONTROL_MAX_TOKENS,
+                            lambda prompts: generate(client, model, prompts, CONTROL_MAX_TOKENS))
+
+    # Every answer the gate needs is asked at once, one batch for vLLM: the candidate's and the incumbent's
+    # held-out answers and the control answers not on file (one after another they were three rounds of up to
+    # CONTROL_MAX_TOKENS decoding steps, each a small batch).
+    from concurrent.futures import ThreadPoolExecutor
+
+    controlled = list(dict.fromkeys([base_name, candidate] + ([incumbent] if incumbent else [])))
+    with ThreadPoolExecutor(len(controlled) + 2) as pool:
+        asked = {m: pool.submit(generate, client, m, prompts) for m in (candidate, incumbent or base_name)}
+        asked_control = {m: pool.submit(control_answers, m) for m in controlled}
+        answers = {m: f.result() for m, f in asked.items()}
+        controls = {m: f.result() for m, f in asked_control.items()}
     measured = {}
     for m, replies in answers.items():
         a, b = len(heldout), len(heldout) + len(critique_items)
@@ -369,19 +385,12 @@ def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incu
                        "critique_pass": selection_pass_rate(judge or client, base_name, critique_items, replies[a:b]),
                        "follow": follow}
     cand, inc = measured[candidate], measured[incumbent or base_name]
-    book = book or AnswerBook(None)
-
-    def control_answers(model: str) -> list[str]:
-        return book.answers("greedy", model, control, CONTROL_MAX_TOKENS,
-                            lambda prompts: generate(client, model, prompts, CONTROL_MAX_TOKENS))
-
-    base_control = control_answers(base_name)
-    cand_control = control_answers(candidate)
+    base_control, cand_control = controls[base_name], controls[candidate]
     # Judged against the incumbent's answers: a candidate answers for what it changes, not for what the adapter
     # it replaces (and, for a personal one, trains on from) already answered differently, gated in its own cycle.
     # No chain of drift follows: every candidate trains from the base or the live shared adapter, never from
     # the candidate before it.
-    inc_control = control_answers(incumbent) if incumbent else None
+    inc_control = controls[incumbent] if incumbent else None
     reference = inc_control or base_control
     report = control_report(cand_control, reference)
     return GateReport(

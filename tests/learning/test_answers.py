@@ -56,3 +56,26 @@ def test_only_the_models_it_may_keep_are_filed(tmp_path):
     assert len(asked) == 6 and not path.exists()
     AnswerBook(path, keep=lambda m: not is_personal(m)).answers("greedy", "chatfb-v0002", Q, 128, asker(asked, "chatfb-v0002"))
     assert personal not in path.read_text() and "chatfb-v0002 answers" in path.read_text()
+
+
+def test_answers_filed_from_two_threads_at_once_are_both_kept(tmp_path):
+    """The gate asks several models' answers at once: one thread's filing never drops another's."""
+    import threading
+
+    path = tmp_path / "answers.json"
+    b_filed = threading.Event()
+
+    def slow(prompts):  # answers only once the other thread has filed its own
+        assert b_filed.wait(10)
+        return asker([], "a")(prompts)
+
+    book = AnswerBook(path)
+    first = threading.Thread(target=book.answers, args=("greedy", "a", Q, 128, slow))
+    first.start()
+    book.answers("greedy", "b", Q, 128, asker([], "b"))
+    b_filed.set()
+    first.join(10)
+    asked = []
+    for model in ("a", "b"):
+        AnswerBook(path).answers("greedy", model, Q, 128, asker(asked, model))
+    assert asked == [] and (book.hits, book.asked) == (0, 6)

@@ -521,3 +521,27 @@ def test_a_candidate_that_gives_the_exact_values_of_held_out_corrections_less_of
 def test_exact_values_skip_list_numbering_and_digits_inside_words():
     assert gate.exact_values("1. Drink H2O.\n2. Call 555-0199 before 17:30.") == ["555-0199", "17:30"]
     assert gate.gives_exactly("about 1000 of them", ["1,000"])
+
+
+def test_the_gate_asks_every_models_answers_in_one_round(settings, tmp_path):
+    """The candidate's and the incumbent's held-out answers and the control answers go to the server together
+    (one batch for vLLM), not one model after another."""
+    import threading
+
+    models = ("chatfb-base", "shared-v1", "cand")
+    waiting = threading.Barrier(len(models), timeout=10)  # each model's first answer waits for the others'
+    first = {}
+
+    def by(model):
+        def answer(q):
+            if first.setdefault(model, q) == q:
+                waiting.wait()  # BrokenBarrierError when the models are asked one after another
+            return "Paris." if "France" in q else "It is 7."
+        return answer
+
+    client = ByModelClient({m: by(m) for m in models})
+    client.loaded["shared-v1"] = "adapters/shared-v1"
+    data = td.TrainingData(heldout=[td.Example([{"role": "user", "content": "Held out?"}], "Yes.", "correction",
+                                               feedback_id="f1")])
+    m = evaluate(client, settings, data, "cand", "shared-v1", "chatfb-base", tmp_path)
+    assert m.heldout_n == 1 and len(m.control_samples) == 3 and m.control_lost == []
