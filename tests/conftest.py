@@ -51,6 +51,10 @@ class FakeModelClient:
         self.refuse_load = False
         self.health_waits = 0
         self.follows: tuple = ()
+        # Replies for requests held to a regex (structured outputs): the in-loop revision asks them while it
+        # streams the sampled drafts, so they have a queue of their own; empty, such a request is refused (400)
+        # like a server without structured outputs.
+        self.held: list = []
 
     def enqueue(self, *replies):
         self.queue.extend(replies)
@@ -86,7 +90,15 @@ class FakeModelClient:
         import re
 
         self.history.append({"messages": messages, "model": model, "n": n, "regex": regex})
-        texts = [self._next() for _ in range(n)]
+        if regex is not None:
+            if not self.held:
+                raise ModelError("The model server refused the request (400): structured outputs", 400)
+            texts = [self.held.pop(0) for _ in range(n)]
+            for item in texts:
+                if isinstance(item, Exception):
+                    raise item
+        else:
+            texts = [self._next() for _ in range(n)]
         for text in texts:
             if regex is not None and not re.fullmatch(regex, text):
                 raise AssertionError(f"a server holding to {regex!r} could not reply {text!r}")

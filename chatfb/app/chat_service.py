@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -461,23 +462,27 @@ class ChatService:
         model = self.router.acquire(who(user, session_id))
         t0 = time.perf_counter()
         ttft = None
+        messages = candidates.instruction_messages(prompt, critique)
+        # The nightly's candidates (chatfb.critique.candidates.generate), the sampled ones streamed so the user
+        # watches the first being written; the ones held to a format the critique states literally are asked
+        # meanwhile, in a request of their own (vLLM batches the two).
+        pool = ThreadPoolExecutor(1)
         try:
+            held = pool.submit(candidates.held_to_format, self.client, messages, model, critique,
+                               max(1, s.revision_candidates // 2), s.revision_max_tokens)
             drafts: dict[int, str] = {}
             finish: dict[int, str | None] = {}
-            for index, delta in self.client.stream_choices(candidates.instruction_messages(prompt, critique), model,
-                                                           n=s.revision_candidates, max_tokens=s.revision_max_tokens,
+            for index, delta in self.client.stream_choices(messages, model, n=s.revision_candidates,
+                                                           max_tokens=s.revision_max_tokens,
                                                            temperature=0.8, top_p=0.95, finish_reasons=finish):
                 drafts[index] = drafts.get(index, "") + delta
                 if index == 0 and delta:
                     ttft = ttft or time.perf_counter() - t0
                     yield RevisionUpdate(critique_id, self._showable(drafts[0], critique, prompt, original))
             cands = [candidates.Candidate(drafts.get(i, ""), finish.get(i)) for i in range(s.revision_candidates)]
-            # a length critique also gets the critiqued reply cut at sentence ends: its facts, shorter
-            cands += [candidates.Candidate(text, "stop", source="cut")
-                      for text in constraints.cut_candidates(critique, original)]
-            # an opening or closing phrase: the critiqued reply framed by it (its facts, in the asked form)
-            cands += [candidates.Candidate(text, "stop", source="framed")
-                      for text in constraints.framed_candidates(critique, original)]
+            # the critiqued reply cut at sentence ends for a length critique, or framed by the phrase asked for
+            # (its facts, in the asked form); then the held ones
+            cands += candidates.content_keeping(critique, original) + held.result()
             ranked = candidates.score(self.judge, model, prompt, critique, cands, original)
         except ModelError as e:
             log.warning("revision for critique %s failed: %s", critique_id, e)
@@ -488,6 +493,7 @@ class ChatService:
             yield RevisionUpdate(critique_id, "", done=True, error=REVISION_FAILED)
             return
         finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # a user who left, or a failure, abandons the held request
             self.router.release(model)
         best = candidates.best(ranked)
         rows = [{"feedback_id": critique_id, "message_id": message_id, "origin": "inloop", "text": c.text,

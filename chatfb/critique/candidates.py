@@ -298,26 +298,41 @@ def generate(client, model: str, prompt: list[dict], critique: str, n: int = 4, 
     messages = instruction_messages(prompt, critique)
     choices = client.complete_choices(messages, model, max_tokens=max_tokens, temperature=temperature, top_p=0.95, n=n)
     out = [Candidate(text.strip(), finish_reason) for text, finish_reason in choices]
+    return (out + content_keeping(critique, plain)
+            + held_to_format(client, messages, model, critique, max(1, n // 2), max_tokens, temperature))
+
+
+def content_keeping(critique: str, plain: str | list[str | None] | None) -> list[Candidate]:
+    """The candidates that keep the content by construction (chatfb.critique.constraints), each once: every
+    `plain` answer (one, or several, best first) cut at sentence ends for a length critique, or framed by the
+    opening or closing phrase the critique asks for."""
     plains = [p for p in ([plain] if isinstance(plain, str) else plain or []) if p and p.strip()]
-    made: set[str] = set()
+    out, made = [], set()
     for source, make in (("cut", constraints.cut_candidates), ("framed", constraints.framed_candidates)):
         for text in (t for p in plains for t in make(critique, p)):
             if text not in made:
                 made.add(text)
                 out.append(Candidate(text, "stop", source=source))
-    regex = constraints.format_regex(critique)
-    if regex:
-        try:
-            held = client.complete_choices(messages, model, max_tokens=max_tokens, temperature=temperature, top_p=0.95,
-                                           n=max(1, n // 2), regex=regex)
-        except ModelError as e:
-            if e.unavailable:
-                raise
-            # a server without structured outputs refuses the request: the sampled candidates still stand
-            log.warning("constrained candidates refused (%s); sampled ones only", e)
-            held = []
-        out += [Candidate(text.strip(), finish_reason, source="constrained") for text, finish_reason in held]
     return out
+
+
+def held_to_format(client, messages: list[dict], model: str, critique: str, n: int, max_tokens: int = 256,
+                   temperature: float = 0.8) -> list[Candidate]:
+    """n answers to `messages` held to the format the critique states literally (vLLM structured outputs),
+    from one request; none when the critique states no such format, or the server refuses structured
+    outputs (the other candidates still stand). A server that is down raises ModelError."""
+    regex = constraints.format_regex(critique)
+    if not regex:
+        return []
+    try:
+        held = client.complete_choices(messages, model, max_tokens=max_tokens, temperature=temperature, top_p=0.95,
+                                       n=n, regex=regex)
+    except ModelError as e:
+        if e.unavailable:
+            raise
+        log.warning("constrained candidates refused (%s); sampled ones only", e)
+        return []
+    return [Candidate(text.strip(), finish_reason, source="constrained") for text, finish_reason in held]
 
 
 def plain_answer(client, model: str, prompt: list[dict], max_tokens: int = 256) -> str | None:

@@ -310,3 +310,25 @@ def test_a_critique_asking_for_a_phrase_is_offered_the_reply_framed_by_it(chat, 
     assert final.error is None and final.text == f"Good question! {answer}", final
     offered = store.candidates("feedback_id = ? AND status = 'offered'", (fid,))[0]
     assert offered["details"]["source"] == "framed"
+
+
+def test_a_critique_stating_a_literal_format_is_offered_a_candidate_held_to_it(chat, store, fake_client):
+    """Issue 23: the in-loop revision has the nightly's candidates, the ones held to a format the critique
+    states literally (vLLM structured outputs) too, asked while the sampled drafts stream."""
+    fake_client.enqueue("You can reach our team by email.")
+    cid, mid = reply(chat, "A", "How do I get help with my order?")
+    critique = "Mention help@aurora.example when people ask for support."
+    fake_client.follows = ("help@aurora.example",)
+    fake_client.enqueue("Our team is happy to help.", "Please ask our team.")  # sampled: no address
+    fake_client.held.append("Write to help@aurora.example and our team will help with your order.")
+    fid, stream = chat.revise("A", mid, critique)
+    final = list(stream)[-1]
+    assert final.error is None and final.text == "Write to help@aurora.example and our team will help with your order."
+    [held] = [h for h in fake_client.history if h.get("regex")]
+    assert held["regex"] == constraints.format_regex(critique) and held["n"] == 1
+    offered = store.candidates("feedback_id = ? AND status = 'offered'", (fid,))[0]
+    assert offered["details"]["source"] == "constrained"
+    # a server without structured outputs (the held request refused) still offers what the sampled drafts give
+    fake_client.enqueue("Write to help@aurora.example for help.", "Ask the team.")
+    fid, stream = chat.revise("A", mid, critique)
+    assert list(stream)[-1].text == "Write to help@aurora.example for help."

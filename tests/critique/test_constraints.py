@@ -40,8 +40,8 @@ def test_no_regex_without_one_literal_shape(critique):
 
 
 def test_constrained_candidates_follow_their_constraint_and_are_marked(fake_client):
-    fake_client.enqueue("Sleep more.", "Keep a routine.",  # sampled freely
-                        "- Go to bed at the same time.\n- Keep the room dark.\n- Avoid screens before bed.")
+    fake_client.enqueue("Sleep more.", "Keep a routine.")  # sampled freely
+    fake_client.held.append("- Go to bed at the same time.\n- Keep the room dark.\n- Avoid screens before bed.")
     out = generate(fake_client, "chatfb-base", PROMPT, LINES, n=2)
     free, held = fake_client.history
     assert free["regex"] is None and free["n"] == 2
@@ -54,11 +54,13 @@ def test_constrained_candidates_follow_their_constraint_and_are_marked(fake_clie
 
 
 def test_a_server_without_structured_outputs_leaves_the_sampled_candidates(fake_client):
-    fake_client.enqueue("Sleep more.", ModelError("The model server refused the request (400): unknown field", 400))
+    fake_client.enqueue("Sleep more.")
+    fake_client.held.append(ModelError("The model server refused the request (400): unknown field", 400))
     out = generate(fake_client, "chatfb-base", PROMPT, SIGN, n=1)
-    assert [c.text for c in out] == ["Sleep more."]
-    fake_client.enqueue("Sleep more.", ModelError("The model server is not reachable right now."))
-    with pytest.raises(ModelError):  # down is not "refused": the task is retried as before
+    assert [c.text for c in out] == ["Sleep more."] and not fake_client.queue and not fake_client.held
+    fake_client.enqueue("Sleep more.")
+    fake_client.held.append(ModelError("The model server is not reachable right now."))
+    with pytest.raises(ModelError, match="not reachable"):  # down is not "refused": the task is retried as before
         generate(fake_client, "chatfb-base", PROMPT, SIGN, n=1)
 
 
