@@ -411,7 +411,8 @@ def cmd_review(settings, args) -> int:
             if not groups:
                 print("nothing waits for review")
             for g in groups:
-                print(f"\n== would teach ({g['teaching']}, {len(g['rows'])} row(s), {g['users']} user(s)): "
+                print(f"\n== would teach ({g['teaching']}, {len(g['rows'])} row(s) from {g['authors']} author(s), "
+                      f"{g['users']} counted as agreeing): "
                       f"{g['question'][:80]!r} -> {g['teaches'][:120]!r}")
                 for r in g["rows"]:
                     print(f"  {r['id']}  {r['created_at']}  {r['author']:<18} {r['feedback_kind']:<18} "

@@ -393,6 +393,8 @@ def queue_view(records: list[FeedbackRecord], decisions: dict[str, Decision], re
         kind, text = teaching(first)
         out.append({"group": leader, "question": question(first), "teaches": text, "teaching": kind,
                     "users": max(decisions[r.feedback_id].supporters for r in rows),  # distinct people agreeing
+                    # who gave the rows (an import's or an anonymous session's rows count as nobody's agreement)
+                    "authors": len({who(r.user_name, r.session_id) for r in rows}),
                     "rows": [{"id": r.feedback_id, "author": who(r.user_name, r.session_id),
                               "feedback_kind": provenance_kind(r), "question": question(r), "text": teaching(r)[1],
                               "created_at": r.created_at.isoformat(timespec="seconds"),

@@ -172,17 +172,19 @@ REVIEW_COLUMNS = ["group", "would teach", "id", "author", "kind", "question", "t
 
 
 def review_view(admin: AdminService) -> tuple[str, pd.DataFrame, list[tuple[str, str]]]:
-    """The review queue (chatfb.learning.trust): the policy in one line (an open install is named as such),
-    the rows waiting, grouped by what they would teach, and the choices to select them by."""
+    """The review queue (chatfb.learning.trust): how much waits, in one line (the policy is the line above the
+    queue, `policy_line`), the rows waiting, grouped by what they would teach, and the choices to select them by."""
     groups = admin.review_queue()
     rows, choices = [], []
     for n, g in enumerate(groups, 1):
-        teaches = f"{g['question'][:60]} → {g['teaches'][:80]} ({len(g['rows'])} row(s), {g['users']} user(s))"
+        teaches = (f"{g['question'][:60]} → {g['teaches'][:80]} ({len(g['rows'])} row(s) from {g['authors']} "
+                   f"author(s), {g['users']} counted as agreeing)")
         for r in g["rows"]:
             rows.append({"group": n, "would teach": teaches, "id": r["id"], "author": r["author"],
                          "kind": r["feedback_kind"], "question": r["question"], "text": r["text"], "why it waits": r["reason"]})
             choices.append((f"{n}: {r['author']}: {r['text'][:60]}", r["id"]))
-    head = policy_line(admin) + ("" if groups else " Nothing waits for review.")
+    head = (f"**{len(rows)} row(s)** in {len(groups)} group(s) wait for review: approve to teach everyone, reject "
+            "to keep what they teach out of every shared adapter." if groups else "Nothing waits for review.")
     return head, pd.DataFrame(rows, columns=REVIEW_COLUMNS), choices
 
 

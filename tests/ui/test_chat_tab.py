@@ -193,7 +193,7 @@ def test_sessions_keep_the_first_key_of_a_page_load_and_separate_api_clients(tmp
 
 
 def test_admin_review_queue_lists_groups_decides_by_selection_and_names_an_open_install(settings):
-    from chatfb.ui.admin_tab import adapters_frame, decide_review, review_view
+    from chatfb.ui.admin_tab import adapters_frame, decide_review, policy_line, review_view
 
     rt = Runtime(settings)
     try:
@@ -204,7 +204,8 @@ def test_admin_review_queue_lists_groups_decides_by_selection_and_names_an_open_
             a = rt.store.add_message(cid, "assistant", "Picasso.")
             ids.append(rt.store.log_feedback(a, "correction", text="Vincent van Gogh.", session_id=session))
         head, frame, choices = review_view(rt.admin)
-        assert "only what is vouched for" in head
+        assert "only what is vouched for" in policy_line(rt.admin) and "vouched" not in head  # said once, above
+        assert "2 row(s)** in 1 group(s)" in head and "from 2 author(s), 0 counted as agreeing" in frame["would teach"][0]
         assert list(frame["id"]) == ids and set(frame["group"]) == {1} and [v for _, v in choices] == ids
         assert "k:a" not in frame.to_string()  # anonymous sessions only hashed
         assert decide_review(rt.admin, [ids[0], "gone"], "rejected").startswith("⚠️ no feedback with id gone")
@@ -218,7 +219,7 @@ def test_admin_review_queue_lists_groups_decides_by_selection_and_names_an_open_
         rt.store.close()
     rt = Runtime(settings.with_(shared_trust="open"))
     try:
-        assert "OPEN (CHATFB_SHARED_TRUST=open)" in review_view(rt.admin)[0]
+        assert "OPEN (CHATFB_SHARED_TRUST=open)" in policy_line(rt.admin)
     finally:
         rt.store.close()
 
