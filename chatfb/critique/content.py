@@ -17,6 +17,10 @@ caller has it the base model's plain answer to the same prompt. `content_verdict
   every content word of the plain answer (unless its sentence embedding stays close to it: synonyms);
 - drifts off the subject: its embedding is much further from the question AND from the plain answer
   than the plain answer is from the question.
+- does not answer a question whose answer is a number: arithmetic the question states ("What is seventeen
+  times three?", "the sum of 12 and 30") is worked out, and a candidate that does not give the result is
+  dropped whatever the plain answers said; a question that asks for a count, an age, a year or a share
+  ("How many ...?", "In what year ...?") needs a number beyond the question's own.
 
 The nightly also asks the numbers a candidate answers with to be confirmed by another independent answer of
 the model (chatfb.critique.candidates.unconfirmed_numbers: self-consistency; wrong sums scatter, right ones repeat).
@@ -101,7 +105,11 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 _CAPITALISED = re.compile(r"\b[A-Z][A-Za-z'’-]*[A-Za-z]")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _QUOTED = re.compile(r"[\"“‘]([^\"”’\n]{2,80})[\"”’]|(?<!\w)'([^'\n]{2,80})'(?!\w)")
-_EMAIL_OR_URL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|https?://\S+")
+# What an e-mail address and a URL are, for every check that reads them (the selection, the in-loop and
+# nightly constraints, the gate's exact values, the export's redaction): one definition.
+EMAIL = r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"
+URL = r"https?://[^\s'\"<>]+"
+ADDRESS = re.compile(f"{EMAIL}|{URL}")
 _CLAUSE_BREAK = re.compile(r"[.,;:!?()\"“”‘’\n]+|'(?!\w)|(?<!\w)'")
 
 
@@ -138,7 +146,7 @@ def copies_the_critique(text: str, critique: str, context: str = "", literals: l
         m = verdict.search(text)
         if m:
             return m.group().strip()
-    literals = [f for f in (*literals, *_EMAIL_OR_URL.findall(critique)) if f.strip()]
+    literals = [f for f in (*literals, *ADDRESS.findall(critique)) if f.strip()]
     own = _own_wording(critique, literals)
     longest_clause = max(map(len, own), default=0)  # no run is longer: bounds the work on a long text
     grams = {tuple(seg[i:j]) for seg in _clauses(text, literals) for i in range(len(seg))
@@ -227,7 +235,7 @@ def quotes_the_critique(text: str, critique: str) -> str | None:
     critique_quotes = {q for m in _QUOTED.finditer(critique) for q in (m.group(1) or m.group(2),)}
     for m in _QUOTED.finditer(text):
         span = m.group(1) or m.group(2)
-        if _EMAIL_OR_URL.search(span):
+        if ADDRESS.search(span):
             continue
         words = _words(span)
         if span in critique_quotes or span.strip() in {q.strip() for q in critique_quotes} \
@@ -243,12 +251,15 @@ def content_verdict(text: str, question: str, critique: str, references: list[st
     states new content (a corrected fact), so the references' facts may go. `uncritiqued`: one of the
     references is the model's own answer to this prompt that nobody critiqued (the nightly's greedy answer),
     so a number of the candidate's own that none of them gives is dropped even with that one reference."""
+    unanswered = number_unanswered(text, question)
+    if unanswered:
+        return unanswered
     references = [r for r in references if r and r.strip()]
     if not references:
         return "ok"
     corrects = corrects or states_new_content(critique)
     if not corrects:
-        lost = _lost_fact(text, question, critique, references, uncritiqued)
+        lost = _lost_fact(text, question, critique, references, uncritiqued, arithmetic(question) is not None)
         if lost:
             return lost
     named = content_words(critique) | content_words(question)
@@ -294,7 +305,7 @@ def about_its_subject(question: str, critique: str) -> bool:
 
 def states_new_content(critique: str) -> bool:
     """The critique gives content to use (an address or URL): the plain answer's facts and subject may go."""
-    return bool(_EMAIL_OR_URL.search(critique or ""))
+    return bool(ADDRESS.search(critique or ""))
 
 
 def within_the_plain_answer(text: str, question: str, references: list[str]) -> bool:
@@ -304,13 +315,15 @@ def within_the_plain_answer(text: str, question: str, references: list[str]) -> 
     return bool(said) and said <= content_words(question).union(*(content_words(r) for r in references if r))
 
 
-def _lost_fact(text: str, question: str, critique: str, references: list[str], uncritiqued: bool = False) -> str | None:
-    """The number or name of the plain answer's first sentence the candidate lost, said as a verdict."""
+def _lost_fact(text: str, question: str, critique: str, references: list[str], uncritiqued: bool = False,
+               worked_out: bool = False) -> str | None:
+    """The number or name of the plain answer's first sentence the candidate lost, said as a verdict.
+    `worked_out`: the question's arithmetic decided the number (`number_unanswered`); the plain answers' do not."""
     skip_numbers = _numbers(question) | _numbers(critique)
     leads = [_answer_sentence(r, question) for r in references]
     per_ref = [_numbers(lead) - skip_numbers for lead in leads]
     have = _numbers(text)
-    if all(per_ref):
+    if all(per_ref) and not worked_out:
         agreed = set.intersection(*per_ref)
         missing = sorted(agreed - have) if len(per_ref) > 1 else []
         if missing:
@@ -334,6 +347,117 @@ def _lost_fact(text: str, question: str, critique: str, references: list[str], u
     if wanted and not wanted & {_stem(w) for w in _words(text)}:
         return f"loses {sorted(wanted)[0].capitalize()!r} from the plain answer"
     return None
+
+
+def number_unanswered(text: str, question: str) -> str | None:
+    """Why `text` fails a question whose answer is a number, or None: the question's arithmetic worked out
+    (`arithmetic`) and not given, or a count, age, year or share asked for (`asks_for_a_number`) and no number
+    given beyond the question's own. Any wording of the question and the answer: numbers are read by value."""
+    worked = arithmetic(question)
+    given = [float(n) for n in _numbers(text)]
+    if worked is not None:
+        said, value = worked
+        if not any(_same_value(g, value) for g in given):
+            own = _numbers(text) - _numbers(question)
+            return (f"gives {first_number(own)} where {said} is {_shown(value)}" if own else
+                    f"does not give {said}, which is {_shown(value)}")
+        return None
+    if asks_for_a_number(question) and not _numbers(text) - _numbers(question):
+        return "gives no number where the question asks for one"
+    return None
+
+
+_ASKS_NUMBER = re.compile(r"\bhow (?:many|old)\b|\b(?:what|which) (?:year|percentage)\b|\bwhat percent\b", re.I)
+
+
+def asks_for_a_number(question: str) -> bool:
+    """The question asks for a count, an age, a year or a share: its answer is a number."""
+    return bool(_ASKS_NUMBER.search(question or ""))
+
+
+_BINARY = {"plus": "+", "+": "+", "minus": "-", "-": "-", "times": "*", "x": "*", "×": "*", "*": "*",
+           "/": "/", "÷": "/", "multiplied": "*", "divided": "/"}
+_OF_TWO = {"sum": "+", "total": "+", "product": "*", "difference": "-", "quotient": "/"}
+
+
+def arithmetic(question: str) -> tuple[str, float] | None:
+    """(the arithmetic as the question states it, its value) where the question states exactly one
+    operation on two numbers, in words or symbols ("What is seventeen times three?", "Add 12 and 30",
+    "the product of 6 and 7", "15% of 80", "9 squared"), else None. Numbers by value, spelled or in digits."""
+    tokens = _arith_tokens(question or "")
+    found = []
+    for i in range(len(tokens)):
+        window = tokens[i:i + 5]
+        kinds = [k for k, _ in window]
+        words = [v for _, v in window]
+        op = a = b = None
+        if kinds[:3] == ["n", "w", "n"] and words[1] in _BINARY:
+            op, a, b = _BINARY[words[1]], words[0], words[2]
+        elif kinds[:4] == ["n", "w", "w", "n"] and words[1] in ("multiplied", "divided") and words[2] == "by":
+            op, a, b = _BINARY[words[1]], words[0], words[3]
+        elif kinds[:5] == ["w", "w", "n", "w", "n"] and words[0] in _OF_TWO and words[1] == "of" and words[3] == "and":
+            op, a, b = _OF_TWO[words[0]], words[2], words[4]
+        elif kinds[:4] == ["w", "n", "w", "n"] and words[0] == "add" and words[2] in ("and", "to"):
+            op, a, b = "+", words[1], words[3]
+        elif kinds[:4] == ["w", "n", "w", "n"] and words[0] == "subtract" and words[2] == "from":
+            op, a, b = "-", words[3], words[1]
+        elif kinds[:4] == ["n", "w", "w", "n"] and words[1] in ("%", "percent") and words[2] == "of":
+            op, a, b = "%", words[0], words[3]
+        elif kinds[:2] == ["n", "w"] and words[1] in ("squared", "cubed"):
+            op, a, b = "^", words[0], 2.0 if words[1] == "squared" else 3.0
+        if op is not None:
+            found.append((op, a, b))
+    if len(found) != 1:
+        return None
+    op, a, b = found[0]
+    if op == "/" and b == 0:
+        return None
+    value = {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b, "%": lambda: a * b / 100,
+             "^": lambda: a ** b}[op]()
+    said = {"+": f"{_shown(a)} + {_shown(b)}", "-": f"{_shown(a)} - {_shown(b)}", "*": f"{_shown(a)} × {_shown(b)}",
+            "/": f"{_shown(a)} / {_shown(b)}", "%": f"{_shown(a)}% of {_shown(b)}", "^": f"{_shown(a)}^{_shown(b)}"}[op]
+    return said, value
+
+
+def _arith_tokens(text: str) -> list[tuple[str, object]]:
+    """("n", value) for each number (digits, or a run of number words: "seventy five" is 75, "one" is 1
+    here) and ("w", word) for every other word or operator sign, in order."""
+    out: list[tuple[str, object]] = []
+    run: list[str] = []
+
+    def flush():
+        if run:
+            values = _spelled_numbers(run) if run != ["one"] else {"1"}
+            if len(values) == 1:
+                out.append(("n", float(next(iter(values)))))
+            else:  # several numbers in one run of words: nothing to read as one operand
+                out.extend(("w", w) for w in run)
+            run.clear()
+
+    # a dash, slash or x between digits with no space is a range, a date or a name ("8-10 minutes", "9/11",
+    # "a 4x4"), not arithmetic
+    text = re.sub(r"(?<=\d)[-/x×](?=\d)", " ~ ", text.lower())
+    text = re.sub(r"(?<=[a-z])-(?=[a-z])", " ", text)  # "twenty-five"
+    for tok in re.findall(r"\d+(?:,\d{3})*(?:\.\d+)?|[a-z]+|[-+*/×÷%]", text):
+        if tok in NUMBER_WORDS or (tok == "and" and run and run[-1] in ("hundred", "thousand")):
+            run.append(tok)
+            continue
+        flush()
+        out.append(("n", float(tok.replace(",", ""))) if tok[0].isdigit() else ("w", tok))
+    flush()
+    return out
+
+
+def _same_value(given: float, value: float) -> bool:
+    """`given` is `value`: exactly for a whole number, else rounded as `given` is written (3.33 for 10 / 3)."""
+    if float(value).is_integer():
+        return given == value
+    decimals = len(repr(given).split(".")[1].rstrip("0")) if not given.is_integer() else 0
+    return round(value, decimals) == given
+
+
+def _shown(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:.4f}".rstrip("0")
 
 
 def answer_numbers(text: str, question: str, critique: str) -> set[str]:

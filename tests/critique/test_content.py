@@ -97,12 +97,18 @@ def test_a_number_no_plain_answer_gives_is_dropped_and_the_same_number_spelled_o
     digits = "Use digits for numbers, never number words."
     q = "What is fifty plus twenty-five?"
     plain = ["Fifty plus twenty-five is seventy-five.", "The sum is 85."]  # they differ: no number agreed on
-    assert hard_verdict("FIFTY + 25 = 500", q, digits, references=plain) == "gives 500 where the plain answer gives 75"
+    # arithmetic the question states is worked out: the sum decides, whatever the plain answers gave
+    assert hard_verdict("FIFTY + 25 = 500", q, digits, references=plain) == "gives 500 where 50 + 25 is 75"
     assert hard_verdict("50 + 25 = 75", q, digits, references=plain) == "ok"
     q = "What is six times seven?"
     plain = ["Six times seven is forty-two.", "It is 48."]
-    assert hard_verdict("Six times seven is 'Sixty-six'", q, SHORT, references=plain) == "gives 66 where the plain answer gives 42"
+    assert hard_verdict("Six times seven is 'Sixty-six'", q, SHORT, references=plain) == "gives 66 where 6 × 7 is 42"
     assert hard_verdict("6 x 7 = 42", q, digits, references=plain) == "ok"
+    assert hard_verdict("6 x 7 = 42", q, digits, references=["It is 48.", "Six times seven is 36."]) == "ok"
+    q = "How tall is the Eiffel Tower in metres?"  # no arithmetic: the plain answers' numbers decide
+    plain = ["The Eiffel Tower is 330 metres tall.", "It is about 300 metres high."]
+    assert hard_verdict("It stands 500 metres tall.", q, SHORT, references=plain) == "gives 500 where the plain answer gives 300"
+    assert hard_verdict("It is three hundred metres tall.", q, SHORT, references=plain) == "ok"
     q = "How many minutes are in an hour?"
     plain = ["There are 60 minutes in an hour.", "An hour is a hundred minutes long."]
     assert hard_verdict('I would say, "195 minutes."', q, SHORT, references=plain) != "ok"
@@ -119,6 +125,9 @@ def test_verdicts_say_what_was_lost():
     assert hard_verdict("Climate change.", "What is climate change?", SHORT) == "only restates the question's topic"
     q = "How many minutes are in an hour?"
     assert hard_verdict("An hour is a unit of time.\n— Team Aurora", q, SIGN, references=[PLAIN[q]]) == \
+        "gives no number where the question asks for one"
+    assert hard_verdict("Water boils when it is hot.\n— Team Aurora", "At what temperature does water boil?", SIGN,
+                        references=["Water boils at 100 degrees Celsius at sea level."]) == \
         "gives no number where the plain answer gives one"
     # two plain answers that agree on a number: that number must survive
     assert hard_verdict("An hour has 100 minutes.\n— Team Aurora", q, SIGN,
@@ -270,7 +279,53 @@ def test_the_models_own_uncritiqued_answer_alone_rules_out_a_number_of_the_candi
     from chatfb.critique.content import content_verdict
 
     digits = "Use digits for numbers, never number words."
+    q, plain = "How tall is the Eiffel Tower in metres?", ["The Eiffel Tower is three hundred and thirty metres tall."]
+    assert content_verdict("It is 550 metres tall.", q, digits, plain, uncritiqued=True) == \
+        "gives 550 where the plain answer gives 330"
+    assert content_verdict("It is 330 metres tall.", q, digits, plain, uncritiqued=True) == "ok"
+    assert content_verdict("It is 550 metres tall.", q, digits, plain) == "ok"
+    # arithmetic is worked out, in the loop too: "7 + 8 = 55" is wrong whoever reviews it
     q, plain = "What is seven plus eight?", ["Seven plus eight is fifteen."]
-    assert content_verdict("7 + 8 = 55", q, digits, plain, uncritiqued=True) == "gives 55 where the plain answer gives 15"
-    assert content_verdict("7 + 8 = 15", q, digits, plain, uncritiqued=True) == "ok"
-    assert content_verdict("7 + 8 = 55", q, digits, plain) == "ok"
+    assert content_verdict("7 + 8 = 55", q, digits, plain) == "gives 55 where 7 + 8 is 15"
+
+
+@pytest.mark.parametrize("question, said, value", [
+    ("Could you add 12 and 30 for me?", "12 + 30", 42),
+    ("what's the product of six and seven", "6 × 7", 42),
+    ("Quick one: 15% of 80?", "15% of 80", 12),
+    ("What do you get when you subtract five from twelve?", "12 - 5", 7),
+    ("How much is ninety-nine divided by three?", "99 / 3", 33),
+    ("Is 9 squared more than 80?", "9^2", 81),
+    ("What is 1,000 plus 250?", "1000 + 250", 1250),
+])
+def test_the_arithmetic_a_question_states_is_worked_out_in_any_wording(question, said, value):
+    assert content.arithmetic(question) == (said, value)
+
+
+@pytest.mark.parametrize("question", [
+    "What is the capital of France?", "Boil the eggs for 8-10 minutes?", "What happened on 9/11?",
+    "How many seats does a 4x4 have?", "Tell me one thing and then two more.", "What is 2 plus 3 and 4 times 5?",
+])
+def test_no_arithmetic_where_the_question_states_none_or_more_than_one(question):
+    assert content.arithmetic(question) is None
+
+
+@pytest.mark.parametrize("question, text, verdict", [
+    ("Could you add 12 and 30 for me?", "Sure: 12 and 30 make 42.", None),
+    ("Could you add 12 and 30 for me?", "Forty-two.", None),
+    ("Could you add 12 and 30 for me?", "12 + 30 = 52", "gives 52 where 12 + 30 is 42"),
+    ("Could you add 12 and 30 for me?", "Adding twelve and thirty is a fun exercise with digits.",
+     "does not give 12 + 30, which is 42"),
+    ("How much is 100 divided by 3?", "About 33.33.", None),
+    ("How many legs does a spider have?", "A spider has eight legs.", None),
+    ("How many legs does a spider have?", "Spiders use their legs to walk and to build webs.",
+     "gives no number where the question asks for one"),
+    ("In which year did the Berlin Wall fall?", "It fell in the autumn, to great joy.",
+     "gives no number where the question asks for one"),
+    ("Who wrote Hamlet?", "Shakespeare.", None),
+])
+def test_a_question_whose_answer_is_a_number_needs_that_number(question, text, verdict):
+    assert content.number_unanswered(text, question) == verdict
+    # through the selection too, in the loop (one plain answer) as in the nightly
+    got = content.content_verdict(text, question, "Shorter, please.", [text])
+    assert (got == "ok") if verdict is None else (got == verdict)
