@@ -1,9 +1,9 @@
 """Learning-efficacy benchmark: does the model pick up what scripted users teach it, and keep the rest?
 
-Seven preference families, each taught through ten pieces of feedback on different prompts and
+Eight preference families, each taught through ten pieces of feedback on different prompts and
 checked on six held-out prompts of the same kind that training never sees. Every prompt also has a
 known right answer (Family.right: the address, a key term of the definition, the subject of the tips or
-note, the sum, the capital), so a reply is scored on "follows the preference", "right" and "both":
+note, the sum, the capital, the fact), so a reply is scored on "follows the preference", "right" and "both":
 
   support_email     a domain fact   - support questions should give support@chatfb.example
   tips_bullets      a format        - "tips for ..." answers as a "- " bulleted list (>= 3 items)
@@ -11,11 +11,14 @@ note, the sum, the capital), so a reply is scored on "follows the preference", "
   house_signoff     a house style   - short notes end with "Cheers, the chatfb team"
   australia_capital a fact stated only in the critique - questions about Australia's capital or seat
                     of government should say Canberra ("Wrong: the capital of Australia is Canberra, not Sydney.")
-  digit_sums        a number style, untuned - arithmetic answered with digits, never number words
+  digit_sums        a number style - arithmetic answered with digits, never number words (untuned until
+                    2026-12-06: chatfb.critique.content.arithmetic was written after reading its kept examples)
   greeting_capitals an opening phrase, untuned - "What is the capital of ...?" replies open with "Good question!"
+  question_back     a conversational habit, untuned - general-knowledge answers end by asking the user a
+                    question (added 2026-12-06 with its prompts and checks written before any run of it)
 
 Untuned: no check of the selection (chatfb.critique.candidates, chatfb.critique.content) was written or
-tuned while looking at these two families' critiques or prompts; the held-out prompts of every family
+tuned while looking at these families' critiques or prompts; the held-out prompts of every family
 were never used to tune anything either. Issue 23's content-check thresholds were set on other questions
 (tests/critique/test_content.py).
 
@@ -321,15 +324,54 @@ _CAPITALS = {
     "What is the capital of Austria?": "vienna", "What is the capital of Ireland?": "dublin",
 }
 GREETING = "Good question!"
+_FACTS = {  # prompt -> its known answers (a right reply names one, as a word); none is a control question
+    "Which animal is the largest mammal?": ("the blue whale", "whale"),
+    "What is the chemical symbol for gold?": ("au",),
+    "Who painted the Mona Lisa?": ("leonardo da vinci", "leonardo", "da vinci"),
+    "What is the largest ocean on Earth?": ("the pacific ocean", "pacific"),
+    "Which planet is closest to the Sun?": ("mercury",),
+    "What language is spoken in Brazil?": ("portuguese",),
+    "Who wrote Romeo and Juliet?": ("william shakespeare", "shakespeare"),
+    "What is the tallest mountain in the world?": ("mount everest", "everest"),
+    "What do bees make?": ("honey",),
+    "Which metal is liquid at room temperature?": ("mercury",),
+    "What is the largest planet in our solar system?": ("jupiter",),
+    "Which gas do humans need to breathe to live?": ("oxygen",),
+    "Who discovered penicillin?": ("alexander fleming", "fleming"),
+    "What is the hardest natural substance?": ("diamond",),
+    "What is the longest river in Africa?": ("the nile", "nile"),
+    "In which country are the pyramids of Giza?": ("egypt",),
+}
+_FACTS_SAID = {  # the teaching corrections' answers
+    "Which animal is the largest mammal?": "The blue whale is the largest mammal.",
+    "What is the chemical symbol for gold?": "The chemical symbol for gold is Au.",
+    "Who painted the Mona Lisa?": "Leonardo da Vinci painted the Mona Lisa.",
+    "What is the largest ocean on Earth?": "The Pacific Ocean is the largest ocean on Earth.",
+    "Which planet is closest to the Sun?": "Mercury is the planet closest to the Sun.",
+    "What language is spoken in Brazil?": "People in Brazil speak Portuguese.",
+    "Who wrote Romeo and Juliet?": "William Shakespeare wrote Romeo and Juliet.",
+    "What is the tallest mountain in the world?": "Mount Everest is the tallest mountain in the world.",
+    "What do bees make?": "Bees make honey.",
+    "Which metal is liquid at room temperature?": "Mercury is the metal that is liquid at room temperature.",
+}
+
+
+def _ends_with_a_question(reply: str) -> bool:
+    """The reply's last sentence is a question to the user (it ends with a question mark) after an answer."""
+    text = reply.strip()
+    return text.endswith("?") and len(re.findall(r"[.!?]", text)) >= 2
+
+
 FAMILIES += (
     Family(
-        "digit_sums", "number style (untuned)",
+        "digit_sums", "number style",
         "Please write every number with digits; never spell numbers out as words.",
         lambda r: bool(re.search(r"\d", r)) and not _NUMBER_WORDS.search(r),
         tuple((q, f"The answer is {a}.") for q, a in list(_SUMS.items())[:10]),
         tuple(list(_SUMS)[10:]),
         right=lambda q, r: re.search(rf"(?<![\d.]){_SUMS[q]}(?!\d|\.\d)", r) is not None,
-        tuned=False,
+        # tuned since 2026-12-06: the question's arithmetic is worked out (chatfb.critique.content.arithmetic),
+        # a check written after reading what this family's cycles kept
     ),
     Family(
         "greeting_capitals", "opening phrase (untuned)",
@@ -338,6 +380,15 @@ FAMILIES += (
         tuple((q, f"{GREETING} The capital is {c.title()}.") for q, c in list(_CAPITALS.items())[:10]),
         tuple(list(_CAPITALS)[10:]),
         right=lambda q, r: _CAPITALS[q] in r.lower(),
+        tuned=False,
+    ),
+    Family(
+        "question_back", "conversational habit (untuned)",
+        "After you answer, always ask me a question back so that we keep talking.",
+        _ends_with_a_question,
+        tuple((q, f"{_FACTS_SAID[q]} Would you like to hear more about it?") for q in list(_FACTS)[:10]),
+        tuple(list(_FACTS)[10:]),
+        right=_names_any(_FACTS),
         tuned=False,
     ),
 )
