@@ -592,10 +592,15 @@ class NoJudge:
 def test_a_distilled_candidates_own_number_is_dropped_against_the_uncritiqued_plain_answer():
     """The nightly scores a critique distilled onto another prompt against the model's own greedy answer there
     (`reference`, nobody critiqued it): "7 + 8 = 55" was trained before this check."""
+    prompt = [{"role": "user", "content": "How tall is the Eiffel Tower in metres?"}]
+    (c,) = score(NoJudge(), "m", prompt, "Use digits for numbers, never number words.",
+                 [Candidate("It is 550 metres tall.", "stop")], reference="The Eiffel Tower is three hundred and thirty metres tall.")
+    assert c.verdict == "gives 550 where the plain answer gives 330"
+    # arithmetic is worked out first (chatfb.critique.content.arithmetic)
     prompt = [{"role": "user", "content": "What is seven plus eight?"}]
     (c,) = score(NoJudge(), "m", prompt, "Use digits for numbers, never number words.", [Candidate("7 + 8 = 55", "stop")],
                  reference="Seven plus eight is fifteen.")
-    assert c.verdict == "gives 55 where the plain answer gives 15"
+    assert c.verdict == "gives 55 where 7 + 8 is 15"
 
 
 def test_a_number_no_other_answer_of_the_model_gives_is_not_trained():
@@ -616,10 +621,10 @@ def test_a_number_no_other_answer_of_the_model_gives_is_not_trained():
 
 
 def test_the_nightly_selection_applies_self_consistency_to_numbers():
-    prompt = [{"role": "user", "content": "What is six times seven?"}]
-    (c,) = score(NoJudge(), "m", prompt, "Use digits for numbers, never number words.", [Candidate("6 x 7 = 28", "stop")],
-                 reference="Multiply six by seven.")
-    assert c.verdict == "gives 28, which no other answer of the model gives"
+    prompt = [{"role": "user", "content": "How many bones does an adult human have?"}]
+    (c,) = score(NoJudge(), "m", prompt, "Use digits for numbers, never number words.",
+                 [Candidate("An adult has 300 bones.", "stop")], reference="Bones hold the body up.")
+    assert c.verdict == "gives 300, which no other answer of the model gives"
 
 
 def test_an_address_the_critique_asks_for_must_stand_whole():
