@@ -219,8 +219,8 @@ def _has_literal(text: str, fact: str) -> bool:
 
 # What a critique states literally and a reply that follows it must contain: an e-mail address, a URL,
 # or a short quoted string ("end with 'Cheers, the chatfb team'", "start lines with '- '").
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-_URL = re.compile(r"https?://[^\s'\"<>]+")
+_EMAIL = re.compile(content.EMAIL)
+_URL = re.compile(content.URL)
 _QUOTED = re.compile(r"(?<![\w])[\"'‘“]([^\"'’”\n]{1,40})[\"'’”](?![\w])")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 
+from chatfb.critique.content import ADDRESS
 from chatfb.critique.ilf import SHORTER
 
 # Where in the reply a quoted phrase goes: the words that say so (English, not any one critique).
@@ -29,7 +30,6 @@ NEGATION = frozenset("never not don't dont avoid without stop no".split())
 COUNTS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 
 _QUOTED = re.compile(r"(?<![\w])[\"'‘“]([^\"'’”\n]{1,60})[\"'’”](?![\w])")
-_ADDRESS = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|https?://[^\s'\"<>]+")
 _MARKER = re.compile(r"\s*[-*•+>#]{1,2}\s*")
 _WORD_LIMIT = re.compile(r"\b(?:at most|no more than|under|fewer than|max(?:imum)?(?: of)?)\s+(\d+)\s+words\b", re.I)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -74,8 +74,8 @@ def shape(critique: str) -> tuple[str, str] | None:
     words = set(re.findall(r"[a-z']+", (critique or "").lower()))
     if words & NEGATION:
         return None
-    quoted = [q for q in _QUOTED.findall(critique) if not _ADDRESS.search(q)]
-    addresses = _ADDRESS.findall(critique)
+    quoted = [q for q in _QUOTED.findall(critique) if not ADDRESS.search(q)]
+    addresses = ADDRESS.findall(critique)
     if len(quoted) + (1 if addresses else 0) != 1:
         return None
     if addresses:

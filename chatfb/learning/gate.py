@@ -41,6 +41,7 @@ from pathlib import Path
 from chatfb.config import Settings
 from chatfb.learning.answers import AnswerBook
 from chatfb.serving.model_client import ModelClient
+from chatfb.critique import content
 from chatfb.critique.similarity import have_embeddings, paired_cosines, rouge_l
 
 # Control prompts with known answers: a right answer names at least `need` of the accepted words (digits
@@ -141,7 +142,7 @@ def closeness(replies: list[str], targets: list[str]) -> dict:
 
 
 # What a corrected reply states that must come back letter for letter: e-mail addresses, URLs, numbers.
-_EXACT = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|https?://[^\s'\"<>]+|(?<![\w.])\d+(?:[.,:/-]\d+)*(?!\w)")
+_EXACT = re.compile(rf"{content.EMAIL}|{content.URL}|(?<![\w.])\d+(?:[.,:/-]\d+)*(?!\w)")
 _LIST_MARKER = re.compile(r"(?m)^\s*\d+[.)]\s+")  # "1. " numbering a line: no value of the answer
 
 

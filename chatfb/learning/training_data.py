@@ -28,13 +28,14 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 
+from chatfb.critique import content
 from chatfb.critique.guidelines import looks_like_rule
 from chatfb.learning.rows import dpo_row, prompt_completion_row, provenance
 from chatfb.learning.trust import provenance_kind, who
 from chatfb.store.records import FeedbackRecord, last_user
 
 MODES = ("supervised", "unsupervised", "semi")
-EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(\.[\w-]+)+\b")
+EMAIL = re.compile(rf"\b{content.EMAIL}\b")
 PHONE = re.compile(r"(?<!\w)\+?\d[\d ()-]{7,}\d(?!\w)")
 
 
