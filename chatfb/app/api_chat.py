@@ -51,9 +51,10 @@ def sampling_of(body: dict) -> Sampling:
             raise ChatInputError(f"`{name}` is a number from {low:g} to {high:g}.")
         return float(v)
 
-    tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    tokens = body.get(name)
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
-        raise ChatInputError("`max_tokens` is a whole number of at least 1.")
+        raise ChatInputError(f"`{name}` is a whole number of at least 1.")
     return Sampling(temperature=number("temperature", 0, 2), top_p=number("top_p", 0.01, 1), max_tokens=tokens)
 
 

@@ -36,6 +36,7 @@ the critique names is never required (it may be the one it calls wrong). Words, 
 
 from __future__ import annotations
 
+import math
 import re
 from functools import lru_cache
 
@@ -251,7 +252,8 @@ def content_verdict(text: str, question: str, critique: str, references: list[st
     states new content (a corrected fact), so the references' facts may go. `uncritiqued`: one of the
     references is the model's own answer to this prompt that nobody critiqued (the nightly's greedy answer),
     so a number of the candidate's own that none of them gives is dropped even with that one reference."""
-    unanswered = number_unanswered(text, question)
+    # a critique that corrects the fact here states the answer itself: it decides, not the arithmetic as read
+    unanswered = None if corrects else number_unanswered(text, question)
     if unanswered:
         return unanswered
     references = [r for r in references if r and r.strip()]
@@ -351,23 +353,27 @@ def _lost_fact(text: str, question: str, critique: str, references: list[str], u
 
 def number_unanswered(text: str, question: str) -> str | None:
     """Why `text` fails a question whose answer is a number, or None: the question's arithmetic worked out
-    (`arithmetic`) and not given, or a count, age, year or share asked for (`asks_for_a_number`) and no number
-    given beyond the question's own. Any wording of the question and the answer: numbers are read by value."""
+    (`arithmetic`) and not given, or a count, age, year or share asked for (`asks_for_a_number`) and none given
+    beyond the question's own (a quantity word counts: "one moon", "no legs", "millions"). Any wording of the
+    question and the answer: numbers are read by value. Never raises on any text."""
     worked = arithmetic(question)
-    given = [float(n) for n in _numbers(text)]
     if worked is not None:
         said, value = worked
-        if not any(_same_value(g, value) for g in given):
+        if not any(_same_value(n, value) for n in _numbers(text)):
             own = _numbers(text) - _numbers(question)
             return (f"gives {first_number(own)} where {said} is {_shown(value)}" if own else
                     f"does not give {said}, which is {_shown(value)}")
         return None
-    if asks_for_a_number(question) and not _numbers(text) - _numbers(question):
+    if asks_for_a_number(question) and not _numbers(text) - _numbers(question) \
+            and not set(_words(text)) & _QUANTITY_WORDS:
         return "gives no number where the question asks for one"
     return None
 
 
-_ASKS_NUMBER = re.compile(r"\bhow (?:many|old)\b|\b(?:what|which) (?:year|percentage)\b|\bwhat percent\b", re.I)
+_ASKS_NUMBER = re.compile(r"\bhow (?:many|old)\b(?!-)|\b(?:what|which) (?:year|percentage)\b|\bwhat percent\b", re.I)
+# an answer to "how many" in words that no number reader counts: "one" alone (read as a pronoun elsewhere), none
+_QUANTITY_WORDS = frozenset("one no none zero single once twice half dozen dozens several few many hundreds "
+                            "thousands millions billions".split())
 
 
 def asks_for_a_number(question: str) -> bool:
@@ -377,43 +383,62 @@ def asks_for_a_number(question: str) -> bool:
 
 _BINARY = {"plus": "+", "+": "+", "minus": "-", "-": "-", "times": "*", "x": "*", "×": "*", "*": "*",
            "/": "/", "÷": "/", "multiplied": "*", "divided": "/"}
+_SIGNS = frozenset("+-x×*/÷")  # operators written as signs: arithmetic only where the question ends there
 _OF_TWO = {"sum": "+", "total": "+", "product": "*", "difference": "-", "quotient": "/"}
+# words beside a matched operation that make it part of a longer or other sum ("5 squared minus 1", "the sum of
+# 2 and 3 and 4", "2 to the power of 10 minus 1") or a comparison ("is 9 squared more than 80?"): not worked out
+_AROUND = frozenset([*_BINARY, *_OF_TWO, "squared", "cubed", "power", "root", "and", "of", "by", "half", "twice",
+                     "double", "triple", "%", "percent", "more", "less", "greater", "smaller", "bigger", "than",
+                     "equal", "equals", "negative"])
 
 
 def arithmetic(question: str) -> tuple[str, float] | None:
     """(the arithmetic as the question states it, its value) where the question states exactly one
     operation on two numbers, in words or symbols ("What is seventeen times three?", "Add 12 and 30",
-    "the product of 6 and 7", "15% of 80", "9 squared"), else None. Numbers by value, spelled or in digits."""
+    "the product of 6 and 7", "15% of 80", "9 squared", "What is 12 / 4?"), else None: no operation, several,
+    one inside a longer calculation or a comparison, a sign not ending the question ("What is 1920 x 1080
+    called?"), a negative operand or result. Numbers by value, spelled or in digits."""
     tokens = _arith_tokens(question or "")
     found = []
     for i in range(len(tokens)):
         window = tokens[i:i + 5]
-        kinds = [k for k, _ in window]
+        kinds = "".join(k for k, _ in window)
         words = [v for _, v in window]
         op = a = b = None
-        if kinds[:3] == ["n", "w", "n"] and words[1] in _BINARY:
-            op, a, b = _BINARY[words[1]], words[0], words[2]
-        elif kinds[:4] == ["n", "w", "w", "n"] and words[1] in ("multiplied", "divided") and words[2] == "by":
-            op, a, b = _BINARY[words[1]], words[0], words[3]
-        elif kinds[:5] == ["w", "w", "n", "w", "n"] and words[0] in _OF_TWO and words[1] == "of" and words[3] == "and":
-            op, a, b = _OF_TWO[words[0]], words[2], words[4]
-        elif kinds[:4] == ["w", "n", "w", "n"] and words[0] == "add" and words[2] in ("and", "to"):
-            op, a, b = "+", words[1], words[3]
-        elif kinds[:4] == ["w", "n", "w", "n"] and words[0] == "subtract" and words[2] == "from":
-            op, a, b = "-", words[3], words[1]
-        elif kinds[:4] == ["n", "w", "w", "n"] and words[1] in ("%", "percent") and words[2] == "of":
-            op, a, b = "%", words[0], words[3]
-        elif kinds[:2] == ["n", "w"] and words[1] in ("squared", "cubed"):
-            op, a, b = "^", words[0], 2.0 if words[1] == "squared" else 3.0
-        if op is not None:
-            found.append((op, a, b))
+        size = 0
+        if kinds[:3] == "nwn" and words[1] in _BINARY:
+            op, a, b, size = _BINARY[words[1]], words[0], words[2], 3
+            if words[1] in _SIGNS and (i + 3 < len(tokens) and tokens[i + 3][1] not in ("?", "=")):
+                continue  # "1920 x 1080 called", "chapters 3 - 5 summarised": not a sum asked
+        elif kinds[:4] == "nwwn" and words[1] in ("multiplied", "divided") and words[2] == "by":
+            op, a, b, size = _BINARY[words[1]], words[0], words[3], 4
+        elif kinds[:5] == "wwnwn" and words[0] in _OF_TWO and words[1] == "of" and words[3] == "and":
+            op, a, b, size = _OF_TWO[words[0]], words[2], words[4], 5
+        elif kinds[:4] == "wnwn" and words[0] == "add" and words[2] in ("and", "to"):
+            op, a, b, size = "+", words[1], words[3], 4
+        elif kinds[:4] == "wnwn" and words[0] == "subtract" and words[2] == "from":
+            op, a, b, size = "-", words[3], words[1], 4
+        elif kinds[:4] == "nwwn" and words[1] in ("%", "percent") and words[2] == "of":
+            op, a, b, size = "%", words[0], words[3], 4
+        elif kinds[:2] == "nw" and words[1] in ("squared", "cubed"):
+            op, a, b, size = "^", words[0], 2.0 if words[1] == "squared" else 3.0, 2
+        if op is None:
+            continue
+        before = tokens[i - 1][1] if i else None
+        after = tokens[i + size][1] if i + size < len(tokens) else None
+        if before in _AROUND or before == "-" or after in _AROUND:
+            return None  # part of a longer calculation, a comparison or a negative number: not worked out here
+        found.append((op, a, b))
     if len(found) != 1:
         return None
     op, a, b = found[0]
-    if op == "/" and b == 0:
+    try:
+        value = {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b,
+                 "%": lambda: a * b / 100, "^": lambda: a ** b}[op]()
+    except (ArithmeticError, ValueError):  # division by zero, an overflow
         return None
-    value = {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b, "%": lambda: a * b / 100,
-             "^": lambda: a ** b}[op]()
+    if not math.isfinite(value) or value < 0 or abs(value) >= 1e15:
+        return None
     said = {"+": f"{_shown(a)} + {_shown(b)}", "-": f"{_shown(a)} - {_shown(b)}", "*": f"{_shown(a)} × {_shown(b)}",
             "/": f"{_shown(a)} / {_shown(b)}", "%": f"{_shown(a)}% of {_shown(b)}", "^": f"{_shown(a)}^{_shown(b)}"}[op]
     return said, value
@@ -421,7 +446,7 @@ def arithmetic(question: str) -> tuple[str, float] | None:
 
 def _arith_tokens(text: str) -> list[tuple[str, object]]:
     """("n", value) for each number (digits, or a run of number words: "seventy five" is 75, "one" is 1
-    here) and ("w", word) for every other word or operator sign, in order."""
+    here) and ("w", word) for every other word, operator sign, "?" and "=", in order."""
     out: list[tuple[str, object]] = []
     run: list[str] = []
 
@@ -438,7 +463,7 @@ def _arith_tokens(text: str) -> list[tuple[str, object]]:
     # "a 4x4"), not arithmetic
     text = re.sub(r"(?<=\d)[-/x×](?=\d)", " ~ ", text.lower())
     text = re.sub(r"(?<=[a-z])-(?=[a-z])", " ", text)  # "twenty-five"
-    for tok in re.findall(r"\d+(?:,\d{3})*(?:\.\d+)?|[a-z]+|[-+*/×÷%]", text):
+    for tok in re.findall(r"\d+(?:,\d{3})*(?:\.\d+)?|[a-z]+|[-+*/×÷%?=]", text):
         if tok in NUMBER_WORDS or (tok == "and" and run and run[-1] in ("hundred", "thousand")):
             run.append(tok)
             continue
@@ -448,12 +473,17 @@ def _arith_tokens(text: str) -> list[tuple[str, object]]:
     return out
 
 
-def _same_value(given: float, value: float) -> bool:
-    """`given` is `value`: exactly for a whole number, else rounded as `given` is written (3.33 for 10 / 3)."""
+def _same_value(written: str, value: float) -> bool:
+    """The number `written` (as `_numbers` reads it) is `value`: exactly for a whole number; else rounded as it
+    is written, with at least one decimal (3.33 or 3.3 for 10 / 3, never 3)."""
+    try:
+        given = float(written)
+    except ValueError:  # "192.168.1.1", "3.10.2": not one number
+        return False
     if float(value).is_integer():
         return given == value
-    decimals = len(repr(given).split(".")[1].rstrip("0")) if not given.is_integer() else 0
-    return round(value, decimals) == given
+    decimals = len(written.split(".", 1)[1]) if "." in written else 0
+    return decimals > 0 and round(value, decimals) == given
 
 
 def _shown(v: float) -> str:

@@ -295,7 +295,9 @@ def test_the_models_own_uncritiqued_answer_alone_rules_out_a_number_of_the_candi
     ("Quick one: 15% of 80?", "15% of 80", 12),
     ("What do you get when you subtract five from twelve?", "12 - 5", 7),
     ("How much is ninety-nine divided by three?", "99 / 3", 33),
-    ("Is 9 squared more than 80?", "9^2", 81),
+    ("Nine squared?", "9^2", 81),
+    ("What is 12 / 4?", "12 / 4", 3),
+    ("what is 2.5 times 4", "2.5 × 4", 10),
     ("What is 1,000 plus 250?", "1000 + 250", 1250),
 ])
 def test_the_arithmetic_a_question_states_is_worked_out_in_any_wording(question, said, value):
@@ -305,6 +307,11 @@ def test_the_arithmetic_a_question_states_is_worked_out_in_any_wording(question,
 @pytest.mark.parametrize("question", [
     "What is the capital of France?", "Boil the eggs for 8-10 minutes?", "What happened on 9/11?",
     "How many seats does a 4x4 have?", "Tell me one thing and then two more.", "What is 2 plus 3 and 4 times 5?",
+    # a longer calculation, a comparison, a sign inside a sentence, a negative operand or result, no value at all
+    "What is 5 squared minus 1?", "What is 2 to the power of 10 minus 1?", "What is 10 squared squared?",
+    "What is the sum of 2 and 3 and 4?", "Is 9 squared more than 80?", "What is 1920 x 1080 called?",
+    "Summarise chapters 3 - 5.", "What is -3 plus 5?", "What is 3 minus 5?", "What is 0 divided by 0?",
+    "What is 1" + "0" * 200 + " squared?", "",
 ])
 def test_no_arithmetic_where_the_question_states_none_or_more_than_one(question):
     assert content.arithmetic(question) is None
@@ -323,9 +330,21 @@ def test_no_arithmetic_where_the_question_states_none_or_more_than_one(question)
     ("In which year did the Berlin Wall fall?", "It fell in the autumn, to great joy.",
      "gives no number where the question asks for one"),
     ("Who wrote Hamlet?", "Shakespeare.", None),
+    ("How many moons does Earth have?", "Earth has one moon.", None),  # quantity words answer too
+    ("How many legs does a snake have?", "A snake has no legs.", None),
+    ("How old-fashioned is this coat?", "Quite.", None),
+    ("What is 5 divided by 2?", "It is 2.5.", None),
+    ("What is 5 divided by 2?", "It is 2.", "does not give 5 / 2, which is 2.5"),  # never rounded to a whole
+    ("What is 5 divided by 2?", "5 divided by 2 is 7.", "gives 7 where 5 / 2 is 2.5"),
+    ("What is 1 divided by 100,000?", "0.00001", None),
+    # text no number reader takes whole never raises: a version, an address, a huge number
+    ("Hello, what is new?", "Python 3.10.2 is out, see 192.168.1.1.", None),
+    ("What is 7 plus 8?", "Version 3.10.2, or 1" + "0" * 400 + ".", "gives 3.10.2 where 7 + 8 is 15"),
 ])
 def test_a_question_whose_answer_is_a_number_needs_that_number(question, text, verdict):
     assert content.number_unanswered(text, question) == verdict
     # through the selection too, in the loop (one plain answer) as in the nightly
     got = content.content_verdict(text, question, "Shorter, please.", [text])
     assert (got == "ok") if verdict is None else (got == verdict)
+    # a critique that corrects the fact here states the answer itself: it decides
+    assert content.content_verdict(text, question, "Wrong, it is 3.", [text], corrects=True) == "ok"

@@ -268,3 +268,14 @@ def test_a_model_failure_mid_stream_reaches_the_client_as_an_error(ann):
             got.append(chunk)
     assert got[1].choices[0].delta.content == "word0"
     assert rt.store.message(got[0].chatfb["message_id"])["status"] == "failed"
+
+
+def test_sampling_of_a_request_reads_openais_names():
+    from chatfb.app.api_chat import sampling_of
+    from chatfb.app.chat_service import ChatInputError
+
+    assert sampling_of({}).max_tokens is None
+    assert sampling_of({"max_completion_tokens": None, "max_tokens": 7}).max_tokens == 7  # null is not given
+    assert sampling_of({"max_completion_tokens": 9, "max_tokens": 7}).max_tokens == 9
+    with pytest.raises(ChatInputError, match="max_completion_tokens"):
+        sampling_of({"max_completion_tokens": -1})
