@@ -37,6 +37,7 @@ the critique names is never required (it may be the one it calls wrong). Words, 
 from __future__ import annotations
 
 import math
+import operator
 import re
 from functools import lru_cache
 
@@ -432,16 +433,19 @@ def arithmetic(question: str) -> tuple[str, float] | None:
     if len(found) != 1:
         return None
     op, a, b = found[0]
+    apply, said = _OPERATIONS[op]
     try:
-        value = {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b,
-                 "%": lambda: a * b / 100, "^": lambda: a ** b}[op]()
+        value = apply(a, b)
     except (ArithmeticError, ValueError):  # division by zero, an overflow
         return None
     if not math.isfinite(value) or value < 0 or abs(value) >= 1e15:
         return None
-    said = {"+": f"{_shown(a)} + {_shown(b)}", "-": f"{_shown(a)} - {_shown(b)}", "*": f"{_shown(a)} × {_shown(b)}",
-            "/": f"{_shown(a)} / {_shown(b)}", "%": f"{_shown(a)}% of {_shown(b)}", "^": f"{_shown(a)}^{_shown(b)}"}[op]
-    return said, value
+    return said.format(_shown(a), _shown(b)), value
+
+
+# each operation: how it is worked out, and how a verdict writes it
+_OPERATIONS = {"+": (operator.add, "{} + {}"), "-": (operator.sub, "{} - {}"), "*": (operator.mul, "{} × {}"),
+               "/": (operator.truediv, "{} / {}"), "%": (lambda a, b: a * b / 100, "{}% of {}"), "^": (operator.pow, "{}^{}")}
 
 
 def _arith_tokens(text: str) -> list[tuple[str, object]]:
