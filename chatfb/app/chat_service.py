@@ -480,10 +480,13 @@ class ChatService:
                     ttft = ttft or time.perf_counter() - t0
                     yield RevisionUpdate(critique_id, self._showable(drafts[0], critique, prompt, original))
             cands = [candidates.Candidate(drafts.get(i, ""), finish.get(i)) for i in range(s.revision_candidates)]
+            timings = {"drafts_s": time.perf_counter() - t0}
             # the critiqued reply cut at sentence ends for a length critique, or framed by the phrase asked for
             # (its facts, in the asked form); then the held ones
             cands += candidates.content_keeping(critique, original) + held.result()
+            timings["held_s"] = time.perf_counter() - t0
             ranked = candidates.score(self.judge, model, prompt, critique, cands, original)
+            timings["scored_s"] = time.perf_counter() - t0
         except ModelError as e:
             log.warning("revision for critique %s failed: %s", critique_id, e)
             yield RevisionUpdate(critique_id, "", done=True, error=REVISION_FAILED)
@@ -500,8 +503,9 @@ class ChatService:
                  "score": c.score, "verdict": c.verdict, "status": "offered" if c is best else "dropped",
                  "session_id": session_id, "details": {**c.details, "model": model}} for c in ranked]
         ids = self.store.add_candidates(rows)
-        log.info("revision for critique %s: %d candidates, %s ok, ttft_s=%s", critique_id, len(ranked),
-                 sum(c.ok for c in ranked), None if ttft is None else round(ttft, 3))
+        log.info("revision for critique %s: %d candidates, %s ok, ttft_s=%s, %s", critique_id, len(ranked),
+                 sum(c.ok for c in ranked), None if ttft is None else round(ttft, 3),
+                 ", ".join(f"{k}={v:.2f}" for k, v in timings.items()))
         if best is None:
             yield RevisionUpdate(critique_id, "", done=True, error=NO_GOOD_REVISION)
             return

@@ -374,8 +374,7 @@ def score(client, model: str, prompt: list[dict], critique: str, candidates: lis
         baseline = references[0] if references else None  # the critiqued reply, else the plain answer
         jobs = [(msgs, c.text) for c in alive for msgs in (instructed, prompt)]
         jobs += [(prompt, baseline)] if baseline else []
-        with ThreadPoolExecutor(min(SCORING_THREADS, len(jobs))) as pool:  # vLLM batches concurrent requests
-            logprobs = list(pool.map(lambda job: client.completion_logprobs(job[0], job[1], model), jobs))
+        logprobs = many_logprobs(client, jobs, model)
         plain_baseline = _mean(logprobs[-1]) if baseline else None
         # a critique that states new content (an address, a corrected fact) moves the answer away from the plain
         # one by design: closeness to it is then no measure of a good answer
@@ -463,11 +462,21 @@ def literal_token_spans(judge, model: str, prompt: list[dict], texts: list[str],
                 found.append((text[:m.start()].rstrip(), text[:m.end()]))
         bounds.append(found)
     prefixes = sorted({p for found in bounds for pair in found for p in pair if p})
-    with ThreadPoolExecutor(max(1, min(SCORING_THREADS, len(prefixes)))) as pool:
-        counts = dict(zip(prefixes, pool.map(
-            lambda p: len(judge.completion_logprobs(prompt, p, model)) - 1, prefixes)))  # - the end of turn
+    counts = {p: len(lp) - 1 for p, lp in zip(prefixes, many_logprobs(judge, [(prompt, p) for p in prefixes], model))}
     counts[""] = 0
     return [{k for before, upto in found for k in range(counts[before], counts[upto])} for found in bounds]
+
+
+def many_logprobs(judge, jobs: list[tuple[list[dict], str]], model: str) -> list[list[float]]:
+    """`judge.completion_logprobs` of each (messages, completion) job: in one call where the judge batches them
+    itself (chatfb.critique.judge.LocalJudge), else as concurrent requests (vLLM batches those)."""
+    if not jobs:
+        return []
+    many = getattr(judge, "completion_logprobs_many", None)
+    if many is not None:
+        return many(jobs, model)
+    with ThreadPoolExecutor(min(SCORING_THREADS, len(jobs))) as pool:
+        return list(pool.map(lambda job: judge.completion_logprobs(job[0], job[1], model), jobs))
 
 
 def best(candidates: list[Candidate]) -> Candidate | None:

@@ -67,6 +67,58 @@ class LocalJudge:
                 logprobs = net(torch.tensor([ids])).logits[0].float().log_softmax(-1)
         return [logprobs[i - 1, ids[i]].item() for i in range(start, end)]
 
+    def completion_logprobs_many(self, jobs: list[tuple[list[dict], str]], model: str | None = None,
+                                 chunk: int = 4) -> list[list[float]]:
+        """`completion_logprobs` of each (messages, completion) job, the same numbers, in fewer passes: the
+        jobs that share their messages (a scorer asks every candidate after the same conversation, with and
+        without the critique) run the conversation once and their replies a few at a time on top of it."""
+        import copy
+
+        import torch
+
+        out: list[list[float] | None] = [None] * len(jobs)
+        groups: dict[str, list[int]] = {}
+        for i, (messages, _) in enumerate(jobs):
+            groups.setdefault(repr(messages), []).append(i)
+        with self._lock:
+            net, tok = self._load()
+
+            def tokens(conversation, **kw) -> list[int]:
+                text = tok.apply_chat_template(conversation, tokenize=False, **kw)
+                return tok(text, add_special_tokens=False)["input_ids"]
+
+            for idxs in groups.values():
+                messages = jobs[idxs[0]][0]
+                prefix = tokens(messages, add_generation_prompt=True)
+                rests = {}
+                for i in idxs:
+                    reply = [*messages, {"role": "assistant", "content": jobs[i][1]}]
+                    ids = tokens(reply)[:len(tokens(reply, continue_final_message=True)) + 1]
+                    if ids[:len(prefix)] == prefix and len(ids) > len(prefix):
+                        rests[i] = ids[len(prefix):]
+                with torch.inference_mode():
+                    first = net(torch.tensor([prefix]), use_cache=True) if rests else None
+                    head = first.logits[0, -1].float().log_softmax(-1) if first is not None else None
+                    order = list(rests)
+                    for k in range(0, len(order), chunk):
+                        part = order[k:k + chunk]
+                        width = max(len(rests[i]) for i in part)
+                        ids = torch.tensor([rests[i] + [rests[i][-1]] * (width - len(rests[i])) for i in part])
+                        mask = torch.tensor([[1] * (len(prefix) + len(rests[i])) + [0] * (width - len(rests[i]))
+                                             for i in part])
+                        cache = copy.deepcopy(first.past_key_values)
+                        cache.batch_repeat_interleave(len(part))
+                        logits = net(input_ids=ids, attention_mask=mask, past_key_values=cache).logits.float()
+                        logprobs = logits.log_softmax(-1)
+                        for row, i in enumerate(part):
+                            rest = rests[i]
+                            out[i] = [head[rest[0]].item()] + [logprobs[row, j - 1, rest[j]].item()
+                                                               for j in range(1, len(rest))]
+        for i, (messages, completion) in enumerate(jobs):  # where the template splits differently: one at a time
+            if out[i] is None:
+                out[i] = self.completion_logprobs(messages, completion, model)
+        return out
+
 
 def judge_for(scorer: str, client, model_dir):
     """The judge a setting asks for: "server", "local", or "auto" (local on a CPU-only machine with
