@@ -56,15 +56,8 @@ class LocalJudge:
 
         with self._lock:
             net, tok = self._load()
-            reply = [*messages, {"role": "assistant", "content": completion}]
-
-            def tokens(conversation, **kw) -> list[int]:
-                text = tok.apply_chat_template(conversation, tokenize=False, **kw)
-                return tok(text, add_special_tokens=False)["input_ids"]
-
-            start = len(tokens(messages, add_generation_prompt=True))
-            end = len(tokens(reply, continue_final_message=True)) + 1  # + the end-of-turn token
-            ids = tokens(reply)[:end]
+            start = len(_tokens(tok, messages, add_generation_prompt=True))
+            ids, end = _reply_ids(tok, messages, completion)
             with torch.inference_mode():
                 logprobs = net(torch.tensor([ids])).logits[0].float().log_softmax(-1)
         return [logprobs[i - 1, ids[i]].item() for i in range(start, end)]
@@ -84,22 +77,17 @@ class LocalJudge:
             groups.setdefault(repr(messages), []).append(i)
         with self._lock:
             net, tok = self._load()
-
-            def tokens(conversation, **kw) -> list[int]:
-                text = tok.apply_chat_template(conversation, tokenize=False, **kw)
-                return tok(text, add_special_tokens=False)["input_ids"]
-
             for idxs in groups.values():
                 messages = jobs[idxs[0]][0]
-                prefix = tokens(messages, add_generation_prompt=True)
+                prefix = _tokens(tok, messages, add_generation_prompt=True)
                 rests = {}
                 for i in idxs:
-                    reply = [*messages, {"role": "assistant", "content": jobs[i][1]}]
-                    ids = tokens(reply)[:len(tokens(reply, continue_final_message=True)) + 1]
+                    ids, _ = _reply_ids(tok, messages, jobs[i][1])
                     if ids[:len(prefix)] == prefix and len(ids) > len(prefix):
                         rests[i] = ids[len(prefix):]
                 with torch.inference_mode():
-                    first = net(torch.tensor([prefix]), use_cache=True) if rests else None
+                    # the conversation's cache, and the logits of its last position only (the reply's first token)
+                    first = net(torch.tensor([prefix]), use_cache=True, logits_to_keep=1) if rests else None
                     head = first.logits[0, -1].float().log_softmax(-1) if first is not None else None
                     order = list(rests)
                     for k in range(0, len(order), chunk):
@@ -120,6 +108,19 @@ class LocalJudge:
             if out[i] is None:
                 out[i] = self.completion_logprobs(messages, completion, model)
         return out
+
+
+def _tokens(tok, conversation: list[dict], **kw) -> list[int]:
+    text = tok.apply_chat_template(conversation, tokenize=False, **kw)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _reply_ids(tok, messages: list[dict], completion: str) -> tuple[list[int], int]:
+    """The token ids of `messages` followed by the reply `completion`, up to its end-of-turn token, and that
+    end (the reply's last position + 1)."""
+    reply = [*messages, {"role": "assistant", "content": completion}]
+    end = len(_tokens(tok, reply, continue_final_message=True)) + 1  # + the end-of-turn token
+    return _tokens(tok, reply)[:end], end
 
 
 def judge_for(scorer: str, client, model_dir):
