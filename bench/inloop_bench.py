@@ -18,6 +18,7 @@ candidates, the local judge) against one vLLM server, one user at a time as a pe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -36,6 +37,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=4, help="critiqued prompts per family")
     p.add_argument("--heldout", type=int, default=5, help="replies after saving a guideline, per family")
     p.add_argument("--max-tokens", type=int, default=128, help="chat reply max tokens")
+    p.add_argument("--patience", type=float, nargs="+", default=None,
+                   help="CHATFB_REVISION_PATIENCE values to compare side by side: each critiqued prompt is asked and "
+                        "critiqued once per value, in turn (default: the setting's default alone)")
     add_output_flags(p, smoke_help="tiny run: 1 family, 1 critiqued prompt, 1 held-out prompt")
     return p
 
@@ -59,12 +63,18 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings({}, data_dir=work, served_model_name=SERVED_NAME, max_tokens=args.max_tokens,
                                  rate_limit_per_minute=100000, system_prompt=SYSTEM)
         client = ModelClient(server.url, args.api_key, timeout_s=300)
-        chat = ChatService(settings, store, client, AdapterRouter(SERVED_NAME), LocalJudge(server.model_dir))
+        judge = LocalJudge(server.model_dir)
+        router = AdapterRouter(SERVED_NAME)
+        patiences = args.patience or [settings.revision_patience]
+        chats = {p: ChatService(dataclasses.replace(settings, revision_patience=p), store, client, router, judge)
+                 for p in patiences}
+        chat = chats[patiences[0]]
         chat.judge.completion_logprobs([{"role": "user", "content": "hi"}], "hello")  # load it before timing
         for fam in families:
             rows = []
-            for i, (prompt, _) in enumerate(fam.teach[:args.prompts]):
-                session = f"{fam.name}-r{i}"
+            for i, (prompt, _), patience in ((i, t, p) for i, t in enumerate(fam.teach[:args.prompts]) for p in patiences):
+                chat = chats[patience]
+                session = f"{fam.name}-r{i}-p{patience}"
                 cid, stream = chat.send(session, None, prompt, SYSTEM)
                 mid = list(stream)[-1].message_id
                 t0 = time.perf_counter()
@@ -76,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                     final = upd
                 offered = final.candidate_id is not None
                 right = offered and fam.right(prompt, final.text) if fam.right else None  # None: no known answer
-                rows.append({"prompt": prompt, "ttft_s": first, "offered_s": time.perf_counter() - t0,
+                rows.append({"prompt": prompt, "patience": patience, "ttft_s": first, "offered_s": time.perf_counter() - t0,
                              "offered": offered, "passes": offered and fam.check(final.text), "right": right,
                              "both": None if right is None else bool(right and fam.check(final.text)),
                              "revision": final.text[:300], "error": final.error})
@@ -99,6 +109,25 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     write_results(args.out_dir or default_out_dir(args.smoke), NAME, results, md)
     return 0
+
+
+def patience_report(results: dict) -> list[str]:
+    """One line per patience value compared (--patience): the offered revision's time and what passed."""
+    revs = [x for r in results["families"].values() for x in r["revisions"]]
+    values = sorted({x.get("patience") for x in revs}, key=lambda p: (p is None, p or 0))
+    if len(values) < 2:
+        return []
+    lines = ["| patience | critiques | offered | median s to the offer (offered) | median s to the end (all) | "
+             "offered: passes and right |", "|---|---|---|---|---|---|"]
+    for p in values:
+        mine = [x for x in revs if x.get("patience") == p]
+        offered = [x for x in mine if x["offered"]]
+        known = [x for x in mine if x.get("both") is not None]
+        lines.append(f"| {p:g} | {len(mine)} | {len(offered)} | {percentile([x['offered_s'] for x in offered], 50):.2f} | "
+                     f"{percentile([x['offered_s'] for x in mine], 50):.2f} | "
+                     f"{sum(x['both'] for x in known)}/{len(known)} |")
+    return ["Side by side (each critiqued prompt asked once per value, in turn; patience 0 waits for every "
+            "draft):", "", *lines, ""]
 
 
 def report(results: dict) -> str:
@@ -124,7 +153,7 @@ def report(results: dict) -> str:
         f"median {percentile(offered_s, 50):.2f} s, p90 {percentile(offered_s, 90):.2f} s.", "",
         markdown_table(["family", "revision offered", "offered revision passes the checker", "offered: passes and right",
                         "next replies pass, with the guideline", "pass and right", "without", "pass and right, without"],
-                       rows), "",
+                       rows), "", *patience_report(results),
         "One user at a time; each revision is n candidates in one vLLM request, scored by the local judge. "
         "\"Passes the checker\": the family's automatic check (bench.efficacy_bench), what a user checking the "
         "proposed fix would accept. \"Right\": the reply still gives the prompt's known answer (the family's "

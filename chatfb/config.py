@@ -93,6 +93,9 @@ class Settings:
         "else server.")
     revision_max_tokens: int = _f(
         256, "Maximum new tokens of a proposed revision (a draft cut off by it is never offered).")
+    revision_patience: float = _f(
+        2.0, "In-loop revision: once half of the drafts have finished, the others may run this many times as long "
+        "as the slowest finished one, then are dropped (0: wait for every draft).")
     max_guideline_chars: int = _f(300, "Longest guideline (standing preference) accepted, in characters.")
     max_guidelines_per_user: int = _f(10, "Most active guidelines one user may keep.")
     temperature: float = _f(0.7, "Sampling temperature for chat replies.")

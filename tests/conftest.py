@@ -87,9 +87,12 @@ class FakeModelClient:
     def complete_choices(self, messages, model, max_tokens=256, temperature=0.8, top_p=0.95, n=1, regex=None):
         """n queued replies. With `regex`, as a server honouring structured outputs: each reply matches
         it, or the test queued a reply the server could never have sent."""
+        self.history.append({"messages": messages, "model": model, "n": n, "regex": regex})
+        return [(text, "stop") for text in self._choices(n, regex)]
+
+    def _choices(self, n, regex):
         import re
 
-        self.history.append({"messages": messages, "model": model, "n": n, "regex": regex})
         if regex is not None:
             if not self.held:
                 raise ModelError("The model server refused the request (400): structured outputs", 400)
@@ -102,12 +105,14 @@ class FakeModelClient:
         for text in texts:
             if regex is not None and not re.fullmatch(regex, text):
                 raise AssertionError(f"a server holding to {regex!r} could not reply {text!r}")
-        return [(text, "stop") for text in texts]
+        return texts
 
-    def stream_choices(self, messages, model, n=1, max_tokens=256, temperature=0.8, top_p=0.95, finish_reasons=None):
-        """n queued replies, streamed word by word, interleaved like vLLM's choices."""
-        self.history.append({"messages": messages, "model": model, "n": n})
-        texts = [self._next() for _ in range(n)]
+    def stream_choices(self, messages, model, n=1, max_tokens=256, temperature=0.8, top_p=0.95, finish_reasons=None,
+                       regex=None):
+        """n queued replies, streamed word by word, interleaved like vLLM's choices (with `regex`, the held
+        ones, as `complete_choices`)."""
+        self.history.append({"messages": messages, "model": model, "n": n, "regex": regex})
+        texts = self._choices(n, regex)
         words = [t.split(" ") for t in texts]
         for step in range(max(len(w) for w in words)):
             for i, w in enumerate(words):

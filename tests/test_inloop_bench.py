@@ -24,3 +24,20 @@ def test_the_report_counts_revisions_and_replies_that_follow_and_stay_right():
             if line.startswith("| capitals") or line.startswith("| tone")}
     assert rows["capitals"] == ["2/3", "2/3", "1/3", "2/3", "1/3", "1/3", "1/3"]
     assert rows["tone"] == ["1/1", "1/1", "n/a", "1/1", "n/a", "0/1", "n/a"]
+
+
+def test_patience_values_compared_side_by_side_get_a_line_each():
+    """--patience 0 2: the same prompts critiqued once per value; each value's offers and times apart."""
+    def timed(patience, offered_s, offered=True, right=True):
+        return dict(rev(offered, offered, right), patience=patience, offered_s=offered_s)
+
+    revs = [timed(0, 12.0), timed(2, 6.0), timed(0, 20.0, right=False), timed(2, 8.0, offered=False)]
+    md = report({"machine": MACHINE, "families": {"capitals": {"revisions": revs, "guideline": {
+        "with": [], "without": [], "with_right": [], "without_right": []}}}})
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in md.splitlines()
+             if line.startswith("| 0 ") or line.startswith("| 2 ")}
+    assert lines["0"] == ["2", "2", "16.00", "16.00", "1/2"], lines
+    assert lines["2"] == ["2", "1", "6.00", "7.00", "1/2"], lines
+    # one value (the default): no such table
+    assert "| patience |" not in report({"machine": MACHINE, "families": {"capitals": {"revisions": revs[:1],
+                                         "guideline": {"with": [], "without": []}}}})

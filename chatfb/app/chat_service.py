@@ -468,13 +468,16 @@ class ChatService:
         # meanwhile, in a request of their own (vLLM batches the two).
         pool = ThreadPoolExecutor(1)
         try:
+            # Neither waits for its stragglers (candidates.stream_drafts): a draft still running long after its
+            # siblings finished is most often one the token limit will cut off, never offered anyway.
             held = pool.submit(candidates.held_to_format, self.client, messages, model, critique,
-                               max(1, s.revision_candidates // 2), s.revision_max_tokens)
+                               max(1, s.revision_candidates // 2), s.revision_max_tokens,
+                               patience=s.revision_patience)
             drafts: dict[int, str] = {}
             finish: dict[int, str | None] = {}
-            for index, delta in self.client.stream_choices(messages, model, n=s.revision_candidates,
-                                                           max_tokens=s.revision_max_tokens,
-                                                           temperature=0.8, top_p=0.95, finish_reasons=finish):
+            for index, delta in candidates.stream_drafts(self.client, messages, model, s.revision_candidates,
+                                                         s.revision_max_tokens, finish=finish,
+                                                         patience=s.revision_patience):
                 drafts[index] = drafts.get(index, "") + delta
                 if index == 0 and delta:
                     ttft = ttft or time.perf_counter() - t0

@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -66,6 +68,13 @@ INSTRUCTION = '{question}\n\nFollow this instruction when you answer: "{critique
 OFF_TOPIC_COSINE = 0.15
 ON_TOPIC_WEIGHT = 0.1
 SCORING_THREADS = 8
+# Waiting for the slowest of n sampled drafts (the in-loop revision): once half of them have finished, the rest
+# get PATIENCE times as long as the slowest finished one took, then are dropped (finish reason ABANDONED) and
+# their request stopped. Measured on this machine (8 families x 2 teach prompts, n=4, 256 tokens, one vLLM):
+# the third draft finished at a median 6.8 s, all four at 11.2 s; the slowest was often 2-8x as long as its
+# siblings and cut off at the token limit, so never offered anyway.
+PATIENCE = 2.0
+ABANDONED = "abandoned"
 # Being a good answer at all: the logratio alone rewards text that is unlikely without the critique,
 # which is what nonsense is ("Alle Chatelier. France's capital is Paris, not Paris itself." scored 0.12
 # against 0.07 for "The capital of France is Paris.", issue 23). So a candidate pays
@@ -183,6 +192,8 @@ def form_verdict(text: str, question: str, critique: str, finish_reason: str | N
         return "empty"
     if finish_reason == "length":
         return "cut off at the token limit"
+    if finish_reason == ABANDONED:
+        return "not finished when the other drafts were long done"
     if _repeats_question(text, question):
         return "repeats the question"
     if content.restates_the_question(text, question):
@@ -302,6 +313,32 @@ def generate(client, model: str, prompt: list[dict], critique: str, n: int = 4, 
             + held_to_format(client, messages, model, critique, max(1, n // 2), max_tokens, temperature))
 
 
+def stream_drafts(client, messages: list[dict], model: str, n: int, max_tokens: int = 256, temperature: float = 0.8,
+                  finish: dict | None = None, regex: str | None = None,
+                  patience: float = PATIENCE) -> Iterator[tuple[int, str]]:
+    """Yield (choice index, text delta) of n answers sampled in one streamed request (held to `regex` when
+    given), without waiting for stragglers: once at least half of them have finished, the rest may run
+    `patience` times as long as the slowest finished one took; then the request is stopped and each unfinished
+    draft's finish reason in `finish` is ABANDONED (never offered: `form_verdict`). patience 0: wait for all."""
+    finish = finish if finish is not None else {}
+    t0 = time.perf_counter()
+    done_at: dict[int, float] = {}
+    stream = client.stream_choices(messages, model, n=n, max_tokens=max_tokens, temperature=temperature, top_p=0.95,
+                                   finish_reasons=finish, regex=regex)
+    try:
+        for index, delta in stream:
+            yield index, delta
+            now = time.perf_counter() - t0
+            for i in finish:
+                done_at.setdefault(i, now)
+            if patience and n > len(done_at) >= n / 2 and now > patience * max(done_at.values()):
+                for i in range(n):
+                    finish.setdefault(i, ABANDONED)
+                return
+    finally:
+        stream.close()  # closes the connection: vLLM stops the abandoned drafts
+
+
 def content_keeping(critique: str, plain: str | list[str | None] | None) -> list[Candidate]:
     """The candidates that keep the content by construction (chatfb.critique.constraints), each once: every
     `plain` answer (one, or several, best first) cut at sentence ends for a length critique, or framed by the
@@ -317,16 +354,25 @@ def content_keeping(critique: str, plain: str | list[str | None] | None) -> list
 
 
 def held_to_format(client, messages: list[dict], model: str, critique: str, n: int, max_tokens: int = 256,
-                   temperature: float = 0.8) -> list[Candidate]:
+                   temperature: float = 0.8, patience: float = 0.0) -> list[Candidate]:
     """n answers to `messages` held to the format the critique states literally (vLLM structured outputs),
     from one request; none when the critique states no such format, or the server refuses structured
-    outputs (the other candidates still stand). A server that is down raises ModelError."""
+    outputs (the other candidates still stand). A server that is down raises ModelError. `patience`: as
+    in `stream_drafts` (0: wait for all n)."""
     regex = constraints.format_regex(critique)
     if not regex:
         return []
     try:
-        held = client.complete_choices(messages, model, max_tokens=max_tokens, temperature=temperature, top_p=0.95,
-                                       n=n, regex=regex)
+        if patience:
+            texts: dict[int, str] = {}
+            finish: dict[int, str | None] = {}
+            for index, delta in stream_drafts(client, messages, model, n, max_tokens, temperature, finish, regex,
+                                              patience):
+                texts[index] = texts.get(index, "") + delta
+            held = [(texts.get(i, ""), finish.get(i)) for i in range(n)]
+        else:
+            held = client.complete_choices(messages, model, max_tokens=max_tokens, temperature=temperature,
+                                           top_p=0.95, n=n, regex=regex)
     except ModelError as e:
         if e.unavailable:
             raise

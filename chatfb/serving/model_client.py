@@ -131,12 +131,15 @@ class ModelClient:
         return [((c.message.content if c.message else None) or "", c.finish_reason) for c in choices]
 
     def stream_choices(self, messages: list[dict], model: str, n: int = 1, max_tokens: int = 256,
-                       temperature: float = 0.8, top_p: float = 0.95,
-                       finish_reasons: dict | None = None) -> Iterator[tuple[int, str]]:
+                       temperature: float = 0.8, top_p: float = 0.95, finish_reasons: dict | None = None,
+                       regex: str | None = None) -> Iterator[tuple[int, str]]:
         """Yield (choice index, text delta) while n replies are sampled in one streamed request;
-        `finish_reasons`, when given, receives each choice's finish reason ("stop", "length")."""
+        `finish_reasons`, when given, receives each choice's finish reason ("stop", "length"). `regex`: every
+        reply matches it (vLLM structured outputs, as in `complete_choices`). Closing the generator early
+        closes the connection, and vLLM stops the request."""
+        extra = {"extra_body": {"structured_outputs": {"regex": regex}}} if regex else {}
         for chunk in self._chunks(model=model, messages=messages, max_tokens=max_tokens, temperature=temperature,
-                                  top_p=top_p, n=n):
+                                  top_p=top_p, n=n, **extra):
             for choice in chunk.get("choices") or []:
                 delta = (choice.get("delta") or {}).get("content") or ""
                 index = choice.get("index") or 0

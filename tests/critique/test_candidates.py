@@ -13,6 +13,7 @@ import pytest
 
 from chatfb.critique.candidates import (NEW_CONTENT_FLOOR, Candidate, best, generate, hard_verdict, instruction_messages,
                                        literal_facts, literal_token_spans, score, select_rounds)
+from chatfb.critique import candidates
 from chatfb.serving.model_client import ModelClient, ModelError, StreamResult
 
 # The efficacy benchmark's critiques (bench/efficacy_bench.py FAMILIES).
@@ -637,3 +638,51 @@ def test_an_address_the_critique_asks_for_must_stand_whole():
                   "Write to support@chatfb.example.org and we will delete it.",
                   "Write to my-support@chatfb.example and we will delete it."):
         assert hard_verdict(wrong, q, critique).startswith("leaves out"), wrong
+
+
+class TimedStream:
+    """A server streaming n drafts on a fake clock: `events` are (time, choice, delta, finish reason)."""
+
+    def __init__(self, monkeypatch, events):
+        self.clock, self.events, self.closed = [0.0], events, False
+        monkeypatch.setattr(candidates.time, "perf_counter", lambda: self.clock[0])
+
+    def stream_choices(self, messages, model, n, max_tokens, temperature, top_p, finish_reasons, regex):
+        try:
+            for t, i, delta, finished in self.events:
+                self.clock[0] = t
+                if finished:
+                    finish_reasons[i] = finished
+                yield i, delta
+        finally:
+            self.closed = True
+
+
+def drafts(client, n, patience):
+    texts, finish = {}, {}
+    for i, delta in candidates.stream_drafts(client, [{"role": "user", "content": "Capital of France?"}], "m", n,
+                                             finish=finish, patience=patience):
+        texts[i] = texts.get(i, "") + delta
+    return texts, finish
+
+
+def test_stream_drafts_stops_waiting_for_a_straggler_once_half_have_finished(monkeypatch):
+    """Issue 23, the scored in-loop offer: once half of the drafts have finished, the rest get `patience` times
+    as long as the slowest finished one; then they are dropped as ABANDONED (never offered) and the request
+    is closed. Before half have finished, nobody is cut, however early the first one was."""
+    events = [(0.2, 0, "Paris.", "stop"),  # one early: not yet half
+              (1.0, 1, "The capital", None), (2.0, 2, "It is", None), (2.4, 3, "Well,", None),
+              (2.5, 1, " is Paris.", "stop"),  # half finished at 2.5 s: the others have until 5.0 s
+              (3.0, 2, " Paris.", "stop")]  # now the slowest finished took 3.0 s: until 6.0 s
+    events += [(3.0 + k, 3, " and so on", None) for k in range(1, 6)]  # the straggler, at 4, 5, 6, 7, 8 s
+    events += [(9.0, 3, ".", "length")]
+    server = TimedStream(monkeypatch, events)
+    texts, finish = drafts(server, 4, patience=2.0)
+    assert finish == {0: "stop", 1: "stop", 2: "stop", 3: candidates.ABANDONED}, finish
+    assert texts[3] == "Well," + " and so on" * 4, "cut at the first delta past 6.0 s"
+    assert server.closed
+    assert candidates.form_verdict(texts[3], "Capital of France?", "Shorter.", finish[3]) != "ok"
+    # patience 0: every draft, as before
+    server = TimedStream(monkeypatch, events)
+    texts, finish = drafts(server, 4, patience=0)
+    assert finish[3] == "length" and texts[3].endswith("."), (finish, texts)
