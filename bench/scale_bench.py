@@ -16,7 +16,7 @@ counts; every tenth turn also gets a rating, every twentieth a critique) written
 
     python -m bench.scale_bench                          # starts its own vLLM on the embedded model
     python -m bench.scale_bench --vllm-url http://127.0.0.1:8011 --model-dir data/models/SmolLM2-135M-Instruct
-    python -m bench.scale_bench --smoke ...              # 12 items, 2 training steps, 500 turns
+    python -m bench.scale_bench --smoke ...              # 12 items, 2 training steps, 4 replay examples, 500 turns
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--turns", type=int, default=10_000, help="chat turns for the DuckDB size measurement")
     p.add_argument("--max-steps", type=int, default=None, help="CHATFB_TRAIN_MAX_STEPS for the cycles (default: chatfb's)")
     p.add_argument("--work-dir", type=Path, default=None, help="where the data folders go (default: a temp dir)")
-    add_output_flags(p, smoke_help="tiny run: 12 feedback items, 2 training steps, 500 turns")
+    add_output_flags(p, smoke_help="tiny run: 12 feedback items, 2 training steps, 4 replay examples, 500 turns")
     return p
 
 
@@ -97,7 +97,8 @@ def feedback_rows(n: int) -> list[dict]:
 
 
 def run_size(n: int, args, server, work: Path) -> dict:
-    env = {"CHATFB_ADAPTER_PREFIX": f"benchscale-n{n}-{os.getpid()}"}  # its own names on a shared server
+    env = {"CHATFB_ADAPTER_PREFIX": f"benchscale-n{n}-{os.getpid()}",  # its own names on a shared server
+           **getattr(args, "cycle_env", {})}
     if args.max_steps is not None:
         env["CHATFB_TRAIN_MAX_STEPS"] = str(args.max_steps)
     c = learning_cycle(f"n={n}", work / f"n{n}", feedback_rows(n), server, args.api_key, **env)
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         sizes, args.turns = [12], 500
         args.max_steps = 2 if args.max_steps is None else args.max_steps
+        # a check that the cycle runs end to end: little replay, a small gate sample and uptake check
+        args.cycle_env = dict(CHATFB_REPLAY_EXAMPLES="4", CHATFB_EVAL_MAX_EXAMPLES="2", CHATFB_UPTAKE_MAX_ITEMS="2")
     out_dir = args.out_dir or default_out_dir(args.smoke)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="chatfb-scale-"))
     results: dict = {"bench": NAME, "machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},

@@ -7,6 +7,8 @@
     snapshots/latest.duckdb  the copy CLI readers (export) get while the app owns the store
     adapters/<name>/         trained LoRA adapters (<name>.partial while training)
     work/<name>/             one learning cycle's job: settings, snapshot, training files, result
+    work/answers.json        the base model's and the live shared adapter's answers to the cycles' fixed
+                             questions, asked once across cycles (chatfb.learning.answers)
     logs/                    nightly.log (the cycle the app runs), vllm.log, vllm-nightly.log; with managed
                              replicas vllm-<i>.log and router.log
     shared-adapters/         managed replicas: adapters copied where every replica's LoRA resolver finds them
@@ -52,6 +54,10 @@ class DataLayout:
 
     def work(self, cycle: str) -> Path:
         return self.root / "work" / cycle
+
+    @property
+    def answers(self) -> Path:
+        return self.root / "work" / "answers.json"
 
     @property
     def logs(self) -> Path:

@@ -93,6 +93,9 @@ class AdminService:
             trained |= {a["name"] for a in self.store.adapters() if a["status"] != "failed" and a["created_at"] >= first
                         and not (layout.work(a["name"]) / "sft.jsonl").exists()}
         self.store.mark_deleted_user(sorted(n for n in trained if self.store.adapter(n)))
+        from chatfb.learning.answers import AnswerBook
+
+        AnswerBook(layout.answers).forget(trained)  # never replayed again from a file: asked anew while live
         return removed
 
     # -- the trust policy's review queue (chatfb.learning.trust) ----------------------------

@@ -16,8 +16,9 @@ most CHATFB_PERSONAL_MAX_PER_CYCLE a cycle, gets a job of their own (`CycleJob.o
 from the live shared adapter's weights on their rows alone (plus replay), gated on their own held-out rows and the
 control check against what they are served now, and a candidate that passes is served to them only
 (AdapterRegistry.promote_personal). One that fails leaves them on what they had, its reason in its adapter row.
-The cycle's children share one answer file (chatfb.learning.answers): the replay and control answers every
-personal child needs are generated once a cycle, not once a user.
+The cycles and their children share one answer file (chatfb.learning.answers): the replay and control answers
+every personal child needs are generated once, not once a user, and the next cycle asks them again only of a
+model that changed.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from chatfb.learning.answers import ANSWERS
+from chatfb.learning.answers import AnswerBook
 from chatfb.serving.adapters import AdapterError, AdapterRegistry, next_adapter_name, personal_prefix
 from chatfb.config import Settings, settings_from_json, settings_to_json
 from chatfb.store.db import Store
@@ -52,7 +53,7 @@ class CycleJob:
     start_from: str | None = None  # a personal adapter trains on from this (the live shared adapter); None = the base
     promote: bool = True  # the owner promotes a candidate that passes (False: --no-promote, nothing goes live)
     merged: str | None = None  # the shared adapter merged into the owner's server's weights (chatfb.serving.merged)
-    answers: str | None = None  # the cycle's answer file, shared by its children (chatfb.learning.answers)
+    answers: str | None = None  # the answer file the cycles and their children share (chatfb.learning.answers)
 
 
 @dataclass
@@ -122,8 +123,10 @@ def prepare(store: Store, settings: Settings, server_url: str | None,
         return CycleResult(False, reason="no feedback yet")
     live = store.live_adapter()
     name = next_adapter_name(store, settings.adapter_prefix)
+    # the answers kept across cycles: the base model's and the live adapter's (what this cycle replays and gates on)
+    AnswerBook(settings.layout.answers).keep_only({settings.served_model_name, *([live["name"]] if live else [])})
     return _job_folder(store, settings, CycleJob(name, live["name"] if live else None, server_url, promote=promote,
-                                                 merged=merged, answers=str(settings.layout.work(name) / ANSWERS)))
+                                                 merged=merged, answers=str(settings.layout.answers)))
 
 
 def personal_owners(store: Store, settings: Settings) -> list[str]:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from chatfb.learning import gate, training_data, uptake
-from chatfb.learning.answers import AnswerBook
+from chatfb.learning.answers import AnswerBook, model_identity
 from chatfb.config import Settings, setup_logging
 from chatfb.learning.cycle import SNAPSHOT, CycleJob, CycleOutcome, read_job, write_outcome
 from chatfb.serving.adapters import is_personal
@@ -109,9 +109,9 @@ def compute(job: CycleJob, settings: Settings, work: Path, progress: dict | None
         training_data.hold_one_out(data, settings.holdout_fraction, settings.seed)
 
     t = time.perf_counter()
-    # replay and control answers of the base model and the shared adapters, asked once a cycle
-    book = AnswerBook(job.answers, job.merged, keep=lambda model: not is_personal(model))
     client, base, stop_server = model_server(settings, job.server_url, job.merged)
+    # replay and control answers of the base model and the shared adapters, asked once across cycles
+    book = AnswerBook(job.answers, job.merged, keep=lambda model: not is_personal(model), base_id=model_identity(base))
     try:
         base_name, name = settings.served_model_name, job.name
         if job.server_url is None:  # our own temporary server: load what this job compares with and starts from

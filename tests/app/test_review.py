@@ -94,11 +94,17 @@ def test_delete_user_scrubs_the_work_folder_and_marks_the_adapter_trained_on_the
                layout.work("chatfb-v0001") / "sft.jsonl")
     write_rows([prompt_completion_row(q, "Canberra.", **provenance(bob, "bob", "written_correction", "shared"))],
                layout.work("chatfb-v0002") / "sft.jsonl")
+    from chatfb.learning.answers import AnswerBook
+
+    for model in ("chatfb-base", "chatfb-v0001", "chatfb-v0002"):  # their answers to the cycles' fixed questions
+        AnswerBook(layout.answers).answers("greedy", model, [q], 128, lambda ps, m=model: [f"{m} says so"] * len(ps))
 
     assert cli(["delete-user", "ann"]) == 0
     out = capsys.readouterr().out
     assert "until the next cycle retrains): chatfb-v0001" in out and "v0002" not in out
     assert [r["author"] for r in read_rows(layout.work("chatfb-v0001") / "sft.jsonl")] == ["bob"]
+    kept = layout.answers.read_text()  # the answers of the adapter trained on her rows are gone, the rest stay
+    assert "chatfb-v0001 says so" not in kept and "chatfb-base says so" in kept and "chatfb-v0002 says so" in kept
     with Store(cli_env.db_path) as s:
         assert {a["name"]: a["deleted_users"] for a in s.adapters()} == {"chatfb-v0001": 1, "chatfb-v0002": 0}
     assert cli(["adapters", "list"]) == 0

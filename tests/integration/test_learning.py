@@ -66,7 +66,8 @@ def test_a_cycle_teaches_the_preference_and_hot_loads_it(app, vllm_url):
         a = s.adapter(name)
         assert a["status"] == "live" and a["parent"] is None, a
         assert a["metrics"]["candidate_rougeL"] > a["metrics"]["incumbent_rougeL"], a["metrics"]
-        assert a["data_counts"]["train_correction"] > 20 and a["timings"]["train_s"] > 0, (a["data_counts"], a["timings"])
+        # of the 30 corrections a random third or so is held out for the gate (19 trained in one run, 23 in another)
+        assert a["data_counts"]["train_correction"] >= 15 and a["timings"]["train_s"] > 0, (a["data_counts"], a["timings"])
         # uptake (chatfb.learning.uptake): the promoted adapter was asked the newest trained corrections again
         checked, counts = s.uptake(adapter=name), a["data_counts"]
         cap = load_settings(dict(app.env, **env)).uptake_max_items
@@ -137,6 +138,9 @@ def test_bad_data_is_refused_and_rollback_restores_the_previous_version(app, vll
     result = json.loads(out.stdout[out.stdout.index("{"):])
     # refused by the known-answer controls (checked first) or by the drift checks behind them
     assert not result["promoted"] and ("turned wrong" in result["reason"] or "drifted" in result["reason"]), result
+    # the base model's and the live adapter's control answers, filed by the gate of the cycle that promoted it,
+    # were read, not asked again (chatfb.learning.answers)
+    assert result["counts"]["answers_reused"] >= 2 * len(gate.CONTROL_PROMPTS), result["counts"]
     client = ModelClient(vllm_url)
     assert result["adapter"] not in client.models(), f"the rejected adapter was loaded: {client.models()}"
     with app.snapshot_store() as s:

@@ -1,6 +1,6 @@
-"""The cycle's answer file: the replay and control answers every child of one cycle needs are asked once."""
+"""The answer file: the replay and control answers every child of a cycle, and the next cycles, need are asked once."""
 
-from chatfb.learning.answers import AnswerBook
+from chatfb.learning.answers import AnswerBook, model_identity
 
 Q = [[{"role": "user", "content": f"Question {i}?"}] for i in range(3)]
 
@@ -79,3 +79,36 @@ def test_answers_filed_from_two_threads_at_once_are_both_kept(tmp_path):
     for model in ("a", "b"):
         AnswerBook(path).answers("greedy", model, Q, 128, asker(asked, model))
     assert asked == [] and (book.hits, book.asked) == (0, 6)
+
+
+def test_another_base_model_is_asked_again(tmp_path):
+    """Across cycles the file outlives a model swap (CHATFB_MODEL): one base model's answers are never another's."""
+    path, asked = tmp_path / "answers.json", []
+    a, b = tmp_path / "model-a", tmp_path / "model-b"
+    for folder, layers in ((a, 30), (b, 32)):
+        folder.mkdir()
+        (folder / "config.json").write_text(f'{{"num_hidden_layers": {layers}}}')
+        (folder / "model.safetensors").write_bytes(b"0" * layers)
+    assert model_identity(a) != model_identity(b) and model_identity(a) == model_identity(tmp_path / "model-a")
+    AnswerBook(path, base_id=model_identity(a)).answers("greedy", "chatfb-base", Q, 128, asker(asked))
+    AnswerBook(path, base_id=model_identity(a)).answers("greedy", "chatfb-base", Q, 128, asker(asked))
+    assert len(asked) == 3
+    (b / "model.safetensors").write_bytes(b"1" * 40)  # the same folder, other weights
+    AnswerBook(path, base_id=model_identity(b)).answers("greedy", "chatfb-base", Q, 128, asker(asked))
+    assert len(asked) == 6
+
+
+def test_a_cycle_keeps_the_base_and_live_answers_and_delete_user_drops_an_adapters(tmp_path):
+    path = tmp_path / "answers.json"
+    for model in ("chatfb-base", "chatfb-v0001", "chatfb-v0002"):
+        AnswerBook(path).answers("greedy", model, Q, 128, asker([], model))
+    assert AnswerBook(path).keep_only({"chatfb-base", "chatfb-v0002"}) == 3  # v0001 is no longer live
+    asked = []
+    for model in ("chatfb-base", "chatfb-v0002"):
+        AnswerBook(path).answers("greedy", model, Q, 128, asker(asked, model))
+    assert asked == []
+    assert AnswerBook(path).forget({"chatfb-v0002"}) == 3 and "chatfb-v0002" not in path.read_text()
+    AnswerBook(path).answers("greedy", "chatfb-v0002", Q, 128, asker(asked, "chatfb-v0002"))
+    assert len(asked) == 3
+    path.write_text('{"an older file": "its answer"}')  # the per-cycle form before: ignored, asked again
+    assert AnswerBook(path).answers("greedy", "chatfb-base", Q[:1], 128, asker(asked)) == ["m answers Question 0?"]
