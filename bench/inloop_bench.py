@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         chat.judge.completion_logprobs([{"role": "user", "content": "hi"}], "hello")  # load it before timing
         for fam in families:
             rows = []
-            for i, (prompt, _), patience in ((i, t, p) for i, t in enumerate(fam.teach[:args.prompts]) for p in patiences):
+            # each prompt once per value, their order alternating from one prompt to the next
+            for i, (prompt, _), patience in ((i, t, p) for i, t in enumerate(fam.teach[:args.prompts])
+                                             for p in (patiences if i % 2 == 0 else patiences[::-1])):
                 chat = chats[patience]
                 session = f"{fam.name}-r{i}-p{patience}"
                 cid, stream = chat.send(session, None, prompt, SYSTEM)
@@ -126,8 +128,8 @@ def patience_report(results: dict) -> list[str]:
         lines.append(f"| {p:g} | {len(mine)} | {len(offered)} | {percentile([x['offered_s'] for x in offered], 50):.2f} | "
                      f"{percentile([x['offered_s'] for x in mine], 50):.2f} | "
                      f"{sum(x['both'] for x in known)}/{len(known)} |")
-    return ["Side by side (each critiqued prompt asked once per value, in turn; patience 0 waits for every "
-            "draft):", "", *lines, ""]
+    return ["Side by side (each critiqued prompt asked and critiqued once per value, the order alternating from "
+            "one prompt to the next; patience 0 waits for every draft):", "", *lines, ""]
 
 
 def report(results: dict) -> str:

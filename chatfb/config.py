@@ -95,7 +95,7 @@ class Settings:
         256, "Maximum new tokens of a proposed revision (a draft cut off by it is never offered).")
     revision_patience: float = _f(
         2.0, "In-loop revision: once half of the drafts have finished, the others may run this many times as long "
-        "as the slowest finished one, then are dropped (0: wait for every draft).")
+        "as the slowest finished one, then are dropped (0: wait for every draft; else at least 1).")
     max_guideline_chars: int = _f(300, "Longest guideline (standing preference) accepted, in characters.")
     max_guidelines_per_user: int = _f(10, "Most active guidelines one user may keep.")
     temperature: float = _f(0.7, "Sampling temperature for chat replies.")
@@ -278,6 +278,8 @@ SHARED_RULES = ("trusted", "agreement", "review")  # what CHATFB_SHARED_RULES li
 
 
 def validate(s: Settings) -> None:
+    if s.revision_patience != 0 and not s.revision_patience >= 1:
+        raise SettingsError("revision_patience must be 0 (wait for every draft) or at least 1")
     if s.train_mode not in ("supervised", "unsupervised", "semi"):
         raise SettingsError("train_mode must be supervised, unsupervised or semi")
     if s.critique_recipe not in CRITIQUE_RECIPES:

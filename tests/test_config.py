@@ -49,3 +49,11 @@ def test_settings_table_rewrites_only_between_its_markers():
     assert with_settings_table(stale) == f"intro\n{TABLE_BEGIN}\n{settings_table()}\n{TABLE_END}\noutro\n"
     with pytest.raises(SettingsError, match="markers"):
         with_settings_table("no markers here")
+
+
+@pytest.mark.parametrize("patience", ["0.5", "-1"])
+def test_a_revision_patience_below_one_is_refused(patience):
+    """Below 1 every draft still running when half have finished would be dropped at once."""
+    with pytest.raises(SettingsError, match="revision_patience"):
+        load_settings({"CHATFB_REVISION_PATIENCE": patience})
+    assert load_settings({"CHATFB_REVISION_PATIENCE": "0"}).revision_patience == 0

@@ -13,6 +13,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -475,13 +476,14 @@ class ChatService:
                                patience=s.revision_patience)
             drafts: dict[int, str] = {}
             finish: dict[int, str | None] = {}
-            for index, delta in candidates.stream_drafts(self.client, messages, model, s.revision_candidates,
-                                                         s.revision_max_tokens, finish=finish,
-                                                         patience=s.revision_patience):
-                drafts[index] = drafts.get(index, "") + delta
-                if index == 0 and delta:
-                    ttft = ttft or time.perf_counter() - t0
-                    yield RevisionUpdate(critique_id, self._showable(drafts[0], critique, prompt, original))
+            with closing(candidates.stream_drafts(self.client, messages, model, s.revision_candidates,
+                                                  s.revision_max_tokens, finish=finish,
+                                                  patience=s.revision_patience)) as streamed:
+                for index, delta in streamed:  # a user who leaves closes it: the request stops
+                    drafts[index] = drafts.get(index, "") + delta
+                    if index == 0 and delta:
+                        ttft = ttft or time.perf_counter() - t0
+                        yield RevisionUpdate(critique_id, self._showable(drafts[0], critique, prompt, original))
             cands = [candidates.Candidate(drafts.get(i, ""), finish.get(i)) for i in range(s.revision_candidates)]
             timings = {"drafts_s": time.perf_counter() - t0}
             # the critiqued reply cut at sentence ends for a length critique, or framed by the phrase asked for

@@ -123,8 +123,10 @@ def prepare(store: Store, settings: Settings, server_url: str | None,
         return CycleResult(False, reason="no feedback yet")
     live = store.live_adapter()
     name = next_adapter_name(store, settings.adapter_prefix)
-    # the answers kept across cycles: the base model's and the live adapter's (what this cycle replays and gates on)
-    AnswerBook(settings.layout.answers).keep_only({settings.served_model_name, *([live["name"]] if live else [])})
+    # the answers kept across cycles: the base model's and the live adapter's (what this cycle replays and gates on),
+    # never those of an adapter carrying a deleted user's data
+    kept = {settings.served_model_name, *([live["name"]] if live and not live.get("deleted_users") else [])}
+    AnswerBook(settings.layout.answers).keep_only(kept, merged)
     return _job_folder(store, settings, CycleJob(name, live["name"] if live else None, server_url, promote=promote,
                                                  merged=merged, answers=str(settings.layout.answers)))
 
@@ -151,7 +153,7 @@ def prepare_personal(store: Store, settings: Settings, server_url: str | None, o
                      promote: bool = True, merged: str | None = None, answers: str | None = None) -> tuple[CycleJob, Path]:
     """The job folder for `owner`'s next personal adapter: trained on from the live shared adapter, gated
     against what `owner` is served now (their live personal adapter, else the shared one, else the base).
-    `answers`: the cycle's answer file (chatfb.learning.answers), shared with the cycle's other children."""
+    `answers`: the answer file (chatfb.learning.answers), shared with the cycle's other children and the next cycles."""
     live = store.live_adapter()
     shared = live["name"] if live else None
     incumbent = store.live_personal_adapters().get(owner) or shared

@@ -340,9 +340,10 @@ def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incu
              book: AnswerBook | None = None) -> GateReport:
     """The gate's measurements of a trained candidate beside the incumbent (or the base model): ROUGE-L on
     held-out corrections, the selection pass rate on held-out critiques, how often each approved guideline
-    is followed without it in the prompt, and the control answers. `book`: the cycle's answers
-    (chatfb.learning.answers): the base model's and the incumbent's control answers are asked once a cycle,
-    and the candidate's are filed for a later child that has it as its incumbent."""
+    is followed without it in the prompt, and the control answers. `book`: the answers kept across cycles
+    (chatfb.learning.answers): the base model's and the incumbent's control answers are asked only when no
+    earlier child or cycle asked them, and the candidate's are filed for a later child or cycle that has it as
+    its incumbent."""
     if {candidate, client.served(candidate)} & set(client.models()):
         # Names are new for every cycle of this data folder: one already on the server belongs to someone else.
         raise GateError(f"the model server already has an adapter named {candidate}: another chatfb data folder "

@@ -110,9 +110,11 @@ def compute(job: CycleJob, settings: Settings, work: Path, progress: dict | None
 
     t = time.perf_counter()
     client, base, stop_server = model_server(settings, job.server_url, job.merged)
-    # replay and control answers of the base model and the shared adapters, asked once across cycles
-    book = AnswerBook(job.answers, job.merged, keep=lambda model: not is_personal(model), base_id=model_identity(base))
     try:
+        # replay and control answers of the base model and the shared adapters, asked once across cycles
+        base_id = model_identity(base, settings.vllm_dtype, settings.vllm_url)
+        book = AnswerBook(job.answers, job.merged, keep=lambda model: not is_personal(model), base_id=base_id)
+        book.keep_base(base_id)
         base_name, name = settings.served_model_name, job.name
         if job.server_url is None:  # our own temporary server: load what this job compares with and starts from
             for other in dict.fromkeys(n for n in (job.incumbent, job.start_from) if n):
@@ -343,8 +345,8 @@ def replay_examples(client: ModelClient, model: str, system_prompt: str, count: 
     """The base model's own answers to general questions (self-distillation replay), trained beside the
     feedback so the adapter keeps its behaviour where feedback says nothing; questions in `skip` are left
     out. An answer that max_tokens cut off is left out too: trained with an end of turn after it, it
-    would teach the model to stop mid-sentence. `book`: the cycle's answers (chatfb.learning.answers), where
-    an earlier child of the cycle asked the same model already."""
+    would teach the model to stop mid-sentence. `book`: the answers kept across cycles
+    (chatfb.learning.answers), where an earlier child or cycle asked the same model already."""
     from concurrent.futures import ThreadPoolExecutor
 
     def ask(prompts: list[list[dict]]) -> list:

@@ -138,15 +138,19 @@ class ModelClient:
         reply matches it (vLLM structured outputs, as in `complete_choices`). Closing the generator early
         closes the connection, and vLLM stops the request."""
         extra = {"extra_body": {"structured_outputs": {"regex": regex}}} if regex else {}
-        for chunk in self._chunks(model=model, messages=messages, max_tokens=max_tokens, temperature=temperature,
-                                  top_p=top_p, n=n, **extra):
-            for choice in chunk.get("choices") or []:
-                delta = (choice.get("delta") or {}).get("content") or ""
-                index = choice.get("index") or 0
-                if choice.get("finish_reason") and finish_reasons is not None:
-                    finish_reasons[index] = choice["finish_reason"]
-                if delta:
-                    yield index, delta
+        chunks = self._chunks(model=model, messages=messages, max_tokens=max_tokens, temperature=temperature,
+                              top_p=top_p, n=n, **extra)
+        try:
+            for chunk in chunks:
+                for choice in chunk.get("choices") or []:
+                    delta = (choice.get("delta") or {}).get("content") or ""
+                    index = choice.get("index") or 0
+                    if choice.get("finish_reason") and finish_reasons is not None:
+                        finish_reasons[index] = choice["finish_reason"]
+                    if delta:
+                        yield index, delta
+        finally:
+            chunks.close()  # the connection too, whoever stopped reading
 
     def served(self, name: str) -> str:
         """The vLLM model name a request for model `name` goes to."""

@@ -93,16 +93,28 @@ def test_another_base_model_is_asked_again(tmp_path):
     AnswerBook(path, base_id=model_identity(a)).answers("greedy", "chatfb-base", Q, 128, asker(asked))
     AnswerBook(path, base_id=model_identity(a)).answers("greedy", "chatfb-base", Q, 128, asker(asked))
     assert len(asked) == 3
-    (b / "model.safetensors").write_bytes(b"1" * 40)  # the same folder, other weights
     AnswerBook(path, base_id=model_identity(b)).answers("greedy", "chatfb-base", Q, 128, asker(asked))
     assert len(asked) == 6
+    import os
+
+    before = model_identity(a)
+    (a / "model.safetensors").write_bytes(b"1" * 30)  # the same folder and size, other weights
+    os.utime(a / "model.safetensors", ns=(1, 1))
+    assert model_identity(a) != before
+    (a / "model.safetensors").write_bytes(b"0" * 30)
+    os.utime(a / "model.safetensors", ns=(1, 1))
+    (a / "generation_config.json").write_text('{"temperature": 0.2}')  # vLLM applies it by default
+    assert model_identity(a) != model_identity(a, "float32") and len({model_identity(a), before}) == 2
+    book = AnswerBook(path)
+    assert book.keep_base(model_identity(b)) == 3 and len(book._read()) == 3  # model-a's went
 
 
 def test_a_cycle_keeps_the_base_and_live_answers_and_delete_user_drops_an_adapters(tmp_path):
     path = tmp_path / "answers.json"
     for model in ("chatfb-base", "chatfb-v0001", "chatfb-v0002"):
         AnswerBook(path).answers("greedy", model, Q, 128, asker([], model))
-    assert AnswerBook(path).keep_only({"chatfb-base", "chatfb-v0002"}) == 3  # v0001 is no longer live
+    AnswerBook(path, merged="chatfb-v0001").answers("greedy", "chatfb-base", Q, 128, asker([]))  # on merged weights
+    assert AnswerBook(path).keep_only({"chatfb-base", "chatfb-v0002"}) == 6  # v0001 no longer live, nor merged in
     asked = []
     for model in ("chatfb-base", "chatfb-v0002"):
         AnswerBook(path).answers("greedy", model, Q, 128, asker(asked, model))

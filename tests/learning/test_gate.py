@@ -456,7 +456,7 @@ def test_collapsed_control_answers_fail_the_gate_unless_the_setting_allows_them(
 
 def test_two_gates_of_one_cycle_ask_the_base_and_incumbent_control_answers_once(settings, tmp_path):
     """Each personal candidate of a cycle is gated against the same base and incumbent control answers: with
-    the cycle's answer file they are asked once, and the candidate's own answers are still asked every time."""
+    the answer file they are asked once, and the candidate's own answers are still asked every time."""
     from chatfb.learning.answers import AnswerBook
 
     asked = []

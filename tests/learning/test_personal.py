@@ -253,8 +253,8 @@ def test_a_cycle_on_its_own_model_server_loads_the_shared_adapter_it_starts_from
 def test_the_personal_adapters_of_one_cycle_replay_and_gate_on_answers_asked_once(store, settings, fake_client,
                                                                                    monkeypatch):
     """Two users' adapters in one cycle both replay the live shared adapter's answers and are gated against the
-    base model's and the shared adapter's control answers: each of those is asked once a cycle (the cycle's
-    answer file, chatfb.learning.answers), not once a user."""
+    base model's and the shared adapter's control answers: each of those is asked once (the answer file,
+    chatfb.learning.answers), not once a user."""
     from collections import Counter
 
     from chatfb.learning import gate
