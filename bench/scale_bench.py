@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 from bench.cycle import learning_cycle
-from bench.report import (add_output_flags, default_out_dir, machine, markdown_table, plot_path, pyplot, save_figure,
-                          write_results)
+from bench.report import (add_output_flags, default_out_dir, machine, markdown_table, percentile, plot_path, pyplot,
+                          save_figure, write_results)
 from bench.server import SERVED_NAME, add_server_flags, vllm_server
 
 NAME = "scale_bench"
@@ -68,6 +68,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--turns", type=int, default=10_000, help="chat turns for the DuckDB size measurement")
     p.add_argument("--max-steps", type=int, default=None, help="CHATFB_TRAIN_MAX_STEPS for the cycles (default: chatfb's)")
     p.add_argument("--work-dir", type=Path, default=None, help="where the data folders go (default: a temp dir)")
+    p.add_argument("--again", type=int, default=0,
+                   help="then this many more cycles on the first size's data folder, alternating the answers kept "
+                        "from the cycles before (work/answers.json, chatfb.learning.answers) and that file removed")
     add_output_flags(p, smoke_help="tiny run: 12 feedback items, 2 training steps, 4 replay examples, 500 turns")
     return p
 
@@ -119,6 +122,41 @@ def run_size(n: int, args, server, work: Path) -> dict:
     print(f"[n={n}] cycle {r['cycle_wall_s']} s, peak {r['peak_rss_gib']} GiB, train {t.get('train_s')} s "
           f"({r['sft_steps']} SFT + {r['dpo_steps']} DPO steps)", flush=True)
     return r
+
+
+def run_again(n: int, args, server, work: Path, keep: bool) -> dict:
+    """The cycle once more on size n's data folder (the same feedback, nothing promoted), with the answers the
+    cycles before kept, or with that file removed first: what keeping them saves."""
+    data_dir = work / f"n{n}"
+    if not keep:
+        (data_dir / "work" / "answers.json").unlink(missing_ok=True)
+    env = {"CHATFB_ADAPTER_PREFIX": f"benchscale-n{n}-{os.getpid()}", **getattr(args, "cycle_env", {})}
+    if args.max_steps is not None:
+        env["CHATFB_TRAIN_MAX_STEPS"] = str(args.max_steps)
+    c = learning_cycle(f"n={n} again, answers {'kept' if keep else 'removed'}", data_dir, [], server, args.api_key, **env)
+    summary = c["summary"]
+    if not summary.get("ok"):
+        raise RuntimeError(f"n={n} again: the cycle failed ({summary.get('reason')}); see {c['log_path']}")
+    counts = summary["counts"]
+    r = {"answers": "kept" if keep else "removed", "cycle_wall_s": round(c["wall_s"], 1), "timings": summary["timings"],
+         "answers_reused": counts.get("answers_reused"), "answers_asked": counts.get("answers_asked")}
+    print(f"[n={n} again] answers {r['answers']}: cycle {r['cycle_wall_s']} s, {r['answers_reused']} reused, "
+          f"{r['answers_asked']} asked", flush=True)
+    return r
+
+
+def again_report(results: dict) -> list[str]:
+    rows = results.get("again") or []
+    if not rows:
+        return []
+    med = {k: percentile([r["cycle_wall_s"] for r in rows if r["answers"] == k], 50) for k in ("kept", "removed")}
+    return ["# The same cycle again: answers kept from the cycles before, or asked anew", "",
+            markdown_table(["answers", "cycle wall s", "answers reused", "answers asked", "refine s", "train s", "eval s"],
+                           [[r["answers"], r["cycle_wall_s"], r["answers_reused"], r["answers_asked"],
+                             r["timings"].get("refine_s"), r["timings"].get("train_s"), r["timings"].get("eval_s")]
+                            for r in rows]), "",
+            f"Median cycle: {med['kept']:.1f} s with the answers kept, {med['removed']:.1f} s without "
+            f"({med['kept'] / med['removed']:.2f}x).", ""]
 
 
 def duckdb_size(turns: int, work: Path) -> dict:
@@ -174,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             write_results(out_dir, NAME, results, md)
             if not args.no_plot:
                 plot(results, plot_path(out_dir, NAME))
+        for i in range(args.again):
+            results.setdefault("again", []).append(run_again(sizes[0], args, server, work, keep=i % 2 == 0))
+            md = report(results)
+            write_results(out_dir, NAME, results, md)
     print(md)
     return 0
 
@@ -187,7 +229,7 @@ def report(results: dict) -> str:
     d, m = results["duckdb"], results["machine"]
     return "\n".join([
         "# Scale: one learning cycle (`python -m chatfb nightly`, default recipe) by feedback volume", "",
-        markdown_table(headers, rows), "",
+        markdown_table(headers, rows), "", *again_report(results),
         "Train ex.: feedback examples; replay ex. (the base model's own answers to general questions) train beside "
         "them. DPO pairs are built but not trained unless CHATFB_TRAIN_DPO=true (DPO steps '-'). The feedback is "
         "synthetic and templated (one correction pattern for every topic), so the gate may refuse the candidate: "

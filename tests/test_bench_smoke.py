@@ -90,3 +90,15 @@ def test_every_efficacy_family_has_known_answers_that_its_corrections_get_right(
             assert fam.check(corrected) and fam.right(q, corrected), (fam.name, q)
         assert not any(fam.right(q, "I am not sure.") for q in fam.heldout), fam.name  # every held-out prompt is checked
     assert set(eb.CONTROL_PROMPTS) <= set(eb.CONTROL_ANSWERS)
+
+
+def test_the_scale_report_sets_the_cycle_with_kept_answers_beside_the_one_without():
+    """scale_bench --again: the same cycle with the answers of the cycles before kept and with them removed."""
+    from bench.scale_bench import report
+
+    again = [{"answers": k, "cycle_wall_s": s, "timings": {"train_s": 50.0}, "answers_reused": r, "answers_asked": a}
+             for k, s, r, a in (("kept", 100.0, 48, 16), ("removed", 140.0, 0, 64), ("kept", 110.0, 48, 16))]
+    md = report({"cycles": [], "again": again, "duckdb": {"turns": 1, "mib": 1, "mib_per_10k_turns": 1, "write_s": 1},
+                 "machine": {"host_cpus": 2, "load_avg_1m_at_start": 0, "time_utc": "now"}})
+    assert "| kept | 100.00 | 48 | 16 |" in md and "| removed | 140.00 | 0 | 64 |" in md
+    assert "105.0 s with the answers kept, 140.0 s without (0.75x)" in md
