@@ -61,7 +61,7 @@ gives mean ± standard deviation over the runs.
 
     python -m bench.efficacy_bench                     # starts its own vLLM on the embedded model
     python -m bench.efficacy_bench --vllm-url http://127.0.0.1:8011 --model-dir data/models/SmolLM2-135M-Instruct
-    python -m bench.efficacy_bench --smoke ...         # 2 families x 2 items, 1 epoch, 1 seed, 2 candidates per critique, modes base/sft/critique
+    python -m bench.efficacy_bench --smoke ...         # 2 families x 2 items, 1 epoch, 1 seed, 2 candidates per critique, modes base/critique
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ SYSTEM = "You are a helpful assistant."
 EMAIL = "support@chatfb.example"
 SIGNOFF = "Cheers, the chatfb team"
 MODES = ("base", "sft", "sft_dpo", "ilf", "critique", "accept", "guideline_prompt", "guideline_distilled")
-SMOKE_MODES = ("base", "sft", "critique")  # the ilf recipe is kept for comparison runs, not for CI
+SMOKE_MODES = ("base", "critique")  # CI checks that the bench runs: its hardest mode (the corrections cycle is
+# tests/integration/test_learning.py's; each smoke cycle took about 110 s of CI); ilf is kept for comparison runs
 MODE_ENV = {  # each training mode's cycle settings
     "sft": {"CHATFB_TRAIN_MODE": "supervised"},
     "sft_dpo": {"CHATFB_TRAIN_MODE": "supervised", "CHATFB_TRAIN_DPO": "true"},

@@ -156,6 +156,10 @@ class Settings:
         "the critique; 'ilf' = the older 'rewrite this reply given this feedback' prompt, kept for "
         "comparison (the learning-efficacy benchmark measures both).")
     critique_samples: int = _f(4, "Candidates sampled per critique, guideline or distillation prompt (one vLLM request with n).")
+    candidate_patience: float = _f(
+        2.0, "Learning cycle: once half of a critique's sampled candidates have finished, the others may run this many "
+        "times as long as the slowest finished one, then are dropped, as in the in-loop revision (0: wait for every "
+        "candidate; else at least 1).")
     distill_prompts: int = _f(
         4, "Context distillation: for each critique that states a lasting preference and each approved global guideline, "
         "this many other similar prompts (other users' feedback; at most half replay questions) answered with it as "
@@ -280,6 +284,8 @@ SHARED_RULES = ("trusted", "agreement", "review")  # what CHATFB_SHARED_RULES li
 def validate(s: Settings) -> None:
     if s.revision_patience != 0 and not s.revision_patience >= 1:
         raise SettingsError("revision_patience must be 0 (wait for every draft) or at least 1")
+    if s.candidate_patience != 0 and not s.candidate_patience >= 1:
+        raise SettingsError("candidate_patience must be 0 (wait for every candidate) or at least 1")
     if s.train_mode not in ("supervised", "unsupervised", "semi"):
         raise SettingsError("train_mode must be supervised, unsupervised or semi")
     if s.critique_recipe not in CRITIQUE_RECIPES:

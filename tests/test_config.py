@@ -52,8 +52,9 @@ def test_settings_table_rewrites_only_between_its_markers():
 
 
 @pytest.mark.parametrize("patience", ["0.5", "-1"])
-def test_a_revision_patience_below_one_is_refused(patience):
+@pytest.mark.parametrize("field", ["revision_patience", "candidate_patience"])
+def test_a_patience_below_one_is_refused(field, patience):
     """Below 1 every draft still running when half have finished would be dropped at once."""
-    with pytest.raises(SettingsError, match="revision_patience"):
-        load_settings({"CHATFB_REVISION_PATIENCE": patience})
-    assert load_settings({"CHATFB_REVISION_PATIENCE": "0"}).revision_patience == 0
+    with pytest.raises(SettingsError, match=field):
+        load_settings({f"CHATFB_{field.upper()}": patience})
+    assert getattr(load_settings({f"CHATFB_{field.upper()}": "0"}), field) == 0

@@ -296,7 +296,8 @@ def _talks_about_the_critique(text: str, critique: str, context: str = "") -> st
 
 
 def generate(client, model: str, prompt: list[dict], critique: str, n: int = 4, max_tokens: int = 256,
-             temperature: float = 0.8, plain: str | list[str | None] | None = None) -> list[Candidate]:
+             temperature: float = 0.8, plain: str | list[str | None] | None = None,
+             patience: float = 0.0) -> list[Candidate]:
     """n answers to the conversation with the critique as an instruction, from ONE request; and the
     candidates that keep the content by construction (chatfb.critique.constraints): each of the `plain`
     answers (one, or several: the base model's greedy answer first, then the critiqued reply) cut at sentence
@@ -305,12 +306,27 @@ def generate(client, model: str, prompt: list[dict], critique: str, n: int = 4, 
 
     The greedy answer comes first because framing keeps every fact of what it frames: a critiqued reply
     that was wrong ("Good question! El Turio is the capital of Spain") stays wrong in the asked form,
-    where the model's own plain answer is most often its best one."""
+    where the model's own plain answer is most often its best one. `patience`: as in `stream_drafts` (0: wait
+    for every draft)."""
     messages = instruction_messages(prompt, critique)
-    choices = client.complete_choices(messages, model, max_tokens=max_tokens, temperature=temperature, top_p=0.95, n=n)
+    choices = collect_drafts(client, messages, model, n, max_tokens, temperature, patience=patience)
     out = [Candidate(text.strip(), finish_reason) for text, finish_reason in choices]
     return (out + content_keeping(critique, plain)
-            + held_to_format(client, messages, model, critique, max(1, n // 2), max_tokens, temperature))
+            + held_to_format(client, messages, model, critique, max(1, n // 2), max_tokens, temperature, patience))
+
+
+def collect_drafts(client, messages: list[dict], model: str, n: int, max_tokens: int = 256, temperature: float = 0.8,
+                   regex: str | None = None, patience: float = 0.0) -> list[tuple[str, str | None]]:
+    """(text, finish reason) of n answers sampled in one request (held to `regex` when given): streamed under
+    `patience` (`stream_drafts`; an abandoned draft's finish reason is ABANDONED), or one plain request (0)."""
+    if not patience:
+        return client.complete_choices(messages, model, max_tokens=max_tokens, temperature=temperature, top_p=0.95,
+                                       n=n, **({"regex": regex} if regex else {}))
+    texts: dict[int, str] = {}
+    finish: dict[int, str | None] = {}
+    for index, delta in stream_drafts(client, messages, model, n, max_tokens, temperature, finish, regex, patience):
+        texts[index] = texts.get(index, "") + delta
+    return [(texts.get(i, ""), finish.get(i)) for i in range(n)]
 
 
 def stream_drafts(client, messages: list[dict], model: str, n: int, max_tokens: int = 256, temperature: float = 0.8,
@@ -363,16 +379,7 @@ def held_to_format(client, messages: list[dict], model: str, critique: str, n: i
     if not regex:
         return []
     try:
-        if patience:
-            texts: dict[int, str] = {}
-            finish: dict[int, str | None] = {}
-            for index, delta in stream_drafts(client, messages, model, n, max_tokens, temperature, finish, regex,
-                                              patience):
-                texts[index] = texts.get(index, "") + delta
-            held = [(texts.get(i, ""), finish.get(i)) for i in range(n)]
-        else:
-            held = client.complete_choices(messages, model, max_tokens=max_tokens, temperature=temperature,
-                                           top_p=0.95, n=n, regex=regex)
+        held = collect_drafts(client, messages, model, n, max_tokens, temperature, regex, patience)
     except ModelError as e:
         if e.unavailable:
             raise
@@ -478,16 +485,17 @@ def unconfirmed_numbers(candidates: list[Candidate], question: str, critique: st
 
 def select_rounds(judge, model: str, prompt: list[dict], critique: str, n: int = 4, max_tokens: int = 256,
                   rounds: int = 2, generator=None, generator_model: str | None = None,
-                  original: str | None = None, reference: str | None = None) -> list[Candidate]:
+                  original: str | None = None, reference: str | None = None, patience: float = 0.0) -> list[Candidate]:
     """Generate n candidates (on `generator`/`generator_model` when given, e.g. a stronger refiner endpoint)
     and score them with the served model (`judge`); when none of a round survives, sample n more (up to `rounds` rounds) and
     score only the new ones; all candidates of all rounds, best first. The extra round costs time only
     where the first found nothing (on the efficacy families about one critique in three). `original` and
-    `reference` as in `score`; the first round also cuts or frames both of them, the reference first (`generate`)."""
+    `reference` as in `score`; the first round also cuts or frames both of them, the reference first (`generate`).
+    `patience`: how long stragglers may run, as in `stream_drafts`."""
     out: list[Candidate] = []
     for round_ in range(max(rounds, 1)):
         fresh = generate(generator or judge, generator_model or model, prompt, critique, n=n, max_tokens=max_tokens,
-                         plain=[reference, original] if round_ == 0 else None)
+                         plain=[reference, original] if round_ == 0 else None, patience=patience)
         out += score(judge, model, prompt, critique, fresh, original=original, reference=reference)
         if best(out) is not None:
             break

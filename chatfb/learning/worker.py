@@ -280,7 +280,8 @@ def select_all(tasks: list, client: ModelClient, model: str, settings: Settings,
                                         max_tokens=CANDIDATE_MAX_TOKENS, rounds=CANDIDATE_ROUNDS,
                                         generator=generator or client,
                                         generator_model=(generator_model or model) if generator else model,
-                                        original=task.original, reference=reference)
+                                        original=task.original, reference=reference,
+                                        patience=settings.candidate_patience)
 
     def one(task):
         make = ilf if settings.critique_recipe == "ilf" and task.source == "critique" else instruct

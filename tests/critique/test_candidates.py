@@ -686,3 +686,23 @@ def test_stream_drafts_stops_waiting_for_a_straggler_once_half_have_finished(mon
     server = TimedStream(monkeypatch, events)
     texts, finish = drafts(server, 4, patience=0)
     assert finish[3] == "length" and texts[3].endswith("."), (finish, texts)
+
+
+def test_the_cycles_candidates_do_not_wait_for_a_straggler_either(monkeypatch):
+    """generate (the learning cycle's candidates) under patience streams its drafts like the in-loop revision:
+    the straggler is dropped as ABANDONED; patience 0 asks once and takes every draft."""
+    events = [(1.0, 0, "Paris.", "stop"), (1.5, 1, "It is Paris.", "stop"), (1.6, 2, "Well,", None)]
+    events += [(1.5 + k, 2, " and so on", None) for k in range(1, 6)] + [(9.0, 2, ".", "length")]
+    prompt = [{"role": "user", "content": "Capital of France?"}]
+    server = TimedStream(monkeypatch, events)
+    out = candidates.generate(server, "m", prompt, "Shorter.", n=3, patience=2.0)
+    assert [(c.source, c.finish_reason) for c in out[:3]] == [("sampled", "stop"), ("sampled", "stop"),
+                                                               ("sampled", candidates.ABANDONED)], out
+    assert out[2].text == "Well," + " and so on" * 2, "cut at the first delta past 3.0 s (at 3.5 s)"
+
+    class OneRequest:
+        def complete_choices(self, messages, model, max_tokens, temperature, top_p, n):
+            return [("Paris.", "stop"), ("It is Paris.", "stop"), ("Well, and so on" * 9, "length")]
+
+    out = candidates.generate(OneRequest(), "m", prompt, "Shorter.", n=3, patience=0)
+    assert [c.finish_reason for c in out[:3]] == ["stop", "stop", "length"]

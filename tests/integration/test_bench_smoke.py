@@ -86,40 +86,32 @@ def test_efficacy_bench_smoke_runs_real_cycles(vllm_url, embedded_model, tmp_pat
                        "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"), timeout=1800)
 
     r = json.loads((tmp_path / "out" / "efficacy_bench.json").read_text())
-    assert list(r["modes"]) == ["base", "sft", "critique"]
+    assert list(r["modes"]) == ["base", "critique"]
     base = r["modes"]["base"]
     # the base row's retention is not measured (base vs base): never published as 1.0
     assert base["retention"] is None and base["control_cosine"] is None and base["leak"] is None, base
     for mode, m in r["modes"].items():
         assert m["n_runs"] == 1 and set(m["uptake"]) == {"support_email", "house_signoff"}, (mode, m)
         assert all(0 <= v <= 1 for v in m["uptake"].values()), (mode, m["uptake"])
-    for mode in ("sft", "critique"):
-        m = r["modes"][mode]
-        (run,) = m["runs"]
-        why = {k: run.get(k) for k in ("trained", "reason", "counts", "cycle_wall_s", "peak_rss_gib", "selection")}
-        # sft always trains on its corrections; the critique modes train when a candidate survived selection,
-        # and a candidate request the server failed is counted, never silently dropped
-        assert run["trained"] or (mode != "sft" and run["reason"] == "no usable training examples"), why
-        assert (run["retention"] is not None) == run["trained"], why  # measured exactly when something trained
-        assert not run["counts"].get("refine_errors"), why
-        # the trainer, or the embedding model that scored the candidates, held a model in memory
-        assert run["cycle_wall_s"] > 0 and run["peak_rss_gib"] > 0.1, why
-        assert (run["counts"] or {}).get("feedback") == 4, why  # a cycle that failed says why in `reason`
-    sft_counts = r["modes"]["sft"]["runs"][0]["counts"]
-    assert sft_counts["train_correction"] + sft_counts["heldout_examples"] == 4, \
-        f"each of the 4 corrections trains or is held out: {sft_counts}"
-    for mode in ("critique",):
-        run = r["modes"][mode]["runs"][0]
-        c = run["counts"]
-        # every critique is held out whole, turned into candidates, or counted as beyond the bound
-        assert c["critiques"] == 4 == c["critiques_heldout"] + c["critiques_with_example"] + c["critiques_without_example"], \
-            (mode, c)
-        for fam, sel in run["selection"].items():  # read back from the cycle's own candidates rows
-            assert sel["example_share"] is None or 0 <= sel["example_share"] <= 1, (mode, fam, sel)
-            assert (sel["precision"] is None) == (sel["kept_examples"] == 0), \
-                f"{mode}/{fam}: a precision exactly when some example was kept: {sel}"
-        kept = sum(sel["kept_examples"] for sel in run["selection"].values())
-        assert kept == c["candidates_kept"], (kept, c)
+    (run,) = r["modes"]["critique"]["runs"]
+    why = {k: run.get(k) for k in ("trained", "reason", "counts", "cycle_wall_s", "peak_rss_gib", "selection")}
+    # the critique mode trains when a candidate survived selection, and a candidate request the server
+    # failed is counted, never silently dropped
+    assert run["trained"] or run["reason"] == "no usable training examples", why
+    assert (run["retention"] is not None) == run["trained"], why  # measured exactly when something trained
+    assert not run["counts"].get("refine_errors"), why
+    # the trainer, or the embedding model that scored the candidates, held a model in memory
+    assert run["cycle_wall_s"] > 0 and run["peak_rss_gib"] > 0.1, why
+    c = run["counts"] or {}
+    assert c.get("feedback") == 4, why  # a cycle that failed says why in `reason`
+    # every critique is held out whole, turned into candidates, or counted as beyond the bound
+    assert c["critiques"] == 4 == c["critiques_heldout"] + c["critiques_with_example"] + c["critiques_without_example"], c
+    for fam, sel in run["selection"].items():  # read back from the cycle's own candidates rows
+        assert sel["example_share"] is None or 0 <= sel["example_share"] <= 1, (fam, sel)
+        assert (sel["precision"] is None) == (sel["kept_examples"] == 0), \
+            f"{fam}: a precision exactly when some example was kept: {sel}"
+    kept = sum(sel["kept_examples"] for sel in run["selection"].values())
+    assert kept == c["candidates_kept"], (kept, c)
     assert "| mode |" in (tmp_path / "out" / "efficacy_bench.md").read_text(), "no table in the .md"
     assert "mean uptake" in stdout and "| base | 1 |" in stdout and "n/a" in stdout, \
         "the printed table lacks its uptake column, base row or n/a:\n" + stdout[-3000:]

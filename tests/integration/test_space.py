@@ -21,7 +21,9 @@ def test_space_start_in_a_fresh_venv(tmp_path, embedded_model):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = str(venv / "bin" / "python")
-    pip = subprocess.run([py, "-m", "pip", "install", "-q", "-r", str(ROOT / "requirements.txt")],
+    # --no-compile: the packages are the same; byte-compiling all of them (torch, vLLM) took about 75 s of
+    # the install, and the app compiles what it imports when it starts
+    pip = subprocess.run([py, "-m", "pip", "install", "-q", "--no-compile", "-r", str(ROOT / "requirements.txt")],
                          capture_output=True, text=True, timeout=1800)
     assert pip.returncode == 0, pip.stderr[-3000:]
     port = free_port()
