@@ -62,6 +62,10 @@ class Settings:
         "the ports after CHATFB_VLLM_PORT + 1). 1 = one vLLM server, no router.")
     vllm_startup_timeout_s: float = _f(600.0, "How long to wait for the managed vLLM server to become healthy.")
     vllm_kvcache_gib: int = _f(1, "KV-cache size for vLLM on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    vllm_cpu_reserved: int = _f(
+        -1, "vLLM on a CPU: cores kept off the model's threads for vLLM's scheduler (VLLM_CPU_NUM_OF_RESERVED_CPU). -1 = "
+        "auto: none on a machine with at most 2 CPUs (vLLM's own choice, one, leaves the model one core of two: 8 chats "
+        "got 0.67x the tokens/s, bench/results/cpu_reserved), else vLLM's own choice. Ignored on a GPU.")
     max_model_len: int = _f(2048, "Context length the managed vLLM server is started with.")
     max_lora_rank: int = _f(16, "Largest LoRA rank the managed vLLM server accepts (--max-lora-rank).")
     vllm_max_loras: int = _f(
@@ -325,6 +329,8 @@ def validate(s: Settings) -> None:
         raise SettingsError("gate_max_control_lost and gate_max_control_collapsed must be 0 or more")
     if s.personal_min_feedback < 0 or s.personal_max_per_cycle < 0:
         raise SettingsError("personal_min_feedback and personal_max_per_cycle must be 0 (off) or more")
+    if s.vllm_cpu_reserved < -1:
+        raise SettingsError("vllm_cpu_reserved must be -1 (auto), 0 or more")
     if s.vllm_max_loras < 1:
         raise SettingsError("vllm_max_loras must be 1 or more")
     if s.shared_min_users < 0:

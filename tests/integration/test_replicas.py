@@ -22,7 +22,7 @@ import pytest
 from chatfb.config import load_settings
 from chatfb.serving.replicas import resolver_env
 from chatfb.app.runtime import Runtime
-from chatfb.serving.vllm_server import vllm_command
+from chatfb.serving.vllm_server import cpu_env, vllm_command
 from tests.integration.conftest import free_port, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.replicas]
@@ -47,7 +47,8 @@ class Replica:
     def __init__(self, model: Path, port: int, shared: Path, log: Path):
         self.port, self.url, self.log = port, f"http://127.0.0.1:{port}", log
         self.cmd = vllm_command(model, "chatfb-base", port, 16, 512, "auto")
-        self.env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1", **resolver_env(shared))
+        self.env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1", **resolver_env(shared),
+                        **cpu_env())  # as chatfb starts a replica (ManagedVLLM)
         self.proc = None
 
     def start(self) -> None:
