@@ -689,6 +689,9 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python -m bench.efficacy_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     results: dict = {"bench": NAME, "machine": machine(), "command": command.strip(),
+                     # settings given to every cycle through the environment (e.g. CHATFB_CANDIDATE_PATIENCE)
+                     "chatfb_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("CHATFB_")
+                                    and not any(w in k for w in ("PASSWORD", "KEY", "TOKEN", "SECRET"))},
                      "args": {k: str(v) for k, v in vars(args).items()},
                      "families": [{"name": f.name, "kind": f.kind, "critique": f.critique, "items": args.items,
                                    "heldout": args.heldout} for f in families], "modes": {}}
@@ -772,7 +775,8 @@ def report(results: dict, families: list[Family], unfinished: list[str] | None =
                                        for f in families], fmt_pm(r, "both_mean"), fmt_pm(r, "both_mean_untuned"),
                                fmt_pm(r, "control_right")] for mode, r in modes.items()]), ""]
     if results.get("command"):
-        lines += [f"Command: `{results['command']}`", ""]
+        env = " ".join(f"{k}={v}" for k, v in (results.get("chatfb_env") or {}).items())
+        lines += [f"Command: `{(env + ' ') if env else ''}{results['command']}`", ""]
     if unfinished:
         lines += ["**Unfinished run:** the modes " + ", ".join(unfinished) + " had not finished when this file was "
                   "written; the rows above are complete runs.", ""]
