@@ -65,7 +65,7 @@ class Settings:
     vllm_cpu_reserved: int = _f(
         -1, "vLLM on a CPU: cores kept off the model's threads for vLLM's scheduler (VLLM_CPU_NUM_OF_RESERVED_CPU). -1 = "
         "auto: none on a machine with at most 2 CPUs (vLLM's own choice, one, leaves the model one core of two: 8 chats "
-        "got 0.67x the tokens/s, bench/results/cpu_reserved), else vLLM's own choice. Ignored on a GPU.")
+        "got 0.79x the tokens/s, bench/results/cpu_reserved), else vLLM's own choice. Ignored on a GPU.")
     max_model_len: int = _f(2048, "Context length the managed vLLM server is started with.")
     max_lora_rank: int = _f(16, "Largest LoRA rank the managed vLLM server accepts (--max-lora-rank).")
     vllm_max_loras: int = _f(

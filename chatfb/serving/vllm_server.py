@@ -112,7 +112,7 @@ FEW_CPUS = 2  # at most this many: vLLM's model threads get every core (measured
 def cpu_env(reserved: int = -1, cpus: int | None = None, environ: dict | None = None) -> dict[str, str]:
     """The environment that sets how many cores vLLM on a CPU keeps off the model's threads for its scheduler
     process. vLLM keeps one per process; on a 2-core machine that runs the model on one core. With none kept,
-    8 chats got 1.49x the tokens/s and one chat 1.25x, the idle server used 0.02 of a core either way
+    8 chats got 1.27x the tokens/s and one chat 1.12x, the idle server used 0.02 of a core either way
     (bench/results/cpu_reserved). `reserved` -1 (auto): none where the process may use at most FEW_CPUS
     CPUs, else vLLM's own choice; a value the operator set in the environment stands. vLLM on a GPU ignores it."""
     environ = os.environ if environ is None else environ

@@ -76,7 +76,7 @@ def test_only_the_apps_own_single_server_offers_the_weight_reload(settings, tmp_
 
 def test_vllm_on_a_two_core_machine_runs_the_model_on_both_cores():
     """vLLM keeps one core per process off the model's threads; on 2 CPUs that ran the model on one core (8 chats
-    0.67x the tokens/s, bench/results/cpu_reserved). Auto: none kept on at most 2 CPUs, vLLM's own choice on more;
+    0.79x the tokens/s, bench/results/cpu_reserved). Auto: none kept on at most 2 CPUs, vLLM's own choice on more;
     a number given, or one the operator set in the environment, stands."""
     from chatfb.serving.vllm_server import RESERVED_CPU_ENV, cpu_env
 
