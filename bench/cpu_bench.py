@@ -73,9 +73,9 @@ def measure(settings, model_dir: Path, port: int, args) -> dict:
 
     server = ManagedVLLM.from_settings(settings, model_dir, port, log_role="bench")
     t0 = time.perf_counter()
-    server.start()
-    out = {"startup_s": round(time.perf_counter() - t0, 1)}
     try:
+        server.start()
+        out = {"startup_s": round(time.perf_counter() - t0, 1)}
         with httpx.Client(timeout=600) as client:
             ask(client, server.url, "Hello.", 8)
             time.sleep(2)

@@ -70,6 +70,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -477,16 +478,19 @@ def accept_revisions(client, judge, families: list[Family], items: int) -> tuple
     Returns ({prompt: accepted text}, {family: {"critiqued", "offered", "accepted"}})."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from chatfb.config import load_settings
     from chatfb.critique import candidates
 
     jobs = [(fam, q) for fam in families for q, _ in fam.teach[:items]]
+    patience = load_settings().revision_patience  # the app's offer does not wait for stragglers either
 
     def offer(job):  # the first offer, then "Try again" once when nothing offered is right
         fam, q = job
         offered = []
         for _ in range(2):
             kept = [c for c in candidates.select_rounds(judge, SERVED_NAME, messages(q), fam.critique, n=4, max_tokens=192,
-                                                        rounds=1, generator=client, generator_model=SERVED_NAME) if c.ok]
+                                                        rounds=1, generator=client, generator_model=SERVED_NAME,
+                                                        patience=patience) if c.ok]
             offered += kept
             right = next((c.text for c in kept if fam.check(c.text)), None)
             if right is not None:
@@ -543,6 +547,24 @@ def selection_stats(data_dir: Path, families: list[Family], seed: int, accepted:
     return out
 
 
+SMOKE_ENV = dict(CHATFB_REPLAY_EXAMPLES="4", CHATFB_DISTILL_PROMPTS="2", CHATFB_TRAIN_MAX_STEPS="4",
+                 CHATFB_UPTAKE_MAX_ITEMS="2", CHATFB_CRITIQUE_SAMPLES="2", CHATFB_EVAL_MAX_EXAMPLES="2")
+SET_BY_THE_BENCH = {"CHATFB_DATA_DIR", "CHATFB_VLLM_URL", "CHATFB_MODEL", "CHATFB_SERVED_MODEL_NAME", "CHATFB_API_KEY",
+                    "CHATFB_SEED", "CHATFB_ADAPTER_PREFIX"}  # bench/cycle.py and run_mode, every run
+
+
+def inherited_settings(args, environ=None) -> dict[str, str]:
+    """The CHATFB_ settings every cycle inherits from the bench's environment, for its results: none the bench
+    or a mode sets itself, and none that is a secret, an address or names users."""
+    environ = os.environ if environ is None else environ
+    own = SET_BY_THE_BENCH | {k for env in MODE_ENV.values() for k in env} | (set(SMOKE_ENV) if args.smoke else set())
+    if args.epochs is not None:
+        own.add("CHATFB_TRAIN_EPOCHS")
+    private = ("PASSWORD", "KEY", "TOKEN", "SECRET", "URL", "USERS", "HF_")
+    return {k: v for k, v in sorted(environ.items())
+            if k.startswith("CHATFB_") and k not in own and not any(w in k[len("CHATFB_"):] for w in private)}
+
+
 def _right_or_unknown(fam: Family, prompt: str | None, text: str) -> bool:
     """fam.right where the prompt is one of the family's own (it has a known answer), else True."""
     own = {q for q, _ in fam.teach} | set(fam.heldout)
@@ -562,8 +584,7 @@ def run_mode(mode: str, families: list[Family], args, server, client, originals:
     if args.epochs is not None:
         env["CHATFB_TRAIN_EPOCHS"] = str(args.epochs)
     if args.smoke:  # a check that the cycle runs end to end: a little replay and distillation, not the recipe's own
-        env.update(CHATFB_REPLAY_EXAMPLES="4", CHATFB_DISTILL_PROMPTS="2", CHATFB_TRAIN_MAX_STEPS="4",
-                   CHATFB_UPTAKE_MAX_ITEMS="2", CHATFB_CRITIQUE_SAMPLES="2", CHATFB_EVAL_MAX_EXAMPLES="2")
+        env.update(SMOKE_ENV)
     accepted, accept_stats = ({}, None)
     if mode == "accept":  # scored as the app scores revisions (chatfb.critique.judge: locally on a CPU)
         from chatfb.critique.judge import judge_for
@@ -689,9 +710,10 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python -m bench.efficacy_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     results: dict = {"bench": NAME, "machine": machine(), "command": command.strip(),
-                     # settings given to every cycle through the environment (e.g. CHATFB_CANDIDATE_PATIENCE)
-                     "chatfb_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("CHATFB_")
-                                    and not any(w in k for w in ("PASSWORD", "KEY", "TOKEN", "SECRET"))},
+                     # settings the cycles inherit from the environment the bench ran in (e.g.
+                     # CHATFB_CANDIDATE_PATIENCE): never one a mode or the bench sets itself, nor a secret,
+                     # an address or a user's name
+                     "chatfb_env": inherited_settings(args),
                      "args": {k: str(v) for k, v in vars(args).items()},
                      "families": [{"name": f.name, "kind": f.kind, "critique": f.critique, "items": args.items,
                                    "heldout": args.heldout} for f in families], "modes": {}}
@@ -775,7 +797,7 @@ def report(results: dict, families: list[Family], unfinished: list[str] | None =
                                        for f in families], fmt_pm(r, "both_mean"), fmt_pm(r, "both_mean_untuned"),
                                fmt_pm(r, "control_right")] for mode, r in modes.items()]), ""]
     if results.get("command"):
-        env = " ".join(f"{k}={v}" for k, v in (results.get("chatfb_env") or {}).items())
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in (results.get("chatfb_env") or {}).items())
         lines += [f"Command: `{(env + ' ') if env else ''}{results['command']}`", ""]
     if unfinished:
         lines += ["**Unfinished run:** the modes " + ", ".join(unfinished) + " had not finished when this file was "

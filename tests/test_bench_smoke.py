@@ -102,3 +102,18 @@ def test_the_scale_report_sets_the_cycle_with_kept_answers_beside_the_one_withou
                  "machine": {"host_cpus": 2, "load_avg_1m_at_start": 0, "time_utc": "now"}})
     assert "| kept | 100.00 | 48 | 16 |" in md and "| removed | 140.00 | 0 | 64 |" in md
     assert "105.0 s with the answers kept, 140.0 s without (0.75x)" in md
+
+
+def test_the_efficacy_results_name_inherited_settings_never_secrets_or_its_own():
+    """The results say which CHATFB_ settings the cycles inherited (e.g. CHATFB_CANDIDATE_PATIENCE=0 for an A/B run),
+    never a secret, an address or users' names, nor a setting the bench or a mode sets itself."""
+    import argparse
+
+    from bench import efficacy_bench as eb
+
+    env = {"CHATFB_CANDIDATE_PATIENCE": "0", "CHATFB_ADMIN_PASSWORD": "pw", "CHATFB_API_KEY": "k",
+           "CHATFB_VLLM_URL": "http://u:pw@host", "CHATFB_TRUSTED_USERS": "ann", "CHATFB_TRAIN_MODE": "semi",
+           "CHATFB_DATA_DIR": "/x", "CHATFB_REPLAY_EXAMPLES": "8", "HOME": "/root"}
+    full = argparse.Namespace(smoke=False, epochs=None)
+    assert eb.inherited_settings(full, env) == {"CHATFB_CANDIDATE_PATIENCE": "0", "CHATFB_REPLAY_EXAMPLES": "8"}
+    assert eb.inherited_settings(argparse.Namespace(smoke=True, epochs=1.0), env) == {"CHATFB_CANDIDATE_PATIENCE": "0"}

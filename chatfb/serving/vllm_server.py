@@ -120,8 +120,20 @@ def cpu_env(reserved: int = -1, cpus: int | None = None, environ: dict | None = 
         return {RESERVED_CPU_ENV: str(reserved)}
     if RESERVED_CPU_ENV in environ:
         return {}
-    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    cpus = cpus if cpus is not None else usable_cpus()
     return {RESERVED_CPU_ENV: "0"} if cpus <= FEW_CPUS else {}
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: those it may run on, fewer under a container's CPU quota (cgroup v2)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cgroup.read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
 
 
 def vllm_options(settings) -> dict:

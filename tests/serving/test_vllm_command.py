@@ -86,6 +86,16 @@ def test_vllm_on_a_two_core_machine_runs_the_model_on_both_cores():
     assert cpu_env(-1, cpus=2, environ={RESERVED_CPU_ENV: "1"}) == {}  # the operator's own value is left alone
 
 
+def test_a_containers_cpu_quota_counts(tmp_path):
+    from chatfb.serving.vllm_server import usable_cpus
+
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")  # docker --cpus=1.5
+    assert usable_cpus(quota) == min(2, usable_cpus(tmp_path / "none"))
+    quota.write_text("max 100000\n")
+    assert usable_cpus(quota) == usable_cpus(tmp_path / "none") >= 1
+
+
 def test_the_server_chatfb_starts_gets_the_cpu_setting(settings, tmp_path, monkeypatch):
     import subprocess
 
