@@ -250,11 +250,11 @@ def test_select_all_keeps_the_best_passing_candidate_and_records_every_one(fake_
     assert rows[0]["details"]["critique"] == RULE and rows[3]["details"] == {
         "logratio": 0.1, "task": "distill", "recipe": "instruct", "critique": RULE, "prompt": "Where is my order?",
         "author": "", "feedback_kind": "from_critique", "scope": "shared"}  # provenance: who gave the critique
-    # the cycle does not wait for straggling candidates either (CHATFB_CANDIDATE_PATIENCE; 0 waits for all)
-    assert {c["patience"] for c in fake_candidates.calls if "patience" in c} == {settings.candidate_patience} == {2.0}
+    # how long straggling candidates may run (CHATFB_CANDIDATE_PATIENCE): by default they are waited for
+    assert {c["patience"] for c in fake_candidates.calls if "patience" in c} == {settings.candidate_patience} == {0.0}
     fake_candidates.calls.clear()
-    select_all(tasks[:1], fake_client, "chatfb-base", load_settings({"CHATFB_CANDIDATE_PATIENCE": "0"}))
-    assert [c["patience"] for c in fake_candidates.calls if "patience" in c] == [0.0]
+    select_all(tasks[:1], fake_client, "chatfb-base", load_settings({"CHATFB_CANDIDATE_PATIENCE": "2"}))
+    assert [c["patience"] for c in fake_candidates.calls if "patience" in c] == [2.0]
 
 
 def test_recorded_candidates_reach_the_store_through_the_cycles_owner(store, settings, fake_client):
