@@ -38,8 +38,8 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from bench.report import (add_output_flags, default_out_dir, fmt, machine, markdown_table, percentile, publish, pyplot,
-                          save_figure, target, targets_table)
+from bench.report import (add_output_flags, cpu_seconds, default_out_dir, fmt, machine, markdown_table, percentile,
+                          publish, pyplot, save_figure, target, targets_table)
 from bench.server import SERVED_NAME, free_port
 from chatfb.config import Settings
 from chatfb.layout import DataLayout
@@ -50,7 +50,6 @@ NAME = "app_bench"
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_MODEL = ROOT / "tests" / "fake_openai.py"
 DEFAULT_CHAT_CONCURRENCY = next(f.default for f in fields(Settings) if f.name == "chat_concurrency")
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SYSTEM_PROMPT = "You are a helpful assistant."
 API_USER = "bench"
 PATHS = ("plain", "ui", "api")  # the anchor, chatfb's UI, chatfb's OpenAI-compatible API
@@ -81,13 +80,6 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 # -- the processes under test -----------------------------------------------------------------------
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process (all its threads), from /proc."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    utime, stime = stat.rsplit(")", 1)[1].split()[11:13]  # fields 14 and 15, after the command name
-    return (int(utime) + int(stime)) / CLOCK_TICKS
-
-
 @dataclass
 class Server:
     """A chat server under test and the fake model behind it."""

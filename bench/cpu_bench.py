@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.report import add_output_flags, default_out_dir, machine, markdown_table, publish
+from bench.report import add_output_flags, cpu_seconds, default_out_dir, machine, markdown_table, process_group, publish
 from bench.server import SERVED_NAME, free_port
 
 NAME = "cpu_bench"
@@ -47,16 +47,12 @@ def make_parser() -> argparse.ArgumentParser:
 
 def group_cpu_s(pgid: int) -> float:
     """CPU seconds (user + system) of every process in process group `pgid` (vLLM's server and engine)."""
-    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
+    total = 0.0
+    for pid in process_group(pgid):
         try:
-            fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            total += cpu_seconds(pid)
+        except OSError:  # ended meanwhile
             continue
-        if int(fields[2]) == pgid:
-            total += (int(fields[11]) + int(fields[12])) / tick
     return total
 
 

@@ -115,3 +115,22 @@ def save_figure(fig, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (all its threads), from /proc."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    utime, stime = stat.rsplit(")", 1)[1].split()[11:13]  # fields 14 and 15, after the command name
+    return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+
+
+def process_group(pgid: int) -> list[int]:
+    """The pids of process group `pgid` (e.g. a vLLM server and its engine), from /proc."""
+    pids = []
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                pids.append(int(d))
+        except OSError:
+            continue
+    return pids
