@@ -112,7 +112,7 @@ def test_the_efficacy_results_name_inherited_settings_never_secrets_or_its_own()
     from bench import efficacy_bench as eb
 
     env = {"CHATFB_CANDIDATE_PATIENCE": "0", "CHATFB_ADMIN_PASSWORD": "pw", "CHATFB_API_KEY": "k",
-           "CHATFB_VLLM_URL": "http://u:pw@host", "CHATFB_TRUSTED_USERS": "ann", "CHATFB_TRAIN_MODE": "semi",
+           "CHATFB_VLLM_URL": "http://u:pw@host", "CHATFB_REFINER_URL": "http://u:pw@big", "CHATFB_TRUSTED_USERS": "ann", "CHATFB_TRAIN_MODE": "semi",
            "CHATFB_DATA_DIR": "/x", "CHATFB_REPLAY_EXAMPLES": "8", "HOME": "/root"}
     full = argparse.Namespace(smoke=False, epochs=None)
     assert eb.inherited_settings(full, env) == {"CHATFB_CANDIDATE_PATIENCE": "0", "CHATFB_REPLAY_EXAMPLES": "8"}

@@ -92,6 +92,8 @@ def test_a_containers_cpu_quota_counts(tmp_path):
     quota = tmp_path / "cpu.max"
     quota.write_text("150000 100000\n")  # docker --cpus=1.5
     assert usable_cpus(quota) == min(2, usable_cpus(tmp_path / "none"))
+    quota.write_text("50000 100000\n")  # docker --cpus=0.5: one CPU, whatever the machine has
+    assert usable_cpus(quota) == 1
     quota.write_text("max 100000\n")
     assert usable_cpus(quota) == usable_cpus(tmp_path / "none") >= 1
 
