@@ -18,8 +18,8 @@ from chatfb.store.db import Store
 def isolated_env(tmp_path, monkeypatch):
     """Every test starts without the developer's CHATFB_* settings and with its data in a temp folder,
     so a CLI or settings test reads only what it sets itself. CHATFB_TEST_* (harness options such as the
-    model cache) stay. Session-scoped integration fixtures are built before this runs, and the app's
-    environment is kept in `RunningApp.env`, so integration tests keep their own settings."""
+    model cache) stay. The session app starts from the environment as collection left it (tests/integration/
+    conftest.py), and its environment is kept in `RunningApp.env`, so integration tests keep their own settings."""
     for name in list(os.environ):
         if name.startswith("CHATFB_") and not name.startswith("CHATFB_TEST_"):
             monkeypatch.delenv(name)

@@ -167,7 +167,7 @@ def test_a_stray_opening_phrase_of_the_plain_answer_is_not_a_fact_to_keep():
         assert hard_verdict(dropped, question, critique, references=[plain]) != "ok", dropped
 
 
-# The integration test's critique (tests/integration/test_learning.py, the critique-only cycle).
+# A support-address critique, as a critique-only cycle on the real server was taught it.
 SUPPORT = "Wrong: always tell people to email our support team at support@chatfb.example."
 # SmolLM2-135M-Instruct's greedy plain answers to these questions (first sentences, verbatim).
 SUPPORT_PLAIN = {

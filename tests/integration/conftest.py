@@ -10,11 +10,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from . import space_venv  # the same module test_space.py imports
 
 ROOT = Path(__file__).resolve().parents[2]
 # Debian's chromium, driven by Playwright (tests/integration/test_browser.py, scripts/screenshots.py)
@@ -22,6 +25,27 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 ADMIN_PASSWORD = "test-admin-pw"
+
+
+@pytest.hookimpl(trylast=True)  # after -m/-k deselected what will not run
+def pytest_collection_modifyitems(config, items):
+    """Integration tests run after every unit test, in their own order (a stable sort). What they wait for
+    starts now, while the unit tests run on about one core: the Space test's fresh venv (space_venv) and the
+    session app (its model converted once, `python app.py` and its vLLM starting; the `app` fixture waits)."""
+    items.sort(key=lambda item: item.get_closest_marker("integration") is not None)
+    if config.option.collectonly:
+        return
+    if any(item.nodeid == space_venv.TEST_ID for item in items):
+        space_venv.start()
+    if any("app" in getattr(item, "fixturenames", ()) for item in items):
+        _early.start(config._tmp_path_factory)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    venv = space_venv.started()
+    if venv is not None:
+        venv.remove()
+    _early.stop()
 
 
 def free_port() -> int:
@@ -77,22 +101,31 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 1.0):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-@pytest.fixture(scope="session")
-def embedded_model(tmp_path_factory) -> Path:
-    """The embedded model converted once (GGUF -> safetensors) for the whole session."""
+def _embedded_model(cache: Path) -> Path:
     from chatfb.serving.model_files import resolve_model
 
-    cache = Path(os.environ.get("CHATFB_TEST_MODEL_CACHE", tmp_path_factory.mktemp("models")))
     return resolve_model("embedded", cache)
 
 
-def launch_app(data_dir: Path, wait_ready: bool = True, own_cycles: dict | None = None, **extra_env) -> RunningApp:
+def _model_cache(tmp_path_factory, environ=os.environ) -> Path:
+    return Path(environ["CHATFB_TEST_MODEL_CACHE"]) if "CHATFB_TEST_MODEL_CACHE" in environ else tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def embedded_model(tmp_path_factory) -> Path:
+    """The embedded model converted once (GGUF -> safetensors) for the whole session."""
+    return _early.model() or _embedded_model(_model_cache(tmp_path_factory))
+
+
+def launch_app(data_dir: Path, wait_ready: bool = True, own_cycles: dict | None = None, environ: dict | None = None,
+               **extra_env) -> RunningApp:
     """Start `python app.py` on data_dir and (unless not `wait_ready`) wait until its model is ready.
     `own_cycles`: settings the app process alone gets (not RunningApp.env, which the tests' CLI commands use):
     those of the learning cycles the app starts itself (the admin tab's Train now, the schedule). A CLI's cycle
-    runs in the app with the CLI's own settings (chatfb.cli.cycle_in_app), so these never reach it."""
+    runs in the app with the CLI's own settings (chatfb.cli.cycle_in_app), so these never reach it.
+    `environ`: the environment to start from (default: this process's, now)."""
     port = free_port()
-    env = dict(os.environ, CHATFB_DATA_DIR=str(data_dir), GRADIO_SERVER_PORT=str(port),
+    env = dict(os.environ if environ is None else environ, CHATFB_DATA_DIR=str(data_dir), GRADIO_SERVER_PORT=str(port),
                CHATFB_VLLM_PORT=str(free_port()), CHATFB_ADMIN_PASSWORD=ADMIN_PASSWORD,
                CHATFB_RATE_LIMIT_PER_MINUTE="1000", CHATFB_MAX_TOKENS="64", CHATFB_REQUEST_TIMEOUT_S="60",
                GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
@@ -109,16 +142,22 @@ def launch_app(data_dir: Path, wait_ready: bool = True, own_cycles: dict | None 
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=dict(env, **(own_cycles or {})), stdout=open(log, "wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     running = RunningApp(data_dir, env, proc, f"http://127.0.0.1:{port}", log)
-    if not wait_ready:
-        return running
+    running.t0 = t0
+    if wait_ready:
+        wait_until_ready(running)
+    return running
+
+
+def wait_until_ready(running: RunningApp) -> None:
+    """Wait until a launched app's model and web server answer (600 s, 60 s); stop it and fail with its log if not."""
+    proc, log = running.proc, running.log
     try:
         wait_until(lambda: proc.poll() is None and b"model ready" in log.read_bytes(), 600, "the app's model")
         wait_until(lambda: _answers(running.url), 60, "the app's web server", 0.2)
     except AssertionError:
         stop_app(running)
         raise AssertionError("app did not start:\n" + log.read_text()[-5000:])
-    running.startup_s = time.perf_counter() - t0
-    return running
+    running.startup_s = time.perf_counter() - running.t0
 
 
 def _answers(url: str) -> bool:
@@ -149,14 +188,78 @@ SMALL_APP_CYCLES = dict(CHATFB_TRAIN_MAX_STEPS="4", CHATFB_REPLAY_EXAMPLES="4", 
                         CHATFB_UPTAKE_MAX_ITEMS="4")
 
 
-@pytest.fixture(scope="session")
-def app(tmp_path_factory, embedded_model):
-    data_dir = tmp_path_factory.mktemp("app") / "data"
+def _app_dir(root: Path, model: Path) -> Path:
+    data_dir = root / "data"
     data_dir.mkdir()
     # reuse the converted model: the app finds it where it would have converted it
     (data_dir / "models").mkdir()
-    os.symlink(embedded_model, data_dir / "models" / embedded_model.name)
-    running = launch_app(data_dir, own_cycles=SMALL_APP_CYCLES)
+    os.symlink(model, data_dir / "models" / model.name)
+    return data_dir
+
+
+class EarlyApp:
+    """The session app, started in a thread when collection ends (the model converted, `python app.py`
+    launched without waiting) while the unit tests run; the `app` fixture waits until it is ready. It starts
+    from the environment as collection left it: the unit tests' own settings (tests/conftest.py isolated_env)
+    never reach it."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._model: Path | None = None
+        self.running: RunningApp | None = None
+        self.error: BaseException | None = None
+        self._stopped = False
+
+    def start(self, tmp_path_factory) -> None:
+        environ = dict(os.environ)
+        cache = _model_cache(tmp_path_factory, environ)  # temp folders made here, not beside the tests' own
+        root = tmp_path_factory.mktemp("app")
+
+        def run():
+            try:
+                self._model = _embedded_model(cache)
+                if not self._stopped:
+                    self.running = launch_app(_app_dir(root, self._model), wait_ready=False,
+                                              own_cycles=SMALL_APP_CYCLES, environ=environ)
+            except BaseException as e:  # raised again to the fixture that needs it
+                self.error = e
+
+        self._thread = threading.Thread(target=run, name="session-app", daemon=True)
+        self._thread.start()
+
+    def _join(self) -> bool:
+        if self._thread is None:
+            return False
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return True
+
+    def model(self) -> Path | None:
+        return self._model if self._join() else None
+
+    def app(self) -> RunningApp | None:
+        return self.running if self._join() else None
+
+    def stop(self) -> None:
+        """At the session's end: stop the app if no fixture did (a session that ended before it was needed)."""
+        self._stopped = True
+        if self._thread is not None:
+            self._thread.join(600)
+        if self.running is not None and self.running.proc.poll() is None:
+            stop_app(self.running)
+
+
+_early = EarlyApp()
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory, embedded_model):
+    running = _early.app()
+    if running is not None:
+        wait_until_ready(running)
+    else:
+        running = launch_app(_app_dir(tmp_path_factory.mktemp("app"), embedded_model), own_cycles=SMALL_APP_CYCLES)
     yield running
     stop_app(running)
 

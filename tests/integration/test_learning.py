@@ -127,13 +127,13 @@ def test_bad_data_is_refused_and_rollback_restores_the_previous_version(app, vll
     bad.write_text("".join(json.dumps({"prompt": p, "reply": "A sensible answer.", "kind": "correction",
                                        "text": "Zorp blag wibble zorp zorp."}) + "\n" for p in prompts))
     app.cli("import-feedback", str(bad), "--trusted")  # vouched for, so only the gate stands in its way
-    # Trained hard (three times the learning rate, no step cap) so the nonsense sticks; the default recipe
+    # Trained hard (six times the learning rate, no step cap) so the nonsense sticks; the default recipe
     # otherwise: SFT with replay, no DPO. Little replay (it holds the general answers the nonsense should reach)
-    # and a small held-out sample (the controls refuse it): the same refusal, in less time. Two epochs (28 steps
-    # in the suite) are plenty: at the default rate, 57 capped steps on the same feedback with 25 replay
-    # examples already turned 12 of the known answers wrong (14 of 16 controls collapsed); five epochs (70 steps)
-    # took 168 s to train.
-    env = dict(app.env, CHATFB_TRAIN_EPOCHS="2", CHATFB_LEARNING_RATE="0.003", CHATFB_TRAIN_MAX_STEPS="0",
+    # and a small held-out sample (the controls refuse it): the same refusal, in less time. One epoch (14 steps)
+    # is plenty: after the support-email adapter it turned 13 of the known answers wrong and took 88 s to train
+    # (2026-12-07; two epochs at half the rate, 28 steps, refused it too); at the default rate, 57 capped steps on
+    # the same feedback with 25 replay examples already turned 12 wrong.
+    env = dict(app.env, CHATFB_TRAIN_EPOCHS="1", CHATFB_LEARNING_RATE="0.006", CHATFB_TRAIN_MAX_STEPS="0",
                CHATFB_REPLAY_EXAMPLES="8", CHATFB_EVAL_MAX_EXAMPLES="8")
     out = subprocess.run([sys.executable, "-m", "chatfb", "nightly"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=1500)
@@ -201,60 +201,6 @@ def test_train_now_from_the_admin_tab(app, vllm_url):
     else:
         assert adapter["status"] == "rejected" and (live or {}).get("name") != name, (adapter["status"], live)
         assert name not in ModelClient(vllm_url).models(), f"rejected {name} is loaded in vLLM"
-
-
-def test_a_critique_only_cycle_selects_records_and_trains_without_the_critique(app, tmp_path):
-    """Critiques alone, the nightly recipe on the real server: each critique held out whole or answered again
-    with it as an instruction; every candidate is recorded with its verdict; what is kept trains WITHOUT the
-    critique in the prompt. Short (few steps, little replay) and not promoted: the learning is measured by
-    the efficacy benchmark, not here."""
-    critique = "Wrong: always tell people to email our support team at support@chatfb.example."
-    rows = [json.loads(line) for line in (DATA / "support_email.jsonl").read_text().splitlines()[:8]]
-    feedback = tmp_path / "critiques.jsonl"
-    feedback.write_text("".join(json.dumps(dict(r, kind="critique", text=critique, user=f"critic{i}")) + "\n"
-                                for i, r in enumerate(rows)))
-    app.cli("import-feedback", str(feedback), "--trusted")
-    # the newest 6 critiques answered again (ours; the others are counted beyond the bound), 4 held out judged
-    env = dict(app.env, CHATFB_TRAIN_MODE="unsupervised", CHATFB_CRITIQUE_RECIPE="instruct", CHATFB_TRAIN_MAX_STEPS="4",
-               CHATFB_REPLAY_EXAMPLES="4", CHATFB_DISTILL_PROMPTS="2", CHATFB_REFINE_MAX_CRITIQUES="6",
-               CHATFB_EVAL_MAX_EXAMPLES="4", CHATFB_CRITIQUE_SAMPLES="2")
-    out = subprocess.run([sys.executable, "-m", "chatfb", "nightly", "--no-promote"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=1500)
-    result = json.loads(out.stdout[out.stdout.index("{"):])
-    c, name = result["counts"], result["adapter"]
-    assert not c.get("refine_errors"), result
-    assert "critiques" in c, f"the cycle never reached the critiques: {result}\n{out.stderr[-3000:]}"
-    # ours, and any critique earlier tests left without an accepted revision
-    assert c["critiques"] == (c["critiques_heldout"] + c["critiques_with_example"] + c["critiques_without_example"]
-                              + c.get("critiques_not_refined", 0)) >= 8, c
-    assert c["critiques_with_example"] + c["critiques_without_example"] <= 6, "more critiques answered than the bound"
-    with app.snapshot_store() as s:
-        cands = s.candidates(where="origin = ? AND cycle = ?", params=("nightly", name))
-        adapter = s.adapter(name)
-    assert cands and {x["status"] for x in cands} <= {"kept", "dropped"}, cands
-    kept = [x for x in cands if x["status"] == "kept"]
-    assert (len(kept), len(cands) - len(kept)) == (c["candidates_kept"], c["candidates_dropped"]), \
-        "the rows recorded (kept, dropped) differ from the cycle's counts"
-    assert all(x["verdict"] == "ok" for x in kept), [x["verdict"] for x in kept]
-    assert all(x["details"]["critique"] == critique for x in cands), "a candidate recorded with another critique"
-    assert all(x["verdict"] != "ok" for x in cands if x["status"] == "dropped" and x["details"]["task"] == "critique"
-               and not any(k["feedback_id"] == x["feedback_id"] for k in kept)), \
-        "a task with no kept candidate had one whose verdict was ok"
-    if not kept:  # every candidate failed: no example, no training, and the cycle says so
-        assert not result["ok"] and result["reason"].startswith("no usable training examples"), result
-        assert adapter["status"] == "failed", adapter
-        return
-    sft = [json.loads(line) for line in (app.data_dir / "work" / name / "sft.jsonl").read_text().splitlines()]
-    targets = {r["completion"][0]["content"]: r["prompt"] for r in sft}
-    for x in kept:
-        assert x["text"] in targets, f"a kept candidate is not a training target: {x['text']!r}"
-        assert critique not in json.dumps(targets[x["text"]]), "trained WITH the critique in the prompt"
-    assert result["ok"] and adapter["status"] in ("candidate", "rejected") and result["timings"]["train_s"] > 0, \
-        (result, adapter["status"])
-    m = adapter["metrics"]
-    if c["critiques_heldout"]:  # judged by the selection on the held-out critiques, beside the incumbent
-        assert 0 <= m["candidate_critique_pass"] <= 1 and 0 <= m["incumbent_critique_pass"] <= 1, m
-        assert m["heldout_critiques_n"] == c["critiques_heldout"]
 
 
 # Personal adapters (issue 22): two users, one personal adapter, on the real server.

@@ -7,25 +7,19 @@ machine cannot reach the Hub, so CHATFB_MODEL points at the already converted em
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 from gradio_client import Client
 
+from . import space_venv
 from .conftest import ROOT, RunningApp, free_port, listen_addresses, stop_app, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 def test_space_start_in_a_fresh_venv(tmp_path, embedded_model):
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    py = str(venv / "bin" / "python")
-    # --no-compile: the packages are the same; byte-compiling all of them (torch, vLLM) took about 75 s of
-    # the install, and the app compiles what it imports when it starts
-    pip = subprocess.run([py, "-m", "pip", "install", "-q", "--no-compile", "-r", str(ROOT / "requirements.txt")],
-                         capture_output=True, text=True, timeout=1800)
-    assert pip.returncode == 0, pip.stderr[-3000:]
+    # the venv with only requirements.txt: installed while the unit tests ran (space_venv), or now
+    py = str(space_venv.start().wait())
     port = free_port()
     space_data = tmp_path / "space-data"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATFB_", "PYTHON", "GRADIO_SERVER_NAME"))}
