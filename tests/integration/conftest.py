@@ -37,7 +37,8 @@ def pytest_collection_modifyitems(config, items):
         return
     if any(item.nodeid == space_venv.TEST_ID for item in items):
         space_venv.start()
-    if any("app" in getattr(item, "fixturenames", ()) for item in items):
+    # this file's `app` (tests/ui/test_openai_api.py has one of its own)
+    if any(item.get_closest_marker("integration") is not None and "app" in getattr(item, "fixturenames", ()) for item in items):
         _early.start(config._tmp_path_factory)
 
 
