@@ -117,10 +117,14 @@ def save_figure(fig, path) -> None:
     plt.close(fig)
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (field 3, the state, is index 0): the name may hold spaces."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of one process (all its threads), from /proc."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    utime, stime = stat.rsplit(")", 1)[1].split()[11:13]  # fields 14 and 15, after the command name
+    utime, stime = _stat_fields(pid)[11:13]  # fields 14 and 15
     return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
 
 
@@ -129,7 +133,7 @@ def process_group(pgid: int) -> list[int]:
     pids = []
     for d in os.listdir("/proc"):
         try:
-            if d.isdigit() and int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+            if d.isdigit() and int(_stat_fields(int(d))[2]) == pgid:  # field 5
                 pids.append(int(d))
         except OSError:
             continue
