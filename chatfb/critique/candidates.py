@@ -307,12 +307,18 @@ def generate(client, model: str, prompt: list[dict], critique: str, n: int = 4, 
     The greedy answer comes first because framing keeps every fact of what it frames: a critiqued reply
     that was wrong ("Good question! El Turio is the capital of Spain") stays wrong in the asked form,
     where the model's own plain answer is most often its best one. `patience`: as in `stream_drafts` (0: wait
-    for every draft)."""
+    for every draft). The held request is sent beside the sampled one, not after it: vLLM batches the two, so
+    a round costs one wait for generation, not two."""
     messages = instruction_messages(prompt, critique)
-    choices = collect_drafts(client, messages, model, n, max_tokens, temperature, patience=patience)
-    out = [Candidate(text.strip(), finish_reason) for text, finish_reason in choices]
-    return (out + content_keeping(critique, plain)
-            + held_to_format(client, messages, model, critique, max(1, n // 2), max_tokens, temperature, patience))
+    pool = ThreadPoolExecutor(1)
+    try:
+        held = pool.submit(held_to_format, client, messages, model, critique, max(1, n // 2), max_tokens, temperature,
+                           patience)
+        choices = collect_drafts(client, messages, model, n, max_tokens, temperature, patience=patience)
+        out = [Candidate(text.strip(), finish_reason) for text, finish_reason in choices]
+        return out + content_keeping(critique, plain) + held.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # a failed sampled request does not wait for the held one
 
 
 def collect_drafts(client, messages: list[dict], model: str, n: int, max_tokens: int = 256, temperature: float = 0.8,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import httpx
 import pytest
@@ -43,7 +44,9 @@ def test_constrained_candidates_follow_their_constraint_and_are_marked(fake_clie
     fake_client.enqueue("Sleep more.", "Keep a routine.")  # sampled freely
     fake_client.held.append("- Go to bed at the same time.\n- Keep the room dark.\n- Avoid screens before bed.")
     out = generate(fake_client, "chatfb-base", PROMPT, LINES, n=2)
-    free, held = fake_client.history
+    # two requests, sent side by side (vLLM batches them): one sampled freely, one held to the critique's shape
+    (free,), (held,) = ([h for h in fake_client.history if (h["regex"] is None) == free] for free in (True, False))
+    assert len(fake_client.history) == 2
     assert free["regex"] is None and free["n"] == 2
     assert held["regex"] == constraints.format_regex(LINES) and held["n"] == 1
     assert held["messages"] == instruction_messages(PROMPT, LINES)  # answered with the critique, held to its shape
@@ -51,6 +54,26 @@ def test_constrained_candidates_follow_their_constraint_and_are_marked(fake_clie
     (constrained,) = [c for c in out if c.source == "constrained"]
     assert re.fullmatch(held["regex"], constrained.text)
     assert hard_verdict(constrained.text, "Give me tips for sleeping.", LINES) == "ok"
+
+
+def test_the_held_request_is_sent_beside_the_sampled_one(fake_client):
+    """A round costs one wait for generation, not two: the sampled request waits here until the held one is
+    in flight, which it never would be if the held one were sent after it."""
+    held_sent = threading.Event()
+    queued = fake_client.complete_choices
+
+    def complete_choices(messages, model, regex=None, **kw):
+        if regex is None:
+            assert held_sent.wait(5), "the held request is sent only after the sampled one returned"
+        else:
+            held_sent.set()
+        return queued(messages, model, regex=regex, **kw)
+
+    fake_client.complete_choices = complete_choices
+    fake_client.enqueue("Sleep more.", "Keep a routine.")
+    fake_client.held.append("- Go to bed at the same time.\n- Keep the room dark.\n- Avoid screens before bed.")
+    out = generate(fake_client, "chatfb-base", PROMPT, LINES, n=2)
+    assert [c.source for c in out] == ["sampled", "sampled", "constrained"]
 
 
 def test_a_server_without_structured_outputs_leaves_the_sampled_candidates(fake_client):
