@@ -157,7 +157,11 @@ def feedback_rows(app, mid_sql: str, params=()):
 
 def test_feedback_on_the_message_itself_and_a_revision_accepted(browser, app):
     ctx, page = open_chat(browser, app)
-    question = "Give me tips for keeping a desk tidy."
+    # A question the 135M model answers on its subject. Retries revise the same reply, so a reply off its own
+    # subject sinks every try: drafts must keep the critiqued reply's content. "Give me tips for keeping a desk
+    # tidy." once got "Use a Bamboo Toilet Set" and 4 tries found nothing to offer (CI, stop 31); this question
+    # got an offer at the first try 12 times in 12 (a fresh reply each time, this machine).
+    question = "What is a volcano?"
     send(page, question)
     last_bot_done(page)
     # the message's own like button, stored against our message id, and shown again after a reload
@@ -193,7 +197,7 @@ def test_feedback_on_the_message_itself_and_a_revision_accepted(browser, app):
     assert "Proposed revision of the reply above" in offered, offered
     page.locator("#edit-revision").click()
     box = page.locator("#revision textarea")
-    edited = box.input_value().strip() + "\n- Put things back where they belong."
+    edited = box.input_value().strip() + "\nIt can erupt again after centuries."
     box.fill(edited)
     page.locator("#accept-revision").click()
     page.wait_for_selector("#fb-status:has-text('Revision accepted')")

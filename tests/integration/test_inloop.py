@@ -17,7 +17,9 @@ def _ok(status: str) -> bool:
 
 def test_critique_revision_accept_and_export(app, tmp_path):
     c = Client(app.url, verbose=False)
-    c.predict("Give me tips for sleeping better.", "You are a helpful assistant.", api_name="/send")
+    # a question the 135M model answers on its subject: retries revise the same reply, and drafts must keep its
+    # content, so one reply off its own subject would sink every try (tests/integration/test_browser.py)
+    c.predict("Why do leaves change color in autumn?", "You are a helpful assistant.", api_name="/send")
     # a critique the 135M model can follow: its lists are numbered, so a "- " list critique is met so rarely
     # that the filters (rightly) drop every draft, and the flow under test would not be reached
     critique = "Too long. Answer in one short sentence."
