@@ -50,7 +50,7 @@ import logging
 import re
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from chatfb.critique import constraints, content, guidelines
@@ -295,8 +295,13 @@ def _talks_about_the_critique(text: str, critique: str, context: str = "") -> st
     return None
 
 
+def answered(plain: str | Future | None) -> str | None:
+    """A plain answer given as its text, or as the Future of a request asked beside the drafts (its error raised)."""
+    return plain.result() if isinstance(plain, Future) else plain
+
+
 def generate(client, model: str, prompt: list[dict], critique: str, n: int = 4, max_tokens: int = 256,
-             temperature: float = 0.8, plain: str | list[str | None] | None = None,
+             temperature: float = 0.8, plain: str | Future | list[str | Future | None] | None = None,
              patience: float = 0.0) -> list[Candidate]:
     """n answers to the conversation with the critique as an instruction, from ONE request; and the
     candidates that keep the content by construction (chatfb.critique.constraints): each of the `plain`
@@ -306,8 +311,8 @@ def generate(client, model: str, prompt: list[dict], critique: str, n: int = 4, 
 
     The greedy answer comes first because framing keeps every fact of what it frames: a critiqued reply
     that was wrong ("Good question! El Turio is the capital of Spain") stays wrong in the asked form,
-    where the model's own plain answer is most often its best one. `patience`: as in `stream_drafts` (0: wait
-    for every draft). The held request is sent beside the sampled one, not after it: vLLM batches the two, so
+    where the model's own plain answer is most often its best one; a plain answer may be the Future of a
+    request asked beside these (`answered`). `patience`: as in `stream_drafts` (0: wait for every draft). The held request is sent beside the sampled one, not after it: vLLM batches the two, so
     a round costs one wait for generation, not two."""
     messages = instruction_messages(prompt, critique)
     pool = ThreadPoolExecutor(1)
@@ -316,6 +321,7 @@ def generate(client, model: str, prompt: list[dict], critique: str, n: int = 4, 
                            patience)
         choices = collect_drafts(client, messages, model, n, max_tokens, temperature, patience=patience)
         out = [Candidate(text.strip(), finish_reason) for text, finish_reason in choices]
+        plain = [answered(p) for p in plain] if isinstance(plain, list) else answered(plain)
         return out + content_keeping(critique, plain) + held.result()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # a failed sampled request does not wait for the held one
@@ -491,17 +497,20 @@ def unconfirmed_numbers(candidates: list[Candidate], question: str, critique: st
 
 def select_rounds(judge, model: str, prompt: list[dict], critique: str, n: int = 4, max_tokens: int = 256,
                   rounds: int = 2, generator=None, generator_model: str | None = None,
-                  original: str | None = None, reference: str | None = None, patience: float = 0.0) -> list[Candidate]:
+                  original: str | None = None, reference: str | Future | None = None,
+                  patience: float = 0.0) -> list[Candidate]:
     """Generate n candidates (on `generator`/`generator_model` when given, e.g. a stronger refiner endpoint)
     and score them with the served model (`judge`); when none of a round survives, sample n more (up to `rounds` rounds) and
     score only the new ones; all candidates of all rounds, best first. The extra round costs time only
     where the first found nothing (on the efficacy families about one critique in three). `original` and
-    `reference` as in `score`; the first round also cuts or frames both of them, the reference first (`generate`).
+    `reference` as in `score` (the reference may be the Future of its request, asked beside the first round's
+    drafts); the first round also cuts or frames both of them, the reference first (`generate`).
     `patience`: how long stragglers may run, as in `stream_drafts`."""
     out: list[Candidate] = []
     for round_ in range(max(rounds, 1)):
         fresh = generate(generator or judge, generator_model or model, prompt, critique, n=n, max_tokens=max_tokens,
                          plain=[reference, original] if round_ == 0 else None, patience=patience)
+        reference = answered(reference)
         out += score(judge, model, prompt, critique, fresh, original=original, reference=reference)
         if best(out) is not None:
             break

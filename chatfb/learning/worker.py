@@ -274,14 +274,16 @@ def select_all(tasks: list, client: ModelClient, model: str, settings: Settings,
 
     def instruct(task):
         # candidates.select_rounds, with the plain answers a candidate must keep the content of: the critiqued
-        # reply (one that repeats it is dropped too) and the base model's own answer without the critique
-        reference = candidates.plain_answer(client, model, task.prompt, CANDIDATE_MAX_TOKENS)
-        return candidates.select_rounds(judge or client, model, task.prompt, task.instruction, n=settings.critique_samples,
-                                        max_tokens=CANDIDATE_MAX_TOKENS, rounds=CANDIDATE_ROUNDS,
-                                        generator=generator or client,
-                                        generator_model=(generator_model or model) if generator else model,
-                                        original=task.original, reference=reference,
-                                        patience=settings.candidate_patience)
+        # reply (one that repeats it is dropped too) and the base model's own answer without the critique, asked
+        # beside the first round's drafts (vLLM batches them: one wait for generation, not two)
+        with ThreadPoolExecutor(1) as asking:
+            reference = asking.submit(candidates.plain_answer, client, model, task.prompt, CANDIDATE_MAX_TOKENS)
+            return candidates.select_rounds(judge or client, model, task.prompt, task.instruction,
+                                            n=settings.critique_samples, max_tokens=CANDIDATE_MAX_TOKENS,
+                                            rounds=CANDIDATE_ROUNDS, generator=generator or client,
+                                            generator_model=(generator_model or model) if generator else model,
+                                            original=task.original, reference=reference,
+                                            patience=settings.candidate_patience)
 
     def one(task):
         make = ilf if settings.critique_recipe == "ilf" and task.source == "critique" else instruct

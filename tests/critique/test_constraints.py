@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from concurrent.futures import Future
 
 import httpx
 import pytest
@@ -123,6 +124,31 @@ def test_the_nightly_selection_hands_both_plain_answers_to_the_first_round(monke
     candidates.select_rounds(None, "m", [{"role": "user", "content": "q"}], SHORT, rounds=2,
                              original="the critiqued reply", reference="the plain answer")
     assert seen == [["the plain answer", "the critiqued reply"], None]
+    # the plain answer asked beside the first round's drafts (chatfb.learning.worker): its Future in generate, its
+    # text in every round's scoring
+    scored = []
+    monkeypatch.setattr(candidates, "score", lambda *a, reference=None, **k: scored.append(reference) or [])
+    asked = Future()
+    asked.set_result("the plain answer")
+    candidates.select_rounds(None, "m", [{"role": "user", "content": "q"}], SHORT, rounds=2,
+                             original="the critiqued reply", reference=asked)
+    assert seen[-2] == [asked, "the critiqued reply"] and scored == ["the plain answer", "the plain answer"]
+
+
+def test_a_plain_answer_still_being_asked_is_cut_once_it_came(fake_client):
+    plain = "Democracy is government by the people. It began in ancient Athens."
+    asked = Future()
+    threading.Timer(0.2, asked.set_result, (plain,)).start()
+    fake_client.enqueue("Democracy.")
+    out = generate(fake_client, "chatfb-base", [{"role": "user", "content": "What is democracy?"}], SHORT, n=1,
+                   plain=[asked, None])
+    assert [c.text for c in out if c.source == "cut"] == ["Democracy is government by the people."]
+    failed = Future()
+    failed.set_exception(ModelError("The model server is not reachable right now."))
+    fake_client.enqueue("Democracy.")
+    with pytest.raises(ModelError, match="not reachable"):  # its error is the round's, as when it was asked first
+        generate(fake_client, "chatfb-base", [{"role": "user", "content": "What is democracy?"}], SHORT, n=1,
+                 plain=[failed, None])
 
 
 def test_the_constrained_request_carries_the_regex_as_vllm_structured_outputs():

@@ -1,4 +1,5 @@
 import sys
+import threading
 import types
 from dataclasses import dataclass, field
 
@@ -58,13 +59,18 @@ def fake_candidates(monkeypatch):
 
     def select_rounds(judge, model, prompt, critique, n=4, max_tokens=256, rounds=2, generator=None,
                       generator_model=None, original=None, reference=None, patience=0.0):  # the real one's loop, scripted
-        mod.calls.append({"reference": reference, "patience": patience})
+        call = {"reference": reference, "patience": patience}
+        mod.calls.append(call)
         out = []
-        for _ in range(max(rounds, 1)):
-            out += score(judge, model, prompt, critique, generate(generator or judge, generator_model or model, prompt,
-                                                                  critique, n=n, max_tokens=max_tokens), original=original)
-            if mod.best(out) is not None:
-                break
+        try:
+            for _ in range(max(rounds, 1)):
+                fresh = mod.generate(generator or judge, generator_model or model, prompt, critique, n=n,
+                                     max_tokens=max_tokens)
+                out += score(judge, model, prompt, critique, fresh, original=original)
+                if mod.best(out) is not None:
+                    break
+        finally:  # the plain answer may be asked beside the drafts: its Future, resolved
+            call["reference"] = reference.result() if hasattr(reference, "result") else reference
         return sorted(out, key=lambda c: not c.ok)
 
     mod.select_rounds, mod.plain_answer = select_rounds, plain_answer
@@ -209,6 +215,30 @@ RULE = "Always give our support email support@chatfb.example."
 def task(question, source="critique", fid="c1", instruction=RULE):
     return td.InstructionTask([{"role": "user", "content": question}], instruction, source, fid,
                               "m1" if source == "critique" else None, "Use the form." if source == "critique" else None)
+
+
+def test_the_plain_answer_is_asked_beside_the_drafts(fake_candidates, fake_client):
+    """A critique's candidates cost one wait for generation, not two: the base model's plain answer (which they
+    must keep the content of) is asked while the drafts are written. Here the plain answer is only given once
+    the drafts were asked for, which never happens if it is asked first and waited for."""
+    drafting = threading.Event()
+    scripted = (fake_candidates.generate, fake_candidates.plain_answer)
+
+    def generate(*args, **kw):
+        drafting.set()
+        return scripted[0](*args, **kw)
+
+    def plain_answer(*args, **kw):
+        assert drafting.wait(5), "the drafts were asked for only after the plain answer came back"
+        return scripted[1](*args, **kw)
+
+    fake_candidates.generate, fake_candidates.plain_answer = generate, plain_answer
+    fake_candidates.answers = {"How do I reset my password?": [("Email support@chatfb.example.", "ok")]}
+    (selected,), errors = select_all([task("How do I reset my password?")], fake_client, "chatfb-base",
+                                     load_settings({}, critique_samples=2))
+    assert selected[2].text == "Email support@chatfb.example." and not errors
+    assert [c["reference"] for c in fake_candidates.calls if "reference" in c] == [
+        "plain answer to How do I reset my password?"]
 
 
 def test_select_all_keeps_the_best_passing_candidate_and_records_every_one(fake_candidates, fake_client):
