@@ -492,6 +492,9 @@ class ChatService:
             timings["held_s"] = time.perf_counter() - t0
             ranked = candidates.score(self.judge, model, prompt, critique, cands, original)
             timings["scored_s"] = time.perf_counter() - t0
+            if candidates.best(ranked) is None:
+                ranked = self._against_the_plain_answer(model, prompt, critique, cands, original) or ranked
+                timings["plain_s"] = time.perf_counter() - t0
         except ModelError as e:
             log.warning("revision for critique %s failed: %s", critique_id, e)
             yield RevisionUpdate(critique_id, "", done=True, error=REVISION_FAILED)
@@ -515,6 +518,21 @@ class ChatService:
             yield RevisionUpdate(critique_id, "", done=True, error=NO_GOOD_REVISION)
             return
         yield RevisionUpdate(critique_id, best.text, done=True, candidate_id=ids[ranked.index(best)])
+
+    def _against_the_plain_answer(self, model: str, prompt: list[dict], critique: str, cands: list,
+                                  original: str) -> list | None:
+        """When no draft was kept: the drafts scored again with the model's own plain answer to the prompt as a
+        second reference, as the nightly scores them, and that answer cut or framed as a candidate too; None
+        when it adds nothing. A draft must keep the critiqued reply's content, and a reply off its own subject
+        ("Use a Bamboo Toilet Set" for tips on a tidy desk) fails every good draft, on every "Try again" too.
+        Asked only then: on the first try most critiques get an offer without it (9 in 10 on the reply above)."""
+        plain = candidates.plain_answer(self.client, model, prompt, self.settings.revision_max_tokens)
+        if not plain or plain == (original or "").strip():
+            return None
+        seen = {c.text for c in cands}
+        again = [candidates.Candidate(c.text, c.finish_reason, source=c.source) for c in cands]
+        again += [c for c in candidates.content_keeping(critique, plain) if c.text not in seen]
+        return candidates.score(self.judge, model, prompt, critique, again, original, reference=plain)
 
     @staticmethod
     def _showable(draft: str, critique: str, prompt: list[dict], original: str) -> str:

@@ -296,6 +296,26 @@ def test_a_revision_keeps_the_facts_of_the_critiqued_reply(chat, store, fake_cli
     assert offered["details"]["source"] == "cut"
 
 
+def test_a_reply_off_its_own_subject_does_not_sink_every_draft(chat, store, fake_client):
+    """A draft must keep the critiqued reply's content. When that reply was off its own subject (seen on the real
+    model: "Use a Bamboo Toilet Set" for desk tips), a good draft fails that check, and so would every "Try again".
+    Then the drafts are scored again beside the model's own plain answer, as the nightly scores them."""
+    off = "Absolutely, I'm glad you're enjoying my help! Buy a bamboo toilet set: it is light and breathable."
+    fake_client.enqueue(off)
+    cid, mid = reply(chat, "A", "Give me tips for keeping a desk tidy.")
+    fake_client.follows = ("organized",)
+    good = "Keep your workspace organized and clear the clutter every evening."
+    fake_client.enqueue(good, "Absolutely, I'm glad you asked!")  # the two drafts
+    fake_client.enqueue("Clear the clutter off your workspace every evening. File your papers once a week.")  # plain
+    fid, stream = chat.revise("A", mid, "Too long. Answer in one short sentence.")
+    final = list(stream)[-1]
+    assert final.error is None and final.text == good, final
+    plain_request = fake_client.history[-1]  # asked without the critique, greedy
+    assert plain_request["messages"][-1]["content"] == "Give me tips for keeping a desk tidy." and plain_request["n"] == 1
+    rows = store.candidates("feedback_id = ?", (fid,))
+    assert [(c["verdict"], c["status"]) for c in rows if c["text"] == good] == [("ok", "offered")], rows
+
+
 def test_a_critique_asking_for_a_phrase_is_offered_the_reply_framed_by_it(chat, store, fake_client):
     """Drafts written under "begin with 'Good question!'" went on about questions; the critiqued reply
     framed by the phrase keeps its answer and is the change asked for (not 'the same reply again')."""
