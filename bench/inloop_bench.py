@@ -40,6 +40,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=float, nargs="+", default=None,
                    help="CHATFB_REVISION_PATIENCE values to compare side by side: each critiqued prompt is asked and "
                         "critiqued once per value, in turn (default: the setting's default alone)")
+    p.add_argument("--without-second-look", action="store_true",
+                   help="also critique each prompt with the second look off (when no draft is kept, the drafts scored "
+                        "again beside the model's plain answer), side by side at the first patience value")
     add_output_flags(p, smoke_help="tiny run: 1 family, 1 critiqued prompt, 1 held-out prompt")
     return p
 
@@ -51,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         families, args.prompts, args.heldout = families[:1], 1, 1
     from chatfb.serving.adapters import AdapterRouter
     from chatfb.app.chat_service import ChatService
+
+    class FirstLookOnly(ChatService):
+        """The in-loop revision without its second look (--without-second-look): no draft kept is the end."""
+
+        def _against_the_plain_answer(self, *args, **kwargs):
+            return None
     from chatfb.config import load_settings
     from chatfb.critique.judge import LocalJudge
     from chatfb.serving.model_client import ModelClient
@@ -66,17 +75,21 @@ def main(argv: list[str] | None = None) -> int:
         judge = LocalJudge(server.model_dir)
         router = AdapterRouter(SERVED_NAME)
         patiences = args.patience or [settings.revision_patience]
-        chats = {p: ChatService(dataclasses.replace(settings, revision_patience=p), store, client, router, judge)
-                 for p in patiences}
-        chat = chats[patiences[0]]
+        # the ways compared side by side: (label, patience, the chat service)
+        variants = [(f"patience {p:g}", p, ChatService(dataclasses.replace(settings, revision_patience=p), store,
+                                                         client, router, judge)) for p in patiences]
+        if args.without_second_look:
+            variants.append((f"patience {patiences[0]:g}, no second look", patiences[0],
+                             FirstLookOnly(dataclasses.replace(settings, revision_patience=patiences[0]), store, client,
+                                           router, judge)))
+        chat = variants[0][2]
         chat.judge.completion_logprobs([{"role": "user", "content": "hi"}], "hello")  # load it before timing
         for fam in families:
             rows = []
-            # each prompt once per value, their order alternating from one prompt to the next
-            for i, (prompt, _), patience in ((i, t, p) for i, t in enumerate(fam.teach[:args.prompts])
-                                             for p in (patiences if i % 2 == 0 else patiences[::-1])):
-                chat = chats[patience]
-                session = f"{fam.name}-r{i}-p{patience}"
+            # each prompt once per variant, their order alternating from one prompt to the next
+            for i, (prompt, _), (label, patience, chat) in ((i, t, v) for i, t in enumerate(fam.teach[:args.prompts])
+                                                            for v in (variants if i % 2 == 0 else variants[::-1])):
+                session = f"{fam.name}-r{i}-{label}"
                 cid, stream = chat.send(session, None, prompt, SYSTEM)
                 mid = list(stream)[-1].message_id
                 t0 = time.perf_counter()
@@ -88,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
                     final = upd
                 offered = final.candidate_id is not None
                 right = offered and fam.right(prompt, final.text) if fam.right else None  # None: no known answer
-                rows.append({"prompt": prompt, "patience": patience, "ttft_s": first, "offered_s": time.perf_counter() - t0,
+                rows.append({"prompt": prompt, "variant": label, "patience": patience, "ttft_s": first, "offered_s": time.perf_counter() - t0,
                              "offered": offered, "passes": offered and fam.check(final.text), "right": right,
                              "both": None if right is None else bool(right and fam.check(final.text)),
                              "revision": final.text[:300], "error": final.error})
+            chat = variants[0][2]
             guided, plain = f"{fam.name}-g", f"{fam.name}-p"
             chat.save_guideline(guided, fam.critique)
             follow = {"with": [], "without": [], "with_right": [], "without_right": []}
@@ -114,22 +128,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def patience_report(results: dict) -> list[str]:
-    """One line per patience value compared (--patience): the offered revision's time and what passed."""
+    """One line per way compared (--patience, --without-second-look): the offered revision's time and what passed."""
     revs = [x for r in results["families"].values() for x in r["revisions"]]
-    values = sorted({x.get("patience") for x in revs}, key=lambda p: (p is None, p or 0))
+    def way(x: dict) -> str:
+        return x.get("variant") or ("default" if x.get("patience") is None else f"patience {x['patience']:g}")
+    values = list(dict.fromkeys(map(way, revs)))
     if len(values) < 2:
         return []
-    lines = ["| patience | critiques | offered | median s to the offer (offered) | median s to the end (all) | "
+    lines = ["| way | critiques | offered | median s to the offer (offered) | median s to the end (all) | "
              "offered: passes and right |", "|---|---|---|---|---|---|"]
     for p in values:
-        mine = [x for x in revs if x.get("patience") == p]
+        mine = [x for x in revs if way(x) == p]
         offered = [x for x in mine if x["offered"]]
         known = [x for x in mine if x.get("both") is not None]
-        lines.append(f"| {p:g} | {len(mine)} | {len(offered)} | {percentile([x['offered_s'] for x in offered], 50):.2f} | "
+        lines.append(f"| {p} | {len(mine)} | {len(offered)} | {percentile([x['offered_s'] for x in offered], 50):.2f} | "
                      f"{percentile([x['offered_s'] for x in mine], 50):.2f} | "
                      f"{sum(x['both'] for x in known)}/{len(known)} |")
-    return ["Side by side (each critiqued prompt asked and critiqued once per value, the order alternating from "
-            "one prompt to the next; patience 0 waits for every draft):", "", *lines, ""]
+    return ["Side by side (each critiqued prompt asked and critiqued once each way, the order alternating from "
+            "one prompt to the next; patience 0 waits for every draft; the second look scores the drafts again beside "
+            "the model's plain answer when none was kept):", "", *lines, ""]
 
 
 def report(results: dict) -> str:

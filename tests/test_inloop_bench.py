@@ -35,9 +35,21 @@ def test_patience_values_compared_side_by_side_get_a_line_each():
     md = report({"machine": MACHINE, "families": {"capitals": {"revisions": revs, "guideline": {
         "with": [], "without": [], "with_right": [], "without_right": []}}}})
     lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in md.splitlines()
-             if line.startswith("| 0 ") or line.startswith("| 2 ")}
-    assert lines["0"] == ["2", "2", "16.00", "16.00", "1/2"], lines
-    assert lines["2"] == ["2", "1", "6.00", "7.00", "1/2"], lines
+             if line.startswith("| patience ")}
+    assert lines["patience 0"] == ["2", "2", "16.00", "16.00", "1/2"], lines
+    assert lines["patience 2"] == ["2", "1", "6.00", "7.00", "1/2"], lines
     # one value (the default): no such table
-    assert "| patience |" not in report({"machine": MACHINE, "families": {"capitals": {"revisions": revs[:1],
+    assert "| way |" not in report({"machine": MACHINE, "families": {"capitals": {"revisions": revs[:1],
                                          "guideline": {"with": [], "without": []}}}})
+
+
+def test_the_second_look_compared_side_by_side_gets_a_line_of_its_own():
+    """--without-second-look: the same prompts critiqued with and without it, each way apart."""
+    revs = [dict(rev(True, True, True), variant="patience 2", patience=2, offered_s=9.0),
+            dict(rev(False, False, None), variant="patience 2, no second look", patience=2, offered_s=7.0)]
+    md = report({"machine": MACHINE, "families": {"capitals": {"revisions": revs, "guideline": {
+        "with": [], "without": [], "with_right": [], "without_right": []}}}})
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in md.splitlines()
+             if line.startswith("| patience ")}
+    assert lines == {"patience 2": ["1", "1", "9.00", "9.00", "1/1"],
+                     "patience 2, no second look": ["1", "0", "nan", "7.00", "0/0"]}, lines
