@@ -151,8 +151,11 @@ def patience_report(results: dict) -> list[str]:
 
 def report(results: dict) -> str:
     rows, ttft, offered_s = [], [], []
+    # ways compared side by side (--patience, --without-second-look): the headline and the table are the first
+    # way's; the side-by-side table has them all
+    first = next((x.get("variant") for r in results["families"].values() for x in r["revisions"]), None)
     for name, r in results["families"].items():
-        revs, g = r["revisions"], r["guideline"]
+        revs, g = [x for x in r["revisions"] if x.get("variant") == first], r["guideline"]
         ttft += [x["ttft_s"] for x in revs if x["ttft_s"] is not None]
         offered_s += [x["offered_s"] for x in revs if x["offered"]]
         known = [x for x in revs if x.get("both") is not None]

@@ -81,6 +81,9 @@ class FakeModelClient:
             yield piece
 
     def complete(self, messages, model, max_tokens=256, temperature=0.0, top_p=1.0, n=1):
+        # One queue with the drafts' requests: the nightly asks a critique's plain answer (this) beside its drafts,
+        # so a test of the real chatfb.learning.worker.select_all cannot know which takes a queued reply first
+        # (tests/learning/test_gate.py scripts chatfb.critique.candidates instead).
         self.history.append({"messages": messages, "model": model, "n": n})
         return [self._next() for _ in range(n)]
 

@@ -53,3 +53,5 @@ def test_the_second_look_compared_side_by_side_gets_a_line_of_its_own():
              if line.startswith("| patience ")}
     assert lines == {"patience 2": ["1", "1", "9.00", "9.00", "1/1"],
                      "patience 2, no second look": ["1", "0", "nan", "7.00", "0/0"]}, lines
+    # the headline and the per-family table are the first way's alone
+    assert "| capitals | 1/1 |" in md and "median 9.00 s" in md, md

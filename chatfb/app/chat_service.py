@@ -493,7 +493,10 @@ class ChatService:
             ranked = candidates.score(self.judge, model, prompt, critique, cands, original)
             timings["scored_s"] = time.perf_counter() - t0
             if candidates.best(ranked) is None:
-                ranked = self._against_the_plain_answer(model, prompt, critique, cands, original) or ranked
+                try:
+                    ranked = self._against_the_plain_answer(model, prompt, critique, cands, original) or ranked
+                except Exception:  # noqa: BLE001 - a second look that failed leaves the first one's result
+                    log.warning("the second look at critique %s's drafts failed", critique_id, exc_info=True)
                 timings["plain_s"] = time.perf_counter() - t0
         except ModelError as e:
             log.warning("revision for critique %s failed: %s", critique_id, e)

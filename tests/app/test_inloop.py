@@ -239,6 +239,17 @@ def test_no_revision_is_offered_when_every_draft_fails(chat, store, fake_client)
     assert {c["verdict"] for c in store.candidates()} == {"empty", "repeats the question"}
 
 
+def test_a_failed_second_look_leaves_the_first_ones_answer(chat, store, fake_client):
+    """No draft kept, then the plain answer for a second look fails: the user hears that no draft was good enough
+    (not that the revision failed), and the drafts' rows are stored as scored."""
+    cid, mid = reply(chat, "A", "What is a cat?")
+    fake_client.enqueue("", "What is a cat?", ModelError("The model server is not reachable right now."))
+    fid, stream = chat.revise("A", mid, "Too long.")
+    final = list(stream)[-1]
+    assert final.done and final.error == NO_GOOD_REVISION and final.candidate_id is None
+    assert {c["verdict"] for c in store.candidates("feedback_id = ?", (fid,))} == {"empty", "repeats the question"}
+
+
 def test_a_failed_revision_keeps_the_critique(chat, store, fake_client):
     cid, mid = reply(chat, "A")
     fake_client.enqueue(ModelError("The model server is not reachable right now."))
