@@ -34,6 +34,8 @@ NAME = "inloop_bench"
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.inloop_bench", description=__doc__.split("\n")[0])
     add_server_flags(p)
+    p.add_argument("--families", nargs="+", choices=[f.name for f in FAMILIES], default=None,
+                   help="which families (default: all)")
     p.add_argument("--prompts", type=int, default=4, help="critiqued prompts per family")
     p.add_argument("--heldout", type=int, default=5, help="replies after saving a guideline, per family")
     p.add_argument("--max-tokens", type=int, default=128, help="chat reply max tokens")
@@ -49,7 +51,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    families = list(FAMILIES)
+    families = [f for f in FAMILIES if args.families is None or f.name in args.families]
     if args.smoke:
         families, args.prompts, args.heldout = families[:1], 1, 1
     from chatfb.serving.adapters import AdapterRouter
