@@ -42,9 +42,6 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=float, nargs="+", default=None,
                    help="CHATFB_REVISION_PATIENCE values to compare side by side: each critiqued prompt is asked and "
                         "critiqued once per value, in turn (default: the setting's default alone)")
-    p.add_argument("--without-second-look", action="store_true",
-                   help="also critique each prompt with the second look off (when no draft is kept, the drafts scored "
-                        "again beside the model's plain answer), side by side at the first patience value")
     add_output_flags(p, smoke_help="tiny run: 1 family, 1 critiqued prompt, 1 held-out prompt")
     return p
 
@@ -56,12 +53,6 @@ def main(argv: list[str] | None = None) -> int:
         families, args.prompts, args.heldout = families[:1], 1, 1
     from chatfb.serving.adapters import AdapterRouter
     from chatfb.app.chat_service import ChatService
-
-    class FirstLookOnly(ChatService):
-        """The in-loop revision without its second look (--without-second-look): no draft kept is the end."""
-
-        def _against_the_plain_answer(self, *args, **kwargs):
-            return None
     from chatfb.config import load_settings
     from chatfb.critique.judge import LocalJudge
     from chatfb.serving.model_client import ModelClient
@@ -80,10 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         # the ways compared side by side: (label, patience, the chat service)
         variants = [(f"patience {p:g}", p, ChatService(dataclasses.replace(settings, revision_patience=p), store,
                                                          client, router, judge)) for p in patiences]
-        if args.without_second_look:
-            variants.append((f"patience {patiences[0]:g}, no second look", patiences[0],
-                             FirstLookOnly(dataclasses.replace(settings, revision_patience=patiences[0]), store, client,
-                                           router, judge)))
         chat = variants[0][2]
         chat.judge.completion_logprobs([{"role": "user", "content": "hi"}], "hello")  # load it before timing
         for fam in families:
@@ -130,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def patience_report(results: dict) -> list[str]:
-    """One line per way compared (--patience, --without-second-look): the offered revision's time and what passed."""
+    """One line per way compared (--patience): the offered revision's time and what passed."""
     revs = [x for r in results["families"].values() for x in r["revisions"]]
     def way(x: dict) -> str:
         return x.get("variant") or ("default" if x.get("patience") is None else f"patience {x['patience']:g}")
@@ -147,14 +134,13 @@ def patience_report(results: dict) -> list[str]:
                      f"{percentile([x['offered_s'] for x in mine], 50):.2f} | "
                      f"{sum(x['both'] for x in known)}/{len(known)} |")
     return ["Side by side (each critiqued prompt asked and critiqued once each way, the order alternating from "
-            "one prompt to the next; patience 0 waits for every draft; the second look scores the drafts again beside "
-            "the model's plain answer when none was kept):", "", *lines, ""]
+            "one prompt to the next; patience 0 waits for every draft):", "", *lines, ""]
 
 
 def report(results: dict) -> str:
     rows, ttft, offered_s = [], [], []
-    # ways compared side by side (--patience, --without-second-look): the headline and the table are the first
-    # way's; the side-by-side table has them all
+    # ways compared side by side (--patience): the headline and the table are the first way's; the side-by-side
+    # table has them all
     first = next((x.get("variant") for r in results["families"].values() for x in r["revisions"]), None)
     for name, r in results["families"].items():
         revs, g = [x for x in r["revisions"] if x.get("variant") == first], r["guideline"]

@@ -43,8 +43,8 @@ def test_patience_values_compared_side_by_side_get_a_line_each():
                                          "guideline": {"with": [], "without": []}}}})
 
 
-def test_the_second_look_compared_side_by_side_gets_a_line_of_its_own():
-    """--without-second-look: the same prompts critiqued with and without it, each way apart."""
+def test_each_way_compared_gets_a_line_and_the_headline_is_the_first_ways():
+    """Rows that name their way (a patience value, or another variant a run compared): each way apart."""
     revs = [dict(rev(True, True, True), variant="patience 2", patience=2, offered_s=9.0),
             dict(rev(False, False, None), variant="patience 2, no second look", patience=2, offered_s=7.0)]
     md = report({"machine": MACHINE, "families": {"capitals": {"revisions": revs, "guideline": {

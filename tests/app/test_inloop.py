@@ -243,11 +243,14 @@ def test_a_failed_second_look_leaves_the_first_ones_answer(chat, store, fake_cli
     """No draft kept, then the plain answer for a second look fails: the user hears that no draft was good enough
     (not that the revision failed), and the drafts' rows are stored as scored."""
     cid, mid = reply(chat, "A", "What is a cat?")
-    fake_client.enqueue("", "What is a cat?", ModelError("The model server is not reachable right now."))
+    fake_client.enqueue("", "What is a cat?")
     fid, stream = chat.revise("A", mid, "Too long.")
-    final = list(stream)[-1]
+    assert list(stream)[-1].error == NO_GOOD_REVISION
+    fake_client.enqueue("", "What is a cat?", ModelError("The model server is not reachable right now."))
+    final = list(chat.revise_again("A", fid))[-1]  # Try again: the second look's plain answer fails
     assert final.done and final.error == NO_GOOD_REVISION and final.candidate_id is None
-    assert {c["verdict"] for c in store.candidates("feedback_id = ?", (fid,))} == {"empty", "repeats the question"}
+    rows = store.candidates("feedback_id = ?", (fid,))
+    assert len(rows) == 4 and {c["verdict"] for c in rows} == {"empty", "repeats the question"}, rows
 
 
 def test_a_failed_revision_keeps_the_critique(chat, store, fake_client):
@@ -317,14 +320,20 @@ def test_a_reply_off_its_own_subject_does_not_sink_every_draft(chat, store, fake
     fake_client.follows = ("organized",)
     good = "Keep your workspace organized and clear the clutter every evening."
     fake_client.enqueue(good, "Absolutely, I'm glad you asked!")  # the two drafts
-    fake_client.enqueue("Clear the clutter off your workspace every evening. File your papers once a week.")  # plain
+    sent = len(fake_client.history)
     fid, stream = chat.revise("A", mid, "Too long. Answer in one short sentence.")
-    final = list(stream)[-1]
+    assert list(stream)[-1].error == NO_GOOD_REVISION  # the first try: the critiqued reply alone is the reference
+    assert all("Too long" in json.dumps(h["messages"]) for h in fake_client.history[sent:]), "a plain answer asked"
+    fake_client.enqueue(good, "Absolutely, I'm glad you asked!")  # Try again: the two drafts, then the plain answer
+    fake_client.enqueue("Clear the clutter off your workspace every evening. File your papers once a week.")
+    final = list(chat.revise_again("A", fid))[-1]
     assert final.error is None and final.text == good, final
     plain_request = fake_client.history[-1]  # asked without the critique, greedy
     assert plain_request["messages"][-1]["content"] == "Give me tips for keeping a desk tidy." and plain_request["n"] == 1
     rows = store.candidates("feedback_id = ?", (fid,))
-    assert [(c["verdict"], c["status"]) for c in rows if c["text"] == good] == [("ok", "offered")], rows
+    # dropped on the first try for the off-subject reply's sake, offered on the second look
+    assert sorted((c["verdict"], c["status"]) for c in rows if c["text"] == good) == [
+        ("keeps none of the plain answer's content", "dropped"), ("ok", "offered")], rows
 
 
 def test_a_critique_asking_for_a_phrase_is_offered_the_reply_framed_by_it(chat, store, fake_client):
