@@ -312,8 +312,9 @@ def generate(client, model: str, prompt: list[dict], critique: str, n: int = 4, 
     The greedy answer comes first because framing keeps every fact of what it frames: a critiqued reply
     that was wrong ("Good question! El Turio is the capital of Spain") stays wrong in the asked form,
     where the model's own plain answer is most often its best one; a plain answer may be the Future of a
-    request asked beside these (`answered`). `patience`: as in `stream_drafts` (0: wait for every draft). The held request is sent beside the sampled one, not after it: vLLM batches the two, so
-    a round costs one wait for generation, not two."""
+    request asked beside these (`answered`). `patience`: as in `stream_drafts` (0: wait for every draft). The
+    held request is sent beside the sampled one, not after it: vLLM batches the two, so a round costs one wait
+    for generation, not two."""
     messages = instruction_messages(prompt, critique)
     pool = ThreadPoolExecutor(1)
     try:
