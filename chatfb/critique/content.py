@@ -331,7 +331,10 @@ def _lost_fact(text: str, question: str, critique: str, references: list[str], u
         missing = sorted(agreed - have) if len(per_ref) > 1 else []
         if missing:
             return f"loses the number {missing[0]} the plain answers agree on"
-        if not have - _numbers(question):
+        # one plain answer: its number counts. Two that give numbers but agree on none ("149.7 million square
+        # kilometres" and "319.78 million km²" for the largest ocean): no number is what the model knows there,
+        # and a candidate that gives none ("The largest ocean on Earth is the Pacific Ocean.") lost nothing
+        if len(per_ref) == 1 and not have - _numbers(question):
             return "gives no number where the plain answer gives one"
         # a number of its own where the plain answers give one: an answer none of them gave ("FIFTY + 25 =
         # 500", "7 + 8 = 55"), not the same answer in another form. Where two plain answers, or the model's
@@ -532,7 +535,10 @@ def _porter():
 
 
 def content_words(text: str) -> set[str]:
-    """Stems of the content words of `text` (numbers as digits)."""
+    """Stems of the content words of `text` (numbers as digits). Words of one or two letters are mostly the
+    pieces of contractions and stray letters ("it's", "e.g."); one written with a capital after its first
+    letter, or a capital not at a sentence's start, is a symbol or an abbreviation and counts ("Au", "UK", "pH":
+    "The chemical symbol for gold is Au." says more than its question)."""
     out = set()
     for w in _words(text):
         if w in STOPWORDS:
@@ -540,7 +546,15 @@ def content_words(text: str) -> set[str]:
         w = NUMBER_WORDS.get(w, w)
         if len(w) > 2 or w.isdigit():
             out.add(_stem(w))
-    return out
+    return out | _symbols(text)
+
+
+# a word of two letters with a capital: after its first letter ("UK", "pH"), or its first not opening a sentence
+_SYMBOL = re.compile(r"(?<![\w'’])(?:[A-Za-z][A-Z]|(?<![.!?]\s)(?<![.!?])(?<!^)(?<!\n)[A-Z][a-z])(?![\w'’])")
+
+
+def _symbols(text: str) -> set[str]:
+    return {m.group(0).lower() for m in _SYMBOL.finditer(text) if m.group(0).lower() not in STOPWORDS}
 
 
 def _numbers(text: str) -> set[str]:

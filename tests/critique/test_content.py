@@ -348,3 +348,30 @@ def test_a_question_whose_answer_is_a_number_needs_that_number(question, text, v
     assert (got == "ok") if verdict is None else (got == verdict)
     # a critique that corrects the fact here states the answer itself: it decides
     assert content.content_verdict(text, question, "Wrong, it is 3.", [text], corrects=True) == "ok"
+
+
+def test_a_symbol_or_abbreviation_is_content_a_stray_letter_is_not():
+    # verbatim from SmolLM2-135M-Instruct's drafts (2026-12-07): the answer is a two-letter symbol
+    q = "What is the chemical symbol for gold?"
+    assert hard_verdict("The chemical symbol for gold is Au.", q, SHORT,
+                        references=["The chemical symbol for gold is Au.\n\nThis is a standard chemical symbol."]) == "ok"
+    assert content.content_words("Its capital is in the UK, at pH 7.") >= {"uk", "ph"}
+    # a capital opening a sentence is no symbol, nor are the pieces of contractions
+    assert content.content_words("Hi. Climate change.") == content.content_words("Climate change.")
+    assert content.content_words("It's fine, it's so. Ok.") == {"fine"}
+    assert hard_verdict("Hi. Climate change.", "What is climate change?", SHORT) == "only restates the question's topic"
+
+
+def test_a_number_two_plain_answers_disagree_on_is_not_required():
+    # the largest ocean: the critiqued reply and the greedy answer give its area, each a different one
+    q = "What is the largest ocean on Earth?"
+    plain = ["The largest ocean in the world is the Pacific Ocean, which is approximately 319.78 million km².",
+             "The largest ocean on Earth is the Pacific Ocean, which is approximately 149.7 million square kilometers."]
+    assert hard_verdict("The largest ocean on Earth is the Pacific Ocean.", q, SHORT, references=plain) == "ok"
+    # ... where one plain answer gives a number, a candidate without one lost it (the loop's one reference)
+    assert hard_verdict("The largest ocean on Earth is the Pacific Ocean.", q, SHORT, references=plain[1:]) == \
+        "gives no number where the plain answer gives one"
+    # ... and a number they agree on must survive
+    agreed = [plain[1], "The Pacific Ocean is the largest, at about 149.7 million square kilometers."]
+    assert hard_verdict("The largest ocean on Earth is the Pacific Ocean.", q, SHORT, references=agreed) == \
+        "loses the number 149.7 the plain answers agree on"
