@@ -211,11 +211,29 @@ def form_verdict(text: str, question: str, critique: str, finish_reason: str | N
     quoted = content.quotes_the_critique(text, critique)
     if quoted:
         return f"quotes the critique ({quoted!r}) instead of answering"
+    if only_the_frame(text, question, critique):
+        return "only the phrase the critique asks for, no answer"
     if DIALOGUE_LABEL.search(text):
         return "writes a dialogue, not an answer"
     if _repeats_lines(text):
         return "repeats itself"
     return "ok"
+
+
+def only_the_frame(text: str, question: str, critique: str) -> bool:
+    """The critique asks for a phrase to begin or end with (constraints.phrase_frame) and `text`, that phrase set
+    aside, says nothing the question and the critique do not: the frame without an answer ("Write a short note
+    inviting a user to a webinar." -> "Cheers, the chatfb team." was kept and trained)."""
+    frame = constraints.phrase_frame(critique)
+    if frame is None:
+        return False
+    body = text.strip()
+    opening, closing = frame
+    if opening:
+        body = constraints._without_leading(body, opening) or ("" if constraints._core(body) == constraints._core(opening) else body)
+    if closing:
+        body = constraints._without_trailing(body, closing) or ("" if constraints._core(body) == constraints._core(closing) else body)
+    return not content.content_words(body) - content.content_words(critique) - content.content_words(question)
 
 
 def _has_literal(text: str, fact: str) -> bool:

@@ -375,3 +375,23 @@ def test_a_number_two_plain_answers_disagree_on_is_not_required():
     agreed = [plain[1], "The Pacific Ocean is the largest, at about 149.7 million square kilometers."]
     assert hard_verdict("The largest ocean on Earth is the Pacific Ocean.", q, SHORT, references=agreed) == \
         "loses the number 149.7 the plain answers agree on"
+
+
+def test_the_frame_a_critique_asks_for_is_no_answer_on_its_own():
+    # kept and trained in an efficacy run (2026-12-07): the note asked for was the sign-off alone
+    signoff = "Our house style: always end the note with the line 'Cheers, the chatfb team'."
+    q = "Write a short note inviting a user to a webinar."
+    assert hard_verdict("Cheers, the chatfb team.", q, signoff) == "only the phrase the critique asks for, no answer"
+    assert hard_verdict("Webinar!\n\nCheers, the chatfb team", q, signoff) == \
+        "only the phrase the critique asks for, no answer"
+    assert hard_verdict("Join our webinar on Friday at 5 pm to see what is new.\n\nCheers, the chatfb team", q,
+                        signoff) == "ok"
+    opening = "Start every answer with 'Sure thing:' please."
+    q = "What is the capital of Kenya?"
+    assert hard_verdict("Sure thing:", q, opening) == "only the phrase the critique asks for, no answer"
+    assert hard_verdict("Sure thing: the capital of Kenya.", q, opening) == "only the phrase the critique asks for, no answer"
+    assert hard_verdict("Sure thing: the capital of Kenya is Nairobi.", q, opening) == "ok"
+    # a critique whose quoted words are the answer itself frames nothing
+    from chatfb.critique.candidates import only_the_frame
+
+    assert not only_the_frame("Yes.", "Is water wet?", "Answer with 'yes' or 'no' only.")
