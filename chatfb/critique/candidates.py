@@ -221,19 +221,20 @@ def form_verdict(text: str, question: str, critique: str, finish_reason: str | N
 
 
 def only_the_frame(text: str, question: str, critique: str) -> bool:
-    """The critique asks for a phrase to begin or end with (constraints.phrase_frame) and `text`, that phrase set
-    aside, says nothing the question and the critique do not: the frame without an answer ("Write a short note
-    inviting a user to a webinar." -> "Cheers, the chatfb team." was kept and trained)."""
+    """The critique asks for a phrase to begin or end with (constraints.phrase_frame) and `text` says nothing the
+    question and the critique do not (the phrase is the critique's own words): the frame without an answer ("Write
+    a short note inviting a user to a webinar." -> "Cheers, the chatfb team." was kept and trained). A yes or a no
+    is an answer, however short."""
     frame = constraints.phrase_frame(critique)
     if frame is None:
         return False
-    body = text.strip()
-    opening, closing = frame
-    if opening:
-        body = constraints._without_leading(body, opening) or ("" if constraints._core(body) == constraints._core(opening) else body)
-    if closing:
-        body = constraints._without_trailing(body, closing) or ("" if constraints._core(body) == constraints._core(closing) else body)
-    return not content.content_words(body) - content.content_words(critique) - content.content_words(question)
+    body = text
+    for phrase in frame:
+        if phrase.strip():
+            body = re.sub(re.escape(phrase.strip()), " ", body, flags=re.I)
+    if re.search(r"\b(?:yes|no)\b", body, re.I):
+        return False
+    return not content.content_words(text) - content.content_words(critique) - content.content_words(question)
 
 
 def _has_literal(text: str, fact: str) -> bool:

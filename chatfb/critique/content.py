@@ -549,12 +549,15 @@ def content_words(text: str) -> set[str]:
     return out | _symbols(text)
 
 
-# a word of two letters with a capital: after its first letter ("UK", "pH"), or its first not opening a sentence
-_SYMBOL = re.compile(r"(?<![\w'’])(?:[A-Za-z][A-Z]|(?<![.!?]\s)(?<![.!?])(?<!^)(?<!\n)[A-Z][a-z])(?![\w'’])")
+# a word of two letters with a capital: after its first letter ("UK", "pH"), or its first not opening a sentence;
+# quoted ('Au') or possessive ("the UK's") too, never the piece of a contraction ("It's", "WE'RE")
+_SYMBOL = re.compile(r"(?<!\w)(?<!\w['’])(?:[A-Za-z][A-Z]|(?<![.!?]\s)(?<![.!?])(?<!^)(?<!\n)[A-Z][a-z])(?!\w)")
+# two-letter interjections, however written ("OK. Climate change." still only restates its question)
+INTERJECTIONS = frozenset("ok hi oh ah eh uh ha yo go".split())
 
 
 def _symbols(text: str) -> set[str]:
-    return {m.group(0).lower() for m in _SYMBOL.finditer(text) if m.group(0).lower() not in STOPWORDS}
+    return {w for w in (m.group(0).lower() for m in _SYMBOL.finditer(text)) if w not in STOPWORDS | INTERJECTIONS}
 
 
 def _numbers(text: str) -> set[str]:

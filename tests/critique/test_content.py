@@ -395,3 +395,16 @@ def test_the_frame_a_critique_asks_for_is_no_answer_on_its_own():
     from chatfb.critique.candidates import only_the_frame
 
     assert not only_the_frame("Yes.", "Is water wet?", "Answer with 'yes' or 'no' only.")
+
+
+def test_review_cases_of_symbols_and_frames():
+    # quoted and possessive symbols count; interjections never do, wherever they stand
+    assert {"au"} <= content.content_words("It is 'Au'.") and {"uk"} <= content.content_words("the UK's capital")
+    assert content.restates_the_question("OK. Climate change.", "What is climate change?")
+    # a framed yes, or a framed symbol, is an answer
+    from chatfb.critique.candidates import only_the_frame
+
+    opening = "Start every answer with 'Sure thing:' please."
+    assert not only_the_frame("Sure thing: yes.", "Is water wet?", opening)
+    assert not only_the_frame("Sure thing: Au.", "What is the chemical symbol for gold?", opening)
+    assert only_the_frame("Sure thing: the capital of Kenya.", "What is the capital of Kenya?", opening)
