@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import threading
+from contextlib import nullcontext
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -422,9 +423,11 @@ class Store:
             raise StoreError(f"a {kind} needs text")
         fid = new_id()
         revises = session_id is not None and kind != "implicit"
-        # Feedback with the same (message, kind, session) is written one at a time (a striped lock), so a
-        # revision always sees the one it supersedes; all other feedback joins the writer's batches freely.
-        with self._stripes[hash((message_id, kind, session_id)) % len(self._stripes)]:
+        # A revision is written one at a time with the feedback of the same (message, kind, session) (a striped
+        # lock), so it always sees the one it supersedes; all other feedback joins the writer's batches freely (it
+        # takes no stripe: two writes that only shared one would queue one behind the other's commit).
+        stripe = self._stripes[hash((message_id, kind, session_id)) % len(self._stripes)] if revises else nullcontext()
+        with stripe:
             rows = self._q(
                 "SELECT m.role, c.session_id, EXISTS (SELECT 1 FROM feedback f WHERE f.message_id = m.id AND"
                 " f.kind = ? AND f.session_id = ? AND f.superseded_at IS NULL)"

@@ -682,3 +682,38 @@ def test_trusted_import_is_marked(store):
     store.import_feedback([{"prompt": [{"role": "user", "content": "q"}], "reply": "a", "kind": "rating", "rating": 1}])
     assert sorted((r.kind, r.trusted, r.origin) for r in store.feedback_records()) == [
         ("correction", True, "written_correction"), ("rating", False, "rating")]
+
+
+def test_feedback_that_revises_nothing_never_waits_behind_another_write(settings):
+    """Feedback without a session revises nothing: it takes no stripe of log_feedback's lock, so two such writes
+    whose stripes collide both queue while the writer is busy (in test_a_bad_write_... one of four critiques
+    landed on another's stripe in about one run in eleven, and waited behind its commit)."""
+    import threading
+
+    store = Store(settings.db_path)
+    cid = store.create_conversation("s1")
+    store.add_message(cid, "user", "hi")
+    stripe = {}
+    while True:  # two replies whose (message, kind, session) hash onto one stripe
+        mid = store.add_message(cid, "assistant", "hello")
+        k = hash((mid, "critique", None)) % len(store._stripes)
+        if k in stripe:
+            pair = [stripe[k], mid]
+            break
+        stripe[k] = mid
+    busy, release = threading.Event(), threading.Event()
+    blocker = threading.Thread(target=store._on_writer, args=(lambda db: (busy.set(), release.wait(30)),))
+    blocker.start()
+    assert busy.wait(5)
+    threads = [threading.Thread(target=store.log_feedback, args=(m, "critique"), kwargs={"text": "c"}) for m in pair]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(store._queue) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    queued = len(store._queue)
+    release.set()
+    for t in threads + [blocker]:
+        t.join(10)
+    store.close()
+    assert queued == 2, f"{queued} of 2 feedback writes queued while the writer was busy"
