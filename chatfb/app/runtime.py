@@ -174,8 +174,8 @@ class Runtime:
             self.training = launch(command, output)  # close() ends its process group
             return self.training
 
-    def training_command(self, work: Path) -> list[str]:
-        return child_command(work)
+    def training_command(self, *works: Path) -> list[str]:
+        return child_command(*works)
 
     def cycle_status(self) -> dict:
         finished, result = self._last_cycle or (0, None)

@@ -12,7 +12,8 @@ the model is managed, starts a temporary one of its own.
 
 After the shared adapter, personal ones: each user (or anonymous browser, chatfb.learning.trust.who) with at
 least CHATFB_PERSONAL_MIN_FEEDBACK rows of their own that may train, those with the most new feedback first, at
-most CHATFB_PERSONAL_MAX_PER_CYCLE a cycle, gets a job of their own (`CycleJob.owner`): the same child trains on
+most CHATFB_PERSONAL_MAX_PER_CYCLE a cycle, gets a job of their own (`CycleJob.owner`, a folder of its own), all
+of them run by ONE child (one trainer process; their gates side by side), which trains each on
 from the live shared adapter's weights on their rows alone (plus replay), gated on their own held-out rows and the
 control check against what they are served now, and a candidate that passes is served to them only
 (AdapterRegistry.promote_personal). One that fails leaves them on what they had, its reason in its adapter row.
@@ -175,8 +176,9 @@ def _job_folder(store: Store, settings: Settings, job: CycleJob) -> tuple[CycleJ
     return job, work
 
 
-def child_command(work: Path) -> list[str]:
-    return [sys.executable, "-m", "chatfb.learning.worker", str(work)]
+def child_command(*works: Path) -> list[str]:
+    """The child for one job folder, or for a cycle's personal adapters (several: one process trains them all)."""
+    return [sys.executable, "-m", "chatfb.learning.worker", *map(str, works)]
 
 
 def launch(command: list[str], output) -> subprocess.Popen:
@@ -253,20 +255,43 @@ def run_cycle(store: Store, registry: AdapterRegistry, settings: Settings, promo
         log.exception("choosing this cycle's personal adapters failed")
         result.personal.append(asdict(CycleResult(False, reason=f"choosing personal adapters failed: {type(e).__name__}: {e}")))
         return result
+    # Every owner's job folder first, then ONE child for all of them (chatfb.learning.worker.compute_many: one
+    # model server client and judge, one trainer process, the gates side by side).
+    jobs, t = [], time.perf_counter()
     for owner in owners:
-        t = time.perf_counter()
         try:
-            job = prepare_personal(store, settings, server_url, owner, promote, registry.merged if owner_server else None,
-                                   prepared[0].answers)
-            personal = _run_child(store, registry, *job, promote,
-                                  output, command, start, closing, t)
+            jobs.append(prepare_personal(store, settings, server_url, owner, promote,
+                                         registry.merged if owner_server else None, prepared[0].answers))
         except Exception as e:  # noqa: BLE001 - the next owner's and the shared result stand
             log.exception("a personal adapter (%s) failed", personal_prefix(owner, settings.adapter_prefix))
+            result.personal.append(asdict(CycleResult(False, reason=f"the personal adapter's cycle failed: "
+                                                                     f"{type(e).__name__}: {e}")))
+    if not jobs:
+        return result
+    proc = start(command(*(work for _, work in jobs)), output)
+    if proc is None:
+        return None
+    code = _wait(proc)
+    if closing():
+        return None
+    for job, work in jobs:
+        try:
+            personal = finish(store, registry, job, work, code, promote, t)
+        except Exception as e:  # noqa: BLE001 - the next owner's and the shared result stand
+            log.exception("a personal adapter (%s) failed", job.name)
             personal = CycleResult(False, reason=f"the personal adapter's cycle failed: {type(e).__name__}: {e}")
-        if personal is None:
-            return None
         result.personal.append(asdict(personal))
     return result
+
+
+def _wait(proc) -> int:
+    try:
+        return proc.wait()
+    except BaseException:  # Ctrl-C: no cycle or trainer left behind
+        from chatfb.serving.process_group import stop_groups
+
+        stop_groups([proc], 4.0)
+        raise
 
 
 def _run_child(store, registry, job: CycleJob, work: Path, promote: bool, output, command, start, closing,
@@ -274,13 +299,7 @@ def _run_child(store, registry, job: CycleJob, work: Path, promote: bool, output
     proc = start(command(work), output)
     if proc is None:
         return None
-    try:
-        code = proc.wait()
-    except BaseException:  # Ctrl-C: no cycle or trainer left behind
-        from chatfb.serving.process_group import stop_groups
-
-        stop_groups([proc], 4.0)
-        raise
+    code = _wait(proc)
     if closing():  # the owner is closing: its store with it
         return None
     return finish(store, registry, job, work, code, promote, started)

@@ -171,6 +171,13 @@ def exact_share(replies: list[str], targets: list[str]) -> tuple[float | None, i
     return round(sum(gives_exactly(r, vs) for r, vs in judged) / len(judged), 4), len(judged)
 
 
+def filed_control_answers(client: ModelClient, settings: Settings, model: str, book: AnswerBook) -> list[str]:
+    """`model`'s control answers, from the answer file when an earlier child or cycle asked them (then filed).
+    Several gates at once (chatfb.learning.worker.compute_many) ask the models they share this way first, once."""
+    return book.answers("greedy", model, control_messages(settings.system_prompt), CONTROL_MAX_TOKENS,
+                        lambda prompts: generate(client, model, prompts, CONTROL_MAX_TOKENS))
+
+
 def control_messages(system_prompt: str) -> list[list[dict]]:
     return [[{"role": "system", "content": system_prompt}, {"role": "user", "content": q}] for q in CONTROL_PROMPTS]
 
@@ -360,8 +367,7 @@ def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incu
     book = book or AnswerBook(None)
 
     def control_answers(model: str) -> list[str]:
-        return book.answers("greedy", model, control, CONTROL_MAX_TOKENS,
-                            lambda prompts: generate(client, model, prompts, CONTROL_MAX_TOKENS))
+        return filed_control_answers(client, settings, model, book)
 
     # Every answer the gate needs is asked at once, one batch for vLLM: the candidate's and the incumbent's
     # held-out answers and the control answers not on file (one after another they were three rounds of up to

@@ -50,6 +50,10 @@ class Recipe:
     init_adapter: str | None = field(default=None, metadata={
         "help": "An adapter folder to train on from (its weights, rank and modules; --rank is ignored): a personal "
                 "adapter starts from the shared one, and is still one whole LoRA on the base model."})
+    more: str | None = field(default=None, metadata={
+        "help": "A JSON file listing further adapters this process trains after the first, one after another with "
+                "the same flags, each {\"data\", \"output_dir\", \"init_adapter\", \"dpo_epochs\"}: a cycle's "
+                "personal adapters pay the imports and the start once. Each loads the base model afresh."})
 
 
 def trainer_defaults() -> dict:
@@ -165,6 +169,31 @@ def main(recipe: Recipe, args) -> int:
     return 0
 
 
+def main_all(recipe: Recipe, args) -> int:
+    """`main` for the first adapter, then for each of `recipe.more` (the same flags, its own data, folder and start);
+    one that fails does not stop the next. The exit code is the first failure's, else 0."""
+    import copy
+    import dataclasses
+
+    more = json.loads(Path(recipe.more).read_text()) if recipe.more else []
+    runs = [(recipe, args)] + [(dataclasses.replace(recipe, data=m["data"], init_adapter=m.get("init_adapter"),
+                                                    dpo_epochs=float(m.get("dpo_epochs", recipe.dpo_epochs))),
+                                dict(output_dir=m["output_dir"])) for m in more]
+    pristine = copy.deepcopy(args)  # main changes its args (output_dir, max_steps)
+    first_failure = 0
+    for r, a in runs:
+        if isinstance(a, dict):
+            out, a = a["output_dir"], copy.deepcopy(pristine)
+            a.output_dir = out
+        try:
+            code = main(dataclasses.replace(r, more=None), a)
+        except Exception as e:  # noqa: BLE001 - the next adapter still trains; this one left no folder
+            print(f"training {a.output_dir} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            code = 1
+        first_failure = first_failure or code
+    return first_failure
+
+
 if __name__ == "__main__":
     recipe, sft_args = make_parser().parse_args_and_config()
-    sys.exit(main(recipe, sft_args))
+    sys.exit(main_all(recipe, sft_args))

@@ -1,11 +1,12 @@
 """A learning cycle's computation, the child process of chatfb.learning.cycle: critique candidates -> LoRA training -> gate.
 
-    python -m chatfb.learning.worker WORK_DIR
+    python -m chatfb.learning.worker WORK_DIR [WORK_DIR ...]
 
 WORK_DIR (work/<adapter name>/) holds what the owner wrote: the store's snapshot, the whole settings and
 the job (adapter name, incumbent, model server). This process reads them, writes the adapter folder and
 WORK_DIR/result.json (chatfb.learning.cycle.CycleOutcome), and calls nothing in the app: the owner records and
-promotes. `python -m chatfb nightly` runs a whole cycle (chatfb.learning.cycle).
+promotes. `python -m chatfb nightly` runs a whole cycle (chatfb.learning.cycle). Several WORK_DIRs (a cycle's
+personal adapters) share one process, one model server and judge, and one trainer process (`compute_many`).
 
 Only vouched-for feedback (chatfb.learning.trust) trains the shared adapter or gates it; work/<name>/sft.jsonl
 and dpo.jsonl carry each row's provenance, so `delete-user` can find a user's rows in them.
@@ -21,12 +22,14 @@ trained on (`check_uptake`, chatfb.learning.uptake); the owner records the answe
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatfb.learning import gate, training_data, uptake
@@ -70,34 +73,193 @@ def model_server(settings: Settings, server_url: str | None, merged: str | None 
     return client, base, lambda: (client.close(), server.stop())
 
 
-def train_adapter(settings: Settings, base: Path, data_dir: Path, out: Path, dpo: bool, init: Path | None = None) -> int:
-    """`init`: an adapter folder to train on from (a personal adapter starts from the shared one's weights)."""
+def train_adapter(settings: Settings, base: Path, data_dir: Path, out: Path, dpo: bool, init: Path | None = None,
+                  more: list[dict] | None = None) -> int:
+    """One trainer process (chatfb.learning.train). `init`: an adapter folder to train on from (a personal adapter
+    starts from the shared one's weights). `more`: further adapters the same process trains after this one, each
+    {"data", "output_dir", "init_adapter", "dpo_epochs"} (a cycle's personal adapters: the trainer's imports and
+    start are paid once, not once a user)."""
     cmd = [sys.executable, "-m", "chatfb.learning.train", "--data", str(data_dir), "--base", str(base), "--output_dir", str(out),
            "--rank", str(settings.lora_rank), "--num_train_epochs", str(settings.train_epochs),
            "--learning_rate", str(settings.learning_rate), "--seed", str(settings.seed),
            "--step_cap", str(settings.train_max_steps), "--dpo_epochs", "1" if dpo else "0"]
     if init is not None:
         cmd += ["--init_adapter", str(init)]
+    if more:
+        jobs = Path(data_dir) / "more_adapters.json"
+        jobs.write_text(json.dumps(more))
+        cmd += ["--more", str(jobs)]
     log.info("training: %s", " ".join(cmd))
     return subprocess.call(cmd)
+
+
+@dataclass
+class TrainSpec:
+    """One adapter of a trainer run: its data folder (sft.jsonl, dpo.jsonl), where it goes, what it starts from."""
+
+    data: Path
+    out: Path
+    dpo: bool
+    init: Path | None = None
+
+
+def train_adapters(settings: Settings, base: Path, specs: list[TrainSpec]) -> list[int]:
+    """Train every spec in ONE trainer process, in order; an exit code per spec (0 when its adapter is there)."""
+    first, rest = specs[0], specs[1:]
+    more = [{"data": str(s.data), "output_dir": str(s.out), "init_adapter": str(s.init) if s.init else None,
+             "dpo_epochs": 1 if s.dpo else 0} for s in rest]
+    start = {"init": first.init} if first.init is not None else {}
+    code = train_adapter(settings, base, first.data, first.out, first.dpo, **start, **({"more": more} if more else {}))
+    return [0 if (s.out / "adapter_config.json").exists() else (code or 1) for s in specs]
+
+
+@dataclass
+class Prepared:
+    """One job between the phases of `compute_many`: what it built and counted so far."""
+
+    job: CycleJob
+    settings: Settings
+    work: Path
+    progress: dict
+    data: object = None
+    guidelines: list = field(default_factory=list)
+    extra: list = field(default_factory=list)
+    done: dict = field(default_factory=dict)  # counts, timings, candidates, recipe: CycleOutcome fields
+    book: AnswerBook | None = None
+    train: TrainSpec | None = None
+    outcome: CycleOutcome | None = None  # set once the job ended (nothing to do, failed, or gated)
 
 
 def compute(job: CycleJob, settings: Settings, work: Path, progress: dict | None = None) -> CycleOutcome:
     """Refine, replay, train and evaluate; the adapter goes to adapters/<job.name>/. `progress` gets what the
     cycle has counted and timed so far (CycleOutcome fields), so a failure later on still reports it."""
-    dpo = settings.train_dpo
-    timings: dict = {}
-    recipe = {"mode": settings.train_mode, "rank": settings.lora_rank, "epochs": settings.train_epochs,
-              "lr": settings.learning_rate, "dpo": dpo, "seed": settings.seed, "critique_recipe": settings.critique_recipe}
+    return compute_many([(job, settings, work)], [progress if progress is not None else {}])[0]
+
+
+def compute_many(jobs: list[tuple[CycleJob, Settings, Path]], progress: list[dict]) -> list[CycleOutcome]:
+    """`compute` for several jobs that share a model server (a cycle's personal adapters), phase by phase: each
+    job's data and candidates (all jobs' requests at once: vLLM batches them), then every adapter in one trainer
+    process, then the gates, several at once (at most CHATFB_VLLM_MAX_LORAS - 1, so the candidates and the shared
+    adapter they are compared with fit the server's LoRA slots). A job's failure is its own: the others go on.
+    An error no job can survive (the model server not starting) is raised."""
     gate.require_embeddings()  # before hours of work the gate could not judge
+    states = [Prepared(job, settings, work, p) for (job, settings, work), p in zip(jobs, progress)]
+    for s in states:
+        _guarded(s, _read_data)
+    live = [s for s in states if s.outcome is None]
+    if live:
+        first = live[0]
+        settings = first.settings
+        client, base, stop_server = model_server(settings, first.job.server_url, first.job.merged)
+        try:
+            base_id = model_identity(base, settings.vllm_dtype, settings.vllm_url)
+            if first.job.server_url is None:  # our own temporary server: load what the jobs compare with and start from
+                for other in dict.fromkeys(n for s in live for n in (s.job.incumbent, s.job.start_from) if n):
+                    if other not in client.models():
+                        client.load_adapter(other, str((settings.layout.adapters / other).resolve()))
+            from chatfb.critique.judge import judge_for
+
+            judge = judge_for(settings.scorer, client, base)  # what scores candidates (and held-out answers at the gate)
+            # replay and control answers of the base model and the shared adapters, asked once across cycles
+            for s in live:
+                s.book = AnswerBook(s.job.answers, s.job.merged, keep=lambda model: not is_personal(model), base_id=base_id)
+            live[0].book.keep_base(base_id)
+            t = time.perf_counter()
+            if len(live) > 1:
+                _ask_shared_replay(client, settings, live)
+            _each(live, lambda s: _select(s, client, judge))
+            for s in live:
+                s.done["timings"]["refine_s"] = round(time.perf_counter() - t, 2)
+            training = [s for s in live if s.outcome is None]
+            if training:
+                t = time.perf_counter()
+                codes = train_adapters(settings, base, [s.train for s in training])
+                took = round(time.perf_counter() - t, 2)
+                for s, code in zip(training, codes):
+                    s.done["timings"]["train_s"] = took
+                    if len(training) > 1:
+                        s.done["timings"]["trained_with"] = len(training)  # adapters that one trainer process trained
+                    if code != 0 or not (s.train.out / "adapter_config.json").exists():
+                        shutil.rmtree(s.train.out.with_name(s.train.out.name + ".partial"), ignore_errors=True)
+                        s.outcome = CycleOutcome("failed", f"training failed (exit {code})",
+                                                 error=f"training exited with code {code}", **s.done)
+            gated = [s for s in live if s.outcome is None]
+            if len(gated) > 1:
+                _ask_shared_control(client, settings, gated)
+            _each(gated, lambda s: _gate(s, client, judge, settings.served_model_name),
+                  workers=max(1, min(len(gated), settings.vllm_max_loras - 1)))
+        finally:
+            stop_server()
+    return [s.outcome for s in states]
+
+
+def _ask_shared_replay(client: ModelClient, settings: Settings, live: list[Prepared]) -> None:
+    """The replay answers several jobs share (those of the adapter they start from), asked and filed once before
+    the jobs select their candidates side by side. A failure here costs only the saving."""
+    book = live[0].book
+    count = settings.replay_examples
+    try:
+        for model in dict.fromkeys(s.job.start_from or settings.served_model_name for s in live):
+            if book.keep(model) and count:
+                replay_examples(client, model, settings.system_prompt, count, book=book)
+    except ModelError as e:
+        log.warning("asking the shared replay answers failed (%s); each job asks its own", e)
+
+
+def _ask_shared_control(client: ModelClient, settings: Settings, gated: list[Prepared]) -> None:
+    """The control answers several gates share (the base model's, the shared incumbents'), asked and filed once
+    before the gates run side by side, so no two gates ask them at once. A failure here costs nothing but the
+    saving: each gate asks what it lacks."""
+    book = gated[0].book
+    shared = dict.fromkeys([settings.served_model_name, *(s.job.incumbent for s in gated if s.job.incumbent)])
+    try:
+        for model in (m for m in shared if book.keep(m)):
+            gate.filed_control_answers(client, settings, model, book)
+    except ModelError as e:
+        log.warning("asking the shared control answers failed (%s); each gate asks its own", e)
+
+
+def _each(states: list[Prepared], step, workers: int | None = None) -> None:
+    """`step` for every state, at once (each in its own thread), each failure its own (`_guarded`)."""
+    if len(states) == 1:
+        _guarded(states[0], step)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers or len(states)) as pool:
+        list(pool.map(lambda s: _guarded(s, step), states))
+
+
+def _guarded(s: Prepared, step) -> None:
+    """Run one phase of one job; an exception ends that job with a failed outcome that keeps what it counted
+    (a GateError says what to fix; anything else, e.g. the model server failing mid-gate, is recorded with
+    its type, never a bare exit code)."""
+    try:
+        step(s)
+    except gate.GateError as e:
+        log.error("%s", e)
+        s.outcome = CycleOutcome("failed", str(e), error=str(e), **{**s.progress, **s.done})
+    except Exception as e:  # noqa: BLE001
+        log.exception("the cycle %s failed", s.job.name)
+        why = f"the cycle failed: {type(e).__name__}: {e}"
+        s.outcome = CycleOutcome("failed", why, error=why, **{**s.progress, **s.done})
+
+
+def _read_data(s: Prepared) -> None:
+    """The job's training data from its snapshot: only vouched-for feedback trains the shared adapter or is
+    held out to gate it (chatfb.learning.trust); a personal adapter, its owner's own rows."""
+    job, settings = s.job, s.settings
+    recipe = {"mode": settings.train_mode, "rank": settings.lora_rank, "epochs": settings.train_epochs,
+              "lr": settings.learning_rate, "dpo": settings.train_dpo, "seed": settings.seed,
+              "critique_recipe": settings.critique_recipe}
     log.info("phase: preparing data")  # the admin tab shows these phases in words (chatfb.ui.admin_tab)
-    with Store(work / SNAPSHOT, read_only=True) as s:
-        records = s.feedback_records()
-        guidelines = s.approved_guidelines()
-        reviews, flagged, rejected = s.reviews(), s.flagged_authors(), s.rejected_content()
+    with Store(s.work / SNAPSHOT, read_only=True) as st:
+        records = st.feedback_records()
+        guidelines = st.approved_guidelines()
+        reviews, flagged, rejected = st.reviews(), st.flagged_authors(), st.rejected_content()
     if not records:
-        return CycleOutcome("nothing", "no feedback yet")
-    # Only vouched-for feedback trains the shared adapter or is held out to gate it (chatfb.learning.trust).
+        s.outcome = CycleOutcome("nothing", "no feedback yet")
+        return
     scopes = training_data.shared_scopes(records, settings, reviews, flagged, rejected)
     if job.owner is not None:  # a personal adapter: its owner's own rows that may train, shared or personal
         scopes = training_data.owner_scopes(records, scopes, job.owner)
@@ -107,96 +269,82 @@ def compute(job: CycleJob, settings: Settings, work: Path, progress: dict | None
                                settings.max_feedback_chars, settings.scrub_pii, scopes=scopes)
     if job.owner is not None:  # one of the owner's own rows to gate on, however few they gave
         training_data.hold_one_out(data, settings.holdout_fraction, settings.seed)
+    s.data, s.guidelines = data, guidelines
+    s.done = dict(counts={}, timings={}, candidates=[], recipe=recipe)
 
-    t = time.perf_counter()
-    client, base, stop_server = model_server(settings, job.server_url, job.merged)
-    try:
-        # replay and control answers of the base model and the shared adapters, asked once across cycles
-        base_id = model_identity(base, settings.vllm_dtype, settings.vllm_url)
-        book = AnswerBook(job.answers, job.merged, keep=lambda model: not is_personal(model), base_id=base_id)
-        book.keep_base(base_id)
-        base_name, name = settings.served_model_name, job.name
-        if job.server_url is None:  # our own temporary server: load what this job compares with and starts from
-            for other in dict.fromkeys(n for n in (job.incumbent, job.start_from) if n):
-                if other not in client.models():
-                    client.load_adapter(other, str((settings.layout.adapters / other).resolve()))
-        from chatfb.critique.judge import judge_for
 
-        judge = judge_for(settings.scorer, client, base)  # what scores candidates (and held-out answers at the gate)
-        tasks = training_data.critique_tasks(data, settings.holdout_fraction, settings.seed, settings.refine_max_critiques)
-        general = replay_prompts(settings.system_prompt)
-        # The ILF recipe rewrites a critiqued reply: it has nothing to say about other prompts.
-        extra = training_data.distillation_tasks(
-            data, tasks if settings.critique_recipe == "instruct" else [], guidelines, data.records, general,
-            settings.distill_prompts, settings.distill_max_examples, settings.holdout_fraction, settings.seed)
-        generator = ModelClient(settings.refiner_url, settings.api_key, batch_timeout(settings)) if settings.refiner_url else None
-        log.info("phase: selecting candidates")
-        selected, select_errors = select_all(tasks + extra, client, base_name, settings, generator, settings.refiner_model,
-                                             judge=judge)
-        training_data.add_selections(data, [(task, best.text if best else None) for task, _, best in selected])
-        counts = training_data.finalize_counts(data)
+def _select(s: Prepared, client: ModelClient, judge) -> None:
+    """Candidates for the job's critiques (and guidelines), its replay, and its training files."""
+    job, settings, data, work = s.job, s.settings, s.data, s.work
+    book = s.book
+    base_name, name = settings.served_model_name, job.name
+    tasks = training_data.critique_tasks(data, settings.holdout_fraction, settings.seed, settings.refine_max_critiques)
+    general = replay_prompts(settings.system_prompt)
+    # The ILF recipe rewrites a critiqued reply: it has nothing to say about other prompts.
+    s.extra = extra = training_data.distillation_tasks(
+        data, tasks if settings.critique_recipe == "instruct" else [], s.guidelines, data.records, general,
+        settings.distill_prompts, settings.distill_max_examples, settings.holdout_fraction, settings.seed)
+    generator = ModelClient(settings.refiner_url, settings.api_key, batch_timeout(settings)) if settings.refiner_url else None
+    log.info("phase: selecting candidates")
+    selected, select_errors = select_all(tasks + extra, client, base_name, settings, generator, settings.refiner_model,
+                                         judge=judge)
+    training_data.add_selections(data, [(task, best.text if best else None) for task, _, best in selected])
+    counts = training_data.finalize_counts(data)
+    if select_errors:
+        counts["refine_errors"] = len(select_errors)
+    counts["candidates_kept"] = sum(best is not None for _, _, best in selected)
+    counts["candidates_dropped"] = sum(len(cands or []) for _, cands, _ in selected) - counts["candidates_kept"]
+    rows = candidate_rows(selected, name, settings.critique_recipe, data.authors, "personal" if job.owner else "shared")
+    s.done.update(counts=counts, candidates=rows)
+    s.progress.update(s.done)
+    if not data.train:
+        reason = "no usable training examples"
         if select_errors:
-            counts["refine_errors"] = len(select_errors)
-        counts["candidates_kept"] = sum(best is not None for _, _, best in selected)
-        counts["candidates_dropped"] = sum(len(cands or []) for _, cands, _ in selected) - counts["candidates_kept"]
-        timings["refine_s"] = round(time.perf_counter() - t, 2)
+            reason += f" ({len(select_errors)} candidate request(s) failed: {select_errors[0]})"
+        # an adapter row also when nothing trains, so the audit rows name their cycle
+        s.outcome = CycleOutcome("failed" if rows else "nothing", reason, error=reason, **s.done)
+        return
+    # Retention: the base model's own answers to general prompts ride along (self-distillation); a
+    # question a rule was distilled on is left out of it, so it never has two targets.
+    distilled = {last_user(e.prompt) for e in data.train if e.source in ("distill", "guideline")}
+    # A personal adapter replays what the shared adapter it starts from answers, so it keeps what everyone learnt.
+    replay = replay_examples(client, job.start_from or base_name, settings.system_prompt, settings.replay_examples,
+                             skip=distilled, book=book)
+    scope = "personal" if job.owner else "shared"
+    write_rows([dict(r, scope=scope) for r in data.sft_rows()] + replay, work / "sft.jsonl")  # delete-user scrubs by it
+    write_rows([dict(r, scope=scope) for r in data.dpo_rows()], work / "dpo.jsonl")
+    counts["replay_examples"] = len(replay)
+    init = settings.layout.adapters / job.start_from if job.start_from else None  # the shared one trains anew
+    s.train = TrainSpec(work, settings.layout.adapters / name, settings.train_dpo and bool(data.dpo_rows()), init)
 
-        out = settings.layout.adapters / name
-        rows = candidate_rows(selected, name, settings.critique_recipe, data.authors, "personal" if job.owner else "shared")
-        done = dict(counts=counts, timings=timings, candidates=rows, recipe=recipe)
-        if progress is not None:
-            progress.update(done)
-        if not data.train:
-            reason = "no usable training examples"
-            if select_errors:
-                reason += f" ({len(select_errors)} candidate request(s) failed: {select_errors[0]})"
-            # an adapter row also when nothing trains, so the audit rows name their cycle
-            return CycleOutcome("failed" if rows else "nothing", reason, error=reason, **done)
 
-        # Retention: the base model's own answers to general prompts ride along (self-distillation); a
-        # question a rule was distilled on is left out of it, so it never has two targets.
-        distilled = {last_user(e.prompt) for e in data.train if e.source in ("distill", "guideline")}
-        # A personal adapter replays what the shared adapter it starts from answers, so it keeps what everyone learnt.
-        replay = replay_examples(client, job.start_from or base_name, settings.system_prompt, settings.replay_examples,
-                                 skip=distilled, book=book)
-        scope = "personal" if job.owner else "shared"
-        write_rows([dict(r, scope=scope) for r in data.sft_rows()] + replay, work / "sft.jsonl")  # delete-user scrubs by it
-        write_rows([dict(r, scope=scope) for r in data.dpo_rows()], work / "dpo.jsonl")
-        counts["replay_examples"] = len(replay)
-
-        t = time.perf_counter()
-        start = {"init": settings.layout.adapters / job.start_from} if job.start_from else {}  # the shared one trains anew
-        code = train_adapter(settings, base, work, out, dpo=dpo and bool(data.dpo_rows()), **start)
-        timings["train_s"] = round(time.perf_counter() - t, 2)
-        if code != 0 or not (out / "adapter_config.json").exists():
-            shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
-            return CycleOutcome("failed", f"training failed (exit {code})", error=f"training exited with code {code}",
-                                **done)
-
-        t = time.perf_counter()
-        log.info("phase: gating")
-        checked: list[dict] = []
-        try:
-            report = gate.evaluate(client, settings, data, name, job.incumbent, base_name, out,
-                                   guideline_checks(data, guidelines, extra), judge, book)
-            timings["eval_s"] = round(time.perf_counter() - t, 2)
-            counts.update(answers_reused=book.hits, answers_asked=book.asked)
-            ok, reason = report.decide(gate.policy_for(settings))
-            if ok and job.promote:  # the owner promotes it: ask it now, while it is loaded, what it learnt
-                t = time.perf_counter()
-                checked = check_uptake(client, settings, data, name, judge, base_name, counts)
-                timings["uptake_s"] = round(time.perf_counter() - t, 2)
-        except gate.GateError as e:  # refused before loading it: the name on the server is someone else's
-            log.error("%s", e)
-            return CycleOutcome("failed", str(e), error=str(e), **done)  # what the cycle counted stays in its result
-        except BaseException:
-            client.unload_adapter_quietly(name)
-            raise
-        client.unload_adapter_quietly(name)  # the owner loads it again if it promotes; until then it holds no LoRA slot
-        report.decision = reason
-        return CycleOutcome("candidate" if ok else "rejected", reason, report=report.as_dict(), uptake=checked, **done)
-    finally:
-        stop_server()
+def _gate(s: Prepared, client: ModelClient, judge, base_name: str) -> None:
+    """The job's gate, then (it passed, and the owner will promote it) the uptake check while it is loaded."""
+    job, settings, data, book, timings, counts = s.job, s.settings, s.data, s.book, s.done["timings"], s.done["counts"]
+    name = job.name
+    t = time.perf_counter()
+    log.info("phase: gating")
+    checked: list[dict] = []
+    try:
+        report = gate.evaluate(client, settings, data, name, job.incumbent, base_name, s.train.out,
+                               guideline_checks(data, s.guidelines, s.extra), judge, book)
+        timings["eval_s"] = round(time.perf_counter() - t, 2)
+        counts.update(answers_reused=book.hits, answers_asked=book.asked)
+        ok, reason = report.decide(gate.policy_for(settings))
+        if ok and job.promote:  # the owner promotes it: ask it now, while it is loaded, what it learnt
+            t = time.perf_counter()
+            checked = check_uptake(client, settings, data, name, judge, base_name, counts)
+            timings["uptake_s"] = round(time.perf_counter() - t, 2)
+    except gate.GateError as e:  # refused before loading it: the name on the server is someone else's
+        log.error("%s", e)
+        s.outcome = CycleOutcome("failed", str(e), error=str(e), **s.done)  # what the cycle counted stays in its result
+        return
+    except BaseException:
+        client.unload_adapter_quietly(name)
+        raise
+    client.unload_adapter_quietly(name)  # the owner loads it again if it promotes; until then it holds no LoRA slot
+    report.decision = reason
+    s.outcome = CycleOutcome("candidate" if ok else "rejected", reason, report=report.as_dict(), uptake=checked, **s.done)
 
 
 def check_uptake(client: ModelClient, settings: Settings, data, name: str, judge, scorer_model: str,
@@ -222,27 +370,29 @@ def check_uptake(client: ModelClient, settings: Settings, data, name: str, judge
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m chatfb.learning.worker WORK_DIR (a job folder chatfb.learning.cycle wrote)", file=sys.stderr)
+    if not args:
+        print("usage: python -m chatfb.learning.worker WORK_DIR [WORK_DIR ...] (job folders chatfb.learning.cycle "
+              "wrote; several: a cycle's personal adapters, trained in one trainer process)", file=sys.stderr)
         return 2
     # The owner stops this process group with SIGTERM (Ctrl-C on the CLI, app shutdown): exit through the
     # `finally` blocks, which stop a model server this child started in its own session.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    work = Path(args[0])
-    job, settings = read_job(work)
+    works = [Path(a) for a in args]
+    jobs = [(*read_job(w), w) for w in works]
     t = time.perf_counter()
-    progress: dict = {}  # what the cycle counted before a failure: its result keeps it
+    progress: list[dict] = [{} for _ in works]  # what each job counted before a failure: its result keeps it
     try:
-        outcome = compute(job, settings, work, progress)
+        outcomes = compute_many(jobs, progress)
     except gate.GateError as e:  # says what to fix: the owner records it as the cycle's reason
         log.error("%s", e)
-        outcome = CycleOutcome("failed", str(e), error=str(e), **progress)
-    except Exception as e:  # noqa: BLE001 - e.g. the model server failing mid-gate: recorded, never a bare exit code
+        outcomes = [CycleOutcome("failed", str(e), error=str(e), **p) for p in progress]
+    except Exception as e:  # noqa: BLE001 - e.g. the model server not starting: recorded, never a bare exit code
         log.exception("the cycle failed")
         why = f"the cycle failed: {type(e).__name__}: {e}"
-        outcome = CycleOutcome("failed", why, error=why, **progress)
-    outcome.timings["cycle_s"] = round(time.perf_counter() - t, 2)
-    write_outcome(work, outcome)
+        outcomes = [CycleOutcome("failed", why, error=why, **p) for p in progress]
+    for work, outcome in zip(works, outcomes):
+        outcome.timings["cycle_s"] = round(time.perf_counter() - t, 2)
+        write_outcome(work, outcome)
     return 0
 
 

@@ -3,6 +3,7 @@ bounded number a cycle), that only its owner is served it, that a failing gate l
 shared adapter with the reason in the adapter's row, and that delete-user removes them."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -116,17 +117,23 @@ def test_a_row_an_admin_rejected_or_a_flagged_authors_rows_never_train_a_persona
 
 
 def cycle(store, settings, fake_client, monkeypatch, candidate_learns: bool, trained: list, owner_server="http://fake",
-          promote=True):
+          promote=True, launches: list | None = None, unwritten: str = "\0"):
     """A whole cycle, its children run in this process with a fake trainer and a fake model server (the owner's,
     or with `owner_server` None one the child starts, which holds no adapter yet)."""
     monkeypatch.setattr(worker, "model_server", lambda s, url, merged=None: (fake_client, settings.data_dir, lambda: None))
+    launches = [] if launches is None else launches  # adapters per trainer process
 
-    def train(s, base, data, out, dpo, init=None):
-        rows = [json.loads(line) for line in (data / "sft.jsonl").read_text().splitlines()]
-        trained.append((out.name, init, {r["author"] for r in rows if "author" in r},  # replay rows carry none
-                        {r["scope"] for r in rows if "scope" in r}, set(fake_client.loaded)))
-        out.mkdir(parents=True)
-        (out / "adapter_config.json").write_text("{}")
+    def train(s, base, data, out, dpo, init=None, more=()):
+        for data, out, init in [(data, out, init)] + [(Path(m["data"]), Path(m["output_dir"]),
+                                                       m["init_adapter"] and Path(m["init_adapter"])) for m in more]:
+            rows = [json.loads(line) for line in (data / "sft.jsonl").read_text().splitlines()]
+            trained.append((out.name, init, {r["author"] for r in rows if "author" in r},  # replay rows carry none
+                            {r["scope"] for r in rows if "scope" in r}, set(fake_client.loaded)))
+            if out.name.startswith(unwritten):  # this one's training failed: no adapter folder
+                continue
+            out.mkdir(parents=True)
+            (out / "adapter_config.json").write_text("{}")
+        launches.append(1 + len(more))
         return 0
 
     monkeypatch.setattr(worker, "train_adapter", train)
@@ -150,8 +157,8 @@ def cycle(store, settings, fake_client, monkeypatch, candidate_learns: bool, tra
     else:  # live, but on no server: the child's own server must load it
         store.set_live("chatfb-v0001")
         registry.router.switch("chatfb-v0001")
-    result = run_cycle(store, registry, settings, promote, owner_server=owner_server, command=lambda work: work,
-                       start=lambda work, output: worker.main([str(work)]) or Done())
+    result = run_cycle(store, registry, settings, promote, owner_server=owner_server, command=lambda *works: works,
+                       start=lambda works, output: worker.main([str(w) for w in works]) or Done())
     return registry, result
 
 
@@ -276,9 +283,11 @@ def test_the_personal_adapters_of_one_cycle_replay_and_gate_on_answers_asked_onc
         return generate(client, model, prompts, max_tokens)
 
     monkeypatch.setattr(gate, "generate", counted)
-    trained = []
-    registry, result = cycle(store, settings, fake_client, monkeypatch, True, trained)
+    trained, launches = [], []
+    registry, result = cycle(store, settings, fake_client, monkeypatch, True, trained, launches=launches)
     assert len(trained) == 2 and len(result.personal) == 2
+    assert launches == [2]  # one trainer process for both
+    assert all(p["promoted"] for p in result.personal), result.personal
     assert set(replayed) == {("chatfb-v0001", q) for q in worker.REPLAY_PROMPTS[:4]} and set(replayed.values()) == {1}
     assert {m for m, _ in control} >= {"chatfb-base", "chatfb-v0001"}
     assert all(control[m, q] == 1 for m in ("chatfb-base", "chatfb-v0001") for q in gate.CONTROL_PROMPTS), control
@@ -299,3 +308,20 @@ def test_a_personal_adapter_is_never_published_to_the_hub(settings, monkeypatch,
     monkeypatch.setattr(chatfb.cli, "push_built", lambda *a, **k: pytest.fail("a user's adapter was pushed"))
     assert cli(["push-adapter", mine, "someone/repo"]) == 2
     assert "personal adapter and is not published" in capsys.readouterr().err
+
+
+def test_in_one_cycle_a_personal_adapter_whose_training_failed_fails_alone(store, settings, fake_client, monkeypatch):
+    """The cycle's personal adapters share one child and one trainer process: the trainer leaving one user's
+    adapter unwritten fails that user's job, with the reason; the other user's adapter is gated and served."""
+    settings = settings_for_cycle(settings).with_(personal_max_per_cycle=2)
+    give_corrections(store, "ann", 12)
+    give_corrections(store, "bob", 12, text="Email support@chatfb.example today.")
+    trained = []
+    bob = personal_prefix("bob", "chatfb")
+    registry, result = cycle(store, settings, fake_client, monkeypatch, True, trained, unwritten=bob)
+    by_name = {p["adapter"]: p for p in result.personal}
+    assert len(result.personal) == 2
+    mine, theirs = f"{personal_prefix('ann', 'chatfb')}-v0001", f"{bob}-v0001"
+    assert by_name[mine]["promoted"], by_name[mine]["reason"]
+    assert not by_name[theirs]["promoted"] and "training failed" in by_name[theirs]["reason"]
+    assert registry.router.acquire("ann") == mine and registry.router.acquire("bob") == "chatfb-v0001"
