@@ -374,14 +374,20 @@ def number_unanswered(text: str, question: str) -> str | None:
     return None
 
 
-_ASKS_NUMBER = re.compile(r"\bhow (?:many|old)\b(?!-)|\b(?:what|which) (?:year|percentage)\b|\bwhat percent\b", re.I)
+# A count, an age, a year, a share, or a measure asked of a thing ("how tall is", "what temperature", "what is the
+# boiling point"); not "how long should I rest?" or "when should I water it?", whose answers need no number
+_ASKS_NUMBER = re.compile(
+    r"\bhow (?:many|old)\b(?!-)|\bhow (?:tall|high|deep|far|heavy|wide|long|fast|hot|cold) (?:is|are|was|were)\b"
+    r"|\bhow much (?:does|do|did) [^?]{1,60}\b(?:cost|weigh)\b|\b(?:what|which) (?:year|percentage|temperature)\b"
+    r"|\bwhat percent\b|\bwhat is the (?:population|distance|speed|height|depth|weight|boiling point|freezing point"
+    r"|melting point)\b", re.I)
 # an answer to "how many" in words that no number reader counts: "one" alone (read as a pronoun elsewhere), none
 _QUANTITY_WORDS = frozenset("one no none zero single once twice half dozen dozens several few many hundreds "
                             "thousands millions billions".split())
 
 
 def asks_for_a_number(question: str) -> bool:
-    """The question asks for a count, an age, a year or a share: its answer is a number."""
+    """The question asks for a count, an age, a year, a share or a measure of a thing: its answer is a number."""
     return bool(_ASKS_NUMBER.search(question or ""))
 
 

@@ -126,7 +126,7 @@ def test_verdicts_say_what_was_lost():
     q = "How many minutes are in an hour?"
     assert hard_verdict("An hour is a unit of time.\n— Team Aurora", q, SIGN, references=[PLAIN[q]]) == \
         "gives no number where the question asks for one"
-    assert hard_verdict("Water boils when it is hot.\n— Team Aurora", "At what temperature does water boil?", SIGN,
+    assert hard_verdict("Water boils when it is hot.\n— Team Aurora", "When does water boil?", SIGN,
                         references=["Water boils at 100 degrees Celsius at sea level."]) == \
         "gives no number where the plain answer gives one"
     # two plain answers that agree on a number: that number must survive
@@ -333,6 +333,20 @@ def test_no_arithmetic_where_the_question_states_none_or_more_than_one(question)
     ("How many moons does Earth have?", "Earth has one moon.", None),  # quantity words answer too
     ("How many legs does a snake have?", "A snake has no legs.", None),
     ("How old-fashioned is this coat?", "Quite.", None),
+    # a measure asked of a thing: a number answers it, words about the thing do not
+    ("How tall is Mount Everest?", "It is 8,849 metres tall.", None),
+    ("How tall is Mount Everest?", "Mount Everest is very tall and hard to climb.",
+     "gives no number where the question asks for one"),
+    ("How far is the Moon from Earth?", "About 384,400 km away.", None),
+    ("What temperature does water boil at?", "Water boils when it gets hot enough.",
+     "gives no number where the question asks for one"),
+    ("What is the boiling point of water?", "It boils at 100 degrees Celsius.", None),
+    ("How much does a blue whale weigh?", "A blue whale is the heaviest animal alive.",
+     "gives no number where the question asks for one"),
+    # asked of what to do, not of a thing: no number needed
+    ("How long should I rest after a run?", "Until your breathing is back to normal.", None),
+    ("When should I water my plants?", "In the morning, before it gets hot.", None),
+    ("How high should I aim?", "Aim high, but plan each step.", None),
     ("What is 5 divided by 2?", "It is 2.5.", None),
     ("What is 5 divided by 2?", "It is 2.", "does not give 5 / 2, which is 2.5"),  # never rounded to a whole
     ("What is 5 divided by 2?", "5 divided by 2 is 7.", "gives 7 where 5 / 2 is 2.5"),
