@@ -171,27 +171,39 @@ def main(recipe: Recipe, args) -> int:
 
 def main_all(recipe: Recipe, args) -> int:
     """`main` for the first adapter, then for each of `recipe.more` (the same flags, its own data, folder and start);
-    one that fails does not stop the next. The exit code is the first failure's, else 0."""
+    one that fails (its traceback on stderr, no folder left) does not stop the next. The exit code is the first
+    failure's, else 0: which adapters trained, their folders say (each is renamed into place only when complete)."""
     import copy
     import dataclasses
+    import gc
+    import traceback
 
     more = json.loads(Path(recipe.more).read_text()) if recipe.more else []
-    runs = [(recipe, args)] + [(dataclasses.replace(recipe, data=m["data"], init_adapter=m.get("init_adapter"),
-                                                    dpo_epochs=float(m.get("dpo_epochs", recipe.dpo_epochs))),
-                                dict(output_dir=m["output_dir"])) for m in more]
-    pristine = copy.deepcopy(args)  # main changes its args (output_dir, max_steps)
+    pristine = copy.deepcopy(args)  # main changes its args (output_dir, max_steps): each run starts from the flags
+    runs = [(recipe, args.output_dir)] + [
+        (dataclasses.replace(recipe, data=m["data"], init_adapter=m.get("init_adapter"),
+                             dpo_epochs=float(m.get("dpo_epochs", recipe.dpo_epochs))), m["output_dir"]) for m in more]
     first_failure = 0
-    for r, a in runs:
-        if isinstance(a, dict):
-            out, a = a["output_dir"], copy.deepcopy(pristine)
-            a.output_dir = out
+    for r, out in runs:
+        a = copy.deepcopy(pristine)
+        a.output_dir = out
         try:
             code = main(dataclasses.replace(r, more=None), a)
-        except Exception as e:  # noqa: BLE001 - the next adapter still trains; this one left no folder
-            print(f"training {a.output_dir} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - the next adapter still trains
+            print(f"training {out} failed:", file=sys.stderr, flush=True)
+            traceback.print_exc()
             code = 1
         first_failure = first_failure or code
+        gc.collect()  # the last model and trainer go before the next loads its own
+        _empty_gpu_cache()
     return first_failure
+
+
+def _empty_gpu_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

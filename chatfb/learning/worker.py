@@ -35,7 +35,7 @@ from pathlib import Path
 from chatfb.learning import gate, training_data, uptake
 from chatfb.learning.answers import AnswerBook, model_identity
 from chatfb.config import Settings, setup_logging
-from chatfb.learning.cycle import SNAPSHOT, CycleJob, CycleOutcome, read_job, write_outcome
+from chatfb.learning.cycle import SNAPSHOT, CycleJob, CycleOutcome, read_job, read_outcome, write_outcome
 from chatfb.serving.adapters import is_personal
 from chatfb.serving.model_client import ModelClient, ModelError
 from chatfb.learning.rows import prompt_completion_row, write_rows
@@ -110,6 +110,9 @@ def train_adapters(settings: Settings, base: Path, specs: list[TrainSpec]) -> li
              "dpo_epochs": 1 if s.dpo else 0} for s in rest]
     start = {"init": first.init} if first.init is not None else {}
     code = train_adapter(settings, base, first.data, first.out, first.dpo, **start, **({"more": more} if more else {}))
+    if not more:
+        return [code]
+    # several: the process's code is its first failure's; each adapter is renamed into place only when complete
     return [0 if (s.out / "adapter_config.json").exists() else (code or 1) for s in specs]
 
 
@@ -128,6 +131,8 @@ class Prepared:
     book: AnswerBook | None = None
     train: TrainSpec | None = None
     outcome: CycleOutcome | None = None  # set once the job ended (nothing to do, failed, or gated)
+    started: float = field(default_factory=time.perf_counter)
+    written: bool = False  # its result.json is written (`_settle`)
 
 
 def compute(job: CycleJob, settings: Settings, work: Path, progress: dict | None = None) -> CycleOutcome:
@@ -144,12 +149,32 @@ def compute_many(jobs: list[tuple[CycleJob, Settings, Path]], progress: list[dic
     An error no job can survive (the model server not starting) is raised."""
     gate.require_embeddings()  # before hours of work the gate could not judge
     states = [Prepared(job, settings, work, p) for (job, settings, work), p in zip(jobs, progress)]
+    try:
+        _compute_phases(states)
+    finally:
+        _settle(states)  # what was decided is on disk, whatever stopped the rest
+    return [s.outcome for s in states]
+
+
+def _settle(states: list[Prepared]) -> None:
+    """Write the result.json of every job that has an outcome and none yet: each job's result is on disk as soon
+    as it is decided, so a child killed later (or an error no job survives) loses only the undecided ones."""
+    for s in states:
+        if s.outcome is not None and not s.written:
+            s.outcome.timings["cycle_s"] = round(time.perf_counter() - s.started, 2)
+            write_outcome(s.work, s.outcome)
+            s.written = True
+
+
+def _compute_phases(states: list[Prepared]) -> None:
     for s in states:
         _guarded(s, _read_data)
+    _settle(states)
     live = [s for s in states if s.outcome is None]
     if live:
         first = live[0]
         settings = first.settings
+        t = time.perf_counter()  # the candidates' time includes a temporary server's start, as it always did
         client, base, stop_server = model_server(settings, first.job.server_url, first.job.merged)
         try:
             base_id = model_identity(base, settings.vllm_dtype, settings.vllm_url)
@@ -164,16 +189,20 @@ def compute_many(jobs: list[tuple[CycleJob, Settings, Path]], progress: list[dic
             for s in live:
                 s.book = AnswerBook(s.job.answers, s.job.merged, keep=lambda model: not is_personal(model), base_id=base_id)
             live[0].book.keep_base(base_id)
-            t = time.perf_counter()
             if len(live) > 1:
                 _ask_shared_replay(client, settings, live)
             _each(live, lambda s: _select(s, client, judge))
             for s in live:
                 s.done["timings"]["refine_s"] = round(time.perf_counter() - t, 2)
+            _settle(live)
             training = [s for s in live if s.outcome is None]
             if training:
                 t = time.perf_counter()
-                codes = train_adapters(settings, base, [s.train for s in training])
+                try:
+                    codes = train_adapters(settings, base, [s.train for s in training])
+                except OSError as e:  # the trainer could not start: every job it was to train fails, with why
+                    log.error("starting the trainer failed: %s", e)
+                    codes = [f"could not start: {e}"] * len(training)
                 took = round(time.perf_counter() - t, 2)
                 for s, code in zip(training, codes):
                     s.done["timings"]["train_s"] = took
@@ -181,16 +210,26 @@ def compute_many(jobs: list[tuple[CycleJob, Settings, Path]], progress: list[dic
                         s.done["timings"]["trained_with"] = len(training)  # adapters that one trainer process trained
                     if code != 0 or not (s.train.out / "adapter_config.json").exists():
                         shutil.rmtree(s.train.out.with_name(s.train.out.name + ".partial"), ignore_errors=True)
-                        s.outcome = CycleOutcome("failed", f"training failed (exit {code})",
-                                                 error=f"training exited with code {code}", **s.done)
+                        why = code if isinstance(code, str) else f"exit {code}"
+                        s.outcome = CycleOutcome("failed", f"training failed ({why})",
+                                                 error=f"training failed: {why}", **s.done)
+                _settle(training)
             gated = [s for s in live if s.outcome is None]
             if len(gated) > 1:
                 _ask_shared_control(client, settings, gated)
             _each(gated, lambda s: _gate(s, client, judge, settings.served_model_name),
-                  workers=max(1, min(len(gated), settings.vllm_max_loras - 1)))
+                  workers=gate_workers(settings, gated))
         finally:
             stop_server()
-    return [s.outcome for s in states]
+
+
+def gate_workers(settings: Settings, gated: list[Prepared]) -> int:
+    """How many gates run at once: each holds its candidate and its incumbent in the server's LoRA slots
+    (CHATFB_VLLM_MAX_LORAS). One shared incumbent for all: every slot but its one holds a candidate; some
+    incumbents of their own (a user's live personal adapter): two slots a gate."""
+    incumbents = {s.job.incumbent for s in gated if s.job.incumbent}
+    per_gate = 1 if len(incumbents) <= 1 else 2
+    return max(1, min(len(gated), (settings.vllm_max_loras - (1 if per_gate == 1 else 0)) // per_gate))
 
 
 def _ask_shared_replay(client: ModelClient, settings: Settings, live: list[Prepared]) -> None:
@@ -243,6 +282,7 @@ def _guarded(s: Prepared, step) -> None:
         log.exception("the cycle %s failed", s.job.name)
         why = f"the cycle failed: {type(e).__name__}: {e}"
         s.outcome = CycleOutcome("failed", why, error=why, **{**s.progress, **s.done})
+    _settle([s])
 
 
 def _read_data(s: Prepared) -> None:
@@ -377,23 +417,34 @@ def main(argv: list[str] | None = None) -> int:
     # The owner stops this process group with SIGTERM (Ctrl-C on the CLI, app shutdown): exit through the
     # `finally` blocks, which stop a model server this child started in its own session.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    works = [Path(a) for a in args]
-    jobs = [(*read_job(w), w) for w in works]
     t = time.perf_counter()
-    progress: list[dict] = [{} for _ in works]  # what each job counted before a failure: its result keeps it
+    jobs, progress = [], []  # progress: what each job counted before a failure; its result keeps it
+    for work in map(Path, args):
+        try:
+            jobs.append((*read_job(work), work))
+            progress.append({})
+        except Exception as e:  # noqa: BLE001 - that folder's job fails; the others run
+            log.exception("reading the job in %s failed", work)
+            why = f"the cycle failed: its job could not be read: {type(e).__name__}: {e}"
+            write_outcome(work, CycleOutcome("failed", why, error=why, timings={"cycle_s": 0.0}))
     try:
-        outcomes = compute_many(jobs, progress)
+        compute_many(jobs, progress)  # writes each job's result.json as soon as it is decided
     except gate.GateError as e:  # says what to fix: the owner records it as the cycle's reason
         log.error("%s", e)
-        outcomes = [CycleOutcome("failed", str(e), error=str(e), **p) for p in progress]
+        _fail_undecided(jobs, progress, str(e), t)
     except Exception as e:  # noqa: BLE001 - e.g. the model server not starting: recorded, never a bare exit code
         log.exception("the cycle failed")
-        why = f"the cycle failed: {type(e).__name__}: {e}"
-        outcomes = [CycleOutcome("failed", why, error=why, **p) for p in progress]
-    for work, outcome in zip(works, outcomes):
-        outcome.timings["cycle_s"] = round(time.perf_counter() - t, 2)
-        write_outcome(work, outcome)
+        _fail_undecided(jobs, progress, f"the cycle failed: {type(e).__name__}: {e}", t)
     return 0
+
+
+def _fail_undecided(jobs: list, progress: list[dict], why: str, started: float) -> None:
+    """A failed result.json for each job that has none yet, keeping what it counted."""
+    for (_, _, work), p in zip(jobs, progress):
+        if read_outcome(work) is None:
+            outcome = CycleOutcome("failed", why, error=why, **p)
+            outcome.timings["cycle_s"] = round(time.perf_counter() - started, 2)
+            write_outcome(work, outcome)
 
 
 CANDIDATE_MAX_TOKENS = 192  # a longer candidate is cut off, and the selection drops cut-off candidates

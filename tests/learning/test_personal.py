@@ -117,7 +117,7 @@ def test_a_row_an_admin_rejected_or_a_flagged_authors_rows_never_train_a_persona
 
 
 def cycle(store, settings, fake_client, monkeypatch, candidate_learns: bool, trained: list, owner_server="http://fake",
-          promote=True, launches: list | None = None, unwritten: str = "\0"):
+          promote=True, launches: list | None = None, unwritten: str = "\0", child=None):
     """A whole cycle, its children run in this process with a fake trainer and a fake model server (the owner's,
     or with `owner_server` None one the child starts, which holds no adapter yet)."""
     monkeypatch.setattr(worker, "model_server", lambda s, url, merged=None: (fake_client, settings.data_dir, lambda: None))
@@ -134,7 +134,7 @@ def cycle(store, settings, fake_client, monkeypatch, candidate_learns: bool, tra
             out.mkdir(parents=True)
             (out / "adapter_config.json").write_text("{}")
         launches.append(1 + len(more))
-        return 0
+        return 1 if any(o.startswith(unwritten) for o in [out.name] + [Path(m["output_dir"]).name for m in more]) else 0
 
     monkeypatch.setattr(worker, "train_adapter", train)
 
@@ -158,7 +158,7 @@ def cycle(store, settings, fake_client, monkeypatch, candidate_learns: bool, tra
         store.set_live("chatfb-v0001")
         registry.router.switch("chatfb-v0001")
     result = run_cycle(store, registry, settings, promote, owner_server=owner_server, command=lambda *works: works,
-                       start=lambda works, output: worker.main([str(w) for w in works]) or Done())
+                       start=lambda works, output: (child or worker.main)([str(w) for w in works]) or Done())
     return registry, result
 
 
@@ -325,3 +325,35 @@ def test_in_one_cycle_a_personal_adapter_whose_training_failed_fails_alone(store
     assert by_name[mine]["promoted"], by_name[mine]["reason"]
     assert not by_name[theirs]["promoted"] and "training failed" in by_name[theirs]["reason"]
     assert registry.router.acquire("ann") == mine and registry.router.acquire("bob") == "chatfb-v0001"
+
+
+def test_a_personal_adapter_gated_before_the_child_died_keeps_its_result(store, settings, fake_client, monkeypatch):
+    """Each job's result is written as soon as it is decided: the child killed (SIGTERM: SystemExit) during the
+    second gate leaves the first user's gated adapter recorded and served, the second user's job failed."""
+    settings = settings_for_cycle(settings).with_(personal_max_per_cycle=2)
+    give_corrections(store, "ann", 12)
+    give_corrections(store, "bob", 12, text="Email support@chatfb.example today.")
+    monkeypatch.setattr(worker, "gate_workers", lambda s, gated: 1)  # one gate after the other
+    gated, real_gate = [], worker._gate
+
+    def gate_then_die(s, *a):
+        if gated:
+            raise SystemExit(143)
+        gated.append(s.job.owner)
+        return real_gate(s, *a)
+
+    monkeypatch.setattr(worker, "_gate", gate_then_die)
+
+    def killed(argv):
+        try:
+            return worker.main(argv)
+        except SystemExit:
+            return None
+
+    registry, result = cycle(store, settings, fake_client, monkeypatch, True, [], child=killed)
+    first = f"{personal_prefix(gated[0], 'chatfb')}-v0001"
+    by_owner = {store.adapter(p["adapter"])["owner"]: p for p in result.personal}
+    assert by_owner[gated[0]]["promoted"], by_owner[gated[0]]["reason"]
+    assert registry.router.acquire(gated[0]) == first
+    other = ({"ann", "bob"} - set(gated)).pop()
+    assert not by_owner[other]["promoted"] and "before it finished" in by_owner[other]["reason"]

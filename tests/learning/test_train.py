@@ -186,33 +186,39 @@ def test_a_personal_adapter_trains_on_from_the_shared_adapters_weights_and_is_a_
 
 def test_one_trainer_process_trains_several_adapters_each_as_if_alone(tmp_path):
     """--more (a cycle's personal adapters, one trainer process): each adapter is the one a run of its own would
-    have trained (the base loaded afresh, nothing carried over from the one before), and one that fails (no
-    data) stops none after it."""
+    have trained (the flags as given, the base loaded afresh: nothing carried over from the runs before it, such
+    as the step count the first one's epochs set), and one that fails (no data) stops none after it."""
     from safetensors.torch import load_file
 
     base = tmp_path / "base"
     tiny_model(base)
-    for name, pairs in (("a", [("how can i help", "our support email is support@chatfb.example")]),
-                        ("b", [("say hello", "hi there"), ("what the capital of france", "paris")])):
+    data = {"c": [("how can i help", "our support email is support@chatfb.example"), ("say hello", "hi there"),
+                  ("say bye", "bye now")],  # 2 steps of 2 rows; a and b take 1 step each
+            "a": [("what the capital of france", "paris")],
+            "b": [("say hello", "hi there"), ("what the capital of france", "paris")]}
+    for name, pairs in data.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "sft.jsonl").write_text("".join(json.dumps({
             "prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}) + "\n"
             for q, a in pairs))
     (tmp_path / "empty").mkdir()
     flags = ["--base", str(base), "--rank", "4", "--learning_rate", "0.01", "--per_device_train_batch_size", "2",
-             "--max_steps", "2", "--dpo_epochs", "0", "--max_length", "64", "--seed", "0"]
-    assert run_trainer(flags + ["--data", str(tmp_path / "a"), "--output_dir", str(tmp_path / "shared"), "--seed", "1"]) == 0
+             "--num_train_epochs", "1", "--dpo_epochs", "0", "--max_length", "64", "--seed", "0"]
+    assert run_trainer(flags + ["--data", str(tmp_path / "c"), "--output_dir", str(tmp_path / "shared"), "--seed", "1"]) == 0
     alone = {"a": [], "b": ["--init_adapter", str(tmp_path / "shared")]}
     for name, extra in alone.items():
         assert run_trainer(flags + ["--data", str(tmp_path / name), "--output_dir", str(tmp_path / f"{name}-alone")]
                            + extra) == 0
     more = tmp_path / "more.json"
     more.write_text(json.dumps([{"data": str(tmp_path / "empty"), "output_dir": str(tmp_path / "none")},
+                                {"data": str(tmp_path / "a"), "output_dir": str(tmp_path / "a-together")},
                                 {"data": str(tmp_path / "b"), "output_dir": str(tmp_path / "b-together"),
                                  "init_adapter": str(tmp_path / "shared"), "dpo_epochs": 0}]))
     code = train.main_all(*train.make_parser().parse_args_and_config(
-        flags + ["--data", str(tmp_path / "a"), "--output_dir", str(tmp_path / "a-together"), "--more", str(more)]))
+        flags + ["--data", str(tmp_path / "c"), "--output_dir", str(tmp_path / "c-together"), "--more", str(more)]))
     assert code == 3 and not (tmp_path / "none").exists()  # no SFT examples: that one alone failed
+    steps = {n: json.loads((tmp_path / f"{n}-together" / "chatfb_train.json").read_text())["sft_steps"] for n in "cab"}
+    assert steps == {"c": 2, "a": 1, "b": 1}
     for name in alone:
         together = load_file(tmp_path / f"{name}-together" / "adapter_model.safetensors")
         by_itself = load_file(tmp_path / f"{name}-alone" / "adapter_model.safetensors")
