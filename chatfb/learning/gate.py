@@ -75,6 +75,40 @@ def is_right(answer: str, accepted: tuple[str, ...], need: int = 1) -> bool:
     return sum(a in words for a in accepted) >= need
 
 
+CONFIRM_ASKS = 2  # more greedy answers, from each model, to a control question the candidate seems to have lost
+
+
+def confirm_lost(client: ModelClient, settings: Settings, lost: list[str], candidate: str, incumbent: str,
+                 candidate_answers: list[str], incumbent_answers: list[str]) -> tuple[list[str], list[str]]:
+    """(lost, lost by chance): of the control questions the candidate answered wrong where the incumbent answered
+    right, those that stay so when both are asked CONFIRM_ASKS more times (the candidate wrong, and the incumbent
+    right, in most of their answers), and those that do not. Greedy answers on a vLLM server are not the same in
+    every batch: the same base model answered 8, 10 and 12 of these 16 questions right in three cycles of one
+    benchmark (bench/results/personal_cost_1207), so one answer flipped is not yet forgetting."""
+    if not lost:
+        return [], []
+    from concurrent.futures import ThreadPoolExecutor
+
+    messages = dict(zip(CONTROL_PROMPTS, control_messages(settings.system_prompt)))
+    first = {(m, q): a for m, answers in ((candidate, candidate_answers), (incumbent, incumbent_answers))
+             for q, a in zip(CONTROL_PROMPTS, answers)}
+    jobs = [(m, q) for q in lost for m in (candidate, incumbent) for _ in range(CONFIRM_ASKS)]
+    with ThreadPoolExecutor(min(16, len(jobs))) as pool:
+        again = list(pool.map(lambda job: client.complete(messages[job[1]], job[0], max_tokens=CONTROL_MAX_TOKENS,
+                                                          temperature=0.0)[0], jobs))
+    answers: dict = {}
+    for (m, q), a in zip(jobs, again):
+        answers.setdefault((m, q), [first[m, q]]).append(a)
+    accepted = {q: (words, need) for q, words, need in CONTROL_ANSWERS}
+
+    def mostly_right(m: str, q: str) -> bool:
+        votes = [is_right(a, *accepted[q]) for a in answers[m, q]]
+        return sum(votes) * 2 > len(votes)
+
+    kept = [q for q in lost if not mostly_right(candidate, q) and mostly_right(incumbent, q)]
+    return kept, [q for q in lost if q not in kept]
+
+
 def known_answer_report(replies: list[str], base_replies: list[str],
                         incumbent_replies: list[str] | None = None) -> dict:
     """Right control answers of the candidate, of the base model and of the incumbent, and the questions the
@@ -294,6 +328,7 @@ class GateReport:
     control_right_base: float | None = None
     control_right_incumbent: float | None = None  # the same for the incumbent (the base model's when it is the base)
     control_lost: list = field(default_factory=list)  # control questions the incumbent answers right, the candidate wrong
+    control_lost_by_chance: list = field(default_factory=list)  # such questions that asking again did not confirm
     control_samples: list = field(default_factory=list)  # the answers furthest from the base model's
     decision: str = ""  # the gate's reason, promoted or not
 
@@ -329,6 +364,7 @@ class GateReport:
                 ("control answers right", self.control_right), ("control answers right, base", self.control_right_base),
                 ("control answers right, incumbent", self.control_right_incumbent),
                 ("control answers turned wrong", len(self.control_lost)),
+                ("control answers wrong once, right when asked again", len(self.control_lost_by_chance)),
                 ("decision", self.decision)]
 
 
@@ -401,6 +437,9 @@ def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incu
     inc_control = controls[incumbent] if incumbent else None
     reference = inc_control or base_control
     report = control_report(cand_control, reference)
+    known = known_answer_report(cand_control, base_control, inc_control)
+    known["control_lost"], known["control_lost_by_chance"] = confirm_lost(
+        client, settings, known["control_lost"], candidate, incumbent or base_name, cand_control, reference)
     return GateReport(
         incumbent=incumbent or "base", candidate_rougeL=cand["rougeL"], candidate_bleu=cand["bleu"],
         incumbent_rougeL=inc["rougeL"], incumbent_bleu=inc["bleu"], heldout_n=cand["n"],
@@ -408,8 +447,7 @@ def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incu
         candidate_critique_pass=cand["critique_pass"], incumbent_critique_pass=inc["critique_pass"],
         heldout_critiques_n=len(critique_items), guideline_follow=cand["follow"], guideline_follow_incumbent=inc["follow"],
         guideline_follow_on={gid: on for gid, (_, _, on) in guidelines.items()}, **report,
-        **known_answer_report(cand_control, base_control, inc_control),
-        control_rougeL=control_rouge(cand_control, reference),
+        **known, control_rougeL=control_rouge(cand_control, reference),
         # the three answers furthest from the incumbent's, so a reviewer sees what drifted
         control_samples=[{"prompt": q, "cosine": round(c, 4), "incumbent": b[:200], "candidate": a[:200]}
                          for c, q, b, a in sorted(zip(report["control_cosines"],

@@ -417,6 +417,38 @@ def test_the_gate_fails_a_candidate_that_turns_a_right_control_answer_wrong(monk
     assert gate.known_answer_report(cand, base)["control_lost"] == []
 
 
+def test_a_known_answer_wrong_once_and_right_when_asked_again_is_not_lost(monkeypatch, settings, tmp_path):
+    """Greedy answers on a vLLM server depend on the batch they ran in: the same base model answered 8, 10 and 12 of
+    the 16 control questions right in three cycles of one benchmark. A candidate wrong once on a question, and right
+    when asked again, has not forgotten it; one wrong every time has (and so has one the incumbent answers right
+    every time while it does not)."""
+    right = {q: f"It is {' and '.join(accepted[:need])}." for q, accepted, need in gate.CONTROL_ANSWERS}
+    critiques = [FeedbackRecord(f"h{i}", f"m{i}", "critique", None, RULE, None, None,
+                                [{"role": "user", "content": f"Support question {i}?"}], "Use the form.") for i in range(3)]
+    data = td.TrainingData(heldout_critiques=critiques)
+    flaky, forgotten = "Which planet is known as the Red Planet?", "What is 12 plus 7?"
+    asked, lock = {}, threading.Lock()
+
+    def cand(q):
+        with lock:  # the gate asks from many threads at once
+            asked[q] = asked.get(q, 0) + 1
+        if "Support" in q:
+            return "Email support@chatfb.example."
+        if q == forgotten or (q == flaky and asked[q] == 1):  # the flaky one: wrong the first time only
+            return "It is Venus." if q == flaky else "It is 21."
+        return right[q]
+
+    client = ByModelClient({"cand": cand,
+                            "chatfb-base": lambda q: "Use the contact form." if "Support" in q else right[q]})
+    monkeypatch.setattr(gate, "passes_selection", lambda c, m, p, i, answer, original=None: "support@" in answer)
+    m = evaluate(client, settings, data, "cand", None, "chatfb-base", tmp_path)
+    assert m.control_lost == [forgotten] and m.control_lost_by_chance == [flaky]
+    assert asked[flaky] == 1 + gate.CONFIRM_ASKS and asked["What is the capital of France?"] == 1  # only the lost asked again
+    ok, why = m.decide()
+    assert not ok and forgotten in why and flaky not in why, why
+    assert gate.GateReport.from_dict(m.as_dict()) == m
+
+
 def test_known_answers_are_words_not_substrings():
     assert gate.is_right("There are 7 days in a week.", ("7", "seven"))
     assert not gate.is_right("There are 17 days.", ("7", "seven"))
