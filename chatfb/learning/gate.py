@@ -83,8 +83,8 @@ def confirm_lost(client: ModelClient, settings: Settings, lost: list[str], candi
     """(lost, lost by chance): of the control questions the candidate answered wrong where the incumbent answered
     right, those that stay so when both are asked CONFIRM_ASKS more times (the candidate wrong, and the incumbent
     right, in most of their answers), and those that do not. Greedy answers on a vLLM server are not the same in
-    every batch: the same base model answered 8, 10 and 12 of these 16 questions right in three cycles of one
-    benchmark (bench/results/personal_cost_1207), so one answer flipped is not yet forgetting."""
+    every batch: the same base model answered between 8 and 14 of these 16 questions right in ten cycles on one
+    server (bench/results/personal_cost_1207), so one answer flipped is not yet forgetting."""
     if not lost:
         return [], []
     from concurrent.futures import ThreadPoolExecutor
@@ -92,13 +92,18 @@ def confirm_lost(client: ModelClient, settings: Settings, lost: list[str], candi
     messages = dict(zip(CONTROL_PROMPTS, control_messages(settings.system_prompt)))
     first = {(m, q): a for m, answers in ((candidate, candidate_answers), (incumbent, incumbent_answers))
              for q, a in zip(CONTROL_PROMPTS, answers)}
-    jobs = [(m, q) for q in lost for m in (candidate, incumbent) for _ in range(CONFIRM_ASKS)]
-    with ThreadPoolExecutor(min(16, len(jobs))) as pool:
-        again = list(pool.map(lambda job: client.complete(messages[job[1]], job[0], max_tokens=CONTROL_MAX_TOKENS,
-                                                          temperature=0.0)[0], jobs))
-    answers: dict = {}
-    for (m, q), a in zip(jobs, again):
-        answers.setdefault((m, q), [first[m, q]]).append(a)
+    jobs = [(m, q) for q in lost for m in (candidate, incumbent)]
+
+    def ask(job):
+        return client.complete(messages[job[1]], job[0], max_tokens=CONTROL_MAX_TOKENS, temperature=0.0)[0]
+
+    # each round in another batch (an identical request in the same batch gets the same answer): first all of them
+    # at once, then (CONFIRM_ASKS 2) one at a time
+    answers = {job: [first[job]] for job in jobs}
+    for round_ in range(CONFIRM_ASKS):
+        with ThreadPoolExecutor(min(16, len(jobs)) if round_ == 0 else 1) as pool:
+            for job, a in zip(jobs, pool.map(ask, jobs)):
+                answers[job].append(a)
     accepted = {q: (words, need) for q, words, need in CONTROL_ANSWERS}
 
     def mostly_right(m: str, q: str) -> bool:
@@ -342,13 +347,17 @@ class GateReport:
         return cls(**{k: v for k, v in (metrics or {}).items() if k in names})
 
     def decide(self, policy: GatePolicy | None = None) -> tuple[bool, str]:
-        return decide({"rougeL": self.candidate_rougeL, "exact": self.candidate_exact,
-                       "critique_pass": self.candidate_critique_pass,
-                       "control_agreement": self.control_agreement, "control_collapsed": self.control_collapsed,
-                       "control_right": self.control_right, "control_lost": self.control_lost},
-                      {"rougeL": self.incumbent_rougeL, "exact": self.incumbent_exact,
-                       "critique_pass": self.incumbent_critique_pass},
-                      policy or GatePolicy())
+        ok, why = decide({"rougeL": self.candidate_rougeL, "exact": self.candidate_exact,
+                          "critique_pass": self.candidate_critique_pass,
+                          "control_agreement": self.control_agreement, "control_collapsed": self.control_collapsed,
+                          "control_right": self.control_right, "control_lost": self.control_lost},
+                         {"rougeL": self.incumbent_rougeL, "exact": self.incumbent_exact,
+                          "critique_pass": self.incumbent_critique_pass},
+                         policy or GatePolicy())
+        if self.control_lost_by_chance:  # said wherever the decision is shown, so nobody has to read the metrics
+            why += (f"; {len(self.control_lost_by_chance)} known answer(s) turned wrong once, not confirmed when "
+                    f"asked again ({'; '.join(self.control_lost_by_chance[:3])})")
+        return ok, why
 
     def card_rows(self) -> list[tuple[str, object]]:
         """(label, value) for a model card or a listing: the measures that decided, beside the incumbent."""
@@ -364,7 +373,7 @@ class GateReport:
                 ("control answers right", self.control_right), ("control answers right, base", self.control_right_base),
                 ("control answers right, incumbent", self.control_right_incumbent),
                 ("control answers turned wrong", len(self.control_lost)),
-                ("control answers wrong once, right when asked again", len(self.control_lost_by_chance)),
+                ("control answers turned wrong, not confirmed when asked again", len(self.control_lost_by_chance)),
                 ("decision", self.decision)]
 
 

@@ -418,8 +418,8 @@ def test_the_gate_fails_a_candidate_that_turns_a_right_control_answer_wrong(monk
 
 
 def test_a_known_answer_wrong_once_and_right_when_asked_again_is_not_lost(monkeypatch, settings, tmp_path):
-    """Greedy answers on a vLLM server depend on the batch they ran in: the same base model answered 8, 10 and 12 of
-    the 16 control questions right in three cycles of one benchmark. A candidate wrong once on a question, and right
+    """Greedy answers on a vLLM server depend on the batch they ran in: the same base model answered between 8 and 14
+    of the 16 control questions right in ten cycles on one server. A candidate wrong once on a question, and right
     when asked again, has not forgotten it; one wrong every time has (and so has one the incumbent answers right
     every time while it does not)."""
     right = {q: f"It is {' and '.join(accepted[:need])}." for q, accepted, need in gate.CONTROL_ANSWERS}
@@ -445,8 +445,38 @@ def test_a_known_answer_wrong_once_and_right_when_asked_again_is_not_lost(monkey
     assert m.control_lost == [forgotten] and m.control_lost_by_chance == [flaky]
     assert asked[flaky] == 1 + gate.CONFIRM_ASKS and asked["What is the capital of France?"] == 1  # only the lost asked again
     ok, why = m.decide()
-    assert not ok and forgotten in why and flaky not in why, why
+    refused, aside = why.split("; ", 1)
+    assert not ok and forgotten in refused and flaky not in refused and flaky in aside, why
     assert gate.GateReport.from_dict(m.as_dict()) == m
+
+
+def test_a_known_answer_the_incumbent_itself_does_not_keep_is_not_the_candidates_loss(monkeypatch, settings, tmp_path):
+    """Asked again, the incumbent votes too: a question it answered right once and wrong after is not one it knows,
+    so the candidate wrong on it lost nothing; one it answers right every time, the candidate wrong every time, is
+    lost."""
+    right = {q: f"It is {' and '.join(accepted[:need])}." for q, accepted, need in gate.CONTROL_ANSWERS}
+    critiques = [FeedbackRecord(f"h{i}", f"m{i}", "critique", None, RULE, None, None,
+                                [{"role": "user", "content": f"Support question {i}?"}], "Use the form.") for i in range(3)]
+    data = td.TrainingData(heldout_critiques=critiques)
+    unsure, forgotten = "Which planet is known as the Red Planet?", "What is 12 plus 7?"
+    asked, lock = {}, threading.Lock()
+
+    def incumbent(q):
+        with lock:
+            asked[q] = asked.get(q, 0) + 1
+        if "Support" in q:
+            return "Use the contact form."
+        return "It is Venus." if q == unsure and asked[q] > 1 else right[q]  # right the first time only
+
+    client = ByModelClient({
+        "cand": lambda q: "Email support@chatfb.example." if "Support" in q else (
+            "It is Venus." if q == unsure else "It is 21." if q == forgotten else right[q]),
+        "inc": incumbent, "chatfb-base": lambda q: "Use the contact form." if "Support" in q else right[q]})
+    monkeypatch.setattr(gate, "passes_selection", lambda c, m, p, i, answer, original=None: "support@" in answer)
+    m = evaluate(client, settings, data, "cand", "inc", "chatfb-base", tmp_path)
+    assert m.control_lost == [forgotten] and m.control_lost_by_chance == [unsure]
+    ok, why = m.decide(gate.GatePolicy(max_control_lost=1))
+    assert ok and "not confirmed when asked again" in why and unsure in why, why
 
 
 def test_known_answers_are_words_not_substrings():
