@@ -135,18 +135,13 @@ class Prepared:
     written: bool = False  # its result.json is written (`_settle`)
 
 
-def compute(job: CycleJob, settings: Settings, work: Path, progress: dict | None = None) -> CycleOutcome:
-    """Refine, replay, train and evaluate; the adapter goes to adapters/<job.name>/. `progress` gets what the
-    cycle has counted and timed so far (CycleOutcome fields), so a failure later on still reports it."""
-    return compute_many([(job, settings, work)], [progress if progress is not None else {}])[0]
-
-
 def compute_many(jobs: list[tuple[CycleJob, Settings, Path]], progress: list[dict]) -> list[CycleOutcome]:
-    """`compute` for several jobs that share a model server (a cycle's personal adapters), phase by phase: each
-    job's data and candidates (all jobs' requests at once: vLLM batches them), then every adapter in one trainer
-    process, then the gates, several at once (at most CHATFB_VLLM_MAX_LORAS - 1, so the candidates and the shared
-    adapter they are compared with fit the server's LoRA slots). A job's failure is its own: the others go on.
-    An error no job can survive (the model server not starting) is raised."""
+    """Refine, replay, train and evaluate each job (its adapter goes to adapters/<job.name>/; `progress` gets what
+    it counted so far, so a failure later on still reports it). Several jobs (a cycle's personal adapters) share a
+    model server, phase by phase: each job's data and candidates (all jobs' requests at once: vLLM batches them),
+    then every adapter in one trainer process, then the gates, several at once (as many as the server's LoRA slots
+    hold: `gate_workers`). A job's failure is its own: the others go on. An error no job can survive (the model
+    server not starting) is raised."""
     gate.require_embeddings()  # before hours of work the gate could not judge
     states = [Prepared(job, settings, work, p) for (job, settings, work), p in zip(jobs, progress)]
     try:

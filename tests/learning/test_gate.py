@@ -392,13 +392,18 @@ def test_the_gate_judges_held_out_critiques_and_guidelines_by_the_selection_not_
     assert gate.GateReport.from_dict(m.as_dict()) == m  # what the adapter row stores reads back the same
 
 
-def test_the_gate_fails_a_candidate_that_turns_a_right_control_answer_wrong(monkeypatch, settings, tmp_path):
-    """Issue 23: known answers, not the recipe's own data, and not the cosine: '12 plus 7 is 21' is close to
-    '12 plus 7 is 19' in meaning, and wrong."""
+def known_answers_and_heldout_critiques():
+    """Every control question's right answer, and three held-out support critiques to gate on."""
     right = {q: f"It is {' and '.join(accepted[:need])}." for q, accepted, need in gate.CONTROL_ANSWERS}
     critiques = [FeedbackRecord(f"h{i}", f"m{i}", "critique", None, RULE, None, None,
                                 [{"role": "user", "content": f"Support question {i}?"}], "Use the form.") for i in range(3)]
-    data = td.TrainingData(heldout_critiques=critiques)
+    return right, td.TrainingData(heldout_critiques=critiques)
+
+
+def test_the_gate_fails_a_candidate_that_turns_a_right_control_answer_wrong(monkeypatch, settings, tmp_path):
+    """Issue 23: known answers, not the recipe's own data, and not the cosine: '12 plus 7 is 21' is close to
+    '12 plus 7 is 19' in meaning, and wrong."""
+    right, data = known_answers_and_heldout_critiques()
     wrong_q = "What is 12 plus 7?"
     client = ByModelClient({
         "cand": lambda q: "Email support@chatfb.example." if "Support" in q else ("It is 21." if q == wrong_q else right[q]),
@@ -422,10 +427,7 @@ def test_a_known_answer_wrong_once_and_right_when_asked_again_is_not_lost(monkey
     of the 16 control questions right in ten cycles on one server. A candidate wrong once on a question, and right
     when asked again, has not forgotten it; one wrong every time has (and so has one the incumbent answers right
     every time while it does not)."""
-    right = {q: f"It is {' and '.join(accepted[:need])}." for q, accepted, need in gate.CONTROL_ANSWERS}
-    critiques = [FeedbackRecord(f"h{i}", f"m{i}", "critique", None, RULE, None, None,
-                                [{"role": "user", "content": f"Support question {i}?"}], "Use the form.") for i in range(3)]
-    data = td.TrainingData(heldout_critiques=critiques)
+    right, data = known_answers_and_heldout_critiques()
     flaky, forgotten = "Which planet is known as the Red Planet?", "What is 12 plus 7?"
     asked, lock = {}, threading.Lock()
 
@@ -454,10 +456,7 @@ def test_a_known_answer_the_incumbent_itself_does_not_keep_is_not_the_candidates
     """Asked again, the incumbent votes too: a question it answered right once and wrong after is not one it knows,
     so the candidate wrong on it lost nothing; one it answers right every time, the candidate wrong every time, is
     lost."""
-    right = {q: f"It is {' and '.join(accepted[:need])}." for q, accepted, need in gate.CONTROL_ANSWERS}
-    critiques = [FeedbackRecord(f"h{i}", f"m{i}", "critique", None, RULE, None, None,
-                                [{"role": "user", "content": f"Support question {i}?"}], "Use the form.") for i in range(3)]
-    data = td.TrainingData(heldout_critiques=critiques)
+    right, data = known_answers_and_heldout_critiques()
     unsure, forgotten = "Which planet is known as the Red Planet?", "What is 12 plus 7?"
     asked, lock = {}, threading.Lock()
 
@@ -513,10 +512,7 @@ def test_known_answers_lost_are_counted_against_the_incumbent_not_the_base_model
     """A personal adapter trains on from the live shared one: answers the shared adapter already gives differently
     from the base model are not the personal candidate's loss; only what the incumbent had right and the candidate
     turned wrong counts (the integration run refused such a candidate for 4 answers the shared adapter had lost)."""
-    right = {q: f"It is {' and '.join(accepted[:need])}." for q, accepted, need in gate.CONTROL_ANSWERS}
-    critiques = [FeedbackRecord(f"h{i}", f"m{i}", "critique", None, RULE, None, None,
-                                [{"role": "user", "content": f"Support question {i}?"}], "Use the form.") for i in range(3)]
-    data = td.TrainingData(heldout_critiques=critiques)
+    right, data = known_answers_and_heldout_critiques()
     shared_lost = list(gate.CONTROL_PROMPTS[:4])  # wrong in the shared adapter already
     turned = gate.CONTROL_PROMPTS[5]  # right in the shared adapter, wrong in the candidate
     shared = lambda q: "Use the contact form." if "Support" in q else ("No idea." if q in shared_lost else right[q])  # noqa: E731
