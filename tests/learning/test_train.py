@@ -230,3 +230,39 @@ def torch_close(a, b) -> bool:
     import torch
 
     return bool(torch.allclose(a, b, atol=1e-6))
+
+
+def test_rows_laid_end_to_end_give_the_loss_of_a_padded_batch(tmp_path):
+    """The trainer's SFT batches lay their rows end to end (train.end_to_end_collator: no padding to the longest
+    row). That is only the same training while the model keeps each row's attention to itself and the first token
+    of a row is not predicted from the row before it: the loss of rows of different lengths, laid end to end, must
+    be the padded batch's (the model as TRL's SFT calls it: no cache)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    tiny_model(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    args = train.make_parser().parse_args_and_config(["--data", "d", "--base", "b", "--output_dir", "o"])[1]
+    rows = []
+    for prompt, answer in [("say hello", "hi there how can i help"), ("what the capital of france", "paris"),
+                           ("how can i help", "our support email is support@chatfb.example please say ok")]:
+        p = tokenizer(f"<user> {prompt} <eos> <assistant> ")["input_ids"]
+        a = tokenizer(f"{answer} <eos>")["input_ids"]
+        rows.append({"input_ids": p + a, "labels": [-100] * len(p) + a})
+    packed = train.end_to_end_collator(tokenizer, args)(rows)
+    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(rows)
+    assert packed["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))  # no padding
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]]), use_cache=False)
+                 for r in rows]
+        together, batch = (model(**b, use_cache=False).loss for b in (packed, padded))
+    assert torch.allclose(together, batch, atol=1e-5), (together, batch)
+    tokens = [sum(x != -100 for x in r["labels"][1:]) for r in rows]  # the tokens each row's loss averages over
+    mean = sum(float(o.loss) * n for o, n in zip(alone, tokens)) / sum(tokens)
+    assert abs(float(together) - mean) < 1e-5
+    # flags that ask TRL for packing or padding-free keep TRL's own collator
+    packing = train.make_parser().parse_args_and_config(["--data", "d", "--base", "b", "--output_dir", "o",
+                                                         "--padding_free", "True", "--max_length", "None"])[1]
+    assert train.end_to_end_collator(tokenizer, packing) is None
