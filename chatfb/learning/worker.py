@@ -220,11 +220,13 @@ def _compute_phases(states: list[Prepared]) -> None:
 
 def gate_workers(settings: Settings, gated: list[Prepared]) -> int:
     """How many gates run at once: each holds its candidate and its incumbent in the server's LoRA slots
-    (CHATFB_VLLM_MAX_LORAS). One shared incumbent for all: every slot but its one holds a candidate; some
-    incumbents of their own (a user's live personal adapter): two slots a gate."""
+    (CHATFB_VLLM_MAX_LORAS). The base model as every incumbent (no shared adapter live yet) takes none: every slot
+    holds a candidate; one shared incumbent for all: every slot but its one; some incumbents of their own (a
+    user's live personal adapter): two slots a gate."""
     incumbents = {s.job.incumbent for s in gated if s.job.incumbent}
     per_gate = 1 if len(incumbents) <= 1 else 2
-    return max(1, min(len(gated), (settings.vllm_max_loras - (1 if per_gate == 1 else 0)) // per_gate))
+    reserved = len(incumbents) if per_gate == 1 else 0
+    return max(1, min(len(gated), (settings.vllm_max_loras - reserved) // per_gate))
 
 
 def _ask_shared_replay(client: ModelClient, settings: Settings, live: list[Prepared]) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from chatfb.app.admin import AdminService
 from chatfb.app.chat_service import ChatService
+from chatfb.config import Settings
 from chatfb.learning import worker
 from chatfb.learning.cycle import personal_owners, run_cycle
 from chatfb.serving.adapters import AdapterRegistry, AdapterRouter, model_label, personal_prefix
@@ -357,3 +358,21 @@ def test_a_personal_adapter_gated_before_the_child_died_keeps_its_result(store, 
     assert registry.router.acquire(gated[0]) == first
     other = ({"ann", "bob"} - set(gated)).pop()
     assert not by_owner[other]["promoted"] and "before it finished" in by_owner[other]["reason"]
+
+
+def test_gates_at_once_fill_the_lora_slots_their_incumbents_leave():
+    """Gates side by side each hold their candidate in a LoRA slot, and the incumbents they share hold theirs:
+    the base model (no shared adapter live yet) holds none, so all four slots gate; one shared adapter leaves three;
+    users' own live adapters take a slot each beside their candidate."""
+    from types import SimpleNamespace
+
+    settings = Settings(vllm_max_loras=4)
+
+    def gated(*incumbents):
+        return [SimpleNamespace(job=SimpleNamespace(incumbent=i)) for i in incumbents]
+
+    assert worker.gate_workers(settings, gated(None, None, None, None, None)) == 4
+    assert worker.gate_workers(settings, gated(None, None)) == 2
+    assert worker.gate_workers(settings, gated("shared-v1", "shared-v1", "shared-v1", "shared-v1")) == 3
+    assert worker.gate_workers(settings, gated("u1-v1", "u2-v1", "shared-v1", "u3-v1")) == 2
+    assert worker.gate_workers(Settings(vllm_max_loras=1), gated("shared-v1", "shared-v1")) == 1
