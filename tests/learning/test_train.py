@@ -232,7 +232,8 @@ def torch_close(a, b) -> bool:
     return bool(torch.allclose(a, b, atol=1e-6))
 
 
-def test_rows_laid_end_to_end_give_the_loss_of_a_padded_batch(tmp_path):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_rows_laid_end_to_end_give_the_loss_of_a_padded_batch(tmp_path, attention):
     """The trainer's SFT batches lay their rows end to end (train.end_to_end_collator: no padding to the longest
     row). That is only the same training while the model keeps each row's attention to itself and the first token
     of a row is not predicted from the row before it: the loss of rows of different lengths, laid end to end, must
@@ -243,7 +244,7 @@ def test_rows_laid_end_to_end_give_the_loss_of_a_padded_batch(tmp_path):
 
     tiny_model(tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=attention).eval()
     args = train.make_parser().parse_args_and_config(["--data", "d", "--base", "b", "--output_dir", "o"])[1]
     rows = []
     for prompt, answer in [("say hello", "hi there how can i help"), ("what the capital of france", "paris"),
@@ -251,7 +252,9 @@ def test_rows_laid_end_to_end_give_the_loss_of_a_padded_batch(tmp_path):
         p = tokenizer(f"<user> {prompt} <eos> <assistant> ")["input_ids"]
         a = tokenizer(f"{answer} <eos>")["input_ids"]
         rows.append({"input_ids": p + a, "labels": [-100] * len(p) + a})
-    packed = train.end_to_end_collator(tokenizer, args)(rows)
+    collator = train.end_to_end_collator(tokenizer, args, model)
+    assert collator is not None and not model.training  # the model was asked, and left as it was
+    packed = collator(rows)
     padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(rows)
     assert packed["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))  # no padding
     with torch.no_grad():
@@ -262,7 +265,24 @@ def test_rows_laid_end_to_end_give_the_loss_of_a_padded_batch(tmp_path):
     tokens = [sum(x != -100 for x in r["labels"][1:]) for r in rows]  # the tokens each row's loss averages over
     mean = sum(float(o.loss) * n for o, n in zip(alone, tokens)) / sum(tokens)
     assert abs(float(together) - mean) < 1e-5
-    # flags that ask TRL for packing or padding-free keep TRL's own collator
-    packing = train.make_parser().parse_args_and_config(["--data", "d", "--base", "b", "--output_dir", "o",
-                                                         "--padding_free", "True", "--max_length", "None"])[1]
-    assert train.end_to_end_collator(tokenizer, packing) is None
+    # flags that ask TRL for padding-free or packing themselves keep TRL's own collator
+    for flags in (["--padding_free", "True", "--max_length", "None"], ["--packing", "True"]):
+        asked = train.make_parser().parse_args_and_config(["--data", "d", "--base", "b", "--output_dir", "o", *flags])[1]
+        assert train.end_to_end_collator(tokenizer, asked, model) is None, flags
+
+
+def test_a_model_that_mixes_rows_laid_end_to_end_trains_on_padded_batches(tmp_path, monkeypatch):
+    """Not every model a --base may name keeps rows laid end to end apart (a mask built without position ids,
+    recurrent layers): the trainer asks the model itself, and one that mixes them gets TRL's padded batches."""
+    import transformers.masking_utils
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tiny_model(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).train()
+    args = train.make_parser().parse_args_and_config(["--data", "d", "--base", "b", "--output_dir", "o"])[1]
+    assert train.keeps_rows_apart(model) and model.training  # asked in eval mode, left in training mode
+    # a model whose attention sees across rows: as if transformers did not look for rows in the position ids
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    assert not train.keeps_rows_apart(model)
+    assert train.end_to_end_collator(tokenizer, args, model) is None
