@@ -248,18 +248,55 @@ def _norm(text: str) -> str:
     return " ".join((text or "").lower().split())
 
 
-def critique_tasks(data: TrainingData, holdout_fraction: float, seed: int, limit: int) -> list[InstructionTask]:
+def critique_tasks(data: TrainingData, holdout_fraction: float, seed: int, limit: int,
+                   similar=None) -> list[InstructionTask]:
     """Split the pending critiques: held out whole (to `data.heldout_critiques`, nothing generated) or one
-    task each for the newest `limit` others (the rest counted as critiques_not_refined)."""
+    task each for `limit` others (the rest counted as critiques_not_refined), spread over what they ask
+    (`spread_over_asks`): the newest of each ask first, then the next newest of each, so one preference
+    critiqued fifty times leaves room for the others in the cycle's bound."""
     held = [r for r in data.pending_critiques if is_heldout(r.feedback_id, holdout_fraction, seed)]
     rest = sorted((r for r in data.pending_critiques if not is_heldout(r.feedback_id, holdout_fraction, seed)),
                   key=lambda r: r.created_at, reverse=True)
-    todo = rest[:max(limit, 0)]
+    todo = spread_over_asks(rest, max(limit, 0), similar) if len(rest) > limit else rest
     data.heldout_critiques = held
     data.counts.update(critiques=len(data.pending_critiques), critiques_heldout=len(held),
                        critiques_not_refined=len(rest) - len(todo))
     data.pending_critiques = []
     return [InstructionTask(r.prompt, r.text.strip(), "critique", r.feedback_id, r.message_id, r.reply, r) for r in todo]
+
+
+SPREAD_WINDOW = 8
+# Two critiques this alike (all-MiniLM-L6-v2) ask for the same thing; "Too long." and "Too short." are 0.79 apart.
+# Only the order of the bound depends on it: a critique in a group of its own is taken in the first turn.
+SAME_ASK_COSINE = 0.85
+
+
+def spread_over_asks(records: list[FeedbackRecord], limit: int, similar=None,
+                     floor: float = SAME_ASK_COSINE) -> list[FeedbackRecord]:
+    """`limit` of `records` (newest first), taken in turns from each group of critiques that ask the same
+    thing (same words, or cosine >= `floor` to the group's newest): the newest of every group, then the
+    second newest of every group, and so on; groups in the order of their newest critique. Only the newest
+    SPREAD_WINDOW x `limit` are grouped (a backlog of thousands costs no more than that)."""
+    if limit <= 0:
+        return []
+    if similar is None:
+        from chatfb.critique.similarity import cosines as similar
+    groups: list[list[FeedbackRecord]] = []
+    heads: list[str] = []  # each group's newest critique, as its text
+    for r in records[:SPREAD_WINDOW * limit]:
+        text = " ".join(re.findall(r"\w+", (r.text or "").lower()))
+        near = [i for i, h in enumerate(heads) if h == text]
+        if not near and heads:
+            near = [i for i, c in enumerate(similar(text, heads)) if c >= floor]
+        if near:
+            groups[near[0]].append(r)
+        else:
+            groups.append([r])
+            heads.append(text)
+    out: list[FeedbackRecord] = []
+    for turn in range(max((len(g) for g in groups), default=0)):
+        out += [g[turn] for g in groups if turn < len(g)][:limit - len(out)]
+    return out
 
 
 def same_kind_prompts(anchors: list[str], pool: list[list[dict]], count: int, similar=None,

@@ -1,3 +1,4 @@
+from collections import Counter
 from datetime import datetime
 
 from chatfb.learning import training_data as td
@@ -126,6 +127,29 @@ def test_critiques_are_held_out_whole_and_bounded_newest_first():
     assert min(t.record.created_at for t in tasks) >= max(sorted(r.created_at for r in rest)[:len(rest) - 10]), \
         "the bound kept an older critique over a newer one"
     assert all(t.source == "critique" and t.original == "orig" and t.instruction == "too vague" for t in tasks), tasks
+
+
+def test_the_bound_spreads_over_what_the_critiques_ask():
+    # 20 new critiques asking one thing (two wordings), then 3 older ones each of two other asks: a bound of 8
+    # takes the newest of every ask in turns, not the 8 newest (all of the first ask).
+    def similar(text, heads):  # a stand-in for the sentence embeddings: "be brief" is "too long" reworded
+        return [1.0 if {text, h} <= {"too long", "be brief"} else 0.0 for h in heads]
+
+    records = [crit(i, "Too long." if i % 2 else "Be brief!", f"question {i}?", created=28) for i in range(20)]
+    records += [crit(20 + i, "Give the support address.", f"support {i}?", created=10 + i) for i in range(3)]
+    records += [crit(30 + i, "End with 'Cheers'.", f"note {i}?", created=5 + i) for i in range(3)]
+    data = td.build(records, "unsupervised", holdout_fraction=0.0001, seed=0)
+    tasks = td.critique_tasks(data, 0.0001, 0, limit=8, similar=similar)
+    asked = Counter(t.instruction.split()[0] for t in tasks)
+    assert asked == {"Too": asked["Too"], "Be": asked["Be"], "Give": 3, "End": 2}, asked
+    assert asked["Too"] + asked["Be"] == 3, f"one ask took {asked['Too'] + asked['Be']} of 8 places"
+    assert data.counts["critiques_not_refined"] == 26 - 8
+    newest = {t.feedback_id for t in tasks if t.instruction.startswith("End")}
+    assert newest == {"c32", "c31"}, f"the older critiques of an ask went first: {newest}"
+    one_ask = [crit(i, "too vague", f"q {i}?", created=1 + i) for i in range(12)]
+    data = td.build(one_ask, "unsupervised", holdout_fraction=0.0001, seed=0)
+    assert [t.feedback_id for t in td.critique_tasks(data, 0.0001, 0, limit=4, similar=similar)] == \
+        ["c11", "c10", "c9", "c8"], "one ask alone: not the newest first"
 
 
 def test_a_lasting_preference_is_distilled_on_similar_prompts_of_other_feedback_and_replay():
