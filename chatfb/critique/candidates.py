@@ -20,7 +20,8 @@ answer's answering sentence it uses; not for a critique that states new content)
 
 Dropped, in this order: the text checks of `form_verdict` (empty, cut off, repeats the question, only
 restates its topic, repeats, quotes or copies the wording of the critique, talks about the feedback or
-the reply, leaves out what the critique states literally, a dialogue, repeated lines), off topic (cosine
+the reply, leaves out what the critique states literally, only the question and the critique said back, a
+dialogue, repeated lines), off topic (cosine
 to the question below OFF_TOPIC_COSINE, MiniLM embeddings from chatfb.critique.similarity), the content
 check against the plain answers (chatfb.critique.content: a number or name they got right lost, their
 subject or all of their content lost), far less likely than the plain answer (PLAUSIBILITY_FLOOR; not where every content
@@ -138,6 +139,17 @@ ABOUT_THE_FEEDBACK = re.compile(
     re.I)
 # A line that is only a dialogue label ("A:", "User:"): a made-up transcript, not an answer.
 DIALOGUE_LABEL = re.compile(r"^\s*(?:Q|A|User|Assistant|Question|Answer|Human|AI)\s*:\s*$", re.I | re.M)
+# A speaker's label opening a sentence or a line ("... is Ottawa. Question: Good question! Answer: Good question!"):
+# two kinds of them in one reply (a question's and an answer's, or two speakers) is a dialogue written out.
+SPEAKER = re.compile(r"(?:^|(?<=[.!?])[ \t]+)(Q|A|User|Assistant|Question|Answer|Human|AI)[ \t]*:", re.I | re.M)
+SPEAKER_KINDS = {"q": "asks", "question": "asks", "user": "asks", "human": "asks",
+                 "a": "answers", "answer": "answers", "assistant": "answers", "ai": "answers"}
+
+
+def writes_a_dialogue(text: str) -> bool:
+    """`text` writes out a dialogue: a label alone on its line, or labels of both sides opening its sentences."""
+    kinds = {SPEAKER_KINDS[m.lower()] for m in SPEAKER.findall(text)}
+    return bool(DIALOGUE_LABEL.search(text)) or len(kinds) > 1
 # A list marker and a short "Label:" at the start of a line.
 LINE_LABEL = re.compile(r"^\s*(?:[-*\u2022+]|\d+[.)])?\s*(?:[^:\n]{1,30}:\s)?")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -213,7 +225,9 @@ def form_verdict(text: str, question: str, critique: str, finish_reason: str | N
         return f"quotes the critique ({quoted!r}) instead of answering"
     if only_the_frame(text, question, critique):
         return "only the phrase the critique asks for, no answer"
-    if DIALOGUE_LABEL.search(text):
+    if not content.states_new_content(critique) and content.says_nothing_new(text, question, critique, references):
+        return "says nothing the question and the critique do not"
+    if writes_a_dialogue(text):
         return "writes a dialogue, not an answer"
     if _repeats_lines(text):
         return "repeats itself"
@@ -421,9 +435,11 @@ def held_to_format(client, messages: list[dict], model: str, critique: str, n: i
 
 
 def plain_answer(client, model: str, prompt: list[dict], max_tokens: int = 256) -> str | None:
-    """The model's greedy answer without the critique: what a candidate must keep the content of."""
-    text = client.complete(prompt, model, max_tokens=max_tokens, temperature=0.0)[0]
-    return text.strip() or None
+    """The model's greedy answer without the critique: what a candidate must keep the content of. A
+    constraints.PlainAnswer: it says whether the token limit cut it off (then only its whole sentences are framed)."""
+    text, finish_reason = client.complete_choices(prompt, model, max_tokens=max_tokens, temperature=0.0, top_p=1.0)[0]
+    text = text.strip()
+    return constraints.PlainAnswer.of(text, finish_reason == "length") if text else None
 
 
 def score(client, model: str, prompt: list[dict], critique: str, candidates: list[Candidate],
@@ -503,7 +519,11 @@ def unconfirmed_numbers(candidates: list[Candidate], question: str, critique: st
     (beyond the question's and the critique's) must share one with another independent answer of the model, a
     plain answer or another sampled candidate; else it is dropped as unconfirmed. A small model's wrong sums
     scatter ("six multiplied by seven equals 28", "1691"), its right ones repeat. Candidates made from a plain
-    answer (cut, framed) give no support of their own: theirs is that answer's."""
+    answer (cut, framed) give no support of their own: theirs is that answer's. A question whose arithmetic is
+    worked out (content.arithmetic) needs no vote: the content check already dropped every candidate that does
+    not give its result ("11 + 11 = 22" was dropped here when no other draft said 22)."""
+    if content.arithmetic(question) is not None:
+        return
     answers = [(c, content.answer_numbers(c.text, question, critique)) for c in candidates]
     pool = [(c, n) for c, n in answers if c.source not in ("cut", "framed")]
     pool += [(None, content.answer_numbers(r, question, critique)) for r in references]

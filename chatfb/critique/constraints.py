@@ -164,9 +164,35 @@ def framed(text: str, opening: str, closing: str, done: bool = True) -> str:
     return body
 
 
+class PlainAnswer(str):
+    """A plain answer's text that knows whether the token limit cut it off (chatfb.critique.candidates.plain_answer)."""
+
+    cut_off: bool = False
+
+    @classmethod
+    def of(cls, text: str, cut_off: bool) -> "PlainAnswer":
+        out = cls(text)
+        out.cut_off = cut_off
+        return out
+
+
+_LAST_SENTENCE_END = re.compile(r"[.!?][\"'’”)\]]*(?=\s|$)")
+
+
+def whole_sentences(text: str) -> str:
+    """`text` up to the end of its last complete sentence ("" when it has none): what a reply the token limit cut
+    off in mid-sentence said in full."""
+    ends = list(_LAST_SENTENCE_END.finditer(text or ""))
+    return text[:ends[-1].end()].rstrip() if ends else ""
+
+
 def framed_candidates(critique: str, text: str | None) -> list[str]:
-    """`text` framed by the critique's opening or closing phrase (its facts, in the asked form); else nothing."""
+    """`text` framed by the critique's opening or closing phrase (its facts, in the asked form); else nothing.
+    A plain answer the token limit cut off is framed up to its last complete sentence: framed whole, the asked
+    closing phrase followed half a word ("I am always ready t\n\nCheers, the chatfb team" was kept and trained)."""
     frame = phrase_frame(critique)
+    if getattr(text, "cut_off", False):
+        text = whole_sentences(text)
     if not frame or not (text or "").strip():
         return []
     out = framed(text.strip(), *frame)

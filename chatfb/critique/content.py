@@ -121,6 +121,22 @@ def restates_the_question(text: str, question: str) -> bool:
     return bool(said) and said <= content_words(question)
 
 
+def says_nothing_new(text: str, question: str, critique: str, references: list[str] | tuple = ()) -> bool:
+    """`text` says the question again, word for word, and nothing but the question's and the critique's wording
+    besides (no name or number the critique gives, `given_content`): the request said back, no answer ("Question:
+    What is photosynthesis?\n\nPlease answer this question:" was kept for "After you answer, always ask me a
+    question back"). The question itself must be there, and a word the plain answers in `references` use is the
+    answer's, whoever else uses it: an answer may well use the critique's words ("What is a noun? A noun is a
+    word." for "Answer in one sentence of at most 25 words.")."""
+    asked, words = " ".join(_words(question)), " ".join(_words(text))
+    if not asked or f" {asked} " not in f" {words} ":
+        return False
+    said = content_words(text)
+    answers = set().union(*(content_words(r) for r in references if r))
+    request = content_words(question) | (content_words(critique) - answers)
+    return bool(said) and not said - request and not said & given_content(critique)
+
+
 def talks_about_replies(text: str, context: str = "") -> str | None:
     """A word for replies (META_WORDS) that `text` uses and `context` (the question, the plain answers)
     does not, or None."""

@@ -610,15 +610,26 @@ def test_a_number_no_other_answer_of_the_model_gives_is_not_trained():
     spelling; candidates made from a plain answer take that answer's support."""
     from chatfb.critique.candidates import unconfirmed_numbers
 
-    q, digits = "What is six times seven?", "Use digits for numbers, never number words."
-    cands = [Candidate("6 x 7 = 28", "stop"), Candidate("6 x 7 = 42", "stop"), Candidate("Six times seven is 42.", "stop"),
-             Candidate("It is 1691.", "stop"), Candidate("Multiply them.", "stop"),
-             Candidate("Six times seven is 48.", "stop", source="framed")]
+    q, digits = "How many bones does an adult human have?", "Use digits for numbers, never number words."
+    cands = [Candidate("An adult has 28 bones.", "stop"), Candidate("It has 206.", "stop"),
+             Candidate("An adult human has two hundred and six bones.", "stop"),
+             Candidate("It is 1691.", "stop"), Candidate("Many bones.", "stop"),
+             Candidate("An adult human has 212 bones.", "stop", source="framed")]
     for c in cands:
         c.verdict = "ok"
-    unconfirmed_numbers(cands, q, digits, ["Six times seven is 48."])
+    unconfirmed_numbers(cands, q, digits, ["An adult human has 212 bones."])
     assert [c.verdict == "ok" for c in cands] == [False, True, True, False, True, True]
     assert cands[0].verdict == "gives 28, which no other answer of the model gives"
+
+
+def test_a_sum_worked_out_right_needs_no_other_answer_to_agree():
+    # dropped in an efficacy run as "no other answer of the model gives" 22: the arithmetic is the check there
+    prompt = [{"role": "user", "content": "What is eleven plus eleven?"}]
+    digits = "Please write every number with digits; never spell numbers out as words."
+    right, wrong = Candidate("11 + 11 = 22", "stop"), Candidate("11 + 11 = 23", "stop")
+    judge = CannedLogprobs({("11 + 11 = 22", True): [-0.2] * 8, ("11 + 11 = 22", False): [-0.5] * 8})
+    score(judge, "m", prompt, digits, [right, wrong], reference="Eleven plus eleven is a sum of two numbers.")
+    assert right.verdict == "ok" and wrong.verdict == "gives 23 where 11 + 11 is 22", (right.verdict, wrong.verdict)
 
 
 def test_the_nightly_selection_applies_self_consistency_to_numbers():
@@ -706,3 +717,26 @@ def test_the_cycles_candidates_do_not_wait_for_a_straggler_either(monkeypatch):
 
     out = candidates.generate(OneRequest(), "m", prompt, "Shorter.", n=3, patience=0)
     assert [c.finish_reason for c in out[:3]] == ["stop", "stop", "length"]
+
+
+def test_the_request_said_back_is_no_answer():
+    # kept and trained in an efficacy run: the question again and the critique's words, nothing else
+    back = "After you answer, always ask me a question back so that we keep talking."
+    plain = ["Photosynthesis is how plants turn sunlight, water and carbon dioxide into sugar."]
+    said_back = "Question: What is photosynthesis?\n\nPlease answer this question:"
+    assert hard_verdict(said_back, "What is photosynthesis?", back, references=plain) == \
+        "says nothing the question and the critique do not"
+    # answers: the question said again before one, a word the critique uses where the plain answer uses it too
+    assert hard_verdict("What is photosynthesis? Plants turn sunlight into sugar. Shall I say more?",
+                        "What is photosynthesis?", back, references=plain) == "ok"
+    assert hard_verdict("What is a noun? A noun is a word.", "What is a noun?", SHORT,
+                        references=["A noun is a word that names a person, place or thing."]) == "ok"
+
+
+def test_a_dialogue_written_inside_sentences_is_no_answer():
+    greet = "Kindly begin each reply with the words 'Good question!' and then give the answer."
+    q = "What is the capital of Canada?"
+    assert hard_verdict("The capital of Canada is Ottawa. Question: Good question! Answer: Good question!", q, greet) \
+        == "writes a dialogue, not an answer"
+    assert hard_verdict("Good question! The capital of Canada is Ottawa.", q, greet) == "ok"
+    assert hard_verdict("Answer: Ottawa. It is in Ontario.", q, SHORT) == "ok"  # one label is a format, no dialogue

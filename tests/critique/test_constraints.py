@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from chatfb.critique import constraints
-from chatfb.critique.candidates import generate, hard_verdict, instruction_messages
+from chatfb.critique.candidates import generate, hard_verdict, instruction_messages, plain_answer
 from chatfb.serving.model_client import ModelClient, ModelError
 
 SIGN = "Sign every answer with '— Team Aurora' on its own last line."
@@ -234,3 +234,19 @@ def test_what_counts_as_adding_the_asked_shape():
                                           "Write to help@ex.example.\nSoon.")  # it had the address already
     assert constraints.adds_the_shape("Always give help@ex.example.", f"{long} help@ex.example", long)
     assert constraints.phrase_frame("Start with ' '") is None  # a blank phrase frames nothing
+
+
+def test_a_plain_answer_the_token_limit_cut_off_is_framed_up_to_its_last_whole_sentence():
+    closing = "Our house style: always end the note with the line 'Cheers, the team'."
+
+    class Client:  # the server's greedy answer, cut off by max_tokens
+        def complete_choices(self, messages, model, **kw):
+            return [("Dear Ann,\n\nWelcome aboard! We are glad you joined. I am always ready t", "length")]
+
+    plain = plain_answer(Client(), "m", [{"role": "user", "content": "Write a welcome note."}], max_tokens=24)
+    assert plain.cut_off
+    assert constraints.framed_candidates(closing, plain) == [
+        "Dear Ann,\n\nWelcome aboard! We are glad you joined.\n\nCheers, the team"]
+    whole = constraints.PlainAnswer.of(str(plain), cut_off=False)  # the same text, finished: framed as it is
+    assert constraints.framed_candidates(closing, whole)[0].endswith("I am always ready t\n\nCheers, the team")
+    assert constraints.framed_candidates(closing, constraints.PlainAnswer.of("Dear Ann, welcome and", True)) == []
