@@ -97,14 +97,23 @@ def confirm_lost(client: ModelClient, settings: Settings, lost: list[str], candi
     def ask(job):
         return client.complete(messages[job[1]], job[0], max_tokens=CONTROL_MAX_TOKENS, temperature=0.0)[0]
 
+    accepted = {q: (words, need) for q, words, need in CONTROL_ANSWERS}
+    votes = 1 + CONFIRM_ASKS
+
+    def settled(job) -> bool:  # its majority of `votes` answers is reached whatever the answers still to come
+        right = sum(is_right(a, *accepted[job[1]]) for a in answers[job])
+        return right * 2 > votes or (len(answers[job]) - right) * 2 >= votes
+
     # each round in another batch (an identical request in the same batch gets the same answer): first all of them
-    # at once, then (CONFIRM_ASKS 2) one at a time
+    # at once, then (CONFIRM_ASKS 2) one at a time, each time only the questions whose majority is still open
     answers = {job: [first[job]] for job in jobs}
     for round_ in range(CONFIRM_ASKS):
-        with ThreadPoolExecutor(min(16, len(jobs)) if round_ == 0 else 1) as pool:
-            for job, a in zip(jobs, pool.map(ask, jobs)):
+        todo = [job for job in jobs if not settled(job)]
+        if not todo:
+            break
+        with ThreadPoolExecutor(min(16, len(todo)) if round_ == 0 else 1) as pool:
+            for job, a in zip(todo, pool.map(ask, todo)):
                 answers[job].append(a)
-    accepted = {q: (words, need) for q, words, need in CONTROL_ANSWERS}
 
     def mostly_right(m: str, q: str) -> bool:
         votes = [is_right(a, *accepted[q]) for a in answers[m, q]]

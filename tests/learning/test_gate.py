@@ -446,6 +446,8 @@ def test_a_known_answer_wrong_once_and_right_when_asked_again_is_not_lost(monkey
     m = evaluate(client, settings, data, "cand", None, "chatfb-base", tmp_path)
     assert m.control_lost == [forgotten] and m.control_lost_by_chance == [flaky]
     assert asked[flaky] == 1 + gate.CONFIRM_ASKS and asked["What is the capital of France?"] == 1  # only the lost asked again
+    # wrong twice: the third answer cannot change the majority, and is not asked for
+    assert asked[forgotten] == 2, f"asked {asked[forgotten]} times"
     ok, why = m.decide()
     refused, aside = why.split("; ", 1)
     assert not ok and forgotten in refused and flaky not in refused and flaky in aside, why
