@@ -153,7 +153,8 @@ class Settings:
         "chatfb", "Adapter versions are named <prefix>-v0001, -v0002, ...; give each chatfb install that shares one "
         "vLLM server its own prefix (vLLM refuses a name it already has).")
     refine_max_critiques: int = _f(
-        32, "Most critiques turned into training candidates in one cycle (the newest); bounds the cycle's generation time.")
+        32, "Most critiques turned into training candidates in one cycle, taken in turns over what they ask (the newest "
+        "of each first); bounds the cycle's generation time.")
     critique_recipe: str = _f(
         "instruct", "How the nightly cycle learns from critiques: 'instruct' = answer the conversation again with the "
         "critique as an instruction (critique_samples samples), keep the best that passes selection, train it without "
