@@ -55,6 +55,7 @@ class FakeModelClient:
         # streams the sampled drafts, so they have a queue of their own; empty, such a request is refused (400)
         # like a server without structured outputs.
         self.held: list = []
+        self.stream_finish: str | None = None  # the finish reason a streamed reply reports ("length": cut off)
 
     def enqueue(self, *replies):
         self.queue.extend(replies)
@@ -79,6 +80,8 @@ class FakeModelClient:
             if result.ttft_ms is None:
                 result.ttft_ms = 1.0
             yield piece
+        if self.stream_finish is not None:
+            result.finish_reason = self.stream_finish
 
     def complete(self, messages, model, max_tokens=256, temperature=0.0, top_p=1.0, n=1):
         # One queue with the drafts' requests: the nightly asks a critique's plain answer (this) beside its drafts,

@@ -146,10 +146,21 @@ SPEAKER_KINDS = {"q": "asks", "question": "asks", "user": "asks", "human": "asks
                  "a": "answers", "answer": "answers", "assistant": "answers", "ai": "answers"}
 
 
-def writes_a_dialogue(text: str) -> bool:
-    """`text` writes out a dialogue: a label alone on its line, or labels of both sides opening its sentences."""
-    kinds = {SPEAKER_KINDS[m.lower()] for m in SPEAKER.findall(text)}
-    return bool(DIALOGUE_LABEL.search(text)) or len(kinds) > 1
+ASKS_FOR_DIALOGUE = re.compile(r"\b(?:faq|q\s*&\s*a|dialog(?:ue)?|interview|transcript|script)s?\b", re.I)
+
+
+def writes_a_dialogue(text: str, context: str = "") -> bool:
+    """`text` writes out a dialogue: a label alone on its line, or labels of both sides opening its sentences.
+    Not where `context` (the question, the critique, the plain answers) asks for one or writes in that form
+    itself ("Write an FAQ entry", "Q: ... A: ...")."""
+    if ASKS_FOR_DIALOGUE.search(context) or len(_speakers(context)) > 1:
+        return False
+    return bool(DIALOGUE_LABEL.search(text)) or len(_speakers(text)) > 1
+
+
+def _speakers(text: str) -> set[str]:
+    return {SPEAKER_KINDS[m.lower()] for m in SPEAKER.findall(text or "")}
+
 # A list marker and a short "Label:" at the start of a line.
 LINE_LABEL = re.compile(r"^\s*(?:[-*\u2022+]|\d+[.)])?\s*(?:[^:\n]{1,30}:\s)?")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -225,9 +236,10 @@ def form_verdict(text: str, question: str, critique: str, finish_reason: str | N
         return f"quotes the critique ({quoted!r}) instead of answering"
     if only_the_frame(text, question, critique):
         return "only the phrase the critique asks for, no answer"
-    if not content.states_new_content(critique) and content.says_nothing_new(text, question, critique, references):
+    if (not content.states_new_content(critique) and not corrects_a_fact(critique)
+            and content.says_nothing_new(text, question, critique, references)):
         return "says nothing the question and the critique do not"
-    if writes_a_dialogue(text):
+    if writes_a_dialogue(text, " ".join([question, critique, *[r or "" for r in references]])):
         return "writes a dialogue, not an answer"
     if _repeats_lines(text):
         return "repeats itself"
@@ -518,10 +530,11 @@ def unconfirmed_numbers(candidates: list[Candidate], question: str, critique: st
     """Self-consistency for the numbers a kept candidate would train: a candidate that answers with numbers
     (beyond the question's and the critique's) must share one with another independent answer of the model, a
     plain answer or another sampled candidate; else it is dropped as unconfirmed. A small model's wrong sums
-    scatter ("six multiplied by seven equals 28", "1691"), its right ones repeat. Candidates made from a plain
+    scatter ("an adult has 28 bones", "1691"), its right ones repeat. Candidates made from a plain
     answer (cut, framed) give no support of their own: theirs is that answer's. A question whose arithmetic is
     worked out (content.arithmetic) needs no vote: the content check already dropped every candidate that does
-    not give its result ("11 + 11 = 22" was dropped here when no other draft said 22)."""
+    not give its result ("11 + 11 = 22" was dropped here when no other draft said 22); another number such a
+    candidate gives besides is not voted on either."""
     if content.arithmetic(question) is not None:
         return
     answers = [(c, content.answer_numbers(c.text, question, critique)) for c in candidates]

@@ -177,12 +177,15 @@ class PlainAnswer(str):
 
 
 _LAST_SENTENCE_END = re.compile(r"[.!?][\"'’”)\]]*(?=\s|$)")
+_LIST_NUMBER = re.compile(r"\s*\d{1,3}")
 
 
 def whole_sentences(text: str) -> str:
     """`text` up to the end of its last complete sentence ("" when it has none): what a reply the token limit cut
     off in mid-sentence said in full."""
-    ends = list(_LAST_SENTENCE_END.finditer(text or ""))
+    text = text or ""
+    ends = [m for m in _LAST_SENTENCE_END.finditer(text)
+            if not _LIST_NUMBER.fullmatch(text[text.rfind("\n", 0, m.start()) + 1:m.start()])]  # "2." opens a line
     return text[:ends[-1].end()].rstrip() if ends else ""
 
 

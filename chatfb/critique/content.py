@@ -23,7 +23,8 @@ caller has it the base model's plain answer to the same prompt. `content_verdict
   ("How many ...?", "In what year ...?") needs a number beyond the question's own.
 
 The nightly also asks the numbers a candidate answers with to be confirmed by another independent answer of
-the model (chatfb.critique.candidates.unconfirmed_numbers: self-consistency; wrong sums scatter, right ones repeat).
+the model (chatfb.critique.candidates.unconfirmed_numbers: self-consistency; wrong sums scatter, right ones repeat),
+except where the question's arithmetic is worked out: the result decides there.
 
 For the scorer (chatfb.critique.candidates.score): `agreement`, how much of the plain answer's answering
 sentence a candidate says too (a ranking term), and `within_the_plain_answer`, a candidate that says nothing

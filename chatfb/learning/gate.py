@@ -81,10 +81,11 @@ CONFIRM_ASKS = 2  # more greedy answers, from each model, to a control question 
 def confirm_lost(client: ModelClient, settings: Settings, lost: list[str], candidate: str, incumbent: str,
                  candidate_answers: list[str], incumbent_answers: list[str]) -> tuple[list[str], list[str]]:
     """(lost, lost by chance): of the control questions the candidate answered wrong where the incumbent answered
-    right, those that stay so when both are asked CONFIRM_ASKS more times (the candidate wrong, and the incumbent
-    right, in most of their answers), and those that do not. Greedy answers on a vLLM server are not the same in
-    every batch: the same base model answered between 8 and 14 of these 16 questions right in ten cycles on one
-    server (bench/results/personal_cost_1207), so one answer flipped is not yet forgetting."""
+    right, those that stay so when both are asked up to CONFIRM_ASKS more times (the candidate wrong, and the
+    incumbent right, in most of their answers; a later round asks only where the majority is still open), and
+    those that do not. Greedy answers on a vLLM server are not the same in every batch: the same base model
+    answered between 8 and 14 of these 16 questions right in ten cycles on one server
+    (bench/results/personal_cost_1207), so one answer flipped is not yet forgetting."""
     if not lost:
         return [], []
     from concurrent.futures import ThreadPoolExecutor

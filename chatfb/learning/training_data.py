@@ -274,7 +274,7 @@ SAME_ASK_COSINE = 0.85
 def spread_over_asks(records: list[FeedbackRecord], limit: int, similar=None,
                      floor: float = SAME_ASK_COSINE) -> list[FeedbackRecord]:
     """`limit` of `records` (newest first), taken in turns from each group of critiques that ask the same
-    thing (same words, or cosine >= `floor` to the group's newest): the newest of every group, then the
+    thing (same words, or cosine >= `floor` to the group's newest, the closest such group): the newest of every group, then the
     second newest of every group, and so on; groups in the order of their newest critique. Only the newest
     SPREAD_WINDOW x `limit` are grouped (a backlog of thousands costs no more than that)."""
     if limit <= 0:
@@ -287,7 +287,8 @@ def spread_over_asks(records: list[FeedbackRecord], limit: int, similar=None,
         text = " ".join(re.findall(r"\w+", (r.text or "").lower()))
         near = [i for i, h in enumerate(heads) if h == text]
         if not near and heads:
-            near = [i for i, c in enumerate(similar(text, heads)) if c >= floor]
+            cos = similar(text, heads)
+            near = [max(range(len(heads)), key=lambda i: cos[i])] if max(cos) >= floor else []
         if near:
             groups[near[0]].append(r)
         else:

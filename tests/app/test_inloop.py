@@ -134,6 +134,18 @@ def test_a_guideline_asking_for_a_phrase_frames_the_answer_the_model_gives(chat,
         assert all(stored.startswith(t) for t in shown), shown
 
 
+def test_a_reply_the_token_limit_cut_off_gets_no_closing_phrase_after_half_a_word(chat, store, fake_client):
+    chat.save_guideline("A", "Always end with 'Cheers'.")
+    fake_client.enqueue("Paris is the capital of France. It is also the larg")
+    fake_client.stream_finish = "length"
+    cid, mid = reply(chat, "A")
+    assert store.message(mid)["content"] == "Paris is the capital of France. It is also the larg"
+    fake_client.stream_finish = "stop"
+    fake_client.enqueue("Paris is the capital of France.")
+    cid, mid = reply(chat, "A")
+    assert store.message(mid)["content"] == "Paris is the capital of France.\n\nCheers"
+
+
 def test_a_framed_reply_with_nothing_from_the_model_is_an_empty_reply(chat, store, fake_client):
     chat.save_guideline("A", "Start every reply with 'Ahoy!'")
     fake_client.enqueue("")

@@ -740,3 +740,12 @@ def test_a_dialogue_written_inside_sentences_is_no_answer():
         == "writes a dialogue, not an answer"
     assert hard_verdict("Good question! The capital of Canada is Ottawa.", q, greet) == "ok"
     assert hard_verdict("Answer: Ottawa. It is in Ontario.", q, SHORT) == "ok"  # one label is a format, no dialogue
+    faq = "Write an FAQ entry about returns."  # asked for: the labels are the answer's form
+    assert hard_verdict("Q: Can I return it? A: Yes, within 30 days of delivery.", faq, SHORT) == "ok"
+
+
+def test_a_fact_the_critique_corrects_may_be_said_in_its_own_words():
+    q, wrong = "What is the powerhouse of the cell?", "Wrong: it is the mitochondria."
+    assert hard_verdict("What is the powerhouse of the cell? The mitochondria is the powerhouse of the cell.", q,
+                        wrong, references=["The nucleus is the powerhouse of the cell."]) != \
+        "says nothing the question and the critique do not"

@@ -250,3 +250,6 @@ def test_a_plain_answer_the_token_limit_cut_off_is_framed_up_to_its_last_whole_s
     whole = constraints.PlainAnswer.of(str(plain), cut_off=False)  # the same text, finished: framed as it is
     assert constraints.framed_candidates(closing, whole)[0].endswith("I am always ready t\n\nCheers, the team")
     assert constraints.framed_candidates(closing, constraints.PlainAnswer.of("Dear Ann, welcome and", True)) == []
+    cut_list = constraints.PlainAnswer.of("Tips:\n1. Drink water.\n2. Sleep eight hours.\n3. Walk", True)
+    assert constraints.framed_candidates(closing, cut_list) == [
+        "Tips:\n1. Drink water.\n2. Sleep eight hours.\n\nCheers, the team"]  # "3." opens a line: no sentence end

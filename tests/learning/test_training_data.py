@@ -146,6 +146,14 @@ def test_the_bound_spreads_over_what_the_critiques_ask():
     assert data.counts["critiques_not_refined"] == 26 - 8
     newest = {t.feedback_id for t in tasks if t.instruction.startswith("End")}
     assert newest == {"c32", "c31"}, f"the older critiques of an ask went first: {newest}"
+    # a critique like two groups joins the one it is closest to
+    close = {("be very brief", "too long"): 0.9, ("be very brief", "be brief"): 0.95}
+    records = [crit(42, "Too long.", "q42?", created=22), crit(43, "Other.", "o1?", created=21),
+               crit(44, "Other.", "o2?", created=2), crit(41, "Be brief.", "q41?", created=20),
+               crit(40, "Be very brief.", "q40?", created=19)]
+    chosen = td.spread_over_asks(records, 4, lambda t, heads: [close.get((t, h), 0.0) for h in heads])
+    # "be very brief" is in the "be brief" group: the second turn starts with the next group that has a second
+    assert [r.feedback_id for r in chosen] == ["c42", "c43", "c41", "c44"], [r.feedback_id for r in chosen]
     one_ask = [crit(i, "too vague", f"q {i}?", created=1 + i) for i in range(12)]
     data = td.build(one_ask, "unsupervised", holdout_fraction=0.0001, seed=0)
     assert [t.feedback_id for t in td.critique_tasks(data, 0.0001, 0, limit=4, similar=similar)] == \
