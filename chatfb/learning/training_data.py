@@ -249,7 +249,7 @@ def _norm(text: str) -> str:
 
 
 def critique_tasks(data: TrainingData, holdout_fraction: float, seed: int, limit: int,
-                   similar=None) -> list[InstructionTask]:
+                   embed=None) -> list[InstructionTask]:
     """Split the pending critiques: held out whole (to `data.heldout_critiques`, nothing generated) or one
     task each for `limit` others (the rest counted as critiques_not_refined), spread over what they ask
     (`spread_over_asks`): the newest of each ask first, then the next newest of each, so one preference
@@ -257,7 +257,7 @@ def critique_tasks(data: TrainingData, holdout_fraction: float, seed: int, limit
     held = [r for r in data.pending_critiques if is_heldout(r.feedback_id, holdout_fraction, seed)]
     rest = sorted((r for r in data.pending_critiques if not is_heldout(r.feedback_id, holdout_fraction, seed)),
                   key=lambda r: r.created_at, reverse=True)
-    todo = spread_over_asks(rest, max(limit, 0), similar) if len(rest) > limit else rest
+    todo = spread_over_asks(rest, max(limit, 0), embed) if len(rest) > limit else rest
     data.heldout_critiques = held
     data.counts.update(critiques=len(data.pending_critiques), critiques_heldout=len(held),
                        critiques_not_refined=len(rest) - len(todo))
@@ -271,29 +271,26 @@ SPREAD_WINDOW = 8
 SAME_ASK_COSINE = 0.85
 
 
-def spread_over_asks(records: list[FeedbackRecord], limit: int, similar=None,
+def spread_over_asks(records: list[FeedbackRecord], limit: int, embed=None,
                      floor: float = SAME_ASK_COSINE) -> list[FeedbackRecord]:
     """`limit` of `records` (newest first), taken in turns from each group of critiques that ask the same
-    thing (same words, or cosine >= `floor` to the group's newest, the closest such group): the newest of every group, then the
-    second newest of every group, and so on; groups in the order of their newest critique. Only the newest
-    SPREAD_WINDOW x `limit` are grouped (a backlog of thousands costs no more than that)."""
+    thing (same words, or grouped by meaning: chatfb.critique.similarity.group_similar at `floor`, the closest
+    group): the newest of every group, then the second newest of every group, and so on; groups in the order of
+    their newest critique. Only the newest SPREAD_WINDOW x `limit` are grouped (a backlog of thousands costs no
+    more than that). `embed`: texts -> unit vectors (default the sentence embeddings)."""
+    from chatfb.critique.similarity import group_similar
+
     if limit <= 0:
         return []
-    if similar is None:
-        from chatfb.critique.similarity import cosines as similar
-    groups: list[list[FeedbackRecord]] = []
-    heads: list[str] = []  # each group's newest critique, as its text
-    for r in records[:SPREAD_WINDOW * limit]:
-        text = " ".join(re.findall(r"\w+", (r.text or "").lower()))
-        near = [i for i, h in enumerate(heads) if h == text]
-        if not near and heads:
-            cos = similar(text, heads)
-            near = [max(range(len(heads)), key=lambda i: cos[i])] if max(cos) >= floor else []
-        if near:
-            groups[near[0]].append(r)
-        else:
-            groups.append([r])
-            heads.append(text)
+    if embed is None:
+        from chatfb.critique.similarity import embed
+    window = records[:SPREAD_WINDOW * limit]
+    keys = [" ".join(re.findall(r"\w+", (r.text or "").lower())) for r in window]
+    texts = list(dict.fromkeys(keys))  # each wording once, newest first: groups come in the order of their newest
+    group_of = {texts[i]: g for g, (members, _) in enumerate(group_similar(embed(texts), floor)) for i in members}
+    groups: list[list[FeedbackRecord]] = [[] for _ in range(len(set(group_of.values())))]
+    for r, key in zip(window, keys):
+        groups[group_of[key]].append(r)
     out: list[FeedbackRecord] = []
     for turn in range(max((len(g) for g in groups), default=0)):
         out += [g[turn] for g in groups if turn < len(g)][:limit - len(out)]

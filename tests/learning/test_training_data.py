@@ -1,3 +1,4 @@
+import math
 from collections import Counter
 from datetime import datetime
 
@@ -132,14 +133,15 @@ def test_critiques_are_held_out_whole_and_bounded_newest_first():
 def test_the_bound_spreads_over_what_the_critiques_ask():
     # 20 new critiques asking one thing (two wordings), then 3 older ones each of two other asks: a bound of 8
     # takes the newest of every ask in turns, not the 8 newest (all of the first ask).
-    def similar(text, heads):  # a stand-in for the sentence embeddings: "be brief" is "too long" reworded
-        return [1.0 if {text, h} <= {"too long", "be brief"} else 0.0 for h in heads]
+    def embed(texts):  # a stand-in for the sentence embeddings: "be brief" is "too long" reworded
+        axes = {"too long": 0, "be brief": 0, "give the support address": 1, "end with cheers": 2, "too vague": 3}
+        return [[1.0 if axes[t] == k else 0.0 for k in range(4)] for t in texts]
 
     records = [crit(i, "Too long." if i % 2 else "Be brief!", f"question {i}?", created=28) for i in range(20)]
     records += [crit(20 + i, "Give the support address.", f"support {i}?", created=10 + i) for i in range(3)]
     records += [crit(30 + i, "End with 'Cheers'.", f"note {i}?", created=5 + i) for i in range(3)]
     data = td.build(records, "unsupervised", holdout_fraction=0.0001, seed=0)
-    tasks = td.critique_tasks(data, 0.0001, 0, limit=8, similar=similar)
+    tasks = td.critique_tasks(data, 0.0001, 0, limit=8, embed=embed)
     asked = Counter(t.instruction.split()[0] for t in tasks)
     assert asked == {"Too": asked["Too"], "Be": asked["Be"], "Give": 3, "End": 2}, asked
     assert asked["Too"] + asked["Be"] == 3, f"one ask took {asked['Too'] + asked['Be']} of 8 places"
@@ -147,16 +149,19 @@ def test_the_bound_spreads_over_what_the_critiques_ask():
     newest = {t.feedback_id for t in tasks if t.instruction.startswith("End")}
     assert newest == {"c32", "c31"}, f"the older critiques of an ask went first: {newest}"
     # a critique like two groups joins the one it is closest to
-    close = {("be very brief", "too long"): 0.9, ("be very brief", "be brief"): 0.95}
+    # (angles: "too long" 0, "be very brief" 25, "be brief" 40 degrees: cosines 0.91 and 0.97, the two heads 0.77)
+    angle = {"too long": 0, "be very brief": 25, "be brief": 40}
     records = [crit(42, "Too long.", "q42?", created=22), crit(43, "Other.", "o1?", created=21),
                crit(44, "Other.", "o2?", created=2), crit(41, "Be brief.", "q41?", created=20),
                crit(40, "Be very brief.", "q40?", created=19)]
-    chosen = td.spread_over_asks(records, 4, lambda t, heads: [close.get((t, h), 0.0) for h in heads])
+    chosen = td.spread_over_asks(records, 4, lambda texts: [
+        [math.cos(math.radians(angle[t])), math.sin(math.radians(angle[t])), 0.0] if t in angle else [0.0, 0.0, 1.0]
+        for t in texts])
     # "be very brief" is in the "be brief" group: the second turn starts with the next group that has a second
     assert [r.feedback_id for r in chosen] == ["c42", "c43", "c41", "c44"], [r.feedback_id for r in chosen]
     one_ask = [crit(i, "too vague", f"q {i}?", created=1 + i) for i in range(12)]
     data = td.build(one_ask, "unsupervised", holdout_fraction=0.0001, seed=0)
-    assert [t.feedback_id for t in td.critique_tasks(data, 0.0001, 0, limit=4, similar=similar)] == \
+    assert [t.feedback_id for t in td.critique_tasks(data, 0.0001, 0, limit=4, embed=embed)] == \
         ["c11", "c10", "c9", "c8"], "one ask alone: not the newest first"
 
 
