@@ -5,7 +5,10 @@
 - Exact values in held-out corrections: where a corrected reply gives an e-mail address, a URL or a number,
   does the greedy reply give every one of them exactly? ROUGE-L counts "ann-desk@example.example" nearly
   right for "ann-desk@chatfb.example"; a user writing to it gets no answer. The share is a held-out measure
-  like the others: a candidate worse on it than the incumbent fails, one better on it may pass on it.
+  like the others: a candidate worse on it than the incumbent fails, one better on it may pass on it. The
+  other way round, the right address in other words is no worse than the wrong one in the corrected words:
+  the ROUGE-L that decides compares the two models only on the corrections where they agree on the exact
+  values (both give them, both miss, or none is stated); the exact share judges the rest (`facts_agree`).
 - Held-out critiques (held out whole: nothing was generated from them): does the greedy reply to the
   critiqued prompt pass the same selection the cycle's training candidates passed (chatfb.critique.candidates.score
   with that critique, verdict ok)? Never ROUGE against targets the same recipe made. The pass rate of the
@@ -217,6 +220,15 @@ def gives_exactly(reply: str, values: list[str]) -> bool:
     return all(_same(v) in found for v in values)
 
 
+def facts_agree(replies_a: list[str], replies_b: list[str], targets: list[str]) -> list[int]:
+    """The held-out corrections on which two models' wording may be compared: the corrected reply states no exact
+    value, or both replies give them all, or both miss. Where one gives the values and the other does not, the
+    exact share judges that correction and ROUGE-L does not: the right address in other words is no worse an
+    answer than the wrong one in the corrected words."""
+    return [k for k, (a, b, t) in enumerate(zip(replies_a, replies_b, targets))
+            if not (vs := exact_values(t)) or gives_exactly(a, vs) == gives_exactly(b, vs)]
+
+
 def exact_share(replies: list[str], targets: list[str]) -> tuple[float | None, int]:
     """(share of the targets that state exact values whose reply gives them all, how many state some);
     (None, 0) when no target states any."""
@@ -332,6 +344,11 @@ class GateReport:
     incumbent_rougeL: float | None = None
     incumbent_bleu: float | None = None
     heldout_n: int = 0  # held-out corrections judged
+    # ROUGE-L of both on the held-out corrections where their exact values agree (facts_agree): what decides on
+    # wording. None for rows older than it (then the ROUGE-L above decides), or where no correction was left.
+    candidate_rougeL_facts_agree: float | None = None
+    incumbent_rougeL_facts_agree: float | None = None
+    facts_agree_n: int | None = None
     candidate_exact: float | None = None  # share of held-out corrections stating exact values whose reply gives them all
     incumbent_exact: float | None = None
     exact_n: int = 0  # held-out corrections that state exact values (e-mail addresses, URLs, numbers)
@@ -363,13 +380,21 @@ class GateReport:
         return cls(**{k: v for k, v in (metrics or {}).items() if k in names})
 
     def decide(self, policy: GatePolicy | None = None) -> tuple[bool, str]:
-        ok, why = decide({"rougeL": self.candidate_rougeL, "exact": self.candidate_exact,
+        # wording is compared only where the facts agree; the exact share judges the rest (facts_agree)
+        by_facts = self.facts_agree_n is not None
+        cand_rouge = self.candidate_rougeL_facts_agree if by_facts else self.candidate_rougeL
+        inc_rouge = self.incumbent_rougeL_facts_agree if by_facts else self.incumbent_rougeL
+        ok, why = decide({"rougeL": cand_rouge, "exact": self.candidate_exact,
                           "critique_pass": self.candidate_critique_pass,
                           "control_agreement": self.control_agreement, "control_collapsed": self.control_collapsed,
                           "control_right": self.control_right, "control_lost": self.control_lost},
-                         {"rougeL": self.incumbent_rougeL, "exact": self.incumbent_exact,
+                         {"rougeL": inc_rouge, "exact": self.incumbent_exact,
                           "critique_pass": self.incumbent_critique_pass},
                          policy or GatePolicy())
+        if by_facts and self.facts_agree_n < self.heldout_n:
+            why += (f"; ROUGE-L on the {self.facts_agree_n} of {self.heldout_n} held-out corrections whose exact "
+                    f"values both models give or both miss (all of them: {self.candidate_rougeL:.3f} vs "
+                    f"{self.incumbent_rougeL:.3f})")
         if self.control_lost_by_chance:  # said wherever the decision is shown, so nobody has to read the metrics
             why += (f"; {len(self.control_lost_by_chance)} known answer(s) turned wrong once, not confirmed when "
                     f"asked again ({'; '.join(self.control_lost_by_chance[:3])})")
@@ -379,6 +404,9 @@ class GateReport:
         """(label, value) for a model card or a listing: the measures that decided, beside the incumbent."""
         return [("compared with", self.incumbent), ("held-out corrections", self.heldout_n),
                 ("ROUGE-L", self.candidate_rougeL), ("ROUGE-L of the incumbent", self.incumbent_rougeL),
+                ("held-out corrections whose exact values agree", self.facts_agree_n),
+                ("ROUGE-L where the exact values agree", self.candidate_rougeL_facts_agree),
+                ("ROUGE-L of the incumbent where the exact values agree", self.incumbent_rougeL_facts_agree),
                 ("BLEU", self.candidate_bleu), ("BLEU of the incumbent", self.incumbent_bleu),
                 ("held-out corrections with exact values", self.exact_n), ("exact values given", self.candidate_exact),
                 ("exact values given by the incumbent", self.incumbent_exact),
@@ -454,6 +482,9 @@ def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incu
                        "critique_pass": selection_pass_rate(judge or client, base_name, critique_items, replies[a:b]),
                        "follow": follow}
     cand, inc = measured[candidate], measured[incumbent or base_name]
+    agree = facts_agree(answers[candidate][:len(heldout)], answers[incumbent or base_name][:len(heldout)], targets)
+    agree_rouge = {m: closeness([answers[m][k] for k in agree], [targets[k] for k in agree])["rougeL"]
+                   for m in (candidate, incumbent or base_name)}
     base_control, cand_control = controls[base_name], controls[candidate]
     # Judged against the incumbent's answers: a candidate answers for what it changes, not for what the adapter
     # it replaces (and, for a personal one, trains on from) already answered differently, gated in its own cycle.
@@ -468,6 +499,8 @@ def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incu
     return GateReport(
         incumbent=incumbent or "base", candidate_rougeL=cand["rougeL"], candidate_bleu=cand["bleu"],
         incumbent_rougeL=inc["rougeL"], incumbent_bleu=inc["bleu"], heldout_n=cand["n"],
+        candidate_rougeL_facts_agree=agree_rouge[candidate], incumbent_rougeL_facts_agree=agree_rouge[incumbent or base_name],
+        facts_agree_n=len(agree),
         candidate_exact=cand["exact"], incumbent_exact=inc["exact"], exact_n=cand["exact_n"],
         candidate_critique_pass=cand["critique_pass"], incumbent_critique_pass=inc["critique_pass"],
         heldout_critiques_n=len(critique_items), guideline_follow=cand["follow"], guideline_follow_incumbent=inc["follow"],

@@ -613,6 +613,40 @@ def test_a_candidate_that_gives_the_exact_values_of_held_out_corrections_less_of
     assert ok and "exact values given 1.000 vs 0.0" in why, why
 
 
+def test_the_right_value_in_other_words_is_not_worse_than_the_wrong_one_in_the_corrected_words(monkeypatch, settings,
+                                                                                                 tmp_path):
+    """A user's own address taught to their model: the incumbent says the old address in the corrected sentence
+    word for word, the candidate the new one in words of its own. ROUGE-L over all corrections calls the candidate
+    worse; it compares wording only where both give the values or both miss, and the exact share judges the rest.
+    Where the facts agree, worse wording still fails."""
+    heldout = [td.Example([{"role": "user", "content": f"Where do I write about order {i}?"}],
+                          "Please write to our support team at ann@mail.example about it.", "correction", f"f{i}")
+               for i in range(3)]
+    heldout.append(td.Example([{"role": "user", "content": "Who answers mail?"}],
+                              "Our support team answers mail within a day.", "correction", "f9"))
+    data = td.TrainingData(heldout=heldout)
+    client = ByModelClient({
+        "own": lambda q: "ann@mail.example." if "order" in q else (
+            "Our support team answers mail within a day." if "mail" in q else "Paris."),
+        "own-rambling": lambda q: "ann@mail.example." if "order" in q else (
+            "Mail gets read eventually, maybe." if "mail" in q else "Paris."),
+        "chatfb-base": lambda q: "Please write to our support team at support@chatfb.example about it." if "order" in q
+        else ("Our support team answers mail within a day." if "mail" in q else "Paris."),
+    })
+    m = evaluate(client, settings, data, "own", None, "chatfb-base", tmp_path)
+    assert m.candidate_rougeL < m.incumbent_rougeL - 0.1 and (m.candidate_exact, m.incumbent_exact) == (1.0, 0.0)
+    assert m.facts_agree_n == 1 and m.candidate_rougeL_facts_agree == m.incumbent_rougeL_facts_agree == 1.0
+    ok, why = m.decide()
+    assert ok and "ROUGE-L on the 1 of 4 held-out corrections" in why, why
+    assert dict(m.card_rows())["held-out corrections whose exact values agree"] == 1
+    # a row stored before the comparison existed is decided on ROUGE-L over all corrections, as it was
+    old = gate.GateReport.from_dict({k: v for k, v in m.as_dict().items() if "facts_agree" not in k})
+    assert old.facts_agree_n is None and "worse on held-out feedback (ROUGE-L)" in old.decide()[1]
+    m = evaluate(client, settings, data, "own-rambling", None, "chatfb-base", tmp_path)
+    ok, why = m.decide()
+    assert not ok and "worse on held-out feedback (ROUGE-L)" in why, why
+
+
 def test_exact_values_skip_list_numbering_and_digits_inside_words():
     assert gate.exact_values("1. Drink H2O.\n2. Call 555-0199 before 17:30.") == ["555-0199", "17:30"]
     assert gate.gives_exactly("about 1000 of them", ["1,000"])
