@@ -6,9 +6,9 @@
   does the greedy reply give every one of them exactly? ROUGE-L counts "ann-desk@example.example" nearly
   right for "ann-desk@chatfb.example"; a user writing to it gets no answer. The share is a held-out measure
   like the others: a candidate worse on it than the incumbent fails, one better on it may pass on it. The
-  other way round, the right address in other words is no worse than the wrong one in the corrected words:
-  the ROUGE-L that decides compares the two models only on the corrections where they agree on the exact
-  values (both give them, both miss, or none is stated); the exact share judges the rest (`facts_agree`).
+  other way round, the right address in other words beats the wrong one in the corrected words: the ROUGE-L
+  that decides scores 0 for a reply that misses an exact value its correction states (`rouge_given_facts`), so
+  wording counts only where the facts are right.
 - Held-out critiques (held out whole: nothing was generated from them): does the greedy reply to the
   critiqued prompt pass the same selection the cycle's training candidates passed (chatfb.critique.candidates.score
   with that critique, verdict ok)? Never ROUGE against targets the same recipe made. The pass rate of the
@@ -220,13 +220,16 @@ def gives_exactly(reply: str, values: list[str]) -> bool:
     return all(_same(v) in found for v in values)
 
 
-def facts_agree(replies_a: list[str], replies_b: list[str], targets: list[str]) -> list[int]:
-    """The held-out corrections on which two models' wording may be compared: the corrected reply states no exact
-    value, or both replies give them all, or both miss. Where one gives the values and the other does not, the
-    exact share judges that correction and ROUGE-L does not: the right address in other words is no worse an
-    answer than the wrong one in the corrected words."""
-    return [k for k, (a, b, t) in enumerate(zip(replies_a, replies_b, targets))
-            if not (vs := exact_values(t)) or gives_exactly(a, vs) == gives_exactly(b, vs)]
+def rouge_given_facts(replies: list[str], targets: list[str]) -> float | None:
+    """Mean ROUGE-L F1 of `replies` to the corrected replies, a reply that misses an exact value its correction
+    states scoring 0: its wording counts only where its facts are right. Over words alone, the old address in the
+    corrected sentence beat the owner's new address in a sentence of the model's own (CI, 2026-12-07: ROUGE-L 0.897
+    against 0.856, the address given 0 against 0.8 of the time). None when there is nothing to score."""
+    if not targets:
+        return None
+    scores = [0.0 if (vs := exact_values(t)) and not gives_exactly(r, vs) else rouge_l(t, r)
+              for r, t in zip(replies, targets)]
+    return round(sum(scores) / len(scores), 4)
 
 
 def exact_share(replies: list[str], targets: list[str]) -> tuple[float | None, int]:
@@ -293,6 +296,10 @@ def selection_pass_rate(judge, scorer_model: str, items: list[tuple[list[dict], 
 HELDOUT_MEASURES = (("rougeL", "ROUGE-L"), ("exact", "exact values given"), ("critique_pass", "critique pass rate"))
 
 
+def _dash(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def policy_for(settings: Settings) -> GatePolicy:
     """The gate's policy with what the settings may loosen (control answers turned wrong, or collapsed)."""
     return GatePolicy(max_control_lost=settings.gate_max_control_lost,
@@ -344,11 +351,10 @@ class GateReport:
     incumbent_rougeL: float | None = None
     incumbent_bleu: float | None = None
     heldout_n: int = 0  # held-out corrections judged
-    # ROUGE-L of both on the held-out corrections where their exact values agree (facts_agree): what decides on
-    # wording. None for rows older than it (then the ROUGE-L above decides), or where no correction was left.
-    candidate_rougeL_facts_agree: float | None = None
-    incumbent_rougeL_facts_agree: float | None = None
-    facts_agree_n: int | None = None
+    # ROUGE-L with 0 for a reply that misses an exact value its correction states (rouge_given_facts): the ROUGE-L
+    # that decides. None in rows older than it (then the ROUGE-L above decides) and with nothing held out.
+    candidate_rougeL_facts: float | None = None
+    incumbent_rougeL_facts: float | None = None
     candidate_exact: float | None = None  # share of held-out corrections stating exact values whose reply gives them all
     incumbent_exact: float | None = None
     exact_n: int = 0  # held-out corrections that state exact values (e-mail addresses, URLs, numbers)
@@ -380,10 +386,9 @@ class GateReport:
         return cls(**{k: v for k, v in (metrics or {}).items() if k in names})
 
     def decide(self, policy: GatePolicy | None = None) -> tuple[bool, str]:
-        # wording is compared only where the facts agree; the exact share judges the rest (facts_agree)
-        by_facts = self.facts_agree_n is not None
-        cand_rouge = self.candidate_rougeL_facts_agree if by_facts else self.candidate_rougeL
-        inc_rouge = self.incumbent_rougeL_facts_agree if by_facts else self.incumbent_rougeL
+        by_facts = self.candidate_rougeL_facts is not None  # rows from before it decide on the words alone
+        cand_rouge = self.candidate_rougeL_facts if by_facts else self.candidate_rougeL
+        inc_rouge = self.incumbent_rougeL_facts if by_facts else self.incumbent_rougeL
         ok, why = decide({"rougeL": cand_rouge, "exact": self.candidate_exact,
                           "critique_pass": self.candidate_critique_pass,
                           "control_agreement": self.control_agreement, "control_collapsed": self.control_collapsed,
@@ -391,10 +396,9 @@ class GateReport:
                          {"rougeL": inc_rouge, "exact": self.incumbent_exact,
                           "critique_pass": self.incumbent_critique_pass},
                          policy or GatePolicy())
-        if by_facts and self.facts_agree_n < self.heldout_n:
-            why += (f"; ROUGE-L on the {self.facts_agree_n} of {self.heldout_n} held-out corrections whose exact "
-                    f"values both models give or both miss (all of them: {self.candidate_rougeL:.3f} vs "
-                    f"{self.incumbent_rougeL:.3f})")
+        if by_facts and (cand_rouge, inc_rouge) != (self.candidate_rougeL, self.incumbent_rougeL):
+            why += (f"; ROUGE-L scores 0 for a reply that misses an exact value of its correction (over the words "
+                    f"alone: {self.candidate_rougeL:.3f} vs {_dash(self.incumbent_rougeL)})")
         if self.control_lost_by_chance:  # said wherever the decision is shown, so nobody has to read the metrics
             why += (f"; {len(self.control_lost_by_chance)} known answer(s) turned wrong once, not confirmed when "
                     f"asked again ({'; '.join(self.control_lost_by_chance[:3])})")
@@ -404,9 +408,8 @@ class GateReport:
         """(label, value) for a model card or a listing: the measures that decided, beside the incumbent."""
         return [("compared with", self.incumbent), ("held-out corrections", self.heldout_n),
                 ("ROUGE-L", self.candidate_rougeL), ("ROUGE-L of the incumbent", self.incumbent_rougeL),
-                ("held-out corrections whose exact values agree", self.facts_agree_n),
-                ("ROUGE-L where the exact values agree", self.candidate_rougeL_facts_agree),
-                ("ROUGE-L of the incumbent where the exact values agree", self.incumbent_rougeL_facts_agree),
+                ("ROUGE-L, 0 where an exact value is missed", self.candidate_rougeL_facts),
+                ("ROUGE-L of the incumbent, 0 where an exact value is missed", self.incumbent_rougeL_facts),
                 ("BLEU", self.candidate_bleu), ("BLEU of the incumbent", self.incumbent_bleu),
                 ("held-out corrections with exact values", self.exact_n), ("exact values given", self.candidate_exact),
                 ("exact values given by the incumbent", self.incumbent_exact),
@@ -479,12 +482,10 @@ def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incu
                                                    [replies[b + k] for k in idx])
         exact, exact_n = exact_share(replies[:a], targets)
         measured[m] = {**closeness(replies[:a], targets), "exact": exact, "exact_n": exact_n,
+                       "rougeL_facts": rouge_given_facts(replies[:a], targets),
                        "critique_pass": selection_pass_rate(judge or client, base_name, critique_items, replies[a:b]),
                        "follow": follow}
     cand, inc = measured[candidate], measured[incumbent or base_name]
-    agree = facts_agree(answers[candidate][:len(heldout)], answers[incumbent or base_name][:len(heldout)], targets)
-    agree_rouge = {m: closeness([answers[m][k] for k in agree], [targets[k] for k in agree])["rougeL"]
-                   for m in (candidate, incumbent or base_name)}
     base_control, cand_control = controls[base_name], controls[candidate]
     # Judged against the incumbent's answers: a candidate answers for what it changes, not for what the adapter
     # it replaces (and, for a personal one, trains on from) already answered differently, gated in its own cycle.
@@ -499,8 +500,7 @@ def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incu
     return GateReport(
         incumbent=incumbent or "base", candidate_rougeL=cand["rougeL"], candidate_bleu=cand["bleu"],
         incumbent_rougeL=inc["rougeL"], incumbent_bleu=inc["bleu"], heldout_n=cand["n"],
-        candidate_rougeL_facts_agree=agree_rouge[candidate], incumbent_rougeL_facts_agree=agree_rouge[incumbent or base_name],
-        facts_agree_n=len(agree),
+        candidate_rougeL_facts=cand["rougeL_facts"], incumbent_rougeL_facts=inc["rougeL_facts"],
         candidate_exact=cand["exact"], incumbent_exact=inc["exact"], exact_n=cand["exact_n"],
         candidate_critique_pass=cand["critique_pass"], incumbent_critique_pass=inc["critique_pass"],
         heldout_critiques_n=len(critique_items), guideline_follow=cand["follow"], guideline_follow_incumbent=inc["follow"],

@@ -607,44 +607,45 @@ def test_a_candidate_that_gives_the_exact_values_of_held_out_corrections_less_of
     assert (m.candidate_exact, m.incumbent_exact, m.exact_n) == (0.0, 1.0, 2)
     assert m.candidate_rougeL > m.incumbent_rougeL  # closer in words, the address wrong
     ok, why = m.decide()
-    assert not ok and "worse on held-out feedback (exact values given)" in why, why
+    assert not ok and "worse on held-out feedback (" in why and "exact values given 0.000 vs 1.0" in why, why
     m = evaluate(client, settings, data, "right", None, "chatfb-base", tmp_path)
     ok, why = m.decide()
     assert ok and "exact values given 1.000 vs 0.0" in why, why
 
 
-def test_the_right_value_in_other_words_is_not_worse_than_the_wrong_one_in_the_corrected_words(monkeypatch, settings,
-                                                                                                 tmp_path):
+def test_the_right_value_in_other_words_beats_the_wrong_one_in_the_corrected_words(monkeypatch, settings, tmp_path):
     """A user's own address taught to their model: the incumbent says the old address in the corrected sentence
-    word for word, the candidate the new one in words of its own. ROUGE-L over all corrections calls the candidate
-    worse; it compares wording only where both give the values or both miss, and the exact share judges the rest.
-    Where the facts agree, worse wording still fails."""
+    word for word, the candidate the new one in words of its own, and misses it once. ROUGE-L over the words alone
+    calls the candidate worse; the ROUGE-L that decides scores 0 for a reply that misses a value its correction
+    states. Where both give the facts, worse wording still fails."""
     heldout = [td.Example([{"role": "user", "content": f"Where do I write about order {i}?"}],
                           "Please write to our support team at ann@mail.example about it.", "correction", f"f{i}")
-               for i in range(3)]
+               for i in range(4)]
     heldout.append(td.Example([{"role": "user", "content": "Who answers mail?"}],
                               "Our support team answers mail within a day.", "correction", "f9"))
     data = td.TrainingData(heldout=heldout)
+    own = lambda q: ("You can reach us at ann@mail.example." if "order 3" not in q else "Write to us.") if "order" in q \
+        else ("Our support team answers mail within a day." if "mail" in q else "Paris.")  # noqa: E731
     client = ByModelClient({
-        "own": lambda q: "ann@mail.example." if "order" in q else (
-            "Our support team answers mail within a day." if "mail" in q else "Paris."),
-        "own-rambling": lambda q: "ann@mail.example." if "order" in q else (
-            "Mail gets read eventually, maybe." if "mail" in q else "Paris."),
+        "own": own,
+        "own-rambling": lambda q: "Mail gets read eventually, maybe." if "Who answers" in q else own(q),
         "chatfb-base": lambda q: "Please write to our support team at support@chatfb.example about it." if "order" in q
         else ("Our support team answers mail within a day." if "mail" in q else "Paris."),
     })
     m = evaluate(client, settings, data, "own", None, "chatfb-base", tmp_path)
-    assert m.candidate_rougeL < m.incumbent_rougeL - 0.1 and (m.candidate_exact, m.incumbent_exact) == (1.0, 0.0)
-    assert m.facts_agree_n == 1 and m.candidate_rougeL_facts_agree == m.incumbent_rougeL_facts_agree == 1.0
+    assert m.candidate_rougeL < m.incumbent_rougeL - 0.1 and (m.candidate_exact, m.incumbent_exact) == (0.75, 0.0)
+    assert m.incumbent_rougeL_facts == 0.2 and m.candidate_rougeL_facts > m.incumbent_rougeL_facts + 0.1
     ok, why = m.decide()
-    assert ok and "ROUGE-L on the 1 of 4 held-out corrections" in why, why
-    assert dict(m.card_rows())["held-out corrections whose exact values agree"] == 1
-    # a row stored before the comparison existed is decided on ROUGE-L over all corrections, as it was
-    old = gate.GateReport.from_dict({k: v for k, v in m.as_dict().items() if "facts_agree" not in k})
-    assert old.facts_agree_n is None and "worse on held-out feedback (ROUGE-L)" in old.decide()[1]
-    m = evaluate(client, settings, data, "own-rambling", None, "chatfb-base", tmp_path)
+    assert ok and "over the words alone" in why, why
+    assert dict(m.card_rows())["ROUGE-L, 0 where an exact value is missed"] == m.candidate_rougeL_facts
+    # a row stored before the measure existed is decided on the words alone, as it was
+    old = gate.GateReport.from_dict({k: v for k, v in m.as_dict().items() if not k.endswith("_facts")})
+    assert old.candidate_rougeL_facts is None and "worse on held-out feedback (ROUGE-L)" in old.decide()[1]
+    client.loaded["own"] = "adapters/own"  # the same facts as its incumbent, worse words on the answer without any
+    m = evaluate(client, settings, data, "own-rambling", "own", "chatfb-base", tmp_path)
     ok, why = m.decide()
-    assert not ok and "worse on held-out feedback (ROUGE-L)" in why, why
+    assert m.candidate_exact == m.incumbent_exact and not ok and "worse on held-out feedback (ROUGE-L)" in why, why
+    assert gate.rouge_given_facts([], []) is None
 
 
 def test_exact_values_skip_list_numbering_and_digits_inside_words():
