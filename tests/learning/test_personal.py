@@ -118,9 +118,10 @@ def test_a_row_an_admin_rejected_or_a_flagged_authors_rows_never_train_a_persona
 
 
 def cycle(store, settings, fake_client, monkeypatch, candidate_learns: bool, trained: list, owner_server="http://fake",
-          promote=True, launches: list | None = None, unwritten: str = "\0", child=None):
+          promote=True, launches: list | None = None, unwritten: str = "\0", child=None, learnt: dict | None = None):
     """A whole cycle, its children run in this process with a fake trainer and a fake model server (the owner's,
-    or with `owner_server` None one the child starts, which holds no adapter yet)."""
+    or with `owner_server` None one the child starts, which holds no adapter yet). A personal adapter that learns
+    answers support questions with its owner's correction from `learnt` (user -> text), or the support address."""
     monkeypatch.setattr(worker, "model_server", lambda s, url, merged=None: (fake_client, settings.data_dir, lambda: None))
     launches = [] if launches is None else launches  # adapters per trainer process
 
@@ -142,7 +143,8 @@ def cycle(store, settings, fake_client, monkeypatch, candidate_learns: bool, tra
     def complete(messages, model, **kw):
         personal = "-u" in model and model != "chatfb-base"
         if candidate_learns and personal and "support" in messages[-1]["content"]:
-            return ["Email support@chatfb.example."]
+            return [next((text for user, text in (learnt or {}).items()
+                          if model.startswith(personal_prefix(user, "chatfb") + "-")), "Email support@chatfb.example.")]
         return ["I don't know." if "support" in messages[-1]["content"] else "Paris."]
 
     fake_client.complete = complete
@@ -285,10 +287,11 @@ def test_the_personal_adapters_of_one_cycle_replay_and_gate_on_answers_asked_onc
 
     monkeypatch.setattr(gate, "generate", counted)
     trained, launches = [], []
-    registry, result = cycle(store, settings, fake_client, monkeypatch, True, trained, launches=launches)
+    registry, result = cycle(store, settings, fake_client, monkeypatch, True, trained, launches=launches,
+                             learnt={"bob": "Email bob@chatfb.example."})
     assert len(trained) == 2 and len(result.personal) == 2
     assert launches == [2]  # one trainer process for both
-    assert all(p["promoted"] for p in result.personal), result.personal
+    assert all(p["promoted"] for p in result.personal), [p["reason"] for p in result.personal]
     assert set(replayed) == {("chatfb-v0001", q) for q in worker.REPLAY_PROMPTS[:4]} and set(replayed.values()) == {1}
     assert {m for m, _ in control} >= {"chatfb-base", "chatfb-v0001"}
     assert all(control[m, q] == 1 for m in ("chatfb-base", "chatfb-v0001") for q in gate.CONTROL_PROMPTS), control
