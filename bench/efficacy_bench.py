@@ -661,7 +661,8 @@ def one_run(mode: str, families: list[Family], args, server, client, originals, 
     r.update(reason=s.get("reason"), cycle_wall_s=out["cycle_wall_s"], peak_rss_gib=out["peak_rss_gib"],
              counts=s.get("counts"), timings=s.get("timings"), selection=out["selection"], accept=out["accept"],
              gate={k: (s.get("metrics") or {}).get(k) for k in
-                   ("candidate_rougeL", "incumbent_rougeL", "candidate_critique_pass", "incumbent_critique_pass",
+                   ("candidate_rougeL", "incumbent_rougeL", "candidate_rougeL_facts", "incumbent_rougeL_facts",
+                    "candidate_exact", "incumbent_exact", "candidate_critique_pass", "incumbent_critique_pass",
                     "guideline_follow", "control_agreement", "decision")})
     return r
 

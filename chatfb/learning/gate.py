@@ -31,8 +31,9 @@
 
 `evaluate` takes these measurements on a running model server and returns a `GateReport`; its `decide`
 applies the policy. A candidate is promoted only if the control answers hold (known answers first), it
-beats the incumbent by `min_gain` on at least one held-out measure (ROUGE-L on corrections, pass rate on
-critiques) and is not worse by more than `min_gain` on the other.
+beats the incumbent by `min_gain` on at least one held-out measure (ROUGE-L on corrections, 0 for a reply that
+misses a value its correction states; the share of those values given; pass rate on critiques) and is not worse
+by more than `min_gain` on any other.
 """
 
 from __future__ import annotations
@@ -214,17 +215,29 @@ def _same(value: str) -> str:
     return re.sub(r"(?<=\d),(?=\d{3}\b)", "", value.lower())  # "1,000" is 1000
 
 
+_EMAIL = re.compile(content.EMAIL)
+
+
 def gives_exactly(reply: str, values: list[str]) -> bool:
-    """`reply` states every one of `values` as such (any case; not inside a longer address or number)."""
-    found = {_same(v) for v in exact_values(reply)}
-    return all(_same(v) in found for v in values)
+    """`reply` states every one of `values` as such (any case; not inside a longer address or number), and, where
+    the values hold an e-mail address, no address besides them: "support@chatfb.example or ann@mail.example" hedges
+    between the old address and the corrected one, and a user cannot write to both."""
+    stated = exact_values(reply)
+    found = {_same(v) for v in stated}
+    wanted = {_same(v) for v in values}
+    if any(_EMAIL.fullmatch(v) for v in values) and any(_EMAIL.fullmatch(v) and _same(v) not in wanted for v in stated):
+        return False
+    return wanted <= found
 
 
 def rouge_given_facts(replies: list[str], targets: list[str]) -> float | None:
     """Mean ROUGE-L F1 of `replies` to the corrected replies, a reply that misses an exact value its correction
     states scoring 0: its wording counts only where its facts are right. Over words alone, the old address in the
     corrected sentence beat the owner's new address in a sentence of the model's own (CI, 2026-12-07: ROUGE-L 0.897
-    against 0.856, the address given 0 against 0.8 of the time). None when there is nothing to score."""
+    against 0.856, the address given 0 against 0.8 of the time). A number is a value too: "seven days" for "7 days"
+    scores 0, as it counts as missed in the exact share. A bare address now beats a wrong one in the corrected
+    words; a model that gives addresses where it should answer is the control answers' to catch (an address given
+    to "What is 12 plus 7?" is a collapsed answer). None when there is nothing to score."""
     if not targets:
         return None
     scores = [0.0 if (vs := exact_values(t)) and not gives_exactly(r, vs) else rouge_l(t, r)
@@ -386,7 +399,8 @@ class GateReport:
         return cls(**{k: v for k, v in (metrics or {}).items() if k in names})
 
     def decide(self, policy: GatePolicy | None = None) -> tuple[bool, str]:
-        by_facts = self.candidate_rougeL_facts is not None  # rows from before it decide on the words alone
+        # rows from before the measure decide on the words alone
+        by_facts = self.candidate_rougeL_facts is not None and self.incumbent_rougeL_facts is not None
         cand_rouge = self.candidate_rougeL_facts if by_facts else self.candidate_rougeL
         inc_rouge = self.incumbent_rougeL_facts if by_facts else self.incumbent_rougeL
         ok, why = decide({"rougeL": cand_rouge, "exact": self.candidate_exact,
@@ -398,7 +412,7 @@ class GateReport:
                          policy or GatePolicy())
         if by_facts and (cand_rouge, inc_rouge) != (self.candidate_rougeL, self.incumbent_rougeL):
             why += (f"; ROUGE-L scores 0 for a reply that misses an exact value of its correction (over the words "
-                    f"alone: {self.candidate_rougeL:.3f} vs {_dash(self.incumbent_rougeL)})")
+                    f"alone: {_dash(self.candidate_rougeL)} vs {_dash(self.incumbent_rougeL)})")
         if self.control_lost_by_chance:  # said wherever the decision is shown, so nobody has to read the metrics
             why += (f"; {len(self.control_lost_by_chance)} known answer(s) turned wrong once, not confirmed when "
                     f"asked again ({'; '.join(self.control_lost_by_chance[:3])})")
@@ -438,7 +452,8 @@ def evaluate(client: ModelClient, settings: Settings, data, candidate: str, incu
              base_name: str, candidate_path: Path, guidelines: dict | None = None, judge=None,
              book: AnswerBook | None = None) -> GateReport:
     """The gate's measurements of a trained candidate beside the incumbent (or the base model): ROUGE-L on
-    held-out corrections, the selection pass rate on held-out critiques, how often each approved guideline
+    held-out corrections (over the words alone, and with 0 for a reply that misses a value its correction states),
+    the share of those values given, the selection pass rate on held-out critiques, how often each approved guideline
     is followed without it in the prompt, and the control answers. `book`: the answers kept across cycles
     (chatfb.learning.answers): the base model's and the incumbent's control answers are asked only when no
     earlier child or cycle asked them, and the candidate's are filed for a later child or cycle that has it as

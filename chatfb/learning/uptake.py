@@ -4,9 +4,10 @@ A cycle's child (chatfb.learning.worker) asks a candidate that passed the gate, 
 the prompt of each feedback item it trained on (the newest CHATFB_UPTAKE_MAX_ITEMS corrections and
 critiques; greedy, the app's max tokens) and decides per item:
 
-- a correction (written, or a revision the user accepted or edited): learned when the new answer is
-  closer to the correction than to the original reply (ROUGE-L F1, the gate's measure on held-out
-  corrections) and shares at least MIN_ROUGE with the correction;
+- a correction (written, or a revision the user accepted or edited): learned when the new answer gives every
+  e-mail address, URL and number the correction states (chatfb.learning.gate.gives_exactly: the old address in
+  the corrected words is not learned), is closer to the correction than to the original reply (ROUGE-L F1, as
+  the gate on held-out corrections) and shares at least MIN_ROUGE with the correction;
 - a critique: learned when the new answer, asked without the critique, passes the same selection the
   cycle's candidates passed with it (chatfb.critique.candidates.score, the gate's check on held-out critiques).
 
@@ -60,10 +61,13 @@ def items_to_check(data, limit: int) -> tuple[list[Item], int]:
 
 
 def correction_learned(answer: str, correction: str, original: str) -> tuple[bool, float]:
-    """(learned, ROUGE-L F1 of the answer to the correction): closer to the correction than to the
-    original reply, and at least MIN_ROUGE to it."""
+    """(learned, ROUGE-L F1 of the answer to the correction): gives the values the correction states, closer to
+    the correction than to the original reply, and at least MIN_ROUGE to it."""
+    from chatfb.learning.gate import exact_values, gives_exactly
+
     score = rouge_l(correction, answer)
-    return score >= MIN_ROUGE and score > rouge_l(original, answer), round(score, 4)
+    return (score >= MIN_ROUGE and score > rouge_l(original, answer)
+            and gives_exactly(answer, exact_values(correction))), round(score, 4)
 
 
 def critique_learned(judge, scorer_model: str, item: Item, answer: str) -> tuple[bool, float | None]:

@@ -72,7 +72,7 @@ def test_a_cycle_teaches_the_preference_and_hot_loads_it(app, vllm_url):
     with app.snapshot_store() as s:
         a = s.adapter(name)
         assert a["status"] == "live" and a["parent"] is None, a
-        assert a["metrics"]["candidate_rougeL"] > a["metrics"]["incumbent_rougeL"], a["metrics"]
+        assert a["metrics"]["candidate_rougeL_facts"] > a["metrics"]["incumbent_rougeL_facts"], a["metrics"]
         # of the 30 corrections a random third or so is held out for the gate (19 trained in one run, 23 in another)
         assert a["data_counts"]["train_correction"] >= 15 and a["timings"]["train_s"] > 0, (a["data_counts"], a["timings"])
         # uptake (chatfb.learning.uptake): the promoted adapter was asked the newest trained corrections again

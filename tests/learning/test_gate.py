@@ -586,6 +586,12 @@ def test_exact_values_are_read_as_written_and_must_come_back_letter_for_letter()
                   "Write to ann-desk@chatfb.example.org or call 555-0199 before 17:30.",
                   "Write to ann-desk@chatfb.example or call 1555-0199 before 17:30."):
         assert not gate.gives_exactly(wrong, gate.exact_values(target)), wrong
+    # an old address beside the corrected one hedges; other values beside the stated ones do not
+    assert not gate.gives_exactly("Write to support@chatfb.example or ann-desk@chatfb.example, 555-0199, 17:30.",
+                                  gate.exact_values(target))
+    assert gate.gives_exactly("Write to ann-desk@chatfb.example or see https://chatfb.example/help, 555-0199, 17:30 "
+                              "on 5 days.", gate.exact_values(target))
+    assert gate.gives_exactly("Call 555-0199 or 555-0100.", ["555-0199"])
     assert gate.exact_share(["a@b.example", "no", "Paris."], ["a@b.example", "c@d.example", "It is Paris."]) == (0.5, 2)
     assert gate.exact_share(["Paris."], ["It is Paris."]) == (None, 0)
 
@@ -607,7 +613,7 @@ def test_a_candidate_that_gives_the_exact_values_of_held_out_corrections_less_of
     assert (m.candidate_exact, m.incumbent_exact, m.exact_n) == (0.0, 1.0, 2)
     assert m.candidate_rougeL > m.incumbent_rougeL  # closer in words, the address wrong
     ok, why = m.decide()
-    assert not ok and "worse on held-out feedback (" in why and "exact values given 0.000 vs 1.0" in why, why
+    assert not ok and "worse on held-out feedback (ROUGE-L, exact values given)" in why, why
     m = evaluate(client, settings, data, "right", None, "chatfb-base", tmp_path)
     ok, why = m.decide()
     assert ok and "exact values given 1.000 vs 0.0" in why, why

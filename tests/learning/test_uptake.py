@@ -27,6 +27,12 @@ def test_a_correction_is_learned_when_the_answer_is_closer_to_it_than_to_the_ori
     learned, score = uptake.correction_learned("Support is great.", "Our support team answers every e-mail sent to "
                                                "help@chatfb.example within one working day.", original)
     assert not learned and 0 < score < uptake.MIN_ROUGE
+    # the corrected sentence word for word with the old address, or both addresses: not learned
+    mine = "Please write to ann-desk@mail.example about your order."
+    assert not uptake.correction_learned("Please write to support@chatfb.example about your order.", mine, original)[0]
+    assert not uptake.correction_learned("Please write to support@chatfb.example or ann-desk@mail.example about "
+                                         "your order.", mine, original)[0]
+    assert uptake.correction_learned("Please write to ann-desk@mail.example about an order.", mine, original)[0]
 
 
 def test_a_critique_is_learned_when_the_answer_without_it_passes_its_selection(monkeypatch, fake_client):
