@@ -47,12 +47,14 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Connection", "close")
         self.end_headers()
-        for i, w in enumerate(words):
-            chunk = {"choices": [{"delta": {"content": (" " if i else "") + w}, "finish_reason": None}]}
+        cut = words[:body.get("max_tokens", len(words))]  # as above; the last chunk says why it ended, like vLLM's
+        for i, w in enumerate(cut):
+            finish = ("length" if len(cut) < len(words) else "stop") if i == len(cut) - 1 else None
+            chunk = {"choices": [{"delta": {"content": (" " if i else "") + w}, "finish_reason": finish}]}
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
             self.wfile.flush()
             time.sleep(self.delay)
-        usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": len(words)}}
+        usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": len(cut)}}
         self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
         self.wfile.flush()
         self.close_connection = True

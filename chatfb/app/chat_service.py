@@ -356,7 +356,7 @@ class ChatService:
             # what was stored: the first write of a stopped reply stands.
             self.store.finish_message(mid, result.text, status, error, result.ttft_ms, result.latency_ms,
                                       result.prompt_tokens, result.completion_tokens,
-                                      only_if_pending=status == "stopped")
+                                      only_if_pending=status == "stopped", finish_reason=result.finish_reason)
             log.info("reply %s %s model=%s ttft_ms=%s tokens=%s", mid, status, model,
                      None if result.ttft_ms is None else round(result.ttft_ms), result.completion_tokens)
         yield ReplyUpdate(mid, result.text, model, done=True, error=error if status == "failed" else None)
@@ -463,7 +463,10 @@ class ChatService:
             return
         rules = [g["text"] for g in self.store.guidelines_for(session_id, user)]
         prompt = guidelines.apply(self.store.history_before(message_id), rules)
-        original = self.store.message(message_id)["content"]
+        critiqued = self.store.message(message_id)
+        # a reply the token limit or Stop cut off is framed only up to its last whole sentence
+        original = constraints.PlainAnswer.of(critiqued["content"], critiqued.get("finish_reason") == "length"
+                                              or critiqued["status"] == "stopped")
         model = self.router.acquire(who(user, session_id))
         t0 = time.perf_counter()
         ttft = None

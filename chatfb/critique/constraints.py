@@ -165,7 +165,8 @@ def framed(text: str, opening: str, closing: str, done: bool = True) -> str:
 
 
 class PlainAnswer(str):
-    """A plain answer's text that knows whether the token limit cut it off (chatfb.critique.candidates.plain_answer)."""
+    """An answer's text that knows whether it was cut off: the token limit (chatfb.critique.candidates.plain_answer,
+    a stored reply's finish reason) or the user's Stop. `framed_candidates` frames only its whole sentences."""
 
     cut_off: bool = False
 

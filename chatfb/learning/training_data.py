@@ -29,6 +29,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from chatfb.critique import content
+from chatfb.critique.constraints import PlainAnswer
 from chatfb.critique.guidelines import looks_like_rule
 from chatfb.learning.rows import dpo_row, prompt_completion_row, provenance
 from chatfb.learning.trust import provenance_kind, who
@@ -262,7 +263,9 @@ def critique_tasks(data: TrainingData, holdout_fraction: float, seed: int, limit
     data.counts.update(critiques=len(data.pending_critiques), critiques_heldout=len(held),
                        critiques_not_refined=len(rest) - len(todo))
     data.pending_critiques = []
-    return [InstructionTask(r.prompt, r.text.strip(), "critique", r.feedback_id, r.message_id, r.reply, r) for r in todo]
+    # a critiqued reply the token limit or Stop cut off is framed only up to its last whole sentence
+    return [InstructionTask(r.prompt, r.text.strip(), "critique", r.feedback_id, r.message_id,
+                            PlainAnswer.of(r.reply, r.reply_cut_off), r) for r in todo]
 
 
 SPREAD_WINDOW = 8

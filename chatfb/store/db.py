@@ -371,12 +371,12 @@ class Store:
     def finish_message(self, message_id: str, content: str, status: str, error: str | None = None,
                        ttft_ms: float | None = None, latency_ms: float | None = None,
                        prompt_tokens: int | None = None, completion_tokens: int | None = None,
-                       only_if_pending: bool = False) -> None:
+                       only_if_pending: bool = False, finish_reason: str | None = None) -> None:
         """Write a reply's outcome. `only_if_pending`: leave a reply that finished meanwhile as it is (Stop
-        racing the stream's own end)."""
+        racing the stream's own end). `finish_reason`: the model server's ("length": the token limit cut it off)."""
         where = " AND status = 'pending'" if only_if_pending else ""
-        self._tx([(_FINISH_MESSAGE + where,
-                   (content, status, error, ttft_ms, latency_ms, prompt_tokens, completion_tokens, message_id))])
+        self._tx([(_FINISH_MESSAGE + where, (content, status, error, ttft_ms, latency_ms, prompt_tokens,
+                                             completion_tokens, finish_reason, message_id))])
 
     def message(self, message_id: str) -> dict | None:
         rows = self._q(f"SELECT {_MSG_COLS} FROM messages WHERE id = ?", (message_id,))
@@ -484,18 +484,20 @@ class Store:
             params.append(user_name)
         rows = self._q(
             "SELECT f.id, f.message_id, f.kind, f.rating, f.text, f.user_name, f.created_at, m.content, f.derived_from,"
-            " f.session_id, c.client, f.origin, coalesce(f.trusted, FALSE), m.guidelines"
+            " f.session_id, c.client, f.origin, coalesce(f.trusted, FALSE), m.guidelines,"
+            " coalesce(m.finish_reason = 'length' OR m.status = 'stopped', FALSE)"
             " FROM feedback f JOIN messages m ON m.id = f.message_id JOIN conversations c ON c.id = m.conversation_id"
             f" WHERE {where} ORDER BY f.created_at, f.id", tuple(params))
         private = {r[0] for r in self._q("SELECT id FROM guidelines WHERE scope = 'user'")}
         histories: dict[str, list[dict]] = {}
         out = []
-        for fid, mid, kind, rating, text, user, created, reply, derived_from, session, client, origin, trusted, rules in rows:
+        for (fid, mid, kind, rating, text, user, created, reply, derived_from, session, client, origin, trusted, rules,
+             cut_off) in rows:
             if mid not in histories:
                 histories[mid] = self.history_before(mid)
             out.append(FeedbackRecord(fid, mid, kind, rating, text, user, created, histories[mid], reply, derived_from,
                                       session, client, origin or _origin(kind, derived_from, True), bool(trusted),
-                                      bool(private.intersection(json.loads(rules) if rules else []))))
+                                      bool(private.intersection(json.loads(rules) if rules else [])), bool(cut_off)))
         return out
 
     def import_feedback(self, records: list[dict], session_id: str = "import", trusted: bool = False) -> int:
@@ -940,7 +942,7 @@ _INSERT_FEEDBACK = ("INSERT INTO feedback (id, message_id, kind, rating, text, u
                     " origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 _FINISH_MESSAGE = ("UPDATE messages SET content = ?, status = ?, error = ?, ttft_ms = ?, latency_ms = ?, prompt_tokens = ?,"
-                   " completion_tokens = ? WHERE id = ?")
+                   " completion_tokens = ?, finish_reason = ? WHERE id = ?")
 
 # The statements every chat turn makes, each also written once over lists of values (one list per
 # column), with the position of its key: DuckDB runs an executemany one row at a time, ~0.2 ms per
@@ -957,11 +959,12 @@ _AS_LISTS = {
                       " unnest(?::INTEGER[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]),"
                       " unnest(?::TIMESTAMP[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[])", 0),
     _FINISH_MESSAGE: ("UPDATE messages SET content = r.content, status = r.status, error = r.error, ttft_ms = r.ttft_ms,"
-                     " latency_ms = r.latency_ms, prompt_tokens = r.prompt_tokens, completion_tokens = r.completion_tokens"
+                     " latency_ms = r.latency_ms, prompt_tokens = r.prompt_tokens, completion_tokens = r.completion_tokens,"
+                     " finish_reason = r.finish_reason"
                      " FROM (SELECT unnest(?::VARCHAR[]) AS content, unnest(?::VARCHAR[]) AS status,"
                      " unnest(?::VARCHAR[]) AS error, unnest(?::DOUBLE[]) AS ttft_ms, unnest(?::DOUBLE[]) AS latency_ms,"
                      " unnest(?::INTEGER[]) AS prompt_tokens, unnest(?::INTEGER[]) AS completion_tokens,"
-                     " unnest(?::VARCHAR[]) AS id) AS r WHERE messages.id = r.id", 7),
+                     " unnest(?::VARCHAR[]) AS finish_reason, unnest(?::VARCHAR[]) AS id) AS r WHERE messages.id = r.id", 8),
 }
 
 
@@ -1007,7 +1010,7 @@ def _copy_database(db, dest: Path) -> None:
 
 
 _MSG_COLS = ("id, conversation_id, seq, role, content, status, error, model, adapter, replaces, replaced, created_at,"
-             " ttft_ms, latency_ms, prompt_tokens, completion_tokens, guidelines")
+             " ttft_ms, latency_ms, prompt_tokens, completion_tokens, guidelines, finish_reason")
 
 
 _CAND_COLS = ("id, feedback_id, message_id, origin, text, score, verdict, status, session_id, cycle, details, created_at")

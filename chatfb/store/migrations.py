@@ -207,3 +207,11 @@ def m009_uptake():
             PRIMARY KEY (feedback_id, adapter)
         )""",
     ]
+
+
+@migration
+def m010_finish_reason():
+    """Why a reply ended, as the model server said ("stop", or "length" where the token limit cut it off): a
+    cut-off reply is framed only up to its last whole sentence when a critique's phrase is added to it (in the
+    chat and in the nightly), never with a closing phrase after half a word. NULL for replies from before it."""
+    return ["ALTER TABLE messages ADD COLUMN finish_reason VARCHAR"]

@@ -63,3 +63,4 @@ class FeedbackRecord:
     origin: str | None = None  # written_correction | accepted_revision | edited_revision | critique | rating | implicit
     trusted: bool = False  # imported with `import-feedback --trusted`
     private_guideline: bool = False  # the reply was written under a user's own (not global) guideline
+    reply_cut_off: bool = False  # the reply ends where the token limit (or the user's Stop) cut it off

@@ -136,16 +136,20 @@ def api_routes(rt) -> list:
             pass
         if last.error:
             raise ApiError(503, last.error, "server_error", failure_code(last.error), id_headers(cid, last.message_id))
+        usage, finish = ending(last.message_id)
         return JSONResponse({
             "id": f"chatcmpl-{last.message_id}", "object": "chat.completion", "created": int(time.time()),
             "model": last.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": last.text}, "finish_reason": "stop"}],
-            "usage": usage_of(last.message_id), "chatfb": ids}, headers=id_headers(cid, last.message_id))
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": last.text}, "finish_reason": finish}],
+            "usage": usage, "chatfb": ids}, headers=id_headers(cid, last.message_id))
 
-    def usage_of(mid: str) -> dict:
+    def ending(mid: str) -> tuple[dict, str]:
+        """A finished reply's token usage and finish reason: "length" where the token limit cut it off (a client
+        asks for more, or shows it was cut), "stop" otherwise."""
         m = store.message(mid) or {}
         prompt, completion = m.get("prompt_tokens") or 0, m.get("completion_tokens") or 0
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return ({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+                "length" if m.get("finish_reason") == "length" else "stop")
 
     def sse(first: ReplyUpdate, stream: Iterator[ReplyUpdate], ids: dict, include_usage: bool) -> Iterator[str]:
         created = int(time.time())
@@ -171,9 +175,10 @@ def api_routes(rt) -> list:
                         out.append(f"data: {json.dumps({'error': {'message': upd.error, 'type': 'server_error'}})}\n\n")
                         yield "".join(out)
                         return
-                    out.append(event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+                    usage, finish = ending(upd.message_id)
+                    out.append(event({"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}))
                     if include_usage:
-                        out.append(event({"choices": [], "usage": usage_of(upd.message_id)}))
+                        out.append(event({"choices": [], "usage": usage}))
                     break
                 if out:
                     yield "".join(out)

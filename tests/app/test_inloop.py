@@ -364,6 +364,24 @@ def test_a_critique_asking_for_a_phrase_is_offered_the_reply_framed_by_it(chat, 
     assert offered["details"]["source"] == "framed"
 
 
+def test_a_reply_cut_off_is_framed_only_up_to_its_last_whole_sentence(chat, store, fake_client):
+    """A reply the token limit cut off, critiqued "end with ...": framed whole, the phrase would follow half a
+    word. The store keeps why the reply ended; the revision frames only its whole sentences."""
+    fake_client.enqueue("The capital of Austria is Vienna, a city on the Danube. It is known for its mus")
+    fake_client.stream_finish = "length"
+    cid, mid = reply(chat, "A", "What is the capital of Austria?")
+    fake_client.stream_finish = "stop"
+    assert store.message(mid)["finish_reason"] == "length"
+    fake_client.follows = ("Cheers, the chatfb team",)
+    fake_client.enqueue("Cheers, the chatfb team", "Cheers, the chatfb team")
+    fid, stream = chat.revise("A", mid, "End your replies with 'Cheers, the chatfb team'")
+    list(stream)
+    framed = [c["text"] for c in store.candidates("feedback_id = ?", (fid,)) if c["details"].get("source") == "framed"]
+    assert framed == ["The capital of Austria is Vienna, a city on the Danube.\n\nCheers, the chatfb team"], framed
+    [record] = [r for r in store.feedback_records() if r.feedback_id == fid]
+    assert record.reply_cut_off
+
+
 def test_a_critique_stating_a_literal_format_is_offered_a_candidate_held_to_it(chat, store, fake_client):
     """Issue 23: the in-loop revision has the nightly's candidates, the ones held to a format the critique
     states literally (vLLM structured outputs) too, asked while the sampled drafts stream."""

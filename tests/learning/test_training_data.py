@@ -1,7 +1,9 @@
 import math
 from collections import Counter
+from dataclasses import replace
 from datetime import datetime
 
+from chatfb.critique import candidates
 from chatfb.learning import training_data as td
 from chatfb.store.records import FeedbackRecord
 
@@ -128,6 +130,18 @@ def test_critiques_are_held_out_whole_and_bounded_newest_first():
     assert min(t.record.created_at for t in tasks) >= max(sorted(r.created_at for r in rest)[:len(rest) - 10]), \
         "the bound kept an older critique over a newer one"
     assert all(t.source == "critique" and t.original == "orig" and t.instruction == "too vague" for t in tasks), tasks
+    assert not any(t.original.cut_off for t in tasks)
+
+
+def test_a_critiqued_reply_that_was_cut_off_is_framed_only_up_to_its_last_whole_sentence():
+    """The task's original knows it was cut off (the stored finish reason, or Stop): a closing phrase the critique
+    asks for follows its last whole sentence, not half a word."""
+    cut = replace(crit(1, "End with 'Cheers, the chatfb team'.", "What is Paris?"),
+                  reply="Paris is the capital of France. It is also the larg", reply_cut_off=True)
+    [task] = td.critique_tasks(td.build([cut], "unsupervised", holdout_fraction=0.0, seed=3), 0.0, 3, limit=10)
+    assert task.original.cut_off and task.original == cut.reply
+    assert [c.text for c in candidates.content_keeping(task.instruction, task.original)] == [
+        "Paris is the capital of France.\n\nCheers, the chatfb team"]
 
 
 def test_the_bound_spreads_over_what_the_critiques_ask():

@@ -70,7 +70,7 @@ SCHEMA = {
                  "content VARCHAR NOT NULL", "status VARCHAR NOT NULL DEFAULT 'ok'", "error VARCHAR", "model VARCHAR",
                  "adapter VARCHAR", "replaces VARCHAR", "replaced BOOLEAN NOT NULL DEFAULT false",
                  "created_at TIMESTAMP NOT NULL", "ttft_ms DOUBLE", "latency_ms DOUBLE", "prompt_tokens INTEGER",
-                 "completion_tokens INTEGER", "guidelines JSON", "PRIMARY KEY (id)",
+                 "completion_tokens INTEGER", "guidelines JSON", "finish_reason VARCHAR", "PRIMARY KEY (id)",
                  "CREATE INDEX messages_conversation ON messages(conversation_id)"],
     "reviews": ["feedback_id VARCHAR NOT NULL", "decision VARCHAR NOT NULL", "decided_at TIMESTAMP NOT NULL",
                 "question VARCHAR", "taught VARCHAR", "PRIMARY KEY (feedback_id)"],
@@ -186,14 +186,31 @@ def test_turn_and_history(store):
     cid = store.create_conversation("s1", "ann", "Be brief.")
     u = store.add_message(cid, "user", "hi")
     a = store.add_message(cid, "assistant", "", status="pending", model="m")
-    store.finish_message(a, "hello there", "ok", ttft_ms=5, latency_ms=9, prompt_tokens=3, completion_tokens=2)
+    store.finish_message(a, "hello there", "ok", ttft_ms=5, latency_ms=9, prompt_tokens=3, completion_tokens=2,
+                         finish_reason="length")
     u2 = store.add_message(cid, "user", "again")
     a2 = store.add_message(cid, "assistant", "", status="pending")
     assert store.message(a)["status"] == "ok" and store.message(a)["completion_tokens"] == 2
+    assert store.message(a)["finish_reason"] == "length" and store.message(a2)["finish_reason"] is None
     assert store.history_before(a2) == [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello there"}, {"role": "user", "content": "again"}]
     assert [m["id"] for m in store.messages(cid)] == [u, a, u2, a2]
+
+
+def test_feedback_records_say_which_replies_were_cut_off(store):
+    """By the token limit (the finish reason stored with the reply) or by the user's Stop; not a reply that ended
+    on its own, nor one from before finish reasons were stored."""
+    cid = store.create_conversation("s1", "ann")
+    cut = {}
+    for name, status, finish in (("length", "ok", "length"), ("stop", "ok", "stop"), ("stopped", "stopped", None),
+                                 ("older", "ok", None)):
+        store.add_message(cid, "user", name)
+        mid = store.add_message(cid, "assistant", "", status="pending")
+        store.finish_message(mid, f"reply {name}", status, finish_reason=finish)
+        cut[store.log_feedback(mid, "critique", text="too long", session_id="s1")] = name
+    assert {cut[r.feedback_id]: r.reply_cut_off for r in store.feedback_records()} == {
+        "length": True, "stop": False, "stopped": True, "older": False}
 
 
 def test_failed_and_replaced_replies_leave_the_history(store):
@@ -342,7 +359,8 @@ def test_concurrent_writers_group_commit_keeps_every_row_exact(settings):
             done = t % 3 != 0
             store.finish_message(mid, f"a{w}-{t}" if done else "", "ok" if done else "error",
                                  error=None if done else "boom", ttft_ms=float(t) if done else None,
-                                 latency_ms=t + 0.5, prompt_tokens=t if done else None, completion_tokens=w)
+                                 latency_ms=t + 0.5, prompt_tokens=t if done else None, completion_tokens=w,
+                                 finish_reason=("length" if t % 2 else "stop") if done else None)
             if done:
                 store.log_feedback(mid, "rating", rating=1 if t % 2 else -1, session_id=f"s{w}")
         out[w] = cid
@@ -367,6 +385,7 @@ def test_concurrent_writers_group_commit_keeps_every_row_exact(settings):
                 assert (a["content"], a["status"], a["error"]) == ((f"a{w}-{t}", "ok", None) if done else ("", "error", "boom"))
                 assert (a["ttft_ms"], a["latency_ms"], a["prompt_tokens"], a["completion_tokens"]) == \
                     ((float(t), t + 0.5, t, w) if done else (None, t + 0.5, None, w))
+                assert a["finish_reason"] == (("length" if t % 2 else "stop") if done else None)
                 ratings = [f["rating"] for f in store.feedback_for(a["id"])]
                 assert ratings == ([1 if t % 2 else -1] if done else [])
 

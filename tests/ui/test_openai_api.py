@@ -95,6 +95,21 @@ def test_a_streamed_completion_continues_the_conversation_the_history_names(ann)
     assert [m["content"] for m in rt.store.messages(other.chatfb["conversation_id"])] == ["Q", "A from elsewhere", "Q2", REPLY]
 
 
+def test_a_reply_the_token_limit_cut_off_says_so(ann):
+    """finish_reason "length" where max_tokens cut the reply, streamed or not (a client asks for more, or shows the
+    reply was cut); "stop" where it ended on its own."""
+    client, rt = ann
+    ask = dict(model="chatfb", messages=[{"role": "user", "content": "Hi?"}])
+    done = client.chat.completions.create(max_tokens=3, **ask)
+    assert (done.choices[0].message.content, done.choices[0].finish_reason) == ("word0 word1 word2", "length")
+    assert rt.store.message(done.chatfb["message_id"])["finish_reason"] == "length"
+    chunks = list(client.chat.completions.create(max_tokens=2, stream=True, **ask))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "word0 word1"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    chunks = list(client.chat.completions.create(stream=True, **ask))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+
+
 def test_a_client_that_hangs_up_stops_the_reply(ann):
     client, rt = ann
     with client.chat.completions.create(model="chatfb", messages=[{"role": "user", "content": "Hi?"}],
