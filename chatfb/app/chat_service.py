@@ -24,7 +24,7 @@ from chatfb.critique.judge import ServerJudge
 from chatfb.learning.trust import who
 from chatfb.serving.model_client import ModelClient, ModelError, StreamResult
 from chatfb.store.db import Store
-from chatfb.store.records import StoreError, utf8_text
+from chatfb.store.records import StoreError, cut_off, utf8_text
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +403,8 @@ class ChatService:
             if result is not None:
                 self.store.finish_message(m["id"], result.text, "stopped", None, result.ttft_ms,
                                           (time.perf_counter() - result.started) * 1000, result.prompt_tokens,
-                                          result.completion_tokens, only_if_pending=True)
+                                          result.completion_tokens, only_if_pending=True,
+                                          finish_reason=result.finish_reason)  # a reply whole by then stays whole
 
     # -- feedback ---------------------------------------------------------------------------
     def rate(self, session_id: str, message_id: str, rating: int, user: str | None = None) -> str:
@@ -465,8 +466,7 @@ class ChatService:
         prompt = guidelines.apply(self.store.history_before(message_id), rules)
         critiqued = self.store.message(message_id)
         # a reply the token limit or Stop cut off is framed only up to its last whole sentence
-        original = constraints.PlainAnswer.of(critiqued["content"], critiqued.get("finish_reason") == "length"
-                                              or critiqued["status"] == "stopped")
+        original = constraints.PlainAnswer.of(critiqued["content"], cut_off(critiqued["finish_reason"], critiqued["status"]))
         model = self.router.acquire(who(user, session_id))
         t0 = time.perf_counter()
         ttft = None

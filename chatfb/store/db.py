@@ -22,8 +22,8 @@ from typing import Any, Callable
 import duckdb
 
 from chatfb.store.migrations import MIGRATIONS
-from chatfb.store.records import (CANDIDATE_STATUSES, FEEDBACK_KINDS, GUIDELINE_STATUSES, REVIEW_DECISIONS, FeedbackRecord,
-                                  StoreError, StoreLocked, new_id, utcnow)
+from chatfb.store.records import (CANDIDATE_STATUSES, CUT_OFF_SQL, FEEDBACK_KINDS, GUIDELINE_STATUSES, REVIEW_DECISIONS,
+                                  FeedbackRecord, StoreError, StoreLocked, new_id, utcnow)
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,8 @@ class Store:
         self._spawner = self._db.cursor()  # makes reader cursors (see _q)
         if not read_only:
             self._migrate()  # before the writer thread starts: nothing else uses the connection yet
+        else:
+            self._require_schema()
         self._writer = threading.Thread(target=self._write_loop, name=f"chatfb-store-writer:{self.path.name}", daemon=True)
         self._writer.start()
 
@@ -254,6 +256,20 @@ class Store:
             if name in done:
                 continue
             self._run([_Write([(s, ()) for s in statements] + [("INSERT INTO _migrations VALUES (?, ?)", (name, utcnow()))])])
+
+    def _require_schema(self) -> None:
+        """A file opened read-only is not migrated: one an older chatfb wrote (a snapshot of an app not restarted
+        since an upgrade) gets a clear error, not a query naming a column it lacks."""
+        try:
+            done = {r[0] for r in self._db.execute("SELECT name FROM _migrations").fetchall()}
+        except duckdb.Error:
+            done = set()
+        missing = [name for name, _ in MIGRATIONS if name not in done]
+        if missing:
+            self._spawner.close()
+            self._db.close()
+            raise StoreError(f"{self.path} was written by an older chatfb (it lacks {', '.join(missing)}): restart the "
+                             "app on this version, which upgrades it, then try again")
 
     def applied_migrations(self) -> list[str]:
         return [r[0] for r in self._q("SELECT name FROM _migrations ORDER BY name")]
@@ -485,7 +501,7 @@ class Store:
         rows = self._q(
             "SELECT f.id, f.message_id, f.kind, f.rating, f.text, f.user_name, f.created_at, m.content, f.derived_from,"
             " f.session_id, c.client, f.origin, coalesce(f.trusted, FALSE), m.guidelines,"
-            " coalesce(m.finish_reason = 'length' OR m.status = 'stopped', FALSE)"
+            f" {CUT_OFF_SQL}"
             " FROM feedback f JOIN messages m ON m.id = f.message_id JOIN conversations c ON c.id = m.conversation_id"
             f" WHERE {where} ORDER BY f.created_at, f.id", tuple(params))
         private = {r[0] for r in self._q("SELECT id FROM guidelines WHERE scope = 'user'")}

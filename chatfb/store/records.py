@@ -35,6 +35,17 @@ class StoreLocked(StoreError):
     """Another process (normally the running app) holds the DuckDB file."""
 
 
+# Why a reply ended, as the model server said: anything but "stop" (the token limit's "length", an "abort") left it
+# unfinished. A reply with no reason stored ended by the user's Stop when its status says so (Stop stores the text
+# shown then), or is from before reasons were stored. The store's query (feedback_records) says the same in SQL.
+CUT_OFF_SQL = "coalesce(m.finish_reason <> 'stop', m.status = 'stopped', FALSE)"
+
+
+def cut_off(finish_reason: str | None, status: str | None) -> bool:
+    """The reply ends where something cut it off, not where the model ended it (see CUT_OFF_SQL)."""
+    return finish_reason != "stop" if finish_reason is not None else status == "stopped"
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 

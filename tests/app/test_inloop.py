@@ -296,6 +296,21 @@ def test_stop_stores_the_partial_reply_at_once(chat, store, fake_client):
     assert (reply_row["status"], reply_row["content"]) == ("stopped", "one two")
 
 
+def test_a_reply_stopped_half_way_is_framed_only_up_to_its_last_whole_sentence(chat, store, fake_client):
+    fake_client.enqueue("Vienna is the capital. It lies on the Danube, a river that flows into the Black Sea.")
+    cid, stream = chat.send("A", None, "What is the capital of Austria?")
+    shown = [next(stream).text for _ in range(7)][-1]
+    assert shown.endswith("It lies on"), shown
+    chat.stop("A", cid)  # nothing finished the reply: no finish reason
+    mid = store.messages(cid)[-1]["id"]
+    fake_client.follows = ("Cheers, the chatfb team",)
+    fake_client.enqueue("Cheers, the chatfb team", "Cheers, the chatfb team")
+    fid, revising = chat.revise("A", mid, "End your replies with 'Cheers, the chatfb team'")
+    list(revising)
+    framed = [c["text"] for c in store.candidates("feedback_id = ?", (fid,)) if c["details"].get("source") == "framed"]
+    assert framed == ["Vienna is the capital.\n\nCheers, the chatfb team"], framed
+
+
 def test_a_draft_about_the_feedback_is_not_shown_while_it_streams(chat, store, fake_client):
     cid, mid = reply(chat, "A", "What is a cat?")
     fake_client.enqueue("Sure, I'd be happy to help you improve the response.", "A cat is a small pet.")

@@ -9,7 +9,7 @@ import pytest
 
 from chatfb.store.migrations import MIGRATIONS
 from chatfb.store.db import Store
-from chatfb.store.records import StoreError, utcnow
+from chatfb.store.records import StoreError, cut_off, utcnow
 
 
 def test_migrations_run_once_and_are_recorded(settings):
@@ -204,13 +204,16 @@ def test_feedback_records_say_which_replies_were_cut_off(store):
     cid = store.create_conversation("s1", "ann")
     cut = {}
     for name, status, finish in (("length", "ok", "length"), ("stop", "ok", "stop"), ("stopped", "stopped", None),
-                                 ("older", "ok", None)):
+                                 ("older", "ok", None), ("whole when stopped", "stopped", "stop"), ("abort", "ok", "abort")):
         store.add_message(cid, "user", name)
         mid = store.add_message(cid, "assistant", "", status="pending")
         store.finish_message(mid, f"reply {name}", status, finish_reason=finish)
         cut[store.log_feedback(mid, "critique", text="too long", session_id="s1")] = name
-    assert {cut[r.feedback_id]: r.reply_cut_off for r in store.feedback_records()} == {
-        "length": True, "stop": False, "stopped": True, "older": False}
+    expected = {"length": True, "stop": False, "stopped": True, "older": False, "whole when stopped": False, "abort": True}
+    assert {cut[r.feedback_id]: r.reply_cut_off for r in store.feedback_records()} == expected
+    assert {name: cut_off(finish, status) for name, status, finish in (  # the chat's rule is the query's
+        ("length", "ok", "length"), ("stop", "ok", "stop"), ("stopped", "stopped", None), ("older", "ok", None),
+        ("whole when stopped", "stopped", "stop"), ("abort", "ok", "abort"))} == expected
 
 
 def test_failed_and_replaced_replies_leave_the_history(store):
@@ -302,6 +305,12 @@ def test_second_process_is_locked_out_and_snapshot_is_readable(store, tmp_path):
     with Store(snap, read_only=True) as s:
         assert s.counts()["messages"] == 1
     assert not list((tmp_path / "snap").glob(".*tmp")), "the snapshot's temporary file was left behind"
+    # a snapshot an older chatfb wrote is not upgraded by a reader: a clear error, the file as it was
+    con = duckdb.connect(str(snap))
+    con.execute("DELETE FROM _migrations WHERE name = ?", (MIGRATIONS[-1][0],))
+    con.close()
+    with pytest.raises(StoreError, match=f"older chatfb .*{MIGRATIONS[-1][0]}.*restart the app"):
+        Store(snap, read_only=True)
 
 
 def test_snapshot_failure_keeps_previous_snapshot(store, tmp_path, monkeypatch):
@@ -407,6 +416,31 @@ def test_batch_runs_same_shaped_writes_together_and_keeps_each_write_in_order():
         (live[0][0], [()]), (live[1][0], [("x",)]),  # not independent: its statements stay together
         (ins, [("b", 2), ("d", 4)]), (other, [("o",), ("p",)]),
         (live[0][0], [()]), (live[1][0], [("y",)])]
+
+
+def test_replies_finished_in_one_batch_keep_their_own_values(store):
+    """Replies finished in one batch are one UPDATE over lists (db._AS_LISTS): each row gets its own values, its finish
+    reason included, whichever parameter is the key."""
+    from chatfb.store.db import _FINISH_MESSAGE, _Write
+
+    cid = store.create_conversation("s1", "ann")
+    a, b = (store.add_message(cid, "assistant", "", status="pending") for _ in range(2))
+    ran = []
+    run = store._run
+    store._run = lambda batch: (ran.extend(_batch_statements_of(batch)), run(batch))
+    store._on_writer(lambda db: store._run([
+        _Write([(_FINISH_MESSAGE, ("whole", "ok", None, 1.0, 2.0, 3, 4, "stop", a))]),
+        _Write([(_FINISH_MESSAGE, ("cut", "ok", None, 5.0, 6.0, 7, 8, "length", b))])]))
+    assert ran == [(_FINISH_MESSAGE, 2)]  # one statement for both rows
+    got = [store.message(m) for m in (a, b)]
+    assert [(m["content"], m["ttft_ms"], m["completion_tokens"], m["finish_reason"]) for m in got] == [
+        ("whole", 1.0, 4, "stop"), ("cut", 5.0, 8, "length")]
+
+
+def _batch_statements_of(batch):
+    from chatfb.store.db import _batch_statements
+
+    return [(sql, len(rows)) for sql, rows in _batch_statements(batch)]
 
 
 def test_add_turn_logs_message_and_pending_reply_in_one_commit(store):
