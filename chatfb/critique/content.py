@@ -585,9 +585,13 @@ def _symbols(text: str) -> set[str]:
 
 def _numbers(text: str) -> set[str]:
     """The numbers `text` states, by value: in digits, or spelled out ("forty-two" and "42" are both "42")."""
-    found = {n.replace(",", "") for n in _NUMBER.findall(text)}
-    # spelled numbers are read within a clause: "She was twenty. Five years later" is 20 and 5
-    return found.union(*(_spelled_numbers(_words(clause)) for clause in _CLAUSE_BREAK.split(text)))
+    return {n.replace(",", "") for n in _NUMBER.findall(text)} | spelled_numbers(text)
+
+
+def spelled_numbers(text: str) -> set[str]:
+    """The numbers `text` spells out, in digits ("forty-two": "42"). They are read within a clause: "She was
+    twenty. Five years later" is 20 and 5. "one" alone is no number (see _spelled_numbers)."""
+    return set().union(*(_spelled_numbers(_words(clause)) for clause in _CLAUSE_BREAK.split(text or "")))
 
 
 _TENS = frozenset("twenty thirty forty fifty sixty seventy eighty ninety".split())

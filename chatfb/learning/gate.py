@@ -219,11 +219,12 @@ _EMAIL = re.compile(content.EMAIL)
 
 
 def gives_exactly(reply: str, values: list[str]) -> bool:
-    """`reply` states every one of `values` as such (any case; not inside a longer address or number), and, where
+    """`reply` states every one of `values` as such (any case; not inside a longer address or number; a number
+    spelled out counts as its digits), and, where
     the values hold an e-mail address, no address besides them: "support@chatfb.example or ann@mail.example" hedges
     between the old address and the corrected one, and a user cannot write to both."""
     stated = exact_values(reply)
-    found = {_same(v) for v in stated}
+    found = {_same(v) for v in stated} | content.spelled_numbers(reply)  # "seven days" gives the 7 of "7 days"
     wanted = {_same(v) for v in values}
     if any(_EMAIL.fullmatch(v) for v in values) and any(_EMAIL.fullmatch(v) and _same(v) not in wanted for v in stated):
         return False
@@ -234,8 +235,8 @@ def rouge_given_facts(replies: list[str], targets: list[str]) -> float | None:
     """Mean ROUGE-L F1 of `replies` to the corrected replies, a reply that misses an exact value its correction
     states scoring 0: its wording counts only where its facts are right. Over words alone, the old address in the
     corrected sentence beat the owner's new address in a sentence of the model's own (CI, 2026-12-07: ROUGE-L 0.897
-    against 0.856, the address given 0 against 0.8 of the time). A number is a value too: "seven days" for "7 days"
-    scores 0, as it counts as missed in the exact share. A bare address now beats a wrong one in the corrected
+    against 0.856, the address given 0 against 0.8 of the time). A number is a value too ("seven days" gives the 7
+    of "7 days"; "a week" does not). A bare address now beats a wrong one in the corrected
     words; a model that gives addresses where it should answer is the control answers' to catch (an address given
     to "What is 12 plus 7?" is a collapsed answer). None when there is nothing to score."""
     if not targets:

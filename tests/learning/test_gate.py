@@ -592,6 +592,9 @@ def test_exact_values_are_read_as_written_and_must_come_back_letter_for_letter()
     assert gate.gives_exactly("Write to ann-desk@chatfb.example or see https://chatfb.example/help, 555-0199, 17:30 "
                               "on 5 days.", gate.exact_values(target))
     assert gate.gives_exactly("Call 555-0199 or 555-0100.", ["555-0199"])
+    # a number spelled out is its digits; a part of a longer value is not the value
+    assert gate.gives_exactly("A week has seven days, and a fortnight twenty-one... no, fourteen.", ["7", "14"])
+    assert not gate.gives_exactly("A week has six days.", ["7"]) and not gate.gives_exactly("At 17:30.", ["30"])
     assert gate.exact_share(["a@b.example", "no", "Paris."], ["a@b.example", "c@d.example", "It is Paris."]) == (0.5, 2)
     assert gate.exact_share(["Paris."], ["It is Paris."]) == (None, 0)
 
