@@ -411,7 +411,9 @@ class GateReport:
                          {"rougeL": inc_rouge, "exact": self.incumbent_exact,
                           "critique_pass": self.incumbent_critique_pass},
                          policy or GatePolicy())
-        if by_facts and (cand_rouge, inc_rouge) != (self.candidate_rougeL, self.incumbent_rougeL):
+        # said where the reason gives the held-out measures (not after a control answer's failure)
+        if by_facts and "on held-out feedback" in why and (cand_rouge, inc_rouge) != (self.candidate_rougeL,
+                                                                                   self.incumbent_rougeL):
             why += (f"; ROUGE-L scores 0 for a reply that misses an exact value of its correction (over the words "
                     f"alone: {_dash(self.candidate_rougeL)} vs {_dash(self.incumbent_rougeL)})")
         if self.control_lost_by_chance:  # said wherever the decision is shown, so nobody has to read the metrics

@@ -647,6 +647,9 @@ def test_the_right_value_in_other_words_beats_the_wrong_one_in_the_corrected_wor
     ok, why = m.decide()
     assert ok and "over the words alone" in why, why
     assert dict(m.card_rows())["ROUGE-L, 0 where an exact value is missed"] == m.candidate_rougeL_facts
+    lost = gate.GateReport.from_dict({**m.as_dict(), "control_lost": ["What do bees make?"]})
+    ok, why = lost.decide()  # refused before any held-out measure: nothing said of them
+    assert not ok and why.startswith("control answers turned wrong") and "words alone" not in why, why
     # a row stored before the measure existed is decided on the words alone, as it was
     old = gate.GateReport.from_dict({k: v for k, v in m.as_dict().items() if not k.endswith("_facts")})
     assert old.candidate_rougeL_facts is None and "worse on held-out feedback (ROUGE-L)" in old.decide()[1]
