@@ -302,13 +302,17 @@ def test_a_reply_stopped_half_way_is_framed_only_up_to_its_last_whole_sentence(c
     shown = [next(stream).text for _ in range(7)][-1]
     assert shown.endswith("It lies on"), shown
     chat.stop("A", cid)  # nothing finished the reply: no finish reason
-    mid = store.messages(cid)[-1]["id"]
+    fid, framed = framed_by_a_sign_off(chat, store, fake_client, store.messages(cid)[-1]["id"])
+    assert framed == ["Vienna is the capital.\n\nCheers, the chatfb team"], framed
+
+
+def framed_by_a_sign_off(chat, store, fake_client, mid):
+    """A's critique of `mid` asking for a sign-off, the drafts all the sign-off alone: (its id, the framed candidates)."""
     fake_client.follows = ("Cheers, the chatfb team",)
     fake_client.enqueue("Cheers, the chatfb team", "Cheers, the chatfb team")
     fid, revising = chat.revise("A", mid, "End your replies with 'Cheers, the chatfb team'")
     list(revising)
-    framed = [c["text"] for c in store.candidates("feedback_id = ?", (fid,)) if c["details"].get("source") == "framed"]
-    assert framed == ["Vienna is the capital.\n\nCheers, the chatfb team"], framed
+    return fid, [c["text"] for c in store.candidates("feedback_id = ?", (fid,)) if c["details"].get("source") == "framed"]
 
 
 def test_a_draft_about_the_feedback_is_not_shown_while_it_streams(chat, store, fake_client):
@@ -387,11 +391,7 @@ def test_a_reply_cut_off_is_framed_only_up_to_its_last_whole_sentence(chat, stor
     cid, mid = reply(chat, "A", "What is the capital of Austria?")
     fake_client.stream_finish = "stop"
     assert store.message(mid)["finish_reason"] == "length"
-    fake_client.follows = ("Cheers, the chatfb team",)
-    fake_client.enqueue("Cheers, the chatfb team", "Cheers, the chatfb team")
-    fid, stream = chat.revise("A", mid, "End your replies with 'Cheers, the chatfb team'")
-    list(stream)
-    framed = [c["text"] for c in store.candidates("feedback_id = ?", (fid,)) if c["details"].get("source") == "framed"]
+    fid, framed = framed_by_a_sign_off(chat, store, fake_client, mid)
     assert framed == ["The capital of Austria is Vienna, a city on the Danube.\n\nCheers, the chatfb team"], framed
     [record] = [r for r in store.feedback_records() if r.feedback_id == fid]
     assert record.reply_cut_off
