@@ -69,9 +69,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--turns", type=int, default=None, help="send exactly this many turns per session instead of --seconds")
     p.add_argument("--chat-concurrency", type=int, nargs="+", default=[DEFAULT_CHAT_CONCURRENCY, 64],
                    help="CHATFB_CHAT_CONCURRENCY values to try, each in a fresh app (and anchor)")
-    p.add_argument("--reply-words", type=int, default=64,
+    p.add_argument("--reply-words", type=int, default=64, choices=range(1, 65), metavar="1-64",
                    help="words (streamed chunks) per fake reply; 64 = the serving benchmark's max_tokens (the app asks for "
-                        "at most 64 tokens: the fake model cuts a longer reply there, as vLLM would)")
+                        "at most 64 tokens, and the fake model cuts a longer reply there, as vLLM would)")
     p.add_argument("--turns-per-conversation", type=int, default=10, help="turns before a session starts a new conversation")
     p.add_argument("--startup-timeout-s", type=float, default=120.0, help="how long to wait for the app to be ready")
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),

@@ -74,14 +74,15 @@ class FakeModelClient:
         text = self._next()
         if regex is not None and not re.fullmatch(regex, text):
             raise AssertionError(f"a server holding to {regex!r} could not reply {text!r}")
-        for word in text.split(" "):
+        words = text.split(" ")
+        for i, word in enumerate(words):
             piece = word if not result.text else " " + word
             result.text += piece
             if result.ttft_ms is None:
                 result.ttft_ms = 1.0
+            if i == len(words) - 1 and self.stream_finish is not None:
+                result.finish_reason = self.stream_finish  # with the last piece, as vLLM's last chunk says it
             yield piece
-        if self.stream_finish is not None:
-            result.finish_reason = self.stream_finish
 
     def complete(self, messages, model, max_tokens=256, temperature=0.0, top_p=1.0, n=1):
         # One queue with the drafts' requests: the nightly asks a critique's plain answer (this) beside its drafts,

@@ -376,7 +376,7 @@ class ChatService:
                     result.text, result.ttft_ms = constraints.framed(raw.text, *frame, done=False), raw.ttft_ms
                     yield ReplyUpdate(mid, result.text, model)
                 # a reply the token limit cut off ends where it was cut: no closing phrase after half a word
-                closing = frame[1] if raw.finish_reason != "length" else ""
+                closing = "" if cut_off(raw.finish_reason, "ok") else frame[1]
                 result.text = constraints.framed(raw.text, frame[0], closing) if raw.text.strip() else ""
             finally:  # a failed or abandoned reply keeps its timings and counts too
                 for f in ("ttft_ms", "latency_ms", "prompt_tokens", "completion_tokens", "finish_reason"):

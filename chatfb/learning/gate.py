@@ -200,7 +200,8 @@ def closeness(replies: list[str], targets: list[str]) -> dict:
     return {"rougeL": round(rouge, 4), "bleu": round(bleu, 2), "n": len(targets)}
 
 
-# What a corrected reply states that must come back letter for letter: e-mail addresses, URLs, numbers.
+# What a corrected reply states that must come back letter for letter: e-mail addresses, URLs, numbers (a reply may
+# spell a number out; gives_exactly).
 _EXACT = re.compile(rf"{content.EMAIL}|{content.URL}|(?<![\w.])\d+(?:[.,:/-]\d+)*(?!\w)")
 _LIST_MARKER = re.compile(r"(?m)^\s*\d+[.)]\s+")  # "1. " numbering a line: no value of the answer
 

@@ -180,7 +180,8 @@ def build(records: list[FeedbackRecord], mode: str = "semi", holdout_fraction: f
                          author=data.authors[r.feedback_id], kind=provenance_kind(r))
         elif r.kind == "critique" and mode in ("unsupervised", "semi") and r.message_id not in corrected:
             data.pending_critiques.append(r)
-        elif r.kind == "rating" and r.rating > 0 and mode == "semi" and r.message_id not in negatives | corrected:
+        elif (r.kind == "rating" and r.rating > 0 and mode == "semi" and r.message_id not in negatives | corrected
+              and not r.reply_cut_off):  # a 👍 on a reply cut off mid-word would teach ending mid-word
             ex = Example(r.prompt, r.reply, "rating", r.feedback_id, author=data.authors[r.feedback_id], kind="rating")
         if ex is not None:
             (data.heldout if is_heldout(r.feedback_id, holdout_fraction, seed) else data.train).append(ex)

@@ -99,12 +99,13 @@ class ModelClient:
                     result.completion_tokens = usage.get("completion_tokens")
                 for choice in chunk.get("choices") or []:
                     delta = (choice.get("delta") or {}).get("content") or ""
-                    if choice.get("finish_reason"):
-                        result.finish_reason = choice["finish_reason"]
                     if delta:
                         if result.ttft_ms is None:
                             result.ttft_ms = (time.perf_counter() - result.started) * 1000
                         result.text += delta
+                    if choice.get("finish_reason"):  # after the text it ends: a Stop between the two sees neither
+                        result.finish_reason = choice["finish_reason"]
+                    if delta:
                         yield delta
         finally:
             result.latency_ms = (time.perf_counter() - result.started) * 1000

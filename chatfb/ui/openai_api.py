@@ -144,12 +144,13 @@ def api_routes(rt) -> list:
             "usage": usage, "chatfb": ids}, headers=id_headers(cid, last.message_id))
 
     def ending(mid: str) -> tuple[dict, str]:
-        """A finished reply's token usage and finish reason: "length" where the token limit cut it off (a client
-        asks for more, or shows it was cut), "stop" otherwise."""
+        """A finished reply's token usage and finish reason, the model server's: "length" where the token limit
+        cut it off (a client asks for more, or shows it was cut), "stop" where it ended on its own ("stop" too for
+        a reply stored without one)."""
         m = store.message(mid) or {}
         prompt, completion = m.get("prompt_tokens") or 0, m.get("completion_tokens") or 0
         return ({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
-                "length" if m.get("finish_reason") == "length" else "stop")
+                m.get("finish_reason") or "stop")
 
     def sse(first: ReplyUpdate, stream: Iterator[ReplyUpdate], ids: dict, include_usage: bool) -> Iterator[str]:
         created = int(time.time())

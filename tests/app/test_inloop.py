@@ -306,6 +306,21 @@ def test_a_reply_stopped_half_way_is_framed_only_up_to_its_last_whole_sentence(c
     assert framed == ["Vienna is the capital.\n\nCheers, the chatfb team"], framed
 
 
+def test_a_reply_whole_when_stop_came_stays_whole(chat, store, fake_client):
+    """Stop pressed after the last word, before the stream's end was written: the reply ended on its own and is
+    framed whole (it needs no sentence end: "on the Danube" is its last line)."""
+    fake_client.enqueue("Vienna is the capital. It lies on the Danube")
+    fake_client.stream_finish = "stop"
+    cid, stream = chat.send("A", None, "What is the capital of Austria?")
+    shown = [next(stream).text for _ in range(9)][-1]
+    assert shown.endswith("on the Danube"), shown
+    chat.stop("A", cid)
+    reply_row = store.messages(cid)[-1]
+    assert (reply_row["status"], reply_row["finish_reason"]) == ("stopped", "stop")
+    fid, framed = framed_by_a_sign_off(chat, store, fake_client, reply_row["id"])
+    assert framed == ["Vienna is the capital. It lies on the Danube\n\nCheers, the chatfb team"], framed
+
+
 def framed_by_a_sign_off(chat, store, fake_client, mid):
     """A's critique of `mid` asking for a sign-off, the drafts all the sign-off alone: (its id, the framed candidates)."""
     fake_client.follows = ("Cheers, the chatfb team",)

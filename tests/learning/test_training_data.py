@@ -133,6 +133,13 @@ def test_critiques_are_held_out_whole_and_bounded_newest_first():
     assert not any(t.original.cut_off for t in tasks)
 
 
+def test_a_liked_reply_that_was_cut_off_teaches_nothing():
+    liked = FeedbackRecord("r1", "m1", "rating", 1, None, "ann", datetime(2026, 1, 1), q("What is Paris?"),
+                           "Paris is the capital of France. It is also the larg")
+    assert [e.target for e in td.build([liked], "semi", holdout_fraction=0.0, seed=3).train] == [liked.reply]
+    assert td.build([replace(liked, reply_cut_off=True)], "semi", holdout_fraction=0.0, seed=3).train == []
+
+
 def test_a_critiqued_reply_that_was_cut_off_is_framed_only_up_to_its_last_whole_sentence():
     """The task's original knows it was cut off (the stored finish reason, or Stop): a closing phrase the critique
     asks for follows its last whole sentence, not half a word."""
