@@ -221,9 +221,9 @@ _EMAIL = re.compile(content.EMAIL)
 
 def gives_exactly(reply: str, values: list[str]) -> bool:
     """`reply` states every one of `values` as such (any case; not inside a longer address or number; a number
-    spelled out counts as its digits), and, where
-    the values hold an e-mail address, no address besides them: "support@chatfb.example or ann@mail.example" hedges
-    between the old address and the corrected one, and a user cannot write to both."""
+    spelled out counts as its digits), and, where the values hold an e-mail address, no address besides them:
+    "support@chatfb.example or ann@mail.example" hedges between the old address and the corrected one, and a user
+    cannot write to both."""
     stated = exact_values(reply)
     found = {_same(v) for v in stated} | content.spelled_numbers(reply)  # "seven days" gives the 7 of "7 days"
     wanted = {_same(v) for v in values}
@@ -242,18 +242,22 @@ def rouge_given_facts(replies: list[str], targets: list[str]) -> float | None:
     to "What is 12 plus 7?" is a collapsed answer). None when there is nothing to score."""
     if not targets:
         return None
-    scores = [0.0 if (vs := exact_values(t)) and not gives_exactly(r, vs) else rouge_l(t, r)
-              for r, t in zip(replies, targets)]
+    scores = [0.0 if gave is False else rouge_l(t, r) for r, t, gave in zip(replies, targets, facts_given(replies, targets))]
     return round(sum(scores) / len(scores), 4)
+
+
+def facts_given(replies: list[str], targets: list[str]) -> list[bool | None]:
+    """Per corrected reply: does its reply give every exact value it states (None: it states none)."""
+    return [gives_exactly(r, vs) if (vs := exact_values(t)) else None for r, t in zip(replies, targets)]
 
 
 def exact_share(replies: list[str], targets: list[str]) -> tuple[float | None, int]:
     """(share of the targets that state exact values whose reply gives them all, how many state some);
     (None, 0) when no target states any."""
-    judged = [(r, exact_values(t)) for r, t in zip(replies, targets) if exact_values(t)]
+    judged = [gave for gave in facts_given(replies, targets) if gave is not None]
     if not judged:
         return None, 0
-    return round(sum(gives_exactly(r, vs) for r, vs in judged) / len(judged), 4), len(judged)
+    return round(sum(judged) / len(judged), 4), len(judged)
 
 
 def filed_control_answers(client: ModelClient, settings: Settings, model: str, book: AnswerBook) -> list[str]:

@@ -291,8 +291,9 @@ def spread_over_asks(records: list[FeedbackRecord], limit: int, embed=None,
     window = records[:SPREAD_WINDOW * limit]
     keys = [" ".join(re.findall(r"\w+", (r.text or "").lower())) for r in window]
     texts = list(dict.fromkeys(keys))  # each wording once, newest first: groups come in the order of their newest
-    group_of = {texts[i]: g for g, (members, _) in enumerate(group_similar(embed(texts), floor)) for i in members}
-    groups: list[list[FeedbackRecord]] = [[] for _ in range(len(set(group_of.values())))]
+    grouped = group_similar(embed(texts), floor)
+    group_of = {texts[i]: g for g, (members, _) in enumerate(grouped) for i in members}
+    groups: list[list[FeedbackRecord]] = [[] for _ in grouped]
     for r, key in zip(window, keys):
         groups[group_of[key]].append(r)
     out: list[FeedbackRecord] = []
